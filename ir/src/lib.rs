@@ -1,0 +1,25 @@
+//! cleave IR: the data structures every other crate works on.
+//!
+//! - [`types`]: element types and static tensor types.
+//! - [`op`]: the closed op enum, with each op's operand signature and shape rule.
+//! - [`function`]: values and nodes in typed arenas, functions, modules, phases and stages.
+//! - [`infer`]: the shape rules as code.
+//! - [`attrs`], [`printer`], [`parser`]: the text format (`Display` prints what the parser reads).
+//! - [`verifier`]: the invariants every pass must preserve.
+//! - [`interp`]: the reference interpreter, the oracle for every pass and backend.
+//! - [`tracer`] and [`models`]: a Rust builder API with shape inference, and model builders on it.
+#![warn(missing_docs)]
+
+pub mod attrs;
+pub mod function;
+pub mod infer;
+pub mod op;
+pub mod printer;
+pub mod types;
+
+pub use function::{Arg, Function, Module, Node, NodeData, Output, Phase, Value, ValueData};
+pub use infer::{infer, TypeError};
+pub use op::{
+    dropout_keep, ArgRole, Arity, BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, UnaryOp,
+};
+pub use types::{DType, Shape, TensorType, MAX_RANK};

@@ -1,0 +1,1 @@
+//! cleave-passes (grows in later issues).

@@ -1,0 +1,1 @@
+//! cleave-runtime (grows in later issues).

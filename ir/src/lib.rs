@@ -16,6 +16,7 @@ pub mod infer;
 pub mod op;
 pub mod printer;
 pub mod types;
+pub mod verifier;
 
 pub use function::{Arg, Function, Module, Node, NodeData, Output, Phase, Value, ValueData};
 pub use infer::{infer, TypeError};
@@ -23,3 +24,4 @@ pub use op::{
     dropout_keep, ArgRole, Arity, BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, UnaryOp,
 };
 pub use types::{DType, Shape, TensorType, MAX_RANK};
+pub use verifier::{verify_function, verify_module, VerifyError};

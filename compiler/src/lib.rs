@@ -1,1 +1,13 @@
-//! cleave compiler
+//! cleave-compiler: model frontends, the compilation driver, and the `cleave` command-line tool.
+//!
+//! - [`load`]: model files → verified [`cleave_ir::Module`]s, with located errors.
+//! - [`tensors`]: safetensors reading and atomic writing.
+//! - [`inspect`]: the `cleave inspect` report.
+//! - [`init`]: deterministic parameter initialisation.
+//! - [`cli`]: the command-line interface (the `cleave` binary is a thin wrapper).
+
+pub mod cli;
+pub mod init;
+pub mod inspect;
+pub mod load;
+pub mod tensors;

@@ -1,0 +1,386 @@
+//! The `cleave` command-line interface.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use cleave_ir::interp::{run_function_named, Precision, Tensor};
+use cleave_ir::{DType, Function, Module};
+
+use crate::init::init_params;
+use crate::inspect::{inspect, render_table};
+use crate::load::load_module;
+use crate::tensors::{read_tensors, write_tensors};
+
+/// cleave: an autodiff compiler for pipeline-parallel training.
+#[derive(Parser, Debug)]
+#[command(name = "cleave", version, about, long_about = None)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print a module with its parameters, FLOPs per function and phase, and activation bytes.
+    Inspect(InspectArgs),
+    /// Run a function with the reference interpreter.
+    Run(RunArgs),
+    /// Write a model built with the tracer (mlp, gpt, gpt-layer, cnn) as IR text.
+    NewModel(NewModelArgs),
+}
+
+/// Arguments of `cleave inspect`.
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// Model file (`.cir`).
+    pub file: PathBuf,
+    /// Print the report as JSON instead of the IR and the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Print only the table, not the IR.
+    #[arg(long)]
+    pub summary: bool,
+}
+
+/// Interpreter precision.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DtypeArg {
+    /// Round every float result to its declared type (f32 for f32 values).
+    F32,
+    /// Compute every float value in f64 (for gradient checks).
+    F64,
+}
+
+/// Arguments of `cleave run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Model file (`.cir`).
+    pub file: PathBuf,
+    /// Data inputs, by name (safetensors).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Parameters, by name (safetensors).
+    #[arg(long)]
+    pub params: Option<PathBuf>,
+    /// Where to write the outputs (safetensors); without it they are summarised on stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Interpreter precision.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Function to run (default: the module's first function).
+    #[arg(long)]
+    pub function: Option<String>,
+}
+
+/// Model families of `cleave new-model`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Multi-layer perceptron with a cross-entropy loss.
+    Mlp,
+    /// GPT-style decoder-only transformer with a language-model loss.
+    Gpt,
+    /// One GPT layer (attention + MLP, no embedding or head), for stage-mode differentiation.
+    GptLayer,
+    /// A small convolutional classifier.
+    Cnn,
+}
+
+/// Normalisation layer of GPT models.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum NormArg {
+    /// LayerNorm (GPT-2).
+    Layernorm,
+    /// RMSNorm (LLaMA).
+    Rmsnorm,
+}
+
+/// MLP activation of GPT models.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ActArg {
+    /// GELU, exact (erf) form.
+    Gelu,
+    /// SiLU.
+    Silu,
+}
+
+/// Arguments of `cleave new-model`.
+#[derive(clap::Args, Debug)]
+pub struct NewModelArgs {
+    /// Model family.
+    #[arg(value_enum)]
+    pub kind: ModelKind,
+    /// Output file (IR text); stdout when absent.
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// Write initial parameters here (safetensors).
+    #[arg(long)]
+    pub params_out: Option<PathBuf>,
+    /// Seed of the parameter initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Batch size.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// MLP layer sizes, input first (mlp).
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Option<Vec<usize>>,
+    /// Vocabulary size (gpt).
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Model width (gpt, gpt-layer).
+    #[arg(long)]
+    pub d_model: Option<usize>,
+    /// Attention heads (gpt, gpt-layer).
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Number of layers (gpt).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Sequence length (gpt, gpt-layer).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Normalisation (gpt, gpt-layer).
+    #[arg(long, value_enum)]
+    pub norm: Option<NormArg>,
+    /// MLP activation (gpt, gpt-layer).
+    #[arg(long, value_enum)]
+    pub act: Option<ActArg>,
+    /// Untie the LM head from the token embedding (gpt).
+    #[arg(long)]
+    pub untied: bool,
+    /// Input channels (cnn).
+    #[arg(long)]
+    pub in_channels: Option<usize>,
+    /// Image height and width (cnn).
+    #[arg(long)]
+    pub image: Option<usize>,
+    /// Number of classes (cnn).
+    #[arg(long)]
+    pub classes: Option<usize>,
+}
+
+/// Parses arguments and runs the command.
+pub fn main_with_args<I, T>(args: I) -> Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with success; usage errors are printed by clap.
+            e.print()?;
+            if e.use_stderr() {
+                std::process::exit(2);
+            }
+            return Ok(());
+        }
+    };
+    match cli.command {
+        Command::Inspect(a) => cmd_inspect(a),
+        Command::Run(a) => cmd_run(a),
+        Command::NewModel(a) => cmd_new_model(a),
+    }
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let module = load_module(&a.file)?;
+    let report = inspect(&module);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        if !a.summary {
+            print!("{module}");
+            println!();
+        }
+        print!("{}", render_table(&report));
+    }
+    Ok(())
+}
+
+fn pick_function<'m>(module: &'m Module, name: Option<&str>) -> Result<&'m Function> {
+    match name {
+        Some(n) => module.function(n).with_context(|| {
+            let names: Vec<_> = module.functions.iter().map(|f| format!("@{}", f.name)).collect();
+            format!("no function @{n}; the module has {}", names.join(", "))
+        }),
+        None => module
+            .functions
+            .first()
+            .context("the module has no functions"),
+    }
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    let module = load_module(&a.file)?;
+    let func = pick_function(&module, a.function.as_deref())?;
+    let mut args: BTreeMap<String, Tensor> = read_tensors(&a.inputs)?;
+    if let Some(p) = &a.params {
+        for (name, t) in read_tensors(p)? {
+            if args.contains_key(&name) {
+                bail!(
+                    "tensor \"{name}\" is in both {} and {}",
+                    a.inputs.display(),
+                    p.display()
+                );
+            }
+            args.insert(name, t);
+        }
+    }
+    let precision = match a.dtype {
+        DtypeArg::F32 => Precision::F32,
+        DtypeArg::F64 => Precision::F64,
+    };
+    let results = run_function_named(func, &args, precision)
+        .with_context(|| format!("running @{}", func.name))?;
+    let named: BTreeMap<String, Tensor> = func
+        .outputs
+        .iter()
+        .map(|o| o.name.clone())
+        .zip(results)
+        .collect();
+    match &a.out {
+        Some(path) => {
+            write_tensors(path, &named)?;
+            eprintln!("wrote {} output(s) to {}", named.len(), path.display());
+        }
+        None => {
+            for o in &func.outputs {
+                let t = &named[&o.name];
+                println!("{}: {}", o.name, summarize(t));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A one-line summary of a tensor: its type and its first elements.
+fn summarize(t: &Tensor) -> String {
+    let ty = t.ty();
+    let n = ty.num_elements();
+    let shown = t.display_elements(8);
+    if n <= 8 {
+        format!("{ty} = {shown}")
+    } else {
+        format!("{ty} = {shown} ({n} elements)")
+    }
+}
+
+fn build_model(a: &NewModelArgs) -> Result<Function> {
+    use cleave_ir::models;
+    let dtype = DType::F32;
+    let norm = match a.norm.unwrap_or(NormArg::Layernorm) {
+        NormArg::Layernorm => models::Norm::LayerNorm,
+        NormArg::Rmsnorm => models::Norm::RmsNorm,
+    };
+    let act = match a.act.unwrap_or(ActArg::Gelu) {
+        ActArg::Gelu => models::MlpActivation::Gelu,
+        ActArg::Silu => models::MlpActivation::Silu,
+    };
+    let func = match a.kind {
+        ModelKind::Mlp => {
+            let mut c = models::MlpConfig::default();
+            if let Some(b) = a.batch {
+                c.batch = b;
+            }
+            if let Some(s) = &a.sizes {
+                c.sizes = s.clone();
+            }
+            c.dtype = dtype;
+            models::mlp(&c)?
+        }
+        ModelKind::Gpt => {
+            let mut c = models::GptConfig::default();
+            if let Some(v) = a.batch {
+                c.batch = v;
+            }
+            if let Some(v) = a.vocab {
+                c.vocab = v;
+            }
+            if let Some(v) = a.d_model {
+                c.d_model = v;
+            }
+            if let Some(v) = a.heads {
+                c.heads = v;
+            }
+            if let Some(v) = a.layers {
+                c.layers = v;
+            }
+            if let Some(v) = a.seq {
+                c.seq = v;
+            }
+            c.norm = norm;
+            c.mlp_act = act;
+            c.tied_embeddings = !a.untied;
+            c.dtype = dtype;
+            models::gpt(&c)?
+        }
+        ModelKind::GptLayer => {
+            let mut c = models::GptLayerConfig::default();
+            if let Some(v) = a.batch {
+                c.batch = v;
+            }
+            if let Some(v) = a.d_model {
+                c.d_model = v;
+            }
+            if let Some(v) = a.heads {
+                c.heads = v;
+            }
+            if let Some(v) = a.seq {
+                c.seq = v;
+            }
+            c.norm = norm;
+            c.mlp_act = act;
+            c.dtype = dtype;
+            models::gpt_layer(&c)?
+        }
+        ModelKind::Cnn => {
+            let mut c = models::CnnConfig::default();
+            if let Some(v) = a.batch {
+                c.batch = v;
+            }
+            if let Some(v) = a.in_channels {
+                c.in_channels = v;
+            }
+            if let Some(v) = a.image {
+                c.image = v;
+            }
+            if let Some(v) = a.classes {
+                c.classes = v;
+            }
+            c.dtype = dtype;
+            models::cnn(&c)?
+        }
+    };
+    Ok(func)
+}
+
+fn cmd_new_model(a: NewModelArgs) -> Result<()> {
+    let func = build_model(&a)?;
+    if let Err(errors) = cleave_ir::verify_function(&func) {
+        let msgs: Vec<_> = errors.iter().map(|e| e.to_string()).collect();
+        bail!("internal error: the built model does not verify:\n  {}", msgs.join("\n  "));
+    }
+    let params = a.params_out.as_ref().map(|_| init_params(&func, a.seed));
+    let module = Module::with_function(func);
+    let text = module.to_string();
+    match &a.output {
+        Some(path) => {
+            let tmp = path.with_extension("cir.tmp");
+            std::fs::write(&tmp, &text).with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        None => print!("{text}"),
+    }
+    if let (Some(path), Some(params)) = (&a.params_out, params) {
+        write_tensors(path, &params)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! `cleave inspect`: parameters, FLOPs per function and phase, activation bytes.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use cleave_ir::cost::function_cost;
+use cleave_ir::{Module, Phase};
+use serde::Serialize;
+
+/// FLOPs split into matrix products (2·M·N·K per product, batch included; convolutions count
+/// here too) and everything else.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FlopSplit {
+    /// FLOPs of matrix products and convolutions.
+    pub matmul: u64,
+    /// FLOPs of every other op (see `cleave_ir::cost` for the per-op table).
+    pub other: u64,
+}
+
+/// Parameter totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ParamSummary {
+    /// Number of scalar parameters.
+    pub count: u64,
+    /// Their size in bytes.
+    pub bytes: u64,
+}
+
+/// The report of one function.
+#[derive(Clone, Debug, Serialize)]
+pub struct FunctionReport {
+    /// Function name.
+    pub name: String,
+    /// Number of live nodes.
+    pub nodes: usize,
+    /// Parameters the function takes.
+    pub parameters: ParamSummary,
+    /// FLOPs per phase.
+    pub flops: BTreeMap<String, FlopSplit>,
+    /// Bytes of all forward-phase results (what a training step would keep without
+    /// recomputation), arguments and constants excluded.
+    pub activation_bytes: u64,
+}
+
+/// The report of a module: per-function figures and module totals. Parameters shared by several
+/// functions (the same name) are counted once.
+#[derive(Clone, Debug, Serialize)]
+pub struct InspectReport {
+    /// Distinct parameters of the module.
+    pub parameters: ParamSummary,
+    /// FLOPs per phase, summed over functions.
+    pub flops: BTreeMap<String, FlopSplit>,
+    /// Activation bytes, summed over functions.
+    pub activation_bytes: u64,
+    /// Per-function figures.
+    pub functions: Vec<FunctionReport>,
+}
+
+/// Computes the report of a module.
+pub fn inspect(module: &Module) -> InspectReport {
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    let mut seen_bytes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut total_flops: BTreeMap<String, FlopSplit> = BTreeMap::new();
+    let mut activation_bytes = 0;
+    let mut functions = Vec::new();
+    for func in &module.functions {
+        let cost = function_cost(func);
+        let mut params = ParamSummary::default();
+        for arg in func.params() {
+            let count = arg.ty.num_elements() as u64;
+            let bytes = arg.ty.size_bytes() as u64;
+            params.count += count;
+            params.bytes += bytes;
+            seen.insert(arg.name.to_string(), count);
+            seen_bytes.insert(arg.name.to_string(), bytes);
+        }
+        let mut flops = BTreeMap::new();
+        for phase in Phase::ALL {
+            if let Some(f) = cost.by_phase.get(&phase) {
+                let split = FlopSplit {
+                    matmul: f.matmul,
+                    other: f.other,
+                };
+                flops.insert(phase.name().to_string(), split);
+                let t = total_flops.entry(phase.name().to_string()).or_default();
+                t.matmul += split.matmul;
+                t.other += split.other;
+            }
+        }
+        activation_bytes += cost.activation_bytes;
+        functions.push(FunctionReport {
+            name: func.name.clone(),
+            nodes: func.body.len(),
+            parameters: params,
+            flops,
+            activation_bytes: cost.activation_bytes,
+        });
+    }
+    InspectReport {
+        parameters: ParamSummary {
+            count: seen.values().sum(),
+            bytes: seen_bytes.values().sum(),
+        },
+        flops: total_flops,
+        activation_bytes,
+        functions,
+    }
+}
+
+/// Formats an integer with thousands separators: `429,496,729,600`.
+pub fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Formats a byte count with a binary unit: `1.03 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut unit = 0;
+    while x >= 1024.0 && unit + 1 < UNITS.len() {
+        x /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.2} {}", UNITS[unit])
+    }
+}
+
+/// Renders the report as the human-readable table.
+pub fn render_table(report: &InspectReport) -> String {
+    let mut out = String::new();
+    let p = &report.parameters;
+    let _ = writeln!(
+        out,
+        "parameters: {} ({} bytes, {})",
+        group_digits(p.count),
+        group_digits(p.bytes),
+        human_bytes(p.bytes)
+    );
+    let rows = |out: &mut String, flops: &BTreeMap<String, FlopSplit>| {
+        let _ = writeln!(
+            out,
+            "  {:<10} {:>22} {:>22} {:>22}",
+            "phase", "matmul FLOPs", "other FLOPs", "total FLOPs"
+        );
+        for phase in Phase::ALL {
+            if let Some(f) = flops.get(phase.name()) {
+                let _ = writeln!(
+                    out,
+                    "  {:<10} {:>22} {:>22} {:>22}",
+                    phase.name(),
+                    group_digits(f.matmul),
+                    group_digits(f.other),
+                    group_digits(f.matmul + f.other)
+                );
+            }
+        }
+    };
+    for f in &report.functions {
+        let _ = writeln!(
+            out,
+            "\nfunction @{}: {} nodes, {} parameters ({}), activations {} ({} bytes)",
+            f.name,
+            f.nodes,
+            group_digits(f.parameters.count),
+            human_bytes(f.parameters.bytes),
+            human_bytes(f.activation_bytes),
+            group_digits(f.activation_bytes)
+        );
+        rows(&mut out, &f.flops);
+    }
+    if report.functions.len() > 1 {
+        let _ = writeln!(out, "\nmodule total:");
+        rows(&mut out, &report.flops);
+    }
+    out
+}

@@ -1,0 +1,144 @@
+//! End-to-end tests of the `cleave` binary.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use cleave_compiler::tensors::{read_tensors, write_tensors};
+use cleave_ir::interp::Tensor;
+
+fn cleave(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(args)
+        .output()
+        .expect("run cleave")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cleave-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [&["--help"][..], &["inspect", "--help"], &["run", "--help"], &["new-model", "--help"]] {
+        let o = cleave(cmd);
+        assert!(o.status.success(), "{cmd:?}: {}", stderr(&o));
+        assert!(stdout(&o).contains("Usage:"), "{cmd:?}: {}", stdout(&o));
+    }
+}
+
+#[test]
+fn gpt_layer_forward_matmul_flops_match_the_paper() {
+    let dir = tmpdir("flops");
+    let file = dir.join("layer.cir");
+    let f = file.to_str().unwrap();
+    let o = cleave(&[
+        "new-model", "gpt-layer", "--d-model", "4096", "--heads", "32", "--seq", "1024", "--batch",
+        "1", "-o", f,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cleave(&["inspect", f, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    // Zero Bubble paper, Table 1: 24·s·b·h² + 4·b·s²·h with s=1024, b=1, h=4096.
+    assert_eq!(json["flops"]["forward"]["matmul"], 429_496_729_600u64);
+    assert!(json["parameters"]["count"].as_u64().unwrap() > 12 * 4096 * 4096);
+    assert!(json["parameters"]["bytes"].as_u64().is_some());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn inspect_prints_the_table() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/gpt-tiny.cir");
+    let o = cleave(&["inspect", root]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("func @"), "{out}");
+    assert!(out.contains("parameters:"), "{out}");
+    assert!(out.contains("matmul FLOPs"), "{out}");
+}
+
+#[test]
+fn run_mlp_with_params_and_report_missing_inputs() {
+    let dir = tmpdir("run");
+    let model = dir.join("mlp.cir");
+    let params = dir.join("params.safetensors");
+    let o = cleave(&[
+        "new-model", "mlp", "--sizes", "6,5,3", "--batch", "4", "--seed", "3", "-o",
+        model.to_str().unwrap(), "--params-out", params.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = read_tensors(&params).unwrap();
+    assert_eq!(p.len(), 4, "{:?}", p.keys());
+
+    let mut inputs = BTreeMap::new();
+    inputs.insert(
+        "x".to_string(),
+        Tensor::from_f32(vec![4, 6], (0..24).map(|i| (i as f32 - 12.0) / 10.0).collect()),
+    );
+    let inputs_path = dir.join("inputs.safetensors");
+    // Missing labels: the error names every expected argument with its type.
+    write_tensors(&inputs_path, &inputs).unwrap();
+    let o = cleave(&[
+        "run", model.to_str().unwrap(), "--inputs", inputs_path.to_str().unwrap(), "--params",
+        params.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("labels") && err.contains("i32[4]"), "{err}");
+
+    inputs.insert(
+        "labels".to_string(),
+        Tensor::from_i64(cleave_ir::DType::I32, vec![4], vec![0, 1, 2, 1]),
+    );
+    write_tensors(&inputs_path, &inputs).unwrap();
+    let out_path = dir.join("out.safetensors");
+    let o = cleave(&[
+        "run", model.to_str().unwrap(), "--inputs", inputs_path.to_str().unwrap(), "--params",
+        params.to_str().unwrap(), "--out", out_path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = read_tensors(&out_path).unwrap();
+    let loss = out["loss"].as_f64().unwrap()[0];
+    // Small uniform initialisation: the loss is near ln(3) for 3 classes.
+    assert!((loss - 3f64.ln()).abs() < 0.5, "loss {loss}");
+
+    // The same in f64 gives nearly the same loss.
+    let o = cleave(&[
+        "run", model.to_str().unwrap(), "--inputs", inputs_path.to_str().unwrap(), "--params",
+        params.to_str().unwrap(), "--dtype", "f64",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("loss: "), "{}", stdout(&o));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn broken_file_gives_a_located_error_and_exit_code_1() {
+    let dir = tmpdir("broken");
+    let file = dir.join("bad.cir");
+    std::fs::write(
+        &file,
+        "func @f {\n  %0 = input {name = \"x\"} : f32[4]\n  %1 = expp %0 : f32[4]\n  return %1 as \"y\"\n}\n",
+    )
+    .unwrap();
+    let o = cleave(&["inspect", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("bad.cir:3:8: error: unknown op `expp`"), "{err}");
+    assert!(err.contains("^^^^"), "{err}");
+    let o = cleave(&["inspect", dir.join("missing.cir").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("missing.cir"), "{}", stderr(&o));
+    std::fs::remove_dir_all(dir).ok();
+}

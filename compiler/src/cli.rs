@@ -207,7 +207,11 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
 fn pick_function<'m>(module: &'m Module, name: Option<&str>) -> Result<&'m Function> {
     match name {
         Some(n) => module.function(n).with_context(|| {
-            let names: Vec<_> = module.functions.iter().map(|f| format!("@{}", f.name)).collect();
+            let names: Vec<_> = module
+                .functions
+                .iter()
+                .map(|f| format!("@{}", f.name))
+                .collect();
             format!("no function @{n}; the module has {}", names.join(", "))
         }),
         None => module
@@ -365,7 +369,10 @@ fn cmd_new_model(a: NewModelArgs) -> Result<()> {
     let func = build_model(&a)?;
     if let Err(errors) = cleave_ir::verify_function(&func) {
         let msgs: Vec<_> = errors.iter().map(|e| e.to_string()).collect();
-        bail!("internal error: the built model does not verify:\n  {}", msgs.join("\n  "));
+        bail!(
+            "internal error: the built model does not verify:\n  {}",
+            msgs.join("\n  ")
+        );
     }
     let params = a.params_out.as_ref().map(|_| init_params(&func, a.seed));
     let module = Module::with_function(func);
@@ -373,7 +380,8 @@ fn cmd_new_model(a: NewModelArgs) -> Result<()> {
     match &a.output {
         Some(path) => {
             let tmp = path.with_extension("cir.tmp");
-            std::fs::write(&tmp, &text).with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::write(&tmp, &text)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
             std::fs::rename(&tmp, path)
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }

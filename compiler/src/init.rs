@@ -70,9 +70,7 @@ pub fn init_rule(name: &str, ty: &TensorType) -> InitRule {
     let lower = name.to_ascii_lowercase();
     if last == "bias" {
         InitRule::Zeros
-    } else if last == "weight"
-        && (lower.contains("ln") || lower.contains("norm"))
-        && ty.rank() == 1
+    } else if last == "weight" && (lower.contains("ln") || lower.contains("norm")) && ty.rank() == 1
     {
         InitRule::Ones
     } else if lower == "wte" || lower == "wpe" || lower.contains("embed") {

@@ -30,7 +30,12 @@ fn tmpdir(tag: &str) -> PathBuf {
 
 #[test]
 fn every_command_has_help() {
-    for cmd in [&["--help"][..], &["inspect", "--help"], &["run", "--help"], &["new-model", "--help"]] {
+    for cmd in [
+        &["--help"][..],
+        &["inspect", "--help"],
+        &["run", "--help"],
+        &["new-model", "--help"],
+    ] {
         let o = cleave(cmd);
         assert!(o.status.success(), "{cmd:?}: {}", stderr(&o));
         assert!(stdout(&o).contains("Usage:"), "{cmd:?}: {}", stdout(&o));
@@ -43,8 +48,18 @@ fn gpt_layer_forward_matmul_flops_match_the_paper() {
     let file = dir.join("layer.cir");
     let f = file.to_str().unwrap();
     let o = cleave(&[
-        "new-model", "gpt-layer", "--d-model", "4096", "--heads", "32", "--seq", "1024", "--batch",
-        "1", "-o", f,
+        "new-model",
+        "gpt-layer",
+        "--d-model",
+        "4096",
+        "--heads",
+        "32",
+        "--seq",
+        "1024",
+        "--batch",
+        "1",
+        "-o",
+        f,
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = cleave(&["inspect", f, "--json"]);
@@ -74,8 +89,18 @@ fn run_mlp_with_params_and_report_missing_inputs() {
     let model = dir.join("mlp.cir");
     let params = dir.join("params.safetensors");
     let o = cleave(&[
-        "new-model", "mlp", "--sizes", "6,5,3", "--batch", "4", "--seed", "3", "-o",
-        model.to_str().unwrap(), "--params-out", params.to_str().unwrap(),
+        "new-model",
+        "mlp",
+        "--sizes",
+        "6,5,3",
+        "--batch",
+        "4",
+        "--seed",
+        "3",
+        "-o",
+        model.to_str().unwrap(),
+        "--params-out",
+        params.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let p = read_tensors(&params).unwrap();
@@ -84,13 +109,20 @@ fn run_mlp_with_params_and_report_missing_inputs() {
     let mut inputs = BTreeMap::new();
     inputs.insert(
         "x".to_string(),
-        Tensor::from_f32(vec![4, 6], (0..24).map(|i| (i as f32 - 12.0) / 10.0).collect()),
+        Tensor::from_f32(
+            vec![4, 6],
+            (0..24).map(|i| (i as f32 - 12.0) / 10.0).collect(),
+        ),
     );
     let inputs_path = dir.join("inputs.safetensors");
     // Missing labels: the error names every expected argument with its type.
     write_tensors(&inputs_path, &inputs).unwrap();
     let o = cleave(&[
-        "run", model.to_str().unwrap(), "--inputs", inputs_path.to_str().unwrap(), "--params",
+        "run",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs_path.to_str().unwrap(),
+        "--params",
         params.to_str().unwrap(),
     ]);
     assert!(!o.status.success());
@@ -104,8 +136,14 @@ fn run_mlp_with_params_and_report_missing_inputs() {
     write_tensors(&inputs_path, &inputs).unwrap();
     let out_path = dir.join("out.safetensors");
     let o = cleave(&[
-        "run", model.to_str().unwrap(), "--inputs", inputs_path.to_str().unwrap(), "--params",
-        params.to_str().unwrap(), "--out", out_path.to_str().unwrap(),
+        "run",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs_path.to_str().unwrap(),
+        "--params",
+        params.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = read_tensors(&out_path).unwrap();
@@ -115,8 +153,14 @@ fn run_mlp_with_params_and_report_missing_inputs() {
 
     // The same in f64 gives nearly the same loss.
     let o = cleave(&[
-        "run", model.to_str().unwrap(), "--inputs", inputs_path.to_str().unwrap(), "--params",
-        params.to_str().unwrap(), "--dtype", "f64",
+        "run",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs_path.to_str().unwrap(),
+        "--params",
+        params.to_str().unwrap(),
+        "--dtype",
+        "f64",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("loss: "), "{}", stdout(&o));
@@ -135,7 +179,10 @@ fn broken_file_gives_a_located_error_and_exit_code_1() {
     let o = cleave(&["inspect", file.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
-    assert!(err.contains("bad.cir:3:8: error: unknown op `expp`"), "{err}");
+    assert!(
+        err.contains("bad.cir:3:8: error: unknown op `expp`"),
+        "{err}"
+    );
     assert!(err.contains("^^^^"), "{err}");
     let o = cleave(&["inspect", dir.join("missing.cir").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));

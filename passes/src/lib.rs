@@ -1,1 +1,15 @@
-//! cleave-passes (grows in later issues).
+//! cleave-passes: the pass infrastructure and the passes.
+//!
+//! - [`pass`]: the [`Pass`] trait, options and errors.
+//! - [`pipeline`]: textual pipelines `a,b{key=value},c`.
+//! - [`manager`]: the registry of every pass and the [`PassManager`] (verify-each, IR dumps).
+//! - [`simple`]: `verify` and `dce`.
+#![warn(missing_docs)]
+
+pub mod manager;
+pub mod pass;
+pub mod pipeline;
+pub mod simple;
+
+pub use manager::{registry, valid_pass_names, PassManager, PrintOptions};
+pub use pass::{Pass, PassContext, PassError, PassOptions};

@@ -16,7 +16,9 @@ fn generator_commands() -> Vec<Vec<String>> {
         .lines()
         .filter(|l| l.contains(" new-model "))
         .map(|l| {
-            let (_, args) = l.split_once(" -- ").expect("`cargo run ... -- new-model ...`");
+            let (_, args) = l
+                .split_once(" -- ")
+                .expect("`cargo run ... -- new-model ...`");
             args.split_whitespace().map(str::to_string).collect()
         })
         .collect()
@@ -30,7 +32,12 @@ fn examples_verify_and_round_trip() {
         if path.extension().is_some_and(|e| e == "cir") {
             let module = load_module(&path).unwrap_or_else(|e| panic!("{e:#}"));
             let text = std::fs::read_to_string(&path).unwrap();
-            assert_eq!(module.to_string(), text, "{}: not in canonical form", path.display());
+            assert_eq!(
+                module.to_string(),
+                text,
+                "{}: not in canonical form",
+                path.display()
+            );
             n += 1;
         }
     }

@@ -88,14 +88,17 @@ fn run_file(path: &Path) -> String {
         let result = parse_and_verify(&case.text, &rel);
         let section = match kind.as_str() {
             "roundtrip" => {
-                let module = result.unwrap_or_else(|e| {
-                    panic!("{rel} (case at line {}): {e:#}", case.first_line)
-                });
+                let module = result
+                    .unwrap_or_else(|e| panic!("{rel} (case at line {}): {e:#}", case.first_line));
                 let printed = module.to_string();
                 let reparsed = parse_and_verify(&printed, &rel).unwrap_or_else(|e| {
                     panic!("{rel}: printed text does not parse back: {e:#}\n{printed}")
                 });
-                assert_eq!(printed, reparsed.to_string(), "{rel}: round trip changed the text");
+                assert_eq!(
+                    printed,
+                    reparsed.to_string(),
+                    "{rel}: round trip changed the text"
+                );
                 printed
             }
             "error" => {
@@ -114,8 +117,11 @@ fn run_file(path: &Path) -> String {
                 };
                 assert!(
                     err.lines().any(|l| {
-                        l.strip_prefix(&format!("{rel}:"))
-                            .is_some_and(|rest| rest.split(':').take(2).all(|n| n.trim().parse::<usize>().is_ok()))
+                        l.strip_prefix(&format!("{rel}:")).is_some_and(|rest| {
+                            rest.split(':')
+                                .take(2)
+                                .all(|n| n.trim().parse::<usize>().is_ok())
+                        })
                     }),
                     "{rel}: error is not located (no `{rel}:line:col:`):\n{err}"
                 );
@@ -161,6 +167,13 @@ fn filetests() {
             }
         }
     }
-    assert_eq!(FILES_RUN.load(Ordering::SeqCst), on_disk, "a fixture was not run");
-    assert!(on_disk >= 20, "expected the fixture set, found {on_disk} files");
+    assert_eq!(
+        FILES_RUN.load(Ordering::SeqCst),
+        on_disk,
+        "a fixture was not run"
+    );
+    assert!(
+        on_disk >= 20,
+        "expected the fixture set, found {on_disk} files"
+    );
 }

@@ -168,6 +168,46 @@ pub fn op_attrs(op: &Op) -> Vec<(&'static str, Attr)> {
             }
             v
         }
+        Op::Conv2dGradInput {
+            stride,
+            padding,
+            dilation,
+            groups,
+            ..
+        }
+        | Op::Conv2dGradWeight {
+            stride,
+            padding,
+            dilation,
+            groups,
+            ..
+        } => vec![
+            ("stride", ints(stride)),
+            ("padding", ints(padding)),
+            ("dilation", ints(dilation)),
+            ("groups", Attr::Int(*groups as i64)),
+        ],
+        Op::MaxPool2dGrad {
+            window,
+            stride,
+            padding,
+        } => vec![
+            ("window", ints(window)),
+            ("stride", ints(stride)),
+            ("padding", ints(padding)),
+        ],
+        Op::AvgPool2dGrad {
+            window,
+            stride,
+            padding,
+            count_include_pad,
+            ..
+        } => vec![
+            ("window", ints(window)),
+            ("stride", ints(stride)),
+            ("padding", ints(padding)),
+            ("count_include_pad", Attr::Bool(*count_include_pad)),
+        ],
         Op::Gather { axis } | Op::ScatterAdd { axis } => vec![("axis", Attr::Int(*axis as i64))],
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             vec![("axis", Attr::Int(*axis as i64))]
@@ -389,6 +429,32 @@ pub fn op_from_parts(
                 } else {
                     false
                 },
+            },
+            "conv2d_grad_input" => Op::Conv2dGradInput {
+                stride: r.pair("stride")?,
+                padding: r.quad("padding")?,
+                dilation: r.pair("dilation")?,
+                groups: r.uint("groups")?,
+                shape: single("the input gradient")?.shape,
+            },
+            "conv2d_grad_weight" => Op::Conv2dGradWeight {
+                stride: r.pair("stride")?,
+                padding: r.quad("padding")?,
+                dilation: r.pair("dilation")?,
+                groups: r.uint("groups")?,
+                shape: single("the weight gradient")?.shape,
+            },
+            "max_pool2d_grad" => Op::MaxPool2dGrad {
+                window: r.pair("window")?,
+                stride: r.pair("stride")?,
+                padding: r.quad("padding")?,
+            },
+            "avg_pool2d_grad" => Op::AvgPool2dGrad {
+                window: r.pair("window")?,
+                stride: r.pair("stride")?,
+                padding: r.quad("padding")?,
+                count_include_pad: r.flag("count_include_pad")?,
+                shape: single("the input gradient")?.shape,
             },
             "gather" => Op::Gather {
                 axis: r.uint("axis")?,

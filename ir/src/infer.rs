@@ -450,6 +450,77 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<Vec<TensorType>, TypeE
                 }
             }
         }
+        Op::Conv2dGradInput {
+            stride,
+            padding,
+            dilation,
+            groups,
+            shape,
+        } => {
+            let (dy, w) = (operands[0], operands[1]);
+            let x = TensorType::new(dy.dtype, shape.clone());
+            let fwd = Op::Conv2d {
+                stride: *stride,
+                padding: *padding,
+                dilation: *dilation,
+                groups: *groups,
+            };
+            check_adjoint(&fwd, &[&x, w], dy).map_err(fail)?;
+            x
+        }
+        Op::Conv2dGradWeight {
+            stride,
+            padding,
+            dilation,
+            groups,
+            shape,
+        } => {
+            let (x, dy) = (operands[0], operands[1]);
+            let w = TensorType::new(dy.dtype, shape.clone());
+            let fwd = Op::Conv2d {
+                stride: *stride,
+                padding: *padding,
+                dilation: *dilation,
+                groups: *groups,
+            };
+            check_adjoint(&fwd, &[x, &w], dy).map_err(fail)?;
+            w
+        }
+        Op::MaxPool2dGrad {
+            window,
+            stride,
+            padding,
+        } => {
+            let (x, dy) = (operands[0], operands[1]);
+            let fwd = Op::Pool2d {
+                kind: PoolKind::Max,
+                window: *window,
+                stride: *stride,
+                padding: *padding,
+                count_include_pad: false,
+            };
+            check_adjoint(&fwd, &[x], dy).map_err(fail)?;
+            x.clone()
+        }
+        Op::AvgPool2dGrad {
+            window,
+            stride,
+            padding,
+            count_include_pad,
+            shape,
+        } => {
+            let dy = operands[0];
+            let x = TensorType::new(dy.dtype, shape.clone());
+            let fwd = Op::Pool2d {
+                kind: PoolKind::Avg,
+                window: *window,
+                stride: *stride,
+                padding: *padding,
+                count_include_pad: *count_include_pad,
+            };
+            check_adjoint(&fwd, &[&x], dy).map_err(fail)?;
+            x
+        }
         Op::Gather { axis } => {
             let (t, idx) = (operands[0], operands[1]);
             need_index(idx)?;
@@ -526,4 +597,27 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<Vec<TensorType>, TypeE
         Op::StopGradient => operands[0].clone(),
     };
     Ok(vec![ty])
+}
+
+/// Checks that the forward op applied to `inputs` gives `expected` (for the gradient ops, whose
+/// shapes are defined through their forward op). Returns the message to report otherwise.
+fn check_adjoint(fwd: &Op, inputs: &[&TensorType], expected: &TensorType) -> Result<(), String> {
+    match infer(fwd, inputs) {
+        Ok(out) if out.len() == 1 && out[0] == *expected => Ok(()),
+        Ok(out) => Err(format!(
+            "the forward `{}` of {} gives {}, not the incoming gradient's {expected}",
+            fwd.name(),
+            inputs
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            out[0]
+        )),
+        Err(e) => Err(format!(
+            "the forward `{}` is invalid: {}",
+            fwd.name(),
+            e.message
+        )),
+    }
 }

@@ -471,6 +471,66 @@ pub enum Op {
         /// For averages: divide by the full window even where it covers padding.
         count_include_pad: bool,
     },
+    /// `conv2d_grad_input dy, w {stride, padding, dilation, groups} : T[N,O,HO,WO], T[O,C/g,KH,KW]
+    /// -> T[N,C,H,W]` — the gradient of `conv2d` with respect to its input (a transposed
+    /// convolution). `H` and `W` come from the declared result type (several input sizes give the
+    /// same output size); `conv2d` of a `T[N,C,H,W]` input with these attributes must give
+    /// `T[N,O,HO,WO]`. Float T.
+    Conv2dGradInput {
+        /// As in the forward `conv2d`.
+        stride: [usize; 2],
+        /// As in the forward `conv2d`.
+        padding: [usize; 4],
+        /// As in the forward `conv2d`.
+        dilation: [usize; 2],
+        /// As in the forward `conv2d`.
+        groups: usize,
+        /// The input shape `[N,C,H,W]`.
+        shape: Shape,
+    },
+    /// `conv2d_grad_weight x, dy {stride, padding, dilation, groups} : T[N,C,H,W], T[N,O,HO,WO]
+    /// -> T[O,C/g,KH,KW]` — the gradient of `conv2d` with respect to its weight. `KH` and `KW`
+    /// come from the declared result type; `conv2d` of `x` with a weight of that shape must give
+    /// `T[N,O,HO,WO]`. Float T.
+    Conv2dGradWeight {
+        /// As in the forward `conv2d`.
+        stride: [usize; 2],
+        /// As in the forward `conv2d`.
+        padding: [usize; 4],
+        /// As in the forward `conv2d`.
+        dilation: [usize; 2],
+        /// As in the forward `conv2d`.
+        groups: usize,
+        /// The weight shape `[O,C/g,KH,KW]`.
+        shape: Shape,
+    },
+    /// `max_pool2d_grad x, dy {window, stride, padding} : T[N,C,H,W], T[N,C,HO,WO] -> T[N,C,H,W]` —
+    /// the gradient of `max_pool2d`: each window's incoming gradient goes to the first position
+    /// (row-major within the window) holding the window's maximum, as in PyTorch. Float T.
+    MaxPool2dGrad {
+        /// As in the forward pool.
+        window: [usize; 2],
+        /// As in the forward pool.
+        stride: [usize; 2],
+        /// As in the forward pool.
+        padding: [usize; 4],
+    },
+    /// `avg_pool2d_grad dy {window, stride, padding, count_include_pad} : T[N,C,HO,WO] ->
+    /// T[N,C,H,W]` — the gradient of `avg_pool2d`: each window's incoming gradient, divided by the
+    /// forward divisor, is added to every in-bounds position of the window. `H` and `W` come from
+    /// the declared result type. Float T.
+    AvgPool2dGrad {
+        /// As in the forward pool.
+        window: [usize; 2],
+        /// As in the forward pool.
+        stride: [usize; 2],
+        /// As in the forward pool.
+        padding: [usize; 4],
+        /// As in the forward pool.
+        count_include_pad: bool,
+        /// The input shape `[N,C,H,W]`.
+        shape: Shape,
+    },
     /// `gather table, idx {axis} : T[S], I[J…] -> T[S[..axis] ++ J… ++ S[axis+1..]]` — picks slices
     /// of `table` along `axis` (numpy `take`); I is i32 or i64 and every index is in range. With
     /// `axis = 0` it is an embedding lookup.
@@ -573,6 +633,10 @@ impl Op {
                 kind: PoolKind::Avg,
                 ..
             } => "avg_pool2d",
+            Op::Conv2dGradInput { .. } => "conv2d_grad_input",
+            Op::Conv2dGradWeight { .. } => "conv2d_grad_weight",
+            Op::MaxPool2dGrad { .. } => "max_pool2d_grad",
+            Op::AvgPool2dGrad { .. } => "avg_pool2d_grad",
             Op::Gather { .. } => "gather",
             Op::ScatterAdd { .. } => "scatter_add",
             Op::Softmax { .. } => "softmax",
@@ -608,11 +672,15 @@ impl Op {
             | Op::RmsNorm { .. }
             | Op::OneHot { .. }
             | Op::Dropout { .. }
+            | Op::AvgPool2dGrad { .. }
             | Op::StopGradient => Arity::Fixed(1),
             Op::Binary(_)
             | Op::Compare(_)
             | Op::MatMul { .. }
             | Op::Conv2d { .. }
+            | Op::Conv2dGradInput { .. }
+            | Op::Conv2dGradWeight { .. }
+            | Op::MaxPool2dGrad { .. }
             | Op::Gather { .. }
             | Op::CrossEntropy => Arity::Fixed(2),
             Op::Select | Op::ScatterAdd { .. } => Arity::Fixed(3),
@@ -657,6 +725,10 @@ impl Op {
             "conv2d",
             "max_pool2d",
             "avg_pool2d",
+            "conv2d_grad_input",
+            "conv2d_grad_weight",
+            "max_pool2d_grad",
+            "avg_pool2d_grad",
             "gather",
             "scatter_add",
             "softmax",

@@ -1,0 +1,410 @@
+//! `autodiff`: reverse-mode differentiation into a joint forward + backward function.
+//!
+//! # What it builds
+//!
+//! From a forward function, the pass builds the training step in place: the forward nodes stay,
+//! backward nodes are appended after them, and gradient outputs are added.
+//!
+//! - **Loss mode** (`mode=loss`): the function returns a scalar float loss (the output named
+//!   `loss`, or its only scalar float output). The seed is the constant 1. Outputs `grad.<param>`
+//!   are added for every float parameter, and `grad.<input>` for the data inputs named in `wrt`.
+//! - **Stage mode** (`mode=stage`, what a pipeline stage needs): there is no scalar loss. Every
+//!   float output `o` gets an incoming-gradient input `grad.<o>` (phase `dgrad`), and every float
+//!   data input gets a gradient output `grad.<input>` besides the parameters'.
+//! - `mode=auto` (the default) picks loss mode when there is an output named `loss` that is a float
+//!   scalar, and stage mode otherwise.
+//!
+//! # Which nodes are differentiated
+//!
+//! Only nodes that both depend on a differentiated argument (a parameter or a chosen input) through
+//! differentiable operands *and* reach a seeded output are differentiated. Integer and bool values
+//! never carry gradients; `stop_gradient`, comparison, `floor`/`round`/`sign`, index operands and
+//! casts to non-float types cut the flow. A parameter that does not reach the loss gets a zero
+//! gradient and a warning.
+//!
+//! # dgrad or wgrad, at birth
+//!
+//! Every backward node computes (part of) the gradient of one forward value `v`. A forward value
+//! is *data-dependent* if it depends on any data input; otherwise it is computed from parameters
+//! and constants only. A node computing the gradient of a data-dependent value is tagged `dgrad`
+//! (activation and input gradients: the critical path toward the previous stage); a node computing
+//! the gradient of a parameter-only value (a parameter, its transpose, a broadcast bias, …) is
+//! tagged `wgrad`. A `dgrad` node therefore never consumes a `wgrad` value: the cotangent of a
+//! data-dependent value is built only from cotangents of data-dependent values.
+//!
+//! Each VJP rule is split per operand (see [`rules`]): the part for operand `i` is emitted only if
+//! operand `i` needs a gradient, and it reads only what that part needs.
+//!
+//! # Accumulation order
+//!
+//! Nodes are visited in reverse body order; contributions to a value's cotangent are summed with
+//! `add` in that order. The order is a function of the input text only, so gradients are
+//! reproducible bit for bit.
+//!
+//! Entry: a verified module. Exit: a verified module; the differentiated function keeps its name,
+//! its arguments (plus `grad.<output>` inputs in stage mode) and its outputs (plus `grad.*`).
+
+pub mod rules;
+
+use cleave_ir::tracer::Tracer;
+use cleave_ir::{ArgRole, DType, Function, Literal, Module, Node, Op, Phase, TensorType, Value};
+use cranelift_entity::SecondaryMap;
+
+use crate::pass::{Pass, PassContext, PassError, PassOptions};
+
+/// How seeds are chosen (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Loss mode if there is a scalar float output named `loss`, stage mode otherwise.
+    Auto,
+    /// Differentiate a scalar loss.
+    Loss,
+    /// Differentiate every float output against incoming gradients.
+    Stage,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "loss" => Ok(Mode::Loss),
+            "stage" => Ok(Mode::Stage),
+            _ => Err("expected `auto`, `loss` or `stage`".into()),
+        }
+    }
+}
+
+/// The prefix of gradient inputs and outputs: `grad.<name>`.
+pub const GRAD_PREFIX: &str = "grad.";
+
+/// The `autodiff` pass.
+#[derive(Clone, Debug)]
+pub struct Autodiff {
+    /// Seed selection.
+    pub mode: Mode,
+    /// The function to differentiate (default: every function of the module).
+    pub function: Option<String>,
+    /// Data inputs whose gradients are wanted in loss mode.
+    pub wrt: Vec<String>,
+}
+
+impl Autodiff {
+    /// Builds the pass from pipeline options `mode`, `function`, `wrt` (names separated by `;`
+    /// or spaces).
+    pub fn from_options(mut o: PassOptions) -> Result<Self, PassError> {
+        let mode = o.take_parsed("mode", Mode::Auto)?;
+        let function = o.take("function");
+        let wrt = o
+            .take("wrt")
+            .map(|w| {
+                w.split([';', ' '])
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        o.finish()?;
+        Ok(Autodiff {
+            mode,
+            function,
+            wrt,
+        })
+    }
+}
+
+impl Pass for Autodiff {
+    fn name(&self) -> &'static str {
+        "autodiff"
+    }
+
+    fn run(&self, module: &mut Module, ctx: &mut PassContext) -> Result<(), PassError> {
+        if let Some(name) = &self.function {
+            if module.function(name).is_none() {
+                return Err(PassError::Failed {
+                    pass: "autodiff",
+                    message: format!("the module has no function @{name}"),
+                });
+            }
+        }
+        for func in &mut module.functions {
+            if self.function.as_ref().is_some_and(|n| *n != func.name) {
+                continue;
+            }
+            let taken = std::mem::take(func);
+            let (new, warnings) = differentiate(taken, self.mode, &self.wrt).map_err(|message| {
+                PassError::Failed {
+                    pass: "autodiff",
+                    message,
+                }
+            })?;
+            *func = new;
+            for w in warnings {
+                ctx.warn("autodiff", w);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a gradient can flow from the result of `op` into operand `i`.
+pub fn is_differentiable_operand(op: &Op, i: usize) -> bool {
+    use cleave_ir::UnaryOp as U;
+    match op {
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Constant { .. }
+        | Op::Iota { .. }
+        | Op::Compare(_)
+        | Op::StopGradient
+        | Op::OneHot { .. } => false,
+        Op::Unary(U::Floor | U::Round | U::Sign | U::Not) => false,
+        Op::Select => i > 0,
+        Op::Gather { .. } => i == 0,
+        Op::ScatterAdd { .. } => i != 1,
+        Op::CrossEntropy => i == 0,
+        _ => true,
+    }
+}
+
+fn is_float(func: &Function, v: Value) -> bool {
+    func.ty(v).dtype.is_float()
+}
+
+/// Differentiates one function (see the module docs). Returns the new function and warnings.
+pub fn differentiate(
+    func: Function,
+    mode: Mode,
+    wrt: &[String],
+) -> Result<(Function, Vec<String>), String> {
+    let mut warnings = Vec::new();
+    let fname = func.name.clone();
+
+    // Seeds.
+    let loss_output = func
+        .outputs
+        .iter()
+        .find(|o| o.name == "loss")
+        .filter(|o| {
+            let t = func.ty(o.value);
+            t.rank() == 0 && t.dtype.is_float()
+        })
+        .cloned();
+    let mode = match mode {
+        Mode::Auto if loss_output.is_some() => Mode::Loss,
+        Mode::Auto => Mode::Stage,
+        m => m,
+    };
+    let loss_output = if mode == Mode::Loss {
+        let scalar_floats: Vec<_> = func
+            .outputs
+            .iter()
+            .filter(|o| {
+                let t = func.ty(o.value);
+                t.rank() == 0 && t.dtype.is_float()
+            })
+            .collect();
+        match (&loss_output, scalar_floats.as_slice()) {
+            (Some(l), _) => Some(l.clone()),
+            (None, [only]) => Some((*only).clone()),
+            _ => {
+                return Err(format!(
+                    "@{fname}: loss mode needs a scalar float output named `loss` (or exactly one scalar float output); outputs are {}",
+                    describe_outputs(&func)
+                ))
+            }
+        }
+    } else {
+        None
+    };
+
+    // Differentiated arguments.
+    let mut targets: Vec<(Value, String)> = Vec::new();
+    for arg in func.args() {
+        let wanted = match arg.role {
+            ArgRole::Param => true,
+            ArgRole::Data => match mode {
+                Mode::Stage => true,
+                _ => wrt.iter().any(|w| w == arg.name),
+            },
+        };
+        if wanted && !arg.ty.dtype.is_float() {
+            if arg.role == ArgRole::Param || wrt.iter().any(|w| w == arg.name) {
+                warnings.push(format!(
+                    "@{fname}: {} \"{}\" has element type {} and gets no gradient",
+                    if arg.role == ArgRole::Param { "parameter" } else { "input" },
+                    arg.name,
+                    arg.ty.dtype
+                ));
+            }
+            continue;
+        }
+        if wanted {
+            targets.push((arg.value, arg.name.to_string()));
+        }
+    }
+    for w in wrt {
+        if !func.data_inputs().any(|a| a.name == w) {
+            return Err(format!(
+                "@{fname}: `wrt` names \"{w}\", which is not a data input; inputs are {}",
+                func.data_inputs()
+                    .map(|a| format!("\"{}\"", a.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    for (_, name) in &targets {
+        let gname = format!("{GRAD_PREFIX}{name}");
+        if func.outputs.iter().any(|o| o.name == gname) || func.args().any(|a| a.name == gname) {
+            return Err(format!(
+                "@{fname}: the name \"{gname}\" is already taken; was the function differentiated already?"
+            ));
+        }
+    }
+
+    // Forward analyses over the body: varied (depends on a target through differentiable
+    // operands) and data-dependent (depends on any data input).
+    let mut varied: SecondaryMap<Value, bool> = SecondaryMap::with_default(false);
+    let mut data_dep: SecondaryMap<Value, bool> = SecondaryMap::with_default(false);
+    for &(v, _) in &targets {
+        varied[v] = true;
+    }
+    for &node in &func.body {
+        let data = &func.nodes[node];
+        let is_varied = data
+            .operands
+            .iter()
+            .enumerate()
+            .any(|(i, &v)| varied[v] && is_differentiable_operand(&data.op, i));
+        let is_data = matches!(data.op, Op::Input { .. }) || data.operands.iter().any(|&v| data_dep[v]);
+        for &r in &data.results {
+            if is_varied && is_float(&func, r) {
+                varied[r] = true;
+            }
+            data_dep[r] = is_data;
+        }
+    }
+
+    // Seed values and backward reachability (useful = a gradient is wanted for it).
+    let seeds: Vec<(Value, String)> = match &loss_output {
+        Some(l) => vec![(l.value, l.name.clone())],
+        None => func
+            .outputs
+            .iter()
+            .filter(|o| is_float(&func, o.value))
+            .map(|o| (o.value, o.name.clone()))
+            .collect(),
+    };
+    let mut useful: SecondaryMap<Value, bool> = SecondaryMap::with_default(false);
+    for (v, _) in &seeds {
+        useful[*v] = varied[*v];
+    }
+    let mut active_nodes: Vec<Node> = Vec::new();
+    for &node in func.body.iter().rev() {
+        let data = &func.nodes[node];
+        if data.op.arg_role().is_some() {
+            continue;
+        }
+        if data.results.iter().any(|&r| useful[r] && varied[r]) {
+            active_nodes.push(node);
+            for (i, &v) in data.operands.iter().enumerate() {
+                if varied[v] && is_differentiable_operand(&data.op, i) {
+                    useful[v] = true;
+                }
+            }
+        }
+    }
+
+    // Emit the backward pass.
+    let mut t = Tracer::from_function(func);
+    let mut cot: SecondaryMap<Value, Option<Value>> = SecondaryMap::with_default(None);
+    let phase_of = |data_dep: &SecondaryMap<Value, bool>, v: Value| {
+        if data_dep[v] {
+            Phase::Dgrad
+        } else {
+            Phase::Wgrad
+        }
+    };
+    let err = |e: cleave_ir::tracer::TraceError| format!("@{fname}: {e}");
+    for (v, name) in &seeds {
+        if !useful[*v] {
+            continue;
+        }
+        let ty = t.ty(*v).clone();
+        let stage = t.func().nodes[t.func().values[*v].def].stage;
+        t.set_stage(stage);
+        t.set_phase(phase_of(&data_dep, *v));
+        let seed = match mode {
+            Mode::Loss => t.constant(ty, Literal::Float(vec![1.0])).map_err(err)?,
+            _ => t
+                .input(&format!("{GRAD_PREFIX}{name}"), ty.dtype, &ty.shape)
+                .map_err(err)?,
+        };
+        cot[*v] = Some(seed);
+    }
+    for node in active_nodes {
+        let data = t.func().nodes[node].clone();
+        let cots: Vec<Option<Value>> = data.results.iter().map(|&r| cot[r]).collect();
+        if cots.iter().all(Option::is_none) {
+            continue;
+        }
+        t.set_stage(data.stage);
+        for (i, &operand) in data.operands.iter().enumerate() {
+            if !(useful[operand] && varied[operand] && is_differentiable_operand(&data.op, i)) {
+                continue;
+            }
+            t.set_phase(phase_of(&data_dep, operand));
+            let contribution = rules::vjp(&mut t, &data, &cots, i).map_err(|e| {
+                format!(
+                    "@{fname}: differentiating `{}` (operand {i}): {e}",
+                    data.op.name()
+                )
+            })?;
+            let total = match cot[operand] {
+                None => contribution,
+                Some(prev) => t.add(prev, contribution).map_err(err)?,
+            };
+            cot[operand] = Some(total);
+        }
+    }
+
+    // Gradient outputs.
+    for (v, name) in &targets {
+        let g = match cot[*v] {
+            Some(g) => g,
+            None => {
+                let is_param = t.func().nodes[t.func().values[*v].def].op.arg_role()
+                    == Some(ArgRole::Param);
+                warnings.push(format!(
+                    "@{fname}: {} \"{name}\" does not reach {}; its gradient is zero",
+                    if is_param { "parameter" } else { "input" },
+                    if mode == Mode::Loss { "the loss" } else { "any output" }
+                ));
+                let ty = t.ty(*v).clone();
+                t.set_stage(t.func().nodes[t.func().values[*v].def].stage);
+                t.set_phase(phase_of(&data_dep, *v));
+                t.constant(ty, Literal::Float(vec![0.0])).map_err(err)?
+            }
+        };
+        t.output(&format!("{GRAD_PREFIX}{name}"), g).map_err(err)?;
+    }
+    Ok((t.finish(), warnings))
+}
+
+fn describe_outputs(func: &Function) -> String {
+    if func.outputs.is_empty() {
+        return "none".into();
+    }
+    func.outputs
+        .iter()
+        .map(|o| format!("\"{}\": {}", o.name, func.ty(o.value)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A zero of the given type (float), for rules that need one.
+pub(crate) fn zeros(t: &mut Tracer, ty: &TensorType) -> Result<Value, cleave_ir::tracer::TraceError> {
+    debug_assert!(ty.dtype != DType::Bool);
+    t.constant(ty.clone(), Literal::Float(vec![0.0]))
+}

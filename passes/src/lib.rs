@@ -4,8 +4,10 @@
 //! - [`pipeline`]: textual pipelines `a,b{key=value},c`.
 //! - [`manager`]: the registry of every pass and the [`PassManager`] (verify-each, IR dumps).
 //! - [`simple`]: `verify` and `dce`.
+//! - [`autodiff`]: reverse-mode differentiation with dgrad/wgrad tags at birth.
 #![warn(missing_docs)]
 
+pub mod autodiff;
 pub mod manager;
 pub mod pass;
 pub mod pipeline;

@@ -34,6 +34,11 @@ pub fn registry() -> Vec<PassInfo> {
             build: |o| Ok(Box::new(crate::autodiff::Autodiff::from_options(o)?)),
         },
         PassInfo {
+            name: "optimizer",
+            description: "append the parameter update (options: kind=sgd|momentum|adamw, lr, momentum, beta1, beta2, eps, weight_decay, keep_grads)",
+            build: |o| Ok(Box::new(crate::optimizer::Optimizer::from_options(o)?)),
+        },
+        PassInfo {
             name: "dce",
             description: "remove nodes whose results reach no output (arguments are kept)",
             build: |o| {

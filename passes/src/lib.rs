@@ -5,10 +5,12 @@
 //! - [`manager`]: the registry of every pass and the [`PassManager`] (verify-each, IR dumps).
 //! - [`simple`]: `verify` and `dce`.
 //! - [`autodiff`]: reverse-mode differentiation with dgrad/wgrad tags at birth.
+//! - [`jvp`]: forward-mode differentiation.
 //! - [`optimizer`]: SGD, momentum and AdamW updates as IR.
 #![warn(missing_docs)]
 
 pub mod autodiff;
+pub mod jvp;
 pub mod manager;
 pub mod optimizer;
 pub mod pass;

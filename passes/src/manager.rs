@@ -34,6 +34,11 @@ pub fn registry() -> Vec<PassInfo> {
             build: |o| Ok(Box::new(crate::autodiff::Autodiff::from_options(o)?)),
         },
         PassInfo {
+            name: "jvp",
+            description: "forward-mode differentiation: tangent.* inputs for float arguments, tangent.* outputs (option: function=NAME)",
+            build: |o| Ok(Box::new(crate::jvp::Jvp::from_options(o)?)),
+        },
+        PassInfo {
             name: "optimizer",
             description: "append the parameter update (options: kind=sgd|momentum|adamw, lr, momentum, beta1, beta2, eps, weight_decay, keep_grads)",
             build: |o| Ok(Box::new(crate::optimizer::Optimizer::from_options(o)?)),

@@ -44,7 +44,7 @@
 //! Entry: a verified module. Exit: a verified module; the differentiated function keeps its name,
 //! its arguments (plus `grad.<output>` inputs in stage mode) and its outputs (plus `grad.*`).
 
-pub mod rules;
+pub(crate) mod rules;
 
 use cleave_ir::tracer::Tracer;
 use cleave_ir::{ArgRole, DType, Function, Literal, Module, Node, Op, Phase, TensorType, Value};

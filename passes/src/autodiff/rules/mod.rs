@@ -84,54 +84,54 @@ fn unsupported(t: &Tracer, op: &Op) -> TraceError {
 
 // Small expression helpers. Every one goes through the tracer, so shapes are checked.
 
-pub(super) fn emit(t: &mut Tracer, op: Op, operands: &[Value]) -> RuleResult {
+pub(crate) fn emit(t: &mut Tracer, op: Op, operands: &[Value]) -> RuleResult {
     Ok(t.emit(op, operands)?[0])
 }
 
-pub(super) fn un(t: &mut Tracer, u: UnaryOp, x: Value) -> RuleResult {
+pub(crate) fn un(t: &mut Tracer, u: UnaryOp, x: Value) -> RuleResult {
     emit(t, Op::Unary(u), &[x])
 }
 
-pub(super) fn bin(t: &mut Tracer, b: BinaryOp, x: Value, y: Value) -> RuleResult {
+pub(crate) fn bin(t: &mut Tracer, b: BinaryOp, x: Value, y: Value) -> RuleResult {
     emit(t, Op::Binary(b), &[x, y])
 }
 
-pub(super) fn add(t: &mut Tracer, x: Value, y: Value) -> RuleResult {
+pub(crate) fn add(t: &mut Tracer, x: Value, y: Value) -> RuleResult {
     bin(t, BinaryOp::Add, x, y)
 }
 
-pub(super) fn sub(t: &mut Tracer, x: Value, y: Value) -> RuleResult {
+pub(crate) fn sub(t: &mut Tracer, x: Value, y: Value) -> RuleResult {
     bin(t, BinaryOp::Sub, x, y)
 }
 
-pub(super) fn mul(t: &mut Tracer, x: Value, y: Value) -> RuleResult {
+pub(crate) fn mul(t: &mut Tracer, x: Value, y: Value) -> RuleResult {
     bin(t, BinaryOp::Mul, x, y)
 }
 
-pub(super) fn div(t: &mut Tracer, x: Value, y: Value) -> RuleResult {
+pub(crate) fn div(t: &mut Tracer, x: Value, y: Value) -> RuleResult {
     bin(t, BinaryOp::Div, x, y)
 }
 
-pub(super) fn neg(t: &mut Tracer, x: Value) -> RuleResult {
+pub(crate) fn neg(t: &mut Tracer, x: Value) -> RuleResult {
     un(t, UnaryOp::Neg, x)
 }
 
-pub(super) fn cmp(t: &mut Tracer, c: CompareOp, x: Value, y: Value) -> RuleResult {
+pub(crate) fn cmp(t: &mut Tracer, c: CompareOp, x: Value, y: Value) -> RuleResult {
     emit(t, Op::Compare(c), &[x, y])
 }
 
-pub(super) fn select(t: &mut Tracer, c: Value, x: Value, y: Value) -> RuleResult {
+pub(crate) fn select(t: &mut Tracer, c: Value, x: Value, y: Value) -> RuleResult {
     emit(t, Op::Select, &[c, x, y])
 }
 
 /// A constant splat with the type of `like`.
-pub(super) fn splat(t: &mut Tracer, like: Value, x: f64) -> RuleResult {
+pub(crate) fn splat(t: &mut Tracer, like: Value, x: f64) -> RuleResult {
     let ty = t.ty(like).clone();
     splat_ty(t, &ty, x)
 }
 
 /// A constant splat of a float type.
-pub(super) fn splat_ty(t: &mut Tracer, ty: &TensorType, x: f64) -> RuleResult {
+pub(crate) fn splat_ty(t: &mut Tracer, ty: &TensorType, x: f64) -> RuleResult {
     emit(
         t,
         Op::Constant {
@@ -143,13 +143,13 @@ pub(super) fn splat_ty(t: &mut Tracer, ty: &TensorType, x: f64) -> RuleResult {
 }
 
 /// `x * c` for a float constant `c`.
-pub(super) fn scale(t: &mut Tracer, x: Value, c: f64) -> RuleResult {
+pub(crate) fn scale(t: &mut Tracer, x: Value, c: f64) -> RuleResult {
     let k = splat(t, x, c)?;
     mul(t, x, k)
 }
 
 /// Sum over `axes` (sorted), removing them.
-pub(super) fn reduce_sum(t: &mut Tracer, x: Value, axes: Vec<usize>) -> RuleResult {
+pub(crate) fn reduce_sum(t: &mut Tracer, x: Value, axes: Vec<usize>) -> RuleResult {
     emit(
         t,
         Op::Reduce {
@@ -161,7 +161,7 @@ pub(super) fn reduce_sum(t: &mut Tracer, x: Value, axes: Vec<usize>) -> RuleResu
 }
 
 /// Broadcasts `x` (the result of reducing `axis` away from `shape`) back to `shape`.
-pub(super) fn broadcast_back(t: &mut Tracer, x: Value, shape: &[usize], axes: &[usize]) -> RuleResult {
+pub(crate) fn broadcast_back(t: &mut Tracer, x: Value, shape: &[usize], axes: &[usize]) -> RuleResult {
     let dims = (0..shape.len()).filter(|d| !axes.contains(d)).collect();
     emit(
         t,
@@ -174,14 +174,14 @@ pub(super) fn broadcast_back(t: &mut Tracer, x: Value, shape: &[usize], axes: &[
 }
 
 /// `sum(x, axis)` broadcast back to `x`'s shape (a "keep-dims" sum).
-pub(super) fn sum_keep(t: &mut Tracer, x: Value, axis: usize) -> RuleResult {
+pub(crate) fn sum_keep(t: &mut Tracer, x: Value, axis: usize) -> RuleResult {
     let shape = t.ty(x).shape.clone();
     let s = reduce_sum(t, x, vec![axis])?;
     broadcast_back(t, s, &shape, &[axis])
 }
 
 /// `mean(x, axis)` broadcast back to `x`'s shape.
-pub(super) fn mean_keep(t: &mut Tracer, x: Value, axis: usize) -> RuleResult {
+pub(crate) fn mean_keep(t: &mut Tracer, x: Value, axis: usize) -> RuleResult {
     let shape = t.ty(x).shape.clone();
     let s = emit(
         t,

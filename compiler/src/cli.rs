@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cleave_ir::interp::{run_function_named, Precision, Tensor};
 use cleave_ir::{DType, Function, Module};
 
+use cleave_passes::autodiff::GRAD_PREFIX;
+use cleave_passes::{PassContext, PassManager};
+
 use crate::init::init_params;
 use crate::inspect::{inspect, render_table};
 use crate::load::load_module;
@@ -32,6 +35,63 @@ pub enum Command {
     Run(RunArgs),
     /// Write a model built with the tracer (mlp, gpt, gpt-layer, cnn) as IR text.
     NewModel(NewModelArgs),
+    /// Run a pipeline of passes over a module and print the result.
+    Opt(OptArgs),
+    /// Differentiate a model and write the gradient of every parameter.
+    Grad(GradArgs),
+}
+
+/// Arguments of `cleave opt`.
+#[derive(clap::Args, Debug)]
+pub struct OptArgs {
+    /// Model file (`.cir`).
+    pub file: Option<PathBuf>,
+    /// The pipeline: `a,b{key=value},c`.
+    #[arg(long, default_value = "")]
+    pub passes: String,
+    /// Write the result here instead of stdout.
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// Print the IR after every pass (to stderr).
+    #[arg(long)]
+    pub print_ir_after_all: bool,
+    /// Print the IR after the named pass (repeatable).
+    #[arg(long)]
+    pub print_ir_after: Vec<String>,
+    /// Print the IR as a failing pass left it.
+    #[arg(long)]
+    pub print_ir_after_failure: bool,
+    /// Verify the module after every pass.
+    #[arg(long)]
+    pub verify_each: bool,
+    /// Print the pipeline in canonical form and exit.
+    #[arg(long)]
+    pub dump_pass_pipeline: bool,
+    /// List the registered passes and exit.
+    #[arg(long)]
+    pub list_passes: bool,
+}
+
+/// Arguments of `cleave grad`.
+#[derive(clap::Args, Debug)]
+pub struct GradArgs {
+    /// Model file (`.cir`) with a scalar `loss` output, or an already differentiated module.
+    pub file: PathBuf,
+    /// Data inputs, by name (safetensors).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Parameters, by name (safetensors).
+    #[arg(long)]
+    pub params: Option<PathBuf>,
+    /// Where to write one gradient per parameter, named as the parameter (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Interpreter precision.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Function to differentiate (default: the module's first function).
+    #[arg(long)]
+    pub function: Option<String>,
 }
 
 /// Arguments of `cleave inspect`.
@@ -45,6 +105,9 @@ pub struct InspectArgs {
     /// Print only the table, not the IR.
     #[arg(long)]
     pub summary: bool,
+    /// Run this pass pipeline first (e.g. `autodiff`).
+    #[arg(long)]
+    pub passes: Option<String>,
 }
 
 /// Interpreter precision.
@@ -186,11 +249,28 @@ where
         Command::Inspect(a) => cmd_inspect(a),
         Command::Run(a) => cmd_run(a),
         Command::NewModel(a) => cmd_new_model(a),
+        Command::Opt(a) => cmd_opt(a),
+        Command::Grad(a) => cmd_grad(a),
     }
 }
 
+/// Runs a pipeline over a module, printing warnings to stderr.
+fn run_pipeline(module: &mut Module, pm: &PassManager) -> Result<()> {
+    let mut ctx = PassContext::default();
+    let result = pm.run(module, &mut ctx, &mut |dump| eprint!("{dump}"));
+    for w in &ctx.warnings {
+        eprintln!("warning: {w}");
+    }
+    result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
-    let module = load_module(&a.file)?;
+    let mut module = load_module(&a.file)?;
+    if let Some(p) = &a.passes {
+        let mut pm = PassManager::from_pipeline(p)?;
+        pm.verify_each = true;
+        run_pipeline(&mut module, &pm)?;
+    }
     let report = inspect(&module);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -202,6 +282,104 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         print!("{}", render_table(&report));
     }
     Ok(())
+}
+
+fn cmd_opt(a: OptArgs) -> Result<()> {
+    if a.list_passes {
+        for p in cleave_passes::registry() {
+            println!("{:<12} {}", p.name, p.description);
+        }
+        return Ok(());
+    }
+    let mut pm = if a.passes.trim().is_empty() {
+        PassManager::from_pipeline("verify")?
+    } else {
+        PassManager::from_pipeline(&a.passes)?
+    };
+    if a.dump_pass_pipeline {
+        println!("{}", pm.pipeline_text());
+        return Ok(());
+    }
+    let Some(file) = &a.file else {
+        bail!("`cleave opt` needs a model file (or --list-passes)");
+    };
+    let mut module = load_module(file)?;
+    pm.verify_each = a.verify_each;
+    pm.print.after_all = a.print_ir_after_all;
+    pm.print.after = a.print_ir_after.iter().cloned().collect();
+    pm.print.after_failure = a.print_ir_after_failure;
+    for name in &pm.print.after {
+        if !cleave_passes::registry().iter().any(|p| p.name == name) {
+            bail!(
+                "--print-ir-after: unknown pass `{name}`; valid passes: {}",
+                cleave_passes::valid_pass_names()
+            );
+        }
+    }
+    run_pipeline(&mut module, &pm)?;
+    let text = module.to_string();
+    match &a.output {
+        Some(path) => write_atomically(path, &text)?,
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+fn cmd_grad(a: GradArgs) -> Result<()> {
+    let mut module = load_module(&a.file)?;
+    let fname = pick_function(&module, a.function.as_deref())?.name.clone();
+    let already = module
+        .function(&fname)
+        .is_some_and(|f| f.outputs.iter().any(|o| o.name.starts_with(GRAD_PREFIX)));
+    if !already {
+        let pm = PassManager::from_pipeline(&format!("autodiff{{function={fname}}}"))?;
+        run_pipeline(&mut module, &pm)?;
+    }
+    let func = module.function(&fname).expect("function exists");
+    let args = read_args(&a.inputs, a.params.as_deref())?;
+    let results = run_function_named(func, &args, precision_of(a.dtype))
+        .with_context(|| format!("running @{}", func.name))?;
+    let grads: BTreeMap<String, Tensor> = func
+        .outputs
+        .iter()
+        .zip(results)
+        .filter_map(|(o, t)| o.name.strip_prefix(GRAD_PREFIX).map(|n| (n.to_string(), t)))
+        .collect();
+    write_tensors(&a.out, &grads)?;
+    eprintln!("wrote {} gradient(s) to {}", grads.len(), a.out.display());
+    Ok(())
+}
+
+fn precision_of(d: DtypeArg) -> Precision {
+    match d {
+        DtypeArg::F32 => Precision::F32,
+        DtypeArg::F64 => Precision::F64,
+    }
+}
+
+/// Reads data inputs and parameters into one map; a name in both files is an error.
+fn read_args(inputs: &std::path::Path, params: Option<&std::path::Path>) -> Result<BTreeMap<String, Tensor>> {
+    let mut args: BTreeMap<String, Tensor> = read_tensors(inputs)?;
+    if let Some(p) = params {
+        for (name, t) in read_tensors(p)? {
+            if args.contains_key(&name) {
+                bail!(
+                    "tensor \"{name}\" is in both {} and {}",
+                    inputs.display(),
+                    p.display()
+                );
+            }
+            args.insert(name, t);
+        }
+    }
+    Ok(args)
+}
+
+/// Writes text through a temporary file and a rename.
+fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn pick_function<'m>(module: &'m Module, name: Option<&str>) -> Result<&'m Function> {
@@ -224,24 +402,8 @@ fn pick_function<'m>(module: &'m Module, name: Option<&str>) -> Result<&'m Funct
 fn cmd_run(a: RunArgs) -> Result<()> {
     let module = load_module(&a.file)?;
     let func = pick_function(&module, a.function.as_deref())?;
-    let mut args: BTreeMap<String, Tensor> = read_tensors(&a.inputs)?;
-    if let Some(p) = &a.params {
-        for (name, t) in read_tensors(p)? {
-            if args.contains_key(&name) {
-                bail!(
-                    "tensor \"{name}\" is in both {} and {}",
-                    a.inputs.display(),
-                    p.display()
-                );
-            }
-            args.insert(name, t);
-        }
-    }
-    let precision = match a.dtype {
-        DtypeArg::F32 => Precision::F32,
-        DtypeArg::F64 => Precision::F64,
-    };
-    let results = run_function_named(func, &args, precision)
+    let args = read_args(&a.inputs, a.params.as_deref())?;
+    let results = run_function_named(func, &args, precision_of(a.dtype))
         .with_context(|| format!("running @{}", func.name))?;
     let named: BTreeMap<String, Tensor> = func
         .outputs

@@ -19,6 +19,9 @@
 //! - `[1.25, 28]`: `erfc(x) = exp(-x² - 0.5625 + R(1/x²)/S(1/x²)) / x` with two rational fits;
 //! - beyond: `erf = ±1`, `erfc = 0` or `2`.
 
+// The coefficients are fdlibm's, digit for digit.
+#![allow(clippy::excessive_precision)]
+
 const ERX: f64 = 8.45062911510467529297e-01;
 const EFX8: f64 = 1.02703333676410069053e+00;
 const PP: [f64; 5] = [

@@ -1570,3 +1570,54 @@ fn mlp_forward_runs_quickly() {
     }
     assert_close(&[loss], &[want / b as f64], 1e-6);
 }
+
+#[test]
+fn repeated_operands_unused_values_and_argument_outputs() {
+    let t = ty(F64, &[2]);
+    let mut f = one_op(
+        Op::Split {
+            axis: 0,
+            sizes: vec![1, 1],
+        },
+        &[t.clone()],
+    );
+    // Keep only the second piece of the split, then add it to itself; also return the input.
+    let x = f.args().next().unwrap().value;
+    let second = f.outputs[1].value;
+    f.outputs.clear();
+    let n = f.push_node(
+        Op::Binary(BinaryOp::Add),
+        vec![second, second],
+        vec![ty(F64, &[1])],
+    );
+    let unused = f.push_node(
+        Op::Input {
+            name: "unused".into(),
+            ty: t.clone(),
+        },
+        vec![],
+        vec![t.clone()],
+    );
+    let _ = unused;
+    f.outputs.push(Output {
+        name: "double".into(),
+        value: f.result(n),
+    });
+    f.outputs.push(Output {
+        name: "x".into(),
+        value: x,
+    });
+    f.outputs.push(Output {
+        name: "double_again".into(),
+        value: f.result(n),
+    });
+    let r = run_function(
+        &f,
+        &[f64t(&[2], &[1.0, 2.5]), f64t(&[2], &[0.0, 0.0])],
+        Precision::F32,
+    )
+    .unwrap();
+    assert_eq!(fl(&r[0]), &[5.0]);
+    assert_eq!(fl(&r[1]), &[1.0, 2.5]);
+    assert_eq!(r[2], r[0]);
+}

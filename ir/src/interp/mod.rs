@@ -358,6 +358,8 @@ fn execute(
                 env[v.index()] = Some(t);
             }
         }
+        #[cfg(test)]
+        tests::record_live(env.iter().filter(|t| t.is_some()).count());
     }
     func.outputs
         .iter()
@@ -375,4 +377,48 @@ fn list_types(types: &[TensorType]) -> String {
         .map(|t| t.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::op::UnaryOp;
+
+    thread_local! {
+        static PEAK_LIVE: Cell<usize> = const { Cell::new(0) };
+    }
+
+    pub(super) fn record_live(n: usize) {
+        PEAK_LIVE.with(|p| p.set(p.get().max(n)));
+    }
+
+    #[test]
+    fn values_are_freed_after_their_last_use() {
+        let t = TensorType::new(DType::F32, vec![4]);
+        let mut f = Function::new("chain");
+        let x = f.push_node(
+            Op::Input {
+                name: "x".into(),
+                ty: t.clone(),
+            },
+            vec![],
+            vec![t.clone()],
+        );
+        let mut v = f.result(x);
+        for _ in 0..50 {
+            let n = f.push_node(Op::Unary(UnaryOp::Neg), vec![v], vec![t.clone()]);
+            v = f.result(n);
+        }
+        f.outputs.push(crate::function::Output {
+            name: "y".into(),
+            value: v,
+        });
+        PEAK_LIVE.with(|p| p.set(0));
+        let x = Tensor::from_f32([4], vec![1.0, 2.0, 3.0, 4.0]);
+        let r = run_function(&f, std::slice::from_ref(&x), Precision::F32).unwrap();
+        assert_eq!(r[0], x);
+        assert_eq!(PEAK_LIVE.with(|p| p.get()), 1);
+    }
 }

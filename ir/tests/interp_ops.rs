@@ -1192,6 +1192,11 @@ fn max_pool_ignores_padding() {
         &[f64t(&[1, 1, 1, 3], &[1.0, f64::NAN, 0.0])],
     );
     assert!(fl(&r).iter().all(|x| x.is_nan()));
+    // A bottom or right padding as large as the window would leave all-padding windows.
+    let t = ty(F32, &[1, 1, 1, 1]);
+    for padding in [[0, 0, 1, 0], [0, 0, 0, 1]] {
+        assert!(infer(&pool(PoolKind::Max, [1, 1], [1, 1], padding, false), &[&t]).is_err());
+    }
 }
 
 #[test]

@@ -481,7 +481,15 @@ pub fn op_from_parts(
             },
             "dropout" => Op::Dropout {
                 rate: r.float("rate")?,
-                seed: r.uint("seed")? as u64,
+                // Printed as the i64 with the same bits, so seeds >= 2^63 read back negative.
+                seed: match r.required("seed")? {
+                    Attr::Int(i) => i as u64,
+                    other => {
+                        return Err(format!(
+                            "attribute `seed` of `dropout` must be an integer, found `{other}`"
+                        ))
+                    }
+                },
             },
             "stop_gradient" => Op::StopGradient,
             _ => {
@@ -494,4 +502,22 @@ pub fn op_from_parts(
     };
     r.finish()?;
     Ok(op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_seeds_round_trip_through_attributes() {
+        for seed in [0, 42, u64::MAX, 1 << 63] {
+            let op = Op::Dropout { rate: 0.5, seed };
+            let attrs = op_attrs(&op)
+                .into_iter()
+                .map(|(k, a)| (k.to_string(), a))
+                .collect();
+            let t = TensorType::new(crate::types::DType::F32, vec![2]);
+            assert_eq!(op_from_parts("dropout", attrs, &[t]).unwrap(), op);
+        }
+    }
 }

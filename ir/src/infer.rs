@@ -434,7 +434,14 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<Vec<TensorType>, TypeE
             if window.contains(&0) {
                 return Err(fail("window extents must be >= 1".into()));
             }
-            if *kind == PoolKind::Max && (padding[0] >= window[0] || padding[1] >= window[1]) {
+            // Every side: a bottom/right padding as large as the window would leave windows
+            // that cover padding only, whose maximum would be the padding.
+            if *kind == PoolKind::Max
+                && (padding[0] >= window[0]
+                    || padding[1] >= window[1]
+                    || padding[2] >= window[0]
+                    || padding[3] >= window[1])
+            {
                 return Err(fail("padding must be smaller than the window".into()));
             }
             let ho = conv_out(x.shape[2], padding[0], padding[2], window[0], stride[0]);

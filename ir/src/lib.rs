@@ -13,6 +13,7 @@
 pub mod attrs;
 pub mod function;
 pub mod infer;
+pub mod interp;
 pub mod op;
 pub mod printer;
 pub mod types;
@@ -20,6 +21,7 @@ pub mod verifier;
 
 pub use function::{Arg, Function, Module, Node, NodeData, Output, Phase, Value, ValueData};
 pub use infer::{infer, TypeError};
+pub use interp::{run_function, run_function_named, InterpError, Precision, Tensor, TensorData};
 pub use op::{
     dropout_keep, ArgRole, Arity, BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, UnaryOp,
 };

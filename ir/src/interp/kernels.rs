@@ -256,8 +256,74 @@ pub(super) fn eval(op: &Op, x: &[&Tensor], out: &[TensorType]) -> KResult<Vec<Te
             padding,
             dilation,
             groups,
-        } => one(TensorData::Float(conv2d(
-            x[0], x[1], *stride, *padding, *dilation, *groups, &ty.shape,
+        } => {
+            let geo = ConvGeometry {
+                x: rank4(&x[0].shape),
+                w: rank4(&x[1].shape),
+                out: [ty.shape[2], ty.shape[3]],
+                stride: *stride,
+                padding: *padding,
+                dilation: *dilation,
+                groups: *groups,
+            };
+            one(TensorData::Float(conv2d(x[0], x[1], geo)?))
+        }
+        Op::Conv2dGradInput {
+            stride,
+            padding,
+            dilation,
+            groups,
+            shape,
+        } => {
+            let geo = ConvGeometry {
+                x: rank4(shape),
+                w: rank4(&x[1].shape),
+                out: [x[0].shape[2], x[0].shape[3]],
+                stride: *stride,
+                padding: *padding,
+                dilation: *dilation,
+                groups: *groups,
+            };
+            one(TensorData::Float(conv2d_grad_input(x[0], x[1], geo)?))
+        }
+        Op::Conv2dGradWeight {
+            stride,
+            padding,
+            dilation,
+            groups,
+            shape,
+        } => {
+            let geo = ConvGeometry {
+                x: rank4(&x[0].shape),
+                w: rank4(shape),
+                out: [x[1].shape[2], x[1].shape[3]],
+                stride: *stride,
+                padding: *padding,
+                dilation: *dilation,
+                groups: *groups,
+            };
+            one(TensorData::Float(conv2d_grad_weight(x[0], x[1], geo)?))
+        }
+        Op::MaxPool2dGrad {
+            window,
+            stride,
+            padding,
+        } => one(TensorData::Float(max_pool2d_grad(
+            x[0], x[1], *window, *stride, *padding,
+        )?)),
+        Op::AvgPool2dGrad {
+            window,
+            stride,
+            padding,
+            count_include_pad,
+            shape,
+        } => one(TensorData::Float(avg_pool2d_grad(
+            x[0],
+            *window,
+            *stride,
+            *padding,
+            *count_include_pad,
+            shape,
         )?)),
         Op::Pool2d {
             kind,
@@ -777,51 +843,94 @@ fn tap(
         .filter(|&i| i < size)
 }
 
-fn conv2d(
-    x: &Tensor,
-    w: &Tensor,
+/// The geometry of a 2-D convolution, shared by `conv2d` and its two gradient ops.
+struct ConvGeometry {
+    /// Input `[N, C, H, W]`.
+    x: [usize; 4],
+    /// Weight `[O, C/g, KH, KW]`.
+    w: [usize; 4],
+    /// Output spatial extents `[HO, WO]`.
+    out: [usize; 2],
     stride: [usize; 2],
     padding: [usize; 4],
     dilation: [usize; 2],
     groups: usize,
-    out_shape: &[usize],
-) -> KResult<Vec<f64>> {
-    let xv = floats(x, "the input")?;
-    let wv = floats(w, "the weight")?;
-    let [n, c, h, wd] = <[usize; 4]>::try_from(&x.shape[..]).expect("rank 4");
-    let [o_ch, cg, kh, kw] = <[usize; 4]>::try_from(&w.shape[..]).expect("rank 4");
-    let (ho, wo) = (out_shape[2], out_shape[3]);
-    let og = o_ch / groups;
-    let mut out = vec![0.0; n * o_ch * ho * wo];
-    let mut at = 0;
-    for b in 0..n {
-        for o in 0..o_ch {
-            let g = o / og;
-            for y in 0..ho {
-                for xo in 0..wo {
-                    let mut acc = 0.0;
-                    for ci in 0..cg {
-                        let ch = g * cg + ci;
-                        for ky in 0..kh {
-                            let Some(iy) = tap(y, stride[0], padding[0], ky, dilation[0], h) else {
-                                continue;
-                            };
-                            for kx in 0..kw {
-                                let Some(ix) = tap(xo, stride[1], padding[1], kx, dilation[1], wd)
+}
+
+impl ConvGeometry {
+    /// Calls `f(x_index, w_index, y_index)` for every multiply-add of the convolution, in the
+    /// forward op's accumulation order (per output element: channel, then kernel row and column).
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let [n, c, h, wd] = self.x;
+        let [o_ch, cg, kh, kw] = self.w;
+        let [ho, wo] = self.out;
+        let og = o_ch / self.groups;
+        let mut at = 0;
+        for b in 0..n {
+            for o in 0..o_ch {
+                let g = o / og;
+                for y in 0..ho {
+                    for xo in 0..wo {
+                        for ci in 0..cg {
+                            let ch = g * cg + ci;
+                            for ky in 0..kh {
+                                let Some(iy) =
+                                    tap(y, self.stride[0], self.padding[0], ky, self.dilation[0], h)
                                 else {
                                     continue;
                                 };
-                                acc += xv[((b * c + ch) * h + iy) * wd + ix]
-                                    * wv[((o * cg + ci) * kh + ky) * kw + kx];
+                                for kx in 0..kw {
+                                    let Some(ix) = tap(
+                                        xo,
+                                        self.stride[1],
+                                        self.padding[1],
+                                        kx,
+                                        self.dilation[1],
+                                        wd,
+                                    ) else {
+                                        continue;
+                                    };
+                                    f(
+                                        ((b * c + ch) * h + iy) * wd + ix,
+                                        ((o * cg + ci) * kh + ky) * kw + kx,
+                                        at,
+                                    );
+                                }
                             }
                         }
+                        at += 1;
                     }
-                    out[at] = acc;
-                    at += 1;
                 }
             }
         }
     }
+}
+
+fn rank4(shape: &[usize]) -> [usize; 4] {
+    <[usize; 4]>::try_from(shape).expect("rank 4 (checked by infer)")
+}
+
+/// `y = conv2d(x, w)`.
+fn conv2d(x: &Tensor, w: &Tensor, geo: ConvGeometry) -> KResult<Vec<f64>> {
+    let (xv, wv) = (floats(x, "the input")?, floats(w, "the weight")?);
+    let mut out = vec![0.0; geo.x[0] * geo.w[0] * geo.out[0] * geo.out[1]];
+    geo.for_each_tap(|xi, wi, yi| out[yi] += xv[xi] * wv[wi]);
+    Ok(out)
+}
+
+/// `dx = conv2d_grad_input(dy, w)`: every tap's product is sent back to its input position.
+fn conv2d_grad_input(dy: &Tensor, w: &Tensor, geo: ConvGeometry) -> KResult<Vec<f64>> {
+    let (dv, wv) = (floats(dy, "the gradient")?, floats(w, "the weight")?);
+    let mut out = vec![0.0; geo.x.iter().product()];
+    geo.for_each_tap(|xi, wi, yi| out[xi] += dv[yi] * wv[wi]);
+    Ok(out)
+}
+
+/// `dw = conv2d_grad_weight(x, dy)`: every tap's product is sent back to its weight position.
+fn conv2d_grad_weight(x: &Tensor, dy: &Tensor, geo: ConvGeometry) -> KResult<Vec<f64>> {
+    let (xv, dv) = (floats(x, "the input")?, floats(dy, "the gradient")?);
+    let mut out = vec![0.0; geo.w.iter().product()];
+    geo.for_each_tap(|xi, wi, yi| out[wi] += xv[xi] * dv[yi]);
     Ok(out)
 }
 
@@ -835,37 +944,108 @@ fn pool2d(
     out_shape: &[usize],
 ) -> KResult<Vec<f64>> {
     let xv = floats(x, "the input")?;
-    let [n, c, h, wd] = <[usize; 4]>::try_from(&x.shape[..]).expect("rank 4");
-    let (ho, wo) = (out_shape[2], out_shape[3]);
-    let mut out = Vec::with_capacity(n * c * ho * wo);
+    let mut out = vec![0.0; out_shape.iter().product()];
+    let o = [out_shape[2], out_shape[3]];
+    for_each_window(rank4(&x.shape), o, window, stride, padding, |wi, pos| {
+        out[wi] = match kind {
+            PoolKind::Max => pos.iter().map(|&p| xv[p]).fold(f64::NEG_INFINITY, nan_max),
+            PoolKind::Avg => {
+                let sum: f64 = pos.iter().map(|&p| xv[p]).sum();
+                let div = if count_include_pad {
+                    window[0] * window[1]
+                } else {
+                    pos.len()
+                };
+                sum / div as f64
+            }
+        };
+    });
+    Ok(out)
+}
+
+/// Calls `f(window_index, input_positions)` for every pooling window, with the in-bounds input
+/// positions of the window in row-major order.
+fn for_each_window(
+    shape: [usize; 4],
+    out: [usize; 2],
+    window: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+    mut f: impl FnMut(usize, &[usize]),
+) {
+    let [n, c, h, wd] = shape;
+    let mut positions = Vec::with_capacity(window[0] * window[1]);
+    let mut at = 0;
     for plane in 0..n * c {
-        let img = &xv[plane * h * wd..(plane + 1) * h * wd];
-        for y in 0..ho {
-            for xo in 0..wo {
-                let mut max = f64::NEG_INFINITY;
-                let mut sum = 0.0;
-                let mut count = 0usize;
+        for y in 0..out[0] {
+            for xo in 0..out[1] {
+                positions.clear();
                 for ky in 0..window[0] {
                     let Some(iy) = tap(y, stride[0], padding[0], ky, 1, h) else {
                         continue;
                     };
                     for kx in 0..window[1] {
-                        let Some(ix) = tap(xo, stride[1], padding[1], kx, 1, wd) else {
-                            continue;
-                        };
-                        let v = img[iy * wd + ix];
-                        max = nan_max(max, v);
-                        sum += v;
-                        count += 1;
+                        if let Some(ix) = tap(xo, stride[1], padding[1], kx, 1, wd) {
+                            positions.push((plane * h + iy) * wd + ix);
+                        }
                     }
                 }
-                out.push(match kind {
-                    PoolKind::Max => max,
-                    PoolKind::Avg if count_include_pad => sum / (window[0] * window[1]) as f64,
-                    PoolKind::Avg => sum / count as f64,
-                });
+                f(at, &positions);
+                at += 1;
             }
         }
     }
+}
+
+/// `dx = max_pool2d_grad(x, dy)`: each window's gradient goes to the first position holding the
+/// window's maximum (a NaN, if any, is the maximum).
+fn max_pool2d_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    window: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+) -> KResult<Vec<f64>> {
+    let (xv, dv) = (floats(x, "the input")?, floats(dy, "the gradient")?);
+    let shape = rank4(&x.shape);
+    let mut out = vec![0.0; xv.len()];
+    let o = [dy.shape[2], dy.shape[3]];
+    for_each_window(shape, o, window, stride, padding, |wi, pos| {
+        let max = pos.iter().map(|&p| xv[p]).fold(f64::NEG_INFINITY, nan_max);
+        let first = pos
+            .iter()
+            .copied()
+            .find(|&p| xv[p] == max || (max.is_nan() && xv[p].is_nan()));
+        if let Some(p) = first {
+            out[p] += dv[wi];
+        }
+    });
+    Ok(out)
+}
+
+/// `dx = avg_pool2d_grad(dy)`: each window's gradient, divided by the forward divisor, is added
+/// to every in-bounds position of the window.
+fn avg_pool2d_grad(
+    dy: &Tensor,
+    window: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+    count_include_pad: bool,
+    in_shape: &[usize],
+) -> KResult<Vec<f64>> {
+    let dv = floats(dy, "the gradient")?;
+    let shape = rank4(in_shape);
+    let mut out = vec![0.0; shape.iter().product()];
+    let o = [dy.shape[2], dy.shape[3]];
+    for_each_window(shape, o, window, stride, padding, |wi, pos| {
+        let div = if count_include_pad {
+            (window[0] * window[1]) as f64
+        } else {
+            pos.len() as f64
+        };
+        for &p in pos {
+            out[p] += dv[wi] / div;
+        }
+    });
     Ok(out)
 }

@@ -415,7 +415,16 @@ pub fn op_from_parts(
             },
             "dropout" => Op::Dropout {
                 rate: r.float("rate")?,
-                seed: r.uint("seed")? as u64,
+                // `op_attrs` prints the u64 seed as an i64, so seeds >= 2^63 print negative:
+                // read any integer back with the same two's-complement reinterpretation.
+                seed: match r.required("seed")? {
+                    Attr::Int(i) => i as u64,
+                    other => {
+                        return Err(format!(
+                            "attribute `seed` of `dropout` must be an integer, found `{other}`"
+                        ))
+                    }
+                },
             },
             "stop_gradient" => Op::StopGradient,
             _ => {

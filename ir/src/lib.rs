@@ -14,6 +14,7 @@ pub mod attrs;
 pub mod function;
 pub mod infer;
 pub mod op;
+pub mod parser;
 pub mod printer;
 pub mod types;
 
@@ -22,4 +23,5 @@ pub use infer::{infer, TypeError};
 pub use op::{
     dropout_keep, ArgRole, Arity, BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, UnaryOp,
 };
+pub use parser::{parse_function, parse_module, ParseError};
 pub use types::{DType, Shape, TensorType, MAX_RANK};

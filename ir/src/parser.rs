@@ -496,8 +496,16 @@ impl<'s> Parser<'s> {
     /// Makes an error located at the byte span `start..end`.
     fn error(&self, start: usize, end: usize, message: String) -> ParseError {
         let src = self.src;
-        let start = start.min(src.len());
-        let end = end.clamp(start, src.len());
+        // Spans are always on char boundaries; stay safe (never panic) if one is not.
+        let floor = |mut i: usize| {
+            i = i.min(src.len());
+            while !src.is_char_boundary(i) {
+                i -= 1;
+            }
+            i
+        };
+        let start = floor(start);
+        let end = floor(end.max(start));
         let line_start = src[..start].rfind('\n').map_or(0, |i| i + 1);
         let line_end = src[start..].find('\n').map_or(src.len(), |i| start + i);
         let source_line = src[line_start..line_end].trim_end_matches('\r');
@@ -694,6 +702,7 @@ impl<'s> Parser<'s> {
                         self.bump()?;
                     }
                     Kind::RBrace => break,
+                    Kind::Eof => return Err(self.expected(tok, &close)),
                     _ => return Err(self.expected(tok, &format!("`,` or {close}"))),
                 }
             }
@@ -1126,4 +1135,739 @@ enum Scalar {
     Float(f64),
     Bool(bool),
     Str(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::{Literal, PoolKind};
+
+    fn parse_one(src: &str) -> Function {
+        parse_function(src).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn err(src: &str) -> ParseError {
+        match parse_module(src) {
+            Ok(m) => panic!("expected an error, parsed:\n{m}"),
+            Err(e) => e,
+        }
+    }
+
+    /// The op of the last node of a one-function source.
+    fn last_op(src: &str) -> Op {
+        let f = parse_one(src);
+        f.nodes[*f.body.last().unwrap()].op.clone()
+    }
+
+    fn constant(value: &str, ty: &str) -> Literal {
+        let src = format!("func @f {{\n  %0 = constant {{value = {value}}} : {ty}\n  return\n}}\n");
+        match last_op(&src) {
+            Op::Constant { value, .. } => value,
+            op => panic!("{op:?}"),
+        }
+    }
+
+    const MLP: &str = r#"func @mlp {
+  %0 = input {name = "x"} : f32[64,784]
+  %1 = param {name = "fc1.weight"} : f32[784,256]
+  %2 = matmul %0, %1 {transpose_rhs = true} : f32[64,256]
+  %3, %4 = split %2 {axis = 1, sizes = [128, 128]} : f32[64,128], f32[64,128]
+  %5 = add %3, %4 : f32[64,128] phase(dgrad) stage(1)
+  %6 = constant {value = [1.0, -2.5e-3, inf, nan]} : f32[4]
+  return %5 as "out", %6 as "c"
+}
+"#;
+
+    #[test]
+    fn parses_the_example() {
+        let f = parse_one(MLP);
+        assert_eq!(f.name, "mlp");
+        assert_eq!(f.body.len(), 6);
+        assert_eq!(f.args().count(), 2);
+        let split = &f.nodes[f.body[3]];
+        assert_eq!(split.results.len(), 2);
+        assert_eq!(
+            split.op,
+            Op::Split {
+                axis: 1,
+                sizes: vec![128, 128]
+            }
+        );
+        let add = &f.nodes[f.body[4]];
+        assert_eq!(add.operands, split.results);
+        assert_eq!(add.phase, Phase::Dgrad);
+        assert_eq!(add.stage, Some(1));
+        assert_eq!(f.outputs.len(), 2);
+        assert_eq!(f.outputs[0].name, "out");
+        assert_eq!(f.outputs[0].value, add.results[0]);
+        assert_eq!(
+            f.nodes[f.body[2]].op,
+            Op::MatMul {
+                transpose_lhs: false,
+                transpose_rhs: true
+            }
+        );
+        // Printing gives the canonical text back (the float `-2.5e-3` prints as `-0.0025`).
+        let expected = MLP.replace("-2.5e-3", "-0.0025");
+        assert_eq!(f.to_string(), expected);
+    }
+
+    #[test]
+    fn empty_module_and_comments() {
+        assert!(parse_module("").unwrap().functions.is_empty());
+        assert!(parse_module("  \n\t\r\n").unwrap().functions.is_empty());
+        assert!(parse_module("// only a comment")
+            .unwrap()
+            .functions
+            .is_empty());
+        let src = "// header\nfunc @a { // open\n  // a node:\n  %x = input {name = \"x\"} : f32[] // c\n  return %x as \"y\" // done\n}\n// -----\nfunc @b {\n  return\n}\n// -----";
+        let m = parse_module(src).unwrap();
+        assert_eq!(m.functions.len(), 2);
+        assert_eq!(m.functions[1].name, "b");
+        assert!(m.functions[1].outputs.is_empty());
+        assert!(m.functions[1].body.is_empty());
+    }
+
+    #[test]
+    fn whitespace_is_insignificant() {
+        let f = parse_one(
+            "func @f{%0=input{name=\"x\"}:f32[2,3]%1=relu %0:f32[2,3]stage(2)phase(wgrad)return %1 as\"y\"}",
+        );
+        assert_eq!(f.body.len(), 2);
+        let relu = &f.nodes[f.body[1]];
+        assert_eq!(relu.phase, Phase::Wgrad);
+        assert_eq!(relu.stage, Some(2));
+    }
+
+    #[test]
+    fn return_with_no_outputs() {
+        let f = parse_one("func @f {\n  return\n}\n");
+        assert!(f.outputs.is_empty());
+        assert_eq!(f.to_string(), "func @f {\n  return\n}\n");
+    }
+
+    #[test]
+    fn value_and_function_names() {
+        let f = parse_one(
+            "func @a.b$c-d_9 {\n  %in.put_1 = input {name = \"x\"} : f32[]\n  %12 = neg %in.put_1 : f32[]\n  return %12 as \"o\"\n}",
+        );
+        assert_eq!(f.name, "a.b$c-d_9");
+        assert_eq!(f.body.len(), 2);
+        // Printing renumbers.
+        assert!(f.to_string().contains("%1 = neg %0 : f32[]"));
+    }
+
+    #[test]
+    fn attribute_kinds() {
+        assert_eq!(constant("3", "i32[]"), Literal::Int(vec![3]));
+        assert_eq!(constant("-3", "i64[]"), Literal::Int(vec![-3]));
+        assert_eq!(
+            constant("-9223372036854775808", "i64[]"),
+            Literal::Int(vec![i64::MIN])
+        );
+        assert_eq!(constant("3", "f32[]"), Literal::Float(vec![3.0]));
+        assert_eq!(constant("1.5", "f32[]"), Literal::Float(vec![1.5]));
+        assert_eq!(constant("-2.5e-3", "f32[]"), Literal::Float(vec![-2.5e-3]));
+        assert_eq!(constant("1e20", "f64[]"), Literal::Float(vec![1e20]));
+        assert_eq!(constant("1E+2", "f64[]"), Literal::Float(vec![100.0]));
+        assert_eq!(
+            constant("inf", "f64[]"),
+            Literal::Float(vec![f64::INFINITY])
+        );
+        assert_eq!(
+            constant("-inf", "f64[]"),
+            Literal::Float(vec![f64::NEG_INFINITY])
+        );
+        match constant("nan", "f64[]") {
+            Literal::Float(v) => assert!(v.len() == 1 && v[0].is_nan()),
+            other => panic!("{other:?}"),
+        }
+        match constant("-0.0", "f64[]") {
+            Literal::Float(v) => assert!(v[0] == 0.0 && v[0].is_sign_negative()),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(constant("true", "bool[]"), Literal::Bool(vec![true]));
+        assert_eq!(
+            constant("[true, false]", "bool[2]"),
+            Literal::Bool(vec![true, false])
+        );
+        assert_eq!(constant("[1, -2]", "i32[2]"), Literal::Int(vec![1, -2]));
+        // Mixed ints and floats make a float list.
+        assert_eq!(
+            constant("[1, 2.5, -inf]", "f32[3]"),
+            Literal::Float(vec![1.0, 2.5, f64::NEG_INFINITY])
+        );
+        // An empty list is an empty int list.
+        assert_eq!(constant("[]", "i32[0]"), Literal::Int(vec![]));
+        assert_eq!(constant("[ ]", "f32[0]"), Literal::Float(vec![]));
+
+        // Strings, via `input`; lists of uints, bools and floats via real ops.
+        let f = parse_one(
+            "func @f {\n  %0 = param {name = \"w\"} : f32[1,2,8,8]\n  %1 = avg_pool2d %0 {window = [2, 2], stride = [2,2], padding = [0, 0, 0, 0], count_include_pad = false} : f32[1,2,4,4]\n  %2 = pad %1 {low = [0, 0, 1, 1], high = [0, 0, 0, 0], value = -1} : f32[1,2,5,5]\n  %3 = layer_norm %2 {eps = 1e-5} : f32[1,2,5,5]\n  return\n}",
+        );
+        assert_eq!(
+            f.nodes[f.body[1]].op,
+            Op::Pool2d {
+                kind: PoolKind::Avg,
+                window: [2, 2],
+                stride: [2, 2],
+                padding: [0; 4],
+                count_include_pad: false
+            }
+        );
+        assert_eq!(
+            f.nodes[f.body[2]].op,
+            Op::Pad {
+                low: vec![0, 0, 1, 1],
+                high: vec![0; 4],
+                value: -1.0
+            }
+        );
+        assert_eq!(f.nodes[f.body[3]].op, Op::LayerNorm { eps: 1e-5 });
+    }
+
+    #[test]
+    fn string_escapes() {
+        let name = |lit: &str| {
+            let f = parse_one(&format!(
+                "func @f {{\n  %0 = input {{name = {lit}}} : f32[]\n  return %0 as {lit}\n}}"
+            ));
+            assert_eq!(f.outputs[0].name, f.args().next().unwrap().name);
+            f.outputs[0].name.clone()
+        };
+        assert_eq!(name(r#""plain""#), "plain");
+        assert_eq!(name(r#""""#), "");
+        assert_eq!(name(r#""a\"b""#), "a\"b");
+        assert_eq!(name(r#""a\\b""#), "a\\b");
+        assert_eq!(name(r#""a\nb\tc""#), "a\nb\tc");
+        assert_eq!(name(r#""\u{1}\u{7f}\u{1F600}""#), "\u{1}\u{7f}\u{1F600}");
+        assert_eq!(
+            name("\"é → 日本 // not a comment\""),
+            "é → 日本 // not a comment"
+        );
+        // And back through the printer's escaping.
+        let tricky = "q\"\\\n\t\u{0}\u{1b}é";
+        let mut f = Function::new("f");
+        let n = f.push_node(
+            Op::Input {
+                name: tricky.into(),
+                ty: TensorType::scalar(DType::F32),
+            },
+            vec![],
+            vec![TensorType::scalar(DType::F32)],
+        );
+        let v = f.result(n);
+        f.outputs.push(Output {
+            name: tricky.into(),
+            value: v,
+        });
+        assert_eq!(parse_one(&f.to_string()), f);
+    }
+
+    #[test]
+    fn multi_result_nodes() {
+        let f = parse_one(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[6]\n  %1, %2, %3 = split %0 {axis = 0, sizes = [1, 2, 3]} : f32[1], f32[2], f32[3]\n  %4 = concat %3, %1, %2 {axis = 0} : f32[6]\n  return %2 as \"b\", %4 as \"c\"\n}",
+        );
+        let split = &f.nodes[f.body[1]];
+        assert_eq!(split.results.len(), 3);
+        for (i, &v) in split.results.iter().enumerate() {
+            assert_eq!(f.values[v].result_index, i as u32);
+            assert_eq!(f.values[v].def, f.body[1]);
+        }
+        assert_eq!(f.ty(split.results[2]).shape, vec![3]);
+        let concat = &f.nodes[f.body[2]];
+        assert_eq!(
+            concat.operands,
+            vec![split.results[2], split.results[0], split.results[1]]
+        );
+        assert_eq!(f.outputs[0].value, split.results[1]);
+    }
+
+    #[test]
+    fn annotations() {
+        let node = |ann: &str| {
+            let f = parse_one(&format!(
+                "func @f {{\n  %0 = input {{name = \"x\"}} : f32[] {ann}\n  return\n}}"
+            ));
+            let d = &f.nodes[f.body[0]];
+            (d.phase, d.stage)
+        };
+        assert_eq!(node(""), (Phase::Forward, None));
+        assert_eq!(node("phase(forward)"), (Phase::Forward, None));
+        assert_eq!(node("phase(recompute)"), (Phase::Recompute, None));
+        assert_eq!(node("stage(0)"), (Phase::Forward, Some(0)));
+        assert_eq!(
+            node("phase(optimizer) stage(4294967295)"),
+            (Phase::Optimizer, Some(u32::MAX))
+        );
+        assert_eq!(node("stage(7) phase(offload)"), (Phase::Offload, Some(7)));
+        for p in Phase::ALL {
+            assert_eq!(node(&format!("phase({})", p.name())).0, p);
+        }
+    }
+
+    #[test]
+    fn types() {
+        let ty = |t: &str| {
+            let f = parse_one(&format!(
+                "func @f {{\n  %0 = input {{name = \"x\"}} : {t}\n  return\n}}"
+            ));
+            f.ty(f.result(f.body[0])).clone()
+        };
+        assert_eq!(ty("f32[]"), TensorType::scalar(DType::F32));
+        assert_eq!(ty("bf16[0]"), TensorType::new(DType::BF16, vec![0]));
+        assert_eq!(
+            ty("i64[1,2,3,4,5,6]"),
+            TensorType::new(DType::I64, vec![1, 2, 3, 4, 5, 6])
+        );
+        for d in DType::ALL {
+            assert_eq!(ty(&format!("{d}[2]")).dtype, d);
+        }
+    }
+
+    #[test]
+    fn error_display_format() {
+        let src = MLP.replace("matmul %0", "matmull %0");
+        let e = err(&src);
+        assert_eq!((e.line, e.column, e.width), (4, 8, 7));
+        let text = e.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("4:8: error: unknown op `matmull`; known ops: abs, add,"),
+            "{text}"
+        );
+        assert!(lines[0].contains("matmul, max"));
+        assert_eq!(
+            lines[1],
+            "  %2 = matmull %0, %1 {transpose_rhs = true} : f32[64,256]"
+        );
+        assert_eq!(lines[2], "       ^^^^^^^");
+        assert_eq!(lines.len(), 3);
+        let with_path = e.clone().with_path("m.cir").to_string();
+        assert!(with_path.starts_with("m.cir:4:8: error: unknown op"));
+        assert_eq!(e.render("m.cir"), with_path);
+    }
+
+    #[test]
+    fn carets_follow_tabs_and_unicode() {
+        let e = err("func @f {\n\t%0 = input {name = \"é\"} : f33[]\n  return\n}");
+        assert_eq!((e.line, e.column), (2, 28));
+        let text = e.to_string();
+        let caret = text.lines().nth(2).unwrap();
+        assert!(caret.starts_with('\t'));
+        assert_eq!(caret.trim_start(), "^^^");
+        assert_eq!(caret.chars().count(), 27 + 3);
+    }
+
+    /// (source, line, column, message substring)
+    fn check(src: &str, line: usize, column: usize, msg: &str) {
+        let e = err(src);
+        assert!(
+            e.message.contains(msg),
+            "message {:?} does not contain {msg:?}\n{e}",
+            e.message
+        );
+        assert_eq!((e.line, e.column), (line, column), "{e}");
+    }
+
+    #[test]
+    fn expected_found_messages() {
+        let src = MLP.replace("add %3, %4", "add %3 %4");
+        check(
+            &src,
+            6,
+            15,
+            "expected `:` before the result types, found `%4`",
+        );
+        assert_eq!(
+            err(&src).expected.as_deref(),
+            Some("`:` before the result types")
+        );
+        let src = MLP.replace("f32[4]", "f33[4]");
+        check(
+            &src,
+            7,
+            54,
+            "expected a dtype (f32, f64, f16, bf16, i32, i64, bool), found `f33`",
+        );
+        let src = MLP.trim_end().trim_end_matches('}');
+        let e = err(src);
+        assert_eq!(
+            e.message,
+            "unexpected end of input: expected `}` to close function @mlp"
+        );
+        assert_eq!((e.line, e.column), (8, 32));
+        check(
+            "func mlp {",
+            1,
+            6,
+            "expected a function name (`@name`) after `func`, found `mlp`",
+        );
+        check("func @f (", 1, 9, "expected `{` after `func @f`, found `(`");
+        check(
+            "fun @f {",
+            1,
+            1,
+            "expected `func` to start a function, found `fun`",
+        );
+        check(
+            "func @f {\n  %0 input",
+            2,
+            6,
+            "expected `=` after the result names, found `input`",
+        );
+        check(
+            "func @f {\n  %0 = 3",
+            2,
+            8,
+            "expected an op name after `=`, found `3`",
+        );
+        check(
+            "func @f {\n  %0 = input {name \"x\"}",
+            2,
+            20,
+            "expected `=` after attribute name `name`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\" : f32[]",
+            2,
+            26,
+            "expected `,` or `}` in the attribute list, found `:`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32",
+            2,
+            32,
+            "unexpected end of input: expected `[` and the dimensions after `f32`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[-1]",
+            2,
+            33,
+            "expected a dimension extent (a non-negative integer), found `-1`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[2 3]",
+            2,
+            35,
+            "expected `,` or `]` in the shape, found `3`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[] phase(back)",
+            2,
+            41,
+            "unknown phase `back`; known phases: forward, dgrad",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[] stage(-1)",
+            2,
+            41,
+            "stage `-1` is not an integer in 0..2^32",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[] stage(4294967296)",
+            2,
+            41,
+            "is not an integer in 0..2^32",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[]\n  %1 = neg %0 : f32[]\n}",
+            4,
+            1,
+            "function @f has no `return`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[]\n  return %0\n}",
+            4,
+            1,
+            "expected `as` and an output name after %0, found `}`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[]\n  return %0 as y\n}",
+            3,
+            16,
+            "expected an output name (a string) after `as`, found `y`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[]\n  return %0 as \"y\" %0 as \"z\"\n}",
+            3,
+            20,
+            "expected `,` or `}` to close function @f, found `%0`",
+        );
+        check(
+            "func @f {\n  input",
+            2,
+            3,
+            "expected a node (`%name = op …`) or `return`, found `input`",
+        );
+        check(
+            "func @f {\n",
+            1,
+            10,
+            "unexpected end of input: expected a node or `return` in function @f",
+        );
+        check(
+            "func @f { return } func @g { return } 12",
+            1,
+            39,
+            "expected `func` to start a function, found `12`",
+        );
+    }
+
+    #[test]
+    fn semantic_errors() {
+        let src = MLP.replace("matmul %0, %1", "matmul %0, %7");
+        check(&src, 4, 19, "use of undefined value %7");
+        let src = MLP.replace("matmul %0, %1", "matmul %0, %5");
+        check(
+            &src,
+            4,
+            19,
+            "value %5 is used before its definition at line 6",
+        );
+        let src = MLP.replace("matmul %0, %1", "matmul %0, %4");
+        check(
+            &src,
+            4,
+            19,
+            "value %4 is used before its definition at line 5",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[]\n  return %1 as \"y\"\n}",
+            3,
+            10,
+            "use of undefined value %1",
+        );
+        // A later function's definition does not count.
+        check(
+            "func @f {\n  %0 = neg %1 : f32[]\n  return\n}\nfunc @g {\n  %1 = input {name = \"x\"} : f32[]\n  return\n}",
+            2,
+            12,
+            "use of undefined value %1",
+        );
+        // A name used as an operand later does not count as a definition.
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[]\n  %1 = neg %2 : f32[]\n  %3 = add %0, %2 : f32[]\n  return\n}",
+            3,
+            12,
+            "use of undefined value %2",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[]\n  %1 = add %0, %1 : f32[]\n  return\n}",
+            3,
+            16,
+            "value %1 is used by the node that defines it",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[]\n  %0 = neg %0 : f32[]\n  return\n}",
+            3,
+            3,
+            "redefinition of value %0 (first defined at line 2)",
+        );
+        check(
+            "func @f {\n  %0, %0 = split %0 : f32[]\n  return\n}",
+            2,
+            7,
+            "value %0 is defined twice by the same node",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[4]\n  %1, %2 = split %0 {axis = 0, sizes = [2, 2]} : f32[2]\n  return\n}",
+            3,
+            3,
+            "2 result names but 1 result type is declared",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[], f32[]\n  return\n}",
+            2,
+            3,
+            "1 result name but 2 result types are declared",
+        );
+        check(
+            "func @f { return }\nfunc @g { return }\nfunc @f { return }",
+            3,
+            6,
+            "duplicate function @f (first defined at line 1)",
+        );
+        let e = err("func @f {\n  %2 = matmull %0, %1 : f32[64,256]\n  return\n}");
+        assert!(e.message.starts_with("unknown op `matmull`; known ops: "));
+        for name in Op::all_names() {
+            assert!(e.message.contains(name));
+        }
+        // Errors from `op_from_parts` are located at the op name.
+        check(
+            "func @f {\n  %0 = input {nam = \"x\"} : f32[]\n  return\n}",
+            2,
+            8,
+            "`input` needs attribute `name`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\", axis = 1} : f32[]\n  return\n}",
+            2,
+            8,
+            "`input` has no attribute `axis`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\", name = \"y\"} : f32[]\n  return\n}",
+            2,
+            27,
+            "duplicate attribute `name`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[1,1,1,1,1,1,1]\n  return\n}",
+            2,
+            29,
+            "rank 7 exceeds the maximum rank 6",
+        );
+    }
+
+    #[test]
+    fn lexical_errors() {
+        check(
+            "func @f {\n  %0 = input {name = \"x} : f32[]\n}",
+            2,
+            22,
+            "unterminated string literal",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"x\\q\"} : f32[]\n}",
+            2,
+            24,
+            "unknown escape `\\q`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"\\u{d800}\"} : f32[]\n}",
+            2,
+            23,
+            "is not a valid Unicode scalar value",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"\\u{110000}\"} : f32[]\n}",
+            2,
+            23,
+            "is not a valid Unicode scalar value",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"\\u41\"} : f32[]\n}",
+            2,
+            23,
+            "expected `{` after `\\u`",
+        );
+        check(
+            "func @f {\n  %0 = input {name = \"\\u{41\"} : f32[]\n}",
+            2,
+            23,
+            "unterminated `\\u{...}` escape",
+        );
+        check(
+            "func @f {\n  % = input",
+            2,
+            3,
+            "expected a value name after `%`",
+        );
+        check("func @ {", 1, 6, "expected a function name after `@`");
+        check(
+            "func @f {\n  %0 = constant {value = 12abc}",
+            2,
+            26,
+            "invalid number literal `12abc`",
+        );
+        check(
+            "func @f {\n  %0 = constant {value = 1.5.2}",
+            2,
+            26,
+            "invalid number literal `1.5.2`",
+        );
+        check(
+            "func @f {\n  %0 = constant {value = -x}",
+            2,
+            26,
+            "expected a number or `inf` after `-`",
+        );
+        check(
+            "func @f {\n  %0 = constant {value = 99999999999999999999} : i64[]",
+            2,
+            26,
+            "does not fit in 64 bits",
+        );
+        check(
+            "func @f {\n  %0 = constant {value = 1e999} : f64[]",
+            2,
+            26,
+            "out of range for f64",
+        );
+        check("func @f {\n  # comment", 2, 3, "unexpected character `#`");
+        check("func @f {\n  / comment", 2, 3, "unexpected character `/`");
+        check(
+            "func @f {\n  %0 = constant {value = [[1]]}",
+            2,
+            27,
+            "nested lists are not supported",
+        );
+        check(
+            "func @f {\n  %0 = constant {value = [\"a\"]}",
+            2,
+            27,
+            "lists of strings are not supported",
+        );
+        check(
+            "func @f {\n  %0 = constant {value = [true, 1]}",
+            2,
+            33,
+            "a list cannot mix booleans and numbers",
+        );
+        check(
+            "func @f {\n  %0 = constant {value = [1 2]}",
+            2,
+            29,
+            "expected `,` or `]` in the list, found `2`",
+        );
+        check(
+            "func @f {\n  %0 = constant {value = maybe}",
+            2,
+            26,
+            "expected an attribute value, found `maybe`",
+        );
+        // A lexical error after a syntax error is not reached.
+        check(
+            "func @f {\n  %0 input #",
+            2,
+            6,
+            "expected `=` after the result names",
+        );
+    }
+
+    #[test]
+    fn parse_function_wants_exactly_one() {
+        assert!(parse_function("func @f { return }").is_ok());
+        let e = parse_function("func @f { return }\nfunc @g { return }").unwrap_err();
+        assert!(e
+            .message
+            .contains("expected end of input after function @f, found `func`"));
+        let e = parse_function("").unwrap_err();
+        assert_eq!(
+            e.message,
+            "unexpected end of input: expected `func` to start a function"
+        );
+        assert_eq!((e.line, e.column), (1, 1));
+    }
+
+    #[test]
+    fn dropout_seeds_round_trip() {
+        for seed in [0, 1, u64::MAX, 1 << 63, 12345] {
+            let mut f = Function::new("f");
+            let ty = TensorType::new(DType::F32, vec![3]);
+            let x = f.push_node(
+                Op::Input {
+                    name: "x".into(),
+                    ty: ty.clone(),
+                },
+                vec![],
+                vec![ty.clone()],
+            );
+            let xv = f.result(x);
+            f.push_node(Op::Dropout { rate: 0.25, seed }, vec![xv], vec![ty]);
+            assert_eq!(parse_one(&f.to_string()), f);
+        }
+    }
 }

@@ -8,7 +8,7 @@
 use std::fmt;
 
 use crate::op::{BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, UnaryOp};
-use crate::types::TensorType;
+use crate::types::{DType, TensorType};
 
 /// An attribute value.
 #[derive(Clone, Debug, PartialEq)]
@@ -321,6 +321,10 @@ pub fn op_from_parts(
                     Attr::Int(i) if ty.dtype.is_float() => Literal::Float(vec![i as f64]),
                     Attr::Ints(v) if ty.dtype.is_float() => {
                         Literal::Float(v.into_iter().map(|i| i as f64).collect())
+                    }
+                    // `[]` reads as an empty int list: give an empty bool constant its kind back.
+                    Attr::Ints(v) if v.is_empty() && ty.dtype == DType::Bool => {
+                        Literal::Bool(vec![])
                     }
                     Attr::Int(i) => Literal::Int(vec![i]),
                     Attr::Ints(v) => Literal::Int(v),

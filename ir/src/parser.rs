@@ -1300,6 +1300,7 @@ mod tests {
         // An empty list is an empty int list.
         assert_eq!(constant("[]", "i32[0]"), Literal::Int(vec![]));
         assert_eq!(constant("[ ]", "f32[0]"), Literal::Float(vec![]));
+        assert_eq!(constant("[]", "bool[0,2]"), Literal::Bool(vec![]));
 
         // Strings, via `input`; lists of uints, bools and floats via real ops.
         let f = parse_one(

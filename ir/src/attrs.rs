@@ -8,7 +8,7 @@
 use std::fmt;
 
 use crate::op::{BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, UnaryOp};
-use crate::types::TensorType;
+use crate::types::{DType, TensorType};
 
 /// An attribute value.
 #[derive(Clone, Debug, PartialEq)]
@@ -362,6 +362,10 @@ pub fn op_from_parts(
                     Attr::Ints(v) if ty.dtype.is_float() => {
                         Literal::Float(v.into_iter().map(|i| i as f64).collect())
                     }
+                    // `[]` reads as an empty int list: give an empty bool constant its kind back.
+                    Attr::Ints(v) if v.is_empty() && ty.dtype == DType::Bool => {
+                        Literal::Bool(vec![])
+                    }
                     Attr::Int(i) => Literal::Int(vec![i]),
                     Attr::Ints(v) => Literal::Int(v),
                     Attr::Bool(b) => Literal::Bool(vec![b]),
@@ -481,7 +485,8 @@ pub fn op_from_parts(
             },
             "dropout" => Op::Dropout {
                 rate: r.float("rate")?,
-                // Printed as the i64 with the same bits, so seeds >= 2^63 read back negative.
+                // `op_attrs` prints the u64 seed as an i64, so seeds >= 2^63 print negative:
+                // read any integer back with the same two's-complement reinterpretation.
                 seed: match r.required("seed")? {
                     Attr::Int(i) => i as u64,
                     other => {

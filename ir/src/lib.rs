@@ -15,6 +15,7 @@ pub mod function;
 pub mod infer;
 pub mod interp;
 pub mod op;
+pub mod parser;
 pub mod printer;
 pub mod types;
 pub mod verifier;
@@ -25,5 +26,6 @@ pub use interp::{run_function, run_function_named, InterpError, Precision, Tenso
 pub use op::{
     dropout_keep, ArgRole, Arity, BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, UnaryOp,
 };
+pub use parser::{parse_function, parse_module, ParseError};
 pub use types::{DType, Shape, TensorType, MAX_RANK};
 pub use verifier::{verify_function, verify_module, VerifyError};

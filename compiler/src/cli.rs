@@ -358,7 +358,10 @@ fn precision_of(d: DtypeArg) -> Precision {
 }
 
 /// Reads data inputs and parameters into one map; a name in both files is an error.
-fn read_args(inputs: &std::path::Path, params: Option<&std::path::Path>) -> Result<BTreeMap<String, Tensor>> {
+fn read_args(
+    inputs: &std::path::Path,
+    params: Option<&std::path::Path>,
+) -> Result<BTreeMap<String, Tensor>> {
     let mut args: BTreeMap<String, Tensor> = read_tensors(inputs)?;
     if let Some(p) = params {
         for (name, t) in read_tensors(p)? {

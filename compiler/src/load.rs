@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use cleave_ir::parser::{located_error, parse_module_with_source_map};
 use cleave_ir::Module;
 
 /// The model formats `cleave` reads, chosen by file extension.
@@ -41,19 +42,24 @@ pub fn load_module(path: &Path) -> Result<Module> {
 
 /// Parses and verifies IR text; `origin` names the text in errors (a path, or `<stdin>`).
 pub fn parse_and_verify(text: &str, origin: &str) -> Result<Module> {
-    let module = cleave_ir::parser::parse_module(text)
-        .map_err(|e| anyhow::anyhow!("{}", e.render(origin)))?;
+    let (module, map) =
+        parse_module_with_source_map(text).map_err(|e| anyhow::anyhow!("{}", e.render(origin)))?;
     if let Err(errors) = cleave_ir::verify_module(&module) {
-        let mut msg = format!(
-            "{origin}: the module does not verify ({} error{}):",
-            errors.len(),
-            if errors.len() == 1 { "" } else { "s" }
-        );
+        let mut msg = String::new();
         for e in &errors {
-            msg.push_str("\n  ");
-            msg.push_str(&e.to_string());
+            let index = module.functions.iter().position(|f| f.name == e.function);
+            let span = index.and_then(|i| match e.node {
+                Some(node) => map.span(i, node),
+                None => map.names.get(i).copied(),
+            });
+            let message = e.to_string();
+            match span {
+                Some(span) => msg.push_str(&located_error(text, span, message).render(origin)),
+                None => msg.push_str(&format!("{origin}: error: {message}")),
+            }
+            msg.push('\n');
         }
-        bail!(msg);
+        bail!(msg.trim_end().to_string());
     }
     Ok(module)
 }

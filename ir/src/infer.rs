@@ -424,7 +424,7 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<Vec<TensorType>, TypeE
             window,
             stride,
             padding,
-            ..
+            count_include_pad,
         } => {
             let x = operands[0];
             need_float(x)?;
@@ -433,6 +433,11 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<Vec<TensorType>, TypeE
             }
             if window.contains(&0) {
                 return Err(fail("window extents must be >= 1".into()));
+            }
+            if *kind == PoolKind::Max && *count_include_pad {
+                return Err(fail(
+                    "count_include_pad applies to average pooling only".into(),
+                ));
             }
             // Every side: a bottom/right padding as large as the window would leave windows
             // that cover padding only, whose maximum would be the padding.

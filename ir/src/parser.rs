@@ -25,9 +25,10 @@ use std::collections::HashMap;
 use std::fmt;
 
 use crate::attrs::{op_from_parts, Attr};
-use crate::function::{Function, Module, Output, Phase, Value};
+use crate::function::{Function, Module, Node, Output, Phase, Value};
 use crate::op::Op;
 use crate::types::{DType, TensorType, MAX_RANK};
+use cranelift_entity::SecondaryMap;
 
 /// A syntax error, located at a token of the source text.
 ///
@@ -97,8 +98,36 @@ impl fmt::Display for ParseError {
 
 /// Parses a module: zero or more functions.
 pub fn parse_module(src: &str) -> Result<Module, ParseError> {
+    parse_module_with_source_map(src).map(|(m, _)| m)
+}
+
+/// Where each node of a parsed module came from: the byte span of its op name, per function (in
+/// module order). Later diagnostics (the verifier's) use it to point at the source text.
+#[derive(Clone, Debug, Default)]
+pub struct SourceMap {
+    /// Per function, the op-name span of each node.
+    pub functions: Vec<SecondaryMap<Node, Option<(usize, usize)>>>,
+    /// Per function, the span of its `@name`.
+    pub names: Vec<(usize, usize)>,
+}
+
+impl SourceMap {
+    /// The op-name span of a node of function `func_index`.
+    pub fn span(&self, func_index: usize, node: Node) -> Option<(usize, usize)> {
+        self.functions.get(func_index).and_then(|m| m[node])
+    }
+}
+
+/// Makes an error located at a byte span of `src` (for diagnostics found after parsing).
+pub fn located_error(src: &str, span: (usize, usize), message: String) -> ParseError {
+    Parser::new(src).error(span.0, span.1, message)
+}
+
+/// Parses a module and records where every node came from.
+pub fn parse_module_with_source_map(src: &str) -> Result<(Module, SourceMap), ParseError> {
     let mut p = Parser::new(src);
     let mut module = Module::new();
+    let mut map = SourceMap::default();
     let mut names: HashMap<String, usize> = HashMap::new();
     loop {
         let tok = p.peek()?;
@@ -118,12 +147,19 @@ pub fn parse_module(src: &str) -> Result<Module, ParseError> {
                     ));
                 }
                 names.insert(func.name.clone(), name_tok.start);
+                let mut spans = SecondaryMap::with_default(None);
+                for (&node, &span) in func.body.iter().zip(&p.node_spans) {
+                    spans[node] = Some(span);
+                }
+                p.node_spans.clear();
+                map.functions.push(spans);
+                map.names.push((name_tok.start, name_tok.end));
                 module.functions.push(func);
             }
             _ => return Err(p.expected(tok, "`func` to start a function")),
         }
     }
-    Ok(module)
+    Ok((module, map))
 }
 
 /// Parses a single function (the whole input must be exactly one `func`).
@@ -463,6 +499,8 @@ struct Parser<'s> {
     /// End of the last consumed token: where "unexpected end of input" errors point.
     last_end: usize,
     known_ops: Vec<&'static str>,
+    /// Op-name spans of the nodes of the function being parsed, in body order.
+    node_spans: Vec<(usize, usize)>,
 }
 
 /// One function's value names.
@@ -479,6 +517,7 @@ impl<'s> Parser<'s> {
             peeked: None,
             last_end: 0,
             known_ops: Op::all_names(),
+            node_spans: Vec::new(),
         }
     }
 
@@ -941,6 +980,7 @@ impl<'s> Parser<'s> {
 
         let op = op_from_parts(op_name, attrs, &types).map_err(|msg| self.error_at(op_tok, msg))?;
         let node = func.push_node(op, operands, types);
+        self.node_spans.push((op_tok.start, op_tok.end));
         let data = &mut func.nodes[node];
         data.phase = phase.unwrap_or_default();
         data.stage = stage;

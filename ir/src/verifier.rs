@@ -7,7 +7,8 @@
 //! # Invariants
 //!
 //! **Structure**
-//! 1. Function names are non-empty and unique within a module.
+//! 1. Function names are non-empty, use only `[A-Za-z0-9_.$-]` (so they print as `@name`), and
+//!    are unique within a module.
 //! 2. Every node in `body` exists in the arena and appears in `body` once.
 //! 3. Each result value of a node records that node as its definition, with its result index.
 //! 4. *SSA, definition before use*: every operand of a node in `body`, and every output, is a result
@@ -109,8 +110,20 @@ pub fn verify_function(func: &Function) -> Result<(), Vec<VerifyError>> {
             message,
         })
     };
-    if func.name.is_empty() {
-        err(None, String::new(), "function name is empty".into());
+    if func.name.is_empty()
+        || !func
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '$' | '-'))
+    {
+        err(
+            None,
+            String::new(),
+            format!(
+                "function name \"{}\" must be non-empty and use only letters, digits, `_`, `.`, `$` and `-`",
+                func.name
+            ),
+        );
     }
 
     // Structure: body entries, result bookkeeping, and position of each defining node.

@@ -422,13 +422,45 @@ impl Builder<'_, '_> {
                 let kh = self.c.range(1, 3);
                 let kw = self.c.range(1, 3);
                 let weight = self.arg(TensorType::new(dtype, vec![o, cin / groups, kh, kw]));
+                let (stride, padding, dilation) = (
+                    [self.c.range(1, 2), self.c.range(1, 2)],
+                    [0; 4].map(|_| self.c.range(0, 1)),
+                    [self.c.range(1, 2), self.c.range(1, 2)],
+                );
                 let op = Op::Conv2d {
-                    stride: [self.c.range(1, 2), self.c.range(1, 2)],
-                    padding: [0; 4].map(|_| self.c.range(0, 1)),
-                    dilation: [self.c.range(1, 2), self.c.range(1, 2)],
+                    stride,
+                    padding,
+                    dilation,
                     groups,
                 };
-                self.try_push(op, vec![input, weight]);
+                if let Some(out) = self.try_push(op, vec![input, weight]) {
+                    // The two gradient ops, fed the output in place of an incoming gradient.
+                    let x_shape = self.ty(input).shape;
+                    let w_shape = self.ty(weight).shape;
+                    let grad = if self.c.flag() {
+                        Op::Conv2dGradInput {
+                            stride,
+                            padding,
+                            dilation,
+                            groups,
+                            shape: x_shape,
+                        }
+                    } else {
+                        Op::Conv2dGradWeight {
+                            stride,
+                            padding,
+                            dilation,
+                            groups,
+                            shape: w_shape,
+                        }
+                    };
+                    let operands = if matches!(grad, Op::Conv2dGradInput { .. }) {
+                        vec![out[0], weight]
+                    } else {
+                        vec![input, out[0]]
+                    };
+                    self.try_push(grad, operands);
+                }
             }
             25 => {
                 let input = if r == 4 && tx.dtype.is_float() {
@@ -448,15 +480,40 @@ impl Builder<'_, '_> {
                 } else {
                     PoolKind::Avg
                 };
+                let (window, stride, padding) = (
+                    [self.c.range(1, 3), self.c.range(1, 3)],
+                    [self.c.range(1, 2), self.c.range(1, 2)],
+                    [0; 4].map(|_| self.c.range(0, 1)),
+                );
+                // Only `avg_pool2d` prints (and reads back) the flag.
+                let count_include_pad = kind == PoolKind::Avg && self.c.flag();
                 let op = Op::Pool2d {
                     kind,
-                    window: [self.c.range(1, 3), self.c.range(1, 3)],
-                    stride: [self.c.range(1, 2), self.c.range(1, 2)],
-                    padding: [0; 4].map(|_| self.c.range(0, 1)),
-                    // Only `avg_pool2d` prints (and reads back) the flag.
-                    count_include_pad: kind == PoolKind::Avg && self.c.flag(),
+                    window,
+                    stride,
+                    padding,
+                    count_include_pad,
                 };
-                self.try_push(op, vec![input]);
+                if let Some(out) = self.try_push(op, vec![input]) {
+                    if kind == PoolKind::Max {
+                        let grad = Op::MaxPool2dGrad {
+                            window,
+                            stride,
+                            padding,
+                        };
+                        self.try_push(grad, vec![input, out[0]]);
+                    } else {
+                        let shape = self.ty(input).shape;
+                        let grad = Op::AvgPool2dGrad {
+                            window,
+                            stride,
+                            padding,
+                            count_include_pad,
+                            shape,
+                        };
+                        self.try_push(grad, vec![out[0]]);
+                    }
+                }
             }
             26 => {
                 if r >= 1 {

@@ -104,9 +104,8 @@ pub fn linearize(func: Function) -> Result<Function, String> {
             .enumerate()
             .map(|(i, &v)| tan[v].filter(|_| is_differentiable_operand(&data.op, i)))
             .collect();
-        let outs = rule(&mut t, &data, &tangents).map_err(|e| {
-            format!("@{fname}: tangent of `{}`: {e}", data.op.name())
-        })?;
+        let outs = rule(&mut t, &data, &tangents)
+            .map_err(|e| format!("@{fname}: tangent of `{}`: {e}", data.op.name()))?;
         for (r, o) in data.results.iter().zip(outs) {
             if t.ty(*r).dtype.is_float() {
                 tan[*r] = o;
@@ -154,7 +153,12 @@ fn zeros_like(t: &mut Tracer, v: Value) -> Result<Value, TraceError> {
 }
 
 /// The tangent of operand `i`, or zeros of its type.
-fn tangent_or_zero(t: &mut Tracer, node: &NodeData, tans: &[Option<Value>], i: usize) -> Result<Value, TraceError> {
+fn tangent_or_zero(
+    t: &mut Tracer,
+    node: &NodeData,
+    tans: &[Option<Value>],
+    i: usize,
+) -> Result<Value, TraceError> {
     match tans[i] {
         Some(v) => Ok(v),
         None => zeros_like(t, node.operands[i]),
@@ -181,7 +185,11 @@ fn same_op(t: &mut Tracer, node: &NodeData, i: usize, tangent: Value) -> Result<
 }
 
 /// The tangents of a node's results, given its operands' tangents.
-fn rule(t: &mut Tracer, node: &NodeData, tans: &[Option<Value>]) -> Result<Vec<Option<Value>>, TraceError> {
+fn rule(
+    t: &mut Tracer,
+    node: &NodeData,
+    tans: &[Option<Value>],
+) -> Result<Vec<Option<Value>>, TraceError> {
     use crate::autodiff::rules as r;
     let one = |v: Result<Value, TraceError>| v.map(|v| vec![Some(v)]);
     let one_opt = |v: Result<Option<Value>, TraceError>| v.map(|v| vec![v]);
@@ -216,7 +224,10 @@ fn rule(t: &mut Tracer, node: &NodeData, tans: &[Option<Value>]) -> Result<Vec<O
         } => one(same_op(t, node, 0, tans[0].expect("tangent"))),
         Op::Split { .. } => {
             let d = tans[0].expect("tangent");
-            Ok(t.emit(node.op.clone(), &[d])?.into_iter().map(Some).collect())
+            Ok(t.emit(node.op.clone(), &[d])?
+                .into_iter()
+                .map(Some)
+                .collect())
         }
         Op::Concat { .. } => {
             let mut parts = Vec::new();
@@ -280,8 +291,20 @@ fn rule(t: &mut Tracer, node: &NodeData, tans: &[Option<Value>]) -> Result<Vec<O
             // Tile view [N,C,HO,KH,WO,KW]; the tangent at each window's maximum.
             let (ho, wo) = (shape[2] / window[0], shape[3] / window[1]);
             let tiled = vec![shape[0], shape[1], ho, window[0], wo, window[1]];
-            let xv = emit1(t, Op::Reshape { shape: tiled.clone() }, &[x])?;
-            let dv = emit1(t, Op::Reshape { shape: tiled.clone() }, &[tans[0].expect("tangent")])?;
+            let xv = emit1(
+                t,
+                Op::Reshape {
+                    shape: tiled.clone(),
+                },
+                &[x],
+            )?;
+            let dv = emit1(
+                t,
+                Op::Reshape {
+                    shape: tiled.clone(),
+                },
+                &[tans[0].expect("tangent")],
+            )?;
             let out = emit1(
                 t,
                 Op::Reduce {

@@ -24,7 +24,9 @@
 //!   `p' = p − lr·(m̂/(√v̂ + ε) + λ·p)` (decoupled weight decay), `t' = t + 1`.
 
 use cleave_ir::tracer::{TraceError, Tracer};
-use cleave_ir::{BinaryOp, DType, Function, Literal, Module, Op, Phase, TensorType, UnaryOp, Value};
+use cleave_ir::{
+    BinaryOp, DType, Function, Literal, Module, Op, Phase, TensorType, UnaryOp, Value,
+};
 
 use crate::autodiff::GRAD_PREFIX;
 use crate::pass::{Pass, PassContext, PassError, PassOptions};
@@ -203,7 +205,18 @@ impl Optimizer {
                     eps,
                     weight_decay,
                 } => self
-                    .adamw(&mut t, p, g, &name, &ty, step.expect("step input"), beta1, beta2, eps, weight_decay)
+                    .adamw(
+                        &mut t,
+                        p,
+                        g,
+                        &name,
+                        &ty,
+                        step.expect("step input"),
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay,
+                    )
                     .map_err(err)?,
             };
             t.output(&name, new_p).map_err(err)?;

@@ -874,9 +874,14 @@ impl ConvGeometry {
                         for ci in 0..cg {
                             let ch = g * cg + ci;
                             for ky in 0..kh {
-                                let Some(iy) =
-                                    tap(y, self.stride[0], self.padding[0], ky, self.dilation[0], h)
-                                else {
+                                let Some(iy) = tap(
+                                    y,
+                                    self.stride[0],
+                                    self.padding[0],
+                                    ky,
+                                    self.dilation[0],
+                                    h,
+                                ) else {
                                     continue;
                                 };
                                 for kx in 0..kw {

@@ -132,12 +132,13 @@ impl Pass for Autodiff {
                 continue;
             }
             let taken = std::mem::take(func);
-            let (new, warnings) = differentiate(taken, self.mode, &self.wrt).map_err(|message| {
-                PassError::Failed {
-                    pass: "autodiff",
-                    message,
-                }
-            })?;
+            let (new, warnings) =
+                differentiate(taken, self.mode, &self.wrt).map_err(|message| {
+                    PassError::Failed {
+                        pass: "autodiff",
+                        message,
+                    }
+                })?;
             *func = new;
             for w in warnings {
                 ctx.warn("autodiff", w);
@@ -232,7 +233,11 @@ pub fn differentiate(
             if arg.role == ArgRole::Param || wrt.iter().any(|w| w == arg.name) {
                 warnings.push(format!(
                     "@{fname}: {} \"{}\" has element type {} and gets no gradient",
-                    if arg.role == ArgRole::Param { "parameter" } else { "input" },
+                    if arg.role == ArgRole::Param {
+                        "parameter"
+                    } else {
+                        "input"
+                    },
                     arg.name,
                     arg.ty.dtype
                 ));
@@ -277,7 +282,8 @@ pub fn differentiate(
             .iter()
             .enumerate()
             .any(|(i, &v)| varied[v] && is_differentiable_operand(&data.op, i));
-        let is_data = matches!(data.op, Op::Input { .. }) || data.operands.iter().any(|&v| data_dep[v]);
+        let is_data =
+            matches!(data.op, Op::Input { .. }) || data.operands.iter().any(|&v| data_dep[v]);
         for &r in &data.results {
             if is_varied && is_float(&func, r) {
                 varied[r] = true;
@@ -374,12 +380,16 @@ pub fn differentiate(
         let g = match cot[*v] {
             Some(g) => g,
             None => {
-                let is_param = t.func().nodes[t.func().values[*v].def].op.arg_role()
-                    == Some(ArgRole::Param);
+                let is_param =
+                    t.func().nodes[t.func().values[*v].def].op.arg_role() == Some(ArgRole::Param);
                 warnings.push(format!(
                     "@{fname}: {} \"{name}\" does not reach {}; its gradient is zero",
                     if is_param { "parameter" } else { "input" },
-                    if mode == Mode::Loss { "the loss" } else { "any output" }
+                    if mode == Mode::Loss {
+                        "the loss"
+                    } else {
+                        "any output"
+                    }
                 ));
                 let ty = t.ty(*v).clone();
                 t.set_stage(t.func().nodes[t.func().values[*v].def].stage);
@@ -404,7 +414,10 @@ fn describe_outputs(func: &Function) -> String {
 }
 
 /// A zero of the given type (float), for rules that need one.
-pub(crate) fn zeros(t: &mut Tracer, ty: &TensorType) -> Result<Value, cleave_ir::tracer::TraceError> {
+pub(crate) fn zeros(
+    t: &mut Tracer,
+    ty: &TensorType,
+) -> Result<Value, cleave_ir::tracer::TraceError> {
     debug_assert!(ty.dtype != DType::Bool);
     t.constant(ty.clone(), Literal::Float(vec![0.0]))
 }

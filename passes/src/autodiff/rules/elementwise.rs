@@ -5,9 +5,7 @@ use std::f64::consts::PI;
 use cleave_ir::tracer::Tracer;
 use cleave_ir::{BinaryOp, CompareOp, NodeData, Op, UnaryOp, Value};
 
-use super::{
-    add, cmp, div, emit, mul, neg, scale, select as sel, splat, sub, un, RuleResult,
-};
+use super::{add, cmp, div, emit, mul, neg, scale, select as sel, splat, sub, un, RuleResult};
 
 /// `y = f(x)`; returns `dy · f'(x)`.
 pub(super) fn unary(t: &mut Tracer, u: UnaryOp, node: &NodeData, dy: Value) -> RuleResult {
@@ -138,7 +136,13 @@ pub(super) fn unary(t: &mut Tracer, u: UnaryOp, node: &NodeData, dy: Value) -> R
 }
 
 /// `y = a ∘ b`; returns the contribution to operand `i` (0 = a, 1 = b).
-pub(super) fn binary(t: &mut Tracer, b: BinaryOp, node: &NodeData, dy: Value, i: usize) -> RuleResult {
+pub(super) fn binary(
+    t: &mut Tracer,
+    b: BinaryOp,
+    node: &NodeData,
+    dy: Value,
+    i: usize,
+) -> RuleResult {
     let (a, c) = (node.operands[0], node.operands[1]);
     let y = node.results[0];
     match (b, i) {
@@ -161,7 +165,11 @@ pub(super) fn binary(t: &mut Tracer, b: BinaryOp, node: &NodeData, dy: Value, i:
         // PyTorch's `maximum`).
         (BinaryOp::Max | BinaryOp::Min, _) => {
             let (mine, other) = if i == 0 { (a, c) } else { (c, a) };
-            let wins = if b == BinaryOp::Max { CompareOp::Gt } else { CompareOp::Lt };
+            let wins = if b == BinaryOp::Max {
+                CompareOp::Gt
+            } else {
+                CompareOp::Lt
+            };
             let zero = splat(t, dy, 0.0)?;
             let half = scale(t, dy, 0.5)?;
             let tie = cmp(t, CompareOp::Eq, mine, other)?;

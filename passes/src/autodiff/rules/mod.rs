@@ -161,7 +161,12 @@ pub(crate) fn reduce_sum(t: &mut Tracer, x: Value, axes: Vec<usize>) -> RuleResu
 }
 
 /// Broadcasts `x` (the result of reducing `axis` away from `shape`) back to `shape`.
-pub(crate) fn broadcast_back(t: &mut Tracer, x: Value, shape: &[usize], axes: &[usize]) -> RuleResult {
+pub(crate) fn broadcast_back(
+    t: &mut Tracer,
+    x: Value,
+    shape: &[usize],
+    axes: &[usize],
+) -> RuleResult {
     let dims = (0..shape.len()).filter(|d| !axes.contains(d)).collect();
     emit(
         t,

@@ -103,7 +103,13 @@ pub(super) fn slice(
         let n = shape[d];
         let mut expanded = shape.clone();
         expanded.insert(d + 1, 1);
-        let r = emit(t, Op::Reshape { shape: expanded.clone() }, &[g])?;
+        let r = emit(
+            t,
+            Op::Reshape {
+                shape: expanded.clone(),
+            },
+            &[g],
+        )?;
         let mut high = vec![0; expanded.len()];
         high[d + 1] = stride[d] - 1;
         let p = emit(
@@ -117,7 +123,13 @@ pub(super) fn slice(
         )?;
         let mut flat = shape.clone();
         flat[d] = n * stride[d];
-        let f = emit(t, Op::Reshape { shape: flat.clone() }, &[p])?;
+        let f = emit(
+            t,
+            Op::Reshape {
+                shape: flat.clone(),
+            },
+            &[p],
+        )?;
         // Keep exactly limit - start positions along d.
         let mut lim = flat.clone();
         lim[d] = limit[d] - start[d];
@@ -147,7 +159,13 @@ pub(super) fn slice(
 }
 
 /// `y = concat(x0, x1, …, axis)`; `dx_i` is the slice of `dy` that came from `x_i`.
-pub(super) fn concat(t: &mut Tracer, node: &NodeData, axis: usize, dy: Value, i: usize) -> RuleResult {
+pub(super) fn concat(
+    t: &mut Tracer,
+    node: &NodeData,
+    axis: usize,
+    dy: Value,
+    i: usize,
+) -> RuleResult {
     let offset: usize = node.operands[..i]
         .iter()
         .map(|&v| t.ty(v).shape[axis])
@@ -170,7 +188,12 @@ pub(super) fn concat(t: &mut Tracer, node: &NodeData, axis: usize, dy: Value, i:
 
 /// `(y0, y1, …) = split(x, axis)`; `dx = concat(dy0, dy1, …)`, zeros for pieces without a
 /// cotangent.
-pub(super) fn split(t: &mut Tracer, node: &NodeData, axis: usize, cots: &[Option<Value>]) -> RuleResult {
+pub(super) fn split(
+    t: &mut Tracer,
+    node: &NodeData,
+    axis: usize,
+    cots: &[Option<Value>],
+) -> RuleResult {
     let mut parts = Vec::with_capacity(cots.len());
     for (k, c) in cots.iter().enumerate() {
         parts.push(match c {

@@ -15,6 +15,7 @@ pub mod function;
 pub mod infer;
 pub mod op;
 pub mod printer;
+pub mod tracer;
 pub mod types;
 
 pub use function::{Arg, Function, Module, Node, NodeData, Output, Phase, Value, ValueData};

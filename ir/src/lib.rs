@@ -13,6 +13,7 @@
 pub mod attrs;
 pub mod function;
 pub mod infer;
+pub mod models;
 pub mod op;
 pub mod printer;
 pub mod tracer;

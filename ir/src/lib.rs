@@ -8,9 +8,11 @@
 //! - [`verifier`]: the invariants every pass must preserve.
 //! - [`interp`]: the reference interpreter, the oracle for every pass and backend.
 //! - [`tracer`] and [`models`]: a Rust builder API with shape inference, and model builders on it.
+//! - [`cost`]: FLOP and byte accounting.
 #![warn(missing_docs)]
 
 pub mod attrs;
+pub mod cost;
 pub mod function;
 pub mod infer;
 pub mod models;

@@ -433,11 +433,27 @@ fn cmd_run(a: RunArgs) -> Result<()> {
 fn summarize(t: &Tensor) -> String {
     let ty = t.ty();
     let n = ty.num_elements();
-    let shown = t.display_elements(8);
+    let shown = show_elements(t, 8);
     if n <= 8 {
         format!("{ty} = {shown}")
     } else {
         format!("{ty} = {shown} ({n} elements)")
+    }
+}
+
+/// The first `limit` elements of a tensor as `[a, b, …]`.
+fn show_elements(t: &Tensor, limit: usize) -> String {
+    use cleave_ir::TensorData;
+    let items: Vec<String> = match &t.data {
+        TensorData::Float(v) => v.iter().take(limit).map(|x| format!("{x}")).collect(),
+        TensorData::Int(v) => v.iter().take(limit).map(|x| x.to_string()).collect(),
+        TensorData::Bool(v) => v.iter().take(limit).map(|x| x.to_string()).collect(),
+    };
+    let more = if t.data.len() > limit { ", …" } else { "" };
+    if t.shape.is_empty() {
+        items.join("")
+    } else {
+        format!("[{}{more}]", items.join(", "))
     }
 }
 
@@ -449,8 +465,8 @@ fn build_model(a: &NewModelArgs) -> Result<Function> {
         NormArg::Rmsnorm => models::Norm::RmsNorm,
     };
     let act = match a.act.unwrap_or(ActArg::Gelu) {
-        ActArg::Gelu => models::MlpActivation::Gelu,
-        ActArg::Silu => models::MlpActivation::Silu,
+        ActArg::Gelu => models::MlpAct::Gelu,
+        ActArg::Silu => models::MlpAct::Silu,
     };
     let func = match a.kind {
         ModelKind::Mlp => {
@@ -518,7 +534,7 @@ fn build_model(a: &NewModelArgs) -> Result<Function> {
                 c.in_channels = v;
             }
             if let Some(v) = a.image {
-                c.image = v;
+                c.image_hw = [v, v];
             }
             if let Some(v) = a.classes {
                 c.classes = v;

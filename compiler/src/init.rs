@@ -101,7 +101,7 @@ pub fn init_params(func: &Function, seed: u64) -> BTreeMap<String, Tensor> {
         };
         out.insert(
             arg.name.to_string(),
-            Tensor::from_f64_values(arg.ty.clone(), values),
+            Tensor::from_float(arg.ty.dtype, arg.ty.shape.clone(), values),
         );
     }
     out

@@ -48,7 +48,7 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
                 view.dtype()
             );
         };
-        let tensor = Tensor::from_le_bytes(dtype, view.shape().to_vec(), view.data())
+        let tensor = Tensor::from_le_bytes(dtype, view.shape(), view.data())
             .map_err(|e| anyhow::anyhow!("{}: tensor \"{name}\": {e}", path.display()))?;
         out.insert(name, tensor);
     }

@@ -8,15 +8,19 @@
 //! - [`verifier`]: the invariants every pass must preserve.
 //! - [`interp`]: the reference interpreter, the oracle for every pass and backend.
 //! - [`tracer`] and [`models`]: a Rust builder API with shape inference, and model builders on it.
+//! - [`cost`]: FLOP and byte accounting.
 #![warn(missing_docs)]
 
 pub mod attrs;
+pub mod cost;
 pub mod function;
 pub mod infer;
 pub mod interp;
+pub mod models;
 pub mod op;
 pub mod parser;
 pub mod printer;
+pub mod tracer;
 pub mod types;
 pub mod verifier;
 

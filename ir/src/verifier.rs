@@ -164,7 +164,6 @@ pub fn verify_function(func: &Function) -> Result<(), Vec<VerifyError>> {
         }
     }
     if !structure_ok {
-        drop(err);
         return Err(errors);
     }
 

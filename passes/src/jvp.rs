@@ -80,7 +80,11 @@ pub fn linearize(func: Function) -> Result<Function, String> {
     for (v, name) in &args {
         let ty = t.ty(*v).clone();
         let d = t
-            .input(&format!("{TANGENT_PREFIX}{name}"), ty.dtype, &ty.shape)
+            .input(
+                &format!("{TANGENT_PREFIX}{name}"),
+                ty.dtype,
+                ty.shape.clone(),
+            )
             .map_err(err)?;
         tan[*v] = Some(d);
     }
@@ -120,7 +124,7 @@ pub fn linearize(func: Function) -> Result<Function, String> {
             Some(v) => v,
             None => {
                 let ty = t.ty(o.value).clone();
-                t.emit(
+                t.push_op(
                     Op::Constant {
                         ty,
                         value: Literal::Float(vec![0.0]),
@@ -137,7 +141,7 @@ pub fn linearize(func: Function) -> Result<Function, String> {
 }
 
 fn emit1(t: &mut Tracer, op: Op, operands: &[Value]) -> Result<Value, TraceError> {
-    Ok(t.emit(op, operands)?[0])
+    Ok(t.push_op(op, operands)?[0])
 }
 
 fn zeros_like(t: &mut Tracer, v: Value) -> Result<Value, TraceError> {
@@ -224,7 +228,7 @@ fn rule(
         } => one(same_op(t, node, 0, tans[0].expect("tangent"))),
         Op::Split { .. } => {
             let d = tans[0].expect("tangent");
-            Ok(t.emit(node.op.clone(), &[d])?
+            Ok(t.push_op(node.op.clone(), &[d])?
                 .into_iter()
                 .map(Some)
                 .collect())
@@ -280,12 +284,13 @@ fn rule(
             let shape = t.ty(x).shape.clone();
             let tiles = stride == window
                 && padding.iter().all(|&p| p == 0)
-                && shape[2] % window[0] == 0
-                && shape[3] % window[1] == 0;
+                && shape[2].is_multiple_of(window[0])
+                && shape[3].is_multiple_of(window[1]);
             if !tiles {
                 return Err(t.error(
                     "max_pool2d",
-                    "forward-mode differentiation needs non-overlapping windows (stride = window, no padding)",
+                    &[x],
+                    "forward-mode differentiation needs non-overlapping windows (stride = window, no padding)".into(),
                 ));
             }
             // Tile view [N,C,HO,KH,WO,KW]; the tangent at each window's maximum.

@@ -118,7 +118,7 @@ impl Pass for Optimizer {
 }
 
 fn scalar(t: &mut Tracer, dtype: DType, x: f64) -> Result<Value, TraceError> {
-    Ok(t.emit(
+    Ok(t.push_op(
         Op::Constant {
             ty: TensorType::scalar(dtype),
             value: Literal::Float(vec![x]),
@@ -129,7 +129,7 @@ fn scalar(t: &mut Tracer, dtype: DType, x: f64) -> Result<Value, TraceError> {
 
 fn splat(t: &mut Tracer, like: Value, x: f64) -> Result<Value, TraceError> {
     let ty = t.ty(like).clone();
-    Ok(t.emit(
+    Ok(t.push_op(
         Op::Constant {
             ty,
             value: Literal::Float(vec![x]),
@@ -139,7 +139,7 @@ fn splat(t: &mut Tracer, like: Value, x: f64) -> Result<Value, TraceError> {
 }
 
 fn bin(t: &mut Tracer, b: BinaryOp, x: Value, y: Value) -> Result<Value, TraceError> {
-    Ok(t.emit(Op::Binary(b), &[x, y])?[0])
+    Ok(t.push_op(Op::Binary(b), &[x, y])?[0])
 }
 
 /// `x·c` for a constant c.
@@ -174,7 +174,7 @@ impl Optimizer {
         let step = match self.kind {
             OptimizerKind::AdamW { .. } => {
                 t.set_stage(None);
-                let s = t.input("opt.step", DType::F32, &[]).map_err(err)?;
+                let s = t.input("opt.step", DType::F32, []).map_err(err)?;
                 let one = scalar(&mut t, DType::F32, 1.0).map_err(err)?;
                 let next = bin(&mut t, BinaryOp::Add, s, one).map_err(err)?;
                 t.output("opt.step", next).map_err(err)?;
@@ -192,7 +192,7 @@ impl Optimizer {
                 }
                 OptimizerKind::Momentum { momentum } => {
                     let sname = format!("opt.momentum.{name}");
-                    let b = t.input(&sname, ty.dtype, &ty.shape).map_err(err)?;
+                    let b = t.input(&sname, ty.dtype, ty.shape.clone()).map_err(err)?;
                     let mb = scale(&mut t, b, momentum).map_err(err)?;
                     let nb = bin(&mut t, BinaryOp::Add, mb, g).map_err(err)?;
                     t.output(&sname, nb).map_err(err)?;
@@ -244,8 +244,8 @@ impl Optimizer {
     ) -> Result<Value, TraceError> {
         let mname = format!("opt.m.{name}");
         let vname = format!("opt.v.{name}");
-        let m = t.input(&mname, ty.dtype, &ty.shape)?;
-        let v = t.input(&vname, ty.dtype, &ty.shape)?;
+        let m = t.input(&mname, ty.dtype, ty.shape.clone())?;
+        let v = t.input(&vname, ty.dtype, ty.shape.clone())?;
         // m' = β₁m + (1−β₁)g
         let a = scale(t, m, beta1)?;
         let b = scale(t, g, 1.0 - beta1)?;
@@ -267,9 +267,9 @@ impl Optimizer {
             let c = if ty.dtype == step_ty.dtype {
                 c
             } else {
-                t.emit(Op::Cast { to: ty.dtype }, &[c])?[0]
+                t.push_op(Op::Cast { to: ty.dtype }, &[c])?[0]
             };
-            Ok(t.emit(
+            Ok(t.push_op(
                 Op::Broadcast {
                     shape: ty.shape.clone(),
                     dims: vec![],
@@ -281,7 +281,7 @@ impl Optimizer {
         let c2 = bc(t, beta2)?;
         let mhat = bin(t, BinaryOp::Div, m2, c1)?;
         let vhat = bin(t, BinaryOp::Div, v2, c2)?;
-        let sq = t.emit(Op::Unary(UnaryOp::Sqrt), &[vhat])?[0];
+        let sq = t.push_op(Op::Unary(UnaryOp::Sqrt), &[vhat])?[0];
         let e = splat(t, sq, eps)?;
         let den = bin(t, BinaryOp::Add, sq, e)?;
         let upd = bin(t, BinaryOp::Div, mhat, den)?;

@@ -47,7 +47,7 @@
 pub(crate) mod rules;
 
 use cleave_ir::tracer::Tracer;
-use cleave_ir::{ArgRole, DType, Function, Literal, Module, Node, Op, Phase, TensorType, Value};
+use cleave_ir::{ArgRole, Function, Literal, Module, Node, Op, Phase, Value};
 use cranelift_entity::SecondaryMap;
 
 use crate::pass::{Pass, PassContext, PassError, PassOptions};
@@ -344,7 +344,7 @@ pub fn differentiate(
         let seed = match mode {
             Mode::Loss => t.constant(ty, Literal::Float(vec![1.0])).map_err(err)?,
             _ => t
-                .input(&format!("{GRAD_PREFIX}{name}"), ty.dtype, &ty.shape)
+                .input(&format!("{GRAD_PREFIX}{name}"), ty.dtype, ty.shape.clone())
                 .map_err(err)?,
         };
         cot[*v] = Some(seed);
@@ -411,13 +411,4 @@ fn describe_outputs(func: &Function) -> String {
         .map(|o| format!("\"{}\": {}", o.name, func.ty(o.value)))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// A zero of the given type (float), for rules that need one.
-pub(crate) fn zeros(
-    t: &mut Tracer,
-    ty: &TensorType,
-) -> Result<Value, cleave_ir::tracer::TraceError> {
-    debug_assert!(ty.dtype != DType::Bool);
-    t.constant(ty.clone(), Literal::Float(vec![0.0]))
 }

@@ -78,14 +78,15 @@ pub fn vjp(t: &mut Tracer, node: &NodeData, cots: &[Option<Value>], i: usize) ->
 fn unsupported(t: &Tracer, op: &Op) -> TraceError {
     t.error(
         op.name(),
-        "second-order differentiation through gradient ops is not supported",
+        &[],
+        "second-order differentiation through gradient ops is not supported".into(),
     )
 }
 
 // Small expression helpers. Every one goes through the tracer, so shapes are checked.
 
 pub(crate) fn emit(t: &mut Tracer, op: Op, operands: &[Value]) -> RuleResult {
-    Ok(t.emit(op, operands)?[0])
+    Ok(t.push_op(op, operands)?[0])
 }
 
 pub(crate) fn un(t: &mut Tracer, u: UnaryOp, x: Value) -> RuleResult {

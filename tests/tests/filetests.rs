@@ -10,6 +10,11 @@
 //!   line of the case must appear in the rendered message, and the message must be located
 //!   (`file:line:col: error:`). The snapshot is the rendered message.
 //! - `inspect`: each case verifies; the snapshot is `cleave inspect`'s table.
+//! - `pass <pipeline>` (e.g. `// test pass autodiff{mode=loss}`): each case verifies, the pipeline
+//!   runs with verification after every pass, and the snapshot is the unified diff of the printed
+//!   module before and after (what the passes changed), followed by the pass warnings. A case
+//!   that must not be rewritten shows an empty diff. A case with `// error:` lines must make the
+//!   pipeline fail with those texts instead.
 //!
 //! Snapshots live in `tests/tests/snapshots/`. CI runs with `CI=true`, so insta never writes them;
 //! update them with `cargo insta review` or `INSTA_UPDATE=always cargo test -p cleave-tests`.
@@ -137,6 +142,10 @@ fn run_file(path: &Path) -> String {
                 let module = result.unwrap_or_else(|e| panic!("{rel}: {e:#}"));
                 cleave_compiler::inspect::render_table(&cleave_compiler::inspect::inspect(&module))
             }
+            pipeline if pipeline.starts_with("pass ") => {
+                let module = result.unwrap_or_else(|e| panic!("{rel}: {e:#}"));
+                run_pipeline_case(&rel, &case, module, &pipeline["pass ".len()..])
+            }
             other => panic!("{rel}: unknown test kind `{other}`"),
         };
         out.push_str(&format!("// ----- case at line {}\n", case.first_line));
@@ -144,6 +153,45 @@ fn run_file(path: &Path) -> String {
         if !section.ends_with('\n') {
             out.push('\n');
         }
+    }
+    out
+}
+
+/// Runs a pass pipeline over one case; returns the before/after diff and the warnings.
+fn run_pipeline_case(rel: &str, case: &Case, mut module: cleave_ir::Module, pipeline: &str) -> String {
+    let before = module.to_string();
+    let mut pm = cleave_passes::PassManager::from_pipeline(pipeline.trim())
+        .unwrap_or_else(|e| panic!("{rel}: {e}"));
+    pm.verify_each = true;
+    let mut ctx = cleave_passes::PassContext::default();
+    let result = pm.run(&mut module, &mut ctx, &mut |_| {});
+    let expected = expected_errors(case);
+    if !expected.is_empty() {
+        let err = match result {
+            Ok(()) => panic!("{rel} (case at line {}): expected the pipeline to fail", case.first_line),
+            Err(e) => e.to_string(),
+        };
+        for want in expected {
+            assert!(err.contains(&want), "{rel}: error does not mention `{want}`:\n{err}");
+        }
+        return format!("error: {err}\n");
+    }
+    result.unwrap_or_else(|e| panic!("{rel} (case at line {}): {e}", case.first_line));
+    let after = module.to_string();
+    let reparsed = cleave_compiler::load::parse_and_verify(&after, rel)
+        .unwrap_or_else(|e| panic!("{rel}: the pass output does not parse back: {e:#}"));
+    assert_eq!(after, reparsed.to_string(), "{rel}: pass output does not round-trip");
+    let diff = similar::TextDiff::from_lines(&before, &after);
+    let mut out = diff
+        .unified_diff()
+        .context_radius(2)
+        .header("before", "after")
+        .to_string();
+    if out.is_empty() {
+        out = "(unchanged)\n".to_string();
+    }
+    for w in &ctx.warnings {
+        out.push_str(&format!("warning: {w}\n"));
     }
     out
 }

@@ -383,7 +383,7 @@ pub fn differentiate(
                 let is_param =
                     t.func().nodes[t.func().values[*v].def].op.arg_role() == Some(ArgRole::Param);
                 warnings.push(format!(
-                    "@{fname}: {} \"{name}\" does not reach {}; its gradient is zero",
+                    "@{fname}: {} \"{name}\" has no differentiable path to {}; its gradient is zero",
                     if is_param { "parameter" } else { "input" },
                     if mode == Mode::Loss {
                         "the loss"

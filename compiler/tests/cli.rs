@@ -67,6 +67,16 @@ fn gpt_layer_forward_matmul_flops_match_the_paper() {
     let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     // Zero Bubble paper, Table 1: 24·s·b·h² + 4·b·s²·h with s=1024, b=1, h=4096.
     assert_eq!(json["flops"]["forward"]["matmul"], 429_496_729_600u64);
+    assert!(json["flops"].get("dgrad").is_none());
+
+    // After autodiff (stage mode: the layer has no loss), Table 1's B and W figures:
+    // B = 24·s·h² + 8·s²·h, W = 24·s·h².
+    let o = cleave(&["inspect", f, "--passes", "autodiff", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(json["flops"]["forward"]["matmul"], 429_496_729_600u64);
+    assert_eq!(json["flops"]["dgrad"]["matmul"], 446_676_598_784u64);
+    assert_eq!(json["flops"]["wgrad"]["matmul"], 412_316_860_416u64);
     assert!(json["parameters"]["count"].as_u64().unwrap() > 12 * 4096 * 4096);
     assert!(json["parameters"]["bytes"].as_u64().is_some());
     std::fs::remove_dir_all(dir).ok();
@@ -187,5 +197,77 @@ fn broken_file_gives_a_located_error_and_exit_code_1() {
     let o = cleave(&["inspect", dir.join("missing.cir").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("missing.cir"), "{}", stderr(&o));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn opt_runs_pipelines_and_rejects_unknown_passes() {
+    let mlp = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/mlp.cir");
+    let o = cleave(&["opt", mlp, "--passes", "autodiff,bogus"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("unknown pass `bogus`"), "{err}");
+    assert!(err.contains("autodiff") && err.contains("dce") && err.contains("optimizer"), "{err}");
+
+    let o = cleave(&["opt", mlp, "--passes", "autodiff{mode=sideways}"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("option `mode`"), "{}", stderr(&o));
+
+    let o = cleave(&[
+        "opt", mlp, "--passes", "autodiff,optimizer{kind=adamw,lr=0.001}", "--verify-each",
+        "--print-ir-after", "autodiff",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("phase(dgrad)") && out.contains("phase(wgrad)"), "{out}");
+    assert!(out.contains("phase(optimizer)") && out.contains("as \"opt.step\""), "{out}");
+    assert!(stderr(&o).contains("IR Dump After autodiff"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("IR Dump After optimizer"), "{}", stderr(&o));
+
+    let o = cleave(&["opt", "--list-passes"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("jvp"));
+}
+
+#[test]
+fn grad_writes_one_gradient_per_parameter() {
+    let dir = tmpdir("grad");
+    let model = dir.join("mlp.cir");
+    let params = dir.join("params.safetensors");
+    let o = cleave(&[
+        "new-model", "mlp", "--sizes", "3,4,2", "--batch", "2", "-o",
+        model.to_str().unwrap(), "--params-out", params.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut inputs = BTreeMap::new();
+    inputs.insert(
+        "x".to_string(),
+        Tensor::from_f32(vec![2, 3], vec![0.5, -1.0, 2.0, 0.25, 0.0, -0.75]),
+    );
+    inputs.insert(
+        "labels".to_string(),
+        Tensor::from_i64(cleave_ir::DType::I32, vec![2], vec![1, 0]),
+    );
+    let inputs_path = dir.join("inputs.safetensors");
+    write_tensors(&inputs_path, &inputs).unwrap();
+    let grads_path = dir.join("grads.safetensors");
+    let o = cleave(&[
+        "grad", model.to_str().unwrap(), "--inputs", inputs_path.to_str().unwrap(), "--params",
+        params.to_str().unwrap(), "--out", grads_path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let grads = read_tensors(&grads_path).unwrap();
+    let p = read_tensors(&params).unwrap();
+    assert_eq!(
+        grads.keys().collect::<Vec<_>>(),
+        p.keys().collect::<Vec<_>>(),
+        "one gradient per parameter, named as the parameter"
+    );
+    for (name, g) in &grads {
+        assert_eq!(g.shape, p[name].shape, "{name}");
+    }
+    // The output bias gradient of a mean cross-entropy sums to zero over classes.
+    let gb = grads["fc2.bias"].as_f64().unwrap();
+    assert!((gb[0] + gb[1]).abs() < 1e-6, "{gb:?}");
     std::fs::remove_dir_all(dir).ok();
 }

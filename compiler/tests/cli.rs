@@ -30,12 +30,15 @@ fn tmpdir(tag: &str) -> PathBuf {
 
 #[test]
 fn every_command_has_help() {
-    for cmd in [
-        &["--help"][..],
+    let commands: [&[&str]; 6] = [
+        &["--help"],
         &["inspect", "--help"],
         &["run", "--help"],
         &["new-model", "--help"],
-    ] {
+        &["opt", "--help"],
+        &["grad", "--help"],
+    ];
+    for cmd in commands {
         let o = cleave(cmd);
         assert!(o.status.success(), "{cmd:?}: {}", stderr(&o));
         assert!(stdout(&o).contains("Usage:"), "{cmd:?}: {}", stdout(&o));
@@ -207,22 +210,44 @@ fn opt_runs_pipelines_and_rejects_unknown_passes() {
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(err.contains("unknown pass `bogus`"), "{err}");
-    assert!(err.contains("autodiff") && err.contains("dce") && err.contains("optimizer"), "{err}");
+    assert!(
+        err.contains("autodiff") && err.contains("dce") && err.contains("optimizer"),
+        "{err}"
+    );
 
     let o = cleave(&["opt", mlp, "--passes", "autodiff{mode=sideways}"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("option `mode`"), "{}", stderr(&o));
 
     let o = cleave(&[
-        "opt", mlp, "--passes", "autodiff,optimizer{kind=adamw,lr=0.001}", "--verify-each",
-        "--print-ir-after", "autodiff",
+        "opt",
+        mlp,
+        "--passes",
+        "autodiff,optimizer{kind=adamw,lr=0.001}",
+        "--verify-each",
+        "--print-ir-after",
+        "autodiff",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("phase(dgrad)") && out.contains("phase(wgrad)"), "{out}");
-    assert!(out.contains("phase(optimizer)") && out.contains("as \"opt.step\""), "{out}");
-    assert!(stderr(&o).contains("IR Dump After autodiff"), "{}", stderr(&o));
-    assert!(!stderr(&o).contains("IR Dump After optimizer"), "{}", stderr(&o));
+    assert!(
+        out.contains("phase(dgrad)") && out.contains("phase(wgrad)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("phase(optimizer)") && out.contains("as \"opt.step\""),
+        "{out}"
+    );
+    assert!(
+        stderr(&o).contains("IR Dump After autodiff"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !stderr(&o).contains("IR Dump After optimizer"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = cleave(&["opt", "--list-passes"]);
     assert!(o.status.success());
@@ -235,8 +260,16 @@ fn grad_writes_one_gradient_per_parameter() {
     let model = dir.join("mlp.cir");
     let params = dir.join("params.safetensors");
     let o = cleave(&[
-        "new-model", "mlp", "--sizes", "3,4,2", "--batch", "2", "-o",
-        model.to_str().unwrap(), "--params-out", params.to_str().unwrap(),
+        "new-model",
+        "mlp",
+        "--sizes",
+        "3,4,2",
+        "--batch",
+        "2",
+        "-o",
+        model.to_str().unwrap(),
+        "--params-out",
+        params.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let mut inputs = BTreeMap::new();
@@ -252,8 +285,14 @@ fn grad_writes_one_gradient_per_parameter() {
     write_tensors(&inputs_path, &inputs).unwrap();
     let grads_path = dir.join("grads.safetensors");
     let o = cleave(&[
-        "grad", model.to_str().unwrap(), "--inputs", inputs_path.to_str().unwrap(), "--params",
-        params.to_str().unwrap(), "--out", grads_path.to_str().unwrap(),
+        "grad",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs_path.to_str().unwrap(),
+        "--params",
+        params.to_str().unwrap(),
+        "--out",
+        grads_path.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let grads = read_tensors(&grads_path).unwrap();

@@ -38,7 +38,8 @@
 //! # Accumulation order
 //!
 //! Nodes are visited in reverse body order; contributions to a value's cotangent are summed with
-//! `add` in that order. The order is a function of the input text only, so gradients are
+//! `add` in that order. A sum takes the lower stage of its two terms (a stage-annotated module's
+//! gradients flow from later stages to earlier ones). The order is a function of the input text only, so gradients are
 //! reproducible bit for bit.
 //!
 //! Entry: a verified module. Exit: a verified module; the differentiated function keeps its name,
@@ -369,7 +370,19 @@ pub fn differentiate(
             })?;
             let total = match cot[operand] {
                 None => contribution,
-                Some(prev) => t.add(prev, contribution).map_err(err)?,
+                Some(prev) => {
+                    // The sum lives in the lowest stage of its two terms: gradients flow from
+                    // later stages to earlier ones, never back.
+                    let stage_of = |t: &Tracer, v: Value| t.func().nodes[t.func().values[v].def].stage;
+                    let stage = match (stage_of(&t, prev), stage_of(&t, contribution)) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    t.set_stage(stage);
+                    let sum = t.add(prev, contribution).map_err(err)?;
+                    t.set_stage(data.stage);
+                    sum
+                }
             };
             cot[operand] = Some(total);
         }

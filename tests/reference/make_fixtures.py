@@ -25,6 +25,7 @@ The cleave binary can also be given by the environment variable `CLEAVE`.
 import argparse
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -212,6 +213,18 @@ def max_rel_err(got, want):
     return float(np.max(np.abs(got - want)) / scale) if scale > 0 else float(np.max(np.abs(got)))
 
 
+def canonicalize(path):
+    """Rewrites a safetensors header with sorted keys (the library writes the metadata in hash
+    order), so that regenerating unchanged fixtures gives byte-identical files."""
+    with open(path, "rb") as f:
+        data = f.read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"))
+    header = header.encode() + b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + data[8 + n :])
+
+
 def run(cmd):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -261,6 +274,7 @@ def make_fixture(model, cleave, tmp):
     }
     out = os.path.join(HERE, f"{model}.safetensors")
     save_file(tensors, out, metadata=metadata)
+    canonicalize(out)
 
     # Cross-check with `cleave grad` (f32 interpreter).
     pfile = os.path.join(tmp, f"{model}.params.safetensors")

@@ -13,7 +13,7 @@ use cleave_passes::autodiff::GRAD_PREFIX;
 use cleave_passes::{PassContext, PassManager};
 
 use crate::init::init_params;
-use crate::inspect::{inspect, render_table};
+use crate::inspect::{inspect, render_split_table, render_table, split_report};
 use crate::load::load_module;
 use crate::tensors::{read_tensors, write_tensors};
 
@@ -108,6 +108,10 @@ pub struct InspectArgs {
     /// Run this pass pipeline first (e.g. `autodiff`).
     #[arg(long)]
     pub passes: Option<String>,
+    /// Report per pipeline stage: F/B/W FLOPs and stash bytes (runs `autodiff` and `split-bw`
+    /// first when the module is not split yet).
+    #[arg(long)]
+    pub split: bool,
 }
 
 /// Interpreter precision.
@@ -271,7 +275,24 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         pm.verify_each = true;
         run_pipeline(&mut module, &pm)?;
     }
-    let report = inspect(&module);
+    if a.split && cleave_passes::split::split_stages(&module).is_empty() {
+        let differentiated = module
+            .functions
+            .iter()
+            .any(|f| f.outputs.iter().any(|o| o.name.starts_with(GRAD_PREFIX)));
+        let pipeline = if differentiated {
+            "split-bw"
+        } else {
+            "autodiff,split-bw"
+        };
+        let mut pm = PassManager::from_pipeline(pipeline)?;
+        pm.verify_each = true;
+        run_pipeline(&mut module, &pm)?;
+    }
+    let mut report = inspect(&module);
+    if a.split {
+        report.stages = Some(split_report(&module));
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -280,6 +301,9 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             println!();
         }
         print!("{}", render_table(&report));
+        if let Some(stages) = &report.stages {
+            print!("{}", render_split_table(stages));
+        }
     }
     Ok(())
 }

@@ -54,6 +54,116 @@ pub struct InspectReport {
     pub activation_bytes: u64,
     /// Per-function figures.
     pub functions: Vec<FunctionReport>,
+    /// Per pipeline stage of a split module (`inspect --split`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<StageReport>>,
+}
+
+/// FLOPs of the three functions of a stage.
+#[derive(Clone, Debug, Serialize)]
+#[allow(non_snake_case)]
+pub struct PartFlops {
+    /// Forward.
+    pub F: FlopSplit,
+    /// Input gradient.
+    pub B: FlopSplit,
+    /// Weight gradient.
+    pub W: FlopSplit,
+}
+
+/// Stash sets of a stage, in bytes.
+#[derive(Clone, Debug, Serialize)]
+#[allow(non_snake_case)]
+pub struct StashReport {
+    /// F values read by B only.
+    pub F_to_B: u64,
+    /// F values read by W.
+    pub F_to_W: u64,
+    /// B values read by W.
+    pub B_to_W: u64,
+}
+
+/// One pipeline stage of a split module.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageReport {
+    /// The split function's base name.
+    pub function: String,
+    /// Stage number.
+    pub stage: u32,
+    /// FLOPs of F, B and W.
+    pub flops: PartFlops,
+    /// Stash sets.
+    pub stash_bytes: StashReport,
+    /// Bytes held per microbatch after F (`F_to_B + F_to_W`).
+    pub m_b_bytes: u64,
+    /// Bytes held per microbatch between B and W (`F_to_W + B_to_W`).
+    pub m_w_bytes: u64,
+    /// FLOPs on the critical path through this stage (F + B, all classes).
+    pub critical_path_flops: u64,
+}
+
+fn flops_of(func: &cleave_ir::Function) -> FlopSplit {
+    let total = function_cost(func).total();
+    FlopSplit {
+        matmul: total.matmul,
+        other: total.other,
+    }
+}
+
+/// The per-stage report of a split module (empty if the module is not split).
+pub fn split_report(module: &Module) -> Vec<StageReport> {
+    cleave_passes::split::split_stages(module)
+        .iter()
+        .map(|st| {
+            let stash = cleave_passes::split::stash_report(st);
+            let (f, b, w) = (flops_of(st.f), flops_of(st.b), flops_of(st.w));
+            StageReport {
+                function: st.base.clone(),
+                stage: st.stage,
+                flops: PartFlops { F: f, B: b, W: w },
+                stash_bytes: StashReport {
+                    F_to_B: stash.f_to_b,
+                    F_to_W: stash.f_to_w,
+                    B_to_W: stash.b_to_w,
+                },
+                m_b_bytes: stash.m_b(),
+                m_w_bytes: stash.m_w(),
+                critical_path_flops: f.matmul + f.other + b.matmul + b.other,
+            }
+        })
+        .collect()
+}
+
+/// Renders the per-stage table of a split module.
+pub fn render_split_table(stages: &[StageReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:>5} {:>20} {:>20} {:>20} {:>14} {:>14} {:>14}",
+        "function",
+        "stage",
+        "F matmul FLOPs",
+        "B matmul FLOPs",
+        "W matmul FLOPs",
+        "F->B bytes",
+        "F->W bytes",
+        "B->W bytes"
+    );
+    for s in stages {
+        let _ = writeln!(
+            out,
+            "{:<16} {:>5} {:>20} {:>20} {:>20} {:>14} {:>14} {:>14}",
+            s.function,
+            s.stage,
+            group_digits(s.flops.F.matmul),
+            group_digits(s.flops.B.matmul),
+            group_digits(s.flops.W.matmul),
+            group_digits(s.stash_bytes.F_to_B),
+            group_digits(s.stash_bytes.F_to_W),
+            group_digits(s.stash_bytes.B_to_W),
+        );
+    }
+    out
 }
 
 /// Computes the report of a module.
@@ -104,6 +214,7 @@ pub fn inspect(module: &Module) -> InspectReport {
         flops: total_flops,
         activation_bytes,
         functions,
+        stages: None,
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`pipeline`]: textual pipelines `a,b{key=value},c`.
 //! - [`manager`]: the registry of every pass and the [`PassManager`] (verify-each, IR dumps).
 //! - [`simple`]: `verify` and `dce`.
+//! - [`split`]: `split-bw`, the per-stage F/B/W cut with explicit stash sets.
 //! - [`autodiff`]: reverse-mode differentiation with dgrad/wgrad tags at birth.
 //! - [`jvp`]: forward-mode differentiation.
 //! - [`optimizer`]: SGD, momentum and AdamW updates as IR.
@@ -16,6 +17,7 @@ pub mod optimizer;
 pub mod pass;
 pub mod pipeline;
 pub mod simple;
+pub mod split;
 
 pub use manager::{registry, valid_pass_names, PassManager, PrintOptions};
 pub use pass::{Pass, PassContext, PassError, PassOptions};

@@ -39,6 +39,11 @@ pub fn registry() -> Vec<PassInfo> {
             build: |o| Ok(Box::new(crate::jvp::Jvp::from_options(o)?)),
         },
         PassInfo {
+            name: "split-bw",
+            description: "cut a training step into per-stage F, B (dgrad) and W (wgrad) functions with named stash sets (option: accumulate)",
+            build: |o| Ok(Box::new(crate::split::SplitBw::from_options(o)?)),
+        },
+        PassInfo {
             name: "optimizer",
             description: "append the parameter update (options: kind=sgd|momentum|adamw, lr, momentum, beta1, beta2, eps, weight_decay, keep_grads)",
             build: |o| Ok(Box::new(crate::optimizer::Optimizer::from_options(o)?)),

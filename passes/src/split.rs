@@ -12,8 +12,9 @@
 //!
 //! - **F_s** = the forward nodes of stage `s`.
 //! - **B_s** = the backward nodes of stage `s` in the ancestor cone of the stage's *outgoing*
-//!   gradients: the gradients consumed by `dgrad` nodes of other (earlier) stages, and the
-//!   gradients of data inputs that the function returns (`grad.<input>`). This is the critical
+//!   gradients: the activation gradients (values born `dgrad`) read by backward nodes of other
+//!   (earlier) stages, and the gradients of data inputs that the function returns
+//!   (`grad.<input>`). This is the critical
 //!   path toward the previous stage: every node of B lies on a path to an outgoing gradient.
 //! - **W_s** = every other backward node of stage `s`: weight-gradient products, bias and
 //!   norm-scale reductions, embedding scatter-adds, and activation gradients that only feed them
@@ -89,12 +90,11 @@ impl Pass for SplitBw {
     fn run(&self, module: &mut Module, _ctx: &mut PassContext) -> Result<(), PassError> {
         let mut out = Vec::new();
         for func in &module.functions {
-            let parts = split_function(func, self.accumulate).map_err(|message| {
-                PassError::Failed {
+            let parts =
+                split_function(func, self.accumulate).map_err(|message| PassError::Failed {
                     pass: "split-bw",
                     message,
-                }
-            })?;
+                })?;
             out.extend(parts);
         }
         module.functions = out;
@@ -229,13 +229,15 @@ pub fn split_function(func: &Function, accumulate: bool) -> Result<Vec<Function>
     let mut outgoing: SecondaryMap<Value, bool> = SecondaryMap::with_default(false);
     for &node in &func.body {
         let data = &func.nodes[node];
-        if data.phase != Phase::Dgrad {
+        if !data.phase.is_backward() {
             continue;
         }
         let stage = data.stage.unwrap_or(0);
         for &v in &data.operands {
-            if let Some((s, Part::W)) = part_of[func.values[v].def] {
-                if s != stage {
+            let def = func.values[v].def;
+            if let Some((s, Part::W)) = part_of[def] {
+                // An activation gradient (born dgrad) leaving its stage, whoever reads it there.
+                if s != stage && func.nodes[def].phase == Phase::Dgrad {
                     outgoing[v] = true;
                 }
             }
@@ -265,8 +267,7 @@ pub fn split_function(func: &Function, accumulate: bool) -> Result<Vec<Function>
     // Seeds of stage mode (backward `input` nodes) are B-side inputs of their stage.
     let seed_stage = |node: Node| -> Option<u32> {
         let data = &func.nodes[node];
-        (data.op.arg_role().is_some() && data.phase.is_backward())
-            .then(|| data.stage.unwrap_or(0))
+        (data.op.arg_role().is_some() && data.phase.is_backward()).then(|| data.stage.unwrap_or(0))
     };
 
     let mut pieces: BTreeMap<(u32, Part), Piece> = BTreeMap::new();
@@ -301,7 +302,16 @@ pub fn split_function(func: &Function, accumulate: bool) -> Result<Vec<Function>
         let Some(key) = part_of[node] else { continue };
         let data = &func.nodes[node];
         for &v in &data.operands {
-            bind_operand(func, &mut pieces, key, v, &home, &name_for, &seed_stage, &mut needs_output);
+            bind_operand(
+                func,
+                &mut pieces,
+                key,
+                v,
+                &home,
+                &name_for,
+                &seed_stage,
+                &mut needs_output,
+            );
         }
         let piece = pieces.get_mut(&key).expect("piece");
         let operands: Vec<Value> = data
@@ -337,7 +347,16 @@ pub fn split_function(func: &Function, accumulate: bool) -> Result<Vec<Function>
                 }
             }
         };
-        bind_operand(func, &mut pieces, key, v, &home, &name_for, &seed_stage, &mut needs_output);
+        bind_operand(
+            func,
+            &mut pieces,
+            key,
+            v,
+            &home,
+            &name_for,
+            &seed_stage,
+            &mut needs_output,
+        );
         let piece = pieces.get_mut(&key).expect("piece");
         let is_param_grad = o.name.starts_with(GRAD_PREFIX)
             && func
@@ -356,11 +375,10 @@ pub fn split_function(func: &Function, accumulate: bool) -> Result<Vec<Function>
             piece.func.nodes[acc_node].phase = Phase::Wgrad;
             let acc = piece.func.result(acc_node);
             let g = piece.map[v].expect("bound");
-            let sum = piece.func.push_node(
-                Op::Binary(cleave_ir::BinaryOp::Add),
-                vec![acc, g],
-                vec![ty],
-            );
+            let sum =
+                piece
+                    .func
+                    .push_node(Op::Binary(cleave_ir::BinaryOp::Add), vec![acc, g], vec![ty]);
             piece.func.nodes[sum].phase = Phase::Wgrad;
             piece.func.nodes[sum].stage = func.nodes[func.values[v].def].stage;
             let value = piece.func.result(sum);
@@ -413,7 +431,10 @@ fn bind_operand(
                 let name = name_for(v, b, key);
                 needs_output.push((b, name.clone(), v));
                 let phase = Phase::Wgrad;
-                pieces.get_mut(&key).unwrap().bind_arg(v, &name, ty, false, phase);
+                pieces
+                    .get_mut(&key)
+                    .unwrap()
+                    .bind_arg(v, &name, ty, false, phase);
                 return;
             }
             let name = name_for(v, from, key);
@@ -423,7 +444,10 @@ fn bind_operand(
                 Part::B => Phase::Dgrad,
                 Part::W => Phase::Wgrad,
             };
-            pieces.get_mut(&key).unwrap().bind_arg(v, &name, ty, false, phase);
+            pieces
+                .get_mut(&key)
+                .unwrap()
+                .bind_arg(v, &name, ty, false, phase);
         }
         None => match &data.op {
             Op::Param { name, .. } => {
@@ -438,23 +462,35 @@ fn bind_operand(
                     // A stage-mode seed: an input of its stage's B; other pieces receive it from there.
                     let b = (s, Part::B);
                     if key == b {
-                        pieces.get_mut(&key).unwrap().bind_arg(v, name, ty, false, Phase::Dgrad);
+                        pieces
+                            .get_mut(&key)
+                            .unwrap()
+                            .bind_arg(v, name, ty, false, Phase::Dgrad);
                     } else {
                         bind_operand(func, pieces, b, v, home, name_for, seed_stage, needs_output);
                         let n = name_for(v, b, key);
                         needs_output.push((b, n.clone(), v));
-                        pieces.get_mut(&key).unwrap().bind_arg(v, &n, ty, false, Phase::Wgrad);
+                        pieces
+                            .get_mut(&key)
+                            .unwrap()
+                            .bind_arg(v, &n, ty, false, Phase::Wgrad);
                     }
                 } else if key.1 == Part::F {
-                    pieces.get_mut(&key).unwrap().bind_arg(v, name, ty, false, Phase::Forward);
+                    pieces
+                        .get_mut(&key)
+                        .unwrap()
+                        .bind_arg(v, name, ty, false, Phase::Forward);
                 } else {
                     // A data input read by the backward: part of the stash, returned by F.
                     let f = (key.0, Part::F);
                     bind_operand(func, pieces, f, v, home, name_for, seed_stage, needs_output);
-                    let n = format!("stash.{}", name_for(v, f, f).trim_start_matches("stash."));
+                    let n = name_for(v, f, f);
                     needs_output.push((f, n.clone(), v));
                     let phase = pieces[&key].func_phase(key.1);
-                    pieces.get_mut(&key).unwrap().bind_arg(v, &n, ty, false, phase);
+                    pieces
+                        .get_mut(&key)
+                        .unwrap()
+                        .bind_arg(v, &n, ty, false, phase);
                 }
             }
             Op::Constant { .. } | Op::Iota { .. } => {
@@ -484,4 +520,103 @@ impl Piece {
             Part::W => Phase::Wgrad,
         }
     }
+}
+
+/// The stash sets of one stage of a split module, in bytes (see the module docs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StashBytes {
+    /// F values read by B only.
+    pub f_to_b: u64,
+    /// F values read by W.
+    pub f_to_w: u64,
+    /// B values (or gradients B received) read by W.
+    pub b_to_w: u64,
+}
+
+impl StashBytes {
+    /// Bytes a microbatch holds after F: `F_to_B + F_to_W`.
+    pub fn m_b(&self) -> u64 {
+        self.f_to_b + self.f_to_w
+    }
+
+    /// Bytes a microbatch holds between B and W: `F_to_W + B_to_W`.
+    pub fn m_w(&self) -> u64 {
+        self.f_to_w + self.b_to_w
+    }
+}
+
+/// One stage of a split module.
+#[derive(Clone, Debug)]
+pub struct SplitStage<'m> {
+    /// The base name of the split function.
+    pub base: String,
+    /// The stage number.
+    pub stage: u32,
+    /// Its forward function.
+    pub f: &'m Function,
+    /// Its input-gradient function.
+    pub b: &'m Function,
+    /// Its weight-gradient function.
+    pub w: &'m Function,
+}
+
+/// Finds the `@<base>.s<k>.F/B/W` triples of a split module, in module order.
+pub fn split_stages(module: &Module) -> Vec<SplitStage<'_>> {
+    let mut out = Vec::new();
+    for f in &module.functions {
+        let Some(prefix) = f.name.strip_suffix(".F") else {
+            continue;
+        };
+        let Some((base, stage)) = prefix.rsplit_once(".s") else {
+            continue;
+        };
+        let Ok(stage) = stage.parse() else { continue };
+        let (Some(b), Some(w)) = (
+            module.function(&format!("{prefix}.B")),
+            module.function(&format!("{prefix}.W")),
+        ) else {
+            continue;
+        };
+        out.push(SplitStage {
+            base: base.to_string(),
+            stage,
+            f,
+            b,
+            w,
+        });
+    }
+    out
+}
+
+/// The stash sets of a stage, from the names of its functions' inputs and outputs.
+pub fn stash_report(stage: &SplitStage<'_>) -> StashBytes {
+    let inputs = |f: &Function| -> BTreeMap<String, u64> {
+        f.data_inputs()
+            .filter(|a| a.name.starts_with("stash."))
+            .map(|a| (a.name.to_string(), a.ty.size_bytes() as u64))
+            .collect()
+    };
+    let outputs = |f: &Function| -> BTreeSet<String> {
+        f.outputs
+            .iter()
+            .filter(|o| o.name.starts_with("stash."))
+            .map(|o| o.name.clone())
+            .collect()
+    };
+    let (b_in, w_in) = (inputs(stage.b), inputs(stage.w));
+    let (f_out, b_out) = (outputs(stage.f), outputs(stage.b));
+    let mut r = StashBytes::default();
+    for name in &f_out {
+        if let Some(&bytes) = w_in.get(name) {
+            r.f_to_w += bytes;
+        } else if let Some(&bytes) = b_in.get(name) {
+            r.f_to_b += bytes;
+        }
+    }
+    for name in &b_out {
+        if let Some(&bytes) = w_in.get(name) {
+            r.b_to_w += bytes;
+        }
+    }
+    r
 }

@@ -373,7 +373,8 @@ pub fn differentiate(
                 Some(prev) => {
                     // The sum lives in the lowest stage of its two terms: gradients flow from
                     // later stages to earlier ones, never back.
-                    let stage_of = |t: &Tracer, v: Value| t.func().nodes[t.func().values[v].def].stage;
+                    let stage_of =
+                        |t: &Tracer, v: Value| t.func().nodes[t.func().values[v].def].stage;
                     let stage = match (stage_of(&t, prev), stage_of(&t, contribution)) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),

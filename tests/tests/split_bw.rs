@@ -1,0 +1,217 @@
+//! `split-bw`: running F, then B, then W per stage gives exactly the unsplit gradients, B and W
+//! partition the backward, and the interfaces connect.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use cleave_compiler::init::init_params;
+use cleave_compiler::load::load_module;
+use cleave_ir::{run_function_named, Function, Module, Phase, Precision, Tensor, TensorData};
+use cleave_passes::split::{split_stages, stash_report};
+use cleave_passes::{PassContext, PassManager};
+
+fn run_passes(module: &mut Module, pipeline: &str) {
+    let mut pm = PassManager::from_pipeline(pipeline).unwrap();
+    pm.verify_each = true;
+    pm.run(module, &mut PassContext::default(), &mut |_| {})
+        .unwrap_or_else(|e| panic!("{pipeline}: {e}"));
+}
+
+/// Deterministic inputs for every data input of a forward function.
+fn inputs_for(func: &Function, seed: u64) -> BTreeMap<String, Tensor> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as f64 / (1u64 << 31) as f64
+    };
+    let mut out = BTreeMap::new();
+    for a in func.data_inputs() {
+        let n = a.ty.num_elements();
+        let t = if a.ty.dtype.is_float() {
+            Tensor::from_float(
+                a.ty.dtype,
+                a.ty.shape.clone(),
+                (0..n).map(|_| next() * 2.0 - 1.0).collect(),
+            )
+        } else {
+            // Labels and tokens: small non-negative integers, valid for every bundled model.
+            Tensor::from_i64(
+                a.ty.dtype,
+                a.ty.shape.clone(),
+                (0..n).map(|_| (next() * 4.0) as i64).collect(),
+            )
+        };
+        out.insert(a.name.to_string(), t);
+    }
+    out
+}
+
+/// Assigns contiguous runs of forward nodes (in body order) to `stages` stages.
+fn annotate_stages(func: &mut Function, stages: u32) {
+    let compute: Vec<_> = func
+        .body
+        .iter()
+        .copied()
+        .filter(|&n| {
+            let op = &func.nodes[n].op;
+            op.arg_role().is_none()
+                && !matches!(
+                    op,
+                    cleave_ir::Op::Constant { .. } | cleave_ir::Op::Iota { .. }
+                )
+        })
+        .collect();
+    let per = compute.len().div_ceil(stages as usize);
+    for (i, n) in compute.into_iter().enumerate() {
+        func.nodes[n].stage = Some((i / per) as u32);
+    }
+}
+
+/// Runs a split module: every F in stage order, every B in reverse, every W in reverse; values
+/// cross functions by name.
+fn run_split(module: &Module, args: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    let stages = split_stages(module);
+    let mut bus: BTreeMap<String, Tensor> = args.clone();
+    let mut results = BTreeMap::new();
+    let mut order: Vec<&Function> = stages.iter().map(|s| s.f).collect();
+    order.extend(stages.iter().rev().map(|s| s.b));
+    order.extend(stages.iter().rev().map(|s| s.w));
+    for f in order {
+        let mut call = BTreeMap::new();
+        for a in f.args() {
+            let t = bus
+                .get(a.name)
+                .or_else(|| results.get(a.name))
+                .unwrap_or_else(|| panic!("@{}: nothing provides \"{}\"", f.name, a.name));
+            call.insert(a.name.to_string(), t.clone());
+        }
+        let outs = run_function_named(f, &call, Precision::F32).unwrap();
+        for (o, t) in f.outputs.iter().zip(outs) {
+            if o.name.starts_with("grad.") || o.name == "loss" || o.name == "logits" {
+                results.insert(o.name.clone(), t.clone());
+            }
+            bus.insert(o.name.clone(), t);
+        }
+    }
+    results
+}
+
+fn bits(t: &Tensor) -> Vec<u64> {
+    match &t.data {
+        TensorData::Float(v) => v.iter().map(|x| x.to_bits()).collect(),
+        TensorData::Int(v) => v.iter().map(|&x| x as u64).collect(),
+        TensorData::Bool(v) => v.iter().map(|&x| x as u64).collect(),
+    }
+}
+
+fn check_model(path: &str, stages: u32) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut forward = load_module(&root.join(path)).unwrap();
+    annotate_stages(&mut forward.functions[0], stages);
+    let mut args = init_params(&forward.functions[0], 3);
+    args.extend(inputs_for(&forward.functions[0], 11));
+
+    let mut unsplit = forward.clone();
+    run_passes(&mut unsplit, "autodiff");
+    let joint = &unsplit.functions[0];
+    let want: BTreeMap<String, Tensor> = joint
+        .outputs
+        .iter()
+        .map(|o| o.name.clone())
+        .zip(run_function_named(joint, &args, Precision::F32).unwrap())
+        .collect();
+
+    let mut split = unsplit.clone();
+    run_passes(&mut split, "split-bw{accumulate=false}");
+    let st = split_stages(&split);
+    assert_eq!(st.len(), stages as usize, "{path}");
+    let have = run_split(&split, &args);
+    for (name, t) in &want {
+        let h = have
+            .get(name)
+            .unwrap_or_else(|| panic!("{path}: split run lacks {name}"));
+        assert_eq!(
+            bits(h),
+            bits(t),
+            "{path}: {name} differs from the unsplit run"
+        );
+    }
+
+    // Every backward node of the joint function is in exactly one B or W, and B ∪ W holds no
+    // other compute (constants aside).
+    let count = |f: &Function, pred: &dyn Fn(&cleave_ir::NodeData) -> bool| {
+        f.body.iter().filter(|&&n| pred(&f.nodes[n])).count()
+    };
+    let is_compute = |d: &cleave_ir::NodeData| {
+        d.op.arg_role().is_none()
+            && !matches!(
+                d.op,
+                cleave_ir::Op::Constant { .. } | cleave_ir::Op::Iota { .. }
+            )
+    };
+    let backward = count(joint, &|d| d.phase.is_backward() && is_compute(d));
+    let forward_n = count(joint, &|d| d.phase == Phase::Forward && is_compute(d));
+    let mut in_b = 0;
+    let mut in_w = 0;
+    let mut in_f = 0;
+    for s in &st {
+        in_f += count(s.f, &is_compute);
+        in_b += count(s.b, &is_compute);
+        in_w += count(s.w, &is_compute);
+        // No node of B has only W consumers: every B value reaches a B output that is not
+        // stash-only, or another B node.
+        let uses = s.b.use_counts();
+        for &n in &s.b.body {
+            let d = &s.b.nodes[n];
+            if !is_compute(d) {
+                continue;
+            }
+            let feeds_b = d.results.iter().any(|&r| {
+                s.b.outputs
+                    .iter()
+                    .any(|o| o.value == r && !o.name.starts_with("stash."))
+                    || s.b.body.iter().any(|&m| s.b.nodes[m].operands.contains(&r))
+            });
+            assert!(
+                feeds_b || uses[d.results[0]] == 0,
+                "{path}: a node of @{} only feeds W",
+                s.b.name
+            );
+        }
+        let stash = stash_report(s);
+        assert!(stash.m_w() <= stash.m_b() + stash.b_to_w);
+    }
+    assert_eq!(in_f, forward_n, "{path}: F holds the forward once");
+    assert_eq!(
+        in_b + in_w,
+        backward,
+        "{path}: B and W partition the backward"
+    );
+}
+
+#[test]
+fn mlp_one_stage() {
+    check_model("examples/mlp.cir", 1);
+}
+
+#[test]
+fn mlp_three_stages() {
+    check_model("examples/mlp.cir", 3);
+}
+
+#[test]
+fn cnn_two_stages() {
+    check_model("examples/cnn-tiny.cir", 2);
+}
+
+#[test]
+fn gpt_tiny_three_stages() {
+    check_model("examples/gpt-tiny.cir", 3);
+}
+
+#[test]
+fn gpt_tiny_one_stage() {
+    check_model("examples/gpt-tiny.cir", 1);
+}

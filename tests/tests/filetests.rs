@@ -158,7 +158,12 @@ fn run_file(path: &Path) -> String {
 }
 
 /// Runs a pass pipeline over one case; returns the before/after diff and the warnings.
-fn run_pipeline_case(rel: &str, case: &Case, mut module: cleave_ir::Module, pipeline: &str) -> String {
+fn run_pipeline_case(
+    rel: &str,
+    case: &Case,
+    mut module: cleave_ir::Module,
+    pipeline: &str,
+) -> String {
     let before = module.to_string();
     let mut pm = cleave_passes::PassManager::from_pipeline(pipeline.trim())
         .unwrap_or_else(|e| panic!("{rel}: {e}"));
@@ -168,11 +173,17 @@ fn run_pipeline_case(rel: &str, case: &Case, mut module: cleave_ir::Module, pipe
     let expected = expected_errors(case);
     if !expected.is_empty() {
         let err = match result {
-            Ok(()) => panic!("{rel} (case at line {}): expected the pipeline to fail", case.first_line),
+            Ok(()) => panic!(
+                "{rel} (case at line {}): expected the pipeline to fail",
+                case.first_line
+            ),
             Err(e) => e.to_string(),
         };
         for want in expected {
-            assert!(err.contains(&want), "{rel}: error does not mention `{want}`:\n{err}");
+            assert!(
+                err.contains(&want),
+                "{rel}: error does not mention `{want}`:\n{err}"
+            );
         }
         return format!("error: {err}\n");
     }
@@ -180,7 +191,11 @@ fn run_pipeline_case(rel: &str, case: &Case, mut module: cleave_ir::Module, pipe
     let after = module.to_string();
     let reparsed = cleave_compiler::load::parse_and_verify(&after, rel)
         .unwrap_or_else(|e| panic!("{rel}: the pass output does not parse back: {e:#}"));
-    assert_eq!(after, reparsed.to_string(), "{rel}: pass output does not round-trip");
+    assert_eq!(
+        after,
+        reparsed.to_string(),
+        "{rel}: pass output does not round-trip"
+    );
     let diff = similar::TextDiff::from_lines(&before, &after);
     let mut out = diff
         .unified_diff()

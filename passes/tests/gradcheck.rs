@@ -34,7 +34,7 @@
 //! relative error (the floor only keeps elements eight orders of magnitude below the tensor's
 //! largest from dividing by ~0). Elements equal on both sides (in particular exact zeros: dropped,
 //! padded, unused, non-maximal positions) count as error 0. Every element of every gradient and
-//! tangent must satisfy error ≤ [`TOL`] = 1e-6; the worst observed is below 1e-9 (run with
+//! tangent must satisfy error ≤ [`TOL`] = 1e-6; the worst observed is about 5e-9 (run with
 //! `--nocapture` to see every tensor's worst element). A reference that is all zeros is a
 //! failure (the check would be vacuous). The adjoint identity `⟨R, J·v⟩ = ⟨Jᵀ·R, v⟩` must hold to
 //! 1e-12 relative to `Σ|terms|`.

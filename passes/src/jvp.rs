@@ -214,7 +214,6 @@ fn rule(
         | Op::Reshape { .. }
         | Op::Transpose { .. }
         | Op::Slice { .. }
-        | Op::Pad { .. }
         | Op::Dropout { .. }
         | Op::Cast { .. }
         | Op::AvgPool2dGrad { .. }
@@ -226,6 +225,16 @@ fn rule(
             kind: PoolKind::Avg,
             ..
         } => one(same_op(t, node, 0, tans[0].expect("tangent"))),
+        // f(x) = pad(x, low, high, value); ẏ = pad(ẋ, low, high, 0): the fill is a constant.
+        Op::Pad { low, high, .. } => one(emit1(
+            t,
+            Op::Pad {
+                low: low.clone(),
+                high: high.clone(),
+                value: 0.0,
+            },
+            &[tans[0].expect("tangent")],
+        )),
         Op::Split { .. } => {
             let d = tans[0].expect("tangent");
             Ok(t.push_op(node.op.clone(), &[d])?

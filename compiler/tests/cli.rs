@@ -80,6 +80,18 @@ fn gpt_layer_forward_matmul_flops_match_the_paper() {
     assert_eq!(json["flops"]["forward"]["matmul"], 429_496_729_600u64);
     assert_eq!(json["flops"]["dgrad"]["matmul"], 446_676_598_784u64);
     assert_eq!(json["flops"]["wgrad"]["matmul"], 412_316_860_416u64);
+
+    // After the split: the same figures per F, B and W, and sized stash sets.
+    let o = cleave(&["inspect", f, "--split", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let stage = &json["stages"][0];
+    assert_eq!(stage["flops"]["F"]["matmul"], 429_496_729_600u64);
+    assert_eq!(stage["flops"]["B"]["matmul"], 446_676_598_784u64);
+    assert_eq!(stage["flops"]["W"]["matmul"], 412_316_860_416u64);
+    for key in ["F_to_B", "F_to_W", "B_to_W"] {
+        assert!(stage["stash_bytes"][key].as_u64().unwrap() > 0, "{key}");
+    }
     assert!(json["parameters"]["count"].as_u64().unwrap() > 12 * 4096 * 4096);
     assert!(json["parameters"]["bytes"].as_u64().is_some());
     std::fs::remove_dir_all(dir).ok();

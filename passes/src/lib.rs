@@ -4,6 +4,7 @@
 //! - [`pipeline`]: textual pipelines `a,b{key=value},c`.
 //! - [`manager`]: the registry of every pass and the [`PassManager`] (verify-each, IR dumps).
 //! - [`simple`]: `verify` and `dce`.
+//! - [`partition`]: stage assignment under a device cost model.
 //! - [`split`]: `split-bw`, the per-stage F/B/W cut with explicit stash sets.
 //! - [`autodiff`]: reverse-mode differentiation with dgrad/wgrad tags at birth.
 //! - [`jvp`]: forward-mode differentiation.
@@ -14,6 +15,7 @@ pub mod autodiff;
 pub mod jvp;
 pub mod manager;
 pub mod optimizer;
+pub mod partition;
 pub mod pass;
 pub mod pipeline;
 pub mod simple;

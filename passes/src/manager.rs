@@ -29,6 +29,11 @@ pub fn registry() -> Vec<PassInfo> {
             },
         },
         PassInfo {
+            name: "partition",
+            description: "assign pipeline stages to a forward function, balancing a device cost model (options: stages=P, profile=NAME|FILE)",
+            build: |o| Ok(Box::new(crate::partition::Partition::from_options(o)?)),
+        },
+        PassInfo {
             name: "autodiff",
             description: "reverse-mode differentiation: append a backward pass tagged dgrad/wgrad and grad.* outputs (options: mode=auto|loss|stage, function=NAME, wrt=IN1;IN2)",
             build: |o| Ok(Box::new(crate::autodiff::Autodiff::from_options(o)?)),

@@ -107,9 +107,19 @@ fn bits(t: &Tensor) -> Vec<u64> {
 }
 
 fn check_model(path: &str, stages: u32) {
+    check_model_with(path, stages, false);
+}
+
+/// Stage annotations come from contiguous runs of equal node counts, or from the `partition`
+/// pass (cost-balanced).
+fn check_model_with(path: &str, stages: u32, use_partition: bool) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut forward = load_module(&root.join(path)).unwrap();
-    annotate_stages(&mut forward.functions[0], stages);
+    if use_partition {
+        run_passes(&mut forward, &format!("partition{{stages={stages}}}"));
+    } else {
+        annotate_stages(&mut forward.functions[0], stages);
+    }
     let mut args = init_params(&forward.functions[0], 3);
     args.extend(inputs_for(&forward.functions[0], 11));
 
@@ -214,4 +224,21 @@ fn gpt_tiny_three_stages() {
 #[test]
 fn gpt_tiny_one_stage() {
     check_model("examples/gpt-tiny.cir", 1);
+}
+
+#[test]
+fn gpt_tiny_partitioned_into_four_stages() {
+    check_model_with("examples/gpt-tiny.cir", 4, true);
+}
+
+#[test]
+fn cnn_partitioned_into_two_stages_on_an_h100_profile() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut m = load_module(&root.join("examples/cnn-tiny.cir")).unwrap();
+    run_passes(
+        &mut m,
+        "partition{stages=2,profile=h100-sxm},autodiff,split-bw",
+    );
+    assert_eq!(split_stages(&m).len(), 2);
+    check_model_with("examples/cnn-tiny.cir", 2, true);
 }

@@ -66,19 +66,26 @@ use cranelift_entity::SecondaryMap;
 use crate::autodiff::GRAD_PREFIX;
 use crate::pass::{Pass, PassContext, PassError, PassOptions};
 
-/// The `split-bw` pass.
+/// The `split-bw` pass (options `accumulate`, default true, and `batch_w=K`).
 #[derive(Clone, Debug)]
 pub struct SplitBw {
     /// W functions take and return gradient accumulators (`grad.<p>` in and out).
     pub accumulate: bool,
+    /// Also emit, per stage, `@<name>.s<k>.W<K>`: the weight gradients of K microbatches at once
+    /// (see [`batch_w`]).
+    pub batch_w: Option<usize>,
 }
 
 impl SplitBw {
     /// Builds the pass from options (`accumulate`, default true).
     pub fn from_options(mut o: PassOptions) -> Result<Self, PassError> {
         let accumulate = o.take_parsed("accumulate", true)?;
+        let k: usize = o.take_parsed("batch_w", 0)?;
         o.finish()?;
-        Ok(SplitBw { accumulate })
+        Ok(SplitBw {
+            accumulate,
+            batch_w: (k > 1).then_some(k),
+        })
     }
 }
 
@@ -95,7 +102,19 @@ impl Pass for SplitBw {
                     pass: "split-bw",
                     message,
                 })?;
-            out.extend(parts);
+            for part in parts {
+                let batched = match self.batch_w {
+                    Some(k) if part.name.ends_with(".W") => {
+                        Some(batch_w(&part, k).map_err(|message| PassError::Failed {
+                            pass: "split-bw",
+                            message,
+                        })?)
+                    }
+                    _ => None,
+                };
+                out.push(part);
+                out.extend(batched);
+            }
         }
         module.functions = out;
         Ok(())
@@ -619,4 +638,222 @@ pub fn stash_report(stage: &SplitStage<'_>) -> StashBytes {
         }
     }
     r
+}
+
+/// Builds the weight-gradient function of a stage for `k` microbatches at once (`W_K`), from its
+/// one-microbatch W.
+///
+/// Every input of W except parameters and gradient accumulators is taken once per microbatch,
+/// named `<name>@<j>`. Weight products of the form `Xᵀ·dY` (a rank-2 `matmul` with
+/// `transpose_lhs`) and bias sums (`reduce_sum` over axis 0 of a rank-2 value) whose result only
+/// feeds a `grad.<p>` output (directly or through its accumulation) become **one** product over
+/// the microbatches concatenated along the contracted axis: `concat(X_0…X_{K−1})ᵀ·concat(dY_0…)`.
+/// That is exact up to the order of summation inside the product. Every other gradient is
+/// computed per microbatch and accumulated in microbatch order, exactly as `K` runs of W would.
+/// Other outputs (`wgrad.N` partials for another stage) are returned per microbatch as
+/// `wgrad.N@<j>`.
+pub fn batch_w(w: &Function, k: usize) -> Result<Function, String> {
+    if k == 0 {
+        return Err("batch_w needs at least one microbatch".into());
+    }
+    let uses = w.use_counts();
+    let output_of = |v: Value| {
+        w.outputs
+            .iter()
+            .find(|o| o.value == v)
+            .map(|o| o.name.clone())
+    };
+    let is_acc_input = |v: Value| matches!(&w.nodes[w.values[v].def].op, Op::Input { name, .. } if name.starts_with(GRAD_PREFIX));
+    // Batchable nodes, each with the output it feeds and its accumulation node, if any.
+    let mut batchable: BTreeMap<Node, (String, Option<Node>)> = BTreeMap::new();
+    for &n in &w.body {
+        let d = &w.nodes[n];
+        let shape_ok = d.operands.iter().all(|&v| w.ty(v).rank() == 2);
+        let kind_ok = match &d.op {
+            Op::MatMul {
+                transpose_lhs: true,
+                transpose_rhs: false,
+            } => true,
+            Op::Reduce {
+                kind: cleave_ir::ReduceKind::Sum,
+                axes,
+            } => axes == &[0],
+            _ => false,
+        };
+        if !(shape_ok && kind_ok) || uses[d.results[0]] != 1 {
+            continue;
+        }
+        let r = d.results[0];
+        if let Some(name) = output_of(r).filter(|n| n.starts_with(GRAD_PREFIX)) {
+            batchable.insert(n, (name, None));
+            continue;
+        }
+        // Through an accumulation `add(acc, r)` that is itself a `grad.*` output.
+        let consumer = w
+            .body
+            .iter()
+            .copied()
+            .find(|&m| w.nodes[m].operands.contains(&r));
+        if let Some(m) = consumer {
+            let md = &w.nodes[m];
+            if md.op == Op::Binary(cleave_ir::BinaryOp::Add)
+                && md.operands.len() == 2
+                && is_acc_input(md.operands[0])
+                && md.operands[1] == r
+            {
+                if let Some(name) = output_of(md.results[0]).filter(|n| n.starts_with(GRAD_PREFIX))
+                {
+                    batchable.insert(n, (name, Some(m)));
+                }
+            }
+        }
+    }
+    let skipped: BTreeSet<Node> = batchable
+        .iter()
+        .flat_map(|(&n, (_, acc))| std::iter::once(n).chain(*acc))
+        .collect();
+
+    let mut out = Function::new(format!("{}{k}", w.name));
+    let mut shared: SecondaryMap<Value, Option<Value>> = SecondaryMap::with_default(None);
+    let mut clones: Vec<SecondaryMap<Value, Option<Value>>> = Vec::with_capacity(k);
+    let copy_node = |out: &mut Function, d: &cleave_ir::NodeData, operands: Vec<Value>, op: Op| {
+        let types = d.results.iter().map(|&r| w.ty(r).clone()).collect();
+        let n = out.push_node(op, operands, types);
+        out.nodes[n].phase = d.phase;
+        out.nodes[n].stage = d.stage;
+        n
+    };
+    // Shared arguments first: parameters and accumulators.
+    for &n in &w.body {
+        let d = &w.nodes[n];
+        let shared_arg = matches!(d.op, Op::Param { .. })
+            || is_acc_input(d.results[0]) && d.op.arg_role().is_some();
+        if shared_arg {
+            let nn = copy_node(&mut out, d, vec![], d.op.clone());
+            shared[d.results[0]] = Some(out.result(nn));
+        }
+    }
+    for j in 0..k {
+        let mut map = shared.clone();
+        for &n in &w.body {
+            let d = &w.nodes[n];
+            if skipped.contains(&n) || map[d.results[0]].is_some() {
+                continue;
+            }
+            let op = match &d.op {
+                Op::Input { name, ty } => Op::Input {
+                    name: format!("{name}@{j}"),
+                    ty: ty.clone(),
+                },
+                other => other.clone(),
+            };
+            let operands = d
+                .operands
+                .iter()
+                .map(|&v| {
+                    map[v].ok_or_else(|| {
+                        format!(
+                            "@{}: operand of a batched product is used elsewhere",
+                            w.name
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let nn = copy_node(&mut out, d, operands, op);
+            for (&old, &new) in d.results.iter().zip(&out.nodes[nn].results.clone()) {
+                map[old] = Some(new);
+            }
+        }
+        clones.push(map);
+    }
+    // Outputs: batched products once; everything else per microbatch, grads accumulated.
+    let mut results: BTreeMap<String, Value> = BTreeMap::new();
+    // One concatenation per value, shared by every product that reads it.
+    let mut joined_of: BTreeMap<Value, Value> = BTreeMap::new();
+    for (&n, (name, acc)) in &batchable {
+        let d = &w.nodes[n];
+        let mut operands = Vec::new();
+        for &v in &d.operands {
+            if let Some(&j) = joined_of.get(&v) {
+                operands.push(j);
+                continue;
+            }
+            let parts: Vec<Value> = clones.iter().map(|m| m[v].expect("cloned")).collect();
+            let joined = if parts.len() == 1 {
+                parts[0]
+            } else {
+                let mut shape = w.ty(v).shape.clone();
+                shape[0] *= k;
+                let ty = TensorType::new(w.ty(v).dtype, shape);
+                let c = out.push_node(Op::Concat { axis: 0 }, parts, vec![ty]);
+                out.nodes[c].phase = Phase::Wgrad;
+                out.nodes[c].stage = d.stage;
+                out.result(c)
+            };
+            joined_of.insert(v, joined);
+            operands.push(joined);
+        }
+        let nn = copy_node(&mut out, d, operands, d.op.clone());
+        let mut value = out.result(nn);
+        if let Some(m) = acc {
+            let md = &w.nodes[*m];
+            let acc_v = shared[md.operands[0]].expect("accumulator is shared");
+            let a = copy_node(&mut out, md, vec![acc_v, value], md.op.clone());
+            value = out.result(a);
+        }
+        results.insert(name.clone(), value);
+    }
+    for o in &w.outputs {
+        if results.contains_key(&o.name) {
+            continue;
+        }
+        if o.name.starts_with(GRAD_PREFIX) {
+            // Accumulate in microbatch order: the j-th clone's output already includes the
+            // accumulator when W accumulates; chain the clones through it.
+            let def = &w.nodes[w.values[o.value].def];
+            let accumulates =
+                def.op == Op::Binary(cleave_ir::BinaryOp::Add) && is_acc_input(def.operands[0]);
+            let mut total = if accumulates {
+                shared[def.operands[0]].expect("shared accumulator")
+            } else {
+                clones[0][o.value].expect("cloned")
+            };
+            let start = if accumulates { 0 } else { 1 };
+            for m in clones.iter().skip(start) {
+                let term = if accumulates {
+                    m[def.operands[1]].expect("cloned")
+                } else {
+                    m[o.value].expect("cloned")
+                };
+                let ty = w.ty(o.value).clone();
+                let a = out.push_node(
+                    Op::Binary(cleave_ir::BinaryOp::Add),
+                    vec![total, term],
+                    vec![ty],
+                );
+                out.nodes[a].phase = Phase::Wgrad;
+                out.nodes[a].stage = def.stage;
+                total = out.result(a);
+            }
+            results.insert(o.name.clone(), total);
+        } else {
+            for (j, m) in clones.iter().enumerate() {
+                results.insert(format!("{}@{j}", o.name), m[o.value].expect("cloned"));
+            }
+        }
+    }
+    for o in &w.outputs {
+        let names: Vec<String> = if results.contains_key(&o.name) {
+            vec![o.name.clone()]
+        } else {
+            (0..k).map(|j| format!("{}@{j}", o.name)).collect()
+        };
+        for name in names {
+            let value = results[&name];
+            out.outputs.push(Output { name, value });
+        }
+    }
+    // The clones' own accumulation adds were replaced by the chain above.
+    crate::simple::eliminate_dead_nodes(&mut out);
+    Ok(out)
 }

@@ -242,3 +242,109 @@ fn cnn_partitioned_into_two_stages_on_an_h100_profile() {
     assert_eq!(split_stages(&m).len(), 2);
     check_model_with("examples/cnn-tiny.cir", 2, true);
 }
+
+/// `batch_w=K`: one W over K microbatches equals K accumulating runs of W (weight products up to
+/// summation order, everything else bit for bit).
+fn check_batch_w(path: &str, stages: u32, k: usize) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut m = load_module(&root.join(path)).unwrap();
+    annotate_stages(&mut m.functions[0], stages);
+    let params = init_params(&m.functions[0], 5);
+    let forward = m.functions[0].clone();
+    run_passes(&mut m, &format!("autodiff,split-bw{{batch_w={k}}}"));
+    let st = split_stages(&m);
+    // Per microbatch: run every F and B, keep the bus.
+    let mut buses = Vec::new();
+    for j in 0..k {
+        let mut bus = params.clone();
+        bus.extend(inputs_for(&forward, 100 + j as u64));
+        let mut order: Vec<&Function> = st.iter().map(|s| s.f).collect();
+        order.extend(st.iter().rev().map(|s| s.b));
+        for f in order {
+            let call: BTreeMap<String, Tensor> = f
+                .args()
+                .map(|a| {
+                    (
+                        a.name.to_string(),
+                        bus.get(a.name)
+                            .unwrap_or_else(|| panic!("@{}: no {}", f.name, a.name))
+                            .clone(),
+                    )
+                })
+                .collect();
+            let outs = run_function_named(f, &call, Precision::F32).unwrap();
+            for (o, t) in f.outputs.iter().zip(outs) {
+                bus.insert(o.name.clone(), t);
+            }
+        }
+        buses.push(bus);
+    }
+    for s in st.iter().rev() {
+        let wk = m.function(&format!("{}{k}", s.w.name)).expect("batched W");
+        // K accumulating runs of W.
+        let mut acc: BTreeMap<String, Tensor> = BTreeMap::new();
+        for a in s.w.args() {
+            if a.name.starts_with("grad.") {
+                acc.insert(a.name.to_string(), Tensor::zeros(a.ty));
+            }
+        }
+        for bus in buses.iter_mut() {
+            let call: BTreeMap<String, Tensor> =
+                s.w.args()
+                    .map(|a| {
+                        let t = acc.get(a.name).unwrap_or_else(|| &bus[a.name]).clone();
+                        (a.name.to_string(), t)
+                    })
+                    .collect();
+            let outs = run_function_named(s.w, &call, Precision::F32).unwrap();
+            for (o, t) in s.w.outputs.iter().zip(outs) {
+                if o.name.starts_with("grad.") {
+                    acc.insert(o.name.clone(), t);
+                } else {
+                    // Partial gradients for another stage's W (tied weights), per microbatch.
+                    bus.insert(o.name.clone(), t);
+                }
+            }
+        }
+        // One run of W_K.
+        let call: BTreeMap<String, Tensor> = wk
+            .args()
+            .map(|a| {
+                let t = if let Some((base, j)) = a.name.rsplit_once('@') {
+                    buses[j.parse::<usize>().unwrap()][base].clone()
+                } else if a.name.starts_with("grad.") {
+                    Tensor::zeros(a.ty)
+                } else {
+                    buses[0][a.name].clone()
+                };
+                (a.name.to_string(), t)
+            })
+            .collect();
+        let outs = run_function_named(wk, &call, Precision::F32).unwrap();
+        for (o, t) in wk.outputs.iter().zip(outs) {
+            let Some(want) = acc.get(&o.name) else {
+                continue;
+            };
+            let (a, b) = (t.as_f64().unwrap(), want.as_f64().unwrap());
+            let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "{path} @{}: {} differs: {x} vs {y}",
+                    wk.name,
+                    o.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_w_over_three_microbatches_mlp() {
+    check_batch_w("examples/mlp.cir", 2, 3);
+}
+
+#[test]
+fn batched_w_over_two_microbatches_gpt_tiny() {
+    check_batch_w("examples/gpt-tiny.cir", 2, 2);
+}

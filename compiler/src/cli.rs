@@ -14,7 +14,7 @@ use cleave_passes::{PassContext, PassManager};
 
 use crate::init::init_params;
 use crate::inspect::{inspect, render_table};
-use crate::load::{load_module, LoadOptions};
+use crate::load::{load_model, load_module, LoadOptions};
 use crate::loss::LossKind;
 use crate::tensors::{read_tensors, write_tensors};
 
@@ -113,7 +113,7 @@ pub struct GradArgs {
     /// Data inputs, by name (safetensors).
     #[arg(long)]
     pub inputs: PathBuf,
-    /// Parameters, by name (safetensors).
+    /// Parameters, by name (safetensors); default: the values stored in an `.onnx` model.
     #[arg(long)]
     pub params: Option<PathBuf>,
     /// Where to write one gradient per parameter, named as the parameter (safetensors).
@@ -166,7 +166,7 @@ pub struct RunArgs {
     /// Data inputs, by name (safetensors).
     #[arg(long)]
     pub inputs: PathBuf,
-    /// Parameters, by name (safetensors).
+    /// Parameters, by name (safetensors); default: the values stored in an `.onnx` model.
     #[arg(long)]
     pub params: Option<PathBuf>,
     /// Where to write the outputs (safetensors); without it they are summarised on stdout.
@@ -365,7 +365,8 @@ fn cmd_opt(a: OptArgs) -> Result<()> {
 }
 
 fn cmd_grad(a: GradArgs) -> Result<()> {
-    let mut module = load_module(&a.file, &a.model.load_options())?;
+    let loaded = load_model(&a.file, &a.model.load_options())?;
+    let mut module = loaded.module;
     let fname = pick_function(&module, a.function.as_deref())?.name.clone();
     let already = module
         .function(&fname)
@@ -375,7 +376,7 @@ fn cmd_grad(a: GradArgs) -> Result<()> {
         run_pipeline(&mut module, &pm)?;
     }
     let func = module.function(&fname).expect("function exists");
-    let args = read_args(&a.inputs, a.params.as_deref())?;
+    let args = read_args(&a.inputs, a.params.as_deref(), loaded.params)?;
     let results = run_function_named(func, &args, precision_of(a.dtype))
         .with_context(|| format!("running @{}", func.name))?;
     let grads: BTreeMap<String, Tensor> = func
@@ -396,12 +397,19 @@ fn precision_of(d: DtypeArg) -> Precision {
     }
 }
 
-/// Reads data inputs and parameters into one map; a name in both files is an error.
+/// Reads data inputs and parameters into one map; a name in both files is an error. Without a
+/// parameters file, the parameter values stored in the model file (`file_params`) are used.
 fn read_args(
     inputs: &std::path::Path,
     params: Option<&std::path::Path>,
+    file_params: BTreeMap<String, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>> {
     let mut args: BTreeMap<String, Tensor> = read_tensors(inputs)?;
+    if params.is_none() {
+        for (name, t) in file_params {
+            args.entry(name).or_insert(t);
+        }
+    }
     if let Some(p) = params {
         for (name, t) in read_tensors(p)? {
             if args.contains_key(&name) {
@@ -442,9 +450,10 @@ fn pick_function<'m>(module: &'m Module, name: Option<&str>) -> Result<&'m Funct
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
-    let module = load_module(&a.file, &a.model.load_options())?;
+    let loaded = load_model(&a.file, &a.model.load_options())?;
+    let module = loaded.module;
     let func = pick_function(&module, a.function.as_deref())?;
-    let args = read_args(&a.inputs, a.params.as_deref())?;
+    let args = read_args(&a.inputs, a.params.as_deref(), loaded.params)?;
     let results = run_function_named(func, &args, precision_of(a.dtype))
         .with_context(|| format!("running @{}", func.name))?;
     let named: BTreeMap<String, Tensor> = func

@@ -1,8 +1,10 @@
 //! Loading model files into verified modules, with errors that name the file and the place.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use cleave_ir::interp::Tensor;
 use cleave_ir::parser::{located_error, parse_module_with_source_map};
 use cleave_ir::Module;
 
@@ -45,20 +47,36 @@ pub fn format_of(path: &Path) -> Result<ModelFormat> {
     }
 }
 
+/// A loaded model.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    /// The verified module.
+    pub module: Module,
+    /// Import warnings (export pitfalls of `.onnx` files).
+    pub warnings: Vec<String>,
+    /// Parameter values stored in the file (the initializers of an `.onnx` model; none for `.cir`).
+    pub params: BTreeMap<String, Tensor>,
+}
+
 /// Reads, parses and verifies a module, printing import warnings to stderr. Parse errors are
 /// rendered with `path:line:col`, a caret and what was expected; verifier errors list every
 /// broken invariant.
 pub fn load_module(path: &Path, opts: &LoadOptions) -> Result<Module> {
-    let (module, warnings) = load_module_with_warnings(path, opts)?;
-    for w in warnings {
-        eprintln!("warning: {}: {w}", path.display());
-    }
-    Ok(module)
+    Ok(load_model(path, opts)?.module)
 }
 
-/// [`load_module`], returning the warnings instead of printing them.
-pub fn load_module_with_warnings(path: &Path, opts: &LoadOptions) -> Result<(Module, Vec<String>)> {
-    let (mut module, warnings) = match format_of(path)? {
+/// [`load_module`], also returning the parameter values the file holds; prints the warnings.
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let loaded = load_model_quiet(path, opts)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {}: {w}", path.display());
+    }
+    Ok(loaded)
+}
+
+/// [`load_model`] without printing the warnings.
+pub fn load_model_quiet(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let (mut module, warnings, params) = match format_of(path)? {
         ModelFormat::Cir => {
             if opts.batch.is_some() {
                 bail!("--batch applies to `.onnx` models; `.cir` shapes are static");
@@ -68,12 +86,13 @@ pub fn load_module_with_warnings(path: &Path, opts: &LoadOptions) -> Result<(Mod
             (
                 parse_and_verify(&text, &path.display().to_string())?,
                 vec![],
+                BTreeMap::new(),
             )
         }
         ModelFormat::Onnx => {
             let imported = import_file(path, &ImportOptions { batch: opts.batch })
                 .with_context(|| format!("importing {}", path.display()))?;
-            (imported.module, imported.warnings)
+            (imported.module, imported.warnings, imported.params)
         }
     };
     match (opts.loss, &opts.labels) {
@@ -91,7 +110,11 @@ pub fn load_module_with_warnings(path: &Path, opts: &LoadOptions) -> Result<(Mod
         (None, None) => {}
     }
     verify(&module, &path.display().to_string())?;
-    Ok((module, warnings))
+    Ok(LoadedModel {
+        module,
+        warnings,
+        params,
+    })
 }
 
 fn verify(module: &Module, origin: &str) -> Result<()> {

@@ -481,9 +481,14 @@ pub fn import_model(
             .map_err(|e| OnnxError::Model(format!("graph output `{name}`: {e}")))?;
     }
     let func = imp.t.finish();
+    let params = func
+        .params()
+        .filter_map(|p| inits.get(p.name).map(|t| (p.name.to_string(), t.clone())))
+        .collect();
     Ok(Imported {
         module: Module::with_function(func),
         warnings,
+        params,
     })
 }
 

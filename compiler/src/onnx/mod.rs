@@ -32,8 +32,10 @@ pub mod ops;
 pub mod proto;
 pub mod tensor;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
+use cleave_ir::interp::Tensor;
 use cleave_ir::Module;
 use prost::Message;
 
@@ -58,6 +60,9 @@ pub struct Imported {
     pub module: Module,
     /// Export pitfalls found in the model (see the module docs).
     pub warnings: Vec<String>,
+    /// The initializer values of the parameters, by name: the model's trained or initial
+    /// weights.
+    pub params: BTreeMap<String, Tensor>,
 }
 
 /// Imports the model at `path`; external data is looked up next to it.

@@ -561,9 +561,25 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> 
         ));
     }
     // (initializer, op type, input position) -> the nodes using it there.
+    // The TorchScript exporter aliases merged parameters through `Identity` nodes
+    // (`ln2.weight = Identity(ln1.weight)`); resolve those aliases.
+    let mut alias: HashMap<&str, &str> = HashMap::new();
+    for node in &graph.node {
+        if node.op_type.as_deref() == Some("Identity") {
+            if let (Some(src), Some(dst)) = (node.input.first(), node.output.first()) {
+                if inits.contains_key(src) {
+                    alias.insert(dst, src);
+                }
+            }
+        }
+    }
     let mut uses: BTreeMap<(&str, &str, usize), Vec<String>> = BTreeMap::new();
     for (i, node) in graph.node.iter().enumerate() {
+        if node.op_type.as_deref() == Some("Identity") {
+            continue;
+        }
         for (pos, input) in node.input.iter().enumerate() {
+            let input = alias.get(input.as_str()).copied().unwrap_or(input);
             if inits.contains_key(input) {
                 uses.entry((input, node.op_type.as_deref().unwrap_or(""), pos))
                     .or_default()

@@ -61,7 +61,7 @@ pub fn lower(imp: &mut Importer, n: &NodeCtx, ins: &[Option<Val>]) -> NResult<Op
         return Ok(Some(vec![Val::Ir(imp.t.unary(u, x)?)]));
     }
     if let Some(b) = binary_op(n.op) {
-        return binary(imp, n, b, ins).map(Some);
+        return binary(imp, b, ins).map(Some);
     }
     if let Some(c) = compare_op(n.op) {
         let v = bcast(imp, &[input(ins, 0)?, input(ins, 1)?])?;
@@ -105,7 +105,7 @@ fn cast(imp: &mut Importer, v: &Val, to: cleave_ir::DType) -> NResult<Val> {
 }
 
 /// Binary math; `Max`/`Min` are variadic in ONNX and fold left.
-fn binary(imp: &mut Importer, n: &NodeCtx, op: BinaryOp, ins: &[Option<Val>]) -> NResult<Vec<Val>> {
+fn binary(imp: &mut Importer, op: BinaryOp, ins: &[Option<Val>]) -> NResult<Vec<Val>> {
     let first = input(ins, 0)?.clone();
     if matches!(op, BinaryOp::Max | BinaryOp::Min) && ins.len() == 1 {
         return Ok(vec![first]);
@@ -124,7 +124,6 @@ fn binary(imp: &mut Importer, n: &NodeCtx, op: BinaryOp, ins: &[Option<Val>]) ->
             break;
         }
     }
-    let _ = n;
     Ok(vec![acc])
 }
 

@@ -232,7 +232,7 @@ fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> NResult<V
     let numel: usize = input.iter().product();
     if let Some(i) = infer {
         let known = checked_numel(&out, usize::MAX).ok_or("shape overflows")?;
-        if known == 0 || numel % known != 0 {
+        if known == 0 || !numel.is_multiple_of(known) {
             return Err(
                 format!("cannot infer the -1 in {target:?} from input shape {input:?}").into(),
             );
@@ -263,7 +263,7 @@ fn chunks(extent: usize, chunk: i64) -> NResult<Vec<usize>> {
     }
     let chunk = chunk as usize;
     let mut sizes = vec![chunk; extent / chunk];
-    if extent % chunk != 0 {
+    if !extent.is_multiple_of(chunk) {
         sizes.push(extent % chunk);
     }
     if sizes.len() > 4096 {

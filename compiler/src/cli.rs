@@ -14,7 +14,8 @@ use cleave_passes::{PassContext, PassManager};
 
 use crate::init::init_params;
 use crate::inspect::{inspect, render_split_table, render_table, split_report};
-use crate::load::load_module;
+use crate::load::{load_model, load_module, LoadOptions};
+use crate::loss::LossKind;
 use crate::tensors::{read_tensors, write_tensors};
 
 /// cleave: an autodiff compiler for pipeline-parallel training.
@@ -41,11 +42,39 @@ pub enum Command {
     Grad(GradArgs),
 }
 
+/// How a model file is read (shared by every command that takes one).
+#[derive(clap::Args, Debug, Default)]
+pub struct ModelArgs {
+    /// Extent of symbolic (batch) dimensions of an `.onnx` model's inputs.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Add a loss to a model exported without one (needs --labels).
+    #[arg(long, value_enum)]
+    pub loss: Option<LossKind>,
+    /// The labels input of --loss (class indices for cross-entropy, targets for mse).
+    #[arg(long)]
+    pub labels: Option<String>,
+}
+
+impl ModelArgs {
+    /// The load options these flags give.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            batch: self.batch,
+            loss: self.loss,
+            labels: self.labels.clone(),
+        }
+    }
+}
+
 /// Arguments of `cleave opt`.
 #[derive(clap::Args, Debug)]
 pub struct OptArgs {
-    /// Model file (`.cir`).
+    /// Model file (`.cir` or `.onnx`).
     pub file: Option<PathBuf>,
+    /// How the model file is read.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The pipeline: `a,b{key=value},c`.
     #[arg(long, default_value = "")]
     pub passes: String,
@@ -75,12 +104,16 @@ pub struct OptArgs {
 /// Arguments of `cleave grad`.
 #[derive(clap::Args, Debug)]
 pub struct GradArgs {
-    /// Model file (`.cir`) with a scalar `loss` output, or an already differentiated module.
+    /// Model file (`.cir` or `.onnx`) with a scalar `loss` output (or one added by --loss), or
+    /// an already differentiated module.
     pub file: PathBuf,
+    /// How the model file is read.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Data inputs, by name (safetensors).
     #[arg(long)]
     pub inputs: PathBuf,
-    /// Parameters, by name (safetensors).
+    /// Parameters, by name (safetensors); default: the values stored in an `.onnx` model.
     #[arg(long)]
     pub params: Option<PathBuf>,
     /// Where to write one gradient per parameter, named as the parameter (safetensors).
@@ -97,8 +130,11 @@ pub struct GradArgs {
 /// Arguments of `cleave inspect`.
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// Model file (`.cir`).
+    /// Model file (`.cir` or `.onnx`).
     pub file: PathBuf,
+    /// How the model file is read.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Print the report as JSON instead of the IR and the table.
     #[arg(long)]
     pub json: bool,
@@ -126,12 +162,15 @@ pub enum DtypeArg {
 /// Arguments of `cleave run`.
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// Model file (`.cir`).
+    /// Model file (`.cir` or `.onnx`).
     pub file: PathBuf,
+    /// How the model file is read.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Data inputs, by name (safetensors).
     #[arg(long)]
     pub inputs: PathBuf,
-    /// Parameters, by name (safetensors).
+    /// Parameters, by name (safetensors); default: the values stored in an `.onnx` model.
     #[arg(long)]
     pub params: Option<PathBuf>,
     /// Where to write the outputs (safetensors); without it they are summarised on stdout.
@@ -269,7 +308,7 @@ fn run_pipeline(module: &mut Module, pm: &PassManager) -> Result<()> {
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
-    let mut module = load_module(&a.file)?;
+    let mut module = load_module(&a.file, &a.model.load_options())?;
     if let Some(p) = &a.passes {
         let mut pm = PassManager::from_pipeline(p)?;
         pm.verify_each = true;
@@ -327,7 +366,7 @@ fn cmd_opt(a: OptArgs) -> Result<()> {
     let Some(file) = &a.file else {
         bail!("`cleave opt` needs a model file (or --list-passes)");
     };
-    let mut module = load_module(file)?;
+    let mut module = load_module(file, &a.model.load_options())?;
     pm.verify_each = a.verify_each;
     pm.print.after_all = a.print_ir_after_all;
     pm.print.after = a.print_ir_after.iter().cloned().collect();
@@ -350,7 +389,8 @@ fn cmd_opt(a: OptArgs) -> Result<()> {
 }
 
 fn cmd_grad(a: GradArgs) -> Result<()> {
-    let mut module = load_module(&a.file)?;
+    let loaded = load_model(&a.file, &a.model.load_options())?;
+    let mut module = loaded.module;
     let fname = pick_function(&module, a.function.as_deref())?.name.clone();
     let already = module
         .function(&fname)
@@ -360,7 +400,7 @@ fn cmd_grad(a: GradArgs) -> Result<()> {
         run_pipeline(&mut module, &pm)?;
     }
     let func = module.function(&fname).expect("function exists");
-    let args = read_args(&a.inputs, a.params.as_deref())?;
+    let args = read_args(&a.inputs, a.params.as_deref(), loaded.params)?;
     let results = run_function_named(func, &args, precision_of(a.dtype))
         .with_context(|| format!("running @{}", func.name))?;
     let grads: BTreeMap<String, Tensor> = func
@@ -381,12 +421,19 @@ fn precision_of(d: DtypeArg) -> Precision {
     }
 }
 
-/// Reads data inputs and parameters into one map; a name in both files is an error.
+/// Reads data inputs and parameters into one map; a name in both files is an error. Without a
+/// parameters file, the parameter values stored in the model file (`file_params`) are used.
 fn read_args(
     inputs: &std::path::Path,
     params: Option<&std::path::Path>,
+    file_params: BTreeMap<String, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>> {
     let mut args: BTreeMap<String, Tensor> = read_tensors(inputs)?;
+    if params.is_none() {
+        for (name, t) in file_params {
+            args.entry(name).or_insert(t);
+        }
+    }
     if let Some(p) = params {
         for (name, t) in read_tensors(p)? {
             if args.contains_key(&name) {
@@ -427,9 +474,10 @@ fn pick_function<'m>(module: &'m Module, name: Option<&str>) -> Result<&'m Funct
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
-    let module = load_module(&a.file)?;
+    let loaded = load_model(&a.file, &a.model.load_options())?;
+    let module = loaded.module;
     let func = pick_function(&module, a.function.as_deref())?;
-    let args = read_args(&a.inputs, a.params.as_deref())?;
+    let args = read_args(&a.inputs, a.params.as_deref(), loaded.params)?;
     let results = run_function_named(func, &args, precision_of(a.dtype))
         .with_context(|| format!("running @{}", func.name))?;
     let named: BTreeMap<String, Tensor> = func

@@ -1,6 +1,8 @@
 //! cleave-compiler: model frontends, the compilation driver, and the `cleave` command-line tool.
 //!
-//! - [`load`]: model files → verified [`cleave_ir::Module`]s, with located errors.
+//! - [`load`]: model files (`.cir`, `.onnx`) → verified [`cleave_ir::Module`]s, with located errors.
+//! - [`onnx`]: the ONNX importer.
+//! - [`loss`]: adding a loss to a model exported without one.
 //! - [`tensors`]: safetensors reading and atomic writing.
 //! - [`inspect`]: the `cleave inspect` report.
 //! - [`init`]: deterministic parameter initialisation.
@@ -10,4 +12,6 @@ pub mod cli;
 pub mod init;
 pub mod inspect;
 pub mod load;
+pub mod loss;
+pub mod onnx;
 pub mod tensors;

@@ -1,43 +1,131 @@
 //! Loading model files into verified modules, with errors that name the file and the place.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use cleave_ir::interp::Tensor;
 use cleave_ir::parser::{located_error, parse_module_with_source_map};
 use cleave_ir::Module;
+
+use crate::loss::{add_loss, LossKind};
+use crate::onnx::{import_file, ImportOptions};
 
 /// The model formats `cleave` reads, chosen by file extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelFormat {
     /// cleave's own IR text (`.cir`).
     Cir,
+    /// An ONNX model (`.onnx`), imported by [`crate::onnx`].
+    Onnx,
+}
+
+/// How a model file is turned into a module.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The extent of symbolic batch dimensions (`.onnx` only).
+    pub batch: Option<usize>,
+    /// A loss to add to the first function (see [`crate::loss`]).
+    pub loss: Option<LossKind>,
+    /// The labels input of that loss.
+    pub labels: Option<String>,
 }
 
 /// Picks the format from a path's extension.
 pub fn format_of(path: &Path) -> Result<ModelFormat> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("cir") => Ok(ModelFormat::Cir),
+        Some("onnx") => Ok(ModelFormat::Onnx),
         Some(other) => bail!(
-            "{}: unsupported model format `.{other}`; cleave reads `.cir` files",
+            "{}: unsupported model format `.{other}`; cleave reads `.cir` and `.onnx` files",
             path.display()
         ),
         None => bail!(
-            "{}: no file extension; cleave reads `.cir` files",
+            "{}: no file extension; cleave reads `.cir` and `.onnx` files",
             path.display()
         ),
     }
 }
 
-/// Reads, parses and verifies a module. Parse errors are rendered with `path:line:col`, a caret
-/// and what was expected; verifier errors list every broken invariant.
-pub fn load_module(path: &Path) -> Result<Module> {
-    match format_of(path)? {
+/// A loaded model.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    /// The verified module.
+    pub module: Module,
+    /// Import warnings (export pitfalls of `.onnx` files).
+    pub warnings: Vec<String>,
+    /// Parameter values stored in the file (the initializers of an `.onnx` model; none for `.cir`).
+    pub params: BTreeMap<String, Tensor>,
+}
+
+/// Reads, parses and verifies a module, printing import warnings to stderr. Parse errors are
+/// rendered with `path:line:col`, a caret and what was expected; verifier errors list every
+/// broken invariant.
+pub fn load_module(path: &Path, opts: &LoadOptions) -> Result<Module> {
+    Ok(load_model(path, opts)?.module)
+}
+
+/// [`load_module`], also returning the parameter values the file holds; prints the warnings.
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let loaded = load_model_quiet(path, opts)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {}: {w}", path.display());
+    }
+    Ok(loaded)
+}
+
+/// [`load_model`] without printing the warnings.
+pub fn load_model_quiet(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let (mut module, warnings, params) = match format_of(path)? {
         ModelFormat::Cir => {
+            if opts.batch.is_some() {
+                bail!("--batch applies to `.onnx` models; `.cir` shapes are static");
+            }
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            parse_and_verify(&text, &path.display().to_string())
+            (
+                parse_and_verify(&text, &path.display().to_string())?,
+                vec![],
+                BTreeMap::new(),
+            )
         }
+        ModelFormat::Onnx => {
+            let imported = import_file(path, &ImportOptions { batch: opts.batch })
+                .with_context(|| format!("importing {}", path.display()))?;
+            (imported.module, imported.warnings, imported.params)
+        }
+    };
+    match (opts.loss, &opts.labels) {
+        (Some(kind), Some(labels)) => {
+            let func = module
+                .functions
+                .first_mut()
+                .context("the module has no functions")?;
+            let f = std::mem::replace(func, cleave_ir::Function::new(""));
+            *func = add_loss(f, kind, labels)
+                .map_err(|e| anyhow::anyhow!("{}: --loss: {e}", path.display()))?;
+        }
+        (Some(_), None) => bail!("--loss needs --labels NAME (the labels input)"),
+        (None, Some(_)) => bail!("--labels is only used with --loss"),
+        (None, None) => {}
     }
+    verify(&module, &path.display().to_string())?;
+    Ok(LoadedModel {
+        module,
+        warnings,
+        params,
+    })
+}
+
+fn verify(module: &Module, origin: &str) -> Result<()> {
+    if let Err(errors) = cleave_ir::verify_module(module) {
+        let msgs: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{origin}: error: {e}"))
+            .collect();
+        bail!(msgs.join("\n"));
+    }
+    Ok(())
 }
 
 /// Parses and verifies IR text; `origin` names the text in errors (a path, or `<stdin>`).

@@ -322,3 +322,98 @@ fn grad_writes_one_gradient_per_parameter() {
     assert!((gb[0] + gb[1]).abs() < 1e-6, "{gb:?}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+fn onnx_fixture(name: &str) -> String {
+    format!("{}/../tests/onnx/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn inspect_onnx_mlp_with_batch() {
+    let o = cleave(&["inspect", &onnx_fixture("mlp.onnx"), "--batch", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("func @mlp"), "{out}");
+    assert!(out.contains("input {name = \"x\"} : f32[4,8]"), "{out}");
+    assert!(
+        out.contains("param {name = \"fc1.weight\"} : f32[16,8]"),
+        "{out}"
+    );
+    assert!(out.contains("parameters: 195"), "{out}");
+
+    let o = cleave(&["inspect", &onnx_fixture("mlp.onnx")]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("dimension 0 is symbolic (`batch_size`); bind it with `--batch N`"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn opt_and_grad_on_onnx_with_added_loss() {
+    let dir = tmpdir("onnx");
+    let ad = cleave(&[
+        "opt",
+        &onnx_fixture("gpt.onnx"),
+        "--batch",
+        "4",
+        "--loss",
+        "cross-entropy",
+        "--labels",
+        "labels",
+        "--passes",
+        "autodiff",
+    ]);
+    assert!(ad.status.success(), "{}", stderr(&ad));
+    assert!(stdout(&ad).contains("as \"grad.wte.weight\""));
+
+    // Inputs from the reference file; parameters from the model's initializers.
+    let reference =
+        read_tensors(std::path::Path::new(&onnx_fixture("mlp.ref.safetensors"))).unwrap();
+    let inputs: BTreeMap<String, Tensor> = ["x", "labels"]
+        .iter()
+        .map(|k| (k.to_string(), reference[*k].clone()))
+        .collect();
+    let inputs_path = dir.join("inputs.safetensors");
+    write_tensors(&inputs_path, &inputs).unwrap();
+    let grads_path = dir.join("grads.safetensors");
+    let o = cleave(&[
+        "grad",
+        &onnx_fixture("mlp.onnx"),
+        "--batch",
+        "4",
+        "--loss",
+        "cross-entropy",
+        "--labels",
+        "labels",
+        "--inputs",
+        inputs_path.to_str().unwrap(),
+        "--out",
+        grads_path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let grads = read_tensors(&grads_path).unwrap();
+    let g = grads["fc1.weight"].to_f64_vec();
+    let want = reference["grad.fc1.weight"].to_f64_vec();
+    let err = g
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-5, "{err}");
+
+    let o = cleave(&[
+        "inspect",
+        &onnx_fixture("mlp.onnx"),
+        "--batch",
+        "4",
+        "--loss",
+        "mse",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--loss needs --labels NAME"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -30,7 +30,8 @@ fn examples_verify_and_round_trip() {
     for entry in std::fs::read_dir(root().join("examples")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "cir") {
-            let module = load_module(&path).unwrap_or_else(|e| panic!("{e:#}"));
+            let module =
+                load_module(&path, &Default::default()).unwrap_or_else(|e| panic!("{e:#}"));
             let text = std::fs::read_to_string(&path).unwrap();
             assert_eq!(
                 module.to_string(),

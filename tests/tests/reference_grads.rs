@@ -98,7 +98,7 @@ fn check_model(model: &str) -> Report {
     argv.extend(args.iter().cloned());
     argv.extend(["-o".to_string(), cir.display().to_string()]);
     cleave_compiler::cli::main_with_args(argv).unwrap();
-    let mut module = load_module(&cir).unwrap();
+    let mut module = load_module(&cir, &Default::default()).unwrap();
 
     let mut pm = PassManager::from_pipeline("autodiff{mode=loss}").unwrap();
     pm.verify_each = true;

@@ -114,7 +114,7 @@ fn check_model(path: &str, stages: u32) {
 /// pass (cost-balanced).
 fn check_model_with(path: &str, stages: u32, use_partition: bool) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut forward = load_module(&root.join(path)).unwrap();
+    let mut forward = load_module(&root.join(path), &Default::default()).unwrap();
     if use_partition {
         run_passes(&mut forward, &format!("partition{{stages={stages}}}"));
     } else {
@@ -234,7 +234,7 @@ fn gpt_tiny_partitioned_into_four_stages() {
 #[test]
 fn cnn_partitioned_into_two_stages_on_an_h100_profile() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut m = load_module(&root.join("examples/cnn-tiny.cir")).unwrap();
+    let mut m = load_module(&root.join("examples/cnn-tiny.cir"), &Default::default()).unwrap();
     run_passes(
         &mut m,
         "partition{stages=2,profile=h100-sxm},autodiff,split-bw",
@@ -247,7 +247,7 @@ fn cnn_partitioned_into_two_stages_on_an_h100_profile() {
 /// summation order, everything else bit for bit).
 fn check_batch_w(path: &str, stages: u32, k: usize) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut m = load_module(&root.join(path)).unwrap();
+    let mut m = load_module(&root.join(path), &Default::default()).unwrap();
     annotate_stages(&mut m.functions[0], stages);
     let params = init_params(&m.functions[0], 5);
     let forward = m.functions[0].clone();

@@ -1,0 +1,616 @@
+//! The import driver: opset check, initializers, graph inputs, the node walk with constant
+//! folding, outputs, and the export-pitfall warnings.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+
+use cleave_ir::interp::{run_function, Precision, Tensor, TensorData};
+use cleave_ir::tracer::{TraceError, Tracer};
+use cleave_ir::{DType, Literal, Module, TensorType, Value};
+
+use super::error::{OnnxError, Result};
+use super::ops;
+use super::proto::{
+    attribute_proto::AttributeType, tensor_shape_proto::dimension, type_proto, AttributeProto,
+    GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
+};
+use super::tensor::{
+    checked_numel, decode_tensor, ExternalFiles, MAX_CONST_ELEMENTS, MAX_ELEMENTS,
+};
+use super::{ImportOptions, Imported, MAX_OPSET, MIN_OPSET};
+
+/// An ONNX value during the import.
+#[derive(Clone, Debug)]
+pub enum Val {
+    /// A value of the function being built.
+    Ir(Value),
+    /// A value known at import time (a constant, an integer initializer, a folded shape).
+    Const(Tensor),
+    /// A float initializer: becomes a `param` when first used as data.
+    Param(String),
+    /// An ONNX sequence (from `SplitToSequence`).
+    Seq(Vec<Val>),
+}
+
+/// An error inside one node's lowering; the driver adds the node's name and op type.
+#[derive(Debug)]
+pub struct NodeErr(pub String);
+
+impl fmt::Display for NodeErr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for NodeErr {
+    fn from(s: String) -> Self {
+        NodeErr(s)
+    }
+}
+
+impl From<&str> for NodeErr {
+    fn from(s: &str) -> Self {
+        NodeErr(s.to_string())
+    }
+}
+
+impl From<TraceError> for NodeErr {
+    fn from(e: TraceError) -> Self {
+        NodeErr(e.to_string())
+    }
+}
+
+/// The result type of lowerings.
+pub type NResult<T> = std::result::Result<T, NodeErr>;
+
+/// One node, with typed access to its attributes.
+pub struct NodeCtx<'a> {
+    /// The node.
+    pub node: &'a NodeProto,
+    /// Its op type.
+    pub op: &'a str,
+    /// The model's default-domain opset.
+    pub opset: i64,
+}
+
+impl NodeCtx<'_> {
+    fn attr(&self, name: &str) -> Option<&AttributeProto> {
+        self.node
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some(name))
+    }
+
+    fn attr_kind(a: &AttributeProto) -> Option<AttributeType> {
+        a.r#type.and_then(|t| AttributeType::try_from(t).ok())
+    }
+
+    /// An integer attribute.
+    pub fn int(&self, name: &str, default: i64) -> NResult<i64> {
+        match self.attr(name) {
+            None => Ok(default),
+            Some(a) => {
+                a.i.ok_or_else(|| format!("attribute `{name}` is not an integer").into())
+            }
+        }
+    }
+
+    /// A float attribute.
+    pub fn float(&self, name: &str, default: f32) -> NResult<f32> {
+        match self.attr(name) {
+            None => Ok(default),
+            Some(a) => {
+                a.f.ok_or_else(|| format!("attribute `{name}` is not a float").into())
+            }
+        }
+    }
+
+    /// An integer-list attribute (`None` when absent).
+    pub fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        self.attr(name).map(|a| a.ints.clone())
+    }
+
+    /// A float-list attribute (`None` when absent).
+    pub fn floats(&self, name: &str) -> Option<Vec<f32>> {
+        self.attr(name).map(|a| a.floats.clone())
+    }
+
+    /// A string attribute.
+    pub fn string(&self, name: &str, default: &str) -> NResult<String> {
+        match self.attr(name) {
+            None => Ok(default.to_string()),
+            Some(a) => match &a.s {
+                Some(s) => Ok(String::from_utf8_lossy(s).into_owned()),
+                None => Err(format!("attribute `{name}` is not a string").into()),
+            },
+        }
+    }
+
+    /// A tensor attribute.
+    pub fn tensor(&self, name: &str) -> Option<&TensorProto> {
+        self.attr(name).and_then(|a| a.t.as_ref())
+    }
+
+    /// The names of the attributes present (for `Constant`).
+    pub fn attr_names(&self) -> Vec<(&str, Option<AttributeType>)> {
+        self.node
+            .attribute
+            .iter()
+            .map(|a| (a.name.as_deref().unwrap_or(""), Self::attr_kind(a)))
+            .collect()
+    }
+
+    /// The number of declared outputs.
+    pub fn n_outputs(&self) -> usize {
+        self.node.output.len()
+    }
+
+    /// Whether output `i` is declared and used (has a non-empty name).
+    pub fn output_used(&self, i: usize) -> bool {
+        self.node.output.get(i).is_some_and(|o| !o.is_empty())
+    }
+}
+
+/// The state of one import.
+pub struct Importer<'a> {
+    /// The function being built.
+    pub t: Tracer,
+    params: HashMap<String, Value>,
+    inits: &'a HashMap<String, Tensor>,
+    /// True while a node is lowered into a scratch tracer for constant folding.
+    folding: bool,
+    /// External tensors (for `Constant` nodes that store their value externally).
+    pub external: &'a mut ExternalFiles,
+}
+
+impl Importer<'_> {
+    /// The IR value of `v`, materialising constants and parameters.
+    pub fn ir(&mut self, v: &Val) -> NResult<Value> {
+        match v {
+            Val::Ir(x) => Ok(*x),
+            Val::Const(t) => Ok(self.constant(t)?),
+            Val::Param(name) => {
+                if self.folding {
+                    return Err("internal error: a parameter reached constant folding".into());
+                }
+                if let Some(&p) = self.params.get(name) {
+                    return Ok(p);
+                }
+                let init = &self.inits[name];
+                let p = self.t.param(name, init.dtype, init.shape.clone())?;
+                self.params.insert(name.clone(), p);
+                Ok(p)
+            }
+            Val::Seq(_) => Err("a sequence cannot be used as a tensor".into()),
+        }
+    }
+
+    /// A constant node holding `t`.
+    pub fn constant(&mut self, t: &Tensor) -> NResult<Value> {
+        let value = literal_of(t);
+        Ok(self.t.constant(t.ty(), value)?)
+    }
+
+    /// The value of `v` if it is known at import time (constants and initializers).
+    pub fn known<'v>(&'v self, v: &'v Val) -> Option<&'v Tensor> {
+        match v {
+            Val::Const(t) => Some(t),
+            Val::Param(name) => self.inits.get(name),
+            _ => None,
+        }
+    }
+
+    /// The type of a tensor value.
+    pub fn ty(&self, v: &Val) -> NResult<TensorType> {
+        match v {
+            Val::Ir(x) => Ok(self.t.ty(*x).clone()),
+            Val::Const(t) => Ok(t.ty()),
+            Val::Param(name) => Ok(self.inits[name].ty()),
+            Val::Seq(_) => Err("a sequence cannot be used as a tensor".into()),
+        }
+    }
+
+    /// The shape of a tensor value.
+    pub fn shape(&self, v: &Val) -> NResult<Vec<usize>> {
+        Ok(self.ty(v)?.shape)
+    }
+
+    /// The elements of a value known at import time as integers; `what` names it in the error.
+    pub fn const_ints(&self, v: &Val, what: &str) -> NResult<Vec<i64>> {
+        let t = self.known(v).ok_or_else(|| {
+            format!("`{what}` must be known at import time (a constant, an initializer or computed from static shapes)")
+        })?;
+        match &t.data {
+            TensorData::Int(v) => Ok(v.clone()),
+            TensorData::Bool(v) => Ok(v.iter().map(|&b| b as i64).collect()),
+            TensorData::Float(v) => Ok(v.iter().map(|&x| x as i64).collect()),
+        }
+    }
+
+    /// The elements of a value known at import time as floats.
+    pub fn const_floats(&self, v: &Val, what: &str) -> NResult<Vec<f64>> {
+        let t = self
+            .known(v)
+            .ok_or_else(|| format!("`{what}` must be known at import time"))?;
+        Ok(t.to_f64_vec())
+    }
+}
+
+/// A literal holding a tensor's elements.
+pub fn literal_of(t: &Tensor) -> Literal {
+    match &t.data {
+        TensorData::Float(v) => Literal::Float(v.clone()),
+        TensorData::Int(v) => Literal::Int(v.clone()),
+        TensorData::Bool(v) => Literal::Bool(v.clone()),
+    }
+}
+
+/// Checks a shape computed from model data against the importer's limits.
+pub fn check_shape(shape: &[usize]) -> NResult<()> {
+    if shape.len() > cleave_ir::MAX_RANK {
+        return Err(format!(
+            "rank {} exceeds the maximum {}",
+            shape.len(),
+            cleave_ir::MAX_RANK
+        )
+        .into());
+    }
+    if checked_numel(shape, MAX_ELEMENTS).is_none() {
+        return Err(format!("shape {shape:?} has too many elements").into());
+    }
+    Ok(())
+}
+
+fn node_label(node: &NodeProto, index: usize) -> String {
+    match node.name.as_deref() {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => format!("#{index}"),
+    }
+}
+
+fn is_default_domain(node: &NodeProto) -> bool {
+    matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx"))
+}
+
+fn function_name(graph: &GraphProto) -> String {
+    let name: String = graph
+        .name
+        .as_deref()
+        .unwrap_or("")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        "main".to_string()
+    } else {
+        name
+    }
+}
+
+fn opset_of(model: &ModelProto) -> Result<i64> {
+    let version = model
+        .opset_import
+        .iter()
+        .find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
+        .and_then(|o| o.version);
+    match version {
+        Some(v) if (MIN_OPSET..=MAX_OPSET).contains(&v) => Ok(v),
+        Some(v) => Err(OnnxError::Opset {
+            found: v.to_string(),
+        }),
+        None => Err(OnnxError::Opset {
+            found: "none (no default-domain opset_import)".into(),
+        }),
+    }
+}
+
+/// The type of a graph input, with symbolic dimensions bound to the batch size.
+fn input_type(vi: &ValueInfoProto, opts: &ImportOptions) -> Result<TensorType> {
+    let name = vi.name.as_deref().unwrap_or("");
+    let bad = |m: String| OnnxError::Model(format!("graph input `{name}`: {m}"));
+    let tt = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(type_proto::Value::TensorType(tt)) => tt,
+        _ => return Err(bad("is not a tensor".into())),
+    };
+    let code = tt.elem_type.unwrap_or(0);
+    let dtype = super::tensor::dtype_of(code).ok_or_else(|| {
+        bad(format!(
+            "element type {} is not supported",
+            super::tensor::dtype_code_name(code)
+        ))
+    })?;
+    let dims = tt
+        .shape
+        .as_ref()
+        .ok_or_else(|| bad("has no shape (cleave needs static shapes)".into()))?;
+    let mut shape = Vec::new();
+    for (i, d) in dims.dim.iter().enumerate() {
+        let extent = match &d.value {
+            Some(dimension::Value::DimValue(v)) if *v >= 0 => *v as usize,
+            Some(dimension::Value::DimValue(v)) => {
+                return Err(bad(format!("dimension {i} is negative ({v})")))
+            }
+            other => {
+                let what = match other {
+                    Some(dimension::Value::DimParam(p)) => format!("symbolic (`{p}`)"),
+                    _ => "unknown".to_string(),
+                };
+                match opts.batch {
+                    Some(b) => b,
+                    None => {
+                        return Err(bad(format!(
+                            "dimension {i} is {what}; bind it with `--batch N`"
+                        )))
+                    }
+                }
+            }
+        };
+        shape.push(extent);
+    }
+    check_shape(&shape).map_err(|e| bad(e.0))?;
+    Ok(TensorType::new(dtype, shape))
+}
+
+/// Imports a decoded model.
+pub fn import_model(
+    model: &ModelProto,
+    base_dir: Option<&Path>,
+    opts: &ImportOptions,
+) -> Result<Imported> {
+    let opset = opset_of(model)?;
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| OnnxError::Model("the model has no graph".into()))?;
+
+    // Every unsupported node, before anything else.
+    let unsupported: Vec<(String, String)> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| {
+            !is_default_domain(n)
+                || !ops::SUPPORTED_OPS.contains(&n.op_type.as_deref().unwrap_or(""))
+        })
+        .map(|(i, n)| {
+            let op = n.op_type.clone().unwrap_or_default();
+            let op = match n.domain.as_deref() {
+                Some(d) if !is_default_domain(n) => format!("{d}::{op}"),
+                _ => op,
+            };
+            (node_label(n, i), op)
+        })
+        .collect();
+    if !unsupported.is_empty() {
+        return Err(OnnxError::UnsupportedOps { nodes: unsupported });
+    }
+
+    let mut external = ExternalFiles::new(base_dir);
+    let mut vals: HashMap<String, Val> = HashMap::new();
+    let mut inits: HashMap<String, Tensor> = HashMap::new();
+    for init in &graph.initializer {
+        let name = init.name.clone().unwrap_or_default();
+        if name.is_empty() {
+            return Err(OnnxError::Model("an initializer has no name".into()));
+        }
+        let t = decode_tensor(init, &mut external)?;
+        if t.dtype.is_float() {
+            inits.insert(name.clone(), t);
+            vals.insert(name.clone(), Val::Param(name));
+        } else {
+            vals.insert(name, Val::Const(t));
+        }
+    }
+    let warnings = pitfalls(graph, &inits);
+
+    let mut imp = Importer {
+        t: Tracer::new(function_name(graph)),
+        params: HashMap::new(),
+        inits: &inits,
+        folding: false,
+        external: &mut external,
+    };
+    for vi in &graph.input {
+        let name = vi.name.clone().unwrap_or_default();
+        if vals.contains_key(&name) {
+            continue; // An initializer listed as an input too (IR version < 4).
+        }
+        let ty = input_type(vi, opts)?;
+        let v = imp
+            .t
+            .input(&name, ty.dtype, ty.shape)
+            .map_err(|e| OnnxError::Model(format!("graph input `{name}`: {e}")))?;
+        vals.insert(name, Val::Ir(v));
+    }
+
+    for (index, node) in graph.node.iter().enumerate() {
+        let ctx = NodeCtx {
+            node,
+            op: node.op_type.as_deref().unwrap_or(""),
+            opset,
+        };
+        let node_err = |message: String| OnnxError::Node {
+            node: node_label(node, index),
+            op_type: ctx.op.to_string(),
+            message,
+        };
+        let mut inputs = Vec::with_capacity(node.input.len());
+        for name in &node.input {
+            if name.is_empty() {
+                inputs.push(None);
+                continue;
+            }
+            let v = vals.get(name).ok_or_else(|| {
+                node_err(format!("input `{name}` is not defined before the node"))
+            })?;
+            inputs.push(Some(v.clone()));
+        }
+        let outputs = lower_node(&mut imp, &ctx, &inputs).map_err(|e| node_err(e.0))?;
+        if outputs.len() < node.output.iter().filter(|o| !o.is_empty()).count() {
+            return Err(node_err(format!(
+                "declares {} outputs; cleave computes {}",
+                node.output.len(),
+                outputs.len()
+            )));
+        }
+        for (name, v) in node.output.iter().zip(outputs) {
+            if !name.is_empty() {
+                vals.insert(name.clone(), v);
+            }
+        }
+    }
+
+    for out in &graph.output {
+        let name = out.name.clone().unwrap_or_default();
+        let v = vals
+            .get(&name)
+            .ok_or_else(|| OnnxError::Model(format!("graph output `{name}` is never computed")))?
+            .clone();
+        let value = imp
+            .ir(&v)
+            .map_err(|e| OnnxError::Model(format!("graph output `{name}`: {e}")))?;
+        imp.t
+            .output(&name, value)
+            .map_err(|e| OnnxError::Model(format!("graph output `{name}`: {e}")))?;
+    }
+    let func = imp.t.finish();
+    let params = func
+        .params()
+        .filter_map(|p| inits.get(p.name).map(|t| (p.name.to_string(), t.clone())))
+        .collect();
+    Ok(Imported {
+        module: Module::with_function(func),
+        warnings,
+        params,
+    })
+}
+
+/// Lowers one node, folding it to constants when all its inputs are known.
+fn lower_node(imp: &mut Importer, ctx: &NodeCtx, inputs: &[Option<Val>]) -> NResult<Vec<Val>> {
+    let all_const = inputs.iter().flatten().all(|v| matches!(v, Val::Const(_)))
+        && inputs.iter().any(Option::is_some)
+        && !imp.folding
+        && ops::foldable(ctx.op);
+    if !all_const {
+        return ops::lower(imp, ctx, inputs);
+    }
+    // Lower into a scratch function, then evaluate it with the interpreter.
+    let main = std::mem::replace(&mut imp.t, Tracer::new("fold"));
+    imp.folding = true;
+    let lowered = ops::lower(imp, ctx, inputs);
+    imp.folding = false;
+    let scratch = std::mem::replace(&mut imp.t, main);
+    let outs = lowered?;
+    let func = scratch.func();
+    let scratch_elements = func
+        .values
+        .values()
+        .try_fold(0usize, |acc, v| acc.checked_add(v.ty.num_elements()));
+    if scratch_elements.is_none_or(|n| n > MAX_CONST_ELEMENTS) {
+        // Too big to evaluate at import time: keep the computation in the function.
+        return ops::lower(imp, ctx, inputs);
+    }
+    let mut func = scratch.finish();
+    let mut ir_outs = Vec::new();
+    for (i, v) in outs.iter().enumerate() {
+        if let Val::Ir(x) = v {
+            func.outputs.push(cleave_ir::Output {
+                name: format!("o{i}"),
+                value: *x,
+            });
+            ir_outs.push(i);
+        }
+    }
+    let results = run_function(&func, &[], Precision::F32)
+        .map_err(|e| format!("evaluating the constant node at import time: {e}"))?;
+    let mut outs = outs;
+    for (i, t) in ir_outs.into_iter().zip(results) {
+        outs[i] = Val::Const(t);
+    }
+    Ok(outs)
+}
+
+/// Export pitfalls: unnamed initializers and initializers shared by layers of one kind.
+fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> {
+    const HOW: &str = "re-export with `torch.onnx.export(..., dynamo=True, optimize=False)` \
+                       (or, with the TorchScript exporter, `dynamo=False, \
+                       do_constant_folding=False`) so that parameters keep their names";
+    let mut warnings = Vec::new();
+    let mut unnamed: Vec<&str> = inits
+        .keys()
+        .map(String::as_str)
+        .filter(|n| n.starts_with("onnx::") || n.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    unnamed.sort_unstable();
+    if !unnamed.is_empty() {
+        warnings.push(format!(
+            "unnamed initializer(s) {}: PyTorch's default export pre-transposes or folds weights \
+             into new tensors, so these parameters will not match the model's; {HOW}",
+            unnamed
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    // (initializer, op type, input position) -> the nodes using it there.
+    // The TorchScript exporter aliases merged parameters through `Identity` nodes
+    // (`ln2.weight = Identity(ln1.weight)`); resolve those aliases.
+    let mut alias: HashMap<&str, &str> = HashMap::new();
+    for node in &graph.node {
+        if node.op_type.as_deref() == Some("Identity") {
+            if let (Some(src), Some(dst)) = (node.input.first(), node.output.first()) {
+                if inits.contains_key(src) {
+                    alias.insert(dst, src);
+                }
+            }
+        }
+    }
+    let mut uses: BTreeMap<(&str, &str, usize), Vec<String>> = BTreeMap::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        if node.op_type.as_deref() == Some("Identity") {
+            continue;
+        }
+        for (pos, input) in node.input.iter().enumerate() {
+            let input = alias.get(input.as_str()).copied().unwrap_or(input);
+            if inits.contains_key(input) {
+                uses.entry((input, node.op_type.as_deref().unwrap_or(""), pos))
+                    .or_default()
+                    .push(node_label(node, i));
+            }
+        }
+    }
+    for ((init, op, _), nodes) in uses {
+        if nodes.len() > 1 {
+            warnings.push(format!(
+                "initializer `{init}` is shared by {} {op} nodes ({}): PyTorch's export merges \
+                 parameters with equal values (two freshly initialised layers become one), so \
+                 these layers will train one tensor; {HOW}",
+                nodes.len(),
+                nodes.join(", ")
+            ));
+        }
+    }
+    warnings
+}
+
+/// The dtype of an ONNX `to`-style attribute.
+pub fn attr_dtype(code: i64) -> NResult<DType> {
+    i32::try_from(code)
+        .ok()
+        .and_then(super::tensor::dtype_of)
+        .ok_or_else(|| {
+            format!(
+                "element type {} is not supported",
+                super::tensor::dtype_code_name(code as i32)
+            )
+            .into()
+        })
+}

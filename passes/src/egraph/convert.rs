@@ -173,6 +173,7 @@ pub fn emit_region(
     extraction: &Extraction,
     out: &mut Function,
     remap: &mut HashMap<Value, Value>,
+    order_of: &mut HashMap<Node, usize>,
 ) {
     let egraph = &region.egraph;
     let annotations = class_annotations(region);
@@ -185,7 +186,7 @@ pub fn emit_region(
         let data = func.node(node);
         if data.op.arg_role().is_some() {
             if !remap.contains_key(&data.results[0]) {
-                copy_arg(func, node, out, remap);
+                copy_arg(func, node, out, remap, order_of);
             }
             continue;
         }
@@ -209,19 +210,28 @@ pub fn emit_region(
                 remap,
                 &mut emitted,
                 &mut multi,
+                order_of,
             );
             remap.insert(result, v);
         }
     }
 }
 
-fn copy_arg(func: &Function, node: Node, out: &mut Function, remap: &mut HashMap<Value, Value>) {
+fn copy_arg(
+    func: &Function,
+    node: Node,
+    out: &mut Function,
+    remap: &mut HashMap<Value, Value>,
+    order_of: &mut HashMap<Node, usize>,
+) {
     let data = func.node(node);
     let ty = func.ty(data.results[0]).clone();
     let new = out.push_node(data.op.clone(), vec![], vec![ty]);
     out.nodes[new].phase = data.phase;
     out.nodes[new].stage = data.stage;
     remap.insert(data.results[0], out.result(new));
+    let idx = func.body.iter().position(|&n| n == node).unwrap_or(0);
+    order_of.insert(new, idx);
 }
 
 /// Emits the chosen term of `root` (iteratively, operands first) and returns its value.
@@ -237,6 +247,7 @@ fn emit_class(
     remap: &mut HashMap<Value, Value>,
     emitted: &mut HashMap<Id, Value>,
     multi: &mut HashMap<(LeafRef, Vec<Value>), Node>,
+    order_of: &mut HashMap<Node, usize>,
 ) -> Value {
     let root = egraph.find(root);
     // Work items: (class, inherited annotation, operands pushed?).
@@ -260,7 +271,7 @@ fn emit_class(
                     None => {
                         // An argument needed before its original position.
                         let def = func.values[v].def;
-                        copy_arg(func, def, out, remap);
+                        copy_arg(func, def, out, remap, order_of);
                         remap[&v]
                     }
                 };
@@ -303,6 +314,7 @@ fn emit_class(
         };
         out.nodes[new].phase = ann.phase;
         out.nodes[new].stage = ann.stage;
+        order_of.entry(new).or_insert(ann.order);
         emitted.insert(c, out.nodes[new].results[result as usize]);
     }
     emitted[&root]
@@ -317,6 +329,51 @@ fn find_leaf(egraph: &CirGraph, op: &Op) -> LeafRef {
             _ => i += 1,
         }
     }
+}
+
+/// Reorders `func.body` topologically, taking among the ready nodes the one with the smallest
+/// original position (`order_of`; a node created by a rule has that of the class using it first).
+/// An unchanged function therefore prints exactly as before, and arguments keep their order.
+pub fn sort_by_original_order(func: &mut Function, order_of: &HashMap<Node, usize>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let position: HashMap<Node, usize> = func.body.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let mut producer: HashMap<Value, Node> = HashMap::new();
+    for &n in &func.body {
+        for &v in &func.nodes[n].results {
+            producer.insert(v, n);
+        }
+    }
+    let mut pending: HashMap<Node, usize> = HashMap::new();
+    let mut users: HashMap<Node, Vec<Node>> = HashMap::new();
+    for &n in &func.body {
+        let mut deps: Vec<Node> = func.nodes[n].operands.iter().map(|v| producer[v]).collect();
+        deps.sort();
+        deps.dedup();
+        pending.insert(n, deps.len());
+        for d in deps {
+            users.entry(d).or_default().push(n);
+        }
+    }
+    let key = |n: Node| (order_of.get(&n).copied().unwrap_or(usize::MAX), position[&n]);
+    let mut ready: BinaryHeap<Reverse<((usize, usize), Node)>> = func
+        .body
+        .iter()
+        .filter(|n| pending[n] == 0)
+        .map(|&n| Reverse((key(n), n)))
+        .collect();
+    let mut body = Vec::with_capacity(func.body.len());
+    while let Some(Reverse((_, n))) = ready.pop() {
+        body.push(n);
+        for &u in users.get(&n).map(Vec::as_slice).unwrap_or(&[]) {
+            let p = pending.get_mut(&u).unwrap();
+            *p -= 1;
+            if *p == 0 {
+                ready.push(Reverse((key(u), u)));
+            }
+        }
+    }
+    func.body = body;
 }
 
 /// Restores the verifier's phase and stage rules after extraction (see the module docs).

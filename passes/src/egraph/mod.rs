@@ -188,6 +188,7 @@ pub fn simplify_function(
 
     let mut out = Function::new(func.name.clone());
     let mut remap: HashMap<Value, Value> = HashMap::new();
+    let mut order_of = HashMap::new();
     let mut report = SimplifyReport::default();
     let mut start = 0;
     while start < n {
@@ -218,6 +219,7 @@ pub fn simplify_function(
             &extraction,
             &mut out,
             &mut remap,
+            &mut order_of,
         );
         report.regions.push(RegionReport {
             range,
@@ -234,7 +236,7 @@ pub fn simplify_function(
             value: remap[&o.value],
         })
         .collect();
-    restore_arg_order(func, &mut out);
+    convert::sort_by_original_order(&mut out, &order_of);
     convert::repair_annotations(&mut out);
     cleave_ir::verify_function(&out).map_err(|errors| {
         format!(
@@ -248,33 +250,4 @@ pub fn simplify_function(
         )
     })?;
     Ok((out, report))
-}
-
-/// If an argument was emitted early (a term needed it before its original position), moves all
-/// arguments to the front in their original order; arguments have no operands, so this is valid.
-fn restore_arg_order(func: &Function, out: &mut Function) {
-    let before: Vec<&str> = func.args().map(|a| a.name).collect();
-    let after: Vec<&str> = out.args().map(|a| a.name).collect();
-    if before == after {
-        return;
-    }
-    let position: HashMap<String, usize> = before
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.to_string(), i))
-        .collect();
-    let mut args: Vec<_> = out
-        .body
-        .iter()
-        .copied()
-        .filter(|&n| out.node(n).op.arg_role().is_some())
-        .collect();
-    args.sort_by_key(|&n| position[out.node(n).op.arg_name().unwrap()]);
-    let rest: Vec<_> = out
-        .body
-        .iter()
-        .copied()
-        .filter(|&n| out.node(n).op.arg_role().is_none())
-        .collect();
-    out.body = args.into_iter().chain(rest).collect();
 }

@@ -42,6 +42,7 @@ impl Simplify {
             time_limit_ms: o.take_parsed("time_limit_ms", d.time_limit_ms)?,
             extract: o.take_parsed::<ExtractMethod>("extract", d.extract)?,
             region_nodes: o.take_parsed("region_nodes", d.region_nodes)?,
+            ilp_node_limit: d.ilp_node_limit,
         };
         o.finish()?;
         Ok(Simplify { options })

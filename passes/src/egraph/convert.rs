@@ -337,7 +337,8 @@ fn find_leaf(egraph: &CirGraph, op: &Op) -> LeafRef {
 pub fn sort_by_original_order(func: &mut Function, order_of: &HashMap<Node, usize>) {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
-    let position: HashMap<Node, usize> = func.body.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let position: HashMap<Node, usize> =
+        func.body.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let mut producer: HashMap<Value, Node> = HashMap::new();
     for &n in &func.body {
         for &v in &func.nodes[n].results {
@@ -355,7 +356,12 @@ pub fn sort_by_original_order(func: &mut Function, order_of: &HashMap<Node, usiz
             users.entry(d).or_default().push(n);
         }
     }
-    let key = |n: Node| (order_of.get(&n).copied().unwrap_or(usize::MAX), position[&n]);
+    let key = |n: Node| {
+        (
+            order_of.get(&n).copied().unwrap_or(usize::MAX),
+            position[&n],
+        )
+    };
     let mut ready: BinaryHeap<Reverse<((usize, usize), Node)>> = func
         .body
         .iter()

@@ -68,6 +68,8 @@ pub struct SimplifyOptions {
     pub extract: ExtractMethod,
     /// Region size in body nodes.
     pub region_nodes: usize,
+    /// Candidate e-nodes above which the ILP gives way to greedy extraction.
+    pub ilp_node_limit: usize,
 }
 
 impl Default for SimplifyOptions {
@@ -79,6 +81,7 @@ impl Default for SimplifyOptions {
             time_limit_ms: DEFAULT_TIME_LIMIT_MS,
             extract: ExtractMethod::Ilp,
             region_nodes: DEFAULT_REGION_NODES,
+            ilp_node_limit: ILP_NODE_LIMIT,
         }
     }
 }
@@ -126,8 +129,8 @@ impl SimplifyReport {
             }
             if opts.extract == ExtractMethod::Ilp && r.method == ExtractMethod::Greedy {
                 hits.push(format!(
-                    "@{func}: nodes {}..{}: the ILP extraction was skipped (over {ILP_NODE_LIMIT} candidate e-nodes or the solver failed); used greedy extraction",
-                    r.range.start, r.range.end
+                    "@{func}: nodes {}..{}: the ILP extraction was skipped (over {} candidate e-nodes or the solver failed); used greedy extraction",
+                    r.range.start, r.range.end, opts.ilp_node_limit
                 ));
             }
         }
@@ -138,9 +141,12 @@ impl SimplifyReport {
 /// Whether a function may be simplified: it must hold no `recompute`, `offload` or `reload` node
 /// (merging a recomputation with its forward original would undo it).
 pub fn check_entry(func: &Function) -> Result<(), String> {
-    match func.body.iter().map(|&n| func.node(n).phase).find(|p| {
-        matches!(p, Phase::Recompute | Phase::Offload | Phase::Reload)
-    }) {
+    match func
+        .body
+        .iter()
+        .map(|&n| func.node(n).phase)
+        .find(|p| matches!(p, Phase::Recompute | Phase::Offload | Phase::Reload))
+    {
         Some(p) => Err(format!(
             "@{}: holds `{}` nodes; run `simplify` before recompute/offload planning",
             func.name,
@@ -211,7 +217,8 @@ pub fn simplify_function(
             region.egraph = runner.egraph;
         }
         let roots: Vec<_> = region.roots.iter().map(|&(_, c)| c).collect();
-        let extraction = extract::extract(&region.egraph, &roots, opts.extract);
+        let extraction =
+            extract::extract(&region.egraph, &roots, opts.extract, opts.ilp_node_limit);
         convert::emit_region(
             func,
             range.clone(),

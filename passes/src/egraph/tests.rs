@@ -96,213 +96,341 @@ macro_rules! rule_test {
     };
 }
 
-rule_test!(transpose_transpose, ["transpose-transpose"], r#"func @f {
+rule_test!(
+    transpose_transpose,
+    ["transpose-transpose"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,3,4]
   %a = transpose %x {perm = [1, 2, 0]} : f32[3,4,2]
   %b = transpose %a {perm = [1, 0, 2]} : f32[4,3,2]
   %c = transpose %x {perm = [2, 1, 0]} : f32[4,3,2]
   return %b as "lhs", %c as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(transpose_transpose_folds, ["transpose-transpose", "transpose-identity"], r#"func @f {
+rule_test!(
+    transpose_transpose_folds,
+    ["transpose-transpose", "transpose-identity"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,3]
   %a = transpose %x {perm = [1, 0]} : f32[3,2]
   %b = transpose %a {perm = [1, 0]} : f32[2,3]
   return %b as "lhs", %x as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(transpose_transpose_not_inverse, ["transpose-transpose", "transpose-identity"], r#"func @f {
+rule_test!(
+    transpose_transpose_not_inverse,
+    ["transpose-transpose", "transpose-identity"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,2,2]
   %a = transpose %x {perm = [1, 0, 2]} : f32[2,2,2]
   %b = transpose %a {perm = [0, 2, 1]} : f32[2,2,2]
   return %b as "lhs", %x as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(transpose_identity, ["transpose-identity"], r#"func @f {
+rule_test!(
+    transpose_identity,
+    ["transpose-identity"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,3]
   %a = transpose %x {perm = [0, 1]} : f32[2,3]
   return %a as "lhs", %x as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(transpose_identity_not_swap, ["transpose-identity"], r#"func @f {
+rule_test!(
+    transpose_identity_not_swap,
+    ["transpose-identity"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,2]
   %a = transpose %x {perm = [1, 0]} : f32[2,2]
   return %a as "lhs", %x as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(matmul_absorb_lhs, ["matmul-absorb-transpose-lhs"], r#"func @f {
+rule_test!(
+    matmul_absorb_lhs,
+    ["matmul-absorb-transpose-lhs"],
+    r#"func @f {
   %x = input {name = "x"} : f32[5,4,2]
   %w = input {name = "w"} : f32[5,4,3]
   %xt = transpose %x {perm = [0, 2, 1]} : f32[5,2,4]
   %a = matmul %xt, %w : f32[5,2,3]
   %b = matmul %x, %w {transpose_lhs = true} : f32[5,2,3]
   return %a as "lhs", %b as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(matmul_absorb_lhs_batch_dim, ["matmul-absorb-transpose-lhs"], r#"func @f {
+rule_test!(
+    matmul_absorb_lhs_batch_dim,
+    ["matmul-absorb-transpose-lhs"],
+    r#"func @f {
   %x = input {name = "x"} : f32[3,3,3]
   %w = input {name = "w"} : f32[3,3,3]
   %xt = transpose %x {perm = [1, 0, 2]} : f32[3,3,3]
   %a = matmul %xt, %w : f32[3,3,3]
   %b = matmul %x, %w {transpose_lhs = true} : f32[3,3,3]
   return %a as "lhs", %b as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(matmul_absorb_rhs, ["matmul-absorb-transpose-rhs"], r#"func @f {
+rule_test!(
+    matmul_absorb_rhs,
+    ["matmul-absorb-transpose-rhs"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,4]
   %w = input {name = "w"} : f32[3,4]
   %wt = transpose %w {perm = [1, 0]} : f32[4,3]
   %a = matmul %x, %wt : f32[2,3]
   %b = matmul %x, %w {transpose_rhs = true} : f32[2,3]
   return %a as "lhs", %b as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(matmul_absorb_rhs_already_flagged, ["matmul-absorb-transpose-rhs"], r#"func @f {
+rule_test!(
+    matmul_absorb_rhs_already_flagged,
+    ["matmul-absorb-transpose-rhs"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,4]
   %w = input {name = "w"} : f32[4,3]
   %wt = transpose %w {perm = [1, 0]} : f32[3,4]
   %a = matmul %x, %wt {transpose_rhs = true} : f32[2,3]
   %b = matmul %x, %w : f32[2,3]
   return %a as "lhs", %b as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(matmul_absorb_rhs_wrong_flag, ["matmul-absorb-transpose-rhs"], r#"func @f {
+rule_test!(
+    matmul_absorb_rhs_wrong_flag,
+    ["matmul-absorb-transpose-rhs"],
+    r#"func @f {
   %x = input {name = "x"} : f32[3,3]
   %w = input {name = "w"} : f32[3,3]
   %wt = transpose %w {perm = [1, 0]} : f32[3,3]
   %a = matmul %x, %wt : f32[3,3]
   %b = matmul %x, %w : f32[3,3]
   return %a as "lhs", %b as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(reshape_reshape, ["reshape-reshape"], r#"func @f {
+rule_test!(
+    reshape_reshape,
+    ["reshape-reshape"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,6]
   %a = reshape %x : f32[3,4]
   %b = reshape %a : f32[12]
   %c = reshape %x : f32[12]
   return %b as "lhs", %c as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(reshape_reshape_not_identity, ["reshape-reshape"], r#"func @f {
+rule_test!(
+    reshape_reshape_not_identity,
+    ["reshape-reshape"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,6]
   %a = reshape %x : f32[3,4]
   %b = reshape %a : f32[2,6]
   return %b as "lhs", %x as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(reshape_identity, ["reshape-identity"], r#"func @f {
+rule_test!(
+    reshape_identity,
+    ["reshape-identity"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,6]
   %a = reshape %x : f32[2,6]
   return %a as "lhs", %x as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(reshape_identity_other_shape, ["reshape-identity"], r#"func @f {
+rule_test!(
+    reshape_identity_other_shape,
+    ["reshape-identity"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,6]
   %a = reshape %x : f32[6,2]
   %b = reshape %a : f32[2,6]
   return %b as "lhs", %x as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(broadcast_identity, ["broadcast-identity"], r#"func @f {
+rule_test!(
+    broadcast_identity,
+    ["broadcast-identity"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,1]
   %a = broadcast %x {dims = [0, 1]} : f32[2,1]
   return %a as "lhs", %x as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(broadcast_identity_real_broadcast, ["broadcast-identity"], r#"func @f {
+rule_test!(
+    broadcast_identity_real_broadcast,
+    ["broadcast-identity"],
+    r#"func @f {
   %x = input {name = "x"} : f32[1,3]
   %a = broadcast %x {dims = [0, 1]} : f32[3,3]
   %b = reduce_max %a {axes = [0]} : f32[3]
   %c = reshape %x : f32[3]
   return %b as "lhs", %c as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(reduce_empty_axes, ["reduce-empty-axes"], r#"func @f {
+rule_test!(
+    reduce_empty_axes,
+    ["reduce-empty-axes"],
+    r#"func @f {
   %x = input {name = "x"} : f32[2,3]
   %a = reduce_mean %x {axes = []} : f32[2,3]
   return %a as "lhs", %x as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(reduce_empty_axes_real_axis, ["reduce-empty-axes"], r#"func @f {
+rule_test!(
+    reduce_empty_axes_real_axis,
+    ["reduce-empty-axes"],
+    r#"func @f {
   %x = input {name = "x"} : f32[1,3]
   %a = reduce_sum %x {axes = [0]} : f32[3]
   %b = reshape %x : f32[3]
   return %a as "lhs", %b as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(mul_one, ["mul-one"], r#"func @f {
+rule_test!(
+    mul_one,
+    ["mul-one"],
+    r#"func @f {
   %x = input {name = "x"} : f32[3]
   %c = constant {value = 1.0} : f32[]
   %o = broadcast %c {dims = []} : f32[3]
   %a = mul %x, %o : f32[3]
   return %a as "lhs", %x as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(mul_one_by_two, ["mul-one", "one-mul"], r#"func @f {
+rule_test!(
+    mul_one_by_two,
+    ["mul-one", "one-mul"],
+    r#"func @f {
   %x = input {name = "x"} : f32[3]
   %c = constant {value = 2.0} : f32[3]
   %a = mul %x, %c : f32[3]
   return %a as "lhs", %x as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(one_mul, ["one-mul"], r#"func @f {
+rule_test!(
+    one_mul,
+    ["one-mul"],
+    r#"func @f {
   %x = input {name = "x"} : i32[3]
   %c = constant {value = [1, 1, 1]} : i32[3]
   %a = mul %c, %x : i32[3]
   return %a as "lhs", %x as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(one_mul_mixed_literal, ["one-mul"], r#"func @f {
+rule_test!(
+    one_mul_mixed_literal,
+    ["one-mul"],
+    r#"func @f {
   %x = input {name = "x"} : f32[3]
   %c = constant {value = [1.0, 1.0, 2.0]} : f32[3]
   %a = mul %c, %x : f32[3]
   return %a as "lhs", %x as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(add_zero, ["add-zero"], r#"func @f {
+rule_test!(
+    add_zero,
+    ["add-zero"],
+    r#"func @f {
   %x = input {name = "x"} : f32[3]
   %c = constant {value = -0.0} : f32[3]
   %a = add %x, %c : f32[3]
   return %a as "lhs", %x as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(add_zero_positive_zero, ["add-zero", "zero-add"], r#"func @f {
+rule_test!(
+    add_zero_positive_zero,
+    ["add-zero", "zero-add"],
+    r#"func @f {
   %x = input {name = "x"} : f32[3]
   %c = constant {value = 0.0} : f32[3]
   %a = add %x, %c : f32[3]
   return %a as "lhs", %x as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(zero_add, ["zero-add"], r#"func @f {
+rule_test!(
+    zero_add,
+    ["zero-add"],
+    r#"func @f {
   %x = input {name = "x"} : i64[3]
   %c = constant {value = 0} : i64[3]
   %a = add %c, %x : i64[3]
   return %a as "lhs", %x as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(zero_add_nonzero, ["zero-add"], r#"func @f {
+rule_test!(
+    zero_add_nonzero,
+    ["zero-add"],
+    r#"func @f {
   %x = input {name = "x"} : i64[3]
   %c = constant {value = 1} : i64[3]
   %a = add %c, %x : i64[3]
   return %a as "lhs", %x as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(neg_neg, ["neg-neg"], r#"func @f {
+rule_test!(
+    neg_neg,
+    ["neg-neg"],
+    r#"func @f {
   %x = input {name = "x"} : f32[3]
   %a = neg %x : f32[3]
   %b = neg %a : f32[3]
   return %b as "lhs", %x as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(neg_neg_single, ["neg-neg"], r#"func @f {
+rule_test!(
+    neg_neg_single,
+    ["neg-neg"],
+    r#"func @f {
   %x = input {name = "x"} : f32[3]
   %a = neg %x : f32[3]
   %b = abs %a : f32[3]
   %c = abs %x : f32[3]
   return %b as "lhs", %c as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(add_assoc, ["add-assoc"], r#"func @f {
+rule_test!(
+    add_assoc,
+    ["add-assoc"],
+    r#"func @f {
   %a = input {name = "a"} : f32[3]
   %b = input {name = "b"} : f32[3]
   %c = input {name = "c"} : f32[3]
@@ -311,33 +439,51 @@ rule_test!(add_assoc, ["add-assoc"], r#"func @f {
   %bc = add %b, %c : f32[3]
   %r = add %a, %bc : f32[3]
   return %l as "lhs", %r as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(add_assoc_not_comm, ["add-assoc"], r#"func @f {
+rule_test!(
+    add_assoc_not_comm,
+    ["add-assoc"],
+    r#"func @f {
   %a = input {name = "a"} : f32[3]
   %b = input {name = "b"} : f32[3]
   %l = add %a, %b : f32[3]
   %r = add %b, %a : f32[3]
   return %l as "lhs", %r as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(add_comm, ["add-comm"], r#"func @f {
+rule_test!(
+    add_comm,
+    ["add-comm"],
+    r#"func @f {
   %a = input {name = "a"} : f32[3]
   %b = input {name = "b"} : f32[3]
   %l = add %a, %b : f32[3]
   %r = add %b, %a : f32[3]
   return %l as "lhs", %r as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(add_comm_not_sub, ["add-comm"], r#"func @f {
+rule_test!(
+    add_comm_not_sub,
+    ["add-comm"],
+    r#"func @f {
   %a = input {name = "a"} : f32[3]
   %b = input {name = "b"} : f32[3]
   %l = sub %a, %b : f32[3]
   %r = sub %b, %a : f32[3]
   return %l as "lhs", %r as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(mul_assoc, ["mul-assoc"], r#"func @f {
+rule_test!(
+    mul_assoc,
+    ["mul-assoc"],
+    r#"func @f {
   %a = input {name = "a"} : f32[3]
   %b = input {name = "b"} : f32[3]
   %c = input {name = "c"} : f32[3]
@@ -346,9 +492,13 @@ rule_test!(mul_assoc, ["mul-assoc"], r#"func @f {
   %bc = mul %b, %c : f32[3]
   %r = mul %a, %bc : f32[3]
   return %l as "lhs", %r as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(mul_assoc_not_distributive, ["mul-assoc"], r#"func @f {
+rule_test!(
+    mul_assoc_not_distributive,
+    ["mul-assoc"],
+    r#"func @f {
   %a = input {name = "a"} : f32[3]
   %b = input {name = "b"} : f32[3]
   %c = input {name = "c"} : f32[3]
@@ -358,23 +508,34 @@ rule_test!(mul_assoc_not_distributive, ["mul-assoc"], r#"func @f {
   %ac = mul %a, %c : f32[3]
   %r = add %ab, %ac : f32[3]
   return %l as "lhs", %r as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
-rule_test!(mul_comm, ["mul-comm"], r#"func @f {
+rule_test!(
+    mul_comm,
+    ["mul-comm"],
+    r#"func @f {
   %a = input {name = "a"} : f32[3]
   %b = input {name = "b"} : f32[3]
   %l = mul %a, %b : f32[3]
   %r = mul %b, %a : f32[3]
   return %l as "lhs", %r as "rhs"
-}"#);
+}"#
+);
 
-rule_test!(mul_comm_not_add, ["mul-comm"], r#"func @f {
+rule_test!(
+    mul_comm_not_add,
+    ["mul-comm"],
+    r#"func @f {
   %a = input {name = "a"} : f32[3]
   %b = input {name = "b"} : f32[3]
   %l = mul %a, %b : f32[3]
   %r = add %b, %a : f32[3]
   return %l as "lhs", %r as "rhs"
-}"#, must_not);
+}"#,
+    must_not
+);
 
 #[test]
 fn equal_constants_merge() {
@@ -419,7 +580,11 @@ fn add_chain(n: usize) -> Function {
     }
     text.push_str("  %s0 = add %x0, %x1 : f32[4]\n");
     for i in 1..n {
-        text.push_str(&format!("  %s{i} = add %s{}, %x{} : f32[4]\n", i - 1, i + 1));
+        text.push_str(&format!(
+            "  %s{i} = add %s{}, %x{} : f32[4]\n",
+            i - 1,
+            i + 1
+        ));
     }
     text.push_str(&format!("  return %s{} as \"sum\"\n}}\n", n - 1));
     parse_function(&text).unwrap()
@@ -431,7 +596,9 @@ fn inputs(func: &Function, seed: u64) -> Vec<cleave_ir::Tensor> {
         .map(|a| {
             let data = (0..a.ty.num_elements())
                 .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((state >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
                 })
                 .collect();
@@ -471,7 +638,9 @@ fn reassociating_a_long_add_chain_hits_the_node_limit() {
 fn default_rules_saturate_a_long_add_chain() {
     let func = add_chain(200);
     let (out, report) = simplify_function(&func, &SimplifyOptions::default()).unwrap();
-    assert!(report.warnings(&func.name, &SimplifyOptions::default()).is_empty());
+    assert!(report
+        .warnings(&func.name, &SimplifyOptions::default())
+        .is_empty());
     assert_eq!(out.to_string(), func.to_string());
 }
 

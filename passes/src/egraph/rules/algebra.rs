@@ -61,7 +61,12 @@ fn var(name: &str) -> Var {
 /// `p` is `[0, 1, …, n-1]`.
 fn is_identity_perm(p: &str) -> impl Fn(&mut CirGraph, Id, &Subst) -> bool {
     let p = var(p);
-    move |egraph, _, subst| ints(egraph, subst[p]).iter().enumerate().all(|(i, &d)| i == d)
+    move |egraph, _, subst| {
+        ints(egraph, subst[p])
+            .iter()
+            .enumerate()
+            .all(|(i, &d)| i == d)
+    }
 }
 
 /// `p` keeps every dim but the last two in place and swaps those two.

@@ -9,9 +9,12 @@
 //! - [`autodiff`]: reverse-mode differentiation with dgrad/wgrad tags at birth.
 //! - [`jvp`]: forward-mode differentiation.
 //! - [`optimizer`]: SGD, momentum and AdamW updates as IR.
+//! - [`egraph`]: equality saturation with egg (the only module that uses egg).
+//! - [`simplify`]: the `simplify` pass on top of [`egraph`].
 #![warn(missing_docs)]
 
 pub mod autodiff;
+pub mod egraph;
 pub mod jvp;
 pub mod manager;
 pub mod optimizer;
@@ -19,6 +22,7 @@ pub mod partition;
 pub mod pass;
 pub mod pipeline;
 pub mod simple;
+pub mod simplify;
 pub mod split;
 
 pub use manager::{registry, valid_pass_names, PassManager, PrintOptions};

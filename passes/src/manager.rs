@@ -54,6 +54,11 @@ pub fn registry() -> Vec<PassInfo> {
             build: |o| Ok(Box::new(crate::optimizer::Optimizer::from_options(o)?)),
         },
         PassInfo {
+            name: "simplify",
+            description: "exact algebraic simplification by equality saturation with DAG-cost extraction (options: reassociate, node_limit, iter_limit, time_limit_ms, extract=ilp|greedy, region_nodes)",
+            build: |o| Ok(Box::new(crate::simplify::Simplify::from_options(o)?)),
+        },
+        PassInfo {
             name: "dce",
             description: "remove nodes whose results reach no output (arguments are kept)",
             build: |o| {

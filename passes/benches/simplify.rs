@@ -1,10 +1,11 @@
-//! Benchmark: `autodiff` then `simplify` on a 32-layer GPT with d_model 4096.
+//! Benchmark: `simplify`, and `autodiff,simplify,split-bw`, on a 32-layer GPT with d_model 4096.
 //!
 //! Run with `cargo bench -p cleave-passes --bench simplify` (`CLEAVE_BENCH_ITERS=N`, default 7).
 //! Traces the forward function and differentiates it once (not timed), then times
 //! `simplify_function` with the default options on that training step N times after one warm-up,
+//! and the whole `autodiff,simplify,split-bw` pipeline on the forward function as many times,
 //! and prints the median, minimum and maximum, the node counts and how many regions used the ILP.
-//! A second figure times the whole `autodiff` + `simplify` from the forward function.
+//! The second figure is that whole pipeline, from the forward function.
 //!
 //! `CLEAVE_ILP_SWEEP=1` instead prints the ILP extraction time on growing regions (the
 //! measurement behind `ILP_NODE_LIMIT` in `passes/src/egraph/extract.rs`).
@@ -14,6 +15,7 @@ use std::time::Instant;
 use cleave_ir::models::{gpt, GptConfig};
 use cleave_passes::autodiff::{differentiate, Mode};
 use cleave_passes::egraph::{simplify_function, ExtractMethod, SimplifyOptions};
+use cleave_passes::split::split_function;
 
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -79,9 +81,10 @@ fn main() {
         let f = forward.clone();
         let t0 = Instant::now();
         let (s, _) = differentiate(f, Mode::Loss, &[]).expect("differentiates");
-        let out = simplify_function(&s, &opts).expect("simplifies");
+        let (out, _) = simplify_function(&s, &opts).expect("simplifies");
+        let parts = split_function(&out, true).expect("splits");
         total_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-        std::hint::black_box(out);
+        std::hint::black_box(parts);
     }
     println!(
         "32-layer GPT (d_model 4096, 32 heads, seq 2048, vocab 50257): {} forward nodes -> {} after autodiff -> {} after simplify; {} regions, {n_ilp} extracted by ILP",
@@ -93,5 +96,7 @@ fn main() {
     let (m, lo, hi) = median(simplify_ms);
     println!("simplify median {m:.1} ms (min {lo:.1}, max {hi:.1}) over {iters} runs");
     let (m, lo, hi) = median(total_ms);
-    println!("autodiff + simplify median {m:.1} ms (min {lo:.1}, max {hi:.1}) over {iters} runs");
+    println!(
+        "autodiff + simplify + split-bw median {m:.1} ms (min {lo:.1}, max {hi:.1}) over {iters} runs"
+    );
 }

@@ -5,6 +5,7 @@
 //! - [`manager`]: the registry of every pass and the [`PassManager`] (verify-each, IR dumps).
 //! - [`simple`]: `verify` and `dce`.
 //! - [`split`]: `split-bw`, the per-stage F/B/W cut with explicit stash sets.
+//! - [`schedule`]: pipeline schedules as data, generators, `auto`, the simulator, SVG timelines.
 //! - [`autodiff`]: reverse-mode differentiation with dgrad/wgrad tags at birth.
 //! - [`jvp`]: forward-mode differentiation.
 //! - [`optimizer`]: SGD, momentum and AdamW updates as IR.
@@ -16,6 +17,7 @@ pub mod manager;
 pub mod optimizer;
 pub mod pass;
 pub mod pipeline;
+pub mod schedule;
 pub mod simple;
 pub mod split;
 

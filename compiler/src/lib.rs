@@ -4,10 +4,12 @@
 //! - [`tensors`]: safetensors reading and atomic writing.
 //! - [`inspect`]: the `cleave inspect` report.
 //! - [`init`]: deterministic parameter initialisation.
+//! - [`schedule_cmd`]: `cleave schedule` (pipeline schedules, simulation, timelines).
 //! - [`cli`]: the command-line interface (the `cleave` binary is a thin wrapper).
 
 pub mod cli;
 pub mod init;
 pub mod inspect;
 pub mod load;
+pub mod schedule_cmd;
 pub mod tensors;

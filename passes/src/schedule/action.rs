@@ -181,10 +181,13 @@ fn parse_with(text: &str, pytorch: bool) -> Result<Action, ActionParseError> {
         .parse()
         .map_err(|_| err("stage number too large"))?;
     let rest = &t[digits..];
-    let (kind, tail) = if pytorch && rest.starts_with('B') && !rest.starts_with("BW") {
-        (ActionKind::BW, &rest[1..])
-    } else if rest.starts_with('I') {
-        (ActionKind::B, &rest[1..])
+    let pytorch_b = rest
+        .strip_prefix('B')
+        .filter(|_| pytorch && !rest.starts_with("BW"));
+    let (kind, tail) = if let Some(tail) = pytorch_b {
+        (ActionKind::BW, tail)
+    } else if let Some(tail) = rest.strip_prefix('I') {
+        (ActionKind::B, tail)
     } else {
         ActionKind::PARSE_ORDER
             .iter()

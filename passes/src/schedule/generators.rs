@@ -175,7 +175,11 @@ fn zb_h2(p: usize, i: usize, m: usize) -> Vec<Action> {
 
 fn interleaved(p: usize, v: usize, i: usize, m: usize) -> Vec<Action> {
     let rounds = (m / p).max(1);
-    let per_round = if m % rounds == 0 { m / rounds } else { m };
+    let per_round = if m.is_multiple_of(rounds) {
+        m / rounds
+    } else {
+        m
+    };
     // The forward and backward (chunk, microbatch) sequences of every device.
     let mut forward = Vec::with_capacity(m * v);
     let mut backward = Vec::with_capacity(m * v);

@@ -40,6 +40,8 @@ pub enum Command {
     Opt(OptArgs),
     /// Differentiate a model and write the gradient of every parameter.
     Grad(GradArgs),
+    /// Generate a pipeline schedule, simulate it, and report or draw it.
+    Schedule(crate::schedule_cmd::ScheduleArgs),
 }
 
 /// How a model file is read (shared by every command that takes one).
@@ -294,6 +296,7 @@ where
         Command::NewModel(a) => cmd_new_model(a),
         Command::Opt(a) => cmd_opt(a),
         Command::Grad(a) => cmd_grad(a),
+        Command::Schedule(a) => crate::schedule_cmd::cmd_schedule(a),
     }
 }
 

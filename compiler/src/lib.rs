@@ -6,6 +6,7 @@
 //! - [`tensors`]: safetensors reading and atomic writing.
 //! - [`inspect`]: the `cleave inspect` report.
 //! - [`init`]: deterministic parameter initialisation.
+//! - [`schedule_cmd`]: `cleave schedule` (pipeline schedules, simulation, timelines).
 //! - [`cli`]: the command-line interface (the `cleave` binary is a thin wrapper).
 
 pub mod cli;
@@ -14,4 +15,5 @@ pub mod inspect;
 pub mod load;
 pub mod loss;
 pub mod onnx;
+pub mod schedule_cmd;
 pub mod tensors;

@@ -30,13 +30,14 @@ fn tmpdir(tag: &str) -> PathBuf {
 
 #[test]
 fn every_command_has_help() {
-    let commands: [&[&str]; 6] = [
+    let commands: [&[&str]; 7] = [
         &["--help"],
         &["inspect", "--help"],
         &["run", "--help"],
         &["new-model", "--help"],
         &["opt", "--help"],
         &["grad", "--help"],
+        &["schedule", "--help"],
     ];
     for cmd in commands {
         let o = cleave(cmd);

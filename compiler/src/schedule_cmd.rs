@@ -1,0 +1,283 @@
+//! `cleave schedule`: generate a pipeline schedule, simulate it, and report or draw it.
+//!
+//! # Costs
+//!
+//! - `--costs TF,TB,TW[,TCOMM]`: one device's whole share of the model (any time unit; TCOMM
+//!   defaults to 0). For interleaved and ZB-V schedules the share is split evenly between the
+//!   device's chunks.
+//! - `--model FILE.cir`: a forward model without stage annotations is cut into P balanced stages
+//!   (`partition{stages=P}`), then differentiated (`autodiff`, unless it already is) and split
+//!   (`split-bw`); each split stage's F/B/W FLOPs (all classes, from `inspect::split_report`)
+//!   divided by `--device-flops` (a nominal device rate, default 1e14 FLOP/s) give T_F, T_B, T_W
+//!   in seconds, and its stash bytes give M_B = F_to_B + F_to_W and M_W = F_to_W + B_to_W (so
+//!   `--memory-limit` is then in bytes). An already split or differentiated module with one stage
+//!   gives every device the same share; a module with P stages gives device d stage d; any other
+//!   count is an error. `--comm` sets T_COMM (default 0).
+//!
+//! # Memory
+//!
+//! `--memory MB,MW` (default `1,0.5`, or the model's stash bytes) per device share;
+//! `--memory-limit X` in the same units (default unlimited) bounds `auto` and is reported for the
+//! other schedules (`fits_memory_limit`).
+//!
+//! # JSON
+//!
+//! `{"schedule", "bubble_rate", "makespan_bubble_rate", "makespan", "stages": [{"peak_memory",
+//! "busy", "span"}] (one entry per device), "actions": [["0F0", …], …], "fits_memory_limit"}`,
+//! plus `"auto": {"chosen", "candidates"}` for `auto`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use cleave_passes::autodiff::GRAD_PREFIX;
+use cleave_passes::schedule::auto::{auto_schedule, AutoOptions, AutoReport};
+use cleave_passes::schedule::generators::Generator;
+use cleave_passes::schedule::{svg, Costs, Memory, Schedule, StageCost, StageMemory};
+use cleave_passes::PassManager;
+
+use crate::inspect::split_report;
+use crate::load::load_module;
+
+/// Arguments of `cleave schedule`.
+#[derive(clap::Args, Debug)]
+pub struct ScheduleArgs {
+    /// Number of devices P (pipeline ranks).
+    #[arg(long)]
+    pub stages: usize,
+    /// Number of microbatches M.
+    #[arg(long)]
+    pub microbatches: usize,
+    /// gpipe, 1f1b, interleaved (2 chunks) or interleaved-<v>, zb-h1, zb-h2, zb-v, auto.
+    #[arg(long)]
+    pub schedule: String,
+    /// TF,TB,TW[,TCOMM]: one device's share of the model.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "model",
+        required_unless_present = "model"
+    )]
+    pub costs: Option<Vec<f64>>,
+    /// A `.cir` model whose split-bw stages give the costs and memory.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Nominal device rate for `--model`, FLOP/s.
+    #[arg(long, default_value_t = 1e14)]
+    pub device_flops: f64,
+    /// T_COMM for `--model`.
+    #[arg(long, default_value_t = 0.0, requires = "model")]
+    pub comm: f64,
+    /// MB,MW: activation memory per microbatch of one device's share.
+    #[arg(long, value_delimiter = ',')]
+    pub memory: Option<Vec<f64>>,
+    /// Per-device memory limit, in the units of `--memory`.
+    #[arg(long)]
+    pub memory_limit: Option<f64>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the timeline and memory picture here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Write the action lists here (one row per device).
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+}
+
+/// Per-device shares of cost and memory, and T_COMM.
+struct Shares {
+    costs: Vec<StageCost>,
+    memory: Vec<StageMemory>,
+    comm: f64,
+}
+
+fn shares(a: &ScheduleArgs) -> Result<Shares> {
+    let p = a.stages;
+    let mut out = if let Some(path) = &a.model {
+        model_shares(path, p, a.device_flops)?
+    } else {
+        let c = a.costs.as_deref().unwrap_or_default();
+        if !(3..=4).contains(&c.len()) {
+            bail!("--costs takes TF,TB,TW[,TCOMM], got {} value(s)", c.len());
+        }
+        Shares {
+            costs: vec![
+                StageCost {
+                    f: c[0],
+                    b: c[1],
+                    w: c[2]
+                };
+                p
+            ],
+            memory: vec![StageMemory { m_b: 1.0, m_w: 0.5 }; p],
+            comm: c.get(3).copied().unwrap_or(0.0),
+        }
+    };
+    if a.model.is_some() {
+        out.comm = a.comm;
+    }
+    if let Some(m) = &a.memory {
+        let [m_b, m_w] = m[..] else {
+            bail!("--memory takes MB,MW, got {} value(s)", m.len());
+        };
+        out.memory = vec![StageMemory { m_b, m_w }; p];
+    }
+    let bad = out
+        .costs
+        .iter()
+        .any(|c| [c.f, c.b, c.w].iter().any(|x| !x.is_finite() || *x < 0.0));
+    if bad || !out.comm.is_finite() || out.comm < 0.0 {
+        bail!("costs must be finite and non-negative");
+    }
+    Ok(out)
+}
+
+fn model_shares(path: &std::path::Path, p: usize, rate: f64) -> Result<Shares> {
+    let mut module = load_module(path, &Default::default())?;
+    if cleave_passes::split::split_stages(&module).is_empty() {
+        let differentiated = module
+            .functions
+            .iter()
+            .any(|f| f.outputs.iter().any(|o| o.name.starts_with(GRAD_PREFIX)));
+        let staged = module
+            .functions
+            .iter()
+            .any(|f| f.body.iter().any(|&n| f.nodes[n].stage.is_some()));
+        // A forward model without stages is partitioned into P balanced stages first.
+        let pipeline = match (differentiated, staged) {
+            (true, _) => "split-bw".to_string(),
+            (false, true) => "autodiff,split-bw".to_string(),
+            (false, false) => format!("partition{{stages={p}}},autodiff,split-bw"),
+        };
+        let mut pm = PassManager::from_pipeline(&pipeline)?;
+        pm.verify_each = true;
+        let mut ctx = cleave_passes::PassContext::default();
+        pm.run(&mut module, &mut ctx, &mut |dump| eprint!("{dump}"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let stages = split_report(&module);
+    let stages: Vec<_> = match stages.len() {
+        0 => bail!("{}: split-bw produced no stages", path.display()),
+        1 => vec![stages[0].clone(); p],
+        n if n == p => stages,
+        n => bail!(
+            "{}: the model has {n} stages but --stages is {p}; give a one-stage model or one with {p} stages",
+            path.display()
+        ),
+    };
+    let t = |f: &crate::inspect::FlopSplit| (f.matmul + f.other) as f64 / rate;
+    Ok(Shares {
+        costs: stages
+            .iter()
+            .map(|s| StageCost {
+                f: t(&s.flops.F),
+                b: t(&s.flops.B),
+                w: t(&s.flops.W),
+            })
+            .collect(),
+        memory: stages
+            .iter()
+            .map(|s| StageMemory {
+                m_b: s.m_b_bytes as f64,
+                m_w: s.m_w_bytes as f64,
+            })
+            .collect(),
+        comm: 0.0,
+    })
+}
+
+/// Runs `cleave schedule`.
+pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
+    let (p, m) = (a.stages, a.microbatches);
+    if p == 0 || m == 0 {
+        bail!("--stages and --microbatches must be at least 1");
+    }
+    let sh = shares(&a)?;
+    let name = a.schedule.to_ascii_lowercase();
+    let (schedule, auto_report): (Schedule, Option<AutoReport>) = if name == "auto" {
+        let costs = Costs {
+            stages: sh.costs.clone(),
+            comm: sh.comm,
+        };
+        let memory = Memory {
+            stages: sh.memory.clone(),
+        };
+        let options = AutoOptions {
+            memory_limit: a.memory_limit,
+            ..AutoOptions::default()
+        };
+        let (s, r) = auto_schedule(p, m, &costs, &memory, &options)?;
+        (s, Some(r))
+    } else {
+        let Some(g) = Generator::parse(&name) else {
+            bail!(
+                "unknown schedule `{}`; valid schedules: {}, auto",
+                a.schedule,
+                Generator::NAMES
+            );
+        };
+        (g.generate(p, m)?, None)
+    };
+    let costs = Costs::from_device_shares(&schedule.placement, &sh.costs, sh.comm);
+    let memory = Memory::from_device_shares(&schedule.placement, &sh.memory);
+    let sim = schedule
+        .simulate(&costs, &memory)
+        .with_context(|| format!("schedule `{name}` is invalid"))?;
+    let limit = a.memory_limit.unwrap_or(f64::INFINITY);
+    let fits = sim.devices.iter().all(|d| d.peak_memory <= limit + 1e-9);
+    if let Some(path) = &a.svg {
+        let title = format!("{name}, P={p}, M={m}");
+        std::fs::write(path, svg::render(&sim, &title))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &a.csv {
+        std::fs::write(path, schedule.to_csv())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if a.json {
+        let mut v = serde_json::json!({
+            "schedule": name,
+            "bubble_rate": sim.bubble_rate,
+            "makespan_bubble_rate": sim.makespan_bubble_rate,
+            "makespan": sim.makespan,
+            "stages": sim.devices.iter().map(|d| serde_json::json!({
+                "peak_memory": d.peak_memory,
+                "busy": d.busy,
+                "span": d.span,
+            })).collect::<Vec<_>>(),
+            "actions": schedule.action_strings(),
+            "fits_memory_limit": fits,
+        });
+        if let Some(r) = &auto_report {
+            v["auto"] = serde_json::json!({
+                "chosen": r.chosen,
+                "candidates": r.candidates.iter().map(|(n, b, mk, f)| serde_json::json!({
+                    "name": n, "bubble_rate": b, "makespan": mk, "fits": f,
+                })).collect::<Vec<_>>(),
+            });
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("schedule {name}: P={p} M={m}");
+        if let Some(r) = &auto_report {
+            println!("auto chose {}", r.chosen);
+        }
+        println!(
+            "makespan {:.6}  bubble rate {:.6}  makespan bubble rate {:.6}",
+            sim.makespan, sim.bubble_rate, sim.makespan_bubble_rate
+        );
+        for (d, run) in sim.devices.iter().enumerate() {
+            println!(
+                "device {d}: busy {:.6} span {:.6} peak memory {:.6}",
+                run.busy, run.span, run.peak_memory
+            );
+        }
+        for (d, row) in schedule.action_strings().iter().enumerate() {
+            println!("{d}: {}", row.join(" "));
+        }
+    }
+    if !fits {
+        eprintln!("warning: a device's peak memory exceeds --memory-limit {limit}");
+    }
+    Ok(())
+}

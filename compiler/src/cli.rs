@@ -39,6 +39,10 @@ pub enum Command {
     Opt(OptArgs),
     /// Differentiate a model and write the gradient of every parameter.
     Grad(GradArgs),
+    /// Train a model on a safetensors dataset with the CPU runtime.
+    Train(crate::train::TrainArgs),
+    /// Time one training step (forward, backward, optimizer update) with the CPU runtime.
+    Bench(crate::train::BenchArgs),
 }
 
 /// Arguments of `cleave opt`.
@@ -251,7 +255,43 @@ where
         Command::NewModel(a) => cmd_new_model(a),
         Command::Opt(a) => cmd_opt(a),
         Command::Grad(a) => cmd_grad(a),
+        Command::Train(a) => cmd_train(a),
+        Command::Bench(a) => cmd_bench(a),
     }
+}
+
+fn cmd_train(a: crate::train::TrainArgs) -> Result<()> {
+    let s = crate::train::train(&a)?;
+    let mut line = format!(
+        "trained {} step(s), {:.0} steps/s",
+        s.steps_run, s.steps_per_s
+    );
+    if let Some(l) = s.final_loss {
+        line.push_str(&format!(", final loss {l:.4}"));
+    }
+    if let Some(acc) = s.accuracy {
+        line.push_str(&format!(", held-out accuracy {:.2}%", acc * 100.0));
+    }
+    println!("{line}");
+    Ok(())
+}
+
+fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
+    let median = crate::train::bench(&a)?;
+    let engine = if a.interp { "interpreter" } else { "runtime" };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"median_ms": median, "engine": engine, "iters": a.iters})
+        );
+    } else {
+        println!(
+            "{}: median {median:.4} ms per training step ({engine}, {} iterations)",
+            a.model.display(),
+            a.iters
+        );
+    }
+    Ok(())
 }
 
 /// Runs a pipeline over a module, printing warnings to stderr.

@@ -4,6 +4,7 @@
 //! - [`tensors`]: safetensors reading and atomic writing.
 //! - [`inspect`]: the `cleave inspect` report.
 //! - [`init`]: deterministic parameter initialisation.
+//! - [`train`]: `cleave train` and `cleave bench` on the CPU runtime.
 //! - [`cli`]: the command-line interface (the `cleave` binary is a thin wrapper).
 
 pub mod cli;
@@ -11,3 +12,4 @@ pub mod init;
 pub mod inspect;
 pub mod load;
 pub mod tensors;
+pub mod train;

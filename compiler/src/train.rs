@@ -453,8 +453,20 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         );
     }
     let step_fn = &built.step;
-    let mut plan = compile_with(step_fn, &CompileOptions { fuse: !a.debug_nan })?;
-    let mut eval_plan = cleave_runtime::compile(&built.forward)?;
+    let mut plan = compile_with(
+        step_fn,
+        &CompileOptions {
+            fuse: !a.debug_nan,
+            preserve_args: false,
+        },
+    )?;
+    let mut eval_plan = compile_with(
+        &built.forward,
+        &CompileOptions {
+            fuse: true,
+            preserve_args: true,
+        },
+    )?;
 
     // Initial state: parameters and optimizer state, by name.
     let mut state: BTreeMap<String, (Vec<usize>, HostData)> = BTreeMap::new();
@@ -559,8 +571,13 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
             let mut msg = format!("loss is {loss} at step {step}; training stopped");
             if let Some(r) = &nan {
                 msg.push_str(&format!(
-                    "; the first non-finite value is element {} ({}) of {} = {}",
-                    r.index, r.element, r.value, r.op
+                    "; the first non-finite value is element {} ({}) of {} = {} in the training \
+                     step (print it with `cleave opt --passes 'autodiff,optimizer{{kind={}}}'`)",
+                    r.index,
+                    r.element,
+                    r.value,
+                    r.op,
+                    a.optimizer.name()
                 ));
             } else if !a.debug_nan {
                 msg.push_str("; rerun with --debug-nan to find the op that produced it");

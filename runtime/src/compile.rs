@@ -17,11 +17,17 @@ pub struct CompileOptions {
     /// Fuse consecutive elementwise nodes into one loop. Without fusion every node's result is
     /// stored, so [`Plan::run_checked`] names the exact node that produced a non-finite value.
     pub fuse: bool,
+    /// Keep every argument's buffer intact through a run (no reuse, no in-place updates), so
+    /// arguments set once serve many runs (an evaluation loop that sets only the data).
+    pub preserve_args: bool,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { fuse: true }
+        CompileOptions {
+            fuse: true,
+            preserve_args: false,
+        }
     }
 }
 
@@ -338,6 +344,11 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
     }
     for r in &is_output {
         last_use.insert(*r, usize::MAX);
+    }
+    if opts.preserve_args {
+        for a in func.args() {
+            last_use.insert(a.value, usize::MAX);
+        }
     }
     let mut caps: Vec<usize> = Vec::new();
     let mut free: Vec<usize> = Vec::new();

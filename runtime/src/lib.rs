@@ -21,7 +21,8 @@
 //! Running: set every argument ([`Plan::set_input`]), [`Plan::run`], read outputs
 //! ([`Plan::output`]). Argument buffers take part in planning, so their contents are consumed by a
 //! run: set every argument again before the next run, or use [`Plan::carry`], which copies each
-//! output into the argument of the same name (a training step's parameters and optimizer state).
+//! output into the argument of the same name (a training step's parameters and optimizer state),
+//! or compile with [`CompileOptions::preserve_args`].
 //!
 //! Numerics: `f32` arithmetic throughout (reductions over rows accumulate in `f64`); results
 //! agree with the reference interpreter (which rounds once per op from `f64`) to a relative error

@@ -277,18 +277,28 @@ fn cmd_train(a: crate::train::TrainArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
-    let median = crate::train::bench(&a)?;
+    let r = crate::train::bench(&a)?;
     let engine = if a.interp { "interpreter" } else { "runtime" };
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"median_ms": median, "engine": engine, "iters": a.iters})
+            serde_json::json!({
+                "median_ms": r.median_ms,
+                "engine": engine,
+                "iters": a.iters,
+                "compile_ms": r.compile_ms,
+                "peak_bytes": r.peak_bytes,
+            })
         );
     } else {
         println!(
-            "{}: median {median:.4} ms per training step ({engine}, {} iterations)",
+            "{}: median {:.4} ms per training step ({engine}, {} iterations; compiled in {:.1} ms, \
+             {} planned bytes)",
             a.model.display(),
-            a.iters
+            r.median_ms,
+            a.iters,
+            r.compile_ms,
+            r.peak_bytes
         );
     }
     Ok(())

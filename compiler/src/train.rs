@@ -706,8 +706,20 @@ fn evaluate(
     ))
 }
 
+/// What `cleave bench` measured.
+#[derive(Clone, Debug)]
+pub struct BenchResult {
+    /// Median milliseconds of one training step.
+    pub median_ms: f64,
+    /// Milliseconds to compile the step into a plan (0 for the interpreter).
+    pub compile_ms: f64,
+    /// The plan's planned buffer bytes (0 for the interpreter).
+    pub peak_bytes: usize,
+}
+
 /// Runs `cleave bench`: the median time of one training step.
-pub fn bench(a: &BenchArgs) -> Result<f64> {
+pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
+    let (mut compile_ms, mut peak_bytes) = (0.0, 0);
     let built = build_step(
         &a.model,
         a.batch,
@@ -752,7 +764,10 @@ pub fn bench(a: &BenchArgs) -> Result<f64> {
             }
         }
     } else {
+        let t = Instant::now();
         let mut plan = cleave_runtime::compile(step)?;
+        compile_ms = t.elapsed().as_secs_f64() * 1e3;
+        peak_bytes = plan.peak_bytes();
         let host: Vec<HostData> = plan
             .args()
             .iter()
@@ -781,6 +796,10 @@ pub fn bench(a: &BenchArgs) -> Result<f64> {
         }
     }
     times.sort_by(|x, y| x.total_cmp(y));
-    let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
-    Ok(median)
+    let median_ms = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    Ok(BenchResult {
+        median_ms,
+        compile_ms,
+        peak_bytes,
+    })
 }

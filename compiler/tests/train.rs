@@ -164,3 +164,20 @@ fn nan_loss_stops_with_the_step_and_the_op() {
         before
     );
 }
+
+#[test]
+fn bench_reports_a_median() {
+    use cleave_compiler::train::{bench, BenchArgs};
+    let r = bench(&BenchArgs {
+        model: root().join("examples/mlp-digits.cir"),
+        batch: None,
+        warmup: 2,
+        iters: 5,
+        json: true,
+        optimizer: OptimizerArg::Sgd,
+        interp: false,
+    })
+    .unwrap();
+    assert!(r.median_ms > 0.0 && r.median_ms.is_finite());
+    assert!(r.peak_bytes > 0);
+}

@@ -42,6 +42,10 @@ pub enum Command {
     Grad(GradArgs),
     /// Generate a pipeline schedule, simulate it, and report or draw it.
     Schedule(crate::schedule_cmd::ScheduleArgs),
+    /// Train a model on a safetensors dataset with the CPU runtime.
+    Train(crate::train::TrainArgs),
+    /// Time one training step (forward, backward, optimizer update) with the CPU runtime.
+    Bench(crate::train::BenchArgs),
 }
 
 /// How a model file is read (shared by every command that takes one).
@@ -297,7 +301,53 @@ where
         Command::Opt(a) => cmd_opt(a),
         Command::Grad(a) => cmd_grad(a),
         Command::Schedule(a) => crate::schedule_cmd::cmd_schedule(a),
+        Command::Train(a) => cmd_train(a),
+        Command::Bench(a) => cmd_bench(a),
     }
+}
+
+fn cmd_train(a: crate::train::TrainArgs) -> Result<()> {
+    let s = crate::train::train(&a)?;
+    let mut line = format!(
+        "trained {} step(s), {:.0} steps/s",
+        s.steps_run, s.steps_per_s
+    );
+    if let Some(l) = s.final_loss {
+        line.push_str(&format!(", final loss {l:.4}"));
+    }
+    if let Some(acc) = s.accuracy {
+        line.push_str(&format!(", held-out accuracy {:.2}%", acc * 100.0));
+    }
+    println!("{line}");
+    Ok(())
+}
+
+fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
+    let r = crate::train::bench(&a)?;
+    let engine = if a.interp { "interpreter" } else { "runtime" };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "median_ms": r.median_ms,
+                "engine": engine,
+                "iters": a.iters,
+                "compile_ms": r.compile_ms,
+                "peak_bytes": r.peak_bytes,
+            })
+        );
+    } else {
+        println!(
+            "{}: median {:.4} ms per training step ({engine}, {} iterations; compiled in {:.1} ms, \
+             {} planned bytes)",
+            a.model.display(),
+            r.median_ms,
+            a.iters,
+            r.compile_ms,
+            r.peak_bytes
+        );
+    }
+    Ok(())
 }
 
 /// Runs a pipeline over a module, printing warnings to stderr.

@@ -7,6 +7,7 @@
 //! - [`inspect`]: the `cleave inspect` report.
 //! - [`init`]: deterministic parameter initialisation.
 //! - [`schedule_cmd`]: `cleave schedule` (pipeline schedules, simulation, timelines).
+//! - [`train`]: `cleave train` and `cleave bench` on the CPU runtime.
 //! - [`cli`]: the command-line interface (the `cleave` binary is a thin wrapper).
 
 pub mod cli;
@@ -17,3 +18,4 @@ pub mod loss;
 pub mod onnx;
 pub mod schedule_cmd;
 pub mod tensors;
+pub mod train;

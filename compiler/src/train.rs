@@ -1,0 +1,845 @@
+//! `cleave train` and `cleave bench`: training loops on the CPU runtime.
+//!
+//! # Training
+//!
+//! The model file holds a forward function with a scalar `loss` output. `train` initialises the
+//! parameters ([`crate::init`], seed `--seed`, default 0), builds one training-step function with
+//! the passes `autodiff,optimizer{kind=…,lr=…}`, compiles it with [`cleave_runtime`] and runs it
+//! `--steps` times, feeding each step's parameters and optimizer state into the next.
+//!
+//! **Data.** `--data` is a safetensors file with one tensor per data input of the model, named
+//! like the input (`x`, `labels` for the MLP; `tokens`, `targets` for GPT). The first dimension
+//! counts examples; the others must equal the input's. The last tenth of the examples (at least
+//! one batch, when there are at least two batches) is held out for evaluation; training uses
+//! the rest.
+//!
+//! **Order.** Without `--seed` the training examples are visited in file order, wrapping around
+//! at the end. With `--seed S` every epoch visits them in a fresh permutation drawn from
+//! SplitMix64 seeded by `S` and the epoch number (and `S` also seeds the parameter
+//! initialisation). Step `k` always reads examples `k·B … k·B+B−1` of this endless sequence, so
+//! the data cursor is a function of the step and a resumed run reads exactly what an
+//! uninterrupted one would.
+//!
+//! **Batch.** Models are traced at a fixed batch (the first dimension of the data inputs).
+//! `--batch` must equal it: a different value is an error that says how to regenerate the model.
+//!
+//! **Evaluation** (`--eval-every K`, and after the last step when the model has a `logits`
+//! output): the forward function runs over the held-out batches; accuracy is the fraction of
+//! positions where the argmax of `logits` over its last dimension equals the label (the data
+//! input `labels`, or `targets`).
+//!
+//! **Checkpoints** (`--checkpoint DIR`, every `--checkpoint-every` steps and at the end):
+//! `DIR/checkpoint.safetensors` holds every parameter and optimizer-state tensor, with the step,
+//! the data cursor, the seed, the optimizer and the learning rate in its metadata. It is written
+//! to a temporary file, synced and renamed over the old one, so an interrupted write leaves the
+//! previous checkpoint intact (the environment variable `CLEAVE_FAIL_CHECKPOINT_WRITE=1` makes the
+//! write fail after the temporary file is half written, for tests). `--resume DIR` continues from
+//! such a checkpoint bit for bit like an uninterrupted run (`--steps` counts from step 0).
+//!
+//! **Non-finite loss.** Training stops with an error naming the step; the last checkpoint stays
+//! as it was. With `--debug-nan` the step is compiled without fusion and every stored value is
+//! checked, so the error also names the first node (`%N = op`) that produced a NaN or infinity.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use cleave_ir::{ArgRole, DType, Function, Module, TensorData};
+use cleave_passes::{PassContext, PassManager};
+use cleave_runtime::{compile_with, CompileOptions, HostData, Plan};
+use safetensors::tensor::TensorView;
+
+use crate::init::{init_params, SplitMix64};
+use crate::load::load_model;
+
+/// Optimizers of `cleave train`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum OptimizerArg {
+    /// Plain SGD (default lr 0.1).
+    Sgd,
+    /// SGD with momentum 0.9 (default lr 0.05).
+    Momentum,
+    /// AdamW, β = (0.9, 0.999), weight decay 0.01 (default lr 0.003).
+    Adamw,
+}
+
+impl OptimizerArg {
+    fn name(self) -> &'static str {
+        match self {
+            OptimizerArg::Sgd => "sgd",
+            OptimizerArg::Momentum => "momentum",
+            OptimizerArg::Adamw => "adamw",
+        }
+    }
+
+    fn default_lr(self) -> f64 {
+        match self {
+            OptimizerArg::Sgd => 0.1,
+            OptimizerArg::Momentum => 0.05,
+            OptimizerArg::Adamw => 0.003,
+        }
+    }
+}
+
+/// Arguments of `cleave train`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Model file (`.cir`) with a scalar `loss` output.
+    pub model: PathBuf,
+    /// Training data (safetensors), one tensor per data input.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Total number of steps (a resumed run counts from step 0).
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Batch size: must equal a `.cir` model's traced batch; binds an `.onnx` model's symbolic
+    /// batch dimension.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Add a loss to a model exported without one (needs --labels).
+    #[arg(long, value_enum)]
+    pub loss: Option<crate::loss::LossKind>,
+    /// The labels input of --loss.
+    #[arg(long)]
+    pub labels: Option<String>,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "sgd")]
+    pub optimizer: OptimizerArg,
+    /// Learning rate (default depends on the optimizer).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Shuffle with this seed (also seeds the initialisation); in file order without it.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Evaluate on the held-out tail every K steps.
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Write checkpoints into this directory.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Steps between checkpoints (and one after the last step).
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: usize,
+    /// Continue from the checkpoint in this directory.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Append JSON-lines metrics to this file.
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// Check every value for NaN/Inf and name the first op that produced one (slower).
+    #[arg(long)]
+    pub debug_nan: bool,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Arguments of `cleave bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Model file (`.cir`) with a scalar `loss` output.
+    pub model: PathBuf,
+    /// Batch size: must equal a `.cir` model's traced batch; binds an `.onnx` model's symbolic
+    /// batch dimension.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Add a loss to a model exported without one (needs --labels).
+    #[arg(long, value_enum)]
+    pub loss: Option<crate::loss::LossKind>,
+    /// The labels input of --loss.
+    #[arg(long)]
+    pub labels: Option<String>,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 200)]
+    pub iters: usize,
+    /// Print `{"median_ms": X, ...}`.
+    #[arg(long)]
+    pub json: bool,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "sgd")]
+    pub optimizer: OptimizerArg,
+    /// Time the reference interpreter instead of the runtime.
+    #[arg(long)]
+    pub interp: bool,
+}
+
+/// What a training run ended with.
+#[derive(Clone, Debug, Default)]
+pub struct TrainSummary {
+    /// Steps run in this invocation.
+    pub steps_run: usize,
+    /// The last step's loss.
+    pub final_loss: Option<f64>,
+    /// The last evaluation's accuracy.
+    pub accuracy: Option<f64>,
+    /// Wall-clock training throughput.
+    pub steps_per_s: f64,
+}
+
+const CKPT_FILE: &str = "checkpoint.safetensors";
+
+/// The forward function and the training step built from it.
+pub struct Built {
+    /// The forward function.
+    pub forward: Function,
+    /// The training step.
+    pub step: Function,
+    /// The traced batch size.
+    pub batch: usize,
+    /// Parameter values stored in the model file (an `.onnx` model's initializers): training
+    /// starts from them instead of a fresh initialisation.
+    pub file_params: BTreeMap<String, cleave_ir::Tensor>,
+}
+
+/// Loads a model and builds its training step.
+pub fn build_step(
+    model: &Path,
+    batch: Option<usize>,
+    loss: (Option<crate::loss::LossKind>, Option<String>),
+    opt: OptimizerArg,
+    lr: f64,
+) -> Result<Built> {
+    let onnx = model.extension().is_some_and(|e| e == "onnx");
+    let opts = crate::load::LoadOptions {
+        batch: if onnx { batch } else { None },
+        loss: loss.0,
+        labels: loss.1,
+    };
+    let loaded = load_model(model, &opts)?;
+    let (module, file_params) = (loaded.module, loaded.params);
+    let forward = module
+        .functions
+        .first()
+        .context("the module has no functions")?
+        .clone();
+    if forward.output("loss").is_none() {
+        bail!(
+            "@{}: training needs a scalar output named `loss`",
+            forward.name
+        );
+    }
+    let traced = forward
+        .data_inputs()
+        .next()
+        .and_then(|a| a.ty.shape.first().copied())
+        .context("the model has no data input with a batch dimension")?;
+    if let Some(b) = batch {
+        if b != traced {
+            bail!(
+                "--batch {b}: {} was traced at batch {traced}; models have static shapes, so \
+                 regenerate it at batch {b} (e.g. `cleave new-model … --batch {b}`)",
+                model.display()
+            );
+        }
+    }
+    let mut m = Module::with_function(forward.clone());
+    let pipeline = format!("autodiff,optimizer{{kind={},lr={lr}}}", opt.name());
+    let pm = PassManager::from_pipeline(&pipeline)?;
+    let mut ctx = PassContext::default();
+    pm.run(&mut m, &mut ctx, &mut |_| {})
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Built {
+        forward,
+        step: m.functions.remove(0),
+        batch: traced,
+        file_params,
+    })
+}
+
+/// One data input: its per-example elements.
+struct Column {
+    name: String,
+    per_example: usize,
+    data: HostData,
+}
+
+fn load_data(path: &Path, forward: &Function) -> Result<(Vec<Column>, usize)> {
+    let tensors = crate::tensors::read_tensors(path)?;
+    let mut cols = Vec::new();
+    let mut n_examples: Option<(usize, String)> = None;
+    for a in forward.data_inputs() {
+        let Some(t) = tensors.get(a.name) else {
+            bail!(
+                "{}: no tensor named \"{}\" (the model's data input `{}`: {}); the file has {}",
+                path.display(),
+                a.name,
+                a.name,
+                a.ty,
+                tensors
+                    .iter()
+                    .map(|(n, t)| format!("\"{n}\": {}", t.ty()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        if t.dtype != a.ty.dtype
+            || t.shape.len() != a.ty.shape.len()
+            || t.shape[1..] != a.ty.shape[1..]
+        {
+            bail!(
+                "{}: tensor \"{}\" is {}, but the model's input `{}` needs {}[N,{}] (N examples)",
+                path.display(),
+                a.name,
+                t.ty(),
+                a.name,
+                a.ty.dtype,
+                a.ty.shape[1..]
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+        let n = t.shape[0];
+        match &n_examples {
+            Some((m, other)) if *m != n => bail!(
+                "{}: tensor \"{}\" has {n} examples but \"{other}\" has {m}",
+                path.display(),
+                a.name
+            ),
+            _ => n_examples = Some((n, a.name.to_string())),
+        }
+        let data = match &t.data {
+            TensorData::Float(v) => HostData::F32(v.iter().map(|&x| x as f32).collect()),
+            TensorData::Int(v) => HostData::I32(v.iter().map(|&x| x as i32).collect()),
+            TensorData::Bool(v) => HostData::Bool(v.clone()),
+        };
+        cols.push(Column {
+            name: a.name.to_string(),
+            per_example: a.ty.shape[1..].iter().product(),
+            data,
+        });
+    }
+    let n = n_examples.map(|p| p.0).unwrap_or(0);
+    Ok((cols, n))
+}
+
+fn gather_batch(col: &Column, rows: &[usize]) -> HostData {
+    let k = col.per_example;
+    match &col.data {
+        HostData::F32(v) => HostData::F32(
+            rows.iter()
+                .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
+                .collect(),
+        ),
+        HostData::I32(v) => HostData::I32(
+            rows.iter()
+                .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
+                .collect(),
+        ),
+        HostData::Bool(v) => HostData::Bool(
+            rows.iter()
+                .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
+                .collect(),
+        ),
+    }
+}
+
+/// The training examples of step `step` (see the module docs).
+struct Order {
+    n_train: usize,
+    seed: Option<u64>,
+    cache: Option<(usize, Vec<usize>)>,
+}
+
+impl Order {
+    fn perm(&mut self, epoch: usize) -> &[usize] {
+        if self.cache.as_ref().map(|c| c.0) != Some(epoch) {
+            let mut p: Vec<usize> = (0..self.n_train).collect();
+            if let Some(seed) = self.seed {
+                let mut rng =
+                    SplitMix64::new(seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+                for i in (1..p.len()).rev() {
+                    let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+                    p.swap(i, j);
+                }
+            }
+            self.cache = Some((epoch, p));
+        }
+        &self.cache.as_ref().expect("set above").1
+    }
+
+    fn rows(&mut self, step: usize, batch: usize) -> Vec<usize> {
+        (step * batch..(step + 1) * batch)
+            .map(|pos| {
+                let n = self.n_train;
+                self.perm(pos / n)[pos % n]
+            })
+            .collect()
+    }
+}
+
+fn set_host(plan: &mut Plan, index: usize, data: &HostData) -> Result<()> {
+    plan.set_input(index, data.as_slice())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn to_bytes(d: &HostData) -> (safetensors::Dtype, Vec<u8>) {
+    match d {
+        HostData::F32(v) => (
+            safetensors::Dtype::F32,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        HostData::I32(v) => (
+            safetensors::Dtype::I32,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        HostData::Bool(v) => (
+            safetensors::Dtype::BOOL,
+            v.iter().map(|&b| b as u8).collect(),
+        ),
+    }
+}
+
+/// Writes a checkpoint atomically: temporary file, fsync, rename.
+fn write_checkpoint(
+    dir: &Path,
+    state: &BTreeMap<String, (Vec<usize>, HostData)>,
+    meta: HashMap<String, String>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = state
+        .iter()
+        .map(|(n, (shape, d))| {
+            let (dt, b) = to_bytes(d);
+            (n.clone(), dt, shape.clone(), b)
+        })
+        .collect();
+    let views = bufs
+        .iter()
+        .map(|(n, dt, s, b)| {
+            TensorView::new(*dt, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| anyhow::anyhow!("tensor \"{n}\": {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| anyhow::anyhow!("cannot serialize the checkpoint: {e}"))?;
+    let path = dir.join(CKPT_FILE);
+    let tmp = dir.join(format!("{CKPT_FILE}.tmp"));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    if std::env::var("CLEAVE_FAIL_CHECKPOINT_WRITE").is_ok_and(|v| v == "1") {
+        f.write_all(&bytes[..bytes.len() / 2])?;
+        bail!(
+            "injected failure while writing {} (CLEAVE_FAIL_CHECKPOINT_WRITE=1)",
+            tmp.display()
+        );
+    }
+    f.write_all(&bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Reads a checkpoint: its tensors and metadata.
+pub fn read_checkpoint(
+    dir: &Path,
+) -> Result<(BTreeMap<String, cleave_ir::Tensor>, HashMap<String, String>)> {
+    let path = dir.join(CKPT_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid checkpoint: {e}", path.display()))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let tensors = crate::tensors::read_tensors(&path)?;
+    Ok((tensors, meta))
+}
+
+struct Metrics(Option<std::fs::File>);
+
+impl Metrics {
+    fn line(&mut self, v: serde_json::Value) -> Result<()> {
+        if let Some(f) = &mut self.0 {
+            writeln!(f, "{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `cleave train`.
+pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
+    let lr = a.lr.unwrap_or(a.optimizer.default_lr());
+    let built = build_step(
+        &a.model,
+        a.batch,
+        (a.loss, a.labels.clone()),
+        a.optimizer,
+        lr,
+    )?;
+    let batch = built.batch;
+    let (cols, n) = load_data(&a.data, &built.forward)?;
+    let n_eval = if n >= 2 * batch {
+        (n / 10).max(batch)
+    } else {
+        0
+    };
+    let n_train = n - n_eval;
+    if n_train < batch {
+        bail!(
+            "{}: {n} examples leave {n_train} for training, fewer than one batch of {batch}",
+            a.data.display()
+        );
+    }
+    let step_fn = &built.step;
+    let mut plan = compile_with(
+        step_fn,
+        &CompileOptions {
+            fuse: !a.debug_nan,
+            preserve_args: false,
+        },
+    )?;
+    let mut eval_plan = compile_with(
+        &built.forward,
+        &CompileOptions {
+            fuse: true,
+            preserve_args: true,
+        },
+    )?;
+
+    // Initial state: parameters and optimizer state, by name.
+    let mut state: BTreeMap<String, (Vec<usize>, HostData)> = BTreeMap::new();
+    let mut init = init_params(&built.forward, a.seed.unwrap_or(0));
+    init.extend(built.file_params.clone());
+    for arg in step_fn.args() {
+        let n = arg.ty.num_elements();
+        let d = if let Some(t) = init.get(arg.name) {
+            cleave_runtime::host_from_tensor(t).context("parameters must be f32")?
+        } else if arg.name == "opt.step" {
+            HostData::F32(vec![1.0])
+        } else if arg.role == ArgRole::Param || arg.name.starts_with("opt.") {
+            HostData::F32(vec![0.0; n])
+        } else {
+            continue;
+        };
+        state.insert(arg.name.to_string(), (arg.ty.shape.clone(), d));
+    }
+    let mut start = 0usize;
+    if let Some(dir) = &a.resume {
+        let (tensors, meta) = read_checkpoint(dir)?;
+        for (name, (shape, d)) in state.iter_mut() {
+            let t = tensors.get(name).with_context(|| {
+                format!("checkpoint in {} has no tensor \"{name}\"", dir.display())
+            })?;
+            if &t.shape != shape {
+                bail!(
+                    "checkpoint tensor \"{name}\" is {}, the model needs shape {shape:?}",
+                    t.ty()
+                );
+            }
+            *d = cleave_runtime::host_from_tensor(t).context("checkpoint tensors are f32")?;
+        }
+        start = meta
+            .get("step")
+            .and_then(|s| s.parse().ok())
+            .context("checkpoint metadata has no step")?;
+    }
+    for (name, (_, d)) in &state {
+        let i = plan.arg_index(name).expect("state names are arguments");
+        set_host(&mut plan, i, d)?;
+    }
+    let data_idx: Vec<usize> = cols
+        .iter()
+        .map(|c| plan.arg_index(&c.name).expect("data input of the step"))
+        .collect();
+    let loss_idx = plan.output_index("loss").expect("loss output");
+    let state_outputs: Vec<(String, usize)> = state
+        .keys()
+        .filter_map(|n| plan.output_index(n).map(|i| (n.clone(), i)))
+        .collect();
+
+    let mut metrics = Metrics(match &a.metrics {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open {}", p.display()))?,
+        ),
+        None => None,
+    });
+    let mut order = Order {
+        n_train,
+        seed: a.seed,
+        cache: None,
+    };
+    let labels_name = ["labels", "targets"]
+        .into_iter()
+        .find(|n| cols.iter().any(|c| c.name == *n));
+    let can_eval = n_eval > 0 && built.forward.output("logits").is_some() && labels_name.is_some();
+    let mut summary = TrainSummary::default();
+    let t0 = Instant::now();
+    let mut last_print = Instant::now();
+    let mut window = (Instant::now(), start);
+    let mut sps = 0.0;
+    let ckpt_meta = |step: usize| -> HashMap<String, String> {
+        HashMap::from([
+            ("step".into(), step.to_string()),
+            ("data_cursor".into(), (step * batch).to_string()),
+            (
+                "seed".into(),
+                a.seed.map(|s| s.to_string()).unwrap_or("none".into()),
+            ),
+            ("optimizer".into(), a.optimizer.name().into()),
+            ("lr".into(), lr.to_string()),
+            ("batch".into(), batch.to_string()),
+        ])
+    };
+    for step in start..a.steps {
+        let rows = order.rows(step, batch);
+        for (c, &i) in cols.iter().zip(&data_idx) {
+            set_host(&mut plan, i, &gather_batch(c, &rows))?;
+        }
+        let nan = if a.debug_nan {
+            plan.run_checked()?
+        } else {
+            plan.run()?;
+            None
+        };
+        let loss = plan.output_f32(loss_idx).map(|v| v[0]).unwrap_or(f32::NAN) as f64;
+        if !loss.is_finite() {
+            let mut msg = format!("loss is {loss} at step {step}; training stopped");
+            if let Some(r) = &nan {
+                msg.push_str(&format!(
+                    "; the first non-finite value is element {} ({}) of {} = {} in the training \
+                     step (print it with `cleave opt --passes 'autodiff,optimizer{{kind={}}}'`)",
+                    r.index,
+                    r.element,
+                    r.value,
+                    r.op,
+                    a.optimizer.name()
+                ));
+            } else if !a.debug_nan {
+                msg.push_str("; rerun with --debug-nan to find the op that produced it");
+            }
+            if let Some(dir) = &a.checkpoint {
+                msg.push_str(&format!(
+                    "; the last checkpoint in {} is kept",
+                    dir.display()
+                ));
+            }
+            if !a.quiet {
+                eprintln!();
+            }
+            bail!(msg);
+        }
+        summary.final_loss = Some(loss);
+        summary.steps_run += 1;
+        let done = step + 1;
+        let elapsed = window.0.elapsed().as_secs_f64();
+        if elapsed > 0.5 {
+            sps = (done - window.1) as f64 / elapsed;
+            window = (Instant::now(), done);
+        } else if sps == 0.0 {
+            sps = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        }
+        metrics.line(serde_json::json!({"step": done, "loss": loss, "steps_per_s": sps}))?;
+        if !a.quiet && (last_print.elapsed().as_millis() > 100 || done == a.steps) {
+            eprint!(
+                "\rstep {done}/{}  loss {loss:.4}  {sps:.0} steps/s   ",
+                a.steps
+            );
+            last_print = Instant::now();
+        }
+        // Carry the state; keep host copies only when a checkpoint is due.
+        let ckpt_due =
+            a.checkpoint.is_some() && (done % a.checkpoint_every.max(1) == 0 || done == a.steps);
+        if ckpt_due {
+            for (name, oi) in &state_outputs {
+                state.get_mut(name).expect("state").1 = plan.output(*oi);
+            }
+        }
+        plan.carry();
+        let eval_due =
+            can_eval && (a.eval_every.is_some_and(|k| k > 0 && done % k == 0) || done == a.steps);
+        if eval_due {
+            for (name, oi) in &state_outputs {
+                if let Some(i) = eval_plan.arg_index(name) {
+                    set_host(&mut eval_plan, i, &plan.output(*oi))?;
+                }
+            }
+            let (acc, eval_loss) = evaluate(
+                &mut eval_plan,
+                &cols,
+                labels_name.expect("checked"),
+                n_train,
+                n,
+                batch,
+            )?;
+            summary.accuracy = Some(acc);
+            metrics
+                .line(serde_json::json!({"step": done, "eval_loss": eval_loss, "accuracy": acc}))?;
+            if !a.quiet {
+                eprintln!(
+                    "\rstep {done}/{}  loss {loss:.4}  eval loss {eval_loss:.4}  accuracy {:.2}%",
+                    a.steps,
+                    acc * 100.0
+                );
+            }
+        }
+        if ckpt_due {
+            let dir = a.checkpoint.as_ref().expect("checked");
+            write_checkpoint(dir, &state, ckpt_meta(done))?;
+        }
+    }
+    if !a.quiet {
+        eprintln!();
+    }
+    summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    Ok(summary)
+}
+
+/// Accuracy and mean loss of the forward plan over the held-out examples `from..to`.
+fn evaluate(
+    plan: &mut Plan,
+    cols: &[Column],
+    labels: &str,
+    from: usize,
+    to: usize,
+    batch: usize,
+) -> Result<(f64, f64)> {
+    let logits_idx = plan.output_index("logits").expect("checked");
+    let loss_idx = plan.output_index("loss").expect("checked");
+    let c = *plan.outputs()[logits_idx].ty.shape.last().unwrap_or(&1);
+    let label_col = cols.iter().find(|c| c.name == labels).expect("checked");
+    let (mut correct, mut total, mut loss_sum, mut batches) = (0usize, 0usize, 0.0, 0);
+    let mut s = from;
+    while s + batch <= to {
+        let rows: Vec<usize> = (s..s + batch).collect();
+        for col in cols {
+            let i = plan.arg_index(&col.name).expect("data input");
+            set_host(plan, i, &gather_batch(col, &rows))?;
+        }
+        plan.run()?;
+        let logits = plan.output_f32(logits_idx).expect("f32 logits");
+        let HostData::I32(lab) = gather_batch(label_col, &rows) else {
+            bail!("labels must be i32");
+        };
+        for (p, &l) in lab.iter().enumerate() {
+            let row = &logits[p * c..(p + 1) * c];
+            let mut best = 0;
+            for (k, &v) in row.iter().enumerate() {
+                if v > row[best] {
+                    best = k;
+                }
+            }
+            correct += (best as i32 == l) as usize;
+            total += 1;
+        }
+        loss_sum += plan.output_f32(loss_idx).expect("f32 loss")[0] as f64;
+        batches += 1;
+        s += batch;
+    }
+    Ok((
+        correct as f64 / total.max(1) as f64,
+        loss_sum / batches.max(1) as f64,
+    ))
+}
+
+/// What `cleave bench` measured.
+#[derive(Clone, Debug)]
+pub struct BenchResult {
+    /// Median milliseconds of one training step.
+    pub median_ms: f64,
+    /// Milliseconds to compile the step into a plan (0 for the interpreter).
+    pub compile_ms: f64,
+    /// The plan's planned buffer bytes (0 for the interpreter).
+    pub peak_bytes: usize,
+}
+
+/// Runs `cleave bench`: the median time of one training step.
+pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
+    let (mut compile_ms, mut peak_bytes) = (0.0, 0);
+    let built = build_step(
+        &a.model,
+        a.batch,
+        (a.loss, a.labels.clone()),
+        a.optimizer,
+        a.optimizer.default_lr() * 0.01,
+    )?;
+    let step = &built.step;
+    let mut rng = SplitMix64::new(1);
+    let mut init = init_params(&built.forward, 0);
+    init.extend(built.file_params.clone());
+    let mut args: BTreeMap<String, cleave_ir::Tensor> = BTreeMap::new();
+    for arg in step.args() {
+        let n = arg.ty.num_elements();
+        let t = if let Some(t) = init.get(arg.name) {
+            t.clone()
+        } else if arg.name == "opt.step" {
+            cleave_ir::Tensor::scalar_f(DType::F32, 1.0)
+        } else if arg.name.starts_with("opt.") {
+            cleave_ir::Tensor::zeros(arg.ty)
+        } else if arg.ty.dtype == DType::F32 {
+            cleave_ir::Tensor::from_f32(
+                arg.ty.shape.clone(),
+                (0..n).map(|_| rng.normal() as f32).collect(),
+            )
+        } else if arg.ty.dtype == DType::I32 {
+            // Index-like inputs (labels, tokens) stay in range of every class count.
+            cleave_ir::Tensor::from_i32(
+                arg.ty.shape.clone(),
+                (0..n).map(|i| (i % 2) as i32).collect(),
+            )
+        } else {
+            cleave_ir::Tensor::zeros(arg.ty)
+        };
+        args.insert(arg.name.to_string(), t);
+    }
+    let mut times = Vec::with_capacity(a.iters);
+    if a.interp {
+        for i in 0..a.warmup.min(2) + a.iters {
+            let t = Instant::now();
+            cleave_ir::run_function_named(step, &args, cleave_ir::Precision::F32)?;
+            if i >= a.warmup.min(2) {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    } else {
+        let t = Instant::now();
+        let mut plan = cleave_runtime::compile(step)?;
+        compile_ms = t.elapsed().as_secs_f64() * 1e3;
+        peak_bytes = plan.peak_bytes();
+        let host: Vec<HostData> = plan
+            .args()
+            .iter()
+            .map(|x| cleave_runtime::host_from_tensor(&args[&x.name]).expect("runtime dtype"))
+            .collect();
+        for (i, h) in host.iter().enumerate() {
+            set_host(&mut plan, i, h)?;
+        }
+        let data: Vec<usize> = plan
+            .args()
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.role == ArgRole::Data && !x.name.starts_with("opt."))
+            .map(|(i, _)| i)
+            .collect();
+        for i in 0..a.warmup + a.iters {
+            let t = Instant::now();
+            for &d in &data {
+                set_host(&mut plan, d, &host[d])?;
+            }
+            plan.run()?;
+            plan.carry();
+            if i >= a.warmup {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    let median_ms = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    Ok(BenchResult {
+        median_ms,
+        compile_ms,
+        peak_bytes,
+    })
+}

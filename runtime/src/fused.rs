@@ -1,0 +1,552 @@
+//! Fused elementwise loops: a small register program run over the elements in chunks.
+//!
+//! Every register holds one chunk ([`CHUNK`] elements) of one value. Per chunk, the program loads
+//! its inputs (contiguous or through a strided view), evaluates the ops register to register (each
+//! a tight loop the compiler vectorises where the op allows) and stores the values later kernels
+//! need. All loads of a chunk happen before its stores, so a result may be written in place of a
+//! contiguously loaded operand.
+
+use cleave_ir::{dropout_keep, BinaryOp, CompareOp, DType, UnaryOp};
+
+use crate::kernels::{nan_max, nan_min};
+use crate::plan::{BufRef, Mem};
+
+/// Elements per chunk.
+pub(crate) const CHUNK: usize = 512;
+
+/// A strided view of a buffer, collapsed: element `i` of the view (row-major over `shape`) is
+/// `src[offset + Σ idx[d]·strides[d]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct View {
+    pub shape: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub offset: usize,
+}
+
+impl View {
+    /// Builds a view and merges dimensions that are contiguous with each other.
+    pub fn new(shape: &[usize], strides: &[usize], offset: usize) -> View {
+        let mut s: Vec<usize> = Vec::new();
+        let mut st: Vec<usize> = Vec::new();
+        for (&d, &t) in shape.iter().zip(strides) {
+            if d == 1 {
+                continue;
+            }
+            if let (Some(&ld), Some(&lt)) = (s.last(), st.last()) {
+                if lt == t * d {
+                    *s.last_mut().unwrap() = ld * d;
+                    *st.last_mut().unwrap() = t;
+                    continue;
+                }
+            }
+            s.push(d);
+            st.push(t);
+        }
+        View {
+            shape: s,
+            strides: st,
+            offset,
+        }
+    }
+
+    /// True if the view reads `src[offset..offset + n]` in order.
+    pub fn is_contiguous(&self) -> bool {
+        self.offset == 0
+            && (self.shape.is_empty() || (self.shape.len() == 1 && self.strides[0] == 1))
+    }
+
+    /// Reads view elements `start..start + dst.len()` into `dst`.
+    ///
+    /// # Safety
+    /// `src` must be valid for every position the view reaches.
+    pub unsafe fn read<T: Copy>(&self, src: *const T, start: usize, dst: &mut [T]) {
+        let len = dst.len();
+        let r = self.shape.len();
+        if r == 0 {
+            dst.fill(*src.add(self.offset));
+            return;
+        }
+        let mut idx = vec![0usize; r];
+        let mut rem = start;
+        for d in (0..r).rev() {
+            idx[d] = rem % self.shape[d];
+            rem /= self.shape[d];
+        }
+        let mut pos = self.offset
+            + idx
+                .iter()
+                .zip(&self.strides)
+                .map(|(a, b)| a * b)
+                .sum::<usize>();
+        let inner = self.shape[r - 1];
+        let ist = self.strides[r - 1];
+        let mut i = 0;
+        while i < len {
+            let run = (inner - idx[r - 1]).min(len - i);
+            let out = &mut dst[i..i + run];
+            if ist == 0 {
+                out.fill(*src.add(pos));
+            } else if ist == 1 {
+                out.copy_from_slice(std::slice::from_raw_parts(src.add(pos), run));
+            } else {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = *src.add(pos + j * ist);
+                }
+            }
+            i += run;
+            idx[r - 1] += run;
+            pos += run * ist;
+            if idx[r - 1] == inner {
+                idx[r - 1] = 0;
+                pos -= inner * ist;
+                let mut d = r - 1;
+                while d > 0 {
+                    d -= 1;
+                    idx[d] += 1;
+                    pos += self.strides[d];
+                    if idx[d] < self.shape[d] {
+                        break;
+                    }
+                    idx[d] = 0;
+                    pos -= self.shape[d] * self.strides[d];
+                }
+            }
+        }
+    }
+}
+
+/// Where a load reads from.
+#[derive(Clone, Debug)]
+pub(crate) struct Source {
+    pub buf: BufRef,
+    /// `None`: contiguous.
+    pub view: Option<View>,
+}
+
+/// One instruction. Registers are indices into the bank of their element type.
+#[derive(Clone, Debug)]
+pub(crate) enum Ins {
+    Load {
+        dtype: DType,
+        dst: usize,
+        src: Source,
+    },
+    SplatF {
+        dst: usize,
+        v: f32,
+    },
+    SplatI {
+        dst: usize,
+        v: i32,
+    },
+    SplatB {
+        dst: usize,
+        v: bool,
+    },
+    UnF {
+        op: UnaryOp,
+        dst: usize,
+        a: usize,
+    },
+    UnI {
+        op: UnaryOp,
+        dst: usize,
+        a: usize,
+    },
+    NotB {
+        dst: usize,
+        a: usize,
+    },
+    BinF {
+        op: BinaryOp,
+        dst: usize,
+        a: usize,
+        b: usize,
+    },
+    BinI {
+        op: BinaryOp,
+        dst: usize,
+        a: usize,
+        b: usize,
+    },
+    BinB {
+        op: BinaryOp,
+        dst: usize,
+        a: usize,
+        b: usize,
+    },
+    Cmp {
+        dtype: DType,
+        op: CompareOp,
+        dst: usize,
+        a: usize,
+        b: usize,
+    },
+    Sel {
+        dtype: DType,
+        dst: usize,
+        c: usize,
+        a: usize,
+        b: usize,
+    },
+    Cast {
+        from: DType,
+        to: DType,
+        dst: usize,
+        a: usize,
+    },
+    Dropout {
+        dst: usize,
+        a: usize,
+        rate: f64,
+        seed: u64,
+        scale: f32,
+    },
+    Store {
+        dtype: DType,
+        src: usize,
+        buf: BufRef,
+    },
+}
+
+/// A fused loop over `n` elements.
+#[derive(Clone, Debug)]
+pub(crate) struct FusedKernel {
+    pub n: usize,
+    pub prog: Vec<Ins>,
+    pub nf: usize,
+    pub ni: usize,
+    pub nb: usize,
+}
+
+/// Register banks, reused across kernels.
+#[derive(Default)]
+pub(crate) struct Regs {
+    f: Vec<f32>,
+    i: Vec<i32>,
+    b: Vec<u8>,
+}
+
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+pub(crate) fn unary_f(u: UnaryOp, x: f32) -> f32 {
+    match u {
+        UnaryOp::Neg => -x,
+        UnaryOp::Abs => x.abs(),
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => x.ln(),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Rsqrt => (1.0 / (x as f64).sqrt()) as f32,
+        UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Sigmoid => sigmoid(x),
+        UnaryOp::Relu => {
+            if x.is_nan() || x > 0.0 {
+                x
+            } else {
+                0.0
+            }
+        }
+        UnaryOp::Gelu => 0.5 * x * libm::erfcf(-x * std::f32::consts::FRAC_1_SQRT_2),
+        UnaryOp::GeluTanh => {
+            let x64 = x as f64;
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            (0.5 * x64 * (1.0 + (k * (x64 + 0.044715 * x64 * x64 * x64)).tanh())) as f32
+        }
+        UnaryOp::Silu => x * sigmoid(x),
+        UnaryOp::Sin => x.sin(),
+        UnaryOp::Cos => x.cos(),
+        UnaryOp::Erf => libm::erff(x),
+        UnaryOp::Reciprocal => 1.0 / x,
+        UnaryOp::Sign => {
+            if x > 0.0 {
+                1.0
+            } else if x < 0.0 {
+                -1.0
+            } else {
+                0.0
+            }
+        }
+        UnaryOp::Floor => x.floor(),
+        UnaryOp::Round => x.round_ties_even(),
+        UnaryOp::Not => unreachable!("`not` on floats is rejected by the verifier"),
+    }
+}
+
+fn unary_f_slice(u: UnaryOp, a: &[f32], d: &mut [f32]) {
+    match u {
+        UnaryOp::Neg => d.iter_mut().zip(a).for_each(|(d, &a)| *d = -a),
+        UnaryOp::Abs => d.iter_mut().zip(a).for_each(|(d, &a)| *d = a.abs()),
+        UnaryOp::Relu => d
+            .iter_mut()
+            .zip(a)
+            .for_each(|(d, &a)| *d = if a > 0.0 || a.is_nan() { a } else { 0.0 }),
+        UnaryOp::Sqrt => d.iter_mut().zip(a).for_each(|(d, &a)| *d = a.sqrt()),
+        UnaryOp::Reciprocal => d.iter_mut().zip(a).for_each(|(d, &a)| *d = 1.0 / a),
+        _ => d.iter_mut().zip(a).for_each(|(d, &a)| *d = unary_f(u, a)),
+    }
+}
+
+fn unary_i(u: UnaryOp, x: i32) -> i32 {
+    match u {
+        UnaryOp::Neg => x.wrapping_neg(),
+        UnaryOp::Abs => x.wrapping_abs(),
+        UnaryOp::Relu => x.max(0),
+        UnaryOp::Sign => x.signum(),
+        _ => unreachable!("rejected by the verifier"),
+    }
+}
+
+fn bin_f_slice(op: BinaryOp, a: &[f32], b: &[f32], d: &mut [f32]) {
+    let it = d.iter_mut().zip(a.iter().zip(b));
+    match op {
+        BinaryOp::Add => it.for_each(|(d, (&a, &b))| *d = a + b),
+        BinaryOp::Sub => it.for_each(|(d, (&a, &b))| *d = a - b),
+        BinaryOp::Mul => it.for_each(|(d, (&a, &b))| *d = a * b),
+        BinaryOp::Div => it.for_each(|(d, (&a, &b))| *d = a / b),
+        BinaryOp::Max => it.for_each(|(d, (&a, &b))| *d = nan_max(a, b)),
+        BinaryOp::Min => it.for_each(|(d, (&a, &b))| *d = nan_min(a, b)),
+        BinaryOp::Pow => it.for_each(|(d, (&a, &b))| *d = (a as f64).powf(b as f64) as f32),
+        BinaryOp::And | BinaryOp::Or => unreachable!("rejected by the verifier"),
+    }
+}
+
+fn cmp<T: PartialOrd>(op: CompareOp, a: T, b: T) -> bool {
+    match op {
+        CompareOp::Eq => a == b,
+        CompareOp::Ne => a != b,
+        CompareOp::Lt => a < b,
+        CompareOp::Le => a <= b,
+        CompareOp::Gt => a > b,
+        CompareOp::Ge => a >= b,
+    }
+}
+
+impl FusedKernel {
+    /// Runs the loop. An integer division by zero stops it with the element's flat index.
+    ///
+    /// # Safety
+    /// Every buffer the program names must be live in `mem` with at least `n` elements (or the
+    /// positions its view reaches), and stores must not overlap non-contiguous loads.
+    pub unsafe fn run(&self, mem: &Mem, regs: &mut Regs) -> Result<(), String> {
+        grow(&mut regs.f, self.nf, 0.0f32);
+        grow(&mut regs.i, self.ni, 0i32);
+        grow(&mut regs.b, self.nb, 0u8);
+        let fp = regs.f.as_mut_ptr();
+        let ip = regs.i.as_mut_ptr();
+        let bp = regs.b.as_mut_ptr();
+        let rf = |r: usize, len: usize| std::slice::from_raw_parts_mut(fp.add(r * CHUNK), len);
+        let ri = |r: usize, len: usize| std::slice::from_raw_parts_mut(ip.add(r * CHUNK), len);
+        let rb = |r: usize, len: usize| std::slice::from_raw_parts_mut(bp.add(r * CHUNK), len);
+        let mut start = 0;
+        while start < self.n {
+            let len = CHUNK.min(self.n - start);
+            for ins in &self.prog {
+                match ins {
+                    Ins::Load { dtype, dst, src } => match dtype {
+                        DType::F32 => load(mem.ptr_f(src.buf), src, start, rf(*dst, len)),
+                        DType::I32 => load(mem.ptr_i(src.buf), src, start, ri(*dst, len)),
+                        _ => load(mem.ptr_b(src.buf), src, start, rb(*dst, len)),
+                    },
+                    Ins::SplatF { dst, v } => rf(*dst, len).fill(*v),
+                    Ins::SplatI { dst, v } => ri(*dst, len).fill(*v),
+                    Ins::SplatB { dst, v } => rb(*dst, len).fill(*v as u8),
+                    Ins::UnF { op, dst, a } => unary_f_slice(*op, rf(*a, len), rf(*dst, len)),
+                    Ins::UnI { op, dst, a } => {
+                        let a = ri(*a, len);
+                        for (d, &x) in ri(*dst, len).iter_mut().zip(a.iter()) {
+                            *d = unary_i(*op, x);
+                        }
+                    }
+                    Ins::NotB { dst, a } => {
+                        let a = rb(*a, len);
+                        for (d, &x) in rb(*dst, len).iter_mut().zip(a.iter()) {
+                            *d = (x == 0) as u8;
+                        }
+                    }
+                    Ins::BinF { op, dst, a, b } => {
+                        bin_f_slice(*op, rf(*a, len), rf(*b, len), rf(*dst, len))
+                    }
+                    Ins::BinI { op, dst, a, b } => {
+                        let (a, b, d) = (ri(*a, len), ri(*b, len), ri(*dst, len));
+                        if *op == BinaryOp::Div {
+                            if let Some(p) = b.iter().position(|&x| x == 0) {
+                                return Err(format!(
+                                    "integer division by zero at flat element {}",
+                                    start + p
+                                ));
+                            }
+                        }
+                        for j in 0..len {
+                            d[j] = match op {
+                                BinaryOp::Add => a[j].wrapping_add(b[j]),
+                                BinaryOp::Sub => a[j].wrapping_sub(b[j]),
+                                BinaryOp::Mul => a[j].wrapping_mul(b[j]),
+                                BinaryOp::Div => a[j].wrapping_div(b[j]),
+                                BinaryOp::Max => a[j].max(b[j]),
+                                BinaryOp::Min => a[j].min(b[j]),
+                                _ => unreachable!("rejected by the verifier"),
+                            };
+                        }
+                    }
+                    Ins::BinB { op, dst, a, b } => {
+                        let (a, b, d) = (rb(*a, len), rb(*b, len), rb(*dst, len));
+                        for j in 0..len {
+                            d[j] = match op {
+                                BinaryOp::And => a[j] & b[j],
+                                _ => a[j] | b[j],
+                            };
+                        }
+                    }
+                    Ins::Cmp {
+                        dtype,
+                        op,
+                        dst,
+                        a,
+                        b,
+                    } => {
+                        let d = rb(*dst, len);
+                        match dtype {
+                            DType::F32 => {
+                                let (a, b) = (rf(*a, len), rf(*b, len));
+                                for j in 0..len {
+                                    d[j] = cmp(*op, a[j], b[j]) as u8;
+                                }
+                            }
+                            DType::I32 => {
+                                let (a, b) = (ri(*a, len), ri(*b, len));
+                                for j in 0..len {
+                                    d[j] = cmp(*op, a[j], b[j]) as u8;
+                                }
+                            }
+                            _ => {
+                                let (a, b) = (rb(*a, len), rb(*b, len));
+                                for j in 0..len {
+                                    d[j] = cmp(*op, a[j], b[j]) as u8;
+                                }
+                            }
+                        }
+                    }
+                    Ins::Sel {
+                        dtype,
+                        dst,
+                        c,
+                        a,
+                        b,
+                    } => {
+                        let c = rb(*c, len);
+                        match dtype {
+                            DType::F32 => {
+                                let (a, b, d) = (rf(*a, len), rf(*b, len), rf(*dst, len));
+                                for j in 0..len {
+                                    d[j] = if c[j] != 0 { a[j] } else { b[j] };
+                                }
+                            }
+                            DType::I32 => {
+                                let (a, b, d) = (ri(*a, len), ri(*b, len), ri(*dst, len));
+                                for j in 0..len {
+                                    d[j] = if c[j] != 0 { a[j] } else { b[j] };
+                                }
+                            }
+                            _ => {
+                                let (a, b, d) = (rb(*a, len), rb(*b, len), rb(*dst, len));
+                                for j in 0..len {
+                                    d[j] = if c[j] != 0 { a[j] } else { b[j] };
+                                }
+                            }
+                        }
+                    }
+                    Ins::Cast { from, to, dst, a } => match (from, to) {
+                        (DType::F32, DType::F32) => rf(*dst, len).copy_from_slice(rf(*a, len)),
+                        (DType::F32, DType::I32) => {
+                            for (d, &x) in ri(*dst, len).iter_mut().zip(rf(*a, len).iter()) {
+                                *d = x as i32;
+                            }
+                        }
+                        (DType::F32, _) => {
+                            for (d, &x) in rb(*dst, len).iter_mut().zip(rf(*a, len).iter()) {
+                                *d = (x != 0.0) as u8;
+                            }
+                        }
+                        (DType::I32, DType::F32) => {
+                            for (d, &x) in rf(*dst, len).iter_mut().zip(ri(*a, len).iter()) {
+                                *d = x as f32;
+                            }
+                        }
+                        (DType::I32, DType::I32) => ri(*dst, len).copy_from_slice(ri(*a, len)),
+                        (DType::I32, _) => {
+                            for (d, &x) in rb(*dst, len).iter_mut().zip(ri(*a, len).iter()) {
+                                *d = (x != 0) as u8;
+                            }
+                        }
+                        (_, DType::F32) => {
+                            for (d, &x) in rf(*dst, len).iter_mut().zip(rb(*a, len).iter()) {
+                                *d = x as f32;
+                            }
+                        }
+                        (_, DType::I32) => {
+                            for (d, &x) in ri(*dst, len).iter_mut().zip(rb(*a, len).iter()) {
+                                *d = x as i32;
+                            }
+                        }
+                        _ => rb(*dst, len).copy_from_slice(rb(*a, len)),
+                    },
+                    Ins::Dropout {
+                        dst,
+                        a,
+                        rate,
+                        seed,
+                        scale,
+                    } => {
+                        let a = rf(*a, len);
+                        for (j, d) in rf(*dst, len).iter_mut().enumerate() {
+                            *d = if dropout_keep(*seed, (start + j) as u64, *rate) {
+                                a[j] * scale
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                    Ins::Store { dtype, src, buf } => match dtype {
+                        DType::F32 => std::ptr::copy_nonoverlapping(
+                            fp.add(src * CHUNK),
+                            mem.ptr_f(*buf).add(start),
+                            len,
+                        ),
+                        DType::I32 => std::ptr::copy_nonoverlapping(
+                            ip.add(src * CHUNK),
+                            mem.ptr_i(*buf).add(start),
+                            len,
+                        ),
+                        _ => std::ptr::copy_nonoverlapping(
+                            bp.add(src * CHUNK),
+                            mem.ptr_b(*buf).add(start),
+                            len,
+                        ),
+                    },
+                }
+            }
+            start += len;
+        }
+        Ok(())
+    }
+}
+
+fn grow<T: Copy>(v: &mut Vec<T>, regs: usize, zero: T) {
+    if v.len() < regs * CHUNK {
+        v.resize(regs * CHUNK, zero);
+    }
+}
+
+unsafe fn load<T: Copy>(p: *mut T, src: &Source, start: usize, dst: &mut [T]) {
+    match &src.view {
+        None => std::ptr::copy_nonoverlapping(p.add(start), dst.as_mut_ptr(), dst.len()),
+        Some(v) => v.read(p, start, dst),
+    }
+}

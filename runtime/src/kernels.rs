@@ -1,0 +1,891 @@
+//! The kernels that are not fused loops: GEMMs, convolutions, pools, reductions, normalisations,
+//! indexing and copies. Each reads contiguous row-major buffers and writes one that overlaps none
+//! of them (the planner guarantees it).
+
+use cleave_ir::{DType, PoolKind, ReduceKind};
+
+use crate::gemm::sgemm;
+use crate::plan::{BufRef, Mem};
+
+/// Maximum that propagates NaN.
+pub(crate) fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// Minimum that propagates NaN.
+pub(crate) fn nan_min(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.min(b)
+    }
+}
+
+/// The geometry of a convolution.
+#[derive(Clone, Debug)]
+pub(crate) struct ConvGeo {
+    pub x: [usize; 4],
+    pub w: [usize; 4],
+    pub out: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 4],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+}
+
+/// The geometry of a pool.
+#[derive(Clone, Debug)]
+pub(crate) struct PoolGeo {
+    pub x: [usize; 4],
+    pub out: [usize; 2],
+    pub window: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 4],
+}
+
+#[derive(Debug)]
+pub(crate) enum OpKernel {
+    MatMul {
+        a: BufRef,
+        b: BufRef,
+        out: BufRef,
+        batch: usize,
+        mkn: (usize, usize, usize),
+        tl: bool,
+        tr: bool,
+    },
+    Conv2d {
+        x: BufRef,
+        w: BufRef,
+        out: BufRef,
+        geo: ConvGeo,
+        cols: Vec<f32>,
+    },
+    Conv2dGradInput {
+        dy: BufRef,
+        w: BufRef,
+        out: BufRef,
+        geo: ConvGeo,
+        cols: Vec<f32>,
+    },
+    Conv2dGradWeight {
+        x: BufRef,
+        dy: BufRef,
+        out: BufRef,
+        geo: ConvGeo,
+        cols: Vec<f32>,
+    },
+    Pool {
+        x: BufRef,
+        out: BufRef,
+        kind: PoolKind,
+        geo: PoolGeo,
+        count_include_pad: bool,
+    },
+    MaxPoolGrad {
+        x: BufRef,
+        dy: BufRef,
+        out: BufRef,
+        geo: PoolGeo,
+    },
+    AvgPoolGrad {
+        dy: BufRef,
+        out: BufRef,
+        geo: PoolGeo,
+        count_include_pad: bool,
+    },
+    Reduce {
+        x: BufRef,
+        out: BufRef,
+        kind: ReduceKind,
+        shape: Vec<usize>,
+        axes: Vec<usize>,
+    },
+    Softmax {
+        x: BufRef,
+        out: BufRef,
+        dims: (usize, usize, usize),
+        log: bool,
+    },
+    Norm {
+        x: BufRef,
+        out: BufRef,
+        n: usize,
+        eps: f64,
+        layer: bool,
+    },
+    CrossEntropy {
+        logits: BufRef,
+        labels: BufRef,
+        out: BufRef,
+        c: usize,
+    },
+    Gather {
+        table: BufRef,
+        idx: BufRef,
+        out: BufRef,
+        dims: (usize, usize, usize),
+    },
+    ScatterAdd {
+        base: BufRef,
+        idx: BufRef,
+        upd: BufRef,
+        out: BufRef,
+        dims: (usize, usize, usize),
+    },
+    /// Concatenation: per outer index, each input contributes `chunks[k]` elements.
+    Concat {
+        ins: Vec<BufRef>,
+        out: BufRef,
+        outer: usize,
+        chunks: Vec<usize>,
+    },
+    /// Split: per outer index, each output takes `chunks[k]` elements.
+    Split {
+        x: BufRef,
+        outs: Vec<BufRef>,
+        outer: usize,
+        chunks: Vec<usize>,
+    },
+    Pad {
+        x: BufRef,
+        out: BufRef,
+        in_shape: Vec<usize>,
+        out_shape: Vec<usize>,
+        low: Vec<usize>,
+        value: f64,
+    },
+    OneHot {
+        idx: BufRef,
+        out: BufRef,
+        depth: usize,
+    },
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    cleave_ir::types::strides(shape)
+}
+
+/// Calls `f(i, j)` for every position of `shape` in row-major order, `i` the flat position and
+/// `j = Σ index[d]·st[d]`.
+fn for_each_strided(shape: &[usize], st: &[usize], mut f: impl FnMut(usize, usize)) {
+    let n: usize = shape.iter().product();
+    if n == 0 {
+        return;
+    }
+    let rank = shape.len();
+    let mut idx = vec![0usize; rank];
+    let mut j = 0;
+    for i in 0..n {
+        f(i, j);
+        for d in (0..rank).rev() {
+            idx[d] += 1;
+            j += st[d];
+            if idx[d] < shape[d] {
+                break;
+            }
+            j -= st[d] * shape[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+fn tap(o: usize, stride: usize, pad: usize, t: usize, dil: usize, size: usize) -> Option<usize> {
+    (o * stride + t * dil)
+        .checked_sub(pad)
+        .filter(|&i| i < size)
+}
+
+impl ConvGeo {
+    fn im2col(&self, x: &[f32], n: usize, g: usize, cols: &mut [f32]) {
+        let [_, c, h, wd] = self.x;
+        let [_, cg, kh, kw] = self.w;
+        let [ho, wo] = self.out;
+        let howo = ho * wo;
+        for ci in 0..cg {
+            let plane = &x[((n * c) + g * cg + ci) * h * wd..][..h * wd];
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let row = &mut cols[((ci * kh + ky) * kw + kx) * howo..][..howo];
+                    for y in 0..ho {
+                        let iy = tap(y, self.stride[0], self.padding[0], ky, self.dilation[0], h);
+                        for xo in 0..wo {
+                            let ix = tap(
+                                xo,
+                                self.stride[1],
+                                self.padding[1],
+                                kx,
+                                self.dilation[1],
+                                wd,
+                            );
+                            row[y * wo + xo] = match (iy, ix) {
+                                (Some(iy), Some(ix)) => plane[iy * wd + ix],
+                                _ => 0.0,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn col2im(&self, cols: &[f32], n: usize, g: usize, dx: &mut [f32]) {
+        let [_, c, h, wd] = self.x;
+        let [_, cg, kh, kw] = self.w;
+        let [ho, wo] = self.out;
+        let howo = ho * wo;
+        for ci in 0..cg {
+            let plane = &mut dx[((n * c) + g * cg + ci) * h * wd..][..h * wd];
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let row = &cols[((ci * kh + ky) * kw + kx) * howo..][..howo];
+                    for y in 0..ho {
+                        let Some(iy) =
+                            tap(y, self.stride[0], self.padding[0], ky, self.dilation[0], h)
+                        else {
+                            continue;
+                        };
+                        for xo in 0..wo {
+                            if let Some(ix) = tap(
+                                xo,
+                                self.stride[1],
+                                self.padding[1],
+                                kx,
+                                self.dilation[1],
+                                wd,
+                            ) {
+                                plane[iy * wd + ix] += row[y * wo + xo];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn cols_len(&self) -> usize {
+        self.w[1] * self.w[2] * self.w[3] * self.out[0] * self.out[1]
+    }
+}
+
+pub(crate) fn conv_scratch(geo: &ConvGeo) -> Vec<f32> {
+    vec![0.0; geo.cols_len()]
+}
+
+impl PoolGeo {
+    /// Calls `f(window_index, positions)` with the in-bounds input positions of every window.
+    fn for_each_window(&self, mut f: impl FnMut(usize, &[usize])) {
+        let [n, c, h, wd] = self.x;
+        let mut pos = Vec::with_capacity(self.window[0] * self.window[1]);
+        let mut at = 0;
+        for plane in 0..n * c {
+            for y in 0..self.out[0] {
+                for xo in 0..self.out[1] {
+                    pos.clear();
+                    for ky in 0..self.window[0] {
+                        let Some(iy) = tap(y, self.stride[0], self.padding[0], ky, 1, h) else {
+                            continue;
+                        };
+                        for kx in 0..self.window[1] {
+                            if let Some(ix) = tap(xo, self.stride[1], self.padding[1], kx, 1, wd) {
+                                pos.push((plane * h + iy) * wd + ix);
+                            }
+                        }
+                    }
+                    f(at, &pos);
+                    at += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Copies with an element type of 4 bytes (`f32`, `i32`) or 1 byte (`bool`).
+macro_rules! by_size {
+    ($dtype:expr, $mem:expr, $T:ident, $get:ident, $get_mut:ident => $body:block) => {
+        if $dtype == DType::Bool {
+            type $T = u8;
+            let $get = |b: BufRef| $mem.b(b);
+            let $get_mut = |b: BufRef| $mem.b_mut(b);
+            $body
+        } else {
+            type $T = f32;
+            let $get = |b: BufRef| $mem.f(b);
+            let $get_mut = |b: BufRef| $mem.f_mut(b);
+            $body
+        }
+    };
+}
+
+fn check_index(i: i32, extent: usize, p: usize) -> Result<usize, String> {
+    if i < 0 || i as usize >= extent {
+        Err(format!(
+            "index {i} at flat position {p} of the indices is out of range for extent {extent}"
+        ))
+    } else {
+        Ok(i as usize)
+    }
+}
+
+impl OpKernel {
+    /// Runs the kernel.
+    ///
+    /// # Safety
+    /// The buffers must be live in `mem` with their declared lengths, and the output must not
+    /// overlap an input.
+    pub unsafe fn run(&mut self, mem: &Mem) -> Result<(), String> {
+        match self {
+            OpKernel::MatMul {
+                a,
+                b,
+                out,
+                batch,
+                mkn: (m, k, n),
+                tl,
+                tr,
+            } => {
+                let (m, k, n) = (*m, *k, *n);
+                if out.dtype == DType::F32 {
+                    let (ap, bp, cp) = (mem.ptr_f(*a), mem.ptr_f(*b), mem.ptr_f(*out));
+                    let ast = if *tl { (1, m) } else { (k, 1) };
+                    let bst = if *tr { (1, k) } else { (n, 1) };
+                    for bi in 0..*batch {
+                        sgemm(
+                            (m, k, n),
+                            ap.add(bi * m * k),
+                            ast,
+                            bp.add(bi * k * n),
+                            bst,
+                            cp.add(bi * m * n),
+                            n,
+                            false,
+                        );
+                    }
+                } else {
+                    let (av, bv, cv) = (mem.i(*a), mem.i(*b), mem.i_mut(*out));
+                    for bi in 0..*batch {
+                        for i in 0..m {
+                            for j in 0..n {
+                                let mut s = 0i32;
+                                for p in 0..k {
+                                    let x = if *tl {
+                                        av[bi * m * k + p * m + i]
+                                    } else {
+                                        av[bi * m * k + i * k + p]
+                                    };
+                                    let y = if *tr {
+                                        bv[bi * k * n + j * k + p]
+                                    } else {
+                                        bv[bi * k * n + p * n + j]
+                                    };
+                                    s = s.wrapping_add(x.wrapping_mul(y));
+                                }
+                                cv[bi * m * n + i * n + j] = s;
+                            }
+                        }
+                    }
+                }
+            }
+            OpKernel::Conv2d {
+                x,
+                w,
+                out,
+                geo,
+                cols,
+            } => {
+                let (xv, wp, yp) = (mem.f(*x), mem.ptr_f(*w), mem.ptr_f(*out));
+                let [n, _, _, _] = geo.x;
+                let [o, cg, kh, kw] = geo.w;
+                let og = o / geo.groups;
+                let ckk = cg * kh * kw;
+                let howo = geo.out[0] * geo.out[1];
+                for ni in 0..n {
+                    for g in 0..geo.groups {
+                        geo.im2col(xv, ni, g, cols);
+                        sgemm(
+                            (og, ckk, howo),
+                            wp.add(g * og * ckk),
+                            (ckk, 1),
+                            cols.as_ptr(),
+                            (howo, 1),
+                            yp.add((ni * o + g * og) * howo),
+                            howo,
+                            false,
+                        );
+                    }
+                }
+            }
+            OpKernel::Conv2dGradInput {
+                dy,
+                w,
+                out,
+                geo,
+                cols,
+            } => {
+                let (dyp, wp, dx) = (mem.ptr_f(*dy), mem.ptr_f(*w), mem.f_mut(*out));
+                dx.fill(0.0);
+                let [n, _, _, _] = geo.x;
+                let [o, cg, kh, kw] = geo.w;
+                let og = o / geo.groups;
+                let ckk = cg * kh * kw;
+                let howo = geo.out[0] * geo.out[1];
+                for ni in 0..n {
+                    for g in 0..geo.groups {
+                        sgemm(
+                            (ckk, og, howo),
+                            wp.add(g * og * ckk),
+                            (1, ckk),
+                            dyp.add((ni * o + g * og) * howo),
+                            (howo, 1),
+                            cols.as_mut_ptr(),
+                            howo,
+                            false,
+                        );
+                        geo.col2im(cols, ni, g, dx);
+                    }
+                }
+            }
+            OpKernel::Conv2dGradWeight {
+                x,
+                dy,
+                out,
+                geo,
+                cols,
+            } => {
+                let (xv, dyp, dw) = (mem.f(*x), mem.ptr_f(*dy), mem.ptr_f(*out));
+                let [n, _, _, _] = geo.x;
+                let [o, cg, kh, kw] = geo.w;
+                let og = o / geo.groups;
+                let ckk = cg * kh * kw;
+                let howo = geo.out[0] * geo.out[1];
+                mem.f_mut(*out).fill(0.0);
+                for ni in 0..n {
+                    for g in 0..geo.groups {
+                        geo.im2col(xv, ni, g, cols);
+                        sgemm(
+                            (og, howo, ckk),
+                            dyp.add((ni * o + g * og) * howo),
+                            (howo, 1),
+                            cols.as_ptr(),
+                            (1, howo),
+                            dw.add(g * og * ckk),
+                            ckk,
+                            true,
+                        );
+                    }
+                }
+            }
+            OpKernel::Pool {
+                x,
+                out,
+                kind,
+                geo,
+                count_include_pad,
+            } => {
+                let (xv, yv) = (mem.f(*x), mem.f_mut(*out));
+                let full = (geo.window[0] * geo.window[1]) as f32;
+                geo.for_each_window(|wi, pos| {
+                    yv[wi] = match kind {
+                        PoolKind::Max => {
+                            pos.iter().map(|&p| xv[p]).fold(f32::NEG_INFINITY, nan_max)
+                        }
+                        PoolKind::Avg => {
+                            let s: f32 = pos.iter().map(|&p| xv[p]).sum();
+                            s / if *count_include_pad {
+                                full
+                            } else {
+                                pos.len() as f32
+                            }
+                        }
+                    }
+                });
+            }
+            OpKernel::MaxPoolGrad { x, dy, out, geo } => {
+                let (xv, dv, dx) = (mem.f(*x), mem.f(*dy), mem.f_mut(*out));
+                dx.fill(0.0);
+                geo.for_each_window(|wi, pos| {
+                    let max = pos.iter().map(|&p| xv[p]).fold(f32::NEG_INFINITY, nan_max);
+                    if let Some(p) = pos
+                        .iter()
+                        .copied()
+                        .find(|&p| xv[p] == max || (max.is_nan() && xv[p].is_nan()))
+                    {
+                        dx[p] += dv[wi];
+                    }
+                });
+            }
+            OpKernel::AvgPoolGrad {
+                dy,
+                out,
+                geo,
+                count_include_pad,
+            } => {
+                let (dv, dx) = (mem.f(*dy), mem.f_mut(*out));
+                dx.fill(0.0);
+                let full = (geo.window[0] * geo.window[1]) as f32;
+                geo.for_each_window(|wi, pos| {
+                    let div = if *count_include_pad {
+                        full
+                    } else {
+                        pos.len() as f32
+                    };
+                    for &p in pos {
+                        dx[p] += dv[wi] / div;
+                    }
+                });
+            }
+            OpKernel::Reduce {
+                x,
+                out,
+                kind,
+                shape,
+                axes,
+            } => reduce(mem, *x, *out, *kind, shape, axes)?,
+            OpKernel::Softmax {
+                x,
+                out,
+                dims: (outer, extent, inner),
+                log,
+            } => {
+                let (v, r) = (mem.f(*x), mem.f_mut(*out));
+                let (extent, inner) = (*extent, *inner);
+                for o in 0..*outer {
+                    for i in 0..inner {
+                        let at = |k: usize| (o * extent + k) * inner + i;
+                        let m = (0..extent)
+                            .map(|k| v[at(k)])
+                            .fold(f32::NEG_INFINITY, nan_max);
+                        let s: f64 = (0..extent).map(|k| ((v[at(k)] - m) as f64).exp()).sum();
+                        if *log {
+                            let ls = s.ln();
+                            for k in 0..extent {
+                                r[at(k)] = ((v[at(k)] - m) as f64 - ls) as f32;
+                            }
+                        } else {
+                            for k in 0..extent {
+                                r[at(k)] = (((v[at(k)] - m) as f64).exp() / s) as f32;
+                            }
+                        }
+                    }
+                }
+            }
+            OpKernel::Norm {
+                x,
+                out,
+                n,
+                eps,
+                layer,
+            } => {
+                let (v, r) = (mem.f(*x), mem.f_mut(*out));
+                let n = *n;
+                if n > 0 {
+                    for (row, orow) in v.chunks_exact(n).zip(r.chunks_exact_mut(n)) {
+                        if *layer {
+                            let mean = row.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
+                            let var = row
+                                .iter()
+                                .map(|&a| (a as f64 - mean) * (a as f64 - mean))
+                                .sum::<f64>()
+                                / n as f64;
+                            let inv = 1.0 / (var + *eps).sqrt();
+                            for (o, &a) in orow.iter_mut().zip(row) {
+                                *o = ((a as f64 - mean) * inv) as f32;
+                            }
+                        } else {
+                            let ms =
+                                row.iter().map(|&a| a as f64 * a as f64).sum::<f64>() / n as f64;
+                            let inv = 1.0 / (ms + *eps).sqrt();
+                            for (o, &a) in orow.iter_mut().zip(row) {
+                                *o = (a as f64 * inv) as f32;
+                            }
+                        }
+                    }
+                }
+            }
+            OpKernel::CrossEntropy {
+                logits,
+                labels,
+                out,
+                c,
+            } => {
+                let (v, l, r) = (mem.f(*logits), mem.i(*labels), mem.f_mut(*out));
+                let c = *c;
+                for (p, &lab) in l.iter().enumerate() {
+                    if lab < 0 || lab as usize >= c {
+                        return Err(format!(
+                            "label {lab} at flat position {p} is out of range for {c} classes"
+                        ));
+                    }
+                    let row = &v[p * c..(p + 1) * c];
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, nan_max);
+                    let s: f64 = row.iter().map(|&a| ((a - m) as f64).exp()).sum();
+                    r[p] = -(((row[lab as usize] - m) as f64) - s.ln()) as f32;
+                }
+            }
+            OpKernel::Gather {
+                table,
+                idx,
+                out,
+                dims: (outer, extent, inner),
+            } => {
+                let iv = mem.i(*idx);
+                let (extent, inner) = (*extent, *inner);
+                let mut checked = Vec::with_capacity(iv.len());
+                for (p, &i) in iv.iter().enumerate() {
+                    checked.push(check_index(i, extent, p)?);
+                }
+                by_size!(out.dtype, mem, T, get, get_mut => {
+                    let (t, r): (&[T], &mut [T]) = (get(*table), get_mut(*out));
+                    let mut at = 0;
+                    for o in 0..*outer {
+                        for &i in &checked {
+                            let base = (o * extent + i) * inner;
+                            r[at..at + inner].copy_from_slice(&t[base..base + inner]);
+                            at += inner;
+                        }
+                    }
+                });
+            }
+            OpKernel::ScatterAdd {
+                base,
+                idx,
+                upd,
+                out,
+                dims: (outer, extent, inner),
+            } => {
+                let iv = mem.i(*idx);
+                let (extent, inner) = (*extent, *inner);
+                let mut checked = Vec::with_capacity(iv.len());
+                for (p, &i) in iv.iter().enumerate() {
+                    checked.push(check_index(i, extent, p)?);
+                }
+                if out.dtype == DType::F32 {
+                    let (b, u, r) = (mem.f(*base), mem.f(*upd), mem.f_mut(*out));
+                    r.copy_from_slice(b);
+                    let mut at = 0;
+                    for o in 0..*outer {
+                        for &i in &checked {
+                            let dst = &mut r[(o * extent + i) * inner..][..inner];
+                            for (d, &s) in dst.iter_mut().zip(&u[at..at + inner]) {
+                                *d += s;
+                            }
+                            at += inner;
+                        }
+                    }
+                } else {
+                    let (b, u, r) = (mem.i(*base), mem.i(*upd), mem.i_mut(*out));
+                    r.copy_from_slice(b);
+                    let mut at = 0;
+                    for o in 0..*outer {
+                        for &i in &checked {
+                            let dst = &mut r[(o * extent + i) * inner..][..inner];
+                            for (d, &s) in dst.iter_mut().zip(&u[at..at + inner]) {
+                                *d = d.wrapping_add(s);
+                            }
+                            at += inner;
+                        }
+                    }
+                }
+            }
+            OpKernel::Concat {
+                ins,
+                out,
+                outer,
+                chunks,
+            } => {
+                by_size!(out.dtype, mem, T, get, get_mut => {
+                    let r: &mut [T] = get_mut(*out);
+                    let mut at = 0;
+                    for o in 0..*outer {
+                        for (b, &c) in ins.iter().zip(chunks.iter()) {
+                            let src: &[T] = get(*b);
+                            r[at..at + c].copy_from_slice(&src[o * c..(o + 1) * c]);
+                            at += c;
+                        }
+                    }
+                });
+            }
+            OpKernel::Split {
+                x,
+                outs,
+                outer,
+                chunks,
+            } => {
+                by_size!(x.dtype, mem, T, get, get_mut => {
+                    let src: &[T] = get(*x);
+                    let mut at = 0;
+                    for o in 0..*outer {
+                        for (b, &c) in outs.iter().zip(chunks.iter()) {
+                            let r: &mut [T] = get_mut(*b);
+                            r[o * c..(o + 1) * c].copy_from_slice(&src[at..at + c]);
+                            at += c;
+                        }
+                    }
+                });
+            }
+            OpKernel::Pad {
+                x,
+                out,
+                in_shape,
+                out_shape,
+                low,
+                value,
+            } => {
+                let ost = strides(out_shape);
+                let offset: usize = low.iter().zip(&ost).map(|(a, b)| a * b).sum();
+                if out.dtype == DType::F32 {
+                    let (s, r) = (mem.f(*x), mem.f_mut(*out));
+                    r.fill(*value as f32);
+                    for_each_strided(in_shape, &ost, |i, j| r[offset + j] = s[i]);
+                } else {
+                    let (s, r) = (mem.i(*x), mem.i_mut(*out));
+                    r.fill(*value as i32);
+                    for_each_strided(in_shape, &ost, |i, j| r[offset + j] = s[i]);
+                }
+            }
+            OpKernel::OneHot { idx, out, depth } => {
+                let iv = mem.i(*idx);
+                let d = *depth;
+                let hot = |p: usize| -> Option<usize> {
+                    let i = iv[p];
+                    (i >= 0 && (i as usize) < d).then_some(i as usize)
+                };
+                match out.dtype {
+                    DType::F32 => {
+                        let r = mem.f_mut(*out);
+                        r.fill(0.0);
+                        for p in 0..iv.len() {
+                            if let Some(i) = hot(p) {
+                                r[p * d + i] = 1.0;
+                            }
+                        }
+                    }
+                    DType::I32 => {
+                        let r = mem.i_mut(*out);
+                        r.fill(0);
+                        for p in 0..iv.len() {
+                            if let Some(i) = hot(p) {
+                                r[p * d + i] = 1;
+                            }
+                        }
+                    }
+                    _ => {
+                        let r = mem.b_mut(*out);
+                        r.fill(0);
+                        for p in 0..iv.len() {
+                            if let Some(i) = hot(p) {
+                                r[p * d + i] = 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+unsafe fn reduce(
+    mem: &Mem,
+    x: BufRef,
+    out: BufRef,
+    kind: ReduceKind,
+    shape: &[usize],
+    axes: &[usize],
+) -> Result<(), String> {
+    let rank = shape.len();
+    let kept: Vec<usize> = (0..rank).filter(|d| !axes.contains(d)).collect();
+    let out_shape: Vec<usize> = kept.iter().map(|&d| shape[d]).collect();
+    let ost = strides(&out_shape);
+    let mut st = vec![0; rank];
+    for (k, &d) in kept.iter().enumerate() {
+        st[d] = ost[k];
+    }
+    let n_out: usize = out_shape.iter().product();
+    let count: usize = axes.iter().map(|&a| shape[a]).product();
+    if count == 0 && n_out > 0 && matches!(kind, ReduceKind::Max | ReduceKind::Min) {
+        return Err(format!(
+            "`{}` over axes {axes:?} of an empty extent has no identity",
+            kind.name()
+        ));
+    }
+    let leading = axes.iter().enumerate().all(|(i, &a)| a == i);
+    let trailing = axes
+        .iter()
+        .enumerate()
+        .all(|(i, &a)| a == rank - axes.len() + i);
+    if x.dtype == DType::F32 {
+        let (v, r) = (mem.f(x), mem.f_mut(out));
+        let sumlike = matches!(kind, ReduceKind::Sum | ReduceKind::Mean);
+        if trailing && count > 0 {
+            for (a, row) in r.iter_mut().zip(v.chunks_exact(count)) {
+                *a = match kind {
+                    ReduceKind::Sum | ReduceKind::Mean => {
+                        row.iter().map(|&b| b as f64).sum::<f64>() as f32
+                    }
+                    ReduceKind::Max => row.iter().copied().fold(f32::NEG_INFINITY, nan_max),
+                    ReduceKind::Min => row.iter().copied().fold(f32::INFINITY, nan_min),
+                };
+            }
+        } else if sumlike && leading && n_out > 0 {
+            // Sum of `count` rows of length n_out.
+            r.fill(0.0);
+            for row in v.chunks_exact(n_out) {
+                for (a, &b) in r.iter_mut().zip(row) {
+                    *a += b;
+                }
+            }
+        } else {
+            let mut acc = vec![
+                match kind {
+                    ReduceKind::Sum | ReduceKind::Mean => 0.0f64,
+                    ReduceKind::Max => f64::NEG_INFINITY,
+                    ReduceKind::Min => f64::INFINITY,
+                };
+                n_out
+            ];
+            for_each_strided(shape, &st, |i, j| {
+                let b = v[i] as f64;
+                acc[j] = match kind {
+                    ReduceKind::Sum | ReduceKind::Mean => acc[j] + b,
+                    ReduceKind::Max => {
+                        if acc[j].is_nan() || b.is_nan() {
+                            f64::NAN
+                        } else {
+                            acc[j].max(b)
+                        }
+                    }
+                    ReduceKind::Min => {
+                        if acc[j].is_nan() || b.is_nan() {
+                            f64::NAN
+                        } else {
+                            acc[j].min(b)
+                        }
+                    }
+                }
+            });
+            for (a, b) in r.iter_mut().zip(acc) {
+                *a = b as f32;
+            }
+        }
+        if kind == ReduceKind::Mean {
+            let c = count as f32;
+            r.iter_mut().for_each(|a| *a /= c);
+        }
+    } else {
+        let (v, r) = (mem.i(x), mem.i_mut(out));
+        let (init, f): (i32, fn(i32, i32) -> i32) = match kind {
+            ReduceKind::Sum => (0, i32::wrapping_add),
+            ReduceKind::Max => (i32::MIN, i32::max),
+            ReduceKind::Min => (i32::MAX, i32::min),
+            ReduceKind::Mean => return Err("`reduce_mean` needs a float operand".into()),
+        };
+        r.fill(init);
+        for_each_strided(shape, &st, |i, j| r[j] = f(r[j], v[i]));
+    }
+    Ok(())
+}

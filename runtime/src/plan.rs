@@ -1,0 +1,378 @@
+//! Executable plans: buffers, kernels and the run loop.
+
+use cleave_ir::{ArgRole, DType, TensorType};
+
+use crate::fused::{FusedKernel, Regs};
+use crate::kernels::OpKernel;
+use crate::{HostData, HostSlice, RunError};
+
+/// A planned buffer as one kernel sees it: which storage, how many elements, of which type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BufRef {
+    pub id: usize,
+    pub len: usize,
+    pub dtype: DType,
+}
+
+/// Raw base pointers of every buffer for the duration of one run. Buffers are `Vec<f32>` words;
+/// `i32` and `bool` (one byte, 0 or 1) buffers are the same words reinterpreted.
+pub(crate) struct Mem {
+    ptrs: Vec<*mut f32>,
+}
+
+impl Mem {
+    pub fn ptr_f(&self, b: BufRef) -> *mut f32 {
+        self.ptrs[b.id]
+    }
+    pub fn ptr_i(&self, b: BufRef) -> *mut i32 {
+        self.ptrs[b.id] as *mut i32
+    }
+    pub fn ptr_b(&self, b: BufRef) -> *mut u8 {
+        self.ptrs[b.id] as *mut u8
+    }
+    /// # Safety
+    /// No mutable slice of the same buffer may be alive.
+    pub unsafe fn f(&self, b: BufRef) -> &[f32] {
+        std::slice::from_raw_parts(self.ptr_f(b), b.len)
+    }
+    /// # Safety
+    /// No other slice of the same buffer may be alive.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn f_mut(&self, b: BufRef) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.ptr_f(b), b.len)
+    }
+    /// # Safety
+    /// As [`Mem::f`].
+    pub unsafe fn i(&self, b: BufRef) -> &[i32] {
+        std::slice::from_raw_parts(self.ptr_i(b), b.len)
+    }
+    /// # Safety
+    /// As [`Mem::f_mut`].
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn i_mut(&self, b: BufRef) -> &mut [i32] {
+        std::slice::from_raw_parts_mut(self.ptr_i(b), b.len)
+    }
+    /// # Safety
+    /// As [`Mem::f`].
+    pub unsafe fn b(&self, b: BufRef) -> &[u8] {
+        std::slice::from_raw_parts(self.ptr_b(b), b.len)
+    }
+    /// # Safety
+    /// As [`Mem::f_mut`].
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn b_mut(&self, b: BufRef) -> &mut [u8] {
+        std::slice::from_raw_parts_mut(self.ptr_b(b), b.len)
+    }
+}
+
+/// One step of a plan.
+#[derive(Debug)]
+pub(crate) enum Kernel {
+    Fused(FusedKernel),
+    Op(OpKernel),
+}
+
+/// A kernel with what the run loop needs to report on it.
+#[derive(Debug)]
+pub(crate) struct Step {
+    pub kernel: Kernel,
+    /// The node named in errors (`op`, value as printed).
+    pub op: &'static str,
+    pub value: String,
+    /// Values this kernel stores, for `--debug-nan`: (op, printed value, buffer).
+    pub stores: Vec<(&'static str, String, BufRef)>,
+}
+
+/// A function argument of a plan.
+#[derive(Clone, Debug)]
+pub struct ArgInfo {
+    /// Its name.
+    pub name: String,
+    /// Data input or parameter.
+    pub role: ArgRole,
+    /// Its type.
+    pub ty: TensorType,
+    pub(crate) buf: BufRef,
+}
+
+/// A function output of a plan.
+#[derive(Clone, Debug)]
+pub struct OutputInfo {
+    /// Its name.
+    pub name: String,
+    /// Its type.
+    pub ty: TensorType,
+    pub(crate) buf: BufRef,
+}
+
+/// The first non-finite value a checked run found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NanReport {
+    /// The op that produced it (or `input` for an argument).
+    pub op: &'static str,
+    /// The value as printed (`%7`), or the argument's name.
+    pub value: String,
+    /// Flat index of the first non-finite element.
+    pub index: usize,
+    /// That element.
+    pub element: f32,
+}
+
+/// An executable plan; see the crate docs.
+pub struct Plan {
+    pub(crate) bufs: Vec<Vec<f32>>,
+    pub(crate) steps: Vec<Step>,
+    pub(crate) args: Vec<ArgInfo>,
+    pub(crate) outputs: Vec<OutputInfo>,
+    pub(crate) planned_bytes: usize,
+    pub(crate) pinned_bytes: usize,
+    pub(crate) regs: Regs,
+    /// (output index, argument index) pairs of [`Plan::carry`], and a scratch per pair.
+    carry_pairs: Option<Vec<(usize, usize, Vec<f32>)>>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("kernels", &self.steps.len())
+            .field("buffers", &self.bufs.len())
+            .field("planned_bytes", &self.planned_bytes)
+            .finish()
+    }
+}
+
+fn words(len: usize, dtype: DType) -> usize {
+    (len * dtype.size_bytes()).div_ceil(4)
+}
+
+impl Plan {
+    pub(crate) fn new(
+        bufs: Vec<Vec<f32>>,
+        steps: Vec<Step>,
+        args: Vec<ArgInfo>,
+        outputs: Vec<OutputInfo>,
+        planned_bytes: usize,
+        pinned_bytes: usize,
+    ) -> Plan {
+        Plan {
+            bufs,
+            steps,
+            args,
+            outputs,
+            planned_bytes,
+            pinned_bytes,
+            regs: Regs::default(),
+            carry_pairs: None,
+        }
+    }
+
+    /// The arguments, in the function's argument order.
+    pub fn args(&self) -> &[ArgInfo] {
+        &self.args
+    }
+
+    /// The outputs, in the function's output order.
+    pub fn outputs(&self) -> &[OutputInfo] {
+        &self.outputs
+    }
+
+    /// Bytes of the planned buffers (arguments, intermediates and outputs, after reuse).
+    pub fn peak_bytes(&self) -> usize {
+        self.planned_bytes
+    }
+
+    /// Bytes of the constants materialised once at compile time.
+    pub fn constant_bytes(&self) -> usize {
+        self.pinned_bytes
+    }
+
+    /// Number of kernels.
+    pub fn num_kernels(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// The index of the argument named `name`.
+    pub fn arg_index(&self, name: &str) -> Option<usize> {
+        self.args.iter().position(|a| a.name == name)
+    }
+
+    /// The index of the output named `name`.
+    pub fn output_index(&self, name: &str) -> Option<usize> {
+        self.outputs.iter().position(|a| a.name == name)
+    }
+
+    /// Copies data into argument `index`; the element type and count must match.
+    pub fn set_input(&mut self, index: usize, data: HostSlice<'_>) -> Result<(), RunError> {
+        let a = self
+            .args
+            .get(index)
+            .ok_or_else(|| RunError::Argument(format!("no argument {index}")))?;
+        let b = a.buf;
+        let (dtype, len) = match data {
+            HostSlice::F32(v) => (DType::F32, v.len()),
+            HostSlice::I32(v) => (DType::I32, v.len()),
+            HostSlice::Bool(v) => (DType::Bool, v.len()),
+        };
+        if dtype != a.ty.dtype || len != a.ty.num_elements() {
+            return Err(RunError::Argument(format!(
+                "argument `{}`: expected {}, got {} {dtype} elements",
+                a.name, a.ty, len
+            )));
+        }
+        let store = &mut self.bufs[b.id];
+        match data {
+            HostSlice::F32(v) => store[..len].copy_from_slice(v),
+            HostSlice::I32(v) => {
+                for (d, &x) in store.iter_mut().zip(v) {
+                    *d = f32::from_bits(x as u32);
+                }
+            }
+            HostSlice::Bool(v) => {
+                let p = store.as_mut_ptr() as *mut u8;
+                for (j, &x) in v.iter().enumerate() {
+                    // SAFETY: the buffer holds at least `len` bytes.
+                    unsafe { *p.add(j) = x as u8 };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies data into the argument named `name`.
+    pub fn set_input_named(&mut self, name: &str, data: HostSlice<'_>) -> Result<(), RunError> {
+        let i = self.arg_index(name).ok_or_else(|| {
+            RunError::Argument(format!(
+                "unknown argument `{name}`; arguments: {}",
+                self.args
+                    .iter()
+                    .map(|a| format!("`{}`", a.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        self.set_input(i, data)
+    }
+
+    /// The `f32` elements of output `index` (valid until the next run).
+    pub fn output_f32(&self, index: usize) -> Option<&[f32]> {
+        let o = &self.outputs[index];
+        (o.ty.dtype == DType::F32).then(|| &self.bufs[o.buf.id][..o.buf.len])
+    }
+
+    /// A copy of output `index`.
+    pub fn output(&self, index: usize) -> HostData {
+        let o = &self.outputs[index];
+        let store = &self.bufs[o.buf.id];
+        let n = o.buf.len;
+        match o.ty.dtype {
+            DType::F32 => HostData::F32(store[..n].to_vec()),
+            DType::I32 => HostData::I32(store[..n].iter().map(|x| x.to_bits() as i32).collect()),
+            _ => {
+                let p = store.as_ptr() as *const u8;
+                // SAFETY: the buffer holds at least `n` bytes.
+                HostData::Bool((0..n).map(|j| unsafe { *p.add(j) } != 0).collect())
+            }
+        }
+    }
+
+    /// Runs every kernel once.
+    pub fn run(&mut self) -> Result<(), RunError> {
+        self.run_inner(false).map(|_| ())
+    }
+
+    /// Runs every kernel once, checking each argument and each stored float value for NaN or
+    /// infinity; returns the first non-finite value, by kernel order (compile without fusion so
+    /// that every value is stored and checked).
+    pub fn run_checked(&mut self) -> Result<Option<NanReport>, RunError> {
+        self.run_inner(true)
+    }
+
+    fn run_inner(&mut self, check: bool) -> Result<Option<NanReport>, RunError> {
+        let mem = Mem {
+            ptrs: self.bufs.iter_mut().map(|b| b.as_mut_ptr()).collect(),
+        };
+        let mut first = None;
+        if check {
+            for a in &self.args {
+                if a.ty.dtype == DType::F32 {
+                    // SAFETY: nothing else borrows the buffers now.
+                    let v = unsafe { mem.f(a.buf) };
+                    if let Some(p) = v.iter().position(|x| !x.is_finite()) {
+                        return Ok(Some(NanReport {
+                            op: "input",
+                            value: a.name.clone(),
+                            index: p,
+                            element: v[p],
+                        }));
+                    }
+                }
+            }
+        }
+        for step in &mut self.steps {
+            // SAFETY: the planner gives every live value its own buffer (except in-place fused
+            // results, which the fused loop supports), sized for its type.
+            let r = unsafe {
+                match &mut step.kernel {
+                    Kernel::Fused(k) => k.run(&mem, &mut self.regs),
+                    Kernel::Op(k) => k.run(&mem),
+                }
+            };
+            r.map_err(|message| RunError::Node {
+                op: step.op,
+                value: step.value.clone(),
+                message,
+            })?;
+            if check && first.is_none() {
+                for (op, value, b) in &step.stores {
+                    if b.dtype == DType::F32 {
+                        // SAFETY: as above.
+                        let v = unsafe { mem.f(*b) };
+                        if let Some(p) = v.iter().position(|x| !x.is_finite()) {
+                            first = Some(NanReport {
+                                op,
+                                value: value.clone(),
+                                index: p,
+                                element: v[p],
+                            });
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(first)
+    }
+
+    /// Copies every output into the argument of the same name (skipping pairs that already share
+    /// a buffer), so the next run continues from this one's results. Returns how many pairs exist.
+    pub fn carry(&mut self) -> usize {
+        if self.carry_pairs.is_none() {
+            let mut pairs = Vec::new();
+            for (oi, o) in self.outputs.iter().enumerate() {
+                if let Some(ai) = self.args.iter().position(|a| a.name == o.name) {
+                    if self.args[ai].ty == o.ty {
+                        pairs.push((oi, ai, vec![0.0; words(o.buf.len, o.buf.dtype)]));
+                    }
+                }
+            }
+            self.carry_pairs = Some(pairs);
+        }
+        let pairs = self.carry_pairs.as_mut().expect("set above");
+        // Two phases: an output may live in another argument's buffer.
+        for (oi, ai, scratch) in pairs.iter_mut() {
+            let (ob, ab) = (self.outputs[*oi].buf, self.args[*ai].buf);
+            if ob.id != ab.id {
+                let n = scratch.len();
+                scratch.copy_from_slice(&self.bufs[ob.id][..n]);
+            }
+        }
+        for (oi, ai, scratch) in pairs.iter() {
+            let (ob, ab) = (self.outputs[*oi].buf, self.args[*ai].buf);
+            if ob.id != ab.id {
+                let n = scratch.len();
+                self.bufs[ab.id][..n].copy_from_slice(scratch);
+            }
+        }
+        pairs.len()
+    }
+}

@@ -453,7 +453,8 @@ fn cmd_grad(a: GradArgs) -> Result<()> {
         run_pipeline(&mut module, &pm)?;
     }
     let func = module.function(&fname).expect("function exists");
-    let args = read_args(&a.inputs, a.params.as_deref(), loaded.params)?;
+    let mut args = read_args(&a.inputs, a.params.as_deref(), loaded.params)?;
+    coerce_indices(func, &mut args)?;
     let results = run_function_named(func, &args, precision_of(a.dtype))
         .with_context(|| format!("running @{}", func.name))?;
     let grads: BTreeMap<String, Tensor> = func
@@ -476,6 +477,28 @@ fn precision_of(d: DtypeArg) -> Precision {
 
 /// Reads data inputs and parameters into one map; a name in both files is an error. Without a
 /// parameters file, the parameter values stored in the model file (`file_params`) are used.
+/// Converts integer data given as i64 (PyTorch's index type) for an i32 input of the function,
+/// when every value fits; an out-of-range value is an error naming the tensor.
+pub fn coerce_indices(func: &Function, args: &mut BTreeMap<String, Tensor>) -> Result<()> {
+    for arg in func.args() {
+        let Some(t) = args.get(arg.name) else {
+            continue;
+        };
+        if arg.ty.dtype == DType::I32 && t.dtype == DType::I64 && t.shape == arg.ty.shape {
+            let values = t.as_i64().expect("int tensor");
+            if let Some(bad) = values.iter().find(|&&v| i32::try_from(v).is_err()) {
+                bail!(
+                    "tensor \"{}\": the model takes i32 and the value {bad} does not fit",
+                    arg.name
+                );
+            }
+            let converted = Tensor::from_i64(DType::I32, t.shape.clone(), values.to_vec());
+            args.insert(arg.name.to_string(), converted);
+        }
+    }
+    Ok(())
+}
+
 fn read_args(
     inputs: &std::path::Path,
     params: Option<&std::path::Path>,
@@ -530,7 +553,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let loaded = load_model(&a.file, &a.model.load_options())?;
     let module = loaded.module;
     let func = pick_function(&module, a.function.as_deref())?;
-    let args = read_args(&a.inputs, a.params.as_deref(), loaded.params)?;
+    let mut args = read_args(&a.inputs, a.params.as_deref(), loaded.params)?;
+    coerce_indices(func, &mut args)?;
     let results = run_function_named(func, &args, precision_of(a.dtype))
         .with_context(|| format!("running @{}", func.name))?;
     let named: BTreeMap<String, Tensor> = func

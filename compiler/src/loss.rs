@@ -3,8 +3,9 @@
 //! The loss reads the function's first output (the predictions) and a labels input, and is
 //! returned as a new scalar output `loss`, so `autodiff` finds it:
 //!
-//! - `cross-entropy`: predictions are logits `[B…, C]`; labels are class indices `i64[B…]`
-//!   (PyTorch's dtype); `loss = mean(cross_entropy(logits, labels))`.
+//! - `cross-entropy`: predictions are logits `[B…, C]`; labels are class indices `i32[B…]`
+//!   (cleave's index type, which every backend supports; PyTorch's int64 labels convert
+//!   losslessly for any realistic class count); `loss = mean(cross_entropy(logits, labels))`.
 //! - `mse`: labels have the predictions' type; `loss = mean((pred - labels)²)` over every
 //!   element (PyTorch's `MSELoss()`).
 //!
@@ -47,7 +48,7 @@ pub fn add_loss(func: Function, kind: LossKind, labels: &str) -> Result<Function
                     "cross-entropy needs logits [batch…, classes]; output `{pred_name}` is {pty}"
                 ));
             }
-            TensorType::new(DType::I64, pty.shape[..pty.rank() - 1].to_vec())
+            TensorType::new(DType::I32, pty.shape[..pty.rank() - 1].to_vec())
         }
         LossKind::Mse => pty.clone(),
     };

@@ -74,7 +74,11 @@ fn check_gradients(name: &str) {
         .unwrap();
     cleave_ir::verify_module(&loaded.module).unwrap();
     let func = &loaded.module.functions[0];
-    let out = run_function_named(func, &args(&loaded, &reference), Precision::F32).unwrap();
+    // The reference labels are PyTorch's int64; the added loss takes i32 (converted, as the CLI
+    // does).
+    let mut call = args(&loaded, &reference);
+    cleave_compiler::cli::coerce_indices(func, &mut call).unwrap();
+    let out = run_function_named(func, &call, Precision::F32).unwrap();
     let mut n_grads = 0;
     for (o, got) in func.outputs.iter().zip(&out) {
         let key = if o.name == "loss" {

@@ -617,6 +617,24 @@ fn build_model(a: &NewModelArgs) -> Result<Function> {
         ActArg::Gelu => models::MlpAct::Gelu,
         ActArg::Silu => models::MlpAct::Silu,
     };
+    let mut gpt_config = models::GptConfig::default();
+    let overrides = [
+        (a.batch, &mut gpt_config.batch),
+        (a.vocab, &mut gpt_config.vocab),
+        (a.d_model, &mut gpt_config.d_model),
+        (a.heads, &mut gpt_config.heads),
+        (a.layers, &mut gpt_config.layers),
+        (a.seq, &mut gpt_config.seq),
+    ];
+    for (value, field) in overrides {
+        if let Some(v) = value {
+            *field = v;
+        }
+    }
+    gpt_config.norm = norm;
+    gpt_config.mlp_act = act;
+    gpt_config.tied_embeddings = !a.untied;
+    gpt_config.dtype = dtype;
     let func = match a.kind {
         ModelKind::Mlp => {
             let mut c = models::MlpConfig::default();
@@ -629,51 +647,9 @@ fn build_model(a: &NewModelArgs) -> Result<Function> {
             c.dtype = dtype;
             models::mlp(&c)?
         }
-        ModelKind::Gpt => {
-            let mut c = models::GptConfig::default();
-            if let Some(v) = a.batch {
-                c.batch = v;
-            }
-            if let Some(v) = a.vocab {
-                c.vocab = v;
-            }
-            if let Some(v) = a.d_model {
-                c.d_model = v;
-            }
-            if let Some(v) = a.heads {
-                c.heads = v;
-            }
-            if let Some(v) = a.layers {
-                c.layers = v;
-            }
-            if let Some(v) = a.seq {
-                c.seq = v;
-            }
-            c.norm = norm;
-            c.mlp_act = act;
-            c.tied_embeddings = !a.untied;
-            c.dtype = dtype;
-            models::gpt(&c)?
-        }
-        ModelKind::GptLayer => {
-            let mut c = models::GptLayerConfig::default();
-            if let Some(v) = a.batch {
-                c.batch = v;
-            }
-            if let Some(v) = a.d_model {
-                c.d_model = v;
-            }
-            if let Some(v) = a.heads {
-                c.heads = v;
-            }
-            if let Some(v) = a.seq {
-                c.seq = v;
-            }
-            c.norm = norm;
-            c.mlp_act = act;
-            c.dtype = dtype;
-            models::gpt_layer(&c)?
-        }
+        ModelKind::Gpt => models::gpt(&gpt_config)?,
+        // One layer of the GPT the same options describe.
+        ModelKind::GptLayer => models::gpt_layer(&gpt_config.layer_config())?,
         ModelKind::Cnn => {
             let mut c = models::CnnConfig::default();
             if let Some(v) = a.batch {

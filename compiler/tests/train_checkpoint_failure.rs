@@ -2,41 +2,10 @@
 //! leaves the previous checkpoint intact and loadable. One test per process: the variable is
 //! process-wide.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use cleave_compiler::train::{read_checkpoint, train, OptimizerArg, TrainArgs};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cleave-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn args(steps: usize) -> TrainArgs {
-    TrainArgs {
-        model: root().join("examples/mlp-digits.cir"),
-        data: root().join("examples/data/digits.safetensors"),
-        steps,
-        batch: None,
-        loss: None,
-        labels: None,
-        optimizer: OptimizerArg::Adamw,
-        lr: None,
-        seed: Some(3),
-        eval_every: None,
-        checkpoint: None,
-        checkpoint_every: 100,
-        resume: None,
-        metrics: None,
-        debug_nan: false,
-        quiet: true,
-    }
-}
+use cleave_compiler::train::{read_checkpoint, train, TrainArgs};
+use common::{args, tmp};
 
 #[test]
 fn failed_checkpoint_write_keeps_the_previous_one() {

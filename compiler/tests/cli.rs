@@ -262,6 +262,22 @@ fn opt_runs_pipelines_and_rejects_unknown_passes() {
         stderr(&o)
     );
 
+    // The e-graph's stop reasons are reported with the IR dump.
+    let o = cleave(&[
+        "opt",
+        mlp,
+        "--passes",
+        "autodiff,simplify",
+        "--print-ir-after",
+        "simplify",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("// simplify: @mlp: 1 region(s); stop reasons: algebra: saturated"),
+        "{err}"
+    );
+
     let o = cleave(&["opt", "--list-passes"]);
     assert!(o.status.success());
     assert!(stdout(&o).contains("jvp"));

@@ -144,6 +144,7 @@ impl PassManager {
     ) -> Result<(), PassError> {
         for (entry, pass) in &self.passes {
             let name = pass.name();
+            ctx.notes.clear();
             if let Err(e) = pass.run(module, ctx) {
                 if self.print.after_failure {
                     dump(format!(
@@ -153,8 +154,9 @@ impl PassManager {
                 return Err(e);
             }
             if self.print.after_all || self.print.after.contains(name) {
+                let notes: String = ctx.notes.iter().map(|n| format!("// {n}\n")).collect();
                 dump(format!(
-                    "// -----// IR Dump After {name} ({entry}) //----- //\n{module}"
+                    "// -----// IR Dump After {name} ({entry}) //----- //\n{notes}{module}"
                 ));
             }
             if self.verify_each {

@@ -99,14 +99,22 @@ pub enum PassError {
     },
 }
 
-/// Messages a pass wants the user to see (warnings), collected by the pass manager.
+/// Messages a pass wants the user to see, collected by the pass manager: warnings, and notes
+/// (what the pass did, e.g. e-graph stop reasons) that IR dumps print after the pass's banner.
 #[derive(Debug, Default)]
 pub struct PassContext {
     /// Warnings, in order, each prefixed by the pass name.
     pub warnings: Vec<String>,
+    /// Notes of the pass that ran last, each prefixed by the pass name (cleared before each pass).
+    pub notes: Vec<String>,
 }
 
 impl PassContext {
+    /// Records a note about what the running pass did.
+    pub fn note(&mut self, pass: &str, message: impl Into<String>) {
+        self.notes.push(format!("{pass}: {}", message.into()));
+    }
+
     /// Records a warning.
     pub fn warn(&mut self, pass: &str, message: impl Into<String>) {
         self.warnings.push(format!("{pass}: {}", message.into()));

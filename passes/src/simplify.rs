@@ -68,6 +68,7 @@ impl Pass for Simplify {
             for w in report.warnings(&func.name, &self.options) {
                 ctx.warn("simplify", w);
             }
+            ctx.note("simplify", report.summary(&func.name));
             *func = new;
         }
         Ok(())

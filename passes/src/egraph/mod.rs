@@ -107,6 +107,39 @@ pub struct SimplifyReport {
 }
 
 impl SimplifyReport {
+    /// A one-line summary: regions, the stop reason of every ruleset run (counted), and the
+    /// extraction methods. `--print-ir-after=simplify` prints it with the IR.
+    pub fn summary(&self, func: &str) -> String {
+        let mut stops: std::collections::BTreeMap<String, usize> = Default::default();
+        let (mut ilp, mut greedy) = (0, 0);
+        for r in &self.regions {
+            for (set, stop) in &r.stops {
+                let reason = match stop {
+                    egg::StopReason::Saturated => "saturated".to_string(),
+                    egg::StopReason::NodeLimit(n) => format!("node limit ({n})"),
+                    egg::StopReason::IterationLimit(n) => format!("iteration limit ({n})"),
+                    egg::StopReason::TimeLimit(t) => format!("time limit ({t:.1} s)"),
+                    egg::StopReason::Other(o) => o.clone(),
+                };
+                *stops.entry(format!("{set}: {reason}")).or_default() += 1;
+            }
+            match r.method {
+                ExtractMethod::Ilp => ilp += 1,
+                ExtractMethod::Greedy => greedy += 1,
+            }
+        }
+        let stops: Vec<String> = stops.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+        format!(
+            "@{func}: {} region(s); stop reasons: {}; extraction: ILP ×{ilp}, greedy ×{greedy}",
+            self.regions.len(),
+            if stops.is_empty() {
+                "none".to_string()
+            } else {
+                stops.join(", ")
+            }
+        )
+    }
+
     /// Warnings for the user: each limit hit (named as the pass option) and each ILP fallback.
     pub fn warnings(&self, func: &str, opts: &SimplifyOptions) -> Vec<String> {
         let mut hits: Vec<String> = Vec::new();

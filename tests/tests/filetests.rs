@@ -240,3 +240,22 @@ fn filetests() {
         "expected the fixture set, found {on_disk} files"
     );
 }
+
+/// Tidy: every registered pass has a folder of filetests named after it.
+#[test]
+fn every_pass_has_filetests() {
+    for info in cleave_passes::registry() {
+        let dir = filetests_dir().join(info.name);
+        let has_files = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .any(|e| e.path().extension().is_some_and(|x| x == "cir"))
+            })
+            .unwrap_or(false);
+        assert!(
+            has_files,
+            "pass `{}` has no tests/filetests/{}/*.cir",
+            info.name, info.name
+        );
+    }
+}

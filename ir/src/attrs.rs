@@ -140,17 +140,6 @@ pub fn op_attrs(op: &Op) -> Vec<(&'static str, Attr)> {
             }
             v
         }
-        Op::Conv2d {
-            stride,
-            padding,
-            dilation,
-            groups,
-        } => vec![
-            ("stride", ints(stride)),
-            ("padding", ints(padding)),
-            ("dilation", ints(dilation)),
-            ("groups", Attr::Int(*groups as i64)),
-        ],
         Op::Pool2d {
             kind,
             window,
@@ -168,7 +157,13 @@ pub fn op_attrs(op: &Op) -> Vec<(&'static str, Attr)> {
             }
             v
         }
-        Op::Conv2dGradInput {
+        Op::Conv2d {
+            stride,
+            padding,
+            dilation,
+            groups,
+        }
+        | Op::Conv2dGradInput {
             stride,
             padding,
             dilation,

@@ -14,7 +14,8 @@
 //! - Every output is routed by name: to each *other* stage whose F, B or W takes an argument of
 //!   that name (through the consumer device's bounded channel, tagged with the consumer stage,
 //!   the microbatch and the name; a consumer on the same device gets it directly), and kept by
-//!   the producing stage if one of its own functions reads it (stashes). `loss` is recorded.
+//!   the producing stage if one of its own functions reads it. `stash.*` values never leave
+//!   their stage. `loss` is recorded.
 //! - **B(s, j)** runs B the same way (its `dgrad.*` come from the next stage, its outputs go on).
 //! - **W(s, j)** runs W with the stage's gradient accumulators: every W argument named `grad.*`
 //!   is an accumulator, zero at the start of the step, replaced by the W output of the same
@@ -596,6 +597,11 @@ impl<'a> Worker<'a> {
                 continue;
             };
             for &t in cons {
+                // A stash stays with the stage that made it (several stages may stash a value
+                // of the same number).
+                if t != s && name.starts_with("stash.") {
+                    continue;
+                }
                 let data = plan.output(oi);
                 let dev = sh.placement[t];
                 if dev == self.device {

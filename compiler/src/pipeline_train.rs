@@ -127,7 +127,11 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         );
     }
     let lr = a.lr.unwrap_or(a.optimizer.default_lr());
-    let fail_at = a.fail_action.as_deref().map(parse_fail_action).transpose()?;
+    let fail_at = a
+        .fail_action
+        .as_deref()
+        .map(parse_fail_action)
+        .transpose()?;
     let onnx = a.model.extension().is_some_and(|e| e == "onnx");
     let loaded = load_model(
         &a.model,
@@ -219,6 +223,14 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                 .collect()
         })
         .collect();
+    if let Some(f) = fail_at {
+        if !actions.iter().flatten().any(|x| *x == f) {
+            bail!(
+                "--fail-action {f}: the schedule `{}` has no such action",
+                a.schedule
+            );
+        }
+    }
     let placement = schedule.placement.iter().map(|&d| d as usize).collect();
     let mut pipe = Pipeline::new(plans, placement, actions, m)
         .map_err(|e| anyhow::anyhow!("schedule `{}`: {e}", a.schedule))?;

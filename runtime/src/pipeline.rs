@@ -210,7 +210,9 @@ impl Pipeline {
         for (d, list) in devices.iter().enumerate() {
             for a in list {
                 if a.stage >= stages.len() || a.microbatch >= microbatches {
-                    return Err(format!("action {a} on device {d}: no such stage or microbatch"));
+                    return Err(format!(
+                        "action {a} on device {d}: no such stage or microbatch"
+                    ));
                 }
                 if placement[a.stage] != d {
                     return Err(format!(
@@ -345,7 +347,8 @@ impl Pipeline {
                         Ok(out) => Ok(out),
                         Err(e) => {
                             if let Some(e) = e {
-                                let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                                let mut slot =
+                                    first_error.lock().unwrap_or_else(|p| p.into_inner());
                                 if slot.is_none() {
                                     *slot = Some(e);
                                 }

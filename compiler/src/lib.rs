@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod load;
 pub mod loss;
 pub mod onnx;
+pub mod pipeline_train;
 pub mod schedule_cmd;
 pub mod tensors;
 pub mod train;

@@ -75,7 +75,7 @@ impl OptimizerArg {
         }
     }
 
-    fn default_lr(self) -> f64 {
+    pub(crate) fn default_lr(self) -> f64 {
         match self {
             OptimizerArg::Sgd => 0.1,
             OptimizerArg::Momentum => 0.05,
@@ -135,6 +135,22 @@ pub struct TrainArgs {
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Pipeline stages (devices); with more than one stage or microbatch, training runs on the
+    /// pipeline executor (see [`crate::pipeline_train`]).
+    #[arg(long, default_value_t = 1)]
+    pub stages: usize,
+    /// Microbatches per step: the model's traced batch is the microbatch, a step reads M of them.
+    #[arg(long, default_value_t = 1)]
+    pub microbatches: usize,
+    /// Pipeline schedule: gpipe, 1f1b, zb-h1, zb-h2, interleaved, zb-v, auto.
+    #[arg(long, default_value = "1f1b")]
+    pub schedule: String,
+    /// Write each action's measured start and end per device (JSON).
+    #[arg(long)]
+    pub timeline: Option<PathBuf>,
+    /// Make this pipeline action (e.g. `1B3`) fail at its first run (for tests).
+    #[arg(long, hide = true)]
+    pub fail_action: Option<String>,
 }
 
 /// Arguments of `cleave bench`.
@@ -253,13 +269,13 @@ pub fn build_step(
 }
 
 /// One data input: its per-example elements.
-struct Column {
-    name: String,
+pub(crate) struct Column {
+    pub(crate) name: String,
     per_example: usize,
     data: HostData,
 }
 
-fn load_data(path: &Path, forward: &Function) -> Result<(Vec<Column>, usize)> {
+pub(crate) fn load_data(path: &Path, forward: &Function) -> Result<(Vec<Column>, usize)> {
     let tensors = crate::tensors::read_tensors(path)?;
     let mut cols = Vec::new();
     let mut n_examples: Option<(usize, String)> = None;
@@ -320,7 +336,7 @@ fn load_data(path: &Path, forward: &Function) -> Result<(Vec<Column>, usize)> {
     Ok((cols, n))
 }
 
-fn gather_batch(col: &Column, rows: &[usize]) -> HostData {
+pub(crate) fn gather_batch(col: &Column, rows: &[usize]) -> HostData {
     let k = col.per_example;
     match &col.data {
         HostData::F32(v) => HostData::F32(
@@ -342,10 +358,10 @@ fn gather_batch(col: &Column, rows: &[usize]) -> HostData {
 }
 
 /// The training examples of step `step` (see the module docs).
-struct Order {
-    n_train: usize,
-    seed: Option<u64>,
-    cache: Option<(usize, Vec<usize>)>,
+pub(crate) struct Order {
+    pub(crate) n_train: usize,
+    pub(crate) seed: Option<u64>,
+    pub(crate) cache: Option<(usize, Vec<usize>)>,
 }
 
 impl Order {
@@ -365,7 +381,7 @@ impl Order {
         &self.cache.as_ref().expect("set above").1
     }
 
-    fn rows(&mut self, step: usize, batch: usize) -> Vec<usize> {
+    pub(crate) fn rows(&mut self, step: usize, batch: usize) -> Vec<usize> {
         (step * batch..(step + 1) * batch)
             .map(|pos| {
                 let n = self.n_train;
@@ -375,7 +391,7 @@ impl Order {
     }
 }
 
-fn set_host(plan: &mut Plan, index: usize, data: &HostData) -> Result<()> {
+pub(crate) fn set_host(plan: &mut Plan, index: usize, data: &HostData) -> Result<()> {
     plan.set_input(index, data.as_slice())
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -454,10 +470,10 @@ pub fn read_checkpoint(
     Ok((tensors, meta))
 }
 
-struct Metrics(Option<std::fs::File>);
+pub(crate) struct Metrics(pub(crate) Option<std::fs::File>);
 
 impl Metrics {
-    fn line(&mut self, v: serde_json::Value) -> Result<()> {
+    pub(crate) fn line(&mut self, v: serde_json::Value) -> Result<()> {
         if let Some(f) = &mut self.0 {
             writeln!(f, "{v}")?;
         }
@@ -467,6 +483,9 @@ impl Metrics {
 
 /// Runs `cleave train`.
 pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
+    if a.stages > 1 || a.microbatches > 1 || a.fail_action.is_some() {
+        return crate::pipeline_train::train(a).map(|r| r.summary);
+    }
     let lr = a.lr.unwrap_or(a.optimizer.default_lr());
     let built = build_step(
         &a.model,
@@ -698,7 +717,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
 }
 
 /// Accuracy and mean loss of the forward plan over the held-out examples `from..to`.
-fn evaluate(
+pub(crate) fn evaluate(
     plan: &mut Plan,
     cols: &[Column],
     labels: &str,

@@ -59,6 +59,11 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         metrics: Some(metrics.clone()),
         debug_nan: false,
         quiet: true,
+        stages: 1,
+        microbatches: 1,
+        schedule: "1f1b".into(),
+        timeline: None,
+        fail_action: None,
     })
     .unwrap();
     let text = std::fs::read_to_string(&metrics).unwrap();

@@ -32,6 +32,7 @@ mod compile;
 mod fused;
 mod gemm;
 mod kernels;
+pub mod pipeline;
 mod plan;
 
 pub use compile::{compile, compile_with, CompileOptions};

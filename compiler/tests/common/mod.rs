@@ -37,5 +37,10 @@ pub fn args(steps: usize) -> TrainArgs {
         metrics: None,
         debug_nan: false,
         quiet: true,
+        stages: 1,
+        microbatches: 1,
+        schedule: "1f1b".into(),
+        timeline: None,
+        fail_action: None,
     }
 }

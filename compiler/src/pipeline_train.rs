@@ -1,0 +1,379 @@
+//! `cleave train --stages P --microbatches M --schedule NAME`: pipeline-parallel training on the
+//! stage-partitioned executor ([`cleave_runtime::pipeline`]).
+//!
+//! **Build.** The forward model is cut with `partition{stages=S},autodiff,split-bw` (S = the
+//! schedule's number of stages: P for one chunk per device, 2P for `interleaved` and `zb-v`; with
+//! S = 1, `autodiff,split-bw`), and every stage's F, B and W functions are compiled for the CPU
+//! runtime. The schedule comes from the schedule library: `gpipe`, `1f1b`, `zb-h1`, `zb-h2`,
+//! `interleaved[-v]`, `zb-v`, or `auto` (the automatic zero-bubble scheduler with equal unit
+//! costs and memory per stage, no memory limit and no ILP, so it is fast and deterministic).
+//! SEND/RECV actions of a schedule are implicit: values travel when produced.
+//!
+//! **Batch.** The model is traced at the *microbatch* size `b`; a step reads `M·b` examples
+//! (examples `k·M·b … (k+1)·M·b − 1` of the sequence `cleave train` defines) and microbatch `j`
+//! is examples `j·b … j·b+b−1` of them. `--batch`, if given, must equal `b`.
+//!
+//! **Loss and gradients.** The model's loss is a mean over its microbatch. The step's loss is the
+//! mean of the M microbatch losses (summed in microbatch order, in f64), and the gradient is the
+//! sum of the microbatch gradients (accumulated by each stage's W in its schedule's W order)
+//! scaled by `1/M`, so the update is that of the mean loss over the whole batch.
+//!
+//! **Optimizer.** Plain SGD only (`--optimizer sgd`), applied by each device to its stages'
+//! parameters after the stage's last W: `p ← p − lr·((1/M)·g)` in f32. Momentum and AdamW, and
+//! checkpoints, are not supported on this path yet (an error says so).
+//!
+//! **Reference.** `--stages 1 --microbatches M` runs the same code with one stage; pipelined runs
+//! with the same M give the same losses and weights (bit-identical when every stage accumulates
+//! its W in microbatch order, which all supported generators do).
+//!
+//! **Timeline** (`--timeline FILE.json`): `{"steps": [{"step": k, "actions": [{"device", "action",
+//! "start_s", "end_s"}…]}…]}`, times in seconds since the step began.
+//!
+//! **Failures.** A failing stage ends the run with an error naming the step, the stage, the
+//! action and the cause (`--fail-action 1B3`, hidden, injects one for tests).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use cleave_ir::Module;
+use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
+use cleave_passes::schedule::generators::Generator;
+use cleave_passes::schedule::{ActionKind, Costs, Memory, Schedule};
+use cleave_passes::split::split_stages;
+use cleave_passes::{PassContext, PassManager};
+use cleave_runtime::pipeline::{
+    Pipeline, PipelineAction, PipelineKind, PipelineOptions, StagePlans,
+};
+use cleave_runtime::{compile_with, CompileOptions, HostData};
+
+use crate::init::init_params;
+use crate::load::load_model;
+use crate::train::{
+    evaluate, gather_batch, load_data, set_host, Metrics, OptimizerArg, Order, TrainArgs,
+    TrainSummary,
+};
+
+/// What a pipelined run produced.
+#[derive(Clone, Debug)]
+pub struct PipelineRun {
+    /// The summary `cleave train` prints.
+    pub summary: TrainSummary,
+    /// Each step's loss.
+    pub losses: Vec<f64>,
+    /// The final parameters.
+    pub params: BTreeMap<String, HostData>,
+}
+
+/// Builds the schedule named `name` for `p` devices and `m` microbatches.
+pub fn build_schedule(name: &str, p: usize, m: usize) -> Result<Schedule> {
+    let n = name.to_ascii_lowercase();
+    let s = if n == "auto" {
+        let options = AutoOptions {
+            ilp_max_pm: 0,
+            ..AutoOptions::default()
+        };
+        auto_schedule(
+            p,
+            m,
+            &Costs::uniform(p, 1.0, 1.0, 1.0, 0.0),
+            &Memory::uniform(p, 1.0, 1.0),
+            &options,
+        )?
+        .0
+    } else {
+        let Some(g) = Generator::parse(&n) else {
+            bail!(
+                "unknown schedule `{name}`; valid schedules: {}, auto",
+                Generator::NAMES
+            );
+        };
+        g.generate(p, m)?
+    };
+    s.validate()
+        .with_context(|| format!("schedule `{name}` is invalid"))?;
+    Ok(s)
+}
+
+fn parse_fail_action(text: &str) -> Result<PipelineAction> {
+    let a = cleave_passes::schedule::Action::parse(text)
+        .map_err(|e| anyhow::anyhow!("--fail-action {text}: {}", e.reason))?;
+    Ok(PipelineAction {
+        stage: a.stage as usize,
+        kind: match a.kind {
+            ActionKind::F => PipelineKind::F,
+            ActionKind::B => PipelineKind::B,
+            ActionKind::W => PipelineKind::W,
+            ActionKind::BW => PipelineKind::BW,
+            _ => bail!("--fail-action {text}: only F, B, W and BW actions run"),
+        },
+        microbatch: a.microbatch as usize,
+    })
+}
+
+/// Runs pipelined training (see the module docs).
+pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
+    let (p, m) = (a.stages, a.microbatches);
+    if p == 0 || m == 0 {
+        bail!("--stages and --microbatches must be at least 1");
+    }
+    if a.optimizer != OptimizerArg::Sgd {
+        bail!("pipelined training (--stages/--microbatches) supports --optimizer sgd only");
+    }
+    if a.checkpoint.is_some() || a.resume.is_some() || a.debug_nan {
+        bail!(
+            "pipelined training (--stages/--microbatches) does not support --checkpoint, \
+             --resume or --debug-nan yet"
+        );
+    }
+    let lr = a.lr.unwrap_or(a.optimizer.default_lr());
+    let fail_at = a
+        .fail_action
+        .as_deref()
+        .map(parse_fail_action)
+        .transpose()?;
+    let onnx = a.model.extension().is_some_and(|e| e == "onnx");
+    let loaded = load_model(
+        &a.model,
+        &crate::load::LoadOptions {
+            batch: if onnx { a.batch } else { None },
+            loss: a.loss,
+            labels: a.labels.clone(),
+        },
+    )?;
+    let forward = loaded
+        .module
+        .functions
+        .first()
+        .context("the module has no functions")?
+        .clone();
+    if forward.output("loss").is_none() {
+        bail!(
+            "@{}: training needs a scalar output named `loss`",
+            forward.name
+        );
+    }
+    let mb = forward
+        .data_inputs()
+        .next()
+        .and_then(|x| x.ty.shape.first().copied())
+        .context("the model has no data input with a batch dimension")?;
+    if let Some(b) = a.batch {
+        if b != mb {
+            bail!(
+                "--batch {b}: {} was traced at batch {mb}, which is the microbatch of pipelined \
+                 training (a step reads --microbatches × {mb} examples)",
+                a.model.display()
+            );
+        }
+    }
+    let schedule = build_schedule(&a.schedule, p, m)?;
+    let n_stages = schedule.n_stages();
+
+    // partition, autodiff, split-bw; compile every stage.
+    let mut module = Module::with_function(forward.clone());
+    let passes = if n_stages > 1 {
+        format!("partition{{stages={n_stages}}},autodiff,split-bw")
+    } else {
+        "autodiff,split-bw".to_string()
+    };
+    PassManager::from_pipeline(&passes)?
+        .run(&mut module, &mut PassContext::default(), &mut |_| {})
+        .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
+    let split = split_stages(&module);
+    if split.len() != n_stages {
+        bail!(
+            "{}: partitioning gave {} stages, the schedule `{}` needs {n_stages}",
+            a.model.display(),
+            split.len(),
+            a.schedule
+        );
+    }
+    let opts = CompileOptions {
+        fuse: true,
+        preserve_args: false,
+    };
+    let mut plans = Vec::new();
+    for s in &split {
+        plans.push(StagePlans {
+            f: compile_with(s.f, &opts)?,
+            b: compile_with(s.b, &opts)?,
+            w: compile_with(s.w, &opts)?,
+        });
+    }
+    let actions: Vec<Vec<PipelineAction>> = schedule
+        .devices
+        .iter()
+        .map(|list| {
+            list.iter()
+                .filter_map(|x| {
+                    let kind = match x.kind {
+                        ActionKind::F => PipelineKind::F,
+                        ActionKind::B => PipelineKind::B,
+                        ActionKind::W => PipelineKind::W,
+                        ActionKind::BW => PipelineKind::BW,
+                        _ => return None,
+                    };
+                    Some(PipelineAction {
+                        stage: x.stage as usize,
+                        kind,
+                        microbatch: x.microbatch as usize,
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    if let Some(f) = fail_at {
+        if !actions.iter().flatten().any(|x| *x == f) {
+            bail!(
+                "--fail-action {f}: the schedule `{}` has no such action",
+                a.schedule
+            );
+        }
+    }
+    let placement = schedule.placement.iter().map(|&d| d as usize).collect();
+    let mut pipe = Pipeline::new(plans, placement, actions, m)
+        .map_err(|e| anyhow::anyhow!("schedule `{}`: {e}", a.schedule))?;
+
+    // Parameters.
+    let mut init = init_params(&forward, a.seed.unwrap_or(0));
+    init.extend(loaded.params.clone());
+    let mut params: BTreeMap<String, HostData> = BTreeMap::new();
+    for x in forward.params() {
+        let t = init
+            .get(x.name)
+            .with_context(|| format!("no initial value for parameter `{}`", x.name))?;
+        params.insert(
+            x.name.to_string(),
+            cleave_runtime::host_from_tensor(t).context("parameters must be f32")?,
+        );
+    }
+
+    // Data.
+    let batch = m * mb;
+    let (cols, n) = load_data(&a.data, &forward)?;
+    let n_eval = if n >= 2 * batch {
+        (n / 10).max(batch)
+    } else {
+        0
+    };
+    let n_train = n - n_eval;
+    if n_train < batch {
+        bail!(
+            "{}: {n} examples leave {n_train} for training, fewer than one step's {m} \
+             microbatches of {mb}",
+            a.data.display()
+        );
+    }
+    let mut order = Order {
+        n_train,
+        seed: a.seed,
+        cache: None,
+    };
+    let mut metrics = Metrics(match &a.metrics {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?,
+        ),
+        None => None,
+    });
+    let popts = PipelineOptions {
+        lr: lr as f32,
+        grad_scale: 1.0 / m as f32,
+        fail_at,
+        ..PipelineOptions::default()
+    };
+    let mut summary = TrainSummary::default();
+    let mut losses = Vec::new();
+    let mut timeline = Vec::new();
+    let t0 = Instant::now();
+    for step in 0..a.steps {
+        let rows = order.rows(step, batch);
+        let micro: Vec<BTreeMap<String, HostData>> = (0..m)
+            .map(|j| {
+                cols.iter()
+                    .map(|c| (c.name.clone(), gather_batch(c, &rows[j * mb..(j + 1) * mb])))
+                    .collect()
+            })
+            .collect();
+        let r = pipe
+            .step(&params, &micro, &popts)
+            .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
+        let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
+        if !loss.is_finite() {
+            bail!("loss is {loss} at step {step}; training stopped");
+        }
+        params.extend(r.params);
+        if a.timeline.is_some() {
+            timeline.push(serde_json::json!({
+                "step": step,
+                "actions": r.timeline.iter().map(|t| serde_json::json!({
+                    "device": t.device,
+                    "action": t.action.to_string(),
+                    "start_s": t.start_s,
+                    "end_s": t.end_s,
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        losses.push(loss);
+        summary.final_loss = Some(loss);
+        summary.steps_run += 1;
+        let sps = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        metrics.line(serde_json::json!({"step": step + 1, "loss": loss, "steps_per_s": sps}))?;
+        if !a.quiet {
+            eprint!(
+                "\rstep {}/{}  loss {loss:.4}  {sps:.0} steps/s   ",
+                step + 1,
+                a.steps
+            );
+        }
+    }
+    if !a.quiet {
+        eprintln!();
+    }
+    summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    if let Some(path) = &a.timeline {
+        let v = serde_json::json!({
+            "schedule": a.schedule,
+            "stages": n_stages,
+            "devices": pipe.num_devices(),
+            "microbatches": m,
+            "steps": timeline,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    // Final evaluation on the held-out tail, like single-stage training.
+    let labels_name = ["labels", "targets"]
+        .into_iter()
+        .find(|x| cols.iter().any(|c| c.name == *x));
+    if n_eval >= mb && forward.output("logits").is_some() {
+        if let Some(labels) = labels_name {
+            let mut eval_plan = compile_with(
+                &forward,
+                &CompileOptions {
+                    fuse: true,
+                    preserve_args: true,
+                },
+            )?;
+            for (name, d) in &params {
+                if let Some(i) = eval_plan.arg_index(name) {
+                    set_host(&mut eval_plan, i, d)?;
+                }
+            }
+            let (acc, eval_loss) = evaluate(&mut eval_plan, &cols, labels, n_train, n, mb)?;
+            summary.accuracy = Some(acc);
+            metrics.line(
+                serde_json::json!({"step": a.steps, "eval_loss": eval_loss, "accuracy": acc}),
+            )?;
+        }
+    }
+    Ok(PipelineRun {
+        summary,
+        losses,
+        params,
+    })
+}

@@ -1,0 +1,222 @@
+//! Pipelined training (`--stages P --microbatches M --schedule NAME`) gives the same losses and
+//! weights as one-stage training with the same microbatching, bit for bit; a failing stage ends
+//! the run with an error naming the stage and the action.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cleave_compiler::pipeline_train::{train, PipelineRun};
+use cleave_compiler::train::{OptimizerArg, TrainArgs};
+use cleave_runtime::HostData;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Every schedule the driver supports (interleaved and zb-v place two stages per device).
+const SCHEDULES: [&str; 7] = [
+    "gpipe",
+    "1f1b",
+    "zb-h1",
+    "zb-h2",
+    "auto",
+    "interleaved",
+    "zb-v",
+];
+
+fn args(model: &str, data: &str, p: usize, m: usize, schedule: &str, steps: usize) -> TrainArgs {
+    TrainArgs {
+        model: root().join(model),
+        data: root().join(data),
+        steps,
+        batch: None,
+        loss: None,
+        labels: None,
+        optimizer: OptimizerArg::Sgd,
+        lr: None,
+        seed: Some(5),
+        eval_every: None,
+        checkpoint: None,
+        checkpoint_every: 100,
+        resume: None,
+        metrics: None,
+        debug_nan: false,
+        quiet: true,
+        stages: p,
+        microbatches: m,
+        schedule: schedule.into(),
+        timeline: None,
+        fail_action: None,
+    }
+}
+
+fn bits(d: &HostData) -> Vec<u32> {
+    match d {
+        HostData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+        HostData::I32(v) => v.iter().map(|&x| x as u32).collect(),
+        HostData::Bool(v) => v.iter().map(|&x| x as u32).collect(),
+    }
+}
+
+fn assert_same(what: &str, want: &PipelineRun, have: &PipelineRun) {
+    let lw: Vec<u64> = want.losses.iter().map(|x| x.to_bits()).collect();
+    let lh: Vec<u64> = have.losses.iter().map(|x| x.to_bits()).collect();
+    assert_eq!(
+        lh, lw,
+        "{what}: losses differ: {:?} vs {:?}",
+        have.losses, want.losses
+    );
+    assert_eq!(
+        want.params.keys().collect::<Vec<_>>(),
+        have.params.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    for (name, w) in &want.params {
+        assert!(
+            bits(&have.params[name]) == bits(w),
+            "{what}: parameter {name} differs from the one-stage run"
+        );
+    }
+}
+
+fn check_model(model: &str, data: &str, p: usize) {
+    let steps = 20;
+    let m = 4;
+    let reference = train(&args(model, data, 1, m, "1f1b", steps)).unwrap();
+    assert_eq!(reference.losses.len(), steps);
+    assert!(
+        reference.losses[steps - 1] < reference.losses[0],
+        "{model}: training makes progress: {:?}",
+        reference.losses
+    );
+    for s in SCHEDULES {
+        let run = train(&args(model, data, p, m, s, steps))
+            .unwrap_or_else(|e| panic!("{model} {s} P={p}: {e:#}"));
+        assert_same(&format!("{model} {s} P={p} M={m}"), &reference, &run);
+    }
+}
+
+#[test]
+fn mlp_p2_every_schedule_matches_one_stage() {
+    check_model(
+        "examples/mlp-digits.cir",
+        "examples/data/digits.safetensors",
+        2,
+    );
+}
+
+#[test]
+fn mlp_p4_every_schedule_matches_one_stage() {
+    check_model(
+        "examples/mlp-digits.cir",
+        "examples/data/digits.safetensors",
+        4,
+    );
+}
+
+#[test]
+fn gpt_p2_every_schedule_matches_one_stage() {
+    check_model(
+        "examples/gpt-tiny.cir",
+        "examples/data/modadd.safetensors",
+        2,
+    );
+}
+
+#[test]
+fn gpt_p4_every_schedule_matches_one_stage() {
+    check_model(
+        "examples/gpt-tiny.cir",
+        "examples/data/modadd.safetensors",
+        4,
+    );
+}
+
+#[test]
+fn zb_h2_with_more_microbatches_matches_one_stage() {
+    // m ≥ 2p − 1: ZB-H2's steady state at P = 4.
+    let (model, data) = (
+        "examples/mlp-digits.cir",
+        "examples/data/digits.safetensors",
+    );
+    let reference = train(&args(model, data, 1, 8, "1f1b", 10)).unwrap();
+    let run = train(&args(model, data, 4, 8, "zb-h2", 10)).unwrap();
+    assert_same("mlp zb-h2 P=4 M=8", &reference, &run);
+}
+
+#[test]
+fn injected_stage_failure_names_stage_and_action() {
+    let (model, data) = (
+        "examples/mlp-digits.cir",
+        "examples/data/digits.safetensors",
+    );
+    for (p, s, action) in [
+        (2, "1f1b", "1BW2"),
+        (4, "zb-h1", "0F1"),
+        (4, "zb-h1", "2B1"),
+        (4, "zb-h2", "3W3"),
+    ] {
+        let mut a = args(model, data, p, 4, s, 3);
+        a.fail_action = Some(action.into());
+        let t = Instant::now();
+        let err = format!("{:#}", train(&a).unwrap_err());
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the failure ends the run promptly"
+        );
+        let stage = &action[..1];
+        assert!(
+            err.contains(&format!("stage {stage}"))
+                && err.contains(action)
+                && err.contains("injected failure")
+                && err.contains("step 0"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn timeline_records_every_action() {
+    let (model, data) = (
+        "examples/mlp-digits.cir",
+        "examples/data/digits.safetensors",
+    );
+    let path = std::env::temp_dir().join(format!("cleave-timeline-{}.json", std::process::id()));
+    let mut a = args(model, data, 2, 4, "zb-h1", 2);
+    a.timeline = Some(path.clone());
+    train(&a).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let steps = v["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    for st in steps {
+        let actions = st["actions"].as_array().unwrap();
+        // 2 stages × 4 microbatches × (F, B, W).
+        assert_eq!(actions.len(), 24);
+        for x in actions {
+            assert!(x["end_s"].as_f64().unwrap() >= x["start_s"].as_f64().unwrap());
+        }
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn unknown_schedule_and_unsupported_optimizer_are_errors() {
+    let (model, data) = (
+        "examples/mlp-digits.cir",
+        "examples/data/digits.safetensors",
+    );
+    let err = format!(
+        "{:#}",
+        train(&args(model, data, 2, 4, "nope", 1)).unwrap_err()
+    );
+    assert!(err.contains("unknown schedule `nope`"), "{err}");
+    let mut a = args(model, data, 2, 4, "1f1b", 1);
+    a.optimizer = OptimizerArg::Adamw;
+    let err = format!("{:#}", train(&a).unwrap_err());
+    assert!(err.contains("sgd only"), "{err}");
+    let mut a = args(model, data, 2, 4, "1f1b", 1);
+    a.fail_action = Some("1B2".into());
+    let err = format!("{:#}", train(&a).unwrap_err());
+    assert!(err.contains("has no such action"), "{err}");
+}

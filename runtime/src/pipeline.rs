@@ -1,0 +1,697 @@
+//! A stage-partitioned pipeline executor: one worker thread per device runs its action list.
+//!
+//! The input is the output of `split-bw` compiled per stage (a [`StagePlans`] of F, B and W plans
+//! for every stage), the placement of stages on devices, and one action list per device (plain
+//! data: [`PipelineAction`]; the schedule library lives in `cleave-passes`, which this crate does
+//! not depend on).
+//!
+//! # Semantics of one [`Pipeline::step`]
+//!
+//! - **F(s, j)** runs stage `s`'s F plan on microbatch `j`. Every argument is resolved by name:
+//!   a parameter (the stage's own copy), a data input of microbatch `j`, or a value the stage
+//!   received or produced for microbatch `j` (`act.*`, `stash.*`, `dgrad.*`, `wgrad.*`), waiting
+//!   for it on the device's channel if it has not arrived yet.
+//! - Every output is routed by name: to each *other* stage whose F, B or W takes an argument of
+//!   that name (through the consumer device's bounded channel, tagged with the consumer stage,
+//!   the microbatch and the name; a consumer on the same device gets it directly), and kept by
+//!   the producing stage if one of its own functions reads it. `stash.*` values never leave
+//!   their stage. `loss` is recorded.
+//! - **B(s, j)** runs B the same way (its `dgrad.*` come from the next stage, its outputs go on).
+//! - **W(s, j)** runs W with the stage's gradient accumulators: every W argument named `grad.*`
+//!   is an accumulator, zero at the start of the step, replaced by the W output of the same
+//!   name. After W the microbatch's values held by the stage are freed. **BW** = B then W.
+//! - After the stage's last W the device applies the optimizer to the parameters whose
+//!   accumulators the stage owns: plain SGD, `p ← p − lr · (scale · g)` in `f32` (`scale` is
+//!   [`PipelineOptions::grad_scale`], `1/M` for a per-microbatch mean loss). The updated
+//!   parameters come back in [`StepResult::params`]; parameters read by several stages (tied
+//!   weights) are updated by the stage that owns the gradient, and the caller hands the new value
+//!   to every stage in the next step.
+//!
+//! # Failures
+//!
+//! A worker that fails (a run error, a missing value, an injected failure) records a
+//! [`PipelineError`] naming the stage, the action and the cause, and raises a shared abort flag;
+//! every other worker polls the flag while it waits to receive or to send (channels are polled
+//! with timeouts), so the whole step ends with the first error and never hangs. A value that
+//! does not arrive within [`PipelineOptions::timeout`] is an error too. A panicking worker is
+//! reported as a failure of its device.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::{HostData, Plan};
+
+/// What an action runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PipelineKind {
+    /// Forward.
+    F,
+    /// Input gradient.
+    B,
+    /// Weight gradient.
+    W,
+    /// B then W.
+    BW,
+}
+
+/// One action of a device's list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PipelineAction {
+    /// The stage.
+    pub stage: usize,
+    /// F, B, W or BW.
+    pub kind: PipelineKind,
+    /// The microbatch.
+    pub microbatch: usize,
+}
+
+impl fmt::Display for PipelineAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let k = match self.kind {
+            PipelineKind::F => "F",
+            PipelineKind::B => "B",
+            PipelineKind::W => "W",
+            PipelineKind::BW => "BW",
+        };
+        write!(f, "{}{k}{}", self.stage, self.microbatch)
+    }
+}
+
+/// The compiled F, B and W functions of one stage.
+pub struct StagePlans {
+    /// Forward.
+    pub f: Plan,
+    /// Input gradient.
+    pub b: Plan,
+    /// Weight gradient (with `grad.*` accumulators in and out).
+    pub w: Plan,
+}
+
+/// Options of one step.
+#[derive(Clone, Debug)]
+pub struct PipelineOptions {
+    /// SGD learning rate.
+    pub lr: f32,
+    /// Gradients are multiplied by this before the update (`1/M` for a mean over microbatches).
+    pub grad_scale: f32,
+    /// The longest a worker waits for one value (or for room in a channel).
+    pub timeout: Duration,
+    /// Fail with an injected error when this action starts (for tests).
+    pub fail_at: Option<PipelineAction>,
+    /// Capacity of each device's bounded input channel (messages).
+    pub channel_capacity: usize,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            lr: 0.1,
+            grad_scale: 1.0,
+            timeout: Duration::from_secs(120),
+            fail_at: None,
+            channel_capacity: 64,
+        }
+    }
+}
+
+/// The measured start and end of one action, in seconds since the step began.
+#[derive(Clone, Debug)]
+pub struct ActionTiming {
+    /// The device.
+    pub device: usize,
+    /// The action.
+    pub action: PipelineAction,
+    /// Start.
+    pub start_s: f64,
+    /// End.
+    pub end_s: f64,
+}
+
+/// What one step produced.
+#[derive(Clone, Debug, Default)]
+pub struct StepResult {
+    /// The `loss` output of each microbatch, in microbatch order.
+    pub losses: Vec<f32>,
+    /// Parameters after the update (those that have a gradient).
+    pub params: BTreeMap<String, HostData>,
+    /// The accumulated gradients (sum over microbatches, before `grad_scale`), by parameter.
+    pub grads: BTreeMap<String, HostData>,
+    /// Every action's measured start and end.
+    pub timeline: Vec<ActionTiming>,
+}
+
+/// A failed step: the stage, the action and the cause.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineError {
+    /// The device.
+    pub device: usize,
+    /// The stage (None for failures outside an action).
+    pub stage: Option<usize>,
+    /// The action as printed (`1B3`).
+    pub action: Option<String>,
+    /// The cause.
+    pub message: String,
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.stage, &self.action) {
+            (Some(s), Some(a)) => write!(
+                f,
+                "stage {s} failed in action {a} (device {}): {}",
+                self.device, self.message
+            ),
+            _ => write!(f, "device {} failed: {}", self.device, self.message),
+        }
+    }
+}
+
+impl std::error::Error for PipelineError {}
+
+/// A value travelling between devices.
+struct Msg {
+    stage: usize,
+    microbatch: usize,
+    name: String,
+    data: HostData,
+}
+
+/// The executor: compiled stages, their placement and the per-device action lists.
+pub struct Pipeline {
+    stages: Vec<StagePlans>,
+    placement: Vec<usize>,
+    devices: Vec<Vec<PipelineAction>>,
+    microbatches: usize,
+    /// For each name some function takes as an argument: the stages that take it.
+    consumers: HashMap<String, BTreeSet<usize>>,
+}
+
+impl Pipeline {
+    /// Checks that every microbatch of every stage has one F and one B and W (or one BW), on the
+    /// stage's device.
+    pub fn new(
+        stages: Vec<StagePlans>,
+        placement: Vec<usize>,
+        devices: Vec<Vec<PipelineAction>>,
+        microbatches: usize,
+    ) -> Result<Pipeline, String> {
+        if placement.len() != stages.len() {
+            return Err(format!(
+                "{} stages but a placement for {}",
+                stages.len(),
+                placement.len()
+            ));
+        }
+        let mut seen: HashMap<(usize, usize), [usize; 3]> = HashMap::new();
+        for (d, list) in devices.iter().enumerate() {
+            for a in list {
+                if a.stage >= stages.len() || a.microbatch >= microbatches {
+                    return Err(format!(
+                        "action {a} on device {d}: no such stage or microbatch"
+                    ));
+                }
+                if placement[a.stage] != d {
+                    return Err(format!(
+                        "action {a} is on device {d}, but stage {} is placed on device {}",
+                        a.stage, placement[a.stage]
+                    ));
+                }
+                let c = seen.entry((a.stage, a.microbatch)).or_default();
+                match a.kind {
+                    PipelineKind::F => c[0] += 1,
+                    PipelineKind::B => c[1] += 1,
+                    PipelineKind::W => c[2] += 1,
+                    PipelineKind::BW => {
+                        c[1] += 1;
+                        c[2] += 1
+                    }
+                }
+            }
+        }
+        for s in 0..stages.len() {
+            for j in 0..microbatches {
+                if seen.get(&(s, j)) != Some(&[1, 1, 1]) {
+                    return Err(format!(
+                        "stage {s}, microbatch {j}: the schedule must run F, B and W (or BW) \
+                         exactly once each"
+                    ));
+                }
+            }
+        }
+        let mut consumers: HashMap<String, BTreeSet<usize>> = HashMap::new();
+        for (s, st) in stages.iter().enumerate() {
+            for p in [&st.f, &st.b, &st.w] {
+                for a in p.args() {
+                    consumers.entry(a.name.clone()).or_default().insert(s);
+                }
+            }
+        }
+        Ok(Pipeline {
+            stages,
+            placement,
+            devices,
+            microbatches,
+            consumers,
+        })
+    }
+
+    /// Number of devices.
+    pub fn num_devices(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Runs one training step over `microbatches` (data inputs by name, one map per microbatch)
+    /// with the parameters `params` (by name; each stage takes those its functions read).
+    pub fn step(
+        &mut self,
+        params: &BTreeMap<String, HostData>,
+        microbatches: &[BTreeMap<String, HostData>],
+        opts: &PipelineOptions,
+    ) -> Result<StepResult, PipelineError> {
+        if microbatches.len() != self.microbatches {
+            return Err(PipelineError {
+                device: 0,
+                stage: None,
+                action: None,
+                message: format!(
+                    "{} microbatches given, the schedule has {}",
+                    microbatches.len(),
+                    self.microbatches
+                ),
+            });
+        }
+        let n_dev = self.devices.len();
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..n_dev {
+            let (tx, rx) = sync_channel::<Msg>(opts.channel_capacity.max(1));
+            senders.push(tx);
+            receivers.push(Some(rx));
+        }
+        let abort = AtomicBool::new(false);
+        let first_error: Mutex<Option<PipelineError>> = Mutex::new(None);
+        let t0 = Instant::now();
+        // Hand each device mutable access to its stages.
+        let mut per_dev: Vec<Vec<(usize, &mut StagePlans)>> = (0..n_dev).map(|_| vec![]).collect();
+        for (s, st) in self.stages.iter_mut().enumerate() {
+            per_dev[self.placement[s]].push((s, st));
+        }
+        let shared = Shared {
+            placement: &self.placement,
+            consumers: &self.consumers,
+            params,
+            data: microbatches,
+            opts,
+            abort: &abort,
+            t0,
+            m: self.microbatches,
+        };
+        let outcomes: Vec<Result<DeviceOut, ()>> = std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            for (d, stages) in per_dev.into_iter().enumerate() {
+                let worker = Worker {
+                    device: d,
+                    rx: receivers[d].take().expect("one receiver per device"),
+                    tx: senders.clone(),
+                    store: HashMap::new(),
+                    shared: &shared,
+                };
+                let actions = &self.devices[d];
+                let first_error = &first_error;
+                let abort = &abort;
+                handles.push(scope.spawn(move || {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        worker.run(stages, actions)
+                    }));
+                    let r = match r {
+                        Ok(r) => r,
+                        Err(p) => {
+                            let msg = p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_else(|| "panic".into());
+                            Err(Some(PipelineError {
+                                device: d,
+                                stage: None,
+                                action: None,
+                                message: format!("worker panicked: {msg}"),
+                            }))
+                        }
+                    };
+                    match r {
+                        Ok(out) => Ok(out),
+                        Err(e) => {
+                            if let Some(e) = e {
+                                let mut slot =
+                                    first_error.lock().unwrap_or_else(|p| p.into_inner());
+                                if slot.is_none() {
+                                    *slot = Some(e);
+                                }
+                            }
+                            abort.store(true, Ordering::SeqCst);
+                            Err(())
+                        }
+                    }
+                }));
+            }
+            drop(senders);
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Err(())))
+                .collect()
+        });
+        if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        let mut result = StepResult::default();
+        let mut losses: BTreeMap<usize, f32> = BTreeMap::new();
+        for (d, o) in outcomes.into_iter().enumerate() {
+            let Ok(o) = o else {
+                return Err(PipelineError {
+                    device: d,
+                    stage: None,
+                    action: None,
+                    message: "aborted without a recorded cause".into(),
+                });
+            };
+            losses.extend(o.losses);
+            result.params.extend(o.params);
+            result.grads.extend(o.grads);
+            result.timeline.extend(o.timeline);
+        }
+        result.losses = losses.into_values().collect();
+        Ok(result)
+    }
+}
+
+struct Shared<'a> {
+    placement: &'a [usize],
+    consumers: &'a HashMap<String, BTreeSet<usize>>,
+    params: &'a BTreeMap<String, HostData>,
+    data: &'a [BTreeMap<String, HostData>],
+    opts: &'a PipelineOptions,
+    abort: &'a AtomicBool,
+    t0: Instant,
+    m: usize,
+}
+
+#[derive(Default)]
+struct DeviceOut {
+    losses: BTreeMap<usize, f32>,
+    params: BTreeMap<String, HostData>,
+    grads: BTreeMap<String, HostData>,
+    timeline: Vec<ActionTiming>,
+}
+
+/// Per-stage state on its device.
+struct StageState<'p> {
+    plans: &'p mut StagePlans,
+    /// The stage's parameter copies.
+    params: BTreeMap<String, HostData>,
+    /// Gradient accumulators by argument name (`grad.<p>`).
+    acc: BTreeMap<String, HostData>,
+    w_done: usize,
+}
+
+struct Worker<'a> {
+    device: usize,
+    rx: Receiver<Msg>,
+    tx: Vec<SyncSender<Msg>>,
+    /// Values held for (stage, microbatch, name).
+    store: HashMap<(usize, usize, String), HostData>,
+    shared: &'a Shared<'a>,
+}
+
+/// `None`: aborted because another worker failed.
+type WorkerResult<T> = Result<T, Option<PipelineError>>;
+
+#[derive(Clone, Copy)]
+enum Which {
+    F,
+    B,
+    W,
+}
+
+impl<'a> Worker<'a> {
+    fn run(
+        mut self,
+        stages: Vec<(usize, &mut StagePlans)>,
+        actions: &[PipelineAction],
+    ) -> WorkerResult<DeviceOut> {
+        let sh = self.shared;
+        let mut states: BTreeMap<usize, StageState<'_>> = BTreeMap::new();
+        for (s, plans) in stages {
+            let mut params = BTreeMap::new();
+            let mut acc = BTreeMap::new();
+            for p in [&plans.f, &plans.b, &plans.w] {
+                for a in p.args() {
+                    if let Some(v) = sh.params.get(&a.name) {
+                        params.insert(a.name.clone(), v.clone());
+                    }
+                }
+            }
+            for a in plans.w.args() {
+                if a.name.starts_with("grad.") && !sh.params.contains_key(&a.name) {
+                    acc.insert(
+                        a.name.clone(),
+                        HostData::F32(vec![0.0; a.ty.num_elements()]),
+                    );
+                }
+            }
+            states.insert(
+                s,
+                StageState {
+                    plans,
+                    params,
+                    acc,
+                    w_done: 0,
+                },
+            );
+        }
+        let mut out = DeviceOut::default();
+        for &a in actions {
+            if sh.abort.load(Ordering::SeqCst) {
+                return Err(None);
+            }
+            let start = sh.t0.elapsed().as_secs_f64();
+            let device = self.device;
+            let fail = |message: String| {
+                Some(PipelineError {
+                    device,
+                    stage: Some(a.stage),
+                    action: Some(a.to_string()),
+                    message,
+                })
+            };
+            if sh.opts.fail_at == Some(a) {
+                return Err(fail("injected failure".into()));
+            }
+            let st = states.get_mut(&a.stage).expect("validated placement");
+            let j = a.microbatch;
+            let whiches: &[Which] = match a.kind {
+                PipelineKind::F => &[Which::F],
+                PipelineKind::B => &[Which::B],
+                PipelineKind::W => &[Which::W],
+                PipelineKind::BW => &[Which::B, Which::W],
+            };
+            for &w in whiches {
+                self.run_fn(a.stage, st, w, j, &mut out)
+                    .map_err(|e| e.map(|m| fail(m).expect("some")))?;
+                if let Which::W = w {
+                    self.store.retain(|k, _| !(k.0 == a.stage && k.1 == j));
+                    st.w_done += 1;
+                    if st.w_done == sh.m {
+                        // The stage's optimizer step: SGD on the parameters it owns gradients of.
+                        for (g, v) in &st.acc {
+                            let p = &g["grad.".len()..];
+                            if let (Some(HostData::F32(pv)), HostData::F32(gv)) =
+                                (st.params.get(p), v)
+                            {
+                                let (lr, sc) = (sh.opts.lr, sh.opts.grad_scale);
+                                let new: Vec<f32> = pv
+                                    .iter()
+                                    .zip(gv)
+                                    .map(|(&x, &g)| x - lr * (sc * g))
+                                    .collect();
+                                out.params.insert(p.to_string(), HostData::F32(new));
+                            }
+                            out.grads.insert(p.to_string(), v.clone());
+                        }
+                    }
+                }
+            }
+            out.timeline.push(ActionTiming {
+                device: self.device,
+                action: a,
+                start_s: start,
+                end_s: sh.t0.elapsed().as_secs_f64(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Errors: `Some(cause)` or `None` (aborted).
+    fn run_fn(
+        &mut self,
+        s: usize,
+        st: &mut StageState<'_>,
+        which: Which,
+        j: usize,
+        out: &mut DeviceOut,
+    ) -> Result<(), Option<String>> {
+        let sh = self.shared;
+        let names: Vec<String> = {
+            let plan = match which {
+                Which::F => &st.plans.f,
+                Which::B => &st.plans.b,
+                Which::W => &st.plans.w,
+            };
+            plan.args().iter().map(|a| a.name.clone()).collect()
+        };
+        for (i, name) in names.iter().enumerate() {
+            let key = (s, j, name.clone());
+            let value: &HostData = if let (Which::W, Some(v)) = (which, st.acc.get(name)) {
+                v
+            } else if let Some(v) = st.params.get(name) {
+                v
+            } else if let Some(v) = sh.data[j].get(name) {
+                v
+            } else {
+                self.wait_for(&key)?;
+                &self.store[&key]
+            };
+            let plan = match which {
+                Which::F => &mut st.plans.f,
+                Which::B => &mut st.plans.b,
+                Which::W => &mut st.plans.w,
+            };
+            plan.set_input(i, value.as_slice())
+                .map_err(|e| Some(format!("argument `{name}`: {e}")))?;
+        }
+        let plan = match which {
+            Which::F => &mut st.plans.f,
+            Which::B => &mut st.plans.b,
+            Which::W => &mut st.plans.w,
+        };
+        plan.run().map_err(|e| Some(e.to_string()))?;
+        let outputs: Vec<String> = plan.outputs().iter().map(|o| o.name.clone()).collect();
+        for (oi, name) in outputs.iter().enumerate() {
+            let plan = match which {
+                Which::F => &st.plans.f,
+                Which::B => &st.plans.b,
+                Which::W => &st.plans.w,
+            };
+            if name == "loss" {
+                if let Some(v) = plan.output_f32(oi) {
+                    out.losses.insert(j, v[0]);
+                }
+                continue;
+            }
+            if let (Which::W, true) = (which, st.acc.contains_key(name)) {
+                st.acc.insert(name.clone(), plan.output(oi));
+                continue;
+            }
+            let Some(cons) = sh.consumers.get(name) else {
+                continue;
+            };
+            for &t in cons {
+                // A stash stays with the stage that made it (several stages may stash a value
+                // of the same number).
+                if t != s && name.starts_with("stash.") {
+                    continue;
+                }
+                let data = plan.output(oi);
+                let dev = sh.placement[t];
+                if dev == self.device {
+                    self.store.insert((t, j, name.clone()), data);
+                } else {
+                    self.send(
+                        dev,
+                        Msg {
+                            stage: t,
+                            microbatch: j,
+                            name: name.clone(),
+                            data,
+                        },
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_for(&mut self, key: &(usize, usize, String)) -> Result<(), Option<String>> {
+        let sh = self.shared;
+        let deadline = Instant::now() + sh.opts.timeout;
+        while !self.store.contains_key(key) {
+            if sh.abort.load(Ordering::SeqCst) {
+                return Err(None);
+            }
+            match self.rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(m) => {
+                    self.store.insert((m.stage, m.microbatch, m.name), m.data);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if Instant::now() > deadline {
+                        return Err(Some(format!(
+                            "timed out after {:?} waiting for `{}` of microbatch {}",
+                            sh.opts.timeout, key.2, key.1
+                        )));
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    if sh.abort.load(Ordering::SeqCst) {
+                        return Err(None);
+                    }
+                    return Err(Some(format!(
+                        "`{}` of microbatch {} never arrives: every other device has finished",
+                        key.2, key.1
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, dev: usize, mut msg: Msg) -> Result<(), Option<String>> {
+        let sh = self.shared;
+        let deadline = Instant::now() + sh.opts.timeout;
+        loop {
+            match self.tx[dev].try_send(msg) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(m)) => {
+                    msg = m;
+                    if sh.abort.load(Ordering::SeqCst) {
+                        return Err(None);
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Some(format!(
+                            "timed out sending `{}` to device {dev}: its channel stays full",
+                            msg.name
+                        )));
+                    }
+                    // Drain our own channel meanwhile, so two devices sending to each other
+                    // cannot block each other.
+                    while let Ok(m) = self.rx.try_recv() {
+                        self.store.insert((m.stage, m.microbatch, m.name), m.data);
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(TrySendError::Disconnected(m)) => {
+                    if sh.abort.load(Ordering::SeqCst) {
+                        return Err(None);
+                    }
+                    return Err(Some(format!(
+                        "cannot send `{}` to device {dev}: it has ended",
+                        m.name
+                    )));
+                }
+            }
+        }
+    }
+}

@@ -103,7 +103,12 @@ fn check_forward(case: &Case) -> f64 {
     for (o, got) in func.outputs.iter().zip(&out) {
         let err = rel_err(got, &reference[&format!("out.{}", o.name)]);
         eprintln!("{}: out.{} rel err {err:e}", case.name, o.name);
-        assert!(err <= TOL, "{}: output {} off by {err:e}", case.name, o.name);
+        assert!(
+            err <= TOL,
+            "{}: output {} off by {err:e}",
+            case.name,
+            o.name
+        );
         worst = worst.max(err);
     }
     worst
@@ -150,7 +155,11 @@ fn check_gradients(case: &Case) -> (f64, f64) {
     assert!(!torch_params.is_empty());
     assert_eq!(grads, torch_params, "{}: gradients vs PyTorch's", case.name);
     let params: BTreeSet<String> = loaded.params.keys().map(|k| format!("grad.{k}")).collect();
-    assert_eq!(params, torch_params, "{}: parameters vs PyTorch's", case.name);
+    assert_eq!(
+        params, torch_params,
+        "{}: parameters vs PyTorch's",
+        case.name
+    );
     (loss_err, grad_err)
 }
 
@@ -195,25 +204,31 @@ fn gpt_block_weights_are_external() {
 }
 
 #[test]
-fn optimized_export_merging_layernorms_warns_to_use_optimize_false() {
-    // `ln_pitfall.onnx`: two freshly initialised LayerNorms exported with the default
-    // `optimize=True`, which merged `ln2.weight`/`ln2.bias` into `ln1.weight`/`ln1.bias`.
+fn optimized_export_warns_to_use_optimize_false() {
+    // `ln_pitfall.onnx`: LayerNorm, Linear, LayerNorm on a 3-d input, exported with the default
+    // `optimize=True`, which merged the freshly initialised `ln2.weight`/`ln2.bias` into
+    // `ln1.weight`/`ln1.bias` and pre-transposed `fc.weight` into the unnamed `val_2`.
     let opts = LoadOptions {
         batch: Some(BATCH),
         ..LoadOptions::default()
     };
     let loaded = load_model_quiet(&fixture("ln_pitfall.onnx"), &opts).unwrap();
     assert!(!loaded.params.contains_key("ln2.weight"));
-    let shared: Vec<&String> = loaded
-        .warnings
-        .iter()
-        .filter(|w| w.contains("shared by 2 LayerNormalization nodes"))
-        .collect();
-    assert_eq!(shared.len(), 2, "{:?}", loaded.warnings);
-    for w in shared {
+    assert!(!loaded.params.contains_key("fc.weight"));
+    let w = &loaded.warnings;
+    assert_eq!(w.len(), 3, "{w:?}");
+    assert!(w.iter().all(|w| w.contains("optimize=False")), "{w:?}");
+    assert!(
+        w[0].starts_with("unnamed initializer(s) `val_2`: PyTorch's default export pre-transposes"),
+        "{}",
+        w[0]
+    );
+    for (w, init) in w[1..].iter().zip(["ln1.bias", "ln1.weight"]) {
         assert!(
-            (w.contains("`ln1.weight`") || w.contains("`ln1.bias`"))
-                && w.contains("optimize=False"),
+            w.contains(&format!(
+                "`{init}` is shared by 2 LayerNormalization nodes (node_layer_norm, \
+                 node_layer_norm_1)"
+            )),
             "{w}"
         );
     }

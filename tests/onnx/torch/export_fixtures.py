@@ -20,8 +20,9 @@ Losses match `compiler/src/loss.rs`: `cross-entropy` is mean softmax cross-entro
 class indices (`F.cross_entropy`, reduction "mean"); `mse` is the mean over every element of
 `(pred - target)^2` (`F.mse_loss`, reduction "mean").
 
-It also writes `ln_pitfall.onnx`: two freshly initialised LayerNorms exported with the default
-`optimize=True`, which merges their equal weights into one initializer; cleave warns on it.
+It also writes `ln_pitfall.onnx`: two freshly initialised LayerNorms around a Linear on a 3-d
+input, exported with the default `optimize=True`, which merges the LayerNorms' equal weights into
+one initializer and pre-transposes the Linear's weight into an unnamed one; cleave warns on both.
 """
 
 import json
@@ -122,8 +123,15 @@ def export(model, x, path, optimize, external):
         external_data=external,
     )
     prog.save(path, external_data=external)
+    # Drop the per-node Python stack traces: they hold local paths and change with every edit of
+    # this script. The weights (and any external-data references) are left as written.
     m = onnx.load(path, load_external_data=False)
-    onnx.checker.check_model(m)
+    for node in m.graph.node:
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+    onnx.save(m, path)
+    onnx.checker.check_model(path)
     return m
 
 
@@ -182,7 +190,10 @@ def main():
 
     torch.manual_seed(3)
     path = os.path.join(HERE, "ln_pitfall.onnx")
-    m = export(TwoLayerNorms().eval(), torch.randn(BATCH, 8), path, optimize=True, external=False)
+    # A 3-d input makes nn.Linear a MatMul with the transposed weight, which the optimizer
+    # pre-transposes into an unnamed initializer (`val_<n>`).
+    x = torch.randn(BATCH, 4, 8)
+    m = export(TwoLayerNorms().eval(), x, path, optimize=True, external=False)
     print("ln_pitfall initializers:", [i.name for i in m.graph.initializer])
     print("torch", torch.__version__, "onnx", onnx.__version__, file=sys.stderr)
 

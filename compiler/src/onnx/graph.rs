@@ -546,7 +546,7 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> 
     let mut unnamed: Vec<&str> = inits
         .keys()
         .map(String::as_str)
-        .filter(|n| n.starts_with("onnx::") || n.chars().all(|c| c.is_ascii_digit()))
+        .filter(|n| is_generated_name(n))
         .collect();
     unnamed.sort_unstable();
     if !unnamed.is_empty() {
@@ -580,7 +580,9 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> 
         }
         for (pos, input) in node.input.iter().enumerate() {
             let input = alias.get(input.as_str()).copied().unwrap_or(input);
-            if inits.contains_key(input) {
+            // A generated name is a folded constant, already reported above, not a merged
+            // parameter.
+            if inits.contains_key(input) && !is_generated_name(input) {
                 uses.entry((input, node.op_type.as_deref().unwrap_or(""), pos))
                     .or_default()
                     .push(node_label(node, i));
@@ -599,6 +601,14 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> 
         }
     }
     warnings
+}
+
+/// Whether an initializer name was made up by the exporter rather than taken from the model's
+/// parameters: `onnx::MatMul_123` or `123` (the TorchScript exporter), `val_123` (the dynamo
+/// exporter's optimizer, for a pre-transposed weight or a folded constant).
+fn is_generated_name(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    name.starts_with("onnx::") || digits(name) || name.strip_prefix("val_").is_some_and(digits)
 }
 
 /// The dtype of an ONNX `to`-style attribute.

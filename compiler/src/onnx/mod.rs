@@ -19,9 +19,11 @@
 //! - **Constant folding**: a node whose inputs are all constants is evaluated at import time with
 //!   the reference interpreter, and `Shape` of a value is its static shape. The
 //!   `Shape → Gather → Concat → Reshape` chains of PyTorch exports thus become constant shapes.
-//! - **Export pitfalls** are reported as warnings: unnamed initializers (`onnx::MatMul_123`, a
-//!   weight PyTorch pre-transposed into a new tensor) and initializers shared by several layers of
-//!   the same kind (PyTorch merges parameters with equal values), with how to re-export.
+//! - **Export pitfalls** are reported as warnings: unnamed initializers (`onnx::MatMul_123` from
+//!   the TorchScript exporter, `val_123` from the dynamo exporter's optimizer: a weight PyTorch
+//!   pre-transposed into a new tensor, or a folded constant) and initializers shared by several
+//!   layers of the same kind (PyTorch merges parameters with equal values), with how to
+//!   re-export.
 //!
 //! Reading never panics on malformed input: every problem is an [`OnnxError`] that names it.
 

@@ -31,6 +31,7 @@
 mod compile;
 mod fused;
 mod gemm;
+mod jit;
 mod kernels;
 mod plan;
 

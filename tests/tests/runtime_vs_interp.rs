@@ -82,13 +82,15 @@ fn check_steps(func: &Function, seed: u64, steps: usize, what: &str) {
 }
 
 fn check_steps_tol(func: &Function, seed: u64, steps: usize, what: &str, rtol: f64) {
-    for fuse in [true, false] {
+    // Fused with the JIT, fused interpreted, and unfused (each node its own loop) with the JIT.
+    for (fuse, jit) in [(true, true), (true, false), (false, true)] {
         let mut args = random_args(func, seed);
         let mut plan = compile_with(
             func,
             &CompileOptions {
                 fuse,
                 preserve_args: false,
+                jit,
             },
         )
         .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
@@ -105,7 +107,7 @@ fn check_steps_tol(func: &Function, seed: u64, steps: usize, what: &str, rtol: f
                 assert_close(
                     &plan.output(j),
                     &want[j],
-                    &format!("{what} (fuse={fuse}) step {step} output `{}`", o.name),
+                    &format!("{what} (fuse={fuse}, jit={jit}) step {step} output `{}`", o.name),
                     rtol,
                 );
             }
@@ -438,4 +440,28 @@ fn data_errors_name_the_node() {
         e.contains("gather") && e.contains("%2") && e.contains("index 9"),
         "{e}"
     );
+}
+
+#[test]
+fn fused_loops_are_jit_compiled() {
+    for (name, f) in examples() {
+        let mut module = Module::with_function(f);
+        PassManager::from_pipeline("autodiff,optimizer{kind=adamw}")
+            .unwrap()
+            .run(&mut module, &mut PassContext::default(), &mut |_| {})
+            .unwrap();
+        let step = &module.functions[0];
+        let plan = cleave_runtime::compile(step).unwrap();
+        assert!(plan.fused_kernels() > 0, "{name}");
+        assert_eq!(plan.jit_kernels(), plan.fused_kernels(), "{name}");
+        let off = compile_with(
+            step,
+            &CompileOptions {
+                jit: false,
+                ..CompileOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(off.jit_kernels(), 0, "{name}");
+    }
 }

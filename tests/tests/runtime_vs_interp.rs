@@ -107,7 +107,10 @@ fn check_steps_tol(func: &Function, seed: u64, steps: usize, what: &str, rtol: f
                 assert_close(
                     &plan.output(j),
                     &want[j],
-                    &format!("{what} (fuse={fuse}, jit={jit}) step {step} output `{}`", o.name),
+                    &format!(
+                        "{what} (fuse={fuse}, jit={jit}) step {step} output `{}`",
+                        o.name
+                    ),
                     rtol,
                 );
             }

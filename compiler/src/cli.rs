@@ -334,17 +334,21 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
                 "iters": a.iters,
                 "compile_ms": r.compile_ms,
                 "peak_bytes": r.peak_bytes,
+                "fused_kernels": r.fused_kernels,
+                "jit_kernels": r.jit_kernels,
             })
         );
     } else {
         println!(
             "{}: median {:.4} ms per training step ({engine}, {} iterations; compiled in {:.1} ms, \
-             {} planned bytes)",
+             {} planned bytes; {} of {} fused loops JIT-compiled)",
             a.model.display(),
             r.median_ms,
             a.iters,
             r.compile_ms,
-            r.peak_bytes
+            r.peak_bytes,
+            r.jit_kernels,
+            r.fused_kernels
         );
     }
     Ok(())

@@ -183,6 +183,9 @@ pub struct BenchArgs {
     /// Time the reference interpreter instead of the runtime.
     #[arg(long)]
     pub interp: bool,
+    /// Interpret every fused loop instead of compiling it with Cranelift.
+    #[arg(long)]
+    pub no_jit: bool,
 }
 
 /// What a training run ended with.
@@ -514,6 +517,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         &CompileOptions {
             fuse: !a.debug_nan,
             preserve_args: false,
+            jit: true,
         },
     )?;
     let mut eval_plan = compile_with(
@@ -521,6 +525,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         &CompileOptions {
             fuse: true,
             preserve_args: true,
+            jit: true,
         },
     )?;
 
@@ -772,11 +777,15 @@ pub struct BenchResult {
     pub compile_ms: f64,
     /// The plan's planned buffer bytes (0 for the interpreter).
     pub peak_bytes: usize,
+    /// Fused elementwise loops in the plan, and how many of them were compiled to native code.
+    pub fused_kernels: usize,
+    /// See `fused_kernels`.
+    pub jit_kernels: usize,
 }
 
 /// Runs `cleave bench`: the median time of one training step.
 pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
-    let (mut compile_ms, mut peak_bytes) = (0.0, 0);
+    let (mut compile_ms, mut peak_bytes, mut fused_kernels, mut jit_kernels) = (0.0, 0, 0, 0);
     let built = build_step(
         &a.model,
         a.batch,
@@ -824,9 +833,17 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
         }
     } else {
         let t = Instant::now();
-        let mut plan = cleave_runtime::compile(step)?;
+        let mut plan = compile_with(
+            step,
+            &CompileOptions {
+                jit: !a.no_jit,
+                ..CompileOptions::default()
+            },
+        )?;
         compile_ms = t.elapsed().as_secs_f64() * 1e3;
         peak_bytes = plan.peak_bytes();
+        fused_kernels = plan.fused_kernels();
+        jit_kernels = plan.jit_kernels();
         let host: Vec<HostData> = plan
             .args()
             .iter()
@@ -860,5 +877,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
         median_ms,
         compile_ms,
         peak_bytes,
+        fused_kernels,
+        jit_kernels,
     })
 }

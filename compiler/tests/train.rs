@@ -150,8 +150,12 @@ fn bench_reports_a_median() {
         json: true,
         optimizer: OptimizerArg::Sgd,
         interp: false,
+        no_jit: false,
     })
     .unwrap();
     assert!(r.median_ms > 0.0 && r.median_ms.is_finite());
     assert!(r.peak_bytes > 0);
+    // Every fused loop of the MLP step is in the JIT's op set.
+    assert!(r.fused_kernels > 0);
+    assert_eq!(r.jit_kernels, r.fused_kernels);
 }

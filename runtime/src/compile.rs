@@ -20,6 +20,9 @@ pub struct CompileOptions {
     /// Keep every argument's buffer intact through a run (no reuse, no in-place updates), so
     /// arguments set once serve many runs (an evaluation loop that sets only the data).
     pub preserve_args: bool,
+    /// Compile fused loops to native code with Cranelift (those whose ops the JIT supports; the
+    /// others stay interpreted). Off: every fused loop is interpreted.
+    pub jit: bool,
 }
 
 impl Default for CompileOptions {
@@ -27,6 +30,7 @@ impl Default for CompileOptions {
         CompileOptions {
             fuse: true,
             preserve_args: false,
+            jit: true,
         }
     }
 }
@@ -633,6 +637,7 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
                         nf: b.nf,
                         ni: b.ni,
                         nb: b.nb,
+                        jit: None,
                     }),
                     op: func.node(last).op.name(),
                     value: pv(func.node(last).results[0]),
@@ -662,6 +667,14 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
             }
         }
     }
+    let jit_code = if opts.jit {
+        crate::jit::compile_all(steps.iter_mut().filter_map(|s| match &mut s.kernel {
+            Kernel::Fused(k) => Some(k),
+            Kernel::Op(_) => None,
+        }))
+    } else {
+        None
+    };
     let args = func
         .args()
         .map(|a| ArgInfo {
@@ -680,14 +693,9 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
             buf: bref(root[&o.value]),
         })
         .collect();
-    Ok(Plan::new(
-        bufs,
-        steps,
-        args,
-        outputs,
-        planned_bytes,
-        pinned_bytes,
-    ))
+    let mut plan = Plan::new(bufs, steps, args, outputs, planned_bytes, pinned_bytes);
+    plan.jit_code = jit_code;
+    Ok(plan)
 }
 
 fn bytemuck_bytes(v: &mut [f32]) -> &mut [u8] {

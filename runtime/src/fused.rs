@@ -217,6 +217,8 @@ pub(crate) struct FusedKernel {
     pub nf: usize,
     pub ni: usize,
     pub nb: usize,
+    /// The loop compiled to native code ([`crate::jit`]), if it was.
+    pub jit: Option<crate::jit::JitFn>,
 }
 
 /// Register banks, reused across kernels.
@@ -335,6 +337,10 @@ impl FusedKernel {
     /// Every buffer the program names must be live in `mem` with at least `n` elements (or the
     /// positions its view reaches), and stores must not overlap non-contiguous loads.
     pub unsafe fn run(&self, mem: &Mem, regs: &mut Regs) -> Result<(), String> {
+        if let Some(f) = self.jit {
+            f(mem.table(), self.n);
+            return Ok(());
+        }
         grow(&mut regs.f, self.nf, 0.0f32);
         grow(&mut regs.i, self.ni, 0i32);
         grow(&mut regs.b, self.nb, 0u8);

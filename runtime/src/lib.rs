@@ -10,6 +10,10 @@
 //!   transposes and slices whose consumers are all elementwise are not materialised at all: they
 //!   become strided loads inside the consumer's loop. Splat constants become register splats.
 //!   `reshape` and `stop_gradient` are free (they share their operand's buffer).
+//! - **JIT.** With [`CompileOptions::jit`] (the default) every fused loop whose ops the JIT
+//!   supports is compiled with Cranelift to native code that runs 4 lanes at a time in 128-bit
+//!   SIMD registers (`jit.rs` lists what is native, what calls Rust helpers per lane and what
+//!   stays interpreted); [`Plan::jit_kernels`] counts them.
 //! - **GEMM.** `matmul` (batched, with transpose flags, via strides) and the convolutions
 //!   (im2col + GEMM) call the `gemm` crate, with its `x86-v4` feature for AVX-512 (`gemm.rs`
 //!   says why this crate).
@@ -31,6 +35,7 @@
 mod compile;
 mod fused;
 mod gemm;
+mod jit;
 mod kernels;
 pub mod pipeline;
 mod plan;

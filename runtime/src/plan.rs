@@ -21,6 +21,10 @@ pub(crate) struct Mem {
 }
 
 impl Mem {
+    /// The base pointers, indexed by buffer id (what compiled loops take).
+    pub fn table(&self) -> *const *mut f32 {
+        self.ptrs.as_ptr()
+    }
     pub fn ptr_f(&self, b: BufRef) -> *mut f32 {
         self.ptrs[b.id]
     }
@@ -127,6 +131,8 @@ pub struct Plan {
     pub(crate) planned_bytes: usize,
     pub(crate) pinned_bytes: usize,
     pub(crate) regs: Regs,
+    /// The compiled fused loops' code (dropped after `steps`, which point into it).
+    pub(crate) jit_code: Option<crate::jit::JitCode>,
     /// (output index, argument index) pairs of [`Plan::carry`], and a scratch per pair.
     carry_pairs: Option<Vec<(usize, usize, Vec<f32>)>>,
 }
@@ -162,6 +168,7 @@ impl Plan {
             planned_bytes,
             pinned_bytes,
             regs: Regs::default(),
+            jit_code: None,
             carry_pairs: None,
         }
     }
@@ -184,6 +191,22 @@ impl Plan {
     /// Bytes of the constants materialised once at compile time.
     pub fn constant_bytes(&self) -> usize {
         self.pinned_bytes
+    }
+
+    /// Number of fused elementwise loops.
+    pub fn fused_kernels(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| matches!(s.kernel, Kernel::Fused(_)))
+            .count()
+    }
+
+    /// Number of fused loops compiled to native code (the others are interpreted).
+    pub fn jit_kernels(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| matches!(&s.kernel, Kernel::Fused(k) if k.jit.is_some()))
+            .count()
     }
 
     /// Number of kernels.

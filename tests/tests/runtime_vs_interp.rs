@@ -82,13 +82,15 @@ fn check_steps(func: &Function, seed: u64, steps: usize, what: &str) {
 }
 
 fn check_steps_tol(func: &Function, seed: u64, steps: usize, what: &str, rtol: f64) {
-    for fuse in [true, false] {
+    // Fused with the JIT, fused interpreted, and unfused (each node its own loop) with the JIT.
+    for (fuse, jit) in [(true, true), (true, false), (false, true)] {
         let mut args = random_args(func, seed);
         let mut plan = compile_with(
             func,
             &CompileOptions {
                 fuse,
                 preserve_args: false,
+                jit,
             },
         )
         .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
@@ -105,7 +107,10 @@ fn check_steps_tol(func: &Function, seed: u64, steps: usize, what: &str, rtol: f
                 assert_close(
                     &plan.output(j),
                     &want[j],
-                    &format!("{what} (fuse={fuse}) step {step} output `{}`", o.name),
+                    &format!(
+                        "{what} (fuse={fuse}, jit={jit}) step {step} output `{}`",
+                        o.name
+                    ),
                     rtol,
                 );
             }
@@ -279,6 +284,31 @@ const OPS: &[&str] = &[
   %bb = broadcast %b1 {dims = [1, 2]} : f32[2,4,3]
   return %t as "t", %tu as "tu", %b123 as "b", %sl as "sl", %e as "e", %sg as "sg", %tt as "tt", %bb as "bb", %b3 as "b3"
 }"#,
+    // JIT lane handling: element counts that leave a scalar tail (35), broadcasts whose inner
+    // dimension is a multiple of 4 (one vector load; one splat per row) or not (per-lane loads).
+    r#"func @jit_lanes {
+  %x = input {name = "x"} : f32[5,7]
+  %y = input {name = "y"} : f32[5,7]
+  %i = input {name = "i"} : i32[5,7]
+  %b = input {name = "b"} : bool[5,7]
+  %r = input {name = "r"} : f32[8]
+  %col = input {name = "col"} : f32[3]
+  %z = constant {value = 0} : f32[5,7]
+  %gt = gt %x, %z : bool[5,7]
+  %bo = and %gt, %b : bool[5,7]
+  %sel = select %bo, %x, %y : f32[5,7]
+  %rl = relu %sel : f32[5,7]
+  %xi = cast %x : i32[5,7]
+  %s = add %xi, %i : i32[5,7]
+  %mx = max %x, %y : f32[5,7]
+  %br = broadcast %r {dims = [1]} : f32[3,8]
+  %bc = broadcast %col {dims = [0]} : f32[3,8]
+  %p = mul %br, %bc : f32[3,8]
+  %q = exp %p : f32[3,8]
+  %bt = broadcast %col {dims = [1]} : f32[7,3]
+  %bt2 = tanh %bt : f32[7,3]
+  return %rl as "relu", %s as "s", %bo as "bo", %mx as "mx", %q as "q", %bt2 as "bt"
+}"#,
     r#"func @constants_and_copies {
   %x = input {name = "x"} : f32[2,3]
   %y = input {name = "y"} : f32[2,1]
@@ -438,4 +468,28 @@ fn data_errors_name_the_node() {
         e.contains("gather") && e.contains("%2") && e.contains("index 9"),
         "{e}"
     );
+}
+
+#[test]
+fn fused_loops_are_jit_compiled() {
+    for (name, f) in examples() {
+        let mut module = Module::with_function(f);
+        PassManager::from_pipeline("autodiff,optimizer{kind=adamw}")
+            .unwrap()
+            .run(&mut module, &mut PassContext::default(), &mut |_| {})
+            .unwrap();
+        let step = &module.functions[0];
+        let plan = cleave_runtime::compile(step).unwrap();
+        assert!(plan.fused_kernels() > 0, "{name}");
+        assert_eq!(plan.jit_kernels(), plan.fused_kernels(), "{name}");
+        let off = compile_with(
+            step,
+            &CompileOptions {
+                jit: false,
+                ..CompileOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(off.jit_kernels(), 0, "{name}");
+    }
 }

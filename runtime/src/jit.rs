@@ -1,0 +1,696 @@
+//! Native code for fused loops, generated with Cranelift.
+//!
+//! Each fused loop program (the one [`FusedKernel::run`] interprets) becomes one function
+//! `fn(bufs: *const *mut f32, n: usize)`: `bufs` is the plan's table of buffer base pointers
+//! (indexed by buffer id), `n` the element count. The body runs 4 elements at a time in 128-bit
+//! SIMD registers (`f32x4`, `i32x4`; `bool` values are lane masks, all ones or zero), then a scalar
+//! tail over the remaining elements with the same program at width 1.
+//!
+//! - Loads: contiguous operands are vector loads; a strided view whose innermost dimension is a
+//!   multiple of 4 long loads 4 neighbouring lanes at once (stride 1: one vector load; stride 0:
+//!   one splat); any other view computes each lane's position and inserts it; a view of one
+//!   element is loaded once, before the loop.
+//! - Ops: arithmetic, min/max (NaN-propagating), neg/abs/relu/sqrt/floor/round/reciprocal,
+//!   compares, select, casts between `f32`, `i32` and `bool`, `and`/`or`/`not` are native
+//!   instructions. Transcendentals (exp, log, tanh, sigmoid, GELU, erf, sin, cos, …) and `pow`
+//!   call the interpreter's Rust functions once per lane, so their results are bit-identical to
+//!   the interpreted loop.
+//! - Not compiled (the loop stays interpreted): integer division (it reports division by zero),
+//!   integer `sign`, and dropout. [`crate::Plan::jit_kernels`] counts the loops that were compiled.
+//!
+//! All loads of a step happen before its stores, as in the interpreted loop, so a result may be
+//! written in place of a contiguously loaded operand.
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I8};
+use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{default_libcall_names, Linkage, Module};
+
+use cleave_ir::{BinaryOp, CompareOp, DType, UnaryOp};
+
+use crate::fused::{unary_f, FusedKernel, Ins, Source, View};
+
+/// A compiled fused loop.
+pub(crate) type JitFn = unsafe extern "C" fn(*const *mut f32, usize);
+
+/// The executable memory of a plan's compiled loops; freed when dropped.
+pub(crate) struct JitCode {
+    module: Option<JITModule>,
+}
+
+impl Drop for JitCode {
+    fn drop(&mut self) {
+        if let Some(m) = self.module.take() {
+            // SAFETY: the plan that owns this code is being dropped, so no function pointer into
+            // it is called again.
+            unsafe { m.free_memory() };
+        }
+    }
+}
+
+// SAFETY: the module is only touched at compile time and on drop, never shared between threads.
+unsafe impl Send for JitCode {}
+
+macro_rules! unary_helpers {
+    ($($name:ident => $op:expr),* $(,)?) => {
+        $(extern "C" fn $name(x: f32) -> f32 { unary_f($op, x) })*
+    };
+}
+
+unary_helpers! {
+    h_exp => UnaryOp::Exp,
+    h_log => UnaryOp::Log,
+    h_rsqrt => UnaryOp::Rsqrt,
+    h_tanh => UnaryOp::Tanh,
+    h_sigmoid => UnaryOp::Sigmoid,
+    h_gelu => UnaryOp::Gelu,
+    h_gelu_tanh => UnaryOp::GeluTanh,
+    h_silu => UnaryOp::Silu,
+    h_sin => UnaryOp::Sin,
+    h_cos => UnaryOp::Cos,
+    h_erf => UnaryOp::Erf,
+    h_sign => UnaryOp::Sign,
+}
+
+extern "C" fn h_pow(a: f32, b: f32) -> f32 {
+    (a as f64).powf(b as f64) as f32
+}
+
+/// The Rust helper a unary float op calls, if it has no native instruction.
+fn unary_helper(u: UnaryOp) -> Option<extern "C" fn(f32) -> f32> {
+    Some(match u {
+        UnaryOp::Exp => h_exp,
+        UnaryOp::Log => h_log,
+        UnaryOp::Rsqrt => h_rsqrt,
+        UnaryOp::Tanh => h_tanh,
+        UnaryOp::Sigmoid => h_sigmoid,
+        UnaryOp::Gelu => h_gelu,
+        UnaryOp::GeluTanh => h_gelu_tanh,
+        UnaryOp::Silu => h_silu,
+        UnaryOp::Sin => h_sin,
+        UnaryOp::Cos => h_cos,
+        UnaryOp::Erf => h_erf,
+        UnaryOp::Sign => h_sign,
+        _ => return None,
+    })
+}
+
+/// True if every instruction of the program has a native translation.
+pub(crate) fn supported(k: &FusedKernel) -> bool {
+    k.prog.iter().all(|ins| match ins {
+        Ins::UnI { op, .. } => matches!(op, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu),
+        Ins::BinI { op, .. } => matches!(
+            op,
+            BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Max | BinaryOp::Min
+        ),
+        Ins::UnF { op, .. } => *op != UnaryOp::Not,
+        Ins::BinF { op, .. } => !matches!(op, BinaryOp::And | BinaryOp::Or),
+        Ins::Dropout { .. } => false,
+        _ => true,
+    })
+}
+
+/// Compiles every supported fused loop of `kernels` into one module; sets each compiled
+/// kernel's `jit`. Returns the module (None if nothing was compiled or the host has no ISA).
+pub(crate) fn compile_all<'a>(
+    kernels: impl Iterator<Item = &'a mut FusedKernel>,
+) -> Option<JitCode> {
+    let mut kernels: Vec<&mut FusedKernel> = kernels.filter(|k| supported(k)).collect();
+    if kernels.is_empty() {
+        return None;
+    }
+    let mut flags = settings::builder();
+    flags.set("opt_level", "speed").ok()?;
+    flags.set("use_colocated_libcalls", "false").ok()?;
+    flags.set("is_pic", "false").ok()?;
+    let isa = cranelift_native::builder()
+        .ok()?
+        .finish(settings::Flags::new(flags))
+        .ok()?;
+    let mut module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+    let ptr = module.target_config().pointer_type();
+    let mut ctx = module.make_context();
+    let mut fctx = FunctionBuilderContext::new();
+    let mut ids = Vec::with_capacity(kernels.len());
+    for (i, k) in kernels.iter().enumerate() {
+        ctx.func.signature.params.push(AbiParam::new(ptr));
+        ctx.func.signature.params.push(AbiParam::new(ptr));
+        {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            Emitter::build(&mut b, k, ptr);
+            b.finalize(module.target_config());
+        }
+        let id = module
+            .declare_function(&format!("fused{i}"), Linkage::Local, &ctx.func.signature)
+            .ok()?;
+        if module.define_function(id, &mut ctx).is_err() {
+            module.clear_context(&mut ctx);
+            ids.push(None);
+            continue;
+        }
+        module.clear_context(&mut ctx);
+        ids.push(Some(id));
+    }
+    module.finalize_definitions().ok()?;
+    for (k, id) in kernels.iter_mut().zip(ids) {
+        if let Some(id) = id {
+            let p = module.get_finalized_function(id);
+            // SAFETY: the function was built with exactly this signature.
+            k.jit = Some(unsafe { std::mem::transmute::<*const u8, JitFn>(p) });
+        }
+    }
+    Some(JitCode {
+        module: Some(module),
+    })
+}
+
+struct Emitter {
+    /// Base pointer of each buffer id used (loaded once in the entry block).
+    bases: std::collections::HashMap<usize, Value>,
+    /// Scalars loaded once: one-element views, by instruction index.
+    hoisted: std::collections::HashMap<usize, Value>,
+    un_sig: SigRef,
+    bin_sig: SigRef,
+    ptr: Type,
+}
+
+fn flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+fn elem_bytes(dt: DType) -> i64 {
+    match dt {
+        DType::F32 | DType::I32 => 4,
+        _ => 1,
+    }
+}
+
+impl Emitter {
+    fn build(b: &mut FunctionBuilder, k: &FusedKernel, ptr: Type) {
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let table = b.block_params(entry)[0];
+        let n = b.block_params(entry)[1];
+        let mut un = Signature::new(b.func.signature.call_conv);
+        un.params.push(AbiParam::new(F32));
+        un.returns.push(AbiParam::new(F32));
+        let mut bin = un.clone();
+        bin.params.push(AbiParam::new(F32));
+        let un_sig = b.import_signature(un);
+        let bin_sig = b.import_signature(bin);
+        let mut e = Emitter {
+            bases: Default::default(),
+            hoisted: Default::default(),
+            un_sig,
+            bin_sig,
+            ptr,
+        };
+        for (j, ins) in k.prog.iter().enumerate() {
+            let buf = match ins {
+                Ins::Load { src, .. } => src.buf,
+                Ins::Store { buf, .. } => *buf,
+                _ => continue,
+            };
+            if let std::collections::hash_map::Entry::Vacant(v) = e.bases.entry(buf.id) {
+                let p = b
+                    .ins()
+                    .load(ptr, MemFlagsData::trusted(), table, (buf.id * 8) as i32);
+                v.insert(p);
+            }
+            if let Ins::Load { dtype, src, .. } = ins {
+                if let Some(v) = &src.view {
+                    if v.shape.is_empty() {
+                        let base = e.bases[&src.buf.id];
+                        let x = e.load_scalar(b, *dtype, base, v.offset as i64);
+                        e.hoisted.insert(j, x);
+                    }
+                }
+            }
+        }
+        let vhead = b.create_block();
+        let vbody = b.create_block();
+        let thead = b.create_block();
+        let tbody = b.create_block();
+        let exit = b.create_block();
+        let i = b.declare_var(ptr);
+        let zero = b.ins().iconst(ptr, 0);
+        b.def_var(i, zero);
+        let nvec = b.ins().band_imm_s(n, !3i64);
+        b.ins().jump(vhead, &[]);
+
+        b.switch_to_block(vhead);
+        let iv = b.use_var(i);
+        let c = b.ins().icmp(IntCC::UnsignedLessThan, iv, nvec);
+        b.ins().brif(c, vbody, &[], thead, &[]);
+
+        b.switch_to_block(vbody);
+        let iv = b.use_var(i);
+        e.body(b, k, iv, 4);
+        let next = b.ins().iadd_imm_s(iv, 4);
+        b.def_var(i, next);
+        b.ins().jump(vhead, &[]);
+
+        b.switch_to_block(thead);
+        let iv = b.use_var(i);
+        let c = b.ins().icmp(IntCC::UnsignedLessThan, iv, n);
+        b.ins().brif(c, tbody, &[], exit, &[]);
+
+        b.switch_to_block(tbody);
+        let iv = b.use_var(i);
+        e.body(b, k, iv, 1);
+        let next = b.ins().iadd_imm_s(iv, 1);
+        b.def_var(i, next);
+        b.ins().jump(thead, &[]);
+
+        b.switch_to_block(exit);
+        b.ins().return_(&[]);
+        b.seal_all_blocks();
+    }
+
+    /// Loads one element at byte `base + pos * size` (pos a value) or `base + off`.
+    fn load_scalar(&self, b: &mut FunctionBuilder, dt: DType, base: Value, off: i64) -> Value {
+        let addr = b.ins().iadd_imm_s(base, off * elem_bytes(dt));
+        self.load_at(b, dt, addr)
+    }
+
+    fn load_at(&self, b: &mut FunctionBuilder, dt: DType, addr: Value) -> Value {
+        match dt {
+            DType::F32 => b.ins().load(F32, flags(), addr, 0),
+            DType::I32 => b.ins().load(I32, flags(), addr, 0),
+            _ => {
+                let x = b.ins().uload8(I32, flags(), addr, 0);
+                let nz = b.ins().icmp_imm_s(IntCC::NotEqual, x, 0);
+                mask_from_i8(b, nz)
+            }
+        }
+    }
+
+    fn elem_addr(&self, b: &mut FunctionBuilder, dt: DType, base: Value, pos: Value) -> Value {
+        let off = b.ins().imul_imm_s(pos, elem_bytes(dt));
+        b.ins().iadd(base, off)
+    }
+
+    /// `width` elements read contiguously from element position `pos`.
+    fn load_contig(
+        &self,
+        b: &mut FunctionBuilder,
+        dt: DType,
+        base: Value,
+        pos: Value,
+        width: usize,
+    ) -> Value {
+        let addr = self.elem_addr(b, dt, base, pos);
+        if width == 1 {
+            return self.load_at(b, dt, addr);
+        }
+        match dt {
+            DType::F32 => b.ins().load(F32X4, flags(), addr, 0),
+            DType::I32 => b.ins().load(I32X4, flags(), addr, 0),
+            _ => {
+                let z = b.ins().iconst(I32, 0);
+                let mut v = b.ins().splat(I32X4, z);
+                for l in 0..4u8 {
+                    let x = b.ins().uload8(I32, flags(), addr, l as i32);
+                    v = b.ins().insertlane(v, x, l);
+                }
+                let zv = b.ins().splat(I32X4, z);
+                b.ins().icmp(IntCC::NotEqual, v, zv)
+            }
+        }
+    }
+
+    /// The element position of view element `idx` (a value).
+    fn view_pos(&self, b: &mut FunctionBuilder, v: &View, idx: Value) -> Value {
+        let r = v.shape.len();
+        let mut rem = idx;
+        let mut pos = b.ins().iconst(self.ptr, v.offset as i64);
+        for d in (0..r).rev() {
+            let id = if d == 0 {
+                rem
+            } else {
+                b.ins().urem_imm_s(rem, v.shape[d] as i64)
+            };
+            let t = b.ins().imul_imm_s(id, v.strides[d] as i64);
+            pos = b.ins().iadd(pos, t);
+            if d > 0 {
+                rem = b.ins().udiv_imm_s(rem, v.shape[d] as i64);
+            }
+        }
+        pos
+    }
+
+    fn splat(&self, b: &mut FunctionBuilder, dt: DType, x: Value, width: usize) -> Value {
+        if width == 1 {
+            return x;
+        }
+        let ty = if dt == DType::F32 { F32X4 } else { I32X4 };
+        b.ins().splat(ty, x)
+    }
+
+    fn load(
+        &self,
+        b: &mut FunctionBuilder,
+        j: usize,
+        dt: DType,
+        src: &Source,
+        i: Value,
+        width: usize,
+    ) -> Value {
+        let base = self.bases[&src.buf.id];
+        let Some(v) = &src.view else {
+            return self.load_contig(b, dt, base, i, width);
+        };
+        if let Some(&x) = self.hoisted.get(&j) {
+            return self.splat(b, dt, x, width);
+        }
+        let r = v.shape.len();
+        if width == 1 {
+            let pos = self.view_pos(b, v, i);
+            return self.load_contig(b, dt, base, pos, 1);
+        }
+        // Lanes i..i+4 (i a multiple of 4) share their outer indices when the innermost
+        // dimension's length is a multiple of 4.
+        if v.shape[r - 1] % 4 == 0 && (v.strides[r - 1] <= 1) {
+            let pos = self.view_pos(b, v, i);
+            if v.strides[r - 1] == 1 {
+                return self.load_contig(b, dt, base, pos, 4);
+            }
+            let x = self.load_contig(b, dt, base, pos, 1);
+            return self.splat(b, dt, x, 4);
+        }
+        let ty = if dt == DType::F32 { F32X4 } else { I32X4 };
+        let zero = if dt == DType::F32 {
+            b.ins().f32const(0.0)
+        } else {
+            b.ins().iconst(I32, 0)
+        };
+        let mut out = b.ins().splat(ty, zero);
+        for l in 0..4u8 {
+            let il = b.ins().iadd_imm_s(i, l as i64);
+            let pos = self.view_pos(b, v, il);
+            let x = self.load_contig(b, dt, base, pos, 1);
+            out = b.ins().insertlane(out, x, l);
+        }
+        out
+    }
+
+    fn store(&self, b: &mut FunctionBuilder, dt: DType, x: Value, base: Value, i: Value, w: usize) {
+        let addr = self.elem_addr(b, dt, base, i);
+        match dt {
+            DType::F32 | DType::I32 => {
+                b.ins().store(flags(), x, addr, 0);
+            }
+            _ => {
+                if w == 1 {
+                    let one = b.ins().band_imm_s(x, 1);
+                    b.ins().istore8(flags(), one, addr, 0);
+                } else {
+                    for l in 0..4u8 {
+                        let e = b.ins().extractlane(x, l);
+                        let one = b.ins().band_imm_s(e, 1);
+                        b.ins().istore8(flags(), one, addr, l as i32);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Calls `f` on each lane of `args` (all f32 of width `w`).
+    fn call_lanes(&self, b: &mut FunctionBuilder, f: usize, args: &[Value], w: usize) -> Value {
+        let sig = if args.len() == 1 {
+            self.un_sig
+        } else {
+            self.bin_sig
+        };
+        let callee = b.ins().iconst(self.ptr, f as i64);
+        if w == 1 {
+            let c = b.ins().call_indirect(sig, callee, args);
+            return b.inst_results(c)[0];
+        }
+        let mut out = args[0];
+        for l in 0..4u8 {
+            let lane: Vec<Value> = args.iter().map(|&a| b.ins().extractlane(a, l)).collect();
+            let c = b.ins().call_indirect(sig, callee, &lane);
+            let r = b.inst_results(c)[0];
+            out = b.ins().insertlane(out, r, l);
+        }
+        out
+    }
+
+    fn body(&self, b: &mut FunctionBuilder, k: &FusedKernel, i: Value, w: usize) {
+        let (fty, ity) = if w == 1 { (F32, I32) } else { (F32X4, I32X4) };
+        let mut fr: Vec<Option<Value>> = vec![None; k.nf];
+        let mut ir: Vec<Option<Value>> = vec![None; k.ni];
+        let mut br: Vec<Option<Value>> = vec![None; k.nb];
+        let fz = |b: &mut FunctionBuilder, v: f32| {
+            let c = b.ins().f32const(v);
+            if w == 1 {
+                c
+            } else {
+                b.ins().splat(F32X4, c)
+            }
+        };
+        let iz = |b: &mut FunctionBuilder, v: i64| {
+            let c = b.ins().iconst(I32, v);
+            if w == 1 {
+                c
+            } else {
+                b.ins().splat(I32X4, c)
+            }
+        };
+        // Masks from compare results: vector compares give lane masks already.
+        let to_mask = |b: &mut FunctionBuilder, c: Value| {
+            if w == 1 {
+                mask_from_i8(b, c)
+            } else {
+                c
+            }
+        };
+        let set = |fr: &mut Vec<Option<Value>>,
+                   ir: &mut Vec<Option<Value>>,
+                   br: &mut Vec<Option<Value>>,
+                   dt: DType,
+                   d: usize,
+                   v: Value| match dt {
+            DType::F32 => fr[d] = Some(v),
+            DType::I32 => ir[d] = Some(v),
+            _ => br[d] = Some(v),
+        };
+        for (j, ins) in k.prog.iter().enumerate() {
+            match ins {
+                Ins::Load { dtype, dst, src } => {
+                    let v = self.load(b, j, *dtype, src, i, w);
+                    set(&mut fr, &mut ir, &mut br, *dtype, *dst, v);
+                }
+                Ins::SplatF { dst, v } => fr[*dst] = Some(fz(b, *v)),
+                Ins::SplatI { dst, v } => ir[*dst] = Some(iz(b, *v as i64)),
+                Ins::SplatB { dst, v } => br[*dst] = Some(iz(b, if *v { -1 } else { 0 })),
+                Ins::UnF { op, dst, a } => {
+                    let x = fr[*a].expect("defined");
+                    let v = match op {
+                        UnaryOp::Neg => b.ins().fneg(x),
+                        UnaryOp::Abs => b.ins().fabs(x),
+                        UnaryOp::Sqrt => b.ins().sqrt(x),
+                        UnaryOp::Floor => b.ins().floor(x),
+                        UnaryOp::Round => b.ins().nearest(x),
+                        UnaryOp::Reciprocal => {
+                            let one = fz(b, 1.0);
+                            b.ins().fdiv(one, x)
+                        }
+                        UnaryOp::Relu => {
+                            let z = fz(b, 0.0);
+                            let le = b.ins().fcmp(FloatCC::LessThanOrEqual, x, z);
+                            let m = to_mask(b, le);
+                            select(b, w, m, z, x, fty)
+                        }
+                        u => {
+                            let f = unary_helper(*u).expect("checked by `supported`");
+                            self.call_lanes(b, f as usize, &[x], w)
+                        }
+                    };
+                    fr[*dst] = Some(v);
+                }
+                Ins::UnI { op, dst, a } => {
+                    let x = ir[*a].expect("defined");
+                    let v = match op {
+                        UnaryOp::Neg => b.ins().ineg(x),
+                        UnaryOp::Abs => b.ins().iabs(x),
+                        _ => {
+                            let z = iz(b, 0);
+                            b.ins().smax(x, z)
+                        }
+                    };
+                    ir[*dst] = Some(v);
+                }
+                Ins::NotB { dst, a } => {
+                    let x = br[*a].expect("defined");
+                    br[*dst] = Some(b.ins().bnot(x));
+                }
+                Ins::BinF { op, dst, a, b: c } => {
+                    let (x, y) = (fr[*a].expect("defined"), fr[*c].expect("defined"));
+                    let v = match op {
+                        BinaryOp::Add => b.ins().fadd(x, y),
+                        BinaryOp::Sub => b.ins().fsub(x, y),
+                        BinaryOp::Mul => b.ins().fmul(x, y),
+                        BinaryOp::Div => b.ins().fdiv(x, y),
+                        BinaryOp::Max => b.ins().fmax(x, y),
+                        BinaryOp::Min => b.ins().fmin(x, y),
+                        _ => self.call_lanes(b, h_pow as *const () as usize, &[x, y], w),
+                    };
+                    fr[*dst] = Some(v);
+                }
+                Ins::BinI { op, dst, a, b: c } => {
+                    let (x, y) = (ir[*a].expect("defined"), ir[*c].expect("defined"));
+                    let v = match op {
+                        BinaryOp::Add => b.ins().iadd(x, y),
+                        BinaryOp::Sub => b.ins().isub(x, y),
+                        BinaryOp::Mul => b.ins().imul(x, y),
+                        BinaryOp::Max => b.ins().smax(x, y),
+                        _ => b.ins().smin(x, y),
+                    };
+                    ir[*dst] = Some(v);
+                }
+                Ins::BinB { op, dst, a, b: c } => {
+                    let (x, y) = (br[*a].expect("defined"), br[*c].expect("defined"));
+                    let v = match op {
+                        BinaryOp::And => b.ins().band(x, y),
+                        _ => b.ins().bor(x, y),
+                    };
+                    br[*dst] = Some(v);
+                }
+                Ins::Cmp {
+                    dtype,
+                    op,
+                    dst,
+                    a,
+                    b: c,
+                } => {
+                    let v = match dtype {
+                        DType::F32 => {
+                            let (x, y) = (fr[*a].expect("defined"), fr[*c].expect("defined"));
+                            let cc = match op {
+                                CompareOp::Eq => FloatCC::Equal,
+                                CompareOp::Ne => FloatCC::NotEqual,
+                                CompareOp::Lt => FloatCC::LessThan,
+                                CompareOp::Le => FloatCC::LessThanOrEqual,
+                                CompareOp::Gt => FloatCC::GreaterThan,
+                                CompareOp::Ge => FloatCC::GreaterThanOrEqual,
+                            };
+                            b.ins().fcmp(cc, x, y)
+                        }
+                        DType::I32 => {
+                            let (x, y) = (ir[*a].expect("defined"), ir[*c].expect("defined"));
+                            b.ins().icmp(int_cc(*op, true), x, y)
+                        }
+                        _ => {
+                            // Masks: true (all ones) is the larger unsigned value.
+                            let (x, y) = (br[*a].expect("defined"), br[*c].expect("defined"));
+                            b.ins().icmp(int_cc(*op, false), x, y)
+                        }
+                    };
+                    br[*dst] = Some(to_mask(b, v));
+                }
+                Ins::Sel {
+                    dtype,
+                    dst,
+                    c,
+                    a,
+                    b: e,
+                } => {
+                    let m = br[*c].expect("defined");
+                    let (ty, x, y) = match dtype {
+                        DType::F32 => (fty, fr[*a], fr[*e]),
+                        DType::I32 => (ity, ir[*a], ir[*e]),
+                        _ => (ity, br[*a], br[*e]),
+                    };
+                    let v = select(b, w, m, x.expect("defined"), y.expect("defined"), ty);
+                    set(&mut fr, &mut ir, &mut br, *dtype, *dst, v);
+                }
+                Ins::Cast { from, to, dst, a } => {
+                    let x = match from {
+                        DType::F32 => fr[*a],
+                        DType::I32 => ir[*a],
+                        _ => br[*a],
+                    }
+                    .expect("defined");
+                    let v = match (from, to) {
+                        (DType::F32, DType::F32) | (DType::I32, DType::I32) => x,
+                        (DType::F32, DType::I32) => b.ins().fcvt_to_sint_sat(ity, x),
+                        (DType::F32, _) => {
+                            let z = fz(b, 0.0);
+                            let c = b.ins().fcmp(FloatCC::NotEqual, x, z);
+                            to_mask(b, c)
+                        }
+                        (DType::I32, DType::F32) => b.ins().fcvt_from_sint(fty, x),
+                        (DType::I32, _) => {
+                            let z = iz(b, 0);
+                            let c = b.ins().icmp(IntCC::NotEqual, x, z);
+                            to_mask(b, c)
+                        }
+                        (_, DType::F32) => {
+                            let one = fz(b, 1.0);
+                            let z = fz(b, 0.0);
+                            select(b, w, x, one, z, fty)
+                        }
+                        (_, DType::I32) => b.ins().ineg(x),
+                        _ => x,
+                    };
+                    set(&mut fr, &mut ir, &mut br, *to, *dst, v);
+                }
+                Ins::Dropout { .. } => unreachable!("rejected by `supported`"),
+                Ins::Store { dtype, src, buf } => {
+                    let x = match dtype {
+                        DType::F32 => fr[*src],
+                        DType::I32 => ir[*src],
+                        _ => br[*src],
+                    }
+                    .expect("defined");
+                    let base = self.bases[&buf.id];
+                    self.store(b, *dtype, x, base, i, w);
+                }
+            }
+        }
+    }
+}
+
+fn int_cc(op: CompareOp, signed: bool) -> IntCC {
+    match (op, signed) {
+        (CompareOp::Eq, _) => IntCC::Equal,
+        (CompareOp::Ne, _) => IntCC::NotEqual,
+        (CompareOp::Lt, true) => IntCC::SignedLessThan,
+        (CompareOp::Le, true) => IntCC::SignedLessThanOrEqual,
+        (CompareOp::Gt, true) => IntCC::SignedGreaterThan,
+        (CompareOp::Ge, true) => IntCC::SignedGreaterThanOrEqual,
+        (CompareOp::Lt, false) => IntCC::UnsignedLessThan,
+        (CompareOp::Le, false) => IntCC::UnsignedLessThanOrEqual,
+        (CompareOp::Gt, false) => IntCC::UnsignedGreaterThan,
+        (CompareOp::Ge, false) => IntCC::UnsignedGreaterThanOrEqual,
+    }
+}
+
+/// A scalar `i8` truth value (0 or 1) as an `i32` mask (0 or all ones).
+fn mask_from_i8(b: &mut FunctionBuilder, c: Value) -> Value {
+    let x = if b.func.dfg.value_type(c) == I8 {
+        b.ins().uextend(I32, c)
+    } else {
+        c
+    };
+    b.ins().ineg(x)
+}
+
+/// `m ? x : y` per lane, `m` a mask (an `i32` or `i32x4`), `x` and `y` of type `ty`.
+fn select(b: &mut FunctionBuilder, w: usize, m: Value, x: Value, y: Value, ty: Type) -> Value {
+    if w == 1 {
+        return b.ins().select(m, x, y);
+    }
+    if ty == F32X4 {
+        let mf = b.ins().bitcast(F32X4, MemFlagsData::new(), m);
+        b.ins().bitselect(mf, x, y)
+    } else {
+        b.ins().bitselect(m, x, y)
+    }
+}

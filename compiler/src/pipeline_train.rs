@@ -192,6 +192,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let opts = CompileOptions {
         fuse: true,
         preserve_args: false,
+        jit: true,
     };
     let mut plans = Vec::new();
     for s in &split {
@@ -357,6 +358,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                 &CompileOptions {
                     fuse: true,
                     preserve_args: true,
+                    jit: true,
                 },
             )?;
             for (name, d) in &params {

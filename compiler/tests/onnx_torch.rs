@@ -89,6 +89,8 @@ fn args(loaded: &LoadedModel, reference: &BTreeMap<String, Tensor>) -> BTreeMap<
             .unwrap_or_else(|| panic!("no reference value for input `{}`", input.name));
         args.insert(input.name.to_string(), t.clone());
     }
+    // PyTorch's labels are i64; the cross-entropy cleave appends takes i32 (as `cleave train` does).
+    cleave_compiler::cli::coerce_indices(&loaded.module.functions[0], &mut args).unwrap();
     args
 }
 

@@ -26,8 +26,12 @@
 //! with the same M give the same losses and weights (bit-identical when every stage accumulates
 //! its W in microbatch order, which all supported generators do).
 //!
-//! **Timeline** (`--timeline FILE.json`): `{"steps": [{"step": k, "actions": [{"device", "action",
-//! "start_s", "end_s"}…]}…]}`, times in seconds since the step began.
+//! **Timeline** (`--timeline FILE.json|FILE.svg`): JSON is `{"summary": {"measured_bubble_rate",
+//! "simulated_bubble_rate", "steps_used", "stage_costs_s"}, "steps": [{"step": k, "actions":
+//! [{"device", "action", "start_s", "end_s"}…]}…]}`, times in seconds since the step began; SVG is
+//! the median step drawn like the simulator's pictures, memory in stashed bytes. The summary
+//! compares the measured bubble rate (median over steps, the first left out) with the simulator's
+//! for the same schedule under the measured mean per-stage costs ([`timeline_report`]).
 //!
 //! **Failures.** A failing stage ends the run with an error naming the step, the stage, the
 //! action and the cause (`--fail-action 1B3`, hidden, injects one for tests).
@@ -39,11 +43,13 @@ use anyhow::{bail, Context, Result};
 use cleave_ir::Module;
 use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
 use cleave_passes::schedule::generators::Generator;
-use cleave_passes::schedule::{ActionKind, Costs, Memory, Schedule};
-use cleave_passes::split::split_stages;
+use cleave_passes::schedule::{
+    Action, ActionKind, Costs, Memory, Schedule, Simulation, StageCost, StageMemory,
+};
+use cleave_passes::split::{split_stages, stash_report};
 use cleave_passes::{PassContext, PassManager};
 use cleave_runtime::pipeline::{
-    Pipeline, PipelineAction, PipelineKind, PipelineOptions, StagePlans,
+    ActionTiming, Pipeline, PipelineAction, PipelineKind, PipelineOptions, StagePlans,
 };
 use cleave_runtime::{compile_with, CompileOptions, HostData};
 
@@ -63,6 +69,87 @@ pub struct PipelineRun {
     pub losses: Vec<f64>,
     /// The final parameters.
     pub params: BTreeMap<String, HostData>,
+}
+
+/// A measured timeline set against the simulator.
+#[derive(Clone, Debug)]
+pub struct TimelineReport {
+    /// Median over the steps used of each step's bubble rate (the simulator's definition).
+    pub measured_bubble_rate: f64,
+    /// The schedule simulated with `costs`.
+    pub simulated_bubble_rate: f64,
+    /// Mean measured seconds of F, B and W per stage (an unsplit BW counts as B, with W = 0).
+    pub costs: Costs,
+    /// Steps the figures come from (the first step is left out when there are more: it pays for
+    /// first-touch page faults and cold caches).
+    pub steps_used: usize,
+    /// The step whose bubble rate is the median, as a simulation of measured times.
+    pub median_step: Simulation,
+}
+
+/// Compares measured step timelines with the simulator: the measured bubble rate of each step
+/// (by [`Simulation::from_timings`], the simulator's own definition), and the simulated bubble
+/// rate of the same schedule under the measured mean per-stage costs, with no communication cost
+/// (values move between threads by handing over a buffer).
+pub fn timeline_report(
+    schedule: &Schedule,
+    steps: &[Vec<ActionTiming>],
+    memory: &Memory,
+) -> Result<TimelineReport> {
+    let used = if steps.len() > 1 { &steps[1..] } else { steps };
+    if used.is_empty() {
+        bail!("no steps were run, so there is no timeline");
+    }
+    let n = schedule.n_stages();
+    let mut sums = vec![[0.0f64; 3]; n];
+    let mut counts = vec![[0usize; 3]; n];
+    let mut sims = Vec::new();
+    for step in used {
+        let mut devices: Vec<Vec<(Action, f64, f64)>> = vec![Vec::new(); schedule.devices.len()];
+        for t in step {
+            let (kind, slot) = match t.action.kind {
+                PipelineKind::F => (ActionKind::F, 0),
+                PipelineKind::B => (ActionKind::B, 1),
+                PipelineKind::BW => (ActionKind::BW, 1),
+                PipelineKind::W => (ActionKind::W, 2),
+            };
+            sums[t.action.stage][slot] += t.end_s - t.start_s;
+            counts[t.action.stage][slot] += 1;
+            let action = Action::new(t.action.stage as u32, kind, t.action.microbatch as u32);
+            devices[t.device].push((action, t.start_s, t.end_s));
+        }
+        for list in &mut devices {
+            list.sort_by(|x, y| x.1.total_cmp(&y.1));
+        }
+        sims.push(Simulation::from_timings(&devices, memory));
+    }
+    let mean = |s: usize, k: usize| {
+        if counts[s][k] == 0 {
+            0.0
+        } else {
+            sums[s][k] / counts[s][k] as f64
+        }
+    };
+    let costs = Costs {
+        stages: (0..n)
+            .map(|s| StageCost {
+                f: mean(s, 0),
+                b: mean(s, 1),
+                w: mean(s, 2),
+            })
+            .collect(),
+        comm: 0.0,
+    };
+    let simulated = schedule.simulate(&costs, memory)?;
+    sims.sort_by(|x, y| x.bubble_rate.total_cmp(&y.bubble_rate));
+    let median_step = sims.swap_remove(sims.len() / 2);
+    Ok(TimelineReport {
+        measured_bubble_rate: median_step.bubble_rate,
+        simulated_bubble_rate: simulated.bubble_rate,
+        costs,
+        steps_used: used.len(),
+        median_step,
+    })
 }
 
 /// Builds the schedule named `name` for `p` devices and `m` microbatches.
@@ -189,6 +276,19 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             a.schedule
         );
     }
+    // Bytes each stage keeps per microbatch in flight: M_B after F, M_W after B.
+    let stash_memory = Memory {
+        stages: split
+            .iter()
+            .map(|s| {
+                let r = stash_report(s);
+                StageMemory {
+                    m_b: (r.f_to_b + r.f_to_w) as f64,
+                    m_w: (r.f_to_w + r.b_to_w) as f64,
+                }
+            })
+            .collect(),
+    };
     let opts = CompileOptions {
         fuse: true,
         preserve_args: false,
@@ -290,6 +390,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let mut summary = TrainSummary::default();
     let mut losses = Vec::new();
     let mut timeline = Vec::new();
+    let mut measured = Vec::new();
     let t0 = Instant::now();
     for step in 0..a.steps {
         let rows = order.rows(step, batch);
@@ -309,6 +410,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         }
         params.extend(r.params);
         if a.timeline.is_some() {
+            measured.push(r.timeline.clone());
             timeline.push(serde_json::json!({
                 "step": step,
                 "actions": r.timeline.iter().map(|t| serde_json::json!({
@@ -337,15 +439,47 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     }
     summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     if let Some(path) = &a.timeline {
-        let v = serde_json::json!({
-            "schedule": a.schedule,
-            "stages": n_stages,
-            "devices": pipe.num_devices(),
-            "microbatches": m,
-            "steps": timeline,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let report = timeline_report(&schedule, &measured, &stash_memory)?;
+        if !a.quiet {
+            eprintln!(
+                "timeline: measured bubble rate {:.4} (median of {} steps), simulated with the \
+                 measured per-stage costs {:.4}",
+                report.measured_bubble_rate, report.steps_used, report.simulated_bubble_rate
+            );
+        }
+        let svg = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+        let text = if svg {
+            cleave_passes::schedule::svg::render(
+                &report.median_step,
+                &format!(
+                    "{} measured, P={}, M={m}: bubble {:.3} (simulated {:.3})",
+                    a.schedule,
+                    pipe.num_devices(),
+                    report.measured_bubble_rate,
+                    report.simulated_bubble_rate
+                ),
+            )
+        } else {
+            let v = serde_json::json!({
+                "schedule": a.schedule,
+                "stages": n_stages,
+                "devices": pipe.num_devices(),
+                "microbatches": m,
+                "summary": {
+                    "measured_bubble_rate": report.measured_bubble_rate,
+                    "simulated_bubble_rate": report.simulated_bubble_rate,
+                    "steps_used": report.steps_used,
+                    "stage_costs_s": report.costs.stages.iter().map(|c| serde_json::json!({
+                        "f": c.f, "b": c.b, "w": c.w,
+                    })).collect::<Vec<_>>(),
+                },
+                "steps": timeline,
+            });
+            serde_json::to_string_pretty(&v)?
+        };
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     // Final evaluation on the held-out tail, like single-stage training.
     let labels_name = ["labels", "targets"]

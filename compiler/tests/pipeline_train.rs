@@ -197,7 +197,35 @@ fn timeline_records_every_action() {
             assert!(x["end_s"].as_f64().unwrap() >= x["start_s"].as_f64().unwrap());
         }
     }
+    // The summary sets the measured bubble rate (one step used: the first is left out) beside
+    // the simulator's under the measured costs; both are rates.
+    let summary = &v["summary"];
+    assert_eq!(summary["steps_used"], 1);
+    for key in ["measured_bubble_rate", "simulated_bubble_rate"] {
+        let r = summary[key].as_f64().unwrap();
+        assert!((0.0..1.0).contains(&r), "{key} = {r}");
+    }
+    let costs = summary["stage_costs_s"].as_array().unwrap();
+    assert_eq!(costs.len(), 2);
+    assert!(costs.iter().all(|c| c["f"].as_f64().unwrap() > 0.0));
     let _ = std::fs::remove_file(path);
+
+    // `.svg`: the median step drawn as a picture.
+    let svg = std::env::temp_dir().join(format!("cleave-timeline-{}.svg", std::process::id()));
+    a.timeline = Some(svg.clone());
+    train(&a).unwrap();
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        text.starts_with("<svg") && text.contains("measured"),
+        "{text:.200}"
+    );
+    for action in ["0F0", "1B3", "0W3"] {
+        assert!(
+            text.contains(&format!("<title>{action} [")),
+            "{action} is drawn"
+        );
+    }
+    let _ = std::fs::remove_file(svg);
 }
 
 #[test]

@@ -380,3 +380,32 @@ fn ilp_matches_or_beats_the_heuristics_on_a_tiny_case() {
         .fold(f64::INFINITY, f64::min);
     assert!(ilp.1 <= best_other + 1e-9, "{report:?}");
 }
+
+#[test]
+fn measured_timings_give_the_simulators_figures() {
+    // A simulation's own timings, read back as a "measured" run, give the same figures; a gap
+    // inserted on one device shows up as bubble.
+    for g in [Generator::OneFOneB, Generator::ZbH1, Generator::ZbV] {
+        let sim = sim_uniform(g, 4, 8, 1.0, 0.5);
+        let timings: Vec<Vec<(Action, f64, f64)>> = sim
+            .devices
+            .iter()
+            .map(|d| {
+                d.actions
+                    .iter()
+                    .map(|t| (t.action, t.start, t.end))
+                    .collect()
+            })
+            .collect();
+        let n = g.generate(4, 8).unwrap().n_stages();
+        let back = Simulation::from_timings(&timings, &Memory::uniform(n, 1.0, 0.5));
+        assert_eq!(back, sim, "{g:?}");
+        let mut delayed = timings.clone();
+        for t in &mut delayed[0][1..] {
+            t.1 += 5.0;
+            t.2 += 5.0;
+        }
+        let slow = Simulation::from_timings(&delayed, &Memory::uniform(n, 1.0, 0.5));
+        assert!(slow.bubble_rate > sim.bubble_rate + 0.05, "{g:?}");
+    }
+}

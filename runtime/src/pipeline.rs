@@ -125,7 +125,8 @@ pub struct ActionTiming {
     pub device: usize,
     /// The action.
     pub action: PipelineAction,
-    /// Start.
+    /// Start: when the action began with every input at hand (time spent waiting for a value
+    /// from another device is idle time, not part of the action).
     pub start_s: f64,
     /// End.
     pub end_s: f64,
@@ -319,6 +320,7 @@ impl Pipeline {
                     tx: senders.clone(),
                     store: HashMap::new(),
                     shared: &shared,
+                    ready_at: 0.0,
                 };
                 let actions = &self.devices[d];
                 let first_error = &first_error;
@@ -425,6 +427,9 @@ struct Worker<'a> {
     /// Values held for (stage, microbatch, name).
     store: HashMap<(usize, usize, String), HostData>,
     shared: &'a Shared<'a>,
+    /// When the last wait for a value from another device ended (seconds since the step began):
+    /// an action's measured start is after its inputs arrived, so waiting counts as idle time.
+    ready_at: f64,
 }
 
 /// `None`: aborted because another worker failed.
@@ -479,6 +484,7 @@ impl<'a> Worker<'a> {
                 return Err(None);
             }
             let start = sh.t0.elapsed().as_secs_f64();
+            self.ready_at = start;
             let device = self.device;
             let fail = |message: String| {
                 Some(PipelineError {
@@ -528,7 +534,7 @@ impl<'a> Worker<'a> {
             out.timeline.push(ActionTiming {
                 device: self.device,
                 action: a,
-                start_s: start,
+                start_s: self.ready_at,
                 end_s: sh.t0.elapsed().as_secs_f64(),
             });
         }
@@ -562,7 +568,10 @@ impl<'a> Worker<'a> {
             } else if let Some(v) = sh.data[j].get(name) {
                 v
             } else {
-                self.wait_for(&key)?;
+                if !self.store.contains_key(&key) {
+                    self.wait_for(&key)?;
+                    self.ready_at = sh.t0.elapsed().as_secs_f64();
+                }
                 &self.store[&key]
             };
             let plan = match which {

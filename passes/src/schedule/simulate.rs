@@ -328,6 +328,40 @@ pub(crate) fn run(
     Ok(figures(runs))
 }
 
+impl Simulation {
+    /// The figures of a *measured* run: each device's actions in list order with their start and
+    /// end times (seconds or any unit), memory counted by the same rules as the simulator. The
+    /// bubble rates use exactly the simulator's definitions, so a measured timeline and a
+    /// simulation of the same schedule can be compared side by side.
+    pub fn from_timings(devices: &[Vec<(Action, f64, f64)>], memory: &Memory) -> Simulation {
+        let runs = devices
+            .iter()
+            .map(|list| {
+                let mut run = DeviceRun {
+                    actions: Vec::with_capacity(list.len()),
+                    busy: 0.0,
+                    span: 0.0,
+                    peak_memory: 0.0,
+                };
+                let mut mem = 0.0;
+                for &(action, start, end) in list {
+                    mem += memory_delta(action, memory);
+                    run.busy += end - start;
+                    run.peak_memory = run.peak_memory.max(mem);
+                    run.actions.push(Timed {
+                        action,
+                        start,
+                        end,
+                        memory: mem,
+                    });
+                }
+                run
+            })
+            .collect();
+        figures(runs)
+    }
+}
+
 fn figures(mut runs: Vec<DeviceRun>) -> Simulation {
     let (mut first, mut last) = (f64::INFINITY, f64::NEG_INFINITY);
     let mut max_span: f64 = 0.0;

@@ -1,4 +1,4 @@
-//! Rule tests (`A => B` and "must not prove"), the tidy test that every rule is tested, the
+//! Rule tests (`A => B` and "must not prove", read from `rule_cases.cir`), the tidy test that every rule is tested, the
 //! adversarial node-limit test and the ILP-versus-tree extraction test.
 //!
 //! Each case is a small function in IR text with outputs `lhs` and `rhs`; [`proves`] saturates it
@@ -13,27 +13,6 @@ use egg::Id;
 use super::convert::{build_region, RegionGraph};
 use super::rules::{algebra, all_rule_names, reassociate, Rule};
 use super::*;
-
-/// Every rule named in a test below, collected for the tidy test.
-const TESTED: &[&str] = &[
-    "transpose-transpose",
-    "transpose-identity",
-    "matmul-absorb-transpose-lhs",
-    "matmul-absorb-transpose-rhs",
-    "reshape-reshape",
-    "reshape-identity",
-    "broadcast-identity",
-    "reduce-empty-axes",
-    "mul-one",
-    "one-mul",
-    "add-zero",
-    "zero-add",
-    "neg-neg",
-    "add-assoc",
-    "add-comm",
-    "mul-assoc",
-    "mul-comm",
-];
 
 fn region_of(func: &Function) -> RegionGraph {
     let live_out: HashMap<Value, bool> = func.outputs.iter().map(|o| (o.value, true)).collect();
@@ -80,462 +59,56 @@ fn proves(names: &[&str], text: &str) -> bool {
     runner.egraph.find(lhs) == runner.egraph.find(rhs)
 }
 
-macro_rules! rule_test {
-    ($name:ident, [$($rule:literal),+], $text:literal) => {
-        #[test]
-        fn $name() {
-            assert!(proves(&[$($rule),+], $text), "expected lhs == rhs");
-        }
-    };
-    ($name:ident, [$($rule:literal),+], $text:literal, must_not) => {
-        #[test]
-        #[should_panic(expected = "must not prove")]
-        fn $name() {
-            assert!(proves(&[$($rule),+], $text), "must not prove");
-        }
-    };
+/// One case of `rule_cases.cir`.
+struct RuleCase<'a> {
+    name: &'a str,
+    rules: Vec<&'a str>,
+    equal: bool,
+    text: &'a str,
 }
 
-rule_test!(
-    transpose_transpose,
-    ["transpose-transpose"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,3,4]
-  %a = transpose %x {perm = [1, 2, 0]} : f32[3,4,2]
-  %b = transpose %a {perm = [1, 0, 2]} : f32[4,3,2]
-  %c = transpose %x {perm = [2, 1, 0]} : f32[4,3,2]
-  return %b as "lhs", %c as "rhs"
-}"#
-);
+/// The cases of `rule_cases.cir`: blocks headed `# case:`, `# rules:` and `# expect:`.
+fn rule_cases() -> Vec<RuleCase<'static>> {
+    let file = include_str!("rule_cases.cir");
+    let mut cases = Vec::new();
+    for block in file.split("# case: ").skip(1) {
+        let (name, rest) = block.split_once('\n').expect("case header");
+        let rest = rest.strip_prefix("# rules: ").expect("`# rules:` line");
+        let (rules, rest) = rest.split_once('\n').expect("rules line");
+        let rest = rest.strip_prefix("# expect: ").expect("`# expect:` line");
+        let (expect, text) = rest.split_once('\n').expect("expect line");
+        assert!(
+            matches!(expect, "equal" | "distinct"),
+            "case {name}: expect `{expect}`"
+        );
+        cases.push(RuleCase {
+            name: name.trim(),
+            rules: rules.split(',').map(str::trim).collect(),
+            equal: expect == "equal",
+            text: text.trim(),
+        });
+    }
+    cases
+}
 
-rule_test!(
-    transpose_transpose_folds,
-    ["transpose-transpose", "transpose-identity"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,3]
-  %a = transpose %x {perm = [1, 0]} : f32[3,2]
-  %b = transpose %a {perm = [1, 0]} : f32[2,3]
-  return %b as "lhs", %x as "rhs"
-}"#
-);
-
-rule_test!(
-    transpose_transpose_not_inverse,
-    ["transpose-transpose", "transpose-identity"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,2,2]
-  %a = transpose %x {perm = [1, 0, 2]} : f32[2,2,2]
-  %b = transpose %a {perm = [0, 2, 1]} : f32[2,2,2]
-  return %b as "lhs", %x as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    transpose_identity,
-    ["transpose-identity"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,3]
-  %a = transpose %x {perm = [0, 1]} : f32[2,3]
-  return %a as "lhs", %x as "rhs"
-}"#
-);
-
-rule_test!(
-    transpose_identity_not_swap,
-    ["transpose-identity"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,2]
-  %a = transpose %x {perm = [1, 0]} : f32[2,2]
-  return %a as "lhs", %x as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    matmul_absorb_lhs,
-    ["matmul-absorb-transpose-lhs"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[5,4,2]
-  %w = input {name = "w"} : f32[5,4,3]
-  %xt = transpose %x {perm = [0, 2, 1]} : f32[5,2,4]
-  %a = matmul %xt, %w : f32[5,2,3]
-  %b = matmul %x, %w {transpose_lhs = true} : f32[5,2,3]
-  return %a as "lhs", %b as "rhs"
-}"#
-);
-
-rule_test!(
-    matmul_absorb_lhs_batch_dim,
-    ["matmul-absorb-transpose-lhs"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[3,3,3]
-  %w = input {name = "w"} : f32[3,3,3]
-  %xt = transpose %x {perm = [1, 0, 2]} : f32[3,3,3]
-  %a = matmul %xt, %w : f32[3,3,3]
-  %b = matmul %x, %w {transpose_lhs = true} : f32[3,3,3]
-  return %a as "lhs", %b as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    matmul_absorb_rhs,
-    ["matmul-absorb-transpose-rhs"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,4]
-  %w = input {name = "w"} : f32[3,4]
-  %wt = transpose %w {perm = [1, 0]} : f32[4,3]
-  %a = matmul %x, %wt : f32[2,3]
-  %b = matmul %x, %w {transpose_rhs = true} : f32[2,3]
-  return %a as "lhs", %b as "rhs"
-}"#
-);
-
-rule_test!(
-    matmul_absorb_rhs_already_flagged,
-    ["matmul-absorb-transpose-rhs"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,4]
-  %w = input {name = "w"} : f32[4,3]
-  %wt = transpose %w {perm = [1, 0]} : f32[3,4]
-  %a = matmul %x, %wt {transpose_rhs = true} : f32[2,3]
-  %b = matmul %x, %w : f32[2,3]
-  return %a as "lhs", %b as "rhs"
-}"#
-);
-
-rule_test!(
-    matmul_absorb_rhs_wrong_flag,
-    ["matmul-absorb-transpose-rhs"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[3,3]
-  %w = input {name = "w"} : f32[3,3]
-  %wt = transpose %w {perm = [1, 0]} : f32[3,3]
-  %a = matmul %x, %wt : f32[3,3]
-  %b = matmul %x, %w : f32[3,3]
-  return %a as "lhs", %b as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    reshape_reshape,
-    ["reshape-reshape"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,6]
-  %a = reshape %x : f32[3,4]
-  %b = reshape %a : f32[12]
-  %c = reshape %x : f32[12]
-  return %b as "lhs", %c as "rhs"
-}"#
-);
-
-rule_test!(
-    reshape_reshape_not_identity,
-    ["reshape-reshape"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,6]
-  %a = reshape %x : f32[3,4]
-  %b = reshape %a : f32[2,6]
-  return %b as "lhs", %x as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    reshape_identity,
-    ["reshape-identity"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,6]
-  %a = reshape %x : f32[2,6]
-  return %a as "lhs", %x as "rhs"
-}"#
-);
-
-rule_test!(
-    reshape_identity_other_shape,
-    ["reshape-identity"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,6]
-  %a = reshape %x : f32[6,2]
-  %b = reshape %a : f32[2,6]
-  return %b as "lhs", %x as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    broadcast_identity,
-    ["broadcast-identity"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,1]
-  %a = broadcast %x {dims = [0, 1]} : f32[2,1]
-  return %a as "lhs", %x as "rhs"
-}"#
-);
-
-rule_test!(
-    broadcast_identity_real_broadcast,
-    ["broadcast-identity"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[1,3]
-  %a = broadcast %x {dims = [0, 1]} : f32[3,3]
-  %b = reduce_max %a {axes = [0]} : f32[3]
-  %c = reshape %x : f32[3]
-  return %b as "lhs", %c as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    reduce_empty_axes,
-    ["reduce-empty-axes"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[2,3]
-  %a = reduce_mean %x {axes = []} : f32[2,3]
-  return %a as "lhs", %x as "rhs"
-}"#
-);
-
-rule_test!(
-    reduce_empty_axes_real_axis,
-    ["reduce-empty-axes"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[1,3]
-  %a = reduce_sum %x {axes = [0]} : f32[3]
-  %b = reshape %x : f32[3]
-  return %a as "lhs", %b as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    mul_one,
-    ["mul-one"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[3]
-  %c = constant {value = 1.0} : f32[]
-  %o = broadcast %c {dims = []} : f32[3]
-  %a = mul %x, %o : f32[3]
-  return %a as "lhs", %x as "rhs"
-}"#
-);
-
-rule_test!(
-    mul_one_by_two,
-    ["mul-one", "one-mul"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[3]
-  %c = constant {value = 2.0} : f32[3]
-  %a = mul %x, %c : f32[3]
-  return %a as "lhs", %x as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    one_mul,
-    ["one-mul"],
-    r#"func @f {
-  %x = input {name = "x"} : i32[3]
-  %c = constant {value = [1, 1, 1]} : i32[3]
-  %a = mul %c, %x : i32[3]
-  return %a as "lhs", %x as "rhs"
-}"#
-);
-
-rule_test!(
-    one_mul_mixed_literal,
-    ["one-mul"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[3]
-  %c = constant {value = [1.0, 1.0, 2.0]} : f32[3]
-  %a = mul %c, %x : f32[3]
-  return %a as "lhs", %x as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    add_zero,
-    ["add-zero"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[3]
-  %c = constant {value = -0.0} : f32[3]
-  %a = add %x, %c : f32[3]
-  return %a as "lhs", %x as "rhs"
-}"#
-);
-
-rule_test!(
-    add_zero_positive_zero,
-    ["add-zero", "zero-add"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[3]
-  %c = constant {value = 0.0} : f32[3]
-  %a = add %x, %c : f32[3]
-  return %a as "lhs", %x as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    zero_add,
-    ["zero-add"],
-    r#"func @f {
-  %x = input {name = "x"} : i64[3]
-  %c = constant {value = 0} : i64[3]
-  %a = add %c, %x : i64[3]
-  return %a as "lhs", %x as "rhs"
-}"#
-);
-
-rule_test!(
-    zero_add_nonzero,
-    ["zero-add"],
-    r#"func @f {
-  %x = input {name = "x"} : i64[3]
-  %c = constant {value = 1} : i64[3]
-  %a = add %c, %x : i64[3]
-  return %a as "lhs", %x as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    neg_neg,
-    ["neg-neg"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[3]
-  %a = neg %x : f32[3]
-  %b = neg %a : f32[3]
-  return %b as "lhs", %x as "rhs"
-}"#
-);
-
-rule_test!(
-    neg_neg_single,
-    ["neg-neg"],
-    r#"func @f {
-  %x = input {name = "x"} : f32[3]
-  %a = neg %x : f32[3]
-  %b = abs %a : f32[3]
-  %c = abs %x : f32[3]
-  return %b as "lhs", %c as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    add_assoc,
-    ["add-assoc"],
-    r#"func @f {
-  %a = input {name = "a"} : f32[3]
-  %b = input {name = "b"} : f32[3]
-  %c = input {name = "c"} : f32[3]
-  %ab = add %a, %b : f32[3]
-  %l = add %ab, %c : f32[3]
-  %bc = add %b, %c : f32[3]
-  %r = add %a, %bc : f32[3]
-  return %l as "lhs", %r as "rhs"
-}"#
-);
-
-rule_test!(
-    add_assoc_not_comm,
-    ["add-assoc"],
-    r#"func @f {
-  %a = input {name = "a"} : f32[3]
-  %b = input {name = "b"} : f32[3]
-  %l = add %a, %b : f32[3]
-  %r = add %b, %a : f32[3]
-  return %l as "lhs", %r as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    add_comm,
-    ["add-comm"],
-    r#"func @f {
-  %a = input {name = "a"} : f32[3]
-  %b = input {name = "b"} : f32[3]
-  %l = add %a, %b : f32[3]
-  %r = add %b, %a : f32[3]
-  return %l as "lhs", %r as "rhs"
-}"#
-);
-
-rule_test!(
-    add_comm_not_sub,
-    ["add-comm"],
-    r#"func @f {
-  %a = input {name = "a"} : f32[3]
-  %b = input {name = "b"} : f32[3]
-  %l = sub %a, %b : f32[3]
-  %r = sub %b, %a : f32[3]
-  return %l as "lhs", %r as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    mul_assoc,
-    ["mul-assoc"],
-    r#"func @f {
-  %a = input {name = "a"} : f32[3]
-  %b = input {name = "b"} : f32[3]
-  %c = input {name = "c"} : f32[3]
-  %ab = mul %a, %b : f32[3]
-  %l = mul %ab, %c : f32[3]
-  %bc = mul %b, %c : f32[3]
-  %r = mul %a, %bc : f32[3]
-  return %l as "lhs", %r as "rhs"
-}"#
-);
-
-rule_test!(
-    mul_assoc_not_distributive,
-    ["mul-assoc"],
-    r#"func @f {
-  %a = input {name = "a"} : f32[3]
-  %b = input {name = "b"} : f32[3]
-  %c = input {name = "c"} : f32[3]
-  %bc = add %b, %c : f32[3]
-  %l = mul %a, %bc : f32[3]
-  %ab = mul %a, %b : f32[3]
-  %ac = mul %a, %c : f32[3]
-  %r = add %ab, %ac : f32[3]
-  return %l as "lhs", %r as "rhs"
-}"#,
-    must_not
-);
-
-rule_test!(
-    mul_comm,
-    ["mul-comm"],
-    r#"func @f {
-  %a = input {name = "a"} : f32[3]
-  %b = input {name = "b"} : f32[3]
-  %l = mul %a, %b : f32[3]
-  %r = mul %b, %a : f32[3]
-  return %l as "lhs", %r as "rhs"
-}"#
-);
-
-rule_test!(
-    mul_comm_not_add,
-    ["mul-comm"],
-    r#"func @f {
-  %a = input {name = "a"} : f32[3]
-  %b = input {name = "b"} : f32[3]
-  %l = mul %a, %b : f32[3]
-  %r = add %b, %a : f32[3]
-  return %l as "lhs", %r as "rhs"
-}"#,
-    must_not
-);
+#[test]
+fn rule_cases_hold() {
+    let cases = rule_cases();
+    assert!(cases.len() >= 30, "only {} cases read", cases.len());
+    let wrong: Vec<String> = cases
+        .iter()
+        .filter(|c| proves(&c.rules, c.text) != c.equal)
+        .map(|c| {
+            let want = if c.equal { "equal" } else { "distinct" };
+            format!("{} (rules {:?}): expected {want}", c.name, c.rules)
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "rule cases that fail:\n{}",
+        wrong.join("\n")
+    );
+}
 
 #[test]
 fn equal_constants_merge() {
@@ -562,7 +135,12 @@ fn equal_constants_merge() {
 #[test]
 fn every_rule_has_a_test() {
     let names: BTreeSet<String> = all_rule_names().into_iter().collect();
-    let tested: BTreeSet<String> = TESTED.iter().map(|s| s.to_string()).collect();
+    // A rule is tested when some case expects it to prove an equality.
+    let tested: BTreeSet<String> = rule_cases()
+        .iter()
+        .filter(|c| c.equal)
+        .flat_map(|c| c.rules.iter().map(|r| r.to_string()))
+        .collect();
     assert_eq!(names, tested, "rules and tested rules differ");
     for n in &names {
         assert!(

@@ -1,6 +1,8 @@
 //! The ONNX importer against its fixtures (`tests/onnx/*.onnx`, made by
 //! `tests/onnx/make_fixtures.py`), on small graphs built here, and on malformed files.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +17,7 @@ use cleave_compiler::onnx::{import_bytes, ImportOptions, OnnxError};
 use cleave_compiler::tensors::read_tensors;
 use cleave_ir::interp::{run_function_named, Precision, Tensor};
 use cleave_passes::{PassContext, PassManager};
+use common::rel_err;
 use proptest::prelude::*;
 use prost::Message;
 
@@ -22,17 +25,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/onnx")
         .join(name)
-}
-
-/// `max |a - b| / max |b|`: the error relative to the reference's magnitude.
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape, want.shape, "shapes differ");
-    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
-    let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
-    g.iter()
-        .zip(&w)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale
 }
 
 fn load(name: &str, loss: bool) -> LoadedModel {

@@ -3,6 +3,8 @@
 //! forward outputs, the loss and every parameter gradient agree with PyTorch's own (float32,
 //! `torch.autograd`) within 1e-5 relative.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -11,6 +13,7 @@ use cleave_compiler::loss::LossKind;
 use cleave_compiler::tensors::read_tensors;
 use cleave_ir::interp::{run_function_named, Precision, Tensor};
 use cleave_passes::{PassContext, PassManager};
+use common::rel_err;
 
 /// The batch the references were computed with (the exports have a symbolic batch dimension).
 const BATCH: usize = 2;
@@ -20,17 +23,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/onnx/torch")
         .join(name)
-}
-
-/// `max |a - b| / max |b|`: the error relative to the reference's magnitude.
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape, want.shape, "shapes differ");
-    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
-    let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
-    g.iter()
-        .zip(&w)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale
 }
 
 /// A fixture: its file stem, the loss its references were computed with, and the labels name.

@@ -2,16 +2,14 @@
 //! weights as one-stage training with the same microbatching, bit for bit; a failing stage ends
 //! the run with an error naming the stage and the action.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+mod common;
 
 use cleave_compiler::pipeline_train::{train, PipelineRun};
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
 use cleave_runtime::HostData;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::root;
 
 /// Every schedule the driver supports (interleaved and zb-v place two stages per device).
 const SCHEDULES: [&str; 7] = [
@@ -28,25 +26,12 @@ fn args(model: &str, data: &str, p: usize, m: usize, schedule: &str, steps: usiz
     TrainArgs {
         model: root().join(model),
         data: root().join(data),
-        steps,
-        batch: None,
-        loss: None,
-        labels: None,
         optimizer: OptimizerArg::Sgd,
-        lr: None,
         seed: Some(5),
-        eval_every: None,
-        checkpoint: None,
-        checkpoint_every: 100,
-        resume: None,
-        metrics: None,
-        debug_nan: false,
-        quiet: true,
         stages: p,
         microbatches: m,
         schedule: schedule.into(),
-        timeline: None,
-        fail_action: None,
+        ..common::args(steps)
     }
 }
 

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
+use cleave_ir::Tensor;
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -43,4 +44,15 @@ pub fn args(steps: usize) -> TrainArgs {
         timeline: None,
         fail_action: None,
     }
+}
+
+/// `max |a - b| / max |b|`: the error relative to the reference's magnitude.
+pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.shape, want.shape, "shapes differ");
+    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
+    let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
+    g.iter()
+        .zip(&w)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
 }

@@ -28,12 +28,14 @@
 //! roots). The cost is the added time: `Σ rc_v·t_fwd(v) + Σ off_v·2·bytes_v/host_bandwidth`
 //! (`t_fwd` as the `partition` cost model: `max(flops/rate, bytes/memory_bandwidth)`; transfers are
 //! charged in full, a bound for a background copy that does not overlap). The memory model of a
-//! stage, `k` microbatches in flight (`in_flight`):
+//! stage, `k` microbatches in flight between their F and their W and `k_W` between their B and
+//! their W ([`InFlight`]; both at least 1):
 //!
-//! `need = k · (Σ keep_v · bytes_v + B→W stash) + Σ off_v · bytes_v`
+//! `need = k · Σ keep_v · bytes_v + k_W · (B→W stash) + 2 · Σ off_v · bytes_v`
 //!
-//! (kept values live from F to the end of W, one microbatch's offloaded values are back on the
-//! device around its B and W). `auto` minimises the cost subject to `need ≤ memory-limit` with
+//! (kept values live from F to the end of W; the runtime reloads offloaded values for the running
+//! action and prefetches them for the next one, so at most two microbatches' offloaded sets are
+//! back on the device at once). `auto` minimises the cost subject to `need ≤ memory-limit` with
 //! good_lp + microlp. Recomputation's transient memory inside B or W (the recomputed values are
 //! live while that function runs) is not part of `need`, like every other temporary of B and W.
 //!
@@ -63,7 +65,7 @@ use cleave_ir::{Function, Module, Node, Op, Output, Phase, TensorType, Value};
 use cranelift_entity::SecondaryMap;
 use good_lp::{
     constraint, microlp, variable, Expression, ProblemVariables, Solution, SolverModel, Variable,
-    WithTimeLimit,
+    WithMipGap, WithTimeLimit,
 };
 
 use crate::partition::DeviceProfile;
@@ -130,6 +132,34 @@ pub enum Choice {
 pub struct StagePlan {
     /// Choice per value of F.
     pub choices: BTreeMap<Value, Choice>,
+}
+
+/// Microbatches in flight on a stage (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    /// Between F and W.
+    pub saved: u64,
+    /// Between B and W.
+    pub b_to_w: u64,
+}
+
+impl From<u64> for InFlight {
+    fn from(k: u64) -> Self {
+        InFlight {
+            saved: k.max(1),
+            b_to_w: k.max(1),
+        }
+    }
+}
+
+impl std::fmt::Display for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} microbatch(es) in flight, {} between B and W",
+            self.saved, self.b_to_w
+        )
+    }
 }
 
 /// The `remat` pass.
@@ -255,6 +285,14 @@ impl Pass for Remat {
     }
 }
 
+/// The time limit of one ILP solve; on timeout the best plan found so far is used (microlp's
+/// branch and bound proves optimality quickly on chains, but on a GPT stage's ~65 values it often
+/// runs out of time with a plan within a few percent).
+pub const ILP_SECONDS: f64 = 0.5;
+
+/// The relative optimality gap at which an ILP solve stops.
+pub const ILP_GAP: f32 = 0.01;
+
 /// Totals of a plan.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PlanSummary {
@@ -295,12 +333,7 @@ fn is_free(op: &Op) -> bool {
 
 impl<'a> ChoiceGraph<'a> {
     /// Builds the graph of a stage's F, B, W.
-    pub fn new(
-        f: &'a Function,
-        b: &'a Function,
-        w: &'a Function,
-        profile: &DeviceProfile,
-    ) -> Self {
+    pub fn new(f: &'a Function, b: &'a Function, w: &'a Function, profile: &DeviceProfile) -> Self {
         let saved: BTreeMap<Value, String> = f
             .outputs
             .iter()
@@ -419,8 +452,9 @@ impl<'a> ChoiceGraph<'a> {
         &self,
         policy: Policy,
         limit: Option<u64>,
-        in_flight: u64,
+        in_flight: impl Into<InFlight>,
     ) -> Result<StagePlan, String> {
+        let in_flight = in_flight.into();
         let plan = match policy {
             Policy::None => self.close(BTreeMap::new()),
             Policy::Full => {
@@ -475,7 +509,7 @@ impl<'a> ChoiceGraph<'a> {
             if need > limit {
                 let min = self.min_need(in_flight)?;
                 return Err(format!(
-                    "policy `{}` needs {need} bytes for saved values ({in_flight} microbatch(es) in flight), over the memory limit {limit}; the smallest feasible limit is {min} bytes",
+                    "policy `{}` needs {need} bytes for saved values ({in_flight}), over the memory limit {limit}; the smallest feasible limit is {min} bytes",
                     policy.name()
                 ));
             }
@@ -558,7 +592,8 @@ impl<'a> ChoiceGraph<'a> {
     }
 
     /// Memory and time figures of a plan.
-    pub fn summary(&self, plan: &StagePlan, in_flight: u64) -> PlanSummary {
+    pub fn summary(&self, plan: &StagePlan, in_flight: impl Into<InFlight>) -> PlanSummary {
+        let in_flight = in_flight.into();
         let mut s = PlanSummary::default();
         for (&v, &c) in &plan.choices {
             match c {
@@ -574,7 +609,8 @@ impl<'a> ChoiceGraph<'a> {
                 }
             }
         }
-        s.need_bytes = in_flight * (s.kept_bytes + self.b_to_w) + s.offloaded_bytes;
+        s.need_bytes =
+            in_flight.saved * s.kept_bytes + in_flight.b_to_w * self.b_to_w + 2 * s.offloaded_bytes;
         s
     }
 
@@ -582,7 +618,7 @@ impl<'a> ChoiceGraph<'a> {
     fn solve(
         &self,
         limit: Option<u64>,
-        in_flight: u64,
+        in_flight: InFlight,
         objective_memory: bool,
     ) -> Result<Option<StagePlan>, String> {
         let mut vars = ProblemVariables::new();
@@ -590,9 +626,7 @@ impl<'a> ChoiceGraph<'a> {
         for &v in &self.cands {
             let k = vars.add(variable().binary());
             let o = vars.add(variable().binary());
-            let r = self
-                .recomputable(v)
-                .then(|| vars.add(variable().binary()));
+            let r = self.recomputable(v).then(|| vars.add(variable().binary()));
             x.insert(v, (k, o, r));
         }
         // Scale bytes to MiB-ish units to keep the solver's numbers tame.
@@ -602,14 +636,14 @@ impl<'a> ChoiceGraph<'a> {
         for &v in &self.cands {
             let (k, o, r) = x[&v];
             let bytes = self.bytes(v) as f64 * scale;
-            memory += (in_flight as f64 * bytes) * k + bytes * o;
+            memory += (in_flight.saved as f64 * bytes) * k + (2.0 * bytes) * o;
             time += self.offload_seconds(v) * 1e3 * o;
             if let Some(r) = r {
                 // A tiny per-value charge breaks ties toward fewer recomputed values.
                 time += (self.secs[&v] * 1e3 + 1e-9) * r;
             }
         }
-        let fixed = (in_flight * self.b_to_w) as f64 * scale;
+        let fixed = (in_flight.b_to_w * self.b_to_w) as f64 * scale;
         let objective = if objective_memory {
             memory.clone() + time.clone() * 1e-9
         } else {
@@ -618,7 +652,9 @@ impl<'a> ChoiceGraph<'a> {
         let mut problem = vars
             .minimise(objective)
             .using(microlp)
-            .with_time_limit(20.0);
+            .with_time_limit(ILP_SECONDS)
+            .with_mip_gap(ILP_GAP)
+            .map_err(|e| format!("mip gap: {e}"))?;
         for &v in &self.cands {
             let (k, o, r) = x[&v];
             let any = match r {
@@ -661,20 +697,21 @@ impl<'a> ChoiceGraph<'a> {
         Ok(Some(self.prune(self.close(choices))))
     }
 
-    fn ilp(&self, limit: u64, in_flight: u64) -> Result<StagePlan, String> {
+    fn ilp(&self, limit: u64, in_flight: InFlight) -> Result<StagePlan, String> {
         match self.solve(Some(limit), in_flight, false)? {
             Some(p) if self.summary(&p, in_flight).need_bytes <= limit => Ok(p),
             _ => {
                 let min = self.min_need(in_flight)?;
                 Err(format!(
-                    "no recomputation/offload plan fits the memory limit {limit} bytes ({in_flight} microbatch(es) in flight); the smallest feasible limit is {min} bytes"
+                    "no recomputation/offload plan fits the memory limit {limit} bytes ({in_flight}); the smallest feasible limit is {min} bytes"
                 ))
             }
         }
     }
 
     /// The smallest `need` of any plan.
-    pub fn min_need(&self, in_flight: u64) -> Result<u64, String> {
+    pub fn min_need(&self, in_flight: impl Into<InFlight>) -> Result<u64, String> {
+        let in_flight = in_flight.into();
         let p = self
             .solve(None, in_flight, true)?
             .ok_or("the recomputation ILP has no solution")?;
@@ -929,4 +966,142 @@ pub fn forward_seconds(p: &DeviceProfile, f: &Function, n: Node) -> f64 {
 /// The type of a value (re-exported for reports).
 pub fn value_type(f: &Function, v: Value) -> &TensorType {
     f.ty(v)
+}
+
+/// What [`plan_stages`] chose for one stage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageMemory {
+    /// The F function's name.
+    pub function: String,
+    /// Microbatches in flight.
+    pub in_flight: InFlight,
+    /// The stage's share of its device's limit, if any.
+    pub limit: Option<u64>,
+    /// Saved values by name: bytes and choice.
+    pub values: Vec<(String, u64, Choice)>,
+    /// Totals.
+    pub summary: PlanSummary,
+    /// Transfer seconds of the offloaded values (there and back) under the profile.
+    pub transfer_seconds: f64,
+}
+
+/// Plans and applies `policy` to every stage of a split module. `in_flight[s]` is stage `s`'s
+/// microbatches in flight and `placement[s]` its device; a device's `limit` is shared among its
+/// stages in proportion to their needs under `none`.
+pub fn plan_stages(
+    module: &mut Module,
+    policy: Policy,
+    limit: Option<u64>,
+    in_flight: &[InFlight],
+    placement: &[usize],
+    profile: &DeviceProfile,
+) -> Result<Vec<StageMemory>, String> {
+    let names: Vec<(String, String, String)> = split_stages(module)
+        .iter()
+        .map(|s| (s.f.name.clone(), s.b.name.clone(), s.w.name.clone()))
+        .collect();
+    if names.len() != in_flight.len() || names.len() != placement.len() {
+        return Err(format!(
+            "{} stages, but in-flight counts for {} and a placement for {}",
+            names.len(),
+            in_flight.len(),
+            placement.len()
+        ));
+    }
+    // Needs under `none` and smallest needs, for sharing a device's limit: every stage gets its
+    // smallest need, the rest is shared in proportion to what keeping everything would add.
+    let mut base = Vec::new();
+    let mut min = Vec::new();
+    for (i, (f, b, w)) in names.iter().enumerate() {
+        let g = ChoiceGraph::new(
+            module.function(f).expect("F"),
+            module.function(b).expect("B"),
+            module.function(w).expect("W"),
+            profile,
+        );
+        let p = g.plan(Policy::None, None, in_flight[i])?;
+        base.push(g.summary(&p, in_flight[i]).need_bytes);
+        min.push(if limit.is_some() {
+            g.min_need(in_flight[i])?.min(base[i])
+        } else {
+            0
+        });
+    }
+    let mut shares = vec![None; names.len()];
+    if let Some(l) = limit {
+        let devices: BTreeSet<usize> = placement.iter().copied().collect();
+        let on_device =
+            |d: usize| -> Vec<usize> { (0..names.len()).filter(|&t| placement[t] == d).collect() };
+        let floor_of = |d: usize| -> u64 { on_device(d).iter().map(|&t| min[t]).sum() };
+        let worst = devices.iter().copied().max_by_key(|&d| floor_of(d));
+        if let Some(d) = worst.filter(|&d| floor_of(d) > l) {
+            let on = on_device(d);
+            return Err(format!(
+                "device {d}: the memory limit {l} bytes is infeasible; the smallest feasible limit is {} bytes (stages {on:?}: {})",
+                floor_of(d),
+                on.iter()
+                    .map(|&t| in_flight[t].to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        for d in devices {
+            let on = on_device(d);
+            let floor = floor_of(d);
+            let extra: u64 = on.iter().map(|&t| base[t] - min[t]).sum();
+            for &t in &on {
+                let add = if extra == 0 {
+                    0
+                } else {
+                    ((l - floor) as u128 * (base[t] - min[t]) as u128 / extra as u128) as u64
+                };
+                shares[t] = Some(min[t] + add);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (f, b, w)) in names.iter().enumerate() {
+        let share = shares[i];
+        let (fun, bun, wun) = (
+            module.function(f).expect("F"),
+            module.function(b).expect("B"),
+            module.function(w).expect("W"),
+        );
+        let g = ChoiceGraph::new(fun, bun, wun, profile);
+        let plan = g.plan(policy, share, in_flight[i]).map_err(|e| {
+            format!(
+                "stage {i} (@{f}, device {}, limit share {} of {} bytes): {e}",
+                placement[i],
+                share.unwrap_or(0),
+                limit.unwrap_or(0)
+            )
+        })?;
+        let summary = g.summary(&plan, in_flight[i]);
+        let numbering = print_numbering(fun);
+        let values =
+            plan.choices
+                .iter()
+                .map(|(&v, &c)| {
+                    let name =
+                        g.saved.get(&v).cloned().unwrap_or_else(|| {
+                            format!("stash.r{}", numbering[v].expect("defined"))
+                        });
+                    (name, g.bytes(v), c)
+                })
+                .collect();
+        let transfer_seconds = 2.0 * summary.offloaded_bytes as f64 / profile.host_bytes_per_s;
+        let (nf, nb, nw) = g.apply(&plan);
+        out.push(StageMemory {
+            function: f.clone(),
+            in_flight: in_flight[i],
+            limit: share,
+            values,
+            summary,
+            transfer_seconds,
+        });
+        *module.function_mut(f).expect("F") = nf;
+        *module.function_mut(b).expect("B") = nb;
+        *module.function_mut(w).expect("W") = nw;
+    }
+    Ok(out)
 }

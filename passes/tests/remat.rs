@@ -18,9 +18,9 @@
 use cleave_ir::cost::node_flops;
 use cleave_ir::tracer::Tracer;
 use cleave_ir::{CompareOp, DType, Function, Module, Phase};
-use cleave_passes::remat::{ChoiceGraph, Choice, Policy};
-use cleave_passes::split::split_stages;
 use cleave_passes::partition::DeviceProfile;
+use cleave_passes::remat::{Choice, ChoiceGraph, Policy};
+use cleave_passes::split::split_stages;
 use cleave_passes::{PassContext, PassManager};
 
 /// One GPT layer with Korthikanti et al.'s conventions (see the module docs).
@@ -128,8 +128,14 @@ fn korthikanti_gpt3_recompute_flops() {
     assert!((megatron - 0.027).abs() < 0.0005, "{megatron}");
     // cleave keeps the product probs·V's output (it is the saved input of the output
     // projection), so it recomputes q·kᵀ and the elementwise core only: about half.
-    assert!(share > 0.012 && share < megatron, "selective recomputes {share}");
-    eprintln!("selective recomputation: {:.2} % of forward FLOPs", share * 100.0);
+    assert!(
+        share > 0.012 && share < megatron,
+        "selective recomputes {share}"
+    );
+    eprintln!(
+        "selective recomputation: {:.2} % of forward FLOPs",
+        share * 100.0
+    );
 }
 
 /// Griewank's minimal number of forward steps, beyond the first sweep, to reverse `n` steps
@@ -184,7 +190,11 @@ fn auto_never_recomputes_more_than_revolve() {
                 .flat_map(|f| f.body.iter().map(move |&x| &f.nodes[x]))
                 .filter(|d| d.phase == Phase::Recompute && d.op.name() == "sin")
                 .count() as u64;
-            let offloaded = plan.choices.values().filter(|&&x| x == Choice::Offload).count();
+            let offloaded = plan
+                .choices
+                .values()
+                .filter(|&&x| x == Choice::Offload)
+                .count();
             assert!(
                 steps <= revolve_recomputations(n as u64, c),
                 "n={n} c={c}: {steps} steps, revolve {} ({offloaded} offloaded)",

@@ -166,3 +166,59 @@ fn an_infeasible_limit_names_the_smallest_feasible_one() {
     assert!(e.contains("smallest feasible limit is"), "{e}");
     assert!(e.contains("device "), "{e}");
 }
+
+#[test]
+fn joint_choice_fits_the_one_f_one_b_peak() {
+    use cleave_compiler::memory::{joint, plan_for, split_module};
+    use cleave_compiler::pipeline_train::build_schedule;
+    use cleave_passes::partition::DeviceProfile;
+    use cleave_passes::remat::Policy;
+    let module = cleave_compiler::load::load_module(
+        &root().join(GPT.0),
+        &cleave_compiler::load::LoadOptions::default(),
+    )
+    .unwrap();
+    let forward = module.functions[0].clone();
+    let profile = DeviceProfile::load("cpu-epyc-2core").unwrap();
+    let (p, m) = (2, 4);
+    let base = split_module(&forward, p, "cpu-epyc-2core").unwrap();
+    let one_f_one_b = build_schedule("1f1b", p, m).unwrap();
+    let none = plan_for(
+        &forward,
+        &base,
+        one_f_one_b,
+        "1f1b",
+        Policy::None,
+        None,
+        &profile,
+    )
+    .unwrap();
+    let limit = none
+        .sim
+        .devices
+        .iter()
+        .map(|d| d.peak_memory)
+        .fold(0.0, f64::max) as u64;
+    let (best, tried) = joint(&forward, &base, p, m, limit, &profile).unwrap();
+    assert!(tried.len() >= 2, "{tried:?}");
+    for d in &best.sim.devices {
+        assert!(
+            d.peak_memory <= limit as f64,
+            "{} over {limit}",
+            d.peak_memory
+        );
+    }
+    // Never worse than 1F1B without recomputation, which fits by construction.
+    assert!(best.sim.makespan <= none.sim.makespan + 1e-12);
+    let json = best.to_json(Policy::Auto, Some(limit));
+    for key in [
+        "saved_bytes",
+        "values",
+        "recomputed_flops",
+        "offloaded_bytes",
+        "transfer_s",
+        "peak_bytes",
+    ] {
+        assert!(json["stages"][0].get(key).is_some(), "{key}");
+    }
+}

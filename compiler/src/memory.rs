@@ -67,8 +67,8 @@ pub struct Planned {
 }
 
 impl Planned {
-    /// The bubble rate counting recomputation and transfers as idle time: one minus the useful
-    /// (plan-free) work of the busiest device over the longest device span.
+    /// The bubble rate counting recomputation and transfers as idle time: the simulator's
+    /// `(longest span − mean work) / longest span` with the work of the plan-free costs.
     pub fn effective_bubble_rate(&self) -> f64 {
         let mut busy = vec![0.0; self.schedule.p()];
         for (s, &d) in self.schedule.placement.iter().enumerate() {
@@ -76,7 +76,7 @@ impl Planned {
             busy[d as usize] += (c.f + c.b + c.w) * self.schedule.m() as f64;
         }
         let span = self.sim.devices.iter().map(|d| d.span).fold(0.0, f64::max);
-        let useful = busy.iter().copied().fold(0.0, f64::max);
+        let useful = busy.iter().sum::<f64>() / busy.len().max(1) as f64;
         if span > 0.0 {
             1.0 - useful / span
         } else {

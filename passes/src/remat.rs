@@ -681,7 +681,11 @@ impl<'a> ChoiceGraph<'a> {
         }
         let sol = match problem.solve() {
             Ok(s) => s,
-            Err(good_lp::ResolutionError::Infeasible) => return Ok(None),
+            // Infeasible, or no feasible plan found within the time limit: the callers fall back
+            // to the greedy plan.
+            Err(good_lp::ResolutionError::Infeasible) | Err(good_lp::ResolutionError::Other(_)) => {
+                return Ok(None)
+            }
             Err(e) => return Err(format!("the recomputation ILP failed: {e}")),
         };
         let mut choices = BTreeMap::new();
@@ -698,9 +702,14 @@ impl<'a> ChoiceGraph<'a> {
     }
 
     fn ilp(&self, limit: u64, in_flight: InFlight) -> Result<StagePlan, String> {
-        match self.solve(Some(limit), in_flight, false)? {
-            Some(p) if self.summary(&p, in_flight).need_bytes <= limit => Ok(p),
-            _ => {
+        let fits = |p: &StagePlan| self.summary(p, in_flight).need_bytes <= limit;
+        let exact = self.solve(Some(limit), in_flight, false)?.filter(fits);
+        let greedy = self.greedy(Some(limit), in_flight).filter(fits);
+        let cost = |p: &StagePlan| self.summary(p, in_flight).added_seconds;
+        match (exact, greedy) {
+            (Some(a), Some(b)) => Ok(if cost(&b) < cost(&a) { b } else { a }),
+            (Some(a), None) | (None, Some(a)) => Ok(a),
+            (None, None) => {
                 let min = self.min_need(in_flight)?;
                 Err(format!(
                     "no recomputation/offload plan fits the memory limit {limit} bytes ({in_flight}); the smallest feasible limit is {min} bytes"
@@ -709,13 +718,75 @@ impl<'a> ChoiceGraph<'a> {
         }
     }
 
-    /// The smallest `need` of any plan.
+    /// The smallest `need` of any plan (exact when the ILP finishes in time; otherwise the
+    /// smaller of its best plan and the greedy's smallest plan).
     pub fn min_need(&self, in_flight: impl Into<InFlight>) -> Result<u64, String> {
         let in_flight = in_flight.into();
-        let p = self
-            .solve(None, in_flight, true)?
-            .ok_or("the recomputation ILP has no solution")?;
-        Ok(self.summary(&p, in_flight).need_bytes)
+        let mut best = self
+            .greedy(None, in_flight)
+            .map(|p| self.summary(&p, in_flight).need_bytes)
+            .unwrap_or(u64::MAX);
+        if let Some(p) = self.solve(None, in_flight, true)? {
+            best = best.min(self.summary(&p, in_flight).need_bytes);
+        }
+        Ok(best)
+    }
+
+    /// The greedy fallback: the smallest plan (recompute everything that can be, offload what
+    /// is kept when that takes less memory), then values turned back to kept, the most
+    /// recomputation time saved per byte first, while `need` stays within `limit`. With no
+    /// limit it returns the smallest plan.
+    fn greedy(&self, limit: Option<u64>, in_flight: InFlight) -> Option<StagePlan> {
+        let all = self
+            .cands
+            .iter()
+            .map(|&v| {
+                let c = if self.recomputable(v) {
+                    Choice::Recompute
+                } else {
+                    Choice::Keep
+                };
+                (v, c)
+            })
+            .collect();
+        let mut plan = self.prune(self.close(all));
+        if in_flight.saved > 2 {
+            for c in plan.choices.values_mut() {
+                if *c == Choice::Keep {
+                    *c = Choice::Offload;
+                }
+            }
+        }
+        let need = |p: &StagePlan| self.summary(p, in_flight).need_bytes;
+        let limit = match limit {
+            None => return Some(plan),
+            Some(l) => l,
+        };
+        if need(&plan) > limit {
+            return None;
+        }
+        let mut order: Vec<Value> = plan
+            .choices
+            .iter()
+            .filter(|(_, &c)| c == Choice::Recompute)
+            .map(|(&v, _)| v)
+            .collect();
+        order.sort_by(|&a, &b| {
+            let r = |v: Value| self.secs[&v] / self.bytes(v).max(1) as f64;
+            r(b).total_cmp(&r(a))
+        });
+        for v in order {
+            if plan.choices.get(&v) != Some(&Choice::Recompute) {
+                continue;
+            }
+            let mut ch = plan.choices.clone();
+            ch.insert(v, Choice::Keep);
+            let next = self.prune(StagePlan { choices: ch });
+            if need(&next) <= limit {
+                plan = next;
+            }
+        }
+        Some(plan)
     }
 
     /// Rewrites F, B and W for a plan (see the module docs).

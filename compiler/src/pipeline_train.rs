@@ -75,24 +75,24 @@ pub struct PipelineRun {
 }
 
 /// Microbatches in flight per stage under a schedule: the most microbatches whose F has run and
-/// whose W (or BW) has not, and whose B has run and whose W has not (a BW counts as one while it
-/// runs), over the stage's device's action list.
+/// whose W (or BW) has not, whose F has run and whose B (or BW) has not, and whose B has run and
+/// whose W has not (a BW counts as one while it runs), over the stage's device's action list.
 pub fn in_flight(schedule: &Schedule) -> Vec<InFlight> {
     let n = schedule.n_stages();
-    let mut out = vec![
-        InFlight {
-            saved: 1,
-            b_to_w: 1
-        };
-        n
-    ];
+    let mut out = vec![InFlight::from(1); n];
     for list in &schedule.devices {
-        let (mut f, mut b) = (vec![0u64; n], vec![0u64; n]);
+        let (mut f, mut fb, mut b) = (vec![0u64; n], vec![0u64; n], vec![0u64; n]);
         for x in list {
             let s = x.stage as usize;
             match x.kind {
-                ActionKind::F => f[s] += 1,
-                ActionKind::B => b[s] += 1,
+                ActionKind::F => {
+                    f[s] += 1;
+                    fb[s] += 1;
+                }
+                ActionKind::B => {
+                    b[s] += 1;
+                    fb[s] = fb[s].saturating_sub(1);
+                }
                 ActionKind::W => {
                     f[s] = f[s].saturating_sub(1);
                     b[s] = b[s].saturating_sub(1);
@@ -100,9 +100,11 @@ pub fn in_flight(schedule: &Schedule) -> Vec<InFlight> {
                 _ => {}
             }
             out[s].saved = out[s].saved.max(f[s]);
+            out[s].f_to_b = out[s].f_to_b.max(fb[s]);
             out[s].b_to_w = out[s].b_to_w.max(b[s]);
             if x.kind == ActionKind::BW {
                 f[s] = f[s].saturating_sub(1);
+                fb[s] = fb[s].saturating_sub(1);
             }
         }
     }

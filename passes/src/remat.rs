@@ -28,12 +28,14 @@
 //! roots). The cost is the added time: `Σ rc_v·t_fwd(v) + Σ off_v·2·bytes_v/host_bandwidth`
 //! (`t_fwd` as the `partition` cost model: `max(flops/rate, bytes/memory_bandwidth)`; transfers are
 //! charged in full, a bound for a background copy that does not overlap). The memory model of a
-//! stage, `k` microbatches in flight between their F and their W and `k_W` between their B and
-//! their W ([`InFlight`]; both at least 1):
+//! stage, `k` microbatches in flight between their F and their W, `k_B` between their F and their
+//! B and `k_W` between their B and their W ([`InFlight`]; each at least 1):
 //!
-//! `need = k · Σ keep_v · bytes_v + k_W · (B→W stash) + 2 · Σ off_v · bytes_v`
+//! `need = Σ keep_v · k_v · bytes_v + k_W · (B→W stash) + 2 · Σ off_v · bytes_v`
 //!
-//! (kept values live from F to the end of W; the runtime reloads offloaded values for the running
+//! with `k_v = k_B` for a value that only B can need (it is not an ancestor in F of a value W
+//! reads) and `k` otherwise: the runtime frees a saved value after its last planned use (a sum of
+//! per-class maxima bounds the peak of the sum). The runtime reloads offloaded values for the running
 //! action and prefetches them for the next one, so at most two microbatches' offloaded sets are
 //! back on the device at once). `auto` minimises the cost subject to `need ≤ memory-limit` with
 //! good_lp + microlp. Recomputation's transient memory inside B or W (the recomputed values are
@@ -141,6 +143,8 @@ pub struct InFlight {
     pub saved: u64,
     /// Between B and W.
     pub b_to_w: u64,
+    /// Between F and B.
+    pub f_to_b: u64,
 }
 
 impl From<u64> for InFlight {
@@ -148,6 +152,7 @@ impl From<u64> for InFlight {
         InFlight {
             saved: k.max(1),
             b_to_w: k.max(1),
+            f_to_b: k.max(1),
         }
     }
 }
@@ -156,8 +161,8 @@ impl std::fmt::Display for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} microbatch(es) in flight, {} between B and W",
-            self.saved, self.b_to_w
+            "{} microbatch(es) in flight, {} between F and B, {} between B and W",
+            self.saved, self.f_to_b, self.b_to_w
         )
     }
 }
@@ -325,6 +330,8 @@ pub struct ChoiceGraph<'a> {
     host_bytes_per_s: f64,
     /// Bytes B hands to W.
     b_to_w: u64,
+    /// Values W may need: saved values W reads and their ancestors in F.
+    w_side: BTreeSet<Value>,
 }
 
 fn is_free(op: &Op) -> bool {
@@ -380,7 +387,20 @@ impl<'a> ChoiceGraph<'a> {
             b,
             w,
         };
+        let w_reads: BTreeSet<&str> = w.data_inputs().map(|a| a.name).collect();
+        let mut w_side: BTreeSet<Value> = saved
+            .iter()
+            .filter(|(_, n)| w_reads.contains(n.as_str()))
+            .map(|(&v, _)| v)
+            .collect();
+        for &n in f.body.iter().rev() {
+            let d = &f.nodes[n];
+            if d.results.iter().any(|r| w_side.contains(r)) {
+                w_side.extend(d.operands.iter().copied());
+            }
+        }
         ChoiceGraph {
+            w_side,
             f,
             b,
             w,
@@ -407,6 +427,15 @@ impl<'a> ChoiceGraph<'a> {
             .copied()
             .filter(|&u| !is_free(&self.f.nodes[self.f.values[u].def].op))
             .collect()
+    }
+
+    /// Microbatches a kept `v` is held for (see the module docs).
+    fn multiplier(&self, v: Value, in_flight: InFlight) -> u64 {
+        if self.w_side.contains(&v) {
+            in_flight.saved
+        } else {
+            in_flight.f_to_b.min(in_flight.saved)
+        }
     }
 
     fn offload_seconds(&self, v: Value) -> f64 {
@@ -595,9 +624,13 @@ impl<'a> ChoiceGraph<'a> {
     pub fn summary(&self, plan: &StagePlan, in_flight: impl Into<InFlight>) -> PlanSummary {
         let in_flight = in_flight.into();
         let mut s = PlanSummary::default();
+        let mut weighted = 0u64;
         for (&v, &c) in &plan.choices {
             match c {
-                Choice::Keep => s.kept_bytes += self.bytes(v),
+                Choice::Keep => {
+                    s.kept_bytes += self.bytes(v);
+                    weighted += self.multiplier(v, in_flight) * self.bytes(v);
+                }
                 Choice::Offload => {
                     s.offloaded_bytes += self.bytes(v);
                     s.added_seconds += self.offload_seconds(v);
@@ -609,8 +642,7 @@ impl<'a> ChoiceGraph<'a> {
                 }
             }
         }
-        s.need_bytes =
-            in_flight.saved * s.kept_bytes + in_flight.b_to_w * self.b_to_w + 2 * s.offloaded_bytes;
+        s.need_bytes = weighted + in_flight.b_to_w * self.b_to_w + 2 * s.offloaded_bytes;
         s
     }
 
@@ -636,7 +668,7 @@ impl<'a> ChoiceGraph<'a> {
         for &v in &self.cands {
             let (k, o, r) = x[&v];
             let bytes = self.bytes(v) as f64 * scale;
-            memory += (in_flight.saved as f64 * bytes) * k + (2.0 * bytes) * o;
+            memory += (self.multiplier(v, in_flight) as f64 * bytes) * k + (2.0 * bytes) * o;
             time += self.offload_seconds(v) * 1e3 * o;
             if let Some(r) = r {
                 // A tiny per-value charge breaks ties toward fewer recomputed values.

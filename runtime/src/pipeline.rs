@@ -30,8 +30,8 @@
 //! # Saved values, offload and accounting
 //!
 //! `stash.*` values a stage keeps for its own B and W are counted: each is read exactly as often
-//! as the stage's B and W take it (planned uses); a value freed after W with uses left, or read
-//! more often, is an error naming it. `stash.offload.*` values (made by the `remat` pass) go to a
+//! as the stage's B and W take it (planned uses) and freed after its last use; a value left at the
+//! end of its microbatch's W with uses left, or read more often, is an error naming it. `stash.offload.*` values (made by the `remat` pass) go to a
 //! separate host pool: a background thread per device copies them there after F and back before
 //! the B or W that reads them (the device's next action's reloads are requested when the current
 //! action starts, so copies overlap compute). [`StepResult::peak_saved_bytes`] is, per device,
@@ -852,6 +852,13 @@ impl<'a> Worker<'a> {
             };
             plan.set_input(i, value.as_slice())
                 .map_err(|e| Some(format!("argument `{name}`: {e}")))?;
+            // A kept saved value is freed after its last planned use.
+            if name.starts_with("stash.") && !is_offloaded(name) && self.uses.get(&key) == Some(&0)
+            {
+                if let Some(d) = self.store.remove(&key) {
+                    self.pool.note_kept(-(data_bytes(&d) as i64));
+                }
+            }
         }
         let plan = match which {
             Which::F => &mut st.plans.f,

@@ -80,6 +80,7 @@ pub struct PipelineRun {
 pub fn in_flight(schedule: &Schedule) -> Vec<InFlight> {
     let n = schedule.n_stages();
     let mut out = vec![InFlight::from(1); n];
+    let mut points = vec![std::collections::BTreeSet::new(); n];
     for list in &schedule.devices {
         let (mut f, mut fb, mut b) = (vec![0u64; n], vec![0u64; n], vec![0u64; n]);
         for x in list {
@@ -102,11 +103,26 @@ pub fn in_flight(schedule: &Schedule) -> Vec<InFlight> {
             out[s].saved = out[s].saved.max(f[s]);
             out[s].f_to_b = out[s].f_to_b.max(fb[s]);
             out[s].b_to_w = out[s].b_to_w.max(b[s]);
+            // A BW holds its B→W values while it runs.
+            let bw = u64::from(x.kind == ActionKind::BW);
+            points[s].insert([fb[s], f[s], b[s] + bw]);
             if x.kind == ActionKind::BW {
                 f[s] = f[s].saturating_sub(1);
                 fb[s] = fb[s].saturating_sub(1);
             }
         }
+    }
+    for (o, p) in out.iter_mut().zip(points) {
+        // Only the moments no other moment dominates matter.
+        let all: Vec<[u64; 3]> = p.into_iter().collect();
+        o.points = all
+            .iter()
+            .copied()
+            .filter(|a| {
+                !all.iter()
+                    .any(|b| b != a && b[0] >= a[0] && b[1] >= a[1] && b[2] >= a[2])
+            })
+            .collect();
     }
     out
 }

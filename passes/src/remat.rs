@@ -31,11 +31,14 @@
 //! stage, `k` microbatches in flight between their F and their W, `k_B` between their F and their
 //! B and `k_W` between their B and their W ([`InFlight`]; each at least 1):
 //!
-//! `need = Σ keep_v · k_v · bytes_v + k_W · (B→W stash) + 2 · Σ off_v · bytes_v`
+//! `need = max over moments t of [Σ keep_v · k_v(t) · bytes_v + k_W(t) · (B→W stash)]
+//!        + 2 · Σ off_v · bytes_v`
 //!
-//! with `k_v = k_B` for a value that only B can need (it is not an ancestor in F of a value W
-//! reads) and `k` otherwise: the runtime frees a saved value after its last planned use (a sum of
-//! per-class maxima bounds the peak of the sum). The runtime reloads offloaded values for the running
+//! with `k_v(t) = k_B(t)` for a value that only B can need (it is not an ancestor in F of a value
+//! W reads) and `k(t)` otherwise, the moments being the counts after each action of the stage's
+//! device (one memory constraint per moment in the ILP; without a schedule, one moment with the
+//! largest counts): the runtime frees a saved value after its last planned use, so this is the
+//! simulator's memory model with `M_B`/`M_W` split per value. The runtime reloads offloaded values for the running
 //! action and prefetches them for the next one, so at most two microbatches' offloaded sets are
 //! back on the device at once). `auto` minimises the cost subject to `need ≤ memory-limit` with
 //! good_lp + microlp. Recomputation's transient memory inside B or W (the recomputed values are
@@ -136,15 +139,30 @@ pub struct StagePlan {
     pub choices: BTreeMap<Value, Choice>,
 }
 
-/// Microbatches in flight on a stage (see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Microbatches in flight on a stage (see the module docs): the largest counts, and the counts
+/// at every moment of the schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InFlight {
-    /// Between F and W.
+    /// Between F and W, at most.
     pub saved: u64,
-    /// Between B and W.
+    /// Between B and W, at most.
     pub b_to_w: u64,
-    /// Between F and B.
+    /// Between F and B, at most.
     pub f_to_b: u64,
+    /// The distinct `(F→B, F→W, B→W)` counts after each action of the stage's device (empty:
+    /// the largest counts at once).
+    pub points: Vec<[u64; 3]>,
+}
+
+impl InFlight {
+    /// The moments the memory constraint is checked at.
+    pub fn moments(&self) -> Vec<[u64; 3]> {
+        if self.points.is_empty() {
+            vec![[self.f_to_b.min(self.saved), self.saved, self.b_to_w]]
+        } else {
+            self.points.clone()
+        }
+    }
 }
 
 impl From<u64> for InFlight {
@@ -153,7 +171,14 @@ impl From<u64> for InFlight {
             saved: k.max(1),
             b_to_w: k.max(1),
             f_to_b: k.max(1),
+            points: Vec::new(),
         }
+    }
+}
+
+impl From<&InFlight> for InFlight {
+    fn from(k: &InFlight) -> Self {
+        k.clone()
     }
 }
 
@@ -429,12 +454,12 @@ impl<'a> ChoiceGraph<'a> {
             .collect()
     }
 
-    /// Microbatches a kept `v` is held for (see the module docs).
-    fn multiplier(&self, v: Value, in_flight: InFlight) -> u64 {
+    /// Microbatches a kept `v` is held for at moment `p` (see the module docs).
+    fn multiplier(&self, v: Value, p: [u64; 3]) -> u64 {
         if self.w_side.contains(&v) {
-            in_flight.saved
+            p[1]
         } else {
-            in_flight.f_to_b.min(in_flight.saved)
+            p[0]
         }
     }
 
@@ -483,7 +508,7 @@ impl<'a> ChoiceGraph<'a> {
         limit: Option<u64>,
         in_flight: impl Into<InFlight>,
     ) -> Result<StagePlan, String> {
-        let in_flight = in_flight.into();
+        let in_flight = &in_flight.into();
         let plan = match policy {
             Policy::None => self.close(BTreeMap::new()),
             Policy::Full => {
@@ -622,14 +647,17 @@ impl<'a> ChoiceGraph<'a> {
 
     /// Memory and time figures of a plan.
     pub fn summary(&self, plan: &StagePlan, in_flight: impl Into<InFlight>) -> PlanSummary {
-        let in_flight = in_flight.into();
+        let in_flight = &in_flight.into();
         let mut s = PlanSummary::default();
-        let mut weighted = 0u64;
+        let moments = in_flight.moments();
+        let mut weighted = vec![0u64; moments.len()];
         for (&v, &c) in &plan.choices {
             match c {
                 Choice::Keep => {
                     s.kept_bytes += self.bytes(v);
-                    weighted += self.multiplier(v, in_flight) * self.bytes(v);
+                    for (w, &p) in weighted.iter_mut().zip(&moments) {
+                        *w += self.multiplier(v, p) * self.bytes(v);
+                    }
                 }
                 Choice::Offload => {
                     s.offloaded_bytes += self.bytes(v);
@@ -642,7 +670,13 @@ impl<'a> ChoiceGraph<'a> {
                 }
             }
         }
-        s.need_bytes = weighted + in_flight.b_to_w * self.b_to_w + 2 * s.offloaded_bytes;
+        s.need_bytes = weighted
+            .iter()
+            .zip(&moments)
+            .map(|(w, p)| w + p[2] * self.b_to_w)
+            .max()
+            .unwrap_or(0)
+            + 2 * s.offloaded_bytes;
         s
     }
 
@@ -650,7 +684,7 @@ impl<'a> ChoiceGraph<'a> {
     fn solve(
         &self,
         limit: Option<u64>,
-        in_flight: InFlight,
+        in_flight: &InFlight,
         objective_memory: bool,
     ) -> Result<Option<StagePlan>, String> {
         let mut vars = ProblemVariables::new();
@@ -663,21 +697,30 @@ impl<'a> ChoiceGraph<'a> {
         }
         // Scale bytes to MiB-ish units to keep the solver's numbers tame.
         let scale = 1.0 / (1u64 << 20) as f64;
-        let mut memory = Expression::from(0.0);
+        let moments = in_flight.moments();
+        let mut memory: Vec<Expression> = moments.iter().map(|_| Expression::from(0.0)).collect();
+        let mut total_memory = Expression::from(0.0);
         let mut time = Expression::from(0.0);
         for &v in &self.cands {
             let (k, o, r) = x[&v];
             let bytes = self.bytes(v) as f64 * scale;
-            memory += (self.multiplier(v, in_flight) as f64 * bytes) * k + (2.0 * bytes) * o;
+            for (m, &p) in memory.iter_mut().zip(&moments) {
+                *m += (self.multiplier(v, p) as f64 * bytes) * k + (2.0 * bytes) * o;
+            }
+            let largest = moments
+                .iter()
+                .map(|&p| self.multiplier(v, p))
+                .max()
+                .unwrap_or(1);
+            total_memory += (largest as f64 * bytes) * k + (2.0 * bytes) * o;
             time += self.offload_seconds(v) * 1e3 * o;
             if let Some(r) = r {
                 // A tiny per-value charge breaks ties toward fewer recomputed values.
                 time += (self.secs[&v] * 1e3 + 1e-9) * r;
             }
         }
-        let fixed = (in_flight.b_to_w * self.b_to_w) as f64 * scale;
         let objective = if objective_memory {
-            memory.clone() + time.clone() * 1e-9
+            total_memory + time.clone() * 1e-9
         } else {
             time.clone()
         };
@@ -709,7 +752,10 @@ impl<'a> ChoiceGraph<'a> {
             }
         }
         if let Some(limit) = limit {
-            problem.add_constraint(memory.leq(limit as f64 * scale - fixed + 1e-9));
+            for (m, p) in memory.into_iter().zip(&moments) {
+                let fixed = (p[2] * self.b_to_w) as f64 * scale;
+                problem.add_constraint(m.leq(limit as f64 * scale - fixed + 1e-9));
+            }
         }
         let sol = match problem.solve() {
             Ok(s) => s,
@@ -733,7 +779,7 @@ impl<'a> ChoiceGraph<'a> {
         Ok(Some(self.prune(self.close(choices))))
     }
 
-    fn ilp(&self, limit: u64, in_flight: InFlight) -> Result<StagePlan, String> {
+    fn ilp(&self, limit: u64, in_flight: &InFlight) -> Result<StagePlan, String> {
         let fits = |p: &StagePlan| self.summary(p, in_flight).need_bytes <= limit;
         let exact = self.solve(Some(limit), in_flight, false)?.filter(fits);
         let greedy = self.greedy(Some(limit), in_flight).filter(fits);
@@ -750,10 +796,11 @@ impl<'a> ChoiceGraph<'a> {
         }
     }
 
-    /// The smallest `need` of any plan (exact when the ILP finishes in time; otherwise the
-    /// smaller of its best plan and the greedy's smallest plan).
+    /// The smallest `need` found: the smaller of the greedy's smallest plan and the ILP's plan
+    /// minimising memory (whose objective weighs each kept value by its largest count, so with
+    /// several moments the figure can be above the true minimum).
     pub fn min_need(&self, in_flight: impl Into<InFlight>) -> Result<u64, String> {
-        let in_flight = in_flight.into();
+        let in_flight = &in_flight.into();
         let mut best = self
             .greedy(None, in_flight)
             .map(|p| self.summary(&p, in_flight).need_bytes)
@@ -768,7 +815,7 @@ impl<'a> ChoiceGraph<'a> {
     /// is kept when that takes less memory), then values turned back to kept, the most
     /// recomputation time saved per byte first, while `need` stays within `limit`. With no
     /// limit it returns the smallest plan.
-    fn greedy(&self, limit: Option<u64>, in_flight: InFlight) -> Option<StagePlan> {
+    fn greedy(&self, limit: Option<u64>, in_flight: &InFlight) -> Option<StagePlan> {
         let all = self
             .cands
             .iter()
@@ -1122,10 +1169,10 @@ pub fn plan_stages(
             module.function(w).expect("W"),
             profile,
         );
-        let p = g.plan(Policy::None, None, in_flight[i])?;
-        base.push(g.summary(&p, in_flight[i]).need_bytes);
+        let p = g.plan(Policy::None, None, &in_flight[i])?;
+        base.push(g.summary(&p, &in_flight[i]).need_bytes);
         min.push(if limit.is_some() {
-            g.min_need(in_flight[i])?.min(base[i])
+            g.min_need(&in_flight[i])?.min(base[i])
         } else {
             0
         });
@@ -1171,7 +1218,7 @@ pub fn plan_stages(
             module.function(w).expect("W"),
         );
         let g = ChoiceGraph::new(fun, bun, wun, profile);
-        let plan = g.plan(policy, share, in_flight[i]).map_err(|e| {
+        let plan = g.plan(policy, share, &in_flight[i]).map_err(|e| {
             format!(
                 "stage {i} (@{f}, device {}, limit share {} of {} bytes): {e}",
                 placement[i],
@@ -1179,7 +1226,7 @@ pub fn plan_stages(
                 limit.unwrap_or(0)
             )
         })?;
-        let summary = g.summary(&plan, in_flight[i]);
+        let summary = g.summary(&plan, &in_flight[i]);
         let numbering = print_numbering(fun);
         let values =
             plan.choices
@@ -1196,7 +1243,7 @@ pub fn plan_stages(
         let (nf, nb, nw) = g.apply(&plan);
         out.push(StageMemory {
             function: f.clone(),
-            in_flight: in_flight[i],
+            in_flight: in_flight[i].clone(),
             limit: share,
             values,
             summary,

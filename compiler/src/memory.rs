@@ -44,6 +44,9 @@ use serde_json::{json, Value};
 
 use crate::pipeline_train::{build_schedule, in_flight};
 
+/// A candidate of the joint loop: its origin, makespan and effective bubble rate.
+pub type Candidate = (String, f64, f64);
+
 /// Rounds of the joint loop per seed.
 pub const MAX_ROUNDS: usize = 6;
 
@@ -297,7 +300,7 @@ pub fn joint(
     m: usize,
     limit: u64,
     profile: &DeviceProfile,
-) -> Result<(Planned, Vec<(String, f64, f64)>)> {
+) -> Result<(Planned, Vec<Candidate>)> {
     let mut tried: Vec<(String, f64, f64)> = Vec::new();
     let mut best: Option<Planned> = None;
     let mut consider = |x: Planned, tried: &mut Vec<(String, f64, f64)>| {

@@ -119,10 +119,10 @@ fn policies_are_bit_identical_one_stage_and_pipelined() {
 
 /// The smallest feasible limit the error names.
 fn smallest_limit(model: (&str, &str), p: usize, m: usize, s: &str) -> u64 {
-    let e = train(&args(model, p, m, s, 1, Some("auto"), Some(1)))
-        .err()
-        .expect("a one-byte limit is infeasible")
-        .to_string();
+    let Err(e) = train(&args(model, p, m, s, 1, Some("auto"), Some(1))) else {
+        panic!("a one-byte limit is infeasible");
+    };
+    let e = e.to_string();
     e.rsplit("smallest feasible limit is ")
         .next()
         .and_then(|t| t.split_whitespace().next())
@@ -159,10 +159,10 @@ fn measured_peak_stays_within_the_limit_for_every_schedule() {
 
 #[test]
 fn an_infeasible_limit_names_the_smallest_feasible_one() {
-    let e = train(&args(MLP, 2, 4, "1f1b", 1, None, Some(16)))
-        .err()
-        .expect("a 16-byte limit is infeasible")
-        .to_string();
+    let Err(e) = train(&args(MLP, 2, 4, "1f1b", 1, None, Some(16))) else {
+        panic!("a 16-byte limit is infeasible");
+    };
+    let e = e.to_string();
     assert!(e.contains("smallest feasible limit is"), "{e}");
     assert!(e.contains("device "), "{e}");
 }

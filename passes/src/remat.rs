@@ -53,7 +53,9 @@
 //! # Policies
 //!
 //! - `none`: keep every saved value.
-//! - `full`: keep only the stage's inputs (the layer input of a one-layer stage); recompute the rest.
+//! - `full`: keep only the stage's inputs and each layer's input (for parameters named
+//!   `…layers.<i>.…`, the nearest common dominator in F of the nodes reading layer `i`'s
+//!   parameters); recompute the rest.
 //! - `selective` (Korthikanti et al. 2022): recompute the attention core — the values around each
 //!   `softmax` between matrix products (scale, mask, softmax, dropout) — and keep matrix-product
 //!   outputs and everything else.
@@ -512,11 +514,12 @@ impl<'a> ChoiceGraph<'a> {
         let plan = match policy {
             Policy::None => self.close(BTreeMap::new()),
             Policy::Full => {
+                let layers = self.layer_inputs();
                 let ch = self
                     .cands
                     .iter()
                     .map(|&v| {
-                        let c = if self.recomputable(v) {
+                        let c = if self.recomputable(v) && !layers.contains(&v) {
                             Choice::Recompute
                         } else {
                             Choice::Keep
@@ -588,6 +591,89 @@ impl<'a> ChoiceGraph<'a> {
             }
         }
         StagePlan { choices: out }
+    }
+
+    /// The input of every layer of the stage: for each `layers.<i>.` parameter prefix, the
+    /// nearest common dominator (in F, from its inputs) of the nodes that read those parameters,
+    /// not itself one of them.
+    pub fn layer_inputs(&self) -> BTreeSet<Value> {
+        let f = self.f;
+        let layer_of = |name: &str| -> Option<String> {
+            let i = name.find("layers.")?;
+            let rest = &name[i + "layers.".len()..];
+            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            (!digits.is_empty()).then(|| format!("{}{digits}", &name[..i + "layers.".len()]))
+        };
+        // Dominator tree over F's compute and input nodes (a virtual root above the inputs),
+        // by intersecting predecessors' dominators in body order (a DAG needs one pass).
+        let mut idom: BTreeMap<Node, Option<Node>> = BTreeMap::new();
+        let mut depth: BTreeMap<Node, usize> = BTreeMap::new();
+        let lca = |mut a: Option<Node>,
+                   mut b: Option<Node>,
+                   idom: &BTreeMap<Node, Option<Node>>,
+                   depth: &BTreeMap<Node, usize>|
+         -> Option<Node> {
+            let d = |n: Option<Node>| n.map_or(0, |n| depth[&n]);
+            while a != b {
+                if d(a) >= d(b) {
+                    a = a.and_then(|n| idom[&n]);
+                } else {
+                    b = b.and_then(|n| idom[&n]);
+                }
+            }
+            a
+        };
+        let mut groups: BTreeMap<String, Vec<Node>> = BTreeMap::new();
+        for &n in &f.body {
+            let d = &f.nodes[n];
+            if matches!(
+                d.op,
+                Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. }
+            ) {
+                continue;
+            }
+            let preds: Vec<Node> = d
+                .operands
+                .iter()
+                .map(|&u| f.values[u].def)
+                .filter(|p| idom.contains_key(p))
+                .collect();
+            if preds.is_empty() && d.op.arg_role().is_none() {
+                // Computed from parameters and constants only: not on any data path.
+                continue;
+            }
+            let mut dom = None;
+            for (i, &p) in preds.iter().enumerate() {
+                dom = if i == 0 {
+                    Some(p)
+                } else {
+                    lca(dom, Some(p), &idom, &depth)
+                };
+            }
+            idom.insert(n, dom);
+            depth.insert(n, dom.map_or(1, |x| depth[&x] + 1));
+            for &u in &d.operands {
+                if let Op::Param { name, .. } = &f.nodes[f.values[u].def].op {
+                    if let Some(k) = layer_of(name) {
+                        groups.entry(k).or_default().push(n);
+                    }
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        for nodes in groups.values() {
+            let mut d = Some(nodes[0]);
+            for &n in &nodes[1..] {
+                d = lca(d, Some(n), &idom, &depth);
+            }
+            while let Some(x) = d.filter(|x| nodes.contains(x)) {
+                d = idom[&x];
+            }
+            if let Some(x) = d {
+                out.insert(f.result(x));
+            }
+        }
+        out
     }
 
     fn is_view(&self, v: Value) -> bool {

@@ -236,3 +236,35 @@ fn infeasible_limit_names_the_smallest_feasible_one() {
         .run(&mut m3, &mut PassContext::default(), &mut |_| {})
         .unwrap();
 }
+
+#[test]
+fn full_keeps_the_inputs_of_every_layer() {
+    use cleave_ir::models::{gpt, GptConfig};
+    let cfg = GptConfig {
+        layers: 3,
+        ..GptConfig::default()
+    };
+    let m = split(gpt(&cfg).unwrap());
+    let st = &split_stages(&m)[0];
+    let profile = DeviceProfile::load("cpu-epyc-2core").unwrap();
+    let g = ChoiceGraph::new(st.f, st.b, st.w, &profile);
+    let layers = g.layer_inputs();
+    assert_eq!(layers.len(), 3, "one input per layer");
+    // The first layer's input is the embedding sum `tok + pos`.
+    assert!(layers
+        .iter()
+        .any(|&v| st.f.nodes[st.f.values[v].def].op.name() == "add"));
+    let plan = g.plan(Policy::Full, None, 1).unwrap();
+    for (&v, &c) in &plan.choices {
+        if c == Choice::Keep {
+            let op = st.f.nodes[st.f.values[v].def].op.name();
+            assert!(
+                op == "input" || layers.contains(&v),
+                "`full` keeps a {op} that is not a layer input"
+            );
+        }
+    }
+    for &v in &layers {
+        assert_eq!(plan.choices.get(&v), Some(&Choice::Keep));
+    }
+}

@@ -222,3 +222,56 @@ fn joint_choice_fits_the_one_f_one_b_peak() {
         assert!(json["stages"][0].get(key).is_some(), "{key}");
     }
 }
+
+fn cleave(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn inspect_memory_json_svg_and_errors() {
+    let svg = std::env::temp_dir().join(format!("cleave-remat-{}.svg", std::process::id()));
+    let o = cleave(&[
+        "inspect",
+        GPT.0,
+        "--memory",
+        "--stages",
+        "2",
+        "--microbatches",
+        "4",
+        "--schedule",
+        "zb-h1",
+        "--remat",
+        "selective",
+        "--json",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["policy"], "selective");
+    assert_eq!(v["stages"].as_array().unwrap().len(), 2);
+    assert!(v["stages"][0]["recomputed_flops"].as_u64().unwrap() > 0);
+    assert!(v["peak_bytes"][0].as_f64().unwrap() > 0.0);
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg"));
+    let _ = std::fs::remove_file(&svg);
+
+    let o = cleave(&["inspect", GPT.0, "--memory", "--remat", "most"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("valid policies: none, full, selective, offload-all, auto"),
+        "{err}"
+    );
+    let o = cleave(&["inspect", GPT.0, "--memory", "--memory-limit", "12Q"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--memory-limit") && err.contains("12Q"),
+        "{err}"
+    );
+}

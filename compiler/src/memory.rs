@@ -13,7 +13,8 @@
 //! # Costs and memory handed to the simulator
 //!
 //! Per stage, under the device profile: `T_F`, `T_B`, `T_W` are the sums of
-//! [`forward_seconds`] over the nodes of F, B and W after the rewrite (so recomputation is in B
+//! [`forward_seconds`] over the nodes of F, B and W after the rewrite (views — `reshape`,
+//! `stop_gradient` — cost nothing: the runtime aliases them) (so recomputation is in B
 //! and W), plus half the offload transfer time in F and half in B (transfers charged as if they
 //! did not overlap). `M_B` and `M_W` are `split-bw`'s stash sets of the rewritten functions
 //! without the `stash.offload.*` values.
@@ -33,7 +34,7 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result};
-use cleave_ir::{Function, Module};
+use cleave_ir::{Function, Module, Op};
 use cleave_passes::partition::DeviceProfile;
 use cleave_passes::remat::{forward_seconds, plan_stages, Choice, InFlight, Policy, StageMemory};
 use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
@@ -201,7 +202,11 @@ pub fn split_module(forward: &Function, n_stages: usize, profile: &str) -> Resul
 fn function_seconds(p: &DeviceProfile, f: &Function) -> f64 {
     f.body
         .iter()
-        .filter(|&&n| f.nodes[n].op.arg_role().is_none())
+        .filter(|&&n| {
+            let op = &f.nodes[n].op;
+            // Arguments cost nothing, and neither do views: the runtime aliases a reshape.
+            op.arg_role().is_none() && !matches!(op, Op::Reshape { .. } | Op::StopGradient)
+        })
         .map(|&n| forward_seconds(p, f, n))
         .sum()
 }

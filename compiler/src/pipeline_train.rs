@@ -98,6 +98,8 @@ pub fn in_flight(schedule: &Schedule) -> Vec<InFlight> {
                     f[s] = f[s].saturating_sub(1);
                     b[s] = b[s].saturating_sub(1);
                 }
+                // Within a BW, once B has run: its B-only values are freed, W's are not yet.
+                ActionKind::BW => fb[s] = fb[s].saturating_sub(1),
                 _ => {}
             }
             out[s].saved = out[s].saved.max(f[s]);
@@ -108,7 +110,6 @@ pub fn in_flight(schedule: &Schedule) -> Vec<InFlight> {
             points[s].insert([fb[s], f[s], b[s] + bw]);
             if x.kind == ActionKind::BW {
                 f[s] = f[s].saturating_sub(1);
-                fb[s] = fb[s].saturating_sub(1);
             }
         }
     }

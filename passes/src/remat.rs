@@ -34,8 +34,9 @@
 //! `need = max over moments t of [Σ keep_v · k_v(t) · bytes_v + k_W(t) · (B→W stash)]
 //!        + 2 · Σ off_v · bytes_v`
 //!
-//! with `k_v(t) = k_B(t)` for a value that only B can need (it is not an ancestor in F of a value
-//! W reads) and `k(t)` otherwise, the moments being the counts after each action of the stage's
+//! with `k_v(t) = k(t)` for a kept value W needs (W reads it, or W's recomputation does) and
+//! `k_B(t)` otherwise (the ILP has a kept-until-W and a recomputed-in-W variable per value), the
+//! moments being the counts after each action of the stage's
 //! device (one memory constraint per moment in the ILP; without a schedule, one moment with the
 //! largest counts): the runtime frees a saved value after its last planned use, so this is the
 //! simulator's memory model with `M_B`/`M_W` split per value. The runtime reloads offloaded values for the running
@@ -357,8 +358,8 @@ pub struct ChoiceGraph<'a> {
     host_bytes_per_s: f64,
     /// Bytes B hands to W.
     b_to_w: u64,
-    /// Values W may need: saved values W reads and their ancestors in F.
-    w_side: BTreeSet<Value>,
+    /// Saved values W reads.
+    w_reads: BTreeSet<Value>,
 }
 
 fn is_free(op: &Op) -> bool {
@@ -414,20 +415,14 @@ impl<'a> ChoiceGraph<'a> {
             b,
             w,
         };
-        let w_reads: BTreeSet<&str> = w.data_inputs().map(|a| a.name).collect();
-        let mut w_side: BTreeSet<Value> = saved
+        let w_names: BTreeSet<&str> = w.data_inputs().map(|a| a.name).collect();
+        let w_reads: BTreeSet<Value> = saved
             .iter()
-            .filter(|(_, n)| w_reads.contains(n.as_str()))
+            .filter(|(_, n)| w_names.contains(n.as_str()))
             .map(|(&v, _)| v)
             .collect();
-        for &n in f.body.iter().rev() {
-            let d = &f.nodes[n];
-            if d.results.iter().any(|r| w_side.contains(r)) {
-                w_side.extend(d.operands.iter().copied());
-            }
-        }
         ChoiceGraph {
-            w_side,
+            w_reads,
             f,
             b,
             w,
@@ -456,13 +451,33 @@ impl<'a> ChoiceGraph<'a> {
             .collect()
     }
 
-    /// Microbatches a kept `v` is held for at moment `p` (see the module docs).
-    fn multiplier(&self, v: Value, p: [u64; 3]) -> u64 {
-        if self.w_side.contains(&v) {
+    /// Microbatches a kept value is held for at moment `p`: until W (`held_w`) or until B.
+    fn multiplier(held_w: bool, p: [u64; 3]) -> u64 {
+        if held_w {
             p[1]
         } else {
             p[0]
         }
+    }
+
+    /// The kept values a plan holds until W: those W reads and those W's recomputation reads.
+    fn held_until_w(&self, plan: &StagePlan) -> BTreeSet<Value> {
+        let mut held = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        let mut stack: Vec<Value> = self.w_reads.iter().copied().collect();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            match plan.choices.get(&v) {
+                Some(Choice::Keep) => {
+                    held.insert(v);
+                }
+                Some(Choice::Recompute) => stack.extend(self.forward_operands(v)),
+                _ => {}
+            }
+        }
+        held
     }
 
     fn offload_seconds(&self, v: Value) -> f64 {
@@ -736,13 +751,14 @@ impl<'a> ChoiceGraph<'a> {
         let in_flight = &in_flight.into();
         let mut s = PlanSummary::default();
         let moments = in_flight.moments();
+        let held = self.held_until_w(plan);
         let mut weighted = vec![0u64; moments.len()];
         for (&v, &c) in &plan.choices {
             match c {
                 Choice::Keep => {
                     s.kept_bytes += self.bytes(v);
                     for (w, &p) in weighted.iter_mut().zip(&moments) {
-                        *w += self.multiplier(v, p) * self.bytes(v);
+                        *w += Self::multiplier(held.contains(&v), p) * self.bytes(v);
                     }
                 }
                 Choice::Offload => {
@@ -775,11 +791,16 @@ impl<'a> ChoiceGraph<'a> {
     ) -> Result<Option<StagePlan>, String> {
         let mut vars = ProblemVariables::new();
         let mut x: BTreeMap<Value, (Variable, Variable, Option<Variable>)> = BTreeMap::new();
+        // kw: kept until W; rw: recomputed in W.
+        let mut xw: BTreeMap<Value, (Variable, Option<Variable>)> = BTreeMap::new();
         for &v in &self.cands {
             let k = vars.add(variable().binary());
             let o = vars.add(variable().binary());
             let r = self.recomputable(v).then(|| vars.add(variable().binary()));
             x.insert(v, (k, o, r));
+            let kw = vars.add(variable().binary());
+            let rw = self.recomputable(v).then(|| vars.add(variable().binary()));
+            xw.insert(v, (kw, rw));
         }
         // Scale bytes to MiB-ish units to keep the solver's numbers tame.
         let scale = 1.0 / (1u64 << 20) as f64;
@@ -789,16 +810,17 @@ impl<'a> ChoiceGraph<'a> {
         let mut time = Expression::from(0.0);
         for &v in &self.cands {
             let (k, o, r) = x[&v];
+            let kw = xw[&v].0;
             let bytes = self.bytes(v) as f64 * scale;
             for (m, &p) in memory.iter_mut().zip(&moments) {
-                *m += (self.multiplier(v, p) as f64 * bytes) * k + (2.0 * bytes) * o;
+                *m += (p[0] as f64 * bytes) * k
+                    + ((p[1] - p[0].min(p[1])) as f64 * bytes) * kw
+                    + (2.0 * bytes) * o;
             }
-            let largest = moments
-                .iter()
-                .map(|&p| self.multiplier(v, p))
-                .max()
-                .unwrap_or(1);
-            total_memory += (largest as f64 * bytes) * k + (2.0 * bytes) * o;
+            let most = |i: usize| moments.iter().map(|p| p[i]).max().unwrap_or(1) as f64;
+            total_memory += (most(0) * bytes) * k
+                + ((most(1) - most(0)).max(0.0) * bytes) * kw
+                + (2.0 * bytes) * o;
             time += self.offload_seconds(v) * 1e3 * o;
             if let Some(r) = r {
                 // A tiny per-value charge breaks ties toward fewer recomputed values.
@@ -834,6 +856,28 @@ impl<'a> ChoiceGraph<'a> {
                         None => Expression::from(ku) + ou,
                     };
                     problem.add_constraint(constraint!(avail >= r));
+                }
+            }
+            // Availability in W: kept until W, offloaded, or recomputed in W.
+            let (kw, rw) = xw[&v];
+            problem.add_constraint(constraint!(kw <= k));
+            if let (Some(rw), Some(r)) = (rw, r) {
+                problem.add_constraint(constraint!(rw <= r));
+            }
+            let avail_w = |u: Value| {
+                let (kwu, rwu) = xw[&u];
+                let ou = x[&u].1;
+                match rwu {
+                    Some(rwu) => Expression::from(kwu) + ou + rwu,
+                    None => Expression::from(kwu) + ou,
+                }
+            };
+            if self.w_reads.contains(&v) {
+                problem.add_constraint(avail_w(v).geq(1.0));
+            }
+            if let Some(rw) = rw {
+                for u in self.forward_operands(v) {
+                    problem.add_constraint(constraint!(avail_w(u) >= rw));
                 }
             }
         }

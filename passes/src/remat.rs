@@ -35,15 +35,17 @@
 //!        + 2 · Σ off_v · bytes_v`
 //!
 //! with `k_v(t) = k(t)` for a kept value W needs (W reads it, or W's recomputation does) and
-//! `k_B(t)` otherwise (the ILP has a kept-until-W and a recomputed-in-W variable per value), the
-//! moments being the counts after each action of the stage's
-//! device (one memory constraint per moment in the ILP; without a schedule, one moment with the
-//! largest counts): the runtime frees a saved value after its last planned use, so this is the
-//! simulator's memory model with `M_B`/`M_W` split per value. The runtime reloads offloaded values for the running
-//! action and prefetches them for the next one, so at most two microbatches' offloaded sets are
-//! back on the device at once). `auto` minimises the cost subject to `need ≤ memory-limit` with
-//! good_lp + microlp. Recomputation's transient memory inside B or W (the recomputed values are
-//! live while that function runs) is not part of `need`, like every other temporary of B and W.
+//! `k_B(t)` otherwise (the ILP has a kept-until-W and a recomputed-in-W variable per value). The
+//! moments are the counts after each action of the stage's device (one memory constraint per
+//! moment; without a schedule, one moment with the largest counts). The runtime frees a saved
+//! value after its last planned use, so this is the simulator's memory model with `M_B`/`M_W`
+//! split per value. Offloaded values count twice: the runtime reloads them for the running action
+//! and prefetches them for the next one. `auto` minimises the cost subject to
+//! `need ≤ memory-limit` with good_lp + microlp ([`ILP_SECONDS`], [`ILP_GAP`]); when the solver
+//! finds no plan in time, or a worse one, a greedy plan is used (start from the smallest plan,
+//! turn values back to kept while they fit). Recomputation's transient memory inside B or W (the
+//! recomputed values are live while that function runs) is not part of `need`, like every other
+//! temporary of B and W; views (`reshape`) are re-created rather than saved and cost nothing.
 //!
 //! The choice is made directly on this graph rather than in the e-graph of `egraph/`: the graph
 //! has no rewrites to explore (an e-class would hold exactly one forward node), so an e-graph adds
@@ -62,8 +64,8 @@
 //!   outputs and everything else.
 //! - `offload-all`: offload every saved value.
 //! - `auto` (the default when `memory-limit` is given): the ILP above. Without a limit it keeps
-//!   everything. An infeasible limit is an error naming the smallest feasible limit (the same ILP
-//!   minimising `need`).
+//!   everything. An infeasible limit is an error naming the smallest feasible limit found (the
+//!   ILP minimising memory, or the greedy's smallest plan).
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -479,8 +479,6 @@ struct PoolState {
     staged: HashMap<Key, HostData>,
     /// Reloads requested and not yet taken.
     requested: BTreeSet<Key>,
-    /// A copy thread failure.
-    failed: Option<String>,
 }
 
 /// The host pool of one device and its background copy thread (see the module docs).
@@ -602,9 +600,6 @@ impl HostPool {
                 self.staged_bytes
                     .fetch_sub(data_bytes(&d), Ordering::SeqCst);
                 return Ok(d);
-            }
-            if let Some(e) = g.failed.take() {
-                return Err(Some(e));
             }
             if abort.load(Ordering::SeqCst) {
                 return Err(None);

@@ -919,6 +919,8 @@ impl<'a> ChoiceGraph<'a> {
         match (exact, greedy) {
             (Some(a), Some(b)) => Ok(if cost(&b) < cost(&a) { b } else { a }),
             (Some(a), None) | (None, Some(a)) => Ok(a),
+            // At a limit near the smallest need: the plan minimising memory.
+            (None, None) if let Some(p) = self.solve(None, in_flight, true)?.filter(fits) => Ok(p),
             (None, None) => {
                 let min = self.min_need(in_flight)?;
                 Err(format!(

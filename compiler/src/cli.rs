@@ -154,6 +154,31 @@ pub struct InspectArgs {
     /// first when the module is not split yet).
     #[arg(long)]
     pub split: bool,
+    /// Report per pipeline stage the recomputation/offload plan under a schedule: saved bytes by
+    /// value, recomputed FLOPs, offloaded bytes and transfer time, peak bytes.
+    #[arg(long)]
+    pub memory: bool,
+    /// With --memory: pipeline devices.
+    #[arg(long, default_value_t = 1, requires = "memory")]
+    pub stages: usize,
+    /// With --memory: microbatches per step.
+    #[arg(long, default_value_t = 1, requires = "memory")]
+    pub microbatches: usize,
+    /// With --memory: the schedule (`auto` with --memory-limit chooses schedule and plan jointly).
+    #[arg(long, default_value = "1f1b", requires = "memory")]
+    pub schedule: String,
+    /// With --memory: none, full, selective, offload-all, auto (default with --memory-limit).
+    #[arg(long, requires = "memory")]
+    pub remat: Option<String>,
+    /// With --memory: bytes of saved activations per device (suffix K, M, G allowed).
+    #[arg(long, requires = "memory")]
+    pub memory_limit: Option<String>,
+    /// With --memory: device profile (built-in name or file) for times and transfers.
+    #[arg(long, default_value = "cpu-epyc-2core", requires = "memory")]
+    pub profile: String,
+    /// With --memory: write the timeline and memory over time (SVG) here.
+    #[arg(long, requires = "memory")]
+    pub svg: Option<PathBuf>,
 }
 
 /// Interpreter precision.
@@ -364,7 +389,84 @@ fn run_pipeline(module: &mut Module, pm: &PassManager) -> Result<()> {
     result.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
+    use cleave_passes::remat::{parse_bytes, Policy};
+    let module = load_module(&a.file, &a.model.load_options())?;
+    let forward = crate::memory::forward_of(&module)?;
+    let limit = a
+        .memory_limit
+        .as_deref()
+        .map(parse_bytes)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
+    let policy = match a.remat.as_deref() {
+        None if limit.is_some() => Policy::Auto,
+        None => Policy::None,
+        Some(p) => Policy::parse(p).with_context(|| {
+            format!(
+                "--remat {p}: unknown policy; valid policies: {}",
+                Policy::NAMES
+            )
+        })?,
+    };
+    let profile =
+        cleave_passes::partition::DeviceProfile::load(&a.profile).map_err(anyhow::Error::msg)?;
+    let (p, m) = (a.stages, a.microbatches);
+    let mut tried = Vec::new();
+    let planned = if a.schedule == "auto" && limit.is_some() && policy == Policy::Auto {
+        let schedule = crate::pipeline_train::build_schedule("1f1b", p, m)?;
+        let base = crate::memory::split_module(&forward, schedule.n_stages(), &a.profile)?;
+        let (best, t) = crate::memory::joint(&forward, &base, p, m, limit.unwrap_or(0), &profile)?;
+        tried = t;
+        best
+    } else {
+        let schedule = crate::pipeline_train::build_schedule(&a.schedule, p, m)?;
+        let base = crate::memory::split_module(&forward, schedule.n_stages(), &a.profile)?;
+        crate::memory::plan_for(
+            &forward,
+            &base,
+            schedule,
+            &a.schedule,
+            policy,
+            limit,
+            &profile,
+        )?
+    };
+    if let Some(path) = &a.svg {
+        let title = format!(
+            "{} — {} / remat {}",
+            a.file.display(),
+            planned.origin,
+            policy.name()
+        );
+        std::fs::write(
+            path,
+            cleave_passes::schedule::svg::render(&planned.sim, &title),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if a.json {
+        let mut v = planned.to_json(policy, limit);
+        if !tried.is_empty() {
+            v["joint"] = tried
+                .iter()
+                .map(|(o, mk, b)| serde_json::json!({"schedule": o, "makespan_s": mk, "effective_bubble_rate": b}))
+                .collect();
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", planned.render());
+        for (o, mk, b) in &tried {
+            println!("joint candidate {o}: makespan {mk:.6} s, effective bubble rate {b:.4}");
+        }
+    }
+    Ok(())
+}
+
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    if a.memory {
+        return cmd_inspect_memory(&a);
+    }
     let mut module = load_module(&a.file, &a.model.load_options())?;
     if let Some(p) = &a.passes {
         let mut pm = PassManager::from_pipeline(p)?;

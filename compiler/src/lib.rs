@@ -15,6 +15,7 @@ pub mod init;
 pub mod inspect;
 pub mod load;
 pub mod loss;
+pub mod memory;
 pub mod onnx;
 pub mod pipeline_train;
 pub mod schedule_cmd;

@@ -41,11 +41,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use cleave_ir::Module;
+use cleave_passes::partition::DeviceProfile;
+use cleave_passes::remat::{parse_bytes, plan_stages, InFlight, Policy, StageMemory};
 use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
 use cleave_passes::schedule::generators::Generator;
-use cleave_passes::schedule::{
-    Action, ActionKind, Costs, Memory, Schedule, Simulation, StageCost, StageMemory,
-};
+use cleave_passes::schedule::{Action, ActionKind, Costs, Memory, Schedule, Simulation, StageCost};
 use cleave_passes::split::{split_stages, stash_report};
 use cleave_passes::{PassContext, PassManager};
 use cleave_runtime::pipeline::{
@@ -69,6 +69,67 @@ pub struct PipelineRun {
     pub losses: Vec<f64>,
     /// The final parameters.
     pub params: BTreeMap<String, HostData>,
+    /// The recomputation/offload plan of each stage (empty without --remat/--memory-limit).
+    pub memory: Vec<StageMemory>,
+    /// Per device, the most bytes of saved values held in device memory at once, over all steps
+    /// (the executor's accounting).
+    pub peak_saved_bytes: Vec<u64>,
+    /// Per device, bytes copied to the host pool in the last step.
+    pub offloaded_bytes: Vec<u64>,
+}
+
+/// Microbatches in flight per stage under a schedule: the most microbatches whose F has run and
+/// whose W (or BW) has not, whose F has run and whose B (or BW) has not, and whose B has run and
+/// whose W has not (a BW counts as one while it runs), over the stage's device's action list.
+pub fn in_flight(schedule: &Schedule) -> Vec<InFlight> {
+    let n = schedule.n_stages();
+    let mut out = vec![InFlight::from(1); n];
+    let mut points = vec![std::collections::BTreeSet::new(); n];
+    for list in &schedule.devices {
+        let (mut f, mut fb, mut b) = (vec![0u64; n], vec![0u64; n], vec![0u64; n]);
+        for x in list {
+            let s = x.stage as usize;
+            match x.kind {
+                ActionKind::F => {
+                    f[s] += 1;
+                    fb[s] += 1;
+                }
+                ActionKind::B => {
+                    b[s] += 1;
+                    fb[s] = fb[s].saturating_sub(1);
+                }
+                ActionKind::W => {
+                    f[s] = f[s].saturating_sub(1);
+                    b[s] = b[s].saturating_sub(1);
+                }
+                // Within a BW, once B has run: its B-only values are freed, W's are not yet.
+                ActionKind::BW => fb[s] = fb[s].saturating_sub(1),
+                _ => {}
+            }
+            out[s].saved = out[s].saved.max(f[s]);
+            out[s].f_to_b = out[s].f_to_b.max(fb[s]);
+            out[s].b_to_w = out[s].b_to_w.max(b[s]);
+            // A BW holds its B→W values while it runs.
+            let bw = u64::from(x.kind == ActionKind::BW);
+            points[s].insert([fb[s], f[s], b[s] + bw]);
+            if x.kind == ActionKind::BW {
+                f[s] = f[s].saturating_sub(1);
+            }
+        }
+    }
+    for (o, p) in out.iter_mut().zip(points) {
+        // Only the moments no other moment dominates matter.
+        let all: Vec<[u64; 3]> = p.into_iter().collect();
+        o.points = all
+            .iter()
+            .copied()
+            .filter(|a| {
+                !all.iter()
+                    .any(|b| b != a && b[0] >= a[0] && b[1] >= a[1] && b[2] >= a[2])
+            })
+            .collect();
+    }
+    out
 }
 
 /// A measured timeline set against the simulator.
@@ -267,6 +328,36 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     PassManager::from_pipeline(&passes)?
         .run(&mut module, &mut PassContext::default(), &mut |_| {})
         .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
+    // Recomputation and offload of the saved values, per stage, under the schedule.
+    let mut memory = Vec::new();
+    if a.remat.is_some() || a.memory_limit.is_some() {
+        let limit = a
+            .memory_limit
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
+        let policy = match a.remat.as_deref() {
+            None => Policy::Auto,
+            Some(p) => Policy::parse(p).with_context(|| {
+                format!(
+                    "--remat {p}: unknown policy; valid policies: {}",
+                    Policy::NAMES
+                )
+            })?,
+        };
+        let profile = DeviceProfile::load("cpu-epyc-2core").map_err(anyhow::Error::msg)?;
+        let placement: Vec<usize> = schedule.placement.iter().map(|&d| d as usize).collect();
+        memory = plan_stages(
+            &mut module,
+            policy,
+            limit,
+            &in_flight(&schedule),
+            &placement,
+            &profile,
+        )
+        .map_err(|e| anyhow::anyhow!("--remat {}: {e}", policy.name()))?;
+    }
     let split = split_stages(&module);
     if split.len() != n_stages {
         bail!(
@@ -282,7 +373,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             .iter()
             .map(|s| {
                 let r = stash_report(s);
-                StageMemory {
+                cleave_passes::schedule::StageMemory {
                     m_b: (r.f_to_b + r.f_to_w) as f64,
                     m_w: (r.f_to_w + r.b_to_w) as f64,
                 }
@@ -391,6 +482,8 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let mut losses = Vec::new();
     let mut timeline = Vec::new();
     let mut measured = Vec::new();
+    let mut peak: Vec<u64> = Vec::new();
+    let mut offloaded: Vec<u64> = Vec::new();
     let t0 = Instant::now();
     for step in 0..a.steps {
         let rows = order.rows(step, batch);
@@ -409,6 +502,11 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             bail!("loss is {loss} at step {step}; training stopped");
         }
         params.extend(r.params);
+        peak.resize(r.peak_saved_bytes.len(), 0);
+        for (p, &x) in peak.iter_mut().zip(&r.peak_saved_bytes) {
+            *p = (*p).max(x);
+        }
+        offloaded = r.offloaded_bytes.clone();
         if a.timeline.is_some() {
             measured.push(r.timeline.clone());
             timeline.push(serde_json::json!({
@@ -511,5 +609,8 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         summary,
         losses,
         params,
+        memory,
+        peak_saved_bytes: peak,
+        offloaded_bytes: offloaded,
     })
 }

@@ -151,6 +151,13 @@ pub struct TrainArgs {
     /// Make this pipeline action (e.g. `1B3`) fail at its first run (for tests).
     #[arg(long, hide = true)]
     pub fail_action: Option<String>,
+    /// Recomputation/offload policy of saved activations: none, full, selective, offload-all,
+    /// auto (the default with --memory-limit); runs on the pipeline executor.
+    #[arg(long)]
+    pub remat: Option<String>,
+    /// Bytes of saved activations each device may hold (suffix K, M, G allowed).
+    #[arg(long)]
+    pub memory_limit: Option<String>,
 }
 
 /// Arguments of `cleave bench`.
@@ -486,7 +493,12 @@ impl Metrics {
 
 /// Runs `cleave train`.
 pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
-    if a.stages > 1 || a.microbatches > 1 || a.fail_action.is_some() {
+    if a.stages > 1
+        || a.microbatches > 1
+        || a.fail_action.is_some()
+        || a.remat.is_some()
+        || a.memory_limit.is_some()
+    {
         return crate::pipeline_train::train(a).map(|r| r.summary);
     }
     let lr = a.lr.unwrap_or(a.optimizer.default_lr());

@@ -6,6 +6,7 @@
 //! - [`simple`]: `verify` and `dce`.
 //! - [`partition`]: stage assignment under a device cost model.
 //! - [`split`]: `split-bw`, the per-stage F/B/W cut with explicit stash sets.
+//! - [`remat`]: recomputation and activation offload of the stash sets under a memory budget.
 //! - [`schedule`]: pipeline schedules as data, generators, `auto`, the simulator, SVG timelines.
 //! - [`autodiff`]: reverse-mode differentiation with dgrad/wgrad tags at birth.
 //! - [`jvp`]: forward-mode differentiation.
@@ -22,6 +23,7 @@ pub mod optimizer;
 pub mod partition;
 pub mod pass;
 pub mod pipeline;
+pub mod remat;
 pub mod schedule;
 pub mod simple;
 pub mod simplify;

@@ -49,6 +49,11 @@ pub fn registry() -> Vec<PassInfo> {
             build: |o| Ok(Box::new(crate::split::SplitBw::from_options(o)?)),
         },
         PassInfo {
+            name: "remat",
+            description: "recompute or offload the stash sets of split-bw under a memory budget (options: policy=none|full|selective|offload-all|auto, memory-limit=BYTES, in-flight=K, profile=NAME|FILE)",
+            build: |o| Ok(Box::new(crate::remat::Remat::from_options(o)?)),
+        },
+        PassInfo {
             name: "optimizer",
             description: "append the parameter update (options: kind=sgd|momentum|adamw, lr, momentum, beta1, beta2, eps, weight_decay, keep_grads)",
             build: |o| Ok(Box::new(crate::optimizer::Optimizer::from_options(o)?)),

@@ -27,6 +27,18 @@
 //!   weights) are updated by the stage that owns the gradient, and the caller hands the new value
 //!   to every stage in the next step.
 //!
+//! # Saved values, offload and accounting
+//!
+//! `stash.*` values a stage keeps for its own B and W are counted: each is read exactly as often
+//! as the stage's B and W take it (planned uses) and freed after its last use; a value left at the
+//! end of its microbatch's W with uses left, or read more often, is an error naming it. `stash.offload.*` values (made by the `remat` pass) go to a
+//! separate host pool: a background thread per device copies them there after F and back before
+//! the B or W that reads them (the device's next action's reloads are requested when the current
+//! action starts, so copies overlap compute). [`StepResult::peak_saved_bytes`] is, per device,
+//! the largest number of bytes of saved values held in device memory at once (kept `stash.*`
+//! values plus reloaded copies waiting for their function), measured by this accounting;
+//! [`StepResult::offloaded_bytes`] counts the bytes copied to the host pool.
+//!
 //! # Failures
 //!
 //! A worker that fails (a run error, a missing value, an injected failure) records a
@@ -38,9 +50,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{HostData, Plan};
@@ -143,6 +157,11 @@ pub struct StepResult {
     pub grads: BTreeMap<String, HostData>,
     /// Every action's measured start and end.
     pub timeline: Vec<ActionTiming>,
+    /// Per device, the most bytes of saved values held in device memory at once (see the module
+    /// docs).
+    pub peak_saved_bytes: Vec<u64>,
+    /// Per device, the bytes copied to the host pool.
+    pub offloaded_bytes: Vec<u64>,
 }
 
 /// A failed step: the stage, the action and the cause.
@@ -321,6 +340,8 @@ impl Pipeline {
                     store: HashMap::new(),
                     shared: &shared,
                     ready_at: 0.0,
+                    uses: HashMap::new(),
+                    pool: HostPool::start(),
                 };
                 let actions = &self.devices[d];
                 let first_error = &first_error;
@@ -382,6 +403,8 @@ impl Pipeline {
                 });
             };
             losses.extend(o.losses);
+            result.peak_saved_bytes.push(o.peak_saved_bytes);
+            result.offloaded_bytes.push(o.offloaded_bytes);
             result.params.extend(o.params);
             result.grads.extend(o.grads);
             result.timeline.extend(o.timeline);
@@ -408,6 +431,8 @@ struct DeviceOut {
     params: BTreeMap<String, HostData>,
     grads: BTreeMap<String, HostData>,
     timeline: Vec<ActionTiming>,
+    peak_saved_bytes: u64,
+    offloaded_bytes: u64,
 }
 
 /// Per-stage state on its device.
@@ -430,6 +455,201 @@ struct Worker<'a> {
     /// When the last wait for a value from another device ended (seconds since the step began):
     /// an action's measured start is after its inputs arrived, so waiting counts as idle time.
     ready_at: f64,
+    /// Planned uses left of each saved value (kept or offloaded) of (stage, microbatch, name).
+    uses: HashMap<Key, usize>,
+    /// The host pool and its copy thread.
+    pool: HostPool,
+}
+
+type Key = (usize, usize, String);
+
+fn data_bytes(d: &HostData) -> u64 {
+    (d.len() * d.dtype().size_bytes()) as u64
+}
+
+fn is_offloaded(name: &str) -> bool {
+    name.starts_with("stash.offload.")
+}
+
+enum Job {
+    Offload(Key, HostData, usize),
+    Reload(Key),
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Host copies with their reloads left.
+    host: HashMap<Key, (HostData, usize)>,
+    /// Reloaded device copies waiting for their function.
+    staged: HashMap<Key, HostData>,
+    /// Reloads requested and not yet taken.
+    requested: BTreeSet<Key>,
+}
+
+/// The host pool of one device and its background copy thread (see the module docs).
+struct HostPool {
+    jobs: Option<Sender<Job>>,
+    state: Arc<(Mutex<PoolState>, Condvar)>,
+    /// Device bytes of kept saved values (the worker's) and of staged reloads (the thread's).
+    kept_bytes: Arc<AtomicU64>,
+    staged_bytes: Arc<AtomicU64>,
+    peak: Arc<AtomicU64>,
+    offloaded: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HostPool {
+    fn start() -> HostPool {
+        let (tx, rx) = channel::<Job>();
+        let state: Arc<(Mutex<PoolState>, Condvar)> = Arc::default();
+        let kept_bytes = Arc::new(AtomicU64::new(0));
+        let staged_bytes = Arc::new(AtomicU64::new(0));
+        let peak = Arc::new(AtomicU64::new(0));
+        let offloaded = Arc::new(AtomicU64::new(0));
+        let (st, sb, kb, pk, off) = (
+            state.clone(),
+            staged_bytes.clone(),
+            kept_bytes.clone(),
+            peak.clone(),
+            offloaded.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let (lock, cv) = &*st;
+            // Reloads requested (prefetched) before their value was offloaded.
+            let mut early: Vec<Key> = Vec::new();
+            for job in rx {
+                let keys = match job {
+                    Job::Offload(key, data, uses) => {
+                        // The copy to host memory (a fresh buffer); the device copy is dropped.
+                        let host = data.clone();
+                        drop(data);
+                        off.fetch_add(data_bytes(&host), Ordering::SeqCst);
+                        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut due = Vec::new();
+                        early.retain(|k| {
+                            if *k == key {
+                                due.push(k.clone());
+                                false
+                            } else {
+                                true
+                            }
+                        });
+                        g.host.insert(key, (host, uses));
+                        cv.notify_all();
+                        due
+                    }
+                    Job::Reload(key) => vec![key],
+                };
+                for key in keys {
+                    {
+                        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+                        let Some((data, left)) = g.host.get_mut(&key) else {
+                            early.push(key);
+                            continue;
+                        };
+                        let copy = data.clone();
+                        *left -= 1;
+                        if *left == 0 {
+                            g.host.remove(&key);
+                        }
+                        let b = data_bytes(&copy);
+                        let now = sb.fetch_add(b, Ordering::SeqCst) + b;
+                        pk.fetch_max(now + kb.load(Ordering::SeqCst), Ordering::SeqCst);
+                        g.staged.insert(key, copy);
+                        cv.notify_all();
+                    }
+                }
+            }
+        });
+        HostPool {
+            jobs: Some(tx),
+            state,
+            kept_bytes,
+            staged_bytes,
+            peak,
+            offloaded,
+            thread: Some(thread),
+        }
+    }
+
+    fn offload(&self, key: Key, data: HostData, uses: usize) {
+        if let Some(tx) = &self.jobs {
+            let _ = tx.send(Job::Offload(key, data, uses));
+        }
+    }
+
+    /// Requests a reload unless one is already under way.
+    fn prefetch(&self, key: &Key) {
+        let (lock, _) = &*self.state;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if g.requested.insert(key.clone()) {
+            if let Some(tx) = &self.jobs {
+                let _ = tx.send(Job::Reload(key.clone()));
+            }
+        }
+    }
+
+    /// Waits for a reloaded copy.
+    fn take(
+        &self,
+        key: &Key,
+        abort: &AtomicBool,
+        deadline: Instant,
+    ) -> Result<HostData, Option<String>> {
+        self.prefetch(key);
+        let (lock, cv) = &*self.state;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(d) = g.staged.remove(key) {
+                g.requested.remove(key);
+                self.staged_bytes
+                    .fetch_sub(data_bytes(&d), Ordering::SeqCst);
+                return Ok(d);
+            }
+            if abort.load(Ordering::SeqCst) {
+                return Err(None);
+            }
+            if Instant::now() > deadline {
+                return Err(Some(format!(
+                    "timed out reloading `{}` of microbatch {}",
+                    key.2, key.1
+                )));
+            }
+            g = cv
+                .wait_timeout(g, Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn note_kept(&self, delta: i64) {
+        let now = if delta >= 0 {
+            self.kept_bytes.fetch_add(delta as u64, Ordering::SeqCst) + delta as u64
+        } else {
+            self.kept_bytes.fetch_sub((-delta) as u64, Ordering::SeqCst) - (-delta) as u64
+        };
+        self.peak.fetch_max(
+            now + self.staged_bytes.load(Ordering::SeqCst),
+            Ordering::SeqCst,
+        );
+    }
+
+    fn finish(&mut self) -> (u64, u64) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        (
+            self.peak.load(Ordering::SeqCst),
+            self.offloaded.load(Ordering::SeqCst),
+        )
+    }
+}
+
+impl Drop for HostPool {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 /// `None`: aborted because another worker failed.
@@ -497,7 +717,6 @@ impl<'a> Worker<'a> {
             if sh.opts.fail_at == Some(a) {
                 return Err(fail("injected failure".into()));
             }
-            let st = states.get_mut(&a.stage).expect("validated placement");
             let j = a.microbatch;
             let whiches: &[Which] = match a.kind {
                 PipelineKind::F => &[Which::F],
@@ -505,10 +724,53 @@ impl<'a> Worker<'a> {
                 PipelineKind::W => &[Which::W],
                 PipelineKind::BW => &[Which::B, Which::W],
             };
+            // Request the reloads of this action and of the device's next one.
+            let idx = out.timeline.len();
+            for b in actions[idx..].iter().take(2) {
+                let Some(bst) = states.get(&b.stage) else {
+                    continue;
+                };
+                let plans: &[&Plan] = match b.kind {
+                    PipelineKind::F => &[],
+                    PipelineKind::B => &[&bst.plans.b],
+                    PipelineKind::W => &[&bst.plans.w],
+                    PipelineKind::BW => &[&bst.plans.b, &bst.plans.w],
+                };
+                for p in plans {
+                    for x in p.args() {
+                        if is_offloaded(&x.name) {
+                            self.pool.prefetch(&(b.stage, b.microbatch, x.name.clone()));
+                        }
+                    }
+                }
+            }
+            let st = states.get_mut(&a.stage).expect("validated placement");
             for &w in whiches {
                 self.run_fn(a.stage, st, w, j, &mut out)
                     .map_err(|e| e.map(|m| fail(m).expect("some")))?;
                 if let Which::W = w {
+                    let mut freed = 0u64;
+                    let mut unused = None;
+                    for (k, d) in &self.store {
+                        if k.0 == a.stage && k.1 == j && k.2.starts_with("stash.") {
+                            freed += data_bytes(d);
+                            if self.uses.get(k).copied().unwrap_or(0) != 0 {
+                                unused = Some(k.2.clone());
+                            }
+                        }
+                    }
+                    for (k, &left) in &self.uses {
+                        if k.0 == a.stage && k.1 == j && left != 0 {
+                            unused = Some(k.2.clone());
+                        }
+                    }
+                    if let Some(name) = unused {
+                        return Err(fail(format!(
+                            "saved value `{name}` of microbatch {j} is freed with planned uses left"
+                        )));
+                    }
+                    self.uses.retain(|k, _| !(k.0 == a.stage && k.1 == j));
+                    self.pool.note_kept(-(freed as i64));
                     self.store.retain(|k, _| !(k.0 == a.stage && k.1 == j));
                     st.w_done += 1;
                     if st.w_done == sh.m {
@@ -538,6 +800,9 @@ impl<'a> Worker<'a> {
                 end_s: sh.t0.elapsed().as_secs_f64(),
             });
         }
+        let (peak, off) = self.pool.finish();
+        out.peak_saved_bytes = peak;
+        out.offloaded_bytes = off;
         Ok(out)
     }
 
@@ -561,16 +826,26 @@ impl<'a> Worker<'a> {
         };
         for (i, name) in names.iter().enumerate() {
             let key = (s, j, name.clone());
+            let reloaded;
             let value: &HostData = if let (Which::W, Some(v)) = (which, st.acc.get(name)) {
                 v
             } else if let Some(v) = st.params.get(name) {
                 v
             } else if let Some(v) = sh.data[j].get(name) {
                 v
+            } else if is_offloaded(name) {
+                self.use_saved(&key)?;
+                reloaded = self
+                    .pool
+                    .take(&key, sh.abort, Instant::now() + sh.opts.timeout)?;
+                &reloaded
             } else {
                 if !self.store.contains_key(&key) {
                     self.wait_for(&key)?;
                     self.ready_at = sh.t0.elapsed().as_secs_f64();
+                }
+                if name.starts_with("stash.") {
+                    self.use_saved(&key)?;
                 }
                 &self.store[&key]
             };
@@ -581,6 +856,13 @@ impl<'a> Worker<'a> {
             };
             plan.set_input(i, value.as_slice())
                 .map_err(|e| Some(format!("argument `{name}`: {e}")))?;
+            // A kept saved value is freed after its last planned use.
+            if name.starts_with("stash.") && !is_offloaded(name) && self.uses.get(&key) == Some(&0)
+            {
+                if let Some(d) = self.store.remove(&key) {
+                    self.pool.note_kept(-(data_bytes(&d) as i64));
+                }
+            }
         }
         let plan = match which {
             Which::F => &mut st.plans.f,
@@ -616,7 +898,21 @@ impl<'a> Worker<'a> {
                 }
                 let data = plan.output(oi);
                 let dev = sh.placement[t];
-                if dev == self.device {
+                if t == s && name.starts_with("stash.") {
+                    // A saved value: planned uses = the stage's B and W that take it.
+                    let uses = [&st.plans.b, &st.plans.w]
+                        .iter()
+                        .filter(|p| p.args().iter().any(|x| x.name == *name))
+                        .count();
+                    let key = (t, j, name.clone());
+                    self.uses.insert(key.clone(), uses);
+                    if is_offloaded(name) {
+                        self.pool.offload(key, data, uses);
+                    } else {
+                        self.pool.note_kept(data_bytes(&data) as i64);
+                        self.store.insert(key, data);
+                    }
+                } else if dev == self.device {
                     self.store.insert((t, j, name.clone()), data);
                 } else {
                     self.send(
@@ -632,6 +928,24 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Counts one use of a saved value against its plan.
+    fn use_saved(&mut self, key: &Key) -> Result<(), Option<String>> {
+        match self.uses.get_mut(key) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                Ok(())
+            }
+            Some(_) => Err(Some(format!(
+                "saved value `{}` of microbatch {} is used more often than planned",
+                key.2, key.1
+            ))),
+            None => Err(Some(format!(
+                "saved value `{}` of microbatch {} was never saved",
+                key.2, key.1
+            ))),
+        }
     }
 
     fn wait_for(&mut self, key: &(usize, usize, String)) -> Result<(), Option<String>> {

@@ -43,6 +43,8 @@ pub fn args(steps: usize) -> TrainArgs {
         schedule: "1f1b".into(),
         timeline: None,
         fail_action: None,
+        remat: None,
+        memory_limit: None,
     }
 }
 

@@ -1,0 +1,385 @@
+//! `cleave inspect --memory`: the recomputation/offload plan of every pipeline stage under a
+//! schedule, its costs, and the simulated memory over time; and the joint choice of schedule and
+//! plan under a per-device memory limit.
+//!
+//! # Build
+//!
+//! The forward model is cut like `cleave train --stages P` does (`partition{stages=S,profile}`,
+//! `autodiff`, `split-bw`), the schedule is generated, each stage's microbatches in flight are
+//! read off its device's action list ([`crate::pipeline_train::in_flight`]), and
+//! [`cleave_passes::remat::plan_stages`] picks every stage's plan (a device's limit is shared
+//! among its stages).
+//!
+//! # Costs and memory handed to the simulator
+//!
+//! Per stage, under the device profile: `T_F`, `T_B`, `T_W` are the sums of
+//! [`forward_seconds`] over the nodes of F, B and W after the rewrite (views — `reshape`,
+//! `stop_gradient` — cost nothing: the runtime aliases them) (so recomputation is in B
+//! and W), plus half the offload transfer time in F and half in B (transfers charged as if they
+//! did not overlap). `M_B` and `M_W` are `split-bw`'s stash sets of the rewritten functions
+//! without the `stash.offload.*` values.
+//!
+//! # Joint choice (`--schedule auto` with a limit)
+//!
+//! Seeds: the schedules 1F1B, ZB-H1, ZB-H2 and `auto` without a limit, each planned for its
+//! in-flight counts under the limit (a seed whose smallest plan does not fit is dropped). Each
+//! seed's plan gives new per-stage `T_F, T_B, T_W, M_B, M_W`; the `auto` scheduler, bounded by the
+//! limit, then picks a schedule for those costs, whose in-flight counts give a new plan, and so
+//! on. **The loop ends** when the in-flight counts repeat one already planned (a fixed point when
+//! they repeat the last one, a cycle otherwise) or after [`MAX_ROUNDS`] rounds; in-flight counts
+//! take finitely many values, so it always ends. Every consistent pair (a schedule and the plan
+//! made for its in-flight counts) met on the way is simulated, and the one with the smallest
+//! makespan is chosen.
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context, Result};
+use cleave_ir::{Function, Module, Op};
+use cleave_passes::partition::DeviceProfile;
+use cleave_passes::remat::{forward_seconds, plan_stages, Choice, InFlight, Policy, StageMemory};
+use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
+use cleave_passes::schedule::{Costs, Memory, Schedule, Simulation, StageCost};
+use cleave_passes::split::{split_stages, stash_report};
+use cleave_passes::{PassContext, PassManager};
+use serde_json::{json, Value};
+
+use crate::pipeline_train::{build_schedule, in_flight};
+
+/// A candidate of the joint loop: its origin, makespan and effective bubble rate.
+pub type Candidate = (String, f64, f64);
+
+/// Rounds of the joint loop per seed.
+pub const MAX_ROUNDS: usize = 6;
+
+/// A schedule with its plan, costs and simulation.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    /// Where it came from (`zb-h1`, `auto←zb-h2`, …).
+    pub origin: String,
+    /// The schedule.
+    pub schedule: Schedule,
+    /// Per stage.
+    pub stages: Vec<StageMemory>,
+    /// Per-stage costs after the rewrite.
+    pub costs: Costs,
+    /// Per-stage memory after the rewrite.
+    pub memory: Memory,
+    /// The costs without recomputation or offload (for the useful work).
+    pub base_costs: Costs,
+    /// The simulation.
+    pub sim: Simulation,
+}
+
+impl Planned {
+    /// The bubble rate counting recomputation and transfers as idle time: the simulator's
+    /// `(longest span − mean work) / longest span` with the work of the plan-free costs.
+    pub fn effective_bubble_rate(&self) -> f64 {
+        let mut busy = vec![0.0; self.schedule.p()];
+        for (s, &d) in self.schedule.placement.iter().enumerate() {
+            let c = self.base_costs.stages[s];
+            busy[d as usize] += (c.f + c.b + c.w) * self.schedule.m() as f64;
+        }
+        let span = self.sim.devices.iter().map(|d| d.span).fold(0.0, f64::max);
+        let useful = busy.iter().sum::<f64>() / busy.len().max(1) as f64;
+        if span > 0.0 {
+            1.0 - useful / span
+        } else {
+            0.0
+        }
+    }
+
+    /// The JSON report (see the README).
+    pub fn to_json(&self, policy: Policy, limit: Option<u64>) -> Value {
+        let stages: Vec<Value> = self
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let values: Vec<Value> = s
+                    .values
+                    .iter()
+                    .map(|(name, bytes, c)| {
+                        json!({"name": name, "bytes": bytes, "choice": match c {
+                            Choice::Keep => "keep",
+                            Choice::Offload => "offload",
+                            Choice::Recompute => "recompute",
+                        }})
+                    })
+                    .collect();
+                let d = self.schedule.placement[i] as usize;
+                json!({
+                    "stage": i,
+                    "device": d,
+                    "function": s.function,
+                    "in_flight": s.in_flight.saved,
+                    "in_flight_b_to_w": s.in_flight.b_to_w,
+                    "limit_bytes": s.limit,
+                    "saved_bytes": s.summary.kept_bytes,
+                    "values": values,
+                    "recomputed_values": s.summary.recomputed_values,
+                    "recomputed_flops": s.summary.recompute_flops,
+                    "offloaded_bytes": s.summary.offloaded_bytes,
+                    "transfer_s": s.transfer_seconds,
+                    "need_bytes": s.summary.need_bytes,
+                    "t_f": self.costs.stages[i].f,
+                    "t_b": self.costs.stages[i].b,
+                    "t_w": self.costs.stages[i].w,
+                    "m_b": self.memory.stages[i].m_b,
+                    "m_w": self.memory.stages[i].m_w,
+                    "peak_bytes": self.sim.devices[d].peak_memory,
+                })
+            })
+            .collect();
+        json!({
+            "policy": policy.name(),
+            "memory_limit": limit,
+            "schedule": self.origin,
+            "bubble_rate": self.sim.bubble_rate,
+            "effective_bubble_rate": self.effective_bubble_rate(),
+            "makespan_s": self.sim.makespan,
+            "peak_bytes": self.sim.devices.iter().map(|d| d.peak_memory).collect::<Vec<_>>(),
+            "stages": stages,
+        })
+    }
+
+    /// A text table.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "schedule {}: makespan {:.6} s, bubble rate {:.4} (recomputation counted as idle: {:.4})\n",
+            self.origin,
+            self.sim.makespan,
+            self.sim.bubble_rate,
+            self.effective_bubble_rate()
+        );
+        out.push_str(&format!(
+            "{:<6} {:>6} {:>9} {:>12} {:>12} {:>14} {:>12} {:>12} {:>12}\n",
+            "stage",
+            "device",
+            "in flight",
+            "saved B",
+            "recomputed",
+            "recompute FLOP",
+            "offloaded B",
+            "transfer s",
+            "peak B"
+        ));
+        for (i, s) in self.stages.iter().enumerate() {
+            let d = self.schedule.placement[i] as usize;
+            out.push_str(&format!(
+                "{:<6} {:>6} {:>9} {:>12} {:>12} {:>14} {:>12} {:>12.3e} {:>12.0}\n",
+                i,
+                d,
+                s.in_flight.saved,
+                s.summary.kept_bytes,
+                s.summary.recomputed_values,
+                s.summary.recompute_flops,
+                s.summary.offloaded_bytes,
+                s.transfer_seconds,
+                self.sim.devices[d].peak_memory
+            ));
+            for (name, bytes, c) in &s.values {
+                out.push_str(&format!("    {name:<20} {bytes:>12} {c:?}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// The forward model cut into `n_stages` stages, differentiated and split.
+pub fn split_module(forward: &Function, n_stages: usize, profile: &str) -> Result<Module> {
+    let mut module = Module::with_function(forward.clone());
+    let passes = if n_stages > 1 {
+        format!("partition{{stages={n_stages},profile={profile}}},autodiff,split-bw")
+    } else {
+        "autodiff,split-bw".to_string()
+    };
+    PassManager::from_pipeline(&passes)?
+        .run(&mut module, &mut PassContext::default(), &mut |_| {})
+        .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
+    Ok(module)
+}
+
+fn function_seconds(p: &DeviceProfile, f: &Function) -> f64 {
+    f.body
+        .iter()
+        .filter(|&&n| {
+            let op = &f.nodes[n].op;
+            // Arguments cost nothing, and neither do views: the runtime aliases a reshape.
+            op.arg_role().is_none() && !matches!(op, Op::Reshape { .. } | Op::StopGradient)
+        })
+        .map(|&n| forward_seconds(p, f, n))
+        .sum()
+}
+
+/// Per-stage costs and memory of a split module (after `remat`, if it ran).
+pub fn costs_of(
+    module: &Module,
+    profile: &DeviceProfile,
+    stages: &[StageMemory],
+) -> (Costs, Memory) {
+    let mut c = Vec::new();
+    let mut m = Vec::new();
+    for (i, s) in split_stages(module).iter().enumerate() {
+        let transfer = stages.get(i).map(|x| x.transfer_seconds).unwrap_or(0.0);
+        c.push(StageCost {
+            f: function_seconds(profile, s.f) + transfer / 2.0,
+            b: function_seconds(profile, s.b) + transfer / 2.0,
+            w: function_seconds(profile, s.w),
+        });
+        let r = device_stash(s);
+        m.push(cleave_passes::schedule::StageMemory {
+            m_b: (r.f_to_b + r.f_to_w) as f64,
+            m_w: (r.f_to_w + r.b_to_w) as f64,
+        });
+    }
+    (
+        Costs {
+            stages: c,
+            comm: 0.0,
+        },
+        Memory { stages: m },
+    )
+}
+
+/// `stash_report` without the offloaded values.
+fn device_stash(s: &cleave_passes::split::SplitStage<'_>) -> cleave_passes::split::StashBytes {
+    let mut r = stash_report(s);
+    for o in &s.f.outputs {
+        if o.name.starts_with("stash.offload.") {
+            let bytes = s.f.ty(o.value).size_bytes() as u64;
+            // Offloaded values are read by B, W or both; stash_report put them in one set.
+            let reads_w = s.w.data_inputs().any(|a| a.name == o.name);
+            if reads_w {
+                r.f_to_w -= bytes;
+            } else {
+                r.f_to_b -= bytes;
+            }
+        }
+    }
+    r
+}
+
+/// Plans `policy` for `schedule` and simulates it.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_for(
+    forward: &Function,
+    base: &Module,
+    schedule: Schedule,
+    origin: &str,
+    policy: Policy,
+    limit: Option<u64>,
+    profile: &DeviceProfile,
+) -> Result<Planned> {
+    let mut module = base.clone();
+    let placement: Vec<usize> = schedule.placement.iter().map(|&d| d as usize).collect();
+    let stages = plan_stages(
+        &mut module,
+        policy,
+        limit,
+        &in_flight(&schedule),
+        &placement,
+        profile,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {origin}: {e}", forward.name))?;
+    let (costs, memory) = costs_of(&module, profile, &stages);
+    let (base_costs, _) = costs_of(base, profile, &[]);
+    let sim = schedule
+        .simulate(&costs, &memory)
+        .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    Ok(Planned {
+        origin: origin.to_string(),
+        schedule,
+        stages,
+        costs,
+        memory,
+        base_costs,
+        sim,
+    })
+}
+
+/// The joint choice of schedule and plan under `limit` (see the module docs).
+pub fn joint(
+    forward: &Function,
+    base: &Module,
+    p: usize,
+    m: usize,
+    limit: u64,
+    profile: &DeviceProfile,
+) -> Result<(Planned, Vec<Candidate>)> {
+    let mut tried: Vec<(String, f64, f64)> = Vec::new();
+    let mut best: Option<Planned> = None;
+    let mut consider = |x: Planned, tried: &mut Vec<(String, f64, f64)>| {
+        tried.push((x.origin.clone(), x.sim.makespan, x.effective_bubble_rate()));
+        if best
+            .as_ref()
+            .is_none_or(|b| x.sim.makespan < b.sim.makespan)
+        {
+            best = Some(x);
+        }
+    };
+    for seed in ["1f1b", "zb-h1", "zb-h2", "auto"] {
+        let schedule = build_schedule(seed, p, m)?;
+        let Ok(mut cur) = plan_for(
+            forward,
+            base,
+            schedule,
+            seed,
+            Policy::Auto,
+            Some(limit),
+            profile,
+        ) else {
+            continue;
+        };
+        let mut seen: BTreeSet<Vec<(u64, u64)>> = BTreeSet::new();
+        let key = |s: &Schedule| -> Vec<(u64, u64)> {
+            in_flight(s)
+                .iter()
+                .map(|k: &InFlight| (k.saved, k.b_to_w))
+                .collect()
+        };
+        seen.insert(key(&cur.schedule));
+        for round in 0..MAX_ROUNDS {
+            let options = AutoOptions {
+                memory_limit: Some(limit as f64),
+                ilp_max_pm: 0,
+                ..AutoOptions::default()
+            };
+            let next = auto_schedule(p, m, &cur.costs, &cur.memory, &options)
+                .ok()
+                .map(|x| x.0);
+            let prev = cur;
+            consider(prev.clone(), &mut tried);
+            let Some(next) = next else { break };
+            if !seen.insert(key(&next)) {
+                break;
+            }
+            let origin = format!("auto[{round}]<-{seed}");
+            match plan_for(
+                forward,
+                base,
+                next,
+                &origin,
+                Policy::Auto,
+                Some(limit),
+                profile,
+            ) {
+                Ok(x) => cur = x,
+                Err(_) => break,
+            }
+            if round + 1 == MAX_ROUNDS {
+                consider(cur.clone(), &mut tried);
+            }
+        }
+    }
+    let best = best.context("no schedule has a plan within the memory limit")?;
+    Ok((best, tried))
+}
+
+/// Loads a `.cir`/`.onnx` model's forward function.
+pub fn forward_of(module: &Module) -> Result<Function> {
+    module
+        .functions
+        .first()
+        .cloned()
+        .context("the module has no functions")
+}

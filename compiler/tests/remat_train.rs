@@ -1,0 +1,277 @@
+//! `cleave train --remat POLICY --memory-limit BYTES`: recomputation and offload change neither
+//! the losses nor the weights (bit for bit, one stage and pipelined), and the executor's
+//! measured peak of saved bytes per device stays within the limit for every schedule.
+
+use std::path::{Path, PathBuf};
+
+use cleave_compiler::pipeline_train::{train, PipelineRun};
+use cleave_compiler::train::{OptimizerArg, TrainArgs};
+use cleave_passes::remat::Choice;
+use cleave_runtime::HostData;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+const MLP: (&str, &str) = (
+    "examples/mlp-digits.cir",
+    "examples/data/digits.safetensors",
+);
+const GPT: (&str, &str) = ("examples/gpt-tiny.cir", "examples/data/modadd.safetensors");
+
+const SCHEDULES: [&str; 7] = [
+    "gpipe",
+    "1f1b",
+    "zb-h1",
+    "zb-h2",
+    "auto",
+    "interleaved",
+    "zb-v",
+];
+
+#[allow(clippy::too_many_arguments)]
+fn args(
+    (model, data): (&str, &str),
+    p: usize,
+    m: usize,
+    schedule: &str,
+    steps: usize,
+    remat: Option<&str>,
+    limit: Option<u64>,
+) -> TrainArgs {
+    TrainArgs {
+        model: root().join(model),
+        data: root().join(data),
+        steps,
+        batch: None,
+        loss: None,
+        labels: None,
+        optimizer: OptimizerArg::Sgd,
+        lr: None,
+        seed: Some(5),
+        eval_every: None,
+        checkpoint: None,
+        checkpoint_every: 100,
+        resume: None,
+        metrics: None,
+        debug_nan: false,
+        quiet: true,
+        stages: p,
+        microbatches: m,
+        schedule: schedule.into(),
+        timeline: None,
+        fail_action: None,
+        remat: remat.map(String::from),
+        memory_limit: limit.map(|l| l.to_string()),
+    }
+}
+
+fn bits(d: &HostData) -> Vec<u32> {
+    match d {
+        HostData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+        HostData::I32(v) => v.iter().map(|&x| x as u32).collect(),
+        HostData::Bool(v) => v.iter().map(|&x| x as u32).collect(),
+    }
+}
+
+fn assert_same(what: &str, want: &PipelineRun, have: &PipelineRun) {
+    let lw: Vec<u64> = want.losses.iter().map(|x| x.to_bits()).collect();
+    let lh: Vec<u64> = have.losses.iter().map(|x| x.to_bits()).collect();
+    assert_eq!(lh, lw, "{what}: losses differ");
+    for (name, w) in &want.params {
+        assert!(
+            bits(&have.params[name]) == bits(w),
+            "{what}: parameter {name} differs"
+        );
+    }
+}
+
+fn count(run: &PipelineRun, c: Choice) -> usize {
+    run.memory
+        .iter()
+        .flat_map(|s| &s.values)
+        .filter(|v| v.2 == c)
+        .count()
+}
+
+#[test]
+fn policies_are_bit_identical_one_stage_and_pipelined() {
+    for model in [MLP, GPT] {
+        for p in [1, 2] {
+            let m = 2;
+            let base = train(&args(model, p, m, "1f1b", 4, None, None)).unwrap();
+            for policy in ["none", "full", "selective", "offload-all"] {
+                let run = train(&args(model, p, m, "1f1b", 4, Some(policy), None))
+                    .unwrap_or_else(|e| panic!("{} {policy} P={p}: {e:#}", model.0));
+                assert_same(&format!("{} {policy} P={p}", model.0), &base, &run);
+                match policy {
+                    "full" => assert!(count(&run, Choice::Recompute) > 0),
+                    "offload-all" => {
+                        assert!(count(&run, Choice::Offload) > 0);
+                        assert!(run.offloaded_bytes.iter().all(|&b| b > 0));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// The smallest feasible limit the error names.
+fn smallest_limit(model: (&str, &str), p: usize, m: usize, s: &str) -> u64 {
+    let Err(e) = train(&args(model, p, m, s, 1, Some("auto"), Some(1))) else {
+        panic!("a one-byte limit is infeasible");
+    };
+    let e = e.to_string();
+    e.rsplit("smallest feasible limit is ")
+        .next()
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no limit in: {e}"))
+}
+
+#[test]
+fn measured_peak_stays_within_the_limit_for_every_schedule() {
+    for model in [MLP, GPT] {
+        let (p, m) = (2, 4);
+        for s in SCHEDULES {
+            let base = train(&args(model, p, m, s, 1, Some("none"), None)).unwrap();
+            let none = *base.peak_saved_bytes.iter().max().unwrap();
+            // 60 % of what keeping everything needs, or the smallest limit the model allows.
+            let limit = (none * 3 / 5).max(smallest_limit(model, p, m, s));
+            let run = train(&args(model, p, m, s, 1, Some("auto"), Some(limit)))
+                .unwrap_or_else(|e| panic!("{} {s}: {e:#}", model.0));
+            let peak = *run.peak_saved_bytes.iter().max().unwrap();
+            eprintln!(
+                "{} {s}: none {none}, limit {limit}, auto peak {peak}",
+                model.0
+            );
+            assert!(
+                peak <= limit,
+                "{} {s}: measured peak {peak} over the limit {limit} (none: {none})",
+                model.0
+            );
+            assert!(peak > 0);
+            assert_same(&format!("{} {s} auto", model.0), &base, &run);
+        }
+    }
+}
+
+#[test]
+fn an_infeasible_limit_names_the_smallest_feasible_one() {
+    let Err(e) = train(&args(MLP, 2, 4, "1f1b", 1, None, Some(16))) else {
+        panic!("a 16-byte limit is infeasible");
+    };
+    let e = e.to_string();
+    assert!(e.contains("smallest feasible limit is"), "{e}");
+    assert!(e.contains("device "), "{e}");
+}
+
+#[test]
+fn joint_choice_fits_the_one_f_one_b_peak() {
+    use cleave_compiler::memory::{joint, plan_for, split_module};
+    use cleave_compiler::pipeline_train::build_schedule;
+    use cleave_passes::partition::DeviceProfile;
+    use cleave_passes::remat::Policy;
+    let module = cleave_compiler::load::load_module(
+        &root().join(GPT.0),
+        &cleave_compiler::load::LoadOptions::default(),
+    )
+    .unwrap();
+    let forward = module.functions[0].clone();
+    let profile = DeviceProfile::load("cpu-epyc-2core").unwrap();
+    let (p, m) = (2, 4);
+    let base = split_module(&forward, p, "cpu-epyc-2core").unwrap();
+    let one_f_one_b = build_schedule("1f1b", p, m).unwrap();
+    let none = plan_for(
+        &forward,
+        &base,
+        one_f_one_b,
+        "1f1b",
+        Policy::None,
+        None,
+        &profile,
+    )
+    .unwrap();
+    let limit = none
+        .sim
+        .devices
+        .iter()
+        .map(|d| d.peak_memory)
+        .fold(0.0, f64::max) as u64;
+    let (best, tried) = joint(&forward, &base, p, m, limit, &profile).unwrap();
+    assert!(tried.len() >= 2, "{tried:?}");
+    for d in &best.sim.devices {
+        assert!(
+            d.peak_memory <= limit as f64,
+            "{} over {limit}",
+            d.peak_memory
+        );
+    }
+    // Never worse than 1F1B without recomputation, which fits by construction.
+    assert!(best.sim.makespan <= none.sim.makespan + 1e-12);
+    let json = best.to_json(Policy::Auto, Some(limit));
+    for key in [
+        "saved_bytes",
+        "values",
+        "recomputed_flops",
+        "offloaded_bytes",
+        "transfer_s",
+        "peak_bytes",
+    ] {
+        assert!(json["stages"][0].get(key).is_some(), "{key}");
+    }
+}
+
+fn cleave(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn inspect_memory_json_svg_and_errors() {
+    let svg = std::env::temp_dir().join(format!("cleave-remat-{}.svg", std::process::id()));
+    let o = cleave(&[
+        "inspect",
+        GPT.0,
+        "--memory",
+        "--stages",
+        "2",
+        "--microbatches",
+        "4",
+        "--schedule",
+        "zb-h1",
+        "--remat",
+        "selective",
+        "--json",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["policy"], "selective");
+    assert_eq!(v["stages"].as_array().unwrap().len(), 2);
+    assert!(v["stages"][0]["recomputed_flops"].as_u64().unwrap() > 0);
+    assert!(v["peak_bytes"][0].as_f64().unwrap() > 0.0);
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg"));
+    let _ = std::fs::remove_file(&svg);
+
+    let o = cleave(&["inspect", GPT.0, "--memory", "--remat", "most"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("valid policies: none, full, selective, offload-all, auto"),
+        "{err}"
+    );
+    let o = cleave(&["inspect", GPT.0, "--memory", "--memory-limit", "12Q"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--memory-limit") && err.contains("12Q"),
+        "{err}"
+    );
+}

@@ -1,0 +1,1391 @@
+//! `remat`: recomputation and activation offload of the stash sets that `split-bw` made, under a
+//! memory budget.
+//!
+//! # Entry and exit
+//!
+//! Entry: a verified module made by `split-bw` (per stage `@<name>.s<k>.F/.B/.W`). Exit: the same
+//! functions, computing bit-identical values, where every **saved value** of F (an F value that
+//! B or W reads through a `stash.*` interface) is, per stage, one of:
+//!
+//! - **keep**: F returns it as `stash.*` and it stays in device memory until B (or W);
+//! - **recompute**: F no longer returns it; B and W re-emit the forward nodes that make it, in
+//!   phase `recompute`, at their beginning, from kept or offloaded values, parameters and
+//!   constants (forward values that only a recomputation reads become new kept or offloaded
+//!   values, named `stash.r<N>` with `N` the value's print number in F);
+//! - **offload**: F returns `stop_gradient v` in phase `offload` under the name
+//!   `stash.offload.<suffix>`; B and W take it and copy it back with a `stop_gradient` in phase
+//!   `reload` before anything else. The runtime keeps `stash.offload.*` values in a host pool.
+//!
+//! Recomputation is deterministic (dropout masks are functions of seed and index), so a
+//! recomputed value is bit-identical to the one F computed.
+//!
+//! # Choice graph and the ILP (why not the e-graph)
+//!
+//! A plan is a choice per forward value `v` of F: `keep_v`, `off_v`, `rc_v` (binary, at most one).
+//! Every saved value needs one of them; a recomputed value needs one of them for each of its
+//! forward operands (parameters and constants are always available; F's inputs cannot be
+//! recomputed). A value recomputed for several saved values is counted once (shared work, several
+//! roots). The cost is the added time: `Σ rc_v·t_fwd(v) + Σ off_v·2·bytes_v/host_bandwidth`
+//! (`t_fwd` as the `partition` cost model: `max(flops/rate, bytes/memory_bandwidth)`; transfers are
+//! charged in full, a bound for a background copy that does not overlap). The memory model of a
+//! stage, `k` microbatches in flight between their F and their W, `k_B` between their F and their
+//! B and `k_W` between their B and their W ([`InFlight`]; each at least 1):
+//!
+//! `need = max over moments t of [Σ keep_v · k_v(t) · bytes_v + k_W(t) · (B→W stash)]
+//!        + 2 · Σ off_v · bytes_v`
+//!
+//! with `k_v(t) = k(t)` for a kept value W needs (W reads it, or W's recomputation does) and
+//! `k_B(t)` otherwise (the ILP has a kept-until-W and a recomputed-in-W variable per value). The
+//! moments are the counts after each action of the stage's device (one memory constraint per
+//! moment; without a schedule, one moment with the largest counts). The runtime frees a saved
+//! value after its last planned use, so this is the simulator's memory model with `M_B`/`M_W`
+//! split per value. Offloaded values count twice: the runtime reloads them for the running action
+//! and prefetches them for the next one. `auto` minimises the cost subject to
+//! `need ≤ memory-limit` with good_lp + microlp ([`ILP_SECONDS`], [`ILP_GAP`]); when the solver
+//! finds no plan in time, or a worse one, a greedy plan is used (start from the smallest plan,
+//! turn values back to kept while they fit). Recomputation's transient memory inside B or W (the
+//! recomputed values are live while that function runs) is not part of `need`, like every other
+//! temporary of B and W; views (`reshape`) are re-created rather than saved and cost nothing.
+//!
+//! The choice is made directly on this graph rather than in the e-graph of `egraph/`: the graph
+//! has no rewrites to explore (an e-class would hold exactly one forward node), so an e-graph adds
+//! nothing but a translation; the ILP over the forward DAG is the same extraction problem
+//! (several roots, shared nodes counted once) with the memory constraint that egg's extractors
+//! lack.
+//!
+//! # Policies
+//!
+//! - `none`: keep every saved value.
+//! - `full`: keep only the stage's inputs and each layer's input (for parameters named
+//!   `…layers.<i>.…`, the nearest common dominator in F of the nodes reading layer `i`'s
+//!   parameters); recompute the rest.
+//! - `selective` (Korthikanti et al. 2022): recompute the attention core — the values around each
+//!   `softmax` between matrix products (scale, mask, softmax, dropout) — and keep matrix-product
+//!   outputs and everything else.
+//! - `offload-all`: offload every saved value.
+//! - `auto` (the default when `memory-limit` is given): the ILP above. Without a limit it keeps
+//!   everything. An infeasible limit is an error naming the smallest feasible limit found (the
+//!   ILP minimising memory, or the greedy's smallest plan).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cleave_ir::cost::node_flops;
+use cleave_ir::printer::print_numbering;
+use cleave_ir::{Function, Module, Node, Op, Output, Phase, TensorType, Value};
+use cranelift_entity::SecondaryMap;
+use good_lp::{
+    constraint, microlp, variable, Expression, ProblemVariables, Solution, SolverModel, Variable,
+    WithMipGap, WithTimeLimit,
+};
+
+use crate::partition::DeviceProfile;
+use crate::pass::{Pass, PassContext, PassError, PassOptions};
+use crate::split::{split_stages, stash_report};
+
+/// A named recomputation/offload policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Keep every saved value.
+    None,
+    /// Keep only the stage's inputs.
+    Full,
+    /// Recompute the attention core (Korthikanti et al.).
+    Selective,
+    /// Offload every saved value.
+    OffloadAll,
+    /// The cheapest plan under the memory limit (ILP).
+    Auto,
+}
+
+impl Policy {
+    /// The policy names, for messages.
+    pub const NAMES: &'static str = "none, full, selective, offload-all, auto";
+
+    /// Parses a policy name.
+    pub fn parse(name: &str) -> Option<Policy> {
+        Some(match name {
+            "none" => Policy::None,
+            "full" => Policy::Full,
+            "selective" => Policy::Selective,
+            "offload-all" => Policy::OffloadAll,
+            "auto" => Policy::Auto,
+            _ => return None,
+        })
+    }
+
+    /// The policy's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::None => "none",
+            Policy::Full => "full",
+            Policy::Selective => "selective",
+            Policy::OffloadAll => "offload-all",
+            Policy::Auto => "auto",
+        }
+    }
+}
+
+/// What happens to one forward value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Choice {
+    /// Saved on the device.
+    Keep,
+    /// Saved in host memory.
+    Offload,
+    /// Recomputed in B and W.
+    Recompute,
+}
+
+/// A plan for one stage: the choice of every forward value of F that is saved or recomputed
+/// (values of F not listed are neither).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StagePlan {
+    /// Choice per value of F.
+    pub choices: BTreeMap<Value, Choice>,
+}
+
+/// Microbatches in flight on a stage (see the module docs): the largest counts, and the counts
+/// at every moment of the schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    /// Between F and W, at most.
+    pub saved: u64,
+    /// Between B and W, at most.
+    pub b_to_w: u64,
+    /// Between F and B, at most.
+    pub f_to_b: u64,
+    /// The distinct `(F→B, F→W, B→W)` counts after each action of the stage's device (empty:
+    /// the largest counts at once).
+    pub points: Vec<[u64; 3]>,
+}
+
+impl InFlight {
+    /// The moments the memory constraint is checked at.
+    pub fn moments(&self) -> Vec<[u64; 3]> {
+        if self.points.is_empty() {
+            vec![[self.f_to_b.min(self.saved), self.saved, self.b_to_w]]
+        } else {
+            self.points.clone()
+        }
+    }
+}
+
+impl From<u64> for InFlight {
+    fn from(k: u64) -> Self {
+        InFlight {
+            saved: k.max(1),
+            b_to_w: k.max(1),
+            f_to_b: k.max(1),
+            points: Vec::new(),
+        }
+    }
+}
+
+impl From<&InFlight> for InFlight {
+    fn from(k: &InFlight) -> Self {
+        k.clone()
+    }
+}
+
+impl std::fmt::Display for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} microbatch(es) in flight, {} between F and B, {} between B and W",
+            self.saved, self.f_to_b, self.b_to_w
+        )
+    }
+}
+
+/// The `remat` pass.
+#[derive(Clone, Debug)]
+pub struct Remat {
+    /// The policy.
+    pub policy: Policy,
+    /// Per-stage memory limit for saved values, bytes (see the module docs).
+    pub memory_limit: Option<u64>,
+    /// Microbatches in flight per stage (1 by default; the pipeline driver passes the schedule's).
+    pub in_flight: u64,
+    /// Device profile for time costs.
+    pub profile: DeviceProfile,
+}
+
+impl Remat {
+    /// Builds the pass from options `policy`, `memory-limit`, `in-flight`, `profile`.
+    pub fn from_options(mut o: PassOptions) -> Result<Self, PassError> {
+        let limit: Option<u64> = match o.take("memory-limit") {
+            None => None,
+            Some(t) => Some(parse_bytes(&t).map_err(|message| PassError::BadOption {
+                pass: "remat".into(),
+                key: "memory-limit".into(),
+                message,
+            })?),
+        };
+        let policy = match o.take("policy") {
+            None if limit.is_some() => Policy::Auto,
+            None => Policy::None,
+            Some(p) => Policy::parse(&p).ok_or_else(|| PassError::BadOption {
+                pass: "remat".into(),
+                key: "policy".into(),
+                message: format!("`{p}`; valid policies: {}", Policy::NAMES),
+            })?,
+        };
+        let in_flight = o.take_parsed("in-flight", 1u64)?;
+        let profile = match o.take("profile") {
+            None => DeviceProfile::load("cpu-epyc-2core"),
+            Some(p) => DeviceProfile::load(&p),
+        }
+        .map_err(|message| PassError::BadOption {
+            pass: "remat".into(),
+            key: "profile".into(),
+            message,
+        })?;
+        o.finish()?;
+        Ok(Remat {
+            policy,
+            memory_limit: limit,
+            in_flight: in_flight.max(1),
+            profile,
+        })
+    }
+}
+
+/// Parses a byte count: an integer with an optional `K`, `M`, `G` (powers of 1024) suffix.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mul = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("`{text}`: unknown suffix `{c}` (K, M or G)")),
+            };
+            (&t[..i], mul)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mul)
+        .map_err(|e| format!("`{text}` is not a byte count: {e}"))
+}
+
+impl Pass for Remat {
+    fn name(&self) -> &'static str {
+        "remat"
+    }
+
+    fn run(&self, module: &mut Module, ctx: &mut PassContext) -> Result<(), PassError> {
+        let fail = |message: String| PassError::Failed {
+            pass: "remat",
+            message,
+        };
+        let stages: Vec<(String, String, String)> = split_stages(module)
+            .iter()
+            .map(|s| (s.f.name.clone(), s.b.name.clone(), s.w.name.clone()))
+            .collect();
+        if stages.is_empty() {
+            return Err(fail(
+                "no split stages (@<name>.s<k>.F/B/W); run `split-bw` before `remat`".into(),
+            ));
+        }
+        for (f, b, w) in stages {
+            let g = ChoiceGraph::new(
+                module.function(&f).expect("F"),
+                module.function(&b).expect("B"),
+                module.function(&w).expect("W"),
+                &self.profile,
+            );
+            let plan = g
+                .plan(self.policy, self.memory_limit, self.in_flight)
+                .map_err(|e| fail(format!("@{f}: {e}")))?;
+            let (nf, nb, nw) = g.apply(&plan);
+            let summary = g.summary(&plan, self.in_flight);
+            ctx.note(
+                "remat",
+                format!(
+                    "@{f}: {} kept {} B, offloaded {} B, recomputed {} values ({} FLOPs)",
+                    self.policy.name(),
+                    summary.kept_bytes,
+                    summary.offloaded_bytes,
+                    summary.recomputed_values,
+                    summary.recompute_flops
+                ),
+            );
+            *module.function_mut(&f).expect("F") = nf;
+            *module.function_mut(&b).expect("B") = nb;
+            *module.function_mut(&w).expect("W") = nw;
+        }
+        Ok(())
+    }
+}
+
+/// The time limit of one ILP solve; on timeout the best plan found so far is used (microlp's
+/// branch and bound proves optimality quickly on chains, but on a GPT stage's ~65 values it often
+/// runs out of time with a plan within a few percent).
+pub const ILP_SECONDS: f64 = 0.5;
+
+/// The relative optimality gap at which an ILP solve stops.
+pub const ILP_GAP: f32 = 0.01;
+
+/// Totals of a plan.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PlanSummary {
+    /// Bytes kept on the device per microbatch.
+    pub kept_bytes: u64,
+    /// Bytes offloaded per microbatch.
+    pub offloaded_bytes: u64,
+    /// Values recomputed.
+    pub recomputed_values: usize,
+    /// Forward FLOPs recomputed (each recomputed value once).
+    pub recompute_flops: u64,
+    /// Added seconds (the ILP's objective).
+    pub added_seconds: f64,
+    /// `need` of the module docs.
+    pub need_bytes: u64,
+}
+
+/// The choice graph of one stage (see the module docs).
+pub struct ChoiceGraph<'a> {
+    f: &'a Function,
+    b: &'a Function,
+    w: &'a Function,
+    /// Forward values of F that are candidates, in body order, with their byte size and
+    /// whether they can be recomputed (not F inputs).
+    cands: Vec<Value>,
+    /// F values saved today (F outputs named `stash.*`), with their names.
+    saved: BTreeMap<Value, String>,
+    /// Forward seconds of the node defining each candidate.
+    secs: BTreeMap<Value, f64>,
+    host_bytes_per_s: f64,
+    /// Bytes B hands to W.
+    b_to_w: u64,
+    /// Saved values W reads.
+    w_reads: BTreeSet<Value>,
+}
+
+fn is_free(op: &Op) -> bool {
+    matches!(op, Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. })
+}
+
+impl<'a> ChoiceGraph<'a> {
+    /// Builds the graph of a stage's F, B, W.
+    pub fn new(f: &'a Function, b: &'a Function, w: &'a Function, profile: &DeviceProfile) -> Self {
+        let saved: BTreeMap<Value, String> = f
+            .outputs
+            .iter()
+            .filter(|o| o.name.starts_with("stash."))
+            .map(|o| (o.value, o.name.clone()))
+            .collect();
+        // Candidates: ancestors of saved values through non-free nodes.
+        let mut need: BTreeSet<Value> = saved.keys().copied().collect();
+        let mut cands = Vec::new();
+        for &n in f.body.iter().rev() {
+            let d = &f.nodes[n];
+            if is_free(&d.op) || !d.results.iter().any(|r| need.contains(r)) {
+                continue;
+            }
+            for &u in &d.operands {
+                need.insert(u);
+            }
+        }
+        for &n in &f.body {
+            let d = &f.nodes[n];
+            if is_free(&d.op) {
+                continue;
+            }
+            cands.extend(d.results.iter().copied().filter(|r| need.contains(r)));
+        }
+        let mut secs = BTreeMap::new();
+        for &v in &cands {
+            let n = f.values[v].def;
+            // Views (reshape) cost nothing: the runtime shares the operand's buffer.
+            let view = matches!(f.nodes[n].op, Op::Reshape { .. } | Op::StopGradient);
+            secs.insert(
+                v,
+                if view {
+                    0.0
+                } else {
+                    forward_seconds(profile, f, n)
+                },
+            );
+        }
+        let st = crate::split::SplitStage {
+            base: String::new(),
+            stage: 0,
+            f,
+            b,
+            w,
+        };
+        let w_names: BTreeSet<&str> = w.data_inputs().map(|a| a.name).collect();
+        let w_reads: BTreeSet<Value> = saved
+            .iter()
+            .filter(|(_, n)| w_names.contains(n.as_str()))
+            .map(|(&v, _)| v)
+            .collect();
+        ChoiceGraph {
+            w_reads,
+            f,
+            b,
+            w,
+            cands,
+            saved,
+            secs,
+            host_bytes_per_s: profile.host_bytes_per_s,
+            b_to_w: stash_report(&st).b_to_w,
+        }
+    }
+
+    fn bytes(&self, v: Value) -> u64 {
+        self.f.ty(v).size_bytes() as u64
+    }
+
+    fn recomputable(&self, v: Value) -> bool {
+        self.f.nodes[self.f.values[v].def].op.arg_role().is_none()
+    }
+
+    fn forward_operands(&self, v: Value) -> Vec<Value> {
+        let d = &self.f.nodes[self.f.values[v].def];
+        d.operands
+            .iter()
+            .copied()
+            .filter(|&u| !is_free(&self.f.nodes[self.f.values[u].def].op))
+            .collect()
+    }
+
+    /// Microbatches a kept value is held for at moment `p`: until W (`held_w`) or until B.
+    fn multiplier(held_w: bool, p: [u64; 3]) -> u64 {
+        if held_w {
+            p[1]
+        } else {
+            p[0]
+        }
+    }
+
+    /// The kept values a plan holds until W: those W reads and those W's recomputation reads.
+    fn held_until_w(&self, plan: &StagePlan) -> BTreeSet<Value> {
+        let mut held = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        let mut stack: Vec<Value> = self.w_reads.iter().copied().collect();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            match plan.choices.get(&v) {
+                Some(Choice::Keep) => {
+                    held.insert(v);
+                }
+                Some(Choice::Recompute) => stack.extend(self.forward_operands(v)),
+                _ => {}
+            }
+        }
+        held
+    }
+
+    fn offload_seconds(&self, v: Value) -> f64 {
+        2.0 * self.bytes(v) as f64 / self.host_bytes_per_s
+    }
+
+    /// The saved values (F outputs named `stash.*`) with their names.
+    pub fn saved(&self) -> &BTreeMap<Value, String> {
+        &self.saved
+    }
+
+    /// Completes a plan whose recomputed set is given: every operand of a recomputed value that
+    /// is not recomputed is kept (unless offloaded), and every saved value not recomputed is kept
+    /// unless offloaded.
+    fn close(&self, mut choices: BTreeMap<Value, Choice>) -> StagePlan {
+        for &v in self.saved.keys() {
+            choices.entry(v).or_insert(Choice::Keep);
+        }
+        // A reshape is a view of its operand's buffer: save the operand, re-create the view.
+        for &v in &self.cands {
+            if self.is_view(v) && choices.get(&v) == Some(&Choice::Keep) {
+                choices.insert(v, Choice::Recompute);
+            }
+        }
+        for &v in self.cands.iter().rev() {
+            if choices.get(&v) == Some(&Choice::Recompute) {
+                for u in self.forward_operands(v) {
+                    choices.entry(u).or_insert(Choice::Keep);
+                }
+            }
+        }
+        // Inputs cannot be recomputed.
+        for (v, c) in choices.iter_mut() {
+            if *c == Choice::Recompute && !self.recomputable(*v) {
+                *c = Choice::Keep;
+            }
+        }
+        StagePlan { choices }
+    }
+
+    /// The plan of a policy (see the module docs).
+    pub fn plan(
+        &self,
+        policy: Policy,
+        limit: Option<u64>,
+        in_flight: impl Into<InFlight>,
+    ) -> Result<StagePlan, String> {
+        let in_flight = &in_flight.into();
+        let plan = match policy {
+            Policy::None => self.close(BTreeMap::new()),
+            Policy::Full => {
+                let layers = self.layer_inputs();
+                let ch = self
+                    .cands
+                    .iter()
+                    .map(|&v| {
+                        let c = if self.recomputable(v) && !layers.contains(&v) {
+                            Choice::Recompute
+                        } else {
+                            Choice::Keep
+                        };
+                        (v, c)
+                    })
+                    .collect();
+                self.prune(self.close(ch))
+            }
+            Policy::Selective => {
+                let core = self.attention_core();
+                let ch = self
+                    .saved
+                    .keys()
+                    .filter(|v| core.contains(v))
+                    .map(|&v| (v, Choice::Recompute))
+                    .collect::<BTreeMap<_, _>>();
+                // Recompute through the core only, back to kept values.
+                let mut ch = ch;
+                for &v in self.cands.iter().rev() {
+                    if ch.get(&v) == Some(&Choice::Recompute) {
+                        for u in self.forward_operands(v) {
+                            if core.contains(&u) && self.recomputable(u) && !self.is_matmul(u) {
+                                ch.entry(u).or_insert(Choice::Recompute);
+                            } else if self.is_matmul(u) && !self.saved.contains_key(&u) {
+                                // A product inside the core that was not saved (q·kᵀ).
+                                ch.entry(u).or_insert(Choice::Recompute);
+                            }
+                        }
+                    }
+                }
+                self.close(ch)
+            }
+            Policy::OffloadAll => {
+                self.close(self.saved.keys().map(|&v| (v, Choice::Offload)).collect())
+            }
+            Policy::Auto => match limit {
+                None => self.close(BTreeMap::new()),
+                Some(limit) => self.ilp(limit, in_flight)?,
+            },
+        };
+        if let Some(limit) = limit {
+            let need = self.summary(&plan, in_flight).need_bytes;
+            if need > limit {
+                let min = self.min_need(in_flight)?;
+                return Err(format!(
+                    "policy `{}` needs {need} bytes for saved values ({in_flight}), over the memory limit {limit}; the smallest feasible limit is {min} bytes",
+                    policy.name()
+                ));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Drops kept values that no recomputation and no consumer needs (after `full`).
+    fn prune(&self, plan: StagePlan) -> StagePlan {
+        let mut needed: BTreeSet<Value> = self.saved.keys().copied().collect();
+        let mut out = BTreeMap::new();
+        for &v in self.cands.iter().rev() {
+            if !needed.contains(&v) {
+                continue;
+            }
+            let Some(&c) = plan.choices.get(&v) else {
+                continue;
+            };
+            out.insert(v, c);
+            if c == Choice::Recompute {
+                needed.extend(self.forward_operands(v));
+            }
+        }
+        StagePlan { choices: out }
+    }
+
+    /// The input of every layer of the stage: for each `layers.<i>.` parameter prefix, the
+    /// nearest common dominator (in F, from its inputs) of the nodes that read those parameters,
+    /// not itself one of them.
+    pub fn layer_inputs(&self) -> BTreeSet<Value> {
+        let f = self.f;
+        let layer_of = |name: &str| -> Option<String> {
+            let i = name.find("layers.")?;
+            let rest = &name[i + "layers.".len()..];
+            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            (!digits.is_empty()).then(|| format!("{}{digits}", &name[..i + "layers.".len()]))
+        };
+        // Dominator tree over F's compute and input nodes (a virtual root above the inputs),
+        // by intersecting predecessors' dominators in body order (a DAG needs one pass).
+        let mut idom: BTreeMap<Node, Option<Node>> = BTreeMap::new();
+        let mut depth: BTreeMap<Node, usize> = BTreeMap::new();
+        let lca = |mut a: Option<Node>,
+                   mut b: Option<Node>,
+                   idom: &BTreeMap<Node, Option<Node>>,
+                   depth: &BTreeMap<Node, usize>|
+         -> Option<Node> {
+            let d = |n: Option<Node>| n.map_or(0, |n| depth[&n]);
+            while a != b {
+                if d(a) >= d(b) {
+                    a = a.and_then(|n| idom[&n]);
+                } else {
+                    b = b.and_then(|n| idom[&n]);
+                }
+            }
+            a
+        };
+        let mut groups: BTreeMap<String, Vec<Node>> = BTreeMap::new();
+        for &n in &f.body {
+            let d = &f.nodes[n];
+            if matches!(
+                d.op,
+                Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. }
+            ) {
+                continue;
+            }
+            let preds: Vec<Node> = d
+                .operands
+                .iter()
+                .map(|&u| f.values[u].def)
+                .filter(|p| idom.contains_key(p))
+                .collect();
+            if preds.is_empty() && d.op.arg_role().is_none() {
+                // Computed from parameters and constants only: not on any data path.
+                continue;
+            }
+            let mut dom = None;
+            for (i, &p) in preds.iter().enumerate() {
+                dom = if i == 0 {
+                    Some(p)
+                } else {
+                    lca(dom, Some(p), &idom, &depth)
+                };
+            }
+            idom.insert(n, dom);
+            depth.insert(n, dom.map_or(1, |x| depth[&x] + 1));
+            for &u in &d.operands {
+                if let Op::Param { name, .. } = &f.nodes[f.values[u].def].op {
+                    if let Some(k) = layer_of(name) {
+                        groups.entry(k).or_default().push(n);
+                    }
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        for nodes in groups.values() {
+            let mut d = Some(nodes[0]);
+            for &n in &nodes[1..] {
+                d = lca(d, Some(n), &idom, &depth);
+            }
+            while let Some(x) = d.filter(|x| nodes.contains(x)) {
+                d = idom[&x];
+            }
+            if let Some(x) = d {
+                out.insert(f.result(x));
+            }
+        }
+        out
+    }
+
+    fn is_view(&self, v: Value) -> bool {
+        matches!(
+            self.f.nodes[self.f.values[v].def].op,
+            Op::Reshape { .. } | Op::StopGradient
+        )
+    }
+
+    fn is_matmul(&self, v: Value) -> bool {
+        matches!(
+            self.f.nodes[self.f.values[v].def].op,
+            Op::MatMul { .. } | Op::Conv2d { .. }
+        )
+    }
+
+    /// The attention core: forward values connected to a `softmax` without crossing a matrix
+    /// product (its operands' producers up to the products, its consumers up to the next product,
+    /// and what those read that is not a product output).
+    fn attention_core(&self) -> BTreeSet<Value> {
+        let f = self.f;
+        let mut core: BTreeSet<Value> = BTreeSet::new();
+        let mut consumers: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
+        for &n in &f.body {
+            let d = &f.nodes[n];
+            for &u in &d.operands {
+                consumers.entry(u).or_default().extend(d.results.clone());
+            }
+        }
+        let mut stack: Vec<Value> = f
+            .body
+            .iter()
+            .filter(|&&n| matches!(f.nodes[n].op, Op::Softmax { .. }))
+            .map(|&n| f.result(n))
+            .collect();
+        while let Some(v) = stack.pop() {
+            if !core.insert(v) {
+                continue;
+            }
+            let d = &f.nodes[f.values[v].def];
+            // Backward through non-products.
+            for &u in &d.operands {
+                let ud = &f.nodes[f.values[u].def];
+                if !is_free(&ud.op) && ud.op.arg_role().is_none() && !self.is_matmul(u) {
+                    stack.push(u);
+                }
+            }
+            // Forward through non-products.
+            for &c in consumers.get(&v).into_iter().flatten() {
+                if !self.is_matmul(c) {
+                    stack.push(c);
+                }
+            }
+        }
+        core
+    }
+
+    /// Memory and time figures of a plan.
+    pub fn summary(&self, plan: &StagePlan, in_flight: impl Into<InFlight>) -> PlanSummary {
+        let in_flight = &in_flight.into();
+        let mut s = PlanSummary::default();
+        let moments = in_flight.moments();
+        let held = self.held_until_w(plan);
+        let mut weighted = vec![0u64; moments.len()];
+        for (&v, &c) in &plan.choices {
+            match c {
+                Choice::Keep => {
+                    s.kept_bytes += self.bytes(v);
+                    for (w, &p) in weighted.iter_mut().zip(&moments) {
+                        *w += Self::multiplier(held.contains(&v), p) * self.bytes(v);
+                    }
+                }
+                Choice::Offload => {
+                    s.offloaded_bytes += self.bytes(v);
+                    s.added_seconds += self.offload_seconds(v);
+                }
+                Choice::Recompute => {
+                    s.recomputed_values += 1;
+                    s.recompute_flops += node_flops(self.f, self.f.values[v].def).total();
+                    s.added_seconds += self.secs.get(&v).copied().unwrap_or(0.0);
+                }
+            }
+        }
+        s.need_bytes = weighted
+            .iter()
+            .zip(&moments)
+            .map(|(w, p)| w + p[2] * self.b_to_w)
+            .max()
+            .unwrap_or(0)
+            + 2 * s.offloaded_bytes;
+        s
+    }
+
+    /// The ILP of the module docs. `objective_memory` minimises `need` instead of time.
+    fn solve(
+        &self,
+        limit: Option<u64>,
+        in_flight: &InFlight,
+        objective_memory: bool,
+    ) -> Result<Option<StagePlan>, String> {
+        let mut vars = ProblemVariables::new();
+        let mut x: BTreeMap<Value, (Variable, Variable, Option<Variable>)> = BTreeMap::new();
+        // kw: kept until W; rw: recomputed in W.
+        let mut xw: BTreeMap<Value, (Variable, Option<Variable>)> = BTreeMap::new();
+        for &v in &self.cands {
+            let k = vars.add(variable().binary());
+            let o = vars.add(variable().binary());
+            let r = self.recomputable(v).then(|| vars.add(variable().binary()));
+            x.insert(v, (k, o, r));
+            let kw = vars.add(variable().binary());
+            let rw = self.recomputable(v).then(|| vars.add(variable().binary()));
+            xw.insert(v, (kw, rw));
+        }
+        // Scale bytes to MiB-ish units to keep the solver's numbers tame.
+        let scale = 1.0 / (1u64 << 20) as f64;
+        let moments = in_flight.moments();
+        let mut memory: Vec<Expression> = moments.iter().map(|_| Expression::from(0.0)).collect();
+        let mut total_memory = Expression::from(0.0);
+        let mut time = Expression::from(0.0);
+        for &v in &self.cands {
+            let (k, o, r) = x[&v];
+            let kw = xw[&v].0;
+            let bytes = self.bytes(v) as f64 * scale;
+            for (m, &p) in memory.iter_mut().zip(&moments) {
+                *m += (p[0] as f64 * bytes) * k
+                    + ((p[1] - p[0].min(p[1])) as f64 * bytes) * kw
+                    + (2.0 * bytes) * o;
+            }
+            let most = |i: usize| moments.iter().map(|p| p[i]).max().unwrap_or(1) as f64;
+            total_memory += (most(0) * bytes) * k
+                + ((most(1) - most(0)).max(0.0) * bytes) * kw
+                + (2.0 * bytes) * o;
+            time += self.offload_seconds(v) * 1e3 * o;
+            if let Some(r) = r {
+                // A tiny per-value charge breaks ties toward fewer recomputed values.
+                time += (self.secs[&v] * 1e3 + 1e-9) * r;
+            }
+        }
+        let objective = if objective_memory {
+            total_memory + time.clone() * 1e-9
+        } else {
+            time.clone()
+        };
+        let mut problem = vars
+            .minimise(objective)
+            .using(microlp)
+            .with_time_limit(ILP_SECONDS)
+            .with_mip_gap(ILP_GAP)
+            .map_err(|e| format!("mip gap: {e}"))?;
+        for &v in &self.cands {
+            let (k, o, r) = x[&v];
+            let any = match r {
+                Some(r) => Expression::from(k) + o + r,
+                None => Expression::from(k) + o,
+            };
+            problem.add_constraint(any.clone().leq(1.0));
+            if self.saved.contains_key(&v) {
+                problem.add_constraint(any.geq(1.0));
+            }
+            if let Some(r) = r {
+                for u in self.forward_operands(v) {
+                    let (ku, ou, ru) = x[&u];
+                    let avail = match ru {
+                        Some(ru) => Expression::from(ku) + ou + ru,
+                        None => Expression::from(ku) + ou,
+                    };
+                    problem.add_constraint(constraint!(avail >= r));
+                }
+            }
+            // Availability in W: kept until W, offloaded, or recomputed in W.
+            let (kw, rw) = xw[&v];
+            problem.add_constraint(constraint!(kw <= k));
+            if let (Some(rw), Some(r)) = (rw, r) {
+                problem.add_constraint(constraint!(rw <= r));
+            }
+            let avail_w = |u: Value| {
+                let (kwu, rwu) = xw[&u];
+                let ou = x[&u].1;
+                match rwu {
+                    Some(rwu) => Expression::from(kwu) + ou + rwu,
+                    None => Expression::from(kwu) + ou,
+                }
+            };
+            if self.w_reads.contains(&v) {
+                problem.add_constraint(avail_w(v).geq(1.0));
+            }
+            if let Some(rw) = rw {
+                for u in self.forward_operands(v) {
+                    problem.add_constraint(constraint!(avail_w(u) >= rw));
+                }
+            }
+        }
+        if let Some(limit) = limit {
+            for (m, p) in memory.into_iter().zip(&moments) {
+                let fixed = (p[2] * self.b_to_w) as f64 * scale;
+                problem.add_constraint(m.leq(limit as f64 * scale - fixed + 1e-9));
+            }
+        }
+        let sol = match problem.solve() {
+            Ok(s) => s,
+            // Infeasible, or no feasible plan found within the time limit: the callers fall back
+            // to the greedy plan.
+            Err(good_lp::ResolutionError::Infeasible) | Err(good_lp::ResolutionError::Other(_)) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(format!("the recomputation ILP failed: {e}")),
+        };
+        let mut choices = BTreeMap::new();
+        for (&v, &(k, o, r)) in &x {
+            if sol.value(k) > 0.5 {
+                choices.insert(v, Choice::Keep);
+            } else if sol.value(o) > 0.5 {
+                choices.insert(v, Choice::Offload);
+            } else if r.is_some_and(|r| sol.value(r) > 0.5) {
+                choices.insert(v, Choice::Recompute);
+            }
+        }
+        Ok(Some(self.prune(self.close(choices))))
+    }
+
+    fn ilp(&self, limit: u64, in_flight: &InFlight) -> Result<StagePlan, String> {
+        let fits = |p: &StagePlan| self.summary(p, in_flight).need_bytes <= limit;
+        let exact = self.solve(Some(limit), in_flight, false)?.filter(fits);
+        let greedy = self.greedy(Some(limit), in_flight).filter(fits);
+        let cost = |p: &StagePlan| self.summary(p, in_flight).added_seconds;
+        match (exact, greedy) {
+            (Some(a), Some(b)) => Ok(if cost(&b) < cost(&a) { b } else { a }),
+            (Some(a), None) | (None, Some(a)) => Ok(a),
+            // At a limit near the smallest need: the plan minimising memory.
+            (None, None) if let Some(p) = self.solve(None, in_flight, true)?.filter(fits) => Ok(p),
+            (None, None) => {
+                let min = self.min_need(in_flight)?;
+                Err(format!(
+                    "no recomputation/offload plan fits the memory limit {limit} bytes ({in_flight}); the smallest feasible limit is {min} bytes"
+                ))
+            }
+        }
+    }
+
+    /// The smallest `need` found: the smaller of the greedy's smallest plan and the ILP's plan
+    /// minimising memory (whose objective weighs each kept value by its largest count, so with
+    /// several moments the figure can be above the true minimum).
+    pub fn min_need(&self, in_flight: impl Into<InFlight>) -> Result<u64, String> {
+        let in_flight = &in_flight.into();
+        let mut best = self
+            .greedy(None, in_flight)
+            .map(|p| self.summary(&p, in_flight).need_bytes)
+            .unwrap_or(u64::MAX);
+        if let Some(p) = self.solve(None, in_flight, true)? {
+            best = best.min(self.summary(&p, in_flight).need_bytes);
+        }
+        Ok(best)
+    }
+
+    /// The greedy fallback: the smallest plan (recompute everything that can be, offload what
+    /// is kept when that takes less memory), then values turned back to kept, the most
+    /// recomputation time saved per byte first, while `need` stays within `limit`. With no
+    /// limit it returns the smallest plan.
+    fn greedy(&self, limit: Option<u64>, in_flight: &InFlight) -> Option<StagePlan> {
+        let all = self
+            .cands
+            .iter()
+            .map(|&v| {
+                let c = if self.recomputable(v) {
+                    Choice::Recompute
+                } else {
+                    Choice::Keep
+                };
+                (v, c)
+            })
+            .collect();
+        let mut plan = self.prune(self.close(all));
+        if in_flight.saved > 2 {
+            for c in plan.choices.values_mut() {
+                if *c == Choice::Keep {
+                    *c = Choice::Offload;
+                }
+            }
+        }
+        let need = |p: &StagePlan| self.summary(p, in_flight).need_bytes;
+        let limit = match limit {
+            None => return Some(plan),
+            Some(l) => l,
+        };
+        if need(&plan) > limit {
+            return None;
+        }
+        let mut order: Vec<Value> = plan
+            .choices
+            .iter()
+            .filter(|(_, &c)| c == Choice::Recompute)
+            .map(|(&v, _)| v)
+            .collect();
+        order.sort_by(|&a, &b| {
+            let r = |v: Value| self.secs[&v] / self.bytes(v).max(1) as f64;
+            r(b).total_cmp(&r(a))
+        });
+        for v in order {
+            if plan.choices.get(&v) != Some(&Choice::Recompute) {
+                continue;
+            }
+            let mut ch = plan.choices.clone();
+            ch.insert(v, Choice::Keep);
+            let next = self.prune(StagePlan { choices: ch });
+            if need(&next) <= limit {
+                plan = next;
+            }
+        }
+        Some(plan)
+    }
+
+    /// Rewrites F, B and W for a plan (see the module docs).
+    pub fn apply(&self, plan: &StagePlan) -> (Function, Function, Function) {
+        let numbering = print_numbering(self.f);
+        let name_of = |v: Value, c: Choice| -> String {
+            let base = self
+                .saved
+                .get(&v)
+                .cloned()
+                .unwrap_or_else(|| format!("stash.r{}", numbering[v].expect("defined")));
+            match c {
+                Choice::Offload => format!("stash.offload.{}", &base["stash.".len()..]),
+                _ => base,
+            }
+        };
+        // F: drop outputs of values no longer saved under their name; add new ones.
+        let mut f = self.f.clone();
+        let old_outputs = std::mem::take(&mut f.outputs);
+        let mut new_outputs: Vec<Output> = Vec::new();
+        for o in old_outputs {
+            let keep = match self.saved.get(&o.value) {
+                Some(name) if *name == o.name => plan.choices.get(&o.value) == Some(&Choice::Keep),
+                _ => true,
+            };
+            if keep {
+                new_outputs.push(o);
+            }
+        }
+        let mut have: BTreeSet<String> = new_outputs.iter().map(|o| o.name.clone()).collect();
+        for (&v, &c) in &plan.choices {
+            let name = name_of(v, c);
+            if c == Choice::Recompute || have.contains(&name) {
+                continue;
+            }
+            let value = if c == Choice::Offload {
+                let n = f.push_node(Op::StopGradient, vec![v], vec![f.ty(v).clone()]);
+                f.nodes[n].phase = Phase::Offload;
+                f.nodes[n].stage = self.f.nodes[self.f.values[v].def].stage;
+                f.result(n)
+            } else {
+                v
+            };
+            have.insert(name.clone());
+            new_outputs.push(Output { name, value });
+        }
+        f.outputs = new_outputs;
+        let b = self.rewrite_consumer(self.b, plan, &name_of, Phase::Dgrad);
+        let w = self.rewrite_consumer(self.w, plan, &name_of, Phase::Wgrad);
+        (f, b, w)
+    }
+
+    fn rewrite_consumer(
+        &self,
+        g: &Function,
+        plan: &StagePlan,
+        name_of: &dyn Fn(Value, Choice) -> String,
+        arg_phase: Phase,
+    ) -> Function {
+        let by_name: BTreeMap<&str, Value> =
+            self.saved.iter().map(|(&v, n)| (n.as_str(), v)).collect();
+        // Stash inputs of g that stand for F values not kept under that name.
+        let mut replaced: BTreeMap<Value, Value> = BTreeMap::new(); // g input value -> F value
+        for a in g.data_inputs() {
+            if let Some(&fv) = by_name.get(a.name) {
+                if plan.choices.get(&fv) != Some(&Choice::Keep) {
+                    replaced.insert(a.value, fv);
+                }
+            }
+        }
+        // F values to re-create in g: the closure of recomputed values under recomputed operands.
+        let mut need_rc: BTreeSet<Value> = BTreeSet::new();
+        let mut stack: Vec<Value> = replaced
+            .values()
+            .copied()
+            .filter(|v| plan.choices.get(v) == Some(&Choice::Recompute))
+            .collect();
+        while let Some(v) = stack.pop() {
+            if !need_rc.insert(v) {
+                continue;
+            }
+            for u in self.forward_operands(v) {
+                if plan.choices.get(&u) == Some(&Choice::Recompute) {
+                    stack.push(u);
+                }
+            }
+        }
+        let mut out = Function::new(g.name.clone());
+        let mut gmap: SecondaryMap<Value, Option<Value>> = SecondaryMap::with_default(None);
+        let mut fmap: BTreeMap<Value, Value> = BTreeMap::new(); // F value -> value in out
+        let mut args: BTreeMap<String, Value> = BTreeMap::new();
+        let copy = |out: &mut Function, d: &cleave_ir::NodeData, ops: Vec<Value>, tys| {
+            let n = out.push_node(d.op.clone(), ops, tys);
+            out.nodes[n].phase = d.phase;
+            out.nodes[n].stage = d.stage;
+            n
+        };
+        // Arguments of g first (except replaced stash inputs).
+        for &n in &g.body {
+            let d = &g.nodes[n];
+            if d.op.arg_role().is_none() || replaced.contains_key(&d.results[0]) {
+                continue;
+            }
+            let nn = copy(&mut out, d, vec![], vec![g.ty(d.results[0]).clone()]);
+            let v = out.result(nn);
+            gmap[d.results[0]] = Some(v);
+            if let Op::Input { name, .. } | Op::Param { name, .. } = &d.op {
+                args.insert(name.clone(), v);
+            }
+        }
+        let stage = g.body.iter().find_map(|&n| g.nodes[n].stage);
+        // Values available from F: kept and offloaded values read by g or its recomputation.
+        let mut wanted: BTreeSet<Value> = replaced
+            .values()
+            .copied()
+            .filter(|v| plan.choices.get(v) != Some(&Choice::Recompute))
+            .collect();
+        for &v in &need_rc {
+            for u in self.forward_operands(v) {
+                if plan.choices.get(&u) != Some(&Choice::Recompute) {
+                    wanted.insert(u);
+                }
+            }
+        }
+        let mut reloads = Vec::new();
+        for &fv in &wanted {
+            let c = plan.choices.get(&fv).copied().unwrap_or(Choice::Keep);
+            let name = name_of(fv, c);
+            let ty = self.f.ty(fv).clone();
+            let v = match args.get(&name) {
+                Some(&v) => v,
+                None => {
+                    let n = out.push_node(
+                        Op::Input {
+                            name: name.clone(),
+                            ty: ty.clone(),
+                        },
+                        vec![],
+                        vec![ty.clone()],
+                    );
+                    out.nodes[n].phase = arg_phase;
+                    let v = out.result(n);
+                    args.insert(name, v);
+                    v
+                }
+            };
+            if c == Choice::Offload {
+                reloads.push((fv, v, ty));
+            } else {
+                fmap.insert(fv, v);
+            }
+        }
+        for (fv, v, ty) in reloads {
+            let n = out.push_node(Op::StopGradient, vec![v], vec![ty]);
+            out.nodes[n].phase = Phase::Reload;
+            out.nodes[n].stage = stage;
+            fmap.insert(fv, out.result(n));
+        }
+        // Recomputation, in F's order.
+        for &n in &self.f.body {
+            let d = &self.f.nodes[n];
+            if !d.results.iter().any(|r| need_rc.contains(r)) {
+                continue;
+            }
+            let mut ops = Vec::new();
+            for &u in &d.operands {
+                if let Some(&x) = fmap.get(&u) {
+                    ops.push(x);
+                    continue;
+                }
+                let ud = &self.f.nodes[self.f.values[u].def];
+                let x = match &ud.op {
+                    Op::Param { name, ty } => match args.get(name) {
+                        Some(&x) => x,
+                        None => {
+                            let pn = out.push_node(ud.op.clone(), vec![], vec![ty.clone()]);
+                            out.nodes[pn].phase = arg_phase;
+                            let x = out.result(pn);
+                            args.insert(name.clone(), x);
+                            x
+                        }
+                    },
+                    _ => {
+                        // A constant or iota: re-created.
+                        let cn = out.push_node(ud.op.clone(), vec![], vec![self.f.ty(u).clone()]);
+                        out.nodes[cn].phase = Phase::Recompute;
+                        out.nodes[cn].stage = ud.stage;
+                        out.result(cn)
+                    }
+                };
+                fmap.insert(u, x);
+                ops.push(x);
+            }
+            let tys = d.results.iter().map(|&r| self.f.ty(r).clone()).collect();
+            let nn = out.push_node(d.op.clone(), ops, tys);
+            out.nodes[nn].phase = Phase::Recompute;
+            out.nodes[nn].stage = d.stage;
+            for (&r, &nr) in d.results.iter().zip(&out.nodes[nn].results.clone()) {
+                fmap.insert(r, nr);
+            }
+        }
+        for (&gv, fv) in &replaced {
+            gmap[gv] = Some(fmap[fv]);
+        }
+        // The rest of g.
+        for &n in &g.body {
+            let d = &g.nodes[n];
+            if d.op.arg_role().is_some() {
+                continue;
+            }
+            let ops = d
+                .operands
+                .iter()
+                .map(|&u| gmap[u].expect("operand mapped"))
+                .collect();
+            let tys = d.results.iter().map(|&r| g.ty(r).clone()).collect();
+            let nn = copy(&mut out, d, ops, tys);
+            for (&r, &nr) in d.results.iter().zip(&out.nodes[nn].results.clone()) {
+                gmap[r] = Some(nr);
+            }
+        }
+        out.outputs = g
+            .outputs
+            .iter()
+            .map(|o| Output {
+                name: o.name.clone(),
+                value: gmap[o.value].expect("output mapped"),
+            })
+            .collect();
+        out
+    }
+}
+
+/// Forward seconds of a node under a profile (the `partition` model without the backward factor).
+pub fn forward_seconds(p: &DeviceProfile, f: &Function, n: Node) -> f64 {
+    let fl = node_flops(f, n);
+    let d = f.node(n);
+    let bytes: usize = d
+        .operands
+        .iter()
+        .chain(&d.results)
+        .map(|&v| f.ty(v).size_bytes())
+        .sum();
+    let compute = fl.matmul as f64 / p.matmul_flops_per_s + fl.other as f64 / p.other_flops_per_s;
+    compute.max(bytes as f64 / p.memory_bytes_per_s)
+}
+
+/// The type of a value (re-exported for reports).
+pub fn value_type(f: &Function, v: Value) -> &TensorType {
+    f.ty(v)
+}
+
+/// What [`plan_stages`] chose for one stage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageMemory {
+    /// The F function's name.
+    pub function: String,
+    /// Microbatches in flight.
+    pub in_flight: InFlight,
+    /// The stage's share of its device's limit, if any.
+    pub limit: Option<u64>,
+    /// Saved values by name: bytes and choice.
+    pub values: Vec<(String, u64, Choice)>,
+    /// Totals.
+    pub summary: PlanSummary,
+    /// Transfer seconds of the offloaded values (there and back) under the profile.
+    pub transfer_seconds: f64,
+}
+
+/// Plans and applies `policy` to every stage of a split module. `in_flight[s]` is stage `s`'s
+/// microbatches in flight and `placement[s]` its device; a device's `limit` is shared among its
+/// stages in proportion to their needs under `none`.
+pub fn plan_stages(
+    module: &mut Module,
+    policy: Policy,
+    limit: Option<u64>,
+    in_flight: &[InFlight],
+    placement: &[usize],
+    profile: &DeviceProfile,
+) -> Result<Vec<StageMemory>, String> {
+    let names: Vec<(String, String, String)> = split_stages(module)
+        .iter()
+        .map(|s| (s.f.name.clone(), s.b.name.clone(), s.w.name.clone()))
+        .collect();
+    if names.len() != in_flight.len() || names.len() != placement.len() {
+        return Err(format!(
+            "{} stages, but in-flight counts for {} and a placement for {}",
+            names.len(),
+            in_flight.len(),
+            placement.len()
+        ));
+    }
+    // Needs under `none` and smallest needs, for sharing a device's limit: every stage gets its
+    // smallest need, the rest is shared in proportion to what keeping everything would add.
+    let mut base = Vec::new();
+    let mut min = Vec::new();
+    for (i, (f, b, w)) in names.iter().enumerate() {
+        let g = ChoiceGraph::new(
+            module.function(f).expect("F"),
+            module.function(b).expect("B"),
+            module.function(w).expect("W"),
+            profile,
+        );
+        let p = g.plan(Policy::None, None, &in_flight[i])?;
+        base.push(g.summary(&p, &in_flight[i]).need_bytes);
+        min.push(if limit.is_some() {
+            g.min_need(&in_flight[i])?.min(base[i])
+        } else {
+            0
+        });
+    }
+    let mut shares = vec![None; names.len()];
+    if let Some(l) = limit {
+        let devices: BTreeSet<usize> = placement.iter().copied().collect();
+        let on_device =
+            |d: usize| -> Vec<usize> { (0..names.len()).filter(|&t| placement[t] == d).collect() };
+        let floor_of = |d: usize| -> u64 { on_device(d).iter().map(|&t| min[t]).sum() };
+        let worst = devices.iter().copied().max_by_key(|&d| floor_of(d));
+        if let Some(d) = worst.filter(|&d| floor_of(d) > l) {
+            let on = on_device(d);
+            return Err(format!(
+                "device {d}: the memory limit {l} bytes is infeasible; the smallest feasible limit is {} bytes (stages {on:?}: {})",
+                floor_of(d),
+                on.iter()
+                    .map(|&t| in_flight[t].to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        for d in devices {
+            let on = on_device(d);
+            let floor = floor_of(d);
+            let extra: u64 = on.iter().map(|&t| base[t] - min[t]).sum();
+            for &t in &on {
+                let add = if extra == 0 {
+                    0
+                } else {
+                    ((l - floor) as u128 * (base[t] - min[t]) as u128 / extra as u128) as u64
+                };
+                shares[t] = Some(min[t] + add);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (f, b, w)) in names.iter().enumerate() {
+        let share = shares[i];
+        let (fun, bun, wun) = (
+            module.function(f).expect("F"),
+            module.function(b).expect("B"),
+            module.function(w).expect("W"),
+        );
+        let g = ChoiceGraph::new(fun, bun, wun, profile);
+        let plan = g.plan(policy, share, &in_flight[i]).map_err(|e| {
+            format!(
+                "stage {i} (@{f}, device {}, limit share {} of {} bytes): {e}",
+                placement[i],
+                share.unwrap_or(0),
+                limit.unwrap_or(0)
+            )
+        })?;
+        let summary = g.summary(&plan, &in_flight[i]);
+        let numbering = print_numbering(fun);
+        let values =
+            plan.choices
+                .iter()
+                .map(|(&v, &c)| {
+                    let name =
+                        g.saved.get(&v).cloned().unwrap_or_else(|| {
+                            format!("stash.r{}", numbering[v].expect("defined"))
+                        });
+                    (name, g.bytes(v), c)
+                })
+                .collect();
+        let transfer_seconds = 2.0 * summary.offloaded_bytes as f64 / profile.host_bytes_per_s;
+        let (nf, nb, nw) = g.apply(&plan);
+        out.push(StageMemory {
+            function: f.clone(),
+            in_flight: in_flight[i].clone(),
+            limit: share,
+            values,
+            summary,
+            transfer_seconds,
+        });
+        *module.function_mut(f).expect("F") = nf;
+        *module.function_mut(b).expect("B") = nb;
+        *module.function_mut(w).expect("W") = nw;
+    }
+    Ok(out)
+}

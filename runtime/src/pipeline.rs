@@ -333,7 +333,7 @@ impl Pipeline {
         let outcomes: Vec<Result<DeviceOut, ()>> = std::thread::scope(|scope| {
             let mut handles = Vec::new();
             for (d, stages) in per_dev.into_iter().enumerate() {
-                let worker = Worker {
+                let mut worker = Worker {
                     device: d,
                     rx: receivers[d].take().expect("one receiver per device"),
                     tx: senders.clone(),
@@ -366,7 +366,10 @@ impl Pipeline {
                             }))
                         }
                     };
-                    match r {
+                    // The worker (and so its receiver) lives until the error is recorded and the
+                    // abort flag is up: a peer that then finds the channel closed sees the flag
+                    // and stands down, so the first error reported is the cause, not an echo.
+                    let r = match r {
                         Ok(out) => Ok(out),
                         Err(e) => {
                             if let Some(e) = e {
@@ -379,7 +382,9 @@ impl Pipeline {
                             abort.store(true, Ordering::SeqCst);
                             Err(())
                         }
-                    }
+                    };
+                    drop(worker);
+                    r
                 }));
             }
             drop(senders);
@@ -664,7 +669,7 @@ enum Which {
 
 impl<'a> Worker<'a> {
     fn run(
-        mut self,
+        &mut self,
         stages: Vec<(usize, &mut StagePlans)>,
         actions: &[PipelineAction],
     ) -> WorkerResult<DeviceOut> {

@@ -105,6 +105,13 @@ pub struct OptArgs {
     /// List the registered passes and exit.
     #[arg(long)]
     pub list_passes: bool,
+    /// Gradient method of every `autodiff` in the pipeline: bp, forward-gradient, fa, dfa,
+    /// local{blocks=K}.
+    #[arg(long)]
+    pub grad_method: Option<String>,
+    /// Random tangents of `--grad-method forward-gradient`.
+    #[arg(long, default_value_t = 1)]
+    pub tangents: usize,
 }
 
 /// Arguments of `cleave grad`.
@@ -154,6 +161,14 @@ pub struct InspectArgs {
     /// first when the module is not split yet).
     #[arg(long)]
     pub split: bool,
+    /// Differentiate with this gradient method (bp, forward-gradient, fa, dfa, local{blocks=K}):
+    /// every `autodiff` of `--passes` takes it, and without `--passes` the report is of
+    /// `autodiff,split-bw` (so FLOPs per phase and stash bytes are the method's).
+    #[arg(long)]
+    pub grad_method: Option<String>,
+    /// Random tangents of `--grad-method forward-gradient`.
+    #[arg(long, default_value_t = 1)]
+    pub tangents: usize,
 }
 
 /// Interpreter precision.
@@ -364,14 +379,53 @@ fn run_pipeline(module: &mut Module, pm: &PassManager) -> Result<()> {
     result.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// `pipeline` with `--grad-method` applied to its `autodiff` passes.
+fn pipeline_with_method(pipeline: &str, method: Option<&str>, tangents: usize) -> Result<String> {
+    let Some(m) = method else {
+        return Ok(pipeline.to_string());
+    };
+    let m = crate::train::parse_grad_method(m, tangents)?;
+    cleave_passes::autodiff::methods::with_grad_method(pipeline, &m)
+        .map_err(|e| anyhow::anyhow!("--grad-method: {e}"))
+}
+
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
     let mut module = load_module(&a.file, &a.model.load_options())?;
-    if let Some(p) = &a.passes {
+    let method = a
+        .grad_method
+        .as_deref()
+        .map(|m| crate::train::parse_grad_method(m, a.tangents))
+        .transpose()?;
+    let forward_gradient = matches!(
+        method,
+        Some(cleave_passes::autodiff::methods::GradMethod::ForwardGradient { .. })
+    );
+    let passes = match (&a.passes, &a.grad_method) {
+        (Some(p), _) => Some(pipeline_with_method(
+            p,
+            a.grad_method.as_deref(),
+            a.tangents,
+        )?),
+        (None, Some(_)) if forward_gradient => Some(pipeline_with_method(
+            "autodiff",
+            a.grad_method.as_deref(),
+            a.tangents,
+        )?),
+        (None, Some(_)) => Some(pipeline_with_method(
+            "autodiff,split-bw",
+            a.grad_method.as_deref(),
+            a.tangents,
+        )?),
+        (None, None) => None,
+    };
+    // Forward gradients have no backward to split.
+    let split = (a.split || (a.passes.is_none() && a.grad_method.is_some())) && !forward_gradient;
+    if let Some(p) = &passes {
         let mut pm = PassManager::from_pipeline(p)?;
         pm.verify_each = true;
         run_pipeline(&mut module, &pm)?;
     }
-    if a.split && cleave_passes::split::split_stages(&module).is_empty() {
+    if split && cleave_passes::split::split_stages(&module).is_empty() {
         let differentiated = module
             .functions
             .iter()
@@ -386,8 +440,19 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         run_pipeline(&mut module, &pm)?;
     }
     let mut report = inspect(&module);
-    if a.split {
+    if split {
         report.stages = Some(split_report(&module));
+    }
+    if let Some(m) = &method {
+        report.grad_method = Some(m.to_string());
+        report.stash_bytes = Some(
+            report
+                .stages
+                .iter()
+                .flatten()
+                .map(|s| s.stash_bytes.F_to_B + s.stash_bytes.F_to_W + s.stash_bytes.B_to_W)
+                .sum(),
+        );
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -414,7 +479,11 @@ fn cmd_opt(a: OptArgs) -> Result<()> {
     let mut pm = if a.passes.trim().is_empty() {
         PassManager::from_pipeline("verify")?
     } else {
-        PassManager::from_pipeline(&a.passes)?
+        PassManager::from_pipeline(&pipeline_with_method(
+            &a.passes,
+            a.grad_method.as_deref(),
+            a.tangents,
+        )?)?
     };
     if a.dump_pass_pipeline {
         println!("{}", pm.pipeline_text());

@@ -64,6 +64,8 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         schedule: "1f1b".into(),
         timeline: None,
         fail_action: None,
+        grad_method: "bp".into(),
+        tangents: 1,
     })
     .unwrap();
     let text = std::fs::read_to_string(&metrics).unwrap();

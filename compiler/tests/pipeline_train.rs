@@ -47,6 +47,8 @@ fn args(model: &str, data: &str, p: usize, m: usize, schedule: &str, steps: usiz
         schedule: schedule.into(),
         timeline: None,
         fail_action: None,
+        grad_method: "bp".into(),
+        tangents: 1,
     }
 }
 

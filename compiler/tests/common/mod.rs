@@ -42,5 +42,7 @@ pub fn args(steps: usize) -> TrainArgs {
         schedule: "1f1b".into(),
         timeline: None,
         fail_action: None,
+        grad_method: "bp".into(),
+        tangents: 1,
     }
 }

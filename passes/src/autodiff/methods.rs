@@ -21,11 +21,15 @@
 //!   last layer's result) is sent to the data input of every layer through that layer's own fixed
 //!   random matrix `B` (`e·B`, `B: [C, D]`), and no gradient flows through any layer into its
 //!   input. Each layer's backward therefore needs `e` only, never a later layer's backward.
-//! - **`local{blocks=K}`**: the layers are cut into `K` contiguous blocks of about equal count.
-//!   At the input `x` of the first layer of blocks `1..K` an auxiliary head — a linear classifier
-//!   with parameters `local.head<b>.weight: [D, C]` and `local.head<b>.bias: [C]` and the model's
-//!   cross-entropy labels — adds a loss output `local.loss<b>`, seeded like the main loss; no
-//!   gradient flows from block `b` back into block `b−1`. Backprop runs inside each block.
+//! - **`local{blocks=K}`**: the layers are cut into `K` contiguous blocks of about equal count
+//!   (on a function partitioned into pipeline stages the blocks are the stages, and `K` is not
+//!   used). Every edge from a node of a later block into a value computed in an earlier block is
+//!   cut (residual paths included), so no gradient flows from block `b` back into block `b−1`.
+//!   Every float value that leaves block `b−1` gets an auxiliary head — a linear classifier with
+//!   parameters `local.head<b>.weight: [D, C]` and `local.head<b>.bias: [C]` (`local.head<b>_<j>.*`
+//!   when several values leave the block) applied per position, or to the flattened example when
+//!   the logits are `[B, C]`, with the model's cross-entropy labels — and a loss output
+//!   `local.loss<b>` seeded like the main loss. Backprop runs inside each block.
 //!
 //! # Where the random matrices live
 //!
@@ -41,6 +45,8 @@ use std::collections::HashMap;
 use cleave_ir::tracer::{TraceError, Tracer};
 use cleave_ir::{ArgRole, Function, Literal, Node, NodeData, Op, Phase, TensorType, Value};
 use cranelift_entity::SecondaryMap;
+
+use crate::schedule::simulate::BackwardDependency;
 
 use super::{differentiate_with, Mode, Rewrite, GRAD_PREFIX};
 
@@ -103,11 +109,13 @@ impl GradMethod {
     /// Whether the backward of a pipeline stage waits for the backward of the next stage
     /// (`bp`, `fa`); `dfa` needs only the last stage's output error, `local` nothing at all, and
     /// `forward-gradient` has no backward.
-    pub fn stage_dependency(&self) -> StageDependency {
+    pub fn stage_dependency(&self) -> BackwardDependency {
         match self {
-            GradMethod::Bp | GradMethod::Fa => StageDependency::NextStage,
-            GradMethod::Dfa => StageDependency::LastStageForward,
-            GradMethod::Local { .. } | GradMethod::ForwardGradient { .. } => StageDependency::None,
+            GradMethod::Bp | GradMethod::Fa => BackwardDependency::NextStage,
+            GradMethod::Dfa => BackwardDependency::LastStageForward,
+            GradMethod::Local { .. } | GradMethod::ForwardGradient { .. } => {
+                BackwardDependency::None
+            }
         }
     }
 
@@ -191,17 +199,6 @@ impl std::fmt::Display for GradMethod {
             m => f.write_str(m.name()),
         }
     }
-}
-
-/// What the backward (B) of pipeline stage `s` waits for besides its own forward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StageDependency {
-    /// The backward of stage `s+1` (backprop, FA).
-    NextStage,
-    /// The forward of the last stage (DFA: the output error is broadcast to every stage).
-    LastStageForward,
-    /// Nothing (local learning; forward gradients).
-    None,
 }
 
 /// The prefix of forward-gradient tangent inputs: `fg.tangent.<k>.<param>`.
@@ -520,9 +517,15 @@ pub fn differentiate_method(
             },
         ),
         GradMethod::Local { blocks } => {
-            let (func, rewrite) =
+            let (func, rewrite, mut warnings) =
                 local_heads(func, *blocks).map_err(|e| format!("@{fname}: {e}"))?;
-            differentiate_with(func, Mode::Loss, wrt, &rewrite)
+            let (f, w) = differentiate_with(func, Mode::Loss, wrt, &rewrite)?;
+            warnings = warnings
+                .into_iter()
+                .map(|w| format!("@{fname}: {w}"))
+                .chain(w)
+                .collect();
+            Ok((f, warnings))
         }
         GradMethod::ForwardGradient { tangents } => forward_gradient(func, *tangents),
     }
@@ -530,19 +533,64 @@ pub fn differentiate_method(
 
 /// Adds the auxiliary heads and losses of `local{blocks=K}` to a forward function; returns it
 /// with the seeds and cuts for [`differentiate_with`].
-fn local_heads(func: Function, blocks: usize) -> Result<(Function, Rewrite), String> {
+#[allow(clippy::type_complexity)]
+fn local_heads(func: Function, blocks: usize) -> Result<(Function, Rewrite, Vec<String>), String> {
     let data_dep = data_dependence(&func);
     let layers: Vec<Layer> = func
         .body
         .iter()
         .filter_map(|&n| layer_of(&func, n, &data_dep))
         .collect();
-    if layers.len() < blocks {
-        return Err(format!(
-            "local{{blocks={blocks}}} needs at least {blocks} layers (matmul or conv2d with a weight), the function has {}",
-            layers.len()
-        ));
+    let staged = func.body.iter().any(|&n| func.nodes[n].stage.is_some());
+    // The block of every node.
+    let mut block: SecondaryMap<Node, usize> = SecondaryMap::with_default(0);
+    if staged {
+        // A partitioned function: the blocks are its pipeline stages.
+        for &n in &func.body {
+            block[n] = func.nodes[n].stage.unwrap_or(0) as usize;
+        }
+    } else {
+        if layers.len() < blocks {
+            return Err(format!(
+                "local{{blocks={blocks}}} needs at least {blocks} layers (matmul or conv2d with a weight), the function has {}",
+                layers.len()
+            ));
+        }
+        // The first layer of each block after the first.
+        let starts: Vec<Layer> = (1..blocks)
+            .map(|b| layers[b * layers.len() / blocks])
+            .collect();
+        let mut b = 0usize;
+        for &n in &func.body {
+            if b < starts.len() && starts[b].0 == n {
+                b += 1;
+            }
+            block[n] = b;
+        }
     }
+    // Every edge from a later block into an earlier one is cut, so no gradient crosses blocks
+    // (residual paths included).
+    let mut cuts = Vec::new();
+    let mut crossing: Vec<Value> = Vec::new();
+    for &n in &func.body {
+        for (i, &v) in func.nodes[n].operands.iter().enumerate() {
+            let def = func.values[v].def;
+            if func.nodes[def].op.arg_role().is_none() && block[def] < block[n] {
+                cuts.push((n, i));
+                if data_dep[v] && func.ty(v).dtype.is_float() && !crossing.contains(&v) {
+                    crossing.push(v);
+                }
+            }
+        }
+    }
+    // Heads in the order their values are defined.
+    let position: HashMap<Node, usize> =
+        func.body.iter().enumerate().map(|(k, &n)| (n, k)).collect();
+    crossing.sort_by_key(|&v| position[&func.values[v].def]);
+    let block_of_value: Vec<usize> = crossing
+        .iter()
+        .map(|&v| block[func.values[v].def])
+        .collect();
     let Some(ce) = func
         .body
         .iter()
@@ -557,10 +605,23 @@ fn local_heads(func: Function, blocks: usize) -> Result<(Function, Rewrite), Str
     let lshape = func.ty(logits).shape.clone();
     let c = *lshape.last().expect("cross_entropy logits have rank ≥ 1");
     let mut t = Tracer::from_function(func);
-    let mut rewrite = Rewrite::default();
-    for b in 1..blocks {
-        let (layer, d, _) = layers[b * layers.len() / blocks];
-        let x = t.func().nodes[layer].operands[d];
+    let mut rewrite = Rewrite {
+        cuts,
+        ..Rewrite::default()
+    };
+    let mut warnings = Vec::new();
+    for (k, &x) in crossing.iter().enumerate() {
+        // Heads are numbered by the block they end (1-based), with `_<j>` when a block sends
+        // several values on.
+        let b = block_of_value[k] + 1;
+        let same: Vec<usize> = (0..crossing.len())
+            .filter(|&q| block_of_value[q] == block_of_value[k])
+            .collect();
+        let name = if same.len() == 1 {
+            format!("{b}")
+        } else {
+            format!("{b}_{}", same.iter().position(|&q| q == k).unwrap_or(0))
+        };
         let stage = t.func().nodes[t.func().values[x].def].stage;
         t.set_stage(stage);
         t.set_phase(Phase::Forward);
@@ -572,16 +633,19 @@ fn local_heads(func: Function, blocks: usize) -> Result<(Function, Rewrite), Str
         } else if lshape.len() == 2 && xs.first() == lshape.first() {
             (xs[0], xs[1..].iter().product())
         } else {
-            return Err(format!(
-                "local: block {b} starts at a value of shape {xs:?}, which no linear head maps to the logits' shape {lshape:?}"
+            warnings.push(format!(
+                "local: %{} (shape {xs:?}) leaves block {} but no linear head maps it to the logits' shape {lshape:?}; the nodes computing it get no local gradient",
+                x.as_u32(),
+                b - 1
             ));
+            continue;
         };
         let e = |e: TraceError| e.to_string();
         let w = t
-            .param(&format!("local.head{b}.weight"), dtype, vec![dim, c])
+            .param(&format!("local.head{name}.weight"), dtype, vec![dim, c])
             .map_err(e)?;
         let bias = t
-            .param(&format!("local.head{b}.bias"), dtype, vec![c])
+            .param(&format!("local.head{name}.bias"), dtype, vec![c])
             .map_err(e)?;
         let x2 = if xs == [n, dim] {
             x
@@ -596,13 +660,39 @@ fn local_heads(func: Function, blocks: usize) -> Result<(Function, Rewrite), Str
         } else {
             t.reshape(z, lshape.clone()).map_err(e)?
         };
-        let l = t.cross_entropy(z, labels).map_err(e)?;
+        let labels_here = value_in_stage(&mut t, labels, stage).map_err(e)?;
+        let l = t.cross_entropy(z, labels_here).map_err(e)?;
         let l = t.mean_all(l).map_err(e)?;
-        t.output(&format!("local.loss{b}"), l).map_err(e)?;
+        t.output(&format!("local.loss{name}"), l).map_err(e)?;
         rewrite.extra_seeds.push(l);
-        rewrite.cuts.push((layer, d));
     }
-    Ok((t.finish(), rewrite))
+    Ok((t.finish(), rewrite, warnings))
+}
+
+/// `v`, or a copy of the nodes computing it (from arguments) in `stage` when `v` is computed in a
+/// later stage than `stage` (the labels of an auxiliary head in an early pipeline stage).
+fn value_in_stage(t: &mut Tracer, v: Value, stage: Option<u32>) -> Result<Value, TraceError> {
+    let def = t.func().values[v].def;
+    let data = t.func().nodes[def].clone();
+    let later = match (data.stage, stage) {
+        (Some(a), Some(b)) => a > b,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    if data.op.arg_role().is_some() || !later {
+        return Ok(v);
+    }
+    let mut operands = Vec::with_capacity(data.operands.len());
+    for &o in &data.operands {
+        operands.push(value_in_stage(t, o, stage)?);
+    }
+    let k = data.results.iter().position(|&r| r == v).unwrap_or(0);
+    let saved = (t.stage(), t.phase());
+    t.set_stage(stage);
+    let out = t.push_op(data.op.clone(), &operands)?[k];
+    t.set_stage(saved.0);
+    t.set_phase(saved.1);
+    Ok(out)
 }
 
 /// The forward-gradient estimate (see the module docs).

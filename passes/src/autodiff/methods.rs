@@ -342,7 +342,9 @@ impl FeedbackState {
             if !self.data_dep[x] || !t.ty(x).dtype.is_float() || !wants(x) {
                 continue;
             }
-            let stage = t.func().nodes[layer].stage;
+            // The projection lives with the layer's input, so the only value crossing stages
+            // is the output error itself.
+            let stage = t.func().nodes[t.func().values[x].def].stage;
             t.set_stage(stage);
             t.set_phase(Phase::Dgrad);
             let c = project_error(t, e, x, seed, &format!("dfa.{}", self.layers.len() - 1 - k))?;

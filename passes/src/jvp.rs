@@ -219,6 +219,10 @@ fn rule(
             }
             one_opt(sum_terms(t, terms))
         }
+        // Custom-VJP ops: the tangent rule is the transpose of the VJP rule (both are diagonal:
+        // `ẏ = ẋ` for straight-through estimators, `ẏ = −λ·ẋ` for gradient reversal), so forward
+        // gradients estimate the same rewritten gradient as reverse mode.
+        Op::Ste(_) | Op::GradReverse { .. } => one(r::vjp(t, node, &[tans[0]], 0)),
         // Linear ops in their differentiable operands: apply the op to the tangent.
         Op::Broadcast { .. }
         | Op::Reshape { .. }

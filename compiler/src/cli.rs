@@ -406,42 +406,51 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             a.grad_method.as_deref(),
             a.tangents,
         )?),
-        (None, Some(_)) if forward_gradient => Some(pipeline_with_method(
-            "autodiff",
-            a.grad_method.as_deref(),
-            a.tangents,
-        )?),
         (None, Some(_)) => Some(pipeline_with_method(
-            "autodiff,split-bw",
+            "autodiff",
             a.grad_method.as_deref(),
             a.tangents,
         )?),
         (None, None) => None,
     };
-    // Forward gradients have no backward to split.
-    let split = (a.split || (a.passes.is_none() && a.grad_method.is_some())) && !forward_gradient;
     if let Some(p) = &passes {
         let mut pm = PassManager::from_pipeline(p)?;
         pm.verify_each = true;
         run_pipeline(&mut module, &pm)?;
     }
-    if split && cleave_passes::split::split_stages(&module).is_empty() {
-        let differentiated = module
-            .functions
-            .iter()
-            .any(|f| f.outputs.iter().any(|o| o.name.starts_with(GRAD_PREFIX)));
-        let pipeline = if differentiated {
-            "split-bw"
-        } else {
-            "autodiff,split-bw"
-        };
-        let mut pm = PassManager::from_pipeline(pipeline)?;
-        pm.verify_each = true;
-        run_pipeline(&mut module, &pm)?;
-    }
-    let mut report = inspect(&module);
-    if split {
-        report.stages = Some(split_report(&module));
+    // `--grad-method` alone: FLOPs per phase of the differentiated step (dgrad and wgrad as
+    // autodiff tagged them), stash bytes from its split (forward gradients have no backward to
+    // split).
+    let method_only = method.is_some() && a.passes.is_none() && !a.split;
+    let mut report;
+    if method_only {
+        report = inspect(&module);
+        if !forward_gradient {
+            let mut split = module.clone();
+            let mut pm = PassManager::from_pipeline("split-bw")?;
+            pm.verify_each = true;
+            run_pipeline(&mut split, &pm)?;
+            report.stages = Some(split_report(&split));
+        }
+    } else {
+        if a.split && cleave_passes::split::split_stages(&module).is_empty() {
+            let differentiated = module
+                .functions
+                .iter()
+                .any(|f| f.outputs.iter().any(|o| o.name.starts_with(GRAD_PREFIX)));
+            let pipeline = if differentiated {
+                "split-bw"
+            } else {
+                "autodiff,split-bw"
+            };
+            let mut pm = PassManager::from_pipeline(pipeline)?;
+            pm.verify_each = true;
+            run_pipeline(&mut module, &pm)?;
+        }
+        report = inspect(&module);
+        if a.split {
+            report.stages = Some(split_report(&module));
+        }
     }
     if let Some(m) = &method {
         report.grad_method = Some(m.to_string());

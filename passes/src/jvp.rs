@@ -75,7 +75,9 @@ pub fn linearize(func: Function) -> Result<Function, String> {
     let outputs = func.outputs.clone();
     let mut t = Tracer::from_function(func);
     let err = |e: TraceError| format!("@{fname}: {e}");
-    let tan = tangents_of(&mut t, &args, TANGENT_PREFIX).map_err(|e| format!("@{fname}: {e}"))?;
+    let body = t.func().body.clone();
+    let tan =
+        tangents_of(&mut t, &body, &args, TANGENT_PREFIX).map_err(|e| format!("@{fname}: {e}"))?;
     for o in outputs {
         if !t.ty(o.value).dtype.is_float() {
             continue;
@@ -101,16 +103,17 @@ pub fn linearize(func: Function) -> Result<Function, String> {
 }
 
 /// Appends tangent inputs `<prefix><name>` for the given float arguments and the tangent
-/// computation of every node of the current body that depends on them. Returns the tangent of
-/// every value (`None`: the value does not depend on the chosen tangents). Used by
-/// [`linearize`] and by the `forward-gradient` method of `autodiff`, which calls it once per
-/// random tangent with its own prefix.
+/// computation of every node of `body` (the nodes to linearize, in order) that depends on them.
+/// Returns the tangent of every value (`None`: the value does not depend on the chosen
+/// tangents). Used by [`linearize`] and by the `forward-gradient` method of `autodiff`, which
+/// calls it once per random tangent with its own prefix, always over the original forward body
+/// (walking the grown body would differentiate the earlier tangents again).
 pub fn tangents_of(
     t: &mut Tracer,
+    body: &[cleave_ir::Node],
     args: &[(Value, String)],
     prefix: &str,
 ) -> Result<SecondaryMap<Value, Option<Value>>, String> {
-    let body = t.func().body.clone();
     let mut tan: SecondaryMap<Value, Option<Value>> = SecondaryMap::with_default(None);
     for (v, name) in args {
         let ty = t.ty(*v).clone();
@@ -119,7 +122,7 @@ pub fn tangents_of(
             .map_err(|e| e.to_string())?;
         tan[*v] = Some(d);
     }
-    for node in body {
+    for &node in body {
         let data = t.func().nodes[node].clone();
         if data.op.arg_role().is_some() {
             continue;

@@ -150,6 +150,18 @@ fn forward_gradient_averages_tangents() {
         }
         singles.push(grads(&outputs(&one, &a1)));
     }
+    // Each tangent linearizes the forward body once: the step grows linearly in K (walking the
+    // grown body would differentiate the earlier tangents again, exponentially).
+    let size = |k: usize| {
+        run_pipeline(
+            &f,
+            &format!("autodiff{{method=forward-gradient,tangents={k}}}"),
+        )
+        .body
+        .len()
+    };
+    let (s2, s3, s5) = (size(2), size(3), size(5));
+    assert_eq!(s5 - s2, 3 * (s3 - s2), "sizes {s2}, {s3}, {s5}");
     let avg = grads(&outputs(&three, &a3));
     for (p, (name, g)) in avg.iter().enumerate() {
         for (i, &x) in g.iter().enumerate() {

@@ -710,10 +710,11 @@ fn forward_gradient(func: Function, k: usize) -> Result<(Function, Vec<String>),
     let mut t = Tracer::from_function(func);
     let err = |e: TraceError| format!("@{fname}: {e}");
     let mut acc: Vec<Option<Value>> = vec![None; params.len()];
+    let body = t.func().body.clone();
     for j in 0..k {
-        let tan =
-            super::super::jvp::tangents_of(&mut t, &params, &format!("{FG_TANGENT_PREFIX}{j}."))
-                .map_err(|e| format!("@{fname}: {e}"))?;
+        let prefix = format!("{FG_TANGENT_PREFIX}{j}.");
+        let tan = crate::jvp::tangents_of(&mut t, &body, &params, &prefix)
+            .map_err(|e| format!("@{fname}: {e}"))?;
         let Some(dd) = tan[loss] else {
             warnings.push(format!(
                 "@{fname}: the loss does not depend on any parameter; every gradient is zero"

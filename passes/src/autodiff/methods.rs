@@ -296,7 +296,7 @@ impl FeedbackState {
         }
         let w_idx = 1 - i;
         let (x, w) = (node.operands[i], node.operands[w_idx]);
-        if !(self.data_dep[x] && !self.data_dep[w]) {
+        if !self.data_dep[x] || self.data_dep[w] {
             return Ok(None);
         }
         let b = match self.fa_cache.get(&w) {

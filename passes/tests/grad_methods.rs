@@ -332,6 +332,15 @@ fn method_names_and_errors() {
     assert!(e.contains("at least 2 blocks"), "{e}");
     let e = GradMethod::parse("fa{blocks=2}", 1).unwrap_err();
     assert!(e.contains("unknown option"), "{e}");
+    use cleave_passes::autodiff::methods::with_grad_method;
+    assert_eq!(
+        with_grad_method("autodiff,split-bw", &GradMethod::Local { blocks: 3 }).unwrap(),
+        "autodiff{blocks=3,method=local},split-bw"
+    );
+    let e = with_grad_method("dce", &GradMethod::Fa).unwrap_err();
+    assert!(e.contains("no `autodiff` pass"), "{e}");
+    let e = with_grad_method("autodiff{method=dfa}", &GradMethod::Fa).unwrap_err();
+    assert!(e.contains("conflicts with --grad-method fa"), "{e}");
     let e = PassManager::from_pipeline("autodiff{method=sgd}")
         .err()
         .unwrap();

@@ -630,8 +630,10 @@ fn local_heads(func: Function, blocks: usize) -> Result<(Function, Rewrite, Vec<
         let xs = t.shape(x).to_vec();
         let dtype = t.ty(x).dtype;
         let lead = &lshape[..lshape.len() - 1];
-        let (n, dim) = if xs.len() == lshape.len() && xs[..xs.len() - 1] == *lead {
-            (lead.iter().product::<usize>(), xs[xs.len() - 1])
+        let n_lead: usize = lead.iter().product();
+        let (n, dim) = if !xs.is_empty() && xs[..xs.len() - 1].iter().product::<usize>() == n_lead {
+            // Per position: the logits' leading dimensions hold as many positions as `x`'s.
+            (n_lead, xs[xs.len() - 1])
         } else if lshape.len() == 2 && xs.first() == lshape.first() {
             (xs[0], xs[1..].iter().product())
         } else {
@@ -754,6 +756,11 @@ fn forward_gradient(func: Function, k: usize) -> Result<(Function, Vec<String>),
 /// `method` is an error when it differs.
 pub fn with_grad_method(pipeline: &str, method: &GradMethod) -> Result<String, String> {
     let mut entries = crate::pipeline::parse_pipeline(pipeline).map_err(|e| e.to_string())?;
+    if !entries.iter().any(|e| e.name == "autodiff") {
+        return Err(format!(
+            "the pipeline `{pipeline}` has no `autodiff` pass to give the method {method}"
+        ));
+    }
     for e in &mut entries {
         if e.name != "autodiff" {
             continue;

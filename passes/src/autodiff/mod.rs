@@ -42,6 +42,12 @@
 //! gradients flow from later stages to earlier ones). The order is a function of the input text only, so gradients are
 //! reproducible bit for bit.
 //!
+//! # Gradient methods
+//!
+//! `method=` (`fa`, `dfa`, `local`, `forward-gradient`) replaces exact backprop by a rewrite of
+//! the backward graph with the same interface; see [`methods`]. The emission loop below takes
+//! their hooks (extra seeds, cut edges, feedback matrices) through a `Rewrite`.
+//!
 //! Entry: a verified module. Exit: a verified module; the differentiated function keeps its name,
 //! its arguments (plus `grad.<output>` inputs in stage mode) and its outputs (plus `grad.*`).
 

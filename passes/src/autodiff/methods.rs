@@ -536,7 +536,10 @@ pub fn differentiate_method(
 /// Adds the auxiliary heads and losses of `local{blocks=K}` to a forward function; returns it
 /// with the seeds and cuts for [`differentiate_with`].
 #[allow(clippy::type_complexity)]
-fn local_heads(func: Function, blocks: usize) -> Result<(Function, Rewrite, Vec<String>), String> {
+fn local_heads(
+    mut func: Function,
+    blocks: usize,
+) -> Result<(Function, Rewrite, Vec<String>), String> {
     let data_dep = data_dependence(&func);
     let layers: Vec<Layer> = func
         .body
@@ -568,6 +571,29 @@ fn local_heads(func: Function, blocks: usize) -> Result<(Function, Rewrite, Vec<
                 b += 1;
             }
             block[n] = b;
+        }
+    }
+    // A parameter-only value (a transposed or broadcast weight) computed in an earlier block
+    // than all its consumers moves to the first of them, so that its weight's gradient stays in
+    // the block that uses it instead of being cut off.
+    let mut consumers: SecondaryMap<Node, Vec<Node>> = SecondaryMap::new();
+    for &n in &func.body {
+        for &v in &func.nodes[n].operands {
+            consumers[func.values[v].def].push(n);
+        }
+    }
+    for &n in func.body.clone().iter().rev() {
+        let d = &func.nodes[n];
+        if d.op.arg_role().is_some() || d.results.iter().any(|&r| data_dep[r]) {
+            continue;
+        }
+        if let Some(first) = consumers[n].iter().map(|&c| block[c]).min() {
+            if first > block[n] {
+                block[n] = first;
+                if staged {
+                    func.nodes[n].stage = Some(first as u32);
+                }
+            }
         }
     }
     // Every edge from a later block into an earlier one is cut, so no gradient crosses blocks

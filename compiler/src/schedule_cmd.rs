@@ -23,7 +23,9 @@
 //! and `forward-gradient` it waits for nothing but its own F. `forward-gradient` has no backward:
 //! a stage's whole step (forward and tangent FLOPs) is its T_F, T_B = T_W = 0 and nothing is
 //! stashed. The `eager` schedule (F, B, W of each microbatch in turn) is the order that uses this;
-//! `auto` searches under backprop's dependencies only. The JSON report adds `"grad_method"` and
+//! `auto` judges its candidates under the method's dependencies (and adds `eager` to them when
+//! B does not wait for the next stage); its greedy and ILP candidates are still built under
+//! backprop's. The JSON report adds `"grad_method"` and
 //! `"backward_dependency"`.
 //!
 //! # Memory
@@ -288,6 +290,8 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
         };
         let options = AutoOptions {
             memory_limit: a.memory_limit,
+            backward: crate::train::parse_grad_method(&a.grad_method, a.tangents)?
+                .stage_dependency(),
             ..AutoOptions::default()
         };
         let (s, r) = auto_schedule(p, m, &costs, &memory, &options)?;

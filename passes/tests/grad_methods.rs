@@ -477,3 +477,35 @@ fn local_learning_cuts_residual_paths() {
         assert!(out.contains_key(&name), "{name}");
     }
 }
+
+/// `auto` judges its candidates under the method's dependencies: with local learning and room
+/// for one microbatch of activations it finds a zero-bubble schedule; backprop under the same
+/// limit cannot avoid bubbles.
+#[test]
+fn auto_schedules_under_the_methods_dependencies() {
+    use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
+    let (p, m) = (4, 8);
+    let costs = Costs::uniform(p, 1.0, 1.0, 1.0, 0.0);
+    let memory = Memory::uniform(p, 1.0, 0.5);
+    let run = |backward| {
+        let options = AutoOptions {
+            memory_limit: Some(1.0),
+            ilp_max_pm: 0,
+            backward,
+            ..AutoOptions::default()
+        };
+        let (s, report) = auto_schedule(p, m, &costs, &memory, &options).unwrap();
+        (s.simulate_with(&costs, &memory, backward).unwrap(), report)
+    };
+    let (local, report) = run(BackwardDependency::None);
+    assert_eq!(local.bubble_rate, 0.0, "chose {}", report.chosen);
+    assert!(report.candidates.iter().any(|c| c.0 == "eager"));
+    let (bp, report) = run(BackwardDependency::NextStage);
+    assert!(
+        bp.bubble_rate > 0.3,
+        "chose {}: {}",
+        report.chosen,
+        bp.bubble_rate
+    );
+    assert!(report.candidates.iter().all(|c| c.0 != "eager"));
+}

@@ -140,9 +140,14 @@ impl GradMethod {
                             .parse()
                             .map_err(|_| format!("`{text}`: blocks must be a count, got `{v}`"))?;
                     }
+                    _ if name == "local" => {
+                        return Err(format!(
+                            "`{text}`: unknown option `{kv}`; `local` takes `blocks=K`"
+                        ))
+                    }
                     _ => {
                         return Err(format!(
-                            "`{text}`: unknown option `{kv}` (only `local` takes an option: `blocks=K`)"
+                            "`{text}`: unknown option `{kv}`; only `local` takes an option (`blocks=K`)"
                         ))
                     }
                 }

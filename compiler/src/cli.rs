@@ -454,14 +454,17 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     }
     if let Some(m) = &method {
         report.grad_method = Some(m.to_string());
-        report.stash_bytes = Some(
-            report
-                .stages
-                .iter()
-                .flatten()
-                .map(|s| s.stash_bytes.F_to_B + s.stash_bytes.F_to_W + s.stash_bytes.B_to_W)
-                .sum(),
-        );
+        // Known when the step was split, or when it has no backward at all.
+        report.stash_bytes = match &report.stages {
+            Some(stages) => Some(
+                stages
+                    .iter()
+                    .map(|s| s.stash_bytes.F_to_B + s.stash_bytes.F_to_W + s.stash_bytes.B_to_W)
+                    .sum(),
+            ),
+            None if forward_gradient => Some(0),
+            None => None,
+        };
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

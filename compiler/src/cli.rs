@@ -105,6 +105,13 @@ pub struct OptArgs {
     /// List the registered passes and exit.
     #[arg(long)]
     pub list_passes: bool,
+    /// Gradient method of every `autodiff` in the pipeline: bp, forward-gradient, fa, dfa,
+    /// local{blocks=K}.
+    #[arg(long)]
+    pub grad_method: Option<String>,
+    /// Random tangents of `--grad-method forward-gradient`.
+    #[arg(long, default_value_t = 1)]
+    pub tangents: usize,
 }
 
 /// Arguments of `cleave grad`.
@@ -179,6 +186,14 @@ pub struct InspectArgs {
     /// With --memory: write the timeline and memory over time (SVG) here.
     #[arg(long, requires = "memory")]
     pub svg: Option<PathBuf>,
+    /// Differentiate with this gradient method (bp, forward-gradient, fa, dfa, local{blocks=K}):
+    /// every `autodiff` of `--passes` takes it, and without `--passes` the report is of
+    /// `autodiff,split-bw` (so FLOPs per phase and stash bytes are the method's).
+    #[arg(long)]
+    pub grad_method: Option<String>,
+    /// Random tangents of `--grad-method forward-gradient`.
+    #[arg(long, default_value_t = 1)]
+    pub tangents: usize,
 }
 
 /// Interpreter precision.
@@ -463,33 +478,95 @@ fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// `pipeline` with `--grad-method` applied to its `autodiff` passes.
+fn pipeline_with_method(pipeline: &str, method: Option<&str>, tangents: usize) -> Result<String> {
+    let Some(m) = method else {
+        return Ok(pipeline.to_string());
+    };
+    let m = crate::train::parse_grad_method(m, tangents)?;
+    cleave_passes::autodiff::methods::with_grad_method(pipeline, &m)
+        .map_err(|e| anyhow::anyhow!("--grad-method: {e}"))
+}
+
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if a.memory {
         return cmd_inspect_memory(&a);
     }
     let mut module = load_module(&a.file, &a.model.load_options())?;
-    if let Some(p) = &a.passes {
+    let method = a
+        .grad_method
+        .as_deref()
+        .map(|m| crate::train::parse_grad_method(m, a.tangents))
+        .transpose()?;
+    let forward_gradient = matches!(
+        method,
+        Some(cleave_passes::autodiff::methods::GradMethod::ForwardGradient { .. })
+    );
+    let passes = match (&a.passes, &a.grad_method) {
+        (Some(p), _) => Some(pipeline_with_method(
+            p,
+            a.grad_method.as_deref(),
+            a.tangents,
+        )?),
+        (None, Some(_)) => Some(pipeline_with_method(
+            "autodiff",
+            a.grad_method.as_deref(),
+            a.tangents,
+        )?),
+        (None, None) => None,
+    };
+    if let Some(p) = &passes {
         let mut pm = PassManager::from_pipeline(p)?;
         pm.verify_each = true;
         run_pipeline(&mut module, &pm)?;
     }
-    if a.split && cleave_passes::split::split_stages(&module).is_empty() {
-        let differentiated = module
-            .functions
-            .iter()
-            .any(|f| f.outputs.iter().any(|o| o.name.starts_with(GRAD_PREFIX)));
-        let pipeline = if differentiated {
-            "split-bw"
-        } else {
-            "autodiff,split-bw"
-        };
-        let mut pm = PassManager::from_pipeline(pipeline)?;
-        pm.verify_each = true;
-        run_pipeline(&mut module, &pm)?;
+    // `--grad-method` alone: FLOPs per phase of the differentiated step (dgrad and wgrad as
+    // autodiff tagged them), stash bytes from its split (forward gradients have no backward to
+    // split).
+    let method_only = method.is_some() && a.passes.is_none() && !a.split;
+    let mut report;
+    if method_only {
+        report = inspect(&module);
+        if !forward_gradient {
+            let mut split = module.clone();
+            let mut pm = PassManager::from_pipeline("split-bw")?;
+            pm.verify_each = true;
+            run_pipeline(&mut split, &pm)?;
+            report.stages = Some(split_report(&split));
+        }
+    } else {
+        if a.split && cleave_passes::split::split_stages(&module).is_empty() {
+            let differentiated = module
+                .functions
+                .iter()
+                .any(|f| f.outputs.iter().any(|o| o.name.starts_with(GRAD_PREFIX)));
+            let pipeline = if differentiated {
+                "split-bw"
+            } else {
+                "autodiff,split-bw"
+            };
+            let mut pm = PassManager::from_pipeline(pipeline)?;
+            pm.verify_each = true;
+            run_pipeline(&mut module, &pm)?;
+        }
+        report = inspect(&module);
+        if a.split {
+            report.stages = Some(split_report(&module));
+        }
     }
-    let mut report = inspect(&module);
-    if a.split {
-        report.stages = Some(split_report(&module));
+    if let Some(m) = &method {
+        report.grad_method = Some(m.to_string());
+        // Known when the step was split, or when it has no backward at all.
+        report.stash_bytes = match &report.stages {
+            Some(stages) => Some(
+                stages
+                    .iter()
+                    .map(|s| s.stash_bytes.F_to_B + s.stash_bytes.F_to_W + s.stash_bytes.B_to_W)
+                    .sum(),
+            ),
+            None if forward_gradient => Some(0),
+            None => None,
+        };
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -516,7 +593,11 @@ fn cmd_opt(a: OptArgs) -> Result<()> {
     let mut pm = if a.passes.trim().is_empty() {
         PassManager::from_pipeline("verify")?
     } else {
-        PassManager::from_pipeline(&a.passes)?
+        PassManager::from_pipeline(&pipeline_with_method(
+            &a.passes,
+            a.grad_method.as_deref(),
+            a.tangents,
+        )?)?
     };
     if a.dump_pass_pipeline {
         println!("{}", pm.pipeline_text());

@@ -57,6 +57,13 @@ pub struct InspectReport {
     /// Per pipeline stage of a split module (`inspect --split`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stages: Option<Vec<StageReport>>,
+    /// The gradient method of `inspect --grad-method`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_method: Option<String>,
+    /// With `--grad-method`: the bytes stashed per microbatch for the backward, summed over
+    /// stages (`F_to_B + F_to_W + B_to_W`); 0 for `forward-gradient`, which has no backward.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stash_bytes: Option<u64>,
 }
 
 /// FLOPs of the three functions of a stage.
@@ -213,6 +220,8 @@ pub fn inspect(module: &Module) -> InspectReport {
         },
         flops: total_flops,
         activation_bytes,
+        grad_method: None,
+        stash_bytes: None,
         functions,
         stages: None,
     }

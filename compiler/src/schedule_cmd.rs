@@ -14,6 +14,20 @@
 //!   gives every device the same share; a module with P stages gives device d stage d; any other
 //!   count is an error. `--comm` sets T_COMM (default 0).
 //!
+//! # Gradient methods
+//!
+//! `--grad-method METHOD` sets the dependency mode; with `--model` it also differentiates with
+//! that method
+//! (`autodiff{method=…}`) and simulates under its dependency mode: with `dfa`, B of a stage
+//! waits for the last stage's F (the output error) instead of the next stage's B; with `local`
+//! and `forward-gradient` it waits for nothing but its own F. `forward-gradient` has no backward:
+//! a stage's whole step (forward and tangent FLOPs) is its T_F, T_B = T_W = 0 and nothing is
+//! stashed. The `eager` schedule (F, B, W of each microbatch in turn) is the order that uses this;
+//! `auto` judges its candidates under the method's dependencies (and adds `eager` to them when
+//! B does not wait for the next stage); its greedy and ILP candidates are still built under
+//! backprop's. The JSON report adds `"grad_method"` and
+//! `"backward_dependency"`.
+//!
 //! # Memory
 //!
 //! `--memory MB,MW` (default `1,0.5`, or the model's stash bytes) per device share;
@@ -34,6 +48,9 @@ use cleave_passes::schedule::auto::{auto_schedule, AutoOptions, AutoReport};
 use cleave_passes::schedule::generators::Generator;
 use cleave_passes::schedule::{svg, Costs, Memory, Schedule, StageCost, StageMemory};
 use cleave_passes::PassManager;
+
+use cleave_passes::autodiff::methods::GradMethod;
+use cleave_passes::schedule::simulate::BackwardDependency;
 
 use crate::inspect::split_report;
 use crate::load::load_module;
@@ -82,6 +99,12 @@ pub struct ScheduleArgs {
     /// Write the action lists here (one row per device).
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// Gradient method of `--model`: bp, forward-gradient, fa, dfa, local{blocks=K}.
+    #[arg(long, default_value = "bp")]
+    pub grad_method: String,
+    /// Random tangents of `--grad-method forward-gradient`.
+    #[arg(long, default_value_t = 1)]
+    pub tangents: usize,
 }
 
 /// Per-device shares of cost and memory, and T_COMM.
@@ -94,7 +117,8 @@ struct Shares {
 fn shares(a: &ScheduleArgs) -> Result<Shares> {
     let p = a.stages;
     let mut out = if let Some(path) = &a.model {
-        model_shares(path, p, a.device_flops)?
+        let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
+        model_shares(path, p, a.device_flops, &method)?
     } else {
         let c = a.costs.as_deref().unwrap_or_default();
         if !(3..=4).contains(&c.len()) {
@@ -132,8 +156,16 @@ fn shares(a: &ScheduleArgs) -> Result<Shares> {
     Ok(out)
 }
 
-fn model_shares(path: &std::path::Path, p: usize, rate: f64) -> Result<Shares> {
+fn model_shares(
+    path: &std::path::Path,
+    p: usize,
+    rate: f64,
+    method: &GradMethod,
+) -> Result<Shares> {
     let mut module = load_module(path, &Default::default())?;
+    if let GradMethod::ForwardGradient { .. } = method {
+        return forward_gradient_shares(module, p, rate, method);
+    }
     if cleave_passes::split::split_stages(&module).is_empty() {
         let differentiated = module
             .functions
@@ -144,10 +176,15 @@ fn model_shares(path: &std::path::Path, p: usize, rate: f64) -> Result<Shares> {
             .iter()
             .any(|f| f.body.iter().any(|&n| f.nodes[n].stage.is_some()));
         // A forward model without stages is partitioned into P balanced stages first.
+        let ad = method.autodiff_pass();
         let pipeline = match (differentiated, staged) {
+            (true, _) if *method != GradMethod::Bp => bail!(
+                "{}: --grad-method {method} needs a forward model; this one is differentiated already",
+                path.display()
+            ),
             (true, _) => "split-bw".to_string(),
-            (false, true) => "autodiff,split-bw".to_string(),
-            (false, false) => format!("partition{{stages={p}}},autodiff,split-bw"),
+            (false, true) => format!("{ad},split-bw"),
+            (false, false) => format!("partition{{stages={p}}},{ad},split-bw"),
         };
         let mut pm = PassManager::from_pipeline(&pipeline)?;
         pm.verify_each = true;
@@ -186,6 +223,55 @@ fn model_shares(path: &std::path::Path, p: usize, rate: f64) -> Result<Shares> {
     })
 }
 
+/// Forward gradients: per stage, the whole step's FLOPs (forward and tangents) are T_F; nothing
+/// is stashed and there is no backward.
+fn forward_gradient_shares(
+    mut module: cleave_ir::Module,
+    p: usize,
+    rate: f64,
+    method: &GradMethod,
+) -> Result<Shares> {
+    let staged = module
+        .functions
+        .iter()
+        .any(|f| f.body.iter().any(|&n| f.nodes[n].stage.is_some()));
+    let ad = method.autodiff_pass();
+    let pipeline = if staged {
+        ad
+    } else {
+        format!("partition{{stages={p}}},{ad}")
+    };
+    let mut pm = PassManager::from_pipeline(&pipeline)?;
+    pm.verify_each = true;
+    let mut ctx = cleave_passes::PassContext::default();
+    pm.run(&mut module, &mut ctx, &mut |dump| eprint!("{dump}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let func = module
+        .functions
+        .first()
+        .context("the module has no functions")?;
+    let mut flops = vec![0u64; p];
+    for &n in &func.body {
+        let s = func.nodes[n].stage.unwrap_or(0) as usize;
+        if s >= p {
+            bail!("the model has more than --stages {p} stages");
+        }
+        flops[s] += cleave_ir::cost::node_flops(func, n).total();
+    }
+    Ok(Shares {
+        costs: flops
+            .iter()
+            .map(|&f| StageCost {
+                f: f as f64 / rate,
+                b: 0.0,
+                w: 0.0,
+            })
+            .collect(),
+        memory: vec![StageMemory { m_b: 0.0, m_w: 0.0 }; p],
+        comm: 0.0,
+    })
+}
+
 /// Runs `cleave schedule`.
 pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
     let (p, m) = (a.stages, a.microbatches);
@@ -204,6 +290,8 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
         };
         let options = AutoOptions {
             memory_limit: a.memory_limit,
+            backward: crate::train::parse_grad_method(&a.grad_method, a.tangents)?
+                .stage_dependency(),
             ..AutoOptions::default()
         };
         let (s, r) = auto_schedule(p, m, &costs, &memory, &options)?;
@@ -220,8 +308,10 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
     };
     let costs = Costs::from_device_shares(&schedule.placement, &sh.costs, sh.comm);
     let memory = Memory::from_device_shares(&schedule.placement, &sh.memory);
+    let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
+    let backward = method.stage_dependency();
     let sim = schedule
-        .simulate(&costs, &memory)
+        .simulate_with(&costs, &memory, backward)
         .with_context(|| format!("schedule `{name}` is invalid"))?;
     let limit = a.memory_limit.unwrap_or(f64::INFINITY);
     let fits = sim.devices.iter().all(|d| d.peak_memory <= limit + 1e-9);
@@ -247,6 +337,8 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
             })).collect::<Vec<_>>(),
             "actions": schedule.action_strings(),
             "fits_memory_limit": fits,
+            "grad_method": method.to_string(),
+            "backward_dependency": backward.name(),
         });
         if let Some(r) = &auto_report {
             v["auto"] = serde_json::json!({
@@ -259,6 +351,16 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("schedule {name}: P={p} M={m}");
+        if method != GradMethod::Bp {
+            println!(
+                "grad method {method}: B waits for {}",
+                match backward {
+                    BackwardDependency::NextStage => "the next stage's B",
+                    BackwardDependency::LastStageForward => "the last stage's F (output error)",
+                    BackwardDependency::None => "nothing but its own F",
+                }
+            );
+        }
         if let Some(r) = &auto_report {
             println!("auto chose {}", r.chosen);
         }

@@ -52,6 +52,8 @@ use cleave_passes::{PassContext, PassManager};
 use cleave_runtime::{compile_with, CompileOptions, HostData, Plan};
 use safetensors::tensor::TensorView;
 
+use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
+
 use crate::init::{init_params, SplitMix64};
 use crate::load::load_model;
 
@@ -158,6 +160,18 @@ pub struct TrainArgs {
     /// Bytes of saved activations each device may hold (suffix K, M, G allowed).
     #[arg(long)]
     pub memory_limit: Option<String>,
+    /// Gradient method: bp, forward-gradient, fa, dfa, local{blocks=K} (see
+    /// `cleave_passes::autodiff::methods`).
+    #[arg(long, default_value = "bp")]
+    pub grad_method: String,
+    /// Random tangents averaged per step by `--grad-method forward-gradient`.
+    #[arg(long, default_value_t = 1)]
+    pub tangents: usize,
+}
+
+/// Parses `--grad-method` and `--tangents`.
+pub fn parse_grad_method(text: &str, tangents: usize) -> Result<GradMethod> {
+    GradMethod::parse(text, tangents).map_err(|e| anyhow::anyhow!("--grad-method {e}"))
 }
 
 /// Arguments of `cleave bench`.
@@ -193,6 +207,12 @@ pub struct BenchArgs {
     /// Interpret every fused loop instead of compiling it with Cranelift.
     #[arg(long)]
     pub no_jit: bool,
+    /// Gradient method: bp, forward-gradient, fa, dfa, local{blocks=K}.
+    #[arg(long, default_value = "bp")]
+    pub grad_method: String,
+    /// Random tangents averaged per step by `--grad-method forward-gradient`.
+    #[arg(long, default_value_t = 1)]
+    pub tangents: usize,
 }
 
 /// What a training run ended with.
@@ -223,13 +243,25 @@ pub struct Built {
     pub file_params: BTreeMap<String, cleave_ir::Tensor>,
 }
 
-/// Loads a model and builds its training step.
+/// Loads a model and builds its training step (backprop).
 pub fn build_step(
     model: &Path,
     batch: Option<usize>,
     loss: (Option<crate::loss::LossKind>, Option<String>),
     opt: OptimizerArg,
     lr: f64,
+) -> Result<Built> {
+    build_step_with(model, batch, loss, opt, lr, &GradMethod::Bp)
+}
+
+/// Loads a model and builds its training step with a gradient method.
+pub fn build_step_with(
+    model: &Path,
+    batch: Option<usize>,
+    loss: (Option<crate::loss::LossKind>, Option<String>),
+    opt: OptimizerArg,
+    lr: f64,
+    method: &GradMethod,
 ) -> Result<Built> {
     let onnx = model.extension().is_some_and(|e| e == "onnx");
     let opts = crate::load::LoadOptions {
@@ -265,7 +297,11 @@ pub fn build_step(
         }
     }
     let mut m = Module::with_function(forward.clone());
-    let pipeline = format!("autodiff,optimizer{{kind={},lr={lr}}}", opt.name());
+    let pipeline = format!(
+        "{},optimizer{{kind={},lr={lr}}}",
+        method.autodiff_pass(),
+        opt.name()
+    );
     let pm = PassManager::from_pipeline(&pipeline)?;
     let mut ctx = PassContext::default();
     pm.run(&mut m, &mut ctx, &mut |_| {})
@@ -493,21 +529,30 @@ impl Metrics {
 
 /// Runs `cleave train`.
 pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
+    let method = parse_grad_method(&a.grad_method, a.tangents)?;
     if a.stages > 1
         || a.microbatches > 1
         || a.fail_action.is_some()
         || a.remat.is_some()
         || a.memory_limit.is_some()
     {
+        if method != GradMethod::Bp {
+            bail!(
+                "--grad-method {method}: the pipeline executor (--stages/--microbatches, --remat, \
+                 --memory-limit) runs bp only; `cleave schedule --grad-method` simulates the other \
+                 methods' schedules"
+            );
+        }
         return crate::pipeline_train::train(a).map(|r| r.summary);
     }
     let lr = a.lr.unwrap_or(a.optimizer.default_lr());
-    let built = build_step(
+    let built = build_step_with(
         &a.model,
         a.batch,
         (a.loss, a.labels.clone()),
         a.optimizer,
         lr,
+        &method,
     )?;
     let batch = built.batch;
     let (cols, n) = load_data(&a.data, &built.forward)?;
@@ -543,7 +588,10 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
 
     // Initial state: parameters and optimizer state, by name.
     let mut state: BTreeMap<String, (Vec<usize>, HostData)> = BTreeMap::new();
-    let mut init = init_params(&built.forward, a.seed.unwrap_or(0));
+    // Parameters that only the training step has (local learning's auxiliary heads) are
+    // initialised by name like the model's.
+    let mut init = init_params(step_fn, a.seed.unwrap_or(0));
+    init.extend(init_params(&built.forward, a.seed.unwrap_or(0)));
     init.extend(built.file_params.clone());
     for arg in step_fn.args() {
         let n = arg.ty.num_elements();
@@ -587,6 +635,17 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         .map(|c| plan.arg_index(&c.name).expect("data input of the step"))
         .collect();
     let loss_idx = plan.output_index("loss").expect("loss output");
+    // Forward-gradient tangents: fresh standard normals every step, seeded by --seed and the step.
+    let tangent_idx: Vec<(usize, usize)> = step_fn
+        .args()
+        .filter(|x| x.name.starts_with(FG_TANGENT_PREFIX))
+        .map(|x| {
+            (
+                plan.arg_index(x.name).expect("tangent input"),
+                x.ty.num_elements(),
+            )
+        })
+        .collect();
     let state_outputs: Vec<(String, usize)> = state
         .keys()
         .filter_map(|n| plan.output_index(n).map(|i| (n.clone(), i)))
@@ -627,12 +686,22 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
             ("optimizer".into(), a.optimizer.name().into()),
             ("lr".into(), lr.to_string()),
             ("batch".into(), batch.to_string()),
+            ("grad_method".into(), method.to_string()),
         ])
     };
     for step in start..a.steps {
         let rows = order.rows(step, batch);
         for (c, &i) in cols.iter().zip(&data_idx) {
             set_host(&mut plan, i, &gather_batch(c, &rows))?;
+        }
+        if !tangent_idx.is_empty() {
+            let mut rng = SplitMix64::new(
+                a.seed.unwrap_or(0) ^ (step as u64 + 1).wrapping_mul(0x9E6C_63D0_676A_9A99),
+            );
+            for &(i, n) in &tangent_idx {
+                let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+                set_host(&mut plan, i, &HostData::F32(v))?;
+            }
         }
         let nan = if a.debug_nan {
             plan.run_checked()?
@@ -798,16 +867,19 @@ pub struct BenchResult {
 /// Runs `cleave bench`: the median time of one training step.
 pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
     let (mut compile_ms, mut peak_bytes, mut fused_kernels, mut jit_kernels) = (0.0, 0, 0, 0);
-    let built = build_step(
+    let method = parse_grad_method(&a.grad_method, a.tangents)?;
+    let built = build_step_with(
         &a.model,
         a.batch,
         (a.loss, a.labels.clone()),
         a.optimizer,
         a.optimizer.default_lr() * 0.01,
+        &method,
     )?;
     let step = &built.step;
     let mut rng = SplitMix64::new(1);
-    let mut init = init_params(&built.forward, 0);
+    let mut init = init_params(step, 0);
+    init.extend(init_params(&built.forward, 0));
     init.extend(built.file_params.clone());
     let mut args: BTreeMap<String, cleave_ir::Tensor> = BTreeMap::new();
     for arg in step.args() {

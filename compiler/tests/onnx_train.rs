@@ -66,6 +66,8 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         fail_action: None,
         remat: None,
         memory_limit: None,
+        grad_method: "bp".into(),
+        tangents: 1,
     })
     .unwrap();
     let text = std::fs::read_to_string(&metrics).unwrap();

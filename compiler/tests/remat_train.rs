@@ -2,16 +2,13 @@
 //! the losses nor the weights (bit for bit, one stage and pipelined), and the executor's
 //! measured peak of saved bytes per device stays within the limit for every schedule.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use cleave_compiler::pipeline_train::{train, PipelineRun};
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
 use cleave_passes::remat::Choice;
 use cleave_runtime::HostData;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::root;
 
 const MLP: (&str, &str) = (
     "examples/mlp-digits.cir",
@@ -42,27 +39,14 @@ fn args(
     TrainArgs {
         model: root().join(model),
         data: root().join(data),
-        steps,
-        batch: None,
-        loss: None,
-        labels: None,
         optimizer: OptimizerArg::Sgd,
-        lr: None,
         seed: Some(5),
-        eval_every: None,
-        checkpoint: None,
-        checkpoint_every: 100,
-        resume: None,
-        metrics: None,
-        debug_nan: false,
-        quiet: true,
         stages: p,
         microbatches: m,
         schedule: schedule.into(),
-        timeline: None,
-        fail_action: None,
         remat: remat.map(String::from),
         memory_limit: limit.map(|l| l.to_string()),
+        ..common::args(steps)
     }
 }
 

@@ -151,6 +151,8 @@ fn bench_reports_a_median() {
         optimizer: OptimizerArg::Sgd,
         interp: false,
         no_jit: false,
+        grad_method: "bp".into(),
+        tangents: 1,
     })
     .unwrap();
     assert!(r.median_ms > 0.0 && r.median_ms.is_finite());

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::op::{BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, UnaryOp};
+use crate::op::{BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, SteOp, UnaryOp};
 use crate::types::{DType, TensorType};
 
 /// An attribute value.
@@ -105,7 +105,10 @@ pub fn op_attrs(op: &Op) -> Vec<(&'static str, Attr)> {
         | Op::Cast { .. }
         | Op::Reshape { .. }
         | Op::CrossEntropy
-        | Op::StopGradient => vec![],
+        | Op::StopGradient
+        | Op::Ste(SteOp::Round | SteOp::Sign) => vec![],
+        Op::Ste(SteOp::ArgmaxOneHot { axis }) => vec![("axis", Attr::Int(*axis as i64))],
+        Op::GradReverse { lambda } => vec![("lambda", Attr::Float(*lambda))],
         Op::Broadcast { dims, .. } => vec![("dims", ints(dims))],
         Op::Reduce { axes, .. } => vec![("axes", ints(axes))],
         Op::Transpose { perm } => vec![("perm", ints(perm))],
@@ -492,6 +495,14 @@ pub fn op_from_parts(
                 },
             },
             "stop_gradient" => Op::StopGradient,
+            "ste_round" => Op::Ste(SteOp::Round),
+            "ste_sign" => Op::Ste(SteOp::Sign),
+            "ste_argmax_one_hot" => Op::Ste(SteOp::ArgmaxOneHot {
+                axis: r.uint("axis")?,
+            }),
+            "grad_reverse" => Op::GradReverse {
+                lambda: r.float("lambda")?,
+            },
             _ => {
                 return Err(format!(
                     "unknown op `{name}`; known ops: {}",

@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::ops::{Add, AddAssign};
 
 use crate::function::{Function, Node, Phase};
-use crate::op::{Op, UnaryOp};
+use crate::op::{Op, SteOp, UnaryOp};
 
 /// Floating-point operation counts of a node or a set of nodes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -120,6 +120,9 @@ pub fn node_flops(func: &Function, node: Node) -> Flops {
         | Op::Gather { .. }
         | Op::OneHot { .. }
         | Op::StopGradient => Flops::default(),
+        Op::Ste(SteOp::Round | SteOp::Sign) => other(out),
+        Op::Ste(SteOp::ArgmaxOneHot { .. }) => other(2 * out),
+        Op::GradReverse { .. } => Flops::default(),
         Op::Unary(u) => other(unary_flops_per_element(*u) * out),
         Op::Binary(_) | Op::Compare(_) | Op::Select => other(out),
         Op::Reduce { .. } => other(operand(0)),

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::op::{Arity, Literal, Op, PoolKind, ReduceKind};
+use crate::op::{Arity, Literal, Op, PoolKind, ReduceKind, SteOp};
 use crate::types::{DType, TensorType, MAX_RANK};
 
 /// A violated shape or type rule. It names the op and the operand types involved.
@@ -607,6 +607,27 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<Vec<TensorType>, TypeE
             x.clone()
         }
         Op::StopGradient => operands[0].clone(),
+        Op::Ste(s) => {
+            let x = operands[0];
+            need_float(x)?;
+            if let SteOp::ArgmaxOneHot { axis } = s {
+                if *axis >= x.rank() {
+                    return Err(fail(format!(
+                        "axis {axis} is out of range for {x} (rank {})",
+                        x.rank()
+                    )));
+                }
+            }
+            x.clone()
+        }
+        Op::GradReverse { lambda } => {
+            let x = operands[0];
+            need_float(x)?;
+            if !lambda.is_finite() {
+                return Err(fail(format!("lambda must be finite, got {lambda}")));
+            }
+            x.clone()
+        }
     };
     Ok(vec![ty])
 }

@@ -28,7 +28,8 @@ pub use function::{Arg, Function, Module, Node, NodeData, Output, Phase, Value, 
 pub use infer::{infer, TypeError};
 pub use interp::{run_function, run_function_named, InterpError, Precision, Tensor, TensorData};
 pub use op::{
-    dropout_keep, ArgRole, Arity, BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, UnaryOp,
+    dropout_keep, ArgRole, Arity, BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, SteOp,
+    UnaryOp,
 };
 pub use parser::{parse_function, parse_module, ParseError};
 pub use types::{DType, Shape, TensorType, MAX_RANK};

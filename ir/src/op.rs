@@ -591,6 +591,43 @@ pub enum Op {
     },
     /// `stop_gradient x : T -> T` — identity forward; no gradient flows through it.
     StopGradient,
+    /// `ste_round x`, `ste_sign x`, `ste_argmax_one_hot x {axis}` : `T[S] -> T[S]`, float T —
+    /// straight-through estimators: the forward is `round` (ties to even), `sign`, or the one-hot
+    /// of the argmax along `axis` (the first maximum wins); the backward passes the incoming
+    /// gradient through unchanged (`dx = dy`), deliberately not the true derivative (which is
+    /// zero almost everywhere). The tangent rule is the transpose of that VJP (`ẏ = ẋ`).
+    Ste(SteOp),
+    /// `grad_reverse x {lambda} : T -> T`, float T — gradient reversal (Ganin & Lempitsky):
+    /// identity forward, `dx = −λ·dy` backward (tangent `ẏ = −λ·ẋ`, the transpose).
+    GradReverse {
+        /// The scale λ of the reversed gradient.
+        lambda: f64,
+    },
+}
+
+/// The forward functions of the straight-through estimator ops ([`Op::Ste`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SteOp {
+    /// `round` (to nearest, ties to even).
+    Round,
+    /// `sign` (−1, 0 or 1).
+    Sign,
+    /// One-hot of the argmax along `axis` (the first maximum wins), in the operand's type.
+    ArgmaxOneHot {
+        /// The axis the argmax runs along.
+        axis: usize,
+    },
+}
+
+impl SteOp {
+    /// The text-format name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SteOp::Round => "ste_round",
+            SteOp::Sign => "ste_sign",
+            SteOp::ArgmaxOneHot { .. } => "ste_argmax_one_hot",
+        }
+    }
 }
 
 /// How many operands an op takes.
@@ -647,6 +684,8 @@ impl Op {
             Op::OneHot { .. } => "one_hot",
             Op::Dropout { .. } => "dropout",
             Op::StopGradient => "stop_gradient",
+            Op::Ste(s) => s.name(),
+            Op::GradReverse { .. } => "grad_reverse",
         }
     }
 
@@ -673,7 +712,9 @@ impl Op {
             | Op::OneHot { .. }
             | Op::Dropout { .. }
             | Op::AvgPool2dGrad { .. }
-            | Op::StopGradient => Arity::Fixed(1),
+            | Op::StopGradient
+            | Op::Ste(_)
+            | Op::GradReverse { .. } => Arity::Fixed(1),
             Op::Binary(_)
             | Op::Compare(_)
             | Op::MatMul { .. }
@@ -739,6 +780,10 @@ impl Op {
             "one_hot",
             "dropout",
             "stop_gradient",
+            "ste_round",
+            "ste_sign",
+            "ste_argmax_one_hot",
+            "grad_reverse",
         ];
         names.extend(UnaryOp::ALL.iter().map(|u| u.name()));
         names.extend(BinaryOp::ALL.iter().map(|b| b.name()));

@@ -7,7 +7,7 @@
 
 use cleave_ir::{
     infer, parse_function, parse_module, BinaryOp, CompareOp, DType, Function, Literal, Module, Op,
-    Output, Phase, PoolKind, ReduceKind, TensorType, UnaryOp, Value,
+    Output, Phase, PoolKind, ReduceKind, SteOp, TensorType, UnaryOp, Value,
 };
 use proptest::prelude::*;
 
@@ -526,7 +526,18 @@ impl Builder<'_, '_> {
                 }
             }
             27 => {
-                self.try_push(Op::StopGradient, vec![x]);
+                let rank = self.c.below(3) + 1;
+                let axis = self.c.below(rank);
+                let op = match self.c.below(5) {
+                    0 => Op::StopGradient,
+                    1 => Op::Ste(SteOp::Round),
+                    2 => Op::Ste(SteOp::Sign),
+                    3 => Op::Ste(SteOp::ArgmaxOneHot { axis }),
+                    _ => Op::GradReverse {
+                        lambda: self.c.float(),
+                    },
+                };
+                self.try_push(op, vec![x]);
             }
             _ => {
                 let ty = TensorType::new(self.c.dtype(), self.c.shape(4));
@@ -584,6 +595,7 @@ fn has_nan(m: &Module) -> bool {
             Op::Pad { value, .. } => value.is_nan(),
             Op::LayerNorm { eps } | Op::RmsNorm { eps } => eps.is_nan(),
             Op::Dropout { rate, .. } => rate.is_nan(),
+            Op::GradReverse { lambda } => lambda.is_nan(),
             _ => false,
         })
     })

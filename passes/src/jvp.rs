@@ -72,50 +72,12 @@ pub fn linearize(func: Function) -> Result<Function, String> {
         .filter(|a| a.ty.dtype.is_float())
         .map(|a| (a.value, a.name.to_string()))
         .collect();
-    let body = func.body.clone();
     let outputs = func.outputs.clone();
     let mut t = Tracer::from_function(func);
     let err = |e: TraceError| format!("@{fname}: {e}");
-    let mut tan: SecondaryMap<Value, Option<Value>> = SecondaryMap::with_default(None);
-    for (v, name) in &args {
-        let ty = t.ty(*v).clone();
-        let d = t
-            .input(
-                &format!("{TANGENT_PREFIX}{name}"),
-                ty.dtype,
-                ty.shape.clone(),
-            )
-            .map_err(err)?;
-        tan[*v] = Some(d);
-    }
-    for node in body {
-        let data = t.func().nodes[node].clone();
-        if data.op.arg_role().is_some() {
-            continue;
-        }
-        let any = data
-            .operands
-            .iter()
-            .enumerate()
-            .any(|(i, &v)| tan[v].is_some() && is_differentiable_operand(&data.op, i));
-        if !any {
-            continue;
-        }
-        t.set_stage(data.stage);
-        let tangents: Vec<Option<Value>> = data
-            .operands
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| tan[v].filter(|_| is_differentiable_operand(&data.op, i)))
-            .collect();
-        let outs = rule(&mut t, &data, &tangents)
-            .map_err(|e| format!("@{fname}: tangent of `{}`: {e}", data.op.name()))?;
-        for (r, o) in data.results.iter().zip(outs) {
-            if t.ty(*r).dtype.is_float() {
-                tan[*r] = o;
-            }
-        }
-    }
+    let body = t.func().body.clone();
+    let tan =
+        tangents_of(&mut t, &body, &args, TANGENT_PREFIX).map_err(|e| format!("@{fname}: {e}"))?;
     for o in outputs {
         if !t.ty(o.value).dtype.is_float() {
             continue;
@@ -138,6 +100,57 @@ pub fn linearize(func: Function) -> Result<Function, String> {
             .map_err(err)?;
     }
     Ok(t.finish())
+}
+
+/// Appends tangent inputs `<prefix><name>` for the given float arguments and the tangent
+/// computation of every node of `body` (the nodes to linearize, in order) that depends on them.
+/// Returns the tangent of every value (`None`: the value does not depend on the chosen
+/// tangents). Used by [`linearize`] and by the `forward-gradient` method of `autodiff`, which
+/// calls it once per random tangent with its own prefix, always over the original forward body
+/// (walking the grown body would differentiate the earlier tangents again).
+pub fn tangents_of(
+    t: &mut Tracer,
+    body: &[cleave_ir::Node],
+    args: &[(Value, String)],
+    prefix: &str,
+) -> Result<SecondaryMap<Value, Option<Value>>, String> {
+    let mut tan: SecondaryMap<Value, Option<Value>> = SecondaryMap::with_default(None);
+    for (v, name) in args {
+        let ty = t.ty(*v).clone();
+        let d = t
+            .input(&format!("{prefix}{name}"), ty.dtype, ty.shape.clone())
+            .map_err(|e| e.to_string())?;
+        tan[*v] = Some(d);
+    }
+    for &node in body {
+        let data = t.func().nodes[node].clone();
+        if data.op.arg_role().is_some() {
+            continue;
+        }
+        let any = data
+            .operands
+            .iter()
+            .enumerate()
+            .any(|(i, &v)| tan[v].is_some() && is_differentiable_operand(&data.op, i));
+        if !any {
+            continue;
+        }
+        t.set_stage(data.stage);
+        let tangents: Vec<Option<Value>> = data
+            .operands
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| tan[v].filter(|_| is_differentiable_operand(&data.op, i)))
+            .collect();
+        let outs = rule(t, &data, &tangents)
+            .map_err(|e| format!("tangent of `{}`: {e}", data.op.name()))?;
+        for (r, o) in data.results.iter().zip(outs) {
+            if t.ty(*r).dtype.is_float() {
+                tan[*r] = o;
+            }
+        }
+    }
+    Ok(tan)
 }
 
 fn emit1(t: &mut Tracer, op: Op, operands: &[Value]) -> Result<Value, TraceError> {
@@ -209,6 +222,10 @@ fn rule(
             }
             one_opt(sum_terms(t, terms))
         }
+        // Custom-VJP ops: the tangent rule is the transpose of the VJP rule (both are diagonal:
+        // `ẏ = ẋ` for straight-through estimators, `ẏ = −λ·ẋ` for gradient reversal), so forward
+        // gradients estimate the same rewritten gradient as reverse mode.
+        Op::Ste(_) | Op::GradReverse { .. } => one(r::vjp(t, node, &[tans[0]], 0)),
         // Linear ops in their differentiable operands: apply the op to the tangent.
         Op::Broadcast { .. }
         | Op::Reshape { .. }

@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use cleave_ir::tracer::{TraceError, Tracer};
 use cleave_ir::{
     run_function_named, verify_function, ArgRole, BinaryOp, DType, Function, Literal, Op, Phase,
-    Precision, Tensor, TensorType, UnaryOp, Value,
+    Precision, SteOp, Tensor, TensorType, UnaryOp, Value,
 };
 use cleave_passes::autodiff::{differentiate, Mode};
 use cleave_passes::jvp::linearize;
@@ -940,6 +940,17 @@ const NON_DIFFERENTIABLE: &[&str] = &[
     "stop_gradient",
 ];
 
+/// Ops whose gradient is deliberately not their derivative (straight-through estimators,
+/// gradient reversal): finite differences would contradict them by design. They are checked
+/// against their specified VJP and JVP exactly by `custom_gradient_ops_are_exact`, which builds
+/// every op of this list.
+const CUSTOM_GRADIENT: &[&str] = &[
+    "ste_round",
+    "ste_sign",
+    "ste_argmax_one_hot",
+    "grad_reverse",
+];
+
 /// Gradient ops: the VJP (second-order differentiation) is documented as unsupported.
 const VJP_UNSUPPORTED: &[&str] = &[
     "conv2d_grad_input",
@@ -1315,6 +1326,9 @@ fn every_op_is_covered() {
     }
     let mut missing = Vec::new();
     for name in Op::all_names() {
+        if CUSTOM_GRADIENT.contains(&name) {
+            continue;
+        }
         let skip = NON_DIFFERENTIABLE.contains(&name);
         if !skip && !vjp.contains(name) && !VJP_UNSUPPORTED.contains(&name) {
             missing.push(format!("{name} (vjp)"));
@@ -1328,7 +1342,11 @@ fn every_op_is_covered() {
             ));
         }
     }
-    for name in NON_DIFFERENTIABLE.iter().chain(VJP_UNSUPPORTED) {
+    for name in NON_DIFFERENTIABLE
+        .iter()
+        .chain(VJP_UNSUPPORTED)
+        .chain(CUSTOM_GRADIENT)
+    {
         assert!(
             Op::all_names().contains(name),
             "`{name}` is not an op name any more"
@@ -1479,4 +1497,126 @@ fn pipeline_route_matches_direct_call() {
     pm.run(&mut module, &mut ctx, &mut |_| {}).expect("runs");
     assert!(ctx.warnings.is_empty(), "{:?}", ctx.warnings);
     assert_eq!(module.functions[0].to_string(), direct.to_string());
+}
+
+/// The custom-gradient ops, one per entry of `CUSTOM_GRADIENT`: the op applied to `x`.
+fn custom_op(name: &str) -> Op {
+    match name {
+        "ste_round" => Op::Ste(SteOp::Round),
+        "ste_sign" => Op::Ste(SteOp::Sign),
+        "ste_argmax_one_hot" => Op::Ste(SteOp::ArgmaxOneHot { axis: 1 }),
+        "grad_reverse" => Op::GradReverse { lambda: 0.75 },
+        other => panic!("no custom-gradient case for `{other}`"),
+    }
+}
+
+/// Straight-through estimators and gradient reversal, exactly as specified, for both modes:
+/// `L = Σ (op(x·a) · r)` has `dL/dx = a·r·s` with `s = 1` (straight-through) or `s = −λ`
+/// (reversal), bit for bit, and the tangent of `y = op(x·a)` along `ẋ` is `s·a·ẋ`. The forward
+/// is the op's forward function. For the straight-through estimators the true derivative is zero
+/// almost everywhere, so finite differences of `L` (away from the jumps) are zero while the
+/// estimator's gradient is not: the test checks that too, so a rule returning the true
+/// derivative would fail.
+#[test]
+fn custom_gradient_ops_are_exact() {
+    let (n, m) = (3usize, 4usize);
+    let xs: Vec<f64> = (0..n * m)
+        .map(|i| (i as f64 * 0.37).sin() * 2.3 + 0.1)
+        .collect();
+    let a: Vec<f64> = (0..n * m).map(|i| 0.5 + 0.25 * (i % 3) as f64).collect();
+    let r: Vec<f64> = (0..n * m).map(|i| 1.0 - 0.3 * (i % 5) as f64).collect();
+    for &name in CUSTOM_GRADIENT {
+        let op = custom_op(name);
+        let mut t = Tracer::new("custom");
+        let build = |t: &mut Tracer| -> Res<()> {
+            let x = t.param("x", DType::F64, [n, m])?;
+            let av = t.constant(
+                TensorType::new(DType::F64, vec![n, m]),
+                Literal::Float(a.clone()),
+            )?;
+            let rv = t.constant(
+                TensorType::new(DType::F64, vec![n, m]),
+                Literal::Float(r.clone()),
+            )?;
+            let xa = t.mul(x, av)?;
+            let y = t.push_op(op.clone(), &[xa])?[0];
+            let yr = t.mul(y, rv)?;
+            let l = t.reduce_sum(yr, vec![0, 1])?;
+            t.output("loss", l)?;
+            t.output("y", y)
+        };
+        build(&mut t).unwrap();
+        let f = t.finish();
+        verify_function(&f).unwrap();
+        let s = match op {
+            Op::GradReverse { lambda } => -lambda,
+            _ => 1.0,
+        };
+        let args: Args = [("x".to_string(), Tensor::from_f64(vec![n, m], xs.clone()))].into();
+        // Forward.
+        let y = run(&f, &args)[1].to_f64_vec();
+        let xa: Vec<f64> = xs.iter().zip(&a).map(|(x, a)| x * a).collect();
+        let want_y: Vec<f64> = match op {
+            Op::Ste(SteOp::Round) => xa.iter().map(|v| v.round_ties_even()).collect(),
+            Op::Ste(SteOp::Sign) => xa.iter().map(|v| v.signum()).collect(),
+            Op::Ste(SteOp::ArgmaxOneHot { .. }) => (0..n * m)
+                .map(|k| {
+                    let row = &xa[k / m * m..k / m * m + m];
+                    let best = (0..m).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+                    f64::from(k % m == best)
+                })
+                .collect(),
+            _ => xa.clone(),
+        };
+        assert_eq!(y, want_y, "{name}: forward");
+        // Reverse mode.
+        let (g, _) = differentiate(f.clone(), Mode::Loss, &[]).unwrap();
+        verify_function(&g).unwrap();
+        let gi = g.outputs.iter().position(|o| o.name == "grad.x").unwrap();
+        let dx = run(&g, &args)[gi].to_f64_vec();
+        for k in 0..n * m {
+            assert_eq!(dx[k], a[k] * (r[k] * s), "{name}: dL/dx[{k}]");
+        }
+        // Forward mode: the transpose of the VJP.
+        let lin = linearize(f.clone()).unwrap();
+        let mut targs = args.clone();
+        let xdot: Vec<f64> = (0..n * m).map(|k| 0.1 * k as f64 - 0.4).collect();
+        targs.insert(
+            "tangent.x".into(),
+            Tensor::from_f64(vec![n, m], xdot.clone()),
+        );
+        let ti = lin
+            .outputs
+            .iter()
+            .position(|o| o.name == "tangent.y")
+            .unwrap();
+        let ydot = run(&lin, &targs)[ti].to_f64_vec();
+        for k in 0..n * m {
+            let want = if s == 1.0 {
+                xdot[k] * a[k]
+            } else {
+                s * (xdot[k] * a[k])
+            };
+            assert!(
+                (ydot[k] - want).abs() <= 1e-15,
+                "{name}: tangent[{k}] {} vs {want}",
+                ydot[k]
+            );
+        }
+        // The straight-through gradient is not the derivative: the forward is locally constant.
+        if s == 1.0 {
+            let mut bumped = xs.clone();
+            bumped[5] += 1e-7;
+            let args2: Args = [("x".to_string(), Tensor::from_f64(vec![n, m], bumped))].into();
+            let (l0, l1) = (
+                run(&f, &args)[0].to_f64_vec()[0],
+                run(&f, &args2)[0].to_f64_vec()[0],
+            );
+            assert_eq!(l0, l1, "{name}: locally constant forward");
+            assert_ne!(
+                dx[5], 0.0,
+                "{name}: the estimator passes the gradient through"
+            );
+        }
+    }
 }

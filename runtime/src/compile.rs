@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use cleave_ir::printer::print_numbering;
 use cleave_ir::types::strides;
-use cleave_ir::{DType, Function, Literal, Node, Op, UnaryOp, Value};
+use cleave_ir::{DType, Function, Literal, Node, Op, SteOp, UnaryOp, Value};
 
 use crate::fused::{FusedKernel, Ins, Source, View};
 use crate::kernels::{conv_scratch, ConvGeo, OpKernel, PoolGeo};
@@ -68,6 +68,7 @@ fn is_ew(op: &Op) -> bool {
             | Op::Select
             | Op::Cast { .. }
             | Op::Dropout { .. }
+            | Op::Ste(SteOp::Round | SteOp::Sign)
     )
 }
 
@@ -79,7 +80,10 @@ fn is_view(op: &Op) -> bool {
 }
 
 fn is_alias(op: &Op) -> bool {
-    matches!(op, Op::Reshape { .. } | Op::StopGradient)
+    matches!(
+        op,
+        Op::Reshape { .. } | Op::StopGradient | Op::GradReverse { .. }
+    )
 }
 
 fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
@@ -555,6 +559,17 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
                         let in_dt = func.ty(data.operands[0]).dtype;
                         let ins = match &data.op {
                             Op::Unary(UnaryOp::Not) => Ins::NotB { dst, a: ops[0] },
+                            // Straight-through estimators compute their forward function.
+                            Op::Ste(SteOp::Round) => Ins::UnF {
+                                op: UnaryOp::Round,
+                                dst,
+                                a: ops[0],
+                            },
+                            Op::Ste(SteOp::Sign) => Ins::UnF {
+                                op: UnaryOp::Sign,
+                                dst,
+                                a: ops[0],
+                            },
                             Op::Unary(u) if in_dt == DType::F32 => Ins::UnF {
                                 op: *u,
                                 dst,
@@ -982,6 +997,11 @@ fn single_kernel(func: &Function, node: Node, ins: &[BufRef], outs: &[BufRef]) -
             idx: ins[0],
             out,
             depth: *depth,
+        },
+        Op::Ste(SteOp::ArgmaxOneHot { axis }) => OpKernel::ArgmaxOneHot {
+            x: ins[0],
+            out,
+            dims: split_at_axis(&shape(0), *axis),
         },
         other => unreachable!("`{}` is not a single kernel", other.name()),
     }

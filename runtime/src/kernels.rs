@@ -164,6 +164,13 @@ pub(crate) enum OpKernel {
         out: BufRef,
         depth: usize,
     },
+    /// `ste_argmax_one_hot` (f32): 1 at the first maximum along the axis, 0 elsewhere.
+    ArgmaxOneHot {
+        x: BufRef,
+        out: BufRef,
+        /// (outer, axis length, inner).
+        dims: (usize, usize, usize),
+    },
 }
 
 fn strides(shape: &[usize]) -> Vec<usize> {
@@ -745,6 +752,25 @@ impl OpKernel {
                     let (s, r) = (mem.i(*x), mem.i_mut(*out));
                     r.fill(*value as i32);
                     for_each_strided(in_shape, &ost, |i, j| r[offset + j] = s[i]);
+                }
+            }
+            OpKernel::ArgmaxOneHot { x, out, dims } => {
+                let (outer, n, inner) = *dims;
+                let (s, r) = (mem.f(*x), mem.f_mut(*out));
+                r.fill(0.0);
+                for o in 0..outer {
+                    for i in 0..inner {
+                        let at = |k: usize| (o * n + k) * inner + i;
+                        let mut best = 0;
+                        for k in 1..n {
+                            if s[at(k)] > s[at(best)] {
+                                best = k;
+                            }
+                        }
+                        if n > 0 {
+                            r[at(best)] = 1.0;
+                        }
+                    }
                 }
             }
             OpKernel::OneHot { idx, out, depth } => {

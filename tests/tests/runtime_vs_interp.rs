@@ -409,6 +409,20 @@ const OPS: &[&str] = &[
   %13 = softmax %x {axis = 0} : f32[4,5,6]
   return %0 as "gather0", %1 as "gather1", %2 as "scatter", %3 as "scatter_i", %4 as "softmax", %5 as "log_softmax", %6 as "layer_norm", %7 as "rms_norm", %8 as "ce", %9 as "oh_f", %10 as "oh_i", %12 as "dropout", %13 as "softmax0"
 }"#,
+    // Custom-gradient ops: straight-through estimators (fused: round and sign; a kernel: the
+    // argmax one-hot along either axis) and gradient reversal (an alias).
+    r#"func @custom_gradient {
+  %x = input {name = "x"} : f32[6,9]
+  %k = constant {value = 2.5} : f32[6,9]
+  %s = mul %x, %k : f32[6,9]
+  %0 = ste_round %s : f32[6,9]
+  %1 = ste_sign %x : f32[6,9]
+  %2 = ste_argmax_one_hot %x {axis = 1} : f32[6,9]
+  %3 = ste_argmax_one_hot %x {axis = 0} : f32[6,9]
+  %4 = grad_reverse %x {lambda = 0.5} : f32[6,9]
+  %5 = add %4, %0 : f32[6,9]
+  return %0 as "round", %1 as "sign", %2 as "argmax1", %3 as "argmax0", %5 as "reversed"
+}"#,
 ];
 
 #[test]

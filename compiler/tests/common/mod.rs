@@ -45,6 +45,8 @@ pub fn args(steps: usize) -> TrainArgs {
         fail_action: None,
         remat: None,
         memory_limit: None,
+        grad_method: "bp".into(),
+        tangents: 1,
     }
 }
 

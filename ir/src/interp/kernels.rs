@@ -6,7 +6,9 @@
 
 use super::erf::{erf, erfc};
 use super::tensor::{Tensor, TensorData};
-use crate::op::{dropout_keep, BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, UnaryOp};
+use crate::op::{
+    dropout_keep, BinaryOp, CompareOp, Literal, Op, PoolKind, ReduceKind, SteOp, UnaryOp,
+};
 use crate::types::{strides, DType, TensorType};
 
 type KResult<T> = Result<T, String>;
@@ -164,7 +166,29 @@ pub(super) fn eval(op: &Op, x: &[&Tensor], out: &[TensorType]) -> KResult<Vec<Te
             one(map_data!(&x[0].data, v => take(v, &pos)))
         }
         Op::Reduce { kind, axes } => one(reduce(*kind, axes, x[0])?),
-        Op::Reshape { .. } | Op::StopGradient => one(x[0].data.clone()),
+        Op::Reshape { .. } | Op::StopGradient | Op::GradReverse { .. } => one(x[0].data.clone()),
+        Op::Ste(SteOp::Round) => one(unary(UnaryOp::Round, &x[0].data)?),
+        Op::Ste(SteOp::Sign) => one(unary(UnaryOp::Sign, &x[0].data)?),
+        Op::Ste(SteOp::ArgmaxOneHot { axis }) => {
+            let v = floats(x[0], "the operand")?;
+            let (outer, n, inner) = split_at_axis(&x[0].shape, *axis);
+            let mut out = vec![0.0; v.len()];
+            for o in 0..outer {
+                for i in 0..inner {
+                    let at = |k: usize| (o * n + k) * inner + i;
+                    let mut best = 0;
+                    for k in 1..n {
+                        if v[at(k)] > v[at(best)] {
+                            best = k;
+                        }
+                    }
+                    if n > 0 {
+                        out[at(best)] = 1.0;
+                    }
+                }
+            }
+            one(TensorData::Float(out))
+        }
         Op::Transpose { perm } => {
             let src_st = strides(&x[0].shape);
             let st: Vec<usize> = perm.iter().map(|&p| src_st[p]).collect();

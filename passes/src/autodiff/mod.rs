@@ -42,9 +42,16 @@
 //! gradients flow from later stages to earlier ones). The order is a function of the input text only, so gradients are
 //! reproducible bit for bit.
 //!
+//! # Gradient methods
+//!
+//! `method=` (`fa`, `dfa`, `local`, `forward-gradient`) replaces exact backprop by a rewrite of
+//! the backward graph with the same interface; see [`methods`]. The emission loop below takes
+//! their hooks (extra seeds, cut edges, feedback matrices) through a `Rewrite`.
+//!
 //! Entry: a verified module. Exit: a verified module; the differentiated function keeps its name,
 //! its arguments (plus `grad.<output>` inputs in stage mode) and its outputs (plus `grad.*`).
 
+pub mod methods;
 pub(crate) mod rules;
 
 use cleave_ir::tracer::Tracer;
@@ -88,13 +95,30 @@ pub struct Autodiff {
     pub function: Option<String>,
     /// Data inputs whose gradients are wanted in loss mode.
     pub wrt: Vec<String>,
+    /// The gradient method (see [`methods`]).
+    pub method: methods::GradMethod,
+    /// Seed of the fixed random matrices of `fa` and `dfa`.
+    pub seed: u64,
 }
 
 impl Autodiff {
     /// Builds the pass from pipeline options `mode`, `function`, `wrt` (names separated by `;`
-    /// or spaces).
+    /// or spaces), and the gradient method: `method` (`bp`, `forward-gradient`, `fa`, `dfa`,
+    /// `local`), `tangents` (forward-gradient, default 1), `blocks` (local, default 2), `seed`
+    /// (fa/dfa random matrices, default 0).
     pub fn from_options(mut o: PassOptions) -> Result<Self, PassError> {
         let mode = o.take_parsed("mode", Mode::Auto)?;
+        let method_name = o.take("method");
+        let tangents = o.take_parsed("tangents", 1usize)?;
+        let blocks = o.take_parsed("blocks", 2usize)?;
+        let seed = o.take_parsed("seed", 0u64)?;
+        let method =
+            methods::GradMethod::from_pass_options(method_name.as_deref(), tangents, blocks)
+                .map_err(|message| PassError::BadOption {
+                    pass: "autodiff".into(),
+                    key: "method".into(),
+                    message,
+                })?;
         let function = o.take("function");
         let wrt = o
             .take("wrt")
@@ -110,6 +134,8 @@ impl Autodiff {
             mode,
             function,
             wrt,
+            method,
+            seed,
         })
     }
 }
@@ -134,12 +160,11 @@ impl Pass for Autodiff {
             }
             let taken = std::mem::take(func);
             let (new, warnings) =
-                differentiate(taken, self.mode, &self.wrt).map_err(|message| {
-                    PassError::Failed {
+                methods::differentiate_method(taken, self.mode, &self.wrt, &self.method, self.seed)
+                    .map_err(|message| PassError::Failed {
                         pass: "autodiff",
                         message,
-                    }
-                })?;
+                    })?;
             *func = new;
             for w in warnings {
                 ctx.warn("autodiff", w);
@@ -178,6 +203,29 @@ pub fn differentiate(
     func: Function,
     mode: Mode,
     wrt: &[String],
+) -> Result<(Function, Vec<String>), String> {
+    differentiate_with(func, mode, wrt, &Rewrite::default())
+}
+
+/// Changes to plain reverse mode that the gradient methods of [`methods`] make (all empty for
+/// backprop).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Rewrite {
+    /// Extra scalar losses seeded with 1 besides the loss (local learning's auxiliary losses).
+    pub extra_seeds: Vec<Value>,
+    /// `(node, operand)` pairs whose VJP is not emitted: no gradient flows from the node's result
+    /// into that operand (local learning's block boundaries).
+    pub cuts: Vec<(Node, usize)>,
+    /// How layers send the error to their data operand (feedback alignment).
+    pub feedback: methods::Feedback,
+}
+
+/// [`differentiate`] with a [`Rewrite`].
+pub(crate) fn differentiate_with(
+    func: Function,
+    mode: Mode,
+    wrt: &[String],
+    rewrite: &Rewrite,
 ) -> Result<(Function, Vec<String>), String> {
     let mut warnings = Vec::new();
     let fname = func.name.clone();
@@ -295,7 +343,9 @@ pub fn differentiate(
 
     // Seed values and backward reachability (useful = a gradient is wanted for it).
     let seeds: Vec<(Value, String)> = match &loss_output {
-        Some(l) => vec![(l.value, l.name.clone())],
+        Some(l) => std::iter::once((l.value, l.name.clone()))
+            .chain(rewrite.extra_seeds.iter().map(|&v| (v, String::new())))
+            .collect(),
         None => func
             .outputs
             .iter()
@@ -350,6 +400,7 @@ pub fn differentiate(
         };
         cot[*v] = Some(seed);
     }
+    let mut fb = methods::FeedbackState::new(&rewrite.feedback, t.func(), &data_dep, &active_nodes);
     for node in active_nodes {
         let data = t.func().nodes[node].clone();
         let cots: Vec<Option<Value>> = data.results.iter().map(|&r| cot[r]).collect();
@@ -357,17 +408,35 @@ pub fn differentiate(
             continue;
         }
         t.set_stage(data.stage);
+        // Direct feedback alignment: the output layer's error goes to every layer's input.
+        let wants = |x: Value| useful[x] && varied[x];
+        for (x, contribution) in fb.inject(&mut t, node, &cots, &wants).map_err(err)? {
+            {
+                let stage = t.func().nodes[t.func().values[x].def].stage;
+                t.set_stage(stage);
+                cot[x] = Some(match cot[x] {
+                    None => contribution,
+                    Some(prev) => t.add(prev, contribution).map_err(err)?,
+                });
+            }
+        }
+        t.set_stage(data.stage);
         for (i, &operand) in data.operands.iter().enumerate() {
             if !(useful[operand] && varied[operand] && is_differentiable_operand(&data.op, i)) {
                 continue;
             }
+            if rewrite.cuts.contains(&(node, i)) || fb.cuts(node, i) {
+                continue;
+            }
             t.set_phase(phase_of(&data_dep, operand));
-            let contribution = rules::vjp(&mut t, &data, &cots, i).map_err(|e| {
-                format!(
-                    "@{fname}: differentiating `{}` (operand {i}): {e}",
-                    data.op.name()
-                )
-            })?;
+            let fed = fb.substitute(&mut t, &data, i).map_err(err)?;
+            let contribution = rules::vjp(&mut t, fed.as_ref().unwrap_or(&data), &cots, i)
+                .map_err(|e| {
+                    format!(
+                        "@{fname}: differentiating `{}` (operand {i}): {e}",
+                        data.op.name()
+                    )
+                })?;
             let total = match cot[operand] {
                 None => contribution,
                 Some(prev) => {

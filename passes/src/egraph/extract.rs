@@ -135,7 +135,9 @@ fn op_cost(op: &Op, tys: &[&TensorType], out: u64) -> f64 {
     let flops: u64 = match op {
         Op::Input { .. } | Op::Param { .. } | Op::Iota { .. } => 0,
         Op::Constant { value, .. } => return value.len() as f64 / 4.0,
-        Op::Reshape { .. } | Op::StopGradient => return 0.0,
+        Op::Reshape { .. } | Op::StopGradient | Op::GradReverse { .. } => return 0.0,
+        Op::Ste(cleave_ir::SteOp::ArgmaxOneHot { .. }) => 2 * out,
+        Op::Ste(_) => out,
         Op::Cast { .. }
         | Op::Broadcast { .. }
         | Op::Transpose { .. }

@@ -210,6 +210,7 @@ fn op_key(op: &Op) -> String {
         Op::LayerNorm { eps } => format!("layer_norm {}", eps.to_bits()),
         Op::RmsNorm { eps } => format!("rms_norm {}", eps.to_bits()),
         Op::Dropout { rate, seed } => format!("dropout {} {seed}", rate.to_bits()),
+        Op::GradReverse { lambda } => format!("grad_reverse {}", lambda.to_bits()),
         other => format!("{other:?}"),
     }
 }

@@ -44,6 +44,10 @@ pub struct AutoOptions {
     pub ilp_max_pm: usize,
     /// Time limit of the ILP, seconds.
     pub ilp_seconds: f64,
+    /// What B waits for (the gradient method's dependency mode): candidates are judged by the
+    /// simulator under it, and the `eager` order joins them when B does not wait for the next
+    /// stage. The greedy and ILP candidates are still built under backprop's dependencies.
+    pub backward: super::simulate::BackwardDependency,
 }
 
 impl Default for AutoOptions {
@@ -52,6 +56,7 @@ impl Default for AutoOptions {
             memory_limit: None,
             ilp_max_pm: 8,
             ilp_seconds: 10.0,
+            backward: super::simulate::BackwardDependency::NextStage,
         }
     }
 }
@@ -127,6 +132,9 @@ pub fn auto_schedule(
     ] {
         candidates.push((name.to_string(), g.generate(p, m)?));
     }
+    if options.backward != super::simulate::BackwardDependency::NextStage {
+        candidates.push(("eager".to_string(), Generator::Eager.generate(p, m)?));
+    }
     let mut report = AutoReport {
         chosen: String::new(),
         candidates: Vec::new(),
@@ -136,6 +144,7 @@ pub fn auto_schedule(
         costs,
         memory,
         limit,
+        backward: options.backward,
     };
     for (name, s) in candidates {
         ctx.consider(name, s, &mut best, &mut report);
@@ -176,6 +185,7 @@ struct Judge<'a> {
     costs: &'a Costs,
     memory: &'a Memory,
     limit: f64,
+    backward: super::simulate::BackwardDependency,
 }
 
 impl Judge<'_> {
@@ -186,7 +196,7 @@ impl Judge<'_> {
         best: &mut Option<(Schedule, Simulation)>,
         report: &mut AutoReport,
     ) {
-        let Ok(sim) = s.simulate(self.costs, self.memory) else {
+        let Ok(sim) = s.simulate_with(self.costs, self.memory, self.backward) else {
             return;
         };
         let fits = sim

@@ -7,6 +7,7 @@
 //! | `interleaved` | looping: stage s on device s mod p, v chunks | BW | Megatron / PyTorch `ScheduleInterleaved1F1B` |
 //! | `zb-h1` | stage i on device i | B + W | 1F1B with B; after the (k+1)-th B the next W if k ≥ i; remaining W |
 //! | `zb-h2` | stage i on device i | B + W | w = min(2(p−1−i)+1, m) warm-up F; B, W if k ≥ 2i, F; remaining W |
+//! | `eager` | stage i on device i | B + W | F, B, W of each microbatch in turn, no warm-up: for gradient methods whose B does not wait for a later stage (`dfa`, `local`) |
 //! | `zb-v` | V: stage s on device s (s < p), else 2p−1−s | B + W | PyTorch `ScheduleZBVZeroBubble._calculate_single_rank_operations` |
 //!
 //! The interleaved order groups microbatches in rounds as PyTorch does (`rounds = max(1, m / p)`,
@@ -35,12 +36,14 @@ pub enum Generator {
     ZbH2,
     /// Zero Bubble V (two chunks per device in a V).
     ZbV,
+    /// F, B, W of each microbatch in turn (for `dfa` and `local` learning).
+    Eager,
 }
 
 impl Generator {
     /// Names accepted by [`Generator::parse`], for messages.
     pub const NAMES: &'static str =
-        "gpipe, 1f1b, interleaved (or interleaved-<v>), zb-h1, zb-h2, zb-v";
+        "gpipe, 1f1b, interleaved (or interleaved-<v>), zb-h1, zb-h2, zb-v, eager";
 
     /// Parses a name: `gpipe`, `1f1b`, `interleaved` (2 chunks), `interleaved-<v>`, `zb-h1`,
     /// `zb-h2`, `zb-v` (case-insensitive; `_` is read as `-`).
@@ -53,6 +56,7 @@ impl Generator {
             "zb-h1" | "zbh1" => Generator::ZbH1,
             "zb-h2" | "zbh2" => Generator::ZbH2,
             "zb-v" | "zbv" => Generator::ZbV,
+            "eager" => Generator::Eager,
             other => {
                 let v = other.strip_prefix("interleaved-")?.parse().ok()?;
                 Generator::Interleaved(v)
@@ -90,6 +94,15 @@ impl Generator {
                 (0..p).map(|i| interleaved(p, v, i, m)).collect()
             }
             Generator::ZbV => (0..p).map(|i| zb_v(p, i, m)).collect(),
+            Generator::Eager => (0..p)
+                .map(|i| {
+                    (0..m)
+                        .flat_map(|j| {
+                            [ActionKind::F, ActionKind::B, ActionKind::W].map(|k| act(i, k, j))
+                        })
+                        .collect()
+                })
+                .collect(),
         };
         Ok(Schedule {
             devices,

@@ -403,12 +403,25 @@ impl Schedule {
             self,
             &Costs::uniform(n, 1.0, 1.0, 1.0, 0.0),
             &Memory::uniform(n, 0.0, 0.0),
+            simulate::BackwardDependency::NextStage,
         )
         .map(|_| ())
     }
 
     /// Validates, then simulates with the given per-stage costs and memory.
     pub fn simulate(&self, costs: &Costs, memory: &Memory) -> Result<Simulation, ScheduleError> {
+        self.simulate_with(costs, memory, simulate::BackwardDependency::NextStage)
+    }
+
+    /// [`Schedule::simulate`] under a dependency mode (what B waits for). A schedule that
+    /// validates runs under every mode: the other modes only drop dependencies that backprop's
+    /// implies transitively.
+    pub fn simulate_with(
+        &self,
+        costs: &Costs,
+        memory: &Memory,
+        backward: simulate::BackwardDependency,
+    ) -> Result<Simulation, ScheduleError> {
         self.check_structure()?;
         if costs.stages.len() != self.n_stages() || memory.stages.len() != self.n_stages() {
             return Err(ScheduleError::Malformed(format!(
@@ -418,6 +431,6 @@ impl Schedule {
                 self.n_stages()
             )));
         }
-        simulate::run(self, costs, memory)
+        simulate::run(self, costs, memory, backward)
     }
 }

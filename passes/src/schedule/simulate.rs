@@ -5,6 +5,10 @@
 //! - Dependencies: F(s,j) after F(s−1,j); B or BW(s,j) after F(s,j) and after B or BW(s+1,j) when
 //!   s is not the last stage; W(s,j) after B(s,j). Stages are global (chunks included), so in a V
 //!   placement F(p,j) follows F(p−1,j) on the same device with no communication.
+//! - With a [`BackwardDependency`] other than `NextStage` (gradient methods whose backward does
+//!   not wait for a later stage's backward, see `autodiff::methods`), "after B or BW(s+1,j)"
+//!   becomes "after F(last,j)" (DFA: the output error is broadcast from the last stage) or
+//!   nothing (local learning, forward gradients); `RECV_B` waits for the same.
 //! - Communication actions cost nothing: `SEND_F`/`SEND_B` wait for the local F/B they send,
 //!   `RECV_F`/`RECV_B` for the remote F/B they receive (plus T_comm). `OFFLOAD`, `RELOAD` and
 //!   `OPT` cost nothing and wait for nothing.
@@ -166,6 +170,29 @@ pub struct Simulation {
     pub makespan_bubble_rate: f64,
 }
 
+/// What B (or BW) of stage `s` waits for besides F of `s` (the simulator's dependency mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackwardDependency {
+    /// B of stage `s+1`: backprop (and feedback alignment).
+    #[default]
+    NextStage,
+    /// F of the last stage: direct feedback alignment sends the output error to every stage.
+    LastStageForward,
+    /// Nothing: block-local learning, forward gradients.
+    None,
+}
+
+impl BackwardDependency {
+    /// `next-stage`, `last-stage-forward`, `none`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackwardDependency::NextStage => "next-stage",
+            BackwardDependency::LastStageForward => "last-stage-forward",
+            BackwardDependency::None => "none",
+        }
+    }
+}
+
 /// Dependency classes: the key of "stage s has finished F / B / W of microbatch j".
 const CLASS_F: usize = 0;
 const CLASS_B: usize = 1;
@@ -175,6 +202,7 @@ const CLASS_W: usize = 2;
 struct Shape {
     n_stages: usize,
     m: usize,
+    backward: BackwardDependency,
 }
 
 impl Shape {
@@ -186,7 +214,12 @@ impl Shape {
     fn deps(&self, a: Action) -> [Option<(u32, usize)>; 2] {
         let last = a.stage as usize + 1 == self.n_stages;
         let prev = (a.stage > 0).then(|| (a.stage - 1, CLASS_F));
-        let next = (!last).then(|| (a.stage + 1, CLASS_B));
+        let next = match self.backward {
+            _ if last => None,
+            BackwardDependency::NextStage => Some((a.stage + 1, CLASS_B)),
+            BackwardDependency::LastStageForward => Some((self.n_stages as u32 - 1, CLASS_F)),
+            BackwardDependency::None => None,
+        };
         match a.kind {
             ActionKind::F | ActionKind::RecvF => [prev, None],
             ActionKind::B | ActionKind::BW => [Some((a.stage, CLASS_F)), next],
@@ -238,10 +271,12 @@ pub(crate) fn run(
     schedule: &Schedule,
     costs: &Costs,
     memory: &Memory,
+    backward: BackwardDependency,
 ) -> Result<Simulation, ScheduleError> {
     let shape = Shape {
         n_stages: schedule.placement.len(),
         m: schedule.microbatches,
+        backward,
     };
     let n_devices = schedule.devices.len();
     let n_keys = shape.n_stages * 3 * shape.m;

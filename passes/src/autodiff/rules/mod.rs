@@ -10,6 +10,7 @@
 //! Each rule states `f` and its derivative in comments. Helpers in this file build small
 //! expressions with explicit broadcasting.
 
+mod custom;
 mod elementwise;
 mod index;
 mod linalg;
@@ -61,6 +62,8 @@ pub fn vjp(t: &mut Tracer, node: &NodeData, cots: &[Option<Value>], i: usize) ->
         Op::RmsNorm { eps } => nn::rms_norm(t, node, *eps, dy()),
         Op::CrossEntropy => nn::cross_entropy(t, node, dy()),
         Op::Dropout { rate, seed } => nn::dropout(t, *rate, *seed, dy()),
+        Op::Ste(_) => custom::straight_through(dy()),
+        Op::GradReverse { lambda } => custom::grad_reverse(t, *lambda, dy()),
         Op::Conv2dGradInput { .. }
         | Op::Conv2dGradWeight { .. }
         | Op::MaxPool2dGrad { .. }

@@ -1,0 +1,511 @@
+//! Gradient methods (`autodiff{method=…}`): forward gradients are unbiased, feedback alignment
+//! and local learning have the documented structure, and the simulator sees their dependencies.
+
+use std::collections::BTreeMap;
+
+use cleave_ir::models::mlp::{mlp, MlpConfig};
+use cleave_ir::{run_function_named, DType, Function, Module, Phase, Precision, Tensor, UnaryOp};
+use cleave_passes::autodiff::methods::{GradMethod, SplitMix64, FG_TANGENT_PREFIX};
+use cleave_passes::schedule::generators::Generator;
+use cleave_passes::schedule::simulate::BackwardDependency;
+use cleave_passes::schedule::{Costs, Memory};
+use cleave_passes::{PassContext, PassManager};
+
+fn tiny_mlp(sizes: Vec<usize>) -> Function {
+    mlp(&MlpConfig {
+        batch: 4,
+        sizes,
+        activation: UnaryOp::Tanh,
+        bias: true,
+        dtype: DType::F32,
+    })
+    .unwrap()
+}
+
+fn run_pipeline(f: &Function, pipeline: &str) -> Function {
+    let mut m = Module::with_function(f.clone());
+    let pm = PassManager::from_pipeline(pipeline).unwrap();
+    let mut ctx = PassContext::default();
+    pm.run(&mut m, &mut ctx, &mut |_| {}).unwrap();
+    cleave_ir::verify_module(&m).unwrap();
+    m.functions.remove(0)
+}
+
+/// Parameters and data of a function's forward arguments, seeded.
+fn forward_args(f: &Function, seed: u64) -> BTreeMap<String, Tensor> {
+    let mut rng = SplitMix64::new(seed);
+    let mut args = BTreeMap::new();
+    for a in f.args() {
+        let n = a.ty.num_elements();
+        let t = if a.ty.dtype == DType::I32 {
+            Tensor::from_i32(a.ty.shape.clone(), (0..n).map(|i| (i % 3) as i32).collect())
+        } else {
+            Tensor::from_f64(
+                a.ty.shape.clone(),
+                (0..n).map(|_| 0.7 * rng.normal()).collect(),
+            )
+        };
+        args.insert(a.name.to_string(), t);
+    }
+    args
+}
+
+fn outputs(f: &Function, args: &BTreeMap<String, Tensor>) -> BTreeMap<String, Vec<f64>> {
+    let outs = run_function_named(f, args, Precision::F64).unwrap();
+    f.outputs
+        .iter()
+        .zip(outs)
+        .map(|(o, t)| (o.name.clone(), t.to_f64_vec()))
+        .collect()
+}
+
+fn grads(out: &BTreeMap<String, Vec<f64>>) -> Vec<(String, Vec<f64>)> {
+    out.iter()
+        .filter(|(k, _)| k.starts_with("grad."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The mean of N forward-gradient estimates lies within 5·σ/√N of the true gradient in every
+/// coordinate (σ: the sample standard deviation of that coordinate), and a wrongly scaled
+/// estimator (twice the estimate) does not.
+#[test]
+fn forward_gradient_is_unbiased() {
+    let f = tiny_mlp(vec![3, 4, 3]);
+    let args = forward_args(&f, 11);
+    let exact = grads(&outputs(&run_pipeline(&f, "autodiff"), &args));
+    let fg = run_pipeline(&f, "autodiff{method=forward-gradient}");
+    // No backward: every node is a forward node.
+    assert!(fg.body.iter().all(|&n| fg.nodes[n].phase == Phase::Forward));
+    let tangents: Vec<(String, Vec<usize>)> = fg
+        .args()
+        .filter(|a| a.name.starts_with(FG_TANGENT_PREFIX))
+        .map(|a| (a.name.to_string(), a.ty.shape.clone()))
+        .collect();
+    assert_eq!(tangents.len(), 4, "one tangent per parameter");
+    let n = 4000usize;
+    let mut rng = SplitMix64::new(2024);
+    let mut sum: Vec<Vec<f64>> = exact.iter().map(|(_, g)| vec![0.0; g.len()]).collect();
+    let mut sum_sq = sum.clone();
+    let mut a = args.clone();
+    for _ in 0..n {
+        for (name, shape) in &tangents {
+            let k: usize = shape.iter().product();
+            a.insert(
+                name.clone(),
+                Tensor::from_f64(shape.clone(), (0..k).map(|_| rng.normal()).collect()),
+            );
+        }
+        let est = grads(&outputs(&fg, &a));
+        for (p, (_, g)) in est.iter().enumerate() {
+            for (i, &x) in g.iter().enumerate() {
+                sum[p][i] += x;
+                sum_sq[p][i] += x * x;
+            }
+        }
+    }
+    let mut worst_true: f64 = 0.0;
+    let mut worst_doubled: f64 = 0.0;
+    for (p, (name, g)) in exact.iter().enumerate() {
+        for (i, &gi) in g.iter().enumerate() {
+            let mean = sum[p][i] / n as f64;
+            let var = (sum_sq[p][i] / n as f64 - mean * mean).max(0.0) * n as f64 / (n - 1) as f64;
+            let bound = 5.0 * (var / n as f64).sqrt();
+            let z = (mean - gi).abs() / bound.max(1e-300) * 5.0;
+            assert!(
+                (mean - gi).abs() <= bound,
+                "{name}[{i}]: mean of {n} estimates {mean} vs exact {gi}, bound {bound} ({z:.2}σ)"
+            );
+            worst_true = worst_true.max(z);
+            worst_doubled = worst_doubled.max((2.0 * mean - gi).abs() / bound * 5.0);
+        }
+    }
+    // The test can tell a biased estimator apart.
+    assert!(
+        worst_doubled > 5.0,
+        "a doubled estimator would pass too (worst {worst_doubled:.2}σ)"
+    );
+    assert!(worst_true < 5.0);
+}
+
+/// `tangents=K` averages K estimates: with the same tangents fed in, the K-tangent estimate is the
+/// mean of the K one-tangent estimates.
+#[test]
+fn forward_gradient_averages_tangents() {
+    let f = tiny_mlp(vec![3, 4, 3]);
+    let args = forward_args(&f, 5);
+    let one = run_pipeline(&f, "autodiff{method=forward-gradient}");
+    let three = run_pipeline(&f, "autodiff{method=forward-gradient,tangents=3}");
+    let mut rng = SplitMix64::new(9);
+    let mut a3 = args.clone();
+    let mut singles = Vec::new();
+    for k in 0..3 {
+        let mut a1 = args.clone();
+        for arg in one.args().filter(|a| a.name.starts_with(FG_TANGENT_PREFIX)) {
+            let n = arg.ty.num_elements();
+            let t = Tensor::from_f64(arg.ty.shape.clone(), (0..n).map(|_| rng.normal()).collect());
+            let param = arg.name.strip_prefix("fg.tangent.0.").unwrap();
+            a3.insert(format!("fg.tangent.{k}.{param}"), t.clone());
+            a1.insert(arg.name.to_string(), t);
+        }
+        singles.push(grads(&outputs(&one, &a1)));
+    }
+    // Each tangent linearizes the forward body once: the step grows linearly in K (walking the
+    // grown body would differentiate the earlier tangents again, exponentially).
+    let size = |k: usize| {
+        run_pipeline(
+            &f,
+            &format!("autodiff{{method=forward-gradient,tangents={k}}}"),
+        )
+        .body
+        .len()
+    };
+    let (s2, s3, s5) = (size(2), size(3), size(5));
+    assert_eq!(s5 - s2, 3 * (s3 - s2), "sizes {s2}, {s3}, {s5}");
+    let avg = grads(&outputs(&three, &a3));
+    for (p, (name, g)) in avg.iter().enumerate() {
+        for (i, &x) in g.iter().enumerate() {
+            let want = (0..3).map(|k| singles[k][p].1[i]).sum::<f64>() / 3.0;
+            assert!(
+                (x - want).abs() <= 1e-12 * (1.0 + want.abs()),
+                "{name}[{i}]"
+            );
+        }
+    }
+}
+
+/// Which parameters' values the backward (dgrad/wgrad) nodes read.
+fn backward_reads(f: &Function, param: &str) -> usize {
+    let v = f.args().find(|a| a.name == param).unwrap().value;
+    f.body
+        .iter()
+        .filter(|&&n| matches!(f.nodes[n].phase, Phase::Dgrad | Phase::Wgrad))
+        .filter(|&&n| f.nodes[n].operands.contains(&v))
+        .count()
+}
+
+/// FA: no backward node reads a weight (the fixed random matrices stand in for them), the last
+/// layer's gradients equal backprop's, the earlier layers' do not, and the matrices are the same
+/// for the same seed and differ for another.
+#[test]
+fn feedback_alignment_structure() {
+    let f = tiny_mlp(vec![3, 5, 4, 3]);
+    let args = forward_args(&f, 3);
+    let bp = run_pipeline(&f, "autodiff");
+    let fa = run_pipeline(&f, "autodiff{method=fa}");
+    for w in ["fc2.weight", "fc3.weight"] {
+        assert!(backward_reads(&bp, w) > 0, "bp reads {w}");
+        assert_eq!(backward_reads(&fa, w), 0, "fa reads {w}");
+    }
+    let (gb, gf) = (outputs(&bp, &args), outputs(&fa, &args));
+    for k in ["grad.fc3.weight", "grad.fc3.bias"] {
+        assert_eq!(gb[k], gf[k], "{k}: the last layer sees the true error");
+    }
+    assert_ne!(gb["grad.fc1.weight"], gf["grad.fc1.weight"]);
+    let again = run_pipeline(&f, "autodiff{method=fa}");
+    assert_eq!(
+        outputs(&again, &args)["grad.fc1.weight"],
+        gf["grad.fc1.weight"]
+    );
+    let other = run_pipeline(&f, "autodiff{method=fa,seed=7}");
+    assert_ne!(
+        outputs(&other, &args)["grad.fc1.weight"],
+        gf["grad.fc1.weight"]
+    );
+}
+
+/// For a function partitioned into stages: `(s, t)` pairs where a node of stage `s` in one of
+/// `phases` reads a backward value of another stage `t`.
+fn cross_stage_backward_reads(f: &Function, phases: &[Phase]) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    for &n in &f.body {
+        let d = &f.nodes[n];
+        if !phases.contains(&d.phase) {
+            continue;
+        }
+        for &v in &d.operands {
+            let def = &f.nodes[f.values[v].def];
+            if matches!(def.phase, Phase::Dgrad | Phase::Wgrad) && def.stage != d.stage {
+                let pair = (d.stage.unwrap(), def.stage.unwrap());
+                if !out.contains(&pair) {
+                    out.push(pair);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The backward dependencies between pipeline stages: bp chains every stage's dgrad to the next
+/// one, DFA only to the last stage (the output error), local learning has none at all (dgrad or
+/// wgrad); split-bw accepts all.
+#[test]
+fn dfa_and_local_have_no_chained_stage_backward() {
+    let f = tiny_mlp(vec![6, 8, 8, 8, 3]);
+    let staged = |m: &str| run_pipeline(&f, &format!("partition{{stages=3}},autodiff{m}"));
+    let bp = cross_stage_backward_reads(&staged(""), &[Phase::Dgrad]);
+    assert!(bp.contains(&(0, 1)) && bp.contains(&(1, 2)), "bp: {bp:?}");
+    let dfa = cross_stage_backward_reads(&staged("{method=dfa}"), &[Phase::Dgrad]);
+    assert!(
+        !dfa.is_empty() && dfa.iter().all(|&(_, from)| from == 2),
+        "dfa: {dfa:?}"
+    );
+    let local = staged("{method=local}");
+    assert_eq!(
+        cross_stage_backward_reads(&local, &[Phase::Dgrad, Phase::Wgrad]),
+        vec![],
+        "local"
+    );
+    // One auxiliary head per stage boundary.
+    let heads: Vec<&str> = local
+        .outputs
+        .iter()
+        .map(|o| o.name.as_str())
+        .filter(|n| n.starts_with("local.loss"))
+        .collect();
+    assert_eq!(heads, ["local.loss1", "local.loss2"]);
+    for m in ["", "{method=fa}", "{method=dfa}", "{method=local}"] {
+        run_pipeline(&f, &format!("partition{{stages=3}},autodiff{m},split-bw"));
+    }
+}
+
+/// local{blocks=2}: the last block's gradients are backprop's; the first block's are the
+/// gradients of its auxiliary loss alone (no gradient crosses the cut).
+#[test]
+fn local_learning_gradients() {
+    let f = tiny_mlp(vec![3, 5, 4, 3]);
+    let args = forward_args(&f, 8);
+    let local = run_pipeline(&f, "autodiff{method=local,blocks=2}");
+    let mut a = args.clone();
+    for p in local.params().filter(|p| p.name.starts_with("local.")) {
+        let n = p.ty.num_elements();
+        a.insert(
+            p.name.to_string(),
+            Tensor::from_f64(
+                p.ty.shape.clone(),
+                (0..n).map(|i| 0.1 * i as f64 - 0.3).collect(),
+            ),
+        );
+    }
+    let gl = outputs(&local, &a);
+    let gb = outputs(&run_pipeline(&f, "autodiff"), &args);
+    // Layers: fc1, fc2, fc3; blocks {fc1}, {fc2, fc3}.
+    for k in ["grad.fc2.weight", "grad.fc3.weight", "grad.fc3.bias"] {
+        assert_eq!(gl[k], gb[k], "{k}");
+    }
+    assert_ne!(gl["grad.fc1.weight"], gb["grad.fc1.weight"]);
+    // The first block against local.loss1 only: rebuild it as a model of its own.
+    let mut aux = local.clone();
+    aux.outputs.retain(|o| o.name == "local.loss1");
+    aux.outputs[0].name = "loss".into();
+    let aux_fwd = run_pipeline(&aux, "dce");
+    let ga = outputs(&run_pipeline(&aux_fwd, "autodiff"), &a);
+    for k in [
+        "grad.fc1.weight",
+        "grad.fc1.bias",
+        "grad.local.head1.weight",
+    ] {
+        let (x, y) = (&gl[k], &ga[k]);
+        for (p, q) in x.iter().zip(y) {
+            assert!((p - q).abs() <= 1e-12 * (1.0 + q.abs()), "{k}: {p} vs {q}");
+        }
+    }
+}
+
+#[test]
+fn method_names_and_errors() {
+    assert_eq!(
+        GradMethod::parse("local{blocks=3}", 1).unwrap(),
+        GradMethod::Local { blocks: 3 }
+    );
+    assert_eq!(
+        GradMethod::parse("forward-gradient", 4).unwrap(),
+        GradMethod::ForwardGradient { tangents: 4 }
+    );
+    let e = GradMethod::parse("backprop", 1).unwrap_err();
+    assert!(
+        e.contains("unknown gradient method `backprop`") && e.contains("dfa"),
+        "{e}"
+    );
+    let e = GradMethod::parse("local{blocks=1}", 1).unwrap_err();
+    assert!(e.contains("at least 2 blocks"), "{e}");
+    let e = GradMethod::parse("fa{blocks=2}", 1).unwrap_err();
+    assert!(e.contains("unknown option"), "{e}");
+    use cleave_passes::autodiff::methods::with_grad_method;
+    assert_eq!(
+        with_grad_method("autodiff,split-bw", &GradMethod::Local { blocks: 3 }).unwrap(),
+        "autodiff{blocks=3,method=local},split-bw"
+    );
+    let e = with_grad_method("dce", &GradMethod::Fa).unwrap_err();
+    assert!(e.contains("no `autodiff` pass"), "{e}");
+    let e = with_grad_method("autodiff{method=dfa}", &GradMethod::Fa).unwrap_err();
+    assert!(e.contains("conflicts with --grad-method fa"), "{e}");
+    let e = PassManager::from_pipeline("autodiff{method=sgd}")
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("unknown gradient method `sgd`"),
+        "{e}"
+    );
+    // A model without a loss.
+    let mut f = tiny_mlp(vec![3, 3]);
+    f.outputs.retain(|o| o.name != "loss");
+    let mut m = Module::with_function(f);
+    let e = PassManager::from_pipeline("autodiff{method=dfa}")
+        .unwrap()
+        .run(&mut m, &mut PassContext::default(), &mut |_| {})
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("needs a scalar float output named `loss`"),
+        "{e}"
+    );
+}
+
+/// Uniform costs T_F = T_B = T_W = 1, 4 stages, 8 microbatches: backprop's 1F1B has a bubble
+/// rate of 9/33 (3 idle steps of the 3-stage ramp on each side); DFA's backward no longer waits
+/// for the next stage, so the same 1F1B order idles only in the forward ramp (1/9); with local
+/// learning the eager order (F, B, W of each microbatch in turn) has no bubble at all while
+/// holding one microbatch of activations.
+#[test]
+fn simulator_sees_the_methods_dependencies() {
+    let (p, m) = (4, 8);
+    let costs = Costs::uniform(p, 1.0, 1.0, 1.0, 0.0);
+    let memory = Memory::uniform(p, 1.0, 0.5);
+    let rate = |g: Generator, dep: BackwardDependency| {
+        let s = g.generate(p, m).unwrap();
+        s.simulate_with(&costs, &memory, dep).unwrap()
+    };
+    let bp = rate(Generator::OneFOneB, BackwardDependency::NextStage);
+    let dfa = rate(Generator::OneFOneB, BackwardDependency::LastStageForward);
+    let local = rate(Generator::Eager, BackwardDependency::None);
+    let bp_eager = rate(Generator::Eager, BackwardDependency::NextStage);
+    assert!(
+        (bp.bubble_rate - 9.0 / 33.0).abs() < 1e-12,
+        "{}",
+        bp.bubble_rate
+    );
+    assert!(
+        (dfa.bubble_rate - 3.0 / 27.0).abs() < 1e-12,
+        "{}",
+        dfa.bubble_rate
+    );
+    assert_eq!(local.bubble_rate, 0.0);
+    assert!(local.devices.iter().all(|d| d.peak_memory == 1.0));
+    // The eager order is useless under backprop's dependencies.
+    assert!(bp_eager.bubble_rate > bp.bubble_rate);
+    assert_eq!(
+        GradMethod::Dfa.stage_dependency(),
+        BackwardDependency::LastStageForward
+    );
+    assert_eq!(
+        GradMethod::Local { blocks: 2 }.stage_dependency(),
+        BackwardDependency::None
+    );
+    // Every generator's schedule still validates and runs under every mode.
+    for g in [
+        Generator::GPipe,
+        Generator::ZbH1,
+        Generator::ZbH2,
+        Generator::Eager,
+    ] {
+        let s = g.generate(p, m).unwrap();
+        s.validate().unwrap();
+        for dep in [
+            BackwardDependency::NextStage,
+            BackwardDependency::LastStageForward,
+            BackwardDependency::None,
+        ] {
+            s.simulate_with(&costs, &memory, dep).unwrap();
+        }
+    }
+}
+
+/// Local learning on a transformer partitioned into 4 stages: the residual stream crosses every
+/// stage boundary, and still no backward value crosses a stage (every edge into an earlier block
+/// is cut); every value leaving a stage gets a head, so every parameter gets a gradient; and the
+/// step runs in the interpreter.
+#[test]
+fn local_learning_cuts_residual_paths() {
+    use cleave_ir::models::gpt::{gpt, GptConfig};
+    let f = gpt(&GptConfig {
+        vocab: 11,
+        d_model: 8,
+        heads: 2,
+        layers: 2,
+        seq: 4,
+        batch: 2,
+        // A weight shared by two stages sums its gradient across them whatever the method.
+        tied_embeddings: false,
+        ..GptConfig::default()
+    })
+    .unwrap();
+    let mut m = Module::with_function(f.clone());
+    let pm = PassManager::from_pipeline("partition{stages=4},autodiff{method=local}").unwrap();
+    let mut ctx = PassContext::default();
+    pm.run(&mut m, &mut ctx, &mut |_| {}).unwrap();
+    assert!(ctx.warnings.is_empty(), "{:?}", ctx.warnings);
+    cleave_ir::verify_module(&m).unwrap();
+    let g = &m.functions[0];
+    assert_eq!(
+        cross_stage_backward_reads(g, &[Phase::Dgrad, Phase::Wgrad]),
+        vec![]
+    );
+    assert!(g.outputs.iter().any(|o| o.name.starts_with("local.loss1")));
+    assert!(g.outputs.iter().any(|o| o.name.starts_with("local.loss3")));
+    let mut args = forward_args(g, 4);
+    for a in g.args().filter(|a| a.ty.dtype == DType::I32) {
+        let n = a.ty.num_elements();
+        args.insert(
+            a.name.to_string(),
+            Tensor::from_i32(
+                a.ty.shape.clone(),
+                (0..n).map(|i| (i % 11) as i32).collect(),
+            ),
+        );
+    }
+    let out = outputs(g, &args);
+    assert!(out["loss"][0].is_finite());
+    let bp_grads: Vec<String> = run_pipeline(&f, "autodiff")
+        .outputs
+        .iter()
+        .map(|o| o.name.clone())
+        .filter(|n| n.starts_with("grad."))
+        .collect();
+    for name in bp_grads {
+        assert!(out.contains_key(&name), "{name}");
+    }
+}
+
+/// `auto` judges its candidates under the method's dependencies: with local learning and room
+/// for one microbatch of activations it finds a zero-bubble schedule; backprop under the same
+/// limit cannot avoid bubbles.
+#[test]
+fn auto_schedules_under_the_methods_dependencies() {
+    use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
+    let (p, m) = (4, 8);
+    let costs = Costs::uniform(p, 1.0, 1.0, 1.0, 0.0);
+    let memory = Memory::uniform(p, 1.0, 0.5);
+    let run = |backward| {
+        let options = AutoOptions {
+            memory_limit: Some(1.0),
+            ilp_max_pm: 0,
+            backward,
+            ..AutoOptions::default()
+        };
+        let (s, report) = auto_schedule(p, m, &costs, &memory, &options).unwrap();
+        (s.simulate_with(&costs, &memory, backward).unwrap(), report)
+    };
+    let (local, report) = run(BackwardDependency::None);
+    assert_eq!(local.bubble_rate, 0.0, "chose {}", report.chosen);
+    assert!(report.candidates.iter().any(|c| c.0 == "eager"));
+    let (bp, report) = run(BackwardDependency::NextStage);
+    assert!(
+        bp.bubble_rate > 0.3,
+        "chose {}: {}",
+        report.chosen,
+        bp.bubble_rate
+    );
+    assert!(report.candidates.iter().all(|c| c.0 != "eager"));
+}

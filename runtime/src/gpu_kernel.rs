@@ -1,0 +1,66 @@
+//! Descriptors of compiled GPU kernels: what a CUDA runtime needs to launch a PTX kernel that the
+//! MLIR backend (`cleave-mlir`) produced, with no dependency on MLIR or CUDA.
+//!
+//! Kernels use the bare-pointer calling convention: each parameter of the PTX `.entry` is exactly
+//! one device pointer, in the order of [`GpuKernel::args`], to a dense row-major buffer of the
+//! given dtype and shape. Launch geometry is static (shapes are static), so it is recorded here.
+//! The JSON form (serde) is what `cleave compile --target cuda` writes as `kernels.json`.
+
+use serde::{Deserialize, Serialize};
+
+/// What a buffer passed to a kernel is, relative to the cleave function the kernel came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArgRole {
+    /// Read-only: a function argument or a value computed by an earlier kernel group.
+    Input,
+    /// Written by the group (and maybe read by a later launch of the same group).
+    Output,
+    /// A temporary of the group: the runtime allocates it (uninitialised) for the group's launches.
+    Scratch,
+}
+
+/// One buffer parameter of a kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelArg {
+    /// The buffer: a function argument's name, `%N` for an intermediate value of the function
+    /// (numbered as the printer numbers it), or `scratchN` for a temporary of the group.
+    pub name: String,
+    /// Input, output or scratch.
+    pub role: ArgRole,
+    /// Element type, as the IR text writes it (`f32`, `i32`, `bool`, …); `bool` is one byte.
+    pub dtype: String,
+    /// The buffer's logical shape (row-major, dense).
+    pub shape: Vec<usize>,
+}
+
+/// One PTX kernel launch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuKernel {
+    /// A unique name: the group's name and the launch's position, `k3_0`.
+    pub name: String,
+    /// The PTX `.entry` symbol to load.
+    pub entry: String,
+    /// The PTX module text that defines `entry`.
+    pub ptx: String,
+    /// Threads per block (x, y, z).
+    pub block: [u32; 3],
+    /// Blocks per grid (x, y, z).
+    pub grid: [u32; 3],
+    /// The kernel parameters, one device pointer each, in order.
+    pub args: Vec<KernelArg>,
+}
+
+/// The launches of one kernel group (one fused kernel of a function), in order, plus the
+/// temporaries they share.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuKernelGroup {
+    /// The group's name (`k3`).
+    pub name: String,
+    /// The cleave ops the group computes, in order (for reports).
+    pub ops: Vec<String>,
+    /// The launches, to run in this order on one stream.
+    pub launches: Vec<GpuKernel>,
+    /// Temporaries the launches read and write (role [`ArgRole::Scratch`]).
+    pub scratch: Vec<KernelArg>,
+}

@@ -48,8 +48,23 @@ pub struct EmitError {
 pub struct EmittedKernel {
     /// The group.
     pub group: KernelGroup,
+    /// Dense (non-splat) constants of the group, passed as parameters after the outputs; the
+    /// runtime uploads their data ([`constant_data`]).
+    pub constants: Vec<Value>,
     /// The `func.func` text.
     pub func: String,
+}
+
+/// The elements of a dense constant (its literal, as f64; bools as 0 or 1).
+pub fn constant_data(func: &Function, v: Value) -> Vec<f64> {
+    match &func.node(func.values[v].def).op {
+        Op::Constant { value, .. } => match value {
+            Literal::Float(x) => x.clone(),
+            Literal::Int(x) => x.iter().map(|&i| i as f64).collect(),
+            Literal::Bool(x) => x.iter().map(|&b| b as u8 as f64).collect(),
+        },
+        _ => Vec::new(),
+    }
 }
 
 /// Wraps functions into a module.
@@ -126,6 +141,8 @@ pub(crate) struct Emitter<'f> {
     counter: usize,
     /// The tensor SSA name of each value available in the kernel.
     tensors: HashMap<Value, String>,
+    /// Dense constants, passed as parameters after the outputs.
+    constants: Vec<Value>,
 }
 
 /// An operand of a generic: tensor SSA name, tensor type, element type, indexing expression.
@@ -234,23 +251,12 @@ impl<'f> Emitter<'f> {
         let rname = rty.to_string();
         let result: String = match op {
             Op::Input { .. } | Op::Param { .. } => return Ok(()),
-            Op::Constant { value, .. } => {
-                let t = self.fresh();
-                let lit = match value {
-                    Literal::Float(v) => v.iter().map(|&x| float_lit(x, ety)).collect::<Vec<_>>(),
-                    Literal::Int(v) => v.iter().map(|x| x.to_string()).collect(),
-                    Literal::Bool(v) => v.iter().map(|x| x.to_string()).collect(),
-                };
-                let body = if lit.len() == 1 {
-                    lit[0].clone()
-                } else {
-                    format!("[{}]", lit.join(", "))
-                };
-                let _ = writeln!(
-                    self.out,
-                    "    {t} = arith.constant dense<{body}> : tensor<{n}x{ety}>"
-                );
-                // Through a generic, so that the constant fuses into its consumers.
+            Op::Constant { value, .. } if value.len() > 1 => {
+                // A kernel parameter (after the outputs) whose data the runtime uploads once:
+                // dense constants in the kernel body would become host-memory globals.
+                let i = self.constants.len();
+                self.constants.push(data.results[0]);
+                let t = format!("%c{i}");
                 let inp = In {
                     t,
                     tty: format!("tensor<{n}x{ety}>"),
@@ -258,6 +264,24 @@ impl<'f> Emitter<'f> {
                     expr: "d0".into(),
                 };
                 self.generic(n, ety, &[inp], |_, a| a[0].clone())
+            }
+            Op::Constant { value, .. } => {
+                let lit = match value {
+                    Literal::Float(v) => float_lit(v[0], ety),
+                    Literal::Int(v) => v[0].to_string(),
+                    Literal::Bool(v) => v[0].to_string(),
+                };
+                let ety2 = ety.to_string();
+                self.generic(n, ety, &[], |b, _| {
+                    let v = b.fresh();
+                    let text = if ety2 == "i1" {
+                        format!("{v} = arith.constant {lit}")
+                    } else {
+                        format!("{v} = arith.constant {lit} : {ety2}")
+                    };
+                    b.line(text);
+                    v
+                })
             }
             Op::Iota { dim, .. } => {
                 let shape = rty.shape.clone();
@@ -716,6 +740,7 @@ pub fn emit_kernel(func: &Function, group: &KernelGroup) -> Result<EmittedKernel
         out: String::new(),
         counter: 0,
         tensors: HashMap::new(),
+        constants: Vec::new(),
     };
     let mut params = Vec::new();
     let mut pre = String::new();
@@ -735,6 +760,16 @@ pub fn emit_kernel(func: &Function, group: &KernelGroup) -> Result<EmittedKernel
     for &node in &group.nodes {
         e.node(node)?;
     }
+    let mut pre_consts = String::new();
+    for (i, &v) in e.constants.iter().enumerate() {
+        let (m, t) = (memref_ty(func, v), tensor_ty(func, v));
+        params.push(format!("%const{i}: {m}"));
+        let _ = writeln!(
+            pre_consts,
+            "    %c{i} = bufferization.to_tensor %const{i} restrict : {m} to {t}"
+        );
+    }
+    let pre = pre + &pre_consts;
     let mut text = format!(
         "  func.func @{}({}) {{\n{pre}{}",
         group.name,
@@ -753,6 +788,7 @@ pub fn emit_kernel(func: &Function, group: &KernelGroup) -> Result<EmittedKernel
     text.push_str("    return\n  }\n");
     Ok(EmittedKernel {
         group: group.clone(),
+        constants: e.constants,
         func: text,
     })
 }

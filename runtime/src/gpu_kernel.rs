@@ -18,13 +18,16 @@ pub enum ArgRole {
     Output,
     /// A temporary of the group: the runtime allocates it (uninitialised) for the group's launches.
     Scratch,
+    /// A dense constant of the function: the runtime uploads [`KernelArg::data`] once.
+    Constant,
 }
 
 /// One buffer parameter of a kernel.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KernelArg {
     /// The buffer: a function argument's name, `%N` for an intermediate value of the function
-    /// (numbered as the printer numbers it), or `scratchN` for a temporary of the group.
+    /// (numbered as the printer numbers it), `%N.const` for the data of a dense constant, or
+    /// `scratchN` for a temporary of the group.
     pub name: String,
     /// Input, output or scratch.
     pub role: ArgRole,
@@ -32,10 +35,13 @@ pub struct KernelArg {
     pub dtype: String,
     /// The buffer's logical shape (row-major, dense).
     pub shape: Vec<usize>,
+    /// For [`ArgRole::Constant`]: the elements (bools as 0/1, integers exactly up to 2^53).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<f64>,
 }
 
 /// One PTX kernel launch.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GpuKernel {
     /// A unique name: the group's name and the launch's position, `k3_0`.
     pub name: String,
@@ -53,7 +59,7 @@ pub struct GpuKernel {
 
 /// The launches of one kernel group (one fused kernel of a function), in order, plus the
 /// temporaries they share.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GpuKernelGroup {
     /// The group's name (`k3`).
     pub name: String,
@@ -63,4 +69,8 @@ pub struct GpuKernelGroup {
     pub launches: Vec<GpuKernel>,
     /// Temporaries the launches read and write (role [`ArgRole::Scratch`]).
     pub scratch: Vec<KernelArg>,
+    /// Device-to-device copies to run after the launches (`from` → `to`, buffer names as in
+    /// [`KernelArg::name`]): MLIR leaves one where an output is a plain copy of an input or a
+    /// constant.
+    pub copies: Vec<(String, String)>,
 }

@@ -1,0 +1,106 @@
+//! Every op's kernel compiles to PTX (MLIR's GPU pipeline, `gpu-module-to-binary`, no GPU
+//! needed), and the launch descriptors are consistent with the PTX: one `.entry` per launch whose
+//! parameter count is the number of buffers, no libdevice or other external calls, and valid
+//! launch sizes.
+#![cfg(feature = "mlir")]
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use cleave_ir::Op;
+use cleave_mlir::gpu::compile_gpu;
+use cleave_mlir::pipeline::{check_nvvm_target, default_gpu_pipeline, gpu_pipeline};
+use cleave_runtime::gpu_kernel::ArgRole;
+
+/// Ops with no kernel of their own: function arguments.
+const NO_KERNEL: &[&str] = &["input", "param"];
+
+#[test]
+fn every_op_compiles_to_ptx() {
+    let pipeline = default_gpu_pipeline();
+    let mut covered = BTreeSet::new();
+    for (name, func) in common::op_cases() {
+        for &n in &func.body {
+            covered.insert(func.node(n).op.name());
+        }
+        let prog = compile_gpu(&func, &pipeline).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(prog.groups.len(), prog.mlir.len());
+        for g in &prog.groups {
+            assert!(
+                !g.launches.is_empty() || !g.copies.is_empty(),
+                "{name}/{}: nothing to run",
+                g.name
+            );
+            for k in &g.launches {
+                let what = format!("{name}/{}", k.name);
+                assert!(k.ptx.contains(".target sm_90"), "{what}: PTX target");
+                assert!(!k.ptx.contains(".extern"), "{what}: external call in PTX");
+                let at = k
+                    .ptx
+                    .find(&format!(".entry {}(", k.entry))
+                    .unwrap_or_else(|| panic!("{what}: no .entry {}", k.entry));
+                let sig = &k.ptx[at..at + k.ptx[at..].find(')').unwrap()];
+                assert_eq!(
+                    sig.matches(".param .u64").count(),
+                    k.args.len(),
+                    "{what}: one pointer parameter per buffer in {sig}"
+                );
+                let threads: u64 = k.block.iter().map(|&x| x as u64).product();
+                assert!(
+                    (1..=1024).contains(&threads) && k.grid.iter().all(|&g| g >= 1),
+                    "{what}: launch size {:?} x {:?}",
+                    k.grid,
+                    k.block
+                );
+            }
+        }
+    }
+    let missing: Vec<&str> = Op::all_names()
+        .into_iter()
+        .filter(|n| !covered.contains(n) && !NO_KERNEL.contains(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "ops without a PTX test case: {missing:?}"
+    );
+}
+
+#[test]
+fn descriptors_serialize_to_json() {
+    let func = &common::op_cases()
+        .into_iter()
+        .find(|(n, _)| n == "constants_and_copies")
+        .unwrap()
+        .1;
+    let prog = compile_gpu(func, &default_gpu_pipeline()).unwrap();
+    let json = serde_json::to_string(&prog.groups).unwrap();
+    let back: Vec<cleave_runtime::gpu_kernel::GpuKernelGroup> =
+        serde_json::from_str(&json).unwrap();
+    assert_eq!(back, prog.groups);
+    // The dense constants are parameters with their data.
+    let consts: Vec<_> = prog
+        .groups
+        .iter()
+        .flat_map(|g| g.launches.iter().flat_map(|k| k.args.iter()))
+        .filter(|a| a.role == ArgRole::Constant)
+        .collect();
+    assert!(consts
+        .iter()
+        .any(|a| a.data == vec![1.0, -2.0, 3.0, -4.0, 5.0, -6.0] && a.dtype == "i32"));
+}
+
+#[test]
+fn pipelines_that_abort_llvm_are_refused() {
+    assert!(check_nvvm_target(&default_gpu_pipeline()).is_ok());
+    assert!(check_nvvm_target(&gpu_pipeline("sm_100", "+ptx86")).is_ok());
+    let err = check_nvvm_target(&gpu_pipeline("sm_90", "+ptx70")).unwrap_err();
+    assert!(err.contains("+ptx80"), "{err}");
+    assert!(check_nvvm_target(&gpu_pipeline("sm_75", "+ptx80")).is_err());
+    let func = &common::op_cases()[0].1;
+    let e = compile_gpu(func, &gpu_pipeline("sm_90", "+ptx60")).unwrap_err();
+    assert!(e.to_string().contains("abort"), "{e}");
+    // A pipeline MLIR cannot parse is an error naming it, not a crash.
+    let e = compile_gpu(func, "builtin.module(no-such-pass)").unwrap_err();
+    assert!(e.to_string().contains("no-such-pass"), "{e}");
+}

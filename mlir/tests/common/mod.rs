@@ -91,7 +91,9 @@ pub fn random_args(func: &Function, seed: u64) -> BTreeMap<String, Tensor> {
             }
             DType::Bool => Tensor::from_bool(
                 shape,
-                (0..n).map(|_| rng.next_u64().is_multiple_of(2)).collect::<Vec<_>>(),
+                (0..n)
+                    .map(|_| rng.next_u64().is_multiple_of(2))
+                    .collect::<Vec<_>>(),
             ),
             d => Tensor::from_i64(
                 d,

@@ -1,0 +1,118 @@
+//! `cleave compile --target cuda`: with the `mlir` feature it writes the MLIR, PTX and
+//! descriptors of every kernel of a training step; without it, a clear error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn cleave(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(args)
+        .output()
+        .expect("run cleave")
+}
+
+fn example(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cleave-compile-gpu-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[cfg(not(feature = "mlir"))]
+#[test]
+fn cuda_target_without_the_feature_says_how_to_get_it() {
+    let out = tmpdir("nofeature");
+    let o = cleave(&[
+        "compile",
+        &example("mlp.cir"),
+        "--target",
+        "cuda",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--features mlir") && err.contains("scripts/install-llvm.sh"),
+        "{err}"
+    );
+}
+
+#[cfg(feature = "mlir")]
+#[test]
+fn cuda_target_writes_mlir_ptx_and_descriptors() {
+    use cleave_runtime::gpu_kernel::GpuKernelGroup;
+
+    let out = tmpdir("mlp");
+    let o = cleave(&[
+        "compile",
+        &example("mlp.cir"),
+        "--target",
+        "cuda",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json = std::fs::read_to_string(out.join("kernels.json")).unwrap();
+    let groups: Vec<GpuKernelGroup> = serde_json::from_str(&json).unwrap();
+    assert!(groups.len() > 5);
+    // The step's matmuls, reductions and the loss are all there.
+    let ops: Vec<&str> = groups
+        .iter()
+        .flat_map(|g| g.ops.iter().map(|s| s.as_str()))
+        .collect();
+    for op in ["matmul", "cross_entropy", "reduce_sum", "relu"] {
+        assert!(ops.contains(&op), "no {op} kernel in {ops:?}");
+    }
+    for g in &groups {
+        let mlir = std::fs::read_to_string(out.join(format!("{}.mlir", g.name))).unwrap();
+        assert!(mlir.contains(&format!("func.func @{}(", g.name)));
+        assert!(mlir.contains("linalg.generic"));
+        for k in &g.launches {
+            let ptx = std::fs::read_to_string(out.join(format!("{}.ptx", k.name))).unwrap();
+            assert_eq!(ptx, k.ptx);
+            assert!(ptx.contains(&format!(".entry {}(", k.entry)));
+        }
+    }
+    let pipeline = std::fs::read_to_string(out.join("pipeline.txt")).unwrap();
+    assert!(pipeline.contains("gpu-module-to-binary{format=isa}"));
+
+    // --emit mlir alone with a user pipeline (here: the default one, printed).
+    let out2 = tmpdir("mlp-mlir");
+    let o = cleave(&[
+        "compile",
+        &example("mlp.cir"),
+        "--target",
+        "cuda",
+        "--emit",
+        "mlir",
+        "--mlir-pipeline",
+        pipeline.trim(),
+        "-o",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out2.join("k0.mlir").exists());
+    assert!(!out2.join("kernels.json").exists());
+
+    // A pipeline that would abort LLVM is refused with the reason.
+    let o = cleave(&[
+        "compile",
+        &example("mlp.cir"),
+        "--target",
+        "cuda",
+        "--mlir-pipeline",
+        &pipeline.trim().replace("+ptx80", "+ptx70"),
+        "-o",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("abort"));
+}

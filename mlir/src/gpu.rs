@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use cleave_ir::{Function, Value};
-use cleave_runtime::gpu_kernel::{ArgRole, GpuKernel, GpuKernelGroup, KernelArg};
+use cleave_runtime::gpu_kernel::{ArgRole, GemmSpec, GpuKernel, GpuKernelGroup, KernelArg};
 
 use crate::context::{Mlir, MlirError};
 use crate::emit::{constant_data, emit_function, module_text, EmitError};
@@ -86,7 +86,8 @@ pub fn compile_gpu(func: &Function, pipeline: &str) -> Result<GpuProgram, GpuErr
         params.extend(g.inputs.iter().map(|&v| arg(v, ArgRole::Input)));
         params.extend(g.outputs.iter().map(|&v| arg(v, ArgRole::Output)));
         params.extend(k.constants.iter().map(|&v| arg(v, ArgRole::Constant)));
-        let group = read_program(&what, &g.name, ops, &lowered, &params)?;
+        let mut group = read_program(&what, &g.name, ops, &lowered, &params)?;
+        group.gemm = gemm_spec(func, g, &names);
         groups.push(group);
         texts.push((g.name.clone(), text));
     }
@@ -215,7 +216,48 @@ fn read_program(
         ops,
         launches,
         scratch,
+        gemm: None,
         copies,
+    })
+}
+
+/// The GEMM of a group that is exactly one `matmul` whose result is a group output.
+fn gemm_spec(
+    func: &Function,
+    g: &crate::partition::KernelGroup,
+    names: &HashMap<Value, String>,
+) -> Option<GemmSpec> {
+    let [node] = g.nodes[..] else { return None };
+    let data = func.node(node);
+    let cleave_ir::Op::MatMul {
+        transpose_lhs,
+        transpose_rhs,
+    } = data.op
+    else {
+        return None;
+    };
+    let out = data.results[0];
+    if !g.outputs.contains(&out) {
+        return None;
+    }
+    let shape = &func.ty(out).shape;
+    let r = shape.len();
+    let lhs_shape = &func.ty(data.operands[0]).shape;
+    Some(GemmSpec {
+        lhs: names[&data.operands[0]].clone(),
+        rhs: names[&data.operands[1]].clone(),
+        out: names[&out].clone(),
+        dtype: func.ty(out).dtype.name().to_string(),
+        batch: shape[..r - 2].iter().product(),
+        m: shape[r - 2],
+        n: shape[r - 1],
+        k: if transpose_lhs {
+            lhs_shape[r - 2]
+        } else {
+            lhs_shape[r - 1]
+        },
+        transpose_lhs,
+        transpose_rhs,
     })
 }
 

@@ -91,6 +91,30 @@ fn descriptors_serialize_to_json() {
 }
 
 #[test]
+fn matmul_groups_describe_their_gemm_for_cublas() {
+    let func = &common::op_cases()
+        .into_iter()
+        .find(|(n, _)| n == "matmuls")
+        .unwrap()
+        .1;
+    let prog = compile_gpu(func, &default_gpu_pipeline()).unwrap();
+    let gemms: Vec<_> = prog.groups.iter().filter_map(|g| g.gemm.clone()).collect();
+    assert_eq!(gemms.len(), 6, "one per matmul");
+    // `%4 = matmul %q, %k {transpose_rhs = true} : f32[2,4,5,3]` with k : f32[2,4,3,7].
+    let batched = gemms.iter().find(|g| g.lhs == "q").unwrap();
+    assert_eq!(
+        (batched.batch, batched.m, batched.n, batched.k),
+        (8, 5, 3, 7)
+    );
+    assert!(batched.transpose_rhs && !batched.transpose_lhs);
+    let tn = gemms
+        .iter()
+        .find(|g| g.lhs == "at" && g.rhs == "b")
+        .unwrap();
+    assert_eq!((tn.m, tn.n, tn.k, tn.transpose_lhs), (5, 3, 7, true));
+}
+
+#[test]
 fn pipelines_that_abort_llvm_are_refused() {
     assert!(check_nvvm_target(&default_gpu_pipeline()).is_ok());
     assert!(check_nvvm_target(&gpu_pipeline("sm_100", "+ptx86")).is_ok());

@@ -69,8 +69,38 @@ pub struct GpuKernelGroup {
     pub launches: Vec<GpuKernel>,
     /// Temporaries the launches read and write (role [`ArgRole::Scratch`]).
     pub scratch: Vec<KernelArg>,
+    /// For a group that is one `matmul`: the GEMM, so that a runtime can call cuBLAS (the default
+    /// of the design) instead of the group's MLIR kernel (the option).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemm: Option<GemmSpec>,
     /// Device-to-device copies to run after the launches (`from` → `to`, buffer names as in
     /// [`KernelArg::name`]): MLIR leaves one where an output is a plain copy of an input or a
     /// constant.
     pub copies: Vec<(String, String)>,
+}
+
+/// A (batched) GEMM: `out[b] = op(lhs[b]) · op(rhs[b])`, row-major, `op` the optional transpose of
+/// the last two dimensions; `out[b]` is `m × n` and the inner dimension is `k`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GemmSpec {
+    /// Buffer name of the left operand.
+    pub lhs: String,
+    /// Buffer name of the right operand.
+    pub rhs: String,
+    /// Buffer name of the result.
+    pub out: String,
+    /// Element type (`f32`, …).
+    pub dtype: String,
+    /// Number of independent products (the product of the batch dimensions; 1 if none).
+    pub batch: usize,
+    /// Rows of the result.
+    pub m: usize,
+    /// Columns of the result.
+    pub n: usize,
+    /// The contracted extent.
+    pub k: usize,
+    /// `lhs[b]` is stored `k × m` (use its transpose).
+    pub transpose_lhs: bool,
+    /// `rhs[b]` is stored `n × k` (use its transpose).
+    pub transpose_rhs: bool,
 }

@@ -69,3 +69,101 @@ fn missing_arguments_are_errors() {
     let e = prog.run(&Default::default()).unwrap_err();
     assert!(e.to_string().contains("missing argument"), "{e}");
 }
+
+/// The expanded transcendentals (`mathlib.rs`) over wide ranges, element by element, against
+/// Rust's f64 functions: relative error 2e-6, plus an absolute floor of 1e-6 for the functions
+/// with zeros in range (log, sin, cos, tanh, erf, gelu).
+#[test]
+fn math_functions_over_wide_ranges() {
+    let n = 2001;
+    let cases: [(&str, f64, f64, fn(f64) -> f64); 8] = [
+        ("exp", -87.0, 88.0, f64::exp),
+        ("log", 1e-30, 1e30, f64::ln),
+        ("tanh", -12.0, 12.0, f64::tanh),
+        ("erf", -6.0, 6.0, erf_ref),
+        ("sin", -100.0, 100.0, f64::sin),
+        ("cos", -100.0, 100.0, f64::cos),
+        ("sigmoid", -40.0, 40.0, |x| 1.0 / (1.0 + (-x).exp())),
+        ("gelu", -8.0, 8.0, |x| {
+            0.5 * x * (1.0 + erf_ref(x / std::f64::consts::SQRT_2))
+        }),
+    ];
+    for (op, lo, hi, f) in cases {
+        let text = format!(
+            "func @m {{\n  %x = input {{name = \"x\"}} : f32[{n}]\n  %y = {op} %x : f32[{n}]\n  return %y as \"y\"\n}}"
+        );
+        let func = cleave_ir::parse_function(&text).unwrap();
+        // log spaced for log, linear otherwise.
+        let xs: Vec<f32> = (0..n)
+            .map(|i| {
+                let t = i as f64 / (n - 1) as f64;
+                if op == "log" {
+                    (lo.ln() + t * (hi.ln() - lo.ln())).exp() as f32
+                } else {
+                    (lo + t * (hi - lo)) as f32
+                }
+            })
+            .collect();
+        let mut args = std::collections::BTreeMap::new();
+        args.insert(
+            "x".to_string(),
+            cleave_ir::Tensor::from_f32(vec![n], xs.clone()),
+        );
+        let got = compile_cpu(&func).unwrap().run(&args).unwrap()[0].to_f64_vec();
+        for (i, (&x, &y)) in xs.iter().zip(&got).enumerate() {
+            let want = f(x as f64);
+            // Relative only where the function has no zero in range; sigmoid's tail is
+            // exp's relative error.
+            let floor = if matches!(op, "exp" | "sigmoid") {
+                0.0
+            } else {
+                1e-6
+            };
+            let tol = 2e-6 * want.abs() + floor;
+            assert!(
+                (y - want).abs() <= tol,
+                "{op}({x}) [{i}]: MLIR {y}, f64 {want} (|diff| {} > {tol})",
+                (y - want).abs()
+            );
+        }
+    }
+    // Special values.
+    let text = "func @s {\n  %x = input {name = \"x\"} : f32[5]\n  %e = exp %x : f32[5]\n  %l = log %x : f32[5]\n  return %e as \"e\", %l as \"l\"\n}";
+    let func = cleave_ir::parse_function(text).unwrap();
+    let xs = vec![0.0f32, -1.0, f32::INFINITY, f32::NAN, 100.0];
+    let mut args = std::collections::BTreeMap::new();
+    args.insert("x".to_string(), cleave_ir::Tensor::from_f32(vec![5], xs));
+    let out = compile_cpu(&func).unwrap().run(&args).unwrap();
+    let (e, l) = (out[0].to_f64_vec(), out[1].to_f64_vec());
+    assert_eq!(&e[..3], &[1.0, (-1.0f32).exp() as f64, f64::INFINITY]);
+    assert!(e[3].is_nan() && e[4] == f64::INFINITY);
+    assert_eq!(l[0], f64::NEG_INFINITY);
+    assert!(l[1].is_nan() && l[2] == f64::INFINITY && l[3].is_nan());
+}
+
+/// erf in f64 (Abramowitz–Stegun 7.1.26 is not accurate enough for a reference): the Maclaurin
+/// series below 3, the continued fraction of erfc above.
+fn erf_ref(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 3.0 {
+        let mut term = a;
+        let mut sum = a;
+        for n in 1..200 {
+            term *= -a * a / n as f64;
+            let t = term / (2 * n + 1) as f64;
+            sum += t;
+            if t.abs() < 1e-17 {
+                break;
+            }
+        }
+        sum * std::f64::consts::FRAC_2_SQRT_PI
+    } else {
+        // erfc(a) = exp(-a²)/√π · 1/(a + 1/2/(a + 1/(a + 3/2/(a + …)))).
+        let mut f = 0.0;
+        for k in (1..60).rev() {
+            f = (k as f64 / 2.0) / (a + f);
+        }
+        1.0 - (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + f)
+    };
+    r.copysign(x)
+}

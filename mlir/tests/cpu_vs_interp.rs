@@ -76,7 +76,7 @@ fn missing_arguments_are_errors() {
 #[test]
 fn math_functions_over_wide_ranges() {
     let n = 2001;
-    let cases: [(&str, f64, f64, fn(f64) -> f64); 8] = [
+    let cases: [MathCase; 8] = [
         ("exp", -87.0, 88.0, f64::exp),
         ("log", 1e-30, 1e30, f64::ln),
         ("tanh", -12.0, 12.0, f64::tanh),
@@ -140,6 +140,9 @@ fn math_functions_over_wide_ranges() {
     assert_eq!(l[0], f64::NEG_INFINITY);
     assert!(l[1].is_nan() && l[2] == f64::INFINITY && l[3].is_nan());
 }
+
+/// An op name, its input range and the f64 reference.
+type MathCase = (&'static str, f64, f64, fn(f64) -> f64);
 
 /// erf in f64 (Abramowitz–Stegun 7.1.26 is not accurate enough for a reference): the Maclaurin
 /// series below 3, the continued fraction of erfc above.

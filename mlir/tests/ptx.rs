@@ -128,3 +128,21 @@ fn pipelines_that_abort_llvm_are_refused() {
     let e = compile_gpu(func, "builtin.module(no-such-pass)").unwrap_err();
     assert!(e.to_string().contains("no-such-pass"), "{e}");
 }
+
+/// Snapshots of the launch descriptors (PTX replaced by its entry line) of the small files in
+/// `tests/emit/`: grid, block, buffers and their roles after the GPU pipeline.
+#[test]
+fn launch_descriptors() {
+    insta::glob!("emit/*.cir", |path| {
+        let text = std::fs::read_to_string(path).unwrap();
+        let module = cleave_ir::parse_module(&text).unwrap();
+        let mut prog = compile_gpu(&module.functions[0], &default_gpu_pipeline()).unwrap();
+        for g in &mut prog.groups {
+            for k in &mut g.launches {
+                let entry = k.ptx.lines().find(|l| l.contains(".entry")).unwrap_or("");
+                k.ptx = format!("<{} lines of PTX; {}>", k.ptx.lines().count(), entry.trim());
+            }
+        }
+        insta::assert_snapshot!(serde_json::to_string_pretty(&prog.groups).unwrap());
+    });
+}

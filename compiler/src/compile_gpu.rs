@@ -7,7 +7,8 @@
 //! - `kN_I.ptx` — the PTX of launch I of group N (with `--emit ptx`);
 //! - `kernels.json` — the `GpuKernelGroup` descriptors (entry, grid, block, buffers, PTX) for the
 //!   CUDA runtime, in execution order;
-//! - `pipeline.txt` — the MLIR pass pipeline used (replace it with `--mlir-pipeline`).
+//! - `pipeline.txt` — the MLIR pass pipeline used (replace it with `--mlir-pipeline`);
+//! - `failed.mlir` — on an MLIR failure, the kernel group's MLIR that failed.
 //!
 //! Without the `mlir` cargo feature, [`compile_gpu`] is an error saying how to rebuild.
 
@@ -63,10 +64,29 @@ pub fn compile_gpu(args: &CompileGpuArgs) -> Result<CompileGpuReport> {
         .mlir_pipeline
         .clone()
         .unwrap_or_else(cleave_mlir::pipeline::default_gpu_pipeline);
-    let prog = cleave_mlir::gpu::compile_gpu(&built.step, &pipeline)
-        .with_context(|| format!("compiling {} for CUDA", args.model.display()))?;
     let dir = &args.output;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let prog = match cleave_mlir::gpu::compile_gpu(&built.step, &pipeline) {
+        Ok(p) => p,
+        Err(e) => {
+            // Dump the MLIR that failed next to the error (never only a message).
+            let mut err = anyhow::Error::new(e);
+            if let Some(source) = err
+                .downcast_ref::<cleave_mlir::gpu::GpuError>()
+                .and_then(|g| match g {
+                    cleave_mlir::gpu::GpuError::Mlir(m) => m.source(),
+                    _ => None,
+                })
+                .map(str::to_string)
+            {
+                let p = dir.join("failed.mlir");
+                if std::fs::write(&p, source).is_ok() {
+                    err = err.context(format!("the failing MLIR is in {}", p.display()));
+                }
+            }
+            return Err(err.context(format!("compiling {} for CUDA", args.model.display())));
+        }
+    };
     let all = args.emit.is_empty();
     let mut report = CompileGpuReport {
         groups: prog.groups.len(),

@@ -115,4 +115,39 @@ fn cuda_target_writes_mlir_ptx_and_descriptors() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("abort"));
+
+    // A pass that fails (PTX from a GPU module never lowered to NVVM) names the kernel group
+    // and dumps the MLIR it ran on; so does a pipeline whose result the backend cannot use.
+    let no_nvvm = pipeline.trim().replace(
+        "gpu.module(convert-scf-to-cf,convert-gpu-to-nvvm{use-bare-ptr-memref-call-conv=true},\
+         canonicalize,reconcile-unrealized-casts),",
+        "",
+    );
+    assert_ne!(no_nvvm, pipeline.trim());
+    for (tag, bad, says) in [
+        ("pass", no_nvvm.as_str(), "pipeline failed"),
+        (
+            "unusable",
+            "builtin.module(func.func(convert-linalg-to-loops))",
+            "unexpected host code",
+        ),
+    ] {
+        let out3 = tmpdir(tag);
+        let o = cleave(&[
+            "compile",
+            &example("mlp.cir"),
+            "--target",
+            "cuda",
+            "--mlir-pipeline",
+            bad,
+            "-o",
+            out3.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(err.contains("kernel k0") && err.contains(says), "{err}");
+        assert!(err.contains("failed.mlir"), "{err}");
+        let dumped = std::fs::read_to_string(out3.join("failed.mlir")).unwrap();
+        assert!(dumped.contains("@k0("), "{dumped}");
+    }
 }

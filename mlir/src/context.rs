@@ -22,6 +22,8 @@ pub enum MlirError {
         what: String,
         /// MLIR's messages.
         diagnostics: String,
+        /// The text.
+        mlir: String,
     },
     /// The pass pipeline text is not valid.
     #[error("invalid MLIR pass pipeline `{pipeline}`: {message}")]
@@ -38,6 +40,8 @@ pub enum MlirError {
         what: String,
         /// MLIR's messages.
         diagnostics: String,
+        /// The MLIR the pipeline ran on (for a dump).
+        mlir: String,
     },
     /// The lowered module is not what the backend can use.
     #[error("{what}: {message}")]
@@ -46,6 +50,8 @@ pub enum MlirError {
         what: String,
         /// What is wrong.
         message: String,
+        /// The module after the pipeline.
+        mlir: String,
     },
 }
 
@@ -53,6 +59,19 @@ pub enum MlirError {
 pub(crate) struct Mlir {
     pub(crate) context: Context,
     diagnostics: Rc<RefCell<Vec<String>>>,
+}
+
+impl MlirError {
+    /// The MLIR that failed (the input of a failed parse or pass, or the module after the
+    /// pipeline when it is unusable), to dump next to the error.
+    pub fn source(&self) -> Option<&str> {
+        match self {
+            MlirError::Parse { mlir, .. }
+            | MlirError::Pass { mlir, .. }
+            | MlirError::Unexpected { mlir, .. } => Some(mlir),
+            _ => None,
+        }
+    }
 }
 
 impl Mlir {
@@ -91,6 +110,7 @@ impl Mlir {
         let mut module = Module::parse(&self.context, text).ok_or_else(|| MlirError::Parse {
             what: what.to_string(),
             diagnostics: self.take_diagnostics(),
+            mlir: text.to_string(),
         })?;
         let pm = PassManager::new(&self.context);
         pm.enable_verifier(true);
@@ -103,6 +123,7 @@ impl Mlir {
         pm.run(&mut module).map_err(|_| MlirError::Pass {
             what: what.to_string(),
             diagnostics: self.take_diagnostics(),
+            mlir: text.to_string(),
         })?;
         Ok(module)
     }

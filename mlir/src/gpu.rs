@@ -109,6 +109,7 @@ fn read_program(
     let bad = |message: String| MlirError::Unexpected {
         what: what.to_string(),
         message,
+        mlir: text.to_string(),
     };
     let mut binaries: HashMap<String, String> = HashMap::new();
     for line in text.lines() {

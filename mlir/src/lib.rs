@@ -20,7 +20,7 @@ pub mod partition;
 pub mod pipeline;
 
 #[cfg(feature = "mlir")]
-mod context;
+pub mod context;
 #[cfg(feature = "mlir")]
 pub mod cpu;
 #[cfg(feature = "mlir")]

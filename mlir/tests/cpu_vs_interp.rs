@@ -170,3 +170,35 @@ fn erf_ref(x: f64) -> f64 {
     };
     r.copysign(x)
 }
+
+/// The elementwise, reduction and matmul families in f64 (interpreter in f64): the f64 paths of
+/// the emitter (transcendentals go through f32, so 1e-6 is the bound), and they compile to PTX.
+#[test]
+fn f64_kernels() {
+    for name in [
+        "unary",
+        "binary",
+        "reductions",
+        "matmuls",
+        "indexing_and_norms",
+    ] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/ops")
+            .join(format!("{name}.cir"));
+        let text = std::fs::read_to_string(path).unwrap().replace("f32", "f64");
+        let func = cleave_ir::parse_function(&text).unwrap();
+        let args = common::random_args(&func, 5);
+        let want = run_function_named(&func, &args, Precision::F64).unwrap();
+        let got = compile_cpu(&func).unwrap().run(&args).unwrap();
+        for (i, o) in func.outputs.iter().enumerate() {
+            common::assert_close(
+                &got[i],
+                &want[i],
+                1e-6,
+                &format!("{name} f64: `{}`", o.name),
+            );
+        }
+        cleave_mlir::gpu::compile_gpu(&func, &cleave_mlir::pipeline::default_gpu_pipeline())
+            .unwrap_or_else(|e| panic!("{name} f64: {e}"));
+    }
+}

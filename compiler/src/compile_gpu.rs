@@ -5,8 +5,9 @@
 //! - `kN.mlir` — the linalg-on-tensors module of kernel group N (with `--emit mlir`, the default
 //!   writes both);
 //! - `kN_I.ptx` — the PTX of launch I of group N (with `--emit ptx`);
-//! - `kernels.json` — the `GpuKernelGroup` descriptors (entry, grid, block, buffers, PTX) for the
-//!   CUDA runtime, in execution order;
+//! - `kernels.json` — a `GpuFunction`: the step's arguments, its outputs' buffers and the
+//!   `GpuKernelGroup` descriptors (entry, grid, block, buffers, PTX) for the CUDA runtime, in
+//!   execution order;
 //! - `pipeline.txt` — the MLIR pass pipeline used (replace it with `--mlir-pipeline`);
 //! - `failed.mlir` — on an MLIR failure, the kernel group's MLIR that failed.
 //!
@@ -113,7 +114,7 @@ pub fn compile_gpu(args: &CompileGpuArgs) -> Result<CompileGpuReport> {
         }
         write(
             "kernels.json".into(),
-            &serde_json::to_string_pretty(&prog.groups)?,
+            &serde_json::to_string_pretty(&prog.descriptor())?,
         )?;
     }
     Ok(report)

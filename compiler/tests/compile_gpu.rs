@@ -48,7 +48,7 @@ fn cuda_target_without_the_feature_says_how_to_get_it() {
 #[cfg(feature = "mlir")]
 #[test]
 fn cuda_target_writes_mlir_ptx_and_descriptors() {
-    use cleave_runtime::gpu_kernel::GpuKernelGroup;
+    use cleave_runtime::gpu_kernel::{ArgRole, GpuFunction};
 
     let out = tmpdir("mlp");
     let o = cleave(&[
@@ -61,7 +61,24 @@ fn cuda_target_writes_mlir_ptx_and_descriptors() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let json = std::fs::read_to_string(out.join("kernels.json")).unwrap();
-    let groups: Vec<GpuKernelGroup> = serde_json::from_str(&json).unwrap();
+    let desc: GpuFunction = serde_json::from_str(&json).unwrap();
+    // Every output's buffer is written by some group (or is an argument).
+    for (name, buf) in &desc.outputs {
+        let written = desc.groups.iter().any(|g| {
+            g.launches
+                .iter()
+                .flat_map(|k| &k.args)
+                .any(|a| &a.name == buf && a.role == ArgRole::Output)
+                || g.copies.iter().any(|(_, to)| to == buf)
+        });
+        assert!(
+            written || desc.args.iter().any(|a| &a.name == buf),
+            "output {name} ({buf}) is never written"
+        );
+    }
+    assert!(desc.outputs.iter().any(|(n, _)| n == "loss"));
+    assert!(desc.args.iter().any(|a| a.name == "fc1.weight"));
+    let groups = desc.groups;
     assert!(groups.len() > 5);
     // The step's matmuls, reductions and the loss are all there.
     let ops: Vec<&str> = groups

@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 
 use cleave_ir::{Function, Value};
-use cleave_runtime::gpu_kernel::{ArgRole, GemmSpec, GpuKernel, GpuKernelGroup, KernelArg};
+use cleave_runtime::gpu_kernel::{
+    ArgRole, GemmSpec, GpuFunction, GpuKernel, GpuKernelGroup, KernelArg,
+};
 
 use crate::context::{Mlir, MlirError};
 use crate::emit::{constant_data, emit_function, module_text, EmitError};
@@ -35,6 +37,12 @@ pub enum GpuError {
 /// The result of compiling one function for the GPU.
 #[derive(Clone, Debug)]
 pub struct GpuProgram {
+    /// The function's name.
+    pub function: String,
+    /// The function's arguments (role input), in order.
+    pub args: Vec<KernelArg>,
+    /// The function's outputs: `(output name, buffer name)`.
+    pub outputs: Vec<(String, String)>,
     /// One entry per kernel group, in execution order.
     pub groups: Vec<GpuKernelGroup>,
     /// The emitted MLIR (linalg on tensors) of each group, as `(group name, module text)`.
@@ -91,10 +99,40 @@ pub fn compile_gpu(func: &Function, pipeline: &str) -> Result<GpuProgram, GpuErr
         groups.push(group);
         texts.push((g.name.clone(), text));
     }
+    let args = func
+        .args()
+        .map(|a| KernelArg {
+            name: a.name.to_string(),
+            role: ArgRole::Input,
+            dtype: a.ty.dtype.name().to_string(),
+            shape: a.ty.shape.clone(),
+            data: Vec::new(),
+        })
+        .collect();
+    let outputs = func
+        .outputs
+        .iter()
+        .map(|o| (o.name.clone(), names[&o.value].clone()))
+        .collect();
     Ok(GpuProgram {
+        function: func.name.clone(),
+        args,
+        outputs,
         groups,
         mlir: texts,
     })
+}
+
+impl GpuProgram {
+    /// The descriptor of the whole function (what `kernels.json` holds).
+    pub fn descriptor(&self) -> GpuFunction {
+        GpuFunction {
+            function: self.function.clone(),
+            args: self.args.clone(),
+            outputs: self.outputs.clone(),
+            groups: self.groups.clone(),
+        }
+    }
 }
 
 /// Reads the launches of host function `@name` and the PTX of the `gpu.binary` ops from a

@@ -74,10 +74,11 @@ fn descriptors_serialize_to_json() {
         .unwrap()
         .1;
     let prog = compile_gpu(func, &default_gpu_pipeline()).unwrap();
-    let json = serde_json::to_string(&prog.groups).unwrap();
-    let back: Vec<cleave_runtime::gpu_kernel::GpuKernelGroup> =
-        serde_json::from_str(&json).unwrap();
-    assert_eq!(back, prog.groups);
+    let json = serde_json::to_string(&prog.descriptor()).unwrap();
+    let back: cleave_runtime::gpu_kernel::GpuFunction = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, prog.descriptor());
+    assert_eq!(back.outputs.len(), func.outputs.len());
+    assert_eq!(back.outputs[0].0, "iota_i");
     // The dense constants are parameters with their data.
     let consts: Vec<_> = prog
         .groups

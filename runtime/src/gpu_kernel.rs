@@ -5,6 +5,17 @@
 //! one device pointer, in the order of [`GpuKernel::args`], to a dense row-major buffer of the
 //! given dtype and shape. Launch geometry is static (shapes are static), so it is recorded here.
 //! The JSON form (serde) is what `cleave compile --target cuda` writes as `kernels.json`.
+//!
+//! Running a function's groups, in order, on one stream:
+//!
+//! 1. once: a device buffer per distinct [`KernelArg::name`] of roles input/output (function
+//!    arguments are uploaded; `%N` values are intermediates), and per constant, uploaded from
+//!    [`KernelArg::data`];
+//! 2. per group: allocate its [`GpuKernelGroup::scratch`] buffers; if [`GpuKernelGroup::gemm`] is
+//!    set, either call cuBLAS with it (the default of the design) or run the launches; launch each
+//!    [`GpuKernel`] (load `ptx`, get `entry`, pass one device pointer per arg, `grid` × `block`,
+//!    no shared memory); then run the [`GpuKernelGroup::copies`];
+//! 3. read back the function's outputs ([`GpuFunction::outputs`] names their buffers).
 
 use serde::{Deserialize, Serialize};
 
@@ -103,4 +114,17 @@ pub struct GemmSpec {
     pub transpose_lhs: bool,
     /// `rhs[b]` is stored `n × k` (use its transpose).
     pub transpose_rhs: bool,
+}
+
+/// A whole function for the GPU: what `kernels.json` holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuFunction {
+    /// The cleave function's name.
+    pub function: String,
+    /// Its arguments (role [`ArgRole::Input`]), in order; their buffers are named after them.
+    pub args: Vec<KernelArg>,
+    /// Its outputs, in order: `(output name, buffer name)`.
+    pub outputs: Vec<(String, String)>,
+    /// The kernel groups, in execution order.
+    pub groups: Vec<GpuKernelGroup>,
 }

@@ -171,34 +171,44 @@ fn erf_ref(x: f64) -> f64 {
     r.copysign(x)
 }
 
-/// The elementwise, reduction and matmul families in f64 (interpreter in f64): the f64 paths of
-/// the emitter (transcendentals go through f32, so 1e-6 is the bound), and they compile to PTX.
+/// The elementwise, reduction and matmul families in f64 (interpreter in f64; transcendentals go
+/// through f32, so 1e-6 is the bound), and in f16 and bf16 (interpreter in f32, which rounds each
+/// op's result to the type; the kernels compute each op in the type or in f32 and round, so
+/// results differ by about one ulp: 2e-3 normwise for f16 (ulp 2^-10), 1.6e-2 for bf16 (2^-7)); all
+/// compile to PTX.
 #[test]
-fn f64_kernels() {
-    for name in [
-        "unary",
-        "binary",
-        "reductions",
-        "matmuls",
-        "indexing_and_norms",
-    ] {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/ops")
-            .join(format!("{name}.cir"));
-        let text = std::fs::read_to_string(path).unwrap().replace("f32", "f64");
-        let func = cleave_ir::parse_function(&text).unwrap();
-        let args = common::random_args(&func, 5);
-        let want = run_function_named(&func, &args, Precision::F64).unwrap();
-        let got = compile_cpu(&func).unwrap().run(&args).unwrap();
-        for (i, o) in func.outputs.iter().enumerate() {
-            common::assert_close(
-                &got[i],
-                &want[i],
-                1e-6,
-                &format!("{name} f64: `{}`", o.name),
-            );
+fn f64_f16_bf16_kernels() {
+    let cases = [
+        ("f64", Precision::F64, 1e-6),
+        ("f16", Precision::F32, 2e-3),
+        ("bf16", Precision::F32, 1.6e-2),
+    ];
+    for (dtype, precision, rtol) in cases {
+        for name in [
+            "unary",
+            "binary",
+            "reductions",
+            "matmuls",
+            "indexing_and_norms",
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/ops")
+                .join(format!("{name}.cir"));
+            let text = std::fs::read_to_string(path).unwrap().replace("f32", dtype);
+            let func = cleave_ir::parse_function(&text).unwrap();
+            let what = format!("{name} {dtype}");
+            let args = common::random_args(&func, 5);
+            let want = run_function_named(&func, &args, precision).unwrap();
+            let got = compile_cpu(&func)
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+                .run(&args)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            for (i, o) in func.outputs.iter().enumerate() {
+                common::assert_close(&got[i], &want[i], rtol, &format!("{what}: `{}`", o.name));
+            }
+            let pipeline = cleave_mlir::pipeline::default_gpu_pipeline();
+            cleave_mlir::gpu::compile_gpu(&func, &pipeline)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
         }
-        cleave_mlir::gpu::compile_gpu(&func, &cleave_mlir::pipeline::default_gpu_pipeline())
-            .unwrap_or_else(|e| panic!("{name} f64: {e}"));
     }
 }

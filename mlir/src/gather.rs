@@ -119,6 +119,11 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                 }
             })]
         }
+        // A GEMM as one thread per output element with a `k` loop, consecutive threads on
+        // consecutive columns (coalesced `rhs` and `out`, broadcast `lhs`). This is the optional
+        // MLIR GEMM; the default on a GPU is cuBLAS (`GemmSpec` in the descriptors). Named
+        // `linalg.matmul`/`batch_matmul` would go through the same generic parallel-loop mapping,
+        // which puts threads along rows (uncoalesced); a tiled MLIR GEMM is future work.
         Op::MatMul {
             transpose_lhs,
             transpose_rhs,

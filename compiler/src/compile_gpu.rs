@@ -1,5 +1,5 @@
-//! `cleave compile MODEL --target cuda`: the model's training step (autodiff + SGD) cut into
-//! kernel groups, emitted as linalg MLIR and lowered to PTX with the MLIR GPU pipeline
+//! `cleave compile MODEL --target cuda`: the model's training step (autodiff + SGD; or, for a
+//! model without a `loss` output, its forward function) cut into kernel groups, emitted as linalg MLIR and lowered to PTX with the MLIR GPU pipeline
 //! (`cleave-mlir`). Writes into the output directory:
 //!
 //! - `kN.mlir` — the linalg-on-tensors module of kernel group N (with `--emit mlir`, the default
@@ -59,15 +59,33 @@ pub fn compile_gpu(args: &CompileGpuArgs) -> Result<CompileGpuReport> {
 
     use crate::train::{build_step, OptimizerArg};
 
-    let opt = OptimizerArg::Sgd;
-    let built = build_step(&args.model, args.batch, (None, None), opt, opt.default_lr())?;
+    // The training step (autodiff + SGD) of a model with a `loss` output; the forward function of
+    // one without (inference kernels).
+    let onnx = args.model.extension().is_some_and(|e| e == "onnx");
+    let opts = crate::load::LoadOptions {
+        batch: if onnx { args.batch } else { None },
+        ..Default::default()
+    };
+    let loaded = crate::load::load_model(&args.model, &opts)?;
+    let forward = loaded
+        .module
+        .functions
+        .first()
+        .context("the module has no functions")?
+        .clone();
+    let func = if forward.output("loss").is_some() {
+        let opt = OptimizerArg::Sgd;
+        build_step(&args.model, args.batch, (None, None), opt, opt.default_lr())?.step
+    } else {
+        forward
+    };
     let pipeline = args
         .mlir_pipeline
         .clone()
         .unwrap_or_else(cleave_mlir::pipeline::default_gpu_pipeline);
     let dir = &args.output;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let prog = match cleave_mlir::gpu::compile_gpu(&built.step, &pipeline) {
+    let prog = match cleave_mlir::gpu::compile_gpu(&func, &pipeline) {
         Ok(p) => p,
         Err(e) => {
             // Dump the MLIR that failed next to the error (never only a message).

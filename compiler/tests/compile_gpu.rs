@@ -168,3 +168,29 @@ fn cuda_target_writes_mlir_ptx_and_descriptors() {
         assert!(dumped.contains("@k0("), "{dumped}");
     }
 }
+
+/// A model without a `loss` output (an ONNX export) compiles its forward function.
+#[cfg(feature = "mlir")]
+#[test]
+fn cuda_target_compiles_the_forward_function_of_a_model_without_loss() {
+    use cleave_runtime::gpu_kernel::GpuFunction;
+
+    let out = tmpdir("onnx-mlp");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/onnx/mlp.onnx");
+    let o = cleave(&[
+        "compile",
+        model.to_str().unwrap(),
+        "--target",
+        "cuda",
+        "--batch",
+        "4",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let desc: GpuFunction =
+        serde_json::from_str(&std::fs::read_to_string(out.join("kernels.json")).unwrap()).unwrap();
+    assert!(!desc.outputs.iter().any(|(n, _)| n == "loss"));
+    let x = desc.args.iter().find(|a| a.name == "x").unwrap();
+    assert_eq!(x.shape[0], 4);
+}

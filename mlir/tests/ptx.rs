@@ -147,3 +147,45 @@ fn launch_descriptors() {
         insta::assert_snapshot!(serde_json::to_string_pretty(&prog.groups).unwrap());
     });
 }
+
+/// The fused kernels of the GPT-tiny and MLP training steps (`autodiff,optimizer`) compile to
+/// self-contained PTX, and every output of the step is written by some launch or copy.
+#[test]
+fn training_steps_compile_to_ptx() {
+    for (example, opt) in [
+        ("gpt-tiny.cir", "optimizer{kind=adamw}"),
+        ("mlp.cir", "optimizer{kind=momentum}"),
+    ] {
+        let mut module = cleave_ir::Module::with_function(common::example(example));
+        cleave_passes::PassManager::from_pipeline(&format!("autodiff,{opt}"))
+            .unwrap()
+            .run(
+                &mut module,
+                &mut cleave_passes::PassContext::default(),
+                &mut |_| {},
+            )
+            .unwrap();
+        let prog = compile_gpu(&module.functions[0], &default_gpu_pipeline())
+            .unwrap_or_else(|e| panic!("{example}: {e}"));
+        let desc = prog.descriptor();
+        for g in &desc.groups {
+            for k in &g.launches {
+                assert!(!k.ptx.contains(".extern"), "{example}/{}", k.name);
+                assert!(k.ptx.contains(&format!(".entry {}(", k.entry)));
+            }
+        }
+        for (name, buf) in &desc.outputs {
+            let written = desc.groups.iter().any(|g| {
+                g.copies.iter().any(|(_, to)| to == buf)
+                    || g.launches
+                        .iter()
+                        .flat_map(|k| &k.args)
+                        .any(|a| &a.name == buf && a.role == ArgRole::Output)
+            });
+            assert!(
+                written || desc.args.iter().any(|a| &a.name == buf),
+                "{example}: output {name} ({buf}) is never written"
+            );
+        }
+    }
+}

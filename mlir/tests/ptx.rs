@@ -168,10 +168,33 @@ fn training_steps_compile_to_ptx() {
         let prog = compile_gpu(&module.functions[0], &default_gpu_pipeline())
             .unwrap_or_else(|e| panic!("{example}: {e}"));
         let desc = prog.descriptor();
+        // Dataflow: every buffer a launch reads is an argument, a constant, a temporary of its
+        // group, or written by an earlier launch or copy.
+        let mut defined: std::collections::HashSet<String> =
+            desc.args.iter().map(|a| a.name.clone()).collect();
         for g in &desc.groups {
             for k in &g.launches {
                 assert!(!k.ptx.contains(".extern"), "{example}/{}", k.name);
                 assert!(k.ptx.contains(&format!(".entry {}(", k.entry)));
+                for a in &k.args {
+                    match a.role {
+                        ArgRole::Input => assert!(
+                            defined.contains(&a.name),
+                            "{example}/{}: reads {} before it is written",
+                            k.name,
+                            a.name
+                        ),
+                        ArgRole::Output => {
+                            defined.insert(a.name.clone());
+                        }
+                        ArgRole::Scratch => assert!(g.scratch.contains(a)),
+                        ArgRole::Constant => assert!(!a.data.is_empty()),
+                    }
+                }
+            }
+            for (from, to) in &g.copies {
+                assert!(defined.contains(from) || from.ends_with(".const"));
+                defined.insert(to.clone());
             }
         }
         for (name, buf) in &desc.outputs {

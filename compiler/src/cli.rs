@@ -46,6 +46,39 @@ pub enum Command {
     Train(crate::train::TrainArgs),
     /// Time one training step (forward, backward, optimizer update) with the CPU runtime.
     Bench(crate::train::BenchArgs),
+    /// Compile a model's training step: `--target cuda` writes the MLIR and PTX of every kernel.
+    Compile(CompileArgs),
+}
+
+/// The targets of `cleave compile`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompileTarget {
+    /// A standalone CPU executable.
+    Cpu,
+    /// PTX kernels through MLIR (needs the `mlir` feature).
+    Cuda,
+}
+
+/// Arguments of `cleave compile`.
+#[derive(clap::Args, Debug)]
+pub struct CompileArgs {
+    /// The model file (`.cir` or `.onnx`).
+    pub model: PathBuf,
+    /// Output: a directory of kernels for `--target cuda`.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// What to compile for.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub target: CompileTarget,
+    /// With `--target cuda`: write only the MLIR or only the PTX (default both; repeatable).
+    #[arg(long, value_enum)]
+    pub emit: Vec<crate::compile_gpu::Emit>,
+    /// With `--target cuda`: the MLIR pass pipeline to use instead of the default.
+    #[arg(long)]
+    pub mlir_pipeline: Option<String>,
+    /// Extent of symbolic (batch) dimensions of an `.onnx` model's inputs.
+    #[arg(long)]
+    pub batch: Option<usize>,
 }
 
 /// How a model file is read (shared by every command that takes one).
@@ -343,6 +376,32 @@ where
         Command::Schedule(a) => crate::schedule_cmd::cmd_schedule(a),
         Command::Train(a) => cmd_train(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Compile(a) => cmd_compile(a),
+    }
+}
+
+fn cmd_compile(a: CompileArgs) -> Result<()> {
+    match a.target {
+        CompileTarget::Cuda => {
+            let r = crate::compile_gpu::compile_gpu(&crate::compile_gpu::CompileGpuArgs {
+                model: a.model,
+                output: a.output.clone(),
+                emit: a.emit,
+                mlir_pipeline: a.mlir_pipeline,
+                batch: a.batch,
+            })?;
+            println!(
+                "{} kernel groups, {} PTX launches: {} files in {}",
+                r.groups,
+                r.launches,
+                r.files.len(),
+                a.output.display()
+            );
+            Ok(())
+        }
+        CompileTarget::Cpu => {
+            bail!("`cleave compile --target cpu` (standalone executables) is not in this build")
+        }
     }
 }
 

@@ -8,9 +8,11 @@
 //! - [`init`]: deterministic parameter initialisation.
 //! - [`schedule_cmd`]: `cleave schedule` (pipeline schedules, simulation, timelines).
 //! - [`train`]: `cleave train` and `cleave bench` on the CPU runtime.
+//! - [`compile_gpu`]: `cleave compile --target cuda` (MLIR → PTX; needs the `mlir` feature).
 //! - [`cli`]: the command-line interface (the `cleave` binary is a thin wrapper).
 
 pub mod cli;
+pub mod compile_gpu;
 pub mod init;
 pub mod inspect;
 pub mod load;

@@ -69,7 +69,7 @@ pub enum OptimizerArg {
 }
 
 impl OptimizerArg {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             OptimizerArg::Sgd => "sgd",
             OptimizerArg::Momentum => "momentum",

@@ -35,6 +35,7 @@
 mod compile;
 mod fused;
 mod gemm;
+pub mod gpu_kernel;
 mod jit;
 mod kernels;
 pub mod pipeline;

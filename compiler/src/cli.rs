@@ -46,6 +46,39 @@ pub enum Command {
     Train(crate::train::TrainArgs),
     /// Time one training step (forward, backward, optimizer update) with the CPU runtime.
     Bench(crate::train::BenchArgs),
+    /// Compile a model into a standalone training executable (`-o EXE`).
+    Compile(CompileCmd),
+}
+
+/// Arguments of `cleave compile` (see [`crate::aot`]).
+#[derive(clap::Args, Debug)]
+pub struct CompileCmd {
+    /// Model file (`.cir` or `.onnx`) with a scalar `loss` output.
+    pub model: PathBuf,
+    /// The executable to write.
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    /// Target: cpu (standalone executable) or cuda.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub target: crate::aot::Target,
+    /// How the model file is read (`--batch` must equal a `.cir` model's traced batch).
+    #[command(flatten)]
+    pub model_args: ModelArgs,
+    /// Pipeline stages.
+    #[arg(long, default_value_t = 1)]
+    pub stages: usize,
+    /// Microbatches per step.
+    #[arg(long, default_value_t = 1)]
+    pub microbatches: usize,
+    /// Pipeline schedule: gpipe, 1f1b, zb-h1, zb-h2, interleaved, zb-v, auto.
+    #[arg(long, default_value = "1f1b")]
+    pub schedule: String,
+    /// Rematerialisation policy (not supported yet).
+    #[arg(long)]
+    pub remat: Option<String>,
+    /// Memory limit for rematerialisation (not supported yet).
+    #[arg(long)]
+    pub memory_limit: Option<String>,
 }
 
 /// How a model file is read (shared by every command that takes one).
@@ -303,6 +336,7 @@ where
         Command::Schedule(a) => crate::schedule_cmd::cmd_schedule(a),
         Command::Train(a) => cmd_train(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Compile(a) => cmd_compile(a),
     }
 }
 
@@ -319,6 +353,30 @@ fn cmd_train(a: crate::train::TrainArgs) -> Result<()> {
         line.push_str(&format!(", held-out accuracy {:.2}%", acc * 100.0));
     }
     println!("{line}");
+    Ok(())
+}
+
+fn cmd_compile(a: CompileCmd) -> Result<()> {
+    let r = crate::aot::compile(&crate::aot::CompileArgs {
+        model: a.model,
+        output: a.output,
+        target: a.target,
+        batch: a.model_args.batch,
+        loss: a.model_args.loss,
+        labels: a.model_args.labels,
+        stages: a.stages,
+        microbatches: a.microbatches,
+        schedule: a.schedule,
+        remat: a.remat,
+        memory_limit: a.memory_limit,
+    })?;
+    println!(
+        "wrote {} ({:.1} MiB): {} at batch {}",
+        r.output.display(),
+        r.bytes as f64 / (1024.0 * 1024.0),
+        r.payload.model_name,
+        r.payload.batch
+    );
     Ok(())
 }
 

@@ -8,8 +8,10 @@
 //! - [`init`]: deterministic parameter initialisation.
 //! - [`schedule_cmd`]: `cleave schedule` (pipeline schedules, simulation, timelines).
 //! - [`train`]: `cleave train` and `cleave bench` on the CPU runtime.
+//! - [`aot`]: `cleave compile`, standalone training executables (and the `cleave-runner` main).
 //! - [`cli`]: the command-line interface (the `cleave` binary is a thin wrapper).
 
+pub mod aot;
 pub mod cli;
 pub mod init;
 pub mod inspect;

@@ -13,7 +13,9 @@
 //!
 //! The payload ([`Payload`]) holds the verified forward function as `.cir` text (an `.onnx`
 //! model is imported, and `--loss` added, at compile time), the traced batch, and the pipeline
-//! configuration (`--stages`, `--microbatches`, `--schedule`), all checked at compile time.
+//! configuration (`--stages`, `--microbatches`, `--schedule`), all checked at compile time, and
+//! the parameters stored in the model file (an `.onnx` model's initializers), which training
+//! starts from as in `cleave train`.
 //! At start-up `cleave-runner` reads the trailer of its own file, parses the flags (`--data`,
 //! `--steps`, `--batch`, `--optimizer`, `--lr`, `--seed`, `--eval-every`, `--checkpoint`,
 //! `--checkpoint-every`, `--resume`, `--metrics`, `--quiet`) and runs [`crate::train::train`]
@@ -30,8 +32,7 @@
 //! **Limits (this version).** The training step is built (autodiff, optimizer) and its fused loops
 //! are compiled with the Cranelift JIT when the executable starts, exactly as in `cleave train`;
 //! ahead-of-time kernels (cranelift-object) are not implemented yet. `--target cuda`, `--remat`
-//! and `--memory-limit` are rejected with a "not supported yet" error, and so are ONNX models
-//! whose parameters are stored in the file (initializers).
+//! and `--memory-limit` are rejected with a "not supported yet" error.
 
 use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -40,6 +41,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, FromArgMatches};
 use serde::{Deserialize, Serialize};
+
+use cleave_ir::{DType, Tensor};
 
 use crate::train::{OptimizerArg, TrainArgs};
 
@@ -102,6 +105,60 @@ pub struct Payload {
     pub microbatches: usize,
     /// Pipeline schedule.
     pub schedule: String,
+    /// Parameters stored in the model file (an `.onnx` model's initializers): training starts
+    /// from them, as in `cleave train`.
+    #[serde(default)]
+    pub params: Vec<EmbeddedTensor>,
+}
+
+/// One stored parameter in a [`Payload`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EmbeddedTensor {
+    /// The parameter's name.
+    pub name: String,
+    /// Element type, as the IR prints it (`f32`, `i32`, …).
+    pub dtype: String,
+    /// Extents.
+    pub shape: Vec<usize>,
+    /// The little-endian bytes, in hexadecimal.
+    pub hex: String,
+}
+
+impl EmbeddedTensor {
+    fn new((name, t): (&String, &Tensor)) -> Self {
+        let hex = t.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        EmbeddedTensor {
+            name: name.clone(),
+            dtype: t.dtype.to_string(),
+            shape: t.shape.clone(),
+            hex,
+        }
+    }
+
+    fn decode(&self) -> Result<Tensor> {
+        let dtype = [
+            DType::F32,
+            DType::F64,
+            DType::F16,
+            DType::BF16,
+            DType::I32,
+            DType::I64,
+            DType::Bool,
+        ]
+        .into_iter()
+        .find(|d| d.to_string() == self.dtype)
+        .with_context(|| format!("parameter {}: unknown dtype {}", self.name, self.dtype))?;
+        if self.hex.len() % 2 != 0 || !self.hex.is_ascii() {
+            bail!("parameter {}: corrupt data", self.name);
+        }
+        let bytes = (0..self.hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&self.hex[i..i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .with_context(|| format!("parameter {}: corrupt data", self.name))?;
+        Tensor::from_le_bytes(dtype, &self.shape, &bytes)
+            .map_err(|e| anyhow::anyhow!("parameter {}: {e}", self.name))
+    }
 }
 
 /// What `cleave compile` wrote.
@@ -167,14 +224,6 @@ pub fn compile(a: &CompileArgs) -> Result<CompileReport> {
             labels: a.labels.clone(),
         },
     )?;
-    if !loaded.params.is_empty() {
-        bail!(
-            "{}: the model stores {} parameter(s) in the file; standalone executables start from \
-             a seeded initialisation or --resume and do not embed parameters yet",
-            a.model.display(),
-            loaded.params.len()
-        );
-    }
     let forward = loaded
         .module
         .functions
@@ -219,6 +268,7 @@ pub fn compile(a: &CompileArgs) -> Result<CompileReport> {
         stages: a.stages,
         microbatches: a.microbatches,
         schedule: a.schedule.clone(),
+        params: loaded.params.iter().map(EmbeddedTensor::new).collect(),
     };
     // The embedded text must load back to the same module and build a training step.
     let back = crate::load::parse_and_verify(&payload.model_text, &payload.model_name)
@@ -419,7 +469,13 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         }
     }
     let model = PathBuf::from(&payload.model_name);
-    crate::load::register_embedded_model(&model, payload.model_text.clone());
+    let params = payload
+        .params
+        .iter()
+        .map(|t| Ok((t.name.clone(), t.decode()?)))
+        .collect::<Result<_>>()
+        .with_context(|| format!("{}: corrupt payload", exe.display()))?;
+    crate::load::register_embedded_model(&model, payload.model_text.clone(), params);
     let args = TrainArgs {
         model,
         data: r.data,

@@ -306,3 +306,52 @@ fn compile_errors() {
     assert!(e.contains("no embedded model"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn onnx_model_with_stored_weights_and_added_loss_matches_cleave_train() {
+    // The ONNX MLP's initializers travel inside the executable; the label is the index of the
+    // largest of the first 3 features.
+    let (n, features) = (64, 8);
+    let mut state = 777u64;
+    let x: Vec<f32> = (0..n * features)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect();
+    let labels: Vec<i64> = (0..n)
+        .map(|i| {
+            let row = &x[i * features..i * features + 3];
+            (0..3).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as i64
+        })
+        .collect();
+    let dir = tmp("onnx-data");
+    let data = dir.join("data.safetensors");
+    let mut t = std::collections::BTreeMap::new();
+    t.insert(
+        "x".to_string(),
+        cleave_ir::Tensor::from_f32(vec![n, features], x),
+    );
+    t.insert(
+        "labels".to_string(),
+        cleave_ir::Tensor::from_i64(cleave_ir::DType::I32, vec![n], labels),
+    );
+    cleave_compiler::tensors::write_tensors(&data, &t).unwrap();
+    same_as_train(
+        "onnx",
+        "tests/onnx/mlp.onnx",
+        data.to_str().unwrap(),
+        &[
+            "--batch",
+            "4",
+            "--loss",
+            "cross-entropy",
+            "--labels",
+            "labels",
+        ],
+        &["--steps", "10", "--seed", "3", "--quiet"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -300,6 +300,19 @@ fn compile_errors() {
     ]));
     assert!(e.contains("nope"), "{e}");
     assert!(!out.exists());
+    // A runner that is not there.
+    let o2 = Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(["compile", "examples/mlp-digits.cir", "-o", o])
+        .env("CLEAVE_RUNNER", dir.join("no-runner"))
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let e = err(&o2);
+    assert!(
+        e.contains("CLEAVE_RUNNER") && e.contains("no-runner"),
+        "{e}"
+    );
+    assert!(!out.exists());
     // The bare runner explains itself.
     let runner = Path::new(env!("CARGO_BIN_EXE_cleave-runner"));
     let e = err(&Command::new(runner).arg("--help").output().unwrap());

@@ -148,7 +148,7 @@ impl EmbeddedTensor {
         .into_iter()
         .find(|d| d.to_string() == self.dtype)
         .with_context(|| format!("parameter {}: unknown dtype {}", self.name, self.dtype))?;
-        if self.hex.len() % 2 != 0 || !self.hex.is_ascii() {
+        if !self.hex.len().is_multiple_of(2) || !self.hex.is_ascii() {
             bail!("parameter {}: corrupt data", self.name);
         }
         let bytes = (0..self.hex.len())

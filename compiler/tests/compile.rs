@@ -250,6 +250,22 @@ fn checkpoints_resume_and_file_errors() {
     let e = err(&run(&["--steps", "2", "--resume", "badck"]));
     assert!(e.contains("badck"), "{e}");
 
+    // A corrupt payload.
+    let mut image = std::fs::read(&exe).unwrap();
+    image.extend_from_slice(b"{not json");
+    image.extend_from_slice(&9u64.to_le_bytes());
+    image.extend_from_slice(b"CLEAVEX1");
+    let bad = dir.join("bad-train");
+    std::fs::write(&bad, image).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let e = err(&run_exe(&bad, &dir, &["--data", data]));
+    assert!(e.contains("corrupt payload"), "{e}");
+    std::fs::remove_file(&bad).unwrap();
+
     // A batch other than the compiled one.
     let e = err(&run(&["--steps", "1", "--batch", "16"]));
     assert!(e.contains("compiled for batch 32"), "{e}");

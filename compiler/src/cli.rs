@@ -46,39 +46,53 @@ pub enum Command {
     Train(crate::train::TrainArgs),
     /// Time one training step (forward, backward, optimizer update) with the CPU runtime.
     Bench(crate::train::BenchArgs),
-    /// Compile a model's training step: `--target cuda` writes the MLIR and PTX of every kernel.
-    Compile(CompileArgs),
+    /// Compile a model: a standalone training executable (`-o EXE`, target cpu), or with
+    /// `--target cuda` the MLIR and PTX of every kernel (`-o DIR`).
+    Compile(CompileCmd),
 }
 
-/// The targets of `cleave compile`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum CompileTarget {
-    /// A standalone CPU executable.
-    Cpu,
-    /// PTX kernels through MLIR (needs the `mlir` feature).
-    Cuda,
-}
-
-/// Arguments of `cleave compile`.
+/// Arguments of `cleave compile` (see [`crate::aot`]).
 #[derive(clap::Args, Debug)]
-pub struct CompileArgs {
-    /// The model file (`.cir` or `.onnx`).
+pub struct CompileCmd {
+    /// Model file (`.cir` or `.onnx`) with a scalar `loss` output.
     pub model: PathBuf,
-    /// Output: a directory of kernels for `--target cuda`.
-    #[arg(short, long)]
+    /// The executable to write (target cpu), or the kernel directory (target cuda).
+    #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
-    /// What to compile for.
+    /// Target: cpu (standalone executable) or cuda.
     #[arg(long, value_enum, default_value = "cpu")]
-    pub target: CompileTarget,
+    pub target: crate::aot::Target,
+    /// How the model file is read (`--batch` must equal a `.cir` model's traced batch).
+    #[command(flatten)]
+    pub model_args: ModelArgs,
+    /// Pipeline stages.
+    #[arg(long, default_value_t = 1)]
+    pub stages: usize,
+    /// Microbatches per step.
+    #[arg(long, default_value_t = 1)]
+    pub microbatches: usize,
+    /// Pipeline schedule: gpipe, 1f1b, zb-h1, zb-h2, interleaved, zb-v, auto.
+    #[arg(long, default_value = "1f1b")]
+    pub schedule: String,
+    /// Recomputation/offload policy of saved activations: none, full, selective, offload-all,
+    /// auto (the default with --memory-limit), as `cleave train --remat`.
+    #[arg(long)]
+    pub remat: Option<String>,
+    /// Bytes of saved activations each device may hold (suffix K, M, G allowed).
+    #[arg(long)]
+    pub memory_limit: Option<String>,
+    /// Gradient method: bp, forward-gradient, fa, dfa, local{blocks=K}.
+    #[arg(long, default_value = "bp")]
+    pub grad_method: String,
+    /// Random tangents averaged per step by `--grad-method forward-gradient`.
+    #[arg(long, default_value_t = 1)]
+    pub tangents: usize,
     /// With `--target cuda`: write only the MLIR or only the PTX (default both; repeatable).
     #[arg(long, value_enum)]
     pub emit: Vec<crate::compile_gpu::Emit>,
     /// With `--target cuda`: the MLIR pass pipeline to use instead of the default.
     #[arg(long)]
     pub mlir_pipeline: Option<String>,
-    /// Extent of symbolic (batch) dimensions of an `.onnx` model's inputs.
-    #[arg(long)]
-    pub batch: Option<usize>,
 }
 
 /// How a model file is read (shared by every command that takes one).
@@ -380,31 +394,6 @@ where
     }
 }
 
-fn cmd_compile(a: CompileArgs) -> Result<()> {
-    match a.target {
-        CompileTarget::Cuda => {
-            let r = crate::compile_gpu::compile_gpu(&crate::compile_gpu::CompileGpuArgs {
-                model: a.model,
-                output: a.output.clone(),
-                emit: a.emit,
-                mlir_pipeline: a.mlir_pipeline,
-                batch: a.batch,
-            })?;
-            println!(
-                "{} kernel groups, {} PTX launches: {} files in {}",
-                r.groups,
-                r.launches,
-                r.files.len(),
-                a.output.display()
-            );
-            Ok(())
-        }
-        CompileTarget::Cpu => {
-            bail!("`cleave compile --target cpu` (standalone executables) is not in this build")
-        }
-    }
-}
-
 fn cmd_train(a: crate::train::TrainArgs) -> Result<()> {
     let s = crate::train::train(&a)?;
     let mut line = format!(
@@ -418,6 +407,49 @@ fn cmd_train(a: crate::train::TrainArgs) -> Result<()> {
         line.push_str(&format!(", held-out accuracy {:.2}%", acc * 100.0));
     }
     println!("{line}");
+    Ok(())
+}
+
+fn cmd_compile(a: CompileCmd) -> Result<()> {
+    if a.target == crate::aot::Target::Cuda {
+        let r = crate::compile_gpu::compile_gpu(&crate::compile_gpu::CompileGpuArgs {
+            model: a.model,
+            output: a.output.clone(),
+            emit: a.emit,
+            mlir_pipeline: a.mlir_pipeline,
+            batch: a.model_args.batch,
+        })?;
+        println!(
+            "{} kernel groups, {} PTX launches: {} files in {}",
+            r.groups,
+            r.launches,
+            r.files.len(),
+            a.output.display()
+        );
+        return Ok(());
+    }
+    let r = crate::aot::compile(&crate::aot::CompileArgs {
+        model: a.model,
+        output: a.output,
+        target: a.target,
+        batch: a.model_args.batch,
+        loss: a.model_args.loss,
+        labels: a.model_args.labels,
+        stages: a.stages,
+        microbatches: a.microbatches,
+        schedule: a.schedule,
+        remat: a.remat,
+        memory_limit: a.memory_limit,
+        grad_method: a.grad_method,
+        tangents: a.tangents,
+    })?;
+    println!(
+        "wrote {} ({:.1} MiB): {} at batch {}",
+        r.output.display(),
+        r.bytes as f64 / (1024.0 * 1024.0),
+        r.payload.model_name,
+        r.payload.batch
+    );
     Ok(())
 }
 

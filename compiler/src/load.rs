@@ -31,6 +31,20 @@ pub struct LoadOptions {
     pub labels: Option<String>,
 }
 
+/// Model text embedded in a standalone training executable (see [`crate::aot`]): a `.cir` path
+/// equal to the registered one is read from this text instead of the file system.
+static EMBEDDED: std::sync::OnceLock<EmbeddedModel> = std::sync::OnceLock::new();
+
+/// A model that travels inside an executable: its name, `.cir` text and stored parameters.
+type EmbeddedModel = (std::path::PathBuf, String, BTreeMap<String, Tensor>);
+
+/// Registers the `.cir` text (and the parameters stored with the model, like an `.onnx` file's
+/// initializers) that loading `path` returns (once per process; later calls are ignored). Used
+/// by `cleave-runner`, whose model travels inside the executable.
+pub fn register_embedded_model(path: &Path, text: String, params: BTreeMap<String, Tensor>) {
+    let _ = EMBEDDED.set((path.to_path_buf(), text, params));
+}
+
 /// Picks the format from a path's extension.
 pub fn format_of(path: &Path) -> Result<ModelFormat> {
     match path.extension().and_then(|e| e.to_str()) {
@@ -81,12 +95,18 @@ pub fn load_model_quiet(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> 
             if opts.batch.is_some() {
                 bail!("--batch applies to `.onnx` models; `.cir` shapes are static");
             }
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let (text, params) = match EMBEDDED.get() {
+                Some((p, text, params)) if p == path => (text.clone(), params.clone()),
+                _ => (
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                    BTreeMap::new(),
+                ),
+            };
             (
                 parse_and_verify(&text, &path.display().to_string())?,
                 vec![],
-                BTreeMap::new(),
+                params,
             )
         }
         ModelFormat::Onnx => {

@@ -577,14 +577,9 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
             jit: true,
         },
     )?;
-    let mut eval_plan = compile_with(
-        &built.forward,
-        &CompileOptions {
-            fuse: true,
-            preserve_args: true,
-            jit: true,
-        },
-    )?;
+    // The evaluation plan is compiled at the first evaluation, so start-up to the first step
+    // pays for the training step only.
+    let mut eval_plan: Option<Plan> = None;
 
     // Initial state: parameters and optimizer state, by name.
     let mut state: BTreeMap<String, (Vec<usize>, HostData)> = BTreeMap::new();
@@ -766,13 +761,24 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         let eval_due =
             can_eval && (a.eval_every.is_some_and(|k| k > 0 && done % k == 0) || done == a.steps);
         if eval_due {
+            let eval_plan = match &mut eval_plan {
+                Some(p) => p,
+                None => eval_plan.insert(compile_with(
+                    &built.forward,
+                    &CompileOptions {
+                        fuse: true,
+                        preserve_args: true,
+                        jit: true,
+                    },
+                )?),
+            };
             for (name, oi) in &state_outputs {
                 if let Some(i) = eval_plan.arg_index(name) {
-                    set_host(&mut eval_plan, i, &plan.output(*oi))?;
+                    set_host(eval_plan, i, &plan.output(*oi))?;
                 }
             }
             let (acc, eval_loss) = evaluate(
-                &mut eval_plan,
+                eval_plan,
                 &cols,
                 labels_name.expect("checked"),
                 n_train,

@@ -23,7 +23,9 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use cleave_ir::{BinaryOp, CompareOp, DType, Function, Literal, Op, ReduceKind, UnaryOp, Value};
+use cleave_ir::{
+    BinaryOp, CompareOp, DType, Function, Literal, Op, ReduceKind, SteOp, UnaryOp, Value,
+};
 
 use crate::body::{elem_ty, float_lit, is_float, strides, Body};
 use crate::mathlib;
@@ -314,6 +316,32 @@ impl<'f> Emitter<'f> {
                     return Err(self.err(op, &rname, e));
                 }
                 r
+            }
+            // Straight-through estimators and gradient reversal: their forward is an ordinary
+            // unary op or the identity (only their gradients differ).
+            Op::Ste(SteOp::Round) | Op::Ste(SteOp::Sign) => {
+                let u = if matches!(op, Op::Ste(SteOp::Round)) {
+                    UnaryOp::Round
+                } else {
+                    UnaryOp::Sign
+                };
+                let x = self.same(ops[0]);
+                let mut failure = None;
+                let r = self.generic(n, ety, &[x], |b, a| match unary(b, u, &a[0], ety) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        failure = Some(e);
+                        a[0].clone()
+                    }
+                });
+                if let Some(e) = failure {
+                    return Err(self.err(op, &rname, e));
+                }
+                r
+            }
+            Op::GradReverse { .. } => {
+                let x = self.same(ops[0]);
+                self.generic(n, ety, &[x], |_, a| a[0].clone())
             }
             Op::Binary(bop) => {
                 let bop = *bop;

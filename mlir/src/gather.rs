@@ -3,7 +3,7 @@
 //! (see `emit.rs`). Each function documents the formula it implements; the reference
 //! interpreter's kernels (`cleave_ir::interp`) are the specification.
 
-use cleave_ir::{Node, Op, PoolKind, ReduceKind};
+use cleave_ir::{Node, Op, PoolKind, ReduceKind, SteOp};
 
 use crate::body::{elem_ty, is_float, strides, Body};
 use crate::emit::{reduce_init, EmitError, Emitter};
@@ -697,6 +697,61 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                 let l = unary_f32(b, &sm, t, mathlib_log);
                 let a = b.bin("arith.addf", &l, &mx, t);
                 b.bin("arith.subf", &a, &xv, t)
+            })]
+        }
+        Op::Ste(SteOp::ArgmaxOneHot { axis }) => {
+            float_only(e)?;
+            // Rows along `axis`: the index of the first maximum (as a float, exact below 2^24
+            // elements), then 1 where the element's position along the axis is that index.
+            let axis = *axis;
+            let n_axis = rshape[axis];
+            let inner = numel(&rshape[axis + 1..]);
+            let rows = n / n_axis.max(1);
+            let row = RowMap { n_axis, inner };
+            let x = srcs[0].clone();
+            let tt = t.to_string();
+            let best = e.gen_out(rows, t, |b, _| {
+                let r = b.op("linalg.index 0 : index");
+                let ii = b.remc(&r, inner);
+                let o = b.divc(&r, inner);
+                let base = b.mul_add(&o, n_axis * inner, Some(&ii));
+                let init_v = b.fc(f64::NEG_INFINITY, &tt);
+                let init_i = b.fc(0.0, &tt);
+                let acc = b.for_loop(
+                    n_axis,
+                    &[(init_v, tt.clone()), (init_i, tt.clone())],
+                    |b, k, acc| {
+                        let i = b.mul_add(k, inner, Some(&base));
+                        let v = x.at(b, &i);
+                        let ki = b.index_to(k, "i64");
+                        let kf = b.op(format!("arith.sitofp {ki} : i64 to {tt}"));
+                        // Strictly greater: the first maximum wins.
+                        let gt = b.cmpf("ogt", &v, &acc[0], &tt);
+                        vec![
+                            b.select(&gt, &v, &acc[0], &tt),
+                            b.select(&gt, &kf, &acc[1], &tt),
+                        ]
+                    },
+                );
+                acc[1].clone()
+            });
+            let best = Src {
+                t: best,
+                n: rows,
+                ty: t.to_string(),
+            };
+            vec![e.gen_out(n, t, |b, _| {
+                let p = b.op("linalg.index 0 : index");
+                let r = row.row_of(b, &p);
+                let bi = b.extract(&best.t, &r, best.n, &tt);
+                let q = b.divc(&p, inner);
+                let k = b.remc(&q, n_axis);
+                let ki = b.index_to(&k, "i64");
+                let kf = b.op(format!("arith.sitofp {ki} : i64 to {tt}"));
+                let hit = b.cmpf("oeq", &kf, &bi, &tt);
+                let one = b.fc(1.0, &tt);
+                let zero = b.fc(0.0, &tt);
+                b.select(&hit, &one, &zero, &tt)
             })]
         }
         other => {

@@ -781,6 +781,17 @@ pub struct BenchResult {
     pub fused_kernels: usize,
     /// See `fused_kernels`.
     pub jit_kernels: usize,
+    /// FLOPs of one training step by cleave-ir's cost model (`ir/src/cost.rs`), all phases.
+    pub flops: u64,
+    /// The matmul and convolution part of `flops`.
+    pub matmul_flops: u64,
+}
+
+impl BenchResult {
+    /// Achieved GFLOP/s: the step's FLOPs over its median time.
+    pub fn gflops(&self) -> f64 {
+        self.flops as f64 / (self.median_ms * 1e-3) / 1e9
+    }
 }
 
 /// Runs `cleave bench`: the median time of one training step.
@@ -794,6 +805,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
         a.optimizer.default_lr() * 0.01,
     )?;
     let step = &built.step;
+    let cost = cleave_ir::cost::function_cost(step).total();
     let mut rng = SplitMix64::new(1);
     let mut init = init_params(&built.forward, 0);
     init.extend(built.file_params.clone());
@@ -879,5 +891,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
         peak_bytes,
         fused_kernels,
         jit_kernels,
+        flops: cost.total(),
+        matmul_flops: cost.matmul,
     })
 }

@@ -361,9 +361,11 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
         let t = func.ty(r);
         words(t.num_elements(), t.dtype)
     };
+    let mut arg_values: HashSet<Value> = HashSet::new();
     for a in func.args() {
         caps.push(ty_words(a.value));
         buf_of.insert(a.value, caps.len() - 1);
+        arg_values.insert(a.value);
     }
     for (k, p) in pres.iter().enumerate() {
         let mut dying: Vec<(Value, bool)> = Vec::new();
@@ -381,11 +383,18 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
             let need = ty_words(w);
             let esize = func.ty(w).dtype.size_bytes();
             let inplace = if is_group {
-                dying.iter().find(|(c, ok)| {
+                let fits = |(c, ok): &&(Value, bool)| {
                     *ok && !taken.contains(c)
                         && func.ty(*c).dtype.size_bytes() == esize
                         && caps[buf_of[c]] >= need
-                })
+                };
+                // An argument's buffer first: a training step's parameter update then lands in
+                // the parameter's own buffer, so `Plan::carry` has nothing to copy.
+                dying
+                    .iter()
+                    .filter(fits)
+                    .find(|(c, _)| arg_values.contains(c))
+                    .or_else(|| dying.iter().find(fits))
             } else {
                 None
             };

@@ -15,7 +15,13 @@
 //!
 //! `gemm` is 5–30% faster on every shape. Without `x86-v4` it does not use AVX-512 (about 2.5×
 //! slower). Both take arbitrary row and column strides, so transposed operands cost nothing.
-//! Calls are single-threaded: at these sizes the libraries' own threading does not pay.
+//!
+//! Threads: at these sizes the libraries' own threading does not pay (it starts its threads per
+//! call). Instead a product of at least [`PAR_MIN_FLOPS`] is split by hand into one block per
+//! thread of the persistent [`Pool`](crate::pool::Pool): the larger of `m` and `n` is cut into
+//! contiguous ranges (multiples of 16, the AVX-512 lane count), each range one single-threaded
+//! `gemm` call on its own rows or columns of `c`. Every element of `c` is still one dot product
+//! over all of `k`, computed by the same micro-kernel, so results do not depend on the split.
 
 /// `c = a·b` (or `c += a·b` with `accumulate`), where element `(i, p)` of `a` is at
 /// `a[i·ars + p·acs]`, `(p, j)` of `b` at `b[p·brs + j·bcs]`, and `c` is row-major `m×n`
@@ -46,6 +52,80 @@ pub(crate) unsafe fn sgemm(
         }
         return;
     }
+    let pool = crate::pool::Pool::global();
+    let threads = pool.threads();
+    if threads > 1 && 2 * m * k * n >= PAR_MIN_FLOPS {
+        let split_m = m >= n;
+        let extent = if split_m { m } else { n };
+        let chunk = extent.div_ceil(threads).next_multiple_of(16);
+        if chunk < extent {
+            let parts = extent.div_ceil(chunk);
+            let (a, b, c) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32), SendPtr(c));
+            pool.run(parts, &|p| {
+                let lo = p * chunk;
+                let len = chunk.min(extent - lo);
+                // SAFETY: each part reads within the caller's operands and writes its own rows
+                // (or columns) of `c`.
+                unsafe {
+                    if split_m {
+                        gemm_1(
+                            (len, k, n),
+                            a.get().add(lo * ars),
+                            (ars, acs),
+                            b.get(),
+                            (brs, bcs),
+                            c.get().add(lo * ldc),
+                            ldc,
+                            accumulate,
+                        );
+                    } else {
+                        gemm_1(
+                            (m, k, len),
+                            a.get(),
+                            (ars, acs),
+                            b.get().add(lo * bcs),
+                            (brs, bcs),
+                            c.get().add(lo),
+                            ldc,
+                            accumulate,
+                        );
+                    }
+                }
+            });
+            return;
+        }
+    }
+    gemm_1((m, k, n), a, (ars, acs), b, (brs, bcs), c, ldc, accumulate);
+}
+
+/// Products of at least this many FLOPs are split across the pool's threads.
+pub(crate) const PAR_MIN_FLOPS: usize = 1 << 21;
+
+/// A raw pointer that parts of one pool job share (they touch disjoint elements).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One single-threaded `gemm` call (see [`sgemm`]).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_1(
+    (m, k, n): (usize, usize, usize),
+    a: *const f32,
+    (ars, acs): (usize, usize),
+    b: *const f32,
+    (brs, bcs): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     gemm::gemm(
         m,
         n,

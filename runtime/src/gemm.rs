@@ -17,7 +17,8 @@
 //! slower). Both take arbitrary row and column strides, so transposed operands cost nothing.
 //!
 //! Threads: at these sizes the libraries' own threading does not pay (it starts its threads per
-//! call). Instead a product of at least [`PAR_MIN_FLOPS`] is split by hand into one block per
+//! call). Instead, with `CLEAVE_THREADS=N` (N > 1; the default is one thread, see `pool.rs` for
+//! the measurements), a product of at least [`PAR_MIN_FLOPS`] is split by hand into one block per
 //! thread of the persistent [`Pool`](crate::pool::Pool): the larger of `m` and `n` is cut into
 //! contiguous ranges (multiples of 16, the AVX-512 lane count), each range one single-threaded
 //! `gemm` call on its own rows or columns of `c`. Every element of `c` is still one dot product
@@ -52,9 +53,9 @@ pub(crate) unsafe fn sgemm(
         }
         return;
     }
-    let pool = crate::pool::Pool::global();
-    let threads = pool.threads();
-    if threads > 1 && 2 * m * k * n >= PAR_MIN_FLOPS {
+    if 2 * m * k * n >= PAR_MIN_FLOPS && crate::pool::Pool::global().threads() > 1 {
+        let pool = crate::pool::Pool::global();
+        let threads = pool.threads();
         let split_m = m >= n;
         let extent = if split_m { m } else { n };
         let chunk = extent.div_ceil(threads).next_multiple_of(16);
@@ -99,7 +100,7 @@ pub(crate) unsafe fn sgemm(
 }
 
 /// Products of at least this many FLOPs are split across the pool's threads.
-pub(crate) const PAR_MIN_FLOPS: usize = 1 << 21;
+pub(crate) const PAR_MIN_FLOPS: usize = 1 << 23;
 
 /// A raw pointer that parts of one pool job share (they touch disjoint elements).
 #[derive(Clone, Copy)]

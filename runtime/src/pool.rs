@@ -11,8 +11,11 @@
 //! two pipeline stage workers running GEMMs at once) [`Pool::run`] runs every part on the calling
 //! thread. Parts must write disjoint memory.
 //!
-//! The number of threads is `CLEAVE_THREADS` if set, else the machine's available parallelism
-//! (capped at 8); with 1 there are no workers and every job runs on the caller.
+//! The number of threads is `CLEAVE_THREADS` (default 1: no workers, every job runs on the
+//! caller). It is opt-in because on the shared 2-core development machine, with other builds
+//! running (load 7–11), splitting measured no gain: the MLP step 0.429 ms with 1 thread against
+//! 0.432 ms with 2, the GPT block 0.80 against 0.86 ms with a 2 MFLOP threshold (BENCHMARKS.md).
+//! A second core that is actually free is what the split needs.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -60,13 +63,8 @@ impl Pool {
             let threads = std::env::var("CLEAVE_THREADS")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or_else(|| {
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1)
-                        .min(8)
-                })
-                .max(1);
+                .unwrap_or(1)
+                .clamp(1, 64);
             Pool::new(threads)
         })
     }

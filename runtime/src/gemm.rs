@@ -149,3 +149,45 @@ unsafe fn gemm_1(
         gemm::Parallelism::None,
     );
 }
+
+/// `c ← c + scale·a·b` (strides as in [`sgemm`]; single-threaded): gemm's
+/// `dst = α·dst + β·lhs·rhs` with `α = 1`, `β = scale`. A folded SGD update.
+///
+/// # Safety
+/// As [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_scaled(
+    (m, k, n): (usize, usize, usize),
+    a: *const f32,
+    (ars, acs): (usize, usize),
+    b: *const f32,
+    (brs, bcs): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    scale: f32,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        true,
+        a,
+        acs as isize,
+        ars as isize,
+        b,
+        bcs as isize,
+        brs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}

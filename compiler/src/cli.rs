@@ -362,6 +362,13 @@ pub struct NewModelArgs {
     /// Number of classes (cnn).
     #[arg(long)]
     pub classes: Option<usize>,
+    /// Add a training loss on the model's first output (e.g. `gpt-layer --loss mse` for the
+    /// GPT-block benchmark model).
+    #[arg(long, value_enum)]
+    pub loss: Option<LossKind>,
+    /// The labels (targets) input of --loss.
+    #[arg(long, default_value = "target")]
+    pub labels: String,
 }
 
 /// Parses arguments and runs the command.
@@ -467,6 +474,9 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
                 "peak_bytes": r.peak_bytes,
                 "fused_kernels": r.fused_kernels,
                 "jit_kernels": r.jit_kernels,
+                "flops": r.flops,
+                "matmul_flops": r.matmul_flops,
+                "gflops": r.gflops(),
             })
         );
     } else {
@@ -480,6 +490,12 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
             r.peak_bytes,
             r.jit_kernels,
             r.fused_kernels
+        );
+        println!(
+            "{:.3} MFLOP per step ({:.3} in matmuls), {:.1} GFLOP/s",
+            r.flops as f64 / 1e6,
+            r.matmul_flops as f64 / 1e6,
+            r.gflops()
         );
     }
     Ok(())
@@ -946,7 +962,12 @@ fn build_model(a: &NewModelArgs) -> Result<Function> {
             models::cnn(&c)?
         }
     };
-    Ok(func)
+    match a.loss {
+        Some(kind) => {
+            crate::loss::add_loss(func, kind, &a.labels).map_err(|e| anyhow::anyhow!("--loss: {e}"))
+        }
+        None => Ok(func),
+    }
 }
 
 fn cmd_new_model(a: NewModelArgs) -> Result<()> {

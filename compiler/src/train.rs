@@ -868,6 +868,17 @@ pub struct BenchResult {
     pub fused_kernels: usize,
     /// See `fused_kernels`.
     pub jit_kernels: usize,
+    /// FLOPs of one training step by cleave-ir's cost model (`ir/src/cost.rs`), all phases.
+    pub flops: u64,
+    /// The matmul and convolution part of `flops`.
+    pub matmul_flops: u64,
+}
+
+impl BenchResult {
+    /// Achieved GFLOP/s: the step's FLOPs over its median time.
+    pub fn gflops(&self) -> f64 {
+        self.flops as f64 / (self.median_ms * 1e-3) / 1e9
+    }
 }
 
 /// Runs `cleave bench`: the median time of one training step.
@@ -883,6 +894,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
         &method,
     )?;
     let step = &built.step;
+    let cost = cleave_ir::cost::function_cost(step).total();
     let mut rng = SplitMix64::new(1);
     let mut init = init_params(step, 0);
     init.extend(init_params(&built.forward, 0));
@@ -969,5 +981,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
         peak_bytes,
         fused_kernels,
         jit_kernels,
+        flops: cost.total(),
+        matmul_flops: cost.matmul,
     })
 }

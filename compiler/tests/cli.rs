@@ -434,3 +434,40 @@ fn opt_and_grad_on_onnx_with_added_loss() {
         stderr(&o)
     );
 }
+
+#[test]
+fn new_model_adds_a_loss() {
+    let dir = tmpdir("newloss");
+    let model = dir.join("block.cir");
+    let o = cleave(&[
+        "new-model",
+        "gpt-layer",
+        "--d-model",
+        "8",
+        "--heads",
+        "2",
+        "--seq",
+        "4",
+        "--batch",
+        "2",
+        "--loss",
+        "mse",
+        "-o",
+        model.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&model).unwrap();
+    assert!(
+        text.contains("input {name = \"target\"} : f32[2,4,8]"),
+        "{text}"
+    );
+    assert!(text.contains("as \"loss\""), "{text}");
+    // A model that already has a loss: a clear error, not a second loss.
+    let o = cleave(&["new-model", "mlp", "--sizes", "3,2", "--loss", "mse"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("already has a `loss` output"),
+        "{}",
+        stderr(&o)
+    );
+}

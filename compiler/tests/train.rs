@@ -157,6 +157,13 @@ fn bench_reports_a_median() {
     .unwrap();
     assert!(r.median_ms > 0.0 && r.median_ms.is_finite());
     assert!(r.peak_bytes > 0);
+    // MLP 64-128-10 at batch 32: forward 2·32·(64·128 + 128·10) matmul FLOPs, backward the two
+    // weight gradients and one input gradient (the data input gets none).
+    let fwd = 2 * 32 * (64 * 128 + 128 * 10);
+    let bwd = 2 * 32 * (64 * 128 + 128 * 10) + 2 * 32 * 128 * 10;
+    assert_eq!(r.matmul_flops, (fwd + bwd) as u64);
+    assert!(r.flops > r.matmul_flops);
+    assert!((r.gflops() - r.flops as f64 / (r.median_ms * 1e6)).abs() < 1e-9 * r.gflops());
     // Every fused loop of the MLP step is in the JIT's op set.
     assert!(r.fused_kernels > 0);
     assert_eq!(r.jit_kernels, r.fused_kernels);

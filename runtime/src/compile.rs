@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use cleave_ir::printer::print_numbering;
 use cleave_ir::types::strides;
-use cleave_ir::{DType, Function, Literal, Node, Op, SteOp, UnaryOp, Value};
+use cleave_ir::{BinaryOp, DType, Function, Literal, Node, Op, SteOp, UnaryOp, Value};
 
 use crate::fused::{FusedKernel, Ins, Source, View};
 use crate::kernels::{conv_scratch, ConvGeo, OpKernel, PoolGeo};
@@ -105,6 +105,84 @@ fn words(len: usize, dtype: DType) -> usize {
 enum Item {
     Group(Vec<Node>),
     Single(Node),
+    /// `sub(w, mul(matmul(a, b), splat lr))` with `w` a dying argument: one GEMM that updates
+    /// `w` in place (`w ← w − lr·a·b`), see [`find_sgd_folds`].
+    SgdFold {
+        matmul: Node,
+        sub: Node,
+        lr: f32,
+    },
+}
+
+/// SGD updates that fold into their weight-gradient GEMM: `sub` nodes computing
+/// `w − mul(g, lr)` (or `mul(lr, g)`) where `g` is an unbatched f32 `matmul` read only by that
+/// `mul`, the `mul` is read only by the `sub`, none of them is an output, `w` is an argument that
+/// no node reads after the `sub` and that is not itself an output. Returns `sub → (matmul, mul,
+/// lr)`. The GEMM then runs at the `sub`'s place with gemm's `dst = dst − lr·a·b`, so the
+/// gradient is never stored. Rounding: the unfused path rounds `g`, then `lr·g`, then the
+/// difference; the fold rounds the accumulated product scaled by `lr` and the sum (at most an
+/// ulp or so of `w` apart).
+fn find_sgd_folds(
+    func: &Function,
+    live_nodes: &HashSet<Node>,
+    consumers: &HashMap<Value, Vec<Node>>,
+    src: &HashMap<Value, Src>,
+    is_output: &HashSet<Value>,
+) -> HashMap<Node, (Node, Node, f32)> {
+    let mut out = HashMap::new();
+    let pos: HashMap<Node, usize> = func.body.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let only = |v: Value| -> Option<Node> {
+        match consumers.get(&v).map(Vec::as_slice) {
+            Some([c]) if !is_output.contains(&v) => Some(*c),
+            _ => None,
+        }
+    };
+    for &sub in &func.body {
+        if !live_nodes.contains(&sub) {
+            continue;
+        }
+        let sd = func.node(sub);
+        if sd.op != Op::Binary(BinaryOp::Sub) || func.ty(sd.results[0]).dtype != DType::F32 {
+            continue;
+        }
+        let (w, u) = (sd.operands[0], sd.operands[1]);
+        if src.get(&w) != Some(&Src::Arg) || is_output.contains(&w) || only(u) != Some(sub) {
+            continue;
+        }
+        let w_last = consumers
+            .get(&w)
+            .is_some_and(|cs| cs.iter().all(|c| *c == sub || pos[c] < pos[&sub]));
+        if !w_last || consumers[&w].iter().filter(|c| **c == sub).count() != 1 {
+            continue;
+        }
+        let mul = func.values[u].def;
+        let md = func.node(mul);
+        if md.op != Op::Binary(BinaryOp::Mul) {
+            continue;
+        }
+        let splat = |v: Value| match src.get(&v) {
+            Some(Src::Splat(Scalar::F(x))) => Some(*x),
+            _ => None,
+        };
+        let (g, lr) = match (splat(md.operands[0]), splat(md.operands[1])) {
+            (None, Some(lr)) => (md.operands[0], lr),
+            (Some(lr), None) => (md.operands[1], lr),
+            _ => continue,
+        };
+        if only(g) != Some(mul) {
+            continue;
+        }
+        let mm = func.values[g].def;
+        let gd = func.node(mm);
+        if !matches!(gd.op, Op::MatMul { .. }) || func.ty(g).rank() != 2 || gd.results.len() != 1 {
+            continue;
+        }
+        if func.ty(g) != func.ty(w) || gd.operands.contains(&w) {
+            continue;
+        }
+        out.insert(sub, (mm, mul, lr));
+    }
+    out
 }
 
 /// Compiles `func` into a plan.
@@ -239,9 +317,24 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
             gv.clear();
         }
     };
+    let folds = if opts.fuse && !opts.preserve_args {
+        find_sgd_folds(func, &live_nodes, &consumers, &src, &is_output)
+    } else {
+        HashMap::new()
+    };
+    let folded: HashSet<Node> = folds.values().flat_map(|&(mm, mul, _)| [mm, mul]).collect();
     for &node in &func.body {
         let data = func.node(node);
-        if !live_nodes.contains(&node) {
+        if !live_nodes.contains(&node) || folded.contains(&node) {
+            continue;
+        }
+        if let Some(&(matmul, _, lr)) = folds.get(&node) {
+            close(&mut items, &mut group, &mut group_vals);
+            items.push(Item::SgdFold {
+                matmul,
+                sub: node,
+                lr,
+            });
             continue;
         }
         let r0 = data.results[0];
@@ -325,6 +418,18 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
                 }
                 writes.extend(data.results.iter().copied());
             }
+            Item::SgdFold { matmul, sub, .. } => {
+                for &v in &func.node(*matmul).operands {
+                    let r = root[&v];
+                    if let Src::Splat(_) = src[&r] {
+                        pinned_needed.insert(r);
+                    }
+                    reads.push((r, false));
+                }
+                // The weight: its buffer becomes the result's (see step 7).
+                reads.push((func.node(*sub).operands[0], false));
+                writes.push(func.node(*sub).results[0]);
+            }
         }
         pres.push(Pre { reads, writes });
     }
@@ -365,9 +470,11 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
         let t = func.ty(r);
         words(t.num_elements(), t.dtype)
     };
+    let mut arg_values: HashSet<Value> = HashSet::new();
     for a in func.args() {
         caps.push(ty_words(a.value));
         buf_of.insert(a.value, caps.len() - 1);
+        arg_values.insert(a.value);
     }
     for (k, p) in pres.iter().enumerate() {
         let mut dying: Vec<(Value, bool)> = Vec::new();
@@ -381,15 +488,31 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
         }
         let mut taken: HashSet<Value> = HashSet::new();
         let is_group = matches!(items[k], Item::Group(_));
+        if let Item::SgdFold { sub, .. } = items[k] {
+            // The update is written into the weight, which dies here (checked by the fold).
+            let w = func.node(sub).operands[0];
+            taken.insert(w);
+            buf_of.insert(p.writes[0], buf_of[&w]);
+        }
         for &w in &p.writes {
+            if buf_of.contains_key(&w) {
+                continue;
+            }
             let need = ty_words(w);
             let esize = func.ty(w).dtype.size_bytes();
             let inplace = if is_group {
-                dying.iter().find(|(c, ok)| {
+                let fits = |(c, ok): &&(Value, bool)| {
                     *ok && !taken.contains(c)
                         && func.ty(*c).dtype.size_bytes() == esize
                         && caps[buf_of[c]] >= need
-                })
+                };
+                // An argument's buffer first: a training step's parameter update then lands in
+                // the parameter's own buffer, so `Plan::carry` has nothing to copy.
+                dying
+                    .iter()
+                    .filter(fits)
+                    .find(|(c, _)| arg_values.contains(c))
+                    .or_else(|| dying.iter().find(fits))
             } else {
                 None
             };
@@ -659,6 +782,21 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
                     stores: store_info,
                 });
             }
+            Item::SgdFold { matmul, sub, lr } => {
+                let data = func.node(*matmul);
+                let ins: Vec<BufRef> = data.operands.iter().map(|v| bref(root[v])).collect();
+                let r = func.node(*sub).results[0];
+                let mut kernel = single_kernel(func, *matmul, &ins, &[bref(r)]);
+                if let OpKernel::MatMul { update, .. } = &mut kernel {
+                    *update = Some(-*lr);
+                }
+                steps.push(Step {
+                    kernel: Kernel::Op(kernel),
+                    op: "sub",
+                    value: pv(r),
+                    stores: vec![("sub", pv(r), bref(r))],
+                });
+            }
             Item::Single(node) => {
                 let data = func.node(*node);
                 let ins: Vec<BufRef> = data.operands.iter().map(|v| bref(root[v])).collect();
@@ -793,6 +931,7 @@ fn single_kernel(func: &Function, node: Node, ins: &[BufRef], outs: &[BufRef]) -
                 mkn: (m, k, n),
                 tl: *transpose_lhs,
                 tr: *transpose_rhs,
+                update: None,
             }
         }
         Op::Conv2d {

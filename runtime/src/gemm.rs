@@ -15,7 +15,14 @@
 //!
 //! `gemm` is 5–30% faster on every shape. Without `x86-v4` it does not use AVX-512 (about 2.5×
 //! slower). Both take arbitrary row and column strides, so transposed operands cost nothing.
-//! Calls are single-threaded: at these sizes the libraries' own threading does not pay.
+//!
+//! Threads: at these sizes the libraries' own threading does not pay (it starts its threads per
+//! call). Instead, with `CLEAVE_THREADS=N` (N > 1; the default is one thread, see `pool.rs` for
+//! the measurements), a product of at least [`PAR_MIN_FLOPS`] is split by hand into one block per
+//! thread of the persistent [`Pool`](crate::pool::Pool): the larger of `m` and `n` is cut into
+//! contiguous ranges (multiples of 16, the AVX-512 lane count), each range one single-threaded
+//! `gemm` call on its own rows or columns of `c`. Every element of `c` is still one dot product
+//! over all of `k`, computed by the same micro-kernel, so results do not depend on the split.
 
 /// `c = a·b` (or `c += a·b` with `accumulate`), where element `(i, p)` of `a` is at
 /// `a[i·ars + p·acs]`, `(p, j)` of `b` at `b[p·brs + j·bcs]`, and `c` is row-major `m×n`
@@ -46,6 +53,80 @@ pub(crate) unsafe fn sgemm(
         }
         return;
     }
+    if 2 * m * k * n >= PAR_MIN_FLOPS && crate::pool::Pool::global().threads() > 1 {
+        let pool = crate::pool::Pool::global();
+        let threads = pool.threads();
+        let split_m = m >= n;
+        let extent = if split_m { m } else { n };
+        let chunk = extent.div_ceil(threads).next_multiple_of(16);
+        if chunk < extent {
+            let parts = extent.div_ceil(chunk);
+            let (a, b, c) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32), SendPtr(c));
+            pool.run(parts, &|p| {
+                let lo = p * chunk;
+                let len = chunk.min(extent - lo);
+                // SAFETY: each part reads within the caller's operands and writes its own rows
+                // (or columns) of `c`.
+                unsafe {
+                    if split_m {
+                        gemm_1(
+                            (len, k, n),
+                            a.get().add(lo * ars),
+                            (ars, acs),
+                            b.get(),
+                            (brs, bcs),
+                            c.get().add(lo * ldc),
+                            ldc,
+                            accumulate,
+                        );
+                    } else {
+                        gemm_1(
+                            (m, k, len),
+                            a.get(),
+                            (ars, acs),
+                            b.get().add(lo * bcs),
+                            (brs, bcs),
+                            c.get().add(lo),
+                            ldc,
+                            accumulate,
+                        );
+                    }
+                }
+            });
+            return;
+        }
+    }
+    gemm_1((m, k, n), a, (ars, acs), b, (brs, bcs), c, ldc, accumulate);
+}
+
+/// Products of at least this many FLOPs are split across the pool's threads.
+pub(crate) const PAR_MIN_FLOPS: usize = 1 << 23;
+
+/// A raw pointer that parts of one pool job share (they touch disjoint elements).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One single-threaded `gemm` call (see [`sgemm`]).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_1(
+    (m, k, n): (usize, usize, usize),
+    a: *const f32,
+    (ars, acs): (usize, usize),
+    b: *const f32,
+    (brs, bcs): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     gemm::gemm(
         m,
         n,
@@ -62,6 +143,48 @@ pub(crate) unsafe fn sgemm(
         brs as isize,
         if accumulate { 1.0 } else { 0.0 },
         1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// `c ← c + scale·a·b` (strides as in [`sgemm`]; single-threaded): gemm's
+/// `dst = α·dst + β·lhs·rhs` with `α = 1`, `β = scale`. A folded SGD update.
+///
+/// # Safety
+/// As [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_scaled(
+    (m, k, n): (usize, usize, usize),
+    a: *const f32,
+    (ars, acs): (usize, usize),
+    b: *const f32,
+    (brs, bcs): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    scale: f32,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        true,
+        a,
+        acs as isize,
+        ars as isize,
+        b,
+        bcs as isize,
+        brs as isize,
+        1.0,
+        scale,
         false,
         false,
         false,

@@ -4,7 +4,7 @@
 
 use cleave_ir::{DType, PoolKind, ReduceKind};
 
-use crate::gemm::sgemm;
+use crate::gemm::{sgemm, sgemm_scaled};
 use crate::plan::{BufRef, Mem};
 
 /// Maximum that propagates NaN.
@@ -57,6 +57,8 @@ pub(crate) enum OpKernel {
         mkn: (usize, usize, usize),
         tl: bool,
         tr: bool,
+        /// `Some(s)`: `out ← out + s·a·b` (a folded SGD update, `s = −lr`), else `out ← a·b`.
+        update: Option<f32>,
     },
     Conv2d {
         x: BufRef,
@@ -354,9 +356,15 @@ impl OpKernel {
                 mkn: (m, k, n),
                 tl,
                 tr,
+                update,
             } => {
                 let (m, k, n) = (*m, *k, *n);
-                if out.dtype == DType::F32 {
+                if let Some(scale) = *update {
+                    let (ap, bp, cp) = (mem.ptr_f(*a), mem.ptr_f(*b), mem.ptr_f(*out));
+                    let ast = if *tl { (1, m) } else { (k, 1) };
+                    let bst = if *tr { (1, k) } else { (n, 1) };
+                    sgemm_scaled((m, k, n), ap, ast, bp, bst, cp, n, scale);
+                } else if out.dtype == DType::F32 {
                     let (ap, bp, cp) = (mem.ptr_f(*a), mem.ptr_f(*b), mem.ptr_f(*out));
                     let ast = if *tl { (1, m) } else { (k, 1) };
                     let bst = if *tr { (1, k) } else { (n, 1) };

@@ -40,6 +40,7 @@ mod jit;
 mod kernels;
 pub mod pipeline;
 mod plan;
+mod pool;
 
 pub use compile::{compile, compile_with, CompileOptions};
 pub use plan::{ArgInfo, NanReport, OutputInfo, Plan};

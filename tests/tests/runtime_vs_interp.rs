@@ -507,3 +507,46 @@ fn fused_loops_are_jit_compiled() {
         assert_eq!(off.jit_kernels(), 0, "{name}");
     }
 }
+
+/// An SGD update of a weight gradient folds into its GEMM (`w ← w − lr·xᵀ·dy`, one kernel, no
+/// stored gradient) and matches the interpreter over several carried steps; an update whose
+/// weight is read after it, or whose gradient is also an output, is left unfused.
+#[test]
+fn sgd_update_folds_into_the_wgrad_gemm() {
+    let folded = parse_function(
+        r#"func @f {
+  %x = input {name = "x"} : f32[6,3]
+  %dy = input {name = "dy"} : f32[6,5]
+  %w = param {name = "w"} : f32[3,5]
+  %g = matmul %x, %dy {transpose_lhs = true} : f32[3,5]
+  %lr = constant {value = 0.1} : f32[3,5]
+  %u = mul %g, %lr : f32[3,5]
+  %n = sub %w, %u : f32[3,5]
+  return %n as "w"
+}"#,
+    )
+    .unwrap();
+    let plan = cleave_runtime::compile(&folded).unwrap();
+    assert_eq!(plan.num_kernels(), 1, "one GEMM, no elementwise update");
+    check_steps(&folded, 5, 3, "folded sgd");
+    let kept = parse_function(
+        r#"func @f {
+  %x = input {name = "x"} : f32[6,3]
+  %dy = input {name = "dy"} : f32[6,5]
+  %w = param {name = "w"} : f32[3,5]
+  %g = matmul %x, %dy {transpose_lhs = true} : f32[3,5]
+  %lr = constant {value = 0.1} : f32[3,5]
+  %u = mul %g, %lr : f32[3,5]
+  %n = sub %w, %u : f32[3,5]
+  return %n as "w", %g as "grad"
+}"#,
+    )
+    .unwrap();
+    let plan = cleave_runtime::compile(&kept).unwrap();
+    assert_eq!(
+        plan.num_kernels(),
+        2,
+        "the gradient is an output, so it is stored"
+    );
+    check_steps(&kept, 5, 3, "sgd with gradient output");
+}

@@ -1,0 +1,107 @@
+"""Shared harness of the baseline scripts (`mlp_step.py`, `gpt_block_step.py`).
+
+Each script builds one training-step callable per framework (PyTorch eager, torch.compile, JAX
+jit; a missing framework is skipped) and hands them to `compare`, which times them and
+`cleave bench MODEL` in the same run and prints each median and cleave's ratio to the best
+baseline.
+
+Method: each framework runs `--warmup` untimed steps, then `--iters` timed steps; the median of
+the per-step wall times is that framework's figure for the round. With `--rounds R` the whole set
+(every framework, then cleave) is measured R times in turn, so load from other processes falls on
+all of them alike; the summary is the median over the rounds of each framework's medians, and the
+ratio is taken per round against the best baseline of that round. Threads are limited to
+`--threads` (the environment variables must be set before torch or jax is imported, so
+`setup()` comes first).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def setup(description):
+    """Parses the common flags and limits every framework's threads; call before importing."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--cleave", default="target/release/cleave")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(args.threads))
+    os.environ.setdefault(
+        "XLA_FLAGS",
+        f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}",
+    )
+    return args
+
+
+def timed(step, args):
+    """Median milliseconds of one call of `step` after the warm-up."""
+    for _ in range(args.warmup):
+        step()
+    ts = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        step()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def try_import(name):
+    """The module, or None (with a note on stderr) when it is not installed."""
+    try:
+        return __import__(name)
+    except ImportError:
+        print(f"{name} not installed: skipped", file=sys.stderr)
+        return None
+
+
+def cleave_bench(model, args):
+    """`cleave bench MODEL --json`: the whole JSON report."""
+    out = subprocess.run(
+        [args.cleave, "bench", model, "--json", "--iters", str(args.iters),
+         "--warmup", str(args.warmup)],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout)
+
+
+def compare(model, steps, args):
+    """Times every baseline step and `cleave bench model`, `args.rounds` times; prints a table."""
+    names = list(steps) + ["cleave"]
+    rounds = []
+    cleave_report = None
+    for r in range(args.rounds):
+        res = {}
+        for name, step in steps.items():
+            res[name] = timed(step, args)
+        cleave_report = cleave_bench(model, args)
+        res["cleave"] = cleave_report["median_ms"]
+        rounds.append(res)
+        line = "  ".join(f"{n} {res[n]:.3f}" for n in names)
+        print(f"round {r + 1}: {line} (ms)", file=sys.stderr)
+    summary = {n: statistics.median(r[n] for r in rounds) for n in names}
+    for name in names:
+        print(f"{name:>14}: {summary[name]:.3f} ms")
+    ratios = []
+    if steps:
+        for res in rounds:
+            best = min(steps, key=lambda n: res[n])
+            ratios.append((res["cleave"] / res[best], best))
+        ratio, best = sorted(ratios)[len(ratios) // 2]
+        print(f"cleave / best baseline ({best}) = {ratio:.2f}"
+              + (f" (median of {len(ratios)} rounds: "
+                 + ", ".join(f"{x:.2f}" for x, _ in ratios) + ")" if len(ratios) > 1 else ""))
+    if cleave_report and "gflops" in cleave_report:
+        print(f"cleave: {cleave_report['flops'] / 1e6:.2f} MFLOP per step, "
+              f"{cleave_report['gflops']:.1f} GFLOP/s")
+    if args.json:
+        print(json.dumps({"rounds": rounds, "median_ms": summary,
+                          "ratios": [x for x, _ in ratios], "cleave": cleave_report}))

@@ -33,8 +33,11 @@
 //! of about 1e-5.
 
 mod compile;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod fused;
 mod gemm;
+pub mod gpu_kernel;
 mod jit;
 mod kernels;
 pub mod pipeline;

@@ -48,7 +48,10 @@ find_libs() {
     done
     export LD_LIBRARY_PATH="${dirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-    ls ${dirs//:/ } 2>/dev/null | grep -E 'libcublas\.so|libnvrtc\.so' | sort -u | tr '\n' ' '; echo
+    if [ -n "$dirs" ]; then
+        ls ${dirs//:/ } 2>/dev/null | grep -E 'libcublas\.so|libnvrtc\.so' | sort -u | tr '\n' ' ' || true
+    fi
+    echo
 }
 
 run() {

@@ -104,5 +104,5 @@ print(json.dumps({
     "config": {k: getattr(a, k) for k in ("layers", "d", "heads", "seq", "batch", "vocab")},
     "params": sum(p.numel() for p in model.parameters()),
     "median_ms": statistics.median(times),
-    "loss": float(loss),
+    "loss": loss.item(),
 }))

@@ -100,14 +100,26 @@ fn main() {
         let s = dev.compute_stream();
         let (pa, pb, pc) = (ga.ptr(s), gb.ptr(s), gc.ptr(s));
         let opb = if tb {
-            GemmOperand { ptr: pb, rs: 1, cs: k }
+            GemmOperand {
+                ptr: pb,
+                rs: 1,
+                cs: k,
+            }
         } else {
-            GemmOperand { ptr: pb, rs: nn, cs: 1 }
+            GemmOperand {
+                ptr: pb,
+                rs: nn,
+                cs: 1,
+            }
         };
         let ms = time(&dev, || unsafe {
             dev.sgemm(
                 (m, k, nn),
-                GemmOperand { ptr: pa, rs: k, cs: 1 },
+                GemmOperand {
+                    ptr: pa,
+                    rs: k,
+                    cs: 1,
+                },
                 opb,
                 pc,
                 nn,

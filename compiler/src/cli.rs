@@ -43,9 +43,9 @@ pub enum Command {
     /// Generate a pipeline schedule, simulate it, and report or draw it.
     Schedule(crate::schedule_cmd::ScheduleArgs),
     /// Train a model on a safetensors dataset with the CPU runtime.
-    Train(crate::train::TrainArgs),
+    Train(TrainCmd),
     /// Time one training step (forward, backward, optimizer update) with the CPU runtime.
-    Bench(crate::train::BenchArgs),
+    Bench(BenchCmd),
     /// Compile a model: a standalone training executable (`-o EXE`, target cpu), or with
     /// `--target cuda` the MLIR and PTX of every kernel (`-o DIR`).
     Compile(CompileCmd),
@@ -93,6 +93,58 @@ pub struct CompileCmd {
     /// With `--target cuda`: the MLIR pass pipeline to use instead of the default.
     #[arg(long)]
     pub mlir_pipeline: Option<String>,
+}
+
+/// Where training runs.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Target {
+    /// The CPU runtime.
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through the CUDA runtime (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// `cleave train` with its target.
+#[derive(clap::Args, Debug)]
+pub struct TrainCmd {
+    #[command(flatten)]
+    pub args: crate::train::TrainArgs,
+    /// Where to run: cpu, or cuda (needs `--features cuda` and a CUDA driver).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub target: Target,
+}
+
+/// `cleave bench` with its target.
+#[derive(clap::Args, Debug)]
+pub struct BenchCmd {
+    #[command(flatten)]
+    pub args: crate::train::BenchArgs,
+    /// Where to run: cpu, or cuda (needs `--features cuda` and a CUDA driver).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub target: Target,
+}
+
+/// Checks that `--target` can run here; the error says what is missing.
+fn check_target(target: Target) -> Result<()> {
+    match target {
+        Target::Cpu => Ok(()),
+        #[cfg(not(feature = "cuda"))]
+        Target::Cuda => bail!(
+            "--target cuda: this cleave binary was built without CUDA support; rebuild it with \
+             `cargo build --release --features cuda` (a CUDA driver, libcuda.so, is needed to run)"
+        ),
+        #[cfg(feature = "cuda")]
+        Target::Cuda => {
+            let dev = cleave_runtime::cuda::Device::new(0)
+                .map_err(|e| anyhow::anyhow!("--target cuda: {e}"))?;
+            bail!(
+                "--target cuda: found {}, but the GPU plan executor is not part of this build yet \
+                 (the CUDA runtime and its tests are; see scripts/gpu-check.sh)",
+                dev.name().unwrap_or_else(|_| "a GPU".into())
+            )
+        }
+    }
 }
 
 /// How a model file is read (shared by every command that takes one).
@@ -395,8 +447,14 @@ where
         Command::Opt(a) => cmd_opt(a),
         Command::Grad(a) => cmd_grad(a),
         Command::Schedule(a) => crate::schedule_cmd::cmd_schedule(a),
-        Command::Train(a) => cmd_train(a),
-        Command::Bench(a) => cmd_bench(a),
+        Command::Train(a) => {
+            check_target(a.target)?;
+            cmd_train(a.args)
+        }
+        Command::Bench(a) => {
+            check_target(a.target)?;
+            cmd_bench(a.args)
+        }
         Command::Compile(a) => cmd_compile(a),
     }
 }

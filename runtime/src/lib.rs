@@ -33,6 +33,8 @@
 //! of about 1e-5.
 
 mod compile;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod fused;
 mod gemm;
 pub mod gpu_kernel;

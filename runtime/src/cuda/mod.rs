@@ -1,0 +1,504 @@
+//! The CUDA runtime (feature `cuda`): device, buffers, PTX modules, launches, cuBLAS GEMMs,
+//! a compute and a copy stream, and events for timing.
+//!
+//! cudarc loads the CUDA libraries at run time (`dynamic-loading`), so building needs no CUDA.
+//! cudarc panics when a library is missing, so [`Device::new`] first checks that the driver
+//! (`libcuda.so`) and cuBLAS are loadable and answers [`CudaError::NoDriver`] otherwise;
+//! NVRTC (only for compiling CUDA C in tests and benchmarks) is checked by [`compile_cuda_c`].
+
+use std::sync::Arc;
+
+use cleave_ir::{DType, Tensor, TensorData};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    LaunchConfig, PushKernelArg,
+};
+
+use crate::gpu_kernel::GpuKernel;
+
+/// A failure of the CUDA runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// A CUDA library could not be loaded.
+    #[error("no CUDA {what} found: could not load {lib} (is the NVIDIA driver installed and on the library path?)")]
+    NoDriver {
+        /// Which part is missing (`driver`, `cuBLAS`, `NVRTC`).
+        what: &'static str,
+        /// The library looked for.
+        lib: &'static str,
+    },
+    /// A driver call failed.
+    #[error("CUDA driver: {context}: {message}")]
+    Driver {
+        /// What was being done.
+        context: String,
+        /// The driver's error.
+        message: String,
+    },
+    /// A cuBLAS call failed.
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+    /// NVRTC failed to compile CUDA C.
+    #[error("NVRTC: {0}")]
+    Nvrtc(String),
+    /// Bad input: a shape, type or argument mismatch.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T> = std::result::Result<T, CudaError>;
+
+fn drv<T>(context: &str, r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<T> {
+    r.map_err(|e| CudaError::Driver {
+        context: context.to_string(),
+        message: format!("{e:?}"),
+    })
+}
+
+/// Whether the CUDA driver library can be loaded (no CUDA call is made).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether cuBLAS can be loaded.
+pub fn cublas_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::cublas::sys::is_culib_present() }
+}
+
+/// Whether NVRTC can be loaded.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Checks that the driver is loadable; the error says what is missing.
+pub fn check_driver() -> Result<()> {
+    if !driver_present() {
+        return Err(CudaError::NoDriver {
+            what: "driver",
+            lib: "libcuda.so",
+        });
+    }
+    Ok(())
+}
+
+/// Compiles CUDA C source to PTX with NVRTC (checks that NVRTC is present first).
+pub fn compile_cuda_c(src: &str) -> Result<String> {
+    if !nvrtc_present() {
+        return Err(CudaError::NoDriver {
+            what: "NVRTC",
+            lib: "libnvrtc.so",
+        });
+    }
+    cudarc::nvrtc::compile_ptx(src)
+        .map(|p| p.to_src())
+        .map_err(|e| CudaError::Nvrtc(format!("{e:?}")))
+}
+
+/// One GPU: its context, a compute stream, a copy stream and a cuBLAS handle on the compute stream.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    compute: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    blas: CudaBlas,
+}
+
+/// A device buffer holding one tensor (`f32`, `i32` or `bool` as one byte).
+pub struct DeviceTensor {
+    /// Element type.
+    pub dtype: DType,
+    /// Extents.
+    pub shape: Vec<usize>,
+    /// The bytes.
+    pub buf: CudaSlice<u8>,
+}
+
+impl DeviceTensor {
+    /// The device address of the first element.
+    pub fn ptr(&self, stream: &CudaStream) -> u64 {
+        let (p, _sync) = self.buf.device_ptr(stream);
+        p
+    }
+}
+
+/// A loaded kernel: its module (kept alive), function and launch geometry.
+pub struct LoadedKernel {
+    _module: Arc<CudaModule>,
+    func: CudaFunction,
+    /// The descriptor it came from.
+    pub desc: GpuKernel,
+}
+
+fn elem_bytes(dtype: DType) -> Result<usize> {
+    match dtype {
+        DType::F32 | DType::I32 => Ok(4),
+        DType::Bool => Ok(1),
+        d => Err(CudaError::Invalid(format!(
+            "element type {d} is not supported on the GPU (f32, i32 and bool are)"
+        ))),
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    elem_bytes(t.dtype)?;
+    Ok(match (&t.data, t.dtype) {
+        (TensorData::Float(v), DType::F32) => {
+            v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect()
+        }
+        (TensorData::Int(v), DType::I32) => {
+            v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect()
+        }
+        (TensorData::Bool(v), DType::Bool) => v.iter().map(|b| *b as u8).collect(),
+        (_, d) => {
+            return Err(CudaError::Invalid(format!(
+                "tensor data does not match its element type {d}"
+            )))
+        }
+    })
+}
+
+/// Where a GEMM operand lives and how it is strided (row-major view: element `(i, p)` at
+/// `ptr + 4·(i·rs + p·cs)`); one of the strides must be 1 (cuBLAS needs a unit stride).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmOperand {
+    /// Device address.
+    pub ptr: u64,
+    /// Row stride in elements.
+    pub rs: usize,
+    /// Column stride in elements.
+    pub cs: usize,
+}
+
+impl Device {
+    /// Opens GPU `ordinal`: checks the driver and cuBLAS first, then creates the context, the two
+    /// streams and the cuBLAS handle.
+    pub fn new(ordinal: usize) -> Result<Device> {
+        check_driver()?;
+        if !cublas_present() {
+            return Err(CudaError::NoDriver {
+                what: "cuBLAS",
+                lib: "libcublas.so",
+            });
+        }
+        let ctx = drv("create context", CudaContext::new(ordinal))?;
+        let compute = drv("create compute stream", ctx.new_stream())?;
+        let copy = drv("create copy stream", ctx.new_stream())?;
+        let blas = CudaBlas::new(compute.clone()).map_err(|e| CudaError::Blas(format!("{e:?}")))?;
+        Ok(Device {
+            ctx,
+            compute,
+            copy,
+            blas,
+        })
+    }
+
+    /// The GPU's name.
+    pub fn name(&self) -> Result<String> {
+        drv("device name", self.ctx.name())
+    }
+
+    /// The compute stream (kernels and GEMMs).
+    pub fn compute_stream(&self) -> &Arc<CudaStream> {
+        &self.compute
+    }
+
+    /// The copy stream (uploads, downloads, offload).
+    pub fn copy_stream(&self) -> &Arc<CudaStream> {
+        &self.copy
+    }
+
+    /// A zeroed device buffer of `bytes` bytes.
+    pub fn alloc_bytes(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        drv("allocate", self.compute.alloc_zeros::<u8>(bytes.max(1)))
+    }
+
+    /// A zeroed device tensor.
+    pub fn zeros(&self, dtype: DType, shape: &[usize]) -> Result<DeviceTensor> {
+        let n: usize = shape.iter().product();
+        Ok(DeviceTensor {
+            dtype,
+            shape: shape.to_vec(),
+            buf: self.alloc_bytes(n * elem_bytes(dtype)?)?,
+        })
+    }
+
+    /// Copies a tensor to the device (on the copy stream, then waits for it).
+    pub fn upload(&self, t: &Tensor) -> Result<DeviceTensor> {
+        let bytes = tensor_bytes(t)?;
+        let mut buf = drv("allocate", self.copy.alloc_zeros::<u8>(bytes.len().max(1)))?;
+        if !bytes.is_empty() {
+            let mut view = buf.slice_mut(0..bytes.len());
+            drv("upload", self.copy.memcpy_htod(&bytes, &mut view))?;
+        }
+        drv("upload", self.copy.synchronize())?;
+        Ok(DeviceTensor {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            buf,
+        })
+    }
+
+    /// Copies raw bytes into the start of a device buffer (copy stream, synchronous).
+    pub fn upload_bytes(&self, dst: &mut CudaSlice<u8>, offset: usize, bytes: &[u8]) -> Result<()> {
+        if offset + bytes.len() > dst.len() {
+            return Err(CudaError::Invalid(format!(
+                "upload of {} bytes at offset {offset} overruns a {}-byte buffer",
+                bytes.len(),
+                dst.len()
+            )));
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        drv("wait for compute", self.compute.synchronize())?;
+        let mut view = dst.slice_mut(offset..offset + bytes.len());
+        drv("upload", self.copy.memcpy_htod(bytes, &mut view))?;
+        drv("upload", self.copy.synchronize())
+    }
+
+    /// Copies `len` bytes at `offset` of a device buffer back to the host (after the compute
+    /// stream's work has finished).
+    pub fn download_bytes(
+        &self,
+        src: &CudaSlice<u8>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        if offset + len > src.len() {
+            return Err(CudaError::Invalid(format!(
+                "download of {len} bytes at offset {offset} overruns a {}-byte buffer",
+                src.len()
+            )));
+        }
+        drv("wait for compute", self.compute.synchronize())?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let view = src.slice(offset..offset + len);
+        drv("download", self.copy.clone_dtoh(&view))
+    }
+
+    /// Copies a device tensor back to the host.
+    pub fn download(&self, t: &DeviceTensor) -> Result<Tensor> {
+        let n: usize = t.shape.iter().product();
+        let bytes = self.download_bytes(&t.buf, 0, n * elem_bytes(t.dtype)?)?;
+        Ok(bytes_to_tensor(t.dtype, &t.shape, &bytes))
+    }
+
+    /// Loads a kernel's PTX and finds its entry.
+    pub fn load(&self, k: &GpuKernel) -> Result<LoadedKernel> {
+        let module = drv(
+            &format!("load PTX of kernel `{}`", k.name),
+            self.ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(k.ptx.clone())),
+        )?;
+        let func = drv(
+            &format!("find entry `{}` of kernel `{}`", k.entry, k.name),
+            module.load_function(&k.entry),
+        )?;
+        Ok(LoadedKernel {
+            _module: module,
+            func,
+            desc: k.clone(),
+        })
+    }
+
+    /// Launches a loaded kernel on the compute stream with one device pointer per argument.
+    ///
+    /// # Safety
+    /// Each pointer must address a buffer at least as large as the descriptor's argument says.
+    pub unsafe fn launch_ptrs(&self, k: &LoadedKernel, ptrs: &[u64]) -> Result<()> {
+        if ptrs.len() != k.desc.args.len() {
+            return Err(CudaError::Invalid(format!(
+                "kernel `{}` takes {} buffer(s), got {}",
+                k.desc.name,
+                k.desc.args.len(),
+                ptrs.len()
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (k.desc.grid[0], k.desc.grid[1], k.desc.grid[2]),
+            block_dim: (k.desc.block[0], k.desc.block[1], k.desc.block[2]),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.compute.launch_builder(&k.func);
+        for p in ptrs {
+            b.arg(p);
+        }
+        drv(&format!("launch kernel `{}`", k.desc.name), b.launch(cfg)).map(|_| ())
+    }
+
+    /// Launches a loaded kernel on device tensors, checking them against the descriptor.
+    pub fn launch(&self, k: &LoadedKernel, args: &[&DeviceTensor]) -> Result<()> {
+        for (i, (t, a)) in args.iter().zip(&k.desc.args).enumerate() {
+            let (name, dtype, shape) = (&a.name, &a.dtype, &a.shape);
+            if t.dtype.name() != dtype || &t.shape != shape {
+                return Err(CudaError::Invalid(format!(
+                    "kernel `{}` argument {i} (`{name}`) wants {dtype}{shape:?}, got {}{:?}",
+                    k.desc.name, t.dtype, t.shape
+                )));
+            }
+        }
+        let ptrs: Vec<u64> = args.iter().map(|t| t.ptr(&self.compute)).collect();
+        // SAFETY: every buffer matches the descriptor's type and shape.
+        unsafe { self.launch_ptrs(k, &ptrs) }
+    }
+
+    /// Row-major `c = a·b` (or `c += a·b`), `batch` times with element strides between the
+    /// batches, matching the CPU GEMM's strided semantics (`gemm.rs`): `a` is `m×k`, `b` `k×n`,
+    /// `c` row-major `m×n` with row stride `ldc`. Runs on the compute stream.
+    ///
+    /// Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ, so cuBLAS gets (n, m, k) with B first; an
+    /// operand with unit column stride is "not transposed" in that view, one with unit row stride
+    /// is transposed.
+    ///
+    /// # Safety
+    /// The pointers must be valid f32 device buffers for every position the strides reach.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sgemm(
+        &self,
+        (m, k, n): (usize, usize, usize),
+        a: GemmOperand,
+        b: GemmOperand,
+        c: u64,
+        ldc: usize,
+        accumulate: bool,
+        (batch, sa, sb, sc): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let op = |o: GemmOperand, rows: usize, cols: usize, what: &str| {
+            // The column-major view of the row-major operand is its transpose.
+            if o.cs == 1 && (o.rs >= cols.max(1) || rows <= 1) {
+                Ok((
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    o.rs.max(cols).max(1),
+                ))
+            } else if o.rs == 1 && (o.cs >= rows.max(1) || cols <= 1) {
+                Ok((
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    o.cs.max(rows).max(1),
+                ))
+            } else {
+                Err(CudaError::Invalid(format!(
+                    "GEMM operand {what} ({rows}×{cols}, strides {}·{}) has no unit stride",
+                    o.rs, o.cs
+                )))
+            }
+        };
+        let (opb, ldb) = op(b, k, n, "B")?;
+        let (opa, lda) = op(a, m, k, "A")?;
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0 };
+        let h = *self.blas.handle();
+        let to_i = |x: usize| -> Result<i32> {
+            i32::try_from(x).map_err(|_| CudaError::Invalid(format!("GEMM extent {x} exceeds i32")))
+        };
+        let r = if batch == 1 {
+            blas::sgemm(
+                h,
+                opb,
+                opa,
+                to_i(n)?,
+                to_i(m)?,
+                to_i(k)?,
+                &alpha,
+                b.ptr as *const f32,
+                to_i(ldb)?,
+                a.ptr as *const f32,
+                to_i(lda)?,
+                &beta,
+                c as *mut f32,
+                to_i(ldc)?,
+            )
+        } else {
+            blas::sgemm_strided_batched(
+                h,
+                opb,
+                opa,
+                to_i(n)?,
+                to_i(m)?,
+                to_i(k)?,
+                &alpha,
+                b.ptr as *const f32,
+                to_i(ldb)?,
+                sb as i64,
+                a.ptr as *const f32,
+                to_i(lda)?,
+                sa as i64,
+                &beta,
+                c as *mut f32,
+                to_i(ldc)?,
+                sc as i64,
+                to_i(batch)?,
+            )
+        };
+        r.map_err(|e| CudaError::Blas(format!("sgemm {m}×{k}×{n} (batch {batch}): {e:?}")))
+    }
+
+    /// A timing event.
+    pub fn event(&self) -> Result<CudaEvent> {
+        drv(
+            "create event",
+            self.ctx
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)),
+        )
+    }
+
+    /// Records `ev` on the compute stream.
+    pub fn record(&self, ev: &CudaEvent) -> Result<()> {
+        drv("record event", ev.record(&self.compute))
+    }
+
+    /// Milliseconds between two recorded events (waits for the second).
+    pub fn elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f32> {
+        drv("wait for event", end.synchronize())?;
+        drv("event time", start.elapsed_ms(end))
+    }
+
+    /// Waits for the compute and copy streams.
+    pub fn synchronize(&self) -> Result<()> {
+        drv("synchronize", self.compute.synchronize())?;
+        drv("synchronize", self.copy.synchronize())
+    }
+
+    /// Device-to-device copy of `bytes` bytes on the compute stream.
+    pub fn copy_d2d(&self, src: &CudaSlice<u8>, dst: &mut CudaSlice<u8>) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(CudaError::Invalid(format!(
+                "device copy of {} bytes into {} bytes",
+                src.len(),
+                dst.len()
+            )));
+        }
+        drv("device copy", self.compute.memcpy_dtod(src, dst))
+    }
+}
+
+/// Decodes device bytes into a tensor.
+pub fn bytes_to_tensor(dtype: DType, shape: &[usize], bytes: &[u8]) -> Tensor {
+    let data = match dtype {
+        DType::I32 => TensorData::Int(
+            bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+        DType::Bool => TensorData::Bool(bytes.iter().map(|b| *b != 0).collect()),
+        _ => TensorData::Float(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+        ),
+    };
+    Tensor {
+        dtype,
+        shape: shape.to_vec(),
+        data,
+    }
+}

@@ -1,0 +1,189 @@
+//! The CUDA runtime against the CPU. Needs `--features cuda`; without a CUDA driver the GPU
+//! tests print that they skipped and check the no-driver error instead.
+#![cfg(feature = "cuda")]
+
+use cleave_ir::{DType, Tensor, TensorData};
+use cleave_runtime::cuda::{self, CudaError, Device, GemmOperand};
+use cleave_runtime::gpu_kernel::{ArgRole, GpuKernel, KernelArg};
+
+fn device(test: &str) -> Option<Device> {
+    if !cuda::driver_present() {
+        eprintln!("SKIPPED {test}: no CUDA driver (libcuda.so) on this machine");
+        return None;
+    }
+    Some(Device::new(0).expect("a present driver opens device 0"))
+}
+
+fn f32_tensor(shape: &[usize], f: impl Fn(usize) -> f64) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor {
+        dtype: DType::F32,
+        shape: shape.to_vec(),
+        data: TensorData::Float((0..n).map(|i| (f(i) as f32) as f64).collect()),
+    }
+}
+
+fn floats(t: &Tensor) -> &[f64] {
+    match &t.data {
+        TensorData::Float(v) => v,
+        _ => panic!("not a float tensor"),
+    }
+}
+
+#[test]
+fn no_driver_is_a_clear_error() {
+    if cuda::driver_present() {
+        eprintln!("SKIPPED no_driver_is_a_clear_error: a CUDA driver is present");
+        return;
+    }
+    let Err(e) = Device::new(0) else {
+        panic!("Device::new succeeded without a driver")
+    };
+    assert!(matches!(e, CudaError::NoDriver { what: "driver", .. }));
+    assert!(e.to_string().contains("libcuda.so"), "{e}");
+}
+
+const ELEMENTWISE: &str = r#"
+extern "C" __global__ void add_relu(const float* a, const float* b, float* out) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < 1000) { float s = a[i] + b[i]; out[i] = s > 0.0f ? s : 0.0f; }
+}
+"#;
+
+#[test]
+fn nvrtc_kernel_matches_cpu() {
+    let Some(dev) = device("nvrtc_kernel_matches_cpu") else {
+        return;
+    };
+    let ptx = cuda::compile_cuda_c(ELEMENTWISE).unwrap();
+    let k = GpuKernel {
+        name: "add_relu".into(),
+        entry: "add_relu".into(),
+        ptx,
+        block: [128, 1, 1],
+        grid: [8, 1, 1],
+        args: ["a", "b", "out"]
+            .iter()
+            .map(|n| KernelArg {
+                name: n.to_string(),
+                role: if *n == "out" {
+                    ArgRole::Output
+                } else {
+                    ArgRole::Input
+                },
+                dtype: "f32".into(),
+                shape: vec![1000],
+                data: Vec::new(),
+            })
+            .collect(),
+    };
+    let k = dev.load(&k).unwrap();
+    let a = f32_tensor(&[1000], |i| (i as f64 * 0.37).sin());
+    let b = f32_tensor(&[1000], |i| (i as f64 * 0.11).cos() - 0.5);
+    let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+    let out = dev.zeros(DType::F32, &[1000]).unwrap();
+    dev.launch(&k, &[&da, &db, &out]).unwrap();
+    let got = dev.download(&out).unwrap();
+    for (i, g) in floats(&got).iter().enumerate() {
+        let want = ((floats(&a)[i] as f32 + floats(&b)[i] as f32).max(0.0)) as f64;
+        assert_eq!(*g, want, "element {i}");
+    }
+    // A wrong argument is an error naming the kernel and the argument.
+    let small = dev.zeros(DType::F32, &[10]).unwrap();
+    let e = dev.launch(&k, &[&da, &db, &small]).unwrap_err().to_string();
+    assert!(e.contains("add_relu") && e.contains("`out`"), "{e}");
+}
+
+/// Row-major reference: c[i][j] (+)= Σ_p a(i,p)·b(p,j) with the operands' strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm_ref(
+    (m, k, n): (usize, usize, usize),
+    a: &[f64],
+    (ars, acs): (usize, usize),
+    b: &[f64],
+    (brs, bcs): (usize, usize),
+    c: &mut [f64],
+    acc: bool,
+) {
+    for i in 0..m {
+        for j in 0..n {
+            let s: f64 = (0..k)
+                .map(|p| a[i * ars + p * acs] * b[p * brs + j * bcs])
+                .sum();
+            c[i * n + j] = if acc { c[i * n + j] + s } else { s };
+        }
+    }
+}
+
+#[test]
+fn cublas_gemm_matches_cpu_with_transposes_accumulate_and_batches() {
+    let Some(dev) = device("cublas_gemm_matches_cpu") else {
+        return;
+    };
+    let (m, k, n, batch) = (5, 7, 3, 2);
+    for (ta, tb, acc) in [
+        (false, false, false),
+        (true, false, true),
+        (false, true, false),
+        (true, true, true),
+    ] {
+        let a_str = if ta { (1, m) } else { (k, 1) };
+        let b_str = if tb { (1, k) } else { (n, 1) };
+        let a = f32_tensor(&[batch, m * k], |i| ((i * 7 % 11) as f64 - 5.0) / 4.0);
+        let b = f32_tensor(&[batch, k * n], |i| ((i * 5 % 13) as f64 - 6.0) / 8.0);
+        let c0 = f32_tensor(&[batch, m * n], |i| i as f64 / 16.0);
+        let (da, db, dc) = (
+            dev.upload(&a).unwrap(),
+            dev.upload(&b).unwrap(),
+            dev.upload(&c0).unwrap(),
+        );
+        let s = dev.compute_stream();
+        let op = |ptr, (rs, cs)| GemmOperand { ptr, rs, cs };
+        unsafe {
+            dev.sgemm(
+                (m, k, n),
+                op(da.ptr(s), a_str),
+                op(db.ptr(s), b_str),
+                dc.ptr(s),
+                n,
+                acc,
+                (batch, m * k, k * n, m * n),
+            )
+            .unwrap();
+        }
+        let got = dev.download(&dc).unwrap();
+        let mut want = floats(&c0).to_vec();
+        for bi in 0..batch {
+            gemm_ref(
+                (m, k, n),
+                &floats(&a)[bi * m * k..],
+                a_str,
+                &floats(&b)[bi * k * n..],
+                b_str,
+                &mut want[bi * m * n..(bi + 1) * m * n],
+                acc,
+            );
+        }
+        for (i, (g, w)) in floats(&got).iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "ta={ta} tb={tb} acc={acc} [{i}]: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn events_time_a_copy() {
+    let Some(dev) = device("events_time_a_copy") else {
+        return;
+    };
+    let src = dev.alloc_bytes(1 << 20).unwrap();
+    let mut dst = dev.alloc_bytes(1 << 20).unwrap();
+    let (e0, e1) = (dev.event().unwrap(), dev.event().unwrap());
+    dev.record(&e0).unwrap();
+    dev.copy_d2d(&src, &mut dst).unwrap();
+    dev.record(&e1).unwrap();
+    let ms = dev.elapsed_ms(&e0, &e1).unwrap();
+    assert!(ms >= 0.0, "{ms}");
+}

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # GPU check in two halves (see README "GPU"):
 #
-#   scripts/gpu-check.sh build   # here, with a Rust toolchain: builds the CUDA test executables and
-#                                # benchmark with --features cuda (release) into .gpu/
+#   scripts/gpu-check.sh build   # here, with a Rust toolchain and LLVM/MLIR 22: builds the CUDA
+#                                # test executables and benchmark with --features cuda (release),
+#                                # and writes the GPU check cases (every op's kernels and the MLP
+#                                # and GPT-tiny training steps, compiled to PTX through MLIR, with
+#                                # the interpreter's outputs) into .gpu/
 #   scripts/gpu-check.sh run     # on the GPU machine, from the repo root (no Rust, no network):
 #                                # finds the CUDA libraries, runs the GPU tests, the bandwidth and
 #                                # GEMM figures and the PyTorch eager GPT-small baseline
@@ -30,7 +33,11 @@ for l in sys.stdin:
     cp "$exe" .gpu/cuda_tests
     cargo build -j2 "${flag[@]}" -p cleave-runtime --features cuda --example gpu_bench
     cp "target/$profile/examples/gpu_bench" .gpu/gpu_bench
-    strip .gpu/cuda_tests .gpu/gpu_bench
+    cargo build -j2 "${flag[@]}" -p cleave-runtime --features cuda --example gpu_cases
+    cp "target/$profile/examples/gpu_cases" .gpu/gpu_cases
+    strip .gpu/cuda_tests .gpu/gpu_bench .gpu/gpu_cases
+    # The cases need MLIR (feature mlir) but no GPU; the device side needs neither.
+    cargo run -q -j2 -p cleave-mlir --features mlir --example gpu_cases -- .gpu/cases
     cp scripts/gpu-check.sh .gpu/
     cp benches/baselines/gpt_small_torch.py .gpu/
     du -sh .gpu
@@ -68,8 +75,10 @@ run() {
     "$dir/gpu_bench" 2>&1 | log gpu-figures.jsonl || rc=1
     echo "== PyTorch eager GPT-small training step" | log gpu-check.txt
     timeout 240 python3 "$dir/gpt_small_torch.py" 2>&1 | log gpu-figures.jsonl || rc=1
-    echo "gpu-check: GPT-tiny 50 steps GPU vs CPU and the cleave GPT-small step need the GPU plan" \
-        "executor, which is not built yet: skipped" | log gpu-check.txt
+    echo "== MLIR kernels on the GPU against the interpreter; GPT-tiny 50 SGD steps" | log gpu-check.txt
+    "$dir/gpu_cases" "$dir/cases" 2>&1 | log gpu-cases.jsonl || rc=1
+    echo "gpu-check: the cleave GPT-small training step on the GPU is not timed yet (GEMMs run as" \
+        "MLIR kernels, not cuBLAS, in the GPU function runner): skipped" | log gpu-check.txt
     return $rc
 }
 

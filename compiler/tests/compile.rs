@@ -312,15 +312,26 @@ fn compile_errors() {
     let dir = tmp("compile-errors");
     let out = dir.join("x");
     let o = out.to_str().unwrap();
-    let e = err(&cleave(&[
+    // `--target cuda` writes kernels with the MLIR backend, and says how to get it without.
+    let kernels = dir.join("kernels");
+    let gpu = cleave(&[
         "compile",
         "examples/mlp-digits.cir",
         "-o",
-        o,
+        kernels.to_str().unwrap(),
         "--target",
         "cuda",
-    ]));
-    assert!(e.contains("--target cuda"), "{e}");
+    ]);
+    if cfg!(feature = "mlir") {
+        ok(&gpu);
+        assert!(kernels.join("kernels.json").is_file());
+    } else {
+        let e = err(&gpu);
+        assert!(
+            e.contains("--target cuda") && e.contains("--features mlir"),
+            "{e}"
+        );
+    }
     let e = err(&cleave(&[
         "compile",
         "examples/mlp-digits.cir",

@@ -17,6 +17,8 @@
 //!    no shared memory); then run the [`GpuKernelGroup::copies`];
 //! 3. read back the function's outputs ([`GpuFunction::outputs`] names their buffers).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// What a buffer passed to a kernel is, relative to the cleave function the kernel came from.
@@ -127,4 +129,63 @@ pub struct GpuFunction {
     pub outputs: Vec<(String, String)>,
     /// The kernel groups, in execution order.
     pub groups: Vec<GpuKernelGroup>,
+}
+
+/// A tensor as plain data (element type name, shape, elements as f64; bools 0/1): the form GPU
+/// check cases carry their inputs and expected outputs in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlainTensor {
+    /// Element type name (`f32`, `i32`, `bool`).
+    pub dtype: String,
+    /// Extents.
+    pub shape: Vec<usize>,
+    /// Elements, row-major.
+    pub data: Vec<f64>,
+}
+
+impl PlainTensor {
+    /// From an interpreter tensor.
+    pub fn from_tensor(t: &cleave_ir::Tensor) -> PlainTensor {
+        PlainTensor {
+            dtype: t.dtype.name().to_string(),
+            shape: t.shape.clone(),
+            data: t.to_f64_vec(),
+        }
+    }
+
+    /// To an interpreter tensor; `None` for an unknown element type name.
+    pub fn to_tensor(&self) -> Option<cleave_ir::Tensor> {
+        let d = cleave_ir::DType::from_name(&self.dtype)?;
+        let shape = self.shape.clone();
+        Some(match d {
+            cleave_ir::DType::Bool => {
+                cleave_ir::Tensor::from_bool(shape, self.data.iter().map(|&x| x != 0.0).collect())
+            }
+            d if d.is_float() => cleave_ir::Tensor::from_float(d, shape, self.data.clone()),
+            d => {
+                cleave_ir::Tensor::from_i64(d, shape, self.data.iter().map(|&x| x as i64).collect())
+            }
+        })
+    }
+}
+
+/// One GPU check: a compiled function, its inputs and the interpreter's outputs; with `steps` >
+/// 1, a training step run `steps` times, each step's outputs named in `carry` fed back as the
+/// next step's arguments, and `losses` the interpreter's loss of every step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuCase {
+    /// A name for reports.
+    pub name: String,
+    /// The kernels.
+    pub function: GpuFunction,
+    /// Every argument, by name.
+    pub inputs: BTreeMap<String, PlainTensor>,
+    /// The interpreter's outputs of one run, by name.
+    pub expected: BTreeMap<String, PlainTensor>,
+    /// Steps to run (1: a plain comparison of `expected`).
+    pub steps: usize,
+    /// Outputs fed back into the same-named arguments between steps.
+    pub carry: Vec<String>,
+    /// The interpreter's `loss` output of each step.
+    pub losses: Vec<f64>,
 }

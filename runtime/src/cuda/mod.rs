@@ -17,6 +17,9 @@ use cudarc::driver::{
 
 use crate::gpu_kernel::GpuKernel;
 
+mod function;
+pub use function::GpuRunner;
+
 /// A failure of the CUDA runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -335,7 +338,10 @@ impl Device {
     pub fn launch(&self, k: &LoadedKernel, args: &[&DeviceTensor]) -> Result<()> {
         for (i, (t, a)) in args.iter().zip(&k.desc.args).enumerate() {
             let (name, dtype, shape) = (&a.name, &a.dtype, &a.shape);
-            if t.dtype.name() != dtype || &t.shape != shape {
+            // Buffers are dense and row-major, so a kernel may view one under another shape of
+            // the same size (a `reshape` is the same bytes).
+            let numel = |s: &[usize]| s.iter().product::<usize>();
+            if t.dtype.name() != dtype || numel(&t.shape) != numel(shape) {
                 return Err(CudaError::Invalid(format!(
                     "kernel `{}` argument {i} (`{name}`) wants {dtype}{shape:?}, got {}{:?}",
                     k.desc.name, t.dtype, t.shape

@@ -249,31 +249,8 @@ pub fn compile(a: &CompileArgs) -> Result<CompileReport> {
     if a.stages == 0 || a.microbatches == 0 {
         bail!("--stages and --microbatches must be at least 1");
     }
-    let onnx = a.model.extension().is_some_and(|e| e == "onnx");
-    let loaded = crate::load::load_model(
-        &a.model,
-        &crate::load::LoadOptions {
-            batch: if onnx { a.batch } else { None },
-            loss: a.loss,
-            labels: a.labels.clone(),
-        },
-    )?;
-    let forward = loaded
-        .module
-        .functions
-        .first()
-        .context("the module has no functions")?;
-    if forward.output("loss").is_none() {
-        bail!(
-            "@{}: training needs a scalar output named `loss`",
-            forward.name
-        );
-    }
-    let traced = forward
-        .data_inputs()
-        .next()
-        .and_then(|x| x.ty.shape.first().copied())
-        .context("the model has no data input with a batch dimension")?;
+    let crate::train::TrainingModel { loaded, traced, .. } =
+        crate::train::load_training_model(&a.model, a.batch, a.loss, a.labels.clone())?;
     if let Some(b) = a.batch {
         if b != traced {
             bail!(

@@ -54,7 +54,6 @@ use cleave_runtime::pipeline::{
 use cleave_runtime::{compile_with, CompileOptions, HostData};
 
 use crate::init::init_params;
-use crate::load::load_model;
 use crate::train::{
     evaluate, gather_batch, load_data, set_host, Metrics, OptimizerArg, Order, TrainArgs,
     TrainSummary,
@@ -280,32 +279,11 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         .as_deref()
         .map(parse_fail_action)
         .transpose()?;
-    let onnx = a.model.extension().is_some_and(|e| e == "onnx");
-    let loaded = load_model(
-        &a.model,
-        &crate::load::LoadOptions {
-            batch: if onnx { a.batch } else { None },
-            loss: a.loss,
-            labels: a.labels.clone(),
-        },
-    )?;
-    let forward = loaded
-        .module
-        .functions
-        .first()
-        .context("the module has no functions")?
-        .clone();
-    if forward.output("loss").is_none() {
-        bail!(
-            "@{}: training needs a scalar output named `loss`",
-            forward.name
-        );
-    }
-    let mb = forward
-        .data_inputs()
-        .next()
-        .and_then(|x| x.ty.shape.first().copied())
-        .context("the model has no data input with a batch dimension")?;
+    let crate::train::TrainingModel {
+        loaded,
+        forward,
+        traced: mb,
+    } = crate::train::load_training_model(&a.model, a.batch, a.loss, a.labels.clone())?;
     if let Some(b) = a.batch {
         if b != mb {
             bail!(

@@ -254,24 +254,37 @@ pub fn build_step(
     build_step_with(model, batch, loss, opt, lr, &GradMethod::Bp)
 }
 
-/// Loads a model and builds its training step with a gradient method.
-pub fn build_step_with(
+/// A model loaded for training: the loaded module (with any parameters stored in the file), a copy
+/// of its forward function, checked to have a scalar `loss` output and a batched data input, and
+/// the batch it was traced at. `batch` binds an `.onnx` model's symbolic batch; a `.cir` model's
+/// shapes are fixed (callers check `--batch` against `traced` with their own wording).
+pub struct TrainingModel {
+    /// The module and its stored parameters.
+    pub loaded: crate::load::LoadedModel,
+    /// The forward function (the module's first).
+    pub forward: cleave_ir::Function,
+    /// The leading extent of the first data input.
+    pub traced: usize,
+}
+
+/// Loads `model` for training (see [`TrainingModel`]).
+pub fn load_training_model(
     model: &Path,
     batch: Option<usize>,
-    loss: (Option<crate::loss::LossKind>, Option<String>),
-    opt: OptimizerArg,
-    lr: f64,
-    method: &GradMethod,
-) -> Result<Built> {
+    loss: Option<crate::loss::LossKind>,
+    labels: Option<String>,
+) -> Result<TrainingModel> {
     let onnx = model.extension().is_some_and(|e| e == "onnx");
-    let opts = crate::load::LoadOptions {
-        batch: if onnx { batch } else { None },
-        loss: loss.0,
-        labels: loss.1,
-    };
-    let loaded = load_model(model, &opts)?;
-    let (module, file_params) = (loaded.module, loaded.params);
-    let forward = module
+    let loaded = load_model(
+        model,
+        &crate::load::LoadOptions {
+            batch: if onnx { batch } else { None },
+            loss,
+            labels,
+        },
+    )?;
+    let forward = loaded
+        .module
         .functions
         .first()
         .context("the module has no functions")?
@@ -287,6 +300,28 @@ pub fn build_step_with(
         .next()
         .and_then(|a| a.ty.shape.first().copied())
         .context("the model has no data input with a batch dimension")?;
+    Ok(TrainingModel {
+        loaded,
+        forward,
+        traced,
+    })
+}
+
+/// Loads a model and builds its training step with a gradient method.
+pub fn build_step_with(
+    model: &Path,
+    batch: Option<usize>,
+    loss: (Option<crate::loss::LossKind>, Option<String>),
+    opt: OptimizerArg,
+    lr: f64,
+    method: &GradMethod,
+) -> Result<Built> {
+    let TrainingModel {
+        loaded,
+        forward,
+        traced,
+    } = load_training_model(model, batch, loss.0, loss.1)?;
+    let file_params = loaded.params;
     if let Some(b) = batch {
         if b != traced {
             bail!(

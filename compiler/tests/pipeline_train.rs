@@ -6,10 +6,9 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use cleave_compiler::pipeline_train::{train, PipelineRun};
+use cleave_compiler::pipeline_train::train;
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
-use cleave_runtime::HostData;
-use common::root;
+use common::{assert_same, root};
 
 /// Every schedule the driver supports (interleaved and zb-v place two stages per device).
 const SCHEDULES: [&str; 7] = [
@@ -32,35 +31,6 @@ fn args(model: &str, data: &str, p: usize, m: usize, schedule: &str, steps: usiz
         microbatches: m,
         schedule: schedule.into(),
         ..common::args(steps)
-    }
-}
-
-fn bits(d: &HostData) -> Vec<u32> {
-    match d {
-        HostData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
-        HostData::I32(v) => v.iter().map(|&x| x as u32).collect(),
-        HostData::Bool(v) => v.iter().map(|&x| x as u32).collect(),
-    }
-}
-
-fn assert_same(what: &str, want: &PipelineRun, have: &PipelineRun) {
-    let lw: Vec<u64> = want.losses.iter().map(|x| x.to_bits()).collect();
-    let lh: Vec<u64> = have.losses.iter().map(|x| x.to_bits()).collect();
-    assert_eq!(
-        lh, lw,
-        "{what}: losses differ: {:?} vs {:?}",
-        have.losses, want.losses
-    );
-    assert_eq!(
-        want.params.keys().collect::<Vec<_>>(),
-        have.params.keys().collect::<Vec<_>>(),
-        "{what}"
-    );
-    for (name, w) in &want.params {
-        assert!(
-            bits(&have.params[name]) == bits(w),
-            "{what}: parameter {name} differs from the one-stage run"
-        );
     }
 }
 

@@ -7,8 +7,7 @@ mod common;
 use cleave_compiler::pipeline_train::{train, PipelineRun};
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
 use cleave_passes::remat::Choice;
-use cleave_runtime::HostData;
-use common::root;
+use common::{assert_same, root};
 
 const MLP: (&str, &str) = (
     "examples/mlp-digits.cir",
@@ -47,26 +46,6 @@ fn args(
         remat: remat.map(String::from),
         memory_limit: limit.map(|l| l.to_string()),
         ..common::args(steps)
-    }
-}
-
-fn bits(d: &HostData) -> Vec<u32> {
-    match d {
-        HostData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
-        HostData::I32(v) => v.iter().map(|&x| x as u32).collect(),
-        HostData::Bool(v) => v.iter().map(|&x| x as u32).collect(),
-    }
-}
-
-fn assert_same(what: &str, want: &PipelineRun, have: &PipelineRun) {
-    let lw: Vec<u64> = want.losses.iter().map(|x| x.to_bits()).collect();
-    let lh: Vec<u64> = have.losses.iter().map(|x| x.to_bits()).collect();
-    assert_eq!(lh, lw, "{what}: losses differ");
-    for (name, w) in &want.params {
-        assert!(
-            bits(&have.params[name]) == bits(w),
-            "{what}: parameter {name} differs"
-        );
     }
 }
 

@@ -3,8 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use cleave_compiler::pipeline_train::PipelineRun;
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
 use cleave_ir::Tensor;
+use cleave_runtime::HostData;
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -59,4 +61,35 @@ pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
         .zip(&w)
         .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
         / scale
+}
+
+/// The bit patterns of a host buffer.
+pub fn bits(d: &HostData) -> Vec<u32> {
+    match d {
+        HostData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+        HostData::I32(v) => v.iter().map(|&x| x as u32).collect(),
+        HostData::Bool(v) => v.iter().map(|&x| x as u32).collect(),
+    }
+}
+
+/// Two pipelined runs have bit-identical losses and final parameters.
+pub fn assert_same(what: &str, want: &PipelineRun, have: &PipelineRun) {
+    let lw: Vec<u64> = want.losses.iter().map(|x| x.to_bits()).collect();
+    let lh: Vec<u64> = have.losses.iter().map(|x| x.to_bits()).collect();
+    assert_eq!(
+        lh, lw,
+        "{what}: losses differ: {:?} vs {:?}",
+        have.losses, want.losses
+    );
+    assert_eq!(
+        want.params.keys().collect::<Vec<_>>(),
+        have.params.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    for (name, w) in &want.params {
+        assert!(
+            bits(&have.params[name]) == bits(w),
+            "{what}: parameter {name} differs"
+        );
+    }
 }

@@ -11,20 +11,11 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use cleave_ir::{run_function_named, Function, Module, Precision, Tensor};
+use cleave_ir::{run_function_named, Function, Precision, Tensor};
 use cleave_mlir::gpu::compile_gpu;
 use cleave_mlir::pipeline::default_gpu_pipeline;
-use cleave_passes::{PassContext, PassManager};
-use cleave_runtime::gpu_kernel::{GpuCase, PlainTensor};
 
-fn training_step(example: &str, optimizer: &str) -> Function {
-    let mut module = Module::with_function(common::example(example));
-    PassManager::from_pipeline(&format!("autodiff,{optimizer}"))
-        .unwrap()
-        .run(&mut module, &mut PassContext::default(), &mut |_| {})
-        .unwrap();
-    module.functions.remove(0)
-}
+use cleave_runtime::gpu_kernel::{GpuCase, PlainTensor};
 
 fn plain(m: &BTreeMap<String, Tensor>) -> BTreeMap<String, PlainTensor> {
     m.iter()
@@ -84,14 +75,14 @@ fn main() {
     }
     cases.push(case(
         "mlp training step (momentum)",
-        &training_step("mlp.cir", "optimizer{kind=momentum,lr=0.05}"),
+        &common::training_step("mlp.cir", "optimizer{kind=momentum,lr=0.05}"),
         7,
         1,
     ));
     // Small parameters (±0.2) and lr 0.05, as the CPU check uses: 50 steps of SGD.
     cases.push(case(
         "gpt-tiny 50 SGD steps",
-        &training_step("gpt-tiny.cir", "optimizer{kind=sgd,lr=0.05}"),
+        &common::training_step("gpt-tiny.cir", "optimizer{kind=sgd,lr=0.05}"),
         8,
         50,
     ));

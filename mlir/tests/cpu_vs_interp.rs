@@ -7,9 +7,8 @@
 
 mod common;
 
-use cleave_ir::{run_function_named, Function, Module, Precision};
+use cleave_ir::{run_function_named, Function, Precision};
 use cleave_mlir::cpu::compile_cpu;
-use cleave_passes::{PassContext, PassManager};
 
 const RTOL: f64 = 1e-5;
 
@@ -36,24 +35,15 @@ fn every_op_family() {
     }
 }
 
-fn training_step(example: &str, optimizer: &str) -> Function {
-    let mut module = Module::with_function(common::example(example));
-    PassManager::from_pipeline(&format!("autodiff,{optimizer}"))
-        .unwrap()
-        .run(&mut module, &mut PassContext::default(), &mut |_| {})
-        .unwrap();
-    module.functions.remove(0)
-}
-
 #[test]
 fn mlp_training_step() {
-    let f = training_step("mlp.cir", "optimizer{kind=momentum,lr=0.05}");
+    let f = common::training_step("mlp.cir", "optimizer{kind=momentum,lr=0.05}");
     check(&f, 7, "mlp.cir training step");
 }
 
 #[test]
 fn gpt_tiny_training_step() {
-    let f = training_step("gpt-tiny.cir", "optimizer{kind=sgd,lr=0.05}");
+    let f = common::training_step("gpt-tiny.cir", "optimizer{kind=sgd,lr=0.05}");
     check(&f, 8, "gpt-tiny.cir training step");
 }
 

@@ -156,16 +156,8 @@ fn training_steps_compile_to_ptx() {
         ("gpt-tiny.cir", "optimizer{kind=adamw}"),
         ("mlp.cir", "optimizer{kind=momentum}"),
     ] {
-        let mut module = cleave_ir::Module::with_function(common::example(example));
-        cleave_passes::PassManager::from_pipeline(&format!("autodiff,{opt}"))
-            .unwrap()
-            .run(
-                &mut module,
-                &mut cleave_passes::PassContext::default(),
-                &mut |_| {},
-            )
-            .unwrap();
-        let prog = compile_gpu(&module.functions[0], &default_gpu_pipeline())
+        let step = common::training_step(example, opt);
+        let prog = compile_gpu(&step, &default_gpu_pipeline())
             .unwrap_or_else(|e| panic!("{example}: {e}"));
         let desc = prog.descriptor();
         // Dataflow: every buffer a launch reads is an argument, a constant, a temporary of its

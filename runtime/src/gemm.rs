@@ -78,6 +78,7 @@ pub(crate) unsafe fn sgemm(
                             c.get().add(lo * ldc),
                             ldc,
                             accumulate,
+                            1.0,
                         );
                     } else {
                         gemm_1(
@@ -89,6 +90,7 @@ pub(crate) unsafe fn sgemm(
                             c.get().add(lo),
                             ldc,
                             accumulate,
+                            1.0,
                         );
                     }
                 }
@@ -96,7 +98,17 @@ pub(crate) unsafe fn sgemm(
             return;
         }
     }
-    gemm_1((m, k, n), a, (ars, acs), b, (brs, bcs), c, ldc, accumulate);
+    gemm_1(
+        (m, k, n),
+        a,
+        (ars, acs),
+        b,
+        (brs, bcs),
+        c,
+        ldc,
+        accumulate,
+        1.0,
+    );
 }
 
 /// Products of at least this many FLOPs are split across the pool's threads.
@@ -115,7 +127,7 @@ impl SendPtr {
     }
 }
 
-/// One single-threaded `gemm` call (see [`sgemm`]).
+/// One single-threaded `gemm` call: `c ← (accumulate ? c : 0) + scale·a·b` (see [`sgemm`]).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_1(
     (m, k, n): (usize, usize, usize),
@@ -126,6 +138,7 @@ unsafe fn gemm_1(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
+    scale: f32,
 ) {
     gemm::gemm(
         m,
@@ -142,7 +155,7 @@ unsafe fn gemm_1(
         bcs as isize,
         brs as isize,
         if accumulate { 1.0 } else { 0.0 },
-        1.0,
+        scale,
         false,
         false,
         false,
@@ -169,25 +182,5 @@ pub(crate) unsafe fn sgemm_scaled(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        c,
-        1,
-        ldc as isize,
-        true,
-        a,
-        acs as isize,
-        ars as isize,
-        b,
-        bcs as isize,
-        brs as isize,
-        1.0,
-        scale,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
+    gemm_1((m, k, n), a, (ars, acs), b, (brs, bcs), c, ldc, true, scale);
 }

@@ -39,6 +39,20 @@ pub fn example(name: &str) -> Function {
     cleave_ir::parse_module(&text).unwrap().functions[0].clone()
 }
 
+/// The training step (`autodiff,<optimizer>`) of an example model.
+pub fn training_step(example: &str, optimizer: &str) -> Function {
+    let mut module = cleave_ir::Module::with_function(self::example(example));
+    cleave_passes::PassManager::from_pipeline(&format!("autodiff,{optimizer}"))
+        .unwrap()
+        .run(
+            &mut module,
+            &mut cleave_passes::PassContext::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+    module.functions.remove(0)
+}
+
 /// Deterministic pseudo-random numbers (SplitMix64).
 pub struct Rng(u64);
 

@@ -461,17 +461,7 @@ where
 
 fn cmd_train(a: crate::train::TrainArgs) -> Result<()> {
     let s = crate::train::train(&a)?;
-    let mut line = format!(
-        "trained {} step(s), {:.0} steps/s",
-        s.steps_run, s.steps_per_s
-    );
-    if let Some(l) = s.final_loss {
-        line.push_str(&format!(", final loss {l:.4}"));
-    }
-    if let Some(acc) = s.accuracy {
-        line.push_str(&format!(", held-out accuracy {:.2}%", acc * 100.0));
-    }
-    println!("{line}");
+    println!("{}", crate::aot::summary_line(&s));
     Ok(())
 }
 

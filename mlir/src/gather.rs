@@ -199,24 +199,15 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                 let acc = b.for_loop(numel(&red), &[(init, t.clone())], |b, k, acc| {
                     let ri = b.decompose(k, &red);
                     let c = b.add(&cbase, &ri[0]);
-                    let mut coords = Vec::new();
-                    let mut ok: Option<String> = None;
-                    for d in 0..2 {
+                    let taps = [0, 1].map(|d| {
                         let a = b.mul_add(&oi[2 + d], stride[d], None);
                         let tap = b.mul_add(&ri[1 + d], dilation[d], Some(&a));
                         let pad = b.idx(padding[d] as i64);
                         let pos = b.sub(&tap, &pad);
                         let v = in_range(b, &pos, xs[2 + d]);
-                        ok = Some(match ok {
-                            Some(o) => and(b, &o, &v),
-                            None => v,
-                        });
-                        coords.push(pos);
-                    }
-                    let ok = ok.expect("two dims");
-                    let z = b.idx(0);
-                    let hh = b.select(&ok, &coords[0], &z, "index");
-                    let ww = b.select(&ok, &coords[1], &z, "index");
+                        (pos, v)
+                    });
+                    let (ok, hh, ww) = clamp_tap(b, taps);
                     let xi = b.compose(&[oi[0].clone(), c, hh, ww], &xs);
                     let wi = b.compose(
                         &[oi[1].clone(), ri[0].clone(), ri[1].clone(), ri[2].clone()],
@@ -224,10 +215,7 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                     );
                     let xv = x.at(b, &xi);
                     let wv = w.at(b, &wi);
-                    let prod = b.bin("arith.mulf", &xv, &wv, t);
-                    let zero = b.fc(0.0, t);
-                    let prod = b.select(&ok, &prod, &zero, t);
-                    vec![b.bin("arith.addf", &acc[0], &prod, t)]
+                    vec![masked_mac(b, &acc[0], &ok, &xv, &wv, t)]
                 });
                 acc[0].clone()
             })]
@@ -258,9 +246,7 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                 let acc = b.for_loop(numel(&red), &[(init, t.clone())], |b, k, acc| {
                     let ri = b.decompose(k, &red);
                     let o = b.add(&obase, &ri[0]);
-                    let mut coords = Vec::new();
-                    let mut ok: Option<String> = None;
-                    for d in 0..2 {
+                    let taps = [0, 1].map(|d| {
                         // num = h + pad - kh·d must be ≥ 0, divisible by s, and num/s < HO.
                         let pad = b.idx(padding[d] as i64);
                         let hp = b.add(&oi[2 + d], &pad);
@@ -275,24 +261,14 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                         let inr = in_range(b, &q, ds[2 + d]);
                         let v = and(b, &nonneg, &div);
                         let v = and(b, &v, &inr);
-                        ok = Some(match ok {
-                            Some(o) => and(b, &o, &v),
-                            None => v,
-                        });
-                        coords.push(q);
-                    }
-                    let ok = ok.expect("two dims");
-                    let z = b.idx(0);
-                    let hh = b.select(&ok, &coords[0], &z, "index");
-                    let ww = b.select(&ok, &coords[1], &z, "index");
+                        (q, v)
+                    });
+                    let (ok, hh, ww) = clamp_tap(b, taps);
                     let di = b.compose(&[oi[0].clone(), o.clone(), hh, ww], &ds);
                     let wi = b.compose(&[o, cl.clone(), ri[1].clone(), ri[2].clone()], &ws);
                     let dv = dy.at(b, &di);
                     let wv = w.at(b, &wi);
-                    let prod = b.bin("arith.mulf", &dv, &wv, t);
-                    let zero = b.fc(0.0, t);
-                    let prod = b.select(&ok, &prod, &zero, t);
-                    vec![b.bin("arith.addf", &acc[0], &prod, t)]
+                    vec![masked_mac(b, &acc[0], &ok, &dv, &wv, t)]
                 });
                 acc[0].clone()
             })]
@@ -320,24 +296,15 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                 let red = [ds[0], ds[2], ds[3]];
                 let acc = b.for_loop(numel(&red), &[(init, t.clone())], |b, k, acc| {
                     let ri = b.decompose(k, &red);
-                    let mut coords = Vec::new();
-                    let mut ok: Option<String> = None;
-                    for d in 0..2 {
+                    let taps = [0, 1].map(|d| {
                         let a = b.mul_add(&ri[1 + d], stride[d], None);
                         let tap = b.mul_add(&oi[2 + d], dilation[d], Some(&a));
                         let pad = b.idx(padding[d] as i64);
                         let pos = b.sub(&tap, &pad);
                         let v = in_range(b, &pos, xs[2 + d]);
-                        ok = Some(match ok {
-                            Some(o) => and(b, &o, &v),
-                            None => v,
-                        });
-                        coords.push(pos);
-                    }
-                    let ok = ok.expect("two dims");
-                    let z = b.idx(0);
-                    let hh = b.select(&ok, &coords[0], &z, "index");
-                    let ww = b.select(&ok, &coords[1], &z, "index");
+                        (pos, v)
+                    });
+                    let (ok, hh, ww) = clamp_tap(b, taps);
                     let xi = b.compose(&[ri[0].clone(), c.clone(), hh, ww], &xs);
                     let di = b.compose(
                         &[ri[0].clone(), oi[0].clone(), ri[1].clone(), ri[2].clone()],
@@ -345,10 +312,7 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                     );
                     let xv = x.at(b, &xi);
                     let dv = dy.at(b, &di);
-                    let prod = b.bin("arith.mulf", &xv, &dv, t);
-                    let zero = b.fc(0.0, t);
-                    let prod = b.select(&ok, &prod, &zero, t);
-                    vec![b.bin("arith.addf", &acc[0], &prod, t)]
+                    vec![masked_mac(b, &acc[0], &ok, &xv, &dv, t)]
                 });
                 acc[0].clone()
             })]
@@ -783,24 +747,33 @@ fn window_tap(
     padding: [usize; 4],
     xs: &[usize],
 ) -> (String, String, String) {
-    let mut coords = Vec::new();
-    let mut ok: Option<String> = None;
-    for d in 0..2 {
+    let taps = [0, 1].map(|d| {
         let a = b.mul_add(&oi[2 + d], stride[d], Some(&ri[d]));
         let pad = b.idx(padding[d] as i64);
         let pos = b.sub(&a, &pad);
         let v = in_range(b, &pos, xs[2 + d]);
-        ok = Some(match ok {
-            Some(o) => and(b, &o, &v),
-            None => v,
-        });
-        coords.push(pos);
-    }
-    let ok = ok.expect("two dims");
+        (pos, v)
+    });
+    clamp_tap(b, taps)
+}
+
+/// A 2-D tap from its per-dimension `(coordinate, in-bounds flag)`: the flag of both, and both
+/// coordinates clamped to 0 where the tap is outside, so the read stays in bounds (its value is
+/// masked out by the flag).
+fn clamp_tap(b: &mut Body, taps: [(String, String); 2]) -> (String, String, String) {
+    let ok = and(b, &taps[0].1, &taps[1].1);
     let z = b.idx(0);
-    let hh = b.select(&ok, &coords[0], &z, "index");
-    let ww = b.select(&ok, &coords[1], &z, "index");
+    let hh = b.select(&ok, &taps[0].0, &z, "index");
+    let ww = b.select(&ok, &taps[1].0, &z, "index");
     (ok, hh, ww)
+}
+
+/// `acc + (ok ? x·y : 0)` in the float type `t`.
+fn masked_mac(b: &mut Body, acc: &str, ok: &str, x: &str, y: &str, t: &str) -> String {
+    let prod = b.bin("arith.mulf", x, y, t);
+    let zero = b.fc(0.0, t);
+    let prod = b.select(ok, &prod, &zero, t);
+    b.bin("arith.addf", acc, &prod, t)
 }
 
 /// The window `(ho, wo)` whose tap `ri` lands on input position `oi[2..4]`, and whether it

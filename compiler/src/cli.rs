@@ -499,9 +499,10 @@ fn cmd_compile(a: CompileCmd) -> Result<()> {
         tangents: a.tangents,
     })?;
     println!(
-        "wrote {} ({:.1} MiB): {} at batch {}",
+        "wrote {} ({:.1} MiB, {} fused loops compiled ahead of time): {} at batch {}",
         r.output.display(),
         r.bytes as f64 / (1024.0 * 1024.0),
+        r.kernels,
         r.payload.model_name,
         r.payload.batch
     );

@@ -578,6 +578,10 @@ pub struct RunnerArgs {
     /// how many the JIT compiled at start-up.
     #[arg(long)]
     pub kernel_report: bool,
+    /// Ignore the kernels compiled ahead of time and compile every fused loop with the JIT at
+    /// start-up, as `cleave train` does (for comparisons).
+    #[arg(long)]
+    pub no_aot: bool,
 }
 
 /// The line `cleave train` and compiled executables print at the end.
@@ -603,7 +607,7 @@ pub fn summary_line(s: &crate::train::TrainSummary) -> String {
 /// `table` must point to the kernel table linked into this executable beside `payload`.
 pub unsafe fn runner_main(
     args: impl IntoIterator<Item = OsString>,
-    payload: &[u8],
+    payload_bytes: &[u8],
     table: *const u8,
 ) -> Result<()> {
     let args: Vec<OsString> = args.into_iter().collect();
@@ -612,7 +616,7 @@ pub unsafe fn runner_main(
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("train"));
     // SAFETY: the caller passes the table linked beside the payload.
-    let installed = unsafe { cleave_runtime::aot::install_kernel_table(table, payload) };
+    let installed = unsafe { cleave_runtime::aot::check_kernel_table(table, payload_bytes) };
     match installed {
         Ok(_) => {}
         Err(cleave_runtime::aot::AotError::Payload) => bail!(
@@ -622,7 +626,7 @@ pub unsafe fn runner_main(
         ),
         Err(e) => bail!("{}: {e}", exe.display()),
     }
-    let payload = parse_payload(payload).with_context(|| format!("{}", exe.display()))?;
+    let payload = parse_payload(payload_bytes).with_context(|| format!("{}", exe.display()))?;
     let pipeline = if payload.stages > 1 || payload.microbatches > 1 {
         format!(
             ", {} stage(s), {} microbatch(es), schedule {}",
@@ -653,6 +657,11 @@ pub unsafe fn runner_main(
                 payload.batch
             );
         }
+    }
+    if !r.no_aot {
+        // SAFETY: checked above; the caller passes the table linked beside the payload.
+        unsafe { cleave_runtime::aot::install_kernel_table(table, payload_bytes) }
+            .with_context(|| format!("{}", exe.display()))?;
     }
     let model = register_payload(&payload).with_context(|| format!("{}", exe.display()))?;
     let args = TrainArgs {

@@ -104,6 +104,30 @@ fn checksum(payload_hash: u128, fingerprints: impl Iterator<Item = u128>) -> u12
 /// fingerprints are checked before anything is installed; the addresses cannot be, and are
 /// trusted.
 pub unsafe fn install_kernel_table(table: *const u8, payload: &[u8]) -> Result<usize, AotError> {
+    // SAFETY: as the caller guarantees.
+    let map = unsafe { read_table(table, payload) }?;
+    let n = map.len();
+    *TABLE.write().unwrap_or_else(|e| e.into_inner()) = Some(map);
+    Ok(n)
+}
+
+/// The checks of [`install_kernel_table`], without installing anything. Returns the number of
+/// entries.
+///
+/// # Safety
+///
+/// As for [`install_kernel_table`].
+pub unsafe fn check_kernel_table(table: *const u8, payload: &[u8]) -> Result<usize, AotError> {
+    // SAFETY: as the caller guarantees.
+    unsafe { read_table(table, payload) }.map(|m| m.len())
+}
+
+/// Reads and checks a table: fingerprint → address.
+///
+/// # Safety
+///
+/// As for [`install_kernel_table`].
+unsafe fn read_table(table: *const u8, payload: &[u8]) -> Result<HashMap<u128, usize>, AotError> {
     let word = |i: usize| -> u64 {
         // SAFETY: the caller guarantees the words exist; they may be unaligned in a damaged
         // image, so read them unaligned.
@@ -127,13 +151,11 @@ pub unsafe fn install_kernel_table(table: *const u8, payload: &[u8]) -> Result<u
     if jit::fnv128(payload) != payload_hash {
         return Err(AotError::Payload);
     }
-    let map = fps
+    Ok(fps
         .iter()
         .enumerate()
         .map(|(i, &f)| (f, word(HEADER_WORDS + i * ENTRY_WORDS + 2) as usize))
-        .collect();
-    *TABLE.write().unwrap_or_else(|e| e.into_inner()) = Some(map);
-    Ok(n)
+        .collect())
 }
 
 /// Gives each loop of `kernels` whose fingerprint is in the installed table that code.
@@ -309,5 +331,80 @@ impl KernelSet {
             .define_function(main, &mut ctx)
             .map_err(|e| err(&e))?;
         module.finish().emit().map_err(|e| err(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table as `write_object` lays it out, with made-up addresses (never called here).
+    fn table(payload: &[u8], fps: &[u128]) -> Vec<u64> {
+        let h = jit::fnv128(payload);
+        let sum = checksum(h, fps.iter().copied());
+        let mut w = vec![
+            u64::from_le_bytes(*TABLE_MAGIC),
+            fps.len() as u64,
+            sum as u64,
+            (sum >> 64) as u64,
+            h as u64,
+            (h >> 64) as u64,
+        ];
+        for (i, f) in fps.iter().enumerate() {
+            w.extend_from_slice(&[*f as u64, (*f >> 64) as u64, 0x1000 + i as u64]);
+        }
+        w
+    }
+
+    #[test]
+    fn tables_are_checked_before_use() {
+        let payload = b"{\"model\":1}";
+        let fps = [(7u128 << 70) | 3, 11];
+        let t = table(payload, &fps);
+        let check = |w: &[u64], p: &[u8]| {
+            // SAFETY: `w` holds the header and every entry it announces.
+            unsafe { check_kernel_table(w.as_ptr() as *const u8, p) }
+        };
+        assert_eq!(check(&t, payload), Ok(2));
+        let mut bad = t.clone();
+        bad[HEADER_WORDS + ENTRY_WORDS] ^= 1;
+        assert_eq!(check(&bad, payload), Err(AotError::Checksum { n: 2 }));
+        let mut bad = t.clone();
+        bad[0] = 0;
+        assert_eq!(check(&bad, payload), Err(AotError::Magic));
+        assert_eq!(check(&t, b"{\"model\":2}"), Err(AotError::Payload));
+        let msg = AotError::Checksum { n: 2 }.to_string();
+        assert!(msg.contains("kernel table") && msg.contains("2 kernel fingerprints"));
+    }
+
+    #[test]
+    fn object_has_the_kernels_the_table_and_main() {
+        let f = cleave_ir::parser::parse_function(
+            "func @f {\n  %0 = input {name = \"x\"} : f32[8]\n  %1 = exp %0 : f32[8]\n  \
+             %2 = mul %1, %1 : f32[8]\n  return %2 as \"y\"\n}\n",
+        );
+        let Ok(f) = f else { panic!("{f:?}") };
+        let opts = crate::CompileOptions {
+            fuse: true,
+            preserve_args: false,
+            jit: false,
+        };
+        let plan = crate::compile_with(&f, &opts).unwrap();
+        let mut set = KernelSet::new();
+        set.add_plan(&plan);
+        set.add_plan(&plan);
+        assert_eq!(set.len(), 1, "one loop, added once");
+        let obj = set.write_object(b"payload").unwrap();
+        assert_eq!(&obj[..4], b"\x7fELF");
+        let has = |name: &[u8]| obj.windows(name.len()).any(|w| w == name);
+        for sym in [
+            TABLE_SYMBOL.as_bytes(),
+            PAYLOAD_SYMBOL.as_bytes(),
+            ENTRY_SYMBOL.as_bytes(),
+            b"cleave_rt_exp",
+            b"main",
+        ] {
+            assert!(has(sym), "{}", String::from_utf8_lossy(sym));
+        }
     }
 }

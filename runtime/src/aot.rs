@@ -236,14 +236,14 @@ impl KernelSet {
     /// out of the table; plans interpret them, as under the JIT.
     pub fn write_object(&self, payload: &[u8]) -> Result<Vec<u8>, AotError> {
         let err = |e: &dyn std::fmt::Display| AotError::Object(e.to_string());
-        let isa = jit::host_isa(true).map_err(|e| AotError::Object(e))?;
+        let isa = jit::host_isa(true).map_err(AotError::Object)?;
         let builder =
             ObjectBuilder::new(isa, "cleave_aot", default_libcall_names()).map_err(|e| err(&e))?;
         let mut module = ObjectModule::new(builder);
         let ptr = module.target_config().pointer_type();
         let refs: Vec<&FusedKernel> = self.kernels.iter().map(|(_, k)| k).collect();
         let ids = jit::define_kernels(&mut module, &refs, "cleave_aot_fused", Linkage::Local)
-            .map_err(|e| AotError::Object(e))?;
+            .map_err(AotError::Object)?;
         let compiled: Vec<(u128, cranelift_module::FuncId)> = self
             .kernels
             .iter()

@@ -46,8 +46,10 @@
 //! learning rates: for a single stage, the training step under each optimizer (SGD, momentum,
 //! AdamW) and the evaluation forward; for a pipeline, every stage's F, B and W (the learning rate
 //! is applied outside them) and the evaluation forward. Duplicates (the forward and backward
-//! loops are the same under every optimizer) are compiled once. `--lr` other than the default
-//! makes new optimizer loops, which the JIT compiles at start-up (`--kernel-report` counts them).
+//! loops are the same under every optimizer) are compiled once. `cleave compile --lr LR`
+//! (repeatable) adds the optimizer loops of more learning rates; at run time, a `--lr` that was
+//! not compiled in makes new optimizer loops, which the JIT compiles at start-up
+//! (`--kernel-report` counts them).
 //!
 //! **Why this design.** The fused-loop code is the only code the JIT produced at start-up;
 //! compiling it ahead of time removes Cranelift from the start-up path while keeping a single
@@ -118,6 +120,8 @@ pub struct CompileArgs {
     pub grad_method: String,
     /// Random tangents of `--grad-method forward-gradient`.
     pub tangents: usize,
+    /// Learning rates whose optimizer loops are compiled ahead of time besides the defaults.
+    pub lrs: Vec<f64>,
 }
 
 /// What travels inside a compiled executable.
@@ -337,7 +341,10 @@ pub fn compile(a: &CompileArgs) -> Result<CompileReport> {
 
     let lib = find_runner_lib()?;
     let json = serde_json::to_vec(&payload)?;
-    let kernels = aot_kernels(&payload, &method)?;
+    if let Some(lr) = a.lrs.iter().find(|lr| !(lr.is_finite() && **lr > 0.0)) {
+        bail!("--lr {lr}: a learning rate must be a positive number");
+    }
+    let kernels = aot_kernels(&payload, &method, &a.lrs)?;
     let object = kernels
         .write_object(&json)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.model.display()))?;
@@ -356,6 +363,7 @@ pub fn compile(a: &CompileArgs) -> Result<CompileReport> {
 fn aot_kernels(
     payload: &Payload,
     method: &cleave_passes::autodiff::methods::GradMethod,
+    lrs: &[f64],
 ) -> Result<cleave_runtime::aot::KernelSet> {
     use cleave_runtime::{compile_with, CompileOptions};
     let model = register_payload(payload)?;
@@ -392,17 +400,13 @@ fn aot_kernels(
             OptimizerArg::Momentum,
             OptimizerArg::Adamw,
         ] {
-            let built = crate::train::build_step_with(
-                &model,
-                None,
-                (None, None),
-                opt,
-                opt.default_lr(),
-                method,
-            )?;
-            set.add_plan(&compile_with(&built.step, &step_opts)?);
-            if opt == OptimizerArg::Sgd {
-                set.add_plan(&compile_with(&built.forward, &eval_opts)?);
+            for (i, &lr) in std::iter::once(&opt.default_lr()).chain(lrs).enumerate() {
+                let built =
+                    crate::train::build_step_with(&model, None, (None, None), opt, lr, method)?;
+                set.add_plan(&compile_with(&built.step, &step_opts)?);
+                if opt == OptimizerArg::Sgd && i == 0 {
+                    set.add_plan(&compile_with(&built.forward, &eval_opts)?);
+                }
             }
         }
     }

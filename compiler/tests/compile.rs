@@ -575,3 +575,56 @@ fn onnx_model_with_stored_weights_and_added_loss_matches_cleave_train() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn learning_rates_given_to_compile_are_compiled_ahead_of_time() {
+    let dir = tmp("lr");
+    let data = root().join("examples/data/digits.safetensors");
+    let run = |exe: &Path, lr: &str| {
+        let args = [
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--optimizer",
+            "momentum",
+            "--lr",
+            lr,
+            "--quiet",
+            "--kernel-report",
+        ];
+        let out = run_exe(exe, &dir, &args);
+        ok(&out);
+        kernel_report(&out)
+    };
+    // Without `--lr` at compile time, another rate's optimizer loops go through the JIT.
+    let plain = compile("examples/mlp-digits.cir", &dir, &[]);
+    let (_, jit) = run(&plain, "0.07");
+    assert!(jit > 0, "{jit}");
+    // With it, none do; the default rates stay compiled in.
+    let exe = dir.join("train-lr");
+    let out = ok(&cleave(&[
+        "compile",
+        "examples/mlp-digits.cir",
+        "-o",
+        exe.to_str().unwrap(),
+        "--lr",
+        "0.07",
+        "--lr",
+        "0.3",
+    ]));
+    assert!(out.contains("wrote"), "{out}");
+    assert_eq!(run(&exe, "0.07").1, 0);
+    assert_eq!(run(&exe, "0.3").1, 0);
+    assert_eq!(run(&exe, "0.05").1, 0, "momentum's default rate");
+    let e = err(&cleave(&[
+        "compile",
+        "examples/mlp-digits.cir",
+        "-o",
+        exe.to_str().unwrap(),
+        "--lr",
+        "0",
+    ]));
+    assert!(e.contains("--lr 0") && e.contains("positive"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -612,15 +612,14 @@ pub fn summary_line(s: &crate::train::TrainSummary) -> String {
 pub unsafe fn runner_main(
     args: impl IntoIterator<Item = OsString>,
     payload_bytes: &[u8],
-    table: *const u8,
+    table: &[u8],
 ) -> Result<()> {
     let args: Vec<OsString> = args.into_iter().collect();
     let exe = args
         .first()
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("train"));
-    // SAFETY: the caller passes the table linked beside the payload.
-    let installed = unsafe { cleave_runtime::aot::check_kernel_table(table, payload_bytes) };
+    let installed = cleave_runtime::aot::check_kernel_table(table, payload_bytes);
     match installed {
         Ok(_) => {}
         Err(cleave_runtime::aot::AotError::Payload) => bail!(

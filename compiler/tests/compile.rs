@@ -394,7 +394,8 @@ fn checkpoints_resume_and_file_errors() {
         img[at + 14] = b'M';
     }));
     assert!(e.contains("corrupt payload"), "{e}");
-    // A damaged kernel table: a fingerprint changed, or the magic.
+    // A damaged kernel table: a fingerprint changed, the magic, or the entry count (which must
+    // fit the table's length, an immediate in `main`'s code).
     let table = find_table(&image);
     let e = err(&run_patched(&dir, &image, &["--data", data], |img| {
         img[table + 48] ^= 1;
@@ -404,6 +405,13 @@ fn checkpoints_resume_and_file_errors() {
         img[table] = b'X';
     }));
     assert!(e.contains("kernel table") && e.contains("magic"), "{e}");
+    let e = err(&run_patched(&dir, &image, &["--data", data], |img| {
+        img[table + 12] ^= 0x40;
+    }));
+    assert!(
+        e.contains("kernel table") && e.contains("do not fit"),
+        "{e}"
+    );
     // Entries whose fingerprints match no loop (checksum recomputed, so the table is
     // consistent) are never called: the loops they were written for are compiled by the JIT at
     // start-up, and training gives the same losses.

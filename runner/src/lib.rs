@@ -36,14 +36,14 @@ pub mod tensors;
 pub mod train;
 
 /// The entry point the `main` of a compiled executable calls: `argc`/`argv` as `main` got them,
-/// the embedded payload (`payload_len` bytes of JSON) and the kernel table. Returns the exit
-/// status.
+/// the embedded payload (`payload_len` bytes of JSON) and the kernel table (`table_len` bytes).
+/// Returns the exit status.
 ///
 /// # Safety
 ///
 /// `argv` must hold `argc` valid C strings; `payload` must point to `payload_len` readable bytes;
-/// `table` must point to a kernel table written by `cleave_runtime::aot` and linked into this
-/// executable. The object `cleave compile` writes passes exactly these.
+/// `table` must point to `table_len` readable bytes: a kernel table written by
+/// `cleave_runtime::aot` and linked into this executable. The object `cleave compile` writes passes exactly these.
 #[no_mangle]
 pub unsafe extern "C" fn cleave_runner_main(
     argc: c_int,
@@ -51,6 +51,7 @@ pub unsafe extern "C" fn cleave_runner_main(
     payload: *const u8,
     payload_len: usize,
     table: *const u8,
+    table_len: usize,
 ) -> c_int {
     let args: Vec<OsString> = (0..argc.max(0) as usize)
         .map(|i| {
@@ -61,6 +62,8 @@ pub unsafe extern "C" fn cleave_runner_main(
         .collect();
     // SAFETY: the caller passes `payload_len` readable bytes.
     let payload = unsafe { std::slice::from_raw_parts(payload, payload_len) };
+    // SAFETY: the caller passes `table_len` readable bytes.
+    let table = unsafe { std::slice::from_raw_parts(table, table_len) };
     // SAFETY: the caller passes the kernel table linked beside the payload.
     match unsafe { aot::runner_main(args, payload, table) } {
         Ok(()) => 0,

@@ -11,7 +11,8 @@
 //! - `cleave_aot_payload`: the bytes the caller embeds (the executable's model and
 //!   configuration), and `cleave_aot_kernels`: the kernel table (below);
 //! - `main(argc, argv)`, which calls `cleave_runner_main(argc, argv, payload, payload_len,
-//!   table)`, the entry point of the runner's static library.
+//!   table, table_len)`, the entry point of the runner's static library (the lengths are
+//!   immediates in `main`'s code, so damaged data cannot make the runner read past either).
 //!
 //! **The table** is read-only data, 8-byte words, little-endian:
 //!
@@ -52,7 +53,7 @@ pub const TABLE_SYMBOL: &str = "cleave_aot_kernels";
 /// The symbol of the embedded payload.
 pub const PAYLOAD_SYMBOL: &str = "cleave_aot_payload";
 /// The entry point `main` calls: `extern "C" fn(argc: i32, argv: *const *const c_char,
-/// payload: *const u8, payload_len: usize, table: *const u8) -> i32`.
+/// payload: *const u8, payload_len: usize, table: *const u8, table_len: usize) -> i32`.
 pub const ENTRY_SYMBOL: &str = "cleave_runner_main";
 
 /// Words before the first entry.
@@ -71,6 +72,14 @@ pub enum AotError {
     /// The table does not start with [`TABLE_MAGIC`].
     #[error("kernel table: bad magic (not a cleave kernel table, or a damaged executable)")]
     Magic,
+    /// The entry count does not fit the table's length.
+    #[error("kernel table: {n} entries do not fit its {bytes} bytes (a damaged executable); recompile it with `cleave compile`")]
+    Length {
+        /// Entries the header claims.
+        n: usize,
+        /// The table's length.
+        bytes: usize,
+    },
     /// The checksum over the fingerprints does not match.
     #[error("kernel table: checksum mismatch over its {n} kernel fingerprints (a damaged executable); recompile it with `cleave compile`")]
     Checksum {
@@ -93,53 +102,49 @@ fn checksum(payload_hash: u128, fingerprints: impl Iterator<Item = u128>) -> u12
     jit::fnv128(&bytes)
 }
 
-/// Checks the table at `table` against `payload` and makes its functions the code of every
+/// Checks the table `table` against `payload` and makes its functions the code of every
 /// matching fused loop that plans compile from now on. Returns the number of entries.
+///
+/// The table's length comes from the code of `main` (an immediate), not from the table, so a
+/// damaged entry count is detected before anything past the table is read.
 ///
 /// # Safety
 ///
-/// `table` must point to a kernel table written by [`KernelSet::write_object`] and linked into
-/// this process (its function addresses relocated), or at least to readable memory of
-/// `HEADER_WORDS + n * ENTRY_WORDS` words where `n` is its second word. The header and
-/// fingerprints are checked before anything is installed; the addresses cannot be, and are
-/// trusted.
-pub unsafe fn install_kernel_table(table: *const u8, payload: &[u8]) -> Result<usize, AotError> {
-    // SAFETY: as the caller guarantees.
-    let map = unsafe { read_table(table, payload) }?;
+/// `table` must be a kernel table written by [`KernelSet::write_object`] and linked into this
+/// process (its function addresses relocated). The header, length and fingerprints are checked
+/// before anything is installed; the addresses cannot be, and are trusted.
+pub unsafe fn install_kernel_table(table: &[u8], payload: &[u8]) -> Result<usize, AotError> {
+    let map = read_table(table, payload)?;
     let n = map.len();
     *TABLE.write().unwrap_or_else(|e| e.into_inner()) = Some(map);
     Ok(n)
 }
 
-/// The checks of [`install_kernel_table`], without installing anything. Returns the number of
-/// entries.
-///
-/// # Safety
-///
-/// As for [`install_kernel_table`].
-pub unsafe fn check_kernel_table(table: *const u8, payload: &[u8]) -> Result<usize, AotError> {
-    // SAFETY: as the caller guarantees.
-    unsafe { read_table(table, payload) }.map(|m| m.len())
+/// The checks of [`install_kernel_table`], without installing anything (so safe: no address is
+/// used). Returns the number of entries.
+pub fn check_kernel_table(table: &[u8], payload: &[u8]) -> Result<usize, AotError> {
+    read_table(table, payload).map(|m| m.len())
 }
 
 /// Reads and checks a table: fingerprint → address.
-///
-/// # Safety
-///
-/// As for [`install_kernel_table`].
-unsafe fn read_table(table: *const u8, payload: &[u8]) -> Result<HashMap<u128, usize>, AotError> {
+fn read_table(table: &[u8], payload: &[u8]) -> Result<HashMap<u128, usize>, AotError> {
     let word = |i: usize| -> u64 {
-        // SAFETY: the caller guarantees the words exist; they may be unaligned in a damaged
-        // image, so read them unaligned.
-        unsafe { std::ptr::read_unaligned((table as *const u64).add(i)) }
+        let b = &table[i * 8..i * 8 + 8];
+        u64::from_le_bytes(b.try_into().expect("8 bytes"))
     };
     let pair = |i: usize| -> u128 { word(i) as u128 | (word(i + 1) as u128) << 64 };
-    if word(0).to_le_bytes() != *TABLE_MAGIC {
+    if table.len() < HEADER_WORDS * 8 || word(0).to_le_bytes() != *TABLE_MAGIC {
         return Err(AotError::Magic);
     }
     let n = word(1) as usize;
-    if n > 1 << 24 {
-        return Err(AotError::Checksum { n });
+    let expected = n
+        .checked_mul(ENTRY_WORDS * 8)
+        .and_then(|b| b.checked_add(HEADER_WORDS * 8));
+    if expected != Some(table.len()) {
+        return Err(AotError::Length {
+            n,
+            bytes: table.len(),
+        });
     }
     let payload_hash = pair(4);
     let fps: Vec<u128> = (0..n)
@@ -275,6 +280,7 @@ impl KernelSet {
             words[HEADER_WORDS + i * ENTRY_WORDS + 1] = (*f >> 64) as u64;
         }
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let table_bytes = bytes.len();
         let table_id = module
             .declare_data(TABLE_SYMBOL, Linkage::Export, false, false)
             .map_err(|e| err(&e))?;
@@ -287,11 +293,11 @@ impl KernelSet {
         }
         module.define_data(table_id, &data).map_err(|e| err(&e))?;
 
-        // main(argc, argv) → cleave_runner_main(argc, argv, payload, len, table).
+        // main(argc, argv) → cleave_runner_main(argc, argv, payload, len, table, table_len).
         let cc = module.target_config().default_call_conv;
         let mut entry_sig = Signature::new(cc);
         entry_sig.params.push(AbiParam::new(I32));
-        for _ in 0..4 {
+        for _ in 0..5 {
             entry_sig.params.push(AbiParam::new(ptr));
         }
         entry_sig.returns.push(AbiParam::new(I32));
@@ -321,7 +327,8 @@ impl KernelSet {
             let p = b.ins().symbol_value(ptr, payload_gv);
             let len = b.ins().iconst(ptr, payload.len() as i64);
             let t = b.ins().symbol_value(ptr, table_gv);
-            let call = b.ins().call(entry_ref, &[argc, argv, p, len, t]);
+            let t_len = b.ins().iconst(ptr, table_bytes as i64);
+            let call = b.ins().call(entry_ref, &[argc, argv, p, len, t, t_len]);
             let rc = b.inst_results(call)[0];
             b.ins().return_(&[rc]);
             b.seal_all_blocks();
@@ -362,8 +369,8 @@ mod tests {
         let fps = [(7u128 << 70) | 3, 11];
         let t = table(payload, &fps);
         let check = |w: &[u64], p: &[u8]| {
-            // SAFETY: `w` holds the header and every entry it announces.
-            unsafe { check_kernel_table(w.as_ptr() as *const u8, p) }
+            let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+            check_kernel_table(&bytes, p)
         };
         assert_eq!(check(&t, payload), Ok(2));
         let mut bad = t.clone();
@@ -373,6 +380,16 @@ mod tests {
         bad[0] = 0;
         assert_eq!(check(&bad, payload), Err(AotError::Magic));
         assert_eq!(check(&t, b"{\"model\":2}"), Err(AotError::Payload));
+        let mut bad = t.clone();
+        bad[1] = u64::MAX / 2;
+        assert_eq!(
+            check(&bad, payload),
+            Err(AotError::Length {
+                n: u64::MAX as usize / 2,
+                bytes: t.len() * 8
+            })
+        );
+        assert_eq!(check(&t[..3], payload), Err(AotError::Magic));
         let msg = AotError::Checksum { n: 2 }.to_string();
         assert!(msg.contains("kernel table") && msg.contains("2 kernel fingerprints"));
     }

@@ -14,7 +14,7 @@
 //!   table** (each function's address beside the fingerprint of the loop it implements, a hash
 //!   of the payload and a checksum); and `main`;
 //! - **`libcleave_runner.a`**, the runtime and this training loop built as a static library (the
-//!   `runner/` crate, package `cleave-runner`), whose `cleave_runner_main` `main` calls.
+//!   `runner/` crate, package `cleave-runner`), whose `cleave_runner_main_v1` `main` calls.
 //!
 //! `cleave compile` links them with the system C compiler (`cc`, or `$CC`), which it needs; the
 //! executable then needs no cleave, Rust, LLVM or C toolchain: it links only libc, libm,
@@ -483,12 +483,22 @@ fn link_executable(object: &[u8], lib: &Path, output: &Path) -> Result<()> {
     };
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let hint = if stderr.contains(cleave_runtime::aot::ENTRY_SYMBOL) {
+            format!(
+                "\n{} comes from another version of cleave; rebuild it with `cargo build \
+                 --release -p cleave-runner` (without `--release` for a debug cleave)",
+                lib.display()
+            )
+        } else {
+            String::new()
+        };
         bail!(
-            "linking {} with {} failed ({}):\n{}",
+            "linking {} with {} failed ({}):\n{}{hint}",
             output.display(),
             lib.display(),
             cc.to_string_lossy(),
-            String::from_utf8_lossy(&out.stderr).trim_end()
+            stderr.trim_end()
         );
     }
     std::fs::rename(&tmp, output).with_context(|| format!("cannot write {}", output.display()))?;
@@ -603,7 +613,7 @@ pub fn summary_line(s: &crate::train::TrainSummary) -> String {
     line
 }
 
-/// The `main` of a compiled executable (called by `cleave_runner_main` in the `cleave-runner`
+/// The `main` of a compiled executable (called by `cleave_runner_main_v1` in the `cleave-runner`
 /// static library): checks and installs the kernel table, parses `args` and trains.
 ///
 /// # Safety

@@ -532,6 +532,22 @@ fn compile_errors() {
     let e = err(&o3);
     assert!(e.contains("linker") && e.contains("no-cc"), "{e}");
     assert!(!out.exists());
+    // A library without the runner's entry point (here an empty archive; in practice one from
+    // another cleave version): the link fails and says to rebuild it.
+    let empty = dir.join("libempty.a");
+    std::fs::write(&empty, b"!<arch>\n").unwrap();
+    let o4 = Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(["compile", "examples/mlp-digits.cir", "-o", o])
+        .env("CLEAVE_RUNNER_LIB", &empty)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let e = err(&o4);
+    assert!(
+        e.contains("cleave_runner_main_v1") && e.contains("cargo build --release -p cleave-runner"),
+        "{e}"
+    );
+    assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -3,7 +3,7 @@
 //!
 //! `cleave compile` writes an object file (kernels compiled ahead of time, the embedded payload,
 //! the kernel table and `main`; see `cleave_runtime::aot`) and links it with this library. `main`
-//! calls [`cleave_runner_main`], which installs the kernel table and runs the training loop of
+//! calls [`cleave_runner_main_v1`], which installs the kernel table and runs the training loop of
 //! `cleave train` on the embedded model (`aot::runner_main`).
 //!
 //! **Why the modules are included by path.** The training loop lives in cleave-compiler
@@ -45,7 +45,7 @@ pub mod train;
 /// `table` must point to `table_len` readable bytes: a kernel table written by
 /// `cleave_runtime::aot` and linked into this executable. The object `cleave compile` writes passes exactly these.
 #[no_mangle]
-pub unsafe extern "C" fn cleave_runner_main(
+pub unsafe extern "C" fn cleave_runner_main_v1(
     argc: c_int,
     argv: *const *const c_char,
     payload: *const u8,

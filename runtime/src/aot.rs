@@ -10,7 +10,7 @@
 //!   (`cleave_rt_exp`, …) as undefined symbols that the runtime's static library defines;
 //! - `cleave_aot_payload`: the bytes the caller embeds (the executable's model and
 //!   configuration), and `cleave_aot_kernels`: the kernel table (below);
-//! - `main(argc, argv)`, which calls `cleave_runner_main(argc, argv, payload, payload_len,
+//! - `main(argc, argv)`, which calls `cleave_runner_main_v1(argc, argv, payload, payload_len,
 //!   table, table_len)`, the entry point of the runner's static library (the lengths are
 //!   immediates in `main`'s code, so damaged data cannot make the runner read past either).
 //!
@@ -53,8 +53,10 @@ pub const TABLE_SYMBOL: &str = "cleave_aot_kernels";
 /// The symbol of the embedded payload.
 pub const PAYLOAD_SYMBOL: &str = "cleave_aot_payload";
 /// The entry point `main` calls: `extern "C" fn(argc: i32, argv: *const *const c_char,
-/// payload: *const u8, payload_len: usize, table: *const u8, table_len: usize) -> i32`.
-pub const ENTRY_SYMBOL: &str = "cleave_runner_main";
+/// payload: *const u8, payload_len: usize, table: *const u8, table_len: usize) -> i32`. The
+/// suffix is the ABI version of this entry and of the table: it changes with either, so that a
+/// `libcleave_runner.a` from another cleave fails to link instead of misreading its arguments.
+pub const ENTRY_SYMBOL: &str = "cleave_runner_main_v1";
 
 /// Words before the first entry.
 const HEADER_WORDS: usize = 6;
@@ -293,7 +295,7 @@ impl KernelSet {
         }
         module.define_data(table_id, &data).map_err(|e| err(&e))?;
 
-        // main(argc, argv) → cleave_runner_main(argc, argv, payload, len, table, table_len).
+        // main(argc, argv) → cleave_runner_main_v1(argc, argv, payload, len, table, table_len).
         let cc = module.target_config().default_call_conv;
         let mut entry_sig = Signature::new(cc);
         entry_sig.params.push(AbiParam::new(I32));

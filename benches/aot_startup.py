@@ -2,13 +2,16 @@
 """Start-up of `cleave compile` executables: time from exec to the end of the first step.
 
 Usage: python3 benches/aot_startup.py [--runs N] [--cleave target/release/cleave]
+                                      [--baseline-cleave OTHER/cleave]
 
 For each model it compiles a standalone executable, then runs it N times with `--steps 1
 --metrics FIFO` (a named pipe): the clock starts just before the process is spawned and stops
 when the first metrics line (written right after step 1) arrives, so the figure covers process
-start, reading the embedded payload, building and compiling the step, loading the data and the
-first step. The same measurement of `cleave train MODEL` with the same flags runs interleaved as
-the baseline. Prints medians (min, max) in ms and the executable's size.
+start, checking the kernel table, building the step, compiling its plan, loading the data and
+the first step. Interleaved with it, as baselines: the same executable with `--no-aot` (every
+fused loop compiled by the JIT at start-up), `cleave train MODEL` with the same flags, and, with
+`--baseline-cleave`, the executable another cleave (e.g. an older build) writes. Prints medians
+(min, max) in ms and the executables' sizes.
 """
 import argparse
 import os
@@ -44,6 +47,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=11)
     ap.add_argument("--cleave", default=os.path.join(ROOT, "target/release/cleave"))
+    ap.add_argument("--baseline-cleave", default=None)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         fifo = os.path.join(tmp, "metrics")
@@ -52,17 +56,29 @@ def main():
             exe = os.path.join(tmp, "train")
             subprocess.run([a.cleave, "compile", model, "-o", exe] + pipe, cwd=ROOT,
                            check=True, stdout=subprocess.DEVNULL)
-            size = os.path.getsize(exe)
+            sizes = {"executable": os.path.getsize(exe)}
             flags = ["--data", os.path.join(ROOT, data), "--steps", "1", "--quiet"]
-            exe_t, train_t = [], []
+            cmds = [
+                ("executable", [exe] + flags, tmp),
+                ("executable --no-aot", [exe, "--no-aot"] + flags, tmp),
+                ("cleave train", [a.cleave, "train", model] + pipe + flags, ROOT),
+            ]
+            if a.baseline_cleave:
+                old = os.path.join(tmp, "train-baseline")
+                subprocess.run([a.baseline_cleave, "compile", model, "-o", old] + pipe, cwd=ROOT,
+                               check=True, stdout=subprocess.DEVNULL)
+                sizes["baseline executable"] = os.path.getsize(old)
+                cmds.append(("baseline executable", [old] + flags, tmp))
+            times = {name: [] for name, _, _ in cmds}
             for _ in range(a.runs):
-                exe_t.append(first_step_ms([exe] + flags, fifo, tmp))
-                train_t.append(first_step_ms([a.cleave, "train", model] + pipe + flags, fifo, ROOT))
+                for name, cmd, cwd in cmds:
+                    times[name].append(first_step_ms(cmd, fifo, cwd))
             label = model + (" " + " ".join(pipe) if pipe else "")
-            for name, t in (("executable", exe_t), ("cleave train", train_t)):
+            for name, t in times.items():
                 print(f"{label}: {name}: start-up to first step median {statistics.median(t):.1f} ms "
                       f"(min {min(t):.1f}, max {max(t):.1f}, {a.runs} runs)")
-            print(f"{label}: executable size {size} bytes ({size / 2**20:.1f} MiB)")
+            for name, size in sizes.items():
+                print(f"{label}: {name} size {size} bytes ({size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,10 @@ pub struct CompileCmd {
     /// With `--target cuda`: the MLIR pass pipeline to use instead of the default.
     #[arg(long)]
     pub mlir_pipeline: Option<String>,
+    /// Also compile ahead of time the optimizer loops for this learning rate (repeatable); the
+    /// optimizers' defaults are always compiled, other rates are JIT-compiled at start-up.
+    #[arg(long = "lr", value_name = "LR")]
+    pub lrs: Vec<f64>,
 }
 
 /// Where training runs.
@@ -497,11 +501,13 @@ fn cmd_compile(a: CompileCmd) -> Result<()> {
         memory_limit: a.memory_limit,
         grad_method: a.grad_method,
         tangents: a.tangents,
+        lrs: a.lrs,
     })?;
     println!(
-        "wrote {} ({:.1} MiB): {} at batch {}",
+        "wrote {} ({:.1} MiB, {} fused loops compiled ahead of time): {} at batch {}",
         r.output.display(),
         r.bytes as f64 / (1024.0 * 1024.0),
+        r.kernels,
         r.payload.model_name,
         r.payload.batch
     );

@@ -9,7 +9,7 @@
 //! - [`schedule_cmd`]: `cleave schedule` (pipeline schedules, simulation, timelines).
 //! - [`train`]: `cleave train` and `cleave bench` on the CPU runtime.
 //! - [`compile_gpu`]: `cleave compile --target cuda` (MLIR → PTX; needs the `mlir` feature).
-//! - [`aot`]: `cleave compile`, standalone training executables (and the `cleave-runner` main).
+//! - [`aot`]: `cleave compile`, standalone training executables (and their start-up, `runner_main`).
 //! - [`cli`]: the command-line interface (the `cleave` binary is a thin wrapper).
 
 pub mod aot;

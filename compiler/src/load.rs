@@ -40,7 +40,8 @@ type EmbeddedModel = (std::path::PathBuf, String, BTreeMap<String, Tensor>);
 
 /// Registers the `.cir` text (and the parameters stored with the model, like an `.onnx` file's
 /// initializers) that loading `path` returns (once per process; later calls are ignored). Used
-/// by `cleave-runner`, whose model travels inside the executable.
+/// by the executables of `cleave compile`, whose model travels inside them, and by `cleave
+/// compile`, which builds their plans from the same text.
 pub fn register_embedded_model(path: &Path, text: String, params: BTreeMap<String, Tensor>) {
     let _ = EMBEDDED.set((path.to_path_buf(), text, params));
 }

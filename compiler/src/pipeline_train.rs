@@ -258,6 +258,59 @@ fn parse_fail_action(text: &str) -> Result<PipelineAction> {
     })
 }
 
+/// The stage functions of pipelined training: `forward` partitioned into the schedule's stages,
+/// differentiated and split into F, B and W (`split-bw`), with recomputation and offload planned
+/// under `--remat`/`--memory-limit` (and what that plan keeps per stage). `cleave compile`
+/// builds the same functions to compile their loops ahead of time.
+pub fn stage_module(
+    a: &TrainArgs,
+    forward: &cleave_ir::Function,
+    schedule: &Schedule,
+) -> Result<(Module, Vec<StageMemory>)> {
+    let n_stages = schedule.n_stages();
+    // partition, autodiff, split-bw; compile every stage.
+    let mut module = Module::with_function(forward.clone());
+    let passes = if n_stages > 1 {
+        format!("partition{{stages={n_stages}}},autodiff,split-bw")
+    } else {
+        "autodiff,split-bw".to_string()
+    };
+    PassManager::from_pipeline(&passes)?
+        .run(&mut module, &mut PassContext::default(), &mut |_| {})
+        .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
+    // Recomputation and offload of the saved values, per stage, under the schedule.
+    let mut memory = Vec::new();
+    if a.remat.is_some() || a.memory_limit.is_some() {
+        let limit = a
+            .memory_limit
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
+        let policy = match a.remat.as_deref() {
+            None => Policy::Auto,
+            Some(p) => Policy::parse(p).with_context(|| {
+                format!(
+                    "--remat {p}: unknown policy; valid policies: {}",
+                    Policy::NAMES
+                )
+            })?,
+        };
+        let profile = DeviceProfile::load("cpu-epyc-2core").map_err(anyhow::Error::msg)?;
+        let placement: Vec<usize> = schedule.placement.iter().map(|&d| d as usize).collect();
+        memory = plan_stages(
+            &mut module,
+            policy,
+            limit,
+            &in_flight(schedule),
+            &placement,
+            &profile,
+        )
+        .map_err(|e| anyhow::anyhow!("--remat {}: {e}", policy.name()))?;
+    }
+    Ok((module, memory))
+}
+
 /// Runs pipelined training (see the module docs).
 pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let (p, m) = (a.stages, a.microbatches);
@@ -296,46 +349,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let schedule = build_schedule(&a.schedule, p, m)?;
     let n_stages = schedule.n_stages();
 
-    // partition, autodiff, split-bw; compile every stage.
-    let mut module = Module::with_function(forward.clone());
-    let passes = if n_stages > 1 {
-        format!("partition{{stages={n_stages}}},autodiff,split-bw")
-    } else {
-        "autodiff,split-bw".to_string()
-    };
-    PassManager::from_pipeline(&passes)?
-        .run(&mut module, &mut PassContext::default(), &mut |_| {})
-        .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
-    // Recomputation and offload of the saved values, per stage, under the schedule.
-    let mut memory = Vec::new();
-    if a.remat.is_some() || a.memory_limit.is_some() {
-        let limit = a
-            .memory_limit
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
-        let policy = match a.remat.as_deref() {
-            None => Policy::Auto,
-            Some(p) => Policy::parse(p).with_context(|| {
-                format!(
-                    "--remat {p}: unknown policy; valid policies: {}",
-                    Policy::NAMES
-                )
-            })?,
-        };
-        let profile = DeviceProfile::load("cpu-epyc-2core").map_err(anyhow::Error::msg)?;
-        let placement: Vec<usize> = schedule.placement.iter().map(|&d| d as usize).collect();
-        memory = plan_stages(
-            &mut module,
-            policy,
-            limit,
-            &in_flight(&schedule),
-            &placement,
-            &profile,
-        )
-        .map_err(|e| anyhow::anyhow!("--remat {}: {e}", policy.name()))?;
-    }
+    let (module, memory) = stage_module(a, &forward, &schedule)?;
     let split = split_stages(&module);
     if split.len() != n_stages {
         bail!(

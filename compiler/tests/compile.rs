@@ -16,12 +16,46 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// The runner's static library that cargo built for this test (as cleave-compiler's
+/// dev-dependency it lands in `deps/` under a hashed name; as a workspace member also beside
+/// `cleave`): the newest.
+fn runner_lib() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_cleave")).parent().unwrap();
+    let mut found: Vec<PathBuf> = vec![dir.join("libcleave_runner.a")];
+    if let Ok(entries) = std::fs::read_dir(dir.join("deps")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("libcleave_runner-") && name.ends_with(".a") {
+                found.push(e.path());
+            }
+        }
+    }
+    found
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .expect("libcleave_runner.a: cargo builds it as a dev-dependency")
+        .1
+}
+
 fn cleave(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cleave"))
         .args(args)
+        .env("CLEAVE_RUNNER_LIB", runner_lib())
         .current_dir(root())
         .output()
         .unwrap()
+}
+
+/// The counts of `--kernel-report` on stderr: (ahead of time, JIT).
+fn kernel_report(out: &Output) -> (usize, usize) {
+    let e = String::from_utf8_lossy(&out.stderr);
+    let line = e
+        .lines()
+        .find(|l| l.starts_with("kernels: "))
+        .unwrap_or_else(|| panic!("no kernel report in {e}"));
+    let nums: Vec<usize> = line.split(' ').filter_map(|w| w.parse().ok()).collect();
+    (nums[0], nums[1])
 }
 
 fn ok(out: &Output) -> String {
@@ -76,6 +110,65 @@ fn losses(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The offset of the first occurrence of `needle` in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{} not in the executable", String::from_utf8_lossy(needle)))
+}
+
+/// The offset of the kernel table: the occurrence of its magic (which the runtime's code holds
+/// too) whose checksum matches.
+fn find_table(img: &[u8]) -> usize {
+    (0..img.len() - 48)
+        .filter(|&at| &img[at..at + 8] == b"CLVKERN1")
+        .find(|&at| {
+            let n = u64::from_le_bytes(img[at + 8..at + 16].try_into().unwrap()) as usize;
+            if n == 0 || n > img.len() / 24 || at + 48 + n * 24 > img.len() {
+                return false;
+            }
+            let mut bytes = img[at + 32..at + 48].to_vec();
+            for i in 0..n {
+                let e = at + 48 + i * 24;
+                bytes.extend_from_slice(&img[e..e + 16]);
+            }
+            fnv128(&bytes).to_le_bytes() == img[at + 16..at + 32]
+        })
+        .expect("no kernel table in the executable")
+}
+
+/// FNV-1a, 128 bits (the kernel table's checksum).
+fn fnv128(bytes: &[u8]) -> u128 {
+    let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for &b in bytes {
+        h ^= b as u128;
+        h = h.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+    }
+    h
+}
+
+/// Runs a copy of the executable `image` changed by `patch`.
+fn run_patched(
+    dir: &Path,
+    image: &[u8],
+    args: &[&str],
+    patch: impl FnOnce(&mut Vec<u8>),
+) -> Output {
+    let mut img = image.to_vec();
+    patch(&mut img);
+    let bad = dir.join("patched-train");
+    let _ = std::fs::remove_file(&bad);
+    std::fs::write(&bad, img).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = run_exe(&bad, dir, args);
+    std::fs::remove_file(&bad).unwrap();
+    out
+}
+
 /// `cleave train MODEL flags` and the executable compiled with `compile_flags` run with `flags`
 /// give identical metrics.
 fn same_as_train(name: &str, model: &str, data: &str, compile_flags: &[&str], flags: &[&str]) {
@@ -85,11 +178,20 @@ fn same_as_train(name: &str, model: &str, data: &str, compile_flags: &[&str], fl
     let elsewhere = dir.join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
 
-    let mut exe_args = vec!["--data", data_abs.to_str().unwrap(), "--metrics", "m.jsonl"];
+    let mut exe_args = vec![
+        "--data",
+        data_abs.to_str().unwrap(),
+        "--metrics",
+        "m.jsonl",
+        "--kernel-report",
+    ];
     exe_args.extend_from_slice(flags);
     let out = run_exe(&exe, &elsewhere, &exe_args);
     let line = ok(&out);
     assert!(line.contains("final loss"), "{line}");
+    // Every fused loop ran code compiled ahead of time: nothing was compiled at start-up.
+    let (aot, jit) = kernel_report(&out);
+    assert!(aot > 0 && jit == 0, "ahead of time {aot}, JIT {jit}");
 
     let train_metrics = dir.join("train.jsonl");
     let mut args = vec![
@@ -285,21 +387,66 @@ fn checkpoints_resume_and_file_errors() {
     let e = err(&run(&["--steps", "2", "--resume", "badck"]));
     assert!(e.contains("badck"), "{e}");
 
-    // A corrupt payload.
-    let mut image = std::fs::read(&exe).unwrap();
-    image.extend_from_slice(b"{not json");
-    image.extend_from_slice(&9u64.to_le_bytes());
-    image.extend_from_slice(b"CLEAVEX1");
-    let bad = dir.join("bad-train");
-    std::fs::write(&bad, image).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let e = err(&run_exe(&bad, &dir, &["--data", data]));
+    // A corrupt payload: its hash no longer matches the one the kernel table records.
+    let image = std::fs::read(&exe).unwrap();
+    let e = err(&run_patched(&dir, &image, &["--data", data], |img| {
+        let at = find(img, b"\"model_name\":\"mlp-digits.cir\"");
+        img[at + 14] = b'M';
+    }));
     assert!(e.contains("corrupt payload"), "{e}");
-    std::fs::remove_file(&bad).unwrap();
+    // A damaged kernel table: a fingerprint changed, the magic, or the entry count (which must
+    // fit the table's length, an immediate in `main`'s code).
+    let table = find_table(&image);
+    let e = err(&run_patched(&dir, &image, &["--data", data], |img| {
+        img[table + 48] ^= 1;
+    }));
+    assert!(e.contains("kernel table") && e.contains("checksum"), "{e}");
+    let e = err(&run_patched(&dir, &image, &["--data", data], |img| {
+        img[table] = b'X';
+    }));
+    assert!(e.contains("kernel table") && e.contains("magic"), "{e}");
+    let e = err(&run_patched(&dir, &image, &["--data", data], |img| {
+        img[table + 12] ^= 0x40;
+    }));
+    assert!(
+        e.contains("kernel table") && e.contains("do not fit"),
+        "{e}"
+    );
+    // Entries whose fingerprints match no loop (checksum recomputed, so the table is
+    // consistent) are never called: the loops they were written for are compiled by the JIT at
+    // start-up, and training gives the same losses.
+    let mut args = common.to_vec();
+    args.extend_from_slice(&["--steps", "3", "--kernel-report"]);
+    let good = run_exe(&exe, &dir, &args);
+    let (good_aot, good_jit) = kernel_report(&good);
+    assert_eq!(good_jit, 0);
+    let patched = run_patched(&dir, &image, &args, |img| {
+        let n = u64::from_le_bytes(img[table + 8..table + 16].try_into().unwrap()) as usize;
+        let mut bytes = img[table + 32..table + 48].to_vec();
+        for i in 0..n {
+            let at = table + 48 + i * 24;
+            img[at] ^= 1;
+            bytes.extend_from_slice(&img[at..at + 16]);
+        }
+        let sum = fnv128(&bytes).to_le_bytes();
+        img[table + 16..table + 32].copy_from_slice(&sum);
+    });
+    let no_speed = |o: &Output| {
+        ok(o)
+            .split(", ")
+            .filter(|p| !p.ends_with("steps/s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    assert_eq!(no_speed(&patched), no_speed(&good));
+    let (aot, jit) = kernel_report(&patched);
+    assert!(aot == 0 && jit == good_aot, "{aot} + {jit} vs {good_aot}");
+    // `--no-aot` compiles every loop with the JIT, as `cleave train` does.
+    let mut jit_args = args.clone();
+    jit_args.push("--no-aot");
+    let all_jit = run_exe(&exe, &dir, &jit_args);
+    assert_eq!(no_speed(&all_jit), no_speed(&good));
+    assert_eq!(kernel_report(&all_jit), (0, good_aot));
 
     // A batch other than the compiled one.
     let e = err(&run(&["--steps", "1", "--batch", "16"]));
@@ -362,23 +509,45 @@ fn compile_errors() {
     ]));
     assert!(e.contains("nope"), "{e}");
     assert!(!out.exists());
-    // A runner that is not there.
+    // A runner library that is not there, and a linker that is not there.
     let o2 = Command::new(env!("CARGO_BIN_EXE_cleave"))
         .args(["compile", "examples/mlp-digits.cir", "-o", o])
-        .env("CLEAVE_RUNNER", dir.join("no-runner"))
+        .env("CLEAVE_RUNNER_LIB", dir.join("no-runner"))
         .current_dir(root())
         .output()
         .unwrap();
     let e = err(&o2);
     assert!(
-        e.contains("CLEAVE_RUNNER") && e.contains("no-runner"),
+        e.contains("CLEAVE_RUNNER_LIB") && e.contains("no-runner") && e.contains("cargo build"),
         "{e}"
     );
     assert!(!out.exists());
-    // The bare runner explains itself.
-    let runner = Path::new(env!("CARGO_BIN_EXE_cleave-runner"));
-    let e = err(&Command::new(runner).arg("--help").output().unwrap());
-    assert!(e.contains("no embedded model"), "{e}");
+    let o3 = Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(["compile", "examples/mlp-digits.cir", "-o", o])
+        .env("CLEAVE_RUNNER_LIB", runner_lib())
+        .env("CC", dir.join("no-cc"))
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let e = err(&o3);
+    assert!(e.contains("linker") && e.contains("no-cc"), "{e}");
+    assert!(!out.exists());
+    // A library without the runner's entry point (here an empty archive; in practice one from
+    // another cleave version): the link fails and says to rebuild it.
+    let empty = dir.join("libempty.a");
+    std::fs::write(&empty, b"!<arch>\n").unwrap();
+    let o4 = Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(["compile", "examples/mlp-digits.cir", "-o", o])
+        .env("CLEAVE_RUNNER_LIB", &empty)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let e = err(&o4);
+    assert!(
+        e.contains("cleave_runner_main_v1") && e.contains("cargo build --release -p cleave-runner"),
+        "{e}"
+    );
+    assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -428,5 +597,58 @@ fn onnx_model_with_stored_weights_and_added_loss_matches_cleave_train() {
         ],
         &["--steps", "10", "--seed", "3", "--quiet"],
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn learning_rates_given_to_compile_are_compiled_ahead_of_time() {
+    let dir = tmp("lr");
+    let data = root().join("examples/data/digits.safetensors");
+    let run = |exe: &Path, lr: &str| {
+        let args = [
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--optimizer",
+            "momentum",
+            "--lr",
+            lr,
+            "--quiet",
+            "--kernel-report",
+        ];
+        let out = run_exe(exe, &dir, &args);
+        ok(&out);
+        kernel_report(&out)
+    };
+    // Without `--lr` at compile time, another rate's optimizer loops go through the JIT.
+    let plain = compile("examples/mlp-digits.cir", &dir, &[]);
+    let (_, jit) = run(&plain, "0.07");
+    assert!(jit > 0, "{jit}");
+    // With it, none do; the default rates stay compiled in.
+    let exe = dir.join("train-lr");
+    let out = ok(&cleave(&[
+        "compile",
+        "examples/mlp-digits.cir",
+        "-o",
+        exe.to_str().unwrap(),
+        "--lr",
+        "0.07",
+        "--lr",
+        "0.3",
+    ]));
+    assert!(out.contains("wrote"), "{out}");
+    assert_eq!(run(&exe, "0.07").1, 0);
+    assert_eq!(run(&exe, "0.3").1, 0);
+    assert_eq!(run(&exe, "0.05").1, 0, "momentum's default rate");
+    let e = err(&cleave(&[
+        "compile",
+        "examples/mlp-digits.cir",
+        "-o",
+        exe.to_str().unwrap(),
+        "--lr",
+        "0",
+    ]));
+    assert!(e.contains("--lr 0") && e.contains("positive"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

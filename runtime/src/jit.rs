@@ -14,20 +14,31 @@
 //!   compares, select, casts between `f32`, `i32` and `bool`, `and`/`or`/`not` are native
 //!   instructions. Transcendentals (exp, log, tanh, sigmoid, GELU, erf, sin, cos, …) and `pow`
 //!   call the interpreter's Rust functions once per lane, so their results are bit-identical to
-//!   the interpreted loop.
+//!   the interpreted loop. Those helpers are exported under fixed C names (`cleave_rt_exp`, …)
+//!   and called as imported symbols, so the generated code holds no absolute address.
+//! - One code generator, two backends: [`define_kernels`] is generic over cranelift-module's
+//!   `Module`; [`compile_all`] puts the loops into a `JITModule` at plan compile time, and
+//!   [`crate::aot`] puts the same function bodies into an `ObjectModule` (cranelift-object) for
+//!   `cleave compile`'s executables, whose loops the plan then takes by [`fingerprint`] instead
+//!   of compiling them again.
 //! - Not compiled (the loop stays interpreted): integer division (it reports division by zero),
 //!   integer `sign`, and dropout. [`crate::Plan::jit_kernels`] counts the loops that were compiled.
 //!
 //! All loads of a step happen before its stores, as in the interpreted loop, so a result may be
 //! written in place of a contiguously loaded operand.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I8};
-use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
+use cranelift_codegen::ir::{AbiParam, FuncRef, InstBuilder, MemFlagsData, Signature, Type, Value};
+use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
+use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
-use cranelift_module::{default_libcall_names, Linkage, Module};
+use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 
 use cleave_ir::{BinaryOp, CompareOp, DType, UnaryOp};
 
@@ -54,48 +65,62 @@ impl Drop for JitCode {
 // SAFETY: the module is only touched at compile time and on drop, never shared between threads.
 unsafe impl Send for JitCode {}
 
+/// Fused loops this process compiled with the JIT (all plans together).
+static JIT_COMPILED: AtomicUsize = AtomicUsize::new(0);
+
+/// Fused loops this process compiled with the JIT so far.
+pub(crate) fn jit_compiled() -> usize {
+    JIT_COMPILED.load(Ordering::Relaxed)
+}
+
+// The Rust helpers that compiled loops call per lane. They are exported under fixed C names
+// so that a JIT module (which is given their addresses) and an object file written ahead of
+// time (whose calls the system linker resolves against the runtime's static library) call the
+// same functions.
 macro_rules! unary_helpers {
     ($($name:ident => $op:expr),* $(,)?) => {
-        $(extern "C" fn $name(x: f32) -> f32 { unary_f($op, x) })*
+        $(
+            #[doc = concat!("Per-lane helper of compiled fused loops: `", stringify!($op), "`.")]
+            #[no_mangle]
+            pub extern "C" fn $name(x: f32) -> f32 { unary_f($op, x) }
+        )*
+        /// The helper a unary float op calls (its C name and address), if it has no native
+        /// instruction.
+        fn unary_helper(u: UnaryOp) -> Option<(&'static str, *const u8)> {
+            $(if u == $op {
+                return Some((stringify!($name), $name as *const u8));
+            })*
+            None
+        }
+        /// Every helper's C name and address.
+        fn helper_symbols() -> Vec<(&'static str, *const u8)> {
+            vec![
+                $((stringify!($name), $name as *const u8),)*
+                ("cleave_rt_pow", cleave_rt_pow as *const u8),
+            ]
+        }
     };
 }
 
 unary_helpers! {
-    h_exp => UnaryOp::Exp,
-    h_log => UnaryOp::Log,
-    h_rsqrt => UnaryOp::Rsqrt,
-    h_tanh => UnaryOp::Tanh,
-    h_sigmoid => UnaryOp::Sigmoid,
-    h_gelu => UnaryOp::Gelu,
-    h_gelu_tanh => UnaryOp::GeluTanh,
-    h_silu => UnaryOp::Silu,
-    h_sin => UnaryOp::Sin,
-    h_cos => UnaryOp::Cos,
-    h_erf => UnaryOp::Erf,
-    h_sign => UnaryOp::Sign,
+    cleave_rt_exp => UnaryOp::Exp,
+    cleave_rt_log => UnaryOp::Log,
+    cleave_rt_rsqrt => UnaryOp::Rsqrt,
+    cleave_rt_tanh => UnaryOp::Tanh,
+    cleave_rt_sigmoid => UnaryOp::Sigmoid,
+    cleave_rt_gelu => UnaryOp::Gelu,
+    cleave_rt_gelu_tanh => UnaryOp::GeluTanh,
+    cleave_rt_silu => UnaryOp::Silu,
+    cleave_rt_sin => UnaryOp::Sin,
+    cleave_rt_cos => UnaryOp::Cos,
+    cleave_rt_erf => UnaryOp::Erf,
+    cleave_rt_sign => UnaryOp::Sign,
 }
 
-extern "C" fn h_pow(a: f32, b: f32) -> f32 {
+/// Per-lane helper of compiled fused loops: `pow`.
+#[no_mangle]
+pub extern "C" fn cleave_rt_pow(a: f32, b: f32) -> f32 {
     (a as f64).powf(b as f64) as f32
-}
-
-/// The Rust helper a unary float op calls, if it has no native instruction.
-fn unary_helper(u: UnaryOp) -> Option<extern "C" fn(f32) -> f32> {
-    Some(match u {
-        UnaryOp::Exp => h_exp,
-        UnaryOp::Log => h_log,
-        UnaryOp::Rsqrt => h_rsqrt,
-        UnaryOp::Tanh => h_tanh,
-        UnaryOp::Sigmoid => h_sigmoid,
-        UnaryOp::Gelu => h_gelu,
-        UnaryOp::GeluTanh => h_gelu_tanh,
-        UnaryOp::Silu => h_silu,
-        UnaryOp::Sin => h_sin,
-        UnaryOp::Cos => h_cos,
-        UnaryOp::Erf => h_erf,
-        UnaryOp::Sign => h_sign,
-        _ => return None,
-    })
 }
 
 /// True if every instruction of the program has a native translation.
@@ -113,53 +138,151 @@ pub(crate) fn supported(k: &FusedKernel) -> bool {
     })
 }
 
-/// Compiles every supported fused loop of `kernels` into one module; sets each compiled
-/// kernel's `jit`. Returns the module (None if nothing was compiled or the host has no ISA).
-pub(crate) fn compile_all<'a>(
-    kernels: impl Iterator<Item = &'a mut FusedKernel>,
-) -> Option<JitCode> {
-    let mut kernels: Vec<&mut FusedKernel> = kernels.filter(|k| supported(k)).collect();
-    if kernels.is_empty() {
-        return None;
+/// Bumped whenever the code generated for a program changes, so fingerprints of kernels
+/// compiled ahead of time by another version never match.
+const CODEGEN_VERSION: &str = "cleave-fused-codegen-1";
+
+/// A 128-bit fingerprint of everything the generated code of `k` depends on (the program with
+/// its buffer ids, views and constants, and the register counts), FNV-1a over its debug text.
+/// An ahead-of-time kernel is only ever used for a loop with the same fingerprint.
+pub(crate) fn fingerprint(k: &FusedKernel) -> u128 {
+    let text = format!("{CODEGEN_VERSION};{};{};{};{:?}", k.nf, k.ni, k.nb, k.prog);
+    fnv128(text.as_bytes())
+}
+
+/// FNV-1a, 128 bits.
+pub(crate) fn fnv128(bytes: &[u8]) -> u128 {
+    let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for &b in bytes {
+        h ^= b as u128;
+        h = h.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
     }
+    h
+}
+
+/// The host's instruction set with the kernels' settings. `pic`: position-independent code
+/// (an object file linked into a PIE); the JIT uses absolute addresses.
+pub(crate) fn host_isa(pic: bool) -> Result<OwnedTargetIsa, String> {
     let mut flags = settings::builder();
-    flags.set("opt_level", "speed").ok()?;
-    flags.set("use_colocated_libcalls", "false").ok()?;
-    flags.set("is_pic", "false").ok()?;
-    let isa = cranelift_native::builder()
-        .ok()?
+    let set = |flags: &mut settings::Builder, k: &str, v: &str| {
+        flags
+            .set(k, v)
+            .map_err(|e| format!("cranelift setting {k}={v}: {e}"))
+    };
+    set(&mut flags, "opt_level", "speed")?;
+    set(&mut flags, "use_colocated_libcalls", "false")?;
+    set(&mut flags, "is_pic", if pic { "true" } else { "false" })?;
+    cranelift_native::builder()
+        .map_err(|e| format!("this host has no Cranelift backend: {e}"))?
         .finish(settings::Flags::new(flags))
-        .ok()?;
-    let mut module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+        .map_err(|e| format!("cranelift: {e}"))
+}
+
+/// Declares and defines one function per kernel in `module`, named `{prefix}{i}` with
+/// `linkage`: the one code generator behind both the JIT ([`compile_all`]) and the object files
+/// of `cleave compile` ([`crate::aot`]). Returns each kernel's function, `None` where Cranelift
+/// rejected it (that loop stays interpreted).
+pub(crate) fn define_kernels<M: Module>(
+    module: &mut M,
+    kernels: &[&FusedKernel],
+    prefix: &str,
+    linkage: Linkage,
+) -> Result<Vec<Option<FuncId>>, String> {
     let ptr = module.target_config().pointer_type();
     let mut ctx = module.make_context();
     let mut fctx = FunctionBuilderContext::new();
+    let mut helpers: HashMap<&'static str, FuncId> = HashMap::new();
     let mut ids = Vec::with_capacity(kernels.len());
     for (i, k) in kernels.iter().enumerate() {
         ctx.func.signature.params.push(AbiParam::new(ptr));
         ctx.func.signature.params.push(AbiParam::new(ptr));
+        let refs = import_helpers(module, &mut ctx, k, &mut helpers)?;
         {
             let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-            Emitter::build(&mut b, k, ptr);
+            Emitter::build(&mut b, k, ptr, refs);
             b.finalize(module.target_config());
         }
         let id = module
-            .declare_function(&format!("fused{i}"), Linkage::Local, &ctx.func.signature)
-            .ok()?;
-        if module.define_function(id, &mut ctx).is_err() {
-            module.clear_context(&mut ctx);
-            ids.push(None);
+            .declare_function(&format!("{prefix}{i}"), linkage, &ctx.func.signature)
+            .map_err(|e| format!("cranelift: {e}"))?;
+        let defined = module.define_function(id, &mut ctx).is_ok();
+        module.clear_context(&mut ctx);
+        ids.push(defined.then_some(id));
+    }
+    Ok(ids)
+}
+
+/// Declares the helpers `k` calls in `module` (once) and in the function being built.
+fn import_helpers<M: Module>(
+    module: &mut M,
+    ctx: &mut Context,
+    k: &FusedKernel,
+    declared: &mut HashMap<&'static str, FuncId>,
+) -> Result<HashMap<&'static str, FuncRef>, String> {
+    let call_conv = module.target_config().default_call_conv;
+    let mut refs = HashMap::new();
+    for ins in &k.prog {
+        let (name, arity) = match ins {
+            Ins::UnF { op, .. } => match unary_helper(*op) {
+                Some((name, _)) => (name, 1),
+                None => continue,
+            },
+            Ins::BinF {
+                op: BinaryOp::Pow, ..
+            } => ("cleave_rt_pow", 2),
+            _ => continue,
+        };
+        if refs.contains_key(name) {
             continue;
         }
-        module.clear_context(&mut ctx);
-        ids.push(Some(id));
+        let id = match declared.get(name) {
+            Some(&id) => id,
+            None => {
+                let mut sig = Signature::new(call_conv);
+                for _ in 0..arity {
+                    sig.params.push(AbiParam::new(F32));
+                }
+                sig.returns.push(AbiParam::new(F32));
+                let id = module
+                    .declare_function(name, Linkage::Import, &sig)
+                    .map_err(|e| format!("cranelift: {e}"))?;
+                declared.insert(name, id);
+                id
+            }
+        };
+        refs.insert(name, module.declare_func_in_func(id, &mut ctx.func));
     }
+    Ok(refs)
+}
+
+/// Compiles every supported fused loop of `kernels` into one module; sets each compiled
+/// kernel's `jit`. Loops whose code was compiled ahead of time ([`crate::aot`]) take that code
+/// and are not compiled again. Returns the module (None if nothing was compiled or the host
+/// has no ISA).
+pub(crate) fn compile_all<'a>(
+    kernels: impl Iterator<Item = &'a mut FusedKernel>,
+) -> Option<JitCode> {
+    let mut kernels: Vec<&mut FusedKernel> = kernels.filter(|k| supported(k)).collect();
+    crate::aot::attach(&mut kernels);
+    kernels.retain(|k| k.jit.is_none());
+    if kernels.is_empty() {
+        return None;
+    }
+    let isa = host_isa(false).ok()?;
+    let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+    builder.symbols(helper_symbols());
+    let mut module = JITModule::new(builder);
+    let ids = {
+        let refs: Vec<&FusedKernel> = kernels.iter().map(|k| &**k).collect();
+        define_kernels(&mut module, &refs, "fused", Linkage::Local).ok()?
+    };
     module.finalize_definitions().ok()?;
     for (k, id) in kernels.iter_mut().zip(ids) {
         if let Some(id) = id {
             let p = module.get_finalized_function(id);
             // SAFETY: the function was built with exactly this signature.
             k.jit = Some(unsafe { std::mem::transmute::<*const u8, JitFn>(p) });
+            JIT_COMPILED.fetch_add(1, Ordering::Relaxed);
         }
     }
     Some(JitCode {
@@ -172,8 +295,8 @@ struct Emitter {
     bases: std::collections::HashMap<usize, Value>,
     /// Scalars loaded once: one-element views, by instruction index.
     hoisted: std::collections::HashMap<usize, Value>,
-    un_sig: SigRef,
-    bin_sig: SigRef,
+    /// The per-lane helpers this loop calls, by C name.
+    helpers: HashMap<&'static str, FuncRef>,
     ptr: Type,
 }
 
@@ -189,24 +312,21 @@ fn elem_bytes(dt: DType) -> i64 {
 }
 
 impl Emitter {
-    fn build(b: &mut FunctionBuilder, k: &FusedKernel, ptr: Type) {
+    fn build(
+        b: &mut FunctionBuilder,
+        k: &FusedKernel,
+        ptr: Type,
+        helpers: HashMap<&'static str, FuncRef>,
+    ) {
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
         let table = b.block_params(entry)[0];
         let n = b.block_params(entry)[1];
-        let mut un = Signature::new(b.func.signature.call_conv);
-        un.params.push(AbiParam::new(F32));
-        un.returns.push(AbiParam::new(F32));
-        let mut bin = un.clone();
-        bin.params.push(AbiParam::new(F32));
-        let un_sig = b.import_signature(un);
-        let bin_sig = b.import_signature(bin);
         let mut e = Emitter {
             bases: Default::default(),
             hoisted: Default::default(),
-            un_sig,
-            bin_sig,
+            helpers,
             ptr,
         };
         for (j, ins) in k.prog.iter().enumerate() {
@@ -420,21 +540,16 @@ impl Emitter {
     }
 
     /// Calls `f` on each lane of `args` (all f32 of width `w`).
-    fn call_lanes(&self, b: &mut FunctionBuilder, f: usize, args: &[Value], w: usize) -> Value {
-        let sig = if args.len() == 1 {
-            self.un_sig
-        } else {
-            self.bin_sig
-        };
-        let callee = b.ins().iconst(self.ptr, f as i64);
+    fn call_lanes(&self, b: &mut FunctionBuilder, f: &str, args: &[Value], w: usize) -> Value {
+        let callee = self.helpers[f];
         if w == 1 {
-            let c = b.ins().call_indirect(sig, callee, args);
+            let c = b.ins().call(callee, args);
             return b.inst_results(c)[0];
         }
         let mut out = args[0];
         for l in 0..4u8 {
             let lane: Vec<Value> = args.iter().map(|&a| b.ins().extractlane(a, l)).collect();
-            let c = b.ins().call_indirect(sig, callee, &lane);
+            let c = b.ins().call(callee, &lane);
             let r = b.inst_results(c)[0];
             out = b.ins().insertlane(out, r, l);
         }
@@ -508,8 +623,8 @@ impl Emitter {
                             select(b, w, m, z, x, fty)
                         }
                         u => {
-                            let f = unary_helper(*u).expect("checked by `supported`");
-                            self.call_lanes(b, f as usize, &[x], w)
+                            let (f, _) = unary_helper(*u).expect("checked by `supported`");
+                            self.call_lanes(b, f, &[x], w)
                         }
                     };
                     fr[*dst] = Some(v);
@@ -539,7 +654,7 @@ impl Emitter {
                         BinaryOp::Div => b.ins().fdiv(x, y),
                         BinaryOp::Max => b.ins().fmax(x, y),
                         BinaryOp::Min => b.ins().fmin(x, y),
-                        _ => self.call_lanes(b, h_pow as *const () as usize, &[x, y], w),
+                        _ => self.call_lanes(b, "cleave_rt_pow", &[x, y], w),
                     };
                     fr[*dst] = Some(v);
                 }

@@ -13,7 +13,9 @@
 //! - **JIT.** With [`CompileOptions::jit`] (the default) every fused loop whose ops the JIT
 //!   supports is compiled with Cranelift to native code that runs 4 lanes at a time in 128-bit
 //!   SIMD registers (`jit.rs` lists what is native, what calls Rust helpers per lane and what
-//!   stays interpreted); [`Plan::jit_kernels`] counts them.
+//!   stays interpreted); [`Plan::jit_kernels`] counts them. [`aot`] writes the same loops into
+//!   an object file ahead of time (cranelift-object) for `cleave compile`'s executables, whose
+//!   plans then take that code instead of compiling it.
 //! - **GEMM.** `matmul` (batched, with transpose flags, via strides) and the convolutions
 //!   (im2col + GEMM) call the `gemm` crate, with its `x86-v4` feature for AVX-512 (`gemm.rs`
 //!   says why this crate).
@@ -32,6 +34,7 @@
 //! agree with the reference interpreter (which rounds once per op from `f64`) to a relative error
 //! of about 1e-5.
 
+pub mod aot;
 mod compile;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -110,9 +110,12 @@ pub enum Target {
 pub struct TrainCmd {
     #[command(flatten)]
     pub args: crate::train::TrainArgs,
-    /// Where to run: cpu, or cuda (needs `--features cuda` and a CUDA driver).
+    /// Where to run: cpu, or cuda (needs `--features mlir,cuda` and a CUDA driver).
     #[arg(long, value_enum, default_value = "cpu")]
     pub target: Target,
+    /// With `--target cuda`: run GEMMs on cuBLAS (default) or as the MLIR kernels.
+    #[arg(long, value_enum, default_value = "cublas")]
+    pub gemm: crate::gpu_train::GemmArg,
 }
 
 /// `cleave bench` with its target.
@@ -120,31 +123,12 @@ pub struct TrainCmd {
 pub struct BenchCmd {
     #[command(flatten)]
     pub args: crate::train::BenchArgs,
-    /// Where to run: cpu, or cuda (needs `--features cuda` and a CUDA driver).
+    /// Where to run: cpu, or cuda (needs `--features mlir,cuda` and a CUDA driver).
     #[arg(long, value_enum, default_value = "cpu")]
     pub target: Target,
-}
-
-/// Checks that `--target` can run here; the error says what is missing.
-fn check_target(target: Target) -> Result<()> {
-    match target {
-        Target::Cpu => Ok(()),
-        #[cfg(not(feature = "cuda"))]
-        Target::Cuda => bail!(
-            "--target cuda: this cleave binary was built without CUDA support; rebuild it with \
-             `cargo build --release --features cuda` (a CUDA driver, libcuda.so, is needed to run)"
-        ),
-        #[cfg(feature = "cuda")]
-        Target::Cuda => {
-            let dev = cleave_runtime::cuda::Device::new(0)
-                .map_err(|e| anyhow::anyhow!("--target cuda: {e}"))?;
-            bail!(
-                "--target cuda: found {}, but the GPU plan executor is not part of this build yet \
-                 (the CUDA runtime and its tests are; see scripts/gpu-check.sh)",
-                dev.name().unwrap_or_else(|_| "a GPU".into())
-            )
-        }
-    }
+    /// With `--target cuda`: run GEMMs on cuBLAS (default) or as the MLIR kernels.
+    #[arg(long, value_enum, default_value = "cublas")]
+    pub gemm: crate::gpu_train::GemmArg,
 }
 
 /// How a model file is read (shared by every command that takes one).
@@ -447,14 +431,18 @@ where
         Command::Opt(a) => cmd_opt(a),
         Command::Grad(a) => cmd_grad(a),
         Command::Schedule(a) => crate::schedule_cmd::cmd_schedule(a),
-        Command::Train(a) => {
-            check_target(a.target)?;
-            cmd_train(a.args)
-        }
-        Command::Bench(a) => {
-            check_target(a.target)?;
-            cmd_bench(a.args)
-        }
+        Command::Train(a) => match a.target {
+            Target::Cpu => cmd_train(a.args),
+            Target::Cuda => {
+                let s = crate::gpu_train::train_cuda(&a.args, a.gemm)?;
+                println!("{}", crate::aot::summary_line(&s));
+                Ok(())
+            }
+        },
+        Command::Bench(a) => match a.target {
+            Target::Cpu => cmd_bench(a.args),
+            Target::Cuda => cmd_bench_cuda(a.args, a.gemm),
+        },
         Command::Compile(a) => cmd_compile(a),
     }
 }
@@ -544,6 +532,37 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
             r.flops as f64 / 1e6,
             r.matmul_flops as f64 / 1e6,
             r.gflops()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_bench_cuda(a: crate::train::BenchArgs, gemm: crate::gpu_train::GemmArg) -> Result<()> {
+    let r = crate::gpu_train::bench_cuda(&a, gemm)?;
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["engine"] = "cuda".into();
+        v["gflops"] = (r.flops as f64 / (r.median_ms * 1e-3) / 1e9).into();
+        println!("{v}");
+    } else {
+        println!(
+            "{}: median {:.4} ms per training step (cuda, {}, {} iterations; compiled to PTX in \
+             {:.1} ms: {} kernel groups, {} on cuBLAS, {} PTX launches; {} device bytes)",
+            a.model.display(),
+            r.median_ms,
+            r.device,
+            r.iters,
+            r.compile_ms,
+            r.groups,
+            r.cublas_groups,
+            r.launches,
+            r.device_bytes
+        );
+        println!(
+            "{:.3} MFLOP per step ({:.3} in matmuls), {:.1} GFLOP/s",
+            r.flops as f64 / 1e6,
+            r.matmul_flops as f64 / 1e6,
+            r.flops as f64 / (r.median_ms * 1e-3) / 1e9
         );
     }
     Ok(())

@@ -405,6 +405,13 @@ pub struct NewModelArgs {
     /// The labels (targets) input of --loss.
     #[arg(long, default_value = "target")]
     pub labels: String,
+    /// Also write synthetic training data for the model here (safetensors, one tensor per data
+    /// input; see `synthetic_data`), e.g. for `cleave train` of GPT-small.
+    #[arg(long)]
+    pub data_out: Option<PathBuf>,
+    /// Examples in --data-out.
+    #[arg(long, default_value_t = 256)]
+    pub examples: usize,
 }
 
 /// Parses arguments and runs the command.
@@ -1062,5 +1069,74 @@ fn cmd_new_model(a: NewModelArgs) -> Result<()> {
     if let (Some(path), Some(params)) = (&a.params_out, params) {
         write_tensors(path, &params)?;
     }
+    if let Some(path) = &a.data_out {
+        let func = module.functions.first().expect("one function");
+        write_tensors(path, &synthetic_data(func, a.examples, a.seed)?)?;
+    }
     Ok(())
+}
+
+/// Synthetic training data for `func`'s data inputs, `n` examples, seeded: float inputs are
+/// standard normal; integer inputs are class indices below the last extent of the `logits`
+/// output (the vocabulary or class count), except that a `tokens`/`targets` pair (GPT) is a
+/// learnable sequence task: each example is an arithmetic progression `s, s+d, s+2d, …` modulo the
+/// vocabulary (random `s` and `d`), and `targets` is `tokens` shifted by one (the next term).
+fn synthetic_data(func: &Function, n: usize, seed: u64) -> Result<BTreeMap<String, Tensor>> {
+    let classes = func
+        .output("logits")
+        .and_then(|v| func.ty(v).shape.last().copied())
+        .unwrap_or(2)
+        .max(1);
+    let mut rng = crate::init::SplitMix64::new(seed ^ 0x5EED_DA7A);
+    let mut out = BTreeMap::new();
+    let inputs: Vec<_> = func.data_inputs().collect();
+    let names: Vec<&str> = inputs.iter().map(|a| a.name).collect();
+    let lm = names.contains(&"tokens") && names.contains(&"targets");
+    for a in &inputs {
+        if a.ty.shape.is_empty() {
+            bail!("--data-out: data input `{}` has no batch dimension", a.name);
+        }
+        let mut shape = a.ty.shape.clone();
+        shape[0] = n;
+        let per: usize = a.ty.shape[1..].iter().product();
+        let total = n * per;
+        let t = match a.ty.dtype {
+            DType::F32 => {
+                Tensor::from_f32(shape, (0..total).map(|_| rng.normal() as f32).collect())
+            }
+            DType::I32 if lm && (a.name == "tokens" || a.name == "targets") => continue,
+            DType::I32 => Tensor::from_i32(
+                shape,
+                (0..total)
+                    .map(|_| (rng.next_u64() % classes as u64) as i32)
+                    .collect(),
+            ),
+            d => bail!(
+                "--data-out: data input `{}` is {d}; synthetic data covers f32 and i32 inputs",
+                a.name
+            ),
+        };
+        out.insert(a.name.to_string(), t);
+    }
+    if lm {
+        let tok = inputs.iter().find(|a| a.name == "tokens").expect("checked");
+        let mut shape = tok.ty.shape.clone();
+        shape[0] = n;
+        let per: usize = tok.ty.shape[1..].iter().product();
+        let v = classes as u64;
+        let (mut tokens, mut targets) = (Vec::with_capacity(n * per), Vec::with_capacity(n * per));
+        for _ in 0..n {
+            let (s, d) = (
+                rng.next_u64() % v,
+                1 + rng.next_u64() % v.saturating_sub(1).max(1),
+            );
+            for t in 0..per as u64 {
+                tokens.push(((s + t * d) % v) as i32);
+                targets.push(((s + (t + 1) * d) % v) as i32);
+            }
+        }
+        out.insert("tokens".into(), Tensor::from_i32(shape.clone(), tokens));
+        out.insert("targets".into(), Tensor::from_i32(shape, targets));
+    }
+    Ok(out)
 }

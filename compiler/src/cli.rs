@@ -129,6 +129,9 @@ pub struct BenchCmd {
     /// With `--target cuda`: run GEMMs on cuBLAS (default) or as the MLIR kernels.
     #[arg(long, value_enum, default_value = "cublas")]
     pub gemm: crate::gpu_train::GemmArg,
+    /// With `--target cuda`: time every kernel group of one more step and report the N slowest.
+    #[arg(long)]
+    pub profile: Option<usize>,
 }
 
 /// How a model file is read (shared by every command that takes one).
@@ -448,7 +451,7 @@ where
         },
         Command::Bench(a) => match a.target {
             Target::Cpu => cmd_bench(a.args),
-            Target::Cuda => cmd_bench_cuda(a.args, a.gemm),
+            Target::Cuda => cmd_bench_cuda(a.args, a.gemm, a.profile),
         },
         Command::Compile(a) => cmd_compile(a),
     }
@@ -544,8 +547,12 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_bench_cuda(a: crate::train::BenchArgs, gemm: crate::gpu_train::GemmArg) -> Result<()> {
-    let r = crate::gpu_train::bench_cuda(&a, gemm)?;
+fn cmd_bench_cuda(
+    a: crate::train::BenchArgs,
+    gemm: crate::gpu_train::GemmArg,
+    profile: Option<usize>,
+) -> Result<()> {
+    let r = crate::gpu_train::bench_cuda(&a, gemm, profile)?;
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["engine"] = "cuda".into();
@@ -571,6 +578,9 @@ fn cmd_bench_cuda(a: crate::train::BenchArgs, gemm: crate::gpu_train::GemmArg) -
             r.matmul_flops as f64 / 1e6,
             r.flops as f64 / (r.median_ms * 1e-3) / 1e9
         );
+        if let Some(p) = &r.profile {
+            println!("{p:#}");
+        }
     }
     Ok(())
 }

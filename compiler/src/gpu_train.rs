@@ -449,13 +449,21 @@ pub struct CudaBenchResult {
     pub matmul_flops: u64,
     /// The last timed step's loss.
     pub loss: f64,
+    /// With `--profile N`: one more step with every group timed on its own (events between
+    /// groups): milliseconds on cuBLAS and in MLIR kernels, and the N slowest groups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<serde_json::Value>,
 }
 
 /// `cleave bench --target cuda`: the median step time on GPU 0 with CUDA events.
-pub fn bench_cuda(a: &crate::train::BenchArgs, gemm: GemmArg) -> Result<CudaBenchResult> {
+pub fn bench_cuda(
+    a: &crate::train::BenchArgs,
+    gemm: GemmArg,
+    profile: Option<usize>,
+) -> Result<CudaBenchResult> {
     #[cfg(not(all(feature = "cuda", feature = "mlir")))]
     {
-        let _ = (a, gemm);
+        let _ = (a, gemm, profile);
         #[cfg(feature = "cuda")]
         {
             cleave_runtime::cuda::Device::new(0)
@@ -517,6 +525,33 @@ pub fn bench_cuda(a: &crate::train::BenchArgs, gemm: GemmArg) -> Result<CudaBenc
             .unwrap_or(f64::NAN);
         times.sort_by(|x, y| x.total_cmp(y));
         let r = be.runner();
+        let profile = match profile {
+            None => None,
+            Some(top) => {
+                let mut groups = r.run_profiled()?;
+                let on = |blas: bool| -> f64 {
+                    groups
+                        .iter()
+                        .filter(|g| g.3 == blas)
+                        .map(|g| g.2 as f64)
+                        .sum()
+                };
+                let (blas_ms, mlir_ms) = (on(true), on(false));
+                groups.sort_by(|x, y| y.2.total_cmp(&x.2));
+                let slowest: Vec<serde_json::Value> = groups
+                    .iter()
+                    .take(top)
+                    .map(|(name, ops, ms, blas)| {
+                        let ops: String = ops.chars().take(120).collect();
+                        serde_json::json!({"group": name, "ops": ops, "ms": ms, "cublas": blas})
+                    })
+                    .collect();
+                Some(
+                    serde_json::json!({"cublas_ms": blas_ms, "mlir_kernels_ms": mlir_ms,
+                    "slowest": slowest}),
+                )
+            }
+        };
         let cublas_groups = r.cublas_groups();
         let device_bytes = r.device_bytes();
         let (groups, launches) = r.counts();
@@ -533,6 +568,7 @@ pub fn bench_cuda(a: &crate::train::BenchArgs, gemm: GemmArg) -> Result<CudaBenc
             flops: cost.total(),
             matmul_flops: cost.matmul,
             loss,
+            profile,
         })
     }
 }

@@ -279,27 +279,59 @@ impl<'d> GpuRunner<'d> {
     /// Runs every group on the compute stream with the arguments' current (resident) values;
     /// does not wait for the GPU.
     pub fn run_resident(&mut self) -> Result<()> {
-        for (g, group) in self.func.groups.iter().enumerate() {
-            if let Some(gemm) = &self.gemms[g] {
-                self.run_gemm(gemm)?;
-            } else {
-                for (k, loaded) in group.launches.iter().zip(&self.kernels[g]) {
-                    let args: Vec<&DeviceTensor> = k
-                        .args
-                        .iter()
-                        .map(|a| &self.bufs[&Self::key(g, a)])
-                        .collect();
-                    self.dev.launch(loaded, &args)?;
-                }
-            }
-            for (from, to) in &group.copies {
-                let mut dst = self.bufs.remove(to).expect("checked in new");
-                let r = self.dev.copy_d2d(&self.bufs[from].buf, &mut dst.buf);
-                self.bufs.insert(to.clone(), dst);
-                r?;
-            }
+        for g in 0..self.func.groups.len() {
+            self.run_group(g)?;
         }
         Ok(())
+    }
+
+    /// Runs group `g`'s GEMM or launches, then its copies.
+    fn run_group(&mut self, g: usize) -> Result<()> {
+        let group = &self.func.groups[g];
+        if let Some(gemm) = &self.gemms[g] {
+            self.run_gemm(gemm)?;
+        } else {
+            for (k, loaded) in group.launches.iter().zip(&self.kernels[g]) {
+                let args: Vec<&DeviceTensor> = k
+                    .args
+                    .iter()
+                    .map(|a| &self.bufs[&Self::key(g, a)])
+                    .collect();
+                self.dev.launch(loaded, &args)?;
+            }
+        }
+        for (from, to) in &group.copies {
+            let mut dst = self.bufs.remove(to).expect("checked in new");
+            let r = self.dev.copy_d2d(&self.bufs[from].buf, &mut dst.buf);
+            self.bufs.insert(to.clone(), dst);
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Runs every group like [`GpuRunner::run_resident`], timing each with CUDA events:
+    /// `(group name, its ops, milliseconds, whether it ran on cuBLAS)` in execution order.
+    pub fn run_profiled(&mut self) -> Result<Vec<(String, String, f32, bool)>> {
+        let mut events = Vec::new();
+        for _ in 0..=self.func.groups.len() {
+            events.push(self.dev.event()?);
+        }
+        self.dev.record(&events[0])?;
+        for g in 0..self.func.groups.len() {
+            self.run_group(g)?;
+            self.dev.record(&events[g + 1])?;
+        }
+        let mut out = Vec::new();
+        for (g, group) in self.func.groups.iter().enumerate() {
+            let ms = self.dev.elapsed_ms(&events[g], &events[g + 1])?;
+            out.push((
+                group.name.clone(),
+                group.ops.join(","),
+                ms,
+                self.gemms[g].is_some(),
+            ));
+        }
+        Ok(out)
     }
 
     /// Downloads output `name` (waits for the compute stream).

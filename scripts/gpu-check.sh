@@ -110,6 +110,12 @@ run() {
     unxz_to "$dir/cleave.xz" > "$tmp/cleave" && chmod +x "$tmp/cleave"
     unxz_to "$dir/cases.tar.xz" | tar -xf - -C "$tmp"
     local cleave=$tmp/cleave
+    # If the machine's C++ runtime is older than the one cleave was linked against, use the copy.
+    if ! "$cleave" --help >/dev/null 2>&1; then
+        echo "gpu-check: cleave does not start with the machine's libraries; trying .gpu/lib first" | log gpu-check.txt
+        "$cleave" --help 2>&1 | head -3 | log gpu-check.txt
+        export LD_LIBRARY_PATH="$PWD/$dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
     [ -n "$out" ] && mkdir -p "$out"
     log() { if [ -n "$out" ]; then tee -a "$out/$1"; else cat; fi; }
     local t_start=$SECONDS

@@ -127,8 +127,7 @@ fn unsupported_options_are_clear_errors() {
         let mut a = common::args(1);
         f(&mut a);
         let e = train_on(&a, "cuda", MlirCpuBackend::new)
-            .err()
-            .expect("rejected")
+            .expect_err("rejected")
             .to_string();
         assert!(
             e.contains("--target cuda") && e.contains(what) && e.contains("--target cpu"),

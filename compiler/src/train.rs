@@ -349,12 +349,12 @@ pub fn build_step_with(
     })
 }
 
-/// Training state by name (parameters and optimizer state: shape and host data) and the step to
-/// start at: a fresh initialisation (seed `seed`, parameters stored in the model file first), or
-/// the checkpoint in `resume`. Shared by every target's training loop.
+/// Training state by name: parameters and optimizer state, each with its shape and host data.
 pub(crate) type State = BTreeMap<String, (Vec<usize>, HostData)>;
 
-/// See [`State`].
+/// The state to start from and the step to start at: a fresh initialisation (seed `seed`;
+/// parameters stored in the model file win) at step 0, or the checkpoint in `resume` at its step.
+/// Shared by every target's training loop.
 pub(crate) fn initial_state(
     built: &Built,
     seed: Option<u64>,

@@ -399,7 +399,8 @@ pub fn train_cuda(
         let _ = (a, gemm);
         anyhow::bail!(
             "--target cuda: this cleave binary was built without CUDA support; rebuild it with \
-             `cargo build --release --features cuda` (a CUDA driver, libcuda.so, is needed to run)"
+             `cargo build --release --features mlir,cuda` (--features cuda adds the CUDA \
+             runtime, mlir the compiler to PTX; a CUDA driver, libcuda.so, is needed to run)"
         )
     }
     #[cfg(feature = "cuda")]
@@ -476,7 +477,8 @@ pub fn bench_cuda(
         #[cfg(not(feature = "cuda"))]
         anyhow::bail!(
             "--target cuda: this cleave binary was built without CUDA support; rebuild it with \
-             `cargo build --release --features cuda` (a CUDA driver, libcuda.so, is needed to run)"
+             `cargo build --release --features mlir,cuda` (--features cuda adds the CUDA \
+             runtime, mlir the compiler to PTX; a CUDA driver, libcuda.so, is needed to run)"
         )
     }
     #[cfg(all(feature = "cuda", feature = "mlir"))]

@@ -114,9 +114,12 @@ pub enum Target {
 pub struct TrainCmd {
     #[command(flatten)]
     pub args: crate::train::TrainArgs,
-    /// Where to run: cpu, or cuda (needs `--features cuda` and a CUDA driver).
+    /// Where to run: cpu, or cuda (needs `--features mlir,cuda` and a CUDA driver).
     #[arg(long, value_enum, default_value = "cpu")]
     pub target: Target,
+    /// With `--target cuda`: run GEMMs on cuBLAS (default) or as the MLIR kernels.
+    #[arg(long, value_enum, default_value = "cublas")]
+    pub gemm: crate::gpu_train::GemmArg,
 }
 
 /// `cleave bench` with its target.
@@ -124,31 +127,15 @@ pub struct TrainCmd {
 pub struct BenchCmd {
     #[command(flatten)]
     pub args: crate::train::BenchArgs,
-    /// Where to run: cpu, or cuda (needs `--features cuda` and a CUDA driver).
+    /// Where to run: cpu, or cuda (needs `--features mlir,cuda` and a CUDA driver).
     #[arg(long, value_enum, default_value = "cpu")]
     pub target: Target,
-}
-
-/// Checks that `--target` can run here; the error says what is missing.
-fn check_target(target: Target) -> Result<()> {
-    match target {
-        Target::Cpu => Ok(()),
-        #[cfg(not(feature = "cuda"))]
-        Target::Cuda => bail!(
-            "--target cuda: this cleave binary was built without CUDA support; rebuild it with \
-             `cargo build --release --features cuda` (a CUDA driver, libcuda.so, is needed to run)"
-        ),
-        #[cfg(feature = "cuda")]
-        Target::Cuda => {
-            let dev = cleave_runtime::cuda::Device::new(0)
-                .map_err(|e| anyhow::anyhow!("--target cuda: {e}"))?;
-            bail!(
-                "--target cuda: found {}, but the GPU plan executor is not part of this build yet \
-                 (the CUDA runtime and its tests are; see scripts/gpu-check.sh)",
-                dev.name().unwrap_or_else(|_| "a GPU".into())
-            )
-        }
-    }
+    /// With `--target cuda`: run GEMMs on cuBLAS (default) or as the MLIR kernels.
+    #[arg(long, value_enum, default_value = "cublas")]
+    pub gemm: crate::gpu_train::GemmArg,
+    /// With `--target cuda`: time every kernel group of one more step and report the N slowest.
+    #[arg(long)]
+    pub profile: Option<usize>,
 }
 
 /// How a model file is read (shared by every command that takes one).
@@ -425,6 +412,13 @@ pub struct NewModelArgs {
     /// The labels (targets) input of --loss.
     #[arg(long, default_value = "target")]
     pub labels: String,
+    /// Also write synthetic training data for the model here (safetensors, one tensor per data
+    /// input; see `synthetic_data`), e.g. for `cleave train` of GPT-small.
+    #[arg(long)]
+    pub data_out: Option<PathBuf>,
+    /// Examples in --data-out.
+    #[arg(long, default_value_t = 256)]
+    pub examples: usize,
 }
 
 /// Parses arguments and runs the command.
@@ -451,14 +445,18 @@ where
         Command::Opt(a) => cmd_opt(a),
         Command::Grad(a) => cmd_grad(a),
         Command::Schedule(a) => crate::schedule_cmd::cmd_schedule(a),
-        Command::Train(a) => {
-            check_target(a.target)?;
-            cmd_train(a.args)
-        }
-        Command::Bench(a) => {
-            check_target(a.target)?;
-            cmd_bench(a.args)
-        }
+        Command::Train(a) => match a.target {
+            Target::Cpu => cmd_train(a.args),
+            Target::Cuda => {
+                let s = crate::gpu_train::train_cuda(&a.args, a.gemm)?;
+                println!("{}", crate::aot::summary_line(&s));
+                Ok(())
+            }
+        },
+        Command::Bench(a) => match a.target {
+            Target::Cpu => cmd_bench(a.args),
+            Target::Cuda => cmd_bench_cuda(a.args, a.gemm, a.profile),
+        },
         Command::Compile(a) => cmd_compile(a),
     }
 }
@@ -551,6 +549,44 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
             r.matmul_flops as f64 / 1e6,
             r.gflops()
         );
+    }
+    Ok(())
+}
+
+fn cmd_bench_cuda(
+    a: crate::train::BenchArgs,
+    gemm: crate::gpu_train::GemmArg,
+    profile: Option<usize>,
+) -> Result<()> {
+    let r = crate::gpu_train::bench_cuda(&a, gemm, profile)?;
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["engine"] = "cuda".into();
+        v["gflops"] = (r.flops as f64 / (r.median_ms * 1e-3) / 1e9).into();
+        println!("{v}");
+    } else {
+        println!(
+            "{}: median {:.4} ms per training step (cuda, {}, {} iterations; compiled to PTX in \
+             {:.1} ms: {} kernel groups, {} on cuBLAS, {} PTX launches; {} device bytes)",
+            a.model.display(),
+            r.median_ms,
+            r.device,
+            r.iters,
+            r.compile_ms,
+            r.groups,
+            r.cublas_groups,
+            r.launches,
+            r.device_bytes
+        );
+        println!(
+            "{:.3} MFLOP per step ({:.3} in matmuls), {:.1} GFLOP/s",
+            r.flops as f64 / 1e6,
+            r.matmul_flops as f64 / 1e6,
+            r.flops as f64 / (r.median_ms * 1e-3) / 1e9
+        );
+        if let Some(p) = &r.profile {
+            println!("{p:#}");
+        }
     }
     Ok(())
 }
@@ -1049,5 +1085,74 @@ fn cmd_new_model(a: NewModelArgs) -> Result<()> {
     if let (Some(path), Some(params)) = (&a.params_out, params) {
         write_tensors(path, &params)?;
     }
+    if let Some(path) = &a.data_out {
+        let func = module.functions.first().expect("one function");
+        write_tensors(path, &synthetic_data(func, a.examples, a.seed)?)?;
+    }
     Ok(())
+}
+
+/// Synthetic training data for `func`'s data inputs, `n` examples, seeded: float inputs are
+/// standard normal; integer inputs are class indices below the last extent of the `logits`
+/// output (the vocabulary or class count), except that a `tokens`/`targets` pair (GPT) is a
+/// learnable sequence task: each example is an arithmetic progression `s, s+d, s+2d, …` modulo the
+/// vocabulary (random `s` and `d`), and `targets` is `tokens` shifted by one (the next term).
+fn synthetic_data(func: &Function, n: usize, seed: u64) -> Result<BTreeMap<String, Tensor>> {
+    let classes = func
+        .output("logits")
+        .and_then(|v| func.ty(v).shape.last().copied())
+        .unwrap_or(2)
+        .max(1);
+    let mut rng = crate::init::SplitMix64::new(seed ^ 0x5EED_DA7A);
+    let mut out = BTreeMap::new();
+    let inputs: Vec<_> = func.data_inputs().collect();
+    let names: Vec<&str> = inputs.iter().map(|a| a.name).collect();
+    let lm = names.contains(&"tokens") && names.contains(&"targets");
+    for a in &inputs {
+        if a.ty.shape.is_empty() {
+            bail!("--data-out: data input `{}` has no batch dimension", a.name);
+        }
+        let mut shape = a.ty.shape.clone();
+        shape[0] = n;
+        let per: usize = a.ty.shape[1..].iter().product();
+        let total = n * per;
+        let t = match a.ty.dtype {
+            DType::F32 => {
+                Tensor::from_f32(shape, (0..total).map(|_| rng.normal() as f32).collect())
+            }
+            DType::I32 if lm && (a.name == "tokens" || a.name == "targets") => continue,
+            DType::I32 => Tensor::from_i32(
+                shape,
+                (0..total)
+                    .map(|_| (rng.next_u64() % classes as u64) as i32)
+                    .collect(),
+            ),
+            d => bail!(
+                "--data-out: data input `{}` is {d}; synthetic data covers f32 and i32 inputs",
+                a.name
+            ),
+        };
+        out.insert(a.name.to_string(), t);
+    }
+    if lm {
+        let tok = inputs.iter().find(|a| a.name == "tokens").expect("checked");
+        let mut shape = tok.ty.shape.clone();
+        shape[0] = n;
+        let per: usize = tok.ty.shape[1..].iter().product();
+        let v = classes as u64;
+        let (mut tokens, mut targets) = (Vec::with_capacity(n * per), Vec::with_capacity(n * per));
+        for _ in 0..n {
+            let (s, d) = (
+                rng.next_u64() % v,
+                1 + rng.next_u64() % v.saturating_sub(1).max(1),
+            );
+            for t in 0..per as u64 {
+                tokens.push(((s + t * d) % v) as i32);
+                targets.push(((s + (t + 1) * d) % v) as i32);
+            }
+        }
+        out.insert("tokens".into(), Tensor::from_i32(shape.clone(), tokens));
+        out.insert("targets".into(), Tensor::from_i32(shape, targets));
+    }
+    Ok(out)
 }

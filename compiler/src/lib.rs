@@ -15,6 +15,7 @@
 pub mod aot;
 pub mod cli;
 pub mod compile_gpu;
+pub mod gpu_train;
 pub mod init;
 pub mod inspect;
 pub mod load;

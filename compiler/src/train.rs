@@ -349,11 +349,110 @@ pub fn build_step_with(
     })
 }
 
+/// Training state by name: parameters and optimizer state, each with its shape and host data.
+pub(crate) type State = BTreeMap<String, (Vec<usize>, HostData)>;
+
+/// The state to start from and the step to start at: a fresh initialisation (seed `seed`;
+/// parameters stored in the model file win) at step 0, or the checkpoint in `resume` at its step.
+/// Shared by every target's training loop.
+pub(crate) fn initial_state(
+    built: &Built,
+    seed: Option<u64>,
+    resume: Option<&Path>,
+) -> Result<(State, usize)> {
+    let step_fn = &built.step;
+    let mut state: State = BTreeMap::new();
+    // Parameters that only the training step has (local learning's auxiliary heads) are
+    // initialised by name like the model's.
+    let mut init = init_params(step_fn, seed.unwrap_or(0));
+    init.extend(init_params(&built.forward, seed.unwrap_or(0)));
+    init.extend(built.file_params.clone());
+    for arg in step_fn.args() {
+        let n = arg.ty.num_elements();
+        let d = if let Some(t) = init.get(arg.name) {
+            cleave_runtime::host_from_tensor(t).context("parameters must be f32")?
+        } else if arg.name == "opt.step" {
+            HostData::F32(vec![1.0])
+        } else if arg.role == ArgRole::Param || arg.name.starts_with("opt.") {
+            HostData::F32(vec![0.0; n])
+        } else {
+            continue;
+        };
+        state.insert(arg.name.to_string(), (arg.ty.shape.clone(), d));
+    }
+    let mut start = 0usize;
+    if let Some(dir) = resume {
+        let (tensors, meta) = read_checkpoint(dir)?;
+        for (name, (shape, d)) in state.iter_mut() {
+            let t = tensors.get(name).with_context(|| {
+                format!("checkpoint in {} has no tensor \"{name}\"", dir.display())
+            })?;
+            if &t.shape != shape {
+                bail!(
+                    "checkpoint tensor \"{name}\" is {}, the model needs shape {shape:?}",
+                    t.ty()
+                );
+            }
+            *d = cleave_runtime::host_from_tensor(t).context("checkpoint tensors are f32")?;
+        }
+        start = meta
+            .get("step")
+            .and_then(|s| s.parse().ok())
+            .context("checkpoint metadata has no step")?;
+    }
+    Ok((state, start))
+}
+
+/// A checkpoint's metadata after `step` steps.
+pub(crate) fn checkpoint_meta(
+    a: &TrainArgs,
+    step: usize,
+    batch: usize,
+    lr: f64,
+    method: &GradMethod,
+) -> HashMap<String, String> {
+    HashMap::from([
+        ("step".into(), step.to_string()),
+        ("data_cursor".into(), (step * batch).to_string()),
+        (
+            "seed".into(),
+            a.seed.map(|s| s.to_string()).unwrap_or("none".into()),
+        ),
+        ("optimizer".into(), a.optimizer.name().into()),
+        ("lr".into(), lr.to_string()),
+        ("batch".into(), batch.to_string()),
+        ("grad_method".into(), method.to_string()),
+    ])
+}
+
+/// Loads `--data` for `forward` and splits off the held-out tail (see the module docs): the
+/// columns, the number of examples and the number used for training.
+pub(crate) fn split_data(
+    path: &Path,
+    forward: &Function,
+    batch: usize,
+) -> Result<(Vec<Column>, usize, usize)> {
+    let (cols, n) = load_data(path, forward)?;
+    let n_eval = if n >= 2 * batch {
+        (n / 10).max(batch)
+    } else {
+        0
+    };
+    let n_train = n - n_eval;
+    if n_train < batch {
+        bail!(
+            "{}: {n} examples leave {n_train} for training, fewer than one batch of {batch}",
+            path.display()
+        );
+    }
+    Ok((cols, n, n_train))
+}
+
 /// One data input: its per-example elements.
 pub(crate) struct Column {
     pub(crate) name: String,
-    per_example: usize,
-    data: HostData,
+    pub(crate) per_example: usize,
+    pub(crate) data: HostData,
 }
 
 pub(crate) fn load_data(path: &Path, forward: &Function) -> Result<(Vec<Column>, usize)> {
@@ -495,7 +594,7 @@ fn to_bytes(d: &HostData) -> (safetensors::Dtype, Vec<u8>) {
 }
 
 /// Writes a checkpoint atomically: temporary file, fsync, rename.
-fn write_checkpoint(
+pub(crate) fn write_checkpoint(
     dir: &Path,
     state: &BTreeMap<String, (Vec<usize>, HostData)>,
     meta: HashMap<String, String>,
@@ -590,19 +689,8 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         &method,
     )?;
     let batch = built.batch;
-    let (cols, n) = load_data(&a.data, &built.forward)?;
-    let n_eval = if n >= 2 * batch {
-        (n / 10).max(batch)
-    } else {
-        0
-    };
-    let n_train = n - n_eval;
-    if n_train < batch {
-        bail!(
-            "{}: {n} examples leave {n_train} for training, fewer than one batch of {batch}",
-            a.data.display()
-        );
-    }
+    let (cols, n, n_train) = split_data(&a.data, &built.forward, batch)?;
+    let n_eval = n - n_train;
     let step_fn = &built.step;
     let mut plan = compile_with(
         step_fn,
@@ -616,46 +704,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
     // pays for the training step only.
     let mut eval_plan: Option<Plan> = None;
 
-    // Initial state: parameters and optimizer state, by name.
-    let mut state: BTreeMap<String, (Vec<usize>, HostData)> = BTreeMap::new();
-    // Parameters that only the training step has (local learning's auxiliary heads) are
-    // initialised by name like the model's.
-    let mut init = init_params(step_fn, a.seed.unwrap_or(0));
-    init.extend(init_params(&built.forward, a.seed.unwrap_or(0)));
-    init.extend(built.file_params.clone());
-    for arg in step_fn.args() {
-        let n = arg.ty.num_elements();
-        let d = if let Some(t) = init.get(arg.name) {
-            cleave_runtime::host_from_tensor(t).context("parameters must be f32")?
-        } else if arg.name == "opt.step" {
-            HostData::F32(vec![1.0])
-        } else if arg.role == ArgRole::Param || arg.name.starts_with("opt.") {
-            HostData::F32(vec![0.0; n])
-        } else {
-            continue;
-        };
-        state.insert(arg.name.to_string(), (arg.ty.shape.clone(), d));
-    }
-    let mut start = 0usize;
-    if let Some(dir) = &a.resume {
-        let (tensors, meta) = read_checkpoint(dir)?;
-        for (name, (shape, d)) in state.iter_mut() {
-            let t = tensors.get(name).with_context(|| {
-                format!("checkpoint in {} has no tensor \"{name}\"", dir.display())
-            })?;
-            if &t.shape != shape {
-                bail!(
-                    "checkpoint tensor \"{name}\" is {}, the model needs shape {shape:?}",
-                    t.ty()
-                );
-            }
-            *d = cleave_runtime::host_from_tensor(t).context("checkpoint tensors are f32")?;
-        }
-        start = meta
-            .get("step")
-            .and_then(|s| s.parse().ok())
-            .context("checkpoint metadata has no step")?;
-    }
+    let (mut state, start) = initial_state(&built, a.seed, a.resume.as_deref())?;
     for (name, (_, d)) in &state {
         let i = plan.arg_index(name).expect("state names are arguments");
         set_host(&mut plan, i, d)?;
@@ -705,20 +754,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
     let mut last_print = Instant::now();
     let mut window = (Instant::now(), start);
     let mut sps = 0.0;
-    let ckpt_meta = |step: usize| -> HashMap<String, String> {
-        HashMap::from([
-            ("step".into(), step.to_string()),
-            ("data_cursor".into(), (step * batch).to_string()),
-            (
-                "seed".into(),
-                a.seed.map(|s| s.to_string()).unwrap_or("none".into()),
-            ),
-            ("optimizer".into(), a.optimizer.name().into()),
-            ("lr".into(), lr.to_string()),
-            ("batch".into(), batch.to_string()),
-            ("grad_method".into(), method.to_string()),
-        ])
-    };
+    let ckpt_meta = |step: usize| checkpoint_meta(a, step, batch, lr, &method);
     for step in start..a.steps {
         let rows = order.rows(step, batch);
         for (c, &i) in cols.iter().zip(&data_idx) {
@@ -930,35 +966,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
     )?;
     let step = &built.step;
     let cost = cleave_ir::cost::function_cost(step).total();
-    let mut rng = SplitMix64::new(1);
-    let mut init = init_params(step, 0);
-    init.extend(init_params(&built.forward, 0));
-    init.extend(built.file_params.clone());
-    let mut args: BTreeMap<String, cleave_ir::Tensor> = BTreeMap::new();
-    for arg in step.args() {
-        let n = arg.ty.num_elements();
-        let t = if let Some(t) = init.get(arg.name) {
-            t.clone()
-        } else if arg.name == "opt.step" {
-            cleave_ir::Tensor::scalar_f(DType::F32, 1.0)
-        } else if arg.name.starts_with("opt.") {
-            cleave_ir::Tensor::zeros(arg.ty)
-        } else if arg.ty.dtype == DType::F32 {
-            cleave_ir::Tensor::from_f32(
-                arg.ty.shape.clone(),
-                (0..n).map(|_| rng.normal() as f32).collect(),
-            )
-        } else if arg.ty.dtype == DType::I32 {
-            // Index-like inputs (labels, tokens) stay in range of every class count.
-            cleave_ir::Tensor::from_i32(
-                arg.ty.shape.clone(),
-                (0..n).map(|i| (i % 2) as i32).collect(),
-            )
-        } else {
-            cleave_ir::Tensor::zeros(arg.ty)
-        };
-        args.insert(arg.name.to_string(), t);
-    }
+    let args = bench_inputs(&built);
     let mut times = Vec::with_capacity(a.iters);
     if a.interp {
         for i in 0..a.warmup.min(2) + a.iters {
@@ -1019,4 +1027,41 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
         flops: cost.total(),
         matmul_flops: cost.matmul,
     })
+}
+
+/// The arguments `cleave bench` times a step on: the initial parameters (seed 0), fresh optimizer
+/// state, standard normal float data and alternating 0/1 integer data (in range of every class
+/// count). Shared by every target's `bench`.
+pub(crate) fn bench_inputs(built: &Built) -> BTreeMap<String, cleave_ir::Tensor> {
+    let step = &built.step;
+    let mut rng = SplitMix64::new(1);
+    let mut init = init_params(step, 0);
+    init.extend(init_params(&built.forward, 0));
+    init.extend(built.file_params.clone());
+    let mut args: BTreeMap<String, cleave_ir::Tensor> = BTreeMap::new();
+    for arg in step.args() {
+        let n = arg.ty.num_elements();
+        let t = if let Some(t) = init.get(arg.name) {
+            t.clone()
+        } else if arg.name == "opt.step" {
+            cleave_ir::Tensor::scalar_f(DType::F32, 1.0)
+        } else if arg.name.starts_with("opt.") {
+            cleave_ir::Tensor::zeros(arg.ty)
+        } else if arg.ty.dtype == DType::F32 {
+            cleave_ir::Tensor::from_f32(
+                arg.ty.shape.clone(),
+                (0..n).map(|_| rng.normal() as f32).collect(),
+            )
+        } else if arg.ty.dtype == DType::I32 {
+            // Index-like inputs (labels, tokens) stay in range of every class count.
+            cleave_ir::Tensor::from_i32(
+                arg.ty.shape.clone(),
+                (0..n).map(|i| (i % 2) as i32).collect(),
+            )
+        } else {
+            cleave_ir::Tensor::zeros(arg.ty)
+        };
+        args.insert(arg.name.to_string(), t);
+    }
+    args
 }

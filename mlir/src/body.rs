@@ -268,6 +268,34 @@ impl<'a> Body<'a> {
     }
 }
 
+impl Body<'_> {
+    /// `scf.if cond -> (ty)`: `then` builds the taken branch and returns its value; otherwise
+    /// the value is `otherwise`. Returns the result.
+    pub fn if_else(
+        &mut self,
+        cond: &str,
+        ty: &str,
+        then: impl FnOnce(&mut Body) -> String,
+        otherwise: &str,
+    ) -> String {
+        let res = self.fresh();
+        self.line(format!("{res} = scf.if {cond} -> ({ty}) {{"));
+        let lines = {
+            let mut inner = Body::new(self.counter, self.depth + 1);
+            let v = then(&mut inner);
+            inner.line(format!("scf.yield {v} : {ty}"));
+            inner.lines
+        };
+        self.lines.extend(lines);
+        self.line("} else {");
+        self.depth += 1;
+        self.line(format!("scf.yield {otherwise} : {ty}"));
+        self.depth -= 1;
+        self.line("}");
+        res
+    }
+}
+
 /// Whether an MLIR element type is a float type.
 pub fn is_float(ty: &str) -> bool {
     matches!(ty, "f32" | "f64" | "f16" | "bf16")

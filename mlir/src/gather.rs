@@ -515,11 +515,20 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                     let iv = idx.at(b, j);
                     let ivx = b.to_index(&iv, &idx.ty);
                     let hit = b.cmpi("eq", &ivx, &kk, "index");
-                    let row = b.mul_add(&o, jn, Some(j));
-                    let ui = b.mul_add(&row, inner, Some(&ii));
-                    let u = upd.at(b, &ui);
-                    let s = b.bin(if f { "arith.addf" } else { "arith.addi" }, &acc[0], &u, t);
-                    vec![b.select(&hit, &s, &acc[0], t)]
+                    // The update is read only where the index hits (on the GPU the branch is
+                    // uniform across a warp whenever `inner` spans it).
+                    let s = b.if_else(
+                        &hit,
+                        t,
+                        |b| {
+                            let row = b.mul_add(&o, jn, Some(j));
+                            let ui = b.mul_add(&row, inner, Some(&ii));
+                            let u = upd.at(b, &ui);
+                            b.bin(if f { "arith.addf" } else { "arith.addi" }, &acc[0], &u, t)
+                        },
+                        &acc[0],
+                    );
+                    vec![s]
                 });
                 r[0].clone()
             })]

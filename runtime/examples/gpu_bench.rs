@@ -1,8 +1,11 @@
 //! GPU figures for `scripts/gpu-check.sh`: device-to-device copy bandwidth, elementwise kernel
 //! bandwidth (NVRTC-compiled, launched through a `GpuKernel` descriptor) as a fraction of it, and
 //! cuBLAS SGEMM throughput. Prints one JSON object per figure. Median of `ITERS` event-timed runs.
+//! Each further argument is a `kernels.json` (`cleave compile F.cir --target cuda --emit ptx`) of
+//! an elementwise function: its MLIR kernels are timed with `GpuRunner` and their bandwidth
+//! (every distinct buffer the launches touch, read or written once) is set against the copy's.
 //!
-//!     cargo run --example gpu_bench --features cuda
+//!     cargo run --example gpu_bench --features cuda [-- KERNELS_JSON...]
 
 use cleave_ir::DType;
 use cleave_runtime::cuda::{self, Device, GemmOperand};
@@ -100,6 +103,46 @@ fn main() {
             serde_json::json!({"figure": "elementwise", "kernel": entry, "median_ms": ms,
                 "gb_per_s": gbs, "fraction_of_copy": gbs / copy_gbs})
         );
+    }
+
+    // cleave's MLIR elementwise kernels (kernels.json files given on the command line).
+    for path in std::env::args().skip(1) {
+        let r = (|| -> Result<serde_json::Value, String> {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+            let func: cleave_runtime::gpu_kernel::GpuFunction =
+                serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+            let mut bufs = std::collections::BTreeMap::new();
+            for g in &func.groups {
+                for k in &g.launches {
+                    for a in &k.args {
+                        let n: usize = a.shape.iter().product();
+                        let size = if a.dtype == "bool" { 1 } else { 4 };
+                        bufs.insert(a.name.clone(), n * size);
+                    }
+                }
+            }
+            let moved: usize = bufs.values().sum();
+            let launches: usize = func.groups.iter().map(|g| g.launches.len()).sum();
+            let name = func.function.clone();
+            let mut runner = cuda::GpuRunner::new(&dev, func).map_err(|e| e.to_string())?;
+            let ms = time(&dev, || runner.run_resident().unwrap());
+            let gbs = moved as f64 / (ms as f64 * 1e-3) / 1e9;
+            Ok(
+                serde_json::json!({"figure": "mlir_elementwise", "function": name,
+                "launches": launches, "bytes": moved, "median_ms": ms, "gb_per_s": gbs,
+                "fraction_of_copy": gbs / copy_gbs}),
+            )
+        })();
+        match r {
+            Ok(v) => println!("{v}"),
+            Err(e) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"figure": "mlir_elementwise", "error": e})
+                );
+                std::process::exit(1);
+            }
+        }
     }
 
     // cuBLAS SGEMM, row-major, 4096³ and a batched GPT-small-like attention product.

@@ -187,3 +187,153 @@ fn events_time_a_copy() {
     let ms = dev.elapsed_ms(&e0, &e1).unwrap();
     assert!(ms >= 0.0, "{ms}");
 }
+
+/// `out[b] = lhs[b]ᵀ · rhs[b]ᵀ` for batch 2, lhs stored 4×3 (k×m), rhs stored 5×4 (n×k): the
+/// group's "MLIR" kernel, written here in CUDA C.
+const BATCHED_TT: &str = r#"
+extern "C" __global__ void mm(const float* l, const float* r, float* o) {
+    unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= 30) return;
+    unsigned b = t / 15, i = (t / 5) % 3, j = t % 5;
+    float s = 0.0f;
+    for (unsigned p = 0; p < 4; p++) s += l[b * 12 + p * 3 + i] * r[b * 20 + j * 4 + p];
+    o[t] = s;
+}
+extern "C" __global__ void acc(const float* w, const float* g, float* o) {
+    unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < 30) o[t] = w[t] - 0.5f * g[t];
+}
+"#;
+
+fn karg(name: &str, role: ArgRole, shape: &[usize]) -> KernelArg {
+    KernelArg {
+        name: name.into(),
+        role,
+        dtype: "f32".into(),
+        shape: shape.to_vec(),
+        data: Vec::new(),
+    }
+}
+
+/// `%0 = matmul lhs, rhs {transpose_lhs, transpose_rhs}; w' = w − 0.5·%0`, the update carried
+/// into `w` on the device.
+fn gemm_function(ptx: &str) -> cleave_runtime::gpu_kernel::GpuFunction {
+    use cleave_runtime::gpu_kernel::{GemmSpec, GpuFunction, GpuKernelGroup};
+    let launch = |name: &str, entry: &str, args: Vec<KernelArg>| GpuKernel {
+        name: name.into(),
+        entry: entry.into(),
+        ptx: ptx.to_string(),
+        block: [32, 1, 1],
+        grid: [1, 1, 1],
+        args,
+    };
+    GpuFunction {
+        function: "step".into(),
+        args: vec![
+            karg("lhs", ArgRole::Input, &[2, 4, 3]),
+            karg("rhs", ArgRole::Input, &[2, 5, 4]),
+            karg("w", ArgRole::Input, &[2, 3, 5]),
+        ],
+        outputs: vec![("prod".into(), "%0".into()), ("w".into(), "%1".into())],
+        groups: vec![
+            GpuKernelGroup {
+                name: "k0".into(),
+                ops: vec!["matmul".into()],
+                launches: vec![launch(
+                    "k0_0",
+                    "mm",
+                    vec![
+                        karg("lhs", ArgRole::Input, &[2, 4, 3]),
+                        karg("rhs", ArgRole::Input, &[2, 5, 4]),
+                        karg("%0", ArgRole::Output, &[2, 3, 5]),
+                    ],
+                )],
+                scratch: Vec::new(),
+                gemm: Some(GemmSpec {
+                    lhs: "lhs".into(),
+                    rhs: "rhs".into(),
+                    out: "%0".into(),
+                    dtype: "f32".into(),
+                    batch: 2,
+                    m: 3,
+                    n: 5,
+                    k: 4,
+                    transpose_lhs: true,
+                    transpose_rhs: true,
+                }),
+                copies: Vec::new(),
+            },
+            GpuKernelGroup {
+                name: "k1".into(),
+                ops: vec!["mul".into(), "sub".into()],
+                launches: vec![launch(
+                    "k1_0",
+                    "acc",
+                    vec![
+                        karg("w", ArgRole::Input, &[2, 3, 5]),
+                        karg("%0", ArgRole::Input, &[2, 3, 5]),
+                        karg("%1", ArgRole::Output, &[2, 3, 5]),
+                    ],
+                )],
+                scratch: Vec::new(),
+                gemm: None,
+                copies: Vec::new(),
+            },
+        ],
+    }
+}
+
+#[test]
+fn gpu_runner_gemm_groups_on_cublas_and_mlir_with_resident_carried_state() {
+    use cleave_runtime::cuda::{GemmMode, GpuRunner};
+    let Some(dev) = device("gpu_runner_gemm_groups_on_cublas_and_mlir") else {
+        return;
+    };
+    let ptx = cuda::compile_cuda_c(BATCHED_TT).unwrap();
+    let lhs = f32_tensor(&[2, 4, 3], |i| (i as f64 * 0.31).sin());
+    let rhs = f32_tensor(&[2, 5, 4], |i| (i as f64 * 0.17).cos());
+    let w0 = f32_tensor(&[2, 3, 5], |i| i as f64 * 0.01);
+    // Reference product: batch b, lhs (i,p) at 12b + 3p + i, rhs (p,j) at 20b + 4j + p.
+    let mut prod = vec![0.0; 30];
+    for b in 0..2 {
+        gemm_ref(
+            (3, 4, 5),
+            &floats(&lhs)[12 * b..],
+            (1, 3),
+            &floats(&rhs)[20 * b..],
+            (1, 4),
+            &mut prod[15 * b..15 * b + 15],
+            false,
+        );
+    }
+    for mode in [GemmMode::Cublas, GemmMode::Mlir] {
+        let mut r = GpuRunner::with_gemm(&dev, gemm_function(&ptx), mode).unwrap();
+        assert_eq!(r.cublas_groups(), (mode == GemmMode::Cublas) as usize);
+        r.set_arg("lhs", &lhs).unwrap();
+        r.set_arg("rhs", &rhs).unwrap();
+        r.set_arg("w", &w0).unwrap();
+        for _ in 0..3 {
+            r.run_resident().unwrap();
+            r.carry().unwrap();
+        }
+        let got = r.output("prod").unwrap();
+        for (i, (g, want)) in floats(&got).iter().zip(&prod).enumerate() {
+            assert!(
+                (g - want).abs() <= 1e-5,
+                "{mode:?}: product element {i}: {g} vs {want}"
+            );
+        }
+        // Three steps of w ← w − 0.5·prod, carried on the device.
+        let w = r.arg("w").unwrap();
+        for (i, (g, w0)) in floats(&w).iter().zip(floats(&w0)).enumerate() {
+            let want = w0 - 1.5 * prod[i];
+            assert!(
+                (g - want).abs() <= 1e-5,
+                "{mode:?}: w element {i}: {g} vs {want}"
+            );
+        }
+        // A wrong argument is an error naming it.
+        let e = r.set_arg("w", &lhs).unwrap_err().to_string();
+        assert!(e.contains("argument `w`"), "{e}");
+    }
+}

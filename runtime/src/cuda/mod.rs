@@ -18,7 +18,7 @@ use cudarc::driver::{
 use crate::gpu_kernel::GpuKernel;
 
 mod function;
-pub use function::GpuRunner;
+pub use function::{GemmMode, GpuRunner};
 
 /// A failure of the CUDA runtime.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +145,7 @@ fn elem_bytes(dtype: DType) -> Result<usize> {
     }
 }
 
-fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+pub(crate) fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     elem_bytes(t.dtype)?;
     Ok(match (&t.data, t.dtype) {
         (TensorData::Float(v), DType::F32) => {

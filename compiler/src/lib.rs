@@ -1,4 +1,8 @@
-//! cleave-compiler: model frontends, the compilation driver, and the `cleave` command-line tool.
+//! cleave-compiler: the compilation driver and the `cleave` command-line tool.
+//!
+//! The code a training run needs (model loading, the ONNX importer, data, the training loop,
+//! pipelines, standalone executables) lives in cleave-runner, which must stay free of LLVM; it is
+//! re-exported here under the same module names.
 //!
 //! - [`load`]: model files (`.cir`, `.onnx`) → verified [`cleave_ir::Module`]s, with located errors.
 //! - [`onnx`]: the ONNX importer.
@@ -12,17 +16,11 @@
 //! - [`aot`]: `cleave compile`, standalone training executables (and their start-up, `runner_main`).
 //! - [`cli`]: the command-line interface (the `cleave` binary is a thin wrapper).
 
-pub mod aot;
 pub mod cli;
 pub mod compile_gpu;
 pub mod gpu_train;
-pub mod init;
 pub mod inspect;
-pub mod load;
-pub mod loss;
 pub mod memory;
-pub mod onnx;
-pub mod pipeline_train;
 pub mod schedule_cmd;
-pub mod tensors;
-pub mod train;
+
+pub use cleave_runner::{aot, init, load, loss, onnx, pipeline_train, tensors, train};

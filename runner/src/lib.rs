@@ -6,33 +6,33 @@
 //! calls [`cleave_runner_main_v1`], which installs the kernel table and runs the training loop of
 //! `cleave train` on the embedded model (`aot::runner_main`).
 //!
-//! **Why the modules are included by path.** The training loop lives in cleave-compiler
-//! (`train.rs`, `pipeline_train.rs`, `load.rs`, …). cleave-compiler also depends on cleave-mlir,
-//! and with its `mlir` feature (which `cargo test --workspace --features mlir` turns on for every
-//! crate that shares the build) on melior and LLVM/MLIR's static archives. A static library
-//! bundles every dependency, so depending on cleave-compiler would put ~800 MB of LLVM into
-//! `libcleave_runner.a` in that build. Instead this crate compiles the same source files as its
-//! own modules (`#[path]`), with the dependencies they need and no other: one copy of the code,
-//! two crates. Those modules never name `cli`, `compile_gpu` or cleave-mlir.
+//! **Why the training code lives here.** The static library bundles every dependency of this
+//! crate. cleave-compiler depends on cleave-mlir, and with its `mlir` feature (which `cargo test
+//! --workspace --features mlir` turns on for the whole build) on melior and LLVM/MLIR's static
+//! archives (about 800 MB). So the code a training run needs (model loading, data, the training
+//! loop, pipelines, checkpoints, the executables' start-up) is this crate, which never depends on
+//! cleave-mlir, and cleave-compiler re-exports its modules under the same names
+//! (`cleave_compiler::train`, …) and adds the command line, inspection and the GPU paths.
+//!
+//! - [`load`]: model files (`.cir`, `.onnx`) → verified [`cleave_ir::Module`]s, with located errors.
+//! - [`onnx`]: the ONNX importer.
+//! - [`loss`]: adding a loss to a model exported without one.
+//! - [`tensors`]: safetensors reading and atomic writing.
+//! - [`init`]: deterministic parameter initialisation.
+//! - [`train`]: `cleave train` and `cleave bench` on the CPU runtime.
+//! - [`pipeline_train`]: pipeline-parallel training on the stage-partitioned executor.
+//! - [`aot`]: `cleave compile`, standalone training executables (and their start-up, `runner_main`).
 
 use std::ffi::{c_char, c_int, CStr, OsString};
 use std::os::unix::ffi::OsStringExt;
 
-#[path = "../../compiler/src/aot.rs"]
 pub mod aot;
-#[path = "../../compiler/src/init.rs"]
 pub mod init;
-#[path = "../../compiler/src/load.rs"]
 pub mod load;
-#[path = "../../compiler/src/loss.rs"]
 pub mod loss;
-#[path = "../../compiler/src/onnx/mod.rs"]
 pub mod onnx;
-#[path = "../../compiler/src/pipeline_train.rs"]
 pub mod pipeline_train;
-#[path = "../../compiler/src/tensors.rs"]
 pub mod tensors;
-#[path = "../../compiler/src/train.rs"]
 pub mod train;
 
 /// The entry point the `main` of a compiled executable calls: `argc`/`argv` as `main` got them,

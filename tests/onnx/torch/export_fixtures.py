@@ -16,7 +16,7 @@ For each model `<m>` in {mlp, cnn, gpt} this writes
   `in.<input>`, `labels` / `target`, `out.<output>`, `loss` (scalar) and
   `grad.<initializer name>` for every parameter, with the versions in the metadata.
 
-Losses match `compiler/src/loss.rs`: `cross-entropy` is mean softmax cross-entropy against i64
+Losses match `runner/src/loss.rs`: `cross-entropy` is mean softmax cross-entropy against i64
 class indices (`F.cross_entropy`, reduction "mean"); `mse` is the mean over every element of
 `(pred - target)^2` (`F.mse_loss`, reduction "mean").
 

@@ -69,7 +69,7 @@ pub enum OptimizerArg {
 }
 
 impl OptimizerArg {
-    pub(crate) fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             OptimizerArg::Sgd => "sgd",
             OptimizerArg::Momentum => "momentum",
@@ -77,7 +77,7 @@ impl OptimizerArg {
         }
     }
 
-    pub(crate) fn default_lr(self) -> f64 {
+    pub fn default_lr(self) -> f64 {
         match self {
             OptimizerArg::Sgd => 0.1,
             OptimizerArg::Momentum => 0.05,
@@ -350,12 +350,12 @@ pub fn build_step_with(
 }
 
 /// Training state by name: parameters and optimizer state, each with its shape and host data.
-pub(crate) type State = BTreeMap<String, (Vec<usize>, HostData)>;
+pub type State = BTreeMap<String, (Vec<usize>, HostData)>;
 
 /// The state to start from and the step to start at: a fresh initialisation (seed `seed`;
 /// parameters stored in the model file win) at step 0, or the checkpoint in `resume` at its step.
 /// Shared by every target's training loop.
-pub(crate) fn initial_state(
+pub fn initial_state(
     built: &Built,
     seed: Option<u64>,
     resume: Option<&Path>,
@@ -404,7 +404,7 @@ pub(crate) fn initial_state(
 }
 
 /// A checkpoint's metadata after `step` steps.
-pub(crate) fn checkpoint_meta(
+pub fn checkpoint_meta(
     a: &TrainArgs,
     step: usize,
     batch: usize,
@@ -427,7 +427,7 @@ pub(crate) fn checkpoint_meta(
 
 /// Loads `--data` for `forward` and splits off the held-out tail (see the module docs): the
 /// columns, the number of examples and the number used for training.
-pub(crate) fn split_data(
+pub fn split_data(
     path: &Path,
     forward: &Function,
     batch: usize,
@@ -449,13 +449,13 @@ pub(crate) fn split_data(
 }
 
 /// One data input: its per-example elements.
-pub(crate) struct Column {
-    pub(crate) name: String,
-    pub(crate) per_example: usize,
-    pub(crate) data: HostData,
+pub struct Column {
+    pub name: String,
+    pub per_example: usize,
+    pub data: HostData,
 }
 
-pub(crate) fn load_data(path: &Path, forward: &Function) -> Result<(Vec<Column>, usize)> {
+pub fn load_data(path: &Path, forward: &Function) -> Result<(Vec<Column>, usize)> {
     let tensors = crate::tensors::read_tensors(path)?;
     let mut cols = Vec::new();
     let mut n_examples: Option<(usize, String)> = None;
@@ -516,7 +516,7 @@ pub(crate) fn load_data(path: &Path, forward: &Function) -> Result<(Vec<Column>,
     Ok((cols, n))
 }
 
-pub(crate) fn gather_batch(col: &Column, rows: &[usize]) -> HostData {
+pub fn gather_batch(col: &Column, rows: &[usize]) -> HostData {
     let k = col.per_example;
     match &col.data {
         HostData::F32(v) => HostData::F32(
@@ -538,10 +538,10 @@ pub(crate) fn gather_batch(col: &Column, rows: &[usize]) -> HostData {
 }
 
 /// The training examples of step `step` (see the module docs).
-pub(crate) struct Order {
-    pub(crate) n_train: usize,
-    pub(crate) seed: Option<u64>,
-    pub(crate) cache: Option<(usize, Vec<usize>)>,
+pub struct Order {
+    pub n_train: usize,
+    pub seed: Option<u64>,
+    pub cache: Option<(usize, Vec<usize>)>,
 }
 
 impl Order {
@@ -561,7 +561,7 @@ impl Order {
         &self.cache.as_ref().expect("set above").1
     }
 
-    pub(crate) fn rows(&mut self, step: usize, batch: usize) -> Vec<usize> {
+    pub fn rows(&mut self, step: usize, batch: usize) -> Vec<usize> {
         (step * batch..(step + 1) * batch)
             .map(|pos| {
                 let n = self.n_train;
@@ -571,7 +571,7 @@ impl Order {
     }
 }
 
-pub(crate) fn set_host(plan: &mut Plan, index: usize, data: &HostData) -> Result<()> {
+pub fn set_host(plan: &mut Plan, index: usize, data: &HostData) -> Result<()> {
     plan.set_input(index, data.as_slice())
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -594,7 +594,7 @@ fn to_bytes(d: &HostData) -> (safetensors::Dtype, Vec<u8>) {
 }
 
 /// Writes a checkpoint atomically: temporary file, fsync, rename.
-pub(crate) fn write_checkpoint(
+pub fn write_checkpoint(
     dir: &Path,
     state: &BTreeMap<String, (Vec<usize>, HostData)>,
     meta: HashMap<String, String>,
@@ -650,10 +650,10 @@ pub fn read_checkpoint(
     Ok((tensors, meta))
 }
 
-pub(crate) struct Metrics(pub(crate) Option<std::fs::File>);
+pub struct Metrics(pub Option<std::fs::File>);
 
 impl Metrics {
-    pub(crate) fn line(&mut self, v: serde_json::Value) -> Result<()> {
+    pub fn line(&mut self, v: serde_json::Value) -> Result<()> {
         if let Some(f) = &mut self.0 {
             writeln!(f, "{v}")?;
         }
@@ -880,7 +880,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
 }
 
 /// Accuracy and mean loss of the forward plan over the held-out examples `from..to`.
-pub(crate) fn evaluate(
+pub fn evaluate(
     plan: &mut Plan,
     cols: &[Column],
     labels: &str,
@@ -1032,7 +1032,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
 /// The arguments `cleave bench` times a step on: the initial parameters (seed 0), fresh optimizer
 /// state, standard normal float data and alternating 0/1 integer data (in range of every class
 /// count). Shared by every target's `bench`.
-pub(crate) fn bench_inputs(built: &Built) -> BTreeMap<String, cleave_ir::Tensor> {
+pub fn bench_inputs(built: &Built) -> BTreeMap<String, cleave_ir::Tensor> {
     let step = &built.step;
     let mut rng = SplitMix64::new(1);
     let mut init = init_params(step, 0);

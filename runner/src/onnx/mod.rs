@@ -2,8 +2,8 @@
 //!
 //! # What is imported, and how
 //!
-//! - **Decoding**: the protobuf types in [`proto`] are generated once from `compiler/onnx/onnx.proto`
-//!   by `compiler/onnx/regenerate.sh` (prost-build with protox, so no `protoc`) and committed; the
+//! - **Decoding**: the protobuf types in [`proto`] are generated once from `runner/onnx/onnx.proto`
+//!   by `runner/onnx/regenerate.sh` (prost-build with protox, so no `protoc`) and committed; the
 //!   runtime dependency is `prost` alone.
 //! - **Initializers** that are float tensors become `param` nodes under their own names, created
 //!   when first used as data (so an initializer used only as a shape or index input never becomes

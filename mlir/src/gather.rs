@@ -1,6 +1,7 @@
 //! The ops that are not elementwise: one thread per output element computes its indices in the
 //! body of a `linalg.generic`, reads operands with `tensor.extract` and reduces with `scf.for`
-//! (see `emit.rs`). Each function documents the formula it implements; the reference
+//! (see `emit.rs`); `scatter_add` instead builds per-row chains of its updates first, so that no
+//! output element loops over all updates. Each function documents the formula it implements; the reference
 //! interpreter's kernels (`cleave_ir::interp`) are the specification.
 
 use cleave_ir::{Node, Op, PoolKind, ReduceKind, SteOp};
@@ -497,40 +498,76 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
             })]
         }
         Op::ScatterAdd { axis } => {
+            // out[o,k,i] = base[o,k,i] + Σ_j [idx[j] = k] upd[o,j,i], in j order.
+            //
+            // Three launches, so that no output element loops over every update: `head[k]` is the
+            // first j with idx[j] = k and `next[j]` the next j' > j with idx[j'] = idx[j] (jn:
+            // none), each found by one thread per k or j; then each output element walks its own
+            // chain, adding only the updates that hit it, in increasing j (the interpreter's
+            // order, so the sums are the same to the bit, with no atomics). An index outside
+            // [0, extent) (which the interpreter rejects) is in no output's chain.
             let bs = shapes[0].clone();
             let extent = bs[*axis];
             let inner = numel(&bs[axis + 1..]);
             let jn = srcs[1].n;
             let (base, idx, upd) = (srcs[0].clone(), srcs[1].clone(), srcs[2].clone());
             let f = is_float(t);
+            let lty = if jn < i32::MAX as usize { "i32" } else { "i64" };
+            let head = e.gen_out(extent, lty, |b, _| {
+                let k = b.op("linalg.index 0 : index");
+                let none = b.ic(jn as i64, lty);
+                let r = b.for_loop(jn, &[(none.clone(), lty.to_string())], |b, j, acc| {
+                    let iv = idx.at(b, j);
+                    let ivx = b.to_index(&iv, &idx.ty);
+                    let hit = b.cmpi("eq", &ivx, &k, "index");
+                    let first = b.cmpi("eq", &acc[0], &none, lty);
+                    let take = and(b, &hit, &first);
+                    let jv = b.index_to(j, lty);
+                    vec![b.select(&take, &jv, &acc[0], lty)]
+                });
+                r[0].clone()
+            });
+            let next = e.gen_out(jn, lty, |b, _| {
+                let me = b.op("linalg.index 0 : index");
+                let mv = idx.at(b, &me);
+                let none = b.ic(jn as i64, lty);
+                let r = b.for_loop(jn, &[(none.clone(), lty.to_string())], |b, j, acc| {
+                    let iv = idx.at(b, j);
+                    let same = b.cmpi("eq", &iv, &mv, &idx.ty);
+                    let later = b.cmpi("sgt", j, &me, "index");
+                    let first = b.cmpi("eq", &acc[0], &none, lty);
+                    let take = and(b, &same, &later);
+                    let take = and(b, &take, &first);
+                    let jv = b.index_to(j, lty);
+                    vec![b.select(&take, &jv, &acc[0], lty)]
+                });
+                r[0].clone()
+            });
             vec![e.gen_out(n, t, |b, _| {
-                // out[o,k,i] = base[o,k,i] + Σ_j [idx[j] = k] upd[o,j,i], in j order.
                 let p = b.op("linalg.index 0 : index");
                 let ii = b.remc(&p, inner);
                 let q = b.divc(&p, inner);
                 let kk = b.remc(&q, extent);
                 let o = b.divc(&q, extent);
                 let b0 = base.at(b, &p);
-                let r = b.for_loop(jn, &[(b0, t.clone())], |b, j, acc| {
-                    let iv = idx.at(b, j);
-                    let ivx = b.to_index(&iv, &idx.ty);
-                    let hit = b.cmpi("eq", &ivx, &kk, "index");
-                    // The update is read only where the index hits (on the GPU the branch is
-                    // uniform across a warp whenever `inner` spans it).
-                    let s = b.if_else(
-                        &hit,
-                        t,
-                        |b| {
-                            let row = b.mul_add(&o, jn, Some(j));
-                            let ui = b.mul_add(&row, inner, Some(&ii));
-                            let u = upd.at(b, &ui);
-                            b.bin(if f { "arith.addf" } else { "arith.addi" }, &acc[0], &u, t)
-                        },
-                        &acc[0],
-                    );
-                    vec![s]
-                });
-                r[0].clone()
+                let h = b.extract(&head, &kk, extent, lty);
+                let j0 = b.to_index(&h, lty);
+                let r = b.while_loop(
+                    &[(j0, "index".into()), (b0, t.clone())],
+                    |b, c| {
+                        let cn = b.idx(jn as i64);
+                        b.cmpi("slt", &c[0], &cn, "index")
+                    },
+                    |b, c| {
+                        let row = b.mul_add(&o, jn, Some(&c[0]));
+                        let ui = b.mul_add(&row, inner, Some(&ii));
+                        let u = upd.at(b, &ui);
+                        let s = b.bin(if f { "arith.addf" } else { "arith.addi" }, &c[1], &u, t);
+                        let nj = b.extract(&next, &c[0], jn, lty);
+                        vec![b.to_index(&nj, lty), s]
+                    },
+                );
+                r[1].clone()
             })]
         }
         Op::Concat { axis } => {

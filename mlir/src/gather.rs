@@ -1,8 +1,9 @@
 //! The ops that are not elementwise: one thread per output element computes its indices in the
 //! body of a `linalg.generic`, reads operands with `tensor.extract` and reduces with `scf.for`
 //! (see `emit.rs`); `scatter_add` instead builds per-row chains of its updates first, so that no
-//! output element loops over all updates. Each function documents the formula it implements; the reference
-//! interpreter's kernels (`cleave_ir::interp`) are the specification.
+//! output element loops over all updates, and long rows are reduced by several threads each
+//! (`row_reduce`). Each function documents the formula it implements; the reference interpreter's
+//! kernels (`cleave_ir::interp`) are the specification.
 
 use cleave_ir::{Node, Op, PoolKind, ReduceKind, SteOp};
 

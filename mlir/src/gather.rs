@@ -925,6 +925,9 @@ fn row_parts(n_axis: usize, inner: usize) -> usize {
     }
 }
 
+/// The value of position k of row r, given the row's prelude values: `term(b, r, pre, k)`.
+type RowTerm<'a> = dyn Fn(&mut Body, &str, &[String], &str) -> String + 'a;
+
 /// A reduction over each of `rows` rows: `prelude(b, r)` computes per-row values once,
 /// `term(b, r, pre, k)` the value of position k, combined with `op` from `init`; `finish(b, acc)`
 /// gives the row's result. With `parts` > 1, `parts` threads per row each reduce the positions
@@ -940,7 +943,7 @@ fn row_reduce(
     init: f64,
     op: &str,
     prelude: &dyn Fn(&mut Body, &str) -> Vec<String>,
-    term: &dyn Fn(&mut Body, &str, &[String], &str) -> String,
+    term: &RowTerm,
     finish: &dyn Fn(&mut Body, &str) -> String,
 ) -> String {
     let tt = t.to_string();

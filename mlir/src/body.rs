@@ -269,6 +269,56 @@ impl<'a> Body<'a> {
 }
 
 impl Body<'_> {
+    /// `scf.while` carrying `inits` (name, type): `cond` gets the carried values and returns
+    /// whether to run `body` again; `body` returns the next carried values. Returns the final
+    /// carried values.
+    pub fn while_loop(
+        &mut self,
+        inits: &[(String, String)],
+        cond: impl FnOnce(&mut Body, &[String]) -> String,
+        body: impl FnOnce(&mut Body, &[String]) -> Vec<String>,
+    ) -> Vec<String> {
+        let res = self.fresh();
+        let before: Vec<String> = inits.iter().map(|_| self.fresh()).collect();
+        let after: Vec<String> = inits.iter().map(|_| self.fresh()).collect();
+        let tys: Vec<&str> = inits.iter().map(|(_, t)| t.as_str()).collect();
+        let tys = tys.join(", ");
+        let args: Vec<String> = inits
+            .iter()
+            .zip(&before)
+            .map(|((init, _), a)| format!("{a} = {init}"))
+            .collect();
+        self.line(format!(
+            "{res}:{} = scf.while ({}) : ({tys}) -> ({tys}) {{",
+            inits.len(),
+            args.join(", ")
+        ));
+        let lines = {
+            let mut inner = Body::new(self.counter, self.depth + 1);
+            let c = cond(&mut inner, &before);
+            inner.line(format!("scf.condition({c}) {} : {tys}", before.join(", ")));
+            inner.lines
+        };
+        self.lines.extend(lines);
+        let block: Vec<String> = after
+            .iter()
+            .zip(inits)
+            .map(|(a, (_, t))| format!("{a}: {t}"))
+            .collect();
+        self.line("} do {");
+        self.line(format!("^bb0({}):", block.join(", ")));
+        let lines = {
+            let mut inner = Body::new(self.counter, self.depth + 1);
+            let next = body(&mut inner, &after);
+            debug_assert_eq!(next.len(), inits.len());
+            inner.line(format!("scf.yield {} : {tys}", next.join(", ")));
+            inner.lines
+        };
+        self.lines.extend(lines);
+        self.line("}");
+        (0..inits.len()).map(|i| format!("{res}#{i}")).collect()
+    }
+
     /// `scf.if cond -> (ty)`: `then` builds the taken branch and returns its value; otherwise
     /// the value is `otherwise`. Returns the result.
     pub fn if_else(

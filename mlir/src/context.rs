@@ -82,7 +82,10 @@ impl Mlir {
         context.append_dialect_registry(&registry);
         context.load_all_available_dialects();
         register_all_llvm_translations(&context);
-        register_all_passes();
+        // The pass registry is global: register once, before contexts on several threads
+        // (`crate::gpu::compile_gpu`) parse pipelines.
+        static PASSES: std::sync::Once = std::sync::Once::new();
+        PASSES.call_once(register_all_passes);
         let diagnostics = Rc::new(RefCell::new(Vec::new()));
         let sink = diagnostics.clone();
         context.attach_diagnostic_handler(move |d| {

@@ -1,7 +1,9 @@
 //! The ops that are not elementwise: one thread per output element computes its indices in the
 //! body of a `linalg.generic`, reads operands with `tensor.extract` and reduces with `scf.for`
-//! (see `emit.rs`). Each function documents the formula it implements; the reference
-//! interpreter's kernels (`cleave_ir::interp`) are the specification.
+//! (see `emit.rs`); `scatter_add` instead builds per-row chains of its updates first, so that no
+//! output element loops over all updates, and long rows are reduced by several threads each
+//! (`row_reduce`). Each function documents the formula it implements; the reference interpreter's
+//! kernels (`cleave_ir::interp`) are the specification.
 
 use cleave_ir::{Node, Op, PoolKind, ReduceKind, SteOp};
 
@@ -497,40 +499,76 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
             })]
         }
         Op::ScatterAdd { axis } => {
+            // out[o,k,i] = base[o,k,i] + Σ_j [idx[j] = k] upd[o,j,i], in j order.
+            //
+            // Three launches, so that no output element loops over every update: `head[k]` is the
+            // first j with idx[j] = k and `next[j]` the next j' > j with idx[j'] = idx[j] (jn:
+            // none), each found by one thread per k or j; then each output element walks its own
+            // chain, adding only the updates that hit it, in increasing j (the interpreter's
+            // order, so the sums are the same to the bit, with no atomics). An index outside
+            // [0, extent) (which the interpreter rejects) is in no output's chain.
             let bs = shapes[0].clone();
             let extent = bs[*axis];
             let inner = numel(&bs[axis + 1..]);
             let jn = srcs[1].n;
             let (base, idx, upd) = (srcs[0].clone(), srcs[1].clone(), srcs[2].clone());
             let f = is_float(t);
+            let lty = if jn < i32::MAX as usize { "i32" } else { "i64" };
+            let head = e.gen_out(extent, lty, |b, _| {
+                let k = b.op("linalg.index 0 : index");
+                let none = b.ic(jn as i64, lty);
+                let r = b.for_loop(jn, &[(none.clone(), lty.to_string())], |b, j, acc| {
+                    let iv = idx.at(b, j);
+                    let ivx = b.to_index(&iv, &idx.ty);
+                    let hit = b.cmpi("eq", &ivx, &k, "index");
+                    let first = b.cmpi("eq", &acc[0], &none, lty);
+                    let take = and(b, &hit, &first);
+                    let jv = b.index_to(j, lty);
+                    vec![b.select(&take, &jv, &acc[0], lty)]
+                });
+                r[0].clone()
+            });
+            let next = e.gen_out(jn, lty, |b, _| {
+                let me = b.op("linalg.index 0 : index");
+                let mv = idx.at(b, &me);
+                let none = b.ic(jn as i64, lty);
+                let r = b.for_loop(jn, &[(none.clone(), lty.to_string())], |b, j, acc| {
+                    let iv = idx.at(b, j);
+                    let same = b.cmpi("eq", &iv, &mv, &idx.ty);
+                    let later = b.cmpi("sgt", j, &me, "index");
+                    let first = b.cmpi("eq", &acc[0], &none, lty);
+                    let take = and(b, &same, &later);
+                    let take = and(b, &take, &first);
+                    let jv = b.index_to(j, lty);
+                    vec![b.select(&take, &jv, &acc[0], lty)]
+                });
+                r[0].clone()
+            });
             vec![e.gen_out(n, t, |b, _| {
-                // out[o,k,i] = base[o,k,i] + Σ_j [idx[j] = k] upd[o,j,i], in j order.
                 let p = b.op("linalg.index 0 : index");
                 let ii = b.remc(&p, inner);
                 let q = b.divc(&p, inner);
                 let kk = b.remc(&q, extent);
                 let o = b.divc(&q, extent);
                 let b0 = base.at(b, &p);
-                let r = b.for_loop(jn, &[(b0, t.clone())], |b, j, acc| {
-                    let iv = idx.at(b, j);
-                    let ivx = b.to_index(&iv, &idx.ty);
-                    let hit = b.cmpi("eq", &ivx, &kk, "index");
-                    // The update is read only where the index hits (on the GPU the branch is
-                    // uniform across a warp whenever `inner` spans it).
-                    let s = b.if_else(
-                        &hit,
-                        t,
-                        |b| {
-                            let row = b.mul_add(&o, jn, Some(j));
-                            let ui = b.mul_add(&row, inner, Some(&ii));
-                            let u = upd.at(b, &ui);
-                            b.bin(if f { "arith.addf" } else { "arith.addi" }, &acc[0], &u, t)
-                        },
-                        &acc[0],
-                    );
-                    vec![s]
-                });
-                r[0].clone()
+                let h = b.extract(&head, &kk, extent, lty);
+                let j0 = b.to_index(&h, lty);
+                let r = b.while_loop(
+                    &[(j0, "index".into()), (b0, t.clone())],
+                    |b, c| {
+                        let cn = b.idx(jn as i64);
+                        b.cmpi("slt", &c[0], &cn, "index")
+                    },
+                    |b, c| {
+                        let row = b.mul_add(&o, jn, Some(&c[0]));
+                        let ui = b.mul_add(&row, inner, Some(&ii));
+                        let u = upd.at(b, &ui);
+                        let s = b.bin(if f { "arith.addf" } else { "arith.addi" }, &c[1], &u, t);
+                        let nj = b.extract(&next, &c[0], jn, lty);
+                        vec![b.to_index(&nj, lty), s]
+                    },
+                );
+                r[1].clone()
             })]
         }
         Op::Concat { axis } => {
@@ -872,7 +910,86 @@ impl RowMap {
     }
 }
 
-/// Two generics over the rows of `x` along `axis`: the statistics of `kind`.
+/// Rows at least this long, and contiguous (`axis` last), are reduced by several threads each
+/// ([`row_parts`]).
+const SPLIT_ROW_MIN: usize = 2048;
+
+/// How many threads reduce one row of `n_axis` elements `inner` apart: 1 for short or strided
+/// rows; for long contiguous ones (GPT's vocabulary-wide softmax and cross-entropy: 2048 rows of
+/// 50257) up to 64, each taking every `parts`-th element so that a warp's reads are contiguous.
+fn row_parts(n_axis: usize, inner: usize) -> usize {
+    if inner == 1 && n_axis >= SPLIT_ROW_MIN {
+        (n_axis / 256).clamp(2, 64)
+    } else {
+        1
+    }
+}
+
+/// The value of position k of row r, given the row's prelude values: `term(b, r, pre, k)`.
+type RowTerm<'a> = dyn Fn(&mut Body, &str, &[String], &str) -> String + 'a;
+
+/// A reduction over each of `rows` rows: `prelude(b, r)` computes per-row values once,
+/// `term(b, r, pre, k)` the value of position k, combined with `op` from `init`; `finish(b, acc)`
+/// gives the row's result. With `parts` > 1, `parts` threads per row each reduce the positions
+/// `lane, lane + parts, …` (the identity past the end) into a temporary, and one thread per row
+/// combines those partial results in lane order before `finish`.
+#[allow(clippy::too_many_arguments)]
+fn row_reduce(
+    e: &mut Emitter,
+    rows: usize,
+    n_axis: usize,
+    parts: usize,
+    t: &str,
+    init: f64,
+    op: &str,
+    prelude: &dyn Fn(&mut Body, &str) -> Vec<String>,
+    term: &RowTerm,
+    finish: &dyn Fn(&mut Body, &str) -> String,
+) -> String {
+    let tt = t.to_string();
+    if parts == 1 {
+        return e.gen_out(rows, t, |b, _| {
+            let r = b.op("linalg.index 0 : index");
+            let pre = prelude(b, &r);
+            let i0 = b.fc(init, &tt);
+            let acc = b.for_loop(n_axis, &[(i0, tt.clone())], |b, k, acc| {
+                let v = term(b, &r, &pre, k);
+                vec![b.bin(op, &acc[0], &v, &tt)]
+            });
+            finish(b, &acc[0])
+        });
+    }
+    let chunks = n_axis.div_ceil(parts);
+    let partial = e.gen_out(rows * parts, t, |b, _| {
+        let p = b.op("linalg.index 0 : index");
+        let lane = b.remc(&p, parts);
+        let r = b.divc(&p, parts);
+        let pre = prelude(b, &r);
+        let i0 = b.fc(init, &tt);
+        let last = b.idx(n_axis as i64 - 1);
+        let acc = b.for_loop(chunks, &[(i0.clone(), tt.clone())], |b, c, acc| {
+            let k = b.mul_add(c, parts, Some(&lane));
+            let ok = b.cmpi("ule", &k, &last, "index");
+            let kc = b.bin("arith.minui", &k, &last, "index");
+            let v = term(b, &r, &pre, &kc);
+            let v = b.select(&ok, &v, &i0, &tt);
+            vec![b.bin(op, &acc[0], &v, &tt)]
+        });
+        acc[0].clone()
+    });
+    e.gen_out(rows, t, |b, _| {
+        let r = b.op("linalg.index 0 : index");
+        let i0 = b.fc(init, &tt);
+        let acc = b.for_loop(parts, &[(i0, tt.clone())], |b, l, acc| {
+            let i = b.mul_add(&r, parts, Some(l));
+            let v = b.extract(&partial, &i, rows * parts, &tt);
+            vec![b.bin(op, &acc[0], &v, &tt)]
+        });
+        finish(b, &acc[0])
+    })
+}
+
+/// Two reductions over the rows of `x` along `axis`: the statistics of `kind`.
 fn row_stats(
     e: &mut Emitter,
     x: &Src,
@@ -885,6 +1002,7 @@ fn row_stats(
     let inner = numel(&shape[axis + 1..]);
     let rows = numel(shape) / n_axis.max(1);
     let row = RowMap { n_axis, inner };
+    let parts = row_parts(n_axis, inner);
     let at = |b: &mut Body, r: &str, k: &str| -> String {
         // Element k of row r: (r / inner)·n·inner + k·inner + r mod inner.
         let ii = b.remc(r, inner);
@@ -894,28 +1012,39 @@ fn row_stats(
         x.at(b, &i)
     };
     let tt = t.to_string();
-    let first = e.gen_out(rows, t, |b, _| {
-        let r = b.op("linalg.index 0 : index");
-        let (init, op) = match kind {
-            RowKind::MaxSumExp => (b.fc(f64::NEG_INFINITY, &tt), "arith.maximumf"),
-            _ => (b.fc(0.0, &tt), "arith.addf"),
-        };
-        let acc = b.for_loop(n_axis, &[(init, tt.clone())], |b, k, acc| {
-            let v = at(b, &r, k);
-            let v = if kind == RowKind::MeanSquare {
+    let mean = |b: &mut Body, acc: &str| -> String {
+        let c = b.fc(n_axis as f64, &tt);
+        b.bin("arith.divf", acc, &c, &tt)
+    };
+    let (init, op) = match kind {
+        RowKind::MaxSumExp => (f64::NEG_INFINITY, "arith.maximumf"),
+        _ => (0.0, "arith.addf"),
+    };
+    let first = row_reduce(
+        e,
+        rows,
+        n_axis,
+        parts,
+        t,
+        init,
+        op,
+        &|_, _| Vec::new(),
+        &|b, r, _, k| {
+            let v = at(b, r, k);
+            if kind == RowKind::MeanSquare {
                 b.bin("arith.mulf", &v, &v, &tt)
             } else {
                 v
-            };
-            vec![b.bin(op, &acc[0], &v, &tt)]
-        });
-        if kind == RowKind::MaxSumExp {
-            acc[0].clone()
-        } else {
-            let c = b.fc(n_axis as f64, &tt);
-            b.bin("arith.divf", &acc[0], &c, &tt)
-        }
-    });
+            }
+        },
+        &|b, acc| {
+            if kind == RowKind::MaxSumExp {
+                acc.to_string()
+            } else {
+                mean(b, acc)
+            }
+        },
+    );
     let first_src = Src {
         t: first.clone(),
         n: rows,
@@ -926,27 +1055,32 @@ fn row_stats(
         first.clone()
     } else {
         let fs = first_src.clone();
-        e.gen_out(rows, t, |b, _| {
-            let r = b.op("linalg.index 0 : index");
-            let m = b.extract(&fs.t, &r, fs.n, &tt);
-            let init = b.fc(0.0, &tt);
-            let acc = b.for_loop(n_axis, &[(init, tt.clone())], |b, k, acc| {
-                let v = at(b, &r, k);
-                let d = b.bin("arith.subf", &v, &m, &tt);
-                let term = if kind == RowKind::MaxSumExp {
+        row_reduce(
+            e,
+            rows,
+            n_axis,
+            parts,
+            t,
+            0.0,
+            "arith.addf",
+            &|b, r| vec![b.extract(&fs.t, r, fs.n, &tt)],
+            &|b, r, pre, k| {
+                let v = at(b, r, k);
+                let d = b.bin("arith.subf", &v, &pre[0], &tt);
+                if kind == RowKind::MaxSumExp {
                     unary_f32(b, &d, &tt, mathlib_exp)
                 } else {
                     b.bin("arith.mulf", &d, &d, &tt)
-                };
-                vec![b.bin("arith.addf", &acc[0], &term, &tt)]
-            });
-            if kind == RowKind::MaxSumExp {
-                acc[0].clone()
-            } else {
-                let c = b.fc(n_axis as f64, &tt);
-                b.bin("arith.divf", &acc[0], &c, &tt)
-            }
-        })
+                }
+            },
+            &|b, acc| {
+                if kind == RowKind::MaxSumExp {
+                    acc.to_string()
+                } else {
+                    mean(b, acc)
+                }
+            },
+        )
     };
     (
         first_src,

@@ -9,6 +9,7 @@
 //! could not run it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cleave_ir::{Function, Value};
 use cleave_runtime::gpu_kernel::{
@@ -16,7 +17,7 @@ use cleave_runtime::gpu_kernel::{
 };
 
 use crate::context::{Mlir, MlirError};
-use crate::emit::{constant_data, emit_function, module_text, EmitError};
+use crate::emit::{constant_data, emit_function, module_text, EmitError, EmittedKernel};
 use crate::partition::value_names;
 use crate::pipeline::check_nvvm_target;
 
@@ -51,53 +52,32 @@ pub struct GpuProgram {
 
 /// Compiles every kernel group of `func` to PTX with `pipeline` (see
 /// [`crate::pipeline::default_gpu_pipeline`]).
+///
+/// The groups are independent, so they are lowered in parallel: one worker thread per available
+/// core (at most one per group), each with its own MLIR context, taking the next group from a
+/// shared counter. The result does not depend on the thread count: groups keep their execution
+/// order, and an error is the one of the first failing group in that order.
 pub fn compile_gpu(func: &Function, pipeline: &str) -> Result<GpuProgram, GpuError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    compile_gpu_threads(func, pipeline, threads)
+}
+
+/// [`compile_gpu`] on at most `threads` worker threads (at least one).
+pub fn compile_gpu_threads(
+    func: &Function,
+    pipeline: &str,
+    threads: usize,
+) -> Result<GpuProgram, GpuError> {
     check_nvvm_target(pipeline).map_err(GpuError::Target)?;
     let kernels = emit_function(func)?;
     let names = value_names(func);
-    let mlir = Mlir::new();
-    let mut groups = Vec::new();
-    let mut texts = Vec::new();
-    for k in &kernels {
-        let g = &k.group;
-        let text = module_text(&[&k.func]);
-        let ops: Vec<String> = g
-            .nodes
-            .iter()
-            .map(|&n| func.node(n).op.name().to_string())
-            .collect();
-        let what = format!("kernel {} ({})", g.name, ops.join(", "));
-        let module = mlir.lower(&what, &text, pipeline)?;
-        let lowered = module.as_operation().to_string();
-        // Parameters of the group's function, in order: inputs, outputs, constants.
-        let mut params: Vec<KernelArg> = Vec::new();
-        let arg = |v: Value, role: ArgRole| {
-            let ty = func.ty(v);
-            // A constant that is also an output has two buffers: its data and the output.
-            let name = if role == ArgRole::Constant {
-                format!("{}.const", names[&v])
-            } else {
-                names[&v].clone()
-            };
-            KernelArg {
-                name,
-                role: role.clone(),
-                dtype: ty.dtype.name().to_string(),
-                shape: ty.shape.clone(),
-                data: if role == ArgRole::Constant {
-                    constant_data(func, v)
-                } else {
-                    Vec::new()
-                },
-            }
-        };
-        params.extend(g.inputs.iter().map(|&v| arg(v, ArgRole::Input)));
-        params.extend(g.outputs.iter().map(|&v| arg(v, ArgRole::Output)));
-        params.extend(k.constants.iter().map(|&v| arg(v, ArgRole::Constant)));
-        let mut group = read_program(&what, &g.name, ops, &lowered, &params)?;
-        group.gemm = gemm_spec(func, g, &names);
-        groups.push(group);
-        texts.push((g.name.clone(), text));
+    let threads = threads.min(kernels.len()).max(1);
+    let results = compile_groups(func, &kernels, &names, pipeline, threads);
+    let mut groups = Vec::with_capacity(kernels.len());
+    let mut texts = Vec::with_capacity(kernels.len());
+    for (k, r) in kernels.iter().zip(results) {
+        groups.push(r?);
+        texts.push((k.group.name.clone(), module_text(&[&k.func])));
     }
     let args = func
         .args()
@@ -121,6 +101,112 @@ pub fn compile_gpu(func: &Function, pipeline: &str) -> Result<GpuProgram, GpuErr
         groups,
         mlir: texts,
     })
+}
+
+/// Lowers every kernel on `threads` worker threads; the results are in `kernels`' order. A
+/// worker stops taking groups once any group has failed (the groups before the first failure
+/// are still all compiled, so the reported error is deterministic).
+fn compile_groups(
+    func: &Function,
+    kernels: &[EmittedKernel],
+    names: &HashMap<Value, String>,
+    pipeline: &str,
+    threads: usize,
+) -> Vec<Result<GpuKernelGroup, GpuError>> {
+    let next = AtomicUsize::new(0);
+    // The index of the first failed group so far (usize::MAX: none).
+    let failed = AtomicUsize::new(usize::MAX);
+    let mut slots: Vec<Option<Result<GpuKernelGroup, GpuError>>> =
+        (0..kernels.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, Result<GpuKernelGroup, GpuError>)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mlir = Mlir::new();
+                    // The workers already use every core.
+                    mlir.context.enable_multi_threading(false);
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= kernels.len() || i > failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let r = compile_group(&mlir, func, &kernels[i], names, pipeline);
+                        if r.is_err() {
+                            failed.fetch_min(i, Ordering::Relaxed);
+                        }
+                        out.push((i, r));
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| match w.join() {
+                Ok(out) => out,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    });
+    for (i, r) in done.into_iter().flatten() {
+        slots[i] = Some(r);
+    }
+    // Groups after the first failure may not have been compiled; they are never reached.
+    let first_failed = failed.into_inner();
+    slots
+        .into_iter()
+        .enumerate()
+        .map_while(|(i, r)| if i > first_failed { None } else { r })
+        .collect()
+}
+
+/// Lowers one kernel group to PTX and reads its launches.
+fn compile_group(
+    mlir: &Mlir,
+    func: &Function,
+    k: &EmittedKernel,
+    names: &HashMap<Value, String>,
+    pipeline: &str,
+) -> Result<GpuKernelGroup, GpuError> {
+    let g = &k.group;
+    let text = module_text(&[&k.func]);
+    let ops: Vec<String> = g
+        .nodes
+        .iter()
+        .map(|&n| func.node(n).op.name().to_string())
+        .collect();
+    let what = format!("kernel {} ({})", g.name, ops.join(", "));
+    let module = mlir.lower(&what, &text, pipeline)?;
+    let lowered = module.as_operation().to_string();
+    // Parameters of the group's function, in order: inputs, outputs, constants.
+    let mut params: Vec<KernelArg> = Vec::new();
+    let arg = |v: Value, role: ArgRole| {
+        let ty = func.ty(v);
+        // A constant that is also an output has two buffers: its data and the output.
+        let name = if role == ArgRole::Constant {
+            format!("{}.const", names[&v])
+        } else {
+            names[&v].clone()
+        };
+        KernelArg {
+            name,
+            role: role.clone(),
+            dtype: ty.dtype.name().to_string(),
+            shape: ty.shape.clone(),
+            data: if role == ArgRole::Constant {
+                constant_data(func, v)
+            } else {
+                Vec::new()
+            },
+        }
+    };
+    params.extend(g.inputs.iter().map(|&v| arg(v, ArgRole::Input)));
+    params.extend(g.outputs.iter().map(|&v| arg(v, ArgRole::Output)));
+    params.extend(k.constants.iter().map(|&v| arg(v, ArgRole::Constant)));
+    let mut group = read_program(&what, &g.name, ops, &lowered, &params)?;
+    group.gemm = gemm_spec(func, g, names);
+    Ok(group)
 }
 
 impl GpuProgram {

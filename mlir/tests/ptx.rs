@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use cleave_ir::Op;
-use cleave_mlir::gpu::compile_gpu;
+use cleave_mlir::gpu::{compile_gpu, compile_gpu_threads};
 use cleave_mlir::pipeline::{check_nvvm_target, default_gpu_pipeline, gpu_pipeline};
 use cleave_runtime::gpu_kernel::ArgRole;
 
@@ -203,4 +203,21 @@ fn training_steps_compile_to_ptx() {
             );
         }
     }
+}
+
+/// The groups are compiled on several threads; the program does not depend on how many.
+#[test]
+fn parallel_compilation_is_deterministic() {
+    let step = common::training_step("mlp.cir", "optimizer{kind=momentum}");
+    let one = compile_gpu_threads(&step, &default_gpu_pipeline(), 1).unwrap();
+    let three = compile_gpu_threads(&step, &default_gpu_pipeline(), 3).unwrap();
+    assert!(one.groups.len() > 3, "{} groups", one.groups.len());
+    assert_eq!(
+        serde_json::to_string(&one.descriptor()).unwrap(),
+        serde_json::to_string(&three.descriptor()).unwrap()
+    );
+    assert_eq!(one.mlir, three.mlir);
+    // An error is still an error (every group fails here; no worker hangs or panics).
+    let e = compile_gpu_threads(&step, "builtin.module(no-such-pass)", 3).unwrap_err();
+    assert!(e.to_string().contains("no-such-pass"), "{e}");
 }

@@ -517,6 +517,7 @@ pub fn runner_main(args: impl IntoIterator<Item = OsString>) -> Result<()> {
         memory_limit: payload.memory_limit.clone(),
         grad_method: payload.grad_method.clone(),
         tangents: payload.tangents,
+        memory_report: false,
     };
     let s = crate::train::train(&args)?;
     println!("{}", summary_line(&s));

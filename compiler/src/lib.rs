@@ -15,6 +15,7 @@
 pub mod aot;
 pub mod cli;
 pub mod compile_gpu;
+pub mod device_memory;
 pub mod init;
 pub mod inspect;
 pub mod load;

@@ -4,6 +4,9 @@
 
 mod common;
 
+#[global_allocator]
+static ALLOC: cleave_runtime::alloc::CountingAlloc = cleave_runtime::alloc::CountingAlloc;
+
 use cleave_compiler::pipeline_train::{train, PipelineRun};
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
 use cleave_passes::remat::Choice;

@@ -3,6 +3,10 @@
 
 use std::process::ExitCode;
 
+// The same allocator as `cleave`, so that a compiled executable measures memory the same way.
+#[global_allocator]
+static ALLOC: cleave_runtime::alloc::CountingAlloc = cleave_runtime::alloc::CountingAlloc;
+
 fn main() -> ExitCode {
     match cleave_compiler::aot::runner_main(std::env::args_os()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -648,13 +648,17 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         ),
         None => None,
     });
-    let measure = a.memory_report || a.memory_limit.is_some() || a.timeline.is_some();
-    if measure && !cleave_runtime::alloc::installed() {
+    // --memory-limit and --timeline measure when the allocator is installed (it is in `cleave`
+    // and `cleave-runner`); --memory-report needs it.
+    let installed = cleave_runtime::alloc::installed();
+    if a.memory_report && !installed {
         bail!(
-            "--memory-report/--memory-limit/--timeline measure memory with the instrumented \
-             allocator, which this program has not installed (cleave_runtime::alloc::CountingAlloc)"
+            "--memory-report measures memory with the instrumented allocator, which this \
+             program has not installed (cleave_runtime::alloc::CountingAlloc)"
         );
     }
+    let measure =
+        installed && (a.memory_report || a.memory_limit.is_some() || a.timeline.is_some());
     let popts = PipelineOptions {
         lr: lr as f32,
         grad_scale: 1.0 / m as f32,

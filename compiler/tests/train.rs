@@ -153,7 +153,6 @@ fn bench_reports_a_median() {
         no_jit: false,
         grad_method: "bp".into(),
         tangents: 1,
-        memory_report: false,
     })
     .unwrap();
     assert!(r.median_ms > 0.0 && r.median_ms.is_finite());

@@ -52,6 +52,7 @@ fn over_aligned_blocks_keep_their_alignment() {
     struct Wide([u8; 64]);
     let v: Vec<Wide> = (0..3).map(|_| Wide([7; 64])).collect();
     assert_eq!(v.as_ptr() as usize % 64, 0);
+    assert_eq!(v[2].0[63], 7);
     assert_eq!(alloc::live(t), 192);
     drop(v);
     assert_eq!(alloc::live(t), 0);

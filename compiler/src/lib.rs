@@ -23,4 +23,6 @@ pub mod inspect;
 pub mod memory;
 pub mod schedule_cmd;
 
-pub use cleave_runner::{aot, init, load, loss, onnx, pipeline_train, tensors, train};
+pub use cleave_runner::{
+    aot, device_memory, init, load, loss, onnx, pipeline_train, tensors, train,
+};

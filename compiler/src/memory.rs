@@ -15,9 +15,20 @@
 //! Per stage, under the device profile: `T_F`, `T_B`, `T_W` are the sums of
 //! [`forward_seconds`] over the nodes of F, B and W after the rewrite (views — `reshape`,
 //! `stop_gradient` — cost nothing: the runtime aliases them) (so recomputation is in B
-//! and W), plus half the offload transfer time in F and half in B (transfers charged as if they
-//! did not overlap). `M_B` and `M_W` are `split-bw`'s stash sets of the rewritten functions
+//! and W), plus the part of the offload and reload copies that compute does not hide
+//! ([`exposed_transfer`]). `M_B` and `M_W` are `split-bw`'s stash sets of the rewritten functions
 //! without the `stash.offload.*` values.
+//!
+//! **Offload overlap.** The runtime copies on a background thread per device: F's offloaded
+//! values go to the host pool while the device runs its next action, and the reloads of an
+//! action are requested when the action before it starts. A one-way copy takes
+//! `t = offloaded bytes / host bandwidth` (the profile's `host_bytes_per_s`); it is hidden by
+//! the action it runs beside, which lasts at least `min(T_F, T_B)` of the stage, so F and B are
+//! each charged `max(0, t − min(T_F, T_B))` (a copy no action hides, e.g. after the device's
+//! last action, is bounded by the same). The ILP's objective still charges the full `2t`
+//! (a conservative per-value cost). `cleave train --timeline` measures the real overlap: the
+//! summary's `transfers` give, per device, the seconds copied and the seconds of them during
+//! which the device ran an action.
 //!
 //! # Joint choice (`--schedule auto` with a limit)
 //!
@@ -221,10 +232,16 @@ pub fn costs_of(
     let mut m = Vec::new();
     for (i, s) in split_stages(module).iter().enumerate() {
         let transfer = stages.get(i).map(|x| x.transfer_seconds).unwrap_or(0.0);
+        let (f, b, w) = (
+            function_seconds(profile, s.f),
+            function_seconds(profile, s.b),
+            function_seconds(profile, s.w),
+        );
+        let exposed = exposed_transfer(transfer / 2.0, f, b);
         c.push(StageCost {
-            f: function_seconds(profile, s.f) + transfer / 2.0,
-            b: function_seconds(profile, s.b) + transfer / 2.0,
-            w: function_seconds(profile, s.w),
+            f: f + exposed,
+            b: b + exposed,
+            w,
         });
         let r = device_stash(s);
         m.push(cleave_passes::schedule::StageMemory {
@@ -239,6 +256,14 @@ pub fn costs_of(
         },
         Memory { stages: m },
     )
+}
+
+/// The part of a one-way copy of `one_way` seconds that compute does not hide: the copy thread
+/// offloads F's values while the device runs its next action and reloads them while it runs the
+/// action before the B (or W) that reads them, so a copy is hidden up to the length of one
+/// action, at least the stage's shorter of `t_f` and `t_b` (see the module docs).
+pub fn exposed_transfer(one_way: f64, t_f: f64, t_b: f64) -> f64 {
+    (one_way - t_f.min(t_b)).max(0.0)
 }
 
 /// `stash_report` without the offloaded values.

@@ -68,6 +68,7 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         memory_limit: None,
         grad_method: "bp".into(),
         tangents: 1,
+        memory_report: false,
     })
     .unwrap();
     let text = std::fs::read_to_string(&metrics).unwrap();

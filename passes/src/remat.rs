@@ -32,15 +32,17 @@
 //! B and `k_W` between their B and their W ([`InFlight`]; each at least 1):
 //!
 //! `need = max over moments t of [Σ keep_v · k_v(t) · bytes_v + k_W(t) · (B→W stash)]
-//!        + 2 · Σ off_v · bytes_v`
+//!        + 3 · Σ off_v · bytes_v`
 //!
 //! with `k_v(t) = k(t)` for a kept value W needs (W reads it, or W's recomputation does) and
 //! `k_B(t)` otherwise (the ILP has a kept-until-W and a recomputed-in-W variable per value). The
 //! moments are the counts after each action of the stage's device (one memory constraint per
 //! moment; without a schedule, one moment with the largest counts). The runtime frees a saved
 //! value after its last planned use, so this is the simulator's memory model with `M_B`/`M_W`
-//! split per value. Offloaded values count twice: the runtime reloads them for the running action
-//! and prefetches them for the next one. `auto` minimises the cost subject to
+//! split per value. Offloaded values count three times ([`OFFLOAD_COPIES`]): the runtime reloads
+//! them for the running action and prefetches them for the next one, and the device copies of
+//! the previous action's offloads may still be waiting for the copy thread (an action starts only
+//! when the offloads of the actions before its predecessor are done). `auto` minimises the cost subject to
 //! `need ≤ memory-limit` with good_lp + microlp ([`ILP_SECONDS`], [`ILP_GAP`]); when the solver
 //! finds no plan in time, or a worse one, a greedy plan is used (start from the smallest plan,
 //! turn values back to kept while they fit). Recomputation's transient memory inside B or W (the
@@ -196,6 +198,10 @@ impl std::fmt::Display for InFlight {
         )
     }
 }
+
+/// Device copies of one microbatch's offloaded values the runtime may hold at once (see the
+/// module docs).
+pub const OFFLOAD_COPIES: u64 = 3;
 
 /// The `remat` pass.
 #[derive(Clone, Debug)]
@@ -780,7 +786,7 @@ impl<'a> ChoiceGraph<'a> {
             .map(|(w, p)| w + p[2] * self.b_to_w)
             .max()
             .unwrap_or(0)
-            + 2 * s.offloaded_bytes;
+            + OFFLOAD_COPIES * s.offloaded_bytes;
         s
     }
 
@@ -817,12 +823,12 @@ impl<'a> ChoiceGraph<'a> {
             for (m, &p) in memory.iter_mut().zip(&moments) {
                 *m += (p[0] as f64 * bytes) * k
                     + ((p[1] - p[0].min(p[1])) as f64 * bytes) * kw
-                    + (2.0 * bytes) * o;
+                    + (OFFLOAD_COPIES as f64 * bytes) * o;
             }
             let most = |i: usize| moments.iter().map(|p| p[i]).max().unwrap_or(1) as f64;
             total_memory += (most(0) * bytes) * k
                 + ((most(1) - most(0)).max(0.0) * bytes) * kw
-                + (2.0 * bytes) * o;
+                + (OFFLOAD_COPIES as f64 * bytes) * o;
             time += self.offload_seconds(v) * 1e3 * o;
             if let Some(r) = r {
                 // A tiny per-value charge breaks ties toward fewer recomputed values.
@@ -963,7 +969,7 @@ impl<'a> ChoiceGraph<'a> {
             })
             .collect();
         let mut plan = self.prune(self.close(all));
-        if in_flight.saved > 2 {
+        if in_flight.saved > OFFLOAD_COPIES {
             for c in plan.choices.values_mut() {
                 if *c == Choice::Keep {
                     *c = Choice::Offload;
@@ -1280,6 +1286,24 @@ pub fn plan_stages(
     placement: &[usize],
     profile: &DeviceProfile,
 ) -> Result<Vec<StageMemory>, String> {
+    plan_stages_reserved(module, policy, limit, &[], in_flight, placement, profile)
+}
+
+/// [`plan_stages`] with `reserved[d]` bytes of device `d`'s limit taken by what is not a saved
+/// value (parameters, gradients, optimizer state, the programs' workspace, values crossing
+/// devices, …; missing entries are 0): the saved values of the device's stages share
+/// `limit − reserved[d]`, and an infeasible limit's error names `reserved[d]` plus the smallest
+/// need of the saved values.
+pub fn plan_stages_reserved(
+    module: &mut Module,
+    policy: Policy,
+    limit: Option<u64>,
+    reserved: &[u64],
+    in_flight: &[InFlight],
+    placement: &[usize],
+    profile: &DeviceProfile,
+) -> Result<Vec<StageMemory>, String> {
+    let reserved_on = |d: usize| reserved.get(d).copied().unwrap_or(0);
     let names: Vec<(String, String, String)> = split_stages(module)
         .iter()
         .map(|s| (s.f.name.clone(), s.b.name.clone(), s.w.name.clone()))
@@ -1316,13 +1340,16 @@ pub fn plan_stages(
         let devices: BTreeSet<usize> = placement.iter().copied().collect();
         let on_device =
             |d: usize| -> Vec<usize> { (0..names.len()).filter(|&t| placement[t] == d).collect() };
-        let floor_of = |d: usize| -> u64 { on_device(d).iter().map(|&t| min[t]).sum() };
+        let floor_of = |d: usize| -> u64 {
+            reserved_on(d) + on_device(d).iter().map(|&t| min[t]).sum::<u64>()
+        };
         let worst = devices.iter().copied().max_by_key(|&d| floor_of(d));
         if let Some(d) = worst.filter(|&d| floor_of(d) > l) {
             let on = on_device(d);
             return Err(format!(
-                "device {d}: the memory limit {l} bytes is infeasible; the smallest feasible limit is {} bytes (stages {on:?}: {})",
+                "device {d}: the memory limit {l} bytes is infeasible; the smallest feasible limit is {} bytes ({} bytes reserved for parameters, gradients, workspace and values crossing devices; saved values of stages {on:?}: {})",
                 floor_of(d),
+                reserved_on(d),
                 on.iter()
                     .map(|&t| in_flight[t].to_string())
                     .collect::<Vec<_>>()

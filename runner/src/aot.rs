@@ -546,6 +546,7 @@ fn train_args(payload: &Payload, model: &Path, optimizer: OptimizerArg) -> Train
         memory_limit: payload.memory_limit.clone(),
         grad_method: payload.grad_method.clone(),
         tangents: payload.tangents,
+        memory_report: false,
     }
 }
 

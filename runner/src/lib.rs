@@ -27,6 +27,7 @@ use std::ffi::{c_char, c_int, CStr, OsString};
 use std::os::unix::ffi::OsStringExt;
 
 pub mod aot;
+pub mod device_memory;
 pub mod init;
 pub mod load;
 pub mod loss;
@@ -34,6 +35,13 @@ pub mod onnx;
 pub mod pipeline_train;
 pub mod tensors;
 pub mod train;
+
+/// Every program that trains through this crate (`cleave`, the executables `cleave compile`
+/// writes, the tests) counts tensor memory per pipeline device the same way when asked
+/// (`cleave train --memory-report`, `--memory-limit`); untagged allocations pay only a
+/// thread-local read and a 16-byte header.
+#[global_allocator]
+static ALLOC: cleave_runtime::alloc::CountingAlloc = cleave_runtime::alloc::CountingAlloc;
 
 /// The entry point the `main` of a compiled executable calls: `argc`/`argv` as `main` got them,
 /// the embedded payload (`payload_len` bytes of JSON) and the kernel table (`table_len` bytes).

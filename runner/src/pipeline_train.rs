@@ -42,7 +42,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use cleave_ir::Module;
 use cleave_passes::partition::DeviceProfile;
-use cleave_passes::remat::{parse_bytes, plan_stages, InFlight, Policy, StageMemory};
+use cleave_passes::remat::{
+    parse_bytes, plan_stages_reserved, ChoiceGraph, InFlight, Policy, StageMemory,
+};
 use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
 use cleave_passes::schedule::generators::Generator;
 use cleave_passes::schedule::{Action, ActionKind, Costs, Memory, Schedule, Simulation, StageCost};
@@ -53,6 +55,7 @@ use cleave_runtime::pipeline::{
 };
 use cleave_runtime::{compile_with, CompileOptions, HostData};
 
+use crate::device_memory::{per_device, stage_resident, workspace_of, DeviceAccount};
 use crate::init::init_params;
 use crate::train::{
     evaluate, gather_batch, load_data, set_host, Metrics, OptimizerArg, Order, TrainArgs,
@@ -75,6 +78,183 @@ pub struct PipelineRun {
     pub peak_saved_bytes: Vec<u64>,
     /// Per device, bytes copied to the host pool in the last step.
     pub offloaded_bytes: Vec<u64>,
+    /// Per device, the plan's accounting of what it holds ([`crate::device_memory`]).
+    pub planned_devices: Vec<DeviceAccount>,
+    /// Per device, the instrumented allocator's peak over all steps (empty when not measured).
+    pub measured_peak_bytes: Vec<u64>,
+    /// Per device, the allocator's peak of its host pool over all steps.
+    pub measured_host_peak_bytes: Vec<u64>,
+    /// Per device, the offload/reload copies of the last step and their overlap with actions.
+    pub transfers: Vec<TransferOverlap>,
+}
+
+/// Offload and reload copies of one device in one step, against its actions.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TransferOverlap {
+    /// The device.
+    pub device: usize,
+    /// Copies made.
+    pub copies: usize,
+    /// Bytes copied.
+    pub bytes: u64,
+    /// Seconds the copy thread spent copying.
+    pub transfer_s: f64,
+    /// Of those, seconds during which the device ran an action (the copy was hidden).
+    pub overlapped_s: f64,
+}
+
+/// Measures how much of each device's copy time fell inside its actions.
+pub fn overlap_report(
+    timeline: &[ActionTiming],
+    transfers: &[cleave_runtime::pipeline::TransferTiming],
+) -> Vec<TransferOverlap> {
+    let mut out: BTreeMap<usize, TransferOverlap> = BTreeMap::new();
+    for t in transfers {
+        let o = out.entry(t.device).or_insert_with(|| TransferOverlap {
+            device: t.device,
+            ..TransferOverlap::default()
+        });
+        o.copies += 1;
+        o.bytes += t.bytes;
+        o.transfer_s += t.end_s - t.start_s;
+        o.overlapped_s += timeline
+            .iter()
+            .filter(|x| x.device == t.device)
+            .map(|x| (x.end_s.min(t.end_s) - x.start_s.max(t.start_s)).max(0.0))
+            .sum::<f64>();
+    }
+    out.into_values().collect()
+}
+
+/// The `--memory-report` table.
+pub fn memory_report_text(
+    planned: &[DeviceAccount],
+    measured: &[u64],
+    host: &[u64],
+    limit: Option<u64>,
+) -> String {
+    let mut out = format!(
+        "{:<6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11}\n",
+        "device",
+        "params",
+        "grads",
+        "updated",
+        "workspace",
+        "scratch",
+        "boundary",
+        "saved",
+        "planned",
+        "measured",
+        "host pool",
+        "limit"
+    );
+    for (d, p) in planned.iter().enumerate() {
+        let r = &p.resident;
+        out.push_str(&format!(
+            "{:<6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11}\n",
+            d,
+            r.params,
+            r.grads,
+            r.updated,
+            r.workspace,
+            r.scratch,
+            r.boundary,
+            p.saved,
+            p.total(),
+            measured.get(d).map_or("-".into(), |x| x.to_string()),
+            host.get(d).map_or("-".into(), |x| x.to_string()),
+            limit.map_or("-".into(), |x| x.to_string()),
+        ));
+    }
+    out
+}
+
+/// The saved values' need of every stage under `none` (no rewrite).
+fn saved_need(
+    split: &[cleave_passes::split::SplitStage<'_>],
+    flights: &[InFlight],
+    profile: &DeviceProfile,
+) -> Result<Vec<u64>> {
+    split
+        .iter()
+        .zip(flights)
+        .map(|(s, k)| {
+            let g = ChoiceGraph::new(s.f, s.b, s.w, profile);
+            let p = g.plan(Policy::None, None, k).map_err(anyhow::Error::msg)?;
+            Ok(g.summary(&p, k).need_bytes)
+        })
+        .collect()
+}
+
+/// Rounds of [`plan_within`].
+const MEMORY_ROUNDS: usize = 4;
+
+/// Plans recomputation/offload so that every device's whole accounting fits `limit` (see
+/// [`crate::device_memory`]): plan with the reserved bytes of the current plans, compile,
+/// measure, add any excess to the reserved bytes and plan again.
+#[allow(clippy::too_many_arguments)]
+fn plan_within(
+    base: &Module,
+    forward: &cleave_ir::Function,
+    policy: Policy,
+    limit: Option<u64>,
+    flights: &[InFlight],
+    placement: &[usize],
+    n_dev: usize,
+    m: usize,
+    profile: &DeviceProfile,
+) -> Result<(Module, Vec<StageMemory>)> {
+    let account = |module: &Module, saved: &[u64]| -> Result<Vec<DeviceAccount>> {
+        let split = split_stages(module);
+        let ws = workspace_of(&split)?;
+        let resident = stage_resident(&split, &ws, forward, m);
+        Ok(per_device(&resident, saved, placement, n_dev))
+    };
+    let mut reserved: Vec<u64> = account(base, &[])?
+        .iter()
+        .map(|d| d.resident.total())
+        .collect();
+    let mut last = Vec::new();
+    for _ in 0..MEMORY_ROUNDS {
+        let mut module = base.clone();
+        let mem = plan_stages_reserved(
+            &mut module,
+            policy,
+            limit,
+            &reserved,
+            flights,
+            placement,
+            profile,
+        )
+        .map_err(|e| anyhow::anyhow!("--remat {}: {e}", policy.name()))?;
+        let Some(l) = limit else {
+            return Ok((module, mem));
+        };
+        let saved: Vec<u64> = mem.iter().map(|s| s.summary.need_bytes).collect();
+        let devices = account(&module, &saved)?;
+        if devices.iter().all(|d| d.total() <= l) {
+            return Ok((module, mem));
+        }
+        for (d, x) in devices.iter().enumerate() {
+            if x.total() > l {
+                reserved[d] += x.total() - l;
+            }
+        }
+        last = devices;
+    }
+    let (d, worst) = last
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, x)| x.total())
+        .map(|(d, x)| (d, x.total()))
+        .unwrap_or((0, 0));
+    bail!(
+        "--remat {}: device {d}: no plan within the memory limit {} bytes once the plans' \
+         workspace is counted (after {MEMORY_ROUNDS} rounds the device needs {worst} bytes); the \
+         smallest feasible limit is {worst} bytes",
+        policy.name(),
+        limit.unwrap_or(0)
+    )
 }
 
 /// Microbatches in flight per stage under a schedule: the most microbatches whose F has run and
@@ -278,15 +458,11 @@ pub fn stage_module(
     PassManager::from_pipeline(&passes)?
         .run(&mut module, &mut PassContext::default(), &mut |_| {})
         .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
-    // Recomputation and offload of the saved values, per stage, under the schedule.
+    // Recomputation and offload of the saved values, per stage, under the schedule and the
+    // memory limit.
     let mut memory = Vec::new();
     if a.remat.is_some() || a.memory_limit.is_some() {
-        let limit = a
-            .memory_limit
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))?;
+        let limit = memory_limit(a)?;
         let policy = match a.remat.as_deref() {
             None => Policy::Auto,
             Some(p) => Policy::parse(p).with_context(|| {
@@ -296,19 +472,43 @@ pub fn stage_module(
                 )
             })?,
         };
-        let profile = DeviceProfile::load("cpu-epyc-2core").map_err(anyhow::Error::msg)?;
-        let placement: Vec<usize> = schedule.placement.iter().map(|&d| d as usize).collect();
-        memory = plan_stages(
-            &mut module,
+        let profile = cpu_profile()?;
+        let placement = placement_of(schedule);
+        // Under the device's whole accounting (crate::device_memory), not saved values alone.
+        let (planned, mem) = plan_within(
+            &module,
+            forward,
             policy,
             limit,
             &in_flight(schedule),
             &placement,
+            schedule.p(),
+            a.microbatches,
             &profile,
-        )
-        .map_err(|e| anyhow::anyhow!("--remat {}: {e}", policy.name()))?;
+        )?;
+        module = planned;
+        memory = mem;
     }
     Ok((module, memory))
+}
+
+/// `--memory-limit` in bytes.
+fn memory_limit(a: &TrainArgs) -> Result<Option<u64>> {
+    a.memory_limit
+        .as_deref()
+        .map(parse_bytes)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--memory-limit {e}"))
+}
+
+/// The device profile of the CPU runtime (transfer and compute rates for the remat costs).
+fn cpu_profile() -> Result<DeviceProfile> {
+    DeviceProfile::load("cpu-epyc-2core").map_err(anyhow::Error::msg)
+}
+
+/// The device of each stage.
+fn placement_of(schedule: &Schedule) -> Vec<usize> {
+    schedule.placement.iter().map(|&d| d as usize).collect()
 }
 
 /// Runs pipelined training (see the module docs).
@@ -385,6 +585,20 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             w: compile_with(s.w, &opts)?,
         });
     }
+    // The plan's accounting of every device, with the compiled plans' workspace.
+    let limit = memory_limit(a)?;
+    let placement_v = placement_of(&schedule);
+    let n_dev = schedule.p();
+    let planned_devices = {
+        let ws = workspace_of(&split)?;
+        let resident = stage_resident(&split, &ws, &forward, m);
+        let saved: Vec<u64> = if memory.is_empty() {
+            saved_need(&split, &in_flight(&schedule), &cpu_profile()?)?
+        } else {
+            memory.iter().map(|s| s.summary.need_bytes).collect()
+        };
+        per_device(&resident, &saved, &placement_v, n_dev)
+    };
     let actions: Vec<Vec<PipelineAction>> = schedule
         .devices
         .iter()
@@ -464,12 +678,27 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         ),
         None => None,
     });
+    // --memory-limit and --timeline measure when the allocator is installed (it is in `cleave`
+    // and `cleave-runner`); --memory-report needs it.
+    let installed = cleave_runtime::alloc::installed();
+    if a.memory_report && !installed {
+        bail!(
+            "--memory-report measures memory with the instrumented allocator, which this \
+             program has not installed (cleave_runtime::alloc::CountingAlloc)"
+        );
+    }
+    let measure =
+        installed && (a.memory_report || a.memory_limit.is_some() || a.timeline.is_some());
     let popts = PipelineOptions {
         lr: lr as f32,
         grad_scale: 1.0 / m as f32,
         fail_at,
+        measure_memory: measure,
         ..PipelineOptions::default()
     };
+    let mut measured_peak: Vec<u64> = Vec::new();
+    let mut measured_host: Vec<u64> = Vec::new();
+    let mut transfers = Vec::new();
     let mut summary = TrainSummary::default();
     let mut losses = Vec::new();
     let mut timeline = Vec::new();
@@ -499,6 +728,18 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             *p = (*p).max(x);
         }
         offloaded = r.offloaded_bytes.clone();
+        for (acc, now) in [
+            (&mut measured_peak, &r.measured_peak_bytes),
+            (&mut measured_host, &r.measured_host_peak_bytes),
+        ] {
+            acc.resize(now.len(), 0);
+            for (p, &x) in acc.iter_mut().zip(now) {
+                *p = (*p).max(x);
+            }
+        }
+        if step + 1 == a.steps {
+            transfers = overlap_report(&r.timeline, &r.transfers);
+        }
         if a.timeline.is_some() {
             measured.push(r.timeline.clone());
             timeline.push(serde_json::json!({
@@ -558,6 +799,17 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                 "devices": pipe.num_devices(),
                 "microbatches": m,
                 "summary": {
+                    "memory_limit": limit,
+                    "planned_device_bytes": planned_devices.iter().map(|d| d.total()).collect::<Vec<_>>(),
+                    "measured_peak_bytes": measured_peak,
+                    "measured_host_peak_bytes": measured_host,
+                    "transfers": transfers.iter().map(|t| serde_json::json!({
+                        "device": t.device,
+                        "copies": t.copies,
+                        "bytes": t.bytes,
+                        "transfer_s": t.transfer_s,
+                        "overlapped_s": t.overlapped_s,
+                    })).collect::<Vec<_>>(),
                     "measured_bubble_rate": report.measured_bubble_rate,
                     "simulated_bubble_rate": report.simulated_bubble_rate,
                     "steps_used": report.steps_used,
@@ -570,6 +822,27 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             serde_json::to_string_pretty(&v)?
         };
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if a.memory_report {
+        eprint!(
+            "{}",
+            memory_report_text(&planned_devices, &measured_peak, &measured_host, limit)
+        );
+        for t in &transfers {
+            eprintln!(
+                "device {}: {} offload/reload copies, {} B, {:.6} s copying, {:.6} s of it overlapped with actions",
+                t.device, t.copies, t.bytes, t.transfer_s, t.overlapped_s
+            );
+        }
+    }
+    if let Some(l) = limit {
+        if let Some((d, &x)) = measured_peak.iter().enumerate().find(|(_, &x)| x > l) {
+            eprintln!(
+                "warning: device {d} measured a peak of {x} bytes, over --memory-limit {l} \
+                 (planned {} bytes)",
+                planned_devices[d].total()
+            );
+        }
     }
     // Final evaluation on the held-out tail, like single-stage training.
     let labels_name = ["labels", "targets"]
@@ -604,5 +877,9 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         memory,
         peak_saved_bytes: peak,
         offloaded_bytes: offloaded,
+        planned_devices,
+        measured_peak_bytes: measured_peak,
+        measured_host_peak_bytes: measured_host,
+        transfers,
     })
 }

@@ -167,6 +167,11 @@ pub struct TrainArgs {
     /// Random tangents averaged per step by `--grad-method forward-gradient`.
     #[arg(long, default_value_t = 1)]
     pub tangents: usize,
+    /// Print each device's planned memory (parameters, gradients, workspace, values crossing
+    /// devices, saved values) beside the instrumented allocator's measured peak (pipeline
+    /// executor).
+    #[arg(long)]
+    pub memory_report: bool,
 }
 
 /// Parses `--grad-method` and `--tangents`.
@@ -669,6 +674,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         || a.fail_action.is_some()
         || a.remat.is_some()
         || a.memory_limit.is_some()
+        || a.memory_report
     {
         if method != GradMethod::Bp {
             bail!(

@@ -34,6 +34,7 @@
 //! agree with the reference interpreter (which rounds once per op from `f64`) to a relative error
 //! of about 1e-5.
 
+pub mod alloc;
 pub mod aot;
 mod compile;
 #[cfg(feature = "cuda")]
@@ -100,6 +101,15 @@ pub enum HostData {
 }
 
 impl HostData {
+    /// Charges the data's buffer to an allocator tag ([`alloc::retag_vec`]).
+    pub fn retag(&self, tag: u32) {
+        match self {
+            HostData::F32(v) => alloc::retag_vec(v, tag),
+            HostData::I32(v) => alloc::retag_vec(v, tag),
+            HostData::Bool(v) => alloc::retag_vec(v, tag),
+        }
+    }
+
     /// The element type.
     pub fn dtype(&self) -> DType {
         match self {

@@ -118,6 +118,9 @@ pub struct PipelineOptions {
     pub fail_at: Option<PipelineAction>,
     /// Capacity of each device's bounded input channel (messages).
     pub channel_capacity: usize,
+    /// Measure each device's tensor memory with the instrumented allocator ([`crate::alloc`];
+    /// the process must have installed it): fills [`StepResult::measured_peak_bytes`].
+    pub measure_memory: bool,
 }
 
 impl Default for PipelineOptions {
@@ -128,6 +131,7 @@ impl Default for PipelineOptions {
             timeout: Duration::from_secs(120),
             fail_at: None,
             channel_capacity: 64,
+            measure_memory: false,
         }
     }
 }
@@ -162,6 +166,32 @@ pub struct StepResult {
     pub peak_saved_bytes: Vec<u64>,
     /// Per device, the bytes copied to the host pool.
     pub offloaded_bytes: Vec<u64>,
+    /// Per device, the allocator-measured peak of the tensor memory the device held during the
+    /// step (empty unless [`PipelineOptions::measure_memory`] and the allocator is installed).
+    pub measured_peak_bytes: Vec<u64>,
+    /// Per device, the allocator-measured peak of its host pool (same condition).
+    pub measured_host_peak_bytes: Vec<u64>,
+    /// Every offload and reload copy the host pools' threads made.
+    pub transfers: Vec<TransferTiming>,
+}
+
+/// One copy between a device and its host pool, timed on the pool's background thread.
+#[derive(Clone, Debug)]
+pub struct TransferTiming {
+    /// The device.
+    pub device: usize,
+    /// True for an offload (device to host), false for a reload.
+    pub offload: bool,
+    /// The value's stage, microbatch and name.
+    pub stage: usize,
+    /// The microbatch.
+    pub microbatch: usize,
+    /// Bytes copied.
+    pub bytes: u64,
+    /// Start, in seconds since the step began.
+    pub start_s: f64,
+    /// End.
+    pub end_s: f64,
 }
 
 /// A failed step: the stage, the action and the cause.
@@ -305,6 +335,14 @@ impl Pipeline {
             });
         }
         let n_dev = self.devices.len();
+        // Declared first so that it is released last, after every tagged buffer of the step is
+        // freed or handed back untagged.
+        let tags = if opts.measure_memory {
+            crate::alloc::TagBlock::reserve(2 * n_dev)
+        } else {
+            None
+        };
+        let tag_of = |i: usize| tags.as_ref().map_or(0, |t| t.tag(i));
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..n_dev {
@@ -341,7 +379,10 @@ impl Pipeline {
                     shared: &shared,
                     ready_at: 0.0,
                     uses: HashMap::new(),
-                    pool: HostPool::start(),
+                    pool: HostPool::start(d, tag_of(d), tag_of(n_dev + d), t0),
+                    tag: tag_of(d),
+                    submitted: 0,
+                    submitted_before: [0, 0],
                 };
                 let actions = &self.devices[d];
                 let first_error = &first_error;
@@ -393,6 +434,15 @@ impl Pipeline {
                 .map(|h| h.join().unwrap_or(Err(())))
                 .collect()
         });
+        // The plans' buffers go back to being uncounted (they were charged to their device
+        // for the step).
+        if tags.is_some() {
+            for st in &self.stages {
+                for p in [&st.f, &st.b, &st.w] {
+                    p.retag_buffers(0);
+                }
+            }
+        }
         if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
@@ -410,6 +460,18 @@ impl Pipeline {
             losses.extend(o.losses);
             result.peak_saved_bytes.push(o.peak_saved_bytes);
             result.offloaded_bytes.push(o.offloaded_bytes);
+            if tags.is_some() {
+                result
+                    .measured_peak_bytes
+                    .push(crate::alloc::peak(tag_of(d)));
+                result
+                    .measured_host_peak_bytes
+                    .push(crate::alloc::peak(tag_of(n_dev + d)));
+            }
+            for v in o.params.values().chain(o.grads.values()) {
+                v.retag(0);
+            }
+            result.transfers.extend(o.transfers);
             result.params.extend(o.params);
             result.grads.extend(o.grads);
             result.timeline.extend(o.timeline);
@@ -438,6 +500,7 @@ struct DeviceOut {
     timeline: Vec<ActionTiming>,
     peak_saved_bytes: u64,
     offloaded_bytes: u64,
+    transfers: Vec<TransferTiming>,
 }
 
 /// Per-stage state on its device.
@@ -464,6 +527,12 @@ struct Worker<'a> {
     uses: HashMap<Key, usize>,
     /// The host pool and its copy thread.
     pool: HostPool,
+    /// The allocator tag of the device's tensors (0: not measuring).
+    tag: u32,
+    /// Offload copies requested so far, and the count at the end of each of the last two
+    /// actions (an action waits for the offloads of the actions before its predecessor).
+    submitted: u64,
+    submitted_before: [u64; 2],
 }
 
 type Key = (usize, usize, String);
@@ -500,35 +569,62 @@ struct HostPool {
     staged_bytes: Arc<AtomicU64>,
     peak: Arc<AtomicU64>,
     offloaded: Arc<AtomicU64>,
+    /// Offload jobs the thread has finished.
+    offloads_done: Arc<AtomicU64>,
+    transfers: Arc<Mutex<Vec<TransferTiming>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl HostPool {
-    fn start() -> HostPool {
+    /// `tag`, `host_tag`: the allocator tags of the device's tensors and of its host pool (0:
+    /// not measuring); `t0`: when the step began.
+    fn start(device: usize, tag: u32, host_tag: u32, t0: Instant) -> HostPool {
         let (tx, rx) = channel::<Job>();
         let state: Arc<(Mutex<PoolState>, Condvar)> = Arc::default();
         let kept_bytes = Arc::new(AtomicU64::new(0));
         let staged_bytes = Arc::new(AtomicU64::new(0));
         let peak = Arc::new(AtomicU64::new(0));
         let offloaded = Arc::new(AtomicU64::new(0));
-        let (st, sb, kb, pk, off) = (
+        let offloads_done = Arc::new(AtomicU64::new(0));
+        let transfers: Arc<Mutex<Vec<TransferTiming>>> = Arc::default();
+        let (st, sb, kb, pk, off, done, log) = (
             state.clone(),
             staged_bytes.clone(),
             kept_bytes.clone(),
             peak.clone(),
             offloaded.clone(),
+            offloads_done.clone(),
+            transfers.clone(),
         );
         let thread = std::thread::spawn(move || {
+            let record = |offload: bool, key: &Key, bytes: u64, start: f64| {
+                let t = TransferTiming {
+                    device,
+                    offload,
+                    stage: key.0,
+                    microbatch: key.1,
+                    bytes,
+                    start_s: start,
+                    end_s: t0.elapsed().as_secs_f64(),
+                };
+                log.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+            };
             let (lock, cv) = &*st;
             // Reloads requested (prefetched) before their value was offloaded.
             let mut early: Vec<Key> = Vec::new();
             for job in rx {
                 let keys = match job {
                     Job::Offload(key, data, uses) => {
-                        // The copy to host memory (a fresh buffer); the device copy is dropped.
-                        let host = data.clone();
+                        // The copy to host memory (a fresh buffer, charged to the host pool); the
+                        // device copy is dropped.
+                        let start = t0.elapsed().as_secs_f64();
+                        let host = {
+                            let _g = crate::alloc::TagGuard::new(host_tag);
+                            data.clone()
+                        };
                         drop(data);
                         off.fetch_add(data_bytes(&host), Ordering::SeqCst);
+                        record(true, &key, data_bytes(&host), start);
                         let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
                         let mut due = Vec::new();
                         early.retain(|k| {
@@ -540,6 +636,7 @@ impl HostPool {
                             }
                         });
                         g.host.insert(key, (host, uses));
+                        done.fetch_add(1, Ordering::SeqCst);
                         cv.notify_all();
                         due
                     }
@@ -552,7 +649,12 @@ impl HostPool {
                             early.push(key);
                             continue;
                         };
-                        let copy = data.clone();
+                        let start = t0.elapsed().as_secs_f64();
+                        let copy = {
+                            let _g = crate::alloc::TagGuard::new(tag);
+                            data.clone()
+                        };
+                        record(false, &key, data_bytes(&copy), start);
                         *left -= 1;
                         if *left == 0 {
                             g.host.remove(&key);
@@ -573,8 +675,34 @@ impl HostPool {
             staged_bytes,
             peak,
             offloaded,
+            offloads_done,
+            transfers,
             thread: Some(thread),
         }
+    }
+
+    /// Waits until the thread has finished `n` offload copies.
+    fn wait_offloads(
+        &self,
+        n: u64,
+        abort: &AtomicBool,
+        deadline: Instant,
+    ) -> Result<(), Option<String>> {
+        let (lock, cv) = &*self.state;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.offloads_done.load(Ordering::SeqCst) < n {
+            if abort.load(Ordering::SeqCst) {
+                return Err(None);
+            }
+            if Instant::now() > deadline {
+                return Err(Some("timed out waiting for offload copies".into()));
+            }
+            g = cv
+                .wait_timeout(g, Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
     }
 
     fn offload(&self, key: Key, data: HostData, uses: usize) {
@@ -639,7 +767,7 @@ impl HostPool {
         );
     }
 
-    fn finish(&mut self) -> (u64, u64) {
+    fn finish(&mut self) -> (u64, u64, Vec<TransferTiming>) {
         self.jobs = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -647,6 +775,7 @@ impl HostPool {
         (
             self.peak.load(Ordering::SeqCst),
             self.offloaded.load(Ordering::SeqCst),
+            std::mem::take(&mut *self.transfers.lock().unwrap_or_else(|p| p.into_inner())),
         )
     }
 }
@@ -675,7 +804,15 @@ impl<'a> Worker<'a> {
     ) -> WorkerResult<DeviceOut> {
         let sh = self.shared;
         let mut states: BTreeMap<usize, StageState<'_>> = BTreeMap::new();
+        // The stage's copies of its parameters, its accumulators and its plans' buffers are
+        // the device's.
+        let tag_guard = crate::alloc::TagGuard::new(self.tag);
         for (s, plans) in stages {
+            if self.tag != 0 {
+                for p in [&plans.f, &plans.b, &plans.w] {
+                    p.retag_buffers(self.tag);
+                }
+            }
             let mut params = BTreeMap::new();
             let mut acc = BTreeMap::new();
             for p in [&plans.f, &plans.b, &plans.w] {
@@ -703,11 +840,27 @@ impl<'a> Worker<'a> {
                 },
             );
         }
+        drop(tag_guard);
         let mut out = DeviceOut::default();
         for &a in actions {
             if sh.abort.load(Ordering::SeqCst) {
                 return Err(None);
             }
+            // At most the previous action's offload copies may still be on the device.
+            self.pool
+                .wait_offloads(
+                    self.submitted_before[0],
+                    sh.abort,
+                    Instant::now() + sh.opts.timeout,
+                )
+                .map_err(|e| {
+                    e.map(|message| PipelineError {
+                        device: self.device,
+                        stage: Some(a.stage),
+                        action: Some(a.to_string()),
+                        message,
+                    })
+                })?;
             let start = sh.t0.elapsed().as_secs_f64();
             self.ready_at = start;
             let device = self.device;
@@ -780,10 +933,11 @@ impl<'a> Worker<'a> {
                     st.w_done += 1;
                     if st.w_done == sh.m {
                         // The stage's optimizer step: SGD on the parameters it owns gradients of.
-                        for (g, v) in &st.acc {
+                        let _g = crate::alloc::TagGuard::new(self.tag);
+                        for (g, v) in std::mem::take(&mut st.acc) {
                             let p = &g["grad.".len()..];
                             if let (Some(HostData::F32(pv)), HostData::F32(gv)) =
-                                (st.params.get(p), v)
+                                (st.params.get(p), &v)
                             {
                                 let (lr, sc) = (sh.opts.lr, sh.opts.grad_scale);
                                 let new: Vec<f32> = pv
@@ -793,7 +947,7 @@ impl<'a> Worker<'a> {
                                     .collect();
                                 out.params.insert(p.to_string(), HostData::F32(new));
                             }
-                            out.grads.insert(p.to_string(), v.clone());
+                            out.grads.insert(p.to_string(), v);
                         }
                     }
                 }
@@ -804,10 +958,12 @@ impl<'a> Worker<'a> {
                 start_s: self.ready_at,
                 end_s: sh.t0.elapsed().as_secs_f64(),
             });
+            self.submitted_before = [self.submitted_before[1], self.submitted];
         }
-        let (peak, off) = self.pool.finish();
+        let (peak, off, transfers) = self.pool.finish();
         out.peak_saved_bytes = peak;
         out.offloaded_bytes = off;
+        out.transfers = transfers;
         Ok(out)
     }
 
@@ -874,7 +1030,11 @@ impl<'a> Worker<'a> {
             Which::B => &mut st.plans.b,
             Which::W => &mut st.plans.w,
         };
-        plan.run().map_err(|e| Some(e.to_string()))?;
+        {
+            // Whatever a kernel allocates while it runs is the device's.
+            let _g = crate::alloc::TagGuard::new(self.tag);
+            plan.run().map_err(|e| Some(e.to_string()))?;
+        }
         let outputs: Vec<String> = plan.outputs().iter().map(|o| o.name.clone()).collect();
         for (oi, name) in outputs.iter().enumerate() {
             let plan = match which {
@@ -889,7 +1049,16 @@ impl<'a> Worker<'a> {
                 continue;
             }
             if let (Which::W, true) = (which, st.acc.contains_key(name)) {
-                st.acc.insert(name.clone(), plan.output(oi));
+                // The accumulator is updated in place (no second copy on the device).
+                match (st.acc.get_mut(name), plan.output_f32(oi)) {
+                    (Some(HostData::F32(acc)), Some(v)) if acc.len() == v.len() => {
+                        acc.copy_from_slice(v)
+                    }
+                    _ => {
+                        let _g = crate::alloc::TagGuard::new(self.tag);
+                        st.acc.insert(name.clone(), plan.output(oi));
+                    }
+                }
                 continue;
             }
             let Some(cons) = sh.consumers.get(name) else {
@@ -901,7 +1070,10 @@ impl<'a> Worker<'a> {
                 if t != s && name.starts_with("stash.") {
                     continue;
                 }
-                let data = plan.output(oi);
+                let data = {
+                    let _g = crate::alloc::TagGuard::new(self.tag);
+                    plan.output(oi)
+                };
                 let dev = sh.placement[t];
                 if t == s && name.starts_with("stash.") {
                     // A saved value: planned uses = the stage's B and W that take it.
@@ -912,6 +1084,7 @@ impl<'a> Worker<'a> {
                     let key = (t, j, name.clone());
                     self.uses.insert(key.clone(), uses);
                     if is_offloaded(name) {
+                        self.submitted += 1;
                         self.pool.offload(key, data, uses);
                     } else {
                         self.pool.note_kept(data_bytes(&data) as i64);
@@ -962,6 +1135,8 @@ impl<'a> Worker<'a> {
             }
             match self.rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(m) => {
+                    // A received value is the receiving device's.
+                    m.data.retag(self.tag);
                     self.store.insert((m.stage, m.microbatch, m.name), m.data);
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -1006,6 +1181,7 @@ impl<'a> Worker<'a> {
                     // Drain our own channel meanwhile, so two devices sending to each other
                     // cannot block each other.
                     while let Ok(m) = self.rx.try_recv() {
+                        m.data.retag(self.tag);
                         self.store.insert((m.stage, m.microbatch, m.name), m.data);
                     }
                     std::thread::sleep(Duration::from_micros(200));

@@ -188,6 +188,27 @@ impl Plan {
         self.planned_bytes
     }
 
+    /// Bytes the plan's buffers hold (planned buffers and constants, as allocated).
+    pub fn buffer_bytes(&self) -> usize {
+        self.bufs.iter().map(|b| b.capacity() * 4).sum::<usize>()
+            + self
+                .carry_pairs
+                .iter()
+                .flatten()
+                .map(|p| p.2.capacity() * 4)
+                .sum::<usize>()
+    }
+
+    /// Charges the plan's buffers to an allocator tag ([`crate::alloc`]).
+    pub fn retag_buffers(&self, tag: u32) {
+        for b in &self.bufs {
+            crate::alloc::retag_vec(b, tag);
+        }
+        for p in self.carry_pairs.iter().flatten() {
+            crate::alloc::retag_vec(&p.2, tag);
+        }
+    }
+
     /// Bytes of the constants materialised once at compile time.
     pub fn constant_bytes(&self) -> usize {
         self.pinned_bytes

@@ -49,6 +49,7 @@ pub fn args(steps: usize) -> TrainArgs {
         memory_limit: None,
         grad_method: "bp".into(),
         tangents: 1,
+        memory_report: false,
     }
 }
 

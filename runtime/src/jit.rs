@@ -12,9 +12,11 @@
 //!   element is loaded once, before the loop.
 //! - Ops: arithmetic, min/max (NaN-propagating), neg/abs/relu/sqrt/floor/round/reciprocal,
 //!   compares, select, casts between `f32`, `i32` and `bool`, `and`/`or`/`not` are native
-//!   instructions. Transcendentals (exp, log, tanh, sigmoid, GELU, erf, sin, cos, …) and `pow`
-//!   call the interpreter's Rust functions once per lane, so their results are bit-identical to
-//!   the interpreted loop.
+//!   instructions. `exp`, `erf` and the exact-erf GELU are emitted inline as `f32x4` polynomial
+//!   code ([`crate::vmath`], through [`ClifLanes`]): the same operations as the interpreted loop's
+//!   scalar versions, so bit-identical to it. The other transcendentals (log, tanh, sigmoid, sin,
+//!   cos, …) and `pow` call the interpreted loop's Rust functions once per lane, so their results
+//!   are bit-identical too.
 //! - Not compiled (the loop stays interpreted): integer division (it reports division by zero),
 //!   integer `sign`, and dropout. [`crate::Plan::jit_kernels`] counts the loops that were compiled.
 //!
@@ -32,6 +34,7 @@ use cranelift_module::{default_libcall_names, Linkage, Module};
 use cleave_ir::{BinaryOp, CompareOp, DType, UnaryOp};
 
 use crate::fused::{unary_f, FusedKernel, Ins, Source, View};
+use crate::vmath::{self, Lanes};
 
 /// A compiled fused loop.
 pub(crate) type JitFn = unsafe extern "C" fn(*const *mut f32, usize);
@@ -61,17 +64,14 @@ macro_rules! unary_helpers {
 }
 
 unary_helpers! {
-    h_exp => UnaryOp::Exp,
     h_log => UnaryOp::Log,
     h_rsqrt => UnaryOp::Rsqrt,
     h_tanh => UnaryOp::Tanh,
     h_sigmoid => UnaryOp::Sigmoid,
-    h_gelu => UnaryOp::Gelu,
     h_gelu_tanh => UnaryOp::GeluTanh,
     h_silu => UnaryOp::Silu,
     h_sin => UnaryOp::Sin,
     h_cos => UnaryOp::Cos,
-    h_erf => UnaryOp::Erf,
     h_sign => UnaryOp::Sign,
 }
 
@@ -82,17 +82,14 @@ extern "C" fn h_pow(a: f32, b: f32) -> f32 {
 /// The Rust helper a unary float op calls, if it has no native instruction.
 fn unary_helper(u: UnaryOp) -> Option<extern "C" fn(f32) -> f32> {
     Some(match u {
-        UnaryOp::Exp => h_exp,
         UnaryOp::Log => h_log,
         UnaryOp::Rsqrt => h_rsqrt,
         UnaryOp::Tanh => h_tanh,
         UnaryOp::Sigmoid => h_sigmoid,
-        UnaryOp::Gelu => h_gelu,
         UnaryOp::GeluTanh => h_gelu_tanh,
         UnaryOp::Silu => h_silu,
         UnaryOp::Sin => h_sin,
         UnaryOp::Cos => h_cos,
-        UnaryOp::Erf => h_erf,
         UnaryOp::Sign => h_sign,
         _ => return None,
     })
@@ -507,6 +504,9 @@ impl Emitter {
                             let m = to_mask(b, le);
                             select(b, w, m, z, x, fty)
                         }
+                        UnaryOp::Exp => vmath::exp(&mut ClifLanes { b, w }, x),
+                        UnaryOp::Erf => vmath::erf(&mut ClifLanes { b, w }, x),
+                        UnaryOp::Gelu => vmath::gelu(&mut ClifLanes { b, w }, x),
                         u => {
                             let f = unary_helper(*u).expect("checked by `supported`");
                             self.call_lanes(b, f as usize, &[x], w)
@@ -692,5 +692,85 @@ fn select(b: &mut FunctionBuilder, w: usize, m: Value, x: Value, y: Value, ty: T
         b.ins().bitselect(mf, x, y)
     } else {
         b.ins().bitselect(m, x, y)
+    }
+}
+
+/// [`Lanes`] as Cranelift instructions on `f32x4`/`i32x4` registers (`w` = 4) or on scalars
+/// (`w` = 1, the loop's tail). Masks are the results of `fcmp`: `i32x4` lane masks or an `i8`.
+struct ClifLanes<'a, 'b> {
+    b: &'a mut FunctionBuilder<'b>,
+    w: usize,
+}
+
+impl Lanes for ClifLanes<'_, '_> {
+    type F = Value;
+    type I = Value;
+    type M = Value;
+    fn splat(&mut self, v: f32) -> Value {
+        let c = self.b.ins().f32const(v);
+        if self.w == 1 {
+            c
+        } else {
+            self.b.ins().splat(F32X4, c)
+        }
+    }
+    fn isplat(&mut self, v: i32) -> Value {
+        let c = self.b.ins().iconst(I32, v as i64);
+        if self.w == 1 {
+            c
+        } else {
+            self.b.ins().splat(I32X4, c)
+        }
+    }
+    fn add(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fadd(a, b)
+    }
+    fn sub(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fsub(a, b)
+    }
+    fn mul(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fmul(a, b)
+    }
+    fn div(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fdiv(a, b)
+    }
+    fn abs(&mut self, a: Value) -> Value {
+        self.b.ins().fabs(a)
+    }
+    fn lt(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().fcmp(FloatCC::LessThan, a, b)
+    }
+    fn select(&mut self, m: Value, a: Value, b: Value) -> Value {
+        if self.w == 1 {
+            self.b.ins().select(m, a, b)
+        } else {
+            select(self.b, 4, m, a, b, F32X4)
+        }
+    }
+    fn to_bits(&mut self, a: Value) -> Value {
+        let ty = if self.w == 1 { I32 } else { I32X4 };
+        self.b.ins().bitcast(ty, MemFlagsData::new(), a)
+    }
+    fn from_bits(&mut self, a: Value) -> Value {
+        let ty = if self.w == 1 { F32 } else { F32X4 };
+        self.b.ins().bitcast(ty, MemFlagsData::new(), a)
+    }
+    fn iadd(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().iadd(a, b)
+    }
+    fn isub(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().isub(a, b)
+    }
+    fn iand(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().band(a, b)
+    }
+    fn ior(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().bor(a, b)
+    }
+    fn sshr(&mut self, a: Value, n: u8) -> Value {
+        self.b.ins().sshr_imm_s(a, n as i64)
+    }
+    fn shl(&mut self, a: Value, n: u8) -> Value {
+        self.b.ins().ishl_imm_s(a, n as i64)
     }
 }

@@ -43,6 +43,7 @@ mod kernels;
 pub mod pipeline;
 mod plan;
 mod pool;
+mod vmath;
 
 pub use compile::{compile, compile_with, CompileOptions};
 pub use plan::{ArgInfo, NanReport, OutputInfo, Plan};

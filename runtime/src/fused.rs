@@ -281,6 +281,13 @@ pub(crate) fn unary_f(u: UnaryOp, x: f32) -> f32 {
     }
 }
 
+/// `d ← a` unless they are the same register.
+fn copy_operand(a: &[f32], d: &mut [f32]) {
+    if a.as_ptr() != d.as_ptr() {
+        d.copy_from_slice(a);
+    }
+}
+
 fn unary_f_slice(u: UnaryOp, a: &[f32], d: &mut [f32]) {
     match u {
         UnaryOp::Neg => d.iter_mut().zip(a).for_each(|(d, &a)| *d = -a),
@@ -291,18 +298,18 @@ fn unary_f_slice(u: UnaryOp, a: &[f32], d: &mut [f32]) {
             .for_each(|(d, &a)| *d = if a > 0.0 || a.is_nan() { a } else { 0.0 }),
         UnaryOp::Sqrt => d.iter_mut().zip(a).for_each(|(d, &a)| *d = a.sqrt()),
         UnaryOp::Reciprocal => d.iter_mut().zip(a).for_each(|(d, &a)| *d = 1.0 / a),
-        UnaryOp::Exp => d
-            .iter_mut()
-            .zip(a)
-            .for_each(|(d, &a)| *d = crate::vmath::exp_f32(a)),
-        UnaryOp::Erf => d
-            .iter_mut()
-            .zip(a)
-            .for_each(|(d, &a)| *d = crate::vmath::erf_f32(a)),
-        UnaryOp::Gelu => d
-            .iter_mut()
-            .zip(a)
-            .for_each(|(d, &a)| *d = crate::vmath::gelu_f32(a)),
+        UnaryOp::Exp => {
+            copy_operand(a, d);
+            crate::vmath::exp_in_place(d)
+        }
+        UnaryOp::Erf => {
+            copy_operand(a, d);
+            crate::vmath::erf_in_place(d)
+        }
+        UnaryOp::Gelu => {
+            copy_operand(a, d);
+            crate::vmath::gelu_in_place(d)
+        }
         _ => d.iter_mut().zip(a).for_each(|(d, &a)| *d = unary_f(u, a)),
     }
 }

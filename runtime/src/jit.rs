@@ -27,7 +27,7 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I8};
 use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
 use cranelift_codegen::settings::{self, Configurable};
-use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
 
@@ -35,6 +35,16 @@ use cleave_ir::{BinaryOp, CompareOp, DType, UnaryOp};
 
 use crate::fused::{unary_f, FusedKernel, Ins, Source, View};
 use crate::vmath::{self, Lanes};
+
+use std::array::from_fn;
+
+/// Vectors per iteration of a loop with inline polynomial code (see [`Emitter::emit_loop`]).
+const UNROLL: usize = 2;
+
+/// Ops emitted as inline polynomial code ([`crate::vmath`]).
+fn is_inline_poly(op: UnaryOp) -> bool {
+    matches!(op, UnaryOp::Exp | UnaryOp::Erf | UnaryOp::Gelu)
+}
 
 /// A compiled fused loop.
 pub(crate) type JitFn = unsafe extern "C" fn(*const *mut f32, usize);
@@ -143,10 +153,14 @@ pub(crate) fn compile_all<'a>(
         let id = module
             .declare_function(&format!("fused{i}"), Linkage::Local, &ctx.func.signature)
             .ok()?;
+        ctx.set_disasm(std::env::var("CLEAVE_JIT_DISASM_TMP").is_ok());
         if module.define_function(id, &mut ctx).is_err() {
             module.clear_context(&mut ctx);
             ids.push(None);
             continue;
+        }
+        if let Some(v) = ctx.compiled_code().and_then(|c| c.vcode.clone()) {
+            eprintln!("=== fused{i} ({} ins)\n{:?}\n{v}", k.prog.len(), k.prog);
         }
         module.clear_context(&mut ctx);
         ids.push(Some(id));
@@ -228,44 +242,54 @@ impl Emitter {
                 }
             }
         }
-        let vhead = b.create_block();
-        let vbody = b.create_block();
-        let thead = b.create_block();
-        let tbody = b.create_block();
-        let exit = b.create_block();
         let i = b.declare_var(ptr);
         let zero = b.ins().iconst(ptr, 0);
         b.def_var(i, zero);
-        let nvec = b.ins().band_imm_s(n, !3i64);
-        b.ins().jump(vhead, &[]);
-
-        b.switch_to_block(vhead);
-        let iv = b.use_var(i);
-        let c = b.ins().icmp(IntCC::UnsignedLessThan, iv, nvec);
-        b.ins().brif(c, vbody, &[], thead, &[]);
-
-        b.switch_to_block(vbody);
-        let iv = b.use_var(i);
-        e.body(b, k, iv, 4);
-        let next = b.ins().iadd_imm_s(iv, 4);
-        b.def_var(i, next);
-        b.ins().jump(vhead, &[]);
-
-        b.switch_to_block(thead);
-        let iv = b.use_var(i);
-        let c = b.ins().icmp(IntCC::UnsignedLessThan, iv, n);
-        b.ins().brif(c, tbody, &[], exit, &[]);
-
-        b.switch_to_block(tbody);
-        let iv = b.use_var(i);
-        e.body(b, k, iv, 1);
-        let next = b.ins().iadd_imm_s(iv, 1);
-        b.def_var(i, next);
-        b.ins().jump(thead, &[]);
-
+        // Loops with polynomial code (long dependency chains) run UNROLL vectors per iteration,
+        // their instructions interleaved op by op, so the chains overlap; then one vector at a
+        // time; then the scalar tail.
+        if k.prog
+            .iter()
+            .any(|ins| matches!(ins, Ins::UnF { op, .. } if is_inline_poly(*op)))
+        {
+            e.emit_loop::<UNROLL>(b, k, i, n, 4);
+        }
+        e.emit_loop::<1>(b, k, i, n, 4);
+        e.emit_loop::<1>(b, k, i, n, 1);
+        let exit = b.create_block();
+        b.ins().jump(exit, &[]);
         b.switch_to_block(exit);
         b.ins().return_(&[]);
         b.seal_all_blocks();
+    }
+
+    /// A loop over the elements from the current `i` while at least `U·w` remain, `U` groups of
+    /// `w` lanes per iteration; continues in a new block after it.
+    fn emit_loop<const U: usize>(
+        &self,
+        b: &mut FunctionBuilder,
+        k: &FusedKernel,
+        i: Variable,
+        n: Value,
+        w: usize,
+    ) {
+        let head = b.create_block();
+        let body = b.create_block();
+        let after = b.create_block();
+        let step = (U * w) as i64;
+        b.ins().jump(head, &[]);
+        b.switch_to_block(head);
+        let iv = b.use_var(i);
+        let end = b.ins().iadd_imm_s(iv, step);
+        let c = b.ins().icmp(IntCC::UnsignedLessThanOrEqual, end, n);
+        b.ins().brif(c, body, &[], after, &[]);
+        b.switch_to_block(body);
+        let iv = b.use_var(i);
+        self.body::<U>(b, k, iv, w);
+        let next = b.ins().iadd_imm_s(iv, step);
+        b.def_var(i, next);
+        b.ins().jump(head, &[]);
+        b.switch_to_block(after);
     }
 
     /// Loads one element at byte `base + pos * size` (pos a value) or `base + off`.
@@ -438,26 +462,29 @@ impl Emitter {
         out
     }
 
-    fn body(&self, b: &mut FunctionBuilder, k: &FusedKernel, i: Value, w: usize) {
+    /// One iteration's program: `U` groups of `w` lanes, group `u` at element `i + u·w`; each op
+    /// is emitted for every group before the next op.
+    fn body<const U: usize>(&self, b: &mut FunctionBuilder, k: &FusedKernel, i: Value, w: usize) {
         let (fty, ity) = if w == 1 { (F32, I32) } else { (F32X4, I32X4) };
-        let mut fr: Vec<Option<Value>> = vec![None; k.nf];
-        let mut ir: Vec<Option<Value>> = vec![None; k.ni];
-        let mut br: Vec<Option<Value>> = vec![None; k.nb];
-        let fz = |b: &mut FunctionBuilder, v: f32| {
+        let fma = vmath::has_fma();
+        let at: [Value; U] = from_fn(|u| {
+            if u == 0 {
+                i
+            } else {
+                b.ins().iadd_imm_s(i, (u * w) as i64)
+            }
+        });
+        let mut fr: Vec<Option<[Value; U]>> = vec![None; k.nf];
+        let mut ir: Vec<Option<[Value; U]>> = vec![None; k.ni];
+        let mut br: Vec<Option<[Value; U]>> = vec![None; k.nb];
+        // Constants are shared by the groups.
+        let fz = |b: &mut FunctionBuilder, v: f32| -> [Value; U] {
             let c = b.ins().f32const(v);
-            if w == 1 {
-                c
-            } else {
-                b.ins().splat(F32X4, c)
-            }
+            [if w == 1 { c } else { b.ins().splat(F32X4, c) }; U]
         };
-        let iz = |b: &mut FunctionBuilder, v: i64| {
+        let iz = |b: &mut FunctionBuilder, v: i64| -> [Value; U] {
             let c = b.ins().iconst(I32, v);
-            if w == 1 {
-                c
-            } else {
-                b.ins().splat(I32X4, c)
-            }
+            [if w == 1 { c } else { b.ins().splat(I32X4, c) }; U]
         };
         // Masks from compare results: vector compares give lane masks already.
         let to_mask = |b: &mut FunctionBuilder, c: Value| {
@@ -467,12 +494,12 @@ impl Emitter {
                 c
             }
         };
-        let set = |fr: &mut Vec<Option<Value>>,
-                   ir: &mut Vec<Option<Value>>,
-                   br: &mut Vec<Option<Value>>,
+        let set = |fr: &mut Vec<Option<[Value; U]>>,
+                   ir: &mut Vec<Option<[Value; U]>>,
+                   br: &mut Vec<Option<[Value; U]>>,
                    dt: DType,
                    d: usize,
-                   v: Value| match dt {
+                   v: [Value; U]| match dt {
             DType::F32 => fr[d] = Some(v),
             DType::I32 => ir[d] = Some(v),
             _ => br[d] = Some(v),
@@ -480,7 +507,7 @@ impl Emitter {
         for (j, ins) in k.prog.iter().enumerate() {
             match ins {
                 Ins::Load { dtype, dst, src } => {
-                    let v = self.load(b, j, *dtype, src, i, w);
+                    let v = from_fn(|u| self.load(b, j, *dtype, src, at[u], w));
                     set(&mut fr, &mut ir, &mut br, *dtype, *dst, v);
                 }
                 Ins::SplatF { dst, v } => fr[*dst] = Some(fz(b, *v)),
@@ -489,27 +516,29 @@ impl Emitter {
                 Ins::UnF { op, dst, a } => {
                     let x = fr[*a].expect("defined");
                     let v = match op {
-                        UnaryOp::Neg => b.ins().fneg(x),
-                        UnaryOp::Abs => b.ins().fabs(x),
-                        UnaryOp::Sqrt => b.ins().sqrt(x),
-                        UnaryOp::Floor => b.ins().floor(x),
-                        UnaryOp::Round => b.ins().nearest(x),
+                        UnaryOp::Neg => from_fn(|u| b.ins().fneg(x[u])),
+                        UnaryOp::Abs => from_fn(|u| b.ins().fabs(x[u])),
+                        UnaryOp::Sqrt => from_fn(|u| b.ins().sqrt(x[u])),
+                        UnaryOp::Floor => from_fn(|u| b.ins().floor(x[u])),
+                        UnaryOp::Round => from_fn(|u| b.ins().nearest(x[u])),
                         UnaryOp::Reciprocal => {
                             let one = fz(b, 1.0);
-                            b.ins().fdiv(one, x)
+                            from_fn(|u| b.ins().fdiv(one[u], x[u]))
                         }
                         UnaryOp::Relu => {
                             let z = fz(b, 0.0);
-                            let le = b.ins().fcmp(FloatCC::LessThanOrEqual, x, z);
-                            let m = to_mask(b, le);
-                            select(b, w, m, z, x, fty)
+                            from_fn(|u| {
+                                let le = b.ins().fcmp(FloatCC::LessThanOrEqual, x[u], z[u]);
+                                let m = to_mask(b, le);
+                                select(b, w, m, z[u], x[u], fty)
+                            })
                         }
-                        UnaryOp::Exp => vmath::exp(&mut ClifLanes { b, w }, x),
-                        UnaryOp::Erf => vmath::erf(&mut ClifLanes { b, w }, x),
-                        UnaryOp::Gelu => vmath::gelu(&mut ClifLanes { b, w }, x),
+                        UnaryOp::Exp => vmath::exp(&mut ClifLanes::<U> { b, w, fma }, x),
+                        UnaryOp::Erf => vmath::erf(&mut ClifLanes::<U> { b, w, fma }, x),
+                        UnaryOp::Gelu => vmath::gelu(&mut ClifLanes::<U> { b, w, fma }, x),
                         u => {
                             let f = unary_helper(*u).expect("checked by `supported`");
-                            self.call_lanes(b, f as usize, &[x], w)
+                            from_fn(|g| self.call_lanes(b, f as usize, &[x[g]], w))
                         }
                     };
                     fr[*dst] = Some(v);
@@ -517,49 +546,55 @@ impl Emitter {
                 Ins::UnI { op, dst, a } => {
                     let x = ir[*a].expect("defined");
                     let v = match op {
-                        UnaryOp::Neg => b.ins().ineg(x),
-                        UnaryOp::Abs => b.ins().iabs(x),
+                        UnaryOp::Neg => from_fn(|u| b.ins().ineg(x[u])),
+                        UnaryOp::Abs => from_fn(|u| b.ins().iabs(x[u])),
                         _ => {
                             let z = iz(b, 0);
-                            b.ins().smax(x, z)
+                            from_fn(|u| b.ins().smax(x[u], z[u]))
                         }
                     };
                     ir[*dst] = Some(v);
                 }
                 Ins::NotB { dst, a } => {
                     let x = br[*a].expect("defined");
-                    br[*dst] = Some(b.ins().bnot(x));
+                    br[*dst] = Some(from_fn(|u| b.ins().bnot(x[u])));
                 }
                 Ins::BinF { op, dst, a, b: c } => {
                     let (x, y) = (fr[*a].expect("defined"), fr[*c].expect("defined"));
-                    let v = match op {
-                        BinaryOp::Add => b.ins().fadd(x, y),
-                        BinaryOp::Sub => b.ins().fsub(x, y),
-                        BinaryOp::Mul => b.ins().fmul(x, y),
-                        BinaryOp::Div => b.ins().fdiv(x, y),
-                        BinaryOp::Max => b.ins().fmax(x, y),
-                        BinaryOp::Min => b.ins().fmin(x, y),
-                        _ => self.call_lanes(b, h_pow as *const () as usize, &[x, y], w),
-                    };
+                    let v = from_fn(|u| {
+                        let (x, y) = (x[u], y[u]);
+                        match op {
+                            BinaryOp::Add => b.ins().fadd(x, y),
+                            BinaryOp::Sub => b.ins().fsub(x, y),
+                            BinaryOp::Mul => b.ins().fmul(x, y),
+                            BinaryOp::Div => b.ins().fdiv(x, y),
+                            BinaryOp::Max => b.ins().fmax(x, y),
+                            BinaryOp::Min => b.ins().fmin(x, y),
+                            _ => self.call_lanes(b, h_pow as *const () as usize, &[x, y], w),
+                        }
+                    });
                     fr[*dst] = Some(v);
                 }
                 Ins::BinI { op, dst, a, b: c } => {
                     let (x, y) = (ir[*a].expect("defined"), ir[*c].expect("defined"));
-                    let v = match op {
-                        BinaryOp::Add => b.ins().iadd(x, y),
-                        BinaryOp::Sub => b.ins().isub(x, y),
-                        BinaryOp::Mul => b.ins().imul(x, y),
-                        BinaryOp::Max => b.ins().smax(x, y),
-                        _ => b.ins().smin(x, y),
-                    };
+                    let v = from_fn(|u| {
+                        let (x, y) = (x[u], y[u]);
+                        match op {
+                            BinaryOp::Add => b.ins().iadd(x, y),
+                            BinaryOp::Sub => b.ins().isub(x, y),
+                            BinaryOp::Mul => b.ins().imul(x, y),
+                            BinaryOp::Max => b.ins().smax(x, y),
+                            _ => b.ins().smin(x, y),
+                        }
+                    });
                     ir[*dst] = Some(v);
                 }
                 Ins::BinB { op, dst, a, b: c } => {
                     let (x, y) = (br[*a].expect("defined"), br[*c].expect("defined"));
-                    let v = match op {
-                        BinaryOp::And => b.ins().band(x, y),
-                        _ => b.ins().bor(x, y),
-                    };
+                    let v = from_fn(|u| match op {
+                        BinaryOp::And => b.ins().band(x[u], y[u]),
+                        _ => b.ins().bor(x[u], y[u]),
+                    });
                     br[*dst] = Some(v);
                 }
                 Ins::Cmp {
@@ -569,30 +604,33 @@ impl Emitter {
                     a,
                     b: c,
                 } => {
-                    let v = match dtype {
-                        DType::F32 => {
-                            let (x, y) = (fr[*a].expect("defined"), fr[*c].expect("defined"));
-                            let cc = match op {
-                                CompareOp::Eq => FloatCC::Equal,
-                                CompareOp::Ne => FloatCC::NotEqual,
-                                CompareOp::Lt => FloatCC::LessThan,
-                                CompareOp::Le => FloatCC::LessThanOrEqual,
-                                CompareOp::Gt => FloatCC::GreaterThan,
-                                CompareOp::Ge => FloatCC::GreaterThanOrEqual,
-                            };
-                            b.ins().fcmp(cc, x, y)
-                        }
-                        DType::I32 => {
-                            let (x, y) = (ir[*a].expect("defined"), ir[*c].expect("defined"));
-                            b.ins().icmp(int_cc(*op, true), x, y)
-                        }
-                        _ => {
-                            // Masks: true (all ones) is the larger unsigned value.
-                            let (x, y) = (br[*a].expect("defined"), br[*c].expect("defined"));
-                            b.ins().icmp(int_cc(*op, false), x, y)
-                        }
+                    let (x, y) = match dtype {
+                        DType::F32 => (fr[*a], fr[*c]),
+                        DType::I32 => (ir[*a], ir[*c]),
+                        _ => (br[*a], br[*c]),
                     };
-                    br[*dst] = Some(to_mask(b, v));
+                    let (x, y) = (x.expect("defined"), y.expect("defined"));
+                    let v = from_fn(|u| {
+                        let (x, y) = (x[u], y[u]);
+                        let v = match dtype {
+                            DType::F32 => {
+                                let cc = match op {
+                                    CompareOp::Eq => FloatCC::Equal,
+                                    CompareOp::Ne => FloatCC::NotEqual,
+                                    CompareOp::Lt => FloatCC::LessThan,
+                                    CompareOp::Le => FloatCC::LessThanOrEqual,
+                                    CompareOp::Gt => FloatCC::GreaterThan,
+                                    CompareOp::Ge => FloatCC::GreaterThanOrEqual,
+                                };
+                                b.ins().fcmp(cc, x, y)
+                            }
+                            DType::I32 => b.ins().icmp(int_cc(*op, true), x, y),
+                            // Masks: true (all ones) is the larger unsigned value.
+                            _ => b.ins().icmp(int_cc(*op, false), x, y),
+                        };
+                        to_mask(b, v)
+                    });
+                    br[*dst] = Some(v);
                 }
                 Ins::Sel {
                     dtype,
@@ -607,7 +645,8 @@ impl Emitter {
                         DType::I32 => (ity, ir[*a], ir[*e]),
                         _ => (ity, br[*a], br[*e]),
                     };
-                    let v = select(b, w, m, x.expect("defined"), y.expect("defined"), ty);
+                    let (x, y) = (x.expect("defined"), y.expect("defined"));
+                    let v = from_fn(|u| select(b, w, m[u], x[u], y[u], ty));
                     set(&mut fr, &mut ir, &mut br, *dtype, *dst, v);
                 }
                 Ins::Cast { from, to, dst, a } => {
@@ -619,24 +658,30 @@ impl Emitter {
                     .expect("defined");
                     let v = match (from, to) {
                         (DType::F32, DType::F32) | (DType::I32, DType::I32) => x,
-                        (DType::F32, DType::I32) => b.ins().fcvt_to_sint_sat(ity, x),
+                        (DType::F32, DType::I32) => {
+                            from_fn(|u| b.ins().fcvt_to_sint_sat(ity, x[u]))
+                        }
                         (DType::F32, _) => {
                             let z = fz(b, 0.0);
-                            let c = b.ins().fcmp(FloatCC::NotEqual, x, z);
-                            to_mask(b, c)
+                            from_fn(|u| {
+                                let c = b.ins().fcmp(FloatCC::NotEqual, x[u], z[u]);
+                                to_mask(b, c)
+                            })
                         }
-                        (DType::I32, DType::F32) => b.ins().fcvt_from_sint(fty, x),
+                        (DType::I32, DType::F32) => from_fn(|u| b.ins().fcvt_from_sint(fty, x[u])),
                         (DType::I32, _) => {
                             let z = iz(b, 0);
-                            let c = b.ins().icmp(IntCC::NotEqual, x, z);
-                            to_mask(b, c)
+                            from_fn(|u| {
+                                let c = b.ins().icmp(IntCC::NotEqual, x[u], z[u]);
+                                to_mask(b, c)
+                            })
                         }
                         (_, DType::F32) => {
                             let one = fz(b, 1.0);
                             let z = fz(b, 0.0);
-                            select(b, w, x, one, z, fty)
+                            from_fn(|u| select(b, w, x[u], one[u], z[u], fty))
                         }
-                        (_, DType::I32) => b.ins().ineg(x),
+                        (_, DType::I32) => from_fn(|u| b.ins().ineg(x[u])),
                         _ => x,
                     };
                     set(&mut fr, &mut ir, &mut br, *to, *dst, v);
@@ -650,7 +695,9 @@ impl Emitter {
                     }
                     .expect("defined");
                     let base = self.bases[&buf.id];
-                    self.store(b, *dtype, x, base, i, w);
+                    for u in 0..U {
+                        self.store(b, *dtype, x[u], base, at[u], w);
+                    }
                 }
             }
         }
@@ -695,82 +742,118 @@ fn select(b: &mut FunctionBuilder, w: usize, m: Value, x: Value, y: Value, ty: T
     }
 }
 
-/// [`Lanes`] as Cranelift instructions on `f32x4`/`i32x4` registers (`w` = 4) or on scalars
-/// (`w` = 1, the loop's tail). Masks are the results of `fcmp`: `i32x4` lane masks or an `i8`.
-struct ClifLanes<'a, 'b> {
+/// [`Lanes`] as Cranelift instructions on `U` groups of `f32x4`/`i32x4` registers (`w` = 4) or
+/// of scalars (`w` = 1, the loop's tail); each operation is emitted for every group in turn, so
+/// the groups' dependency chains interleave. Masks are the results of `fcmp`: `i32x4` lane masks
+/// or an `i8`.
+struct ClifLanes<'a, 'b, const U: usize> {
     b: &'a mut FunctionBuilder<'b>,
     w: usize,
+    /// Emit `fma` for `mul_add` ([`vmath::has_fma`]).
+    fma: bool,
 }
 
-impl Lanes for ClifLanes<'_, '_> {
-    type F = Value;
-    type I = Value;
-    type M = Value;
-    fn splat(&mut self, v: f32) -> Value {
+impl<const U: usize> ClifLanes<'_, '_, U> {
+    fn map1(
+        &mut self,
+        a: [Value; U],
+        f: impl Fn(&mut FunctionBuilder, Value) -> Value,
+    ) -> [Value; U] {
+        from_fn(|u| f(self.b, a[u]))
+    }
+    fn map2(
+        &mut self,
+        a: [Value; U],
+        c: [Value; U],
+        f: impl Fn(&mut FunctionBuilder, Value, Value) -> Value,
+    ) -> [Value; U] {
+        from_fn(|u| f(self.b, a[u], c[u]))
+    }
+}
+
+impl<const U: usize> Lanes for ClifLanes<'_, '_, U> {
+    type F = [Value; U];
+    type I = [Value; U];
+    type M = [Value; U];
+    fn splat(&mut self, v: f32) -> [Value; U] {
         let c = self.b.ins().f32const(v);
-        if self.w == 1 {
+        [if self.w == 1 {
             c
         } else {
             self.b.ins().splat(F32X4, c)
-        }
+        }; U]
     }
-    fn isplat(&mut self, v: i32) -> Value {
+    fn isplat(&mut self, v: i32) -> [Value; U] {
         let c = self.b.ins().iconst(I32, v as i64);
-        if self.w == 1 {
+        [if self.w == 1 {
             c
         } else {
             self.b.ins().splat(I32X4, c)
-        }
+        }; U]
     }
-    fn add(&mut self, a: Value, b: Value) -> Value {
-        self.b.ins().fadd(a, b)
+    fn add(&mut self, a: [Value; U], c: [Value; U]) -> [Value; U] {
+        self.map2(a, c, |b, x, y| b.ins().fadd(x, y))
     }
-    fn sub(&mut self, a: Value, b: Value) -> Value {
-        self.b.ins().fsub(a, b)
+    fn sub(&mut self, a: [Value; U], c: [Value; U]) -> [Value; U] {
+        self.map2(a, c, |b, x, y| b.ins().fsub(x, y))
     }
-    fn mul(&mut self, a: Value, b: Value) -> Value {
-        self.b.ins().fmul(a, b)
+    fn mul(&mut self, a: [Value; U], c: [Value; U]) -> [Value; U] {
+        self.map2(a, c, |b, x, y| b.ins().fmul(x, y))
     }
-    fn div(&mut self, a: Value, b: Value) -> Value {
-        self.b.ins().fdiv(a, b)
+    fn div(&mut self, a: [Value; U], c: [Value; U]) -> [Value; U] {
+        self.map2(a, c, |b, x, y| b.ins().fdiv(x, y))
     }
-    fn abs(&mut self, a: Value) -> Value {
-        self.b.ins().fabs(a)
+    fn mul_add(&mut self, a: [Value; U], x: [Value; U], c: [Value; U]) -> [Value; U] {
+        let fma = self.fma;
+        from_fn(|u| {
+            if fma {
+                self.b.ins().fma(a[u], x[u], c[u])
+            } else {
+                let p = self.b.ins().fmul(a[u], x[u]);
+                self.b.ins().fadd(p, c[u])
+            }
+        })
     }
-    fn lt(&mut self, a: Value, b: Value) -> Value {
-        self.b.ins().fcmp(FloatCC::LessThan, a, b)
+    fn abs(&mut self, a: [Value; U]) -> [Value; U] {
+        self.map1(a, |b, x| b.ins().fabs(x))
     }
-    fn select(&mut self, m: Value, a: Value, b: Value) -> Value {
-        if self.w == 1 {
-            self.b.ins().select(m, a, b)
-        } else {
-            select(self.b, 4, m, a, b, F32X4)
-        }
+    fn lt(&mut self, a: [Value; U], c: [Value; U]) -> [Value; U] {
+        self.map2(a, c, |b, x, y| b.ins().fcmp(FloatCC::LessThan, x, y))
     }
-    fn to_bits(&mut self, a: Value) -> Value {
+    fn select(&mut self, m: [Value; U], a: [Value; U], c: [Value; U]) -> [Value; U] {
+        let w = self.w;
+        from_fn(|u| {
+            if w == 1 {
+                self.b.ins().select(m[u], a[u], c[u])
+            } else {
+                select(self.b, 4, m[u], a[u], c[u], F32X4)
+            }
+        })
+    }
+    fn to_bits(&mut self, a: [Value; U]) -> [Value; U] {
         let ty = if self.w == 1 { I32 } else { I32X4 };
-        self.b.ins().bitcast(ty, MemFlagsData::new(), a)
+        self.map1(a, |b, x| b.ins().bitcast(ty, MemFlagsData::new(), x))
     }
-    fn from_bits(&mut self, a: Value) -> Value {
+    fn from_bits(&mut self, a: [Value; U]) -> [Value; U] {
         let ty = if self.w == 1 { F32 } else { F32X4 };
-        self.b.ins().bitcast(ty, MemFlagsData::new(), a)
+        self.map1(a, |b, x| b.ins().bitcast(ty, MemFlagsData::new(), x))
     }
-    fn iadd(&mut self, a: Value, b: Value) -> Value {
-        self.b.ins().iadd(a, b)
+    fn iadd(&mut self, a: [Value; U], c: [Value; U]) -> [Value; U] {
+        self.map2(a, c, |b, x, y| b.ins().iadd(x, y))
     }
-    fn isub(&mut self, a: Value, b: Value) -> Value {
-        self.b.ins().isub(a, b)
+    fn isub(&mut self, a: [Value; U], c: [Value; U]) -> [Value; U] {
+        self.map2(a, c, |b, x, y| b.ins().isub(x, y))
     }
-    fn iand(&mut self, a: Value, b: Value) -> Value {
-        self.b.ins().band(a, b)
+    fn iand(&mut self, a: [Value; U], c: [Value; U]) -> [Value; U] {
+        self.map2(a, c, |b, x, y| b.ins().band(x, y))
     }
-    fn ior(&mut self, a: Value, b: Value) -> Value {
-        self.b.ins().bor(a, b)
+    fn ior(&mut self, a: [Value; U], c: [Value; U]) -> [Value; U] {
+        self.map2(a, c, |b, x, y| b.ins().bor(x, y))
     }
-    fn sshr(&mut self, a: Value, n: u8) -> Value {
-        self.b.ins().sshr_imm_s(a, n as i64)
+    fn sshr(&mut self, a: [Value; U], n: u8) -> [Value; U] {
+        self.map1(a, |b, x| b.ins().sshr_imm_s(x, n as i64))
     }
-    fn shl(&mut self, a: Value, n: u8) -> Value {
-        self.b.ins().ishl_imm_s(a, n as i64)
+    fn shl(&mut self, a: [Value; U], n: u8) -> [Value; U] {
+        self.map1(a, |b, x| b.ins().ishl_imm_s(x, n as i64))
     }
 }

@@ -40,6 +40,8 @@ pub(crate) trait Lanes {
     fn sub(&mut self, a: Self::F, b: Self::F) -> Self::F;
     fn mul(&mut self, a: Self::F, b: Self::F) -> Self::F;
     fn div(&mut self, a: Self::F, b: Self::F) -> Self::F;
+    /// `a·b + c`, rounded once where the implementation fuses it (see [`has_fma`]).
+    fn mul_add(&mut self, a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     fn abs(&mut self, a: Self::F) -> Self::F;
     /// `a < b` (false if either is NaN).
     fn lt(&mut self, a: Self::F, b: Self::F) -> Self::M;
@@ -58,10 +60,11 @@ pub(crate) trait Lanes {
     fn shl(&mut self, a: Self::I, n: u8) -> Self::I;
 }
 
-/// Plain `f32` arithmetic, one lane.
-pub(crate) struct Scalar;
+/// Plain `f32` arithmetic, one lane; `FMA`: `mul_add` is one fused operation (only inside
+/// functions compiled with the `fma` target feature, else it would be a libm call).
+pub(crate) struct Scalar<const FMA: bool>;
 
-impl Lanes for Scalar {
+impl<const FMA: bool> Lanes for Scalar<FMA> {
     type F = f32;
     type I = i32;
     type M = bool;
@@ -88,6 +91,14 @@ impl Lanes for Scalar {
     #[inline(always)]
     fn div(&mut self, a: f32, b: f32) -> f32 {
         a / b
+    }
+    #[inline(always)]
+    fn mul_add(&mut self, a: f32, b: f32, c: f32) -> f32 {
+        if FMA {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
     }
     #[inline(always)]
     fn abs(&mut self, a: f32) -> f32 {
@@ -175,9 +186,8 @@ const LN2_LO: f32 = 1.428_606_8e-6;
 fn horner<L: Lanes>(l: &mut L, x: L::F, c: &[f32]) -> L::F {
     let mut acc = l.splat(c[c.len() - 1]);
     for &k in c.iter().rev().skip(1) {
-        acc = l.mul(acc, x);
         let k = l.splat(k);
-        acc = l.add(acc, k);
+        acc = l.mul_add(acc, x, k);
     }
     acc
 }
@@ -204,8 +214,7 @@ pub(crate) fn exp<L: Lanes>(l: &mut L, x: L::F) -> L::F {
     let r = l.sub(r, t);
     let q = horner(l, r, &EXP_P);
     let r2 = l.mul(r, r);
-    let p = l.mul(r2, q);
-    let p = l.add(p, r);
+    let p = l.mul_add(r2, q, r);
     let one = l.splat(1.0);
     let p = l.add(p, one);
     // 2^k in two normal factors.
@@ -238,8 +247,7 @@ fn erf_small<L: Lanes>(l: &mut L, x: L::F) -> L::F {
 fn erfc_big<L: Lanes>(l: &mut L, a: L::F) -> L::F {
     let half = l.splat(0.5);
     let one = l.splat(1.0);
-    let d = l.mul(a, half);
-    let d = l.add(d, one);
+    let d = l.mul_add(a, half, one);
     let t = l.div(one, d);
     let r = horner(l, t, &ERFC_R);
     let a2 = l.mul(a, a);
@@ -295,23 +303,71 @@ pub(crate) fn gelu<L: Lanes>(l: &mut L, x: L::F) -> L::F {
     l.mul(h, c)
 }
 
-/// Scalar eˣ.
-#[inline]
-pub(crate) fn exp_f32(x: f32) -> f32 {
-    exp(&mut Scalar, x)
+/// True if this CPU has fused multiply-add: then the JIT and the scalar versions below both fuse
+/// the polynomials' multiply-adds (and so stay bit-identical to each other); else neither does.
+pub(crate) fn has_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
-/// Scalar erf.
-#[inline]
-pub(crate) fn erf_f32(x: f32) -> f32 {
-    erf(&mut Scalar, x)
+/// Scalar and slice entry points for one function: without FMA plain Rust (vectorised by LLVM
+/// for the baseline target), with FMA the same code compiled for AVX2 + FMA (8 lanes).
+macro_rules! entry_points {
+    ($f:ident, $one:ident, $slice:ident, $one_fma:ident, $slice_fma:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $one_fma(x: f32) -> f32 {
+            $f(&mut Scalar::<true>, x)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $slice_fma(d: &mut [f32]) {
+            for v in d.iter_mut() {
+                *v = $f(&mut Scalar::<true>, *v);
+            }
+        }
+
+        #[doc = concat!("Scalar `", stringify!($f), "`.")]
+        #[inline]
+        pub(crate) fn $one(x: f32) -> f32 {
+            #[cfg(target_arch = "x86_64")]
+            if has_fma() {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { $one_fma(x) };
+            }
+            $f(&mut Scalar::<false>, x)
+        }
+
+        #[doc = concat!("`", stringify!($f), "` of every element, in place.")]
+        pub(crate) fn $slice(d: &mut [f32]) {
+            #[cfg(target_arch = "x86_64")]
+            if has_fma() {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { $slice_fma(d) };
+            }
+            for v in d.iter_mut() {
+                *v = $f(&mut Scalar::<false>, *v);
+            }
+        }
+    };
 }
 
-/// Scalar exact-erf GELU.
-#[inline]
-pub(crate) fn gelu_f32(x: f32) -> f32 {
-    gelu(&mut Scalar, x)
-}
+entry_points!(exp, exp_f32, exp_in_place, exp_f32_fma, exp_in_place_fma);
+entry_points!(erf, erf_f32, erf_in_place, erf_f32_fma, erf_in_place_fma);
+entry_points!(
+    gelu,
+    gelu_f32,
+    gelu_in_place,
+    gelu_f32_fma,
+    gelu_in_place_fma
+);
 
 #[cfg(test)]
 mod tests {
@@ -417,33 +473,92 @@ mod tests {
         1.0 + a * a / 2.0
     }
 
+    // Each bound is checked for the entry points (fused multiply-adds on a CPU with FMA) and for
+    // the unfused scalar code.
+    fn exp_plain(x: f32) -> f32 {
+        exp(&mut Scalar::<false>, x)
+    }
+    fn erf_plain(x: f32) -> f32 {
+        erf(&mut Scalar::<false>, x)
+    }
+    fn erfc_plain(x: f32) -> f32 {
+        erfc(&mut Scalar::<false>, x)
+    }
+    fn erfc_entry(x: f32) -> f32 {
+        let mut d = [x];
+        if has_fma() {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn f(x: f32) -> f32 {
+                    erfc(&mut Scalar::<true>, x)
+                }
+                // SAFETY: the CPU has the features.
+                d[0] = unsafe { f(x) };
+            }
+        } else {
+            d[0] = erfc_plain(x);
+        }
+        d[0]
+    }
+    fn gelu_plain(x: f32) -> f32 {
+        gelu(&mut Scalar::<false>, x)
+    }
+    fn gelu_ref(x: f64) -> f64 {
+        0.5 * x * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
+    }
+    fn gelu_slack(x: f64) -> f64 {
+        square_rounding(x * std::f64::consts::FRAC_1_SQRT_2)
+    }
+
     #[test]
     fn exp_is_within_2_ulp() {
         check("exp", exp_f32, f64::exp, 2.0, none);
+        check("exp (unfused)", exp_plain, f64::exp, 2.0, none);
     }
 
     #[test]
     fn erf_is_within_3_ulp() {
         check("erf", erf_f32, libm::erf, 3.0, none);
+        check("erf (unfused)", erf_plain, libm::erf, 3.0, none);
     }
 
     #[test]
     fn erfc_is_within_6_ulp_plus_square_rounding() {
-        fn erfc_f32(x: f32) -> f32 {
-            erfc(&mut Scalar, x)
-        }
-        check("erfc", erfc_f32, libm::erfc, 6.0, square_rounding);
+        check("erfc", erfc_entry, libm::erfc, 6.0, square_rounding);
+        check(
+            "erfc (unfused)",
+            erfc_plain,
+            libm::erfc,
+            6.0,
+            square_rounding,
+        );
     }
 
     #[test]
     fn gelu_is_within_8_ulp_plus_square_rounding() {
-        fn gelu_ref(x: f64) -> f64 {
-            0.5 * x * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
+        check("gelu", gelu_f32, gelu_ref, 8.0, gelu_slack);
+        check("gelu (unfused)", gelu_plain, gelu_ref, 8.0, gelu_slack);
+    }
+
+    #[test]
+    fn slices_match_the_scalar_entry_points() {
+        let xs = inputs();
+        for (f, one) in [
+            (exp_in_place as fn(&mut [f32]), exp_f32 as fn(f32) -> f32),
+            (erf_in_place, erf_f32),
+            (gelu_in_place, gelu_f32),
+        ] {
+            let mut d = xs.clone();
+            f(&mut d);
+            for (&x, &y) in xs.iter().zip(&d) {
+                let z = one(x);
+                assert!(
+                    y.to_bits() == z.to_bits() || (y.is_nan() && z.is_nan()),
+                    "{x:e}"
+                );
+            }
         }
-        fn slack(x: f64) -> f64 {
-            square_rounding(x * std::f64::consts::FRAC_1_SQRT_2)
-        }
-        check("gelu", gelu_f32, gelu_ref, 8.0, slack);
     }
 
     #[test]

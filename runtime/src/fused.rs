@@ -219,6 +219,10 @@ pub(crate) struct FusedKernel {
     pub nb: usize,
     /// The loop compiled to native code ([`crate::jit`]), if it was.
     pub jit: Option<crate::jit::JitFn>,
+    /// Left to this interpreted loop by the JIT because it contains `exp`, `erf` or GELU and the
+    /// CPU has FMA: here those ops run over whole chunks 8 or 16 lanes wide
+    /// ([`crate::vmath`]'s slice functions), faster than the JIT's 4-lane inline code.
+    pub vector_math: bool,
 }
 
 /// Register banks, reused across kernels.

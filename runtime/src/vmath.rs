@@ -316,10 +316,16 @@ pub(crate) fn has_fma() -> bool {
     }
 }
 
+/// True if this CPU has AVX-512F (the slice functions then run 16 lanes wide).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
 /// Scalar and slice entry points for one function: without FMA plain Rust (vectorised by LLVM
 /// for the baseline target), with FMA the same code compiled for AVX2 + FMA (8 lanes).
 macro_rules! entry_points {
-    ($f:ident, $one:ident, $slice:ident, $one_fma:ident, $slice_fma:ident) => {
+    ($f:ident, $one:ident, $slice:ident, $one_fma:ident, $slice_fma:ident, $slice_512:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         fn $one_fma(x: f32) -> f32 {
@@ -329,6 +335,14 @@ macro_rules! entry_points {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         fn $slice_fma(d: &mut [f32]) {
+            for v in d.iter_mut() {
+                *v = $f(&mut Scalar::<true>, *v);
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn $slice_512(d: &mut [f32]) {
             for v in d.iter_mut() {
                 *v = $f(&mut Scalar::<true>, *v);
             }
@@ -349,8 +363,14 @@ macro_rules! entry_points {
         pub(crate) fn $slice(d: &mut [f32]) {
             #[cfg(target_arch = "x86_64")]
             if has_fma() {
-                // SAFETY: the CPU has the features the function is compiled for.
-                return unsafe { $slice_fma(d) };
+                // SAFETY: the CPU has the features the functions are compiled for.
+                return unsafe {
+                    if has_avx512() {
+                        $slice_512(d)
+                    } else {
+                        $slice_fma(d)
+                    }
+                };
             }
             for v in d.iter_mut() {
                 *v = $f(&mut Scalar::<false>, *v);
@@ -359,14 +379,29 @@ macro_rules! entry_points {
     };
 }
 
-entry_points!(exp, exp_f32, exp_in_place, exp_f32_fma, exp_in_place_fma);
-entry_points!(erf, erf_f32, erf_in_place, erf_f32_fma, erf_in_place_fma);
+entry_points!(
+    exp,
+    exp_f32,
+    exp_in_place,
+    exp_f32_fma,
+    exp_in_place_fma,
+    exp_in_place_512
+);
+entry_points!(
+    erf,
+    erf_f32,
+    erf_in_place,
+    erf_f32_fma,
+    erf_in_place_fma,
+    erf_in_place_512
+);
 entry_points!(
     gelu,
     gelu_f32,
     gelu_in_place,
     gelu_f32_fma,
-    gelu_in_place_fma
+    gelu_in_place_fma,
+    gelu_in_place_512
 );
 
 #[cfg(test)]

@@ -13,7 +13,10 @@
 //! - **JIT.** With [`CompileOptions::jit`] (the default) every fused loop whose ops the JIT
 //!   supports is compiled with Cranelift to native code that runs 4 lanes at a time in 128-bit
 //!   SIMD registers (`jit.rs` lists what is native, what calls Rust helpers per lane and what
-//!   stays interpreted); [`Plan::jit_kernels`] counts them.
+//!   stays interpreted); [`Plan::jit_kernels`] counts them. `exp`, `erf` and GELU are
+//!   polynomial approximations (`vmath.rs`, within a few ulp of f64 references), inline in the
+//!   JIT or, on CPUs with FMA, in interpreted loops over AVX-512/AVX2 slice functions
+//!   ([`Plan::vector_math_kernels`]).
 //! - **GEMM.** `matmul` (batched, with transpose flags, via strides) and the convolutions
 //!   (im2col + GEMM) call the `gemm` crate, with its `x86-v4` feature for AVX-512 (`gemm.rs`
 //!   says why this crate).

@@ -48,7 +48,7 @@ pub(crate) trait Lanes {
     /// `m ? a : b`.
     fn select(&mut self, m: Self::M, a: Self::F, b: Self::F) -> Self::F;
     fn to_bits(&mut self, a: Self::F) -> Self::I;
-    fn from_bits(&mut self, a: Self::I) -> Self::F;
+    fn of_bits(&mut self, a: Self::I) -> Self::F;
     /// Wrapping addition.
     fn iadd(&mut self, a: Self::I, b: Self::I) -> Self::I;
     /// Wrapping subtraction.
@@ -121,7 +121,7 @@ impl<const FMA: bool> Lanes for Scalar<FMA> {
         a.to_bits() as i32
     }
     #[inline(always)]
-    fn from_bits(&mut self, a: i32) -> f32 {
+    fn of_bits(&mut self, a: i32) -> f32 {
         f32::from_bits(a as u32)
     }
     #[inline(always)]
@@ -152,7 +152,9 @@ impl<const FMA: bool> Lanes for Scalar<FMA> {
 
 /// `exp(r) − 1 − r = r²·(c₀ + c₁r + …)` on |r| ≤ ln2/2.
 const EXP_P: [f32; 5] = [0.49999994, 0.16666521, 0.04166839, 0.00836871, 0.0013814613];
-/// `erf(x)/x` as a polynomial in x² on |x| < 1.
+/// `erf(x)/x` as a polynomial in x² on |x| < 1. The first coefficient is the fitted value (close
+/// to 2/√π, which the Taylor series would have), not the constant.
+#[allow(clippy::approx_constant)]
 const ERF_P: [f32; 6] = [
     1.1283791,
     -0.37612325,
@@ -226,10 +228,10 @@ pub(crate) fn exp<L: Lanes>(l: &mut L, x: L::F) -> L::F {
     let bias = l.isplat(127);
     let e1 = l.iadd(k1, bias);
     let e1 = l.shl(e1, 23);
-    let s1 = l.from_bits(e1);
+    let s1 = l.of_bits(e1);
     let e2 = l.iadd(k2, bias);
     let e2 = l.shl(e2, 23);
-    let s2 = l.from_bits(e2);
+    let s2 = l.of_bits(e2);
     let y = l.mul(p, s1);
     l.mul(y, s2)
 }
@@ -270,7 +272,7 @@ pub(crate) fn erf<L: Lanes>(l: &mut L, x: L::F) -> L::F {
     let s = l.iand(xb, sign);
     let bb = l.to_bits(big);
     let bb = l.ior(bb, s);
-    let big = l.from_bits(bb);
+    let big = l.of_bits(bb);
     let m = l.lt(a, one);
     l.select(m, small, big)
 }

@@ -211,11 +211,12 @@ impl KernelSet {
         Self::default()
     }
 
-    /// Adds every fused loop of `plan` that the code generator supports (once per fingerprint).
+    /// Adds every fused loop of `plan` that the code generator supports and this CPU runs
+    /// compiled (once per fingerprint).
     pub fn add_plan(&mut self, plan: &Plan) {
         for s in &plan.steps {
             if let Kernel::Fused(k) = &s.kernel {
-                if !jit::supported(k) {
+                if !jit::supported(k) || jit::runs_as_vector_math(k) {
                     continue;
                 }
                 let f = jit::fingerprint(k);

@@ -776,6 +776,7 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
                         ni: b.ni,
                         nb: b.nb,
                         jit: None,
+                        vector_math: false,
                     }),
                     op: func.node(last).op.name(),
                     value: pv(func.node(last).results[0]),

@@ -219,6 +219,10 @@ pub(crate) struct FusedKernel {
     pub nb: usize,
     /// The loop compiled to native code ([`crate::jit`]), if it was.
     pub jit: Option<crate::jit::JitFn>,
+    /// Left to this interpreted loop by the JIT because it contains `exp`, `erf` or GELU and the
+    /// CPU has FMA: here those ops run over whole chunks 8 or 16 lanes wide
+    /// ([`crate::vmath`]'s slice functions), faster than the JIT's 4-lane inline code.
+    pub vector_math: bool,
 }
 
 /// Register banks, reused across kernels.
@@ -242,7 +246,7 @@ pub(crate) fn unary_f(u: UnaryOp, x: f32) -> f32 {
     match u {
         UnaryOp::Neg => -x,
         UnaryOp::Abs => x.abs(),
-        UnaryOp::Exp => x.exp(),
+        UnaryOp::Exp => crate::vmath::exp_f32(x),
         UnaryOp::Log => x.ln(),
         UnaryOp::Sqrt => x.sqrt(),
         UnaryOp::Rsqrt => (1.0 / (x as f64).sqrt()) as f32,
@@ -255,7 +259,7 @@ pub(crate) fn unary_f(u: UnaryOp, x: f32) -> f32 {
                 0.0
             }
         }
-        UnaryOp::Gelu => 0.5 * x * libm::erfcf(-x * std::f32::consts::FRAC_1_SQRT_2),
+        UnaryOp::Gelu => crate::vmath::gelu_f32(x),
         UnaryOp::GeluTanh => {
             let x64 = x as f64;
             let k = (2.0 / std::f64::consts::PI).sqrt();
@@ -264,7 +268,7 @@ pub(crate) fn unary_f(u: UnaryOp, x: f32) -> f32 {
         UnaryOp::Silu => x * sigmoid(x),
         UnaryOp::Sin => x.sin(),
         UnaryOp::Cos => x.cos(),
-        UnaryOp::Erf => libm::erff(x),
+        UnaryOp::Erf => crate::vmath::erf_f32(x),
         UnaryOp::Reciprocal => 1.0 / x,
         UnaryOp::Sign => {
             if x > 0.0 {
@@ -281,6 +285,13 @@ pub(crate) fn unary_f(u: UnaryOp, x: f32) -> f32 {
     }
 }
 
+/// `d ← a` unless they are the same register.
+fn copy_operand(a: &[f32], d: &mut [f32]) {
+    if a.as_ptr() != d.as_ptr() {
+        d.copy_from_slice(a);
+    }
+}
+
 fn unary_f_slice(u: UnaryOp, a: &[f32], d: &mut [f32]) {
     match u {
         UnaryOp::Neg => d.iter_mut().zip(a).for_each(|(d, &a)| *d = -a),
@@ -291,6 +302,18 @@ fn unary_f_slice(u: UnaryOp, a: &[f32], d: &mut [f32]) {
             .for_each(|(d, &a)| *d = if a > 0.0 || a.is_nan() { a } else { 0.0 }),
         UnaryOp::Sqrt => d.iter_mut().zip(a).for_each(|(d, &a)| *d = a.sqrt()),
         UnaryOp::Reciprocal => d.iter_mut().zip(a).for_each(|(d, &a)| *d = 1.0 / a),
+        UnaryOp::Exp => {
+            copy_operand(a, d);
+            crate::vmath::exp_in_place(d)
+        }
+        UnaryOp::Erf => {
+            copy_operand(a, d);
+            crate::vmath::erf_in_place(d)
+        }
+        UnaryOp::Gelu => {
+            copy_operand(a, d);
+            crate::vmath::gelu_in_place(d)
+        }
         _ => d.iter_mut().zip(a).for_each(|(d, &a)| *d = unary_f(u, a)),
     }
 }

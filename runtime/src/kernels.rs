@@ -6,6 +6,7 @@ use cleave_ir::{DType, PoolKind, ReduceKind};
 
 use crate::gemm::{sgemm, sgemm_scaled};
 use crate::plan::{BufRef, Mem};
+use crate::vmath::{exp_f32, exp_in_place};
 
 /// Maximum that propagates NaN.
 pub(crate) fn nan_max(a: f32, b: f32) -> f32 {
@@ -568,21 +569,39 @@ impl OpKernel {
             } => {
                 let (v, r) = (mem.f(*x), mem.f_mut(*out));
                 let (extent, inner) = (*extent, *inner);
-                for o in 0..*outer {
-                    for i in 0..inner {
-                        let at = |k: usize| (o * extent + k) * inner + i;
-                        let m = (0..extent)
-                            .map(|k| v[at(k)])
-                            .fold(f32::NEG_INFINITY, nan_max);
-                        let s: f64 = (0..extent).map(|k| ((v[at(k)] - m) as f64).exp()).sum();
-                        if *log {
-                            let ls = s.ln();
-                            for k in 0..extent {
-                                r[at(k)] = ((v[at(k)] - m) as f64 - ls) as f32;
-                            }
-                        } else {
-                            for k in 0..extent {
-                                r[at(k)] = (((v[at(k)] - m) as f64).exp() / s) as f32;
+                if inner == 1 && !*log && extent > 0 {
+                    // Contiguous rows: one vectorisable pass of `exp` into the output, then a
+                    // scale by the reciprocal of the (f64-accumulated) sum.
+                    for (row, orow) in v.chunks_exact(extent).zip(r.chunks_exact_mut(extent)) {
+                        let m = row.iter().copied().fold(f32::NEG_INFINITY, nan_max);
+                        for (o, &a) in orow.iter_mut().zip(row) {
+                            *o = a - m;
+                        }
+                        exp_in_place(orow);
+                        let s: f64 = orow.iter().map(|&e| e as f64).sum();
+                        let inv = (1.0 / s) as f32;
+                        for o in orow.iter_mut() {
+                            *o *= inv;
+                        }
+                    }
+                } else {
+                    for o in 0..*outer {
+                        for i in 0..inner {
+                            let at = |k: usize| (o * extent + k) * inner + i;
+                            let m = (0..extent)
+                                .map(|k| v[at(k)])
+                                .fold(f32::NEG_INFINITY, nan_max);
+                            let s: f64 = (0..extent).map(|k| exp_f32(v[at(k)] - m) as f64).sum();
+                            if *log {
+                                let ls = s.ln();
+                                for k in 0..extent {
+                                    r[at(k)] = ((v[at(k)] - m) as f64 - ls) as f32;
+                                }
+                            } else {
+                                let inv = (1.0 / s) as f32;
+                                for k in 0..extent {
+                                    r[at(k)] = exp_f32(v[at(k)] - m) * inv;
+                                }
                             }
                         }
                     }
@@ -637,7 +656,7 @@ impl OpKernel {
                     }
                     let row = &v[p * c..(p + 1) * c];
                     let m = row.iter().copied().fold(f32::NEG_INFINITY, nan_max);
-                    let s: f64 = row.iter().map(|&a| ((a - m) as f64).exp()).sum();
+                    let s: f64 = row.iter().map(|&a| exp_f32(a - m) as f64).sum();
                     r[p] = -(((row[lab as usize] - m) as f64) - s.ln()) as f32;
                 }
             }

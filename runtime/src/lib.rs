@@ -13,9 +13,12 @@
 //! - **JIT.** With [`CompileOptions::jit`] (the default) every fused loop whose ops the JIT
 //!   supports is compiled with Cranelift to native code that runs 4 lanes at a time in 128-bit
 //!   SIMD registers (`jit.rs` lists what is native, what calls Rust helpers per lane and what
-//!   stays interpreted); [`Plan::jit_kernels`] counts them. [`aot`] writes the same loops into
-//!   an object file ahead of time (cranelift-object) for `cleave compile`'s executables, whose
-//!   plans then take that code instead of compiling it.
+//!   stays interpreted); [`Plan::jit_kernels`] counts them. `exp`, `erf` and GELU are
+//!   polynomial approximations (`vmath.rs`, within a few ulp of f64 references), inline in the
+//!   JIT or, on CPUs with FMA, in interpreted loops over AVX-512/AVX2 slice functions
+//!   ([`Plan::vector_math_kernels`]). [`aot`] writes the same compiled loops into an object file
+//!   ahead of time (cranelift-object) for `cleave compile`'s executables, whose plans then take
+//!   that code instead of compiling it.
 //! - **GEMM.** `matmul` (batched, with transpose flags, via strides) and the convolutions
 //!   (im2col + GEMM) call the `gemm` crate, with its `x86-v4` feature for AVX-512 (`gemm.rs`
 //!   says why this crate).
@@ -47,6 +50,7 @@ mod kernels;
 pub mod pipeline;
 mod plan;
 mod pool;
+mod vmath;
 
 pub use compile::{compile, compile_with, CompileOptions};
 pub use plan::{ArgInfo, NanReport, OutputInfo, Plan};

@@ -230,6 +230,16 @@ impl Plan {
             .count()
     }
 
+    /// Number of fused loops that the JIT left to the interpreter because they contain `exp`,
+    /// `erf` or GELU, which the interpreter runs 8–16 lanes wide on CPUs with FMA (`jit.rs`).
+    /// Every fused loop is JIT-compiled, counted here, or uses an op the JIT lacks.
+    pub fn vector_math_kernels(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| matches!(&s.kernel, Kernel::Fused(k) if k.vector_math))
+            .count()
+    }
+
     /// Number of kernels.
     pub fn num_kernels(&self) -> usize {
         self.steps.len()

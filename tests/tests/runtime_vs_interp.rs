@@ -495,7 +495,14 @@ fn fused_loops_are_jit_compiled() {
         let step = &module.functions[0];
         let plan = cleave_runtime::compile(step).unwrap();
         assert!(plan.fused_kernels() > 0, "{name}");
-        assert_eq!(plan.jit_kernels(), plan.fused_kernels(), "{name}");
+        // Loops with exp/erf/GELU stay interpreted on CPUs with FMA (their ops run 8–16 lanes
+        // wide there); every other loop is compiled.
+        assert!(plan.jit_kernels() > 0, "{name}");
+        assert_eq!(
+            plan.jit_kernels() + plan.vector_math_kernels(),
+            plan.fused_kernels(),
+            "{name}"
+        );
         let off = compile_with(
             step,
             &CompileOptions {
@@ -504,7 +511,7 @@ fn fused_loops_are_jit_compiled() {
             },
         )
         .unwrap();
-        assert_eq!(off.jit_kernels(), 0, "{name}");
+        assert_eq!(off.jit_kernels() + off.vector_math_kernels(), 0, "{name}");
     }
 }
 

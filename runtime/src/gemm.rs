@@ -17,8 +17,8 @@
 //! slower). Both take arbitrary row and column strides, so transposed operands cost nothing.
 //!
 //! Threads: at these sizes the libraries' own threading does not pay (it starts its threads per
-//! call). Instead, with `CLEAVE_THREADS=N` (N > 1; the default is one thread, see `pool.rs` for
-//! the measurements), a product of at least [`PAR_MIN_FLOPS`] is split by hand into one block per
+//! call). Instead, with more than one thread in the pool (`CLEAVE_THREADS`, by default the
+//! machine's cores; see `pool.rs` for the measurements), a product of at least [`PAR_MIN_FLOPS`] is split by hand into one block per
 //! thread of the persistent [`Pool`](crate::pool::Pool): the larger of `m` and `n` is cut into
 //! contiguous ranges (multiples of 16, the AVX-512 lane count), each range one single-threaded
 //! `gemm` call on its own rows or columns of `c`. Every element of `c` is still one dot product

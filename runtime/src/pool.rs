@@ -11,11 +11,12 @@
 //! two pipeline stage workers running GEMMs at once) [`Pool::run`] runs every part on the calling
 //! thread. Parts must write disjoint memory.
 //!
-//! The number of threads is `CLEAVE_THREADS` (default 1: no workers, every job runs on the
-//! caller). It is opt-in because on the shared 2-core development machine, with other builds
-//! running (load 7–11), splitting measured no gain: the MLP step 0.429 ms with 1 thread against
-//! 0.432 ms with 2, the GPT block 0.80 against 0.86 ms with a 2 MFLOP threshold (BENCHMARKS.md).
-//! A second core that is actually free is what the split needs.
+//! The number of threads is `CLEAVE_THREADS` if set (1: no workers, every job runs on the
+//! caller), else the machine's available parallelism. A split needs cores that are actually
+//! free: on the shared 2-core development machine with other builds running (load 7–11) it
+//! measured no gain (the MLP step 0.429 ms with 1 thread against 0.432 ms with 2), while on the
+//! quiet machine 2 threads took the MLP step from 0.37 to 0.29 ms (BENCHMARKS.md, issue 5
+//! follow-up), the thread count the PyTorch and JAX baselines use too.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -63,7 +64,9 @@ impl Pool {
             let threads = std::env::var("CLEAVE_THREADS")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(1)
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+                })
                 .clamp(1, 64);
             Pool::new(threads)
         })

@@ -194,7 +194,7 @@ pub fn train_on<B: StepBackend>(
     use crate::init::SplitMix64;
     use crate::train::{
         build_step_with, checkpoint_meta, evaluate, gather_batch, initial_state, parse_grad_method,
-        set_host, split_data, write_checkpoint, Metrics, Order,
+        set_host, split_data, write_checkpoint, Metrics, Order, Progress,
     };
 
     check_supported(a, target)?;
@@ -261,10 +261,7 @@ pub fn train_on<B: StepBackend>(
         .find(|n| cols.iter().any(|c| c.name == *n));
     let can_eval = n_eval > 0 && built.forward.output("logits").is_some() && labels_name.is_some();
     let mut summary = TrainSummary::default();
-    let t0 = Instant::now();
-    let mut last_print = Instant::now();
-    let mut window = (Instant::now(), start);
-    let mut sps = 0.0;
+    let mut progress = Progress::new(start);
     for step in start..a.steps {
         let rows = order.rows(step, batch);
         for (c, shape) in cols.iter().zip(&data_shapes) {
@@ -301,24 +298,8 @@ pub fn train_on<B: StepBackend>(
             }
             bail!(msg);
         }
-        summary.final_loss = Some(loss);
-        summary.steps_run += 1;
         let done = step + 1;
-        let elapsed = window.0.elapsed().as_secs_f64();
-        if elapsed > 0.5 {
-            sps = (done - window.1) as f64 / elapsed;
-            window = (Instant::now(), done);
-        } else if sps == 0.0 {
-            sps = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        }
-        metrics.line(serde_json::json!({"step": done, "loss": loss, "steps_per_s": sps}))?;
-        if !a.quiet && (last_print.elapsed().as_millis() > 100 || done == a.steps) {
-            eprint!(
-                "\rstep {done}/{}  loss {loss:.4}  {sps:.0} steps/s   ",
-                a.steps
-            );
-            last_print = Instant::now();
-        }
+        progress.step(a, &mut summary, &mut metrics, done, loss)?;
         exec.carry()?;
         let ckpt_due =
             a.checkpoint.is_some() && (done % a.checkpoint_every.max(1) == 0 || done == a.steps);
@@ -384,7 +365,7 @@ pub fn train_on<B: StepBackend>(
     if !a.quiet {
         eprintln!();
     }
-    summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    summary.steps_per_s = progress.overall(&summary);
     Ok(summary)
 }
 

@@ -657,6 +657,64 @@ pub fn read_checkpoint(
 
 pub struct Metrics(pub Option<std::fs::File>);
 
+/// The per-step bookkeeping every training loop shares: the summary's loss and step count,
+/// steps per second over a window of at least half a second, the JSON-lines metrics record and
+/// the progress line (at most ten times a second, and after the last step).
+pub struct Progress {
+    t0: Instant,
+    last_print: Instant,
+    window: (Instant, usize),
+    sps: f64,
+}
+
+impl Progress {
+    /// Progress of a run that starts at step `start` (after a resume, its checkpoint's step).
+    pub fn new(start: usize) -> Self {
+        let now = Instant::now();
+        Progress {
+            t0: now,
+            last_print: now,
+            window: (now, start),
+            sps: 0.0,
+        }
+    }
+
+    /// Records the finished step `done` (1-based) with its loss.
+    pub fn step(
+        &mut self,
+        a: &TrainArgs,
+        summary: &mut TrainSummary,
+        metrics: &mut Metrics,
+        done: usize,
+        loss: f64,
+    ) -> Result<()> {
+        summary.final_loss = Some(loss);
+        summary.steps_run += 1;
+        let elapsed = self.window.0.elapsed().as_secs_f64();
+        if elapsed > 0.5 {
+            self.sps = (done - self.window.1) as f64 / elapsed;
+            self.window = (Instant::now(), done);
+        } else if self.sps == 0.0 {
+            self.sps = self.overall(summary);
+        }
+        let sps = self.sps;
+        metrics.line(serde_json::json!({"step": done, "loss": loss, "steps_per_s": sps}))?;
+        if !a.quiet && (self.last_print.elapsed().as_millis() > 100 || done == a.steps) {
+            eprint!(
+                "\rstep {done}/{}  loss {loss:.4}  {sps:.0} steps/s   ",
+                a.steps
+            );
+            self.last_print = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Steps per second over the whole run so far.
+    pub fn overall(&self, summary: &TrainSummary) -> f64 {
+        summary.steps_run as f64 / self.t0.elapsed().as_secs_f64().max(1e-9)
+    }
+}
+
 impl Metrics {
     pub fn line(&mut self, v: serde_json::Value) -> Result<()> {
         if let Some(f) = &mut self.0 {
@@ -756,10 +814,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         .find(|n| cols.iter().any(|c| c.name == *n));
     let can_eval = n_eval > 0 && built.forward.output("logits").is_some() && labels_name.is_some();
     let mut summary = TrainSummary::default();
-    let t0 = Instant::now();
-    let mut last_print = Instant::now();
-    let mut window = (Instant::now(), start);
-    let mut sps = 0.0;
+    let mut progress = Progress::new(start);
     let ckpt_meta = |step: usize| checkpoint_meta(a, step, batch, lr, &method);
     for step in start..a.steps {
         let rows = order.rows(step, batch);
@@ -808,24 +863,8 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
             }
             bail!(msg);
         }
-        summary.final_loss = Some(loss);
-        summary.steps_run += 1;
         let done = step + 1;
-        let elapsed = window.0.elapsed().as_secs_f64();
-        if elapsed > 0.5 {
-            sps = (done - window.1) as f64 / elapsed;
-            window = (Instant::now(), done);
-        } else if sps == 0.0 {
-            sps = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        }
-        metrics.line(serde_json::json!({"step": done, "loss": loss, "steps_per_s": sps}))?;
-        if !a.quiet && (last_print.elapsed().as_millis() > 100 || done == a.steps) {
-            eprint!(
-                "\rstep {done}/{}  loss {loss:.4}  {sps:.0} steps/s   ",
-                a.steps
-            );
-            last_print = Instant::now();
-        }
+        progress.step(a, &mut summary, &mut metrics, done, loss)?;
         // Carry the state; keep host copies only when a checkpoint is due.
         let ckpt_due =
             a.checkpoint.is_some() && (done % a.checkpoint_every.max(1) == 0 || done == a.steps);
@@ -881,7 +920,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
     if !a.quiet {
         eprintln!();
     }
-    summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    summary.steps_per_s = progress.overall(&summary);
     Ok(summary)
 }
 

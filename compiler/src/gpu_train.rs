@@ -241,21 +241,8 @@ pub fn train_on<B: StepBackend>(
         .cloned()
         .collect();
 
-    let mut metrics = Metrics(match &a.metrics {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("cannot open {}", p.display()))?,
-        ),
-        None => None,
-    });
-    let mut order = Order {
-        n_train,
-        seed: a.seed,
-        cache: None,
-    };
+    let mut metrics = Metrics::open(a.metrics.as_deref())?;
+    let mut order = Order::new(n_train, a.seed);
     let labels_name = ["labels", "targets"]
         .into_iter()
         .find(|n| cols.iter().any(|c| c.name == *n));

@@ -663,21 +663,8 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             a.data.display()
         );
     }
-    let mut order = Order {
-        n_train,
-        seed: a.seed,
-        cache: None,
-    };
-    let mut metrics = Metrics(match &a.metrics {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open {}", path.display()))?,
-        ),
-        None => None,
-    });
+    let mut order = Order::new(n_train, a.seed);
+    let mut metrics = Metrics::open(a.metrics.as_deref())?;
     // --memory-limit and --timeline measure when the allocator is installed (it is in `cleave`
     // and `cleave-runner`); --memory-report needs it.
     let installed = cleave_runtime::alloc::installed();

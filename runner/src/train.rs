@@ -550,6 +550,15 @@ pub struct Order {
 }
 
 impl Order {
+    /// The order of `n_train` examples: shuffled per epoch with `seed`, in file order without.
+    pub fn new(n_train: usize, seed: Option<u64>) -> Self {
+        Order {
+            n_train,
+            seed,
+            cache: None,
+        }
+    }
+
     fn perm(&mut self, epoch: usize) -> &[usize] {
         if self.cache.as_ref().map(|c| c.0) != Some(epoch) {
             let mut p: Vec<usize> = (0..self.n_train).collect();
@@ -716,6 +725,20 @@ impl Progress {
 }
 
 impl Metrics {
+    /// Metrics appended to `path`, or none.
+    pub fn open(path: Option<&Path>) -> Result<Self> {
+        Ok(Metrics(match path {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("cannot open {}", p.display()))?,
+            ),
+            None => None,
+        }))
+    }
+
     pub fn line(&mut self, v: serde_json::Value) -> Result<()> {
         if let Some(f) = &mut self.0 {
             writeln!(f, "{v}")?;
@@ -794,21 +817,8 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         .filter_map(|n| plan.output_index(n).map(|i| (n.clone(), i)))
         .collect();
 
-    let mut metrics = Metrics(match &a.metrics {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("cannot open {}", p.display()))?,
-        ),
-        None => None,
-    });
-    let mut order = Order {
-        n_train,
-        seed: a.seed,
-        cache: None,
-    };
+    let mut metrics = Metrics::open(a.metrics.as_deref())?;
+    let mut order = Order::new(n_train, a.seed);
     let labels_name = ["labels", "targets"]
         .into_iter()
         .find(|n| cols.iter().any(|c| c.name == *n));

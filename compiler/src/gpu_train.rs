@@ -17,7 +17,7 @@
 
 #[cfg(feature = "mlir")]
 use std::collections::BTreeMap;
-#[cfg(feature = "mlir")]
+#[cfg(all(feature = "mlir", feature = "cuda"))]
 use std::time::Instant;
 
 use anyhow::Result;

@@ -665,8 +665,8 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     }
     let mut order = Order::new(n_train, a.seed);
     let mut metrics = Metrics::open(a.metrics.as_deref())?;
-    // --memory-limit and --timeline measure when the allocator is installed (it is in `cleave`
-    // and `cleave-runner`); --memory-report needs it.
+    // --memory-limit and --timeline measure when the allocator is installed (it is this crate's
+    // global allocator, so in `cleave` and the compiled executables); --memory-report needs it.
     let installed = cleave_runtime::alloc::installed();
     if a.memory_report && !installed {
         bail!(

@@ -189,12 +189,12 @@ pub fn train_on<B: StepBackend>(
     make: impl FnOnce(&cleave_ir::Function) -> Result<B>,
 ) -> Result<TrainSummary> {
     use cleave_passes::autodiff::methods::FG_TANGENT_PREFIX;
-    use cleave_runtime::{compile_with, tensor_from_host, CompileOptions, HostData, Plan};
+    use cleave_runtime::{tensor_from_host, HostData, Plan};
 
     use crate::init::SplitMix64;
     use crate::train::{
-        build_step_with, checkpoint_meta, evaluate, gather_batch, initial_state, parse_grad_method,
-        set_host, split_data, write_checkpoint, Metrics, Order, Progress,
+        build_step_with, checkpoint_meta, eval_plan, evaluate, gather_batch, initial_state,
+        parse_grad_method, set_host, split_data, write_checkpoint, Metrics, Order, Progress,
     };
 
     check_supported(a, target)?;
@@ -213,7 +213,7 @@ pub fn train_on<B: StepBackend>(
     let n_eval = n - n_train;
     let step_fn = &built.step;
     let mut exec = make(step_fn)?;
-    let mut eval_plan: Option<Plan> = None;
+    let mut eval_plans: Option<Plan> = None;
 
     let (mut state, start) = initial_state(&built, a.seed, a.resume.as_deref())?;
     // Upload the state once; it stays with the backend.
@@ -288,10 +288,7 @@ pub fn train_on<B: StepBackend>(
         let done = step + 1;
         progress.step(a, &mut summary, &mut metrics, done, loss)?;
         exec.carry()?;
-        let ckpt_due =
-            a.checkpoint.is_some() && (done % a.checkpoint_every.max(1) == 0 || done == a.steps);
-        let eval_due =
-            can_eval && (a.eval_every.is_some_and(|k| k > 0 && done % k == 0) || done == a.steps);
+        let (ckpt_due, eval_due) = Progress::due(a, done, can_eval);
         // Download the state only when something needs it.
         let mut host: BTreeMap<String, HostData> = BTreeMap::new();
         if ckpt_due || eval_due {
@@ -306,17 +303,7 @@ pub fn train_on<B: StepBackend>(
             }
         }
         if eval_due {
-            let eval_plan = match &mut eval_plan {
-                Some(p) => p,
-                None => eval_plan.insert(compile_with(
-                    &built.forward,
-                    &CompileOptions {
-                        fuse: true,
-                        preserve_args: true,
-                        jit: true,
-                    },
-                )?),
-            };
+            let eval_plan = eval_plan(&mut eval_plans, &built.forward)?;
             for (name, d) in &host {
                 if let Some(i) = eval_plan.arg_index(name) {
                     set_host(eval_plan, i, d)?;
@@ -330,16 +317,13 @@ pub fn train_on<B: StepBackend>(
                 n,
                 batch,
             )?;
-            summary.accuracy = Some(acc);
-            metrics
-                .line(serde_json::json!({"step": done, "eval_loss": eval_loss, "accuracy": acc}))?;
-            if !a.quiet {
-                eprintln!(
-                    "\rstep {done}/{}  loss {loss:.4}  eval loss {eval_loss:.4}  accuracy {:.2}%",
-                    a.steps,
-                    acc * 100.0
-                );
-            }
+            progress.eval(
+                a,
+                &mut summary,
+                &mut metrics,
+                (done, loss),
+                (acc, eval_loss),
+            )?;
         }
         if ckpt_due {
             for (name, d) in host {

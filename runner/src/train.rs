@@ -718,6 +718,41 @@ impl Progress {
         Ok(())
     }
 
+    /// What is due after step `done`: a checkpoint, and (where the run can evaluate) an
+    /// evaluation on the held-out tail. Both are due after the last step.
+    pub fn due(a: &TrainArgs, done: usize, can_eval: bool) -> (bool, bool) {
+        let last = done == a.steps;
+        let ckpt =
+            a.checkpoint.is_some() && (done.is_multiple_of(a.checkpoint_every.max(1)) || last);
+        let eval = can_eval
+            && (a
+                .eval_every
+                .is_some_and(|k| k > 0 && done.is_multiple_of(k))
+                || last);
+        (ckpt, eval)
+    }
+
+    /// Records an evaluation after step `done` (whose training loss was `loss`).
+    pub fn eval(
+        &self,
+        a: &TrainArgs,
+        summary: &mut TrainSummary,
+        metrics: &mut Metrics,
+        (done, loss): (usize, f64),
+        (acc, eval_loss): (f64, f64),
+    ) -> Result<()> {
+        summary.accuracy = Some(acc);
+        metrics.line(serde_json::json!({"step": done, "eval_loss": eval_loss, "accuracy": acc}))?;
+        if !a.quiet {
+            eprintln!(
+                "\rstep {done}/{}  loss {loss:.4}  eval loss {eval_loss:.4}  accuracy {:.2}%",
+                a.steps,
+                acc * 100.0
+            );
+        }
+        Ok(())
+    }
+
     /// Steps per second over the whole run so far.
     pub fn overall(&self, summary: &TrainSummary) -> f64 {
         summary.steps_run as f64 / self.t0.elapsed().as_secs_f64().max(1e-9)
@@ -789,7 +824,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
     )?;
     // The evaluation plan is compiled at the first evaluation, so start-up to the first step
     // pays for the training step only.
-    let mut eval_plan: Option<Plan> = None;
+    let mut eval_plans: Option<Plan> = None;
 
     let (mut state, start) = initial_state(&built, a.seed, a.resume.as_deref())?;
     for (name, (_, d)) in &state {
@@ -876,28 +911,15 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         let done = step + 1;
         progress.step(a, &mut summary, &mut metrics, done, loss)?;
         // Carry the state; keep host copies only when a checkpoint is due.
-        let ckpt_due =
-            a.checkpoint.is_some() && (done % a.checkpoint_every.max(1) == 0 || done == a.steps);
+        let (ckpt_due, eval_due) = Progress::due(a, done, can_eval);
         if ckpt_due {
             for (name, oi) in &state_outputs {
                 state.get_mut(name).expect("state").1 = plan.output(*oi);
             }
         }
         plan.carry();
-        let eval_due =
-            can_eval && (a.eval_every.is_some_and(|k| k > 0 && done % k == 0) || done == a.steps);
         if eval_due {
-            let eval_plan = match &mut eval_plan {
-                Some(p) => p,
-                None => eval_plan.insert(compile_with(
-                    &built.forward,
-                    &CompileOptions {
-                        fuse: true,
-                        preserve_args: true,
-                        jit: true,
-                    },
-                )?),
-            };
+            let eval_plan = eval_plan(&mut eval_plans, &built.forward)?;
             for (name, oi) in &state_outputs {
                 if let Some(i) = eval_plan.arg_index(name) {
                     set_host(eval_plan, i, &plan.output(*oi))?;
@@ -911,16 +933,13 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
                 n,
                 batch,
             )?;
-            summary.accuracy = Some(acc);
-            metrics
-                .line(serde_json::json!({"step": done, "eval_loss": eval_loss, "accuracy": acc}))?;
-            if !a.quiet {
-                eprintln!(
-                    "\rstep {done}/{}  loss {loss:.4}  eval loss {eval_loss:.4}  accuracy {:.2}%",
-                    a.steps,
-                    acc * 100.0
-                );
-            }
+            progress.eval(
+                a,
+                &mut summary,
+                &mut metrics,
+                (done, loss),
+                (acc, eval_loss),
+            )?;
         }
         if ckpt_due {
             let dir = a.checkpoint.as_ref().expect("checked");
@@ -932,6 +951,22 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
     }
     summary.steps_per_s = progress.overall(&summary);
     Ok(summary)
+}
+
+/// The plan of evaluations (the forward function, arguments preserved), compiled at the first
+/// evaluation and kept in `slot`.
+pub fn eval_plan<'p>(slot: &'p mut Option<Plan>, forward: &Function) -> Result<&'p mut Plan> {
+    Ok(match slot {
+        Some(p) => p,
+        None => slot.insert(compile_with(
+            forward,
+            &CompileOptions {
+                fuse: true,
+                preserve_args: true,
+                jit: true,
+            },
+        )?),
+    })
 }
 
 /// Accuracy and mean loss of the forward plan over the held-out examples `from..to`.

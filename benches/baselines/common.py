@@ -63,6 +63,19 @@ def try_import(name):
         return None
 
 
+def add_torch_steps(steps, make_step, forward):
+    """Registers PyTorch eager and, where it compiles, torch.compile of the same step."""
+    steps["pytorch eager"] = make_step(forward)
+    import torch
+
+    try:
+        compiled = make_step(torch.compile(forward))
+        compiled()
+        steps["torch.compile"] = compiled
+    except Exception as e:  # noqa: BLE001
+        print(f"torch.compile skipped: {e}", file=sys.stderr)
+
+
 def cleave_bench(model, args):
     """`cleave bench MODEL --json`: the whole JSON report."""
     out = subprocess.run(

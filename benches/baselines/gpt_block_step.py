@@ -99,13 +99,7 @@ if torch is not None:
                     a.grad = None
         return step
 
-    steps["pytorch eager"] = make_step(forward)
-    try:
-        compiled = make_step(torch.compile(forward))
-        compiled()
-        steps["torch.compile"] = compiled
-    except Exception as e:  # noqa: BLE001
-        print(f"torch.compile skipped: {e}", file=sys.stderr)
+    common.add_torch_steps(steps, make_step, forward)
 
 jax = common.try_import("jax")
 if jax is not None:

@@ -8,18 +8,7 @@ mod common;
 
 use cleave_compiler::pipeline_train::train;
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
-use common::{assert_same, root};
-
-/// Every schedule the driver supports (interleaved and zb-v place two stages per device).
-const SCHEDULES: [&str; 7] = [
-    "gpipe",
-    "1f1b",
-    "zb-h1",
-    "zb-h2",
-    "auto",
-    "interleaved",
-    "zb-v",
-];
+use common::{assert_same, root, SCHEDULES};
 
 fn args(model: &str, data: &str, p: usize, m: usize, schedule: &str, steps: usize) -> TrainArgs {
     TrainArgs {

@@ -9,23 +9,13 @@ mod common;
 use cleave_compiler::pipeline_train::{train, PipelineRun};
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
 use cleave_passes::remat::Choice;
-use common::{assert_same, root};
+use common::{assert_same, root, SCHEDULES};
 
 const MLP: (&str, &str) = (
     "examples/mlp-digits.cir",
     "examples/data/digits.safetensors",
 );
 const GPT: (&str, &str) = ("examples/gpt-tiny.cir", "examples/data/modadd.safetensors");
-
-const SCHEDULES: [&str; 7] = [
-    "gpipe",
-    "1f1b",
-    "zb-h1",
-    "zb-h2",
-    "auto",
-    "interleaved",
-    "zb-v",
-];
 
 #[allow(clippy::too_many_arguments)]
 fn args(

@@ -8,6 +8,18 @@ use cleave_compiler::train::{OptimizerArg, TrainArgs};
 use cleave_ir::Tensor;
 use cleave_runtime::HostData;
 
+/// Every schedule the pipeline driver supports (interleaved and zb-v place two stages per
+/// device).
+pub const SCHEDULES: [&str; 7] = [
+    "gpipe",
+    "1f1b",
+    "zb-h1",
+    "zb-h2",
+    "auto",
+    "interleaved",
+    "zb-v",
+];
+
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -650,11 +650,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     // Data.
     let batch = m * mb;
     let (cols, n) = load_data(&a.data, &forward)?;
-    let n_eval = if n >= 2 * batch {
-        (n / 10).max(batch)
-    } else {
-        0
-    };
+    let n_eval = crate::train::held_out(n, batch);
     let n_train = n - n_eval;
     if n_train < batch {
         bail!(

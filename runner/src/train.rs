@@ -430,6 +430,16 @@ pub fn checkpoint_meta(
     ])
 }
 
+/// How many of `n` examples are held out for evaluation with steps of `batch` examples: a
+/// tenth, at least one batch, and none when there are fewer than two batches.
+pub fn held_out(n: usize, batch: usize) -> usize {
+    if n >= 2 * batch {
+        (n / 10).max(batch)
+    } else {
+        0
+    }
+}
+
 /// Loads `--data` for `forward` and splits off the held-out tail (see the module docs): the
 /// columns, the number of examples and the number used for training.
 pub fn split_data(
@@ -438,12 +448,7 @@ pub fn split_data(
     batch: usize,
 ) -> Result<(Vec<Column>, usize, usize)> {
     let (cols, n) = load_data(path, forward)?;
-    let n_eval = if n >= 2 * batch {
-        (n / 10).max(batch)
-    } else {
-        0
-    };
-    let n_train = n - n_eval;
+    let n_train = n - held_out(n, batch);
     if n_train < batch {
         bail!(
             "{}: {n} examples leave {n_train} for training, fewer than one batch of {batch}",

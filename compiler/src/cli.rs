@@ -604,7 +604,7 @@ fn run_pipeline(module: &mut Module, pm: &PassManager) -> Result<()> {
 fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
     use cleave_passes::remat::{parse_bytes, Policy};
     let module = load_module(&a.file, &a.model.load_options())?;
-    let forward = crate::memory::forward_of(&module)?;
+    let forward = crate::load::forward_of(&module)?;
     let limit = a
         .memory_limit
         .as_deref()

@@ -67,12 +67,7 @@ pub fn compile_gpu(args: &CompileGpuArgs) -> Result<CompileGpuReport> {
         ..Default::default()
     };
     let loaded = crate::load::load_model(&args.model, &opts)?;
-    let forward = loaded
-        .module
-        .functions
-        .first()
-        .context("the module has no functions")?
-        .clone();
+    let forward = crate::load::forward_of(&loaded.module)?;
     let func = if forward.output("loss").is_some() {
         let opt = OptimizerArg::Sgd;
         build_step(&args.model, args.batch, (None, None), opt, opt.default_lr())?.step

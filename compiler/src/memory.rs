@@ -399,12 +399,3 @@ pub fn joint(
     let best = best.context("no schedule has a plan within the memory limit")?;
     Ok((best, tried))
 }
-
-/// Loads a `.cir`/`.onnx` model's forward function.
-pub fn forward_of(module: &Module) -> Result<Function> {
-    module
-        .functions
-        .first()
-        .cloned()
-        .context("the module has no functions")
-}

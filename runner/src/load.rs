@@ -73,6 +73,15 @@ pub struct LoadedModel {
     pub params: BTreeMap<String, Tensor>,
 }
 
+/// A loaded module's forward function (its first function).
+pub fn forward_of(module: &Module) -> Result<cleave_ir::Function> {
+    module
+        .functions
+        .first()
+        .cloned()
+        .context("the module has no functions")
+}
+
 /// Reads, parses and verifies a module, printing import warnings to stderr. Parse errors are
 /// rendered with `path:line:col`, a caret and what was expected; verifier errors list every
 /// broken invariant.

@@ -288,12 +288,7 @@ pub fn load_training_model(
             labels,
         },
     )?;
-    let forward = loaded
-        .module
-        .functions
-        .first()
-        .context("the module has no functions")?
-        .clone();
+    let forward = crate::load::forward_of(&loaded.module)?;
     if forward.output("loss").is_none() {
         bail!(
             "@{}: training needs a scalar output named `loss`",

@@ -25,8 +25,8 @@
 //! `t = offloaded bytes / host bandwidth` (the profile's `host_bytes_per_s`); it is hidden by
 //! the action it runs beside, which lasts at least `min(T_F, T_B)` of the stage, so F and B are
 //! each charged `max(0, t − min(T_F, T_B))` (a copy no action hides, e.g. after the device's
-//! last action, is bounded by the same). The ILP's objective still charges the full `2t`
-//! (a conservative per-value cost). `cleave train --timeline` measures the real overlap: the
+//! last action, is bounded by the same; the remat ILP's objective charges the same exposed
+//! part). `cleave train --timeline` measures the real overlap: the
 //! summary's `transfers` give, per device, the seconds copied and the seconds of them during
 //! which the device ran an action.
 //!
@@ -45,9 +45,11 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result};
-use cleave_ir::{Function, Module, Op};
+use cleave_ir::{Function, Module};
 use cleave_passes::partition::DeviceProfile;
-use cleave_passes::remat::{forward_seconds, plan_stages, Choice, InFlight, Policy, StageMemory};
+use cleave_passes::remat::{
+    exposed_transfer, function_seconds, plan_stages, InFlight, Policy, StageMemory,
+};
 use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
 use cleave_passes::schedule::{Costs, Memory, Schedule, Simulation, StageCost};
 use cleave_passes::split::{split_stages, stash_report};
@@ -110,11 +112,7 @@ impl Planned {
                     .values
                     .iter()
                     .map(|(name, bytes, c)| {
-                        json!({"name": name, "bytes": bytes, "choice": match c {
-                            Choice::Keep => "keep",
-                            Choice::Offload => "offload",
-                            Choice::Recompute => "recompute",
-                        }})
+                        json!({"name": name, "bytes": bytes, "choice": c.name()})
                     })
                     .collect();
                 let d = self.schedule.placement[i] as usize;
@@ -130,6 +128,7 @@ impl Planned {
                     "recomputed_values": s.summary.recomputed_values,
                     "recomputed_flops": s.summary.recompute_flops,
                     "offloaded_bytes": s.summary.offloaded_bytes,
+                    "handed_bytes": s.summary.handed_bytes,
                     "transfer_s": s.transfer_seconds,
                     "need_bytes": s.summary.need_bytes,
                     "t_f": self.costs.stages[i].f,
@@ -163,7 +162,7 @@ impl Planned {
             self.effective_bubble_rate()
         );
         out.push_str(&format!(
-            "{:<6} {:>6} {:>9} {:>12} {:>12} {:>14} {:>12} {:>12} {:>12}\n",
+            "{:<6} {:>6} {:>9} {:>12} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12}\n",
             "stage",
             "device",
             "in flight",
@@ -171,13 +170,14 @@ impl Planned {
             "recomputed",
             "recompute FLOP",
             "offloaded B",
+            "handed B",
             "transfer s",
             "peak B"
         ));
         for (i, s) in self.stages.iter().enumerate() {
             let d = self.schedule.placement[i] as usize;
             out.push_str(&format!(
-                "{:<6} {:>6} {:>9} {:>12} {:>12} {:>14} {:>12} {:>12.3e} {:>12.0}\n",
+                "{:<6} {:>6} {:>9} {:>12} {:>12} {:>14} {:>12} {:>12} {:>12.3e} {:>12.0}\n",
                 i,
                 d,
                 s.in_flight.saved,
@@ -185,11 +185,12 @@ impl Planned {
                 s.summary.recomputed_values,
                 s.summary.recompute_flops,
                 s.summary.offloaded_bytes,
+                s.summary.handed_bytes,
                 s.transfer_seconds,
                 self.sim.devices[d].peak_memory
             ));
             for (name, bytes, c) in &s.values {
-                out.push_str(&format!("    {name:<20} {bytes:>12} {c:?}\n"));
+                out.push_str(&format!("    {name:<20} {bytes:>12} {}\n", c.name()));
             }
         }
         out
@@ -208,18 +209,6 @@ pub fn split_module(forward: &Function, n_stages: usize, profile: &str) -> Resul
         .run(&mut module, &mut PassContext::default(), &mut |_| {})
         .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
     Ok(module)
-}
-
-fn function_seconds(p: &DeviceProfile, f: &Function) -> f64 {
-    f.body
-        .iter()
-        .filter(|&&n| {
-            let op = &f.nodes[n].op;
-            // Arguments cost nothing, and neither do views: the runtime aliases a reshape.
-            op.arg_role().is_none() && !matches!(op, Op::Reshape { .. } | Op::StopGradient)
-        })
-        .map(|&n| forward_seconds(p, f, n))
-        .sum()
 }
 
 /// Per-stage costs and memory of a split module (after `remat`, if it ran).
@@ -256,14 +245,6 @@ pub fn costs_of(
         },
         Memory { stages: m },
     )
-}
-
-/// The part of a one-way copy of `one_way` seconds that compute does not hide: the copy thread
-/// offloads F's values while the device runs its next action and reloads them while it runs the
-/// action before the B (or W) that reads them, so a copy is hidden up to the length of one
-/// action, at least the stage's shorter of `t_f` and `t_b` (see the module docs).
-pub fn exposed_transfer(one_way: f64, t_f: f64, t_b: f64) -> f64 {
-    (one_way - t_f.min(t_b)).max(0.0)
 }
 
 /// `stash_report` without the offloaded values.

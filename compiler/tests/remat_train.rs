@@ -61,6 +61,8 @@ fn policies_are_bit_identical_one_stage_and_pipelined() {
                 assert_same(&format!("{} {policy} P={p}", model.0), &base, &run);
                 match policy {
                     "full" => assert!(count(&run, Choice::Recompute) > 0),
+                    // The recomputed attention context goes from B to W.
+                    "selective" if model == GPT => assert!(count(&run, Choice::Handoff) > 0),
                     "offload-all" => {
                         assert!(count(&run, Choice::Offload) > 0);
                         assert!(run.offloaded_bytes.iter().all(|&b| b > 0));
@@ -142,15 +144,13 @@ fn allocator_measured_peak_stays_within_the_limit_for_every_schedule() {
                     "{} P={p} {s}: {smallest} > {none}",
                     model.0
                 );
-                // A fraction of the `none` need between the smallest feasible limit and it.
+                // The smallest feasible limit the error names is feasible, and so is a
+                // fraction of the `none` need between it and the `none` need.
+                check_within(model, p, s, smallest, &base);
                 let limit = smallest + (none - smallest) * 2 / 5;
                 check_within(model, p, s, limit, &base);
             }
         }
-        // The smallest feasible limit the error names is feasible.
-        let s = "zb-h2";
-        let base = train(&args(model, 2, 4, s, 1, Some("none"), None)).unwrap();
-        check_within(model, 2, s, smallest_limit(model, 2, 4, s), &base);
     }
 }
 

@@ -15,39 +15,53 @@
 //! - **offload**: F returns `stop_gradient v` in phase `offload` under the name
 //!   `stash.offload.<suffix>`; B and W take it and copy it back with a `stop_gradient` in phase
 //!   `reload` before anything else. The runtime keeps `stash.offload.*` values in a host pool.
+//! - **hand-off** (a value W needs): F no longer returns it; B recomputes it, in phase
+//!   `recompute`, and returns it under the name `stash.h.<suffix>`, a B→W value that W takes in
+//!   place of the saved one. It is held only from B to W, not from F to W: under zero-bubble
+//!   schedules, whose W runs long after F, that is the shorter interval.
 //!
 //! Recomputation is deterministic (dropout masks are functions of seed and index), so a
 //! recomputed value is bit-identical to the one F computed.
 //!
 //! # Choice graph and the ILP (why not the e-graph)
 //!
-//! A plan is a choice per forward value `v` of F: `keep_v`, `off_v`, `rc_v` (binary, at most one).
-//! Every saved value needs one of them; a recomputed value needs one of them for each of its
-//! forward operands (parameters and constants are always available; F's inputs cannot be
-//! recomputed). A value recomputed for several saved values is counted once (shared work, several
-//! roots). The cost is the added time: `Σ rc_v·t_fwd(v) + Σ off_v·2·bytes_v/host_bandwidth`
-//! (`t_fwd` as the `partition` cost model: `max(flops/rate, bytes/memory_bandwidth)`; transfers are
-//! charged in full, a bound for a background copy that does not overlap). The memory model of a
-//! stage, `k` microbatches in flight between their F and their W, `k_B` between their F and their
-//! B and `k_W` between their B and their W ([`InFlight`]; each at least 1):
+//! A plan is a choice per forward value `v` of F. The ILP's binary variables per value: `keep_v`
+//! (kept from F), `off_v` (offloaded) and `rc_v` (recomputed in B), at most one of the three;
+//! `kw_v ≤ keep_v` (kept until W); `rw_v` (recomputed in W); `hw_v ≤ rc_v` (recomputed in B and
+//! handed to W). Every saved value B reads needs `keep_v + off_v + rc_v = 1`, every saved value W
+//! reads `kw_v + off_v + rw_v + hw_v ≥ 1`, and a value recomputed in B (in W) needs each of its
+//! forward operands available in B (in W) the same way (parameters and constants are always
+//! available; F's inputs cannot be recomputed). A value recomputed for several saved values is
+//! counted once per function (shared work, several roots). The cost is the added time:
 //!
-//! `need = max over moments t of [Σ keep_v · k_v(t) · bytes_v + k_W(t) · (B→W stash)]
-//!        + 3 · Σ off_v · bytes_v`
+//! `Σ (rc_v + rw_v) · t_fwd(v) + 2 · max(0, Σ off_v · bytes_v / host_bandwidth − min(T_F, T_B))`
 //!
-//! with `k_v(t) = k(t)` for a kept value W needs (W reads it, or W's recomputation does) and
-//! `k_B(t)` otherwise (the ILP has a kept-until-W and a recomputed-in-W variable per value). The
+//! (`t_fwd` as the `partition` cost model: `max(flops/rate, bytes/memory_bandwidth)`; the copies
+//! run on a background thread, and the part of each one-way copy that one action of the stage —
+//! at least the shorter of its F and B — does not hide is charged there and back, as
+//! [`exposed_transfer`] and the simulator do). The memory model of a stage, `k` microbatches in
+//! flight between their F and their W, `k_B` between their F and their B and `k_W` between their
+//! B and their W ([`InFlight`]; each at least 1):
+//!
+//! `need = max over moments t of [Σ keep_v · k_v(t) · bytes_v + Σ hw_v · k_W(t) · bytes_v
+//!        + k_W(t) · (B→W stash)] + 3 · Σ off_v · bytes_v`
+//!
+//! with `k_v(t) = k(t)` for a kept value W needs (`kw_v`: W reads it, or W's recomputation does)
+//! and `k_B(t)` otherwise. The
 //! moments are the counts after each action of the stage's device (one memory constraint per
 //! moment; without a schedule, one moment with the largest counts). The runtime frees a saved
 //! value after its last planned use, so this is the simulator's memory model with `M_B`/`M_W`
 //! split per value. Offloaded values count three times ([`OFFLOAD_COPIES`]): the runtime reloads
 //! them for the running action and prefetches them for the next one, and the device copies of
 //! the previous action's offloads may still be waiting for the copy thread (an action starts only
-//! when the offloads of the actions before its predecessor are done). `auto` minimises the cost subject to
-//! `need ≤ memory-limit` with good_lp + microlp ([`ILP_SECONDS`], [`ILP_GAP`]); when the solver
-//! finds no plan in time, or a worse one, a greedy plan is used (start from the smallest plan,
-//! turn values back to kept while they fit). Recomputation's transient memory inside B or W (the
-//! recomputed values are live while that function runs) is not part of `need`, like every other
-//! temporary of B and W; views (`reshape`) are re-created rather than saved and cost nothing.
+//! when the offloads of the actions before its predecessor are done). `auto` minimises the cost
+//! subject to `need ≤ memory-limit` with microlp's branch and bound ([`ILP_NODES`], [`ILP_GAP`]:
+//! a node budget, not a time limit, so the plan is the same on every machine); when the solver
+//! finds no plan within its budget, or a worse one, a greedy plan is used (start from the
+//! smallest plan, turn values back to kept while they fit). Recomputation's transient memory
+//! inside B or W (the recomputed values are live while that function runs) is not part of
+//! `need`, like every other temporary of B and W; views (`reshape`) are re-created rather than
+//! saved and cost nothing.
 //!
 //! The choice is made directly on this graph rather than in the e-graph of `egraph/`: the graph
 //! has no rewrites to explore (an e-class would hold exactly one forward node), so an e-graph adds
@@ -61,9 +75,15 @@
 //! - `full`: keep only the stage's inputs and each layer's input (for parameters named
 //!   `…layers.<i>.…`, the nearest common dominator in F of the nodes reading layer `i`'s
 //!   parameters); recompute the rest.
-//! - `selective` (Korthikanti et al. 2022): recompute the attention core — the values around each
-//!   `softmax` between matrix products (scale, mask, softmax, dropout) — and keep matrix-product
-//!   outputs and everything else.
+//! - `selective` (Korthikanti et al. 2022, as Megatron-LM runs it): re-run the checkpointed core
+//!   attention from its inputs — the values around each `softmax` between matrix products (scale,
+//!   mask, softmax, dropout), the products on both sides of it (`q·kᵀ` and `probs·v`) and the
+//!   layout ops after the second (the context's transpose and reshape) — and keep every other
+//!   saved value (matrix-product inputs, the MLP). Megatron's checkpoint recomputes the context
+//!   and still keeps it for the output projection; here the recomputed context is handed from B to
+//!   W instead of being kept from F, so the same FLOPs buy a shorter lifetime. (Keeping the context
+//!   from F and recomputing only `q·kᵀ` and the elementwise core is cheaper in FLOPs and costs
+//!   more memory under zero-bubble schedules; `auto` weighs the two.)
 //! - `offload-all`: offload every saved value.
 //! - `auto` (the default when `memory-limit` is given): the ILP above. Without a limit it keeps
 //!   everything. An infeasible limit is an error naming the smallest feasible limit found (the
@@ -75,10 +95,7 @@ use cleave_ir::cost::node_flops;
 use cleave_ir::printer::print_numbering;
 use cleave_ir::{Function, Module, Node, Op, Output, Phase, TensorType, Value};
 use cranelift_entity::SecondaryMap;
-use good_lp::{
-    constraint, microlp, variable, Expression, ProblemVariables, Solution, SolverModel, Variable,
-    WithMipGap, WithTimeLimit,
-};
+use microlp::{ComparisonOp, OptimizationDirection, Problem, SolveOptions, Variable as LpVar};
 
 use crate::partition::DeviceProfile;
 use crate::pass::{Pass, PassContext, PassError, PassOptions};
@@ -136,6 +153,25 @@ pub enum Choice {
     Offload,
     /// Recomputed in B and W.
     Recompute,
+    /// Recomputed in B, which hands it to W (a B→W value).
+    Handoff,
+}
+
+impl Choice {
+    /// Whether B re-emits the value (recomputed, or recomputed and handed to W).
+    pub fn recomputed(self) -> bool {
+        matches!(self, Choice::Recompute | Choice::Handoff)
+    }
+
+    /// The choice's name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Choice::Keep => "keep",
+            Choice::Offload => "offload",
+            Choice::Recompute => "recompute",
+            Choice::Handoff => "handoff",
+        }
+    }
 }
 
 /// A plan for one stage: the choice of every forward value of F that is saved or recomputed
@@ -197,6 +233,16 @@ impl std::fmt::Display for InFlight {
             self.saved, self.f_to_b, self.b_to_w
         )
     }
+}
+
+/// How an infeasible limit's error names the smallest feasible one: this text, the byte count,
+/// ` bytes` ([`named_smallest`] reads it back).
+pub const SMALLEST_FEASIBLE: &str = "the smallest feasible limit is ";
+
+/// The smallest feasible limit an error message names (the last one, if several).
+pub fn named_smallest(message: &str) -> Option<u64> {
+    let (_, rest) = message.rsplit_once(SMALLEST_FEASIBLE)?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// Device copies of one microbatch's offloaded values the runtime may hold at once (see the
@@ -310,10 +356,12 @@ impl Pass for Remat {
             ctx.note(
                 "remat",
                 format!(
-                    "@{f}: {} kept {} B, offloaded {} B, recomputed {} values ({} FLOPs)",
+                    "@{f}: {} kept {} B, offloaded {} B, handed from B to W {} B, recomputed {} \
+                     values ({} FLOPs)",
                     self.policy.name(),
                     summary.kept_bytes,
                     summary.offloaded_bytes,
+                    summary.handed_bytes,
                     summary.recomputed_values,
                     summary.recompute_flops
                 ),
@@ -326,13 +374,14 @@ impl Pass for Remat {
     }
 }
 
-/// The time limit of one ILP solve; on timeout the best plan found so far is used (microlp's
-/// branch and bound proves optimality quickly on chains, but on a GPT stage's ~65 values it often
-/// runs out of time with a plan within a few percent).
-pub const ILP_SECONDS: f64 = 0.5;
+/// The branch-and-bound nodes one ILP solve may take; at the limit the best plan found so far is
+/// used (microlp proves optimality quickly on chains, but on a GPT stage's ~65 values it can
+/// stop with a plan within a few percent). A node budget rather than a time limit keeps plans
+/// the same on every machine and every run.
+pub const ILP_NODES: u64 = 2000;
 
 /// The relative optimality gap at which an ILP solve stops.
-pub const ILP_GAP: f32 = 0.01;
+pub const ILP_GAP: f64 = 0.01;
 
 /// Totals of a plan.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -341,9 +390,12 @@ pub struct PlanSummary {
     pub kept_bytes: u64,
     /// Bytes offloaded per microbatch.
     pub offloaded_bytes: u64,
+    /// Bytes recomputed in B and handed to W per microbatch.
+    pub handed_bytes: u64,
     /// Values recomputed.
     pub recomputed_values: usize,
-    /// Forward FLOPs recomputed (each recomputed value once).
+    /// Forward FLOPs recomputed, in B and in W (a value both recompute counts twice; a value
+    /// several others need, once per function).
     pub recompute_flops: u64,
     /// Added seconds (the ILP's objective).
     pub added_seconds: f64,
@@ -364,10 +416,28 @@ pub struct ChoiceGraph<'a> {
     /// Forward seconds of the node defining each candidate.
     secs: BTreeMap<Value, f64>,
     host_bytes_per_s: f64,
+    /// Seconds of copying one action hides: the shorter of F and B (see
+    /// [`exposed_transfer`]).
+    hide_seconds: f64,
     /// Bytes B hands to W.
     b_to_w: u64,
     /// Saved values W reads.
     w_reads: BTreeSet<Value>,
+    /// Saved values B reads.
+    b_reads: BTreeSet<Value>,
+}
+
+/// Where a plan's values are needed, as [`ChoiceGraph::apply`] rewrites B and W.
+#[derive(Debug, Default)]
+struct Uses {
+    /// Kept values W reads, directly or through its recomputation (held from F until W).
+    held_w: BTreeSet<Value>,
+    /// Values B recomputes.
+    rc_b: BTreeSet<Value>,
+    /// Values W recomputes.
+    rc_w: BTreeSet<Value>,
+    /// Hand-offs W takes from B.
+    handed: BTreeSet<Value>,
 }
 
 fn is_free(op: &Op) -> bool {
@@ -423,14 +493,17 @@ impl<'a> ChoiceGraph<'a> {
             b,
             w,
         };
-        let w_names: BTreeSet<&str> = w.data_inputs().map(|a| a.name).collect();
-        let w_reads: BTreeSet<Value> = saved
-            .iter()
-            .filter(|(_, n)| w_names.contains(n.as_str()))
-            .map(|(&v, _)| v)
-            .collect();
+        let reads = |g: &Function| -> BTreeSet<Value> {
+            let names: BTreeSet<&str> = g.data_inputs().map(|a| a.name).collect();
+            saved
+                .iter()
+                .filter(|(_, n)| names.contains(n.as_str()))
+                .map(|(&v, _)| v)
+                .collect()
+        };
         ChoiceGraph {
-            w_reads,
+            w_reads: reads(w),
+            b_reads: reads(b),
             f,
             b,
             w,
@@ -438,6 +511,7 @@ impl<'a> ChoiceGraph<'a> {
             saved,
             secs,
             host_bytes_per_s: profile.host_bytes_per_s,
+            hide_seconds: function_seconds(profile, f).min(function_seconds(profile, b)),
             b_to_w: stash_report(&st).b_to_w,
         }
     }
@@ -468,9 +542,11 @@ impl<'a> ChoiceGraph<'a> {
         }
     }
 
-    /// The kept values a plan holds until W: those W reads and those W's recomputation reads.
-    fn held_until_w(&self, plan: &StagePlan) -> BTreeSet<Value> {
-        let mut held = BTreeSet::new();
+    /// What B and W recompute, what W takes from B, and the kept values held until W: from
+    /// what W reads, through W's recomputation (hand-offs are W's inputs), then from what B
+    /// reads and the hand-offs, through B's.
+    fn uses(&self, plan: &StagePlan) -> Uses {
+        let mut u = Uses::default();
         let mut seen = BTreeSet::new();
         let mut stack: Vec<Value> = self.w_reads.iter().copied().collect();
         while let Some(v) = stack.pop() {
@@ -479,17 +555,36 @@ impl<'a> ChoiceGraph<'a> {
             }
             match plan.choices.get(&v) {
                 Some(Choice::Keep) => {
-                    held.insert(v);
+                    u.held_w.insert(v);
                 }
-                Some(Choice::Recompute) => stack.extend(self.forward_operands(v)),
+                Some(Choice::Recompute) => {
+                    u.rc_w.insert(v);
+                    stack.extend(self.forward_operands(v));
+                }
+                Some(Choice::Handoff) => {
+                    u.handed.insert(v);
+                }
                 _ => {}
             }
         }
-        held
+        let mut stack: Vec<Value> = self.b_reads.iter().chain(&u.handed).copied().collect();
+        while let Some(v) = stack.pop() {
+            if plan.choices.get(&v).is_some_and(|c| c.recomputed()) && u.rc_b.insert(v) {
+                stack.extend(self.forward_operands(v));
+            }
+        }
+        u
     }
 
-    fn offload_seconds(&self, v: Value) -> f64 {
-        2.0 * self.bytes(v) as f64 / self.host_bytes_per_s
+    /// Hand-offs W does not take become plain recomputations.
+    fn settle(&self, mut plan: StagePlan) -> StagePlan {
+        let handed = self.uses(&plan).handed;
+        for (v, c) in plan.choices.iter_mut() {
+            if *c == Choice::Handoff && !handed.contains(v) {
+                *c = Choice::Recompute;
+            }
+        }
+        plan
     }
 
     /// The saved values (F outputs named `stash.*`) with their names.
@@ -511,7 +606,7 @@ impl<'a> ChoiceGraph<'a> {
             }
         }
         for &v in self.cands.iter().rev() {
-            if choices.get(&v) == Some(&Choice::Recompute) {
+            if choices.get(&v).is_some_and(|c| c.recomputed()) {
                 for u in self.forward_operands(v) {
                     choices.entry(u).or_insert(Choice::Keep);
                 }
@@ -519,7 +614,7 @@ impl<'a> ChoiceGraph<'a> {
         }
         // Inputs cannot be recomputed.
         for (v, c) in choices.iter_mut() {
-            if *c == Choice::Recompute && !self.recomputable(*v) {
+            if c.recomputed() && !self.recomputable(*v) {
                 *c = Choice::Keep;
             }
         }
@@ -553,28 +648,30 @@ impl<'a> ChoiceGraph<'a> {
                 self.prune(self.close(ch))
             }
             Policy::Selective => {
-                let core = self.attention_core();
-                let ch = self
+                let region = self.attention_region();
+                let mut ch = self
                     .saved
                     .keys()
-                    .filter(|v| core.contains(v))
+                    .filter(|v| region.contains(v))
                     .map(|&v| (v, Choice::Recompute))
                     .collect::<BTreeMap<_, _>>();
-                // Recompute through the core only, back to kept values.
-                let mut ch = ch;
+                // Re-run the region from its inputs: recompute back through the region, and
+                // through the products that feed it and were not saved (q·kᵀ).
                 for &v in self.cands.iter().rev() {
                     if ch.get(&v) == Some(&Choice::Recompute) {
                         for u in self.forward_operands(v) {
-                            if core.contains(&u) && self.recomputable(u) && !self.is_matmul(u) {
-                                ch.entry(u).or_insert(Choice::Recompute);
-                            } else if self.is_matmul(u) && !self.saved.contains_key(&u) {
-                                // A product inside the core that was not saved (q·kᵀ).
+                            if !self.recomputable(u) {
+                                continue;
+                            }
+                            if region.contains(&u)
+                                || (self.is_matmul(u) && !self.saved.contains_key(&u))
+                            {
                                 ch.entry(u).or_insert(Choice::Recompute);
                             }
                         }
                     }
                 }
-                self.close(ch)
+                self.hand_to_w(self.close(ch))
             }
             Policy::OffloadAll => {
                 self.close(self.saved.keys().map(|&v| (v, Choice::Offload)).collect())
@@ -589,7 +686,7 @@ impl<'a> ChoiceGraph<'a> {
             if need > limit {
                 let min = self.min_need(in_flight)?;
                 return Err(format!(
-                    "policy `{}` needs {need} bytes for saved values ({in_flight}), over the memory limit {limit}; the smallest feasible limit is {min} bytes",
+                    "policy `{}` needs {need} bytes for saved values ({in_flight}), over the memory limit {limit}; {SMALLEST_FEASIBLE}{min} bytes",
                     policy.name()
                 ));
             }
@@ -609,7 +706,7 @@ impl<'a> ChoiceGraph<'a> {
                 continue;
             };
             out.insert(v, c);
-            if c == Choice::Recompute {
+            if c.recomputed() {
                 needed.extend(self.forward_operands(v));
             }
         }
@@ -754,31 +851,93 @@ impl<'a> ChoiceGraph<'a> {
         core
     }
 
-    /// Memory and time figures of a plan.
+    /// The checkpointed core attention of `selective`: the attention core, the matrix products
+    /// that read it (`probs·v`), and the layout ops (transpose, reshape) after those products,
+    /// up to the next product (the context the output projection reads).
+    fn attention_region(&self) -> BTreeSet<Value> {
+        let f = self.f;
+        let mut region = self.attention_core();
+        let mut consumers: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
+        for &n in &f.body {
+            let d = &f.nodes[n];
+            for &u in &d.operands {
+                consumers.entry(u).or_default().extend(d.results.clone());
+            }
+        }
+        let mut stack: Vec<Value> = region
+            .iter()
+            .flat_map(|v| consumers.get(v).into_iter().flatten())
+            .copied()
+            .filter(|&c| self.is_matmul(c))
+            .collect();
+        while let Some(v) = stack.pop() {
+            if !region.insert(v) {
+                continue;
+            }
+            for &c in consumers.get(&v).into_iter().flatten() {
+                let layout = matches!(
+                    f.nodes[f.values[c].def].op,
+                    Op::Transpose { .. } | Op::Reshape { .. }
+                );
+                if layout {
+                    stack.push(c);
+                }
+            }
+        }
+        region
+    }
+
+    /// Turns the recomputed values W would re-create into values B hands to W: from what W
+    /// reads, through recomputed views, every recomputed value reached becomes a hand-off (B
+    /// recomputes it anyway, so W need not run it again).
+    fn hand_to_w(&self, mut plan: StagePlan) -> StagePlan {
+        let mut seen = BTreeSet::new();
+        let mut stack: Vec<Value> = self.w_reads.iter().copied().collect();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v) || plan.choices.get(&v) != Some(&Choice::Recompute) {
+                continue;
+            }
+            if self.is_view(v) {
+                stack.extend(self.forward_operands(v));
+            } else {
+                plan.choices.insert(v, Choice::Handoff);
+            }
+        }
+        plan
+    }
+
+    /// Memory and time figures of a plan. Recomputation is counted where it runs: a value B
+    /// and W both recompute counts twice.
     pub fn summary(&self, plan: &StagePlan, in_flight: impl Into<InFlight>) -> PlanSummary {
         let in_flight = &in_flight.into();
         let mut s = PlanSummary::default();
         let moments = in_flight.moments();
-        let held = self.held_until_w(plan);
+        let uses = self.uses(plan);
         let mut weighted = vec![0u64; moments.len()];
         for (&v, &c) in &plan.choices {
             match c {
                 Choice::Keep => {
                     s.kept_bytes += self.bytes(v);
                     for (w, &p) in weighted.iter_mut().zip(&moments) {
-                        *w += Self::multiplier(held.contains(&v), p) * self.bytes(v);
+                        *w += Self::multiplier(uses.held_w.contains(&v), p) * self.bytes(v);
                     }
                 }
-                Choice::Offload => {
-                    s.offloaded_bytes += self.bytes(v);
-                    s.added_seconds += self.offload_seconds(v);
-                }
-                Choice::Recompute => {
-                    s.recomputed_values += 1;
-                    s.recompute_flops += node_flops(self.f, self.f.values[v].def).total();
-                    s.added_seconds += self.secs.get(&v).copied().unwrap_or(0.0);
-                }
+                Choice::Offload => s.offloaded_bytes += self.bytes(v),
+                Choice::Recompute | Choice::Handoff => {}
             }
+        }
+        for &v in &uses.handed {
+            s.handed_bytes += self.bytes(v);
+            for (w, &p) in weighted.iter_mut().zip(&moments) {
+                *w += p[2] * self.bytes(v);
+            }
+        }
+        let one_way = s.offloaded_bytes as f64 / self.host_bytes_per_s;
+        s.added_seconds += 2.0 * exposed_transfer(one_way, self.hide_seconds, self.hide_seconds);
+        s.recomputed_values = uses.rc_b.union(&uses.rc_w).count();
+        for &v in uses.rc_b.iter().chain(&uses.rc_w) {
+            s.recompute_flops += node_flops(self.f, self.f.values[v].def).total();
+            s.added_seconds += self.secs.get(&v).copied().unwrap_or(0.0);
         }
         s.need_bytes = weighted
             .iter()
@@ -790,147 +949,184 @@ impl<'a> ChoiceGraph<'a> {
         s
     }
 
-    /// The ILP of the module docs. `objective_memory` minimises `need` instead of time.
+    /// The ILP of the module docs. `objective_memory` minimises `need` instead of time; `hint`
+    /// is a plan to start from (the branch and bound's first incumbent, if it fits).
     fn solve(
         &self,
         limit: Option<u64>,
         in_flight: &InFlight,
         objective_memory: bool,
+        hint: Option<&StagePlan>,
     ) -> Result<Option<StagePlan>, String> {
-        let mut vars = ProblemVariables::new();
-        let mut x: BTreeMap<Value, (Variable, Variable, Option<Variable>)> = BTreeMap::new();
-        // kw: kept until W; rw: recomputed in W.
-        let mut xw: BTreeMap<Value, (Variable, Option<Variable>)> = BTreeMap::new();
-        for &v in &self.cands {
-            let k = vars.add(variable().binary());
-            let o = vars.add(variable().binary());
-            let r = self.recomputable(v).then(|| vars.add(variable().binary()));
-            x.insert(v, (k, o, r));
-            let kw = vars.add(variable().binary());
-            let rw = self.recomputable(v).then(|| vars.add(variable().binary()));
-            xw.insert(v, (kw, rw));
-        }
-        // Scale bytes to MiB-ish units to keep the solver's numbers tame.
+        // Bytes in MiB and seconds in milliseconds keep the solver's numbers tame.
         let scale = 1.0 / (1u64 << 20) as f64;
         let moments = in_flight.moments();
-        let mut memory: Vec<Expression> = moments.iter().map(|_| Expression::from(0.0)).collect();
-        let mut total_memory = Expression::from(0.0);
-        let mut time = Expression::from(0.0);
-        for &v in &self.cands {
-            let (k, o, r) = x[&v];
-            let kw = xw[&v].0;
-            let bytes = self.bytes(v) as f64 * scale;
-            for (m, &p) in memory.iter_mut().zip(&moments) {
-                *m += (p[0] as f64 * bytes) * k
-                    + ((p[1] - p[0].min(p[1])) as f64 * bytes) * kw
-                    + (OFFLOAD_COPIES as f64 * bytes) * o;
-            }
-            let most = |i: usize| moments.iter().map(|p| p[i]).max().unwrap_or(1) as f64;
-            total_memory += (most(0) * bytes) * k
-                + ((most(1) - most(0)).max(0.0) * bytes) * kw
-                + (OFFLOAD_COPIES as f64 * bytes) * o;
-            time += self.offload_seconds(v) * 1e3 * o;
-            if let Some(r) = r {
-                // A tiny per-value charge breaks ties toward fewer recomputed values.
-                time += (self.secs[&v] * 1e3 + 1e-9) * r;
-            }
-        }
-        let objective = if objective_memory {
-            total_memory + time.clone() * 1e-9
+        let most = |i: usize| moments.iter().map(|p| p[i]).max().unwrap_or(1) as f64;
+        // Objective weights: the added time, or the memory (with the time as a tie-breaker).
+        let (w_time, w_mem) = if objective_memory {
+            (1e-9, 1.0)
         } else {
-            time.clone()
+            (1.0, 0.0)
         };
-        let mut problem = vars
-            .minimise(objective)
-            .using(microlp)
-            .with_time_limit(ILP_SECONDS)
-            .with_mip_gap(ILP_GAP)
-            .map_err(|e| format!("mip gap: {e}"))?;
+        let mut lp = Problem::new(OptimizationDirection::Minimize);
+        // A tiny per-value charge breaks ties toward fewer recomputed and offloaded values.
+        const TIE: f64 = 1e-9;
+        #[derive(Clone, Copy)]
+        struct Vars {
+            /// Kept from F (until B at least).
+            k: LpVar,
+            /// Offloaded.
+            o: LpVar,
+            /// Kept until W.
+            kw: LpVar,
+            /// Recomputed in B, recomputed in W, recomputed in B and handed to W.
+            rc: Option<(LpVar, LpVar, LpVar)>,
+        }
+        let mut x: BTreeMap<Value, Vars> = BTreeMap::new();
+        // One-way copy time of the offloaded values beyond what one action hides.
+        let exposed = lp.add_var(2.0 * w_time, (0.0, f64::INFINITY));
+        let mut copy_ms: Vec<(LpVar, f64)> = Vec::new();
         for &v in &self.cands {
-            let (k, o, r) = x[&v];
-            let any = match r {
-                Some(r) => Expression::from(k) + o + r,
-                None => Expression::from(k) + o,
-            };
-            problem.add_constraint(any.clone().leq(1.0));
-            if self.saved.contains_key(&v) {
-                problem.add_constraint(any.geq(1.0));
+            let bytes = self.bytes(v) as f64 * scale;
+            let k = lp.add_binary_var(w_mem * most(0) * bytes);
+            let kw = lp.add_binary_var(w_mem * (most(1) - most(0)).max(0.0) * bytes);
+            let o = lp.add_binary_var(w_mem * OFFLOAD_COPIES as f64 * bytes + TIE);
+            copy_ms.push((o, self.bytes(v) as f64 / self.host_bytes_per_s * 1e3));
+            let rc = self.recomputable(v).then(|| {
+                let t = w_time * (self.secs[&v] * 1e3 + TIE);
+                (
+                    lp.add_binary_var(t),
+                    lp.add_binary_var(t),
+                    lp.add_binary_var(w_mem * most(2) * bytes),
+                )
+            });
+            x.insert(v, Vars { k, o, kw, rc });
+        }
+        copy_ms.push((exposed, -1.0));
+        lp.add_constraint(copy_ms, ComparisonOp::Le, self.hide_seconds * 1e3);
+        // Available in B: kept, offloaded or recomputed in B; in W: kept until W, offloaded,
+        // recomputed in W or handed from B.
+        let avail_b = |u: &Vars| -> Vec<(LpVar, f64)> {
+            let mut e = vec![(u.k, 1.0), (u.o, 1.0)];
+            if let Some((r, _, _)) = u.rc {
+                e.push((r, 1.0));
             }
-            if let Some(r) = r {
-                for u in self.forward_operands(v) {
-                    let (ku, ou, ru) = x[&u];
-                    let avail = match ru {
-                        Some(ru) => Expression::from(ku) + ou + ru,
-                        None => Expression::from(ku) + ou,
-                    };
-                    problem.add_constraint(constraint!(avail >= r));
-                }
+            e
+        };
+        let avail_w = |u: &Vars| -> Vec<(LpVar, f64)> {
+            let mut e = vec![(u.kw, 1.0), (u.o, 1.0)];
+            if let Some((_, rw, hw)) = u.rc {
+                e.extend([(rw, 1.0), (hw, 1.0)]);
             }
-            // Availability in W: kept until W, offloaded, or recomputed in W.
-            let (kw, rw) = xw[&v];
-            problem.add_constraint(constraint!(kw <= k));
-            if let (Some(rw), Some(r)) = (rw, r) {
-                problem.add_constraint(constraint!(rw <= r));
+            e
+        };
+        for &v in &self.cands {
+            let xv = x[&v];
+            lp.add_constraint(avail_b(&xv), ComparisonOp::Le, 1.0);
+            if self.b_reads.contains(&v) {
+                lp.add_constraint(avail_b(&xv), ComparisonOp::Ge, 1.0);
             }
-            let avail_w = |u: Value| {
-                let (kwu, rwu) = xw[&u];
-                let ou = x[&u].1;
-                match rwu {
-                    Some(rwu) => Expression::from(kwu) + ou + rwu,
-                    None => Expression::from(kwu) + ou,
-                }
-            };
             if self.w_reads.contains(&v) {
-                problem.add_constraint(avail_w(v).geq(1.0));
+                lp.add_constraint(avail_w(&xv), ComparisonOp::Ge, 1.0);
             }
-            if let Some(rw) = rw {
+            lp.add_constraint([(xv.kw, 1.0), (xv.k, -1.0)], ComparisonOp::Le, 0.0);
+            if let Some((r, rw, hw)) = xv.rc {
+                lp.add_constraint([(hw, 1.0), (r, -1.0)], ComparisonOp::Le, 0.0);
                 for u in self.forward_operands(v) {
-                    problem.add_constraint(constraint!(avail_w(u) >= rw));
+                    let mut e = avail_b(&x[&u]);
+                    e.push((r, -1.0));
+                    lp.add_constraint(e, ComparisonOp::Ge, 0.0);
+                    let mut e = avail_w(&x[&u]);
+                    e.push((rw, -1.0));
+                    lp.add_constraint(e, ComparisonOp::Ge, 0.0);
                 }
             }
         }
         if let Some(limit) = limit {
-            for (m, p) in memory.into_iter().zip(&moments) {
+            for p in &moments {
+                let mut e = Vec::new();
+                for &v in &self.cands {
+                    let xv = x[&v];
+                    let bytes = self.bytes(v) as f64 * scale;
+                    e.push((xv.k, p[0] as f64 * bytes));
+                    e.push((xv.kw, (p[1] - p[0].min(p[1])) as f64 * bytes));
+                    e.push((xv.o, OFFLOAD_COPIES as f64 * bytes));
+                    if let Some((_, _, hw)) = xv.rc {
+                        e.push((hw, p[2] as f64 * bytes));
+                    }
+                }
                 let fixed = (p[2] * self.b_to_w) as f64 * scale;
-                problem.add_constraint(m.leq(limit as f64 * scale - fixed + 1e-9));
+                lp.add_constraint(e, ComparisonOp::Le, limit as f64 * scale - fixed + 1e-9);
             }
         }
-        let sol = match problem.solve() {
-            Ok(s) => s,
-            // Infeasible, or no feasible plan found within the time limit: the callers fall back
-            // to the greedy plan.
-            Err(good_lp::ResolutionError::Infeasible) | Err(good_lp::ResolutionError::Other(_)) => {
-                return Ok(None)
+        let mut options = SolveOptions::default();
+        options.node_limit = Some(ILP_NODES);
+        options.mip_gap = ILP_GAP;
+        if let Some(plan) = hint {
+            let uses = self.uses(plan);
+            let mut start = Vec::new();
+            let mut one_way_ms = 0.0;
+            for (&v, xv) in &x {
+                let c = plan.choices.get(&v).copied();
+                let mut set = |var: LpVar, on: bool| start.push((var, if on { 1.0 } else { 0.0 }));
+                set(xv.k, c == Some(Choice::Keep));
+                set(xv.kw, c == Some(Choice::Keep) && uses.held_w.contains(&v));
+                set(xv.o, c == Some(Choice::Offload));
+                if c == Some(Choice::Offload) {
+                    one_way_ms += self.bytes(v) as f64 / self.host_bytes_per_s * 1e3;
+                }
+                if let Some((r, rw, hw)) = xv.rc {
+                    set(r, uses.rc_b.contains(&v));
+                    set(rw, uses.rc_w.contains(&v));
+                    set(hw, uses.handed.contains(&v));
+                }
             }
+            start.push((exposed, (one_way_ms - self.hide_seconds * 1e3).max(0.0)));
+            options.warm_start = Some(start);
+        }
+        let sol = match lp.solve_with(options) {
+            Ok(outcome) => match outcome.into_solution() {
+                Ok(sol) => sol,
+                // No feasible plan within the node budget: the callers fall back to the greedy.
+                Err(_) => return Ok(None),
+            },
+            Err(microlp::Error::Infeasible) => return Ok(None),
             Err(e) => return Err(format!("the recomputation ILP failed: {e}")),
         };
+        let on = |v: LpVar| sol.var_value(v) > 0.5;
         let mut choices = BTreeMap::new();
-        for (&v, &(k, o, r)) in &x {
-            if sol.value(k) > 0.5 {
-                choices.insert(v, Choice::Keep);
-            } else if sol.value(o) > 0.5 {
-                choices.insert(v, Choice::Offload);
-            } else if r.is_some_and(|r| sol.value(r) > 0.5) {
-                choices.insert(v, Choice::Recompute);
-            }
+        for (&v, xv) in &x {
+            let c = match xv.rc {
+                _ if on(xv.k) => Choice::Keep,
+                _ if on(xv.o) => Choice::Offload,
+                Some((r, _, hw)) if on(r) && on(hw) => Choice::Handoff,
+                Some((r, rw, _)) if on(r) || on(rw) => Choice::Recompute,
+                _ => continue,
+            };
+            choices.insert(v, c);
         }
-        Ok(Some(self.prune(self.close(choices))))
+        Ok(Some(self.settle(self.prune(self.close(choices)))))
     }
 
     fn ilp(&self, limit: u64, in_flight: &InFlight) -> Result<StagePlan, String> {
         let fits = |p: &StagePlan| self.summary(p, in_flight).need_bytes <= limit;
-        let exact = self.solve(Some(limit), in_flight, false)?.filter(fits);
+        // No hint: started from the greedy plan, the node-limited search ends no better here.
+        let exact = self
+            .solve(Some(limit), in_flight, false, None)?
+            .filter(fits);
         let greedy = self.greedy(Some(limit), in_flight).filter(fits);
         let cost = |p: &StagePlan| self.summary(p, in_flight).added_seconds;
         match (exact, greedy) {
             (Some(a), Some(b)) => Ok(if cost(&b) < cost(&a) { b } else { a }),
             (Some(a), None) | (None, Some(a)) => Ok(a),
             // At a limit near the smallest need: the plan minimising memory.
-            (None, None) if let Some(p) = self.solve(None, in_flight, true)?.filter(fits) => Ok(p),
+            (None, None) if let Some(p) = self.solve(None, in_flight, true, None)?.filter(fits) => {
+                Ok(p)
+            }
             (None, None) => {
                 let min = self.min_need(in_flight)?;
                 Err(format!(
-                    "no recomputation/offload plan fits the memory limit {limit} bytes ({in_flight}); the smallest feasible limit is {min} bytes"
+                    "no recomputation/offload plan fits the memory limit {limit} bytes ({in_flight}); {SMALLEST_FEASIBLE}{min} bytes"
                 ))
             }
         }
@@ -941,11 +1137,12 @@ impl<'a> ChoiceGraph<'a> {
     /// several moments the figure can be above the true minimum).
     pub fn min_need(&self, in_flight: impl Into<InFlight>) -> Result<u64, String> {
         let in_flight = &in_flight.into();
-        let mut best = self
-            .greedy(None, in_flight)
-            .map(|p| self.summary(&p, in_flight).need_bytes)
+        let smallest = self.greedy(None, in_flight);
+        let mut best = smallest
+            .as_ref()
+            .map(|p| self.summary(p, in_flight).need_bytes)
             .unwrap_or(u64::MAX);
-        if let Some(p) = self.solve(None, in_flight, true)? {
+        if let Some(p) = self.solve(None, in_flight, true, smallest.as_ref())? {
             best = best.min(self.summary(&p, in_flight).need_bytes);
         }
         Ok(best)
@@ -1019,6 +1216,7 @@ impl<'a> ChoiceGraph<'a> {
                 .unwrap_or_else(|| format!("stash.r{}", numbering[v].expect("defined")));
             match c {
                 Choice::Offload => format!("stash.offload.{}", &base["stash.".len()..]),
+                Choice::Handoff => format!("stash.h.{}", &base["stash.".len()..]),
                 _ => base,
             }
         };
@@ -1038,7 +1236,7 @@ impl<'a> ChoiceGraph<'a> {
         let mut have: BTreeSet<String> = new_outputs.iter().map(|o| o.name.clone()).collect();
         for (&v, &c) in &plan.choices {
             let name = name_of(v, c);
-            if c == Choice::Recompute || have.contains(&name) {
+            if c.recomputed() || have.contains(&name) {
                 continue;
             }
             let value = if c == Choice::Offload {
@@ -1053,18 +1251,27 @@ impl<'a> ChoiceGraph<'a> {
             new_outputs.push(Output { name, value });
         }
         f.outputs = new_outputs;
-        let b = self.rewrite_consumer(self.b, plan, &name_of, Phase::Dgrad);
-        let w = self.rewrite_consumer(self.w, plan, &name_of, Phase::Wgrad);
+        let (w, handed) = self.rewrite_consumer(self.w, plan, &name_of, Phase::Wgrad, None);
+        let (b, _) = self.rewrite_consumer(self.b, plan, &name_of, Phase::Dgrad, Some(&handed));
         (f, b, w)
     }
 
+    /// Rewrites B (`hand` is the hand-offs W takes: B recomputes them and returns them) or W
+    /// (`hand` is `None`: hand-offs are inputs). Returns the function and the hand-offs it takes.
     fn rewrite_consumer(
         &self,
         g: &Function,
         plan: &StagePlan,
         name_of: &dyn Fn(Value, Choice) -> String,
         arg_phase: Phase,
-    ) -> Function {
+        hand: Option<&BTreeSet<Value>>,
+    ) -> (Function, BTreeSet<Value>) {
+        // Whether g re-creates a value of F: recomputed values, and in B the hand-offs.
+        let remade = |v: &Value| match plan.choices.get(v) {
+            Some(Choice::Recompute) => true,
+            Some(Choice::Handoff) => hand.is_some(),
+            _ => false,
+        };
         let by_name: BTreeMap<&str, Value> =
             self.saved.iter().map(|(&v, n)| (n.as_str(), v)).collect();
         // Stash inputs of g that stand for F values not kept under that name.
@@ -1078,17 +1285,14 @@ impl<'a> ChoiceGraph<'a> {
         }
         // F values to re-create in g: the closure of recomputed values under recomputed operands.
         let mut need_rc: BTreeSet<Value> = BTreeSet::new();
-        let mut stack: Vec<Value> = replaced
-            .values()
-            .copied()
-            .filter(|v| plan.choices.get(v) == Some(&Choice::Recompute))
-            .collect();
+        let mut stack: Vec<Value> = replaced.values().copied().filter(remade).collect();
+        stack.extend(hand.into_iter().flatten().copied());
         while let Some(v) = stack.pop() {
             if !need_rc.insert(v) {
                 continue;
             }
             for u in self.forward_operands(v) {
-                if plan.choices.get(&u) == Some(&Choice::Recompute) {
+                if remade(&u) {
                     stack.push(u);
                 }
             }
@@ -1118,18 +1322,20 @@ impl<'a> ChoiceGraph<'a> {
         }
         let stage = g.body.iter().find_map(|&n| g.nodes[n].stage);
         // Values available from F: kept and offloaded values read by g or its recomputation.
-        let mut wanted: BTreeSet<Value> = replaced
-            .values()
-            .copied()
-            .filter(|v| plan.choices.get(v) != Some(&Choice::Recompute))
-            .collect();
+        let mut wanted: BTreeSet<Value> =
+            replaced.values().copied().filter(|v| !remade(v)).collect();
         for &v in &need_rc {
             for u in self.forward_operands(v) {
-                if plan.choices.get(&u) != Some(&Choice::Recompute) {
+                if !remade(&u) {
                     wanted.insert(u);
                 }
             }
         }
+        let taken: BTreeSet<Value> = wanted
+            .iter()
+            .copied()
+            .filter(|v| plan.choices.get(v) == Some(&Choice::Handoff))
+            .collect();
         let mut reloads = Vec::new();
         for &fv in &wanted {
             let c = plan.choices.get(&fv).copied().unwrap_or(Choice::Keep);
@@ -1235,8 +1441,35 @@ impl<'a> ChoiceGraph<'a> {
                 value: gmap[o.value].expect("output mapped"),
             })
             .collect();
-        out
+        for &v in hand.into_iter().flatten() {
+            out.outputs.push(Output {
+                name: name_of(v, Choice::Handoff),
+                value: fmap[&v],
+            });
+        }
+        (out, taken)
     }
+}
+
+/// Seconds of a function under a profile: [`forward_seconds`] of its nodes; arguments cost
+/// nothing, and neither do views (the runtime aliases a reshape).
+pub fn function_seconds(p: &DeviceProfile, f: &Function) -> f64 {
+    f.body
+        .iter()
+        .filter(|&&n| {
+            let op = &f.nodes[n].op;
+            op.arg_role().is_none() && !matches!(op, Op::Reshape { .. } | Op::StopGradient)
+        })
+        .map(|&n| forward_seconds(p, f, n))
+        .sum()
+}
+
+/// The part of a one-way copy of `one_way` seconds that compute does not hide: the runtime's
+/// copy thread offloads F's values while the device runs its next action and reloads them while
+/// it runs the action before the B (or W) that reads them, so a copy is hidden up to the length
+/// of one action, at least the stage's shorter of `t_f` and `t_b`.
+pub fn exposed_transfer(one_way: f64, t_f: f64, t_b: f64) -> f64 {
+    (one_way - t_f.min(t_b)).max(0.0)
 }
 
 /// Forward seconds of a node under a profile (the `partition` model without the backward factor).
@@ -1347,7 +1580,7 @@ pub fn plan_stages_reserved(
         if let Some(d) = worst.filter(|&d| floor_of(d) > l) {
             let on = on_device(d);
             return Err(format!(
-                "device {d}: the memory limit {l} bytes is infeasible; the smallest feasible limit is {} bytes ({} bytes reserved for parameters, gradients, workspace and values crossing devices; saved values of stages {on:?}: {})",
+                "device {d}: the memory limit {l} bytes is infeasible; {SMALLEST_FEASIBLE}{} bytes ({} bytes reserved for parameters, gradients, workspace and values crossing devices; saved values of stages {on:?}: {})",
                 floor_of(d),
                 reserved_on(d),
                 on.iter()

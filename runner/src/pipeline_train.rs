@@ -43,7 +43,8 @@ use anyhow::{bail, Context, Result};
 use cleave_ir::Module;
 use cleave_passes::partition::DeviceProfile;
 use cleave_passes::remat::{
-    parse_bytes, plan_stages_reserved, ChoiceGraph, InFlight, Policy, StageMemory,
+    named_smallest, parse_bytes, plan_stages_reserved, ChoiceGraph, InFlight, Policy, StageMemory,
+    SMALLEST_FEASIBLE,
 };
 use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
 use cleave_passes::schedule::generators::Generator;
@@ -186,14 +187,107 @@ fn saved_need(
         .collect()
 }
 
-/// Rounds of [`plan_within`].
+/// Rounds of [`plan_rounds`].
 const MEMORY_ROUNDS: usize = 4;
 
+/// Limits [`plan_within`] tries when it looks for a feasible one, and bisection steps after.
+const SMALLEST_TRIES: usize = 8;
+const SMALLEST_BISECTIONS: usize = 6;
+
 /// Plans recomputation/offload so that every device's whole accounting fits `limit` (see
-/// [`crate::device_memory`]): plan with the reserved bytes of the current plans, compile,
-/// measure, add any excess to the reserved bytes and plan again.
+/// [`crate::device_memory`] and [`plan_rounds`]). When `limit` is infeasible, the error names
+/// the smallest feasible limit, found by planning: the first figure counts the workspace of the
+/// plans without recomputation, but the smallest plan recomputes and its workspace can be
+/// larger, so the figures each failed attempt names are tried in turn until one fits (at most
+/// [`SMALLEST_TRIES`]); then the interval between the last infeasible and the feasible limit is
+/// bisected to within 0.2 % (at most [`SMALLEST_BISECTIONS`] steps). The limit named has been
+/// planned and fits.
 #[allow(clippy::too_many_arguments)]
 fn plan_within(
+    base: &Module,
+    forward: &cleave_ir::Function,
+    policy: Policy,
+    limit: Option<u64>,
+    flights: &[InFlight],
+    placement: &[usize],
+    n_dev: usize,
+    m: usize,
+    profile: &DeviceProfile,
+) -> Result<(Module, Vec<StageMemory>)> {
+    let attempt = |l: u64| {
+        plan_rounds(
+            base,
+            forward,
+            policy,
+            Some(l),
+            flights,
+            placement,
+            n_dev,
+            m,
+            profile,
+        )
+        .map_err(|e| e.to_string())
+    };
+    let Some(l) = limit else {
+        return plan_rounds(
+            base, forward, policy, None, flights, placement, n_dev, m, profile,
+        );
+    };
+    let said = match attempt(l) {
+        Ok(x) => return Ok(x),
+        Err(e) => e,
+    };
+    let Some(first) = named_smallest(&said).filter(|&n| n > l) else {
+        bail!("{said}");
+    };
+    // A feasible limit, from the figures the attempts name.
+    let (mut lo, mut hi) = (l, None);
+    let mut next = first;
+    for _ in 0..SMALLEST_TRIES {
+        match attempt(next) {
+            Ok(_) => {
+                hi = Some(next);
+                break;
+            }
+            Err(e) => {
+                lo = next;
+                match named_smallest(&e).filter(|&n| n > next) {
+                    Some(n) => next = n,
+                    None => break,
+                }
+            }
+        }
+    }
+    let Some(mut hi) = hi else {
+        bail!("{said}");
+    };
+    for _ in 0..SMALLEST_BISECTIONS {
+        if hi - lo <= hi / 500 {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        match attempt(mid) {
+            Ok(_) => hi = mid,
+            Err(_) => lo = mid,
+        }
+    }
+    bail!(
+        "{}",
+        said.replace(
+            &format!("; {SMALLEST_FEASIBLE}{first} bytes ("),
+            &format!("; {SMALLEST_FEASIBLE}{hi} bytes, planned and measured (at {l} bytes: ")
+        )
+        .replace(
+            &format!("; {SMALLEST_FEASIBLE}{first} bytes"),
+            &format!("; {SMALLEST_FEASIBLE}{hi} bytes, planned and measured")
+        )
+    )
+}
+
+/// Plans with the reserved bytes of the current plans, compiles, measures, adds any excess to
+/// the reserved bytes and plans again, for up to [`MEMORY_ROUNDS`] rounds.
+#[allow(clippy::too_many_arguments)]
+fn plan_rounds(
     base: &Module,
     forward: &cleave_ir::Function,
     policy: Policy,
@@ -250,8 +344,8 @@ fn plan_within(
         .unwrap_or((0, 0));
     bail!(
         "--remat {}: device {d}: no plan within the memory limit {} bytes once the plans' \
-         workspace is counted (after {MEMORY_ROUNDS} rounds the device needs {worst} bytes); the \
-         smallest feasible limit is {worst} bytes",
+         workspace is counted (after {MEMORY_ROUNDS} rounds the device needs {worst} bytes); \
+         {SMALLEST_FEASIBLE}{worst} bytes",
         policy.name(),
         limit.unwrap_or(0)
     )

@@ -16,7 +16,12 @@
 //! # How a buffer is charged
 //!
 //! Every allocation carries a 16-byte header (more when the alignment is larger) just before the
-//! pointer handed out, holding the tag it is charged to and its size. A free reads the header, so
+//! pointer handed out, holding the tag it is charged to, that tag's *generation*, and its size.
+//! Reserving a tag ([`TagBlock::reserve`]) starts a new generation: a block still charged to an
+//! earlier measurement's tag when that measurement ended (a thread-local cache of the GEMM
+//! library, say) is *stale*, and freeing, growing or moving it no longer touches the tag's
+//! counts, so measurements that reuse a tag, one after another or in concurrent tests of one
+//! process, never see each other's blocks. A free reads the header, so
 //! a buffer allocated on one device and freed on another (a value sent downstream, freed by its
 //! consumer) is discharged from the tag it was charged to. A buffer that changes hands is moved
 //! with [`retag`] (the executor re-charges a received value to the receiving device, and the
@@ -37,8 +42,14 @@ pub const MAX_TAGS: usize = 64;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: AtomicU64 = AtomicU64::new(0);
+/// Live and peak bytes of each tag, in the low [`BYTE_BITS`] bits, and the tag's generation in the
+/// high bits, so that checking a block's generation and updating a count is one atomic step.
 static LIVE: [AtomicU64; MAX_TAGS] = [ZERO; MAX_TAGS];
 static PEAK: [AtomicU64; MAX_TAGS] = [ZERO; MAX_TAGS];
+
+/// Bits of a count word that hold bytes (256 TiB); the other 16 hold the generation.
+const BYTE_BITS: u32 = 48;
+const BYTES: u64 = (1 << BYTE_BITS) - 1;
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 static IN_USE: Mutex<u64> = Mutex::new(1);
 
@@ -55,18 +66,46 @@ fn header_size(align: usize) -> usize {
     align.max(HEADER)
 }
 
-fn charge(tag: u32, bytes: u64) {
-    if tag != 0 {
-        let t = tag as usize;
-        let now = LIVE[t].fetch_add(bytes, Ordering::Relaxed) + bytes;
-        PEAK[t].fetch_max(now, Ordering::Relaxed);
+/// A header's tag word: the tag in the low 32 bits, its current generation above (0 for tag 0,
+/// "not counted").
+fn stamp(tag: u32) -> u64 {
+    if tag == 0 {
+        0
+    } else {
+        tag as u64 | (LIVE[tag as usize].load(Ordering::Relaxed) >> BYTE_BITS) << 32
     }
 }
 
-fn discharge(tag: u32, bytes: u64) {
-    if tag != 0 {
-        LIVE[tag as usize].fetch_sub(bytes, Ordering::Relaxed);
+/// Applies `f` to the bytes of `counts[tag]` if the count is still of the generation of `word`
+/// (a header's tag word); returns the new count word, or `None` for tag 0 or a stale block.
+fn update(counts: &[AtomicU64], word: u64, f: impl Fn(u64) -> Option<u64>) -> Option<u64> {
+    let tag = word as u32 as usize;
+    if tag == 0 {
+        return None;
     }
+    let generation = word >> 32;
+    let mut cur = counts[tag].load(Ordering::Relaxed);
+    loop {
+        if cur >> BYTE_BITS != generation {
+            return None;
+        }
+        let new = (generation << BYTE_BITS) | (f(cur & BYTES)? & BYTES);
+        match counts[tag].compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Some(new),
+            Err(x) => cur = x,
+        }
+    }
+}
+
+fn charge(word: u64, bytes: u64) {
+    if let Some(now) = update(&LIVE, word, |live| Some(live + bytes)) {
+        let now = now & BYTES;
+        update(&PEAK, word, |peak| (now > peak).then_some(now));
+    }
+}
+
+fn discharge(word: u64, bytes: u64) {
+    update(&LIVE, word, |live| Some(live.saturating_sub(bytes)));
 }
 
 /// # Safety
@@ -92,7 +131,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let h = header_size(layout.align());
         let (tag, size) = header(ptr);
-        discharge(*tag as u32, *size);
+        discharge(*tag, *size);
         System.dealloc(
             ptr.sub(h),
             Layout::from_size_align_unchecked(layout.size() + h, layout.align()),
@@ -102,7 +141,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let h = header_size(layout.align());
         let (tag, _) = header(ptr);
-        let old_tag = *tag as u32;
+        let old_tag = *tag;
         let base = System.realloc(
             ptr.sub(h),
             Layout::from_size_align_unchecked(layout.size() + h, layout.align()),
@@ -117,7 +156,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
         discharge(old_tag, *size);
         *size = new_size as u64;
         charge(old_tag, new_size as u64);
-        *tag = old_tag as u64;
+        *tag = old_tag;
         user
     }
 }
@@ -141,9 +180,9 @@ impl CountingAlloc {
         let user = base.add(h);
         let t = TAG.try_with(|t| t.get()).unwrap_or(0);
         let (tag, size) = header(user);
-        *tag = t as u64;
+        *tag = stamp(t);
         *size = layout.size() as u64;
-        charge(t, layout.size() as u64);
+        charge(*tag, layout.size() as u64);
         user
     }
 }
@@ -176,17 +215,18 @@ impl Drop for TagGuard {
 
 /// Live bytes charged to `tag`.
 pub fn live(tag: u32) -> u64 {
-    LIVE[tag as usize].load(Ordering::Relaxed)
+    LIVE[tag as usize].load(Ordering::Relaxed) & BYTES
 }
 
 /// The most bytes charged to `tag` at once since the last [`reset_peak`].
 pub fn peak(tag: u32) -> u64 {
-    PEAK[tag as usize].load(Ordering::Relaxed)
+    PEAK[tag as usize].load(Ordering::Relaxed) & BYTES
 }
 
 /// Starts a new peak for `tag` at its live bytes.
 pub fn reset_peak(tag: u32) {
-    PEAK[tag as usize].store(live(tag), Ordering::Relaxed);
+    let t = tag as usize;
+    PEAK[t].store(LIVE[t].load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
 /// Moves the buffer at `ptr` (the start of a block of this allocator, or dangling when
@@ -197,11 +237,11 @@ pub fn reset_peak(tag: u32) {
 /// capacity > 0), not freed or moved by another thread meanwhile.
 pub unsafe fn retag(ptr: *const u8, tag: u32) {
     let (t, size) = header(ptr);
-    let old = *t as u32;
-    if old != tag {
-        discharge(old, *size);
-        charge(tag, *size);
-        *t = tag as u64;
+    let new = stamp(tag);
+    if *t != new {
+        discharge(*t, *size);
+        charge(new, *size);
+        *t = new;
     }
 }
 
@@ -234,8 +274,10 @@ impl TagBlock {
             if *used & (mask << first) == 0 {
                 *used |= mask << first;
                 for t in first..first + len {
-                    LIVE[t].store(0, Ordering::Relaxed);
-                    PEAK[t].store(0, Ordering::Relaxed);
+                    // A new generation at 0 bytes: blocks of the last measurement are stale.
+                    let g = ((LIVE[t].load(Ordering::Relaxed) >> BYTE_BITS) + 1) & 0xffff;
+                    LIVE[t].store(g << BYTE_BITS, Ordering::Relaxed);
+                    PEAK[t].store(g << BYTE_BITS, Ordering::Relaxed);
                 }
                 return Some(TagBlock {
                     first: first as u32,

@@ -810,19 +810,25 @@ impl<'a> ChoiceGraph<'a> {
         )
     }
 
+    /// The values each value of F is an operand of.
+    fn consumers(&self) -> BTreeMap<Value, Vec<Value>> {
+        let mut consumers: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
+        for &n in &self.f.body {
+            let d = &self.f.nodes[n];
+            for &u in &d.operands {
+                consumers.entry(u).or_default().extend(d.results.clone());
+            }
+        }
+        consumers
+    }
+
     /// The attention core: forward values connected to a `softmax` without crossing a matrix
     /// product (its operands' producers up to the products, its consumers up to the next product,
     /// and what those read that is not a product output).
     fn attention_core(&self) -> BTreeSet<Value> {
         let f = self.f;
         let mut core: BTreeSet<Value> = BTreeSet::new();
-        let mut consumers: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
-        for &n in &f.body {
-            let d = &f.nodes[n];
-            for &u in &d.operands {
-                consumers.entry(u).or_default().extend(d.results.clone());
-            }
-        }
+        let consumers = self.consumers();
         let mut stack: Vec<Value> = f
             .body
             .iter()
@@ -857,13 +863,7 @@ impl<'a> ChoiceGraph<'a> {
     fn attention_region(&self) -> BTreeSet<Value> {
         let f = self.f;
         let mut region = self.attention_core();
-        let mut consumers: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
-        for &n in &f.body {
-            let d = &f.nodes[n];
-            for &u in &d.operands {
-                consumers.entry(u).or_default().extend(d.results.clone());
-            }
-        }
+        let consumers = self.consumers();
         let mut stack: Vec<Value> = region
             .iter()
             .flat_map(|v| consumers.get(v).into_iter().flatten())

@@ -195,13 +195,19 @@ const SMALLEST_TRIES: usize = 8;
 const SMALLEST_BISECTIONS: usize = 6;
 
 /// Plans recomputation/offload so that every device's whole accounting fits `limit` (see
-/// [`crate::device_memory`] and [`plan_rounds`]). When `limit` is infeasible, the error names
-/// the smallest feasible limit, found by planning: the first figure counts the workspace of the
-/// plans without recomputation, but the smallest plan recomputes and its workspace can be
-/// larger, so the figures each failed attempt names are tried in turn until one fits (at most
-/// [`SMALLEST_TRIES`]); then the interval between the last infeasible and the feasible limit is
-/// bisected to within 0.2 % (at most [`SMALLEST_BISECTIONS`] steps). The limit named has been
-/// planned and fits.
+/// [`crate::device_memory`] and [`plan_rounds`]).
+///
+/// Recomputation adds buffers to B and W and frees some of F's, so the reserved bytes of the
+/// plans without recomputation, which the first round starts from, can make a limit look
+/// infeasible that a recomputing plan meets. So when that attempt fails, the limits its error
+/// names are tried in turn (at most [`SMALLEST_TRIES`]) until one fits, and `limit` is tried
+/// again starting from that plan's reserved bytes. This procedure depends on `limit` alone, so a
+/// limit it accepts once it always accepts.
+///
+/// When `limit` is infeasible, the error names the smallest feasible limit, found with the same
+/// procedure: the named figures until one fits, a bisection down to within 0.2 % (at most
+/// [`SMALLEST_BISECTIONS`] steps), then, while a fitting plan accounts less than its limit,
+/// that smaller total. The limit named has been planned and fits.
 #[allow(clippy::too_many_arguments)]
 fn plan_within(
     base: &Module,
@@ -214,12 +220,19 @@ fn plan_within(
     m: usize,
     profile: &DeviceProfile,
 ) -> Result<(Module, Vec<StageMemory>)> {
-    let attempt = |l: u64| {
+    let Some(l) = limit else {
+        let (module, mem, _) = plan_rounds(
+            base, forward, policy, None, None, flights, placement, n_dev, m, profile,
+        )?;
+        return Ok((module, mem));
+    };
+    let attempt = |l: u64, start: Option<&[u64]>| {
         plan_rounds(
             base,
             forward,
             policy,
             Some(l),
+            start,
             flights,
             placement,
             n_dev,
@@ -228,29 +241,42 @@ fn plan_within(
         )
         .map_err(|e| e.to_string())
     };
-    let Some(l) = limit else {
-        return plan_rounds(
-            base, forward, policy, None, flights, placement, n_dev, m, profile,
-        );
+    // The whole procedure for one limit (see above); the error is the first attempt's.
+    let fits = |l: u64| {
+        let said = match attempt(l, None) {
+            Ok(x) => return Ok(x),
+            Err(e) => e,
+        };
+        let mut next = named_smallest(&said).filter(|&n| n > l);
+        for _ in 0..SMALLEST_TRIES {
+            let Some(n) = next else { break };
+            match attempt(n, None) {
+                Ok((_, _, fitted)) => {
+                    return attempt(l, Some(&fitted.reserved)).map_err(|_| said);
+                }
+                Err(e) => next = named_smallest(&e).filter(|&x| x > n),
+            }
+        }
+        Err(said)
     };
-    let said = match attempt(l) {
-        Ok(x) => return Ok(x),
+    let said = match fits(l) {
+        Ok((module, mem, _)) => return Ok((module, mem)),
         Err(e) => e,
     };
     let Some(first) = named_smallest(&said).filter(|&n| n > l) else {
         bail!("{said}");
     };
-    // A feasible limit, from the figures the attempts name.
-    let (mut lo, mut hi) = (l, None);
+    // A feasible limit (and what its plan accounts), from the figures the attempts name.
+    let (mut lo, mut hi) = (None, None);
     let mut next = first;
     for _ in 0..SMALLEST_TRIES {
-        match attempt(next) {
-            Ok(_) => {
-                hi = Some(next);
+        match fits(next) {
+            Ok((_, _, fitted)) => {
+                hi = Some((next, fitted));
                 break;
             }
             Err(e) => {
-                lo = next;
+                lo = Some(next);
                 match named_smallest(&e).filter(|&n| n > next) {
                     Some(n) => next = n,
                     None => break,
@@ -258,56 +284,84 @@ fn plan_within(
             }
         }
     }
-    let Some(mut hi) = hi else {
+    let Some((mut hi, mut fitted)) = hi else {
         bail!("{said}");
     };
-    for _ in 0..SMALLEST_BISECTIONS {
-        if hi - lo <= hi / 500 {
-            break;
-        }
-        let mid = lo + (hi - lo) / 2;
-        match attempt(mid) {
-            Ok(_) => hi = mid,
-            Err(_) => lo = mid,
+    if let Some(mut lo) = lo {
+        for _ in 0..SMALLEST_BISECTIONS {
+            if hi - lo <= hi / 500 {
+                break;
+            }
+            let mid = lo + (hi - lo) / 2;
+            match fits(mid) {
+                Ok((_, _, f)) => (hi, fitted) = (mid, f),
+                Err(_) => lo = mid,
+            }
         }
     }
+    for _ in 0..SMALLEST_TRIES {
+        if fitted.worst >= hi {
+            break;
+        }
+        match fits(fitted.worst) {
+            Ok((_, _, f)) => (hi, fitted) = (fitted.worst, f),
+            Err(_) => break,
+        }
+    }
+    let (was, now) = (
+        format!("; {SMALLEST_FEASIBLE}{first} bytes"),
+        format!("; {SMALLEST_FEASIBLE}{hi} bytes, planned and measured"),
+    );
     bail!(
         "{}",
-        said.replace(
-            &format!("; {SMALLEST_FEASIBLE}{first} bytes ("),
-            &format!("; {SMALLEST_FEASIBLE}{hi} bytes, planned and measured (at {l} bytes: ")
-        )
-        .replace(
-            &format!("; {SMALLEST_FEASIBLE}{first} bytes"),
-            &format!("; {SMALLEST_FEASIBLE}{hi} bytes, planned and measured")
-        )
+        if said.contains(&format!("{was} (")) {
+            said.replace(&format!("{was} ("), &format!("{now} (at {l} bytes: "))
+        } else {
+            said.replace(&was, &now)
+        }
     )
 }
 
+/// What [`plan_rounds`] measured of the plan it returns.
+#[derive(Clone, Debug, Default)]
+struct Fitted {
+    /// The largest device total of the accounting.
+    worst: u64,
+    /// Each device's reserved bytes (everything but saved values).
+    reserved: Vec<u64>,
+}
+
 /// Plans with the reserved bytes of the current plans, compiles, measures, adds any excess to
-/// the reserved bytes and plans again, for up to [`MEMORY_ROUNDS`] rounds.
+/// the reserved bytes and plans again, for up to [`MEMORY_ROUNDS`] rounds; the first round
+/// reserves `start` (by device) if given, else the bytes of the plans without recomputation.
+/// Returns the module, the stages' plans and what was measured of them (nothing without a
+/// limit).
 #[allow(clippy::too_many_arguments)]
 fn plan_rounds(
     base: &Module,
     forward: &cleave_ir::Function,
     policy: Policy,
     limit: Option<u64>,
+    start: Option<&[u64]>,
     flights: &[InFlight],
     placement: &[usize],
     n_dev: usize,
     m: usize,
     profile: &DeviceProfile,
-) -> Result<(Module, Vec<StageMemory>)> {
+) -> Result<(Module, Vec<StageMemory>, Fitted)> {
     let account = |module: &Module, saved: &[u64]| -> Result<Vec<DeviceAccount>> {
         let split = split_stages(module);
         let ws = workspace_of(&split)?;
         let resident = stage_resident(&split, &ws, forward, m);
         Ok(per_device(&resident, saved, placement, n_dev))
     };
-    let mut reserved: Vec<u64> = account(base, &[])?
-        .iter()
-        .map(|d| d.resident.total())
-        .collect();
+    let mut reserved: Vec<u64> = match start {
+        Some(r) => r.to_vec(),
+        None => account(base, &[])?
+            .iter()
+            .map(|d| d.resident.total())
+            .collect(),
+    };
     let mut last = Vec::new();
     for _ in 0..MEMORY_ROUNDS {
         let mut module = base.clone();
@@ -322,12 +376,16 @@ fn plan_rounds(
         )
         .map_err(|e| anyhow::anyhow!("--remat {}: {e}", policy.name()))?;
         let Some(l) = limit else {
-            return Ok((module, mem));
+            return Ok((module, mem, Fitted::default()));
         };
         let saved: Vec<u64> = mem.iter().map(|s| s.summary.need_bytes).collect();
         let devices = account(&module, &saved)?;
         if devices.iter().all(|d| d.total() <= l) {
-            return Ok((module, mem));
+            let fitted = Fitted {
+                worst: devices.iter().map(|d| d.total()).max().unwrap_or(0),
+                reserved: devices.iter().map(|d| d.resident.total()).collect(),
+            };
+            return Ok((module, mem, fitted));
         }
         for (d, x) in devices.iter().enumerate() {
             if x.total() > l {

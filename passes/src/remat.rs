@@ -887,10 +887,28 @@ impl<'a> ChoiceGraph<'a> {
         region
     }
 
-    /// Turns the recomputed values W would re-create into values B hands to W: from what W
-    /// reads, through recomputed views, every recomputed value reached becomes a hand-off (B
-    /// recomputes it anyway, so W need not run it again).
+    /// Turns recomputed values W would re-create into values B hands to W, where that saves W
+    /// work B does anyway: from what W reads, through recomputed views, a recomputed value whose
+    /// recomputation in W would repeat some of B's becomes a hand-off (B finishes it from what
+    /// it recomputes). Where B recomputes none of it (a first stage, whose B has no input
+    /// gradient to make and reads nothing), W keeps recomputing it: a hand-off would only hold
+    /// it from B to W.
     fn hand_to_w(&self, mut plan: StagePlan) -> StagePlan {
+        let rc_b = self.uses(&plan).rc_b;
+        // Whether recomputing `v` in W would repeat a recomputation of B.
+        let repeats_b = |plan: &StagePlan, v: Value| {
+            let mut seen = BTreeSet::new();
+            let mut stack = vec![v];
+            while let Some(x) = stack.pop() {
+                if rc_b.contains(&x) {
+                    return true;
+                }
+                if seen.insert(x) && plan.choices.get(&x) == Some(&Choice::Recompute) {
+                    stack.extend(self.forward_operands(x));
+                }
+            }
+            false
+        };
         let mut seen = BTreeSet::new();
         let mut stack: Vec<Value> = self.w_reads.iter().copied().collect();
         while let Some(v) = stack.pop() {
@@ -899,7 +917,7 @@ impl<'a> ChoiceGraph<'a> {
             }
             if self.is_view(v) {
                 stack.extend(self.forward_operands(v));
-            } else {
+            } else if repeats_b(&plan, v) {
                 plan.choices.insert(v, Choice::Handoff);
             }
         }

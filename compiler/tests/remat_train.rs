@@ -158,6 +158,21 @@ fn allocator_measured_peak_stays_within_the_limit_for_every_schedule() {
 }
 
 #[test]
+fn a_named_policy_gets_its_own_smallest_feasible_limit() {
+    // The limit named for `selective` is the one `selective` needs (not `auto`'s smaller one):
+    // it trains, and one byte less does not.
+    let run = |limit| train(&args(GPT, 2, 4, "1f1b", 1, Some("selective"), Some(limit)));
+    let Err(e) = run(1) else {
+        panic!("a one-byte limit is infeasible");
+    };
+    let e = e.to_string();
+    let named = cleave_passes::remat::named_smallest(&e).unwrap_or_else(|| panic!("{e}"));
+    assert!(named > smallest_limit(GPT, 2, 4, "1f1b"), "{e}");
+    run(named).unwrap_or_else(|e| panic!("selective at its named limit {named}: {e:#}"));
+    assert!(run(named - 1).is_err());
+}
+
+#[test]
 fn an_infeasible_limit_names_the_smallest_feasible_one() {
     let Err(e) = train(&args(MLP, 2, 4, "1f1b", 1, None, Some(16))) else {
         panic!("a 16-byte limit is infeasible");

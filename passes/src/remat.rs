@@ -1567,8 +1567,9 @@ pub fn plan_stages_reserved(
             placement.len()
         ));
     }
-    // Needs under `none` and smallest needs, for sharing a device's limit: every stage gets its
-    // smallest need, the rest is shared in proportion to what keeping everything would add.
+    // Needs under `none` and smallest needs (the policy's own need for a named policy), for
+    // sharing a device's limit: every stage gets its smallest need, the rest is shared in
+    // proportion to what keeping everything would add.
     let mut base = Vec::new();
     let mut min = Vec::new();
     for (i, (f, b, w)) in names.iter().enumerate() {
@@ -1580,10 +1581,14 @@ pub fn plan_stages_reserved(
         );
         let p = g.plan(Policy::None, None, &in_flight[i])?;
         base.push(g.summary(&p, &in_flight[i]).need_bytes);
-        min.push(if limit.is_some() {
-            g.min_need(&in_flight[i])?.min(base[i])
-        } else {
-            0
+        min.push(match (limit, policy) {
+            (None, _) => 0,
+            // `auto` can go down to the smallest plan; a named policy needs its own plan.
+            (Some(_), Policy::Auto) => g.min_need(&in_flight[i])?.min(base[i]),
+            (Some(_), _) => {
+                let own = g.plan(policy, None, &in_flight[i])?;
+                g.summary(&own, &in_flight[i]).need_bytes
+            }
         });
     }
     let mut shares = vec![None; names.len()];
@@ -1610,12 +1615,13 @@ pub fn plan_stages_reserved(
         for d in devices {
             let on = on_device(d);
             let floor = floor_of(d);
-            let extra: u64 = on.iter().map(|&t| base[t] - min[t]).sum();
+            let extra: u64 = on.iter().map(|&t| base[t].saturating_sub(min[t])).sum();
             for &t in &on {
                 let add = if extra == 0 {
                     0
                 } else {
-                    ((l - floor) as u128 * (base[t] - min[t]) as u128 / extra as u128) as u64
+                    ((l - floor) as u128 * base[t].saturating_sub(min[t]) as u128 / extra as u128)
+                        as u64
                 };
                 shares[t] = Some(min[t] + add);
             }

@@ -81,9 +81,10 @@
 //!   layout ops after the second (the context's transpose and reshape) — and keep every other
 //!   saved value (matrix-product inputs, the MLP). Megatron's checkpoint recomputes the context
 //!   and still keeps it for the output projection; here the recomputed context is handed from B to
-//!   W instead of being kept from F, so the same FLOPs buy a shorter lifetime. (Keeping the context
-//!   from F and recomputing only `q·kᵀ` and the elementwise core is cheaper in FLOPs and costs
-//!   more memory under zero-bubble schedules; `auto` weighs the two.)
+//!   W instead of being kept from F, so the same FLOPs buy a shorter lifetime (where B recomputes
+//!   the core; a first stage's B reads nothing, and its W recomputes the core itself). Keeping
+//!   the context from F and recomputing only `q·kᵀ` and the elementwise core is cheaper in FLOPs
+//!   and costs more memory under zero-bubble schedules; `auto` weighs the two.
 //! - `offload-all`: offload every saved value.
 //! - `auto` (the default when `memory-limit` is given): the ILP above. Without a limit it keeps
 //!   everything. An infeasible limit is an error naming the smallest feasible limit found (the

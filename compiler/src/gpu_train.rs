@@ -1,14 +1,14 @@
 //! `cleave train --target cuda` and `cleave bench --target cuda`: the CPU path's training step
 //! (the same [`crate::train::build_step_with`], initialisation, data order, metrics and
 //! checkpoints) compiled through cleave-mlir to PTX and run with the CUDA runtime's
-//! [`cleave_runtime::cuda::GpuRunner`].
+//! `cleave_runtime::cuda::GpuRunner`.
 //!
 //! The training loop is written once, over the [`StepBackend`] trait: the CUDA backend keeps
 //! parameters and optimizer state **resident on the device** (uploaded once; each step uploads
 //! its batch, runs every kernel group, downloads the loss and carries the updated state into the
 //! arguments on the device); state is downloaded only for checkpoints, evaluations (which run
 //! the forward function on the CPU runtime with the downloaded parameters) and at the end. The
-//! MLIR-on-CPU backend ([`MlirCpuBackend`], feature `mlir`) runs the same loop through MLIR's LLVM
+//! MLIR-on-CPU backend (`MlirCpuBackend`, feature `mlir`) runs the same loop through MLIR's LLVM
 //! lowering, so CI checks the loop against the CPU runtime's losses without a GPU.
 //!
 //! GEMM groups (one `matmul` each, with a `GemmSpec`) run on cuBLAS by default; `--gemm mlir`
@@ -341,7 +341,7 @@ pub fn train_on<B: StepBackend>(
 }
 
 /// `cleave train --target cuda`: opens GPU 0 (a missing driver is a clear error), then trains
-/// with [`train_on`] on the CUDA backend.
+/// with `train_on` on the CUDA backend.
 pub fn train_cuda(
     a: &crate::train::TrainArgs,
     gemm: GemmArg,

@@ -13,7 +13,7 @@
 //! # Costs and memory handed to the simulator
 //!
 //! Per stage, under the device profile: `T_F`, `T_B`, `T_W` are the sums of
-//! [`forward_seconds`] over the nodes of F, B and W after the rewrite (views — `reshape`,
+//! [`cleave_passes::remat::forward_seconds`] over the nodes of F, B and W after the rewrite (views — `reshape`,
 //! `stop_gradient` — cost nothing: the runtime aliases them) (so recomputation is in B
 //! and W), plus the part of the offload and reload copies that compute does not hide
 //! ([`exposed_transfer`]). `M_B` and `M_W` are `split-bw`'s stash sets of the rewritten functions

@@ -64,10 +64,10 @@ pub struct ScheduleArgs {
     /// Number of microbatches M.
     #[arg(long)]
     pub microbatches: usize,
-    /// gpipe, 1f1b, interleaved (2 chunks) or interleaved-<v>, zb-h1, zb-h2, zb-v, auto.
+    /// gpipe, 1f1b, interleaved (2 chunks) or `interleaved-<v>`, zb-h1, zb-h2, zb-v, auto.
     #[arg(long)]
     pub schedule: String,
-    /// TF,TB,TW[,TCOMM]: one device's share of the model.
+    /// `TF,TB,TW[,TCOMM]`: one device's share of the model.
     #[arg(
         long,
         value_delimiter = ',',

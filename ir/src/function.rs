@@ -157,7 +157,7 @@ impl Function {
 
     /// Creates a node with fresh result values of the given types, appended at the end of `body`.
     ///
-    /// No type checking happens here: builders check with [`crate::infer`] first, and the
+    /// No type checking happens here: builders check with [`crate::infer()`] first, and the
     /// verifier checks whole functions.
     pub fn push_node(
         &mut self,

@@ -3,7 +3,7 @@
 //! - [`types`]: element types and static tensor types.
 //! - [`op`]: the closed op enum, with each op's operand signature and shape rule.
 //! - [`function`]: values and nodes in typed arenas, functions, modules, phases and stages.
-//! - [`infer`]: the shape rules as code.
+//! - [`mod@infer`]: the shape rules as code.
 //! - [`attrs`], [`printer`], [`parser`]: the text format (`Display` prints what the parser reads).
 //! - [`verifier`]: the invariants every pass must preserve.
 //! - [`interp`]: the reference interpreter, the oracle for every pass and backend.

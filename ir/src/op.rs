@@ -12,7 +12,7 @@
 //! [`Op::Constant`], [`Op::Iota`], [`Op::Cast`], [`Op::Broadcast`], [`Op::Reshape`],
 //! [`Op::OneHot`]) carry the result type (or the part of it they fix) as an attribute. The text
 //! format does not repeat it: the printer omits it and the parser takes it from the declared result
-//! type, so the in-memory op is self-contained and [`crate::infer`] is a pure function of the op
+//! type, so the in-memory op is self-contained and [`crate::infer()`] is a pure function of the op
 //! and the operand types.
 //!
 //! ## Composite ops

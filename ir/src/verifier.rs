@@ -16,7 +16,7 @@
 //!
 //! **Types**
 //! 5. The number of operands matches the op's arity, and the declared result types are exactly
-//!    what [`crate::infer`] computes from the op and the operand types (this covers every op's
+//!    what [`crate::infer()`] computes from the op and the operand types (this covers every op's
 //!    shape rule, the maximum rank, literal sizes and element-type restrictions).
 //!
 //! **Interface**

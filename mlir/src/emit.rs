@@ -18,7 +18,7 @@
 //!   concat, pad) compute indices in the body, read with `tensor.extract` and reduce with
 //!   `scf.for`: one thread per output element on the GPU. Softmax-like ops use two generics (row
 //!   statistics, then the elementwise result).
-//! - Transcendentals come from [`crate::mathlib`] (no libdevice).
+//! - Transcendentals come from `crate::mathlib` (no libdevice).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

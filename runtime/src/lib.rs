@@ -1,7 +1,7 @@
 //! cleave-runtime: a CPU executor for verified cleave IR functions.
 //!
-//! [`compile`] lowers a [`Function`] whose values are `f32`, `i32` or `bool` into a [`Plan`]: a
-//! linear list of kernels over buffers with static shapes.
+//! [`compile`] lowers a [`Function`](cleave_ir::Function) whose values are `f32`, `i32` or
+//! `bool` into a [`Plan`]: a linear list of kernels over buffers with static shapes.
 //!
 //! - **Elementwise fusion.** Consecutive elementwise nodes of one element count (unary, binary,
 //!   compare, select, cast, dropout, and the data-movement ops broadcast, transpose and slice) form

@@ -32,7 +32,7 @@
 //! tagged `wgrad`. A `dgrad` node therefore never consumes a `wgrad` value: the cotangent of a
 //! data-dependent value is built only from cotangents of data-dependent values.
 //!
-//! Each VJP rule is split per operand (see [`rules`]): the part for operand `i` is emitted only if
+//! Each VJP rule is split per operand (see `rules.rs`): the part for operand `i` is emitted only if
 //! operand `i` needs a gradient, and it reads only what that part needs.
 //!
 //! # Accumulation order

@@ -1,6 +1,6 @@
 //! The e-class analysis: dtype, shape, byte size, "requires grad" and constant splats.
 //!
-//! `make` computes a class's type with [`cleave_ir::infer`], the same shape rules the verifier
+//! `make` computes a class's type with [`cleave_ir::infer()`], the same shape rules the verifier
 //! uses, so a rule that built an ill-typed term fails loudly at once. `merge` asserts that the
 //! two classes have the same type (a rewrite never changes a type or shape) and reports a change
 //! only when "requires grad" or the splat value becomes known, which is rare: most merges change

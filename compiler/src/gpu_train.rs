@@ -194,7 +194,7 @@ pub fn train_on<B: StepBackend>(
     use crate::init::SplitMix64;
     use crate::train::{
         build_step_with, checkpoint_meta, eval_plan, evaluate, gather_batch, initial_state,
-        parse_grad_method, set_host, split_data, write_checkpoint, Metrics, Order, Progress,
+        parse_grad_method, set_args, split_data, write_checkpoint, Metrics, Order, Progress,
     };
 
     check_supported(a, target)?;
@@ -304,11 +304,7 @@ pub fn train_on<B: StepBackend>(
         }
         if eval_due {
             let eval_plan = eval_plan(&mut eval_plans, &built.forward)?;
-            for (name, d) in &host {
-                if let Some(i) = eval_plan.arg_index(name) {
-                    set_host(eval_plan, i, d)?;
-                }
-            }
+            set_args(eval_plan, &host)?;
             let (acc, eval_loss) = evaluate(
                 eval_plan,
                 &cols,

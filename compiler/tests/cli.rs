@@ -476,24 +476,28 @@ fn new_model_adds_a_loss() {
 fn new_model_writes_synthetic_data_that_trains() {
     let d = tmpdir("data-out");
     let (model, data) = (d.join("gpt.cir"), d.join("gpt.safetensors"));
-    let o = cleave(&[
-        "new-model",
-        "gpt",
-        "--vocab",
-        "32",
-        "--seq",
-        "8",
-        "--batch",
-        "4",
-        "--layers",
-        "1",
-        "-o",
-        model.to_str().unwrap(),
-        "--data-out",
-        data.to_str().unwrap(),
-        "--examples",
-        "40",
-    ]);
+    // The model, and 40 synthetic examples written to `out`.
+    let new_model = |out: &std::path::Path| {
+        cleave(&[
+            "new-model",
+            "gpt",
+            "--vocab",
+            "32",
+            "--seq",
+            "8",
+            "--batch",
+            "4",
+            "--layers",
+            "1",
+            "-o",
+            model.to_str().unwrap(),
+            "--data-out",
+            out.to_str().unwrap(),
+            "--examples",
+            "40",
+        ])
+    };
+    let o = new_model(&data);
     assert!(o.status.success(), "{}", stderr(&o));
     let t = read_tensors(&data).unwrap();
     let (tok, tgt) = (&t["tokens"], &t["targets"]);
@@ -513,24 +517,7 @@ fn new_model_writes_synthetic_data_that_trains() {
     }
     // The same seed gives the same data; the model trains on it.
     let again = d.join("again.safetensors");
-    let o = cleave(&[
-        "new-model",
-        "gpt",
-        "--vocab",
-        "32",
-        "--seq",
-        "8",
-        "--batch",
-        "4",
-        "--layers",
-        "1",
-        "-o",
-        model.to_str().unwrap(),
-        "--data-out",
-        again.to_str().unwrap(),
-        "--examples",
-        "40",
-    ]);
+    let o = new_model(&again);
     assert!(o.status.success());
     assert_eq!(
         std::fs::read(&data).unwrap(),

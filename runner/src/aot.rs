@@ -192,18 +192,8 @@ impl EmbeddedTensor {
     }
 
     fn decode(&self) -> Result<Tensor> {
-        let dtype = [
-            DType::F32,
-            DType::F64,
-            DType::F16,
-            DType::BF16,
-            DType::I32,
-            DType::I64,
-            DType::Bool,
-        ]
-        .into_iter()
-        .find(|d| d.to_string() == self.dtype)
-        .with_context(|| format!("parameter {}: unknown dtype {}", self.name, self.dtype))?;
+        let dtype = DType::from_name(&self.dtype)
+            .with_context(|| format!("parameter {}: unknown dtype {}", self.name, self.dtype))?;
         if !self.hex.len().is_multiple_of(2) || !self.hex.is_ascii() {
             bail!("parameter {}: corrupt data", self.name);
         }

@@ -36,6 +36,7 @@
 //! **Failures.** A failing stage ends the run with an error naming the step, the stage, the
 //! action and the cause (`--fail-action 1B3`, hidden, injects one for tests).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -59,8 +60,8 @@ use cleave_runtime::{compile_with, CompileOptions, HostData};
 use crate::device_memory::{per_device, stage_resident, workspace_of, DeviceAccount};
 use crate::init::init_params;
 use crate::train::{
-    evaluate, gather_batch, load_data, set_host, Metrics, OptimizerArg, Order, TrainArgs,
-    TrainSummary,
+    eval_plan, evaluate, gather_batch, load_data, set_args, Metrics, OptimizerArg, Order,
+    TrainArgs, TrainSummary,
 };
 
 /// What a pipelined run produced.
@@ -241,28 +242,51 @@ fn plan_within(
         )
         .map_err(|e| e.to_string())
     };
-    // The whole procedure for one limit (see above); the error is the first attempt's.
-    let fits = |l: u64| {
-        let said = match attempt(l, None) {
-            Ok(x) => return Ok(x),
-            Err(e) => e,
-        };
-        let mut next = named_smallest(&said).filter(|&n| n > l);
+    // Attempts from the unrewritten plans' reserved bytes, remembered: the search below meets
+    // the same limits again (each attempt compiles and measures every stage's plans).
+    let probes = RefCell::new(BTreeMap::<u64, Result<Fitted, String>>::new());
+    let probe = |n: u64| -> Result<Fitted, String> {
+        if let Some(r) = probes.borrow().get(&n) {
+            return r.clone();
+        }
+        let r = attempt(n, None).map(|(_, _, fitted)| fitted);
+        probes.borrow_mut().insert(n, r.clone());
+        r
+    };
+    // The reserved bytes to retry `l` from: those of the first limit named from `said` on that
+    // fits.
+    let start_for = |l: u64, said: &str| -> Option<Vec<u64>> {
+        let mut next = named_smallest(said).filter(|&n| n > l);
         for _ in 0..SMALLEST_TRIES {
-            let Some(n) = next else { break };
-            match attempt(n, None) {
-                Ok((_, _, fitted)) => {
-                    return attempt(l, Some(&fitted.reserved)).map_err(|_| said);
-                }
+            let n = next?;
+            match probe(n) {
+                Ok(fitted) => return Some(fitted.reserved),
                 Err(e) => next = named_smallest(&e).filter(|&x| x > n),
             }
         }
-        Err(said)
+        None
     };
-    let said = match fits(l) {
+    // The whole procedure for one limit (see above); the error is the first attempt's.
+    let fits = |l: u64| -> Result<Fitted, String> {
+        let said = match probe(l) {
+            Ok(fitted) => return Ok(fitted),
+            Err(e) => e,
+        };
+        let start = start_for(l, &said).ok_or_else(|| said.clone())?;
+        attempt(l, Some(&start))
+            .map(|(_, _, fitted)| fitted)
+            .map_err(|_| said)
+    };
+    let said = match attempt(l, None) {
         Ok((module, mem, _)) => return Ok((module, mem)),
         Err(e) => e,
     };
+    probes.borrow_mut().insert(l, Err(said.clone()));
+    if let Some(start) = start_for(l, &said) {
+        if let Ok((module, mem, _)) = attempt(l, Some(&start)) {
+            return Ok((module, mem));
+        }
+    }
     let Some(first) = named_smallest(&said).filter(|&n| n > l) else {
         bail!("{said}");
     };
@@ -271,7 +295,7 @@ fn plan_within(
     let mut next = first;
     for _ in 0..SMALLEST_TRIES {
         match fits(next) {
-            Ok((_, _, fitted)) => {
+            Ok(fitted) => {
                 hi = Some((next, fitted));
                 break;
             }
@@ -294,7 +318,7 @@ fn plan_within(
             }
             let mid = lo + (hi - lo) / 2;
             match fits(mid) {
-                Ok((_, _, f)) => (hi, fitted) = (mid, f),
+                Ok(f) => (hi, fitted) = (mid, f),
                 Err(_) => lo = mid,
             }
         }
@@ -304,7 +328,7 @@ fn plan_within(
             break;
         }
         match fits(fitted.worst) {
-            Ok((_, _, f)) => (hi, fitted) = (fitted.worst, f),
+            Ok(f) => (hi, fitted) = (fitted.worst, f),
             Err(_) => break,
         }
     }
@@ -985,20 +1009,10 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         .find(|x| cols.iter().any(|c| c.name == *x));
     if n_eval >= mb && forward.output("logits").is_some() {
         if let Some(labels) = labels_name {
-            let mut eval_plan = compile_with(
-                &forward,
-                &CompileOptions {
-                    fuse: true,
-                    preserve_args: true,
-                    jit: true,
-                },
-            )?;
-            for (name, d) in &params {
-                if let Some(i) = eval_plan.arg_index(name) {
-                    set_host(&mut eval_plan, i, d)?;
-                }
-            }
-            let (acc, eval_loss) = evaluate(&mut eval_plan, &cols, labels, n_train, n, mb)?;
+            let mut slot = None;
+            let eval_plan = eval_plan(&mut slot, &forward)?;
+            set_args(eval_plan, &params)?;
+            let (acc, eval_loss) = evaluate(eval_plan, &cols, labels, n_train, n, mb)?;
             summary.accuracy = Some(acc);
             metrics.line(
                 serde_json::json!({"step": a.steps, "eval_loss": eval_loss, "accuracy": acc}),

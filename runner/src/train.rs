@@ -590,6 +590,20 @@ pub fn set_host(plan: &mut Plan, index: usize, data: &HostData) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// Sets every named value the plan takes as an argument (the others are skipped): the trained
+/// parameters, before an evaluation.
+pub fn set_args<N: AsRef<str>, D: std::borrow::Borrow<HostData>>(
+    plan: &mut Plan,
+    values: impl IntoIterator<Item = (N, D)>,
+) -> Result<()> {
+    for (name, d) in values {
+        if let Some(i) = plan.arg_index(name.as_ref()) {
+            set_host(plan, i, d.borrow())?;
+        }
+    }
+    Ok(())
+}
+
 fn to_bytes(d: &HostData) -> (safetensors::Dtype, Vec<u8>) {
     match d {
         HostData::F32(v) => (
@@ -920,11 +934,12 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         plan.carry();
         if eval_due {
             let eval_plan = eval_plan(&mut eval_plans, &built.forward)?;
-            for (name, oi) in &state_outputs {
-                if let Some(i) = eval_plan.arg_index(name) {
-                    set_host(eval_plan, i, &plan.output(*oi))?;
-                }
-            }
+            set_args(
+                eval_plan,
+                state_outputs
+                    .iter()
+                    .map(|(name, oi)| (name, plan.output(*oi))),
+            )?;
             let (acc, eval_loss) = evaluate(
                 eval_plan,
                 &cols,

@@ -78,7 +78,7 @@ pub struct CompileCmd {
     /// auto (the default with --memory-limit), as `cleave train --remat`.
     #[arg(long)]
     pub remat: Option<String>,
-    /// Bytes of saved activations each device may hold (suffix K, M, G allowed).
+    /// Bytes each device may hold, as `cleave train --memory-limit` (suffix K, M, G allowed).
     #[arg(long)]
     pub memory_limit: Option<String>,
     /// Gradient method: bp, forward-gradient, fa, dfa, local{blocks=K}.

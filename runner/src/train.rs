@@ -157,7 +157,8 @@ pub struct TrainArgs {
     /// auto (the default with --memory-limit); runs on the pipeline executor.
     #[arg(long)]
     pub remat: Option<String>,
-    /// Bytes of saved activations each device may hold (suffix K, M, G allowed).
+    /// Bytes each device may hold: parameters, gradients, the plans' buffers and scratch, values
+    /// crossing devices and saved activations (suffix K, M, G allowed).
     #[arg(long)]
     pub memory_limit: Option<String>,
     /// Gradient method: bp, forward-gradient, fa, dfa, local{blocks=K} (see

@@ -15,8 +15,13 @@
 //!    - `fill_small_gaps`: also run W in a gap shorter than T_W.
 //!
 //!    All 8 combinations run (the paper's `initial_solution` grid) and the best is kept.
-//! 2. **Hand-written seeds**: ZB-H1, ZB-H2 and 1F1B, kept when their simulated peak fits the limit.
-//! 3. **Exact ILP** ([`ilp`]) for small p·m (App. G with the pure-Rust microlp solver): binary
+//! 2. **Round-based greedy with lookahead** ([`super::rounds`]): the Zero Bubble scheduler's own
+//!    policy (warm-up F counts from the estimated arrival of the first gradient, one microbatch
+//!    per round, W filling the waits for inputs), its 8 flag combinations. On the paper's Table 5
+//!    rows it gives exactly the published ZB-1p / ZB-2p bubble rates
+//!    (`passes/tests/zero_bubble_table5.rs`).
+//! 3. **Hand-written seeds**: ZB-H1, ZB-H2 and 1F1B, kept when their simulated peak fits the limit.
+//! 4. **Exact ILP** ([`ilp`]) for small p·m (App. G with the pure-Rust microlp solver): binary
 //!    order variables between the actions of a device, continuous end times, big-M ordering,
 //!    the dependency constraints with T_comm, a memory constraint after every action, and the
 //!    objective `min max_i (span of device i)`. Warm-started from the best candidate so far.
@@ -122,6 +127,11 @@ pub fn auto_schedule(
             fill_small_gaps: bits & 4 != 0,
         };
         if let Some(s) = greedy(p, m, costs, memory, limit, flags) {
+            candidates.push((flags.tag(), s));
+        }
+    }
+    for flags in super::rounds::RoundFlags::all() {
+        if let Some(s) = super::rounds::rounds(p, m, costs, memory, limit, flags) {
             candidates.push((flags.tag(), s));
         }
     }

@@ -30,6 +30,7 @@
 pub mod action;
 pub mod auto;
 pub mod generators;
+pub mod rounds;
 pub mod simulate;
 pub mod svg;
 

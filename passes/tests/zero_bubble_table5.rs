@@ -108,3 +108,84 @@ fn auto_reaches_zb_2p_at_2p_mb() {
 fn auto_reaches_zb_1p_at_p_mb() {
     check(1.0, |r| r.7);
 }
+
+mod never_worse {
+    //! Acceptance 4 of issue 21 at the scheduler's level: on random per-stage costs, memory and
+    //! limits, `auto` is never worse than the best fixed one-stage-per-device schedule that fits.
+    use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
+    use cleave_passes::schedule::generators::Generator;
+    use cleave_passes::schedule::simulate::BackwardDependency;
+    use cleave_passes::schedule::{Costs, Memory, StageCost, StageMemory};
+    use proptest::prelude::*;
+
+    fn stage() -> impl Strategy<Value = (StageCost, StageMemory)> {
+        (
+            0.2f64..2.0,
+            0.2f64..2.0,
+            0.05f64..1.5,
+            0.1f64..2.0,
+            0.0f64..1.0,
+        )
+            .prop_map(|(f, b, w, m_b, share)| {
+                (
+                    StageCost { f, b, w },
+                    StageMemory {
+                        m_b,
+                        m_w: m_b * share,
+                    },
+                )
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn auto_never_worse_than_a_fixed_schedule_that_fits(
+            stages in prop::collection::vec(stage(), 2..6),
+            extra_m in 0usize..12,
+            comm in 0.0f64..0.3,
+            slack in 0.0f64..1.0,
+            mode in 0usize..3,
+        ) {
+            let p = stages.len();
+            let m = 1 + extra_m;
+            let costs = Costs { stages: stages.iter().map(|s| s.0).collect(), comm };
+            let memory = Memory { stages: stages.iter().map(|s| s.1).collect() };
+            let backward = [
+                BackwardDependency::NextStage,
+                BackwardDependency::LastStageForward,
+                BackwardDependency::None,
+            ][mode];
+            let fixed: Vec<_> = [Generator::GPipe, Generator::OneFOneB, Generator::ZbH1, Generator::ZbH2]
+                .into_iter()
+                .map(|g| {
+                    let sim = g.generate(p, m).unwrap().simulate_with(&costs, &memory, backward).unwrap();
+                    let peak = sim.devices.iter().map(|d| d.peak_memory).fold(0.0, f64::max);
+                    (g, sim.bubble_rate, peak)
+                })
+                .collect();
+            // A limit between the smallest and the largest fixed peak.
+            let lo = fixed.iter().map(|f| f.2).fold(f64::INFINITY, f64::min);
+            let hi = fixed.iter().map(|f| f.2).fold(0.0, f64::max);
+            let limit = lo + slack * (hi - lo);
+            let options = AutoOptions {
+                memory_limit: Some(limit),
+                backward,
+                ilp_max_pm: 0,
+                ..AutoOptions::default()
+            };
+            let (s, report) = auto_schedule(p, m, &costs, &memory, &options).unwrap();
+            let sim = s.simulate_with(&costs, &memory, backward).unwrap();
+            let peak = sim.devices.iter().map(|d| d.peak_memory).fold(0.0, f64::max);
+            prop_assert!(peak <= limit + 1e-9, "peak {} over {}", peak, limit);
+            for (g, rate, fixed_peak) in &fixed {
+                if *fixed_peak <= limit + 1e-9 {
+                    prop_assert!(
+                        sim.bubble_rate <= rate + 1e-9,
+                        "auto ({}) {} worse than {:?} {}", report.chosen, sim.bubble_rate, g, rate
+                    );
+                }
+            }
+        }
+    }
+}

@@ -20,7 +20,7 @@
 //!    per round, W filling the waits for inputs), its 8 flag combinations. On the paper's Table 5
 //!    rows it gives exactly the published ZB-1p / ZB-2p bubble rates
 //!    (`passes/tests/zero_bubble_table5.rs`).
-//! 3. **Hand-written seeds**: ZB-H1, ZB-H2 and 1F1B, kept when their simulated peak fits the limit.
+//! 3. **Hand-written seeds**: ZB-H1, ZB-H2, 1F1B and GPipe, kept when their simulated peak fits the limit.
 //! 4. **Exact ILP** ([`ilp`]) for small p·m (App. G with the pure-Rust microlp solver): binary
 //!    order variables between the actions of a device, continuous end times, big-M ordering,
 //!    the dependency constraints with T_comm, a memory constraint after every action, and the
@@ -53,6 +53,10 @@ pub struct AutoOptions {
     /// simulator under it, and the `eager` order joins them when B does not wait for the next
     /// stage. The greedy and ILP candidates are still built under backprop's dependencies.
     pub backward: super::simulate::BackwardDependency,
+    /// Work budget of the local search that polishes the best candidate, in simulated actions
+    /// (each trial simulates every action once, so it allows about `search_work / (3·p·m)`
+    /// trials); 0 disables it. Deterministic: no clock is read.
+    pub search_work: usize,
 }
 
 impl Default for AutoOptions {
@@ -62,6 +66,7 @@ impl Default for AutoOptions {
             ilp_max_pm: 8,
             ilp_seconds: 10.0,
             backward: super::simulate::BackwardDependency::NextStage,
+            search_work: 4_000_000,
         }
     }
 }
@@ -139,6 +144,7 @@ pub fn auto_schedule(
         ("zb-h1", Generator::ZbH1),
         ("zb-h2", Generator::ZbH2),
         ("1f1b", Generator::OneFOneB),
+        ("gpipe", Generator::GPipe),
     ] {
         candidates.push((name.to_string(), g.generate(p, m)?));
     }
@@ -158,6 +164,18 @@ pub fn auto_schedule(
     };
     for (name, s) in candidates {
         ctx.consider(name, s, &mut best, &mut report);
+    }
+    if let (Some((s, _)), true) = (&best, options.search_work > 0) {
+        let problem = super::search::Problem {
+            costs,
+            memory,
+            limit,
+            backward: options.backward,
+        };
+        let budget = (options.search_work / (3 * p * m)).max(1);
+        let (polished, _) = super::search::polish(s, &problem, budget);
+        let from = report.chosen.clone();
+        ctx.consider(format!("search({from})"), polished, &mut best, &mut report);
     }
     if p * m <= options.ilp_max_pm {
         let warm = best.as_ref().map(|(s, _)| s.clone());

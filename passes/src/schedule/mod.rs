@@ -31,6 +31,7 @@ pub mod action;
 pub mod auto;
 pub mod generators;
 pub mod rounds;
+pub mod search;
 pub mod simulate;
 pub mod svg;
 

@@ -101,6 +101,21 @@ pub fn rounds(
     limit: f64,
     flags: RoundFlags,
 ) -> Option<Schedule> {
+    rounds_with(p, m, costs, memory, limit, flags, None).map(|(s, _)| s)
+}
+
+/// [`rounds`] with the warm-up's extra F per stage given (`warm_up[s]` F after F0 before B0 on
+/// stage `s`, at most what is left) instead of estimated; also returns the counts used, so that
+/// a search can start from the estimate and move them.
+pub fn rounds_with(
+    p: usize,
+    m: usize,
+    costs: &Costs,
+    memory: &Memory,
+    limit: f64,
+    flags: RoundFlags,
+    warm_up: Option<&[usize]>,
+) -> Option<(Schedule, Vec<usize>)> {
     if p == 0 || m == 0 || costs.stages.len() != p || memory.stages.len() != p {
         return None;
     }
@@ -127,7 +142,7 @@ pub fn rounds(
         flags,
         st,
     };
-    b.warm_up()?;
+    let counts = b.warm_up(warm_up)?;
     // Each round places at least one action while F or B remain; a round without progress
     // means the rules are stuck (it cannot happen with consistent inputs, but never loop).
     while b.st.iter().any(|s| s.nb < m) {
@@ -143,11 +158,12 @@ pub fn rounds(
             b.place(s, ActionKind::W);
         }
     }
-    Some(Schedule {
+    let schedule = Schedule {
         devices: b.st.into_iter().map(|s| s.list).collect(),
         placement: (0..p as u32).collect(),
         microbatches: m,
-    })
+    };
+    Some((schedule, counts))
 }
 
 impl Builder<'_> {
@@ -256,7 +272,7 @@ impl Builder<'_> {
         }
     }
 
-    fn warm_up(&mut self) -> Option<()> {
+    fn warm_up(&mut self, given: Option<&[usize]>) -> Option<Vec<usize>> {
         let (p, m) = (self.p, self.m);
         let comm = self.costs.comm;
         for s in 0..p {
@@ -293,10 +309,19 @@ impl Builder<'_> {
                 extra[s] = extra[s - 1].saturating_sub(1);
             }
         }
-        for (s, &k) in extra.iter().enumerate() {
-            for _ in 0..k {
+        if let Some(given) = given {
+            for (e, &g) in extra.iter_mut().zip(given) {
+                *e = g.min(m - 1);
+            }
+        }
+        for (s, k) in extra.iter_mut().enumerate() {
+            for placed in 0..*k {
                 if !self.can_place(s, ActionKind::F) {
+                    *k = placed;
                     break;
+                }
+                if !self.make_room(s, self.m_b(s)) {
+                    return None;
                 }
                 self.place(s, ActionKind::F);
             }
@@ -307,7 +332,7 @@ impl Builder<'_> {
             }
             self.place(s, ActionKind::B);
         }
-        Some(())
+        Some(extra)
     }
 
     /// One round: at most one F and one B per stage.
@@ -317,16 +342,16 @@ impl Builder<'_> {
         let mut take: Vec<bool> = self.st.iter().map(|s| s.nf < self.m).collect();
         if self.flags.prioritize_b {
             let worst = self.max_bubble();
-            for s in 0..p - 1 {
+            for (s, t) in take.iter_mut().enumerate().take(p - 1) {
                 let (me, next) = (&self.st[s], &self.st[s + 1]);
-                if !take[s] || me.nf < next.nf + 2 {
+                if !*t || me.nf < next.nf + 2 {
                     continue;
                 }
                 let cn = self.costs.stages[s + 1];
                 let next_f = if next.nf < self.m { cn.f } else { 0.0 };
                 let x = next.clock + next_f + cn.b + comm;
                 if me.clock >= x - EPS {
-                    take[s] = false;
+                    *t = false;
                     continue;
                 }
                 let c = self.costs.stages[s];
@@ -342,7 +367,7 @@ impl Builder<'_> {
                     continue;
                 }
                 if x - me.clock <= worst - me.bubble + EPS {
-                    take[s] = false;
+                    *t = false;
                 }
             }
         }

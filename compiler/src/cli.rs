@@ -642,6 +642,7 @@ fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
             policy,
             limit,
             &profile,
+            &mut cleave_passes::remat::PlanCache::default(),
         )?
     };
     if let Some(path) = &a.svg {

@@ -37,10 +37,18 @@
 //! seed's plan gives new per-stage `T_F, T_B, T_W, M_B, M_W`; the `auto` scheduler, bounded by the
 //! limit, then picks a schedule for those costs, whose in-flight counts give a new plan, and so
 //! on. **The loop ends** when the in-flight counts repeat one already planned (a fixed point when
-//! they repeat the last one, a cycle otherwise) or after [`MAX_ROUNDS`] rounds; in-flight counts
-//! take finitely many values, so it always ends. Every consistent pair (a schedule and the plan
-//! made for its in-flight counts) met on the way is simulated, and the one with the smallest
-//! makespan is chosen.
+//! they repeat the last one, a cycle otherwise), when a round does not shorten the step, or after
+//! [`MAX_ROUNDS`] rounds; in-flight counts take finitely many values, so it always ends. Every
+//! consistent pair (a schedule and the plan made for its in-flight counts) met on the way is
+//! simulated.
+//!
+//! **Two budgets.** While exploring, each stage's ILP stops after [`EXPLORE_NODES`]
+//! branch-and-bound nodes; the [`FINAL_CANDIDATES`] best pairs are then planned again with
+//! [`FINAL_NODES`] (the same search run longer, so the plan is at least as good), and the pair
+//! with the smallest makespan is chosen. Stage problems repeat across schedules (the same
+//! stage, limit share and in-flight counts): a [`PlanCache`] solves each once, and the solves
+//! of one schedule's stages run on all cores. On the 32-layer GPT at P=8, M=16 this brought
+//! the joint plan from 8.7 s / 53 s to under 2 s (BENCHMARKS.md, "Joint plan time").
 
 use std::collections::BTreeSet;
 
@@ -48,7 +56,8 @@ use anyhow::{Context, Result};
 use cleave_ir::{Function, Module};
 use cleave_passes::partition::DeviceProfile;
 use cleave_passes::remat::{
-    exposed_transfer, function_seconds, plan_stages, InFlight, Policy, StageMemory,
+    exposed_transfer, function_seconds, plan_stages_cached, InFlight, PlanCache, Policy,
+    StageMemory,
 };
 use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
 use cleave_passes::schedule::{Costs, Memory, Schedule, Simulation, StageCost};
@@ -63,6 +72,15 @@ pub type Candidate = (String, f64, f64);
 
 /// Rounds of the joint loop per seed.
 pub const MAX_ROUNDS: usize = 6;
+
+/// Branch-and-bound nodes per stage ILP while the joint loop explores.
+pub const EXPLORE_NODES: u64 = 50;
+
+/// How many of the best explored candidates are planned again with [`FINAL_NODES`].
+pub const FINAL_CANDIDATES: usize = 1;
+
+/// Branch-and-bound nodes per stage ILP of the final candidates.
+pub const FINAL_NODES: u64 = 500;
 
 /// A schedule with its plan, costs and simulation.
 #[derive(Clone, Debug)]
@@ -265,7 +283,8 @@ fn device_stash(s: &cleave_passes::split::SplitStage<'_>) -> cleave_passes::spli
     r
 }
 
-/// Plans `policy` for `schedule` and simulates it.
+/// Plans `policy` for `schedule` and simulates it; `cache` holds the stage plans already made
+/// for `base` (give every call on the same `base` the same cache).
 #[allow(clippy::too_many_arguments)]
 pub fn plan_for(
     forward: &Function,
@@ -275,16 +294,19 @@ pub fn plan_for(
     policy: Policy,
     limit: Option<u64>,
     profile: &DeviceProfile,
+    cache: &mut PlanCache,
 ) -> Result<Planned> {
     let mut module = base.clone();
     let placement: Vec<usize> = schedule.placement.iter().map(|&d| d as usize).collect();
-    let stages = plan_stages(
+    let stages = plan_stages_cached(
         &mut module,
         policy,
         limit,
+        &[],
         &in_flight(&schedule),
         &placement,
         profile,
+        cache,
     )
     .map_err(|e| anyhow::anyhow!("{}: {origin}: {e}", forward.name))?;
     let (costs, memory) = costs_of(&module, profile, &stages);
@@ -314,16 +336,34 @@ pub fn joint(
 ) -> Result<(Planned, Vec<Candidate>)> {
     let mut tried: Vec<(String, f64, f64)> = Vec::new();
     let mut best: Option<Planned> = None;
-    let mut consider = |x: Planned, tried: &mut Vec<(String, f64, f64)>| {
-        tried.push((x.origin.clone(), x.sim.makespan, x.effective_bubble_rate()));
-        if best
-            .as_ref()
-            .is_none_or(|b| x.sim.makespan < b.sim.makespan)
-        {
-            best = Some(x);
-        }
-    };
+    let mut pool: Vec<Planned> = Vec::new();
+    let mut consider =
+        |x: Planned, tried: &mut Vec<(String, f64, f64)>, best: &mut Option<Planned>| {
+            tried.push((x.origin.clone(), x.sim.makespan, x.effective_bubble_rate()));
+            pool.push(x.clone());
+            if best
+                .as_ref()
+                .is_none_or(|b| x.sim.makespan < b.sim.makespan)
+            {
+                *best = Some(x);
+            }
+        };
+    let mut cache = PlanCache::default();
+    cache.node_budget = EXPLORE_NODES;
+    let started = std::time::Instant::now();
     for seed in ["1f1b", "zb-h1", "zb-h2", "auto"] {
+        // A line per seed family once the search has run for more than a second.
+        let progress = |cache: &PlanCache, best: Option<f64>| {
+            let t = started.elapsed().as_secs_f64();
+            if t > 1.0 {
+                eprintln!(
+                    "joint: seed {seed} done at {t:.1} s ({} stage plans solved, {} reused; best makespan so far {})",
+                    cache.misses,
+                    cache.hits,
+                    best.map_or("none".to_string(), |b| format!("{b:.6} s"))
+                );
+            }
+        };
         let schedule = build_schedule(seed, p, m)?;
         let Ok(mut cur) = plan_for(
             forward,
@@ -333,7 +373,9 @@ pub fn joint(
             Policy::Auto,
             Some(limit),
             profile,
+            &mut cache,
         ) else {
+            progress(&cache, best.as_ref().map(|b| b.sim.makespan));
             continue;
         };
         let mut seen: BTreeSet<Vec<(u64, u64)>> = BTreeSet::new();
@@ -344,6 +386,7 @@ pub fn joint(
                 .collect()
         };
         seen.insert(key(&cur.schedule));
+        let mut seed_best = cur.sim.makespan;
         for round in 0..MAX_ROUNDS {
             let options = AutoOptions {
                 memory_limit: Some(limit as f64),
@@ -354,7 +397,7 @@ pub fn joint(
                 .ok()
                 .map(|x| x.0);
             let prev = cur;
-            consider(prev.clone(), &mut tried);
+            consider(prev.clone(), &mut tried, &mut best);
             let Some(next) = next else { break };
             if !seen.insert(key(&next)) {
                 break;
@@ -368,14 +411,72 @@ pub fn joint(
                 Policy::Auto,
                 Some(limit),
                 profile,
+                &mut cache,
             ) {
                 Ok(x) => cur = x,
                 Err(_) => break,
             }
+            // A round that does not shorten the step ends the seed's descent.
+            if cur.sim.makespan >= seed_best {
+                consider(cur.clone(), &mut tried, &mut best);
+                break;
+            }
+            seed_best = cur.sim.makespan;
             if round + 1 == MAX_ROUNDS {
-                consider(cur.clone(), &mut tried);
+                consider(cur.clone(), &mut tried, &mut best);
             }
         }
+        progress(&cache, best.as_ref().map(|b| b.sim.makespan));
+    }
+    // The best explored schedules, planned again with the final node budget (the same search
+    // run longer: the plan is at least as good).
+    let mut explored: Vec<(String, f64)> = tried.iter().map(|t| (t.0.clone(), t.1)).collect();
+    explored.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let finals = std::mem::take(&mut pool);
+    cache.node_budget = FINAL_NODES;
+    let mut final_best: Option<Planned> = None;
+    for (origin, _) in explored.iter().take(FINAL_CANDIDATES) {
+        let Some(x) = finals.iter().find(|x| &x.origin == origin) else {
+            continue;
+        };
+        if let Ok(y) = plan_for(
+            forward,
+            base,
+            x.schedule.clone(),
+            &x.origin,
+            Policy::Auto,
+            Some(limit),
+            profile,
+            &mut cache,
+        ) {
+            tried.push((
+                format!("{}+full", y.origin),
+                y.sim.makespan,
+                y.effective_bubble_rate(),
+            ));
+            if final_best
+                .as_ref()
+                .is_none_or(|b| y.sim.makespan < b.sim.makespan)
+            {
+                final_best = Some(y);
+            }
+        }
+    }
+    let best = match (best, final_best) {
+        (Some(b), Some(f)) => Some(if f.sim.makespan <= b.sim.makespan {
+            f
+        } else {
+            b
+        }),
+        (b, f) => f.or(b),
+    };
+    if started.elapsed().as_secs_f64() > 1.0 {
+        eprintln!(
+            "joint: done at {:.1} s ({} stage plans solved, {} reused)",
+            started.elapsed().as_secs_f64(),
+            cache.misses,
+            cache.hits
+        );
     }
     let best = best.context("no schedule has a plan within the memory limit")?;
     Ok((best, tried))

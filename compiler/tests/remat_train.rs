@@ -206,6 +206,7 @@ fn joint_choice_fits_the_one_f_one_b_peak() {
         Policy::None,
         None,
         &profile,
+        &mut cleave_passes::remat::PlanCache::default(),
     )
     .unwrap();
     let limit = none

@@ -90,7 +90,7 @@
 //!   everything. An infeasible limit is an error naming the smallest feasible limit found (the
 //!   ILP minimising memory, or the greedy's smallest plan).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use cleave_ir::cost::node_flops;
 use cleave_ir::printer::print_numbering;
@@ -103,7 +103,7 @@ use crate::pass::{Pass, PassContext, PassError, PassOptions};
 use crate::split::{split_stages, stash_report};
 
 /// A named recomputation/offload policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Policy {
     /// Keep every saved value.
     None,
@@ -185,7 +185,7 @@ pub struct StagePlan {
 
 /// Microbatches in flight on a stage (see the module docs): the largest counts, and the counts
 /// at every moment of the schedule.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct InFlight {
     /// Between F and W, at most.
     pub saved: u64,
@@ -426,6 +426,8 @@ pub struct ChoiceGraph<'a> {
     w_reads: BTreeSet<Value>,
     /// Saved values B reads.
     b_reads: BTreeSet<Value>,
+    /// Branch-and-bound nodes per ILP solve ([`ILP_NODES`] unless set).
+    node_budget: u64,
 }
 
 /// Where a plan's values are needed, as [`ChoiceGraph::apply`] rewrites B and W.
@@ -514,7 +516,15 @@ impl<'a> ChoiceGraph<'a> {
             host_bytes_per_s: profile.host_bytes_per_s,
             hide_seconds: function_seconds(profile, f).min(function_seconds(profile, b)),
             b_to_w: stash_report(&st).b_to_w,
+            node_budget: ILP_NODES,
         }
+    }
+
+    /// The same graph whose ILP solves stop after `nodes` branch-and-bound nodes (a smaller
+    /// budget plans faster and at most as well: the search is the same, cut earlier).
+    pub fn with_node_budget(mut self, nodes: u64) -> Self {
+        self.node_budget = nodes.max(1);
+        self
     }
 
     fn bytes(&self, v: Value) -> u64 {
@@ -1079,7 +1089,7 @@ impl<'a> ChoiceGraph<'a> {
             }
         }
         let mut options = SolveOptions::default();
-        options.node_limit = Some(ILP_NODES);
+        options.node_limit = Some(self.node_budget);
         options.mip_gap = ILP_GAP;
         if let Some(plan) = hint {
             let uses = self.uses(plan);
@@ -1555,6 +1565,159 @@ pub fn plan_stages_reserved(
     placement: &[usize],
     profile: &DeviceProfile,
 ) -> Result<Vec<StageMemory>, String> {
+    plan_stages_cached(
+        module,
+        policy,
+        limit,
+        reserved,
+        in_flight,
+        placement,
+        profile,
+        &mut PlanCache::default(),
+    )
+}
+
+/// The plans [`plan_stages_cached`] has made for the stages of **one** split module, by what
+/// decides them (stage, policy, limit share, in-flight counts), so that a search that plans the
+/// same module for many schedules (the joint choice) solves each distinct stage problem once.
+/// Plans are deterministic (the ILP stops after a node budget), so a cached plan is the plan
+/// that would be made again.
+#[derive(Debug)]
+pub struct PlanCache {
+    /// (stage, in-flight, policy, limited?) → (need under `none`, smallest need if looked up).
+    needs: HashMap<NeedKey, (u64, Option<u64>)>,
+    /// (stage, policy, share, in-flight, node budget) → the plan or why there is none.
+    plans: HashMap<PlanKey, Result<StagePlan, String>>,
+    /// Branch-and-bound nodes per ILP solve of the plans made from now on.
+    pub node_budget: u64,
+    /// Stage problems answered from the cache.
+    pub hits: usize,
+    /// Stage problems solved.
+    pub misses: usize,
+}
+
+type PlanKey = (usize, Policy, Option<u64>, InFlight, u64);
+type NeedKey = (usize, InFlight, Policy, bool);
+
+impl Default for PlanCache {
+    fn default() -> Self {
+        PlanCache {
+            needs: HashMap::new(),
+            plans: HashMap::new(),
+            node_budget: ILP_NODES,
+            hits: 0,
+            misses: 0,
+        }
+    }
+}
+
+/// A stage's need under `none` and (when `with_min`) its smallest need under `policy`,
+/// remembered in `cache`.
+#[allow(clippy::too_many_arguments)]
+fn stage_needs(
+    module: &Module,
+    (f, b, w): &(String, String, String),
+    policy: Policy,
+    limit: Option<u64>,
+    in_flight: &InFlight,
+    profile: &DeviceProfile,
+    cache: &mut PlanCache,
+    stage: usize,
+    with_min: bool,
+) -> Result<(u64, Option<u64>), String> {
+    let key = (stage, in_flight.clone(), policy, limit.is_some());
+    let known = cache.needs.get(&key).copied();
+    if let Some((need, smallest)) = known {
+        if smallest.is_some() || !with_min {
+            return Ok((need, smallest));
+        }
+    }
+    let g = ChoiceGraph::new(
+        module.function(f).expect("F"),
+        module.function(b).expect("B"),
+        module.function(w).expect("W"),
+        profile,
+    );
+    let need = match known {
+        Some((need, _)) => need,
+        None => {
+            let p = g.plan(Policy::None, None, in_flight)?;
+            g.summary(&p, in_flight).need_bytes
+        }
+    };
+    let smallest = if !with_min {
+        None
+    } else {
+        Some(match (limit, policy) {
+            (None, _) => 0,
+            // `auto` can go down to the smallest plan; a named policy needs its own plan.
+            (Some(_), Policy::Auto) => g.min_need(in_flight)?.min(need),
+            (Some(_), _) => {
+                let own = g.plan(policy, None, in_flight)?;
+                g.summary(&own, in_flight).need_bytes
+            }
+        })
+    };
+    cache.needs.insert(key, (need, smallest));
+    Ok((need, smallest))
+}
+
+/// The error of the device whose smallest needs (those known) plus reserved bytes exceed `l`,
+/// the largest such first.
+fn feasible_or_error(
+    l: u64,
+    devices: &BTreeSet<usize>,
+    placement: &[usize],
+    min: &[Option<u64>],
+    reserved_on: &dyn Fn(usize) -> u64,
+    in_flight: &[InFlight],
+) -> Result<(), String> {
+    let on_device = |d: usize| -> Vec<usize> {
+        (0..placement.len())
+            .filter(|&t| placement[t] == d)
+            .collect()
+    };
+    let known = |d: usize| on_device(d).iter().all(|&t| min[t].is_some());
+    let floor_of = |d: usize| -> u64 {
+        reserved_on(d)
+            + on_device(d)
+                .iter()
+                .map(|&t| min[t].unwrap_or(0))
+                .sum::<u64>()
+    };
+    let worst = devices
+        .iter()
+        .copied()
+        .filter(|&d| known(d))
+        .max_by_key(|&d| floor_of(d));
+    if let Some(d) = worst.filter(|&d| floor_of(d) > l) {
+        let on = on_device(d);
+        return Err(format!(
+            "device {d}: the memory limit {l} bytes is infeasible; {SMALLEST_FEASIBLE}{} bytes ({} bytes reserved for parameters, gradients, workspace and values crossing devices; saved values of stages {on:?}: {})",
+            floor_of(d),
+            reserved_on(d),
+            on.iter()
+                .map(|&t| in_flight[t].to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    Ok(())
+}
+
+/// [`plan_stages_reserved`] answering repeated stage problems from `cache`, which must only
+/// ever see `module`'s un-rewritten stages (the same base module each call; callers clone it).
+#[allow(clippy::too_many_arguments)]
+pub fn plan_stages_cached(
+    module: &mut Module,
+    policy: Policy,
+    limit: Option<u64>,
+    reserved: &[u64],
+    in_flight: &[InFlight],
+    placement: &[usize],
+    profile: &DeviceProfile,
+    cache: &mut PlanCache,
+) -> Result<Vec<StageMemory>, String> {
     let reserved_on = |d: usize| reserved.get(d).copied().unwrap_or(0);
     let names: Vec<(String, String, String)> = split_stages(module)
         .iter()
@@ -1570,62 +1733,130 @@ pub fn plan_stages_reserved(
     }
     // Needs under `none` and smallest needs (the policy's own need for a named policy), for
     // sharing a device's limit: every stage gets its smallest need, the rest is shared in
-    // proportion to what keeping everything would add.
+    // proportion to what keeping everything would add. A stage alone on its device under `auto` gets the device's whole
+    // limit whatever its smallest need, so that need (an ILP of its own) is only found when the
+    // stage's plan fails, for the error.
+    let alone = |i: usize| placement.iter().filter(|&&d| d == placement[i]).count() == 1;
+    let lazy = |i: usize| limit.is_some() && policy == Policy::Auto && alone(i);
     let mut base = Vec::new();
-    let mut min = Vec::new();
-    for (i, (f, b, w)) in names.iter().enumerate() {
+    let mut min: Vec<Option<u64>> = Vec::new();
+    for i in 0..names.len() {
+        let (need, smallest) = stage_needs(
+            module,
+            &names[i],
+            policy,
+            limit,
+            &in_flight[i],
+            profile,
+            cache,
+            i,
+            !lazy(i),
+        )?;
+        base.push(need);
+        min.push(smallest);
+    }
+    let mut shares = vec![None; names.len()];
+    if let Some(l) = limit {
+        let devices: BTreeSet<usize> = placement.iter().copied().collect();
+        feasible_or_error(l, &devices, placement, &min, &reserved_on, in_flight)?;
+        for d in devices {
+            let on: Vec<usize> = (0..names.len()).filter(|&t| placement[t] == d).collect();
+            if let [t] = on[..] {
+                if min[t].is_none() {
+                    shares[t] = Some(l.saturating_sub(reserved_on(d)));
+                    continue;
+                }
+            }
+            let min_of = |t: usize| min[t].expect("smallest need of a shared device");
+            let floor = reserved_on(d) + on.iter().map(|&t| min_of(t)).sum::<u64>();
+            let extra: u64 = on.iter().map(|&t| base[t].saturating_sub(min_of(t))).sum();
+            for &t in &on {
+                let add = if extra == 0 {
+                    0
+                } else {
+                    ((l - floor) as u128 * base[t].saturating_sub(min_of(t)) as u128
+                        / extra as u128) as u64
+                };
+                shares[t] = Some(min_of(t) + add);
+            }
+        }
+    }
+    // The stage problems not in the cache, solved on as many threads as there are cores (each
+    // solve is deterministic, so the plans do not depend on the thread count).
+    let budget = cache.node_budget;
+    let key_of = |i: usize| (i, policy, shares[i], in_flight[i].clone(), budget);
+    let missing: Vec<usize> = (0..names.len())
+        .filter(|&i| !cache.plans.contains_key(&key_of(i)))
+        .collect();
+    cache.hits += names.len() - missing.len();
+    cache.misses += missing.len();
+    let solve = |i: usize| {
+        let (f, b, w) = &names[i];
         let g = ChoiceGraph::new(
             module.function(f).expect("F"),
             module.function(b).expect("B"),
             module.function(w).expect("W"),
             profile,
-        );
-        let p = g.plan(Policy::None, None, &in_flight[i])?;
-        base.push(g.summary(&p, &in_flight[i]).need_bytes);
-        min.push(match (limit, policy) {
-            (None, _) => 0,
-            // `auto` can go down to the smallest plan; a named policy needs its own plan.
-            (Some(_), Policy::Auto) => g.min_need(&in_flight[i])?.min(base[i]),
-            (Some(_), _) => {
-                let own = g.plan(policy, None, &in_flight[i])?;
-                g.summary(&own, &in_flight[i]).need_bytes
-            }
+        )
+        .with_node_budget(budget);
+        g.plan(policy, shares[i], &in_flight[i])
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(missing.len());
+    let solved: Vec<(usize, Result<StagePlan, String>)> = if threads <= 1 {
+        missing.iter().map(|&i| (i, solve(i))).collect()
+    } else {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut all: Vec<(usize, Result<StagePlan, String>)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&i) = missing.get(k) else { break };
+                            mine.push((i, solve(i)));
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|h| h.join().expect("a remat planning thread panicked"))
+                .collect()
         });
+        all.sort_by_key(|x| x.0);
+        all
+    };
+    for (i, made) in solved {
+        cache.plans.insert(key_of(i), made);
     }
-    let mut shares = vec![None; names.len()];
+    // A failed stage whose smallest need was not looked up: the device-level error, as when the
+    // need is known up front.
     if let Some(l) = limit {
-        let devices: BTreeSet<usize> = placement.iter().copied().collect();
-        let on_device =
-            |d: usize| -> Vec<usize> { (0..names.len()).filter(|&t| placement[t] == d).collect() };
-        let floor_of = |d: usize| -> u64 {
-            reserved_on(d) + on_device(d).iter().map(|&t| min[t]).sum::<u64>()
-        };
-        let worst = devices.iter().copied().max_by_key(|&d| floor_of(d));
-        if let Some(d) = worst.filter(|&d| floor_of(d) > l) {
-            let on = on_device(d);
-            return Err(format!(
-                "device {d}: the memory limit {l} bytes is infeasible; {SMALLEST_FEASIBLE}{} bytes ({} bytes reserved for parameters, gradients, workspace and values crossing devices; saved values of stages {on:?}: {})",
-                floor_of(d),
-                reserved_on(d),
-                on.iter()
-                    .map(|&t| in_flight[t].to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ));
-        }
-        for d in devices {
-            let on = on_device(d);
-            let floor = floor_of(d);
-            let extra: u64 = on.iter().map(|&t| base[t].saturating_sub(min[t])).sum();
-            for &t in &on {
-                let add = if extra == 0 {
-                    0
-                } else {
-                    ((l - floor) as u128 * base[t].saturating_sub(min[t]) as u128 / extra as u128)
-                        as u64
-                };
-                shares[t] = Some(min[t] + add);
+        let failed_lazy =
+            (0..names.len()).any(|i| min[i].is_none() && cache.plans[&key_of(i)].is_err());
+        if failed_lazy {
+            for i in 0..names.len() {
+                if min[i].is_none() {
+                    min[i] = stage_needs(
+                        module,
+                        &names[i],
+                        policy,
+                        limit,
+                        &in_flight[i],
+                        profile,
+                        cache,
+                        i,
+                        true,
+                    )?
+                    .1;
+                }
             }
+            let devices: BTreeSet<usize> = placement.iter().copied().collect();
+            feasible_or_error(l, &devices, placement, &min, &reserved_on, in_flight)?;
         }
     }
     let mut out = Vec::new();
@@ -1637,7 +1868,8 @@ pub fn plan_stages_reserved(
             module.function(w).expect("W"),
         );
         let g = ChoiceGraph::new(fun, bun, wun, profile);
-        let plan = g.plan(policy, share, &in_flight[i]).map_err(|e| {
+        let plan = cache.plans[&key_of(i)].clone();
+        let plan = plan.map_err(|e| {
             format!(
                 "stage {i} (@{f}, device {}, limit share {} of {} bytes): {e}",
                 placement[i],

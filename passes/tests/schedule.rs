@@ -363,7 +363,7 @@ fn ilp_matches_or_beats_the_heuristics_on_a_tiny_case() {
     let options = AutoOptions {
         memory_limit: Some(2.0),
         ilp_max_pm: 6,
-        ilp_seconds: 20.0,
+        ilp_nodes: 20_000,
         ..AutoOptions::default()
     };
     let (_, report) = auto_schedule(p, m, &costs, &memory, &options).unwrap();

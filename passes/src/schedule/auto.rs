@@ -21,19 +21,18 @@
 //!    rows it gives exactly the published ZB-1p / ZB-2p bubble rates
 //!    (`passes/tests/zero_bubble_table5.rs`).
 //! 3. **Hand-written seeds**: ZB-H1, ZB-H2, 1F1B and GPipe, kept when their simulated peak fits the limit.
-//! 4. **Exact ILP** ([`ilp`]) for small p·m (App. G with the pure-Rust microlp solver): binary
+//! 4. **Local search** ([`super::search`]) on the best candidate so far: moves that close its
+//!    idle gaps, kept when the simulated result fits and is shorter, within
+//!    [`AutoOptions::search_work`] simulated actions.
+//! 5. **Exact ILP** ([`ilp`]) for small p·m (App. G with the pure-Rust microlp solver): binary
 //!    order variables between the actions of a device, continuous end times, big-M ordering,
 //!    the dependency constraints with T_comm, a memory constraint after every action, and the
-//!    objective `min max_i (span of device i)`. Warm-started from the best candidate so far.
+//!    objective `min max_i (span of device i)`. Warm-started from the best candidate so far;
+//!    stopped after [`AutoOptions::ilp_nodes`] branch-and-bound nodes (deterministic).
 //!
 //! Every candidate is simulated with the real simulator; the result is the one with the lowest
 //! bubble rate (then makespan) whose peaks fit the limit. So `auto` is never worse than any seed
 //! that fits, by construction; [`AutoReport`] says which candidate won.
-
-use good_lp::{
-    constraint, microlp, variable, Expression, ProblemVariables, Solution, SolverModel, Variable,
-    WithTimeLimit,
-};
 
 use super::action::{Action, ActionKind};
 use super::generators::Generator;
@@ -47,8 +46,9 @@ pub struct AutoOptions {
     pub memory_limit: Option<f64>,
     /// Run the ILP when p·m is at most this (0 disables it).
     pub ilp_max_pm: usize,
-    /// Time limit of the ILP, seconds.
-    pub ilp_seconds: f64,
+    /// Branch-and-bound nodes of the ILP (a budget, not a time limit, so that `auto` gives the
+    /// same schedule on every machine).
+    pub ilp_nodes: u64,
     /// What B waits for (the gradient method's dependency mode): candidates are judged by the
     /// simulator under it, and the `eager` order joins them when B does not wait for the next
     /// stage. The greedy and ILP candidates are still built under backprop's dependencies.
@@ -64,7 +64,7 @@ impl Default for AutoOptions {
         AutoOptions {
             memory_limit: None,
             ilp_max_pm: 8,
-            ilp_seconds: 10.0,
+            ilp_nodes: 2000,
             backward: super::simulate::BackwardDependency::NextStage,
             search_work: 4_000_000,
         }
@@ -179,15 +179,7 @@ pub fn auto_schedule(
     }
     if p * m <= options.ilp_max_pm {
         let warm = best.as_ref().map(|(s, _)| s.clone());
-        if let Some(s) = ilp(
-            p,
-            m,
-            costs,
-            memory,
-            limit,
-            warm.as_ref(),
-            options.ilp_seconds,
-        ) {
+        if let Some(s) = ilp(p, m, costs, memory, limit, warm.as_ref(), options.ilp_nodes) {
             ctx.consider("ilp".to_string(), s, &mut best, &mut report);
         }
     }
@@ -398,8 +390,9 @@ pub fn greedy(
     })
 }
 
-/// The exact ILP (App. G), solved with microlp; `None` when it fails or times out without a
-/// solution. Only for small p·m: it has O(p·m²) binaries.
+/// The exact ILP (App. G), solved with microlp under a branch-and-bound node budget (so the
+/// result is the same on every machine); `None` when no solution is found within it. Only for
+/// small p·m: it has O(p·m²) binaries.
 pub fn ilp(
     p: usize,
     m: usize,
@@ -407,8 +400,9 @@ pub fn ilp(
     memory: &Memory,
     limit: f64,
     warm: Option<&Schedule>,
-    seconds: f64,
+    nodes: u64,
 ) -> Option<Schedule> {
+    use microlp::{ComparisonOp, OptimizationDirection, Problem, SolveOptions, Variable as Var};
     // Action (kind k ∈ {F=0,B=1,W=2}, microbatch j) of device i has index (k·m + j).
     let n = 3 * m;
     let kind_of = |a: usize| [ActionKind::F, ActionKind::B, ActionKind::W][a / m];
@@ -442,125 +436,132 @@ pub fn ilp(
         .sum::<f64>()
         + 2.0 * (p * m) as f64 * costs.comm
         + 1.0;
-
-    // Warm start: positions in the warm schedule.
-    let warm_pos: Option<Vec<Vec<usize>>> = warm.map(|s| {
-        (0..p)
-            .map(|i| {
-                let mut pos = vec![0; n];
-                for (k, a) in s.devices[i].iter().enumerate() {
-                    let kind = match a.kind {
-                        ActionKind::F => 0,
-                        ActionKind::B => 1,
-                        _ => 2,
-                    };
-                    pos[kind * m + a.microbatch as usize] = k;
-                }
-                pos
-            })
-            .collect()
-    });
     if warm.is_some_and(|s| s.devices.iter().flatten().any(|a| a.kind == ActionKind::BW)) {
         return None;
     }
 
-    let mut vars = ProblemVariables::new();
-    let end: Vec<Vec<Variable>> = (0..p)
+    let mut lp = Problem::new(OptimizationDirection::Minimize);
+    let end: Vec<Vec<Var>> = (0..p)
         .map(|i| {
             (0..n)
-                .map(|a| vars.add(variable().min(dur(i, a)).max(big_m)))
+                .map(|a| lp.add_var(0.0, (dur(i, a), big_m)))
                 .collect()
         })
         .collect();
-    let first: Vec<Variable> = (0..p).map(|_| vars.add(variable().min(0.0))).collect();
-    let span = vars.add(variable().min(0.0));
+    let first: Vec<Var> = (0..p).map(|_| lp.add_var(0.0, (0.0, big_m))).collect();
+    let span = lp.add_var(1.0, (0.0, big_m));
     // order[i][(a, b)] for a < b with a free order: 1 if a precedes b.
-    let mut order: Vec<std::collections::BTreeMap<(usize, usize), Variable>> =
+    let mut order: Vec<std::collections::BTreeMap<(usize, usize), Var>> =
         vec![Default::default(); p];
-    for (i, ord) in order.iter_mut().enumerate() {
+    for ord in order.iter_mut() {
         for a in 0..n {
             for b in a + 1..n {
                 if fixed(a, b).is_none() {
-                    let mut v = variable().binary();
-                    if let Some(pos) = &warm_pos {
-                        v = v.initial(if pos[i][a] < pos[i][b] { 1.0 } else { 0.0 });
-                    }
-                    ord.insert((a, b), vars.add(v));
+                    ord.insert((a, b), lp.add_binary_var(0.0));
                 }
             }
         }
     }
-    // "a precedes b" as an affine expression of the order variables.
-    let before = |i: usize, a: usize, b: usize| -> Expression {
-        match fixed(a, b) {
-            Some(true) => Expression::from(1.0),
-            Some(false) => Expression::from(0.0),
-            None if a < b => Expression::from(order[i][&(a, b)]),
-            None => 1.0 - Expression::from(order[i][&(b, a)]),
-        }
-    };
-    let mut problem = vars.minimise(span).using(microlp).with_time_limit(seconds);
+    let ge = ComparisonOp::Ge;
     for i in 0..p {
         for a in 0..n {
             let (k, j) = (a / m, a % m);
             // Dependencies.
             match k {
-                0 if i > 0 => {
-                    problem.add_constraint(constraint!(
-                        end[i][a] >= end[i - 1][a] + costs.comm + dur(i, a)
-                    ));
-                }
+                0 if i > 0 => lp.add_constraint(
+                    [(end[i][a], 1.0), (end[i - 1][a], -1.0)],
+                    ge,
+                    costs.comm + dur(i, a),
+                ),
                 1 => {
-                    problem.add_constraint(constraint!(end[i][a] >= end[i][j] + dur(i, a)));
+                    lp.add_constraint([(end[i][a], 1.0), (end[i][j], -1.0)], ge, dur(i, a));
                     if i + 1 < p {
-                        problem.add_constraint(constraint!(
-                            end[i][a] >= end[i + 1][a] + costs.comm + dur(i, a)
-                        ));
+                        lp.add_constraint(
+                            [(end[i][a], 1.0), (end[i + 1][a], -1.0)],
+                            ge,
+                            costs.comm + dur(i, a),
+                        );
                     }
                 }
-                2 => {
-                    problem.add_constraint(constraint!(end[i][a] >= end[i][m + j] + dur(i, a)));
-                }
+                2 => lp.add_constraint([(end[i][a], 1.0), (end[i][m + j], -1.0)], ge, dur(i, a)),
                 _ => {}
             }
-            // Span.
-            problem.add_constraint(constraint!(first[i] <= end[i][a] - dur(i, a)));
-            problem.add_constraint(constraint!(span >= end[i][a] - first[i]));
+            // Span: first ≤ start of every action, span ≥ end − first.
+            lp.add_constraint([(end[i][a], 1.0), (first[i], -1.0)], ge, dur(i, a));
+            lp.add_constraint([(span, 1.0), (end[i][a], -1.0), (first[i], 1.0)], ge, 0.0);
             // Mutual exclusion on the device.
             for b in a + 1..n {
                 match fixed(a, b) {
                     Some(true) => {
-                        problem.add_constraint(constraint!(end[i][b] >= end[i][a] + dur(i, b)));
+                        lp.add_constraint([(end[i][b], 1.0), (end[i][a], -1.0)], ge, dur(i, b))
                     }
                     Some(false) => {
-                        problem.add_constraint(constraint!(end[i][a] >= end[i][b] + dur(i, a)));
+                        lp.add_constraint([(end[i][a], 1.0), (end[i][b], -1.0)], ge, dur(i, a))
                     }
                     None => {
                         let o = order[i][&(a, b)];
-                        problem.add_constraint(constraint!(
-                            end[i][b] >= end[i][a] + dur(i, b) - big_m * (1.0 - o)
-                        ));
-                        problem.add_constraint(constraint!(
-                            end[i][a] >= end[i][b] + dur(i, a) - big_m * o
-                        ));
+                        // a before b (o = 1): end_b ≥ end_a + dur_b; else end_a ≥ end_b + dur_a.
+                        lp.add_constraint(
+                            [(end[i][b], 1.0), (end[i][a], -1.0), (o, -big_m)],
+                            ge,
+                            dur(i, b) - big_m,
+                        );
+                        lp.add_constraint(
+                            [(end[i][a], 1.0), (end[i][b], -1.0), (o, big_m)],
+                            ge,
+                            dur(i, a),
+                        );
                     }
                 }
             }
-            // Memory just after a.
+            // Memory just after a: its own delta plus those of the actions before it.
             if limit.is_finite() {
-                let mut used = Expression::from(delta(i, a));
+                let mut terms = Vec::new();
+                let mut constant = delta(i, a);
                 for b in (0..n).filter(|&b| b != a) {
-                    used += delta(i, b) * before(i, b, a);
+                    let d = delta(i, b);
+                    match fixed(b, a) {
+                        Some(true) => constant += d,
+                        Some(false) => {}
+                        None if b < a => terms.push((order[i][&(b, a)], d)),
+                        None => {
+                            // b before a is 1 − order(a, b).
+                            constant += d;
+                            terms.push((order[i][&(a, b)], -d));
+                        }
+                    }
                 }
-                problem.add_constraint(used.leq(limit));
+                lp.add_constraint(terms, ComparisonOp::Le, limit - constant);
             }
         }
     }
-    let solution = problem.solve().ok()?;
+    let mut options = SolveOptions::default();
+    options.node_limit = Some(nodes.max(1));
+    if let Some(w) = warm {
+        // The warm schedule's order, with its simulated times (without T_comm the times of a
+        // valid order are feasible; with it the solver repairs the continuous part).
+        let mut start = Vec::new();
+        for (i, list) in w.devices.iter().enumerate() {
+            let mut pos = vec![0; n];
+            for (k, act) in list.iter().enumerate() {
+                let kind = match act.kind {
+                    ActionKind::F => 0,
+                    ActionKind::B => 1,
+                    _ => 2,
+                };
+                pos[kind * m + act.microbatch as usize] = k;
+            }
+            for (&(a, b), &v) in &order[i] {
+                start.push((v, if pos[a] < pos[b] { 1.0 } else { 0.0 }));
+            }
+        }
+        options.warm_start = Some(start);
+    }
+    let sol = lp.solve_with(options).ok()?.into_solution().ok()?;
     let devices = (0..p)
         .map(|i| {
             let mut acts: Vec<(f64, usize)> =
-                (0..n).map(|a| (solution.value(end[i][a]), a)).collect();
+                (0..n).map(|a| (sol.var_value(end[i][a]), a)).collect();
             acts.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
             acts.into_iter()
                 .map(|(_, a)| Action::new(i as u32, kind_of(a), (a % m) as u32))

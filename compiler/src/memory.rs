@@ -335,19 +335,16 @@ pub fn joint(
     profile: &DeviceProfile,
 ) -> Result<(Planned, Vec<Candidate>)> {
     let mut tried: Vec<(String, f64, f64)> = Vec::new();
-    let mut best: Option<Planned> = None;
+    // Every consistent pair met, in the order met.
     let mut pool: Vec<Planned> = Vec::new();
-    let mut consider =
-        |x: Planned, tried: &mut Vec<(String, f64, f64)>, best: &mut Option<Planned>| {
-            tried.push((x.origin.clone(), x.sim.makespan, x.effective_bubble_rate()));
-            pool.push(x.clone());
-            if best
-                .as_ref()
-                .is_none_or(|b| x.sim.makespan < b.sim.makespan)
-            {
-                *best = Some(x);
-            }
-        };
+    let consider = |x: Planned, tried: &mut Vec<Candidate>, pool: &mut Vec<Planned>| {
+        tried.push((x.origin.clone(), x.sim.makespan, x.effective_bubble_rate()));
+        pool.push(x);
+    };
+    // The first of the shortest pairs.
+    let shortest = |pool: &[Planned]| -> Option<usize> {
+        (0..pool.len()).min_by(|&a, &b| pool[a].sim.makespan.total_cmp(&pool[b].sim.makespan))
+    };
     let mut cache = PlanCache::default();
     cache.node_budget = EXPLORE_NODES;
     let started = std::time::Instant::now();
@@ -375,7 +372,7 @@ pub fn joint(
             profile,
             &mut cache,
         ) else {
-            progress(&cache, best.as_ref().map(|b| b.sim.makespan));
+            progress(&cache, shortest(&pool).map(|i| pool[i].sim.makespan));
             continue;
         };
         let mut seen: BTreeSet<Vec<(u64, u64)>> = BTreeSet::new();
@@ -396,8 +393,7 @@ pub fn joint(
             let next = auto_schedule(p, m, &cur.costs, &cur.memory, &options)
                 .ok()
                 .map(|x| x.0);
-            let prev = cur;
-            consider(prev.clone(), &mut tried, &mut best);
+            consider(cur, &mut tried, &mut pool);
             let Some(next) = next else { break };
             if !seen.insert(key(&next)) {
                 break;
@@ -417,28 +413,28 @@ pub fn joint(
                 Err(_) => break,
             }
             // A round that does not shorten the step ends the seed's descent.
-            if cur.sim.makespan >= seed_best {
-                consider(cur.clone(), &mut tried, &mut best);
+            if cur.sim.makespan >= seed_best || round + 1 == MAX_ROUNDS {
+                consider(cur, &mut tried, &mut pool);
                 break;
             }
             seed_best = cur.sim.makespan;
-            if round + 1 == MAX_ROUNDS {
-                consider(cur.clone(), &mut tried, &mut best);
-            }
         }
-        progress(&cache, best.as_ref().map(|b| b.sim.makespan));
+        progress(&cache, shortest(&pool).map(|i| pool[i].sim.makespan));
     }
     // The best explored schedules, planned again with the final node budget (the same search
     // run longer: the plan is at least as good).
-    let mut explored: Vec<(String, f64)> = tried.iter().map(|t| (t.0.clone(), t.1)).collect();
-    explored.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-    let finals = std::mem::take(&mut pool);
+    let mut order: Vec<usize> = (0..pool.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (&pool[a], &pool[b]);
+        x.sim
+            .makespan
+            .total_cmp(&y.sim.makespan)
+            .then(x.origin.cmp(&y.origin))
+    });
     cache.node_budget = FINAL_NODES;
-    let mut final_best: Option<Planned> = None;
-    for (origin, _) in explored.iter().take(FINAL_CANDIDATES) {
-        let Some(x) = finals.iter().find(|x| &x.origin == origin) else {
-            continue;
-        };
+    let mut best = shortest(&pool).map(|i| pool[i].clone());
+    for &i in order.iter().take(FINAL_CANDIDATES) {
+        let x = &pool[i];
         if let Ok(y) = plan_for(
             forward,
             base,
@@ -454,22 +450,14 @@ pub fn joint(
                 y.sim.makespan,
                 y.effective_bubble_rate(),
             ));
-            if final_best
+            if best
                 .as_ref()
-                .is_none_or(|b| y.sim.makespan < b.sim.makespan)
+                .is_none_or(|b| y.sim.makespan <= b.sim.makespan)
             {
-                final_best = Some(y);
+                best = Some(y);
             }
         }
     }
-    let best = match (best, final_best) {
-        (Some(b), Some(f)) => Some(if f.sim.makespan <= b.sim.makespan {
-            f
-        } else {
-            b
-        }),
-        (b, f) => f.or(b),
-    };
     if started.elapsed().as_secs_f64() > 1.0 {
         eprintln!(
             "joint: done at {:.1} s ({} stage plans solved, {} reused)",

@@ -1663,35 +1663,23 @@ fn stage_needs(
 }
 
 /// The error of the device whose smallest needs (those known) plus reserved bytes exceed `l`,
-/// the largest such first.
+/// the largest such first. `groups` maps each device to its stages.
 fn feasible_or_error(
     l: u64,
-    devices: &BTreeSet<usize>,
-    placement: &[usize],
+    groups: &BTreeMap<usize, Vec<usize>>,
     min: &[Option<u64>],
     reserved_on: &dyn Fn(usize) -> u64,
     in_flight: &[InFlight],
 ) -> Result<(), String> {
-    let on_device = |d: usize| -> Vec<usize> {
-        (0..placement.len())
-            .filter(|&t| placement[t] == d)
-            .collect()
-    };
-    let known = |d: usize| on_device(d).iter().all(|&t| min[t].is_some());
-    let floor_of = |d: usize| -> u64 {
-        reserved_on(d)
-            + on_device(d)
-                .iter()
-                .map(|&t| min[t].unwrap_or(0))
-                .sum::<u64>()
-    };
-    let worst = devices
+    let floor_of =
+        |d: usize| reserved_on(d) + groups[&d].iter().map(|&t| min[t].unwrap_or(0)).sum::<u64>();
+    let worst = groups
         .iter()
-        .copied()
-        .filter(|&d| known(d))
+        .filter(|(_, on)| on.iter().all(|&t| min[t].is_some()))
+        .map(|(&d, _)| d)
         .max_by_key(|&d| floor_of(d));
     if let Some(d) = worst.filter(|&d| floor_of(d) > l) {
-        let on = on_device(d);
+        let on = &groups[&d];
         return Err(format!(
             "device {d}: the memory limit {l} bytes is infeasible; {SMALLEST_FEASIBLE}{} bytes ({} bytes reserved for parameters, gradients, workspace and values crossing devices; saved values of stages {on:?}: {})",
             floor_of(d),
@@ -1733,11 +1721,15 @@ pub fn plan_stages_cached(
     }
     // Needs under `none` and smallest needs (the policy's own need for a named policy), for
     // sharing a device's limit: every stage gets its smallest need, the rest is shared in
-    // proportion to what keeping everything would add. A stage alone on its device under `auto` gets the device's whole
-    // limit whatever its smallest need, so that need (an ILP of its own) is only found when the
-    // stage's plan fails, for the error.
-    let alone = |i: usize| placement.iter().filter(|&&d| d == placement[i]).count() == 1;
-    let lazy = |i: usize| limit.is_some() && policy == Policy::Auto && alone(i);
+    // proportion to what keeping everything would add. A stage alone on its device under
+    // `auto` gets the device's whole limit whatever its smallest need, so that need (an ILP of
+    // its own) is only found when the stage's plan fails, for the error.
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (t, &d) in placement.iter().enumerate() {
+        groups.entry(d).or_default().push(t);
+    }
+    let lazy =
+        |i: usize| limit.is_some() && policy == Policy::Auto && groups[&placement[i]].len() == 1;
     let mut base = Vec::new();
     let mut min: Vec<Option<u64>> = Vec::new();
     for i in 0..names.len() {
@@ -1757,10 +1749,8 @@ pub fn plan_stages_cached(
     }
     let mut shares = vec![None; names.len()];
     if let Some(l) = limit {
-        let devices: BTreeSet<usize> = placement.iter().copied().collect();
-        feasible_or_error(l, &devices, placement, &min, &reserved_on, in_flight)?;
-        for d in devices {
-            let on: Vec<usize> = (0..names.len()).filter(|&t| placement[t] == d).collect();
+        feasible_or_error(l, &groups, &min, &reserved_on, in_flight)?;
+        for (&d, on) in &groups {
             if let [t] = on[..] {
                 if min[t].is_none() {
                     shares[t] = Some(l.saturating_sub(reserved_on(d)));
@@ -1770,7 +1760,7 @@ pub fn plan_stages_cached(
             let min_of = |t: usize| min[t].expect("smallest need of a shared device");
             let floor = reserved_on(d) + on.iter().map(|&t| min_of(t)).sum::<u64>();
             let extra: u64 = on.iter().map(|&t| base[t].saturating_sub(min_of(t))).sum();
-            for &t in &on {
+            for &t in on {
                 let add = if extra == 0 {
                     0
                 } else {
@@ -1855,8 +1845,7 @@ pub fn plan_stages_cached(
                     .1;
                 }
             }
-            let devices: BTreeSet<usize> = placement.iter().copied().collect();
-            feasible_or_error(l, &devices, placement, &min, &reserved_on, in_flight)?;
+            feasible_or_error(l, &groups, &min, &reserved_on, in_flight)?;
         }
     }
     let mut out = Vec::new();

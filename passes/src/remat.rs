@@ -381,6 +381,12 @@ impl Pass for Remat {
 /// the same on every machine and every run.
 pub const ILP_NODES: u64 = 2000;
 
+/// The stage size (candidate values) a node budget is stated for: a stage with more candidates
+/// gets proportionally fewer branch-and-bound nodes ([`ChoiceGraph`]'s scaled budget). Four
+/// layers of the d 4096 GPT make about 230 candidates; twelve make about 700, whose nodes each
+/// cost three times as much.
+pub const NODE_BUDGET_CANDIDATES: u64 = 240;
+
 /// The relative optimality gap at which an ILP solve stops.
 pub const ILP_GAP: f64 = 0.01;
 
@@ -428,6 +434,8 @@ pub struct ChoiceGraph<'a> {
     b_reads: BTreeSet<Value>,
     /// Branch-and-bound nodes per ILP solve ([`ILP_NODES`] unless set).
     node_budget: u64,
+    /// A plan for the same problem to start the ILP's search from (its first incumbent).
+    hint: Option<StagePlan>,
 }
 
 /// Where a plan's values are needed, as [`ChoiceGraph::apply`] rewrites B and W.
@@ -441,6 +449,114 @@ struct Uses {
     rc_w: BTreeSet<Value>,
     /// Hand-offs W takes from B.
     handed: BTreeSet<Value>,
+}
+
+/// A stage's plan as a vector over the candidates (`None`: not in the plan), for the greedy's
+/// many trial plans: [`DenseChoices::prune`] and [`DenseChoices::need`] are
+/// [`ChoiceGraph::prune`] and the `need_bytes` of [`ChoiceGraph::summary`] for plans without
+/// hand-offs, over indices instead of maps.
+struct DenseChoices {
+    /// Candidate → index (body order).
+    index: HashMap<Value, usize>,
+    values: Vec<Value>,
+    bytes: Vec<u64>,
+    /// Indices of the non-free forward operands of each candidate.
+    operands: Vec<Vec<usize>>,
+    /// Whether each candidate is a saved value (F output `stash.*`).
+    saved: Vec<bool>,
+    /// Indices of the saved values W reads.
+    w_reads: Vec<usize>,
+    moments: Vec<[u64; 3]>,
+    b_to_w: u64,
+}
+
+impl DenseChoices {
+    fn new(g: &ChoiceGraph<'_>, in_flight: &InFlight) -> Self {
+        let index: HashMap<Value, usize> =
+            g.cands.iter().enumerate().map(|(i, &v)| (v, i)).collect();
+        DenseChoices {
+            values: g.cands.clone(),
+            bytes: g.cands.iter().map(|&v| g.bytes(v)).collect(),
+            operands: g
+                .cands
+                .iter()
+                .map(|&v| g.forward_operands(v).iter().map(|u| index[u]).collect())
+                .collect(),
+            saved: g.cands.iter().map(|v| g.saved.contains_key(v)).collect(),
+            w_reads: g.w_reads.iter().map(|v| index[v]).collect(),
+            moments: in_flight.moments(),
+            b_to_w: g.b_to_w,
+            index,
+        }
+    }
+
+    fn from_plan(&self, plan: &StagePlan) -> Vec<Option<Choice>> {
+        self.values
+            .iter()
+            .map(|v| plan.choices.get(v).copied())
+            .collect()
+    }
+
+    fn to_plan(&self, choices: &[Option<Choice>]) -> StagePlan {
+        StagePlan {
+            choices: self
+                .values
+                .iter()
+                .zip(choices)
+                .filter_map(|(&v, c)| c.map(|c| (v, c)))
+                .collect(),
+        }
+    }
+
+    /// [`ChoiceGraph::prune`] in place: keeps the choices of the saved values and of what their
+    /// recomputation reads, drops the rest.
+    fn prune(&self, choices: &mut [Option<Choice>]) {
+        let mut needed = self.saved.clone();
+        for i in (0..choices.len()).rev() {
+            if !needed[i] {
+                choices[i] = None;
+                continue;
+            }
+            if choices[i].is_some_and(|c| c.recomputed()) {
+                for &u in &self.operands[i] {
+                    needed[u] = true;
+                }
+            }
+        }
+    }
+
+    /// `need_bytes` of [`ChoiceGraph::summary`] for a plan without hand-offs.
+    fn need(&self, choices: &[Option<Choice>]) -> u64 {
+        // Kept values W reads directly or through its recomputation.
+        let mut held_w = vec![false; choices.len()];
+        let mut seen = vec![false; choices.len()];
+        let mut stack = self.w_reads.clone();
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            match choices[i] {
+                Some(Choice::Keep) => held_w[i] = true,
+                Some(Choice::Recompute) => stack.extend(&self.operands[i]),
+                _ => {}
+            }
+        }
+        let (mut to_b, mut to_w, mut offloaded) = (0u64, 0u64, 0u64);
+        for (i, c) in choices.iter().enumerate() {
+            match c {
+                Some(Choice::Keep) if held_w[i] => to_w += self.bytes[i],
+                Some(Choice::Keep) => to_b += self.bytes[i],
+                Some(Choice::Offload) => offloaded += self.bytes[i],
+                _ => {}
+            }
+        }
+        self.moments
+            .iter()
+            .map(|p| p[0] * to_b + p[1] * to_w + p[2] * self.b_to_w)
+            .max()
+            .unwrap_or(0)
+            + OFFLOAD_COPIES * offloaded
+    }
 }
 
 fn is_free(op: &Op) -> bool {
@@ -517,6 +633,7 @@ impl<'a> ChoiceGraph<'a> {
             hide_seconds: function_seconds(profile, f).min(function_seconds(profile, b)),
             b_to_w: stash_report(&st).b_to_w,
             node_budget: ILP_NODES,
+            hint: None,
         }
     }
 
@@ -525,6 +642,23 @@ impl<'a> ChoiceGraph<'a> {
     pub fn with_node_budget(mut self, nodes: u64) -> Self {
         self.node_budget = nodes.max(1);
         self
+    }
+
+    /// The same graph whose `auto` ILP starts from `plan` (a plan of the same problem made
+    /// with a smaller node budget): the search prunes against it from the first node, so it
+    /// ends sooner and never worse than `plan`.
+    pub fn with_hint(mut self, plan: Option<StagePlan>) -> Self {
+        self.hint = plan;
+        self
+    }
+
+    /// The node budget of one solve: [`ChoiceGraph::with_node_budget`]'s figure for a stage of
+    /// up to [`NODE_BUDGET_CANDIDATES`] candidates, proportionally fewer nodes for a larger
+    /// one (at least one), so that a solve's work grows with the stage no faster than its root
+    /// LP's. Deterministic, like the budget itself.
+    fn scaled_node_budget(&self) -> u64 {
+        let n = self.cands.len().max(1) as u64;
+        (self.node_budget * NODE_BUDGET_CANDIDATES / n).clamp(1, self.node_budget)
     }
 
     fn bytes(&self, v: Value) -> u64 {
@@ -1089,7 +1223,7 @@ impl<'a> ChoiceGraph<'a> {
             }
         }
         let mut options = SolveOptions::default();
-        options.node_limit = Some(self.node_budget);
+        options.node_limit = Some(self.scaled_node_budget());
         options.mip_gap = ILP_GAP;
         if let Some(plan) = hint {
             let uses = self.uses(plan);
@@ -1139,9 +1273,15 @@ impl<'a> ChoiceGraph<'a> {
 
     fn ilp(&self, limit: u64, in_flight: &InFlight) -> Result<StagePlan, String> {
         let fits = |p: &StagePlan| self.summary(p, in_flight).need_bytes <= limit;
+        // A hint that fits and adds no time is already optimal.
+        if let Some(h) = self.hint.as_ref().filter(|h| fits(h)) {
+            if self.summary(h, in_flight).added_seconds == 0.0 {
+                return Ok(h.clone());
+            }
+        }
         // No hint: started from the greedy plan, the node-limited search ends no better here.
         let exact = self
-            .solve(Some(limit), in_flight, false, None)?
+            .solve(Some(limit), in_flight, false, self.hint.as_ref())?
             .filter(fits);
         let greedy = self.greedy(Some(limit), in_flight).filter(fits);
         let cost = |p: &StagePlan| self.summary(p, in_flight).added_seconds;
@@ -1181,6 +1321,10 @@ impl<'a> ChoiceGraph<'a> {
     /// is kept when that takes less memory), then values turned back to kept, the most
     /// recomputation time saved per byte first, while `need` stays within `limit`. With no
     /// limit it returns the smallest plan.
+    ///
+    /// The loop tries one value at a time, so it runs on [`DenseChoices`] (choices in a vector
+    /// over the candidates, `need` without maps): the same decisions as pruning and summarising
+    /// each trial plan, in O(candidates) per trial.
     fn greedy(&self, limit: Option<u64>, in_flight: &InFlight) -> Option<StagePlan> {
         let all = self
             .cands
@@ -1202,12 +1346,13 @@ impl<'a> ChoiceGraph<'a> {
                 }
             }
         }
-        let need = |p: &StagePlan| self.summary(p, in_flight).need_bytes;
         let limit = match limit {
             None => return Some(plan),
             Some(l) => l,
         };
-        if need(&plan) > limit {
+        let dense = DenseChoices::new(self, in_flight);
+        let mut choices = dense.from_plan(&plan);
+        if dense.need(&choices) > limit {
             return None;
         }
         let mut order: Vec<Value> = plan
@@ -1220,17 +1365,24 @@ impl<'a> ChoiceGraph<'a> {
             let r = |v: Value| self.secs[&v] / self.bytes(v).max(1) as f64;
             r(b).total_cmp(&r(a))
         });
+        let mut trial = choices.clone();
         for v in order {
-            if plan.choices.get(&v) != Some(&Choice::Recompute) {
+            let i = dense.index[&v];
+            if choices[i] != Some(Choice::Recompute) {
                 continue;
             }
-            let mut ch = plan.choices.clone();
-            ch.insert(v, Choice::Keep);
-            let next = self.prune(StagePlan { choices: ch });
-            if need(&next) <= limit {
-                plan = next;
+            trial.copy_from_slice(&choices);
+            trial[i] = Some(Choice::Keep);
+            dense.prune(&mut trial);
+            if dense.need(&trial) <= limit {
+                std::mem::swap(&mut choices, &mut trial);
             }
         }
+        plan = dense.to_plan(&choices);
+        debug_assert_eq!(
+            self.summary(&plan, in_flight).need_bytes,
+            dense.need(&choices)
+        );
         Some(plan)
     }
 
@@ -1782,13 +1934,28 @@ pub fn plan_stages_cached(
     cache.misses += missing.len();
     let solve = |i: usize| {
         let (f, b, w) = &names[i];
+        // The plan of the same problem under the largest smaller budget, if one was made.
+        let hint = cache
+            .plans
+            .iter()
+            .filter(|(k, made)| {
+                k.0 == i
+                    && k.1 == policy
+                    && k.2 == shares[i]
+                    && k.3 == in_flight[i]
+                    && k.4 < budget
+                    && made.is_ok()
+            })
+            .max_by_key(|(k, _)| k.4)
+            .and_then(|(_, made)| made.clone().ok());
         let g = ChoiceGraph::new(
             module.function(f).expect("F"),
             module.function(b).expect("B"),
             module.function(w).expect("W"),
             profile,
         )
-        .with_node_budget(budget);
+        .with_node_budget(budget)
+        .with_hint(hint);
         g.plan(policy, shares[i], &in_flight[i])
     };
     let threads = std::thread::available_parallelism()

@@ -322,3 +322,43 @@ fn full_keeps_the_inputs_of_every_layer() {
         assert_eq!(plan.choices.get(&v), Some(&Choice::Keep));
     }
 }
+
+/// `auto` finds a plan within every limit from its smallest need up to keeping everything, with
+/// several moments in flight (in debug builds the greedy's vector form is checked against
+/// `ChoiceGraph::summary` on every call), and a plan never adds time as the limit grows.
+#[test]
+fn auto_fits_every_limit_from_the_smallest_to_keeping_everything() {
+    use cleave_passes::remat::InFlight;
+    let m = split(korthikanti_layer(64, 2, 64, 4));
+    let st = &split_stages(&m)[0];
+    let profile = DeviceProfile::load("h100-sxm").unwrap();
+    let g = ChoiceGraph::new(st.f, st.b, st.w, &profile);
+    let in_flight = InFlight {
+        saved: 4,
+        b_to_w: 2,
+        f_to_b: 3,
+        points: vec![[3, 4, 0], [1, 3, 2]],
+    };
+    let keep = g.plan(Policy::None, None, &in_flight).unwrap();
+    let all = g.summary(&keep, &in_flight).need_bytes;
+    let min = g.min_need(&in_flight).unwrap();
+    assert!(min < all, "{min} {all}");
+    let mut last = f64::INFINITY;
+    for k in 0..=8 {
+        let limit = min + (all - min) * k / 8;
+        let plan = g.plan(Policy::Auto, Some(limit), &in_flight).unwrap();
+        let s = g.summary(&plan, &in_flight);
+        assert!(
+            s.need_bytes <= limit,
+            "limit {limit}: needs {}",
+            s.need_bytes
+        );
+        assert!(
+            s.added_seconds <= last * (1.0 + 0.02),
+            "limit {limit}: {} s added, {last} s at a smaller limit",
+            s.added_seconds
+        );
+        last = s.added_seconds;
+    }
+    assert_eq!(last, 0.0, "keeping everything fits at the largest limit");
+}

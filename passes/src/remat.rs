@@ -490,7 +490,7 @@ impl DenseChoices {
         }
     }
 
-    fn from_plan(&self, plan: &StagePlan) -> Vec<Option<Choice>> {
+    fn of_plan(&self, plan: &StagePlan) -> Vec<Option<Choice>> {
         self.values
             .iter()
             .map(|v| plan.choices.get(v).copied())
@@ -1351,7 +1351,7 @@ impl<'a> ChoiceGraph<'a> {
             Some(l) => l,
         };
         let dense = DenseChoices::new(self, in_flight);
-        let mut choices = dense.from_plan(&plan);
+        let mut choices = dense.of_plan(&plan);
         if dense.need(&choices) > limit {
             return None;
         }

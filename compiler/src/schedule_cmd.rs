@@ -64,7 +64,8 @@ pub struct ScheduleArgs {
     /// Number of microbatches M.
     #[arg(long)]
     pub microbatches: usize,
-    /// gpipe, 1f1b, interleaved (2 chunks) or `interleaved-<v>`, zb-h1, zb-h2, zb-v, auto.
+    /// gpipe, 1f1b, interleaved (2 chunks) or `interleaved-<v>`, zb-h1, zb-h2, zb-v, v-min,
+    /// v-half, dualpipev, hanayo (or `hanayo-<waves>`), auto.
     #[arg(long)]
     pub schedule: String,
     /// `TF,TB,TW[,TCOMM]`: one device's share of the model.

@@ -192,3 +192,35 @@ fn unknown_schedule_and_unsupported_optimizer_are_errors() {
     let err = format!("{:#}", train(&a).unwrap_err());
     assert!(err.contains("has no such action"), "{err}");
 }
+
+/// The schedules from recent papers (`passes/src/schedule/papers.rs`: V-Min, V-Half, DualPipeV,
+/// Hanayo) run on the thread pipeline and give one stage's losses and weights.
+#[test]
+fn paper_schedules_match_one_stage() {
+    // The MLP has 9 compute nodes: too few for hanayo-2's 16 stages at P=4.
+    let all = ["v-min", "v-half", "dualpipev", "hanayo", "hanayo-2"];
+    for (model, data, p, m, schedules) in [
+        (
+            "examples/gpt-tiny.cir",
+            "examples/data/modadd.safetensors",
+            2,
+            4,
+            &all[..],
+        ),
+        (
+            "examples/mlp-digits.cir",
+            "examples/data/digits.safetensors",
+            4,
+            8,
+            &all[..4],
+        ),
+    ] {
+        let steps = 5;
+        let reference = train(&args(model, data, 1, m, "1f1b", steps)).unwrap();
+        for &s in schedules {
+            let run = train(&args(model, data, p, m, s, steps))
+                .unwrap_or_else(|e| panic!("{model} {s} P={p}: {e:#}"));
+            assert_same(&format!("{model} {s} P={p} M={m}"), &reference, &run);
+        }
+    }
+}

@@ -144,7 +144,8 @@ pub struct TrainArgs {
     /// Microbatches per step: the model's traced batch is the microbatch, a step reads M of them.
     #[arg(long, default_value_t = 1)]
     pub microbatches: usize,
-    /// Pipeline schedule: gpipe, 1f1b, zb-h1, zb-h2, interleaved, zb-v, auto.
+    /// Pipeline schedule: gpipe, 1f1b, zb-h1, zb-h2, interleaved, zb-v, v-min, v-half,
+    /// dualpipev, hanayo (or `hanayo-<waves>`), auto.
     #[arg(long, default_value = "1f1b")]
     pub schedule: String,
     /// Write each action's measured start and end per device (JSON).

@@ -9,6 +9,10 @@
 //! | `zb-h2` | stage i on device i | B + W | w = min(2(p−1−i)+1, m) warm-up F; B, W if k ≥ 2i, F; remaining W |
 //! | `eager` | stage i on device i | B + W | F, B, W of each microbatch in turn, no warm-up: for gradient methods whose B does not wait for a later stage (`dfa`, `local`) |
 //! | `zb-v` | V: stage s on device s (s < p), else 2p−1−s | B + W | PyTorch `ScheduleZBVZeroBubble._calculate_single_rank_operations` |
+//! | `v-min` | V | B + W | Qi et al. (arXiv 2405.15362), sail-sg `zbv_greedy.py`: ⌊(p+4)/3⌋ microbatches of memory ([`super::papers`]) |
+//! | `v-half` | V | B + W | the same construction with ⌊(p+2)/2⌋ microbatches of memory |
+//! | `dualpipev` | V | BW and B + W | deepseek-ai/DualPipe `DualPipeV.step`, one op at a time; needs m ≥ 2p |
+//! | `hanayo`, `hanayo-<W>` | wave: 2W chunks per device in a zig-zag (W = 1 is the V) | BW | Hanayo (SC'23, arXiv 2308.15762), order reconstructed by greedy list scheduling |
 //!
 //! The interleaved order groups microbatches in rounds as PyTorch does (`rounds = max(1, m / p)`,
 //! `m / rounds` microbatches per round); where PyTorch rejects `m` (not a multiple of `rounds`),
@@ -17,9 +21,16 @@
 //!
 //! ZB-V follows PyTorch's construction (which assumes m ≥ 2p−1 and drops the actions of
 //! microbatches ≥ m afterwards, as PyTorch does); idle slots are not represented.
+//!
+//! The schedules from papers (V-Min, V-Half, DualPipeV, Hanayo) are built in [`super::papers`],
+//! whose docs give the sources and which parts are reconstructions; their published and derived
+//! bubble figures are checked in `passes/tests/schedule_papers.rs`.
 
 use super::action::{Action, ActionKind};
+use super::papers::{self, VMemory};
 use super::{Schedule, ScheduleError};
+
+pub use super::papers::wave_placement;
 
 /// The hand-written schedules (`auto` lives in [`super::auto`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,15 +49,24 @@ pub enum Generator {
     ZbV,
     /// F, B, W of each microbatch in turn (for `dfa` and `local` learning).
     Eager,
+    /// V-Min: the controllable-memory V with about a third of 1F1B's activation memory.
+    VMin,
+    /// V-Half: the controllable-memory V with about half of 1F1B's activation memory.
+    VHalf,
+    /// DualPipeV: DeepSeek's DualPipe cut in half onto a V (needs m ≥ 2p).
+    DualPipeV,
+    /// Hanayo's wave-like pipeline with this many waves (2 chunks per wave per device).
+    Hanayo(usize),
 }
 
 impl Generator {
     /// Names accepted by [`Generator::parse`], for messages.
-    pub const NAMES: &'static str =
-        "gpipe, 1f1b, interleaved (or interleaved-<v>), zb-h1, zb-h2, zb-v, eager";
+    pub const NAMES: &'static str = "gpipe, 1f1b, interleaved (or interleaved-<v>), zb-h1, zb-h2, \
+         zb-v, eager, v-min, v-half, dualpipev, hanayo (or hanayo-<W>)";
 
     /// Parses a name: `gpipe`, `1f1b`, `interleaved` (2 chunks), `interleaved-<v>`, `zb-h1`,
-    /// `zb-h2`, `zb-v` (case-insensitive; `_` is read as `-`).
+    /// `zb-h2`, `zb-v`, `eager`, `v-min`, `v-half`, `dualpipev`, `hanayo` (one wave),
+    /// `hanayo-<W>` (case-insensitive; `_` is read as `-`).
     pub fn parse(name: &str) -> Option<Generator> {
         let n = name.to_ascii_lowercase().replace('_', "-");
         Some(match n.as_str() {
@@ -57,7 +77,14 @@ impl Generator {
             "zb-h2" | "zbh2" => Generator::ZbH2,
             "zb-v" | "zbv" => Generator::ZbV,
             "eager" => Generator::Eager,
+            "v-min" | "vmin" => Generator::VMin,
+            "v-half" | "vhalf" => Generator::VHalf,
+            "dualpipev" | "dualpipe-v" => Generator::DualPipeV,
+            "hanayo" => Generator::Hanayo(1),
             other => {
+                if let Some(w) = other.strip_prefix("hanayo-") {
+                    return Some(Generator::Hanayo(w.parse().ok()?));
+                }
                 let v = other.strip_prefix("interleaved-")?.parse().ok()?;
                 Generator::Interleaved(v)
             }
@@ -68,7 +95,10 @@ impl Generator {
     pub fn placement(self, p: usize) -> Vec<u32> {
         match self {
             Generator::Interleaved(v) => looping_placement(p, v),
-            Generator::ZbV => v_placement(p),
+            Generator::ZbV | Generator::VMin | Generator::VHalf | Generator::DualPipeV => {
+                v_placement(p)
+            }
+            Generator::Hanayo(w) => wave_placement(p, w),
             _ => (0..p as u32).collect(),
         }
     }
@@ -103,6 +133,10 @@ impl Generator {
                         .collect()
                 })
                 .collect(),
+            Generator::VMin => papers::v_controllable(p, m, VMemory::Min),
+            Generator::VHalf => papers::v_controllable(p, m, VMemory::Half),
+            Generator::DualPipeV => papers::dualpipev(p, m)?,
+            Generator::Hanayo(w) => papers::hanayo(p, w, m)?,
         };
         Ok(Schedule {
             devices,

@@ -6,7 +6,10 @@
 //! - [`Schedule`]: one action list per device plus the stage → device placement; CSV (one row per
 //!   device, PyTorch's `_dump_csv` layout) and JSON import/export; [`Schedule::validate`].
 //! - [`simulate`]: the reference semantics of `shared/reference/schedules.md` and the figures.
-//! - [`generators`]: GPipe, 1F1B, interleaved 1F1B, ZB-H1, ZB-H2, ZB-V.
+//! - [`generators`]: GPipe, 1F1B, interleaved 1F1B, ZB-H1, ZB-H2, ZB-V, and by name the
+//!   schedules of [`papers`].
+//! - [`papers`]: V-Min, V-Half, DualPipeV and Hanayo, built as action lists for the same
+//!   validator and simulator.
 //! - [`auto`]: a zero-bubble scheduler under a memory limit (greedy heuristic + exact ILP).
 //! - [`svg`]: timeline and memory pictures.
 //!
@@ -30,6 +33,7 @@
 pub mod action;
 pub mod auto;
 pub mod generators;
+pub mod papers;
 pub mod rounds;
 pub mod search;
 pub mod simulate;

@@ -71,7 +71,8 @@ pub struct CompileCmd {
     /// Microbatches per step.
     #[arg(long, default_value_t = 1)]
     pub microbatches: usize,
-    /// Pipeline schedule: gpipe, 1f1b, zb-h1, zb-h2, interleaved, zb-v, auto.
+    /// Pipeline schedule: gpipe, 1f1b, zb-h1, zb-h2, interleaved, zb-v, v-min, v-half,
+    /// dualpipev, hanayo (or `hanayo-<waves>`), auto.
     #[arg(long, default_value = "1f1b")]
     pub schedule: String,
     /// Recomputation/offload policy of saved activations: none, full, selective, offload-all,
@@ -273,6 +274,17 @@ pub struct InspectArgs {
     /// With --memory: device profile (built-in name or file) for times and transfers.
     #[arg(long, default_value = "cpu-epyc-2core", requires = "memory")]
     pub profile: String,
+    /// With --memory: what the stage cut balances: `estimate` (each forward node's training
+    /// time from its forward, 3× for products, 2× otherwise), `split` (each forward node's
+    /// F + B + W time in the differentiated program), or `best` (with `--schedule auto` and a
+    /// limit: the joint plan of both cuts, the shorter kept).
+    #[arg(long, default_value = "estimate", requires = "memory")]
+    pub balance: String,
+    /// With --memory: spread the output layer (the last product reading a parameter, and the
+    /// loss) over every stage, as vocabulary parallelism does; planned and simulated only
+    /// (`cleave train` runs the layer on the last stage).
+    #[arg(long, requires = "memory")]
+    pub vocab_parallel: bool,
     /// With --memory: write the timeline and memory over time (SVG) here.
     #[arg(long, requires = "memory")]
     pub svg: Option<PathBuf>,
@@ -624,16 +636,43 @@ fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
     let profile =
         cleave_passes::partition::DeviceProfile::load(&a.profile).map_err(anyhow::Error::msg)?;
     let (p, m) = (a.stages, a.microbatches);
+    use cleave_passes::partition::{Balance, Cut};
+    let balances = match a.balance.as_str() {
+        "best" => vec![Balance::Estimate, Balance::Split],
+        one => vec![one
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--balance {one}: {e} (or `best`)"))?],
+    };
+    let cuts: Vec<Cut> = balances
+        .iter()
+        .map(|&balance| Cut {
+            balance,
+            vocab_parallel: a.vocab_parallel,
+        })
+        .collect();
+    let joint_search = a.schedule == "auto" && limit.is_some() && policy == Policy::Auto;
+    anyhow::ensure!(
+        cuts.len() == 1 || joint_search,
+        "--balance best compares joint plans: it needs --schedule auto and --memory-limit"
+    );
+    let cut = cuts[0];
     let mut tried = Vec::new();
-    let planned = if a.schedule == "auto" && limit.is_some() && policy == Policy::Auto {
+    let planned = if joint_search {
         let schedule = crate::pipeline_train::build_schedule("1f1b", p, m)?;
-        let base = crate::memory::split_module(&forward, schedule.n_stages(), &a.profile)?;
-        let (best, t) = crate::memory::joint(&forward, &base, p, m, limit.unwrap_or(0), &profile)?;
+        let (best, t) = crate::memory::joint_over_cuts(
+            &forward,
+            schedule.n_stages(),
+            p,
+            m,
+            limit.unwrap_or(0),
+            &a.profile,
+            &cuts,
+        )?;
         tried = t;
         best
     } else {
         let schedule = crate::pipeline_train::build_schedule(&a.schedule, p, m)?;
-        let base = crate::memory::split_module(&forward, schedule.n_stages(), &a.profile)?;
+        let base = crate::memory::split_module_by(&forward, schedule.n_stages(), &a.profile, cut)?;
         crate::memory::plan_for(
             &forward,
             &base,

@@ -54,7 +54,10 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context, Result};
 use cleave_ir::{Function, Module};
-use cleave_passes::partition::DeviceProfile;
+use cleave_passes::partition::{
+    compute_nodes, output_layer_start, partition_function_by, split_node_seconds, Cut,
+    DeviceProfile,
+};
 use cleave_passes::remat::{
     exposed_transfer, function_seconds, plan_stages_cached, InFlight, PlanCache, Policy,
     StageMemory,
@@ -215,25 +218,126 @@ impl Planned {
     }
 }
 
-/// The forward model cut into `n_stages` stages, differentiated and split.
-pub fn split_module(forward: &Function, n_stages: usize, profile: &str) -> Result<Module> {
-    let mut module = Module::with_function(forward.clone());
-    let passes = if n_stages > 1 {
-        format!("partition{{stages={n_stages},profile={profile}}},autodiff,split-bw")
-    } else {
-        "autodiff,split-bw".to_string()
-    };
-    PassManager::from_pipeline(&passes)?
-        .run(&mut module, &mut PassContext::default(), &mut |_| {})
-        .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
-    Ok(module)
+/// The forward model cut into stages, differentiated and split: the base every plan of the
+/// joint search starts from.
+#[derive(Clone, Debug)]
+pub struct Split {
+    /// The split module (`F`, `B`, `W` per stage).
+    pub module: Module,
+    /// With vocabulary parallelism, the output layer's F, B and W seconds per microbatch on one
+    /// device, which the planner spreads evenly over the stages ([`costs_of`]).
+    pub vocab: Option<StageCost>,
 }
 
-/// Per-stage costs and memory of a split module (after `remat`, if it ran).
+/// The forward model cut into `n_stages` stages (balancing the estimated training time),
+/// differentiated and split.
+pub fn split_module(forward: &Function, n_stages: usize, profile: &str) -> Result<Split> {
+    split_module_by(forward, n_stages, profile, Cut::default())
+}
+
+/// [`split_module`] with the partition's cut options (`balance`, `vocab-parallel`).
+///
+/// **Vocabulary parallelism** ("Balancing Pipeline Parallelism with Vocabulary Parallelism",
+/// Yeung et al., arXiv 2411.05288) is modelled in the planner only: the partition leaves the
+/// output layer out of its balance, and [`costs_of`] moves the layer's F, B and W from the last
+/// stage to every stage in equal shares (the paper's S and T passes at ideal scaling; its
+/// measured efficiency is 76–93 %). The collectives between the shares (the broadcast of the
+/// last hidden state, the all-reduces of the softmax statistics and of the input gradient) and
+/// the extra microbatch the barrier keeps in flight are not in the figures, and `cleave train`
+/// still runs the whole layer on the last stage.
+pub fn split_module_by(
+    forward: &Function,
+    n_stages: usize,
+    profile: &str,
+    cut: Cut,
+) -> Result<Split> {
+    let device = DeviceProfile::load(profile).map_err(anyhow::Error::msg)?;
+    let mut cut_forward = forward.clone();
+    if n_stages > 1 {
+        partition_function_by(&mut cut_forward, n_stages as u32, &device, cut)
+            .map_err(|e| anyhow::anyhow!("partition: {e}"))?;
+    }
+    let mut module = Module::with_function(cut_forward);
+    let passes = "autodiff,split-bw";
+    PassManager::from_pipeline(passes)?
+        .run(&mut module, &mut PassContext::default(), &mut |_| {})
+        .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
+    let vocab = if cut.vocab_parallel && n_stages > 1 {
+        let compute = compute_nodes(forward);
+        let start = output_layer_start(forward, &compute)
+            .context("vocab-parallel: the model has no output layer")?;
+        let times = split_node_seconds(forward, &compute, &device).map_err(anyhow::Error::msg)?;
+        let mut share = StageCost {
+            f: 0.0,
+            b: 0.0,
+            w: 0.0,
+        };
+        for (f, b, w) in &times[start..] {
+            share.f += f;
+            share.b += b;
+            share.w += w;
+        }
+        Some(share)
+    } else {
+        None
+    };
+    Ok(Split { module, vocab })
+}
+
+/// The joint plan over several stage cuts: [`joint`] on each cut's split, the shortest step
+/// kept (the first on ties), with the candidates of every cut (origins prefixed by the cut's
+/// balance when there are several). The joint search is a local one, so a better balanced cut does not always give a
+/// shorter planned step under a limit; trying both is how `--balance best` is never worse than
+/// either.
+pub fn joint_over_cuts(
+    forward: &Function,
+    n_stages: usize,
+    p: usize,
+    m: usize,
+    limit: u64,
+    profile: &str,
+    cuts: &[Cut],
+) -> Result<(Planned, Vec<Candidate>)> {
+    let device = DeviceProfile::load(profile).map_err(anyhow::Error::msg)?;
+    let mut best: Option<Planned> = None;
+    let mut tried = Vec::new();
+    let mut first_error = None;
+    for cut in cuts {
+        let base = split_module_by(forward, n_stages, profile, *cut)?;
+        match joint(forward, &base, p, m, limit, &device) {
+            Ok((planned, t)) => {
+                let tag = cut.balance.name();
+                tried.extend(
+                    t.into_iter()
+                        .map(|(o, ms, b)| (format!("{tag}:{o}"), ms, b)),
+                );
+                if best
+                    .as_ref()
+                    .is_none_or(|b| planned.sim.makespan < b.sim.makespan)
+                {
+                    best = Some(planned);
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match (best, first_error) {
+        (Some(b), _) => Ok((b, tried)),
+        (None, Some(e)) => Err(e),
+        (None, None) => anyhow::bail!("no stage cut to plan"),
+    }
+}
+
+/// Per-stage costs and memory of a split module (after `remat`, if it ran). With `vocab` (the
+/// output layer's seconds, see [`split_module_by`]), the last stage gives the layer up and every
+/// stage takes an equal share of it.
 pub fn costs_of(
     module: &Module,
     profile: &DeviceProfile,
     stages: &[StageMemory],
+    vocab: Option<&StageCost>,
 ) -> (Costs, Memory) {
     let mut c = Vec::new();
     let mut m = Vec::new();
@@ -255,6 +359,19 @@ pub fn costs_of(
             m_b: (r.f_to_b + r.f_to_w) as f64,
             m_w: (r.f_to_w + r.b_to_w) as f64,
         });
+    }
+    if let (Some(v), Some(n)) = (vocab, c.len().checked_sub(1)) {
+        let share = 1.0 / c.len() as f64;
+        let last = &mut c[n];
+        // The layer's own nodes are never recomputed, so its times are those of the base.
+        last.f = (last.f - v.f).max(0.0);
+        last.b = (last.b - v.b).max(0.0);
+        last.w = (last.w - v.w).max(0.0);
+        for x in &mut c {
+            x.f += v.f * share;
+            x.b += v.b * share;
+            x.w += v.w * share;
+        }
     }
     (
         Costs {
@@ -288,7 +405,7 @@ fn device_stash(s: &cleave_passes::split::SplitStage<'_>) -> cleave_passes::spli
 #[allow(clippy::too_many_arguments)]
 pub fn plan_for(
     forward: &Function,
-    base: &Module,
+    base: &Split,
     schedule: Schedule,
     origin: &str,
     policy: Policy,
@@ -296,7 +413,7 @@ pub fn plan_for(
     profile: &DeviceProfile,
     cache: &mut PlanCache,
 ) -> Result<Planned> {
-    let mut module = base.clone();
+    let mut module = base.module.clone();
     let placement: Vec<usize> = schedule.placement.iter().map(|&d| d as usize).collect();
     let stages = plan_stages_cached(
         &mut module,
@@ -309,8 +426,8 @@ pub fn plan_for(
         cache,
     )
     .map_err(|e| anyhow::anyhow!("{}: {origin}: {e}", forward.name))?;
-    let (costs, memory) = costs_of(&module, profile, &stages);
-    let (base_costs, _) = costs_of(base, profile, &[]);
+    let (costs, memory) = costs_of(&module, profile, &stages, base.vocab.as_ref());
+    let (base_costs, _) = costs_of(&base.module, profile, &[], base.vocab.as_ref());
     let sim = schedule
         .simulate(&costs, &memory)
         .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
@@ -328,7 +445,7 @@ pub fn plan_for(
 /// The joint choice of schedule and plan under `limit` (see the module docs).
 pub fn joint(
     forward: &Function,
-    base: &Module,
+    base: &Split,
     p: usize,
     m: usize,
     limit: u64,

@@ -16,7 +16,16 @@
 //! value flows to the same or a later stage, which the verifier requires). The pass minimises the
 //! largest stage cost exactly over such cuts (binary search on the bottleneck with a greedy
 //! feasibility test, O(n log(total))). Embedding and LM-head stages are handled by the same
-//! costs: a heavy head simply ends up in a shorter stage. Each stage's parameters must fit the
+//! costs: a heavy head simply ends up in a shorter stage.
+//!
+//! **What is balanced** (`balance=`): `estimate` (the default) weighs each forward node by the
+//! 3×/2× rule above. `split` weighs it by its F + B + W seconds in the differentiated program
+//! ([`split_node_seconds`]: the function is differentiated once with every compute node as its
+//! own stage, so each backward node names the forward node it belongs to). The two differ where
+//! a backward is not 2× or 3× its forward: an embedding gather's scatter-add, the loss and its
+//! gradient, softmax and norms (whose backward reads more than their forward), and the
+//! parameter-gradient reductions of biases. With `split` the stages' F + B + W after `split-bw`
+//! are what the cut balanced (BENCHMARKS.md, "Stage balance"). Each stage's parameters must fit the
 //! device's memory (`memory_bytes`); a stage that does not fit is an error naming it. Argument
 //! and constant nodes stay unstaged: every stage that reads them gets them.
 //!
@@ -139,6 +148,41 @@ impl DeviceProfile {
     }
 }
 
+/// What the cut balances (the pass option `balance`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Each forward node's training time estimated from its forward alone: 3× for matrix
+    /// products and convolutions, 2× for everything else (`balance=estimate`).
+    #[default]
+    Estimate,
+    /// Each forward node's F + B + W time in the differentiated program: the node itself, and
+    /// the dgrad and wgrad nodes that `autodiff` emits for it (`balance=split`). This is what
+    /// the stages' F, B and W functions will cost after `split-bw`, so heads whose backward is
+    /// not 2× their forward (embedding scatter-adds, the loss, reductions) weigh what they cost.
+    Split,
+}
+
+impl std::str::FromStr for Balance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "estimate" => Ok(Balance::Estimate),
+            "split" => Ok(Balance::Split),
+            _ => Err("expected `estimate` or `split`".into()),
+        }
+    }
+}
+
+impl Balance {
+    /// The option's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::Estimate => "estimate",
+            Balance::Split => "split",
+        }
+    }
+}
+
 /// The `partition` pass.
 #[derive(Clone, Debug)]
 pub struct Partition {
@@ -146,11 +190,17 @@ pub struct Partition {
     pub stages: u32,
     /// The device every stage runs on.
     pub profile: DeviceProfile,
+    /// What the cut balances.
+    pub balance: Balance,
+    /// Leave the output layer ([`output_layer_start`]) out of the balance: its work is spread
+    /// over every device (vocabulary parallelism), so the other nodes are cut as if it weighed
+    /// nothing. In the IR it stays on the last stage; the planner moves its cost.
+    pub vocab_parallel: bool,
 }
 
 impl Partition {
-    /// Builds the pass from options `stages` (required) and `profile` (name or file; default
-    /// `cpu-epyc-2core`).
+    /// Builds the pass from options `stages` (required), `profile` (name or file; default
+    /// `cpu-epyc-2core`) and `balance` (`estimate`, the default, or `split`).
     pub fn from_options(mut o: PassOptions) -> Result<Self, PassError> {
         let stages: u32 = o.take_parsed("stages", 0)?;
         if stages == 0 {
@@ -166,8 +216,15 @@ impl Partition {
             key: "profile".into(),
             message,
         })?;
+        let balance = o.take_parsed("balance", Balance::Estimate)?;
+        let vocab_parallel = o.take_parsed("vocab-parallel", false)?;
         o.finish()?;
-        Ok(Partition { stages, profile })
+        Ok(Partition {
+            stages,
+            profile,
+            balance,
+            vocab_parallel,
+        })
     }
 }
 
@@ -178,7 +235,11 @@ impl Pass for Partition {
 
     fn run(&self, module: &mut Module, _ctx: &mut PassContext) -> Result<(), PassError> {
         for func in &mut module.functions {
-            partition_function(func, self.stages, &self.profile).map_err(|message| {
+            let cut = Cut {
+                balance: self.balance,
+                vocab_parallel: self.vocab_parallel,
+            };
+            partition_function_by(func, self.stages, &self.profile, cut).map_err(|message| {
                 PassError::Failed {
                     pass: "partition",
                     message,
@@ -234,11 +295,88 @@ pub fn balanced_cuts(costs: &[f64], parts: usize) -> Vec<usize> {
     best
 }
 
-/// Annotates the compute nodes of a forward function with stages (see the module docs).
+/// Annotates the compute nodes of a forward function with stages (see the module docs),
+/// balancing the estimated training time.
 pub fn partition_function(
     func: &mut Function,
     stages: u32,
     profile: &DeviceProfile,
+) -> Result<(), String> {
+    partition_function_by(func, stages, profile, Cut::default())
+}
+
+/// How [`partition_function_by`] cuts: what it balances and whether the output layer is left out
+/// of the balance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cut {
+    /// What the cut balances.
+    pub balance: Balance,
+    /// See [`Partition::vocab_parallel`].
+    pub vocab_parallel: bool,
+}
+
+/// Where the output layer starts among `compute` (a forward function's compute nodes in body
+/// order): at the last matrix product that reads a parameter (a language model's head over the
+/// vocabulary, a classifier's last linear layer); the layer is that product and every compute
+/// node after it (the loss). `None` when no product reads a parameter.
+pub fn output_layer_start(func: &Function, compute: &[cleave_ir::Node]) -> Option<usize> {
+    compute.iter().rposition(|&n| {
+        let d = &func.nodes[n];
+        node_flops(func, n).matmul > 0
+            && d.operands
+                .iter()
+                .any(|&v| matches!(func.nodes[func.values[v].def].op, Op::Param { .. }))
+    })
+}
+
+/// The compute nodes of a forward function, in body order (what [`partition_function`] cuts).
+pub fn compute_nodes(func: &Function) -> Vec<cleave_ir::Node> {
+    func.body
+        .iter()
+        .copied()
+        .filter(|&n| is_compute(&func.nodes[n].op))
+        .collect()
+}
+
+/// The F + B + W seconds of each compute node of a forward function (in `compute`'s order) in
+/// its differentiated program: the function is differentiated with every compute node as its
+/// own stage, so `autodiff` labels each backward node with the forward node it belongs to.
+/// Views (`reshape`, `stop_gradient`) cost nothing, as in the stages' cost model.
+pub fn split_node_seconds(
+    func: &Function,
+    compute: &[cleave_ir::Node],
+    profile: &DeviceProfile,
+) -> Result<Vec<(f64, f64, f64)>, String> {
+    let mut labelled = func.clone();
+    for (i, &n) in compute.iter().enumerate() {
+        labelled.nodes[n].stage = Some(i as u32);
+    }
+    let (grad, _) = crate::autodiff::differentiate(labelled, crate::autodiff::Mode::Auto, &[])
+        .map_err(|e| format!("@{}: balance=split needs the gradient: {e}", func.name))?;
+    let mut out = vec![(0.0, 0.0, 0.0); compute.len()];
+    for &n in &grad.body {
+        let d = &grad.nodes[n];
+        let Some(i) = d.stage else { continue };
+        if d.op.arg_role().is_some() || matches!(d.op, Op::Reshape { .. } | Op::StopGradient) {
+            continue;
+        }
+        let t = crate::remat::forward_seconds(profile, &grad, n);
+        let slot = &mut out[i as usize];
+        match d.phase {
+            cleave_ir::Phase::Dgrad => slot.1 += t,
+            cleave_ir::Phase::Wgrad => slot.2 += t,
+            _ => slot.0 += t,
+        }
+    }
+    Ok(out)
+}
+
+/// [`partition_function`] balancing what `cut` says.
+pub fn partition_function_by(
+    func: &mut Function,
+    stages: u32,
+    profile: &DeviceProfile,
+    cut: Cut,
 ) -> Result<(), String> {
     if func.body.iter().any(|&n| func.nodes[n].phase.is_backward()) {
         return Err(format!(
@@ -246,12 +384,7 @@ pub fn partition_function(
             func.name
         ));
     }
-    let compute: Vec<_> = func
-        .body
-        .iter()
-        .copied()
-        .filter(|&n| is_compute(&func.nodes[n].op))
-        .collect();
+    let compute = compute_nodes(func);
     if compute.len() < stages as usize {
         return Err(format!(
             "@{}: {} compute nodes cannot fill {stages} stages",
@@ -259,10 +392,33 @@ pub fn partition_function(
             compute.len()
         ));
     }
-    let costs: Vec<f64> = compute
-        .iter()
-        .map(|&n| profile.node_training_seconds(func, n))
-        .collect();
+    let mut costs: Vec<f64> = match cut.balance {
+        Balance::Estimate => compute
+            .iter()
+            .map(|&n| profile.node_training_seconds(func, n))
+            .collect(),
+        Balance::Split => split_node_seconds(func, &compute, profile)?
+            .into_iter()
+            .map(|(f, b, w)| f + b + w)
+            .collect(),
+    };
+    if cut.vocab_parallel {
+        let start = output_layer_start(func, &compute).ok_or_else(|| {
+            format!(
+                "@{}: vocab-parallel needs an output layer (a matrix product reading a parameter)",
+                func.name
+            )
+        })?;
+        if start < stages as usize - 1 {
+            return Err(format!(
+                "@{}: vocab-parallel: only {start} compute nodes before the output layer for {stages} stages",
+                func.name
+            ));
+        }
+        for c in &mut costs[start..] {
+            *c = 0.0;
+        }
+    }
     let mut starts = balanced_cuts(&costs, stages as usize);
     // Use every stage: split the largest runs further if the balance left some empty.
     while starts.len() < stages as usize {

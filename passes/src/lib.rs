@@ -23,6 +23,7 @@ pub mod optimizer;
 pub mod partition;
 pub mod pass;
 pub mod pipeline;
+pub mod plan;
 pub mod remat;
 pub mod schedule;
 pub mod simple;

@@ -54,6 +54,11 @@ pub fn registry() -> Vec<PassInfo> {
             build: |o| Ok(Box::new(crate::remat::Remat::from_options(o)?)),
         },
         PassInfo {
+            name: "plan",
+            description: "partition, split-bw, remat/offload and the schedule chosen together on a forward function; the result (schedule, per-stage plans, simulation) in the pass context (options: stages=P, microbatches=M, memory-limit=BYTES, profile=NAME|FILE, schedule=NAME|auto, remat=POLICY, balance=estimate|split|best, vocab-parallel)",
+            build: |o| Ok(Box::new(crate::plan::PlanPass::from_options(o)?)),
+        },
+        PassInfo {
             name: "optimizer",
             description: "append the parameter update (options: kind=sgd|momentum|adamw, lr, momentum, beta1, beta2, eps, weight_decay, keep_grads)",
             build: |o| Ok(Box::new(crate::optimizer::Optimizer::from_options(o)?)),

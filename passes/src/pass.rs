@@ -107,6 +107,9 @@ pub struct PassContext {
     pub warnings: Vec<String>,
     /// Notes of the pass that ran last, each prefixed by the pass name (cleared before each pass).
     pub notes: Vec<String>,
+    /// The result of the last `plan` pass (the schedule, per-stage plans, costs, memory and
+    /// simulation), for the commands and libraries that run it.
+    pub planned: Option<Box<crate::plan::Planned>>,
 }
 
 impl PassContext {

@@ -47,8 +47,6 @@ use cleave_passes::remat::{
     named_smallest, parse_bytes, plan_stages_reserved, ChoiceGraph, InFlight, Policy, StageMemory,
     SMALLEST_FEASIBLE,
 };
-use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
-use cleave_passes::schedule::generators::Generator;
 use cleave_passes::schedule::{Action, ActionKind, Costs, Memory, Schedule, Simulation, StageCost};
 use cleave_passes::split::{split_stages, stash_report};
 use cleave_passes::{PassContext, PassManager};
@@ -433,59 +431,8 @@ fn plan_rounds(
     )
 }
 
-/// Microbatches in flight per stage under a schedule: the most microbatches whose F has run and
-/// whose W (or BW) has not, whose F has run and whose B (or BW) has not, and whose B has run and
-/// whose W has not (a BW counts as one while it runs), over the stage's device's action list.
-pub fn in_flight(schedule: &Schedule) -> Vec<InFlight> {
-    let n = schedule.n_stages();
-    let mut out = vec![InFlight::from(1); n];
-    let mut points = vec![std::collections::BTreeSet::new(); n];
-    for list in &schedule.devices {
-        let (mut f, mut fb, mut b) = (vec![0u64; n], vec![0u64; n], vec![0u64; n]);
-        for x in list {
-            let s = x.stage as usize;
-            match x.kind {
-                ActionKind::F => {
-                    f[s] += 1;
-                    fb[s] += 1;
-                }
-                ActionKind::B => {
-                    b[s] += 1;
-                    fb[s] = fb[s].saturating_sub(1);
-                }
-                ActionKind::W => {
-                    f[s] = f[s].saturating_sub(1);
-                    b[s] = b[s].saturating_sub(1);
-                }
-                // Within a BW, once B has run: its B-only values are freed, W's are not yet.
-                ActionKind::BW => fb[s] = fb[s].saturating_sub(1),
-                _ => {}
-            }
-            out[s].saved = out[s].saved.max(f[s]);
-            out[s].f_to_b = out[s].f_to_b.max(fb[s]);
-            out[s].b_to_w = out[s].b_to_w.max(b[s]);
-            // A BW holds its B→W values while it runs.
-            let bw = u64::from(x.kind == ActionKind::BW);
-            points[s].insert([fb[s], f[s], b[s] + bw]);
-            if x.kind == ActionKind::BW {
-                f[s] = f[s].saturating_sub(1);
-            }
-        }
-    }
-    for (o, p) in out.iter_mut().zip(points) {
-        // Only the moments no other moment dominates matter.
-        let all: Vec<[u64; 3]> = p.into_iter().collect();
-        o.points = all
-            .iter()
-            .copied()
-            .filter(|a| {
-                !all.iter()
-                    .any(|b| b != a && b[0] >= a[0] && b[1] >= a[1] && b[2] >= a[2])
-            })
-            .collect();
-    }
-    out
-}
+/// Microbatches in flight per stage under a schedule (the planner's, re-exported).
+pub use cleave_passes::plan::in_flight;
 
 /// A measured timeline set against the simulator.
 #[derive(Clone, Debug)]
@@ -568,34 +515,10 @@ pub fn timeline_report(
     })
 }
 
-/// Builds the schedule named `name` for `p` devices and `m` microbatches.
+/// Builds the schedule named `name` for `p` devices and `m` microbatches (the planner's
+/// [`cleave_passes::plan::build_schedule`]).
 pub fn build_schedule(name: &str, p: usize, m: usize) -> Result<Schedule> {
-    let n = name.to_ascii_lowercase();
-    let s = if n == "auto" {
-        let options = AutoOptions {
-            ilp_max_pm: 0,
-            ..AutoOptions::default()
-        };
-        auto_schedule(
-            p,
-            m,
-            &Costs::uniform(p, 1.0, 1.0, 1.0, 0.0),
-            &Memory::uniform(p, 1.0, 1.0),
-            &options,
-        )?
-        .0
-    } else {
-        let Some(g) = Generator::parse(&n) else {
-            bail!(
-                "unknown schedule `{name}`; valid schedules: {}, auto",
-                Generator::NAMES
-            );
-        };
-        g.generate(p, m)?
-    };
-    s.validate()
-        .with_context(|| format!("schedule `{name}` is invalid"))?;
-    Ok(s)
+    Ok(cleave_passes::plan::build_schedule(name, p, m)?)
 }
 
 fn parse_fail_action(text: &str) -> Result<PipelineAction> {

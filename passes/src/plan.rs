@@ -1,0 +1,882 @@
+//! The planner: partition, split, recomputation/offload and schedule chosen together, as one pass
+//! (`plan{…}`) with one result type ([`Planned`]: the per-stage programs' plans, the schedule's
+//! action lists, the costs, the memory plan and the simulation) that `cleave inspect --memory`,
+//! `cleave opt --passes 'plan{…}'` and the library's users consume.
+//!
+//! It plans the recomputation/offload of every pipeline stage under a schedule, its costs and the
+//! simulated memory over time; and the joint choice of schedule and plan under a per-device memory
+//! limit.
+//!
+//! # Build
+//!
+//! The forward model is cut like `cleave train --stages P` does (`partition{stages=S,profile}`,
+//! `autodiff`, `split-bw`), the schedule is generated, each stage's microbatches in flight are
+//! read off its device's action list ([`in_flight`]), and
+//! [`crate::remat::plan_stages`] picks every stage's plan (a device's limit is shared
+//! among its stages).
+//!
+//! # Costs and memory handed to the simulator
+//!
+//! Per stage, under the device profile: `T_F`, `T_B`, `T_W` are the sums of
+//! [`crate::remat::forward_seconds`] over the nodes of F, B and W after the rewrite (views — `reshape`,
+//! `stop_gradient` — cost nothing: the runtime aliases them) (so recomputation is in B
+//! and W), plus the part of the offload and reload copies that compute does not hide
+//! ([`exposed_transfer`]). `M_B` and `M_W` are `split-bw`'s stash sets of the rewritten functions
+//! without the `stash.offload.*` values.
+//!
+//! **Offload overlap.** The runtime copies on a background thread per device: F's offloaded
+//! values go to the host pool while the device runs its next action, and the reloads of an
+//! action are requested when the action before it starts. A one-way copy takes
+//! `t = offloaded bytes / host bandwidth` (the profile's `host_bytes_per_s`); it is hidden by
+//! the action it runs beside, which lasts at least `min(T_F, T_B)` of the stage, so F and B are
+//! each charged `max(0, t − min(T_F, T_B))` (a copy no action hides, e.g. after the device's
+//! last action, is bounded by the same; the remat ILP's objective charges the same exposed
+//! part). `cleave train --timeline` measures the real overlap: the
+//! summary's `transfers` give, per device, the seconds copied and the seconds of them during
+//! which the device ran an action.
+//!
+//! # Joint choice (`--schedule auto` with a limit)
+//!
+//! Seeds: the schedules 1F1B, ZB-H1, ZB-H2 and `auto` without a limit, each planned for its
+//! in-flight counts under the limit (a seed whose smallest plan does not fit is dropped). Each
+//! seed's plan gives new per-stage `T_F, T_B, T_W, M_B, M_W`; the `auto` scheduler, bounded by the
+//! limit, then picks a schedule for those costs, whose in-flight counts give a new plan, and so
+//! on. **The loop ends** when the in-flight counts repeat one already planned (a fixed point when
+//! they repeat the last one, a cycle otherwise), when a round does not shorten the step, or after
+//! [`MAX_ROUNDS`] rounds; in-flight counts take finitely many values, so it always ends. Every
+//! consistent pair (a schedule and the plan made for its in-flight counts) met on the way is
+//! simulated.
+//!
+//! **Two budgets.** While exploring, each stage's ILP stops after [`EXPLORE_NODES`]
+//! branch-and-bound nodes; the [`FINAL_CANDIDATES`] best pairs are then planned again with
+//! [`FINAL_NODES`] (the same search run longer, so the plan is at least as good), and the pair
+//! with the smallest makespan is chosen. Stage problems repeat across schedules (the same
+//! stage, limit share and in-flight counts): a [`PlanCache`] solves each once, and the solves
+//! of one schedule's stages run on all cores. On the 32-layer GPT at P=8, M=16 this brought
+//! the joint plan from 8.7 s / 53 s to under 2 s (BENCHMARKS.md, "Joint plan time").
+
+use std::collections::BTreeSet;
+
+use crate::partition::{
+    compute_nodes, output_layer_start, partition_function_by, split_node_seconds, Cut,
+    DeviceProfile,
+};
+use crate::pass::{Pass, PassError, PassOptions};
+use crate::remat::{
+    exposed_transfer, function_seconds, plan_stages_cached, InFlight, PlanCache, Policy,
+    StageMemory,
+};
+use crate::schedule::auto::{auto_schedule, AutoOptions};
+use crate::schedule::generators::Generator;
+use crate::schedule::ActionKind;
+use crate::schedule::{Costs, Memory, Schedule, Simulation, StageCost};
+use crate::split::{split_stages, stash_report};
+use crate::{PassContext, PassManager};
+use cleave_ir::{Function, Module};
+use serde_json::{json, Value};
+
+/// A candidate of the joint loop: its origin, makespan and effective bubble rate.
+pub type Candidate = (String, f64, f64);
+
+/// Rounds of the joint loop per seed.
+pub const MAX_ROUNDS: usize = 6;
+
+/// Branch-and-bound nodes per stage ILP while the joint loop explores.
+pub const EXPLORE_NODES: u64 = 50;
+
+/// How many of the best explored candidates are planned again with [`FINAL_NODES`].
+pub const FINAL_CANDIDATES: usize = 1;
+
+/// Branch-and-bound nodes per stage ILP of the final candidates.
+pub const FINAL_NODES: u64 = 500;
+
+/// A schedule with its plan, costs and simulation.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    /// Where it came from (`zb-h1`, `auto←zb-h2`, …).
+    pub origin: String,
+    /// The schedule.
+    pub schedule: Schedule,
+    /// Per stage.
+    pub stages: Vec<StageMemory>,
+    /// Per-stage costs after the rewrite.
+    pub costs: Costs,
+    /// Per-stage memory after the rewrite.
+    pub memory: Memory,
+    /// The costs without recomputation or offload (for the useful work).
+    pub base_costs: Costs,
+    /// The simulation.
+    pub sim: Simulation,
+    /// The split module with every stage's plan applied (`F`, `B`, `W` per stage, recomputation
+    /// and offload rewritten in).
+    pub module: Module,
+}
+
+impl Planned {
+    /// The bubble rate counting recomputation and transfers as idle time: the simulator's
+    /// `(longest span − mean work) / longest span` with the work of the plan-free costs.
+    pub fn effective_bubble_rate(&self) -> f64 {
+        let mut busy = vec![0.0; self.schedule.p()];
+        for (s, &d) in self.schedule.placement.iter().enumerate() {
+            let c = self.base_costs.stages[s];
+            busy[d as usize] += (c.f + c.b + c.w) * self.schedule.m() as f64;
+        }
+        let span = self.sim.devices.iter().map(|d| d.span).fold(0.0, f64::max);
+        let useful = busy.iter().sum::<f64>() / busy.len().max(1) as f64;
+        if span > 0.0 {
+            1.0 - useful / span
+        } else {
+            0.0
+        }
+    }
+
+    /// The JSON report (see the README).
+    pub fn to_json(&self, policy: Policy, limit: Option<u64>) -> Value {
+        let stages: Vec<Value> = self
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let values: Vec<Value> = s
+                    .values
+                    .iter()
+                    .map(|(name, bytes, c)| {
+                        json!({"name": name, "bytes": bytes, "choice": c.name()})
+                    })
+                    .collect();
+                let d = self.schedule.placement[i] as usize;
+                json!({
+                    "stage": i,
+                    "device": d,
+                    "function": s.function,
+                    "in_flight": s.in_flight.saved,
+                    "in_flight_b_to_w": s.in_flight.b_to_w,
+                    "limit_bytes": s.limit,
+                    "saved_bytes": s.summary.kept_bytes,
+                    "values": values,
+                    "recomputed_values": s.summary.recomputed_values,
+                    "recomputed_flops": s.summary.recompute_flops,
+                    "offloaded_bytes": s.summary.offloaded_bytes,
+                    "handed_bytes": s.summary.handed_bytes,
+                    "transfer_s": s.transfer_seconds,
+                    "need_bytes": s.summary.need_bytes,
+                    "t_f": self.costs.stages[i].f,
+                    "t_b": self.costs.stages[i].b,
+                    "t_w": self.costs.stages[i].w,
+                    "m_b": self.memory.stages[i].m_b,
+                    "m_w": self.memory.stages[i].m_w,
+                    "peak_bytes": self.sim.devices[d].peak_memory,
+                })
+            })
+            .collect();
+        json!({
+            "policy": policy.name(),
+            "memory_limit": limit,
+            "schedule": self.origin,
+            "bubble_rate": self.sim.bubble_rate,
+            "effective_bubble_rate": self.effective_bubble_rate(),
+            "makespan_s": self.sim.makespan,
+            "peak_bytes": self.sim.devices.iter().map(|d| d.peak_memory).collect::<Vec<_>>(),
+            "stages": stages,
+        })
+    }
+
+    /// A text table.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "schedule {}: makespan {:.6} s, bubble rate {:.4} (recomputation counted as idle: {:.4})\n",
+            self.origin,
+            self.sim.makespan,
+            self.sim.bubble_rate,
+            self.effective_bubble_rate()
+        );
+        out.push_str(&format!(
+            "{:<6} {:>6} {:>9} {:>12} {:>12} {:>14} {:>12} {:>12} {:>12} {:>12}\n",
+            "stage",
+            "device",
+            "in flight",
+            "saved B",
+            "recomputed",
+            "recompute FLOP",
+            "offloaded B",
+            "handed B",
+            "transfer s",
+            "peak B"
+        ));
+        for (i, s) in self.stages.iter().enumerate() {
+            let d = self.schedule.placement[i] as usize;
+            out.push_str(&format!(
+                "{:<6} {:>6} {:>9} {:>12} {:>12} {:>14} {:>12} {:>12} {:>12.3e} {:>12.0}\n",
+                i,
+                d,
+                s.in_flight.saved,
+                s.summary.kept_bytes,
+                s.summary.recomputed_values,
+                s.summary.recompute_flops,
+                s.summary.offloaded_bytes,
+                s.summary.handed_bytes,
+                s.transfer_seconds,
+                self.sim.devices[d].peak_memory
+            ));
+            for (name, bytes, c) in &s.values {
+                out.push_str(&format!("    {name:<20} {bytes:>12} {}\n", c.name()));
+            }
+        }
+        out
+    }
+}
+
+/// The forward model cut into stages, differentiated and split: the base every plan of the
+/// joint search starts from.
+#[derive(Clone, Debug)]
+pub struct Split {
+    /// The split module (`F`, `B`, `W` per stage).
+    pub module: Module,
+    /// With vocabulary parallelism, the output layer's F, B and W seconds per microbatch on one
+    /// device, which the planner spreads evenly over the stages ([`costs_of`]).
+    pub vocab: Option<StageCost>,
+}
+
+/// The forward model cut into `n_stages` stages (balancing the estimated training time),
+/// differentiated and split.
+pub fn split_module(
+    forward: &Function,
+    n_stages: usize,
+    profile: &str,
+) -> Result<Split, PlanError> {
+    split_module_by(forward, n_stages, profile, Cut::default())
+}
+
+/// [`split_module`] with the partition's cut options (`balance`, `vocab-parallel`).
+///
+/// **Vocabulary parallelism** ("Balancing Pipeline Parallelism with Vocabulary Parallelism",
+/// Yeung et al., arXiv 2411.05288) is modelled in the planner only: the partition leaves the
+/// output layer out of its balance, and [`costs_of`] moves the layer's F, B and W from the last
+/// stage to every stage in equal shares (the paper's S and T passes at ideal scaling; its
+/// measured efficiency is 76–93 %). The collectives between the shares (the broadcast of the
+/// last hidden state, the all-reduces of the softmax statistics and of the input gradient) and
+/// the extra microbatch the barrier keeps in flight are not in the figures, and `cleave train`
+/// still runs the whole layer on the last stage.
+pub fn split_module_by(
+    forward: &Function,
+    n_stages: usize,
+    profile: &str,
+    cut: Cut,
+) -> Result<Split, PlanError> {
+    let device = DeviceProfile::load(profile).map_err(PlanError)?;
+    let mut cut_forward = forward.clone();
+    if n_stages > 1 {
+        partition_function_by(&mut cut_forward, n_stages as u32, &device, cut)
+            .map_err(|e| PlanError(format!("partition: {e}")))?;
+    }
+    let mut module = Module::with_function(cut_forward);
+    let passes = "autodiff,split-bw";
+    PassManager::from_pipeline(passes)
+        .and_then(|pm| pm.run(&mut module, &mut PassContext::default(), &mut |_| {}))
+        .map_err(|e| PlanError(format!("{passes}: {e}")))?;
+    let vocab = if cut.vocab_parallel && n_stages > 1 {
+        let compute = compute_nodes(forward);
+        let start = output_layer_start(forward, &compute)
+            .ok_or_else(|| PlanError("vocab-parallel: the model has no output layer".into()))?;
+        let times = split_node_seconds(forward, &compute, &device).map_err(PlanError)?;
+        let mut share = StageCost {
+            f: 0.0,
+            b: 0.0,
+            w: 0.0,
+        };
+        for (f, b, w) in &times[start..] {
+            share.f += f;
+            share.b += b;
+            share.w += w;
+        }
+        Some(share)
+    } else {
+        None
+    };
+    Ok(Split { module, vocab })
+}
+
+/// The joint plan over several stage cuts: [`joint`] on each cut's split, the shortest step
+/// kept (the first on ties), with the candidates of every cut (origins prefixed by the cut's
+/// balance when there are several). The joint search is a local one, so a better balanced cut does not always give a
+/// shorter planned step under a limit; trying both is how `--balance best` is never worse than
+/// either.
+pub fn joint_over_cuts(
+    forward: &Function,
+    n_stages: usize,
+    p: usize,
+    m: usize,
+    limit: u64,
+    profile: &str,
+    cuts: &[Cut],
+) -> Result<(Planned, Vec<Candidate>), PlanError> {
+    let device = DeviceProfile::load(profile).map_err(PlanError)?;
+    let mut best: Option<Planned> = None;
+    let mut tried = Vec::new();
+    let mut first_error = None;
+    for cut in cuts {
+        let base = split_module_by(forward, n_stages, profile, *cut)?;
+        match joint(forward, &base, p, m, limit, &device) {
+            Ok((planned, t)) => {
+                let tag = cut.balance.name();
+                tried.extend(
+                    t.into_iter()
+                        .map(|(o, ms, b)| (format!("{tag}:{o}"), ms, b)),
+                );
+                if best
+                    .as_ref()
+                    .is_none_or(|b| planned.sim.makespan < b.sim.makespan)
+                {
+                    best = Some(planned);
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match (best, first_error) {
+        (Some(b), _) => Ok((b, tried)),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(PlanError("no stage cut to plan".into())),
+    }
+}
+
+/// Per-stage costs and memory of a split module (after `remat`, if it ran). With `vocab` (the
+/// output layer's seconds, see [`split_module_by`]), the last stage gives the layer up and every
+/// stage takes an equal share of it.
+pub fn costs_of(
+    module: &Module,
+    profile: &DeviceProfile,
+    stages: &[StageMemory],
+    vocab: Option<&StageCost>,
+) -> (Costs, Memory) {
+    let mut c = Vec::new();
+    let mut m = Vec::new();
+    for (i, s) in split_stages(module).iter().enumerate() {
+        let transfer = stages.get(i).map(|x| x.transfer_seconds).unwrap_or(0.0);
+        let (f, b, w) = (
+            function_seconds(profile, s.f),
+            function_seconds(profile, s.b),
+            function_seconds(profile, s.w),
+        );
+        let exposed = exposed_transfer(transfer / 2.0, f, b);
+        c.push(StageCost {
+            f: f + exposed,
+            b: b + exposed,
+            w,
+        });
+        let r = device_stash(s);
+        m.push(crate::schedule::StageMemory {
+            m_b: (r.f_to_b + r.f_to_w) as f64,
+            m_w: (r.f_to_w + r.b_to_w) as f64,
+        });
+    }
+    if let (Some(v), Some(n)) = (vocab, c.len().checked_sub(1)) {
+        let share = 1.0 / c.len() as f64;
+        let last = &mut c[n];
+        // The layer's own nodes are never recomputed, so its times are those of the base.
+        last.f = (last.f - v.f).max(0.0);
+        last.b = (last.b - v.b).max(0.0);
+        last.w = (last.w - v.w).max(0.0);
+        for x in &mut c {
+            x.f += v.f * share;
+            x.b += v.b * share;
+            x.w += v.w * share;
+        }
+    }
+    (
+        Costs {
+            stages: c,
+            comm: 0.0,
+        },
+        Memory { stages: m },
+    )
+}
+
+/// `stash_report` without the offloaded values.
+fn device_stash(s: &crate::split::SplitStage<'_>) -> crate::split::StashBytes {
+    let mut r = stash_report(s);
+    for o in &s.f.outputs {
+        if o.name.starts_with("stash.offload.") {
+            let bytes = s.f.ty(o.value).size_bytes() as u64;
+            // Offloaded values are read by B, W or both; stash_report put them in one set.
+            let reads_w = s.w.data_inputs().any(|a| a.name == o.name);
+            if reads_w {
+                r.f_to_w -= bytes;
+            } else {
+                r.f_to_b -= bytes;
+            }
+        }
+    }
+    r
+}
+
+/// Plans `policy` for `schedule` and simulates it; `cache` holds the stage plans already made
+/// for `base` (give every call on the same `base` the same cache).
+#[allow(clippy::too_many_arguments)]
+pub fn plan_for(
+    forward: &Function,
+    base: &Split,
+    schedule: Schedule,
+    origin: &str,
+    policy: Policy,
+    limit: Option<u64>,
+    profile: &DeviceProfile,
+    cache: &mut PlanCache,
+) -> Result<Planned, PlanError> {
+    let mut module = base.module.clone();
+    let placement: Vec<usize> = schedule.placement.iter().map(|&d| d as usize).collect();
+    let stages = plan_stages_cached(
+        &mut module,
+        policy,
+        limit,
+        &[],
+        &in_flight(&schedule),
+        &placement,
+        profile,
+        cache,
+    )
+    .map_err(|e| PlanError(format!("{}: {origin}: {e}", forward.name)))?;
+    let (costs, memory) = costs_of(&module, profile, &stages, base.vocab.as_ref());
+    let (base_costs, _) = costs_of(&base.module, profile, &[], base.vocab.as_ref());
+    let sim = schedule
+        .simulate(&costs, &memory)
+        .map_err(|e| PlanError(format!("{origin}: {e}")))?;
+    Ok(Planned {
+        origin: origin.to_string(),
+        schedule,
+        stages,
+        costs,
+        memory,
+        base_costs,
+        sim,
+        module,
+    })
+}
+
+/// The joint choice of schedule and plan under `limit` (see the module docs).
+pub fn joint(
+    forward: &Function,
+    base: &Split,
+    p: usize,
+    m: usize,
+    limit: u64,
+    profile: &DeviceProfile,
+) -> Result<(Planned, Vec<Candidate>), PlanError> {
+    let mut tried: Vec<(String, f64, f64)> = Vec::new();
+    // Every consistent pair met, in the order met.
+    let mut pool: Vec<Planned> = Vec::new();
+    let consider = |x: Planned, tried: &mut Vec<Candidate>, pool: &mut Vec<Planned>| {
+        tried.push((x.origin.clone(), x.sim.makespan, x.effective_bubble_rate()));
+        pool.push(x);
+    };
+    // The first of the shortest pairs.
+    let shortest = |pool: &[Planned]| -> Option<usize> {
+        (0..pool.len()).min_by(|&a, &b| pool[a].sim.makespan.total_cmp(&pool[b].sim.makespan))
+    };
+    let mut cache = PlanCache::default();
+    cache.node_budget = EXPLORE_NODES;
+    // Why seeds had no plan: when none has, the error naming the smallest feasible limit.
+    let mut seed_errors: Vec<String> = Vec::new();
+    let started = std::time::Instant::now();
+    for seed in ["1f1b", "zb-h1", "zb-h2", "auto"] {
+        // A line per seed family once the search has run for more than a second.
+        let progress = |cache: &PlanCache, best: Option<f64>| {
+            let t = started.elapsed().as_secs_f64();
+            if t > 1.0 {
+                eprintln!(
+                    "joint: seed {seed} done at {t:.1} s ({} stage plans solved, {} reused; best makespan so far {})",
+                    cache.misses,
+                    cache.hits,
+                    best.map_or("none".to_string(), |b| format!("{b:.6} s"))
+                );
+            }
+        };
+        let schedule = build_schedule(seed, p, m)?;
+        let mut cur = match plan_for(
+            forward,
+            base,
+            schedule,
+            seed,
+            Policy::Auto,
+            Some(limit),
+            profile,
+            &mut cache,
+        ) {
+            Ok(x) => x,
+            Err(e) => {
+                seed_errors.push(e.0);
+                progress(&cache, shortest(&pool).map(|i| pool[i].sim.makespan));
+                continue;
+            }
+        };
+        let mut seen: BTreeSet<Vec<(u64, u64)>> = BTreeSet::new();
+        let key = |s: &Schedule| -> Vec<(u64, u64)> {
+            in_flight(s)
+                .iter()
+                .map(|k: &InFlight| (k.saved, k.b_to_w))
+                .collect()
+        };
+        seen.insert(key(&cur.schedule));
+        let mut seed_best = cur.sim.makespan;
+        for round in 0..MAX_ROUNDS {
+            let options = AutoOptions {
+                memory_limit: Some(limit as f64),
+                ilp_max_pm: 0,
+                ..AutoOptions::default()
+            };
+            let next = auto_schedule(p, m, &cur.costs, &cur.memory, &options)
+                .ok()
+                .map(|x| x.0);
+            consider(cur, &mut tried, &mut pool);
+            let Some(next) = next else { break };
+            if !seen.insert(key(&next)) {
+                break;
+            }
+            let origin = format!("auto[{round}]<-{seed}");
+            match plan_for(
+                forward,
+                base,
+                next,
+                &origin,
+                Policy::Auto,
+                Some(limit),
+                profile,
+                &mut cache,
+            ) {
+                Ok(x) => cur = x,
+                Err(_) => break,
+            }
+            // A round that does not shorten the step ends the seed's descent.
+            if cur.sim.makespan >= seed_best || round + 1 == MAX_ROUNDS {
+                consider(cur, &mut tried, &mut pool);
+                break;
+            }
+            seed_best = cur.sim.makespan;
+        }
+        progress(&cache, shortest(&pool).map(|i| pool[i].sim.makespan));
+    }
+    // The best explored schedules, planned again with the final node budget (the same search
+    // run longer: the plan is at least as good).
+    let mut order: Vec<usize> = (0..pool.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (&pool[a], &pool[b]);
+        x.sim
+            .makespan
+            .total_cmp(&y.sim.makespan)
+            .then(x.origin.cmp(&y.origin))
+    });
+    cache.node_budget = FINAL_NODES;
+    let mut best = shortest(&pool).map(|i| pool[i].clone());
+    for &i in order.iter().take(FINAL_CANDIDATES) {
+        let x = &pool[i];
+        if let Ok(y) = plan_for(
+            forward,
+            base,
+            x.schedule.clone(),
+            &x.origin,
+            Policy::Auto,
+            Some(limit),
+            profile,
+            &mut cache,
+        ) {
+            tried.push((
+                format!("{}+full", y.origin),
+                y.sim.makespan,
+                y.effective_bubble_rate(),
+            ));
+            if best
+                .as_ref()
+                .is_none_or(|b| y.sim.makespan <= b.sim.makespan)
+            {
+                best = Some(y);
+            }
+        }
+    }
+    if started.elapsed().as_secs_f64() > 1.0 {
+        eprintln!(
+            "joint: done at {:.1} s ({} stage plans solved, {} reused)",
+            started.elapsed().as_secs_f64(),
+            cache.misses,
+            cache.hits
+        );
+    }
+    let best = best.ok_or_else(|| {
+        let why = seed_errors
+            .iter()
+            .min_by_key(|e| crate::remat::named_smallest(e).unwrap_or(u64::MAX))
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        PlanError(format!(
+            "no schedule has a plan within the memory limit of {limit} bytes{why}"
+        ))
+    })?;
+    Ok((best, tried))
+}
+
+/// Microbatches in flight per stage under a schedule: the most microbatches whose F has run and
+/// whose W (or BW) has not, whose F has run and whose B (or BW) has not, and whose B has run and
+/// whose W has not (a BW counts as one while it runs), over the stage's device's action list.
+pub fn in_flight(schedule: &Schedule) -> Vec<InFlight> {
+    let n = schedule.n_stages();
+    let mut out = vec![InFlight::from(1); n];
+    let mut points = vec![std::collections::BTreeSet::new(); n];
+    for list in &schedule.devices {
+        let (mut f, mut fb, mut b) = (vec![0u64; n], vec![0u64; n], vec![0u64; n]);
+        for x in list {
+            let s = x.stage as usize;
+            match x.kind {
+                ActionKind::F => {
+                    f[s] += 1;
+                    fb[s] += 1;
+                }
+                ActionKind::B => {
+                    b[s] += 1;
+                    fb[s] = fb[s].saturating_sub(1);
+                }
+                ActionKind::W => {
+                    f[s] = f[s].saturating_sub(1);
+                    b[s] = b[s].saturating_sub(1);
+                }
+                // Within a BW, once B has run: its B-only values are freed, W's are not yet.
+                ActionKind::BW => fb[s] = fb[s].saturating_sub(1),
+                _ => {}
+            }
+            out[s].saved = out[s].saved.max(f[s]);
+            out[s].f_to_b = out[s].f_to_b.max(fb[s]);
+            out[s].b_to_w = out[s].b_to_w.max(b[s]);
+            // A BW holds its B→W values while it runs.
+            let bw = u64::from(x.kind == ActionKind::BW);
+            points[s].insert([fb[s], f[s], b[s] + bw]);
+            if x.kind == ActionKind::BW {
+                f[s] = f[s].saturating_sub(1);
+            }
+        }
+    }
+    for (o, p) in out.iter_mut().zip(points) {
+        // Only the moments no other moment dominates matter.
+        let all: Vec<[u64; 3]> = p.into_iter().collect();
+        o.points = all
+            .iter()
+            .copied()
+            .filter(|a| {
+                !all.iter()
+                    .any(|b| b != a && b[0] >= a[0] && b[1] >= a[1] && b[2] >= a[2])
+            })
+            .collect();
+    }
+    out
+}
+
+/// Builds the schedule named `name` for `p` devices and `m` microbatches.
+pub fn build_schedule(name: &str, p: usize, m: usize) -> Result<Schedule, PlanError> {
+    let n = name.to_ascii_lowercase();
+    let s = if n == "auto" {
+        let options = AutoOptions {
+            ilp_max_pm: 0,
+            ..AutoOptions::default()
+        };
+        auto_schedule(
+            p,
+            m,
+            &Costs::uniform(p, 1.0, 1.0, 1.0, 0.0),
+            &Memory::uniform(p, 1.0, 1.0),
+            &options,
+        )
+        .map_err(|e| PlanError(e.to_string()))?
+        .0
+    } else {
+        let Some(g) = Generator::parse(&n) else {
+            return Err(PlanError(format!(
+                "unknown schedule `{name}`; valid schedules: {}, auto",
+                Generator::NAMES
+            )));
+        };
+        g.generate(p, m).map_err(|e| PlanError(e.to_string()))?
+    };
+    s.validate()
+        .map_err(|e| PlanError(format!("schedule `{name}` is invalid: {e}")))?;
+    Ok(s)
+}
+
+/// Why planning failed: the message names the stage, schedule or option (an infeasible limit
+/// names the smallest feasible one).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PlanError(pub String);
+
+/// The `plan` pass: `plan{stages=P,microbatches=M,memory-limit=BYTES,profile=NAME|FILE,
+/// schedule=NAME|auto,remat=POLICY,balance=estimate|split|best,vocab-parallel}`.
+///
+/// Entry: a module of one verified forward function (not differentiated). Exit: the split module
+/// of the plan (per stage `F`, `B`, `W`, with its recomputation and offload rewritten in), and
+/// the whole [`Planned`] result in [`PassContext::planned`] (schedule and action lists, per-stage
+/// plans, costs, memory, simulation); the pass's notes name the schedule, its makespan and
+/// bubble, and each stage's plan. `schedule=auto` with a `memory-limit` and policy `auto` (the
+/// default with a limit) is the joint search ([`joint_over_cuts`]); any other combination
+/// plans the named schedule ([`plan_for`]). Defaults: `schedule=auto`, `profile=cpu-epyc-2core`,
+/// `balance=estimate`, `microbatches=1`, no limit (policy `none`).
+#[derive(Clone, Debug)]
+pub struct PlanPass {
+    /// Pipeline devices.
+    pub stages: usize,
+    /// Microbatches per step.
+    pub microbatches: usize,
+    /// Per-device bytes of saved values.
+    pub memory_limit: Option<u64>,
+    /// The device profile's name or file.
+    pub profile: String,
+    /// A schedule name or `auto`.
+    pub schedule: String,
+    /// The recomputation/offload policy.
+    pub policy: Policy,
+    /// The stage cuts to plan (several: the shortest step is kept).
+    pub cuts: Vec<Cut>,
+}
+
+impl PlanPass {
+    /// Builds the pass from its pipeline options (see the type's docs).
+    pub fn from_options(mut o: PassOptions) -> Result<Self, PassError> {
+        let bad = |key: &str, message: String| PassError::BadOption {
+            pass: "plan".into(),
+            key: key.into(),
+            message,
+        };
+        let stages: usize = o.take_parsed("stages", 0)?;
+        if stages == 0 {
+            return Err(bad(
+                "stages",
+                "give the number of pipeline devices, e.g. `plan{stages=4,microbatches=8}`".into(),
+            ));
+        }
+        let microbatches: usize = o.take_parsed("microbatches", 1)?;
+        if microbatches == 0 {
+            return Err(bad("microbatches", "at least one microbatch".into()));
+        }
+        let memory_limit = o
+            .take("memory-limit")
+            .map(|t| crate::remat::parse_bytes(&t).map_err(|e| bad("memory-limit", e)))
+            .transpose()?;
+        let profile = o.take("profile").unwrap_or_else(|| "cpu-epyc-2core".into());
+        DeviceProfile::load(&profile).map_err(|e| bad("profile", e))?;
+        let schedule = o.take("schedule").unwrap_or_else(|| "auto".into());
+        let policy = match o.take("remat") {
+            None if memory_limit.is_some() => Policy::Auto,
+            None => Policy::None,
+            Some(name) => Policy::parse(&name).ok_or_else(|| {
+                bad(
+                    "remat",
+                    format!("`{name}`: valid policies: {}", Policy::NAMES),
+                )
+            })?,
+        };
+        let vocab_parallel = o.take_parsed("vocab-parallel", false)?;
+        let balances = match o.take("balance").as_deref() {
+            None => vec![crate::partition::Balance::Estimate],
+            Some("best") => vec![
+                crate::partition::Balance::Estimate,
+                crate::partition::Balance::Split,
+            ],
+            Some(one) => vec![one
+                .parse()
+                .map_err(|e| bad("balance", format!("`{one}`: {e} (or `best`)")))?],
+        };
+        o.finish()?;
+        let pass = PlanPass {
+            stages,
+            microbatches,
+            memory_limit,
+            profile,
+            schedule,
+            policy,
+            cuts: balances
+                .into_iter()
+                .map(|balance| Cut {
+                    balance,
+                    vocab_parallel,
+                })
+                .collect(),
+        };
+        if pass.cuts.len() > 1 && !pass.is_joint() {
+            return Err(bad(
+                "balance",
+                "`best` compares joint plans: it needs schedule=auto and a memory-limit".into(),
+            ));
+        }
+        Ok(pass)
+    }
+
+    fn is_joint(&self) -> bool {
+        self.schedule == "auto" && self.memory_limit.is_some() && self.policy == Policy::Auto
+    }
+
+    /// Plans `forward` (see the type's docs).
+    pub fn plan(&self, forward: &Function) -> Result<(Planned, Vec<Candidate>), PlanError> {
+        let (p, m) = (self.stages, self.microbatches);
+        let profile = DeviceProfile::load(&self.profile).map_err(PlanError)?;
+        if self.is_joint() {
+            let n_stages = build_schedule("1f1b", p, m)?.n_stages();
+            let limit = self.memory_limit.unwrap_or(0);
+            return joint_over_cuts(forward, n_stages, p, m, limit, &self.profile, &self.cuts);
+        }
+        let schedule = build_schedule(&self.schedule, p, m)?;
+        let base = split_module_by(forward, schedule.n_stages(), &self.profile, self.cuts[0])?;
+        let planned = plan_for(
+            forward,
+            &base,
+            schedule,
+            &self.schedule,
+            self.policy,
+            self.memory_limit,
+            &profile,
+            &mut PlanCache::default(),
+        )?;
+        Ok((planned, Vec::new()))
+    }
+}
+
+impl Pass for PlanPass {
+    fn name(&self) -> &'static str {
+        "plan"
+    }
+
+    fn run(&self, module: &mut Module, ctx: &mut PassContext) -> Result<(), PassError> {
+        let fail = |message: String| PassError::Failed {
+            pass: "plan",
+            message,
+        };
+        let [forward] = &module.functions[..] else {
+            return Err(fail(format!(
+                "plan a module of one forward function; this one has {}",
+                module.functions.len()
+            )));
+        };
+        if forward
+            .body
+            .iter()
+            .any(|&n| forward.nodes[n].phase.is_backward())
+        {
+            return Err(fail(format!(
+                "@{}: plan a forward function, before `autodiff`",
+                forward.name
+            )));
+        }
+        let (planned, tried) = self.plan(forward).map_err(|e| fail(e.0))?;
+        for (origin, makespan, bubble) in &tried {
+            ctx.note(
+                "plan",
+                format!("candidate {origin}: makespan {makespan:.6} s, effective bubble rate {bubble:.4}"),
+            );
+        }
+        for line in planned.render().lines() {
+            ctx.note("plan", line.to_string());
+        }
+        for (d, actions) in planned.schedule.action_strings().iter().enumerate() {
+            ctx.note("plan", format!("device {d}: {}", actions.join(" ")));
+        }
+        *module = planned.module.clone();
+        ctx.planned = Some(Box::new(planned));
+        Ok(())
+    }
+}

@@ -603,12 +603,19 @@ fn cmd_bench_cuda(
     Ok(())
 }
 
-/// Runs a pipeline over a module, printing warnings to stderr.
+/// Runs a pipeline over a module, printing warnings to stderr, and a `plan` pass's result (the
+/// schedule's figures, each stage's plan, each device's actions) to stderr after the pipeline.
 fn run_pipeline(module: &mut Module, pm: &PassManager) -> Result<()> {
     let mut ctx = PassContext::default();
     let result = pm.run(module, &mut ctx, &mut |dump| eprint!("{dump}"));
     for w in &ctx.warnings {
         eprintln!("warning: {w}");
+    }
+    if let Some(planned) = &ctx.planned {
+        eprint!("{}", planned.render());
+        for (d, actions) in planned.schedule.action_strings().iter().enumerate() {
+            eprintln!("device {d}: {}", actions.join(" "));
+        }
     }
     result.map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -436,6 +436,9 @@ pub struct ChoiceGraph<'a> {
     node_budget: u64,
     /// A plan for the same problem to start the ILP's search from (its first incumbent).
     hint: Option<StagePlan>,
+    /// Set when an ILP solve stopped at its node budget (rather than proving its plan optimal
+    /// or within the gap): a larger budget could find a better plan.
+    budget_cut: std::cell::Cell<bool>,
 }
 
 /// Where a plan's values are needed, as [`ChoiceGraph::apply`] rewrites B and W.
@@ -634,6 +637,7 @@ impl<'a> ChoiceGraph<'a> {
             b_to_w: stash_report(&st).b_to_w,
             node_budget: ILP_NODES,
             hint: None,
+            budget_cut: std::cell::Cell::new(false),
         }
     }
 
@@ -659,6 +663,11 @@ impl<'a> ChoiceGraph<'a> {
     fn scaled_node_budget(&self) -> u64 {
         let n = self.cands.len().max(1) as u64;
         (self.node_budget * NODE_BUDGET_CANDIDATES / n).clamp(1, self.node_budget)
+    }
+
+    /// Whether an ILP solve of this graph stopped at its node budget.
+    pub fn budget_cut(&self) -> bool {
+        self.budget_cut.get()
     }
 
     fn bytes(&self, v: Value) -> u64 {
@@ -1247,7 +1256,13 @@ impl<'a> ChoiceGraph<'a> {
             start.push((exposed, (one_way_ms - self.hide_seconds * 1e3).max(0.0)));
             options.warm_start = Some(start);
         }
-        let sol = match lp.solve_with(options) {
+        let outcome = lp.solve_with(options);
+        if let Ok(o) = &outcome {
+            if o.termination_reason() == microlp::TerminationReason::NodeLimit {
+                self.budget_cut.set(true);
+            }
+        }
+        let sol = match outcome {
             Ok(outcome) => match outcome.into_solution() {
                 Ok(sol) => sol,
                 // No feasible plan within the node budget: the callers fall back to the greedy.
@@ -1740,6 +1755,9 @@ pub struct PlanCache {
     needs: HashMap<NeedKey, (u64, Option<u64>)>,
     /// (stage, policy, share, in-flight, node budget) → the plan or why there is none.
     plans: HashMap<PlanKey, Result<StagePlan, String>>,
+    /// The plans whose solves ended before their node budget: a larger budget runs the same
+    /// search to the same end, so its plan is this one.
+    complete: std::collections::HashSet<PlanKey>,
     /// Branch-and-bound nodes per ILP solve of the plans made from now on.
     pub node_budget: u64,
     /// Stage problems answered from the cache.
@@ -1756,6 +1774,7 @@ impl Default for PlanCache {
         PlanCache {
             needs: HashMap::new(),
             plans: HashMap::new(),
+            complete: std::collections::HashSet::new(),
             node_budget: ILP_NODES,
             hits: 0,
             misses: 0,
@@ -1927,6 +1946,23 @@ pub fn plan_stages_cached(
     // solve is deterministic, so the plans do not depend on the thread count).
     let budget = cache.node_budget;
     let key_of = |i: usize| (i, policy, shares[i], in_flight[i].clone(), budget);
+    // A problem solved to its end under a smaller budget has the same plan under this one.
+    for i in 0..names.len() {
+        let key = key_of(i);
+        if cache.plans.contains_key(&key) {
+            continue;
+        }
+        let done = cache
+            .complete
+            .iter()
+            .find(|k| k.0 == i && k.1 == policy && k.2 == shares[i] && k.3 == in_flight[i])
+            .cloned();
+        if let Some(k) = done {
+            let plan = cache.plans[&k].clone();
+            cache.plans.insert(key.clone(), plan);
+            cache.complete.insert(key);
+        }
+    }
     let missing: Vec<usize> = (0..names.len())
         .filter(|&i| !cache.plans.contains_key(&key_of(i)))
         .collect();
@@ -1956,16 +1992,18 @@ pub fn plan_stages_cached(
         )
         .with_node_budget(budget)
         .with_hint(hint);
-        g.plan(policy, shares[i], &in_flight[i])
+        let made = g.plan(policy, shares[i], &in_flight[i]);
+        (made, !g.budget_cut())
     };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(missing.len());
-    let solved: Vec<(usize, Result<StagePlan, String>)> = if threads <= 1 {
+    type Solved = (usize, (Result<StagePlan, String>, bool));
+    let solved: Vec<Solved> = if threads <= 1 {
         missing.iter().map(|&i| (i, solve(i))).collect()
     } else {
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let mut all: Vec<(usize, Result<StagePlan, String>)> = std::thread::scope(|scope| {
+        let mut all: Vec<Solved> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     scope.spawn(|| {
@@ -1987,7 +2025,10 @@ pub fn plan_stages_cached(
         all.sort_by_key(|x| x.0);
         all
     };
-    for (i, made) in solved {
+    for (i, (made, complete)) in solved {
+        if complete {
+            cache.complete.insert(key_of(i));
+        }
         cache.plans.insert(key_of(i), made);
     }
     // A failed stage whose smallest need was not looked up: the device-level error, as when the

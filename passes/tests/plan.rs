@@ -1,0 +1,149 @@
+//! The planner (`plan`, `cleave_passes::plan`): the joint plan under a memory limit is never
+//! worse than a fixed schedule planned alone under the same limit (issue 21, acceptance 4, at the
+//! level of whole plans: recomputation and offload chosen with the schedule), and the pass leaves
+//! its result in the pass context.
+
+use cleave_ir::models::{gpt, GptConfig};
+use cleave_ir::{Function, Module};
+use cleave_passes::partition::DeviceProfile;
+use cleave_passes::plan::{build_schedule, joint, plan_for, split_module};
+use cleave_passes::remat::{PlanCache, Policy};
+use cleave_passes::{PassContext, PassManager};
+use proptest::prelude::*;
+
+const FIXED: [&str; 4] = ["gpipe", "1f1b", "zb-h1", "zb-h2"];
+
+fn tiny_gpt(layers: usize) -> Function {
+    gpt(&GptConfig {
+        layers,
+        ..GptConfig::default()
+    })
+    .unwrap()
+}
+
+/// The largest simulated device peak of a fixed schedule without recomputation.
+fn peak_without_recomputation(f: &Function, name: &str, p: usize, m: usize) -> f64 {
+    let base = split_module(f, p, "h100-sxm").unwrap();
+    let profile = DeviceProfile::load("h100-sxm").unwrap();
+    let planned = plan_for(
+        f,
+        &base,
+        build_schedule(name, p, m).unwrap(),
+        name,
+        Policy::None,
+        None,
+        &profile,
+        &mut PlanCache::default(),
+    )
+    .unwrap();
+    planned
+        .sim
+        .devices
+        .iter()
+        .map(|d| d.peak_memory)
+        .fold(0.0, f64::max)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+    /// Limits between the smallest and the largest peak of the fixed schedules without
+    /// recomputation: wherever a fixed schedule has a plan within the limit, the joint plan's
+    /// step is no longer.
+    #[test]
+    fn joint_plan_never_worse_than_a_fixed_schedule_that_fits(
+        layers in 2usize..4,
+        m in 2usize..6,
+        at in 0.0f64..1.0,
+    ) {
+        let p = 2;
+        let f = tiny_gpt(layers);
+        let peaks: Vec<f64> = FIXED.iter().map(|s| peak_without_recomputation(&f, s, p, m)).collect();
+        let lo = peaks.iter().cloned().fold(f64::INFINITY, f64::min) * 0.6;
+        let hi = peaks.iter().cloned().fold(0.0, f64::max);
+        let limit = (lo + at * (hi - lo)) as u64;
+        let profile = DeviceProfile::load("h100-sxm").unwrap();
+        let base = split_module(&f, p, "h100-sxm").unwrap();
+        let joint_plan = joint(&f, &base, p, m, limit, &profile).map(|(x, _)| x);
+        for name in FIXED {
+            let fixed = plan_for(
+                &f,
+                &base,
+                build_schedule(name, p, m).unwrap(),
+                name,
+                Policy::Auto,
+                Some(limit),
+                &profile,
+                &mut PlanCache::default(),
+            );
+            let Ok(fixed) = fixed else { continue };
+            let fits = fixed.sim.devices.iter().all(|d| d.peak_memory <= limit as f64);
+            if !fits {
+                continue;
+            }
+            let ours = joint_plan.as_ref().unwrap_or_else(|e| {
+                panic!("{name} fits {limit} B but the joint search found nothing: {e}")
+            });
+            prop_assert!(
+                ours.sim.makespan <= fixed.sim.makespan * (1.0 + 1e-9),
+                "limit {limit}: joint {} ({}) longer than {name} {}",
+                ours.sim.makespan,
+                ours.origin,
+                fixed.sim.makespan
+            );
+        }
+    }
+}
+
+#[test]
+fn the_pass_plans_a_forward_function_and_leaves_the_result_in_the_context() {
+    let mut module = Module::with_function(tiny_gpt(2));
+    let mut ctx = PassContext::default();
+    let mut pm = PassManager::from_pipeline(
+        "plan{stages=2,microbatches=4,schedule=zb-h2,profile=h100-sxm,balance=split}",
+    )
+    .unwrap();
+    pm.verify_each = true;
+    pm.run(&mut module, &mut ctx, &mut |_| {}).unwrap();
+    let planned = ctx.planned.expect("the plan in the context");
+    assert_eq!(planned.schedule.p(), 2);
+    assert_eq!(planned.schedule.m(), 4);
+    assert_eq!(planned.stages.len(), 2);
+    // The module is the plan's split module: F, B and W per stage.
+    let names: Vec<&str> = module.functions.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["gpt.s0.F", "gpt.s0.B", "gpt.s0.W", "gpt.s1.F", "gpt.s1.B", "gpt.s1.W"]
+    );
+    assert_eq!(planned.module.functions.len(), 6);
+    assert!(planned.sim.makespan > 0.0);
+    // The pass's notes name the schedule and every device's actions.
+    assert!(
+        ctx.notes.iter().any(|n| n.contains("schedule zb-h2")),
+        "{:?}",
+        ctx.notes
+    );
+    assert!(ctx.notes.iter().any(|n| n.starts_with("plan: device 1: ")));
+}
+
+#[test]
+fn bad_options_are_named() {
+    for (pipeline, want) in [
+        (
+            "plan{microbatches=4}",
+            "give the number of pipeline devices",
+        ),
+        ("plan{stages=2,remat=sometimes}", "valid policies"),
+        (
+            "plan{stages=2,balance=best}",
+            "needs schedule=auto and a memory-limit",
+        ),
+        ("plan{stages=2,profile=nonexistent}", "built-ins"),
+        ("plan{stages=2,memory-limit=lots}", "memory-limit"),
+    ] {
+        let err = PassManager::from_pipeline(pipeline)
+            .err()
+            .map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains(want), "{pipeline}: {err}");
+    }
+}

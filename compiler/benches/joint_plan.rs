@@ -7,7 +7,9 @@
 //! `JOINT_BASELINE=path/to/an/older/cleave`, each run also times that binary's
 //! `cleave inspect … --json` on the same case, interleaved with the in-process runs, so both
 //! medians come from the same run on the same machine (the older figure includes loading and
-//! differentiating the model, about 0.1 s; `JOINT_LAYERS=32` limits the cases).
+//! differentiating the model, about 0.1 s; `JOINT_LAYERS=32` limits the cases). The last column
+//! is Zero Bubble's approach at the same memory: the automatic scheduler under the limit with the
+//! costs and memory of no recomputation.
 //! Method and figures: BENCHMARKS.md, "Joint plan time".
 
 use std::path::Path;
@@ -20,6 +22,7 @@ use cleave_compiler::memory::{joint, plan_for, split_module};
 use cleave_compiler::pipeline_train::build_schedule;
 use cleave_passes::partition::DeviceProfile;
 use cleave_passes::remat::{PlanCache, Policy};
+use cleave_passes::schedule::auto::{auto_schedule, AutoOptions};
 
 const PROFILE: &str = "h100-sxm";
 const P: usize = 8;
@@ -46,8 +49,8 @@ fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("cleave-joint-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let profile = DeviceProfile::load(PROFILE).map_err(anyhow::Error::msg)?;
-    println!("| layers | limit | joint (median of {runs}) | makespan | baseline (median) | baseline makespan |");
-    println!("|---|---|---|---|---|---|");
+    println!("| layers | limit | joint (median of {runs}) | makespan | baseline (median) | baseline makespan | auto without recomputation |");
+    println!("|---|---|---|---|---|---|---|");
     for n in layers {
         let file = dir.join(format!("gpt{n}.cir"));
         main_with_args([
@@ -89,6 +92,19 @@ fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|d| d.peak_memory)
                 .fold(0.0, f64::max) as u64;
+            // Zero Bubble's way at the same memory: the automatic schedule under the limit with
+            // the costs and memory of no recomputation (ZB-1p at 1F1B's peak).
+            let options = AutoOptions {
+                memory_limit: Some(limit as f64),
+                ilp_max_pm: 0,
+                ..AutoOptions::default()
+            };
+            let zb = auto_schedule(P, M, &none.costs, &none.memory, &options)
+                .ok()
+                .and_then(|(s, _)| s.simulate(&none.costs, &none.memory).ok())
+                .map_or("none fits".to_string(), |sim| {
+                    format!("{:.6} s", sim.makespan)
+                });
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             let (mut makespan, mut their_makespan) = (0.0, f64::NAN);
             for _ in 0..runs {
@@ -108,7 +124,7 @@ fn main() -> anyhow::Result<()> {
                 format!("{:.2} s", median(theirs))
             };
             println!(
-                "| {n} | {peak_of} peak, {limit} B | {:.2} s | {makespan:.6} s | {old} | {their_makespan:.6} s |",
+                "| {n} | {peak_of} peak, {limit} B | {:.2} s | {makespan:.6} s | {old} | {their_makespan:.6} s | {zb} |",
                 median(ours)
             );
         }

@@ -32,7 +32,11 @@
 //!
 //! `--memory MB,MW` (default `1,0.5`, or the model's stash bytes) per device share;
 //! `--memory-limit X` in the same units (default unlimited) bounds `auto` and is reported for the
-//! other schedules (`fits_memory_limit`).
+//! other schedules (`fits_memory_limit`). `auto` builds one stage per device itself and judges the
+//! fixed schedules with several chunks per device beside its choice (ZB-V, V-Min, V-Half,
+//! DualPipeV, interleaved, Hanayo with one and two waves; each gets per-chunk costs from the same
+//! device shares), by its own rule: the smallest bubble rate, then makespan, among those that fit.
+//! So under a tight limit it picks V-Min or V-Half where nothing else fits as well.
 //!
 //! # JSON
 //!
@@ -273,6 +277,62 @@ fn forward_gradient_shares(
     })
 }
 
+/// The fixed schedules with several chunks per device (ZB-V, V-Min, V-Half, DualPipeV,
+/// interleaved, Hanayo with one and two waves), which `auto_schedule` (one stage per device)
+/// cannot build, judged beside `auto`'s choice by the same rule: the smallest bubble rate, then
+/// the smallest makespan, among the schedules whose peaks fit the limit. The device shares give
+/// each placement its per-chunk costs, so every candidate runs the same work.
+fn with_multi_chunk(
+    p: usize,
+    m: usize,
+    chosen: Schedule,
+    mut report: AutoReport,
+    sh: &Shares,
+    backward: cleave_passes::schedule::simulate::BackwardDependency,
+    limit: Option<f64>,
+) -> (Schedule, AutoReport) {
+    const EPS: f64 = 1e-12;
+    let limit = limit.unwrap_or(f64::INFINITY);
+    let judge = |s: &Schedule| -> Option<(f64, f64, bool)> {
+        let costs = Costs::from_device_shares(&s.placement, &sh.costs, sh.comm);
+        let memory = Memory::from_device_shares(&s.placement, &sh.memory);
+        let sim = s.simulate_with(&costs, &memory, backward).ok()?;
+        let fits = sim.devices.iter().all(|d| d.peak_memory <= limit + 1e-9);
+        Some((sim.bubble_rate, sim.makespan, fits))
+    };
+    let Some(mut best) = judge(&chosen) else {
+        return (chosen, report);
+    };
+    let mut best_schedule = chosen;
+    for name in [
+        "zb-v",
+        "v-min",
+        "v-half",
+        "dualpipev",
+        "interleaved",
+        "hanayo",
+        "hanayo-2",
+    ] {
+        let Some(Ok(s)) = Generator::parse(name).map(|g| g.generate(p, m)) else {
+            continue;
+        };
+        let Some((bubble, makespan, fits)) = judge(&s) else {
+            continue;
+        };
+        let name = name.to_string();
+        report
+            .candidates
+            .push((name.clone(), bubble, makespan, fits));
+        let better = bubble < best.0 - EPS || (bubble <= best.0 + EPS && makespan < best.1 - EPS);
+        if fits && (!best.2 || better) {
+            best = (bubble, makespan, fits);
+            best_schedule = s;
+            report.chosen = name;
+        }
+    }
+    (best_schedule, report)
+}
+
 /// Runs `cleave schedule`.
 pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
     let (p, m) = (a.stages, a.microbatches);
@@ -296,6 +356,7 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
             ..AutoOptions::default()
         };
         let (s, r) = auto_schedule(p, m, &costs, &memory, &options)?;
+        let (s, r) = with_multi_chunk(p, m, s, r, &sh, options.backward, a.memory_limit);
         (s, Some(r))
     } else {
         let Some(g) = Generator::parse(&name) else {

@@ -189,3 +189,40 @@ fn bad_arguments_are_rejected() {
     ]);
     assert!(!o.status.success());
 }
+
+/// `auto` judges the fixed schedules with several chunks per device beside its own: with
+/// M_W = M_B and T_F = T_B = T_W at P=4, M=8, a limit of 2 microbatches is V-Min's (bubble 5.5
+/// of 29.5), 3 is V-Half's (2.5 of 26.5), 4 is ZB-V's (no bubble by the paper's definition).
+#[test]
+fn auto_picks_the_controllable_memory_v_schedules_under_tight_limits() {
+    for (limit, name, bubble) in [
+        ("2", "v-min", 5.5 / 29.5),
+        ("3", "v-half", 2.5 / 26.5),
+        ("4", "zb-v", 0.0),
+    ] {
+        let o = cleave(&[
+            "schedule",
+            "--stages",
+            "4",
+            "--microbatches",
+            "8",
+            "--schedule",
+            "auto",
+            "--costs",
+            "1,1,1",
+            "--memory",
+            "1,1",
+            "--memory-limit",
+            limit,
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["auto"]["chosen"], name, "limit {limit}");
+        assert!(close(f(&v, "bubble_rate"), bubble), "limit {limit}: {v}");
+        let cap: f64 = limit.parse().unwrap();
+        assert!(per_device(&v, "peak_memory")
+            .iter()
+            .all(|&x| x <= cap + 1e-9));
+    }
+}

@@ -8,8 +8,9 @@
 //! `cleave inspect … --json` on the same case, interleaved with the in-process runs, so both
 //! medians come from the same run on the same machine (the older figure includes loading and
 //! differentiating the model, about 0.1 s; `JOINT_LAYERS=32` limits the cases). The last column
-//! is Zero Bubble's approach at the same memory: the automatic scheduler under the limit with the
-//! costs and memory of no recomputation.
+//! is Zero Bubble's approach at the same memory: the automatic scheduler under the limit with
+//! the costs and memory of no recomputation. With `JOINT_V=1`, stderr also gives the time and
+//! result of `plan::joint_v_family` (the V family, bounded by the joint plan's makespan).
 //! Method and figures: BENCHMARKS.md, "Joint plan time".
 
 use std::path::Path;
@@ -123,6 +124,28 @@ fn main() -> anyhow::Result<()> {
             } else {
                 format!("{:.2} s", median(theirs))
             };
+            if std::env::var("JOINT_V").is_ok() {
+                let t = Instant::now();
+                let v = cleave_passes::plan::joint_v_family(
+                    &forward,
+                    P,
+                    M,
+                    limit,
+                    PROFILE,
+                    Default::default(),
+                    Some(makespan),
+                )?;
+                let secs = t.elapsed().as_secs_f64();
+                match v {
+                    Some((b, _)) => eprintln!(
+                        "{n} layers, {peak_of} peak: V family {secs:.2} s more, best {} {:.6} s",
+                        b.origin, b.sim.makespan
+                    ),
+                    None => eprintln!(
+                        "{n} layers, {peak_of} peak: V family {secs:.2} s more, none shorter"
+                    ),
+                }
+            }
             println!(
                 "| {n} | {peak_of} peak, {limit} B | {:.2} s | {makespan:.6} s | {old} | {their_makespan:.6} s | {zb} |",
                 median(ours)

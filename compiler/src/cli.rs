@@ -285,6 +285,11 @@ pub struct InspectArgs {
     /// (`cleave train` runs the layer on the last stage).
     #[arg(long, requires = "memory")]
     pub vocab_parallel: bool,
+    /// With --memory, `--schedule auto` and a limit: also plan the V family (ZB-V, V-Half,
+    /// V-Min, DualPipeV: two stages per device) with recomputation chosen per stage, and keep
+    /// it when its step is shorter (more planning time).
+    #[arg(long, requires = "memory")]
+    pub v_family: bool,
     /// With --memory: write the timeline and memory over time (SVG) here.
     #[arg(long, requires = "memory")]
     pub svg: Option<PathBuf>,
@@ -666,7 +671,7 @@ fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
     let mut tried = Vec::new();
     let planned = if joint_search {
         let schedule = crate::pipeline_train::build_schedule("1f1b", p, m)?;
-        let (best, t) = crate::memory::joint_over_cuts(
+        let (mut best, mut t) = crate::memory::joint_over_cuts(
             &forward,
             schedule.n_stages(),
             p,
@@ -675,6 +680,26 @@ fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
             &a.profile,
             &cuts,
         )?;
+        if a.v_family {
+            for cut in &cuts {
+                let bound = Some(best.sim.makespan);
+                let v = crate::memory::joint_v_family(
+                    &forward,
+                    p,
+                    m,
+                    limit.unwrap_or(0),
+                    &a.profile,
+                    *cut,
+                    bound,
+                )?;
+                if let Some((x, more)) = v {
+                    t.extend(more.into_iter().map(|(o, ms, b)| (format!("v:{o}"), ms, b)));
+                    if x.sim.makespan < best.sim.makespan {
+                        best = x;
+                    }
+                }
+            }
+        }
         tried = t;
         best
     } else {

@@ -317,6 +317,10 @@ pub fn joint_over_cuts(
     for cut in cuts {
         let base = split_module_by(forward, n_stages, profile, *cut)?;
         match joint(forward, &base, p, m, limit, &device) {
+            Ok((planned, t)) if cuts.len() == 1 => {
+                tried.extend(t);
+                best = Some(planned);
+            }
             Ok((planned, t)) => {
                 let tag = cut.balance.name();
                 tried.extend(
@@ -340,6 +344,96 @@ pub fn joint_over_cuts(
         (None, Some(e)) => Err(e),
         (None, None) => Err(PlanError("no stage cut to plan".into())),
     }
+}
+
+/// The fixed schedules with two chunks per device in a V that [`joint_v_family`] plans.
+pub const V_FAMILY: [&str; 4] = ["zb-v", "v-half", "v-min", "dualpipev"];
+
+/// The V family under `limit`: the forward cut into 2p stages (two per device, in a V), and
+/// each of [`V_FAMILY`] planned for its in-flight counts (recomputation and offload chosen per
+/// stage, [`EXPLORE_NODES`] per stage problem), the shortest planned again with
+/// [`FINAL_NODES`]. The automatic scheduler builds one stage per device, so these are fixed
+/// orders; the planner's choice is their recomputation. A member whose step without any
+/// recomputation is already no shorter than `bound` (a makespan found elsewhere) is not planned:
+/// recomputation and exposed copies only lengthen actions, and a fixed order's makespan never
+/// shrinks when an action grows. `None` when no member has a plan.
+pub fn joint_v_family(
+    forward: &Function,
+    p: usize,
+    m: usize,
+    limit: u64,
+    profile: &str,
+    cut: Cut,
+    bound: Option<f64>,
+) -> Result<Option<(Planned, Vec<Candidate>)>, PlanError> {
+    let device = DeviceProfile::load(profile).map_err(PlanError)?;
+    let base = split_module_by(forward, 2 * p, profile, cut)?;
+    let mut cache = PlanCache::default();
+    cache.node_budget = EXPLORE_NODES;
+    let mut tried = Vec::new();
+    let mut best: Option<Planned> = None;
+    let (base_costs, base_memory) = costs_of(&base.module, &device, &[], base.vocab.as_ref());
+    for name in V_FAMILY {
+        let Ok(schedule) = build_schedule(name, p, m) else {
+            continue;
+        };
+        let floor = schedule
+            .simulate(&base_costs, &base_memory)
+            .map(|sim| sim.makespan)
+            .unwrap_or(f64::INFINITY);
+        let known = best
+            .as_ref()
+            .map(|b| b.sim.makespan)
+            .into_iter()
+            .chain(bound);
+        if known.into_iter().any(|b| floor >= b) {
+            continue;
+        }
+        let Ok(x) = plan_for(
+            forward,
+            &base,
+            schedule,
+            name,
+            Policy::Auto,
+            Some(limit),
+            &device,
+            &mut cache,
+        ) else {
+            continue;
+        };
+        tried.push((x.origin.clone(), x.sim.makespan, x.effective_bubble_rate()));
+        if best
+            .as_ref()
+            .is_none_or(|b| x.sim.makespan < b.sim.makespan)
+        {
+            best = Some(x);
+        }
+    }
+    let Some(explored) = best else {
+        return Ok(None);
+    };
+    cache.node_budget = FINAL_NODES;
+    let mut best = explored;
+    if let Ok(y) = plan_for(
+        forward,
+        &base,
+        best.schedule.clone(),
+        &best.origin,
+        Policy::Auto,
+        Some(limit),
+        &device,
+        &mut cache,
+    ) {
+        tried.push((
+            format!("{}+full", y.origin),
+            y.sim.makespan,
+            y.effective_bubble_rate(),
+        ));
+        if y.sim.makespan <= best.sim.makespan {
+            best = y;
+        }
+    }
+    Ok(Some((best, tried)))
 }
 
 /// Per-stage costs and memory of a split module (after `remat`, if it ran). With `vocab` (the
@@ -707,7 +801,7 @@ pub fn build_schedule(name: &str, p: usize, m: usize) -> Result<Schedule, PlanEr
 pub struct PlanError(pub String);
 
 /// The `plan` pass: `plan{stages=P,microbatches=M,memory-limit=BYTES,profile=NAME|FILE,
-/// schedule=NAME|auto,remat=POLICY,balance=estimate|split|best,vocab-parallel}`.
+/// schedule=NAME|auto,remat=POLICY,balance=estimate|split|best,vocab-parallel,v-family}`.
 ///
 /// Entry: a module of one verified forward function (not differentiated). Exit: the split module
 /// of the plan (per stage `F`, `B`, `W`, with its recomputation and offload rewritten in), and
@@ -733,6 +827,9 @@ pub struct PlanPass {
     pub policy: Policy,
     /// The stage cuts to plan (several: the shortest step is kept).
     pub cuts: Vec<Cut>,
+    /// With the joint search, also plan the V family ([`joint_v_family`]: two stages per device;
+    /// about 40 % more planning time).
+    pub v_family: bool,
 }
 
 impl PlanPass {
@@ -772,6 +869,7 @@ impl PlanPass {
             })?,
         };
         let vocab_parallel = o.take_parsed("vocab-parallel", false)?;
+        let v_family = o.take_parsed("v-family", false)?;
         let balances = match o.take("balance").as_deref() {
             None => vec![crate::partition::Balance::Estimate],
             Some("best") => vec![
@@ -797,7 +895,15 @@ impl PlanPass {
                     vocab_parallel,
                 })
                 .collect(),
+            v_family,
         };
+        if pass.v_family && !pass.is_joint() {
+            return Err(bad(
+                "v-family",
+                "the V family joins the joint search: it needs schedule=auto and a memory-limit"
+                    .into(),
+            ));
+        }
         if pass.cuts.len() > 1 && !pass.is_joint() {
             return Err(bad(
                 "balance",
@@ -818,7 +924,21 @@ impl PlanPass {
         if self.is_joint() {
             let n_stages = build_schedule("1f1b", p, m)?.n_stages();
             let limit = self.memory_limit.unwrap_or(0);
-            return joint_over_cuts(forward, n_stages, p, m, limit, &self.profile, &self.cuts);
+            let (mut best, mut tried) =
+                joint_over_cuts(forward, n_stages, p, m, limit, &self.profile, &self.cuts)?;
+            if self.v_family {
+                for cut in &self.cuts {
+                    let bound = Some(best.sim.makespan);
+                    let v = joint_v_family(forward, p, m, limit, &self.profile, *cut, bound)?;
+                    if let Some((x, t)) = v {
+                        tried.extend(t.into_iter().map(|(o, ms, b)| (format!("v:{o}"), ms, b)));
+                        if x.sim.makespan < best.sim.makespan {
+                            best = x;
+                        }
+                    }
+                }
+            }
+            return Ok((best, tried));
         }
         let schedule = build_schedule(&self.schedule, p, m)?;
         let base = split_module_by(forward, schedule.n_stages(), &self.profile, self.cuts[0])?;

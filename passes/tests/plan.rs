@@ -138,6 +138,10 @@ fn bad_options_are_named() {
             "needs schedule=auto and a memory-limit",
         ),
         ("plan{stages=2,profile=nonexistent}", "built-ins"),
+        (
+            "plan{stages=2,v-family}",
+            "needs schedule=auto and a memory-limit",
+        ),
         ("plan{stages=2,memory-limit=lots}", "memory-limit"),
     ] {
         let err = PassManager::from_pipeline(pipeline)
@@ -146,4 +150,32 @@ fn bad_options_are_named() {
         let err = err.unwrap_or_default();
         assert!(err.contains(want), "{pipeline}: {err}");
     }
+}
+
+/// The V family (two stages per device) joins the joint search only when it plans a shorter
+/// step, so adding it never lengthens the plan; the pass's candidates name its members.
+#[test]
+fn the_v_family_never_lengthens_the_joint_plan() {
+    let f = tiny_gpt(3);
+    let (p, m) = (2, 4);
+    let limit = peak_without_recomputation(&f, "1f1b", p, m) as u64;
+    let options = |v: bool| {
+        let text = format!(
+            "plan{{stages={p},microbatches={m},memory-limit={limit},profile=h100-sxm{}}}",
+            if v { ",v-family" } else { "" }
+        );
+        let mut pm = PassManager::from_pipeline(&text).unwrap();
+        pm.verify_each = true;
+        let mut module = Module::with_function(f.clone());
+        let mut ctx = PassContext::default();
+        pm.run(&mut module, &mut ctx, &mut |_| {}).unwrap();
+        (ctx.planned.unwrap(), ctx.notes)
+    };
+    let (without, _) = options(false);
+    let (with, notes) = options(true);
+    assert!(with.sim.makespan <= without.sim.makespan);
+    assert!(
+        notes.iter().any(|n| n.contains("candidate v:")) || with.origin == without.origin,
+        "{notes:?}"
+    );
 }

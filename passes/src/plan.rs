@@ -52,8 +52,22 @@
 //! [`FINAL_NODES`] (the same search run longer, so the plan is at least as good), and the pair
 //! with the smallest makespan is chosen. Stage problems repeat across schedules (the same
 //! stage, limit share and in-flight counts): a [`PlanCache`] solves each once, and the solves
-//! of one schedule's stages run on all cores. On the 32-layer GPT at P=8, M=16 this brought
-//! the joint plan from 8.7 s / 53 s to under 2 s (BENCHMARKS.md, "Joint plan time").
+//! of one schedule's stages run on all cores. Budgets are stated for a stage of up to
+//! [`crate::remat::NODE_BUDGET_CANDIDATES`] candidates and shrink in proportion beyond; a stage
+//! problem whose solve ended before its budget keeps its plan in the final round. On the 32- and
+//! 96-layer GPTs at P=8, M=16 the joint plan takes under 2 s and 5 s (BENCHMARKS.md, "Joint
+//! plan time").
+//!
+//! # Cuts and schedule families
+//!
+//! [`joint_over_cuts`] runs the joint search on each stage cut asked for ([`Cut`]: what the
+//! partition balances, whether the output layer is spread over the stages, see
+//! [`split_module_by`]) and keeps the shortest step. The automatic scheduler builds one stage per
+//! device; [`joint_v_family`] adds the fixed V schedules (ZB-V, V-Half, V-Min, DualPipeV) on a
+//! cut of 2p stages, each with its recomputation planned, and skips a member whose step without
+//! recomputation already reaches a known makespan (a fixed order's makespan never shrinks when an
+//! action grows, and recomputation only makes actions longer). The `plan` pass ([`PlanPass`])
+//! puts these together under its options.
 
 use std::collections::BTreeSet;
 

@@ -667,6 +667,10 @@ fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
         cuts.len() == 1 || joint_search,
         "--balance best compares joint plans: it needs --schedule auto and --memory-limit"
     );
+    anyhow::ensure!(
+        !a.v_family || joint_search,
+        "--v-family joins the joint search: it needs --schedule auto and --memory-limit"
+    );
     let cut = cuts[0];
     let mut tried = Vec::new();
     let planned = if joint_search {

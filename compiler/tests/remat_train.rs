@@ -291,3 +291,66 @@ fn inspect_memory_json_svg_and_errors() {
         "{err}"
     );
 }
+
+/// `inspect --memory` with the planner's cut and family options: `--balance best` plans both
+/// cuts, `--vocab-parallel` spreads the output layer, `--v-family` adds the V schedules; the
+/// joint plan is never longer than with the default options, and the options that need the
+/// joint search say so.
+#[test]
+fn inspect_memory_balance_vocab_and_v_family() {
+    let base = [
+        "inspect",
+        GPT.0,
+        "--memory",
+        "--stages",
+        "2",
+        "--microbatches",
+        "4",
+        "--schedule",
+        "auto",
+        "--memory-limit",
+        "1590272",
+        "--profile",
+        "h100-sxm",
+        "--json",
+    ];
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let o = cleave(&args);
+        assert!(
+            o.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let plain = run(&[])["makespan_s"].as_f64().unwrap();
+    let best = run(&["--balance", "best", "--v-family"]);
+    assert!(best["makespan_s"].as_f64().unwrap() <= plain * (1.0 + 1e-12));
+    let vocab = run(&["--balance", "split", "--vocab-parallel"]);
+    assert_eq!(vocab["stages"].as_array().unwrap().len(), 2);
+
+    let o = cleave(&[
+        "inspect",
+        GPT.0,
+        "--memory",
+        "--stages",
+        "2",
+        "--balance",
+        "best",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--balance best") && err.contains("--schedule auto"),
+        "{err}"
+    );
+    let o = cleave(&["inspect", GPT.0, "--memory", "--v-family"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--v-family"), "{err}");
+    let o = cleave(&["inspect", GPT.0, "--memory", "--balance", "flops"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("`estimate` or `split`"), "{err}");
+}

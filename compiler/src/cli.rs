@@ -645,81 +645,29 @@ fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
             )
         })?,
     };
-    let profile =
-        cleave_passes::partition::DeviceProfile::load(&a.profile).map_err(anyhow::Error::msg)?;
-    let (p, m) = (a.stages, a.microbatches);
-    use cleave_passes::partition::{Balance, Cut};
-    let balances = match a.balance.as_str() {
-        "best" => vec![Balance::Estimate, Balance::Split],
-        one => vec![one
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--balance {one}: {e} (or `best`)"))?],
+    cleave_passes::partition::DeviceProfile::load(&a.profile).map_err(anyhow::Error::msg)?;
+    let cuts = cleave_passes::plan::cuts_of(&a.balance, a.vocab_parallel)
+        .map_err(|e| anyhow::anyhow!("--balance {e}"))?;
+    // The planner as the `plan` pass runs it, with the command line's spelling of its options.
+    let pass = cleave_passes::plan::PlanPass {
+        stages: a.stages,
+        microbatches: a.microbatches,
+        memory_limit: limit,
+        profile: a.profile.clone(),
+        schedule: a.schedule.clone(),
+        policy,
+        cuts,
+        v_family: a.v_family,
     };
-    let cuts: Vec<Cut> = balances
-        .iter()
-        .map(|&balance| Cut {
-            balance,
-            vocab_parallel: a.vocab_parallel,
-        })
-        .collect();
-    let joint_search = a.schedule == "auto" && limit.is_some() && policy == Policy::Auto;
     anyhow::ensure!(
-        cuts.len() == 1 || joint_search,
+        pass.cuts.len() == 1 || pass.is_joint(),
         "--balance best compares joint plans: it needs --schedule auto and --memory-limit"
     );
     anyhow::ensure!(
-        !a.v_family || joint_search,
+        !a.v_family || pass.is_joint(),
         "--v-family joins the joint search: it needs --schedule auto and --memory-limit"
     );
-    let cut = cuts[0];
-    let mut tried = Vec::new();
-    let planned = if joint_search {
-        let schedule = crate::pipeline_train::build_schedule("1f1b", p, m)?;
-        let (mut best, mut t) = crate::memory::joint_over_cuts(
-            &forward,
-            schedule.n_stages(),
-            p,
-            m,
-            limit.unwrap_or(0),
-            &a.profile,
-            &cuts,
-        )?;
-        if a.v_family {
-            for cut in &cuts {
-                let bound = Some(best.sim.makespan);
-                let v = crate::memory::joint_v_family(
-                    &forward,
-                    p,
-                    m,
-                    limit.unwrap_or(0),
-                    &a.profile,
-                    *cut,
-                    bound,
-                )?;
-                if let Some((x, more)) = v {
-                    t.extend(more.into_iter().map(|(o, ms, b)| (format!("v:{o}"), ms, b)));
-                    if x.sim.makespan < best.sim.makespan {
-                        best = x;
-                    }
-                }
-            }
-        }
-        tried = t;
-        best
-    } else {
-        let schedule = crate::pipeline_train::build_schedule(&a.schedule, p, m)?;
-        let base = crate::memory::split_module_by(&forward, schedule.n_stages(), &a.profile, cut)?;
-        crate::memory::plan_for(
-            &forward,
-            &base,
-            schedule,
-            &a.schedule,
-            policy,
-            limit,
-            &profile,
-            &mut cleave_passes::remat::PlanCache::default(),
-        )?
-    };
+    let (planned, tried) = pass.plan(&forward)?;
     if let Some(path) = &a.svg {
         let title = format!(
             "{} — {} / remat {}",

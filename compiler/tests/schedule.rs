@@ -12,8 +12,13 @@ fn cleave(args: &[&str]) -> Output {
 }
 
 fn schedule_json(name: &str, p: usize, m: usize, memory: &str) -> Value {
+    schedule_json_with(name, p, m, memory, &[])
+}
+
+/// `schedule_json` with more arguments (e.g. `--memory-limit`).
+fn schedule_json_with(name: &str, p: usize, m: usize, memory: &str, extra: &[&str]) -> Value {
     let (p, m) = (p.to_string(), m.to_string());
-    let o = cleave(&[
+    let mut args = vec![
         "schedule",
         "--stages",
         &p,
@@ -26,7 +31,9 @@ fn schedule_json(name: &str, p: usize, m: usize, memory: &str) -> Value {
         "--memory",
         memory,
         "--json",
-    ]);
+    ];
+    args.extend(extra);
+    let o = cleave(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).expect("JSON")
 }
@@ -200,24 +207,7 @@ fn auto_picks_the_controllable_memory_v_schedules_under_tight_limits() {
         ("3", "v-half", 2.5 / 26.5),
         ("4", "zb-v", 0.0),
     ] {
-        let o = cleave(&[
-            "schedule",
-            "--stages",
-            "4",
-            "--microbatches",
-            "8",
-            "--schedule",
-            "auto",
-            "--costs",
-            "1,1,1",
-            "--memory",
-            "1,1",
-            "--memory-limit",
-            limit,
-            "--json",
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = schedule_json_with("auto", 4, 8, "1,1", &["--memory-limit", limit]);
         assert_eq!(v["auto"]["chosen"], name, "limit {limit}");
         assert!(close(f(&v, "bubble_rate"), bubble), "limit {limit}: {v}");
         let cap: f64 = limit.parse().unwrap();

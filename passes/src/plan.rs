@@ -395,12 +395,12 @@ pub fn joint_v_family(
             .simulate(&base_costs, &base_memory)
             .map(|sim| sim.makespan)
             .unwrap_or(f64::INFINITY);
-        let known = best
+        let mut known = best
             .as_ref()
             .map(|b| b.sim.makespan)
             .into_iter()
             .chain(bound);
-        if known.into_iter().any(|b| floor >= b) {
+        if known.any(|b| floor >= b) {
             continue;
         }
         let Ok(x) = plan_for(
@@ -428,26 +428,44 @@ pub fn joint_v_family(
     };
     cache.node_budget = FINAL_NODES;
     let mut best = explored;
-    if let Ok(y) = plan_for(
-        forward,
-        &base,
-        best.schedule.clone(),
-        &best.origin,
-        Policy::Auto,
-        Some(limit),
-        &device,
-        &mut cache,
+    if let Some(y) = replan(
+        forward, &base, &best, limit, &device, &mut cache, &mut tried,
     ) {
-        tried.push((
-            format!("{}+full", y.origin),
-            y.sim.makespan,
-            y.effective_bubble_rate(),
-        ));
         if y.sim.makespan <= best.sim.makespan {
             best = y;
         }
     }
     Ok(Some((best, tried)))
+}
+
+/// `x`'s schedule planned again under `cache`'s node budget (the final round of a search), its
+/// candidate recorded in `tried` as `<origin>+full`; `None` if it has no plan.
+fn replan(
+    forward: &Function,
+    base: &Split,
+    x: &Planned,
+    limit: u64,
+    profile: &DeviceProfile,
+    cache: &mut PlanCache,
+    tried: &mut Vec<Candidate>,
+) -> Option<Planned> {
+    let y = plan_for(
+        forward,
+        base,
+        x.schedule.clone(),
+        &x.origin,
+        Policy::Auto,
+        Some(limit),
+        profile,
+        cache,
+    )
+    .ok()?;
+    tried.push((
+        format!("{}+full", y.origin),
+        y.sim.makespan,
+        y.effective_bubble_rate(),
+    ));
+    Some(y)
 }
 
 /// Per-stage costs and memory of a split module (after `remat`, if it ran). With `vocab` (the
@@ -678,22 +696,9 @@ pub fn joint(
     cache.node_budget = FINAL_NODES;
     let mut best = shortest(&pool).map(|i| pool[i].clone());
     for &i in order.iter().take(FINAL_CANDIDATES) {
-        let x = &pool[i];
-        if let Ok(y) = plan_for(
-            forward,
-            base,
-            x.schedule.clone(),
-            &x.origin,
-            Policy::Auto,
-            Some(limit),
-            profile,
-            &mut cache,
+        if let Some(y) = replan(
+            forward, base, &pool[i], limit, profile, &mut cache, &mut tried,
         ) {
-            tried.push((
-                format!("{}+full", y.origin),
-                y.sim.makespan,
-                y.effective_bubble_rate(),
-            ));
             if best
                 .as_ref()
                 .is_none_or(|b| y.sim.makespan <= b.sim.makespan)
@@ -814,6 +819,25 @@ pub fn build_schedule(name: &str, p: usize, m: usize) -> Result<Schedule, PlanEr
 #[error("{0}")]
 pub struct PlanError(pub String);
 
+/// The stage cuts a `balance` option names: `estimate`, `split`, or `best` (both, for the joint
+/// search to compare), each with `vocab_parallel`.
+pub fn cuts_of(balance: &str, vocab_parallel: bool) -> Result<Vec<Cut>, String> {
+    use crate::partition::Balance;
+    let balances = match balance {
+        "best" => vec![Balance::Estimate, Balance::Split],
+        one => vec![one
+            .parse()
+            .map_err(|e| format!("`{one}`: {e} (or `best`)"))?],
+    };
+    Ok(balances
+        .into_iter()
+        .map(|balance| Cut {
+            balance,
+            vocab_parallel,
+        })
+        .collect())
+}
+
 /// The `plan` pass: `plan{stages=P,microbatches=M,memory-limit=BYTES,profile=NAME|FILE,
 /// schedule=NAME|auto,remat=POLICY,balance=estimate|split|best,vocab-parallel,v-family}`.
 ///
@@ -884,16 +908,8 @@ impl PlanPass {
         };
         let vocab_parallel = o.take_parsed("vocab-parallel", false)?;
         let v_family = o.take_parsed("v-family", false)?;
-        let balances = match o.take("balance").as_deref() {
-            None => vec![crate::partition::Balance::Estimate],
-            Some("best") => vec![
-                crate::partition::Balance::Estimate,
-                crate::partition::Balance::Split,
-            ],
-            Some(one) => vec![one
-                .parse()
-                .map_err(|e| bad("balance", format!("`{one}`: {e} (or `best`)")))?],
-        };
+        let balance = o.take("balance").unwrap_or_else(|| "estimate".into());
+        let cuts = cuts_of(&balance, vocab_parallel).map_err(|e| bad("balance", e))?;
         o.finish()?;
         let pass = PlanPass {
             stages,
@@ -902,13 +918,7 @@ impl PlanPass {
             profile,
             schedule,
             policy,
-            cuts: balances
-                .into_iter()
-                .map(|balance| Cut {
-                    balance,
-                    vocab_parallel,
-                })
-                .collect(),
+            cuts,
             v_family,
         };
         if pass.v_family && !pass.is_joint() {
@@ -927,7 +937,8 @@ impl PlanPass {
         Ok(pass)
     }
 
-    fn is_joint(&self) -> bool {
+    /// Whether the pass runs the joint search (`schedule=auto` with a limit and policy `auto`).
+    pub fn is_joint(&self) -> bool {
         self.schedule == "auto" && self.memory_limit.is_some() && self.policy == Policy::Auto
     }
 

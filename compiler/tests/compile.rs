@@ -312,6 +312,28 @@ fn gpt_single_stage_and_pipelined_match_cleave_train() {
     );
 }
 
+/// `--schedule auto --memory-limit`: the executable runs the joint planner's plan (schedule
+/// and recomputation chosen together), compiled ahead of time like any other.
+#[test]
+fn joint_plan_travels_with_the_executable() {
+    same_as_train(
+        "gpt-joint",
+        "examples/gpt-tiny.cir",
+        "examples/data/modadd.safetensors",
+        &[
+            "--stages",
+            "2",
+            "--microbatches",
+            "4",
+            "--schedule",
+            "auto",
+            "--memory-limit",
+            "5700K",
+        ],
+        &["--steps", "3", "--seed", "2", "--quiet"],
+    );
+}
+
 #[test]
 fn checkpoints_resume_and_file_errors() {
     let dir = tmp("errors");

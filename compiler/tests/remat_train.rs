@@ -354,3 +354,29 @@ fn inspect_memory_balance_vocab_and_v_family() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("`estimate` or `split`"), "{err}");
 }
+
+/// `--schedule auto --memory-limit` trains the joint planner's plan (schedule and recomputation
+/// chosen together): its smallest feasible limit is no larger than that of any schedule the
+/// search starts from (1F1B, ZB-H1, ZB-H2, each with its own recomputation plan), and at that
+/// limit it trains with the losses and weights of 1F1B without recomputation.
+#[test]
+fn auto_with_a_limit_trains_the_joint_plan() {
+    let (p, m) = (2, 4);
+    let joint = smallest_limit(GPT, p, m, "auto");
+    for s in ["1f1b", "zb-h1", "zb-h2"] {
+        let fixed = smallest_limit(GPT, p, m, s);
+        assert!(joint <= fixed, "auto {joint} > {s} {fixed}");
+    }
+    let base = train(&args(GPT, p, m, "1f1b", 1, Some("none"), None)).unwrap();
+    let run = train(&args(GPT, p, m, "auto", 1, None, Some(joint))).unwrap();
+    let planned = run.planned.as_ref().expect("the joint plan");
+    assert_eq!(planned.schedule.p(), p);
+    assert!(planned.sim.makespan > 0.0);
+    for (d, x) in run.planned_devices.iter().enumerate() {
+        assert!(x.total() <= joint, "device {d}: {} > {joint}", x.total());
+    }
+    assert_same("GPT P=2 joint", &base, &run);
+    // A named schedule does not run the joint search.
+    let fixed = train(&args(GPT, p, m, "1f1b", 1, None, Some(joint * 2))).unwrap();
+    assert!(fixed.planned.is_none());
+}

@@ -249,6 +249,11 @@ pub struct Split {
     /// With vocabulary parallelism, the output layer's F, B and W seconds per microbatch on one
     /// device, which the planner spreads evenly over the stages ([`costs_of`]).
     pub vocab: Option<StageCost>,
+    /// Per device (the stage of the same index under one stage per device), bytes of its limit
+    /// taken by what is not a saved value: parameters, gradients, the programs' workspace,
+    /// values crossing devices (`cleave train` measures them; missing entries are 0). The
+    /// saved values of a device share the limit less these bytes.
+    pub reserved: Vec<u64>,
 }
 
 /// The forward model cut into `n_stages` stages (balancing the estimated training time),
@@ -307,7 +312,11 @@ pub fn split_module_by(
     } else {
         None
     };
-    Ok(Split { module, vocab })
+    Ok(Split {
+        module,
+        vocab,
+        reserved: Vec::new(),
+    })
 }
 
 /// The joint plan over several stage cuts: [`joint`] on each cut's split, the shortest step
@@ -557,7 +566,7 @@ pub fn plan_for(
         &mut module,
         policy,
         limit,
-        &[],
+        &base.reserved,
         &in_flight(&schedule),
         &placement,
         profile,
@@ -603,6 +612,7 @@ pub fn joint(
     };
     let mut cache = PlanCache::default();
     cache.node_budget = EXPLORE_NODES;
+    let most_reserved = base.reserved.iter().copied().max().unwrap_or(0);
     // Why seeds had no plan: when none has, the error naming the smallest feasible limit.
     let mut seed_errors: Vec<String> = Vec::new();
     let started = std::time::Instant::now();
@@ -647,8 +657,10 @@ pub fn joint(
         seen.insert(key(&cur.schedule));
         let mut seed_best = cur.sim.makespan;
         for round in 0..MAX_ROUNDS {
+            // The scheduler bounds every device by one figure: the tightest device's share
+            // for saved values (the stage plans then use each device's own share).
             let options = AutoOptions {
-                memory_limit: Some(limit as f64),
+                memory_limit: Some(limit.saturating_sub(most_reserved) as f64),
                 ilp_max_pm: 0,
                 ..AutoOptions::default()
             };

@@ -372,12 +372,7 @@ fn aot_kernels(
     if pipelined {
         let args = train_args(payload, &model, OptimizerArg::Sgd);
         let forward = crate::train::load_training_model(&model, None, None, None)?.forward;
-        let schedule = crate::pipeline_train::build_schedule(
-            &payload.schedule,
-            payload.stages,
-            payload.microbatches,
-        )?;
-        let (module, _) = crate::pipeline_train::stage_module(&args, &forward, &schedule)?;
+        let module = crate::pipeline_train::pipeline_plan(&args, &forward)?.module;
         for s in cleave_passes::split::split_stages(&module) {
             for f in [s.f, s.b, s.w] {
                 set.add_plan(&compile_with(f, &step_opts)?);

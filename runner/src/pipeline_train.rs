@@ -7,6 +7,8 @@
 //! runtime. The schedule comes from the schedule library: `gpipe`, `1f1b`, `zb-h1`, `zb-h2`,
 //! `interleaved[-v]`, `zb-v`, or `auto` (the automatic zero-bubble scheduler with equal unit
 //! costs and memory per stage, no memory limit and no ILP, so it is fast and deterministic).
+//! `auto` with `--memory-limit` is the planner's joint search instead: schedule and
+//! recomputation/offload chosen together on the CPU profile's estimates ([`pipeline_plan`]).
 //! SEND/RECV actions of a schedule are implicit: values travel when produced.
 //!
 //! **Batch.** The model is traced at the *microbatch* size `b`; a step reads `M·b` examples
@@ -42,7 +44,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use cleave_ir::Module;
-use cleave_passes::partition::DeviceProfile;
+use cleave_passes::partition::{Cut, DeviceProfile};
+use cleave_passes::plan::{joint, split_module_by, Planned, Split};
 use cleave_passes::remat::{
     named_smallest, parse_bytes, plan_stages_reserved, ChoiceGraph, InFlight, Policy, StageMemory,
     SMALLEST_FEASIBLE,
@@ -86,6 +89,9 @@ pub struct PipelineRun {
     pub measured_host_peak_bytes: Vec<u64>,
     /// Per device, the offload/reload copies of the last step and their overlap with actions.
     pub transfers: Vec<TransferOverlap>,
+    /// The joint planner's result, when it chose the schedule (`--schedule auto
+    /// --memory-limit`).
+    pub planned: Option<Box<Planned>>,
 }
 
 /// Offload and reload copies of one device in one step, against its actions.
@@ -193,6 +199,32 @@ const MEMORY_ROUNDS: usize = 4;
 const SMALLEST_TRIES: usize = 8;
 const SMALLEST_BISECTIONS: usize = 6;
 
+/// One planning attempt: the split module with every stage's recomputation and offload, the
+/// stages' plans, and the schedule they were made for.
+#[derive(Clone)]
+struct Attempt {
+    module: Module,
+    memory: Vec<StageMemory>,
+    schedule: Schedule,
+    /// The joint planner's whole result (with `--schedule auto --memory-limit`).
+    planned: Option<Box<Planned>>,
+}
+
+/// What [`plan_within`] plans with: `plan(limit, reserved)` makes one attempt (each device's
+/// saved values share `limit − reserved[d]`), on a stage cut whose unrewritten split module is
+/// `base` and whose stages sit on the devices `placement` names (the same for every attempt).
+struct Planner<'a> {
+    base: &'a Module,
+    forward: &'a cleave_ir::Function,
+    placement: Vec<usize>,
+    n_dev: usize,
+    m: usize,
+    /// How errors start (`--remat auto`, `--schedule auto`).
+    what: String,
+    #[allow(clippy::type_complexity)]
+    plan: Box<dyn Fn(Option<u64>, &[u64]) -> Result<Attempt> + 'a>,
+}
+
 /// Plans recomputation/offload so that every device's whole accounting fits `limit` (see
 /// [`crate::device_memory`] and [`plan_rounds`]).
 ///
@@ -207,38 +239,12 @@ const SMALLEST_BISECTIONS: usize = 6;
 /// procedure: the named figures until one fits, a bisection down to within 0.2 % (at most
 /// [`SMALLEST_BISECTIONS`] steps), then, while a fitting plan accounts less than its limit,
 /// that smaller total. The limit named has been planned and fits.
-#[allow(clippy::too_many_arguments)]
-fn plan_within(
-    base: &Module,
-    forward: &cleave_ir::Function,
-    policy: Policy,
-    limit: Option<u64>,
-    flights: &[InFlight],
-    placement: &[usize],
-    n_dev: usize,
-    m: usize,
-    profile: &DeviceProfile,
-) -> Result<(Module, Vec<StageMemory>)> {
+fn plan_within(planner: &Planner<'_>, limit: Option<u64>) -> Result<Attempt> {
     let Some(l) = limit else {
-        let (module, mem, _) = plan_rounds(
-            base, forward, policy, None, None, flights, placement, n_dev, m, profile,
-        )?;
-        return Ok((module, mem));
+        return Ok(plan_rounds(planner, None, None)?.0);
     };
     let attempt = |l: u64, start: Option<&[u64]>| {
-        plan_rounds(
-            base,
-            forward,
-            policy,
-            Some(l),
-            start,
-            flights,
-            placement,
-            n_dev,
-            m,
-            profile,
-        )
-        .map_err(|e| e.to_string())
+        plan_rounds(planner, Some(l), start).map_err(|e| e.to_string())
     };
     // Attempts from the unrewritten plans' reserved bytes, remembered: the search below meets
     // the same limits again (each attempt compiles and measures every stage's plans).
@@ -247,7 +253,7 @@ fn plan_within(
         if let Some(r) = probes.borrow().get(&n) {
             return r.clone();
         }
-        let r = attempt(n, None).map(|(_, _, fitted)| fitted);
+        let r = attempt(n, None).map(|(_, fitted)| fitted);
         probes.borrow_mut().insert(n, r.clone());
         r
     };
@@ -272,17 +278,17 @@ fn plan_within(
         };
         let start = start_for(l, &said).ok_or_else(|| said.clone())?;
         attempt(l, Some(&start))
-            .map(|(_, _, fitted)| fitted)
+            .map(|(_, fitted)| fitted)
             .map_err(|_| said)
     };
     let said = match attempt(l, None) {
-        Ok((module, mem, _)) => return Ok((module, mem)),
+        Ok((planned, _)) => return Ok(planned),
         Err(e) => e,
     };
     probes.borrow_mut().insert(l, Err(said.clone()));
     if let Some(start) = start_for(l, &said) {
-        if let Ok((module, mem, _)) = attempt(l, Some(&start)) {
-            return Ok((module, mem));
+        if let Ok((planned, _)) = attempt(l, Some(&start)) {
+            return Ok(planned);
         }
     }
     let Some(first) = named_smallest(&said).filter(|&n| n > l) else {
@@ -356,58 +362,48 @@ struct Fitted {
 /// Plans with the reserved bytes of the current plans, compiles, measures, adds any excess to
 /// the reserved bytes and plans again, for up to [`MEMORY_ROUNDS`] rounds; the first round
 /// reserves `start` (by device) if given, else the bytes of the plans without recomputation.
-/// Returns the module, the stages' plans and what was measured of them (nothing without a
-/// limit).
-#[allow(clippy::too_many_arguments)]
+/// Returns the attempt and what was measured of it (nothing without a limit).
 fn plan_rounds(
-    base: &Module,
-    forward: &cleave_ir::Function,
-    policy: Policy,
+    planner: &Planner<'_>,
     limit: Option<u64>,
     start: Option<&[u64]>,
-    flights: &[InFlight],
-    placement: &[usize],
-    n_dev: usize,
-    m: usize,
-    profile: &DeviceProfile,
-) -> Result<(Module, Vec<StageMemory>, Fitted)> {
+) -> Result<(Attempt, Fitted)> {
     let account = |module: &Module, saved: &[u64]| -> Result<Vec<DeviceAccount>> {
         let split = split_stages(module);
         let ws = workspace_of(&split)?;
-        let resident = stage_resident(&split, &ws, forward, m);
-        Ok(per_device(&resident, saved, placement, n_dev))
+        let resident = stage_resident(&split, &ws, planner.forward, planner.m);
+        Ok(per_device(
+            &resident,
+            saved,
+            &planner.placement,
+            planner.n_dev,
+        ))
     };
     let mut reserved: Vec<u64> = match start {
         Some(r) => r.to_vec(),
-        None => account(base, &[])?
+        None => account(planner.base, &[])?
             .iter()
             .map(|d| d.resident.total())
             .collect(),
     };
     let mut last = Vec::new();
     for _ in 0..MEMORY_ROUNDS {
-        let mut module = base.clone();
-        let mem = plan_stages_reserved(
-            &mut module,
-            policy,
-            limit,
-            &reserved,
-            flights,
-            placement,
-            profile,
-        )
-        .map_err(|e| anyhow::anyhow!("--remat {}: {e}", policy.name()))?;
+        let planned = (planner.plan)(limit, &reserved)?;
         let Some(l) = limit else {
-            return Ok((module, mem, Fitted::default()));
+            return Ok((planned, Fitted::default()));
         };
-        let saved: Vec<u64> = mem.iter().map(|s| s.summary.need_bytes).collect();
-        let devices = account(&module, &saved)?;
+        let saved: Vec<u64> = planned
+            .memory
+            .iter()
+            .map(|s| s.summary.need_bytes)
+            .collect();
+        let devices = account(&planned.module, &saved)?;
         if devices.iter().all(|d| d.total() <= l) {
             let fitted = Fitted {
                 worst: devices.iter().map(|d| d.total()).max().unwrap_or(0),
                 reserved: devices.iter().map(|d| d.resident.total()).collect(),
             };
-            return Ok((module, mem, fitted));
+            return Ok((planned, fitted));
         }
         for (d, x) in devices.iter().enumerate() {
             if x.total() > l {
@@ -423,10 +419,10 @@ fn plan_rounds(
         .map(|(d, x)| (d, x.total()))
         .unwrap_or((0, 0));
     bail!(
-        "--remat {}: device {d}: no plan within the memory limit {} bytes once the plans' \
+        "{}: device {d}: no plan within the memory limit {} bytes once the plans' \
          workspace is counted (after {MEMORY_ROUNDS} rounds the device needs {worst} bytes); \
          {SMALLEST_FEASIBLE}{worst} bytes",
-        policy.name(),
+        planner.what,
         limit.unwrap_or(0)
     )
 }
@@ -537,17 +533,85 @@ fn parse_fail_action(text: &str) -> Result<PipelineAction> {
     })
 }
 
-/// The stage functions of pipelined training: `forward` partitioned into the schedule's stages,
-/// differentiated and split into F, B and W (`split-bw`), with recomputation and offload planned
-/// under `--remat`/`--memory-limit` (and what that plan keeps per stage). `cleave compile`
-/// builds the same functions to compile their loops ahead of time.
-pub fn stage_module(
-    a: &TrainArgs,
-    forward: &cleave_ir::Function,
-    schedule: &Schedule,
-) -> Result<(Module, Vec<StageMemory>)> {
+/// The plan pipelined training runs: the schedule, the split module (per stage `F`, `B`, `W`,
+/// with recomputation and offload rewritten in) and each stage's recomputation/offload plan.
+/// `cleave train`, `cleave compile` and the AOT executables build it with [`pipeline_plan`].
+#[derive(Clone, Debug)]
+pub struct PipelinePlan {
+    /// The schedule: its action lists drive the executor.
+    pub schedule: Schedule,
+    /// The split module.
+    pub module: Module,
+    /// Per stage, the recomputation/offload plan (empty without `--remat`/`--memory-limit`).
+    pub memory: Vec<StageMemory>,
+    /// With `--schedule auto --memory-limit` (policy `auto`): the joint planner's result
+    /// ([`cleave_passes::plan::joint`]: where the schedule came from, the simulated makespan and
+    /// effective bubble under the CPU profile's cost estimates).
+    pub planned: Option<Box<Planned>>,
+}
+
+/// The stage functions and schedule of pipelined training (see the module docs).
+///
+/// `--schedule NAME` builds the named schedule; `forward` is partitioned into its stages,
+/// differentiated and split into F, B and W (`split-bw`), and recomputation and offload are
+/// planned under `--remat`/`--memory-limit` for the schedule's microbatches in flight.
+///
+/// `--schedule auto` with `--memory-limit` (and `--remat auto` or none) runs the planner's
+/// joint search instead ([`cleave_passes::plan::joint`], the same as `cleave inspect --memory
+/// --schedule auto` and the `plan` pass): schedule and recomputation are chosen together, on the
+/// CPU profile's cost estimates, one stage per device. Either way the limit covers everything a
+/// device holds ([`crate::device_memory`]): the bytes that are not saved values are measured on
+/// the compiled stage programs and handed to the planner as each device's reserved bytes, in
+/// rounds until the accounting fits ([`plan_rounds`]).
+pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<PipelinePlan> {
+    let (p, m) = (a.stages, a.microbatches);
+    let limit = memory_limit(a)?;
+    let planning = a.remat.is_some() || limit.is_some();
+    let policy = match a.remat.as_deref() {
+        None => Policy::Auto,
+        Some(name) => Policy::parse(name).with_context(|| {
+            format!(
+                "--remat {name}: unknown policy; valid policies: {}",
+                Policy::NAMES
+            )
+        })?,
+    };
+    let profile = cpu_profile()?;
+    if a.schedule.eq_ignore_ascii_case("auto") && limit.is_some() && policy == Policy::Auto {
+        let split = split_module_by(forward, p, CPU_PROFILE, Cut::default())
+            .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
+        let planner = Planner {
+            base: &split.module,
+            forward,
+            placement: (0..p).collect(),
+            n_dev: p,
+            m,
+            what: "--schedule auto".into(),
+            plan: Box::new(|l, reserved| {
+                let base = Split {
+                    reserved: reserved.to_vec(),
+                    ..split.clone()
+                };
+                let (planned, _) = joint(forward, &base, p, m, l.unwrap_or(u64::MAX), &profile)
+                    .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
+                Ok(Attempt {
+                    module: planned.module.clone(),
+                    memory: planned.stages.clone(),
+                    schedule: planned.schedule.clone(),
+                    planned: Some(Box::new(planned)),
+                })
+            }),
+        };
+        let x = plan_within(&planner, limit)?;
+        return Ok(PipelinePlan {
+            schedule: x.schedule,
+            module: x.module,
+            memory: x.memory,
+            planned: x.planned,
+        });
+    }
+    let schedule = build_schedule(&a.schedule, p, m)?;
     let n_stages = schedule.n_stages();
-    // partition, autodiff, split-bw; compile every stage.
     let mut module = Module::with_function(forward.clone());
     let passes = if n_stages > 1 {
         format!("partition{{stages={n_stages}}},autodiff,split-bw")
@@ -557,38 +621,52 @@ pub fn stage_module(
     PassManager::from_pipeline(&passes)?
         .run(&mut module, &mut PassContext::default(), &mut |_| {})
         .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
+    if !planning {
+        return Ok(PipelinePlan {
+            schedule,
+            module,
+            memory: Vec::new(),
+            planned: None,
+        });
+    }
     // Recomputation and offload of the saved values, per stage, under the schedule and the
     // memory limit.
-    let mut memory = Vec::new();
-    if a.remat.is_some() || a.memory_limit.is_some() {
-        let limit = memory_limit(a)?;
-        let policy = match a.remat.as_deref() {
-            None => Policy::Auto,
-            Some(p) => Policy::parse(p).with_context(|| {
-                format!(
-                    "--remat {p}: unknown policy; valid policies: {}",
-                    Policy::NAMES
-                )
-            })?,
-        };
-        let profile = cpu_profile()?;
-        let placement = placement_of(schedule);
-        // Under the device's whole accounting (crate::device_memory), not saved values alone.
-        let (planned, mem) = plan_within(
-            &module,
-            forward,
-            policy,
-            limit,
-            &in_flight(schedule),
-            &placement,
-            schedule.p(),
-            a.microbatches,
-            &profile,
-        )?;
-        module = planned;
-        memory = mem;
-    }
-    Ok((module, memory))
+    let flights = in_flight(&schedule);
+    let placement = placement_of(&schedule);
+    let planner = Planner {
+        base: &module,
+        forward,
+        placement: placement.clone(),
+        n_dev: schedule.p(),
+        m,
+        what: format!("--remat {}", policy.name()),
+        plan: Box::new(|l, reserved| {
+            let mut planned = module.clone();
+            let memory = plan_stages_reserved(
+                &mut planned,
+                policy,
+                l,
+                reserved,
+                &flights,
+                &placement,
+                &profile,
+            )
+            .map_err(|e| anyhow::anyhow!("--remat {}: {e}", policy.name()))?;
+            Ok(Attempt {
+                module: planned,
+                memory,
+                schedule: schedule.clone(),
+                planned: None,
+            })
+        }),
+    };
+    let x = plan_within(&planner, limit)?;
+    Ok(PipelinePlan {
+        schedule: x.schedule,
+        module: x.module,
+        memory: x.memory,
+        planned: None,
+    })
 }
 
 /// `--memory-limit` in bytes.
@@ -601,8 +679,10 @@ fn memory_limit(a: &TrainArgs) -> Result<Option<u64>> {
 }
 
 /// The device profile of the CPU runtime (transfer and compute rates for the remat costs).
+const CPU_PROFILE: &str = "cpu-epyc-2core";
+
 fn cpu_profile() -> Result<DeviceProfile> {
-    DeviceProfile::load("cpu-epyc-2core").map_err(anyhow::Error::msg)
+    DeviceProfile::load(CPU_PROFILE).map_err(anyhow::Error::msg)
 }
 
 /// The device of each stage.
@@ -645,10 +725,22 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             );
         }
     }
-    let schedule = build_schedule(&a.schedule, p, m)?;
+    let PipelinePlan {
+        schedule,
+        module,
+        memory,
+        planned,
+    } = pipeline_plan(a, &forward)?;
     let n_stages = schedule.n_stages();
-
-    let (module, memory) = stage_module(a, &forward, &schedule)?;
+    if let (Some(x), false) = (&planned, a.quiet) {
+        eprintln!(
+            "plan: schedule {} chosen with recomputation/offload (simulated on the {CPU_PROFILE} \
+             profile: makespan {:.6} s, effective bubble rate {:.4})",
+            x.origin,
+            x.sim.makespan,
+            x.effective_bubble_rate()
+        );
+    }
     let split = split_stages(&module);
     if split.len() != n_stages {
         bail!(
@@ -953,5 +1045,6 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         measured_peak_bytes: measured_peak,
         measured_host_peak_bytes: measured_host,
         transfers,
+        planned,
     })
 }

@@ -278,7 +278,8 @@ fn forward_gradient_shares(
 }
 
 /// The fixed schedules with several chunks per device (ZB-V, V-Min, V-Half, DualPipeV,
-/// interleaved, Hanayo with one and two waves), which `auto_schedule` (one stage per device)
+/// interleaved, Hanayo with one and two waves, BitPipe: its replicas' weights are not in the
+/// activation memory judged here, the output says how many stages it replicates), which `auto_schedule` (one stage per device)
 /// cannot build, judged beside `auto`'s choice by the same rule: the smallest bubble rate, then
 /// the smallest makespan, among the schedules whose peaks fit the limit. The device shares give
 /// each placement its per-chunk costs, so every candidate runs the same work.
@@ -312,6 +313,7 @@ fn with_multi_chunk(
         "interleaved",
         "hanayo",
         "hanayo-2",
+        "bitpipe",
     ] {
         let Some(Ok(s)) = Generator::parse(name).map(|g| g.generate(p, m)) else {
             continue;
@@ -377,6 +379,11 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
         .with_context(|| format!("schedule `{name}` is invalid"))?;
     let limit = a.memory_limit.unwrap_or(f64::INFINITY);
     let fits = sim.devices.iter().all(|d| d.peak_memory <= limit + 1e-9);
+    let replicated = schedule.reverse.as_ref().map_or(0, |r| {
+        (0..schedule.n_stages())
+            .filter(|&s| r.placement[s] != schedule.placement[s])
+            .count()
+    });
     if let Some(path) = &a.svg {
         let title = format!("{name}, P={p}, M={m}");
         std::fs::write(path, svg::render(&sim, &title))
@@ -401,6 +408,7 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
             "fits_memory_limit": fits,
             "grad_method": method.to_string(),
             "backward_dependency": backward.name(),
+            "replicated_stages": replicated,
         });
         if let Some(r) = &auto_report {
             v["auto"] = serde_json::json!({
@@ -425,6 +433,12 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
         }
         if let Some(r) = &auto_report {
             println!("auto chose {}", r.chosen);
+        }
+        if replicated > 0 {
+            println!(
+                "bidirectional: {replicated} stages replicated on two devices (their weights, \
+                 gradients and optimizer state are held twice; memory below is activations only)"
+            );
         }
         println!(
             "makespan {:.6}  bubble rate {:.6}  makespan bubble rate {:.6}",

@@ -2,6 +2,7 @@
 //! weights as one-stage training with the same microbatching, bit for bit; a failing stage ends
 //! the run with an error naming the stage and the action.
 
+use cleave_runtime::HostData;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -191,6 +192,70 @@ fn unknown_schedule_and_unsupported_optimizer_are_errors() {
     a.fail_action = Some("1B2".into());
     let err = format!("{:#}", train(&a).unwrap_err());
     assert!(err.contains("has no such action"), "{err}");
+}
+
+/// BitPipe's two directions on the thread pipeline: every stage runs on two devices, each
+/// replica accumulates its own microbatches' weight gradients and the two sums are added before
+/// the one update, so losses and weights equal one stage's to rounding (the summation order
+/// differs); recomputation is refused with a clear error, and so is an odd device count.
+#[test]
+fn bitpipe_replicas_match_one_stage() {
+    for (model, data, p, m) in [
+        (
+            "examples/gpt-tiny.cir",
+            "examples/data/modadd.safetensors",
+            2,
+            4,
+        ),
+        (
+            "examples/mlp-digits.cir",
+            "examples/data/digits.safetensors",
+            4,
+            8,
+        ),
+    ] {
+        let steps = 5;
+        let reference = train(&args(model, data, 1, m, "1f1b", steps)).unwrap();
+        let run = train(&args(model, data, p, m, "bitpipe", steps))
+            .unwrap_or_else(|e| panic!("{model} bitpipe P={p}: {e:#}"));
+        for (a, b) in reference.losses.iter().zip(&run.losses) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                "{model}: loss {b} vs {a}"
+            );
+        }
+        assert_eq!(
+            reference.params.keys().collect::<Vec<_>>(),
+            run.params.keys().collect::<Vec<_>>()
+        );
+        for (name, want) in &reference.params {
+            let (HostData::F32(w), HostData::F32(h)) = (want, &run.params[name]) else {
+                panic!("{name}: f32 parameters");
+            };
+            let scale = w.iter().fold(0f32, |x, v| x.max(v.abs())).max(1e-3);
+            for (x, y) in w.iter().zip(h) {
+                assert!((x - y).abs() <= 1e-5 * scale, "{model} {name}: {y} vs {x}");
+            }
+        }
+        // Every device holds its stages twice over: the accounting counts the replicas.
+        assert_eq!(run.planned_devices.len(), p);
+    }
+    let mut a = args(
+        "examples/gpt-tiny.cir",
+        "examples/data/modadd.safetensors",
+        2,
+        4,
+        "bitpipe",
+        1,
+    );
+    a.remat = Some("full".into());
+    let e = train(&a).unwrap_err().to_string();
+    assert!(e.contains("bidirectional"), "{e}");
+    a.remat = None;
+    a.stages = 3;
+    a.microbatches = 6;
+    let e = train(&a).unwrap_err().to_string();
+    assert!(e.contains("even number of devices"), "{e}");
 }
 
 /// The schedules from recent papers (`passes/src/schedule/papers.rs`: V-Min, V-Half, DualPipeV,

@@ -157,7 +157,9 @@ fn validator_rejects_duplicates_and_misplaced_stages() {
     );
     check_rejects(
         &[&["0F0", "0BW0", "1F1"], &["1F0", "1BW0", "1BW1"]],
-        "device 1, position 0: 1F0 runs stage 1 on device 1, but the stage also runs on device 0",
+        // Stage 1 runs on two devices, so it reads as replicated (a bidirectional schedule) with
+        // microbatch 1 through the replica; 1BW1 is then on the wrong device.
+        "device 1, position 2: 1BW1 runs on device 1, but stage 1 is placed on device 0 for microbatch 1",
     );
     let mut s = Generator::OneFOneB.generate(2, 2).unwrap();
     s.placement = vec![0, 0];

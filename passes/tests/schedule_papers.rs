@@ -280,3 +280,76 @@ fn worked_listings_at_p4_m8() {
         ],
     );
 }
+
+/// BitPipe (Wu, Chen and Yu, AAAI 2025, arXiv 2410.19367) at the authors' T_B = 2·T_F (a
+/// chunk's F one unit, its BW two): at m = p the bubble rate is (p−2)/(3m+p−2), the figure of
+/// the authors' order (their schedule code, wuhouming/BitPipe, which `papers::bitpipe` re-derives
+/// as a rule; p = 4 is the paper's Figure); for m = k·p its units are concatenated and the
+/// longest device span is (k−1)(7p−2) + 8p−4 units. Rank r holds at most 3p/2 + 1 + min(r, p−1−r)
+/// chunk activations (its warm-up forwards plus one).
+#[test]
+fn bitpipe_bubble_span_and_peak() {
+    for p in [2usize, 4, 6, 8] {
+        for k in [1usize, 2, 3] {
+            let m = k * p;
+            let s = Generator::BitPipe.generate(p, m).unwrap();
+            // A chunk's F costs 1 and its BW 2: a device's whole share is (2, 4, 0).
+            let sim = simulate(&s, (2.0, 4.0, 0.0), 1.0);
+            let span = sim.devices.iter().map(|d| d.span).fold(0.0, f64::max);
+            let expected = ((k - 1) * (7 * p - 2) + 8 * p - 4) as f64;
+            assert!(
+                close(span, expected),
+                "p={p} m={m}: span {span}, expected {expected}"
+            );
+            if k == 1 {
+                let rate = (p - 2) as f64 / (3 * m + p - 2) as f64;
+                assert!(close(sim.bubble_rate, rate), "p={p}: {}", sim.bubble_rate);
+            }
+            for (r, x) in peaks(&sim).into_iter().enumerate() {
+                // M_B of a device's whole share is 1, so a chunk's is ½.
+                let chunks = (3 * p / 2 + 1 + r.min(p - 1 - r)) as f64;
+                assert!(close(x, chunks / 2.0), "p={p} m={m} rank {r}: {x}");
+            }
+        }
+    }
+}
+
+/// The paper's Figure at p = 4, m = 4 (as the authors' code orders it): microbatches 0 and 1 go
+/// down (stages 0‥7 on devices 0, 1, 2, 3, 3, 2, 1, 0), 2 and 3 up through the replicas (stages
+/// 0‥7 on devices 3, 2, 1, 0, 0, 1, 2, 3).
+#[test]
+fn bitpipe_listing_at_p4_m4() {
+    let s = Generator::BitPipe.generate(4, 4).unwrap();
+    let r = s.reverse.as_ref().expect("two directions");
+    assert_eq!(s.placement, [0, 1, 2, 3, 3, 2, 1, 0]);
+    assert_eq!(r.placement, [3, 2, 1, 0, 0, 1, 2, 3]);
+    assert_eq!(r.microbatches, [false, false, true, true]);
+    let rows = [
+        "0F0 0F1 3F2 4F2 3F3 4F3 7F0 7BW0 7F1 7BW1 4BW2 3BW2 4BW3 3BW3 0BW0 0BW1",
+        "1F0 2F2 1F1 2F3 5F2 6F0 5F3 6F1 6BW0 5BW2 6BW1 5BW3 2BW2 1BW0 2BW3 1BW1",
+        "1F2 2F0 1F3 2F1 5F0 6F2 5F1 6F3 6BW2 5BW0 6BW3 5BW1 2BW0 1BW2 2BW1 1BW3",
+        "0F2 0F3 3F0 4F0 3F1 4F1 7F2 7BW2 7F3 7BW3 4BW0 3BW0 4BW1 3BW1 0BW2 0BW3",
+    ];
+    for (d, row) in rows.iter().enumerate() {
+        let got: Vec<String> = s.devices[d].iter().map(|a| a.to_string()).collect();
+        assert_eq!(got.join(" "), *row, "device {d}");
+    }
+    // The lists alone give back the placement and both directions (CSV), and JSON keeps them.
+    assert_eq!(Schedule::from_csv(&s.to_csv()).unwrap(), s);
+    assert_eq!(Schedule::from_json(&s.to_json()).unwrap(), s);
+}
+
+#[test]
+fn bitpipe_needs_even_p_and_whole_units() {
+    assert_eq!(Generator::parse("BitPipe"), Some(Generator::BitPipe));
+    assert!(Generator::NAMES.contains("bitpipe"));
+    for (p, m, what) in [(3, 6, "even number of devices"), (4, 6, "multiple of p")] {
+        let err = Generator::BitPipe.generate(p, m).unwrap_err().to_string();
+        assert!(err.contains(what), "{err}");
+    }
+    // A microbatch that mixes directions is caught by the validator.
+    let mut s = Generator::BitPipe.generate(2, 2).unwrap();
+    s.reverse.as_mut().unwrap().microbatches[1] = false;
+    let err = s.validate().unwrap_err().to_string();
+    assert!(err.contains("for microbatch 1"), "{err}");
+}

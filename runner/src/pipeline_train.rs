@@ -621,6 +621,14 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     PassManager::from_pipeline(&passes)?
         .run(&mut module, &mut PassContext::default(), &mut |_| {})
         .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
+    if schedule.reverse.is_some() && planning {
+        bail!(
+            "--schedule {}: recomputation and memory limits are not planned for bidirectional \
+             schedules yet (each replicated stage would need its plan on both of its devices); \
+             drop --remat/--memory-limit or pick a one-direction schedule",
+            a.schedule
+        );
+    }
     if !planning {
         return Ok(PipelinePlan {
             schedule,
@@ -768,13 +776,26 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         preserve_args: false,
         jit: true,
     };
-    let mut plans = Vec::new();
-    for s in &split {
-        plans.push(StagePlans {
+    let compile_stage = |s: &cleave_passes::split::SplitStage<'_>| -> Result<StagePlans> {
+        Ok(StagePlans {
             f: compile_with(s.f, &opts)?,
             b: compile_with(s.b, &opts)?,
             w: compile_with(s.w, &opts)?,
-        });
+        })
+    };
+    let mut plans = Vec::new();
+    for s in &split {
+        plans.push(compile_stage(s)?);
+    }
+    // A bidirectional schedule's replicated stages: a second compilation each, on the
+    // replica's device.
+    let mut replicas = BTreeMap::new();
+    if let Some(r) = &schedule.reverse {
+        for (i, s) in split.iter().enumerate() {
+            if r.placement[i] != schedule.placement[i] {
+                replicas.insert(i, compile_stage(s)?);
+            }
+        }
     }
     // The plan's accounting of every device, with the compiled plans' workspace.
     let limit = memory_limit(a)?;
@@ -788,7 +809,19 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         } else {
             memory.iter().map(|s| s.summary.need_bytes).collect()
         };
-        per_device(&resident, &saved, &placement_v, n_dev)
+        // A bidirectional schedule's replicas hold their stage's weights, accumulators,
+        // buffers and saved values again, on their own devices.
+        let (mut resident, mut saved, mut at) = (resident, saved, placement_v.clone());
+        if let Some(r) = &schedule.reverse {
+            for i in 0..n_stages {
+                if r.placement[i] != schedule.placement[i] {
+                    resident.push(resident[i]);
+                    saved.push(saved.get(i).copied().unwrap_or(0));
+                    at.push(r.placement[i] as usize);
+                }
+            }
+        }
+        per_device(&resident, &saved, &at, n_dev)
     };
     let actions: Vec<Vec<PipelineAction>> = schedule
         .devices
@@ -821,8 +854,19 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         }
     }
     let placement = schedule.placement.iter().map(|&d| d as usize).collect();
-    let mut pipe = Pipeline::new(plans, placement, actions, m)
-        .map_err(|e| anyhow::anyhow!("schedule `{}`: {e}", a.schedule))?;
+    let mut pipe = match &schedule.reverse {
+        None => Pipeline::new(plans, placement, actions, m),
+        Some(r) => Pipeline::with_replicas(
+            plans,
+            placement,
+            r.placement.iter().map(|&d| d as usize).collect(),
+            r.microbatches.clone(),
+            replicas,
+            actions,
+            m,
+        ),
+    }
+    .map_err(|e| anyhow::anyhow!("schedule `{}`: {e}", a.schedule))?;
 
     // Parameters.
     let mut init = init_params(&forward, a.seed.unwrap_or(0));

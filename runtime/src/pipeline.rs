@@ -238,6 +238,18 @@ pub struct Pipeline {
     microbatches: usize,
     /// For each name some function takes as an argument: the stages that take it.
     consumers: HashMap<String, BTreeSet<usize>>,
+    /// A bidirectional schedule's second direction ([`Pipeline::with_replicas`]).
+    reverse: Option<Replicas>,
+}
+
+/// The replicated stages of a bidirectional schedule (BitPipe): microbatch `j` with
+/// `microbatches[j]` runs stage `s` on `placement[s]`, with the plans `plans[s]` (a second
+/// compilation of the stage, holding a copy of its weights) where that device differs from the
+/// stage's own.
+struct Replicas {
+    placement: Vec<usize>,
+    microbatches: Vec<bool>,
+    plans: BTreeMap<usize, StagePlans>,
 }
 
 impl Pipeline {
@@ -249,6 +261,68 @@ impl Pipeline {
         devices: Vec<Vec<PipelineAction>>,
         microbatches: usize,
     ) -> Result<Pipeline, String> {
+        Pipeline::build(stages, placement, devices, microbatches, None)
+    }
+
+    /// [`Pipeline::new`] for a bidirectional schedule: microbatch `j` with
+    /// `reverse_microbatches[j]` runs stage `s` on device `reverse_placement[s]`; every stage
+    /// whose two devices differ is replicated, and `replicas` holds its second compilation.
+    /// Each replica accumulates the weight gradients of its own microbatches; after both have
+    /// run their last W the two sums are added (the stage's own first) and the update applied
+    /// once, so both copies hold the same new weights. The sum's order differs from one
+    /// device's, so gradients agree with a one-direction run to rounding, not bit for bit.
+    pub fn with_replicas(
+        stages: Vec<StagePlans>,
+        placement: Vec<usize>,
+        reverse_placement: Vec<usize>,
+        reverse_microbatches: Vec<bool>,
+        mut replicas: BTreeMap<usize, StagePlans>,
+        devices: Vec<Vec<PipelineAction>>,
+        microbatches: usize,
+    ) -> Result<Pipeline, String> {
+        if reverse_placement.len() != stages.len() || reverse_microbatches.len() != microbatches {
+            return Err(format!(
+                "the reverse direction places {} stages and marks {} microbatches; the \
+                 pipeline has {} stages and {microbatches} microbatches",
+                reverse_placement.len(),
+                reverse_microbatches.len(),
+                stages.len()
+            ));
+        }
+        for (s, &there) in reverse_placement.iter().enumerate() {
+            let replicated = there != placement.get(s).copied().unwrap_or(there);
+            if replicated != replicas.contains_key(&s) {
+                return Err(format!(
+                    "stage {s}: {}",
+                    if replicated {
+                        "replicated on two devices, but no replica plans were given"
+                    } else {
+                        "replica plans given for a stage that is not replicated"
+                    }
+                ));
+            }
+        }
+        replicas.retain(|&s, _| s < stages.len());
+        Pipeline::build(
+            stages,
+            placement,
+            devices,
+            microbatches,
+            Some(Replicas {
+                placement: reverse_placement,
+                microbatches: reverse_microbatches,
+                plans: replicas,
+            }),
+        )
+    }
+
+    fn build(
+        stages: Vec<StagePlans>,
+        placement: Vec<usize>,
+        devices: Vec<Vec<PipelineAction>>,
+        microbatches: usize,
+        reverse: Option<Replicas>,
+    ) -> Result<Pipeline, String> {
         if placement.len() != stages.len() {
             return Err(format!(
                 "{} stages but a placement for {}",
@@ -256,6 +330,10 @@ impl Pipeline {
                 placement.len()
             ));
         }
+        let device_of = |stage: usize, j: usize| match &reverse {
+            Some(r) if r.microbatches[j] => r.placement[stage],
+            _ => placement[stage],
+        };
         let mut seen: HashMap<(usize, usize), [usize; 3]> = HashMap::new();
         for (d, list) in devices.iter().enumerate() {
             for a in list {
@@ -264,10 +342,16 @@ impl Pipeline {
                         "action {a} on device {d}: no such stage or microbatch"
                     ));
                 }
-                if placement[a.stage] != d {
+                let home = device_of(a.stage, a.microbatch);
+                if home != d {
                     return Err(format!(
-                        "action {a} is on device {d}, but stage {} is placed on device {}",
-                        a.stage, placement[a.stage]
+                        "action {a} is on device {d}, but stage {} is placed on device {home}{}",
+                        a.stage,
+                        if reverse.is_some() {
+                            format!(" for microbatch {}", a.microbatch)
+                        } else {
+                            String::new()
+                        }
                     ));
                 }
                 let c = seen.entry((a.stage, a.microbatch)).or_default();
@@ -306,6 +390,7 @@ impl Pipeline {
             devices,
             microbatches,
             consumers,
+            reverse,
         })
     }
 
@@ -358,15 +443,31 @@ impl Pipeline {
         for (s, st) in self.stages.iter_mut().enumerate() {
             per_dev[self.placement[s]].push((s, st));
         }
+        let replicated: BTreeSet<usize> = self
+            .reverse
+            .as_ref()
+            .map(|r| r.plans.keys().copied().collect())
+            .unwrap_or_default();
+        let (reverse_placement, reverse_mbs) = match &mut self.reverse {
+            Some(r) => {
+                for (&s, st) in r.plans.iter_mut() {
+                    per_dev[r.placement[s]].push((s, st));
+                }
+                (Some(&r.placement[..]), Some(&r.microbatches[..]))
+            }
+            None => (None, None),
+        };
         let shared = Shared {
             placement: &self.placement,
+            reverse_placement,
+            reverse_microbatches: reverse_mbs,
+            replicated: &replicated,
             consumers: &self.consumers,
             params,
             data: microbatches,
             opts,
             abort: &abort,
             t0,
-            m: self.microbatches,
         };
         let outcomes: Vec<Result<DeviceOut, ()>> = std::thread::scope(|scope| {
             let mut handles = Vec::new();
@@ -448,6 +549,7 @@ impl Pipeline {
         }
         let mut result = StepResult::default();
         let mut losses: BTreeMap<usize, f32> = BTreeMap::new();
+        let mut partial: BTreeMap<(String, bool), HostData> = BTreeMap::new();
         for (d, o) in outcomes.into_iter().enumerate() {
             let Ok(o) = o else {
                 return Err(PipelineError {
@@ -468,13 +570,53 @@ impl Pipeline {
                     .measured_host_peak_bytes
                     .push(crate::alloc::peak(tag_of(n_dev + d)));
             }
-            for v in o.params.values().chain(o.grads.values()) {
+            for v in o
+                .params
+                .values()
+                .chain(o.grads.values())
+                .chain(o.partial_grads.values())
+            {
                 v.retag(0);
             }
+            partial.extend(o.partial_grads);
             result.transfers.extend(o.transfers);
             result.params.extend(o.params);
             result.grads.extend(o.grads);
             result.timeline.extend(o.timeline);
+        }
+        // Replicated stages: the two directions' sums added (the stage's own first), then one
+        // SGD update.
+        let names: BTreeSet<String> = partial.keys().map(|(p, _)| p.clone()).collect();
+        for p in names {
+            let sum = match (
+                partial.remove(&(p.clone(), false)),
+                partial.remove(&(p.clone(), true)),
+            ) {
+                (Some(HostData::F32(a)), Some(HostData::F32(b))) if a.len() == b.len() => {
+                    HostData::F32(a.iter().zip(&b).map(|(x, y)| x + y).collect())
+                }
+                (Some(one), None) | (None, Some(one)) => one,
+                _ => {
+                    return Err(PipelineError {
+                        device: 0,
+                        stage: None,
+                        action: None,
+                        message: format!(
+                            "the replicas' gradients of `{p}` do not match (types or sizes)"
+                        ),
+                    })
+                }
+            };
+            if let (Some(HostData::F32(pv)), HostData::F32(gv)) = (params.get(&p), &sum) {
+                let (lr, sc) = (opts.lr, opts.grad_scale);
+                let new: Vec<f32> = pv
+                    .iter()
+                    .zip(gv)
+                    .map(|(&x, &g)| x - lr * (sc * g))
+                    .collect();
+                result.params.insert(p.clone(), HostData::F32(new));
+            }
+            result.grads.insert(p, sum);
         }
         result.losses = losses.into_values().collect();
         Ok(result)
@@ -483,17 +625,34 @@ impl Pipeline {
 
 struct Shared<'a> {
     placement: &'a [usize],
+    /// A bidirectional schedule's replica placement and the microbatches that run through it.
+    reverse_placement: Option<&'a [usize]>,
+    reverse_microbatches: Option<&'a [bool]>,
+    /// Stages with a replica: their devices hand back gradient sums instead of updating.
+    replicated: &'a BTreeSet<usize>,
     consumers: &'a HashMap<String, BTreeSet<usize>>,
     params: &'a BTreeMap<String, HostData>,
     data: &'a [BTreeMap<String, HostData>],
     opts: &'a PipelineOptions,
     abort: &'a AtomicBool,
     t0: Instant,
-    m: usize,
+}
+
+impl Shared<'_> {
+    /// The device that runs stage `stage` for microbatch `j`.
+    fn device_of(&self, stage: usize, j: usize) -> usize {
+        match (self.reverse_placement, self.reverse_microbatches) {
+            (Some(p), Some(r)) if r[j] => p[stage],
+            _ => self.placement[stage],
+        }
+    }
 }
 
 #[derive(Default)]
 struct DeviceOut {
+    /// Gradient sums of replicated stages' parameters, by (parameter, whether this is the
+    /// replica of the reverse direction).
+    partial_grads: BTreeMap<(String, bool), HostData>,
     losses: BTreeMap<usize, f32>,
     params: BTreeMap<String, HostData>,
     grads: BTreeMap<String, HostData>,
@@ -511,6 +670,8 @@ struct StageState<'p> {
     /// Gradient accumulators by argument name (`grad.<p>`).
     acc: BTreeMap<String, HostData>,
     w_done: usize,
+    /// W actions the stage runs on this device (all microbatches, or one direction's).
+    w_total: usize,
 }
 
 struct Worker<'a> {
@@ -830,6 +991,10 @@ impl<'a> Worker<'a> {
                     );
                 }
             }
+            let w_total = actions
+                .iter()
+                .filter(|a| a.stage == s && matches!(a.kind, PipelineKind::W | PipelineKind::BW))
+                .count();
             states.insert(
                 s,
                 StageState {
@@ -837,6 +1002,7 @@ impl<'a> Worker<'a> {
                     params,
                     acc,
                     w_done: 0,
+                    w_total,
                 },
             );
         }
@@ -931,7 +1097,14 @@ impl<'a> Worker<'a> {
                     self.pool.note_kept(-(freed as i64));
                     self.store.retain(|k, _| !(k.0 == a.stage && k.1 == j));
                     st.w_done += 1;
-                    if st.w_done == sh.m {
+                    if st.w_done == st.w_total && sh.replicated.contains(&a.stage) {
+                        // A replica's sums: the step adds the two and updates once.
+                        let reverse = sh.placement[a.stage] != self.device;
+                        for (g, v) in std::mem::take(&mut st.acc) {
+                            let p = g["grad.".len()..].to_string();
+                            out.partial_grads.insert((p, reverse), v);
+                        }
+                    } else if st.w_done == st.w_total {
                         // The stage's optimizer step: SGD on the parameters it owns gradients of.
                         let _g = crate::alloc::TagGuard::new(self.tag);
                         for (g, v) in std::mem::take(&mut st.acc) {
@@ -1074,7 +1247,7 @@ impl<'a> Worker<'a> {
                     let _g = crate::alloc::TagGuard::new(self.tag);
                     plan.output(oi)
                 };
-                let dev = sh.placement[t];
+                let dev = sh.device_of(t, j);
                 if t == s && name.starts_with("stash.") {
                     // A saved value: planned uses = the stage's B and W that take it.
                     let uses = [&st.plans.b, &st.plans.w]

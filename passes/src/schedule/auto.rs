@@ -387,6 +387,7 @@ pub fn greedy(
         devices: lists,
         placement: (0..p as u32).collect(),
         microbatches: m,
+        reverse: None,
     })
 }
 
@@ -572,5 +573,6 @@ pub fn ilp(
         devices,
         placement: (0..p as u32).collect(),
         microbatches: m,
+        reverse: None,
     })
 }

@@ -13,6 +13,7 @@
 //! | `v-half` | V | B + W | the same construction with ⌊(p+2)/2⌋ microbatches of memory |
 //! | `dualpipev` | V | BW and B + W | deepseek-ai/DualPipe `DualPipeV.step`, one op at a time; needs m ≥ 2p |
 //! | `hanayo`, `hanayo-<W>` | wave: 2W chunks per device in a zig-zag (W = 1 is the V) | BW | Hanayo (SC'23, arXiv 2308.15762), order reconstructed by greedy list scheduling |
+//! | `bitpipe` | two Vs in opposite directions, stages replicated ([`super::Reverse`]); p even | BW | BitPipe (AAAI 2025, arXiv 2410.19367), order reconstructed by greedy list scheduling |
 //!
 //! The interleaved order groups microbatches in rounds as PyTorch does (`rounds = max(1, m / p)`,
 //! `m / rounds` microbatches per round); where PyTorch rejects `m` (not a multiple of `rounds`),
@@ -22,7 +23,7 @@
 //! ZB-V follows PyTorch's construction (which assumes m ≥ 2p−1 and drops the actions of
 //! microbatches ≥ m afterwards, as PyTorch does); idle slots are not represented.
 //!
-//! The schedules from papers (V-Min, V-Half, DualPipeV, Hanayo) are built in [`super::papers`],
+//! The schedules from papers (V-Min, V-Half, DualPipeV, Hanayo, BitPipe) are built in [`super::papers`],
 //! whose docs give the sources and which parts are reconstructions; their published and derived
 //! bubble figures are checked in `passes/tests/schedule_papers.rs`.
 
@@ -57,16 +58,18 @@ pub enum Generator {
     DualPipeV,
     /// Hanayo's wave-like pipeline with this many waves (2 chunks per wave per device).
     Hanayo(usize),
+    /// BitPipe: two V pipelines in opposite directions, every stage replicated (needs p even).
+    BitPipe,
 }
 
 impl Generator {
     /// Names accepted by [`Generator::parse`], for messages.
     pub const NAMES: &'static str = "gpipe, 1f1b, interleaved (or interleaved-<v>), zb-h1, zb-h2, \
-         zb-v, eager, v-min, v-half, dualpipev, hanayo (or hanayo-<W>)";
+         zb-v, eager, v-min, v-half, dualpipev, hanayo (or hanayo-<W>), bitpipe";
 
     /// Parses a name: `gpipe`, `1f1b`, `interleaved` (2 chunks), `interleaved-<v>`, `zb-h1`,
     /// `zb-h2`, `zb-v`, `eager`, `v-min`, `v-half`, `dualpipev`, `hanayo` (one wave),
-    /// `hanayo-<W>` (case-insensitive; `_` is read as `-`).
+    /// `hanayo-<W>`, `bitpipe` (case-insensitive; `_` is read as `-`).
     pub fn parse(name: &str) -> Option<Generator> {
         let n = name.to_ascii_lowercase().replace('_', "-");
         Some(match n.as_str() {
@@ -81,6 +84,7 @@ impl Generator {
             "v-half" | "vhalf" => Generator::VHalf,
             "dualpipev" | "dualpipe-v" => Generator::DualPipeV,
             "hanayo" => Generator::Hanayo(1),
+            "bitpipe" => Generator::BitPipe,
             other => {
                 if let Some(w) = other.strip_prefix("hanayo-") {
                     return Some(Generator::Hanayo(w.parse().ok()?));
@@ -95,9 +99,11 @@ impl Generator {
     pub fn placement(self, p: usize) -> Vec<u32> {
         match self {
             Generator::Interleaved(v) => looping_placement(p, v),
-            Generator::ZbV | Generator::VMin | Generator::VHalf | Generator::DualPipeV => {
-                v_placement(p)
-            }
+            Generator::ZbV
+            | Generator::VMin
+            | Generator::VHalf
+            | Generator::DualPipeV
+            | Generator::BitPipe => v_placement(p),
             Generator::Hanayo(w) => wave_placement(p, w),
             _ => (0..p as u32).collect(),
         }
@@ -137,11 +143,13 @@ impl Generator {
             Generator::VHalf => papers::v_controllable(p, m, VMemory::Half),
             Generator::DualPipeV => papers::dualpipev(p, m)?,
             Generator::Hanayo(w) => papers::hanayo(p, w, m)?,
+            Generator::BitPipe => papers::bitpipe(p, m)?,
         };
         Ok(Schedule {
             devices,
             placement: self.placement(p),
             microbatches: m,
+            reverse: (self == Generator::BitPipe).then(|| papers::bitpipe_reverse(p, m)),
         })
     }
 }

@@ -97,6 +97,21 @@ pub struct Schedule {
     pub placement: Vec<u32>,
     /// Number of microbatches m.
     pub microbatches: usize,
+    /// The second direction of a bidirectional schedule (BitPipe, Chimera), where every stage
+    /// has a replica; `None` for one direction.
+    pub reverse: Option<Reverse>,
+}
+
+/// The second direction of a bidirectional schedule: stage `s` of a microbatch marked in
+/// `microbatches` runs on `placement[s]` (the stage's replica, holding the same weights),
+/// every other microbatch on the schedule's own placement. Dependencies still follow stage
+/// order within each microbatch; the replicas' weight gradients are summed before the update.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reverse {
+    /// `placement[s]` = the device of stage `s`'s replica.
+    pub placement: Vec<u32>,
+    /// `microbatches[j]`: whether microbatch `j` runs through the replicas.
+    pub microbatches: Vec<bool>,
 }
 
 impl Schedule {
@@ -116,41 +131,87 @@ impl Schedule {
             .map(|a| a.microbatch as usize + 1)
             .max()
             .unwrap_or(0);
-        let mut placement: Vec<Option<u32>> = vec![None; n_stages];
+        // Per stage, the device of its lowest microbatch; a stage seen on a second device is
+        // replicated (a bidirectional schedule), and the microbatches there run in reverse.
+        let mut placement: Vec<Option<(u32, u32)>> = vec![None; n_stages];
+        for (d, list) in devices.iter().enumerate() {
+            for a in list.iter().filter(|a| a.kind.is_compute()) {
+                let slot = &mut placement[a.stage as usize];
+                if slot.is_none_or(|(_, mb)| a.microbatch < mb) {
+                    *slot = Some((d as u32, a.microbatch));
+                }
+            }
+        }
+        let mut reverse_at: Vec<Option<u32>> = vec![None; n_stages];
+        let mut reverse_mbs: Vec<Option<bool>> = vec![None; microbatches];
         for (d, list) in devices.iter().enumerate() {
             for (i, a) in list.iter().enumerate() {
-                match placement[a.stage as usize] {
-                    None => placement[a.stage as usize] = Some(d as u32),
+                let s = a.stage as usize;
+                let home = match placement[s] {
+                    Some((home, _)) => home,
+                    // Stages with only non-compute actions are placed where they appear.
+                    None => {
+                        placement[s] = Some((d as u32, 0));
+                        d as u32
+                    }
+                };
+                if home as usize == d {
+                    continue;
+                }
+                match reverse_at[s] {
+                    None => reverse_at[s] = Some(d as u32),
                     Some(other) if other as usize != d => {
                         return Err(ScheduleError::Action {
                             device: d,
                             position: i,
                             action: a.to_string(),
                             problem: format!(
-                                "runs stage {} on device {d}, but the stage also runs on device {other}",
-                                a.stage
+                                "runs stage {s} on device {d}, but the stage also runs on \
+                                 devices {home} and {other}",
                             ),
                         })
                     }
                     Some(_) => {}
                 }
+                if a.kind.is_compute() {
+                    reverse_mbs[a.microbatch as usize] = Some(true);
+                }
             }
         }
-        let placement = placement
+        let placement: Vec<u32> = placement
             .into_iter()
             .enumerate()
             .map(|(s, d)| {
-                d.ok_or_else(|| ScheduleError::Stage {
+                d.map(|(d, _)| d).ok_or_else(|| ScheduleError::Stage {
                     stage: s,
                     problem: "has no actions".into(),
                 })
             })
             .collect::<Result<_, _>>()?;
+        let reverse = reverse_at.iter().any(Option::is_some).then(|| Reverse {
+            placement: reverse_at
+                .iter()
+                .zip(&placement)
+                .map(|(r, &p)| r.unwrap_or(p))
+                .collect(),
+            microbatches: reverse_mbs.iter().map(|x| x.unwrap_or(false)).collect(),
+        });
         Ok(Schedule {
             devices,
             placement,
             microbatches,
+            reverse,
         })
+    }
+
+    /// The device that runs stage `stage` for microbatch `microbatch`.
+    pub fn device_of(&self, stage: u32, microbatch: u32) -> u32 {
+        match &self.reverse {
+            Some(r) if r.microbatches.get(microbatch as usize) == Some(&true) => {
+                r.placement[stage as usize]
+            }
+            _ => self.placement[stage as usize],
+        }
     }
 
     /// Number of devices p.
@@ -213,14 +274,22 @@ impl Schedule {
         Schedule::from_lists(devices)
     }
 
-    /// JSON: `{"microbatches": m, "placement": [...], "actions": [["0F0", ...], ...]}`.
+    /// JSON: `{"microbatches": m, "placement": [...], "actions": [["0F0", ...], ...]}`, and for
+    /// a bidirectional schedule `"reverse": {"placement": [...], "microbatches": [j, ...]}` (the
+    /// replicas' devices and the microbatches that run through them).
     pub fn to_json(&self) -> String {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "microbatches": self.microbatches,
             "placement": self.placement,
             "actions": self.action_strings(),
-        })
-        .to_string()
+        });
+        if let Some(r) = &self.reverse {
+            let mbs: Vec<usize> = (0..r.microbatches.len())
+                .filter(|&j| r.microbatches[j])
+                .collect();
+            v["reverse"] = serde_json::json!({"placement": r.placement, "microbatches": mbs});
+        }
+        v.to_string()
     }
 
     /// Reads JSON as written by [`Schedule::to_json`]; `placement` and `microbatches` are optional
@@ -262,6 +331,31 @@ impl Schedule {
                 p.iter().map(|x| x.as_u64().map(|x| x as u32)).collect();
             s.placement = placement.ok_or_else(|| bad("placement must be device numbers"))?;
         }
+        if let Some(r) = v.get("reverse") {
+            let numbers = |key: &str| -> Result<Vec<u64>, ScheduleError> {
+                r.get(key)
+                    .and_then(|x| x.as_array())
+                    .and_then(|x| x.iter().map(|x| x.as_u64()).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| bad(&format!("reverse.{key} must be an array of numbers")))
+            };
+            let placement = numbers("placement")?
+                .into_iter()
+                .map(|d| d as u32)
+                .collect();
+            let mut microbatches = vec![false; s.microbatches];
+            for j in numbers("microbatches")? {
+                *microbatches.get_mut(j as usize).ok_or_else(|| {
+                    bad(&format!(
+                        "reverse.microbatches names microbatch {j}, but m = {}",
+                        s.microbatches
+                    ))
+                })? = true;
+            }
+            s.reverse = Some(Reverse {
+                placement,
+                microbatches,
+            });
+        }
         Ok(s)
     }
 
@@ -272,6 +366,30 @@ impl Schedule {
             return Err(ScheduleError::Malformed(
                 "the schedule has no devices".into(),
             ));
+        }
+        if let Some(r) = &self.reverse {
+            if r.placement.len() != n_stages || r.microbatches.len() != m {
+                return Err(ScheduleError::Malformed(format!(
+                    "the reverse direction places {} stages and marks {} microbatches; the \
+                     schedule has {n_stages} stages and {m} microbatches",
+                    r.placement.len(),
+                    r.microbatches.len()
+                )));
+            }
+            if let Some(s) = r
+                .placement
+                .iter()
+                .position(|&d| d as usize >= self.devices.len())
+            {
+                return Err(ScheduleError::Stage {
+                    stage: s,
+                    problem: format!(
+                        "its replica is placed on device {}, but there are {} devices",
+                        r.placement[s],
+                        self.devices.len()
+                    ),
+                });
+            }
         }
         // Per (stage, class, microbatch): (device, position) of the action, for order checks.
         const NONE: (u32, u32) = (u32::MAX, u32::MAX);
@@ -301,15 +419,30 @@ impl Schedule {
                         format!("names stage {}, but there are {n_stages} stages", a.stage),
                     ));
                 }
-                let home = self.placement[a.stage as usize];
+                let home = if a.kind == ActionKind::Opt {
+                    // A replicated stage steps its optimizer on both of its devices.
+                    match &self.reverse {
+                        Some(r) if r.placement[a.stage as usize] as usize == d => d as u32,
+                        _ => self.placement[a.stage as usize],
+                    }
+                } else if a.microbatch as usize >= m {
+                    self.placement[a.stage as usize]
+                } else {
+                    self.device_of(a.stage, a.microbatch)
+                };
                 if home as usize != d {
                     return Err(act_err(
                         d,
                         i,
                         a,
                         format!(
-                            "runs on device {d}, but stage {} is placed on device {home}",
-                            a.stage
+                            "runs on device {d}, but stage {} is placed on device {home}{}",
+                            a.stage,
+                            if self.reverse.is_some() && a.kind != ActionKind::Opt {
+                                format!(" for microbatch {}", a.microbatch)
+                            } else {
+                                String::new()
+                            }
                         ),
                     ));
                 }

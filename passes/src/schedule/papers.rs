@@ -1,5 +1,5 @@
 //! Schedules from recent papers, expressed as data for the same engine: V-Min, V-Half,
-//! DualPipeV and Hanayo.
+//! DualPipeV, Hanayo and BitPipe.
 //!
 //! Each construction here only produces per-device action lists; the placement, the validator
 //! and the simulator are the ones every other schedule uses. That is the point of this module:
@@ -11,6 +11,7 @@
 //! | V-Min, V-Half | Qi et al., "Pipeline Parallelism with Controllable Memory", arXiv 2405.15362; sail-sg/zero-bubble-pipeline-parallelism `zbv_greedy.py` | V ([`super::generators::v_placement`]) | B + W | a stable slot pattern, two greedy reordering passes under a memory cap, then W placed in the free slots ([`v_controllable`]) |
 //! | DualPipeV | DeepSeek's DualPipe cut in half; deepseek-ai/DualPipe `dualpipe/dualpipev.py` | V | BW and B + W | the eight phases of `DualPipeV.step`, run one op at a time ([`dualpipev`]) |
 //! | Hanayo | Liu et al., SC'23, arXiv 2308.15762 | wave with 2W chunks per device ([`wave_placement`]) | BW | deterministic greedy list scheduling with unit costs ([`hanayo`]) |
+//! | BitPipe | Wu, Chen and Yu, AAAI 2025, arXiv 2410.19367; wuhouming/BitPipe `bitpipe_schedule.py` | two Vs in opposite directions, every stage replicated ([`bitpipe_reverse`]) | BW | the authors' per-rank order, re-derived as a rule over units of p microbatches ([`bitpipe`]) |
 //!
 //! All orders are built without looking at the real costs (unit slots, as the reference code
 //! does), so a schedule is a fixed function of `(p, m)` and the simulator alone decides how good
@@ -536,4 +537,127 @@ pub fn hanayo(p: usize, waves: usize, m: usize) -> Result<Vec<Vec<Action>>, Sche
         out[d].push(act(s, kind, j));
     }
     Ok(out)
+}
+
+/// BitPipe's second direction (Wu, Chen and Yu, "BitPipe: Bidirectional Interleaved Pipeline
+/// Parallelism for Accelerating Large Models Training", AAAI 2025, arXiv 2410.19367; the
+/// authors' Megatron-LM fork wuhouming/BitPipe): the model is cut into 2p stages; the down
+/// pipeline holds stages s and 2p−1−s on device s (the V of
+/// [`super::generators::v_placement`]), the up pipeline the replicas of stages p−1−s and p+s, so
+/// every device holds four chunks, two of each direction. Microbatches alternate direction in
+/// groups of p/2 (the first p/2 go down).
+pub fn bitpipe_reverse(p: usize, m: usize) -> super::Reverse {
+    let half = (p / 2).max(1);
+    super::Reverse {
+        placement: (0..2 * p)
+            .map(|s| if s < p { p - 1 - s } else { s - p } as u32)
+            .collect(),
+        microbatches: (0..m).map(|j| (j / half) % 2 == 1).collect(),
+    }
+}
+
+/// BitPipe's order (see [`bitpipe_reverse`] for the placement and the directions): the
+/// authors' per-device order, re-derived from their schedule code as a rule, with an unsplit
+/// backward (BW) as theirs. For p devices (even), m a multiple of p, and rank r:
+///
+/// - `ν = p/2`, `U = ν − min(r, p−1−r)`, `W = 2p − U` (warm-up forwards).
+/// - The rank's own direction is down for r < ν, up otherwise; `A1`/`A2` are the first/second
+///   chunk of its own direction on the device, `B1`/`B2` those of the other direction.
+/// - Per unit of p microbatches, with `a[i]` and `b[i]` the unit's i-th microbatch of its own
+///   and of the other direction, the forward sequence is `A1 a[0..U]`, then `B1 b[i], A1 a[i+U]`
+///   for `i < ν−U`, then `B1 b[i+ν−U], B2 b[i]` for `i < U`, then `A2 a[i], B2 b[i+U]` for
+///   `i < ν−U`, then `A2 a[i+ν−U]` for `i < U`; the backward sequence is the same with each
+///   chunk swapped for the other chunk of its direction (second half first).
+/// - The sequences are consumed in the pattern `F^W (F BW)^U`, then per further unit
+///   `BW^(W−U+1) (F BW)^(U−1) F^(W−U+1) (F BW)^U`, then `BW^(2p−U)`.
+///
+/// At m = p its bubble at T_B = 2·T_F is (p−2)/(3m+p−2) (`passes/tests/schedule_papers.rs`);
+/// later units are concatenated as in the authors' code, so larger m drain only partly between
+/// units.
+pub fn bitpipe(p: usize, m: usize) -> Result<Vec<Vec<Action>>, ScheduleError> {
+    if p < 2 || !p.is_multiple_of(2) {
+        return Err(ScheduleError::Malformed(format!(
+            "bitpipe pairs each device with its mirror: it needs an even number of devices, got p = {p}"
+        )));
+    }
+    if !m.is_multiple_of(p) {
+        return Err(ScheduleError::Malformed(format!(
+            "bitpipe runs units of p microbatches: m must be a multiple of p = {p}, got m = {m}"
+        )));
+    }
+    Ok((0..p).map(|r| bitpipe_rank(p, r, m)).collect())
+}
+
+fn bitpipe_rank(p: usize, r: usize, m: usize) -> Vec<Action> {
+    let nu = p / 2;
+    let u = nu - r.min(p - 1 - r);
+    let w = 2 * p - u;
+    // Chunks on this device: [direction][half] → stage (direction 0 = down).
+    let chunk = [[r, 2 * p - 1 - r], [p - 1 - r, p + r]];
+    let own = usize::from(r >= nu);
+    let oth = 1 - own;
+    // (direction, half, microbatch) per forward, unit by unit.
+    let mut fwd: Vec<(usize, usize, usize)> = Vec::with_capacity(2 * m);
+    for unit in 0..m / p {
+        let dir_mbs = |d: usize| -> Vec<usize> {
+            (unit * p..(unit + 1) * p)
+                .filter(|&j| usize::from(j % p >= nu) == d)
+                .collect()
+        };
+        let (a, b) = (dir_mbs(own), dir_mbs(oth));
+        for &x in &a[..u] {
+            fwd.push((own, 0, x));
+        }
+        for i in 0..nu - u {
+            fwd.push((oth, 0, b[i]));
+            fwd.push((own, 0, a[i + u]));
+        }
+        for i in 0..u {
+            fwd.push((oth, 0, b[i + nu - u]));
+            fwd.push((oth, 1, b[i]));
+        }
+        for i in 0..nu - u {
+            fwd.push((own, 1, a[i]));
+            fwd.push((oth, 1, b[i + u]));
+        }
+        for i in 0..u {
+            fwd.push((own, 1, a[i + nu - u]));
+        }
+    }
+    let bwd: Vec<(usize, usize, usize)> = fwd.iter().map(|&(d, h, j)| (d, 1 - h, j)).collect();
+    let mut out = Vec::with_capacity(4 * m);
+    let (mut fi, mut bi) = (0, 0);
+    let mut f = |out: &mut Vec<Action>, n: usize| {
+        for _ in 0..n {
+            let (d, h, j) = fwd[fi];
+            out.push(act(chunk[d][h], ActionKind::F, j));
+            fi += 1;
+        }
+    };
+    let mut b = |out: &mut Vec<Action>, n: usize| {
+        for _ in 0..n {
+            let (d, h, j) = bwd[bi];
+            out.push(act(chunk[d][h], ActionKind::BW, j));
+            bi += 1;
+        }
+    };
+    f(&mut out, w);
+    for _ in 0..u {
+        f(&mut out, 1);
+        b(&mut out, 1);
+    }
+    for _ in 1..m / p {
+        b(&mut out, w - u + 1);
+        for _ in 0..u - 1 {
+            f(&mut out, 1);
+            b(&mut out, 1);
+        }
+        f(&mut out, w - u + 1);
+        for _ in 0..u {
+            f(&mut out, 1);
+            b(&mut out, 1);
+        }
+    }
+    b(&mut out, 2 * p - u);
+    out
 }

@@ -162,6 +162,7 @@ pub fn rounds_with(
         devices: b.st.into_iter().map(|s| s.list).collect(),
         placement: (0..p as u32).collect(),
         microbatches: m,
+        reverse: None,
     };
     Some((schedule, counts))
 }

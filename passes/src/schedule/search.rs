@@ -214,7 +214,7 @@ fn moves(s: &Schedule, gap: &Gap, backward: BackwardDependency) -> Vec<Schedule>
                 && (waiting.stage as usize) + 1 < s.placement.len() =>
         {
             let next = Action::new(waiting.stage + 1, ActionKind::B, waiting.microbatch);
-            let on = s.placement[next.stage as usize] as usize;
+            let on = s.device_of(next.stage, next.microbatch) as usize;
             let kind = if s.devices[on].contains(&next) {
                 ActionKind::B
             } else {
@@ -225,7 +225,7 @@ fn moves(s: &Schedule, gap: &Gap, backward: BackwardDependency) -> Vec<Schedule>
         _ => None,
     };
     if let Some(a) = producer {
-        let on = s.placement[a.stage as usize] as usize;
+        let on = s.device_of(a.stage, a.microbatch) as usize;
         if let Some(i) = s.devices[on].iter().position(|x| *x == a) {
             if i > 0 {
                 out.push(moved(s, on, i, i - 1));

@@ -311,7 +311,7 @@ pub(crate) fn run(
                     waiting[key] = d as u32;
                     break 'device;
                 }
-                let cross = schedule.placement[stage as usize] as usize != d;
+                let cross = schedule.device_of(stage, a.microbatch) as usize != d;
                 start = start.max(if cross { e + costs.comm } else { e });
             }
             let finish = start + cost_of(a, costs);

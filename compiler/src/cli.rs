@@ -151,6 +151,10 @@ pub struct ModelArgs {
     /// The labels input of --loss (class indices for cross-entropy, targets for mse).
     #[arg(long)]
     pub labels: Option<String>,
+    /// The scalar output that is the loss, for a model with several (renamed `loss`; an `.onnx`
+    /// model with a single scalar float output has it taken as the loss without this flag).
+    #[arg(long)]
+    pub loss_output: Option<String>,
 }
 
 impl ModelArgs {
@@ -160,6 +164,7 @@ impl ModelArgs {
             batch: self.batch,
             loss: self.loss,
             labels: self.labels.clone(),
+            loss_output: self.loss_output.clone(),
         }
     }
 }
@@ -214,9 +219,9 @@ pub struct GradArgs {
     /// How the model file is read.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Data inputs, by name (safetensors).
+    /// Data inputs, by name (safetensors); not needed by a model without data inputs.
     #[arg(long)]
-    pub inputs: PathBuf,
+    pub inputs: Option<PathBuf>,
     /// Parameters, by name (safetensors); default: the values stored in an `.onnx` model.
     #[arg(long)]
     pub params: Option<PathBuf>,
@@ -861,8 +866,46 @@ fn cmd_grad(a: GradArgs) -> Result<()> {
         run_pipeline(&mut module, &pm)?;
     }
     let func = module.function(&fname).expect("function exists");
-    let mut args = read_args(&a.inputs, a.params.as_deref(), loaded.params)?;
+    let mut args = read_args(a.inputs.as_deref(), a.params.as_deref(), loaded.params)?;
     coerce_indices(func, &mut args)?;
+    let missing: Vec<&str> = func
+        .args()
+        .map(|x| x.name)
+        .filter(|n| !args.contains_key(*n))
+        .collect();
+    if !missing.is_empty() {
+        let seeds: Vec<&str> = missing
+            .iter()
+            .copied()
+            .filter(|n| n.starts_with(GRAD_PREFIX))
+            .collect();
+        let hint = if !seeds.is_empty() && func.output("loss").is_none() {
+            let outputs: Vec<String> = func
+                .outputs
+                .iter()
+                .filter(|o| !o.name.starts_with(GRAD_PREFIX))
+                .map(|o| format!("`{}`", o.name))
+                .collect();
+            format!(
+                "; @{} has no output named `loss` (its outputs: {}): name the loss with \
+                 --loss-output NAME, add one with --loss/--labels, or give the upstream \
+                 gradients {} in --inputs",
+                func.name,
+                outputs.join(", "),
+                seeds.join(", ")
+            )
+        } else if a.inputs.is_none() {
+            "; give the data inputs with --inputs FILE.safetensors".to_string()
+        } else {
+            String::new()
+        };
+        bail!(
+            "@{} needs {} that {} not given{hint}",
+            func.name,
+            missing.join(", "),
+            if missing.len() == 1 { "was" } else { "were" }
+        );
+    }
     let results = run_function_named(func, &args, precision_of(a.dtype))
         .with_context(|| format!("running @{}", func.name))?;
     let grads: BTreeMap<String, Tensor> = func
@@ -908,11 +951,14 @@ pub fn coerce_indices(func: &Function, args: &mut BTreeMap<String, Tensor>) -> R
 }
 
 fn read_args(
-    inputs: &std::path::Path,
+    inputs: Option<&std::path::Path>,
     params: Option<&std::path::Path>,
     file_params: BTreeMap<String, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let mut args: BTreeMap<String, Tensor> = read_tensors(inputs)?;
+    let mut args: BTreeMap<String, Tensor> = match inputs {
+        Some(path) => read_tensors(path)?,
+        None => BTreeMap::new(),
+    };
     if params.is_none() {
         for (name, t) in file_params {
             args.entry(name).or_insert(t);
@@ -923,7 +969,7 @@ fn read_args(
             if args.contains_key(&name) {
                 bail!(
                     "tensor \"{name}\" is in both {} and {}",
-                    inputs.display(),
+                    inputs.map_or("the inputs".into(), |i| i.display().to_string()),
                     p.display()
                 );
             }
@@ -961,7 +1007,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let loaded = load_model(&a.file, &a.model.load_options())?;
     let module = loaded.module;
     let func = pick_function(&module, a.function.as_deref())?;
-    let mut args = read_args(&a.inputs, a.params.as_deref(), loaded.params)?;
+    let mut args = read_args(Some(&a.inputs), a.params.as_deref(), loaded.params)?;
     coerce_indices(func, &mut args)?;
     let results = run_function_named(func, &args, precision_of(a.dtype))
         .with_context(|| format!("running @{}", func.name))?;

@@ -70,7 +70,14 @@ pub fn compile_gpu(args: &CompileGpuArgs) -> Result<CompileGpuReport> {
     let forward = crate::load::forward_of(&loaded.module)?;
     let func = if forward.output("loss").is_some() {
         let opt = OptimizerArg::Sgd;
-        build_step(&args.model, args.batch, (None, None), opt, opt.default_lr())?.step
+        build_step(
+            &args.model,
+            args.batch,
+            (None, None, None),
+            opt,
+            opt.default_lr(),
+        )?
+        .step
     } else {
         forward
     };

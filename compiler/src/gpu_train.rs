@@ -203,7 +203,7 @@ pub fn train_on<B: StepBackend>(
     let built = build_step_with(
         &a.model,
         a.batch,
-        (a.loss, a.labels.clone()),
+        (a.loss, a.labels.clone(), a.loss_output.clone()),
         a.optimizer,
         lr,
         &method,
@@ -441,7 +441,7 @@ pub fn bench_cuda(
         let built = build_step_with(
             &a.model,
             a.batch,
-            (a.loss, a.labels.clone()),
+            (a.loss, a.labels.clone(), a.loss_output.clone()),
             a.optimizer,
             a.optimizer.default_lr() * 0.01,
             &method,

@@ -32,6 +32,7 @@ fn load(name: &str, loss: bool) -> LoadedModel {
         batch: Some(4),
         loss: loss.then_some(LossKind::CrossEntropy),
         labels: loss.then(|| "labels".to_string()),
+        ..LoadOptions::default()
     };
     load_model_quiet(&fixture(&format!("{name}.onnx")), &opts).unwrap_or_else(|e| panic!("{e:#}"))
 }
@@ -461,6 +462,7 @@ fn mse_loss_is_added_on_the_first_output() {
         batch: Some(4),
         loss: Some(LossKind::Mse),
         labels: Some("target".into()),
+        ..LoadOptions::default()
     };
     let loaded = load_model_quiet(&fixture("mlp.onnx"), &opts).unwrap();
     let f = &loaded.module.functions[0];

@@ -53,6 +53,7 @@ fn load(case: &Case, with_loss: bool) -> LoadedModel {
         batch: Some(BATCH),
         loss: with_loss.then_some(case.loss),
         labels: with_loss.then(|| case.labels.to_string()),
+        ..LoadOptions::default()
     };
     let loaded = load_model_quiet(&fixture(&format!("{}.onnx", case.name)), &opts)
         .unwrap_or_else(|e| panic!("{}: {e:#}", case.name));

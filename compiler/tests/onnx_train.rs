@@ -49,6 +49,7 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         batch: Some(4),
         loss: Some(cleave_compiler::loss::LossKind::CrossEntropy),
         labels: Some("labels".into()),
+        loss_output: None,
         optimizer: OptimizerArg::Sgd,
         lr: Some(0.1),
         seed: Some(3),

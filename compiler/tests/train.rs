@@ -145,6 +145,7 @@ fn bench_reports_a_median() {
         batch: None,
         loss: None,
         labels: None,
+        loss_output: None,
         warmup: 2,
         iters: 5,
         json: true,

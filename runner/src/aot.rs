@@ -277,7 +277,7 @@ pub fn compile(a: &CompileArgs) -> Result<CompileReport> {
         bail!("--stages and --microbatches must be at least 1");
     }
     let crate::train::TrainingModel { loaded, traced, .. } =
-        crate::train::load_training_model(&a.model, a.batch, a.loss, a.labels.clone())?;
+        crate::train::load_training_model(&a.model, a.batch, a.loss, a.labels.clone(), None)?;
     if let Some(b) = a.batch {
         if b != traced {
             bail!(
@@ -371,7 +371,7 @@ fn aot_kernels(
     let pipelined = payload.stages > 1 || payload.microbatches > 1;
     if pipelined {
         let args = train_args(payload, &model, OptimizerArg::Sgd);
-        let forward = crate::train::load_training_model(&model, None, None, None)?.forward;
+        let forward = crate::train::load_training_model(&model, None, None, None, None)?.forward;
         let module = crate::pipeline_train::pipeline_plan(&args, &forward)?.module;
         for s in cleave_passes::split::split_stages(&module) {
             for f in [s.f, s.b, s.w] {
@@ -386,8 +386,14 @@ fn aot_kernels(
             OptimizerArg::Adamw,
         ] {
             for (i, &lr) in std::iter::once(&opt.default_lr()).chain(lrs).enumerate() {
-                let built =
-                    crate::train::build_step_with(&model, None, (None, None), opt, lr, method)?;
+                let built = crate::train::build_step_with(
+                    &model,
+                    None,
+                    (None, None, None),
+                    opt,
+                    lr,
+                    method,
+                )?;
                 set.add_plan(&compile_with(&built.step, &step_opts)?);
                 if opt == OptimizerArg::Sgd && i == 0 {
                     set.add_plan(&compile_with(&built.forward, &eval_opts)?);
@@ -512,6 +518,7 @@ fn train_args(payload: &Payload, model: &Path, optimizer: OptimizerArg) -> Train
         batch: None,
         loss: None,
         labels: None,
+        loss_output: None,
         optimizer,
         lr: None,
         seed: None,

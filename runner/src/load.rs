@@ -29,6 +29,11 @@ pub struct LoadOptions {
     pub loss: Option<LossKind>,
     /// The labels input of that loss.
     pub labels: Option<String>,
+    /// The scalar output that is the loss (`--loss-output`): renamed `loss`. Without it, an
+    /// `.onnx` model with no `loss` output and exactly one scalar float output (a module
+    /// exported with its loss inside: `cross_entropy_loss`, `output`, `val_12`, …) has that
+    /// output taken as the loss.
+    pub loss_output: Option<String>,
 }
 
 /// Model text embedded in a standalone training executable (see [`crate::aot`]): a `.cir` path
@@ -93,7 +98,10 @@ pub fn load_module(path: &Path, opts: &LoadOptions) -> Result<Module> {
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let loaded = load_model_quiet(path, opts)?;
     for w in &loaded.warnings {
-        eprintln!("warning: {}: {w}", path.display());
+        match w.strip_prefix("note: ") {
+            Some(note) => eprintln!("note: {}: {note}", path.display()),
+            None => eprintln!("warning: {}: {w}", path.display()),
+        }
     }
     Ok(loaded)
 }
@@ -139,12 +147,123 @@ pub fn load_model_quiet(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> 
         (None, Some(_)) => bail!("--labels is only used with --loss"),
         (None, None) => {}
     }
+    let mut warnings = warnings;
+    if let Some(func) = module.functions.first_mut() {
+        pick_loss_output(
+            func,
+            opts,
+            format_of(path)? == ModelFormat::Onnx,
+            &mut warnings,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
     verify(&module, &path.display().to_string())?;
     Ok(LoadedModel {
         module,
         warnings,
         params,
     })
+}
+
+/// The scalar float outputs of `func`, by name.
+fn scalar_outputs(func: &cleave_ir::Function) -> Vec<String> {
+    func.outputs
+        .iter()
+        .filter(|o| {
+            let t = func.ty(o.value);
+            t.shape.is_empty() && t.dtype.is_float()
+        })
+        .map(|o| o.name.clone())
+        .collect()
+}
+
+/// Names the loss output (see [`LoadOptions::loss_output`]).
+fn pick_loss_output(
+    func: &mut cleave_ir::Function,
+    opts: &LoadOptions,
+    onnx: bool,
+    warnings: &mut Vec<String>,
+) -> std::result::Result<(), String> {
+    let list = |names: &[String]| {
+        names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let outputs: Vec<String> = func.outputs.iter().map(|o| o.name.clone()).collect();
+    if let Some(name) = &opts.loss_output {
+        if opts.loss.is_some() {
+            return Err(
+                "--loss-output names a loss the model has; --loss adds one: give one of them"
+                    .into(),
+            );
+        }
+        let scalars = scalar_outputs(func);
+        if !outputs.contains(name) {
+            return Err(format!(
+                "--loss-output {name}: @{} has no such output; its outputs are {}",
+                func.name,
+                list(&outputs)
+            ));
+        }
+        if !scalars.contains(name) {
+            return Err(format!(
+                "--loss-output {name}: the loss must be a scalar float, and `{name}` is {}; \
+                 scalar float outputs: {}",
+                func.ty(func.output(name).expect("listed")),
+                if scalars.is_empty() {
+                    "none".to_string()
+                } else {
+                    list(&scalars)
+                }
+            ));
+        }
+        if name != "loss" && outputs.iter().any(|o| o == "loss") {
+            return Err(format!(
+                "--loss-output {name}: @{} already has an output named `loss`",
+                func.name
+            ));
+        }
+        if func.args().any(|a| a.name == "loss") {
+            return Err(format!(
+                "--loss-output {name}: @{} has an input named `loss`",
+                func.name
+            ));
+        }
+        rename_output(func, name);
+        return Ok(());
+    }
+    if !onnx || opts.loss.is_some() || func.output("loss").is_some() {
+        return Ok(());
+    }
+    match &scalar_outputs(func)[..] {
+        [] => {}
+        [one] if func.args().all(|a| a.name != "loss") => {
+            warnings.push(format!(
+                "@{}: the scalar output `{one}` is taken as the loss (renamed `loss`; \
+                 --loss-output NAME picks another)",
+                func.name
+            ));
+            let one = one.clone();
+            rename_output(func, &one);
+        }
+        several => warnings.push(format!(
+            "@{}: no output is named `loss` and several are scalars ({}): training and `cleave \
+             grad` need one loss; pick it with --loss-output NAME",
+            func.name,
+            list(several)
+        )),
+    }
+    Ok(())
+}
+
+fn rename_output(func: &mut cleave_ir::Function, name: &str) {
+    for o in &mut func.outputs {
+        if o.name == name {
+            o.name = "loss".to_string();
+        }
+    }
 }
 
 fn verify(module: &Module, origin: &str) -> Result<()> {

@@ -723,7 +723,13 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         loaded,
         forward,
         traced: mb,
-    } = crate::train::load_training_model(&a.model, a.batch, a.loss, a.labels.clone())?;
+    } = crate::train::load_training_model(
+        &a.model,
+        a.batch,
+        a.loss,
+        a.labels.clone(),
+        a.loss_output.clone(),
+    )?;
     if let Some(b) = a.batch {
         if b != mb {
             bail!(

@@ -107,6 +107,10 @@ pub struct TrainArgs {
     /// The labels input of --loss.
     #[arg(long)]
     pub labels: Option<String>,
+    /// The scalar output that is the loss, for a model with several (see `cleave grad
+    /// --loss-output`).
+    #[arg(long)]
+    pub loss_output: Option<String>,
     /// Optimizer.
     #[arg(long, value_enum, default_value = "sgd")]
     pub optimizer: OptimizerArg,
@@ -196,6 +200,9 @@ pub struct BenchArgs {
     /// The labels input of --loss.
     #[arg(long)]
     pub labels: Option<String>,
+    /// The scalar output that is the loss, for a model with several.
+    #[arg(long)]
+    pub loss_output: Option<String>,
     /// Untimed steps first.
     #[arg(long, default_value_t = 20)]
     pub warmup: usize,
@@ -254,7 +261,11 @@ pub struct Built {
 pub fn build_step(
     model: &Path,
     batch: Option<usize>,
-    loss: (Option<crate::loss::LossKind>, Option<String>),
+    loss: (
+        Option<crate::loss::LossKind>,
+        Option<String>,
+        Option<String>,
+    ),
     opt: OptimizerArg,
     lr: f64,
 ) -> Result<Built> {
@@ -280,6 +291,7 @@ pub fn load_training_model(
     batch: Option<usize>,
     loss: Option<crate::loss::LossKind>,
     labels: Option<String>,
+    loss_output: Option<String>,
 ) -> Result<TrainingModel> {
     let onnx = model.extension().is_some_and(|e| e == "onnx");
     let loaded = load_model(
@@ -288,6 +300,7 @@ pub fn load_training_model(
             batch: if onnx { batch } else { None },
             loss,
             labels,
+            loss_output,
         },
     )?;
     let forward = crate::load::forward_of(&loaded.module)?;
@@ -313,7 +326,11 @@ pub fn load_training_model(
 pub fn build_step_with(
     model: &Path,
     batch: Option<usize>,
-    loss: (Option<crate::loss::LossKind>, Option<String>),
+    loss: (
+        Option<crate::loss::LossKind>,
+        Option<String>,
+        Option<String>,
+    ),
     opt: OptimizerArg,
     lr: f64,
     method: &GradMethod,
@@ -322,7 +339,7 @@ pub fn build_step_with(
         loaded,
         forward,
         traced,
-    } = load_training_model(model, batch, loss.0, loss.1)?;
+    } = load_training_model(model, batch, loss.0, loss.1, loss.2)?;
     let file_params = loaded.params;
     if let Some(b) = batch {
         if b != traced {
@@ -821,7 +838,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
     let built = build_step_with(
         &a.model,
         a.batch,
-        (a.loss, a.labels.clone()),
+        (a.loss, a.labels.clone(), a.loss_output.clone()),
         a.optimizer,
         lr,
         &method,
@@ -1066,7 +1083,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
     let built = build_step_with(
         &a.model,
         a.batch,
-        (a.loss, a.labels.clone()),
+        (a.loss, a.labels.clone(), a.loss_output.clone()),
         a.optimizer,
         a.optimizer.default_lr() * 0.01,
         &method,

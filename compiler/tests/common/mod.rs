@@ -42,6 +42,7 @@ pub fn args(steps: usize) -> TrainArgs {
         batch: None,
         loss: None,
         labels: None,
+        loss_output: None,
         optimizer: OptimizerArg::Adamw,
         lr: None,
         seed: Some(3),

@@ -1,7 +1,7 @@
 //! The import driver: opset check, initializers, graph inputs, the node walk with constant
 //! folding, outputs, and the export-pitfall warnings.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
@@ -395,20 +395,44 @@ pub fn import_model(
     let mut external = ExternalFiles::new(base_dir);
     let mut vals: HashMap<String, Val> = HashMap::new();
     let mut inits: HashMap<String, Tensor> = HashMap::new();
+    // PyTorch's dynamo exporter records each graph input's kind from the exported program's
+    // signature; a buffer (rotary `inv_freq`, a mask) is state, not a parameter to train.
+    let buffers: HashSet<&str> = graph
+        .value_info
+        .iter()
+        .chain(&graph.input)
+        .filter(|vi| {
+            vi.metadata_props.iter().any(|p| {
+                p.key.as_deref() == Some("pkg.torch.export.graph_signature.InputSpec.kind")
+                    && p.value.as_deref() == Some("BUFFER")
+            })
+        })
+        .filter_map(|vi| vi.name.as_deref())
+        .collect();
     for init in &graph.initializer {
         let name = init.name.clone().unwrap_or_default();
         if name.is_empty() {
             return Err(OnnxError::Model("an initializer has no name".into()));
         }
         let t = decode_tensor(init, &mut external)?;
-        if t.dtype.is_float() {
+        if t.dtype.is_float() && !buffers.contains(name.as_str()) {
             inits.insert(name.clone(), t);
             vals.insert(name.clone(), Val::Param(name));
         } else {
             vals.insert(name, Val::Const(t));
         }
     }
-    let warnings = pitfalls(graph, &inits);
+    let mut warnings = pitfalls(graph, &inits);
+    // Tied weights take the name PyTorch's `named_parameters()` gives them.
+    for (from, to) in tied_names(graph, &inits) {
+        warnings.push(format!(
+            "note: `{from}` is tied to `{to}` (one tensor used by both modules): it is one \
+             parameter, named `{to}` as PyTorch's named_parameters() lists it"
+        ));
+        let t = inits.remove(&from).expect("an initializer");
+        inits.insert(to.clone(), t);
+        vals.insert(from, Val::Param(to));
+    }
 
     let mut imp = Importer {
         t: Tracer::new(function_name(graph)),
@@ -601,6 +625,92 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> 
         }
     }
     warnings
+}
+
+/// The module path of a node, from the dynamo exporter's `pkg.torch.onnx.name_scopes` (a list
+/// like `['', 'm', 'm.transformer', 'm.transformer.wte', 'embedding']`: the module chain, then
+/// the op); `None` without that metadata.
+fn module_scope(node: &NodeProto) -> Option<String> {
+    let text = node
+        .metadata_props
+        .iter()
+        .find(|p| p.key.as_deref() == Some("pkg.torch.onnx.name_scopes"))?
+        .value
+        .as_deref()?;
+    let items: Vec<&str> = text
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|s| s.trim().trim_matches('\'').trim_matches('"'))
+        .collect();
+    let mut scope = "";
+    for item in items {
+        if item.is_empty() {
+            continue;
+        }
+        let extends =
+            scope.is_empty() || item.strip_prefix(scope).is_some_and(|r| r.starts_with('.'));
+        if !extends {
+            break;
+        }
+        scope = item;
+    }
+    Some(scope.to_string())
+}
+
+/// Initializers used by several modules (a tied weight such as GPT-2's `lm_head.weight`, which
+/// is `transformer.wte.weight`): the name the exporter gave (`<module>.<attr>` of one user),
+/// and the name of the same attribute under the first module that uses it in graph order,
+/// which is the name `named_parameters()` lists (the first registration; models register the
+/// embedding before the head that reuses it). Needs the dynamo exporter's scopes.
+fn tied_names(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<(String, String)> {
+    let mut alias: HashMap<&str, &str> = HashMap::new();
+    for node in &graph.node {
+        if node.op_type.as_deref() == Some("Identity") {
+            if let (Some(src), Some(dst)) = (node.input.first(), node.output.first()) {
+                if inits.contains_key(src) {
+                    alias.insert(dst, src);
+                }
+            }
+        }
+    }
+    // Per initializer, the modules that use it, in graph order.
+    let mut users: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for node in &graph.node {
+        if node.op_type.as_deref() == Some("Identity") {
+            continue;
+        }
+        let Some(scope) = module_scope(node) else {
+            continue;
+        };
+        for input in &node.input {
+            let input = alias.get(input.as_str()).copied().unwrap_or(input);
+            if inits.contains_key(input) {
+                let list = users.entry(input).or_default();
+                if !list.contains(&scope) {
+                    list.push(scope.clone());
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (name, scopes) in users {
+        let Some(first) = scopes.first().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        // The attribute: what follows the scope of the user the exporter named it after.
+        let attr = scopes.iter().find_map(|s| {
+            name.strip_prefix(s.as_str())
+                .and_then(|r| r.strip_prefix('.'))
+                .filter(|r| !r.is_empty() && !s.is_empty())
+        });
+        if let Some(attr) = attr {
+            let to = format!("{first}.{attr}");
+            if to != name && !inits.contains_key(&to) {
+                out.push((name.to_string(), to));
+            }
+        }
+    }
+    out
 }
 
 /// Whether an initializer name was made up by the exporter rather than taken from the model's

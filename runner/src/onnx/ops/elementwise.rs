@@ -90,6 +90,12 @@ pub fn lower(imp: &mut Importer, n: &NodeCtx, ins: &[Option<Val>]) -> NResult<Op
             vec![cast(imp, input(ins, 0)?, to)?]
         }
         "Identity" => vec![input(ins, 0)?.clone()],
+        "IsNaN" => {
+            // NaN is the one value not equal to itself.
+            let x = imp.ir(input(ins, 0)?)?;
+            let ne = imp.t.compare(CompareOp::Ne, x, x)?;
+            vec![Val::Ir(ne)]
+        }
         "Dropout" => dropout(imp, n, ins)?,
         _ => return Ok(None),
     };

@@ -3,6 +3,7 @@
 //! - [`elementwise`]: unary and binary math, comparisons, `Where`, casts, identities.
 //! - [`shape`]: reshapes, transposes, slicing, joining, indexing, and the ops that make
 //!   constants (`Constant`, `ConstantOfShape`, `Shape`, `Range`, `Trilu`, sequences).
+//! - [`fold`]: `CumSum` and `GatherND`, evaluated at import time only.
 //! - [`nn`]: contractions, convolution and pooling, normalisation, softmax, reductions, losses
 //!   and attention.
 //!
@@ -11,6 +12,7 @@
 //! ([`bcast`]).
 
 pub mod elementwise;
+pub mod fold;
 pub mod nn;
 pub mod shape;
 
@@ -33,6 +35,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "ConstantOfShape",
     "Conv",
     "Cos",
+    "CumSum",
     "Div",
     "Dropout",
     "Equal",
@@ -42,6 +45,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Flatten",
     "Floor",
     "Gather",
+    "GatherND",
     "Gelu",
     "Gemm",
     "GlobalAveragePool",
@@ -49,6 +53,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Greater",
     "GreaterOrEqual",
     "Identity",
+    "IsNaN",
     "LayerNormalization",
     "Less",
     "LessOrEqual",
@@ -108,6 +113,9 @@ pub fn lower(imp: &mut Importer, n: &NodeCtx, ins: &[Option<Val>]) -> NResult<Ve
         return Ok(out);
     }
     if let Some(out) = nn::lower(imp, n, ins)? {
+        return Ok(out);
+    }
+    if let Some(out) = fold::lower(imp, n, ins)? {
         return Ok(out);
     }
     Err(format!("internal error: no lowering for `{}`", n.op).into())

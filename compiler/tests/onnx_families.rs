@@ -1,0 +1,234 @@
+//! Model families exported from PyTorch (`tests/onnx/families/`, made by
+//! `tests/onnx/families/export_families.py` from transformers' and torchvision's configuration
+//! classes, randomly initialised): cleave's import, `--loss cross-entropy` and `autodiff` give
+//! PyTorch's loss and every `named_parameters()` gradient within 1e-5 relative (float32), and 20
+//! plain SGD steps on the interpreter follow PyTorch's losses within 1e-4.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use cleave_compiler::load::{load_model_quiet, LoadOptions, LoadedModel};
+use cleave_compiler::loss::LossKind;
+use cleave_compiler::tensors::read_tensors;
+use cleave_ir::interp::{run_function_named, Precision, Tensor};
+use cleave_passes::{PassContext, PassManager};
+use common::rel_err;
+
+const TOL: f64 = 1e-5;
+const SGD_TOL: f64 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/onnx/families")
+        .join(name)
+}
+
+fn load(name: &str) -> LoadedModel {
+    let opts = LoadOptions {
+        loss: Some(LossKind::CrossEntropy),
+        labels: Some("labels".into()),
+        ..LoadOptions::default()
+    };
+    load_model_quiet(&fixture(&format!("{name}.onnx")), &opts)
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"))
+}
+
+/// Loss and gradients against PyTorch's, then 20 SGD steps (see the module docs).
+fn check(name: &str) {
+    let mut loaded = load(name);
+    let reference = read_tensors(&fixture(&format!("{name}.ref.safetensors"))).unwrap();
+    let lr = reference["sgd_lr"].to_f32_vec()[0];
+    PassManager::from_pipeline("autodiff")
+        .unwrap()
+        .run(&mut loaded.module, &mut PassContext::default(), &mut |_| {})
+        .unwrap();
+    let func = &loaded.module.functions[0];
+    let mut args = loaded.params.clone();
+    for input in func.data_inputs() {
+        let t = reference
+            .get(&format!("in.{}", input.name))
+            .or_else(|| reference.get(input.name))
+            .unwrap_or_else(|| panic!("{name}: no reference for input `{}`", input.name));
+        args.insert(input.name.to_string(), t.clone());
+    }
+    cleave_compiler::cli::coerce_indices(func, &mut args).unwrap();
+    let run = |args: &BTreeMap<String, Tensor>| -> BTreeMap<String, Tensor> {
+        let out = run_function_named(func, args, Precision::F32)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        func.outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .zip(out)
+            .collect()
+    };
+    let out = run(&args);
+    let loss_err = rel_err(&out["loss"], &reference["loss"]);
+    assert!(loss_err <= TOL, "{name}: loss off by {loss_err:e}");
+    let mut grad_err = 0.0f64;
+    let torch: BTreeSet<&str> = reference
+        .keys()
+        .filter_map(|k| k.strip_prefix("grad."))
+        .collect();
+    let ours: BTreeSet<&str> = out.keys().filter_map(|k| k.strip_prefix("grad.")).collect();
+    assert_eq!(
+        ours, torch,
+        "{name}: gradients by name vs PyTorch's named_parameters()"
+    );
+    for p in &torch {
+        let err = rel_err(&out[&format!("grad.{p}")], &reference[&format!("grad.{p}")]);
+        assert!(err <= TOL, "{name}: grad.{p} off by {err:e}");
+        grad_err = grad_err.max(err);
+    }
+    // Plain SGD on the same batch, in f32 like PyTorch's.
+    let want = reference["sgd_losses"].to_f64_vec();
+    let mut sgd_err = 0.0f64;
+    for (step, &w) in want.iter().enumerate() {
+        let out = run(&args);
+        let got = out["loss"].to_f64_vec()[0];
+        let err = (got - w).abs() / w.abs().max(1.0);
+        assert!(
+            err <= SGD_TOL,
+            "{name}: step {step}: loss {got} vs PyTorch's {w}"
+        );
+        sgd_err = sgd_err.max(err);
+        for p in &torch {
+            let g = out[&format!("grad.{p}")].to_f32_vec();
+            let x = args.get_mut(*p).unwrap();
+            let new: Vec<f32> = x
+                .to_f32_vec()
+                .iter()
+                .zip(&g)
+                .map(|(a, b)| a - lr * b)
+                .collect();
+            *x = Tensor::from_f32(x.shape.clone(), new);
+        }
+    }
+    eprintln!(
+        "{name}: loss {loss_err:.1e}, worst gradient {grad_err:.1e}, SGD losses {sgd_err:.1e}"
+    );
+}
+
+#[test]
+fn gpt2_matches_pytorch() {
+    check("gpt2");
+}
+
+#[test]
+fn llama_matches_pytorch() {
+    check("llama");
+}
+
+#[test]
+fn vit_matches_pytorch() {
+    check("vit");
+}
+
+#[test]
+fn tied_embedding_and_reused_block_match_pytorch() {
+    check("tied");
+}
+
+fn cleave(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args(args)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .output()
+        .unwrap()
+}
+
+/// A model exported with its loss inside: its single scalar output (`cross_entropy_loss`) is
+/// the loss without any flag (with a note), and `cleave grad` gives PyTorch's gradients; with
+/// two scalar outputs, `--loss-output` picks one, and without it the error lists the outputs
+/// and names the flag.
+#[test]
+fn loss_inside_the_export_is_found_or_named() {
+    let opts = LoadOptions::default();
+    let loaded = load_model_quiet(&fixture("loss_inside.onnx"), &opts).unwrap();
+    let f = &loaded.module.functions[0];
+    assert!(f.output("loss").is_some());
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("`cross_entropy_loss` is taken as the loss")),
+        "{:?}",
+        loaded.warnings
+    );
+    let dir = std::env::temp_dir().join(format!("cleave-loss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let reference = read_tensors(&fixture("loss_inside.ref.safetensors")).unwrap();
+    let inputs: BTreeMap<String, Tensor> = reference
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("in.").map(|n| (n.to_string(), v.clone())))
+        .collect();
+    let inputs_path = dir.join("inputs.safetensors");
+    cleave_compiler::tensors::write_tensors(&inputs_path, &inputs).unwrap();
+    let out = dir.join("grads.safetensors");
+    for model in ["loss_inside", "two_scalars"] {
+        let path = format!("tests/onnx/families/{model}.onnx");
+        let mut args = vec![
+            "grad",
+            &path,
+            "--inputs",
+            inputs_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if model == "two_scalars" {
+            let o = cleave(&args);
+            assert!(!o.status.success());
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains("--loss-output")
+                    && err.contains("`cross_entropy_loss`")
+                    && err.contains("`mean`"),
+                "{err}"
+            );
+            args.extend(["--loss-output", "cross_entropy_loss"]);
+        }
+        let o = cleave(&args);
+        assert!(
+            o.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let grads = read_tensors(&out).unwrap();
+        for (k, want) in &reference {
+            if let Some(p) = k.strip_prefix("grad.") {
+                let err = rel_err(&grads[p], want);
+                assert!(err <= TOL, "{model}: {p} off by {err:e}");
+            }
+        }
+    }
+    // A bad --loss-output names the outputs.
+    let o = cleave(&[
+        "grad",
+        "tests/onnx/families/two_scalars.onnx",
+        "--inputs",
+        inputs_path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--loss-output",
+        "nope",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no such output"),
+        "{err}"
+    );
+    // Without --inputs, the data inputs the model needs are named.
+    let o = cleave(&[
+        "grad",
+        "tests/onnx/families/loss_inside.onnx",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("x, labels") && err.contains("--inputs"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Exports the model-family fixtures of cleave's ONNX importer and their PyTorch references.
+
+Run from anywhere (writes next to this script):
+
+    python -m venv /tmp/torchenv
+    /tmp/torchenv/bin/pip install torch torchvision transformers onnx onnxscript safetensors
+    /tmp/torchenv/bin/python tests/onnx/families/export_families.py
+
+Each family is built from its published configuration class or constructor, shrunk, and
+randomly initialised (no hub downloads):
+
+| file | model |
+|---|---|
+| `gpt2.onnx` | transformers `GPT2LMHeadModel`: 2 layers, d 128, 4 heads, vocab 256, tied embeddings |
+| `llama.onnx` | transformers `LlamaForCausalLM`: 2 layers, d 128, 4 query / 2 key-value heads, vocab 256 |
+| `vit.onnx` | torchvision `VisionTransformer`: 32×32 images, patch 8, 2 layers, d 64, 10 classes |
+| `tied.onnx` | an `nn.Embedding` shared by the input and two output heads, one block called twice |
+| `loss_inside.onnx` | a classifier exported with `F.cross_entropy` inside: its one output is the loss (exporter-named) |
+| `two_scalars.onnx` | the same returning the loss and a second scalar |
+
+Each is exported with `torch.onnx.export(dynamo=True, optimize=False, opset_version=18)` at a
+static batch (the dynamo exporter records which initializers are buffers and the module scope of
+every node; cleave uses both), with the per-node stack traces stripped. `<m>.ref.safetensors`
+holds the float32 PyTorch references for one batch: `in.<input>`, `labels`, `loss` (mean
+cross-entropy of the logits against `labels`, as `cleave --loss cross-entropy` adds it),
+`grad.<name>` for every entry of `named_parameters()`, and `sgd_losses`: the loss before each of
+20 plain SGD steps (`p -= LR * grad`, LR in the metadata) on that same batch, then after the
+last, and `sgd_lr` (LR). The metadata records the versions, the exporter call and the parameter names.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.numpy import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPSET = 18
+BATCH = 2
+SEQ = 8
+LR = 0.01
+STEPS = 20
+
+
+class Logits(nn.Module):
+    """A transformers causal LM returning its logits only."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+class Tied(nn.Module):
+    """An embedding read by the input and by two output heads, and a block called twice."""
+
+    def __init__(self, vocab=64, d=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.block = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+        self.head_bias = nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        h = self.block(self.block(h))
+        # Two heads share the embedding matrix: logits and a second, scaled copy.
+        a = h @ self.emb.weight.t() + self.head_bias
+        b = (0.5 * h) @ self.emb.weight.t()
+        return a + b
+
+
+class WithLoss(nn.Module):
+    """A classifier exported with its loss inside (the loss is its only output), or with an
+    auxiliary scalar beside it (`two=True`)."""
+
+    def __init__(self, two=False):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 5)
+        self.two = two
+
+    def forward(self, x, labels):
+        logits = self.fc2(F.relu(self.fc1(x)))
+        loss = F.cross_entropy(logits, labels)
+        if self.two:
+            return loss, logits.square().mean()
+        return loss
+
+
+def export_with_loss(name, two):
+    """`<name>.onnx` and its reference: `in.x`, `in.labels`, `loss`, `grad.<param>`."""
+    torch.manual_seed(11)
+    model = WithLoss(two).eval()
+    x = torch.randn(BATCH, 12)
+    labels = torch.tensor([1, 3])
+    path = os.path.join(HERE, f"{name}.onnx")
+    # No output names: the exporter names the outputs itself, as for a user who gives none.
+    prog = torch.onnx.export(model, (x, labels), dynamo=True, optimize=False,
+                             opset_version=OPSET, input_names=["x", "labels"])
+    prog.save(path)
+    m = onnx.load(path)
+    for node in m.graph.node:
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+    onnx.save(m, path)
+    params = dict(model.named_parameters())
+    out = model(x, labels)
+    loss = out[0] if two else out
+    grads = torch.autograd.grad(loss, list(params.values()))
+    ref = {"in.x": x.numpy(), "in.labels": labels.numpy().astype(np.int64),
+           "loss": loss.detach().numpy()}
+    for (pname, _), gr in zip(params.items(), grads):
+        ref[f"grad.{pname}"] = gr.numpy()
+    ref = {k: np.array(v, order="C") for k, v in ref.items()}
+    save_file(ref, os.path.join(HERE, f"{name}.ref.safetensors"))
+    print(f"{name}: outputs {[o.name for o in m.graph.output]}")
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=64, vocab_size=256,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return Logits(GPT2LMHeadModel(cfg)), torch.randint(0, 256, (BATCH, SEQ))
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                      max_position_embeddings=64)
+    return Logits(LlamaForCausalLM(cfg)), torch.randint(0, 256, (BATCH, SEQ))
+
+
+def vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
+                          mlp_dim=128, num_classes=10, dropout=0.0, attention_dropout=0.0)
+    return m, torch.randn(BATCH, 3, 32, 32)
+
+
+def tied():
+    return Tied(), torch.randint(0, 64, (BATCH, SEQ))
+
+
+def export(model, x, path, input_name):
+    prog = torch.onnx.export(model, (x,), dynamo=True, optimize=False, opset_version=OPSET,
+                             input_names=[input_name], output_names=["logits"])
+    prog.save(path)
+    m = onnx.load(path, load_external_data=False)
+    for node in m.graph.node:
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+    onnx.save(m, path)
+    onnx.checker.check_model(path)
+    return m
+
+
+def ce(y, labels):
+    return F.cross_entropy(y.reshape(-1, y.shape[-1]), labels.reshape(-1))
+
+
+def make(name, build, seed):
+    torch.manual_seed(seed)
+    model, x = build()
+    model.eval()
+    input_name = "input_ids" if x.dtype == torch.int64 else "x"
+    path = os.path.join(HERE, f"{name}.onnx")
+    for stale in (path, path + ".data"):
+        if os.path.exists(stale):
+            os.remove(stale)
+    m = export(model, x, path, input_name)
+    params = dict(model.named_parameters())
+    y = model(x)
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, y.shape[-1], y.shape[:-1], generator=g)
+    loss = ce(y, labels)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    ref = {f"in.{input_name}": x.numpy(), "labels": labels.numpy().astype(np.int64),
+           "loss": loss.detach().numpy()}
+    for (pname, _), gr in zip(params.items(), grads):
+        ref[f"grad.{pname}"] = gr.numpy()
+    # Plain SGD on the same batch.
+    losses = []
+    for _ in range(STEPS):
+        l = ce(model(x), labels)
+        losses.append(l.item())
+        gs = torch.autograd.grad(l, list(params.values()))
+        with torch.no_grad():
+            for p, gr in zip(params.values(), gs):
+                p -= LR * gr
+    with torch.no_grad():
+        losses.append(ce(model(x), labels).item())
+    ref["sgd_losses"] = np.array(losses, dtype=np.float64)
+    ref["sgd_lr"] = np.array(LR, dtype=np.float32)
+    ref = {k: np.array(v, order="C") for k, v in ref.items()}
+    meta = {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": __import__("onnxscript").__version__,
+        "exporter": f"torch.onnx.export(dynamo=True, optimize=False, opset_version={OPSET})",
+        "loss": "cross-entropy",
+        "lr": str(LR),
+        "params": json.dumps(list(params)),
+    }
+    save_file(ref, os.path.join(HERE, f"{name}.ref.safetensors"), metadata=meta)
+    inits = [i.name for i in m.graph.initializer]
+    print(f"{name}: {len(params)} params, {len(inits)} initializers, "
+          f"ops {sorted({n.op_type for n in m.graph.node})}")
+
+
+def main():
+    only = set(sys.argv[1:])
+    for i, (name, build) in enumerate([("gpt2", gpt2), ("llama", llama), ("vit", vit),
+                                       ("tied", tied)]):
+        if not only or name in only:
+            make(name, build, i)
+    if not only or "loss" in only:
+        export_with_loss("loss_inside", two=False)
+        export_with_loss("two_scalars", two=True)
+    print("torch", torch.__version__, "onnx", onnx.__version__, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -126,6 +126,11 @@ fn vit_matches_pytorch() {
 }
 
 #[test]
+fn resnet18_with_batch_statistics_matches_pytorch() {
+    check("resnet18");
+}
+
+#[test]
 fn tied_embedding_and_reused_block_match_pytorch() {
     check("tied");
 }

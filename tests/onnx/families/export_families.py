@@ -15,6 +15,7 @@ randomly initialised (no hub downloads):
 | `gpt2.onnx` | transformers `GPT2LMHeadModel`: 2 layers, d 128, 4 heads, vocab 256, tied embeddings |
 | `llama.onnx` | transformers `LlamaForCausalLM`: 2 layers, d 128, 4 query / 2 key-value heads, vocab 256 |
 | `vit.onnx` | torchvision `VisionTransformer`: 32×32 images, patch 8, 2 layers, d 64, 10 classes |
+| `resnet18.onnx` | ResNet-18's layout from torchvision `BasicBlock`s at width 8, 32×32 images, `train()` mode (BatchNorm with batch statistics) |
 | `tied.onnx` | an `nn.Embedding` shared by the input and two output heads, one block called twice |
 | `loss_inside.onnx` | a classifier exported with `F.cross_entropy` inside: its one output is the loss (exporter-named) |
 | `two_scalars.onnx` | the same returning the loss and a second scalar |
@@ -24,7 +25,8 @@ static batch (the dynamo exporter records which initializers are buffers and the
 every node; cleave uses both), with the per-node stack traces stripped. `<m>.ref.safetensors`
 holds the float32 PyTorch references for one batch: `in.<input>`, `labels`, `loss` (mean
 cross-entropy of the logits against `labels`, as `cleave --loss cross-entropy` adds it),
-`grad.<name>` for every entry of `named_parameters()`, and `sgd_losses`: the loss before each of
+`grad.<name>` for every entry of `named_parameters()` (the ResNet's in float64, see `make`),
+and `sgd_losses`: the loss before each of
 20 plain SGD steps (`p -= LR * grad`, LR in the metadata) on that same batch, then after the
 last, and `sgd_lr` (LR). The metadata records the versions, the exporter call and the parameter names.
 """
@@ -32,6 +34,7 @@ last, and `sgd_lr` (LR). The metadata records the versions, the exporter call an
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -125,6 +128,45 @@ def export_with_loss(name, two):
     print(f"{name}: outputs {[o.name for o in m.graph.output]}")
 
 
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 layout (7×7 stem, max pool, four stages of two torchvision
+    `BasicBlock`s with 1×1 downsampling, global average pool, linear head) at a width of 8
+    instead of 64 (the full width is 45 MB of weights), trained in `train()` mode: every
+    `BatchNorm2d` normalises with the batch's statistics."""
+
+    def __init__(self, width=8, classes=10):
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inp = width
+        for i, (planes, stride) in enumerate([(width, 1), (2 * width, 2), (4 * width, 2),
+                                              (8 * width, 2)]):
+            down = None
+            if stride != 1 or inp != planes:
+                down = nn.Sequential(nn.Conv2d(inp, planes, 1, stride, bias=False),
+                                     nn.BatchNorm2d(planes))
+            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(inp, planes, stride, down),
+                                                         BasicBlock(planes, planes)))
+            inp = planes
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inp, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18():
+    # A batch of 8: layer4 is 1×1, so its BatchNorms normalise over the batch alone, and over
+    # 2 examples the gradients blow up (≈700 on conv1) past what float32 can carry.
+    return ResNet18(), torch.randn(8, 3, 32, 32)
+
+
 def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -155,8 +197,11 @@ def tied():
 
 
 def export(model, x, path, input_name):
-    prog = torch.onnx.export(model, (x,), dynamo=True, optimize=False, opset_version=OPSET,
-                             input_names=[input_name], output_names=["logits"])
+    with warnings.catch_warnings():
+        # Exporting in training mode is intended for the ResNet (batch statistics).
+        warnings.simplefilter("ignore", UserWarning)
+        prog = torch.onnx.export(model, (x,), dynamo=True, optimize=False, opset_version=OPSET,
+                                 input_names=[input_name], output_names=["logits"])
     prog.save(path)
     m = onnx.load(path, load_external_data=False)
     for node in m.graph.node:
@@ -175,20 +220,27 @@ def ce(y, labels):
 def make(name, build, seed):
     torch.manual_seed(seed)
     model, x = build()
-    model.eval()
+    # ResNet trains with batch statistics; the rest have no mode-dependent layers (no dropout).
+    model.train(name == "resnet18")
     input_name = "input_ids" if x.dtype == torch.int64 else "x"
     path = os.path.join(HERE, f"{name}.onnx")
     for stale in (path, path + ".data"):
         if os.path.exists(stale):
             os.remove(stale)
     m = export(model, x, path, input_name)
+    x_in = x
+    if name == "resnet18":
+        # PyTorch's float32 BatchNorm in train() mode is itself 3e-5 off its float64 result on
+        # this model (batch statistics over as few as 2 values per channel), so the ResNet's
+        # references are computed in float64: the exact figures cleave's float32 is held to.
+        model, x = model.double(), x.double()
     params = dict(model.named_parameters())
     y = model(x)
     g = torch.Generator().manual_seed(7)
     labels = torch.randint(0, y.shape[-1], y.shape[:-1], generator=g)
     loss = ce(y, labels)
     grads = torch.autograd.grad(loss, list(params.values()))
-    ref = {f"in.{input_name}": x.numpy(), "labels": labels.numpy().astype(np.int64),
+    ref = {f"in.{input_name}": x_in.numpy(), "labels": labels.numpy().astype(np.int64),
            "loss": loss.detach().numpy()}
     for (pname, _), gr in zip(params.items(), grads):
         ref[f"grad.{pname}"] = gr.numpy()
@@ -224,7 +276,7 @@ def make(name, build, seed):
 def main():
     only = set(sys.argv[1:])
     for i, (name, build) in enumerate([("gpt2", gpt2), ("llama", llama), ("vit", vit),
-                                       ("tied", tied)]):
+                                       ("tied", tied), ("resnet18", resnet18)]):
         if not only or name in only:
             make(name, build, i)
     if not only or "loss" in only:

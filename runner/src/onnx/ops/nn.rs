@@ -1,9 +1,11 @@
 //! Neural-network ops: `Gemm` and `MatMul`, convolution and pooling, batch and layer
 //! normalisation, softmax, reductions, `SoftmaxCrossEntropyLoss` and `Attention`.
 //!
-//! `BatchNormalization` is imported in its inference form only: the running mean and variance
-//! must be initializers or constants and become constants of the function (so they are not
-//! trained), while the scale and bias stay parameters.
+//! `BatchNormalization` in its inference form takes the running mean and variance as constants
+//! (initializers or constants, so they are not trained), while the scale and bias stay
+//! parameters. In training form (`training_mode`, or a PyTorch module exported in `train()`
+//! mode, whose node the exporter writes without it) it normalises with the batch's statistics;
+//! the running statistics are not updated (their outputs are refused).
 
 use cleave_ir::interp::Tensor;
 use cleave_ir::{BinaryOp, CompareOp, DType, ReduceKind, Value};
@@ -286,14 +288,67 @@ fn per_channel(imp: &mut Importer, v: Value, shape: &[usize]) -> NResult<Value> 
     Ok(imp.t.broadcast(v, shape.to_vec(), [1])?)
 }
 
+/// Whether a `BatchNormalization` node normalises with the batch's statistics: its
+/// `training_mode`, or, for PyTorch's dynamo exporter (which writes a module exported in
+/// training mode as an inference node), the exported program's call
+/// `_native_batch_norm_legit_functional(x, w, b, running_mean, running_var, training=True, …)`
+/// recorded in the node's `pkg.torch.onnx.fx_node`.
+fn batch_norm_training(n: &NodeCtx) -> NResult<bool> {
+    if n.int("training_mode", 0)? != 0 {
+        return Ok(true);
+    }
+    let fx = n
+        .node
+        .metadata_props
+        .iter()
+        .find(|p| p.key.as_deref() == Some("pkg.torch.onnx.fx_node"))
+        .and_then(|p| p.value.as_deref())
+        .unwrap_or("");
+    if !fx.contains("_native_batch_norm_legit") {
+        return Ok(false);
+    }
+    let args = fx
+        .split_once("args = (")
+        .map(|(_, rest)| rest.split(')').next().unwrap_or(""))
+        .unwrap_or("");
+    Ok(args.split(',').map(str::trim).nth(5) == Some("True"))
+}
+
 fn batch_norm(imp: &mut Importer, n: &NodeCtx, ins: &[Option<Val>]) -> NResult<Val> {
-    if n.int("training_mode", 0)? != 0 || n.output_used(1) || n.output_used(2) {
-        return Err("only the inference form (running statistics) is supported".into());
+    if n.output_used(1) || n.output_used(2) {
+        return Err(
+            "the running-statistics outputs are not supported (cleave does not carry \
+             BatchNorm state from step to step yet)"
+                .into(),
+        );
     }
     let x = input(ins, 0)?;
     let ty = imp.ty(x)?;
     if ty.rank() < 2 {
         return Err("the input needs rank >= 2".into());
+    }
+    if batch_norm_training(n)? {
+        // Training form: the batch's mean and (biased) variance per channel, as PyTorch
+        // normalises in `train()` mode; gradients flow through both.
+        let eps = n.float("epsilon", 1e-5)? as f64;
+        let axes: Vec<usize> = (0..ty.rank()).filter(|&a| a != 1).collect();
+        let xv = imp.ir(x)?;
+        let mean = imp.t.reduce(ReduceKind::Mean, xv, axes.clone())?;
+        let mean = per_channel(imp, mean, &ty.shape)?;
+        let d = imp.t.binary(BinaryOp::Sub, xv, mean)?;
+        let sq = imp.t.mul(d, d)?;
+        let var = imp.t.reduce(ReduceKind::Mean, sq, axes)?;
+        let e = imp.t.constant_f(ty.dtype, vec![ty.shape[1]], eps)?;
+        let var = imp.t.add(var, e)?;
+        let inv = imp.t.unary(cleave_ir::UnaryOp::Rsqrt, var)?;
+        let inv = per_channel(imp, inv, &ty.shape)?;
+        let y = imp.t.mul(d, inv)?;
+        let s = imp.ir(input(ins, 1)?)?;
+        let s = per_channel(imp, s, &ty.shape)?;
+        let y = imp.t.mul(y, s)?;
+        let b = imp.ir(input(ins, 2)?)?;
+        let b = per_channel(imp, b, &ty.shape)?;
+        return Ok(Val::Ir(imp.t.add(y, b)?));
     }
     let c = ty.shape[1];
     let mean = imp.const_floats(input(ins, 3)?, "input_mean")?;

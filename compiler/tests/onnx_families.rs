@@ -237,3 +237,57 @@ fn loss_inside_the_export_is_found_or_named() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `cleave train` on an exported family: pipelined over 2 devices under ZB-H1, and with
+/// recomputation under `--memory-limit` (its smallest feasible limit, which the error for a
+/// one-byte limit names), the losses and weights equal one stage's bit for bit; parameters
+/// keep their PyTorch names.
+fn trains_pipelined(name: &str) {
+    use cleave_compiler::pipeline_train::train;
+    use cleave_compiler::train::{OptimizerArg, TrainArgs};
+    let args = |p: usize, schedule: &str, limit: Option<u64>| TrainArgs {
+        model: fixture(&format!("{name}.onnx")),
+        data: fixture(&format!("{name}.data.safetensors")),
+        loss: Some(LossKind::CrossEntropy),
+        labels: Some("labels".into()),
+        optimizer: OptimizerArg::Sgd,
+        lr: Some(0.01),
+        seed: Some(1),
+        stages: p,
+        microbatches: 2,
+        schedule: schedule.into(),
+        remat: limit.map(|_| "auto".to_string()),
+        memory_limit: limit.map(|l| l.to_string()),
+        ..common::args(2)
+    };
+    let base = train(&args(1, "1f1b", None)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    let torch: BTreeSet<String> = read_tensors(&fixture(&format!("{name}.ref.safetensors")))
+        .unwrap()
+        .keys()
+        .filter_map(|k| k.strip_prefix("grad.").map(String::from))
+        .collect();
+    let trained: BTreeSet<String> = base.params.keys().cloned().collect();
+    assert_eq!(trained, torch, "{name}: trained parameters vs named_parameters()");
+    let zb = train(&args(2, "zb-h1", None)).unwrap_or_else(|e| panic!("{name} zb-h1: {e:#}"));
+    common::assert_same(&format!("{name} P=2 zb-h1"), &base, &zb);
+    let Err(e) = train(&args(2, "zb-h1", Some(1))) else {
+        panic!("{name}: a one-byte limit is infeasible");
+    };
+    let limit = cleave_passes::remat::named_smallest(&e.to_string())
+        .unwrap_or_else(|| panic!("{name}: no limit named in: {e}"));
+    let remat = train(&args(2, "zb-h1", Some(limit)))
+        .unwrap_or_else(|e| panic!("{name} at its smallest limit {limit}: {e:#}"));
+    common::assert_same(&format!("{name} P=2 zb-h1 remat auto"), &base, &remat);
+    assert!(
+        remat.planned_devices.iter().all(|d| d.total() <= limit),
+        "{name}: over {limit}"
+    );
+    eprintln!("{name}: trains pipelined and under its smallest limit {limit} bytes");
+}
+
+#[test]
+fn families_train_pipelined_and_under_a_memory_limit() {
+    for name in ["gpt2", "llama", "vit", "tied", "resnet18"] {
+        trains_pipelined(name);
+    }
+}

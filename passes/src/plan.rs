@@ -102,7 +102,7 @@ pub const EXPLORE_NODES: u64 = 50;
 pub const FINAL_CANDIDATES: usize = 1;
 
 /// Branch-and-bound nodes per stage ILP of the final candidates.
-pub const FINAL_NODES: u64 = 500;
+pub const FINAL_NODES: u64 = crate::remat::ILP_NODES;
 
 /// A schedule with its plan, costs and simulation.
 #[derive(Clone, Debug)]
@@ -707,15 +707,19 @@ pub fn joint(
     });
     cache.node_budget = FINAL_NODES;
     let mut best = shortest(&pool).map(|i| pool[i].clone());
+    // Also planned from scratch, as `plan_for` plans a named schedule (a hint from a smaller
+    // budget can steer the search to a slightly worse plan): the joint plan of a schedule is
+    // then never worse than that schedule planned alone.
+    let mut fresh = PlanCache::default();
     for &i in order.iter().take(FINAL_CANDIDATES) {
-        if let Some(y) = replan(
-            forward, base, &pool[i], limit, profile, &mut cache, &mut tried,
-        ) {
-            if best
-                .as_ref()
-                .is_none_or(|b| y.sim.makespan <= b.sim.makespan)
-            {
-                best = Some(y);
+        for c in [&mut cache, &mut fresh] {
+            if let Some(y) = replan(forward, base, &pool[i], limit, profile, c, &mut tried) {
+                if best
+                    .as_ref()
+                    .is_none_or(|b| y.sim.makespan <= b.sim.makespan)
+                {
+                    best = Some(y);
+                }
             }
         }
     }

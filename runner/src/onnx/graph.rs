@@ -186,10 +186,28 @@ impl Importer<'_> {
         }
     }
 
-    /// A constant node holding `t`.
+    /// A constant node holding `t`. Outside constant folding, int64 becomes cleave's index
+    /// type int32 (the runtimes have no int64; PyTorch's exports make positions, masks and
+    /// indices int64), which must hold every value.
     pub fn constant(&mut self, t: &Tensor) -> NResult<Value> {
+        if t.dtype == DType::I64 && !self.folding {
+            let v = t.as_i64().unwrap_or_default();
+            if let Some(bad) = v.iter().find(|&&x| i32::try_from(x).is_err()) {
+                return Err(format!(
+                    "an int64 constant holds {bad}, which does not fit cleave's int32 index type"
+                )
+                .into());
+            }
+            let narrow = Tensor::from_i64(DType::I32, t.shape.clone(), v.to_vec());
+            return Ok(self.t.constant(narrow.ty(), literal_of(&narrow))?);
+        }
         let value = literal_of(t);
         Ok(self.t.constant(t.ty(), value)?)
+    }
+
+    /// Whether the importer is evaluating constants (where int64 stays int64).
+    pub fn folding(&self) -> bool {
+        self.folding
     }
 
     /// The value of `v` if it is known at import time (constants and initializers).
@@ -355,6 +373,9 @@ fn input_type(vi: &ValueInfoProto, opts: &ImportOptions) -> Result<TensorType> {
         shape.push(extent);
     }
     check_shape(&shape).map_err(|e| bad(e.0))?;
+    // int64 inputs (PyTorch's token ids and class indices) are read as cleave's index type,
+    // int32, which every backend supports; data given as int64 is narrowed when it fits.
+    let dtype = if dtype == DType::I64 { DType::I32 } else { dtype };
     Ok(TensorType::new(dtype, shape))
 }
 

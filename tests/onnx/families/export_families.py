@@ -28,7 +28,8 @@ cross-entropy of the logits against `labels`, as `cleave --loss cross-entropy` a
 `grad.<name>` for every entry of `named_parameters()` (the ResNet's in float64, see `make`),
 and `sgd_losses`: the loss before each of
 20 plain SGD steps (`p -= LR * grad`, LR in the metadata) on that same batch, then after the
-last, and `sgd_lr` (LR). The metadata records the versions, the exporter call and the parameter names.
+last, and `sgd_lr` (LR). `<m>.data.safetensors` is a training set of 8 batches of random
+inputs and labels for `cleave train`. The metadata records the versions, the exporter call and the parameter names.
 """
 
 import json
@@ -268,6 +269,18 @@ def make(name, build, seed):
         "params": json.dumps(list(params)),
     }
     save_file(ref, os.path.join(HERE, f"{name}.ref.safetensors"), metadata=meta)
+    # A small training set for `cleave train` (the model's batch per microbatch): random inputs
+    # and labels, int32 indices (cleave's index type).
+    rows = x.shape[0] * 8
+    g = torch.Generator().manual_seed(8)
+    if x.dtype == torch.int64:
+        xs = torch.randint(0, int(x.max()) + 1, (rows,) + tuple(x.shape[1:]), generator=g)
+        xs = xs.numpy().astype(np.int32)
+    else:
+        xs = torch.randn((rows,) + tuple(x.shape[1:]), generator=g).numpy().astype(np.float32)
+    ys = torch.randint(0, y.shape[-1], (rows,) + tuple(y.shape[1:-1]), generator=g)
+    save_file({input_name: xs, "labels": ys.numpy().astype(np.int32)},
+              os.path.join(HERE, f"{name}.data.safetensors"))
     inits = [i.name for i in m.graph.initializer]
     print(f"{name}: {len(params)} params, {len(inits)} initializers, "
           f"ops {sorted({n.op_type for n in m.graph.node})}")

@@ -106,6 +106,15 @@ fn cast(imp: &mut Importer, v: &Val, to: cleave_ir::DType) -> NResult<Val> {
     if imp.ty(v)?.dtype == to {
         return Ok(v.clone());
     }
+    // In the function, int64 is int32 (see `Importer::constant`).
+    let to = if to == cleave_ir::DType::I64 && !imp.folding() {
+        cleave_ir::DType::I32
+    } else {
+        to
+    };
+    if imp.ty(v)?.dtype == to {
+        return Ok(v.clone());
+    }
     let x = imp.ir(v)?;
     Ok(Val::Ir(imp.t.cast(x, to)?))
 }

@@ -49,6 +49,27 @@ pub enum Command {
     /// Compile a model: a standalone training executable (`-o EXE`, target cpu), or with
     /// `--target cuda` the MLIR and PTX of every kernel (`-o DIR`).
     Compile(CompileCmd),
+    /// Write a checkpoint's trained parameters to a safetensors file by name, as PyTorch's
+    /// `model.load_state_dict(safetensors.torch.load_file(...))` reads them.
+    ExportWeights(ExportWeightsArgs),
+}
+
+/// Arguments of `cleave export-weights`.
+#[derive(clap::Args, Debug)]
+pub struct ExportWeightsArgs {
+    /// The checkpoint directory (`cleave train --checkpoint DIR`).
+    pub checkpoint: PathBuf,
+    /// The safetensors file to write.
+    #[arg(long)]
+    pub safetensors: PathBuf,
+    /// The `.onnx` model that was trained: adds the rest of the PyTorch module's `state_dict()`
+    /// (persistent buffers such as BatchNorm's running statistics, and tied aliases such as
+    /// GPT-2's `lm_head.weight`), so that `load_state_dict` can be strict.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// How the model file is read.
+    #[command(flatten)]
+    pub model_args: ModelArgs,
 }
 
 /// Arguments of `cleave compile` (see [`crate::aot`]).
@@ -480,6 +501,7 @@ where
             Target::Cuda => cmd_bench_cuda(a.args, a.gemm, a.profile),
         },
         Command::Compile(a) => cmd_compile(a),
+        Command::ExportWeights(a) => cmd_export_weights(a),
     }
 }
 
@@ -1001,6 +1023,61 @@ fn pick_function<'m>(module: &'m Module, name: Option<&str>) -> Result<&'m Funct
             .first()
             .context("the module has no functions"),
     }
+}
+
+fn cmd_export_weights(a: ExportWeightsArgs) -> Result<()> {
+    let (tensors, _) = crate::train::read_checkpoint(&a.checkpoint)?;
+    // Everything but the optimizer's state (`opt.*`) is a parameter, under its model name.
+    let mut out: BTreeMap<String, Tensor> = tensors
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("opt."))
+        .collect();
+    if out.is_empty() {
+        bail!(
+            "{}: the checkpoint holds no parameters",
+            a.checkpoint.display()
+        );
+    }
+    let (mut buffers, mut aliases) = (0, 0);
+    if let Some(model) = &a.model {
+        let loaded = crate::load::load_model_quiet(model, &a.model_args.load_options())?;
+        for (name, t) in loaded.state.buffers {
+            if out.insert(name.clone(), t).is_some() {
+                bail!(
+                    "{}: `{name}` is both a buffer and a parameter",
+                    model.display()
+                );
+            }
+            buffers += 1;
+        }
+        if !loaded.state.missing.is_empty() {
+            eprintln!(
+                "warning: {}: the export does not hold the buffer(s) {} (the graph never reads \
+                 them): load with `strict=False`, or keep PyTorch's own values",
+                model.display(),
+                loaded.state.missing.join(", ")
+            );
+        }
+        for (alias, param) in loaded.state.aliases {
+            let t = out.get(&param).cloned().with_context(|| {
+                format!(
+                    "{}: `{alias}` is tied to `{param}`, which the checkpoint does not hold",
+                    model.display()
+                )
+            })?;
+            out.insert(alias, t);
+            aliases += 1;
+        }
+    }
+    write_tensors(&a.safetensors, &out)?;
+    eprintln!(
+        "wrote {} tensor(s) to {} ({} buffer(s), {} tied alias(es))",
+        out.len(),
+        a.safetensors.display(),
+        buffers,
+        aliases
+    );
+    Ok(())
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {

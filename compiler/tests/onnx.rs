@@ -332,6 +332,20 @@ fn unbound_symbolic_dimension_names_input_and_dim() {
     );
     let f = import(&bytes).unwrap().module.functions.remove(0);
     assert_eq!(f.data_inputs().next().unwrap().ty.shape, [2, 3]);
+    // `--batch` binds dimension 0 only: a symbolic sequence length is refused by name.
+    let x = value_info("x", DataType::Float, &[Err("batch"), Err("seq")]);
+    let bytes = model(
+        18,
+        vec![node("Relu", "r", &["x"], &["y"])],
+        vec![x],
+        &["y"],
+        vec![],
+    );
+    let msg = import(&bytes).unwrap_err().to_string();
+    assert!(
+        msg.starts_with("graph input `x`: dimension 1 is symbolic (`seq`): cleave needs static"),
+        "{msg}"
+    );
 }
 
 #[test]

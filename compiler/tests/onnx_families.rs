@@ -267,7 +267,10 @@ fn trains_pipelined(name: &str) {
         .filter_map(|k| k.strip_prefix("grad.").map(String::from))
         .collect();
     let trained: BTreeSet<String> = base.params.keys().cloned().collect();
-    assert_eq!(trained, torch, "{name}: trained parameters vs named_parameters()");
+    assert_eq!(
+        trained, torch,
+        "{name}: trained parameters vs named_parameters()"
+    );
     let zb = train(&args(2, "zb-h1", None)).unwrap_or_else(|e| panic!("{name} zb-h1: {e:#}"));
     common::assert_same(&format!("{name} P=2 zb-h1"), &base, &zb);
     let Err(e) = train(&args(2, "zb-h1", Some(1))) else {
@@ -290,4 +293,81 @@ fn families_train_pipelined_and_under_a_memory_limit() {
     for name in ["gpt2", "llama", "vit", "tied", "resnet18"] {
         trains_pipelined(name);
     }
+}
+
+/// Parameters keep their PyTorch names through training: a checkpoint of `cleave train`, written
+/// out by `cleave export-weights --model`, has exactly the keys of the module's `state_dict()`
+/// (parameters, persistent buffers, tied aliases: what `load_state_dict(strict=True)` wants),
+/// with the trained values (`export_families.py --check-weights` loads it into PyTorch).
+#[test]
+fn export_weights_gives_the_state_dict_keys() {
+    let dir = std::env::temp_dir().join(format!("cleave-export-{}", std::process::id()));
+    for name in ["gpt2", "resnet18", "llama"] {
+        let ckpt = dir.join(name);
+        let _ = std::fs::remove_dir_all(&ckpt);
+        let model = format!("tests/onnx/families/{name}.onnx");
+        let data = format!("tests/onnx/families/{name}.data.safetensors");
+        let o = cleave(&[
+            "train",
+            &model,
+            "--data",
+            &data,
+            "--loss",
+            "cross-entropy",
+            "--labels",
+            "labels",
+            "--optimizer",
+            "sgd",
+            "--steps",
+            "2",
+            "--quiet",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let out = dir.join(format!("{name}.safetensors"));
+        let o = cleave(&[
+            "export-weights",
+            ckpt.to_str().unwrap(),
+            "--model",
+            &model,
+            "--safetensors",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let weights = read_tensors(&out).unwrap();
+        let text = std::fs::read_to_string(fixture(&format!("{name}.state_dict.json"))).unwrap();
+        let want: BTreeSet<String> = serde_json::from_str::<Vec<String>>(&text)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let have: BTreeSet<String> = weights.keys().cloned().collect();
+        assert_eq!(have, want, "{name}: exported keys vs state_dict()");
+        // Trained: every parameter moved from the file's initial value.
+        let initial = load(name).params;
+        let moved = initial
+            .iter()
+            .filter(|(k, v)| weights[*k].to_f64_vec() != v.to_f64_vec())
+            .count();
+        assert!(
+            moved > initial.len() / 2,
+            "{name}: {moved} of {} moved",
+            initial.len()
+        );
+        if name == "gpt2" {
+            assert_eq!(
+                weights["lm.lm_head.weight"].to_f64_vec(),
+                weights["lm.transformer.wte.weight"].to_f64_vec()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

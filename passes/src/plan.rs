@@ -102,7 +102,7 @@ pub const EXPLORE_NODES: u64 = 50;
 pub const FINAL_CANDIDATES: usize = 1;
 
 /// Branch-and-bound nodes per stage ILP of the final candidates.
-pub const FINAL_NODES: u64 = crate::remat::ILP_NODES;
+pub const FINAL_NODES: u64 = 500;
 
 /// A schedule with its plan, costs and simulation.
 #[derive(Clone, Debug)]
@@ -590,6 +590,46 @@ pub fn plan_for(
     })
 }
 
+/// A named schedule planned alone under `limit` with policy `auto` by the joint search's own
+/// procedure ([`EXPLORE_NODES`], then [`FINAL_NODES`] from that plan, the shorter kept), so
+/// that the joint plan of a schedule is the plan of that schedule alone (the ILP stops at a
+/// node budget, and a search started from another incumbent can end elsewhere). Other policies,
+/// or no limit, plan as [`plan_for`] does.
+pub fn plan_alone(
+    forward: &Function,
+    base: &Split,
+    schedule: Schedule,
+    origin: &str,
+    policy: Policy,
+    limit: Option<u64>,
+    profile: &DeviceProfile,
+) -> Result<Planned, PlanError> {
+    let mut cache = PlanCache::default();
+    if policy != Policy::Auto || limit.is_none() {
+        return plan_for(
+            forward, base, schedule, origin, policy, limit, profile, &mut cache,
+        );
+    }
+    cache.node_budget = EXPLORE_NODES;
+    let explored = plan_for(
+        forward,
+        base,
+        schedule.clone(),
+        origin,
+        policy,
+        limit,
+        profile,
+        &mut cache,
+    )?;
+    cache.node_budget = FINAL_NODES;
+    match plan_for(
+        forward, base, schedule, origin, policy, limit, profile, &mut cache,
+    ) {
+        Ok(y) if y.sim.makespan <= explored.sim.makespan => Ok(y),
+        _ => Ok(explored),
+    }
+}
+
 /// The joint choice of schedule and plan under `limit` (see the module docs).
 pub fn joint(
     forward: &Function,
@@ -707,19 +747,15 @@ pub fn joint(
     });
     cache.node_budget = FINAL_NODES;
     let mut best = shortest(&pool).map(|i| pool[i].clone());
-    // Also planned from scratch, as `plan_for` plans a named schedule (a hint from a smaller
-    // budget can steer the search to a slightly worse plan): the joint plan of a schedule is
-    // then never worse than that schedule planned alone.
-    let mut fresh = PlanCache::default();
     for &i in order.iter().take(FINAL_CANDIDATES) {
-        for c in [&mut cache, &mut fresh] {
-            if let Some(y) = replan(forward, base, &pool[i], limit, profile, c, &mut tried) {
-                if best
-                    .as_ref()
-                    .is_none_or(|b| y.sim.makespan <= b.sim.makespan)
-                {
-                    best = Some(y);
-                }
+        if let Some(y) = replan(
+            forward, base, &pool[i], limit, profile, &mut cache, &mut tried,
+        ) {
+            if best
+                .as_ref()
+                .is_none_or(|b| y.sim.makespan <= b.sim.makespan)
+            {
+                best = Some(y);
             }
         }
     }
@@ -983,7 +1019,7 @@ impl PlanPass {
         }
         let schedule = build_schedule(&self.schedule, p, m)?;
         let base = split_module_by(forward, schedule.n_stages(), &self.profile, self.cuts[0])?;
-        let planned = plan_for(
+        let planned = plan_alone(
             forward,
             &base,
             schedule,
@@ -991,7 +1027,6 @@ impl PlanPass {
             self.policy,
             self.memory_limit,
             &profile,
-            &mut PlanCache::default(),
         )?;
         Ok((planned, Vec::new()))
     }

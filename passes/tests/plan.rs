@@ -6,7 +6,7 @@
 use cleave_ir::models::{gpt, GptConfig};
 use cleave_ir::{Function, Module};
 use cleave_passes::partition::DeviceProfile;
-use cleave_passes::plan::{build_schedule, joint, plan_for, split_module};
+use cleave_passes::plan::{build_schedule, joint, plan_alone, plan_for, split_module};
 use cleave_passes::remat::{PlanCache, Policy};
 use cleave_passes::{PassContext, PassManager};
 use proptest::prelude::*;
@@ -45,10 +45,11 @@ fn peak_without_recomputation(f: &Function, name: &str, p: usize, m: usize) -> f
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
     /// Limits between the smallest and the largest peak of the fixed schedules without
-    /// recomputation: wherever a fixed schedule has a plan within the limit, the joint plan's
-    /// step is no longer.
+    /// recomputation: wherever a fixed schedule has a plan within the limit (planned alone by
+    /// `plan_alone`, as `cleave inspect --memory --schedule NAME` plans it), the joint plan's
+    /// step is no longer. (150 cases passed when the two were made to plan alike; CI runs 8.)
     #[test]
     fn joint_plan_never_worse_than_a_fixed_schedule_that_fits(
         layers in 2usize..4,
@@ -65,7 +66,7 @@ proptest! {
         let base = split_module(&f, p, "h100-sxm").unwrap();
         let joint_plan = joint(&f, &base, p, m, limit, &profile).map(|(x, _)| x);
         for name in FIXED {
-            let fixed = plan_for(
+            let fixed = plan_alone(
                 &f,
                 &base,
                 build_schedule(name, p, m).unwrap(),
@@ -73,7 +74,6 @@ proptest! {
                 Policy::Auto,
                 Some(limit),
                 &profile,
-                &mut PlanCache::default(),
             );
             let Ok(fixed) = fixed else { continue };
             let fits = fixed.sim.devices.iter().all(|d| d.peak_memory <= limit as f64);

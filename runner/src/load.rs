@@ -76,6 +76,9 @@ pub struct LoadedModel {
     pub warnings: Vec<String>,
     /// Parameter values stored in the file (the initializers of an `.onnx` model; none for `.cir`).
     pub params: BTreeMap<String, Tensor>,
+    /// The rest of a PyTorch `state_dict()` (an `.onnx` model's persistent buffers and tied
+    /// aliases; empty for `.cir`).
+    pub state: crate::onnx::StateDictExtras,
 }
 
 /// A loaded module's forward function (its first function).
@@ -108,6 +111,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 
 /// [`load_model`] without printing the warnings.
 pub fn load_model_quiet(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let mut state = crate::onnx::StateDictExtras::default();
     let (mut module, warnings, params) = match format_of(path)? {
         ModelFormat::Cir => {
             if opts.batch.is_some() {
@@ -130,6 +134,7 @@ pub fn load_model_quiet(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> 
         ModelFormat::Onnx => {
             let imported = import_file(path, &ImportOptions { batch: opts.batch })
                 .with_context(|| format!("importing {}", path.display()))?;
+            state = imported.state;
             (imported.module, imported.warnings, imported.params)
         }
     };
@@ -162,6 +167,7 @@ pub fn load_model_quiet(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> 
         module,
         warnings,
         params,
+        state,
     })
 }
 

@@ -360,11 +360,18 @@ fn input_type(vi: &ValueInfoProto, opts: &ImportOptions) -> Result<TensorType> {
                     Some(dimension::Value::DimParam(p)) => format!("symbolic (`{p}`)"),
                     _ => "unknown".to_string(),
                 };
-                match opts.batch {
-                    Some(b) => b,
-                    None => {
+                match (i, opts.batch) {
+                    (0, Some(b)) => b,
+                    (0, None) => {
                         return Err(bad(format!(
-                            "dimension {i} is {what}; bind it with `--batch N`"
+                            "dimension 0 is {what}; bind it with `--batch N`"
+                        )))
+                    }
+                    _ => {
+                        return Err(bad(format!(
+                            "dimension {i} is {what}: cleave needs static shapes beyond the \
+                             batch (`--batch` binds dimension 0 only); export with this \
+                             dimension fixed (leave it out of `dynamic_shapes`)"
                         )))
                     }
                 }
@@ -375,7 +382,11 @@ fn input_type(vi: &ValueInfoProto, opts: &ImportOptions) -> Result<TensorType> {
     check_shape(&shape).map_err(|e| bad(e.0))?;
     // int64 inputs (PyTorch's token ids and class indices) are read as cleave's index type,
     // int32, which every backend supports; data given as int64 is narrowed when it fits.
-    let dtype = if dtype == DType::I64 { DType::I32 } else { dtype };
+    let dtype = if dtype == DType::I64 {
+        DType::I32
+    } else {
+        dtype
+    };
     Ok(TensorType::new(dtype, shape))
 }
 
@@ -418,29 +429,71 @@ pub fn import_model(
     let mut inits: HashMap<String, Tensor> = HashMap::new();
     // PyTorch's dynamo exporter records each graph input's kind from the exported program's
     // signature; a buffer (rotary `inv_freq`, a mask) is state, not a parameter to train.
+    let spec = |vi: &&crate::onnx::proto::ValueInfoProto, key: &str, value: &str| {
+        vi.metadata_props.iter().any(|p| {
+            p.key.as_deref() == Some(&format!("pkg.torch.export.graph_signature.InputSpec.{key}"))
+                && p.value.as_deref() == Some(value)
+        })
+    };
     let buffers: HashSet<&str> = graph
         .value_info
         .iter()
         .chain(&graph.input)
-        .filter(|vi| {
-            vi.metadata_props.iter().any(|p| {
-                p.key.as_deref() == Some("pkg.torch.export.graph_signature.InputSpec.kind")
-                    && p.value.as_deref() == Some("BUFFER")
-            })
-        })
+        .filter(|vi| spec(vi, "kind", "BUFFER"))
         .filter_map(|vi| vi.name.as_deref())
         .collect();
+    let persistent: HashSet<&str> = graph
+        .value_info
+        .iter()
+        .chain(&graph.input)
+        .filter(|vi| spec(vi, "kind", "BUFFER") && spec(vi, "persistent", "True"))
+        .filter_map(|vi| vi.name.as_deref())
+        .collect();
+    let mut state = super::StateDictExtras::default();
     for init in &graph.initializer {
         let name = init.name.clone().unwrap_or_default();
         if name.is_empty() {
             return Err(OnnxError::Model("an initializer has no name".into()));
         }
         let t = decode_tensor(init, &mut external)?;
+        if persistent.contains(name.as_str()) {
+            state.buffers.insert(name.clone(), t.clone());
+        }
         if t.dtype.is_float() && !buffers.contains(name.as_str()) {
             inits.insert(name.clone(), t);
             vals.insert(name.clone(), Val::Param(name));
         } else {
             vals.insert(name, Val::Const(t));
+        }
+    }
+    // Persistent buffers the exported program lists but the graph never reads have no
+    // initializer: BatchNorm's `num_batches_tracked` counter is 0 (cleave does not update the
+    // running statistics), any other is reported missing.
+    let signature = graph
+        .metadata_props
+        .iter()
+        .find(|p| p.key.as_deref() == Some("pkg.torch.export.ExportedProgram.graph_signature"))
+        .and_then(|p| p.value.as_deref())
+        .unwrap_or("");
+    for line in signature.lines() {
+        let (Some(target), true) = (
+            line.split("target='")
+                .nth(1)
+                .and_then(|t| t.split('\'').next()),
+            line.contains(": BUFFER ") && line.contains("persistent=True"),
+        ) else {
+            continue;
+        };
+        if state.buffers.contains_key(target) {
+            continue;
+        }
+        if target.ends_with("num_batches_tracked") {
+            state.buffers.insert(
+                target.to_string(),
+                Tensor::from_i64(DType::I64, vec![], vec![0]),
+            );
+        } else {
+            state.missing.push(target.to_string());
         }
     }
     let mut warnings = pitfalls(graph, &inits);
@@ -452,7 +505,8 @@ pub fn import_model(
         ));
         let t = inits.remove(&from).expect("an initializer");
         inits.insert(to.clone(), t);
-        vals.insert(from, Val::Param(to));
+        vals.insert(from.clone(), Val::Param(to.clone()));
+        state.aliases.push((from, to));
     }
 
     let mut imp = Importer {
@@ -534,6 +588,7 @@ pub fn import_model(
         module: Module::with_function(func),
         warnings,
         params,
+        state,
     })
 }
 
@@ -618,7 +673,7 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> 
             }
         }
     }
-    let mut uses: BTreeMap<(&str, &str, usize), Vec<String>> = BTreeMap::new();
+    let mut uses: BTreeMap<(&str, &str, usize), Vec<(String, Option<String>)>> = BTreeMap::new();
     for (i, node) in graph.node.iter().enumerate() {
         if node.op_type.as_deref() == Some("Identity") {
             continue;
@@ -630,12 +685,19 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> 
             if inits.contains_key(input) && !is_generated_name(input) {
                 uses.entry((input, node.op_type.as_deref().unwrap_or(""), pos))
                     .or_default()
-                    .push(node_label(node, i));
+                    .push((node_label(node, i), module_scope(node)));
             }
         }
     }
-    for ((init, op, _), nodes) in uses {
-        if nodes.len() > 1 {
+    for ((init, op, _), users) in uses {
+        // One module called several times (the dynamo exporter's scopes say so) reuses its
+        // own parameter: not a merge.
+        let one_module = users
+            .first()
+            .and_then(|u| u.1.as_ref())
+            .is_some_and(|s| users.iter().all(|u| u.1.as_ref() == Some(s)));
+        let nodes: Vec<String> = users.into_iter().map(|u| u.0).collect();
+        if nodes.len() > 1 && !one_module {
             warnings.push(format!(
                 "initializer `{init}` is shared by {} {op} nodes ({}): PyTorch's export merges \
                  parameters with equal values (two freshly initialised layers become one), so \

@@ -51,7 +51,8 @@ pub const MAX_OPSET: i64 = 23;
 /// Options of an import.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImportOptions {
-    /// The extent of symbolic (batch) dimensions of the graph inputs.
+    /// The extent of a symbolic batch dimension (dimension 0) of the graph inputs; other
+    /// symbolic dimensions are refused.
     pub batch: Option<usize>,
 }
 
@@ -65,6 +66,22 @@ pub struct Imported {
     /// The initializer values of the parameters, by name: the model's trained or initial
     /// weights.
     pub params: BTreeMap<String, Tensor>,
+    /// What else the PyTorch module's `state_dict()` holds (from the dynamo exporter's
+    /// signature): the persistent buffers' values, and each tied alias with the parameter it
+    /// names (`lm_head.weight` → `transformer.wte.weight`).
+    pub state: StateDictExtras,
+}
+
+/// See [`Imported::state`].
+#[derive(Clone, Debug, Default)]
+pub struct StateDictExtras {
+    /// Persistent buffers (BatchNorm running statistics, …) by name.
+    pub buffers: BTreeMap<String, Tensor>,
+    /// (alias, parameter) pairs.
+    pub aliases: Vec<(String, String)>,
+    /// Persistent buffers the signature lists whose values the file does not hold (the graph
+    /// never reads them).
+    pub missing: Vec<String>,
 }
 
 /// Imports the model at `path`; external data is looked up next to it.

@@ -229,6 +229,10 @@ def make(name, build, seed):
         if os.path.exists(stale):
             os.remove(stale)
     m = export(model, x, path, input_name)
+    # The keys `load_state_dict(strict=True)` wants (`cleave export-weights --model` writes them).
+    with open(os.path.join(HERE, f"{name}.state_dict.json"), "w") as f:
+        json.dump(sorted(model.state_dict().keys()), f, indent=0)
+        f.write("\n")
     x_in = x
     if name == "resnet18":
         # PyTorch's float32 BatchNorm in train() mode is itself 3e-5 off its float64 result on
@@ -286,7 +290,26 @@ def make(name, build, seed):
           f"ops {sorted({n.op_type for n in m.graph.node})}")
 
 
+def check_weights(name, path):
+    """By hand: `export_families.py --check-weights gpt2 out.safetensors` loads the weights
+    `cleave export-weights CKPT --model gpt2.onnx --safetensors out.safetensors` wrote into a
+    fresh PyTorch model with `load_state_dict(strict=True)` and prints the loss on the fixture's
+    batch."""
+    from safetensors.torch import load_file
+
+    builds = {"gpt2": gpt2, "llama": llama, "vit": vit, "tied": tied, "resnet18": resnet18}
+    model, _ = builds[name]()
+    model.load_state_dict(load_file(path), strict=True)
+    ref = load_file(os.path.join(HERE, f"{name}.ref.safetensors"))
+    x = next(v for k, v in ref.items() if k.startswith("in."))
+    model.train(name == "resnet18")
+    print(f"{name}: loaded strictly; loss on the fixture batch {ce(model(x), ref['labels']).item():.6f}")
+
+
 def main():
+    if sys.argv[1:2] == ["--check-weights"]:
+        check_weights(sys.argv[2], sys.argv[3])
+        return
     only = set(sys.argv[1:])
     for i, (name, build) in enumerate([("gpt2", gpt2), ("llama", llama), ("vit", vit),
                                        ("tied", tied), ("resnet18", resnet18)]):

@@ -43,6 +43,8 @@ fn args(loaded: &LoadedModel, reference: &BTreeMap<String, Tensor>) -> BTreeMap<
     for input in func.data_inputs() {
         args.insert(input.name.to_string(), reference[input.name].clone());
     }
+    // int64 inputs are imported as int32 (cleave's index type), as `cleave run` converts them.
+    cleave_compiler::cli::coerce_indices(func, &mut args).unwrap();
     args
 }
 

@@ -673,7 +673,9 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> 
             }
         }
     }
-    let mut uses: BTreeMap<(&str, &str, usize), Vec<(String, Option<String>)>> = BTreeMap::new();
+    // (initializer, op type, input position) -> (node, module scope) of each use.
+    type Uses<'g> = BTreeMap<(&'g str, &'g str, usize), Vec<(String, Option<String>)>>;
+    let mut uses: Uses = BTreeMap::new();
     for (i, node) in graph.node.iter().enumerate() {
         if node.op_type.as_deref() == Some("Identity") {
             continue;

@@ -878,6 +878,7 @@ fn cmd_opt(a: OptArgs) -> Result<()> {
 
 fn cmd_grad(a: GradArgs) -> Result<()> {
     let loaded = load_model(&a.file, &a.model.load_options())?;
+    loaded.check_trainable(&a.file)?;
     let mut module = loaded.module;
     let fname = pick_function(&module, a.function.as_deref())?.name.clone();
     let already = module

@@ -227,4 +227,13 @@ fn optimized_export_warns_to_use_optimize_false() {
             "{w}"
         );
     }
+    // Training (and `cleave grad`) refuse it, naming what the optimizer merged or folded away.
+    let e = loaded
+        .check_trainable(&fixture("ln_pitfall.onnx"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("fc.weight, ln2.weight, ln2.bias") && e.contains("optimize=False"),
+        "{e}"
+    );
 }

@@ -81,6 +81,33 @@ pub struct LoadedModel {
     pub state: crate::onnx::StateDictExtras,
 }
 
+impl LoadedModel {
+    /// Refuses a model that cannot be trained as exported (see
+    /// [`crate::onnx::StateDictExtras::lost`]): the error names the parameters and the fix.
+    pub fn check_trainable(&self, path: &Path) -> Result<()> {
+        let lost = &self.state.lost;
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = lost.iter().take(6).map(String::as_str).collect();
+        bail!(
+            "{}: this export does not hold {} of the model's parameters one by one under their \
+             names ({}{}): torch.onnx.export's default `optimize=True` (and the legacy \
+             exporter) merges equal tensors into one that several layers share and folds \
+             parameters into constants, so training it would train the wrong tensors; \
+             re-export with `torch.onnx.export(..., dynamo=True, optimize=False)`",
+            path.display(),
+            lost.len(),
+            shown.join(", "),
+            if lost.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
 /// A loaded module's forward function (its first function).
 pub fn forward_of(module: &Module) -> Result<cleave_ir::Function> {
     module

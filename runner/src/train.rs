@@ -303,6 +303,7 @@ pub fn load_training_model(
             loss_output,
         },
     )?;
+    loaded.check_trainable(model)?;
     let forward = crate::load::forward_of(&loaded.module)?;
     if forward.output("loss").is_none() {
         bail!(

@@ -496,7 +496,12 @@ pub fn import_model(
             state.missing.push(target.to_string());
         }
     }
-    let mut warnings = pitfalls(graph, &inits);
+    let (mut warnings, merged) = pitfalls(graph, &inits);
+    let generated: Vec<String> = inits
+        .keys()
+        .filter(|n| is_generated_name(n))
+        .cloned()
+        .collect();
     // Tied weights take the name PyTorch's `named_parameters()` gives them.
     for (from, to) in tied_names(graph, &inits) {
         warnings.push(format!(
@@ -507,6 +512,32 @@ pub fn import_model(
         inits.insert(to.clone(), t);
         vals.insert(from.clone(), Val::Param(to.clone()));
         state.aliases.push((from, to));
+    }
+    // An optimized export (the optimizer's folded constants have generated names) that no
+    // longer holds some of the exported program's parameters under their names has merged or
+    // folded them. Without the program's signature (the legacy exporter, hand-made files), the
+    // generated-name and the merged initializers are what is lost.
+    if signature.is_empty() {
+        state.lost.extend(generated.iter().cloned());
+        state.lost.extend(merged);
+    } else if !generated.is_empty() {
+        for line in signature.lines() {
+            let Some(target) = line
+                .contains(": PARAMETER ")
+                .then(|| {
+                    line.split("target='")
+                        .nth(1)
+                        .and_then(|t| t.split('\'').next())
+                })
+                .flatten()
+            else {
+                continue;
+            };
+            let aliased = state.aliases.iter().any(|(from, _)| from == target);
+            if !inits.contains_key(target) && !aliased {
+                state.lost.push(target.to_string());
+            }
+        }
     }
 
     let mut imp = Importer {
@@ -637,12 +668,14 @@ fn lower_node(imp: &mut Importer, ctx: &NodeCtx, inputs: &[Option<Val>]) -> NRes
     Ok(outs)
 }
 
-/// Export pitfalls: unnamed initializers and initializers shared by layers of one kind.
-fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> {
+/// Export pitfalls: unnamed initializers and initializers shared by layers of one kind; the
+/// warnings, and the names of the shared (merged) initializers.
+fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> (Vec<String>, Vec<String>) {
     const HOW: &str = "re-export with `torch.onnx.export(..., dynamo=True, optimize=False)` \
                        (or, with the TorchScript exporter, `dynamo=False, \
                        do_constant_folding=False`) so that parameters keep their names";
     let mut warnings = Vec::new();
+    let mut merged = Vec::new();
     let mut unnamed: Vec<&str> = inits
         .keys()
         .map(String::as_str)
@@ -700,6 +733,7 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> 
             .is_some_and(|s| users.iter().all(|u| u.1.as_ref() == Some(s)));
         let nodes: Vec<String> = users.into_iter().map(|u| u.0).collect();
         if nodes.len() > 1 && !one_module {
+            merged.push(init.to_string());
             warnings.push(format!(
                 "initializer `{init}` is shared by {} {op} nodes ({}): PyTorch's export merges \
                  parameters with equal values (two freshly initialised layers become one), so \
@@ -709,7 +743,9 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<String> 
             ));
         }
     }
-    warnings
+    merged.sort_unstable();
+    merged.dedup();
+    (warnings, merged)
 }
 
 /// The module path of a node, from the dynamo exporter's `pkg.torch.onnx.name_scopes` (a list

@@ -82,6 +82,10 @@ pub struct StateDictExtras {
     /// Persistent buffers the signature lists whose values the file does not hold (the graph
     /// never reads them).
     pub missing: Vec<String>,
+    /// Parameters of the exported program that an optimized export no longer holds as
+    /// parameters (merged into an equal tensor, or folded into constants); training such a file
+    /// would train the wrong tensors, so `cleave train` and `cleave grad` refuse it.
+    pub lost: Vec<String>,
 }
 
 /// Imports the model at `path`; external data is looked up next to it.

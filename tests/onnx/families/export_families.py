@@ -290,6 +290,54 @@ def make(name, build, seed):
           f"ops {sorted({n.op_type for n in m.graph.node})}")
 
 
+class Layer(nn.Module):
+    """One transformer layer of a family, alone: hidden states in, hidden states out (LLaMA's
+    rotary tables computed inside from constant positions, as the full model does)."""
+
+    def __init__(self, family):
+        super().__init__()
+        self.family = family
+        if family == "gpt2":
+            from transformers import GPT2Config
+            from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+            cfg = GPT2Config(n_embd=64, n_head=4, n_positions=64, resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+            self.layer = GPT2Block(cfg, layer_idx=0)
+        else:
+            from transformers import LlamaConfig
+            from transformers.models.llama.modeling_llama import (LlamaDecoderLayer,
+                                                                  LlamaRotaryEmbedding)
+
+            cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=64,
+                              attn_implementation="eager")
+            self.layer = LlamaDecoderLayer(cfg, layer_idx=0)
+            self.rotary = LlamaRotaryEmbedding(cfg)
+
+    def forward(self, x):
+        t = x.shape[1]
+        causal = torch.full((t, t), float("-inf")).triu(1)[None, None]
+        if self.family == "gpt2":
+            out = self.layer(x, attention_mask=causal)
+        else:
+            pos = torch.arange(t)[None]
+            out = self.layer(x, attention_mask=causal,
+                             position_embeddings=self.rotary(x, pos))
+        return out[0] if isinstance(out, tuple) else out
+
+
+def export_layers():
+    """`<family>_layer.onnx`: one GPT-2 block and one LLaMA decoder layer (d 64, seq 16,
+    batch 1) for `cleave inspect --split` (BENCHMARKS.md)."""
+    for family in ("gpt2", "llama"):
+        torch.manual_seed(21)
+        model = Layer(family).eval()
+        x = torch.randn(1, 16, 64)
+        export(model, x, os.path.join(HERE, f"{family}_layer.onnx"), "x")
+        print(f"{family}_layer: {sum(p.numel() for p in model.parameters())} parameters")
+
+
 def check_weights(name, path):
     """By hand: `export_families.py --check-weights gpt2 out.safetensors` loads the weights
     `cleave export-weights CKPT --model gpt2.onnx --safetensors out.safetensors` wrote into a
@@ -315,6 +363,8 @@ def main():
                                        ("tied", tied), ("resnet18", resnet18)]):
         if not only or name in only:
             make(name, build, i)
+    if not only or "layers" in only:
+        export_layers()
     if not only or "loss" in only:
         export_with_loss("loss_inside", two=False)
         export_with_loss("two_scalars", two=True)

@@ -562,7 +562,7 @@ pub struct PipelinePlan {
 /// CPU profile's cost estimates, one stage per device. Either way the limit covers everything a
 /// device holds ([`crate::device_memory`]): the bytes that are not saved values are measured on
 /// the compiled stage programs and handed to the planner as each device's reserved bytes, in
-/// rounds until the accounting fits ([`plan_rounds`]).
+/// rounds until the accounting fits (`plan_rounds`).
 pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<PipelinePlan> {
     let (p, m) = (a.stages, a.microbatches);
     let limit = memory_limit(a)?;

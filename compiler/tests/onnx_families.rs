@@ -371,3 +371,63 @@ fn export_weights_gives_the_state_dict_keys() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Exports with the default `optimize=True`: where the exported program's signature and the
+/// nodes' scopes show where every parameter went (merged equal LayerNorm tensors, weights stored
+/// transposed), cleave puts them back and gives PyTorch's gradients under `named_parameters()`
+/// names; where a parameter was folded into a constant (a position embedding read at constant
+/// positions), `cleave grad` and `cleave train` refuse the file, naming it.
+#[test]
+fn optimized_exports_are_recovered_or_refused() {
+    let opts = LoadOptions {
+        loss: Some(LossKind::Mse),
+        labels: Some("target".into()),
+        ..LoadOptions::default()
+    };
+    let path = fixture("merged_opt.onnx");
+    let mut loaded = load_model_quiet(&path, &opts).unwrap();
+    loaded.check_trainable(&path).unwrap();
+    assert_eq!(
+        loaded
+            .warnings
+            .iter()
+            .filter(|w| w.contains("recovered"))
+            .count(),
+        4,
+        "{:?}",
+        loaded.warnings
+    );
+    let reference = read_tensors(&fixture("merged_opt.ref.safetensors")).unwrap();
+    PassManager::from_pipeline("autodiff")
+        .unwrap()
+        .run(&mut loaded.module, &mut PassContext::default(), &mut |_| {})
+        .unwrap();
+    let func = &loaded.module.functions[0];
+    let mut args = loaded.params.clone();
+    args.insert("x".into(), reference["in.x"].clone());
+    args.insert("target".into(), reference["target"].clone());
+    let out = run_function_named(func, &args, Precision::F32).unwrap();
+    let out: BTreeMap<&str, &Tensor> = func
+        .outputs
+        .iter()
+        .map(|o| o.name.as_str())
+        .zip(&out)
+        .collect();
+    let mut n = 0;
+    for (k, want) in &reference {
+        if let Some(p) = k.strip_prefix("grad.") {
+            let got = out[format!("grad.{p}").as_str()];
+            let err = rel_err(got, want);
+            assert!(err <= TOL, "merged_opt: {p} off by {err:e}");
+            n += 1;
+        }
+    }
+    assert_eq!(n, 8);
+    let path = fixture("folded_opt.onnx");
+    let loaded = load_model_quiet(&path, &opts).unwrap();
+    let e = loaded.check_trainable(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("pos.weight") && e.contains("optimize=False"),
+        "{e}"
+    );
+}

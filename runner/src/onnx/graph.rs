@@ -539,6 +539,69 @@ pub fn import_model(
             }
         }
     }
+    // Put the lost parameters back where the file says where each one was: every one found.
+    let mut overrides: HashMap<(usize, usize), Override> = HashMap::new();
+    if !state.lost.is_empty() && !signature.is_empty() {
+        if let Some(found) = recover(graph, &inits, &state.lost) {
+            let mut notes = Vec::new();
+            for r in found {
+                let t = &inits[&r.from];
+                let value = if r.transposed {
+                    transpose2(t)
+                        .ok_or_else(|| OnnxError::Model(format!("`{}` is not a matrix", r.from)))?
+                } else {
+                    t.clone()
+                };
+                notes.push(format!(
+                    "note: `{}` recovered from `{}` ({}) for the nodes of module `{}`",
+                    r.to,
+                    r.from,
+                    if r.transposed {
+                        "the exporter's optimizer stored it transposed"
+                    } else {
+                        "the exporter's optimizer merged the two equal tensors"
+                    },
+                    r.scope
+                ));
+                inits.insert(r.to.clone(), value);
+                for at in r.uses {
+                    overrides.insert(
+                        at,
+                        if r.transposed {
+                            Override::Transposed(r.to.clone())
+                        } else {
+                            Override::Param(r.to.clone())
+                        },
+                    );
+                }
+            }
+            state.lost.clear();
+            warnings.retain(|w| !w.contains("re-export with"));
+            warnings.extend(notes);
+        }
+    }
+
+    // With the program's signature, the parameters are the ones it lists: any other float
+    // initializer (a constant the optimizer folded, e.g. a position embedding already looked
+    // up) is a constant, not something to train.
+    let listed: HashSet<&str> = signature
+        .lines()
+        .filter(|l| l.contains(": PARAMETER "))
+        .filter_map(|l| {
+            l.split("target='")
+                .nth(1)
+                .and_then(|t| t.split('\'').next())
+        })
+        .collect();
+    if !listed.is_empty() {
+        for (name, v) in vals.iter_mut() {
+            if let Val::Param(p) = v {
+                if !listed.contains(p.as_str()) && !listed.contains(name.as_str()) {
+                    *v = Val::Const(inits[p.as_str()].clone());
+                }
+            }
+        }
+    }
 
     let mut imp = Importer {
         t: Tracer::new(function_name(graph)),
@@ -572,10 +635,26 @@ pub fn import_model(
             message,
         };
         let mut inputs = Vec::with_capacity(node.input.len());
-        for name in &node.input {
+        for (pos, name) in node.input.iter().enumerate() {
             if name.is_empty() {
                 inputs.push(None);
                 continue;
+            }
+            match overrides.get(&(index, pos)) {
+                Some(Override::Param(p)) => {
+                    inputs.push(Some(Val::Param(p.clone())));
+                    continue;
+                }
+                Some(Override::Transposed(p)) => {
+                    let w = imp.ir(&Val::Param(p.clone())).map_err(|e| node_err(e.0))?;
+                    let wt = imp
+                        .t
+                        .transpose(w, vec![1, 0])
+                        .map_err(|e| node_err(e.to_string()))?;
+                    inputs.push(Some(Val::Ir(wt)));
+                    continue;
+                }
+                None => {}
             }
             let v = vals.get(name).ok_or_else(|| {
                 node_err(format!("input `{name}` is not defined before the node"))
@@ -746,6 +825,97 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> (Vec<String>
     merged.sort_unstable();
     merged.dedup();
     (warnings, merged)
+}
+
+/// How a node reads a recovered parameter instead of the initializer the file gives it.
+enum Override {
+    /// The parameter as it is.
+    Param(String),
+    /// The parameter transposed (the file held its transpose).
+    Transposed(String),
+}
+
+/// A lost parameter found: `to` is read by the nodes `uses` (node index, input position) of
+/// module `scope`, where the file gives them `from` (merged, or its transpose).
+struct Recovered {
+    from: String,
+    to: String,
+    scope: String,
+    transposed: bool,
+    uses: Vec<(usize, usize)>,
+}
+
+/// A matrix's transpose.
+fn transpose2(t: &Tensor) -> Option<Tensor> {
+    let [r, c] = t.shape[..] else {
+        return None;
+    };
+    let v = t.to_f64_vec();
+    let out: Vec<f64> = (0..c)
+        .flat_map(|j| (0..r).map(move |i| (i, j)))
+        .map(|(i, j)| v[i * c + j])
+        .collect();
+    Some(Tensor::from_float(t.dtype, [c, r], out))
+}
+
+/// Where the exported program's lost parameters went, if every one is found: a parameter
+/// `M.attr` whose module `M`'s nodes read another module's initializer ending in `.attr` (two
+/// equal tensors merged), or, for `M.weight` of a `Linear`, read a generated initializer as a
+/// `MatMul`'s right operand (the weight stored transposed). `None` when any is not found (a
+/// parameter folded into constants cannot be put back).
+fn recover(
+    graph: &GraphProto,
+    inits: &HashMap<String, Tensor>,
+    lost: &[String],
+) -> Option<Vec<Recovered>> {
+    let mut out = Vec::new();
+    for target in lost {
+        let (scope, attr) = target.rsplit_once('.')?;
+        let mut found: Option<Recovered> = None;
+        for (i, node) in graph.node.iter().enumerate() {
+            if module_scope(node).as_deref() != Some(scope) {
+                continue;
+            }
+            let linear = node.metadata_props.iter().any(|p| {
+                p.key.as_deref() == Some("pkg.torch.onnx.class_hierarchy")
+                    && p.value
+                        .as_deref()
+                        .is_some_and(|v| v.contains("nn.modules.linear.Linear"))
+            });
+            for (pos, input) in node.input.iter().enumerate() {
+                if !inits.contains_key(input) {
+                    continue;
+                }
+                let merged = !is_generated_name(input)
+                    && input.ends_with(&format!(".{attr}"))
+                    && input.rsplit_once('.').map(|(m, _)| m) != Some(scope);
+                let transposed = is_generated_name(input)
+                    && attr == "weight"
+                    && linear
+                    && node.op_type.as_deref() == Some("MatMul")
+                    && pos == 1
+                    && inits[input].shape.len() == 2;
+                if !(merged || transposed) {
+                    continue;
+                }
+                match &mut found {
+                    Some(r) if r.from == *input => r.uses.push((i, pos)),
+                    Some(_) => return None,
+                    None => {
+                        found = Some(Recovered {
+                            from: input.clone(),
+                            to: target.clone(),
+                            scope: scope.to_string(),
+                            transposed,
+                            uses: vec![(i, pos)],
+                        })
+                    }
+                }
+            }
+        }
+        out.push(found?);
+    }
+    Some(out)
 }
 
 /// The module path of a node, from the dynamo exporter's `pkg.torch.onnx.name_scopes` (a list

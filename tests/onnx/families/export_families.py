@@ -19,6 +19,8 @@ randomly initialised (no hub downloads):
 | `tied.onnx` | an `nn.Embedding` shared by the input and two output heads, one block called twice |
 | `loss_inside.onnx` | a classifier exported with `F.cross_entropy` inside: its one output is the loss (exporter-named) |
 | `two_scalars.onnx` | the same returning the loss and a second scalar |
+| `merged_opt.onnx` | LayerNorm, Linear, LayerNorm, Linear exported with `optimize=True`: norms merged, weights stored transposed |
+| `folded_opt.onnx` | a position embedding at constant positions exported with `optimize=True`: folded into a constant |
 
 Each is exported with `torch.onnx.export(dynamo=True, optimize=False, opset_version=18)` at a
 static batch (the dynamo exporter records which initializers are buffers and the module scope of
@@ -338,6 +340,63 @@ def export_layers():
         print(f"{family}_layer: {sum(p.numel() for p in model.parameters())} parameters")
 
 
+class MergedAndTransposed(nn.Module):
+    """Two freshly initialised LayerNorms (equal weights) and Linears on a 3-d input: the
+    default `optimize=True` export merges the norms' tensors and stores the weights transposed
+    under generated names."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.ln2 = nn.LayerNorm(8)
+        self.fc2 = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.ln2(self.fc(self.ln1(x)))))
+
+
+class FoldedPositions(nn.Module):
+    """A position embedding read at constant positions: `optimize=True` folds the lookup into a
+    constant, and the parameter is gone from the file."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(16, 8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x + self.pos(torch.arange(x.shape[1])))
+
+
+def export_optimized():
+    """`merged_opt.onnx` (+ reference: MSE against `target`) and `folded_opt.onnx`, both with
+    the exporter's default `optimize=True`."""
+    for name, model in (("merged_opt", MergedAndTransposed()), ("folded_opt", FoldedPositions())):
+        torch.manual_seed(5)
+        model = model.eval()
+        x, target = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+        path = os.path.join(HERE, f"{name}.onnx")
+        prog = torch.onnx.export(model, (x,), dynamo=True, optimize=True, opset_version=OPSET,
+                                 input_names=["x"], output_names=["y"])
+        prog.save(path)
+        m = onnx.load(path)
+        for node in m.graph.node:
+            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+        onnx.save(m, path)
+        params = dict(model.named_parameters())
+        loss = F.mse_loss(model(x), target)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        ref = {"in.x": x.numpy(), "target": target.numpy(), "loss": loss.detach().numpy()}
+        for (pname, _), gr in zip(params.items(), grads):
+            ref[f"grad.{pname}"] = gr.numpy()
+        save_file({k: np.array(v, order="C") for k, v in ref.items()},
+                  os.path.join(HERE, f"{name}.ref.safetensors"))
+        print(f"{name}: initializers {[i.name for i in m.graph.initializer]}")
+
+
 def check_weights(name, path):
     """By hand: `export_families.py --check-weights gpt2 out.safetensors` loads the weights
     `cleave export-weights CKPT --model gpt2.onnx --safetensors out.safetensors` wrote into a
@@ -363,6 +422,8 @@ def main():
                                        ("tied", tied), ("resnet18", resnet18)]):
         if not only or name in only:
             make(name, build, i)
+    if not only or "optimized" in only:
+        export_optimized()
     if not only or "layers" in only:
         export_layers()
     if not only or "loss" in only:

@@ -159,9 +159,16 @@ impl Planned {
                     })
                     .collect();
                 let d = self.schedule.placement[i] as usize;
+                let replica = self
+                    .schedule
+                    .reverse
+                    .as_ref()
+                    .map(|r| r.placement[i] as usize)
+                    .filter(|&r| r != d);
                 json!({
                     "stage": i,
                     "device": d,
+                    "replica_device": replica,
                     "function": s.function,
                     "in_flight": s.in_flight.saved,
                     "in_flight_b_to_w": s.in_flight.b_to_w,
@@ -219,10 +226,15 @@ impl Planned {
         ));
         for (i, s) in self.stages.iter().enumerate() {
             let d = self.schedule.placement[i] as usize;
+            // A replicated stage (bidirectional schedules) shows both of its devices.
+            let devices = match &self.schedule.reverse {
+                Some(r) if r.placement[i] as usize != d => format!("{d}/{}", r.placement[i]),
+                _ => d.to_string(),
+            };
             out.push_str(&format!(
                 "{:<6} {:>6} {:>9} {:>12} {:>12} {:>14} {:>12} {:>12} {:>12.3e} {:>12.0}\n",
                 i,
-                d,
+                devices,
                 s.in_flight.saved,
                 s.summary.kept_bytes,
                 s.summary.recomputed_values,
@@ -560,6 +572,12 @@ pub fn plan_for(
     profile: &DeviceProfile,
     cache: &mut PlanCache,
 ) -> Result<Planned, PlanError> {
+    if schedule.reverse.is_some() && limit.is_some() {
+        return Err(PlanError(format!(
+            "{origin}: recomputation under a memory limit is not planned for bidirectional \
+             schedules yet (each replicated stage would need its plan on both of its devices)"
+        )));
+    }
     let mut module = base.module.clone();
     let placement: Vec<usize> = schedule.placement.iter().map(|&d| d as usize).collect();
     let stages = plan_stages_cached(

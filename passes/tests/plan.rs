@@ -179,3 +179,40 @@ fn the_v_family_never_lengthens_the_joint_plan() {
         "{notes:?}"
     );
 }
+
+/// A bidirectional schedule (BitPipe) is planned without a limit, each replicated stage shown
+/// with both of its devices; under a limit it is refused (each replica would need its plan).
+#[test]
+fn bitpipe_planned_without_a_limit_refused_under_one() {
+    let f = tiny_gpt(2);
+    let base = split_module(&f, 4, "h100-sxm").unwrap();
+    let profile = DeviceProfile::load("h100-sxm").unwrap();
+    let schedule = || build_schedule("bitpipe", 2, 4).unwrap();
+    let planned = plan_for(
+        &f,
+        &base,
+        schedule(),
+        "bitpipe",
+        Policy::None,
+        None,
+        &profile,
+        &mut PlanCache::default(),
+    )
+    .unwrap();
+    let text = planned.render();
+    assert!(text.contains("0/1") && text.contains("1/0"), "{text}");
+    let json = planned.to_json(Policy::None, None);
+    assert_eq!(json["stages"][0]["replica_device"], 1);
+    let e = plan_for(
+        &f,
+        &base,
+        schedule(),
+        "bitpipe",
+        Policy::Auto,
+        Some(1 << 30),
+        &profile,
+        &mut PlanCache::default(),
+    )
+    .unwrap_err();
+    assert!(e.0.contains("bidirectional"), "{}", e.0);
+}

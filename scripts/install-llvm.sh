@@ -19,29 +19,9 @@ PACKAGES=(
 )
 PREFIX=/usr/lib/llvm-22
 
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$pkg")
-  fi
-done
-
-if [ "${#missing[@]}" -eq 0 ]; then
-  echo "install-llvm: all packages already installed"
-else
-  if [ "$(id -u)" -eq 0 ]; then
-    SUDO=()
-  elif command -v sudo >/dev/null 2>&1; then
-    SUDO=(sudo)
-  else
-    echo "install-llvm: not root and sudo is not available; install as root: ${missing[*]}" >&2
-    exit 1
-  fi
-  echo "install-llvm: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  "${SUDO[@]}" apt-get update -q
-  "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+# shellcheck source=lib/apt.sh
+source "$(dirname "$0")/lib/apt.sh"
+apt_install install-llvm "${PACKAGES[@]}"
 
 # The checks that melior's build needs: the MLIR C API headers and static libraries, tablegen, and
 # llvm-config of the right version.

@@ -507,7 +507,9 @@ where
 
 fn cmd_train(a: crate::train::TrainArgs) -> Result<()> {
     let s = crate::train::train(&a)?;
-    println!("{}", crate::aot::summary_line(&s));
+    if s.process_rank == 0 {
+        println!("{}", crate::aot::summary_line(&s));
+    }
     Ok(())
 }
 

@@ -684,7 +684,9 @@ pub unsafe fn runner_main(
         ..train_args(&payload, &model, r.optimizer)
     };
     let s = crate::train::train(&args)?;
-    println!("{}", summary_line(&s));
+    if s.process_rank == 0 {
+        println!("{}", summary_line(&s));
+    }
     if r.kernel_report {
         let c = cleave_runtime::aot::kernel_counts();
         eprintln!(

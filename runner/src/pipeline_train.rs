@@ -56,6 +56,7 @@ use cleave_passes::{PassContext, PassManager};
 use cleave_runtime::pipeline::{
     ActionTiming, Pipeline, PipelineAction, PipelineKind, PipelineOptions, StagePlans,
 };
+use cleave_runtime::remote::Remote;
 use cleave_runtime::{compile_with, CompileOptions, HostData};
 
 use crate::device_memory::{per_device, stage_resident, workspace_of, DeviceAccount};
@@ -713,6 +714,31 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
              --resume or --debug-nan yet"
         );
     }
+    // One process per device under an MPI launcher (`mpirun -np P`, the `mpi` feature):
+    // this process runs device `rank`; only rank 0 prints and writes metrics.
+    #[cfg(feature = "mpi")]
+    let world = cleave_runtime::mpi_remote::init().map_err(|e| anyhow::anyhow!("MPI: {e}"))?;
+    #[cfg(feature = "mpi")]
+    let remote: Option<&dyn Remote> = world.as_ref().map(|w| w as &dyn Remote);
+    #[cfg(not(feature = "mpi"))]
+    let remote: Option<&dyn Remote> = None;
+    let rank = remote.map_or(0, |r| r.device());
+    let quiet = a.quiet || rank != 0;
+    if let Some(r) = remote {
+        if r.devices() != p {
+            bail!(
+                "{} MPI processes for --stages {p}: launch one process per device \
+                 (`mpirun -np {p} …`)",
+                r.devices()
+            );
+        }
+        if a.timeline.is_some() || a.memory_report {
+            bail!(
+                "--timeline and --memory-report measure devices in one process; with one process \
+                 per device (MPI) they are not available yet"
+            );
+        }
+    }
     let lr = a.lr.unwrap_or(a.optimizer.default_lr());
     let fail_at = a
         .fail_action
@@ -746,7 +772,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         planned,
     } = pipeline_plan(a, &forward)?;
     let n_stages = schedule.n_stages();
-    if let (Some(x), false) = (&planned, a.quiet) {
+    if let (Some(x), false) = (&planned, quiet) {
         eprintln!(
             "plan: schedule {} chosen with recomputation/offload (simulated on the {CPU_PROFILE} \
              profile: makespan {:.6} s, effective bubble rate {:.4})",
@@ -901,7 +927,11 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         );
     }
     let mut order = Order::new(n_train, a.seed);
-    let mut metrics = Metrics::open(a.metrics.as_deref())?;
+    let mut metrics = Metrics::open(if rank == 0 {
+        a.metrics.as_deref()
+    } else {
+        None
+    })?;
     // --memory-limit and --timeline measure when the allocator is installed (it is this crate's
     // global allocator, so in `cleave` and the compiled executables); --memory-report needs it.
     let installed = cleave_runtime::alloc::installed();
@@ -911,8 +941,9 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
              program has not installed (cleave_runtime::alloc::CountingAlloc)"
         );
     }
-    let measure =
-        installed && (a.memory_report || a.memory_limit.is_some() || a.timeline.is_some());
+    let measure = installed
+        && remote.is_none()
+        && (a.memory_report || a.memory_limit.is_some() || a.timeline.is_some());
     let popts = PipelineOptions {
         lr: lr as f32,
         grad_scale: 1.0 / m as f32,
@@ -939,9 +970,11 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                     .collect()
             })
             .collect();
-        let r = pipe
-            .step(&params, &micro, &popts)
-            .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
+        let r = match remote {
+            Some(remote) => pipe.step_remote(&params, &micro, &popts, remote),
+            None => pipe.step(&params, &micro, &popts),
+        }
+        .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
         let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
         if !loss.is_finite() {
             bail!("loss is {loss} at step {step}; training stopped");
@@ -981,7 +1014,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         summary.steps_run += 1;
         let sps = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         metrics.line(serde_json::json!({"step": step + 1, "loss": loss, "steps_per_s": sps}))?;
-        if !a.quiet {
+        if !quiet {
             eprint!(
                 "\rstep {}/{}  loss {loss:.4}  {sps:.0} steps/s   ",
                 step + 1,
@@ -989,13 +1022,13 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             );
         }
     }
-    if !a.quiet {
+    if !quiet {
         eprintln!();
     }
     summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     if let Some(path) = &a.timeline {
         let report = timeline_report(&schedule, &measured, &stash_memory)?;
-        if !a.quiet {
+        if !quiet {
             eprintln!(
                 "timeline: measured bubble rate {:.4} (median of {} steps), simulated with the \
                  measured per-stage costs {:.4}",
@@ -1084,6 +1117,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             )?;
         }
     }
+    summary.process_rank = rank;
     Ok(PipelineRun {
         summary,
         losses,

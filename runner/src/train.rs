@@ -240,6 +240,8 @@ pub struct TrainSummary {
     pub accuracy: Option<f64>,
     /// Wall-clock training throughput.
     pub steps_per_s: f64,
+    /// This process's rank when each pipeline device is a process (MPI); only rank 0 reports.
+    pub process_rank: usize,
 }
 
 const CKPT_FILE: &str = "checkpoint.safetensors";

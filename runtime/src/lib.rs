@@ -47,9 +47,12 @@ mod gemm;
 pub mod gpu_kernel;
 mod jit;
 mod kernels;
+#[cfg(feature = "mpi")]
+pub mod mpi_remote;
 pub mod pipeline;
 mod plan;
 mod pool;
+pub mod remote;
 mod vmath;
 
 pub use compile::{compile, compile_with, CompileOptions};

@@ -57,6 +57,7 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::remote::{put_data, put_str, put_u64, Reader};
 use crate::{HostData, Plan};
 
 /// What an action runs.
@@ -407,6 +408,42 @@ impl Pipeline {
         microbatches: &[BTreeMap<String, HostData>],
         opts: &PipelineOptions,
     ) -> Result<StepResult, PipelineError> {
+        self.step_with(params, microbatches, opts, None)
+    }
+
+    /// [`Pipeline::step`] with the devices in separate processes ([`crate::remote`]): this
+    /// process runs `remote.device()` only; values for the others leave through `remote`, and
+    /// the step's losses, parameters and gradients are exchanged at its end, so every process
+    /// returns the whole result (timelines and memory figures are this device's alone).
+    pub fn step_remote(
+        &mut self,
+        params: &BTreeMap<String, HostData>,
+        microbatches: &[BTreeMap<String, HostData>],
+        opts: &PipelineOptions,
+        remote: &dyn crate::remote::Remote,
+    ) -> Result<StepResult, PipelineError> {
+        if remote.devices() != self.devices.len() {
+            return Err(PipelineError {
+                device: remote.device(),
+                stage: None,
+                action: None,
+                message: format!(
+                    "{} processes, but the schedule has {} devices (run one process per device)",
+                    remote.devices(),
+                    self.devices.len()
+                ),
+            });
+        }
+        self.step_with(params, microbatches, opts, Some(remote))
+    }
+
+    fn step_with(
+        &mut self,
+        params: &BTreeMap<String, HostData>,
+        microbatches: &[BTreeMap<String, HostData>],
+        opts: &PipelineOptions,
+        remote: Option<&dyn crate::remote::Remote>,
+    ) -> Result<StepResult, PipelineError> {
         if microbatches.len() != self.microbatches {
             return Err(PipelineError {
                 device: 0,
@@ -469,9 +506,16 @@ impl Pipeline {
             abort: &abort,
             t0,
         };
+        let local: Vec<usize> = match remote {
+            Some(r) => vec![r.device()],
+            None => (0..n_dev).collect(),
+        };
         let outcomes: Vec<Result<DeviceOut, ()>> = std::thread::scope(|scope| {
             let mut handles = Vec::new();
             for (d, stages) in per_dev.into_iter().enumerate() {
+                if !local.contains(&d) {
+                    continue;
+                }
                 let mut worker = Worker {
                     device: d,
                     rx: receivers[d].take().expect("one receiver per device"),
@@ -529,11 +573,67 @@ impl Pipeline {
                     r
                 }));
             }
+            let mut bridges = Vec::new();
+            if let Some(r) = remote {
+                let me = r.device();
+                let abort = &abort;
+                // Values for the other processes: one forwarding thread per destination, in the
+                // order the worker sends them.
+                for (d, rx) in receivers.iter_mut().enumerate() {
+                    let Some(rx) = rx.take().filter(|_| d != me) else {
+                        continue;
+                    };
+                    bridges.push(scope.spawn(move || {
+                        while let Ok(msg) = rx.recv() {
+                            if let Err(e) = r.send(d, encode(&msg)) {
+                                abort.store(true, Ordering::SeqCst);
+                                return Err(format!("sending to device {d}: {e}"));
+                            }
+                        }
+                        Ok(())
+                    }));
+                }
+                // Values from them, into the worker's own channel, until the end marker.
+                let tx = senders[me].clone();
+                bridges.push(scope.spawn(move || loop {
+                    match r.recv() {
+                        Ok(Some(bytes)) => {
+                            let msg = decode(&bytes)?;
+                            if tx.send(msg).is_err() {
+                                // The worker has ended (or failed): drain until the marker.
+                                continue;
+                            }
+                        }
+                        Ok(None) => return Ok(()),
+                        Err(e) => {
+                            abort.store(true, Ordering::SeqCst);
+                            return Err(format!("receiving: {e}"));
+                        }
+                    }
+                }));
+            }
             drop(senders);
-            handles
+            let outcomes: Vec<Result<DeviceOut, ()>> = handles
                 .into_iter()
                 .map(|h| h.join().unwrap_or(Err(())))
-                .collect()
+                .collect();
+            if let Some(r) = remote {
+                let _ = r.end();
+            }
+            for b in bridges {
+                if let Ok(Err(e)) = b.join() {
+                    let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.is_none() {
+                        *slot = Some(PipelineError {
+                            device: local[0],
+                            stage: None,
+                            action: None,
+                            message: e,
+                        });
+                    }
+                }
+            }
+            outcomes
         });
         // The plans' buffers go back to being uncounted (they were charged to their device
         // for the step).
@@ -550,7 +650,7 @@ impl Pipeline {
         let mut result = StepResult::default();
         let mut losses: BTreeMap<usize, f32> = BTreeMap::new();
         let mut partial: BTreeMap<(String, bool), HostData> = BTreeMap::new();
-        for (d, o) in outcomes.into_iter().enumerate() {
+        for (&d, o) in local.iter().zip(outcomes) {
             let Ok(o) = o else {
                 return Err(PipelineError {
                     device: d,
@@ -583,6 +683,61 @@ impl Pipeline {
             result.params.extend(o.params);
             result.grads.extend(o.grads);
             result.timeline.extend(o.timeline);
+        }
+        // Every process's losses, parameters and gradients, for all of them.
+        if let Some(r) = remote {
+            let me = r.device();
+            let fail = |message: String| PipelineError {
+                device: me,
+                stage: None,
+                action: None,
+                message,
+            };
+            let mut out = Vec::new();
+            put_u64(&mut out, losses.len() as u64);
+            for (&j, &l) in &losses {
+                put_u64(&mut out, j as u64);
+                put_u64(&mut out, u64::from(l.to_bits()));
+            }
+            for map in [&result.params, &result.grads] {
+                put_u64(&mut out, map.len() as u64);
+                for (k, v) in map {
+                    put_str(&mut out, k);
+                    put_data(&mut out, v);
+                }
+            }
+            put_u64(&mut out, partial.len() as u64);
+            for ((k, rev), v) in &partial {
+                put_str(&mut out, k);
+                put_u64(&mut out, u64::from(*rev));
+                put_data(&mut out, v);
+            }
+            let all = r
+                .all_gather(out)
+                .map_err(|e| fail(format!("exchanging results: {e}")))?;
+            for (d, bytes) in all.iter().enumerate() {
+                if d == me {
+                    continue;
+                }
+                let bad = |e: String| fail(format!("results of device {d}: {e}"));
+                let mut rd = Reader::new(bytes);
+                for _ in 0..rd.u64().map_err(bad)? {
+                    let j = rd.u64().map_err(bad)? as usize;
+                    let l = f32::from_bits(rd.u64().map_err(bad)? as u32);
+                    losses.insert(j, l);
+                }
+                for map in [&mut result.params, &mut result.grads] {
+                    for _ in 0..rd.u64().map_err(bad)? {
+                        let k = rd.str().map_err(bad)?;
+                        map.insert(k, rd.data().map_err(bad)?);
+                    }
+                }
+                for _ in 0..rd.u64().map_err(bad)? {
+                    let k = rd.str().map_err(bad)?;
+                    let rev = rd.u64().map_err(bad)? != 0;
+                    partial.insert((k, rev), rd.data().map_err(bad)?);
+                }
+            }
         }
         // Replicated stages: the two directions' sums added (the stage's own first), then one
         // SGD update.
@@ -1371,4 +1526,29 @@ impl<'a> Worker<'a> {
             }
         }
     }
+}
+
+/// A value's wire form for another process: its stage, microbatch, name and data.
+fn encode(msg: &Msg) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + data_bytes(&msg.data) as usize);
+    put_u64(&mut out, msg.stage as u64);
+    put_u64(&mut out, msg.microbatch as u64);
+    put_str(&mut out, &msg.name);
+    put_data(&mut out, &msg.data);
+    out
+}
+
+/// [`encode`]'s inverse.
+fn decode(bytes: &[u8]) -> Result<Msg, String> {
+    let mut r = Reader::new(bytes);
+    let msg = Msg {
+        stage: r.u64()? as usize,
+        microbatch: r.u64()? as usize,
+        name: r.str()?,
+        data: r.data()?,
+    };
+    if !r.done() {
+        return Err("a value message has trailing bytes".into());
+    }
+    Ok(msg)
 }

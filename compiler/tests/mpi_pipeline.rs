@@ -1,0 +1,132 @@
+//! Pipeline stages as processes over MPI (the `mpi` feature; `scripts/install-mpi.sh`):
+//! `mpirun -np P cleave train … --stages P` gives the losses of the same run with one thread per
+//! device, bit for bit, and the same held-out loss after training (a function of every final
+//! weight), for every schedule family: 1F1B, ZB-H1, ZB-H2, ZB-V, interleaved, BitPipe and the
+//! joint plan.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use cleave_compiler::pipeline_train::train;
+use cleave_compiler::train::{OptimizerArg, TrainArgs};
+use common::root;
+
+/// The `loss` of every step and the final `eval_loss` of a metrics file, as written (the text
+/// of each number: JSON parsing need not round-trip, the text does).
+fn metrics(path: &std::path::Path) -> (Vec<String>, Option<String>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut losses = Vec::new();
+    let mut eval = None;
+    let field = |line: &str, key: &str| -> Option<String> {
+        let rest = line.split(&format!("\"{key}\":")).nth(1)?;
+        Some(rest.split([',', '}']).next()?.to_string())
+    };
+    for line in text.lines() {
+        if let Some(l) = field(line, "loss") {
+            losses.push(l);
+        }
+        if let Some(l) = field(line, "eval_loss") {
+            eval = Some(l);
+        }
+    }
+    (losses, eval)
+}
+
+fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
+    let dir = common::tmp(&format!("mpi-{p}-{}", schedule.join("-")));
+    let threads = dir.join("threads.jsonl");
+    let procs = dir.join("procs.jsonl");
+    let (name, limit) = match schedule {
+        [s, "--memory-limit", l] => (*s, Some(l.to_string())),
+        [s] => (*s, None),
+        _ => unreachable!(),
+    };
+    let args = TrainArgs {
+        model: root().join(model.0),
+        data: root().join(model.1),
+        optimizer: OptimizerArg::Sgd,
+        seed: Some(1),
+        stages: p,
+        microbatches: m,
+        schedule: name.into(),
+        memory_limit: limit,
+        metrics: Some(threads.clone()),
+        ..common::args(3)
+    };
+    let run = train(&args).unwrap_or_else(|e| panic!("{name} threads: {e:#}"));
+    assert_eq!(run.losses.len(), 3);
+    let np = p.to_string();
+    let (ms, steps) = (m.to_string(), "3".to_string());
+    let mut cmd = vec![
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        &np,
+        env!("CARGO_BIN_EXE_cleave"),
+        "train",
+        model.0,
+        "--data",
+        model.1,
+        "--optimizer",
+        "sgd",
+        "--seed",
+        "1",
+        "--steps",
+        &steps,
+        "--stages",
+        &np,
+        "--microbatches",
+        &ms,
+        "--quiet",
+        "--metrics",
+        procs.to_str().unwrap(),
+        "--schedule",
+    ];
+    cmd.extend_from_slice(schedule);
+    let o = std::process::Command::new("mpirun")
+        .args(&cmd)
+        .current_dir(root())
+        .output()
+        .expect("mpirun (scripts/install-mpi.sh)");
+    assert!(
+        o.status.success(),
+        "{name} -np {p}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (a, ea) = metrics(&threads);
+    let (b, eb) = metrics(&procs);
+    assert_eq!(a.len(), 3, "{name}: {a:?}");
+    assert!(ea.is_some(), "{name}: no held-out loss in the metrics");
+    assert_eq!(b, a, "{name} -np {p}: losses of processes vs threads");
+    assert_eq!(eb, ea, "{name} -np {p}: held-out loss of the final weights");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const GPT: (&str, &str) = ("examples/gpt-tiny.cir", "examples/data/modadd.safetensors");
+const MLP: (&str, &str) = (
+    "examples/mlp-digits.cir",
+    "examples/data/digits.safetensors",
+);
+
+#[test]
+fn two_processes_match_two_threads_for_every_schedule() {
+    for s in [
+        &["1f1b"][..],
+        &["zb-h1"],
+        &["zb-h2"],
+        &["zb-v"],
+        &["interleaved"],
+        &["bitpipe"],
+        &["auto", "--memory-limit", "6M"],
+    ] {
+        check(GPT, 2, 4, s);
+    }
+}
+
+#[test]
+fn four_processes_match_four_threads() {
+    for s in [&["1f1b"][..], &["zb-h1"], &["zb-v"]] {
+        check(MLP, 4, 8, s);
+    }
+}

@@ -1,8 +1,8 @@
 //! [`Remote`] over MPI (the `mpi` feature: rsmpi over the system's MPI library, e.g. Open MPI).
 //!
 //! One rank per pipeline device (rank `d` runs device `d`). Values travel as byte messages with
-//! tag [`DATA`] (standard-mode sends from each destination's forwarding thread, in order), the
-//! end marker is an empty [`DATA`] message a rank sends itself, and the step's results are
+//! tag `DATA` (standard-mode sends from each destination's forwarding thread, in order), the
+//! end marker is an empty `DATA` message a rank sends itself, and the step's results are
 //! exchanged by one broadcast per rank. MPI must be initialised with `MPI_THREAD_MULTIPLE`
 //! ([`init`]): the worker's forwarding threads, its receiving thread and the main thread all
 //! call MPI.

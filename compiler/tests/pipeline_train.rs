@@ -289,3 +289,31 @@ fn paper_schedules_match_one_stage() {
         }
     }
 }
+
+/// Launched by `mpirun` on several ranks without the `mpi` feature, `cleave train` says how to
+/// rebuild instead of training the model once per rank.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn several_mpi_ranks_without_the_feature_say_how_to_rebuild() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .args([
+            "train",
+            "examples/mlp-digits.cir",
+            "--data",
+            "examples/data/digits.safetensors",
+            "--stages",
+            "2",
+            "--steps",
+            "1",
+        ])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--features mpi") && err.contains("scripts/install-mpi.sh"),
+        "{err}"
+    );
+}

@@ -818,8 +818,31 @@ impl Metrics {
     }
 }
 
+/// The number of processes an MPI launcher started this one among (1 when not launched so).
+pub fn launched_ranks() -> usize {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(1)
+}
+
 /// Runs `cleave train`.
 pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
+    let ranks = launched_ranks();
+    if ranks > 1 && !cfg!(feature = "mpi") {
+        bail!(
+            "launched as {ranks} MPI processes, but this cleave was built without the `mpi` \
+             feature: install Open MPI (scripts/install-mpi.sh) and rebuild with `cargo build \
+             --release --features mpi`"
+        );
+    }
+    if ranks > 1 && a.stages != ranks {
+        bail!(
+            "launched as {ranks} MPI processes for --stages {}: run one process per pipeline \
+             device (`mpirun -np P cleave train … --stages P`)",
+            a.stages
+        );
+    }
     let method = parse_grad_method(&a.grad_method, a.tangents)?;
     if a.stages > 1
         || a.microbatches > 1

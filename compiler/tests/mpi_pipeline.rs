@@ -130,3 +130,43 @@ fn four_processes_match_four_threads() {
         check(MLP, 4, 8, s);
     }
 }
+
+/// A rank whose action fails ends every rank at once (MPI_Abort after its message), naming the
+/// rank, the stage and the action; nothing waits for the receive timeout.
+#[test]
+fn a_failing_rank_ends_the_job_naming_the_action() {
+    let started = std::time::Instant::now();
+    let o = std::process::Command::new("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            env!("CARGO_BIN_EXE_cleave"),
+            "train",
+            GPT.0,
+            "--data",
+            GPT.1,
+            "--stages",
+            "2",
+            "--microbatches",
+            "4",
+            "--steps",
+            "3",
+            "--schedule",
+            "1f1b",
+            "--quiet",
+            "--fail-action",
+            "1BW2",
+        ])
+        .current_dir(root())
+        .output()
+        .expect("mpirun (scripts/install-mpi.sh)");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("rank 1") && err.contains("stage 1") && err.contains("1BW2"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}

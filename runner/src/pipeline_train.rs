@@ -971,7 +971,14 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             })
             .collect();
         let r = match remote {
-            Some(remote) => pipe.step_remote(&params, &micro, &popts, remote),
+            Some(remote) => match pipe.step_remote(&params, &micro, &popts, remote) {
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    // The other ranks may wait for this one's values: end the whole job.
+                    eprintln!("error: rank {rank}: step {step}: {e}");
+                    remote.abort(1)
+                }
+            },
             None => pipe.step(&params, &micro, &popts),
         }
         .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;

@@ -83,6 +83,10 @@ impl Remote for MpiWorld {
         Ok(())
     }
 
+    fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
+
     fn all_gather(&self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>, String> {
         let mut out = Vec::with_capacity(self.devices());
         for root in 0..self.world.size() {

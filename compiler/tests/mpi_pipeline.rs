@@ -170,3 +170,61 @@ fn a_failing_rank_ends_the_job_naming_the_action() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
+
+/// Ranks launched with different flags (here `--steps`) refuse to start, every one of them,
+/// with one message; so does a rank count other than `--stages`.
+#[test]
+fn mismatched_launches_are_refused_by_every_rank() {
+    let cleave = env!("CARGO_BIN_EXE_cleave");
+    let rank = |steps: &'static str| {
+        vec![
+            "-np",
+            "1",
+            cleave,
+            "train",
+            GPT.0,
+            "--data",
+            GPT.1,
+            "--stages",
+            "2",
+            "--microbatches",
+            "4",
+            "--quiet",
+            "--steps",
+            steps,
+        ]
+    };
+    let mut args = vec!["--allow-run-as-root", "--oversubscribe"];
+    args.extend(rank("3"));
+    args.push(":");
+    args.extend(rank("4"));
+    let o = std::process::Command::new("mpirun")
+        .args(&args)
+        .current_dir(root())
+        .output()
+        .expect("mpirun");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("the plan of rank"), "{err}");
+    let o = std::process::Command::new("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "3",
+            cleave,
+            "train",
+        ])
+        .args([
+            GPT.0, "--data", GPT.1, "--stages", "2", "--steps", "1", "--quiet",
+        ])
+        .current_dir(root())
+        .output()
+        .expect("mpirun");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("launched as 3 MPI processes for --stages 2"),
+        "{err}"
+    );
+}

@@ -885,6 +885,30 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             );
         }
     }
+    // Every rank must run the same plan: its fingerprint (the stage programs, the schedule and
+    // the step's settings) is compared across ranks before the first step.
+    if let Some(r) = remote {
+        let text = format!(
+            "{module}\n{}\n{m} {} {lr} {:?} {:?}",
+            schedule.to_json(),
+            a.steps,
+            a.seed,
+            a.data
+        );
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in text.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+        }
+        let all = r
+            .all_gather(h.to_le_bytes().to_vec())
+            .map_err(|e| anyhow::anyhow!("MPI: comparing the ranks' plans: {e}"))?;
+        if let Some(other) = all.iter().position(|x| x[..] != h.to_le_bytes()[..]) {
+            bail!(
+                "rank {rank}: the plan of rank {other} differs from this rank's (a different \
+                 model file, flags or build): launch every rank with the same command"
+            );
+        }
+    }
     let placement = schedule.placement.iter().map(|&d| d as usize).collect();
     let mut pipe = match &schedule.reverse {
         None => Pipeline::new(plans, placement, actions, m),

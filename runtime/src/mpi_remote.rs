@@ -7,6 +7,7 @@
 //! ([`init`]): the worker's forwarding threads, its receiving thread and the main thread all
 //! call MPI.
 
+use mpi::collective::CommunicatorCollectives;
 use mpi::point_to_point::{Destination, Source};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::Root;
@@ -81,6 +82,10 @@ impl Remote for MpiWorld {
             .process_at_rank(self.world.rank())
             .send_with_tag(&empty[..], DATA);
         Ok(())
+    }
+
+    fn barrier(&self) {
+        self.world.barrier();
     }
 
     fn abort(&self, code: i32) -> ! {

@@ -474,6 +474,10 @@ impl Pipeline {
         }
         let abort = AtomicBool::new(false);
         let first_error: Mutex<Option<PipelineError>> = Mutex::new(None);
+        // With one process per device, the step's clocks start together (timelines merge).
+        if let Some(r) = remote {
+            r.barrier();
+        }
         let t0 = Instant::now();
         // Hand each device mutable access to its stages.
         let mut per_dev: Vec<Vec<(usize, &mut StagePlans)>> = (0..n_dev).map(|_| vec![]).collect();
@@ -712,6 +716,14 @@ impl Pipeline {
                 put_u64(&mut out, u64::from(*rev));
                 put_data(&mut out, v);
             }
+            put_u64(&mut out, result.timeline.len() as u64);
+            for t in &result.timeline {
+                put_u64(&mut out, t.action.stage as u64);
+                put_u64(&mut out, t.action.kind as u64);
+                put_u64(&mut out, t.action.microbatch as u64);
+                put_u64(&mut out, t.start_s.to_bits());
+                put_u64(&mut out, t.end_s.to_bits());
+            }
             let all = r
                 .all_gather(out)
                 .map_err(|e| fail(format!("exchanging results: {e}")))?;
@@ -736,6 +748,27 @@ impl Pipeline {
                     let k = rd.str().map_err(bad)?;
                     let rev = rd.u64().map_err(bad)? != 0;
                     partial.insert((k, rev), rd.data().map_err(bad)?);
+                }
+                for _ in 0..rd.u64().map_err(bad)? {
+                    let stage = rd.u64().map_err(bad)? as usize;
+                    let kind = match rd.u64().map_err(bad)? {
+                        0 => PipelineKind::F,
+                        1 => PipelineKind::B,
+                        2 => PipelineKind::W,
+                        3 => PipelineKind::BW,
+                        k => return Err(bad(format!("unknown action kind {k}"))),
+                    };
+                    let microbatch = rd.u64().map_err(bad)? as usize;
+                    result.timeline.push(ActionTiming {
+                        device: d,
+                        action: PipelineAction {
+                            stage,
+                            kind,
+                            microbatch,
+                        },
+                        start_s: f64::from_bits(rd.u64().map_err(bad)?),
+                        end_s: f64::from_bits(rd.u64().map_err(bad)?),
+                    });
                 }
             }
         }

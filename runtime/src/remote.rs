@@ -27,6 +27,8 @@ pub trait Remote: Sync {
     fn end(&self) -> Result<(), String>;
     /// Every process's `bytes`, by device (a collective: every process calls it).
     fn all_gather(&self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>, String>;
+    /// Waits for every process (so that their step clocks start together).
+    fn barrier(&self);
     /// Ends every process of the job at once (after this one's error is printed): the others
     /// may be waiting for values this one will never send.
     fn abort(&self, code: i32) -> !;

@@ -8,7 +8,7 @@
 //! call MPI.
 
 use mpi::collective::CommunicatorCollectives;
-use mpi::point_to_point::{Destination, Source};
+use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::Root;
 
@@ -72,8 +72,19 @@ impl Remote for MpiWorld {
     }
 
     fn recv(&self) -> Result<Option<Vec<u8>>, String> {
-        let (bytes, _) = self.world.any_process().receive_vec_with_tag::<u8>(DATA);
-        Ok((!bytes.is_empty()).then_some(bytes))
+        // Polls instead of blocking in MPI_Recv, which spins a core: on a machine with as many
+        // ranks as cores the spinning receiver would take the worker's core.
+        loop {
+            if let Some(probed) = self
+                .world
+                .any_process()
+                .immediate_matched_probe_with_tag(DATA)
+            {
+                let (bytes, _) = probed.matched_receive_vec::<u8>();
+                return Ok((!bytes.is_empty()).then_some(bytes));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
     }
 
     fn end(&self) -> Result<(), String> {

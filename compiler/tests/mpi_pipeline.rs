@@ -228,3 +228,62 @@ fn mismatched_launches_are_refused_by_every_rank() {
         "{err}"
     );
 }
+
+/// A checkpoint written by a run of two processes resumes in a run with two threads, bit for
+/// bit (one format).
+#[test]
+fn a_process_checkpoint_resumes_in_threads() {
+    let dir = common::tmp("mpi-ckpt");
+    let ckpt = dir.join("ckpt");
+    let base = TrainArgs {
+        model: root().join(GPT.0),
+        data: root().join(GPT.1),
+        optimizer: OptimizerArg::Sgd,
+        seed: Some(1),
+        stages: 2,
+        microbatches: 4,
+        schedule: "zb-h1".into(),
+        ..common::args(4)
+    };
+    let straight = train(&base).unwrap();
+    let o = std::process::Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .arg(env!("CARGO_BIN_EXE_cleave"))
+        .args([
+            "train",
+            GPT.0,
+            "--data",
+            GPT.1,
+            "--optimizer",
+            "sgd",
+            "--seed",
+            "1",
+        ])
+        .args([
+            "--stages",
+            "2",
+            "--microbatches",
+            "4",
+            "--schedule",
+            "zb-h1",
+            "--quiet",
+        ])
+        .args(["--steps", "2", "--checkpoint", ckpt.to_str().unwrap()])
+        .current_dir(root())
+        .output()
+        .expect("mpirun");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let resumed = train(&TrainArgs {
+        resume: Some(ckpt.clone()),
+        ..base
+    })
+    .unwrap();
+    assert_eq!(resumed.losses[..], straight.losses[2..]);
+    for (name, w) in &straight.params {
+        assert!(
+            common::bits(&resumed.params[name]) == common::bits(w),
+            "{name} differs after resuming"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

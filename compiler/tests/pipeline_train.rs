@@ -317,3 +317,44 @@ fn several_mpi_ranks_without_the_feature_say_how_to_rebuild() {
         "{err}"
     );
 }
+
+/// Pipelined runs checkpoint and resume bit for bit: 2 steps, a checkpoint, then a resumed run
+/// to step 4 give the uninterrupted run's losses and weights (the checkpoint is the one-stage
+/// format: every parameter by name, the step in the metadata).
+#[test]
+fn pipelined_checkpoint_resumes_bit_for_bit() {
+    let (model, data) = ("examples/gpt-tiny.cir", "examples/data/modadd.safetensors");
+    let straight = train(&args(model, data, 2, 4, "zb-h1", 4)).unwrap();
+    let dir = common::tmp("pipe-ckpt");
+    let first = train(&TrainArgs {
+        checkpoint: Some(dir.clone()),
+        checkpoint_every: 2,
+        ..args(model, data, 2, 4, "zb-h1", 2)
+    })
+    .unwrap();
+    assert_eq!(first.losses[..], straight.losses[..2]);
+    let resumed = train(&TrainArgs {
+        resume: Some(dir.clone()),
+        ..args(model, data, 2, 4, "zb-h1", 4)
+    })
+    .unwrap();
+    assert_eq!(resumed.summary.steps_run, 2);
+    let tail: Vec<u64> = resumed.losses.iter().map(|x| x.to_bits()).collect();
+    let want: Vec<u64> = straight.losses[2..].iter().map(|x| x.to_bits()).collect();
+    assert_eq!(tail, want);
+    for (name, w) in &straight.params {
+        assert!(
+            common::bits(&resumed.params[name]) == common::bits(w),
+            "{name} differs after resuming"
+        );
+    }
+    // A checkpoint made with another batch is refused by name.
+    let e = train(&TrainArgs {
+        resume: Some(dir.clone()),
+        ..args(model, data, 2, 2, "zb-h1", 4)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("batch"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

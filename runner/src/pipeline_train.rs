@@ -21,8 +21,12 @@
 //! scaled by `1/M`, so the update is that of the mean loss over the whole batch.
 //!
 //! **Optimizer.** Plain SGD only (`--optimizer sgd`), applied by each device to its stages'
-//! parameters after the stage's last W: `p ← p − lr·((1/M)·g)` in f32. Momentum and AdamW, and
-//! checkpoints, are not supported on this path yet (an error says so).
+//! parameters after the stage's last W: `p ← p − lr·((1/M)·g)` in f32. Momentum and AdamW are not
+//! supported on this path yet (an error says so).
+//!
+//! **Checkpoints** (`--checkpoint DIR`, `--resume DIR`): every parameter by name with the step,
+//! in the one-stage format (SGD keeps no other state); a resumed run continues bit for bit, and
+//! runs with threads and with one process per device (MPI, rank 0 writes) read each other's.
 //!
 //! **Reference.** `--stages 1 --microbatches M` runs the same code with one stage; pipelined runs
 //! with the same M give the same losses and weights (bit-identical when every stage accumulates
@@ -708,11 +712,8 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     if a.optimizer != OptimizerArg::Sgd {
         bail!("pipelined training (--stages/--microbatches) supports --optimizer sgd only");
     }
-    if a.checkpoint.is_some() || a.resume.is_some() || a.debug_nan {
-        bail!(
-            "pipelined training (--stages/--microbatches) does not support --checkpoint, \
-             --resume or --debug-nan yet"
-        );
+    if a.debug_nan {
+        bail!("pipelined training (--stages/--microbatches) does not support --debug-nan yet");
     }
     // One process per device under an MPI launcher (`mpirun -np P`, the `mpi` feature):
     // this process runs device `rank`; only rank 0 prints and writes metrics.
@@ -951,6 +952,64 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         );
     }
     let mut order = Order::new(n_train, a.seed);
+    // Checkpoints: every parameter by name with the step (SGD keeps no other state), the format
+    // of one-stage checkpoints; a run with threads and one with a process per device read each
+    // other's (rank 0 writes them).
+    let method = crate::train::parse_grad_method("bp", 1)?;
+    let shapes: BTreeMap<String, Vec<usize>> = forward
+        .params()
+        .map(|x| (x.name.to_string(), x.ty.shape.clone()))
+        .collect();
+    let mut start = 0usize;
+    if let Some(dir) = &a.resume {
+        let (tensors, meta) = crate::train::read_checkpoint(dir)?;
+        for (name, shape) in &shapes {
+            let t = tensors.get(name).with_context(|| {
+                format!("checkpoint in {} has no tensor \"{name}\"", dir.display())
+            })?;
+            if &t.shape != shape {
+                bail!(
+                    "checkpoint tensor \"{name}\" is {}, the model needs shape {shape:?}",
+                    t.ty()
+                );
+            }
+            params.insert(
+                name.clone(),
+                cleave_runtime::host_from_tensor(t).context("checkpoint tensors are f32")?,
+            );
+        }
+        for (key, want) in [
+            ("batch", batch.to_string()),
+            ("optimizer", "sgd".to_string()),
+        ] {
+            if let Some(have) = meta.get(key).filter(|h| **h != want) {
+                bail!(
+                    "{}: the checkpoint was written with {key} {have}; this run has {want} \
+                     (--microbatches × the model's batch)",
+                    dir.display()
+                );
+            }
+        }
+        start = meta
+            .get("step")
+            .and_then(|s| s.parse().ok())
+            .context("checkpoint metadata has no step")?;
+    }
+    let write_ckpt = |done: usize, params: &BTreeMap<String, HostData>| -> Result<()> {
+        let (Some(dir), 0) = (&a.checkpoint, rank) else {
+            return Ok(());
+        };
+        if !(done.is_multiple_of(a.checkpoint_every.max(1)) || done == a.steps) {
+            return Ok(());
+        }
+        let state: BTreeMap<String, (Vec<usize>, HostData)> = shapes
+            .iter()
+            .map(|(n, s)| (n.clone(), (s.clone(), params[n].clone())))
+            .collect();
+        let mut meta = crate::train::checkpoint_meta(a, done, batch, lr, &method);
+        meta.insert("microbatches".into(), m.to_string());
+        crate::train::write_checkpoint(dir, &state, meta)
+    };
     let mut metrics = Metrics::open(if rank == 0 {
         a.metrics.as_deref()
     } else {
@@ -985,7 +1044,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let mut peak: Vec<u64> = Vec::new();
     let mut offloaded: Vec<u64> = Vec::new();
     let t0 = Instant::now();
-    for step in 0..a.steps {
+    for step in start..a.steps {
         let rows = order.rows(step, batch);
         let micro: Vec<BTreeMap<String, HostData>> = (0..m)
             .map(|j| {
@@ -1045,6 +1104,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         summary.steps_run += 1;
         let sps = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         metrics.line(serde_json::json!({"step": step + 1, "loss": loss, "steps_per_s": sps}))?;
+        write_ckpt(step + 1, &params)?;
         if !quiet {
             eprint!(
                 "\rstep {}/{}  loss {loss:.4}  {sps:.0} steps/s   ",

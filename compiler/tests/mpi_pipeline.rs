@@ -1,7 +1,7 @@
 //! Pipeline stages as processes over MPI (the `mpi` feature; `scripts/install-mpi.sh`):
-//! `mpirun -np P cleave train … --stages P` gives the losses of the same run with one thread per
-//! device, bit for bit, and the same held-out loss after training (a function of every final
-//! weight), for every schedule family: 1F1B, ZB-H1, ZB-H2, ZB-V, interleaved, BitPipe and the
+//! `mpirun -np P cleave train … --stages P` gives the losses and the final weights (read from the
+//! checkpoint rank 0 writes) of the same run with one thread per device, bit for bit, for every
+//! schedule family: 1F1B, ZB-H1, ZB-H2, ZB-V, interleaved, BitPipe and the
 //! joint plan.
 #![cfg(feature = "mpi")]
 
@@ -57,6 +57,7 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
     assert_eq!(run.losses.len(), 3);
     let np = p.to_string();
     let (ms, steps) = (m.to_string(), "3".to_string());
+    let ckpt = dir.join("ckpt");
     let mut cmd = vec![
         "--allow-run-as-root",
         "--oversubscribe",
@@ -80,6 +81,8 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
         "--quiet",
         "--metrics",
         procs.to_str().unwrap(),
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
         "--schedule",
     ];
     cmd.extend_from_slice(schedule);
@@ -100,6 +103,20 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
     assert!(ea.is_some(), "{name}: no held-out loss in the metrics");
     assert_eq!(b, a, "{name} -np {p}: losses of processes vs threads");
     assert_eq!(eb, ea, "{name} -np {p}: held-out loss of the final weights");
+    // The final weights, from the checkpoint rank 0 wrote after the last step, bit for bit.
+    let (tensors, _) = cleave_compiler::train::read_checkpoint(&ckpt).unwrap();
+    for (k, want) in &run.params {
+        let cleave_runtime::HostData::F32(w) = want else {
+            continue;
+        };
+        let have = tensors[k].to_f32_vec();
+        let same =
+            have.len() == w.len() && have.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "{name} -np {p}: final `{k}` differs from the threads'"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -32,6 +32,20 @@ fn metrics(path: &std::path::Path) -> (Vec<String>, Option<String>) {
     (losses, eval)
 }
 
+/// Runs `mpirun ARGS` from the repository root (as root too, more ranks than cores allowed).
+fn mpirun<I, S>(args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    std::process::Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe"])
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("mpirun (scripts/install-mpi.sh)")
+}
+
 fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
     let dir = common::tmp(&format!("mpi-{p}-{}", schedule.join("-")));
     let threads = dir.join("threads.jsonl");
@@ -59,8 +73,6 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
     let (ms, steps) = (m.to_string(), "3".to_string());
     let ckpt = dir.join("ckpt");
     let mut cmd = vec![
-        "--allow-run-as-root",
-        "--oversubscribe",
         "-np",
         &np,
         env!("CARGO_BIN_EXE_cleave"),
@@ -86,11 +98,7 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
         "--schedule",
     ];
     cmd.extend_from_slice(schedule);
-    let o = std::process::Command::new("mpirun")
-        .args(&cmd)
-        .current_dir(root())
-        .output()
-        .expect("mpirun (scripts/install-mpi.sh)");
+    let o = mpirun(&cmd);
     assert!(
         o.status.success(),
         "{name} -np {p}: {}{}",
@@ -148,37 +156,42 @@ fn four_processes_match_four_threads() {
     }
 }
 
+/// `-np NP cleave train` on GPT-tiny over 2 stages, quiet, with `extra` flags.
+fn gpt_ranks<'a>(np: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "-np",
+        np,
+        env!("CARGO_BIN_EXE_cleave"),
+        "train",
+        GPT.0,
+        "--data",
+        GPT.1,
+        "--stages",
+        "2",
+        "--quiet",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
 /// A rank whose action fails ends every rank at once (MPI_Abort after its message), naming the
 /// rank, the stage and the action; nothing waits for the receive timeout.
 #[test]
 fn a_failing_rank_ends_the_job_naming_the_action() {
     let started = std::time::Instant::now();
-    let o = std::process::Command::new("mpirun")
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            "2",
-            env!("CARGO_BIN_EXE_cleave"),
-            "train",
-            GPT.0,
-            "--data",
-            GPT.1,
-            "--stages",
-            "2",
+    let o = mpirun(gpt_ranks(
+        "2",
+        &[
             "--microbatches",
             "4",
             "--steps",
             "3",
             "--schedule",
             "1f1b",
-            "--quiet",
             "--fail-action",
             "1BW2",
-        ])
-        .current_dir(root())
-        .output()
-        .expect("mpirun (scripts/install-mpi.sh)");
+        ],
+    ));
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -192,52 +205,14 @@ fn a_failing_rank_ends_the_job_naming_the_action() {
 /// with one message; so does a rank count other than `--stages`.
 #[test]
 fn mismatched_launches_are_refused_by_every_rank() {
-    let cleave = env!("CARGO_BIN_EXE_cleave");
-    let rank = |steps: &'static str| {
-        vec![
-            "-np",
-            "1",
-            cleave,
-            "train",
-            GPT.0,
-            "--data",
-            GPT.1,
-            "--stages",
-            "2",
-            "--microbatches",
-            "4",
-            "--quiet",
-            "--steps",
-            steps,
-        ]
-    };
-    let mut args = vec!["--allow-run-as-root", "--oversubscribe"];
-    args.extend(rank("3"));
+    let mut args = gpt_ranks("1", &["--microbatches", "4", "--steps", "3"]);
     args.push(":");
-    args.extend(rank("4"));
-    let o = std::process::Command::new("mpirun")
-        .args(&args)
-        .current_dir(root())
-        .output()
-        .expect("mpirun");
+    args.extend(gpt_ranks("1", &["--microbatches", "4", "--steps", "4"]));
+    let o = mpirun(args);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("the plan of rank"), "{err}");
-    let o = std::process::Command::new("mpirun")
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            "3",
-            cleave,
-            "train",
-        ])
-        .args([
-            GPT.0, "--data", GPT.1, "--stages", "2", "--steps", "1", "--quiet",
-        ])
-        .current_dir(root())
-        .output()
-        .expect("mpirun");
+    let o = mpirun(gpt_ranks("3", &["--steps", "1"]));
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -263,32 +238,23 @@ fn a_process_checkpoint_resumes_in_threads() {
         ..common::args(4)
     };
     let straight = train(&base).unwrap();
-    let o = std::process::Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-        .arg(env!("CARGO_BIN_EXE_cleave"))
-        .args([
-            "train",
-            GPT.0,
-            "--data",
-            GPT.1,
+    let o = mpirun(gpt_ranks(
+        "2",
+        &[
             "--optimizer",
             "sgd",
             "--seed",
             "1",
-        ])
-        .args([
-            "--stages",
-            "2",
             "--microbatches",
             "4",
             "--schedule",
             "zb-h1",
-            "--quiet",
-        ])
-        .args(["--steps", "2", "--checkpoint", ckpt.to_str().unwrap()])
-        .current_dir(root())
-        .output()
-        .expect("mpirun");
+            "--steps",
+            "2",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+        ],
+    ));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let resumed = train(&TrainArgs {
         resume: Some(ckpt.clone()),

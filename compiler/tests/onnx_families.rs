@@ -135,6 +135,16 @@ fn tied_embedding_and_reused_block_match_pytorch() {
     check("tied");
 }
 
+/// Runs `cleave ARGS`, which must succeed (`what` names the case in the failure).
+fn cleave_ok(what: &str, args: &[&str]) {
+    let o = cleave(args);
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn cleave(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_cleave"))
         .args(args)
@@ -193,12 +203,7 @@ fn loss_inside_the_export_is_found_or_named() {
             );
             args.extend(["--loss-output", "cross_entropy_loss"]);
         }
-        let o = cleave(&args);
-        assert!(
-            o.status.success(),
-            "{model}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        cleave_ok(model, &args);
         let grads = read_tensors(&out).unwrap();
         for (k, want) in &reference {
             if let Some(p) = k.strip_prefix("grad.") {
@@ -307,41 +312,37 @@ fn export_weights_gives_the_state_dict_keys() {
         let _ = std::fs::remove_dir_all(&ckpt);
         let model = format!("tests/onnx/families/{name}.onnx");
         let data = format!("tests/onnx/families/{name}.data.safetensors");
-        let o = cleave(&[
-            "train",
-            &model,
-            "--data",
-            &data,
-            "--loss",
-            "cross-entropy",
-            "--labels",
-            "labels",
-            "--optimizer",
-            "sgd",
-            "--steps",
-            "2",
-            "--quiet",
-            "--checkpoint",
-            ckpt.to_str().unwrap(),
-        ]);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
+        cleave_ok(
+            name,
+            &[
+                "train",
+                &model,
+                "--data",
+                &data,
+                "--loss",
+                "cross-entropy",
+                "--labels",
+                "labels",
+                "--optimizer",
+                "sgd",
+                "--steps",
+                "2",
+                "--quiet",
+                "--checkpoint",
+                ckpt.to_str().unwrap(),
+            ],
         );
         let out = dir.join(format!("{name}.safetensors"));
-        let o = cleave(&[
-            "export-weights",
-            ckpt.to_str().unwrap(),
-            "--model",
-            &model,
-            "--safetensors",
-            out.to_str().unwrap(),
-        ]);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
+        cleave_ok(
+            name,
+            &[
+                "export-weights",
+                ckpt.to_str().unwrap(),
+                "--model",
+                &model,
+                "--safetensors",
+                out.to_str().unwrap(),
+            ],
         );
         let weights = read_tensors(&out).unwrap();
         let text = std::fs::read_to_string(fixture(&format!("{name}.state_dict.json"))).unwrap();

@@ -623,26 +623,25 @@ pub fn plan_alone(
     profile: &DeviceProfile,
 ) -> Result<Planned, PlanError> {
     let mut cache = PlanCache::default();
+    let plan = |cache: &mut PlanCache| {
+        plan_for(
+            forward,
+            base,
+            schedule.clone(),
+            origin,
+            policy,
+            limit,
+            profile,
+            cache,
+        )
+    };
     if policy != Policy::Auto || limit.is_none() {
-        return plan_for(
-            forward, base, schedule, origin, policy, limit, profile, &mut cache,
-        );
+        return plan(&mut cache);
     }
     cache.node_budget = EXPLORE_NODES;
-    let explored = plan_for(
-        forward,
-        base,
-        schedule.clone(),
-        origin,
-        policy,
-        limit,
-        profile,
-        &mut cache,
-    )?;
+    let explored = plan(&mut cache)?;
     cache.node_budget = FINAL_NODES;
-    match plan_for(
-        forward, base, schedule, origin, policy, limit, profile, &mut cache,
-    ) {
+    match plan(&mut cache) {
         Ok(y) if y.sim.makespan <= explored.sim.makespan => Ok(y),
         _ => Ok(explored),
     }

@@ -139,7 +139,8 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 /// [`load_model`] without printing the warnings.
 pub fn load_model_quiet(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let mut state = crate::onnx::StateDictExtras::default();
-    let (mut module, warnings, params) = match format_of(path)? {
+    let format = format_of(path)?;
+    let (mut module, warnings, params) = match format {
         ModelFormat::Cir => {
             if opts.batch.is_some() {
                 bail!("--batch applies to `.onnx` models; `.cir` shapes are static");
@@ -181,13 +182,8 @@ pub fn load_model_quiet(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> 
     }
     let mut warnings = warnings;
     if let Some(func) = module.functions.first_mut() {
-        pick_loss_output(
-            func,
-            opts,
-            format_of(path)? == ModelFormat::Onnx,
-            &mut warnings,
-        )
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        pick_loss_output(func, opts, format == ModelFormat::Onnx, &mut warnings)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     verify(&module, &path.display().to_string())?;
     Ok(LoadedModel {

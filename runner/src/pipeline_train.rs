@@ -956,28 +956,23 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     // of one-stage checkpoints; a run with threads and one with a process per device read each
     // other's (rank 0 writes them).
     let method = crate::train::parse_grad_method("bp", 1)?;
-    let shapes: BTreeMap<String, Vec<usize>> = forward
-        .params()
-        .map(|x| (x.name.to_string(), x.ty.shape.clone()))
-        .collect();
+    // The parameters with their shapes: what a checkpoint holds.
+    let state_of = |params: &BTreeMap<String, HostData>| -> crate::train::State {
+        forward
+            .params()
+            .map(|x| {
+                (
+                    x.name.to_string(),
+                    (x.ty.shape.clone(), params[x.name].clone()),
+                )
+            })
+            .collect()
+    };
     let mut start = 0usize;
     if let Some(dir) = &a.resume {
-        let (tensors, meta) = crate::train::read_checkpoint(dir)?;
-        for (name, shape) in &shapes {
-            let t = tensors.get(name).with_context(|| {
-                format!("checkpoint in {} has no tensor \"{name}\"", dir.display())
-            })?;
-            if &t.shape != shape {
-                bail!(
-                    "checkpoint tensor \"{name}\" is {}, the model needs shape {shape:?}",
-                    t.ty()
-                );
-            }
-            params.insert(
-                name.clone(),
-                cleave_runtime::host_from_tensor(t).context("checkpoint tensors are f32")?,
-            );
-        }
+        let mut state = state_of(&params);
+        let (step, meta) = crate::train::restore_checkpoint(dir, &mut state)?;
+        params.extend(state.into_iter().map(|(name, (_, d))| (name, d)));
         for (key, want) in [
             ("batch", batch.to_string()),
             ("optimizer", "sgd".to_string()),
@@ -990,10 +985,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                 );
             }
         }
-        start = meta
-            .get("step")
-            .and_then(|s| s.parse().ok())
-            .context("checkpoint metadata has no step")?;
+        start = step;
     }
     let write_ckpt = |done: usize, params: &BTreeMap<String, HostData>| -> Result<()> {
         let (Some(dir), 0) = (&a.checkpoint, rank) else {
@@ -1002,10 +994,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         if !(done.is_multiple_of(a.checkpoint_every.max(1)) || done == a.steps) {
             return Ok(());
         }
-        let state: BTreeMap<String, (Vec<usize>, HostData)> = shapes
-            .iter()
-            .map(|(n, s)| (n.clone(), (s.clone(), params[n].clone())))
-            .collect();
+        let state = state_of(params);
         let mut meta = crate::train::checkpoint_meta(a, done, batch, lr, &method);
         meta.insert("microbatches".into(), m.to_string());
         crate::train::write_checkpoint(dir, &state, meta)

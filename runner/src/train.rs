@@ -404,25 +404,35 @@ pub fn initial_state(
     }
     let mut start = 0usize;
     if let Some(dir) = resume {
-        let (tensors, meta) = read_checkpoint(dir)?;
-        for (name, (shape, d)) in state.iter_mut() {
-            let t = tensors.get(name).with_context(|| {
-                format!("checkpoint in {} has no tensor \"{name}\"", dir.display())
-            })?;
-            if &t.shape != shape {
-                bail!(
-                    "checkpoint tensor \"{name}\" is {}, the model needs shape {shape:?}",
-                    t.ty()
-                );
-            }
-            *d = cleave_runtime::host_from_tensor(t).context("checkpoint tensors are f32")?;
-        }
-        start = meta
-            .get("step")
-            .and_then(|s| s.parse().ok())
-            .context("checkpoint metadata has no step")?;
+        start = restore_checkpoint(dir, &mut state)?.0;
     }
     Ok((state, start))
+}
+
+/// Fills every entry of `state` from the checkpoint in `dir` (each tensor must be there, with
+/// the entry's shape); returns the checkpoint's step and its metadata.
+pub fn restore_checkpoint(
+    dir: &Path,
+    state: &mut State,
+) -> Result<(usize, HashMap<String, String>)> {
+    let (tensors, meta) = read_checkpoint(dir)?;
+    for (name, (shape, d)) in state.iter_mut() {
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("checkpoint in {} has no tensor \"{name}\"", dir.display()))?;
+        if &t.shape != shape {
+            bail!(
+                "checkpoint tensor \"{name}\" is {}, the model needs shape {shape:?}",
+                t.ty()
+            );
+        }
+        *d = cleave_runtime::host_from_tensor(t).context("checkpoint tensors are f32")?;
+    }
+    let step = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .context("checkpoint metadata has no step")?;
+    Ok((step, meta))
 }
 
 /// A checkpoint's metadata after `step` steps.

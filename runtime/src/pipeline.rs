@@ -796,12 +796,7 @@ impl Pipeline {
                 }
             };
             if let (Some(HostData::F32(pv)), HostData::F32(gv)) = (params.get(&p), &sum) {
-                let (lr, sc) = (opts.lr, opts.grad_scale);
-                let new: Vec<f32> = pv
-                    .iter()
-                    .zip(gv)
-                    .map(|(&x, &g)| x - lr * (sc * g))
-                    .collect();
+                let new = sgd(pv, gv, opts);
                 result.params.insert(p.clone(), HostData::F32(new));
             }
             result.grads.insert(p, sum);
@@ -1300,12 +1295,7 @@ impl<'a> Worker<'a> {
                             if let (Some(HostData::F32(pv)), HostData::F32(gv)) =
                                 (st.params.get(p), &v)
                             {
-                                let (lr, sc) = (sh.opts.lr, sh.opts.grad_scale);
-                                let new: Vec<f32> = pv
-                                    .iter()
-                                    .zip(gv)
-                                    .map(|(&x, &g)| x - lr * (sc * g))
-                                    .collect();
+                                let new = sgd(pv, gv, sh.opts);
                                 out.params.insert(p.to_string(), HostData::F32(new));
                             }
                             out.grads.insert(p.to_string(), v);
@@ -1584,4 +1574,13 @@ fn decode(bytes: &[u8]) -> Result<Msg, String> {
         return Err("a value message has trailing bytes".into());
     }
     Ok(msg)
+}
+
+/// The SGD update of the step: `p − lr·(scale·g)` in f32.
+fn sgd(p: &[f32], g: &[f32], opts: &PipelineOptions) -> Vec<f32> {
+    let (lr, scale) = (opts.lr, opts.grad_scale);
+    p.iter()
+        .zip(g)
+        .map(|(&x, &g)| x - lr * (scale * g))
+        .collect()
 }

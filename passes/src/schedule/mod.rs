@@ -143,7 +143,7 @@ impl Schedule {
             }
         }
         let mut reverse_at: Vec<Option<u32>> = vec![None; n_stages];
-        let mut reverse_mbs: Vec<Option<bool>> = vec![None; microbatches];
+        let mut reverse_mbs = vec![false; microbatches];
         for (d, list) in devices.iter().enumerate() {
             for (i, a) in list.iter().enumerate() {
                 let s = a.stage as usize;
@@ -174,7 +174,7 @@ impl Schedule {
                     Some(_) => {}
                 }
                 if a.kind.is_compute() {
-                    reverse_mbs[a.microbatch as usize] = Some(true);
+                    reverse_mbs[a.microbatch as usize] = true;
                 }
             }
         }
@@ -194,7 +194,7 @@ impl Schedule {
                 .zip(&placement)
                 .map(|(r, &p)| r.unwrap_or(p))
                 .collect(),
-            microbatches: reverse_mbs.iter().map(|x| x.unwrap_or(false)).collect(),
+            microbatches: reverse_mbs,
         });
         Ok(Schedule {
             devices,

@@ -469,21 +469,8 @@ pub fn import_model(
     // Persistent buffers the exported program lists but the graph never reads have no
     // initializer: BatchNorm's `num_batches_tracked` counter is 0 (cleave does not update the
     // running statistics), any other is reported missing.
-    let signature = graph
-        .metadata_props
-        .iter()
-        .find(|p| p.key.as_deref() == Some("pkg.torch.export.ExportedProgram.graph_signature"))
-        .and_then(|p| p.value.as_deref())
-        .unwrap_or("");
-    for line in signature.lines() {
-        let (Some(target), true) = (
-            line.split("target='")
-                .nth(1)
-                .and_then(|t| t.split('\'').next()),
-            line.contains(": BUFFER ") && line.contains("persistent=True"),
-        ) else {
-            continue;
-        };
+    let signature = Signature::of(graph);
+    for &target in &signature.persistent_buffers {
         if state.buffers.contains_key(target) {
             continue;
         }
@@ -496,15 +483,18 @@ pub fn import_model(
             state.missing.push(target.to_string());
         }
     }
-    let (mut warnings, merged) = pitfalls(graph, &inits);
+    // Every node's module (the dynamo exporter's scopes), read once for the analyses below.
+    let scopes: Vec<Option<String>> = graph.node.iter().map(module_scope).collect();
+    let (pitfall_warnings, merged) = pitfalls(graph, &scopes, &inits);
+    let mut notes = Vec::new();
     let generated: Vec<String> = inits
         .keys()
         .filter(|n| is_generated_name(n))
         .cloned()
         .collect();
     // Tied weights take the name PyTorch's `named_parameters()` gives them.
-    for (from, to) in tied_names(graph, &inits) {
-        warnings.push(format!(
+    for (from, to) in tied_names(graph, &scopes, &inits) {
+        notes.push(format!(
             "note: `{from}` is tied to `{to}` (one tensor used by both modules): it is one \
              parameter, named `{to}` as PyTorch's named_parameters() lists it"
         ));
@@ -517,22 +507,11 @@ pub fn import_model(
     // longer holds some of the exported program's parameters under their names has merged or
     // folded them. Without the program's signature (the legacy exporter, hand-made files), the
     // generated-name and the merged initializers are what is lost.
-    if signature.is_empty() {
+    if !signature.present {
         state.lost.extend(generated.iter().cloned());
         state.lost.extend(merged);
     } else if !generated.is_empty() {
-        for line in signature.lines() {
-            let Some(target) = line
-                .contains(": PARAMETER ")
-                .then(|| {
-                    line.split("target='")
-                        .nth(1)
-                        .and_then(|t| t.split('\'').next())
-                })
-                .flatten()
-            else {
-                continue;
-            };
+        for &target in &signature.params {
             let aliased = state.aliases.iter().any(|(from, _)| from == target);
             if !inits.contains_key(target) && !aliased {
                 state.lost.push(target.to_string());
@@ -541,9 +520,9 @@ pub fn import_model(
     }
     // Put the lost parameters back where the file says where each one was: every one found.
     let mut overrides: HashMap<(usize, usize), Override> = HashMap::new();
-    if !state.lost.is_empty() && !signature.is_empty() {
-        if let Some(found) = recover(graph, &inits, &state.lost) {
-            let mut notes = Vec::new();
+    let mut recovered = false;
+    if !state.lost.is_empty() && signature.present {
+        if let Some(found) = recover(graph, &scopes, &inits, &state.lost) {
             for r in found {
                 let t = &inits[&r.from];
                 let value = if r.transposed {
@@ -576,23 +555,20 @@ pub fn import_model(
                 }
             }
             state.lost.clear();
-            warnings.retain(|w| !w.contains("re-export with"));
-            warnings.extend(notes);
+            recovered = true;
         }
     }
+    // The pitfalls recovered are no longer worth a warning; the notes say what was done.
+    let warnings: Vec<String> = if recovered {
+        notes
+    } else {
+        pitfall_warnings.into_iter().chain(notes).collect()
+    };
 
     // With the program's signature, the parameters are the ones it lists: any other float
     // initializer (a constant the optimizer folded, e.g. a position embedding already looked
     // up) is a constant, not something to train.
-    let listed: HashSet<&str> = signature
-        .lines()
-        .filter(|l| l.contains(": PARAMETER "))
-        .filter_map(|l| {
-            l.split("target='")
-                .nth(1)
-                .and_then(|t| t.split('\'').next())
-        })
-        .collect();
+    let listed: HashSet<&str> = signature.params.iter().copied().collect();
     if !listed.is_empty() {
         for (name, v) in vals.iter_mut() {
             if let Val::Param(p) = v {
@@ -749,7 +725,11 @@ fn lower_node(imp: &mut Importer, ctx: &NodeCtx, inputs: &[Option<Val>]) -> NRes
 
 /// Export pitfalls: unnamed initializers and initializers shared by layers of one kind; the
 /// warnings, and the names of the shared (merged) initializers.
-fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> (Vec<String>, Vec<String>) {
+fn pitfalls(
+    graph: &GraphProto,
+    scopes: &[Option<String>],
+    inits: &HashMap<String, Tensor>,
+) -> (Vec<String>, Vec<String>) {
     const HOW: &str = "re-export with `torch.onnx.export(..., dynamo=True, optimize=False)` \
                        (or, with the TorchScript exporter, `dynamo=False, \
                        do_constant_folding=False`) so that parameters keep their names";
@@ -772,19 +752,8 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> (Vec<String>
                 .join(", ")
         ));
     }
-    // (initializer, op type, input position) -> the nodes using it there.
-    // The TorchScript exporter aliases merged parameters through `Identity` nodes
-    // (`ln2.weight = Identity(ln1.weight)`); resolve those aliases.
-    let mut alias: HashMap<&str, &str> = HashMap::new();
-    for node in &graph.node {
-        if node.op_type.as_deref() == Some("Identity") {
-            if let (Some(src), Some(dst)) = (node.input.first(), node.output.first()) {
-                if inits.contains_key(src) {
-                    alias.insert(dst, src);
-                }
-            }
-        }
-    }
+    // Merged parameters may be reached through `Identity` aliases.
+    let alias = identity_aliases(graph, inits);
     // (initializer, op type, input position) -> (node, module scope) of each use.
     type Uses<'g> = BTreeMap<(&'g str, &'g str, usize), Vec<(String, Option<String>)>>;
     let mut uses: Uses = BTreeMap::new();
@@ -799,7 +768,7 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> (Vec<String>
             if inits.contains_key(input) && !is_generated_name(input) {
                 uses.entry((input, node.op_type.as_deref().unwrap_or(""), pos))
                     .or_default()
-                    .push((node_label(node, i), module_scope(node)));
+                    .push((node_label(node, i), scopes[i].clone()));
             }
         }
     }
@@ -825,6 +794,67 @@ fn pitfalls(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> (Vec<String>
     merged.sort_unstable();
     merged.dedup();
     (warnings, merged)
+}
+
+/// The exported program's signature, which PyTorch's dynamo exporter stores as graph metadata
+/// (`pkg.torch.export.ExportedProgram.graph_signature`, lines like
+/// `p_fc_weight: PARAMETER target='fc.weight'`): the names of its parameters and of its
+/// persistent buffers.
+struct Signature<'g> {
+    /// Whether the file has one (the legacy exporter and hand-made files do not).
+    present: bool,
+    params: Vec<&'g str>,
+    persistent_buffers: Vec<&'g str>,
+}
+
+impl<'g> Signature<'g> {
+    fn of(graph: &'g GraphProto) -> Self {
+        let text = graph
+            .metadata_props
+            .iter()
+            .find(|p| p.key.as_deref() == Some("pkg.torch.export.ExportedProgram.graph_signature"))
+            .and_then(|p| p.value.as_deref())
+            .unwrap_or("");
+        let mut sig = Signature {
+            present: !text.is_empty(),
+            params: Vec::new(),
+            persistent_buffers: Vec::new(),
+        };
+        for line in text.lines() {
+            let Some(target) = line
+                .split("target='")
+                .nth(1)
+                .and_then(|t| t.split('\'').next())
+            else {
+                continue;
+            };
+            if line.contains(": PARAMETER ") {
+                sig.params.push(target);
+            } else if line.contains(": BUFFER ") && line.contains("persistent=True") {
+                sig.persistent_buffers.push(target);
+            }
+        }
+        sig
+    }
+}
+
+/// The TorchScript exporter aliases initializers through `Identity` nodes
+/// (`ln2.weight = Identity(ln1.weight)`): each alias with the initializer it names.
+fn identity_aliases<'g>(
+    graph: &'g GraphProto,
+    inits: &HashMap<String, Tensor>,
+) -> HashMap<&'g str, &'g str> {
+    let mut alias = HashMap::new();
+    for node in &graph.node {
+        if node.op_type.as_deref() == Some("Identity") {
+            if let (Some(src), Some(dst)) = (node.input.first(), node.output.first()) {
+                if inits.contains_key(src) {
+                    alias.insert(dst.as_str(), src.as_str());
+                }
+            }
+        }
+    }
+    alias
 }
 
 /// How a node reads a recovered parameter instead of the initializer the file gives it.
@@ -865,6 +895,7 @@ fn transpose2(t: &Tensor) -> Option<Tensor> {
 /// parameter folded into constants cannot be put back).
 fn recover(
     graph: &GraphProto,
+    scopes: &[Option<String>],
     inits: &HashMap<String, Tensor>,
     lost: &[String],
 ) -> Option<Vec<Recovered>> {
@@ -873,7 +904,7 @@ fn recover(
         let (scope, attr) = target.rsplit_once('.')?;
         let mut found: Option<Recovered> = None;
         for (i, node) in graph.node.iter().enumerate() {
-            if module_scope(node).as_deref() != Some(scope) {
+            if scopes[i].as_deref() != Some(scope) {
                 continue;
             }
             let linear = node.metadata_props.iter().any(|p| {
@@ -953,24 +984,19 @@ fn module_scope(node: &NodeProto) -> Option<String> {
 /// and the name of the same attribute under the first module that uses it in graph order,
 /// which is the name `named_parameters()` lists (the first registration; models register the
 /// embedding before the head that reuses it). Needs the dynamo exporter's scopes.
-fn tied_names(graph: &GraphProto, inits: &HashMap<String, Tensor>) -> Vec<(String, String)> {
-    let mut alias: HashMap<&str, &str> = HashMap::new();
-    for node in &graph.node {
-        if node.op_type.as_deref() == Some("Identity") {
-            if let (Some(src), Some(dst)) = (node.input.first(), node.output.first()) {
-                if inits.contains_key(src) {
-                    alias.insert(dst, src);
-                }
-            }
-        }
-    }
+fn tied_names(
+    graph: &GraphProto,
+    scopes: &[Option<String>],
+    inits: &HashMap<String, Tensor>,
+) -> Vec<(String, String)> {
+    let alias = identity_aliases(graph, inits);
     // Per initializer, the modules that use it, in graph order.
     let mut users: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for node in &graph.node {
+    for (node, scope) in graph.node.iter().zip(scopes) {
         if node.op_type.as_deref() == Some("Identity") {
             continue;
         }
-        let Some(scope) = module_scope(node) else {
+        let Some(scope) = scope.clone() else {
             continue;
         };
         for input in &node.input {

@@ -111,13 +111,7 @@ def export_with_loss(name, two):
     # No output names: the exporter names the outputs itself, as for a user who gives none.
     prog = torch.onnx.export(model, (x, labels), dynamo=True, optimize=False,
                              opset_version=OPSET, input_names=["x", "labels"])
-    prog.save(path)
-    m = onnx.load(path)
-    for node in m.graph.node:
-        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
-        del node.metadata_props[:]
-        node.metadata_props.extend(keep)
-    onnx.save(m, path)
+    m = save_without_traces(prog, path)
     params = dict(model.named_parameters())
     out = model(x, labels)
     loss = out[0] if two else out
@@ -199,12 +193,9 @@ def tied():
     return Tied(), torch.randint(0, 64, (BATCH, SEQ))
 
 
-def export(model, x, path, input_name):
-    with warnings.catch_warnings():
-        # Exporting in training mode is intended for the ResNet (batch statistics).
-        warnings.simplefilter("ignore", UserWarning)
-        prog = torch.onnx.export(model, (x,), dynamo=True, optimize=False, opset_version=OPSET,
-                                 input_names=[input_name], output_names=["logits"])
+def save_without_traces(prog, path):
+    """Saves an exported program, then drops the per-node Python stack traces (they hold local
+    paths and change with every edit of this script); the rest is left as exported."""
     prog.save(path)
     m = onnx.load(path, load_external_data=False)
     for node in m.graph.node:
@@ -212,6 +203,16 @@ def export(model, x, path, input_name):
         del node.metadata_props[:]
         node.metadata_props.extend(keep)
     onnx.save(m, path)
+    return m
+
+
+def export(model, x, path, input_name):
+    with warnings.catch_warnings():
+        # Exporting in training mode is intended for the ResNet (batch statistics).
+        warnings.simplefilter("ignore", UserWarning)
+        prog = torch.onnx.export(model, (x,), dynamo=True, optimize=False, opset_version=OPSET,
+                                 input_names=[input_name], output_names=["logits"])
+    m = save_without_traces(prog, path)
     onnx.checker.check_model(path)
     return m
 
@@ -372,20 +373,14 @@ class FoldedPositions(nn.Module):
 def export_optimized():
     """`merged_opt.onnx` (+ reference: MSE against `target`) and `folded_opt.onnx`, both with
     the exporter's default `optimize=True`."""
-    for name, model in (("merged_opt", MergedAndTransposed()), ("folded_opt", FoldedPositions())):
+    for name, build in (("merged_opt", MergedAndTransposed), ("folded_opt", FoldedPositions)):
         torch.manual_seed(5)
-        model = model.eval()
+        model = build().eval()
         x, target = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
         path = os.path.join(HERE, f"{name}.onnx")
         prog = torch.onnx.export(model, (x,), dynamo=True, optimize=True, opset_version=OPSET,
                                  input_names=["x"], output_names=["y"])
-        prog.save(path)
-        m = onnx.load(path)
-        for node in m.graph.node:
-            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
-            del node.metadata_props[:]
-            node.metadata_props.extend(keep)
-        onnx.save(m, path)
+        m = save_without_traces(prog, path)
         params = dict(model.named_parameters())
         loss = F.mse_loss(model(x), target)
         grads = torch.autograd.grad(loss, list(params.values()))

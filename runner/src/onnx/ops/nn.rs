@@ -327,12 +327,12 @@ fn batch_norm(imp: &mut Importer, n: &NodeCtx, ins: &[Option<Val>]) -> NResult<V
     if ty.rank() < 2 {
         return Err("the input needs rank >= 2".into());
     }
-    if batch_norm_training(n)? {
+    let eps = n.float("epsilon", 1e-5)? as f64;
+    let xv = imp.ir(x)?;
+    let y = if batch_norm_training(n)? {
         // Training form: the batch's mean and (biased) variance per channel, as PyTorch
         // normalises in `train()` mode; gradients flow through both.
-        let eps = n.float("epsilon", 1e-5)? as f64;
         let axes: Vec<usize> = (0..ty.rank()).filter(|&a| a != 1).collect();
-        let xv = imp.ir(x)?;
         let mean = imp.t.reduce(ReduceKind::Mean, xv, axes.clone())?;
         let mean = per_channel(imp, mean, &ty.shape)?;
         let d = imp.t.binary(BinaryOp::Sub, xv, mean)?;
@@ -342,30 +342,24 @@ fn batch_norm(imp: &mut Importer, n: &NodeCtx, ins: &[Option<Val>]) -> NResult<V
         let var = imp.t.add(var, e)?;
         let inv = imp.t.unary(cleave_ir::UnaryOp::Rsqrt, var)?;
         let inv = per_channel(imp, inv, &ty.shape)?;
-        let y = imp.t.mul(d, inv)?;
-        let s = imp.ir(input(ins, 1)?)?;
-        let s = per_channel(imp, s, &ty.shape)?;
-        let y = imp.t.mul(y, s)?;
-        let b = imp.ir(input(ins, 2)?)?;
-        let b = per_channel(imp, b, &ty.shape)?;
-        return Ok(Val::Ir(imp.t.add(y, b)?));
-    }
-    let c = ty.shape[1];
-    let mean = imp.const_floats(input(ins, 3)?, "input_mean")?;
-    let var = imp.const_floats(input(ins, 4)?, "input_var")?;
-    if mean.len() != c || var.len() != c {
-        return Err(format!("running statistics must have {c} elements").into());
-    }
-    let eps = n.float("epsilon", 1e-5)? as f64;
-    let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let shift: Vec<f64> = mean.iter().zip(&inv).map(|(m, i)| -m * i).collect();
-    let inv = imp.constant(&Tensor::from_float(ty.dtype, [c], inv))?;
-    let shift = imp.constant(&Tensor::from_float(ty.dtype, [c], shift))?;
-    let xv = imp.ir(x)?;
-    let inv = per_channel(imp, inv, &ty.shape)?;
-    let shift = per_channel(imp, shift, &ty.shape)?;
-    let y = imp.t.mul(xv, inv)?;
-    let y = imp.t.add(y, shift)?;
+        imp.t.mul(d, inv)?
+    } else {
+        let c = ty.shape[1];
+        let mean = imp.const_floats(input(ins, 3)?, "input_mean")?;
+        let var = imp.const_floats(input(ins, 4)?, "input_var")?;
+        if mean.len() != c || var.len() != c {
+            return Err(format!("running statistics must have {c} elements").into());
+        }
+        let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        let shift: Vec<f64> = mean.iter().zip(&inv).map(|(m, i)| -m * i).collect();
+        let inv = imp.constant(&Tensor::from_float(ty.dtype, [c], inv))?;
+        let shift = imp.constant(&Tensor::from_float(ty.dtype, [c], shift))?;
+        let inv = per_channel(imp, inv, &ty.shape)?;
+        let shift = per_channel(imp, shift, &ty.shape)?;
+        let y = imp.t.mul(xv, inv)?;
+        imp.t.add(y, shift)?
+    };
+    // Both forms: the per-channel scale and shift.
     let s = imp.ir(input(ins, 1)?)?;
     let s = per_channel(imp, s, &ty.shape)?;
     let y = imp.t.mul(y, s)?;

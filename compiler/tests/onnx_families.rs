@@ -35,10 +35,12 @@ fn load(name: &str) -> LoadedModel {
         .unwrap_or_else(|e| panic!("{name}: {e:#}"))
 }
 
-/// Loss and gradients against PyTorch's, then 20 SGD steps (see the module docs).
+/// Loss and gradients against PyTorch's, then 20 SGD steps (see the module docs). A
+/// `<m>_legacy` export (the TorchScript exporter's) of the same model has `<m>`'s reference.
 fn check(name: &str) {
     let mut loaded = load(name);
-    let reference = read_tensors(&fixture(&format!("{name}.ref.safetensors"))).unwrap();
+    let family = name.strip_suffix("_legacy").unwrap_or(name);
+    let reference = read_tensors(&fixture(&format!("{family}.ref.safetensors"))).unwrap();
     let lr = reference["sgd_lr"].to_f32_vec()[0];
     PassManager::from_pipeline("autodiff")
         .unwrap()
@@ -133,6 +135,29 @@ fn resnet18_with_batch_statistics_matches_pytorch() {
 #[test]
 fn tied_embedding_and_reused_block_match_pytorch() {
     check("tied");
+}
+
+/// The TorchScript exporter's ViT: its deduplicated norms and zero biases are one parameter per
+/// layer again (`Identity` aliases split), so every `named_parameters()` gradient is there.
+#[test]
+fn vit_from_the_legacy_exporter_matches_pytorch() {
+    let loaded = load("vit_legacy");
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("12 parameter(s) the TorchScript exporter deduplicated")),
+        "{:?}",
+        loaded.warnings
+    );
+    check("vit_legacy");
+}
+
+/// The TorchScript exporter's training-mode ResNet: `BatchNormalization` with
+/// `training_mode=1` and its (unread) running-statistics outputs.
+#[test]
+fn resnet18_from_the_legacy_exporter_matches_pytorch() {
+    check("resnet18_legacy");
 }
 
 /// Runs `cleave ARGS`, which must succeed (`what` names the case in the failure).
@@ -429,6 +454,20 @@ fn optimized_exports_are_recovered_or_refused() {
     let e = loaded.check_trainable(&path).unwrap_err().to_string();
     assert!(
         e.contains("pos.weight") && e.contains("optimize=False"),
+        "{e}"
+    );
+    // The TorchScript exporter's default constant folding stores the weights transposed under
+    // generated names, with no signature to say whose: refused, naming them.
+    let path = fixture("legacy_folded.onnx");
+    let opts = LoadOptions {
+        loss: Some(LossKind::Mse),
+        labels: Some("y".into()),
+        ..LoadOptions::default()
+    };
+    let loaded = load_model_quiet(&path, &opts).unwrap();
+    let e = loaded.check_trainable(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("onnx::MatMul_18") && e.contains("do_constant_folding=False"),
         "{e}"
     );
 }

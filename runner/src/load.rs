@@ -92,10 +92,11 @@ impl LoadedModel {
         let shown: Vec<&str> = lost.iter().take(6).map(String::as_str).collect();
         bail!(
             "{}: this export does not hold {} of the model's parameters one by one under their \
-             names ({}{}): torch.onnx.export's default `optimize=True` (and the legacy \
-             exporter) merges equal tensors into one that several layers share and folds \
-             parameters into constants, so training it would train the wrong tensors; \
-             re-export with `torch.onnx.export(..., dynamo=True, optimize=False)`",
+             names ({}{}): torch.onnx.export's default `optimize=True` (and the TorchScript \
+             exporter's default constant folding) merges equal tensors into one that several \
+             layers share and folds parameters into constants, so training it would train the \
+             wrong tensors; re-export with `torch.onnx.export(..., dynamo=True, \
+             optimize=False)` (or `dynamo=False, do_constant_folding=False`)",
             path.display(),
             lost.len(),
             shown.join(", "),

@@ -31,6 +31,8 @@ pub enum Val {
     Param(String),
     /// An ONNX sequence (from `SplitToSequence`).
     Seq(Vec<Val>),
+    /// An output cleave does not compute (why): an error where a node or the graph reads it.
+    Unavailable(String),
 }
 
 /// An error inside one node's lowering; the driver adds the node's name and op type.
@@ -183,6 +185,7 @@ impl Importer<'_> {
                 Ok(p)
             }
             Val::Seq(_) => Err("a sequence cannot be used as a tensor".into()),
+            Val::Unavailable(why) => Err(why.clone().into()),
         }
     }
 
@@ -226,6 +229,7 @@ impl Importer<'_> {
             Val::Const(t) => Ok(t.ty()),
             Val::Param(name) => Ok(self.inits[name].ty()),
             Val::Seq(_) => Err("a sequence cannot be used as a tensor".into()),
+            Val::Unavailable(why) => Err(why.clone().into()),
         }
     }
 
@@ -485,8 +489,42 @@ pub fn import_model(
     }
     // Every node's module (the dynamo exporter's scopes), read once for the analyses below.
     let scopes: Vec<Option<String>> = graph.node.iter().map(module_scope).collect();
-    let (pitfall_warnings, merged) = pitfalls(graph, &scopes, &inits);
     let mut notes = Vec::new();
+    // The TorchScript exporter deduplicates parameters with equal values (freshly initialised
+    // norms and zero biases) and keeps each dropped one's name as an `Identity` of the one it
+    // kept: each is its own parameter again, starting from that value.
+    let mut split_nodes = HashSet::new();
+    if !signature.present {
+        let mut split = Vec::new();
+        for (i, node) in graph.node.iter().enumerate() {
+            let (Some("Identity"), [src], [dst]) = (
+                node.op_type.as_deref(),
+                node.input.as_slice(),
+                node.output.as_slice(),
+            ) else {
+                continue;
+            };
+            if is_generated_name(dst) || inits.contains_key(dst) || vals.contains_key(dst) {
+                continue;
+            }
+            let Some(t) = inits.get(src).filter(|_| !is_generated_name(src)) else {
+                continue;
+            };
+            inits.insert(dst.clone(), t.clone());
+            vals.insert(dst.clone(), Val::Param(dst.clone()));
+            split_nodes.insert(i);
+            split.push(format!("`{dst}` (stored as `{src}`)"));
+        }
+        if !split.is_empty() {
+            notes.push(format!(
+                "note: {} parameter(s) the TorchScript exporter deduplicated because their \
+                 values were equal are separate parameters again: {}",
+                split.len(),
+                split.join(", ")
+            ));
+        }
+    }
+    let (pitfall_warnings, merged) = pitfalls(graph, &scopes, &inits);
     let generated: Vec<String> = inits
         .keys()
         .filter(|n| is_generated_name(n))
@@ -600,6 +638,9 @@ pub fn import_model(
     }
 
     for (index, node) in graph.node.iter().enumerate() {
+        if split_nodes.contains(&index) {
+            continue; // Its output is a parameter of its own (above).
+        }
         let ctx = NodeCtx {
             node,
             op: node.op_type.as_deref().unwrap_or(""),
@@ -848,7 +889,8 @@ fn identity_aliases<'g>(
     for node in &graph.node {
         if node.op_type.as_deref() == Some("Identity") {
             if let (Some(src), Some(dst)) = (node.input.first(), node.output.first()) {
-                if inits.contains_key(src) {
+                // A deduplicated parameter split again has an initializer of its own.
+                if inits.contains_key(src) && !inits.contains_key(dst) {
                     alias.insert(dst.as_str(), src.as_str());
                 }
             }

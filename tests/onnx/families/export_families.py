@@ -392,6 +392,42 @@ def export_optimized():
         print(f"{name}: initializers {[i.name for i in m.graph.initializer]}")
 
 
+def export_legacy():
+    """`vit_legacy.onnx` and `resnet18_legacy.onnx`: the same models as `vit.onnx` and
+    `resnet18.onnx` (same seeds, so `<m>.ref.safetensors` is their reference too) from the
+    TorchScript exporter (`dynamo=False, do_constant_folding=False`; the ResNet with
+    `training=TrainingMode.TRAINING`). That exporter deduplicates parameters with equal values
+    (the ViT's norms and zero biases) and keeps each dropped name as an `Identity` of the kept
+    one. `legacy_folded.onnx`: a LayerNorm/Linear stack from the same exporter with its default
+    `do_constant_folding=True`, which stores the Linear weights transposed under generated names
+    (`onnx::MatMul_*`): cleave refuses to train it."""
+    builds = {"vit": (2, vit), "resnet18": (4, resnet18)}
+    for name, (seed, build) in builds.items():
+        torch.manual_seed(seed)
+        model, x = build()
+        model.train(name == "resnet18")
+        mode = torch.onnx.TrainingMode.TRAINING if name == "resnet18" else \
+            torch.onnx.TrainingMode.EVAL
+        path = os.path.join(HERE, f"{name}_legacy.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), path, dynamo=False, do_constant_folding=False,
+                              training=mode, opset_version=OPSET, input_names=["x"],
+                              output_names=["logits"])
+        m = onnx.load(path)
+        ids = [n for n in m.graph.node if n.op_type == "Identity"]
+        print(f"{name}_legacy: {len(m.graph.initializer)} initializers, {len(ids)} Identity "
+              f"nodes, {len(dict(model.named_parameters()))} parameters")
+    torch.manual_seed(5)
+    model = MergedAndTransposed().eval()
+    path = os.path.join(HERE, "legacy_folded.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 4, 8),), path, dynamo=False,
+                          opset_version=OPSET, input_names=["x"], output_names=["y"])
+    print(f"legacy_folded: initializers {[i.name for i in onnx.load(path).graph.initializer]}")
+
+
 def check_weights(name, path):
     """By hand: `export_families.py --check-weights gpt2 out.safetensors` loads the weights
     `cleave export-weights CKPT --model gpt2.onnx --safetensors out.safetensors` wrote into a
@@ -421,6 +457,8 @@ def main():
         export_optimized()
     if not only or "layers" in only:
         export_layers()
+    if not only or "legacy" in only:
+        export_legacy()
     if not only or "loss" in only:
         export_with_loss("loss_inside", two=False)
         export_with_loss("two_scalars", two=True)

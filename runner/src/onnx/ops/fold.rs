@@ -1,6 +1,6 @@
-//! Ops the importer evaluates at import time only: `CumSum` and `GatherND` on values known
-//! then (PyTorch's exports build attention masks and position ids with them from static
-//! shapes). On a value computed from the model's inputs they are refused with the reason.
+//! Ops the importer evaluates at import time only: `CumSum`, `GatherND` and `Mod` on values
+//! known then (PyTorch's exports build attention masks, position ids and head counts with them
+//! from static shapes). On a value computed from the model's inputs they are refused with the reason.
 
 use cleave_ir::interp::{Tensor, TensorData};
 
@@ -28,6 +28,11 @@ pub fn lower(imp: &mut Importer, n: &NodeCtx, ins: &[Option<Val>]) -> NResult<Op
             let idx = known(imp, input(ins, 1)?, "GatherND")?;
             let b = n.int("batch_dims", 0)?;
             vec![Val::Const(gather_nd(&data, &idx, b)?)]
+        }
+        "Mod" => {
+            let a = known(imp, input(ins, 0)?, "Mod")?;
+            let b = known(imp, input(ins, 1)?, "Mod")?;
+            vec![Val::Const(modulo(&a, &b, n.int("fmod", 0)? != 0)?)]
         }
         _ => return Ok(None),
     };
@@ -109,6 +114,66 @@ fn cumsum(x: &Tensor, axis: usize, exclusive: bool, reverse: bool) -> NResult<Te
         TensorData::Bool(_) => return Err("CumSum of a boolean tensor".into()),
     };
     Tensor::new(x.dtype, x.shape.clone(), data).map_err(|e| e.to_string().into())
+}
+
+/// ONNX `Mod`, broadcasting: the remainder takes the divisor's sign (Python's `%`), or with
+/// `fmod` the dividend's (C's `fmod`, the only form ONNX allows for floats).
+fn modulo(a: &Tensor, b: &Tensor, fmod: bool) -> NResult<Tensor> {
+    if a.dtype != b.dtype {
+        return Err(format!("Mod of {} and {}", a.dtype, b.dtype).into());
+    }
+    let shape = super::broadcast_shapes(&[a.shape.clone(), b.shape.clone()])?;
+    let strides_of = |s: &[usize]| {
+        let own = strides(s);
+        let pad = shape.len() - s.len();
+        (0..shape.len())
+            .map(|d| {
+                if d < pad || s[d - pad] == 1 {
+                    0
+                } else {
+                    own[d - pad]
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let (sa, sb) = (strides_of(&a.shape), strides_of(&b.shape));
+    let n: usize = shape.iter().product();
+    let index = |mut i: usize, st: &[usize]| {
+        let mut at = 0;
+        for d in (0..shape.len()).rev() {
+            at += (i % shape[d]) * st[d];
+            i /= shape[d];
+        }
+        at
+    };
+    let data = match (&a.data, &b.data) {
+        (TensorData::Int(x), TensorData::Int(y)) => {
+            let mut out = Vec::with_capacity(n);
+            for i in 0..n {
+                let (p, q) = (x[index(i, &sa)], y[index(i, &sb)]);
+                if q == 0 {
+                    return Err("Mod by zero".into());
+                }
+                let r = p.wrapping_rem(q);
+                out.push(if !fmod && r != 0 && (r < 0) != (q < 0) {
+                    r + q
+                } else {
+                    r
+                });
+            }
+            TensorData::Int(out)
+        }
+        (TensorData::Float(x), TensorData::Float(y)) if fmod => TensorData::Float(
+            (0..n)
+                .map(|i| x[index(i, &sa)] % y[index(i, &sb)])
+                .collect(),
+        ),
+        (TensorData::Float(_), TensorData::Float(_)) => {
+            return Err("Mod of floats needs `fmod=1` (the ONNX spec)".into())
+        }
+        _ => return Err(format!("Mod of {} tensors", a.dtype).into()),
+    };
+    Tensor::new(a.dtype, shape, data).map_err(|e| e.to_string().into())
 }
 
 /// ONNX `GatherND` with `batch_dims` leading batch dimensions shared by data and indices.

@@ -63,6 +63,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Max",
     "MaxPool",
     "Min",
+    "Mod",
     "Mul",
     "Neg",
     "Not",

@@ -5,7 +5,7 @@
 //! (initializers or constants, so they are not trained), while the scale and bias stay
 //! parameters. In training form (`training_mode`, or a PyTorch module exported in `train()`
 //! mode, whose node the exporter writes without it) it normalises with the batch's statistics;
-//! the running statistics are not updated (their outputs are refused).
+//! the running statistics are not updated (their outputs are errors where read).
 
 use cleave_ir::interp::Tensor;
 use cleave_ir::{BinaryOp, CompareOp, DType, ReduceKind, Value};
@@ -43,7 +43,18 @@ pub fn lower(imp: &mut Importer, n: &NodeCtx, ins: &[Option<Val>]) -> NResult<Op
             keep.resize(s.len(), 1);
             vec![reshape(imp, &Val::Ir(r), keep)?]
         }
-        "BatchNormalization" => vec![batch_norm(imp, n, ins)?],
+        "BatchNormalization" => {
+            // The running statistics' outputs (a training-mode node of the TorchScript
+            // exporter declares them, unread): an error only where something reads them.
+            let mut out = vec![batch_norm(imp, n, ins)?];
+            out.extend(n.node.output.iter().skip(1).map(|o| {
+                Val::Unavailable(format!(
+                    "`{o}` is BatchNorm's updated running statistics, which cleave does not \
+                     carry from step to step (training normalises with the batch's statistics)"
+                ))
+            }));
+            out
+        }
         "LayerNormalization" => vec![layer_norm(imp, n, ins)?],
         "Softmax" | "LogSoftmax" => {
             let x = input(ins, 0)?;
@@ -315,13 +326,6 @@ fn batch_norm_training(n: &NodeCtx) -> NResult<bool> {
 }
 
 fn batch_norm(imp: &mut Importer, n: &NodeCtx, ins: &[Option<Val>]) -> NResult<Val> {
-    if n.output_used(1) || n.output_used(2) {
-        return Err(
-            "the running-statistics outputs are not supported (cleave does not carry \
-             BatchNorm state from step to step yet)"
-                .into(),
-        );
-    }
     let x = input(ins, 0)?;
     let ty = imp.ty(x)?;
     if ty.rank() < 2 {

@@ -279,4 +279,30 @@ mod tests {
         assert_eq!(g.as_i64().unwrap(), [2, 3, 4, 5]);
         assert!(gather_nd(&d, &Tensor::from_i64(DType::I64, vec![1, 1], vec![5]), 0).is_err());
     }
+
+    #[test]
+    fn mod_signs_and_broadcast() {
+        // The ONNX operator docs: `fmod=0` takes the divisor's sign, `fmod=1` the dividend's.
+        let a = Tensor::from_i64(DType::I64, vec![6], vec![-4, 7, 5, 4, -7, 8]);
+        let b = Tensor::from_i64(DType::I64, vec![6], vec![2, -3, 8, -2, 3, 5]);
+        assert_eq!(
+            modulo(&a, &b, false).unwrap().as_i64().unwrap(),
+            [0, -2, 5, 0, 2, 3]
+        );
+        assert_eq!(
+            modulo(&a, &b, true).unwrap().as_i64().unwrap(),
+            [0, 1, 5, 0, -1, 3]
+        );
+        let col = Tensor::from_i64(DType::I64, vec![2, 1], vec![7, -7]);
+        let row = Tensor::from_i64(DType::I64, vec![3], vec![2, 3, 4]);
+        let m = modulo(&col, &row, false).unwrap();
+        assert_eq!(m.shape, [2, 3]);
+        assert_eq!(m.as_i64().unwrap(), [1, 1, 3, 1, 2, 1]);
+        let f = Tensor::from_f64(vec![2], vec![-4.3, 5.5]);
+        let g = Tensor::from_f64(vec![1], vec![2.0]);
+        assert!(modulo(&f, &g, false).is_err());
+        let r = modulo(&f, &g, true).unwrap().to_f64_vec();
+        assert!((r[0] + 0.3).abs() < 1e-12 && (r[1] - 1.5).abs() < 1e-12);
+        assert!(modulo(&a, &Tensor::from_i64(DType::I64, vec![1], vec![0]), false).is_err());
+    }
 }

@@ -2,7 +2,7 @@
 //! `mpirun -np P cleave train … --stages P` gives the losses and the final weights (read from the
 //! checkpoint rank 0 writes) of the same run with one thread per device, bit for bit, for every
 //! schedule family: 1F1B, ZB-H1, ZB-H2, ZB-V, interleaved, BitPipe and the
-//! joint plan.
+//! joint plan, on GPT-tiny, the digits MLP and the digits CNN (8×8 images).
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -47,7 +47,11 @@ where
 }
 
 fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
-    let dir = common::tmp(&format!("mpi-{p}-{}", schedule.join("-")));
+    let stem = std::path::Path::new(model.0)
+        .file_stem()
+        .unwrap()
+        .to_string_lossy();
+    let dir = common::tmp(&format!("mpi-{stem}-{p}-{}", schedule.join("-")));
     let threads = dir.join("threads.jsonl");
     let procs = dir.join("procs.jsonl");
     let (name, limit) = match schedule {
@@ -149,10 +153,38 @@ fn two_processes_match_two_threads_for_every_schedule() {
     }
 }
 
+const CNN: (&str, &str) = (
+    "examples/cnn-tiny.cir",
+    "examples/data/digits-images.safetensors",
+);
+
+#[test]
+fn two_processes_train_the_cnn_for_every_schedule() {
+    for s in [
+        &["1f1b"][..],
+        &["zb-h1"],
+        &["zb-h2"],
+        &["zb-v"],
+        &["interleaved"],
+    ] {
+        check(CNN, 2, 4, s);
+    }
+}
+
 #[test]
 fn four_processes_match_four_threads() {
-    for s in [&["1f1b"][..], &["zb-h1"], &["zb-v"]] {
+    for s in [
+        &["1f1b"][..],
+        &["zb-h1"],
+        &["zb-h2"],
+        &["zb-v"],
+        &["interleaved"],
+    ] {
         check(MLP, 4, 8, s);
+    }
+    for s in [&["zb-h1"][..], &["zb-v"]] {
+        check(GPT, 4, 8, s);
+        check(CNN, 4, 8, s);
     }
 }
 

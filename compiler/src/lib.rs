@@ -24,5 +24,5 @@ pub mod memory;
 pub mod schedule_cmd;
 
 pub use cleave_runner::{
-    aot, device_memory, init, load, loss, onnx, pipeline_train, tensors, train,
+    aot, device_memory, init, load, loss, onnx, pipeline_train, session, tensors, train,
 };

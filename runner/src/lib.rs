@@ -21,6 +21,7 @@
 //! - [`init`]: deterministic parameter initialisation.
 //! - [`train`]: `cleave train` and `cleave bench` on the CPU runtime.
 //! - [`pipeline_train`]: pipeline-parallel training on the stage-partitioned executor.
+//! - [`session`]: training stepped by its caller with batches from memory (the Python package).
 //! - [`aot`]: `cleave compile`, standalone training executables (and their start-up, `runner_main`).
 
 use std::ffi::{c_char, c_int, CStr, OsString};
@@ -33,6 +34,7 @@ pub mod load;
 pub mod loss;
 pub mod onnx;
 pub mod pipeline_train;
+pub mod session;
 pub mod tensors;
 pub mod train;
 

@@ -703,75 +703,44 @@ fn placement_of(schedule: &Schedule) -> Vec<usize> {
     schedule.placement.iter().map(|&d| d as usize).collect()
 }
 
-/// Runs pipelined training (see the module docs).
-pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
-    let (p, m) = (a.stages, a.microbatches);
-    if p == 0 || m == 0 {
-        bail!("--stages and --microbatches must be at least 1");
-    }
-    if a.optimizer != OptimizerArg::Sgd {
-        bail!("pipelined training (--stages/--microbatches) supports --optimizer sgd only");
-    }
-    if a.debug_nan {
-        bail!("pipelined training (--stages/--microbatches) does not support --debug-nan yet");
-    }
-    // One process per device under an MPI launcher (`mpirun -np P`, the `mpi` feature):
-    // this process runs device `rank`; only rank 0 prints and writes metrics.
-    #[cfg(feature = "mpi")]
-    let world = cleave_runtime::mpi_remote::init().map_err(|e| anyhow::anyhow!("MPI: {e}"))?;
-    #[cfg(feature = "mpi")]
-    let remote: Option<&dyn Remote> = world.as_ref().map(|w| w as &dyn Remote);
-    #[cfg(not(feature = "mpi"))]
-    let remote: Option<&dyn Remote> = None;
-    let rank = remote.map_or(0, |r| r.device());
-    let quiet = a.quiet || rank != 0;
-    if let Some(r) = remote {
-        if r.devices() != p {
-            bail!(
-                "{} MPI processes for --stages {p}: launch one process per device \
-                 (`mpirun -np {p} …`)",
-                r.devices()
-            );
-        }
-        if a.memory_report {
-            bail!(
-                "--memory-report measures every device's memory in one process; with one \
-                 process per device (MPI) it is not available yet"
-            );
-        }
-    }
-    let lr = a.lr.unwrap_or(a.optimizer.default_lr());
-    let fail_at = a
-        .fail_action
-        .as_deref()
-        .map(parse_fail_action)
-        .transpose()?;
-    let crate::train::TrainingModel {
-        loaded,
-        forward,
-        traced: mb,
-    } = crate::train::load_training_model(
-        &a.model,
-        a.batch,
-        a.loss,
-        a.labels.clone(),
-        a.loss_output.clone(),
-    )?;
-    if let Some(b) = a.batch {
-        if b != mb {
-            bail!(
-                "--batch {b}: {} was traced at batch {mb}, which is the microbatch of pipelined \
-                 training (a step reads --microbatches × {mb} examples)",
-                a.model.display()
-            );
-        }
-    }
+/// A pipeline built for training: the stages compiled and placed under their schedule, with the
+/// plan's accounting (what [`train`] and [`crate::session`] run).
+pub struct BuiltPipeline {
+    /// The executor.
+    pub pipe: Pipeline,
+    /// Its schedule.
+    pub schedule: Schedule,
+    /// The split module it was compiled from.
+    pub module: Module,
+    /// Per stage, the recomputation/offload plan.
+    pub memory: Vec<StageMemory>,
+    /// The joint planner's result, when it chose.
+    pub planned: Option<Box<Planned>>,
+    /// Bytes each stage keeps per microbatch in flight (M_B after F, M_W after B).
+    pub stash_memory: Memory,
+    /// The plan's accounting of every device.
+    pub planned_devices: Vec<DeviceAccount>,
+    /// `--memory-limit` in bytes.
+    pub limit: Option<u64>,
+    /// The schedule's number of stages.
+    pub n_stages: usize,
+}
+
+/// Plans, splits and compiles `forward` for the pipeline `a` names ([`pipeline_plan`]); prints
+/// the planner's choice unless `quiet`; `fail_at` is `--fail-action`.
+pub fn build_pipeline(
+    a: &TrainArgs,
+    forward: &cleave_ir::Function,
+    quiet: bool,
+    fail_at: Option<PipelineAction>,
+) -> Result<BuiltPipeline> {
+    let m = a.microbatches;
     let PipelinePlan {
         schedule,
         module,
         memory,
         planned,
-    } = pipeline_plan(a, &forward)?;
+    } = pipeline_plan(a, forward)?;
     let n_stages = schedule.n_stages();
     if let (Some(x), false) = (&planned, quiet) {
         eprintln!(
@@ -836,7 +805,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let n_dev = schedule.p();
     let planned_devices = {
         let ws = workspace_of(&split)?;
-        let resident = stage_resident(&split, &ws, &forward, m);
+        let resident = stage_resident(&split, &ws, forward, m);
         let saved: Vec<u64> = if memory.is_empty() {
             saved_need(&split, &in_flight(&schedule), &cpu_profile()?)?
         } else {
@@ -886,6 +855,129 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             );
         }
     }
+    let placement = schedule.placement.iter().map(|&d| d as usize).collect();
+    let pipe = match &schedule.reverse {
+        None => Pipeline::new(plans, placement, actions, m),
+        Some(r) => Pipeline::with_replicas(
+            plans,
+            placement,
+            r.placement.iter().map(|&d| d as usize).collect(),
+            r.microbatches.clone(),
+            replicas,
+            actions,
+            m,
+        ),
+    }
+    .map_err(|e| anyhow::anyhow!("schedule `{}`: {e}", a.schedule))?;
+    Ok(BuiltPipeline {
+        pipe,
+        schedule,
+        module,
+        memory,
+        planned,
+        stash_memory,
+        planned_devices,
+        limit,
+        n_stages,
+    })
+}
+
+/// The initial parameters of `forward`: initialised by name from `seed`, then the values stored
+/// in the model file.
+pub fn initial_params(
+    forward: &cleave_ir::Function,
+    loaded: &crate::load::LoadedModel,
+    seed: Option<u64>,
+) -> Result<BTreeMap<String, HostData>> {
+    let mut init = init_params(forward, seed.unwrap_or(0));
+    init.extend(loaded.params.clone());
+    let mut params: BTreeMap<String, HostData> = BTreeMap::new();
+    for x in forward.params() {
+        let t = init
+            .get(x.name)
+            .with_context(|| format!("no initial value for parameter `{}`", x.name))?;
+        params.insert(
+            x.name.to_string(),
+            cleave_runtime::host_from_tensor(t).context("parameters must be f32")?,
+        );
+    }
+    Ok(params)
+}
+
+/// Runs pipelined training (see the module docs).
+pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
+    let (p, m) = (a.stages, a.microbatches);
+    if p == 0 || m == 0 {
+        bail!("--stages and --microbatches must be at least 1");
+    }
+    if a.optimizer != OptimizerArg::Sgd {
+        bail!("pipelined training (--stages/--microbatches) supports --optimizer sgd only");
+    }
+    if a.debug_nan {
+        bail!("pipelined training (--stages/--microbatches) does not support --debug-nan yet");
+    }
+    // One process per device under an MPI launcher (`mpirun -np P`, the `mpi` feature):
+    // this process runs device `rank`; only rank 0 prints and writes metrics.
+    #[cfg(feature = "mpi")]
+    let world = cleave_runtime::mpi_remote::init().map_err(|e| anyhow::anyhow!("MPI: {e}"))?;
+    #[cfg(feature = "mpi")]
+    let remote: Option<&dyn Remote> = world.as_ref().map(|w| w as &dyn Remote);
+    #[cfg(not(feature = "mpi"))]
+    let remote: Option<&dyn Remote> = None;
+    let rank = remote.map_or(0, |r| r.device());
+    let quiet = a.quiet || rank != 0;
+    if let Some(r) = remote {
+        if r.devices() != p {
+            bail!(
+                "{} MPI processes for --stages {p}: launch one process per device \
+                 (`mpirun -np {p} …`)",
+                r.devices()
+            );
+        }
+        if a.memory_report {
+            bail!(
+                "--memory-report measures every device's memory in one process; with one \
+                 process per device (MPI) it is not available yet"
+            );
+        }
+    }
+    let lr = a.lr.unwrap_or(a.optimizer.default_lr());
+    let fail_at = a
+        .fail_action
+        .as_deref()
+        .map(parse_fail_action)
+        .transpose()?;
+    let crate::train::TrainingModel {
+        loaded,
+        forward,
+        traced: mb,
+    } = crate::train::load_training_model(
+        &a.model,
+        a.batch,
+        a.loss,
+        a.labels.clone(),
+        a.loss_output.clone(),
+    )?;
+    if let Some(b) = a.batch {
+        if b != mb {
+            bail!(
+                "--batch {b}: {} was traced at batch {mb}, which is the microbatch of pipelined \
+                 training (a step reads --microbatches × {mb} examples)",
+                a.model.display()
+            );
+        }
+    }
+    let BuiltPipeline {
+        mut pipe,
+        schedule,
+        module,
+        memory,
+        planned,
+        stash_memory,
+        planned_devices,
+        limit,
+        n_stages,
+    } = build_pipeline(a, &forward, quiet, fail_at)?;
     // Every rank must run the same plan: its fingerprint (the stage programs, the schedule and
     // the step's settings) is compared across ranks before the first step.
     if let Some(r) = remote {
@@ -910,34 +1002,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             );
         }
     }
-    let placement = schedule.placement.iter().map(|&d| d as usize).collect();
-    let mut pipe = match &schedule.reverse {
-        None => Pipeline::new(plans, placement, actions, m),
-        Some(r) => Pipeline::with_replicas(
-            plans,
-            placement,
-            r.placement.iter().map(|&d| d as usize).collect(),
-            r.microbatches.clone(),
-            replicas,
-            actions,
-            m,
-        ),
-    }
-    .map_err(|e| anyhow::anyhow!("schedule `{}`: {e}", a.schedule))?;
-
-    // Parameters.
-    let mut init = init_params(&forward, a.seed.unwrap_or(0));
-    init.extend(loaded.params.clone());
-    let mut params: BTreeMap<String, HostData> = BTreeMap::new();
-    for x in forward.params() {
-        let t = init
-            .get(x.name)
-            .with_context(|| format!("no initial value for parameter `{}`", x.name))?;
-        params.insert(
-            x.name.to_string(),
-            cleave_runtime::host_from_tensor(t).context("parameters must be f32")?,
-        );
-    }
+    let mut params = initial_params(&forward, &loaded, a.seed)?;
 
     // Data.
     let batch = m * mb;

@@ -316,9 +316,20 @@ impl Plan {
     /// A copy of output `index`.
     pub fn output(&self, index: usize) -> HostData {
         let o = &self.outputs[index];
-        let store = &self.bufs[o.buf.id];
-        let n = o.buf.len;
-        match o.ty.dtype {
+        self.copy_of(o.buf, o.ty.dtype)
+    }
+
+    /// A copy of what argument `index` holds now (its value as set, or as carried; a plan
+    /// compiled without `preserve_args` may have reused its buffer once a run has begun).
+    pub fn arg(&self, index: usize) -> HostData {
+        let a = &self.args[index];
+        self.copy_of(a.buf, a.ty.dtype)
+    }
+
+    fn copy_of(&self, b: BufRef, dtype: DType) -> HostData {
+        let store = &self.bufs[b.id];
+        let n = b.len;
+        match dtype {
             DType::F32 => HostData::F32(store[..n].to_vec()),
             DType::I32 => HostData::I32(store[..n].iter().map(|x| x.to_bits() as i32).collect()),
             _ => {

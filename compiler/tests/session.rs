@@ -1,0 +1,214 @@
+//! Training stepped from memory ([`cleave_compiler::session`], what the Python package runs):
+//! the same losses and weights as `cleave train` on the same examples in the same order, bit for
+//! bit, on the one-stage path and the pipeline; gradients equal to the interpreter's `autodiff`;
+//! checkpoints that resume either way; errors that name the input and the shapes.
+
+mod common;
+
+use cleave_compiler::pipeline_train;
+use cleave_compiler::session::{Input, Session};
+use cleave_compiler::train::{
+    gather_batch, read_checkpoint, split_data, Column, OptimizerArg, Order, TrainArgs,
+};
+use cleave_runtime::HostData;
+use common::{bits, root};
+
+/// The batch of `step` as `cleave train` reads it: per data input, its rows in order.
+fn batch_of(
+    s: &Session,
+    order: &mut Order,
+    cols: &[Column],
+    step: usize,
+) -> Vec<(String, Vec<usize>, HostData)> {
+    let rows = order.rows(step, s.batch());
+    let inputs = s.data_inputs();
+    cols.iter()
+        .map(|c| {
+            let shape = inputs
+                .iter()
+                .find(|x| x.name == c.name)
+                .unwrap()
+                .shape
+                .clone();
+            (c.name.clone(), shape, gather_batch(c, &rows))
+        })
+        .collect()
+}
+
+fn inputs(batch: &[(String, Vec<usize>, HostData)]) -> Vec<Input<'_>> {
+    batch
+        .iter()
+        .map(|(n, s, d)| Input {
+            name: n,
+            shape: s,
+            data: d.as_slice(),
+        })
+        .collect()
+}
+
+/// Steps a session `steps` times on `cleave train`'s batches; returns its losses.
+fn drive(a: &TrainArgs, s: &mut Session, steps: std::ops::Range<usize>) -> Vec<f64> {
+    let (cols, _, n_train) = split_data(&a.data, s.forward(), s.batch()).unwrap();
+    let mut order = Order::new(n_train, a.seed);
+    steps
+        .map(|k| {
+            let b = batch_of(s, &mut order, &cols, k);
+            s.step(&inputs(&b)).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_session_steps_like_the_pipeline() {
+    let a = TrainArgs {
+        model: root().join("examples/gpt-tiny.cir"),
+        data: root().join("examples/data/modadd.safetensors"),
+        optimizer: OptimizerArg::Sgd,
+        seed: Some(1),
+        stages: 2,
+        microbatches: 4,
+        schedule: "zb-h1".into(),
+        ..common::args(3)
+    };
+    let run = pipeline_train::train(&a).unwrap();
+    let mut s = Session::new(&a).unwrap();
+    let losses = drive(&a, &mut s, 0..3);
+    assert_eq!(losses, run.losses);
+    let params = s.params();
+    for (name, w) in &run.params {
+        assert!(bits(&params[name].1) == bits(w), "{name} differs");
+    }
+}
+
+#[test]
+fn a_session_steps_like_cleave_train_and_resumes() {
+    let dir = common::tmp("session-one");
+    let a = TrainArgs {
+        seed: Some(5),
+        checkpoint: Some(dir.join("cli")),
+        ..common::args(4)
+    };
+    cleave_compiler::train::train(&a).unwrap();
+    let (want, meta) = read_checkpoint(&dir.join("cli")).unwrap();
+    assert_eq!(meta["step"], "4");
+    // Two steps, a checkpoint, a fresh session from it, two more.
+    let mut s = Session::new(&a).unwrap();
+    drive(&a, &mut s, 0..2);
+    s.save(&dir.join("half")).unwrap();
+    let mut s = Session::new(&a).unwrap();
+    s.load(&dir.join("half")).unwrap();
+    assert_eq!(s.steps_done(), 2);
+    drive(&a, &mut s, 2..4);
+    s.save(&dir.join("session")).unwrap();
+    let (have, _) = read_checkpoint(&dir.join("session")).unwrap();
+    assert_eq!(
+        have.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &want {
+        assert!(
+            have[name]
+                .to_f32_vec()
+                .iter()
+                .map(|x| x.to_bits())
+                .eq(t.to_f32_vec().iter().map(|x| x.to_bits())),
+            "{name} differs"
+        );
+    }
+    // The parameters set back and read out again.
+    let params = s.params();
+    let values: Vec<(String, Vec<usize>, HostData)> = params
+        .iter()
+        .map(|(n, (sh, d))| (n.clone(), sh.clone(), d.clone()))
+        .collect();
+    let mut fresh = Session::new(&a).unwrap();
+    fresh.set_params(&inputs(&values)).unwrap();
+    for (name, (_, d)) in fresh.params() {
+        assert!(
+            bits(&d) == bits(&params[&name].1),
+            "{name} after set_params"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn session_gradients_match_the_interpreter() {
+    let a = common::args(1);
+    let mut s = Session::new(&a).unwrap();
+    let (cols, _, n_train) = split_data(&a.data, s.forward(), s.batch()).unwrap();
+    let mut order = Order::new(n_train, a.seed);
+    let b = batch_of(&s, &mut order, &cols, 0);
+    let grads = s.grad(&inputs(&b)).unwrap();
+    // The interpreter on the differentiated module, same parameters and batch.
+    let mut module = cleave_compiler::load::load_module(&a.model, &Default::default()).unwrap();
+    cleave_passes::PassManager::from_pipeline("autodiff")
+        .unwrap()
+        .run(
+            &mut module,
+            &mut cleave_passes::PassContext::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+    let func = &module.functions[0];
+    let mut args = std::collections::BTreeMap::new();
+    for (name, (shape, d)) in s.params().into_iter().chain(
+        b.iter()
+            .map(|(n, sh, d)| (n.clone(), (sh.clone(), d.clone()))),
+    ) {
+        args.insert(name, cleave_runtime::tensor_from_host(&shape, &d));
+    }
+    let out = cleave_ir::interp::run_function_named(func, &args, cleave_ir::interp::Precision::F32)
+        .unwrap();
+    let mut n = 0;
+    for (o, t) in func.outputs.iter().zip(&out) {
+        if let Some(p) = o.name.strip_prefix("grad.") {
+            let (shape, d) = &grads[p];
+            let got = cleave_runtime::tensor_from_host(shape, d);
+            let err = common::rel_err(&got, t);
+            assert!(err <= 1e-5, "grad.{p} off by {err:e}");
+            n += 1;
+        }
+    }
+    assert_eq!(n, grads.len());
+    // The forward outputs under the same parameters.
+    let out = s.run(&inputs(&b)).unwrap();
+    assert!(out.contains_key("loss") && out.contains_key("logits"));
+}
+
+#[test]
+fn bad_batches_are_errors_naming_the_input() {
+    let a = common::args(1);
+    let mut s = Session::new(&a).unwrap();
+    let x = vec![0.0f32; 10];
+    let e = s
+        .step(&[Input {
+            name: "x",
+            shape: &[2, 5],
+            data: cleave_runtime::HostSlice::F32(&x),
+        }])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("input `x` is f32[2, 5]; the model needs f32[32, 64]"),
+        "{e}"
+    );
+    let e = s
+        .step(&[Input {
+            name: "pixels",
+            shape: &[2, 5],
+            data: cleave_runtime::HostSlice::F32(&x),
+        }])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`pixels` is not a data input of @mlp"), "{e}");
+    let e = s
+        .set_params(&[Input {
+            name: "fc9.weight",
+            shape: &[2, 5],
+            data: cleave_runtime::HostSlice::F32(&x),
+        }])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`fc9.weight` is not a parameter"), "{e}");
+}

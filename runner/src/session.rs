@@ -1,0 +1,541 @@
+//! A training run driven one step at a time by its caller, with batches from memory instead of a
+//! `--data` file: what the Python package (`python/`) runs, with the semantics of `cleave train`.
+//!
+//! [`Session::new`] takes the flags of `cleave train` ([`TrainArgs`]; `data`, `steps` and the
+//! reporting flags are not read) and builds what that command builds: with one stage and one
+//! microbatch (and no `--remat`/`--memory-limit`), the compiled training step with its
+//! optimizer ([`crate::train`]); otherwise the pipeline executor under its schedule
+//! ([`crate::pipeline_train::build_pipeline`], SGD only). [`Session::step`] runs one step on a
+//! batch of `M × b` examples (`b` the model's traced batch, `M` the microbatches): the same
+//! loss and weights as `cleave train` reading the same examples in the same order.
+//!
+//! **State.** The parameters (and optimizer state) stay in the compiled plan or the pipeline
+//! between steps; [`Session::params`] copies them out, [`Session::set_params`] in, by name with
+//! shapes checked. Checkpoints ([`Session::save`], [`Session::load`]) are `cleave train`'s
+//! format: a session resumes a command-line run's checkpoint and the reverse.
+//!
+//! **Copies.** On the one-stage path a batch is copied once, from the caller's memory into the
+//! plan's argument buffers; on the pipeline path once more, into per-microbatch host tensors.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use cleave_ir::{DType, Function};
+use cleave_runtime::pipeline::{Pipeline, PipelineOptions};
+use cleave_runtime::{compile_with, CompileOptions, HostData, HostSlice, Plan};
+
+use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
+use cleave_passes::autodiff::GRAD_PREFIX;
+
+use crate::train::{
+    build_step_with, checkpoint_meta, eval_plan, initial_state, parse_grad_method,
+    restore_checkpoint, set_args, set_host, write_checkpoint, OptimizerArg, State, TrainArgs,
+};
+
+/// One named tensor handed to a session: its shape and its elements, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    /// The name of the model's input.
+    pub name: &'a str,
+    /// The shape of the tensor.
+    pub shape: &'a [usize],
+    /// Its elements, row-major.
+    pub data: HostSlice<'a>,
+}
+
+/// A data input of the model: its name, element type and shape per step (leading dimension the
+/// examples of one step).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataInput {
+    /// The input's name.
+    pub name: String,
+    /// Its element type.
+    pub dtype: DType,
+    /// Its shape for one step.
+    pub shape: Vec<usize>,
+}
+
+enum Engine {
+    /// The compiled training step; `fresh` while its outputs hold the newest state (after a
+    /// step, until the next one carries them into the arguments).
+    One {
+        plan: Box<Plan>,
+        state: State,
+        state_out: Vec<(String, usize)>,
+        loss: usize,
+        fresh: bool,
+    },
+    /// The pipeline executor and the parameters between steps.
+    Pipe {
+        pipe: Box<Pipeline>,
+        params: BTreeMap<String, HostData>,
+        opts: PipelineOptions,
+    },
+}
+
+/// A model built for training, stepped by its caller (see the module docs).
+pub struct Session {
+    args: TrainArgs,
+    forward: Function,
+    /// The loaded module (with its loss): what [`Session::grad`] differentiates.
+    module: cleave_ir::Module,
+    mb: usize,
+    lr: f64,
+    method: GradMethod,
+    engine: Engine,
+    steps: usize,
+    eval: Option<Plan>,
+    grad: Option<(Function, Plan)>,
+}
+
+fn compile_opts(preserve_args: bool) -> CompileOptions {
+    CompileOptions {
+        fuse: true,
+        preserve_args,
+        jit: true,
+    }
+}
+
+impl Session {
+    /// Builds the session `a` describes (see the module docs).
+    pub fn new(a: &TrainArgs) -> Result<Self> {
+        let method = parse_grad_method(&a.grad_method, a.tangents)?;
+        let lr = a.lr.unwrap_or(a.optimizer.default_lr());
+        let pipelined =
+            a.stages > 1 || a.microbatches > 1 || a.remat.is_some() || a.memory_limit.is_some();
+        if a.stages == 0 || a.microbatches == 0 {
+            bail!("stages and microbatches must be at least 1");
+        }
+        if pipelined && method != GradMethod::Bp {
+            bail!("--grad-method {method}: the pipeline executor runs bp only");
+        }
+        if pipelined && a.optimizer != OptimizerArg::Sgd {
+            bail!(
+                "pipelined training (stages/microbatches, remat, memory limit) supports the sgd \
+                 optimizer only"
+            );
+        }
+        let tm = crate::train::load_training_model(
+            &a.model,
+            a.batch,
+            a.loss,
+            a.labels.clone(),
+            a.loss_output.clone(),
+        )?;
+        let mb = tm.traced;
+        let module = tm.loaded.module.clone();
+        let (forward, engine) = if pipelined {
+            let built = crate::pipeline_train::build_pipeline(a, &tm.forward, a.quiet, None)?;
+            let params = crate::pipeline_train::initial_params(&tm.forward, &tm.loaded, a.seed)?;
+            let opts = PipelineOptions {
+                lr: lr as f32,
+                grad_scale: 1.0 / a.microbatches as f32,
+                ..PipelineOptions::default()
+            };
+            (
+                tm.forward,
+                Engine::Pipe {
+                    pipe: Box::new(built.pipe),
+                    params,
+                    opts,
+                },
+            )
+        } else {
+            let built = build_step_with(
+                &a.model,
+                a.batch,
+                (a.loss, a.labels.clone(), a.loss_output.clone()),
+                a.optimizer,
+                lr,
+                &method,
+            )?;
+            if built
+                .step
+                .args()
+                .any(|x| x.name.starts_with(FG_TANGENT_PREFIX))
+            {
+                bail!("--grad-method forward-gradient is not available in a session yet");
+            }
+            let mut plan = compile_with(&built.step, &compile_opts(false))?;
+            let (state, _) = initial_state(&built, a.seed, None)?;
+            for (name, (_, d)) in &state {
+                let i = plan.arg_index(name).expect("state names are arguments");
+                set_host(&mut plan, i, d)?;
+            }
+            let state_out = state
+                .keys()
+                .filter_map(|n| plan.output_index(n).map(|i| (n.clone(), i)))
+                .collect();
+            let loss = plan.output_index("loss").context("the step has no loss")?;
+            (
+                built.forward,
+                Engine::One {
+                    plan: Box::new(plan),
+                    state,
+                    state_out,
+                    loss,
+                    fresh: false,
+                },
+            )
+        };
+        Ok(Session {
+            args: a.clone(),
+            forward,
+            module,
+            mb,
+            lr,
+            method,
+            engine,
+            steps: 0,
+            eval: None,
+            grad: None,
+        })
+    }
+
+    /// Examples per step: the microbatches times the model's traced batch.
+    pub fn batch(&self) -> usize {
+        self.args.microbatches * self.mb
+    }
+
+    /// The model's traced batch (the microbatch; what [`Session::run`] and [`Session::grad`]
+    /// take).
+    pub fn microbatch(&self) -> usize {
+        self.mb
+    }
+
+    /// Steps run (counting those of a loaded checkpoint).
+    pub fn steps_done(&self) -> usize {
+        self.steps
+    }
+
+    /// The forward function (with the loss).
+    pub fn forward(&self) -> &Function {
+        &self.forward
+    }
+
+    /// The data inputs and their shapes for one step (see [`Session::batch`]).
+    pub fn data_inputs(&self) -> Vec<DataInput> {
+        let m = self.args.microbatches;
+        self.forward
+            .data_inputs()
+            .map(|x| {
+                let mut shape = x.ty.shape.clone();
+                if let Some(d) = shape.first_mut() {
+                    *d *= m;
+                }
+                DataInput {
+                    name: x.name.to_string(),
+                    dtype: x.ty.dtype,
+                    shape,
+                }
+            })
+            .collect()
+    }
+
+    /// Checks `inputs` against the data inputs of `func` at `rows` examples: every one given
+    /// once, with its shape and element type; returns them in `func`'s order.
+    fn match_inputs<'a>(
+        func: &Function,
+        inputs: &[Input<'a>],
+        factor: usize,
+    ) -> Result<Vec<Input<'a>>> {
+        let mut out = Vec::new();
+        let want: Vec<_> = func.data_inputs().collect();
+        for x in inputs {
+            if !want.iter().any(|w| w.name == x.name) {
+                bail!(
+                    "`{}` is not a data input of @{} (its data inputs: {})",
+                    x.name,
+                    func.name,
+                    want.iter()
+                        .map(|w| format!("`{}`", w.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        for w in want {
+            let x = inputs
+                .iter()
+                .find(|x| x.name == w.name)
+                .with_context(|| format!("input `{}` is missing", w.name))?;
+            let mut shape = w.ty.shape.clone();
+            if let Some(d) = shape.first_mut() {
+                *d *= factor;
+            }
+            let dtype = match x.data {
+                HostSlice::F32(_) => DType::F32,
+                HostSlice::I32(_) => DType::I32,
+                HostSlice::Bool(_) => DType::Bool,
+            };
+            if x.shape != shape.as_slice() || dtype != w.ty.dtype {
+                bail!(
+                    "input `{}` is {dtype}{:?}; the model needs {}{shape:?}{}",
+                    w.name,
+                    x.shape,
+                    w.ty.dtype,
+                    if factor > 1 {
+                        format!(" ({factor} microbatches of {})", w.ty.shape[0])
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            let n: usize = shape.iter().product();
+            let len = match x.data {
+                HostSlice::F32(v) => v.len(),
+                HostSlice::I32(v) => v.len(),
+                HostSlice::Bool(v) => v.len(),
+            };
+            if len != n {
+                bail!("input `{}` has {len} elements for shape {shape:?}", w.name);
+            }
+            out.push(*x);
+        }
+        Ok(out)
+    }
+
+    /// Runs one training step on `batch` (every data input, [`Session::batch`] examples);
+    /// returns the step's loss (the mean over its examples).
+    pub fn step(&mut self, batch: &[Input<'_>]) -> Result<f64> {
+        let m = self.args.microbatches;
+        let inputs = Self::match_inputs(&self.forward, batch, m)?;
+        let step = self.steps;
+        let loss = match &mut self.engine {
+            Engine::One {
+                plan, loss, fresh, ..
+            } => {
+                if *fresh {
+                    plan.carry();
+                    *fresh = false;
+                }
+                for x in &inputs {
+                    plan.set_input_named(x.name, x.data)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+                plan.run()
+                    .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
+                *fresh = true;
+                plan.output_f32(*loss).map(|v| v[0]).unwrap_or(f32::NAN) as f64
+            }
+            Engine::Pipe { pipe, params, opts } => {
+                let micro: Vec<BTreeMap<String, HostData>> = (0..m)
+                    .map(|j| {
+                        inputs
+                            .iter()
+                            .map(|x| (x.name.to_string(), rows_of(x.data, j, m)))
+                            .collect()
+                    })
+                    .collect();
+                let r = pipe
+                    .step(params, &micro, opts)
+                    .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
+                params.extend(r.params);
+                r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64
+            }
+        };
+        if !loss.is_finite() {
+            bail!("loss is {loss} at step {step}");
+        }
+        self.steps += 1;
+        Ok(loss)
+    }
+
+    /// The whole training state by name with shapes: the parameters, and on the one-stage path
+    /// the optimizer's state (`opt.*`).
+    fn state(&self) -> State {
+        match &self.engine {
+            Engine::One {
+                plan,
+                state,
+                state_out,
+                fresh,
+                ..
+            } => {
+                let mut s = state.clone();
+                if *fresh {
+                    for (name, oi) in state_out {
+                        s.get_mut(name).expect("state").1 = plan.output(*oi);
+                    }
+                } else {
+                    for (name, (_, d)) in s.iter_mut() {
+                        if let Some(i) = plan.arg_index(name) {
+                            *d = plan.arg(i);
+                        }
+                    }
+                }
+                s
+            }
+            Engine::Pipe { params, .. } => self
+                .forward
+                .params()
+                .map(|x| {
+                    (
+                        x.name.to_string(),
+                        (x.ty.shape.clone(), params[x.name].clone()),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The model's parameters by name, with their shapes.
+    pub fn params(&self) -> State {
+        let mut s = self.state();
+        s.retain(|name, _| self.forward.params().any(|p| p.name == name));
+        s
+    }
+
+    /// Sets parameters (or optimizer state) by name; a name the model lacks or a shape that
+    /// differs is an error, and nothing is set then.
+    pub fn set_params(&mut self, values: &[Input<'_>]) -> Result<()> {
+        let state = self.state();
+        for x in values {
+            let (shape, _) = state.get(x.name).with_context(|| {
+                format!("`{}` is not a parameter of @{}", x.name, self.forward.name)
+            })?;
+            if x.shape != shape.as_slice() {
+                bail!(
+                    "`{}` is {:?}; the model's parameter is {shape:?}",
+                    x.name,
+                    x.shape
+                );
+            }
+            if !matches!(x.data, HostSlice::F32(_)) {
+                bail!("`{}`: parameters are f32", x.name);
+            }
+        }
+        match &mut self.engine {
+            Engine::One { plan, fresh, .. } => {
+                if *fresh {
+                    plan.carry();
+                    *fresh = false;
+                }
+                for x in values {
+                    plan.set_input_named(x.name, x.data)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+            }
+            Engine::Pipe { params, .. } => {
+                for x in values {
+                    if let HostSlice::F32(v) = x.data {
+                        params.insert(x.name.to_string(), HostData::F32(v.to_vec()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the forward function (with the loss) on one microbatch under the current
+    /// parameters: every output by name with its shape.
+    pub fn run(&mut self, inputs: &[Input<'_>]) -> Result<State> {
+        let inputs = Self::match_inputs(&self.forward, inputs, 1)?;
+        let params = self.params();
+        let plan = eval_plan(&mut self.eval, &self.forward)?;
+        run_plan(plan, &params, &inputs)
+    }
+
+    /// The gradient of the loss with respect to every parameter on one microbatch, under the
+    /// current parameters (no update): `grad.<name>` of `cleave grad`, by parameter name.
+    pub fn grad(&mut self, inputs: &[Input<'_>]) -> Result<State> {
+        if self.grad.is_none() {
+            let mut module = self.module.clone();
+            let name = self.forward.name.clone();
+            let pm =
+                cleave_passes::PassManager::from_pipeline(&format!("autodiff{{function={name}}}"))?;
+            pm.run(
+                &mut module,
+                &mut cleave_passes::PassContext::default(),
+                &mut |_| {},
+            )
+            .map_err(|e| anyhow::anyhow!("autodiff: {e}"))?;
+            let func = module
+                .function(&name)
+                .context("the forward function")?
+                .clone();
+            let plan = compile_with(&func, &compile_opts(true))?;
+            self.grad = Some((func, plan));
+        }
+        let params = self.params();
+        let (func, plan) = self.grad.as_mut().expect("built above");
+        let inputs = Self::match_inputs(func, inputs, 1)?;
+        let out = run_plan(plan, &params, &inputs)?;
+        Ok(out
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix(GRAD_PREFIX).map(|n| (n.to_string(), v)))
+            .collect())
+    }
+
+    /// Writes a checkpoint of the state after the steps run (`cleave train`'s format).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut meta = checkpoint_meta(&self.args, self.steps, self.batch(), self.lr, &self.method);
+        if matches!(self.engine, Engine::Pipe { .. }) {
+            meta.insert("microbatches".into(), self.args.microbatches.to_string());
+        }
+        write_checkpoint(dir, &self.state(), meta)
+    }
+
+    /// Restores the state and the step count from a checkpoint (`cleave train`'s format, with
+    /// this session's optimizer and batch).
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        let mut state = self.state();
+        let (step, meta) = restore_checkpoint(dir, &mut state)?;
+        for (key, want) in [
+            ("batch", self.batch().to_string()),
+            ("optimizer", self.args.optimizer.name().to_string()),
+        ] {
+            if let Some(have) = meta.get(key).filter(|h| **h != want) {
+                bail!(
+                    "{}: the checkpoint was written with {key} {have}; this session has {want}",
+                    dir.display()
+                );
+            }
+        }
+        match &mut self.engine {
+            Engine::One { plan, fresh, .. } => {
+                if *fresh {
+                    plan.carry();
+                    *fresh = false;
+                }
+                set_args(plan, state.iter().map(|(k, (_, d))| (k, d)))?;
+            }
+            Engine::Pipe { params, .. } => {
+                params.extend(state.into_iter().map(|(k, (_, d))| (k, d)));
+            }
+        }
+        self.steps = step;
+        Ok(())
+    }
+}
+
+/// Rows `j·n/m … (j+1)·n/m` of a step's tensor: microbatch `j` of `m`.
+fn rows_of(data: HostSlice<'_>, j: usize, m: usize) -> HostData {
+    fn part<T: Clone>(v: &[T], j: usize, m: usize) -> Vec<T> {
+        let per = v.len() / m;
+        v[j * per..(j + 1) * per].to_vec()
+    }
+    match data {
+        HostSlice::F32(v) => HostData::F32(part(v, j, m)),
+        HostSlice::I32(v) => HostData::I32(part(v, j, m)),
+        HostSlice::Bool(v) => HostData::Bool(part(v, j, m)),
+    }
+}
+
+/// Sets `params` and `inputs` on a plan with preserved arguments, runs it, and returns every
+/// output by name with its shape.
+fn run_plan(plan: &mut Plan, params: &State, inputs: &[Input<'_>]) -> Result<State> {
+    set_args(plan, params.iter().map(|(k, (_, d))| (k, d)))?;
+    for x in inputs {
+        plan.set_input_named(x.name, x.data)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    plan.run().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(plan
+        .outputs()
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (o.name.clone(), (o.ty.shape.clone(), plan.output(i))))
+        .collect())
+}

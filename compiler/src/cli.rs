@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -654,7 +655,8 @@ fn run_pipeline(module: &mut Module, pm: &PassManager) -> Result<()> {
     result.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
+fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
+    let mut out = String::new();
     use cleave_passes::remat::{parse_bytes, Policy};
     let module = load_module(&a.file, &a.model.load_options())?;
     let forward = crate::load::forward_of(&module)?;
@@ -718,14 +720,17 @@ fn cmd_inspect_memory(a: &InspectArgs) -> Result<()> {
                 .map(|(o, mk, b)| serde_json::json!({"schedule": o, "makespan_s": mk, "effective_bubble_rate": b}))
                 .collect();
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
-        print!("{}", planned.render());
+        out.push_str(&planned.render());
         for (o, mk, b) in &tried {
-            println!("joint candidate {o}: makespan {mk:.6} s, effective bubble rate {b:.4}");
+            writeln!(
+                out,
+                "joint candidate {o}: makespan {mk:.6} s, effective bubble rate {b:.4}"
+            )?;
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// `pipeline` with `--grad-method` applied to its `autodiff` passes.
@@ -739,9 +744,16 @@ fn pipeline_with_method(pipeline: &str, method: Option<&str>, tangents: usize) -
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    print!("{}", inspect_text(&a)?);
+    Ok(())
+}
+
+/// What `cleave inspect` prints for these arguments (the Python package's `Plan.inspect`).
+pub fn inspect_text(a: &InspectArgs) -> Result<String> {
     if a.memory {
-        return cmd_inspect_memory(&a);
+        return inspect_memory_text(a);
     }
+    let mut out = String::new();
     let mut module = load_module(&a.file, &a.model.load_options())?;
     let method = a
         .grad_method
@@ -819,18 +831,17 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         };
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
         if !a.summary {
-            print!("{module}");
-            println!();
+            writeln!(out, "{module}")?;
         }
-        print!("{}", render_table(&report));
+        out.push_str(&render_table(&report));
         if let Some(stages) = &report.stages {
-            print!("{}", render_split_table(stages));
+            out.push_str(&render_split_table(stages));
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 fn cmd_opt(a: OptArgs) -> Result<()> {

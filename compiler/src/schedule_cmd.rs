@@ -44,6 +44,7 @@
 //! "busy", "span"}] (one entry per device), "actions": [["0F0", …], …], "fits_memory_limit"}`,
 //! plus `"auto": {"chosen", "candidates"}` for `auto`.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -337,6 +338,36 @@ fn with_multi_chunk(
 
 /// Runs `cleave schedule`.
 pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
+    let out = schedule_text(&a)?;
+    if let Some(path) = &a.svg {
+        std::fs::write(path, &out.svg)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    print!("{}", out.text);
+    if !out.fits {
+        eprintln!(
+            "warning: a device's peak memory exceeds --memory-limit {}",
+            a.memory_limit.unwrap_or(f64::INFINITY)
+        );
+    }
+    Ok(())
+}
+
+/// What `cleave schedule` prints, and its picture.
+#[derive(Clone, Debug)]
+pub struct ScheduleOutput {
+    /// The text (or JSON with `--json`) printed on stdout.
+    pub text: String,
+    /// The simulated timeline as SVG (what `--svg` writes).
+    pub svg: String,
+    /// Whether every device's simulated peak fits `--memory-limit`.
+    pub fits: bool,
+}
+
+/// Builds and simulates the schedule `a` names (`cleave schedule` without the file writes
+/// other than `--csv`; the Python package's `cleave.schedule`).
+pub fn schedule_text(a: &ScheduleArgs) -> Result<ScheduleOutput> {
+    let mut out = String::new();
     let (p, m) = (a.stages, a.microbatches);
     if p == 0 || m == 0 {
         bail!("--stages and --microbatches must be at least 1");
@@ -384,11 +415,7 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
             .filter(|&s| r.placement[s] != schedule.placement[s])
             .count()
     });
-    if let Some(path) = &a.svg {
-        let title = format!("{name}, P={p}, M={m}");
-        std::fs::write(path, svg::render(&sim, &title))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    let picture = svg::render(&sim, &format!("{name}, P={p}, M={m}"));
     if let Some(path) = &a.csv {
         std::fs::write(path, schedule.to_csv())
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -418,44 +445,49 @@ pub fn cmd_schedule(a: ScheduleArgs) -> Result<()> {
                 })).collect::<Vec<_>>(),
             });
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
-        println!("schedule {name}: P={p} M={m}");
+        writeln!(out, "schedule {name}: P={p} M={m}")?;
         if method != GradMethod::Bp {
-            println!(
+            writeln!(
+                out,
                 "grad method {method}: B waits for {}",
                 match backward {
                     BackwardDependency::NextStage => "the next stage's B",
                     BackwardDependency::LastStageForward => "the last stage's F (output error)",
                     BackwardDependency::None => "nothing but its own F",
                 }
-            );
+            )?;
         }
         if let Some(r) = &auto_report {
-            println!("auto chose {}", r.chosen);
+            writeln!(out, "auto chose {}", r.chosen)?;
         }
         if replicated > 0 {
-            println!(
+            writeln!(
+                out,
                 "bidirectional: {replicated} stages replicated on two devices (their weights, \
                  gradients and optimizer state are held twice; memory below is activations only)"
-            );
+            )?;
         }
-        println!(
+        writeln!(
+            out,
             "makespan {:.6}  bubble rate {:.6}  makespan bubble rate {:.6}",
             sim.makespan, sim.bubble_rate, sim.makespan_bubble_rate
-        );
+        )?;
         for (d, run) in sim.devices.iter().enumerate() {
-            println!(
+            writeln!(
+                out,
                 "device {d}: busy {:.6} span {:.6} peak memory {:.6}",
                 run.busy, run.span, run.peak_memory
-            );
+            )?;
         }
         for (d, row) in schedule.action_strings().iter().enumerate() {
-            println!("{d}: {}", row.join(" "));
+            writeln!(out, "{d}: {}", row.join(" "))?;
         }
     }
-    if !fits {
-        eprintln!("warning: a device's peak memory exceeds --memory-limit {limit}");
-    }
-    Ok(())
+    Ok(ScheduleOutput {
+        text: out,
+        svg: picture,
+        fits,
+    })
 }

@@ -372,7 +372,7 @@ pub fn schedule_text(a: &ScheduleArgs) -> Result<ScheduleOutput> {
     if p == 0 || m == 0 {
         bail!("--stages and --microbatches must be at least 1");
     }
-    let sh = shares(&a)?;
+    let sh = shares(a)?;
     let name = a.schedule.to_ascii_lowercase();
     let (schedule, auto_report): (Schedule, Option<AutoReport>) = if name == "auto" {
         let costs = Costs {

@@ -167,6 +167,7 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
         (a.memory_limit.is_some(), "--memory-limit"),
         (a.timeline.is_some(), "--timeline"),
         (a.fail_action.is_some(), "--fail-action"),
+        (a.kill_action.is_some(), "--kill-action"),
         (a.debug_nan, "--debug-nan"),
     ];
     for (bad, what) in unsupported {

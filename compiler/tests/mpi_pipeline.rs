@@ -302,3 +302,76 @@ fn a_process_checkpoint_resumes_in_threads() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rank killed with SIGKILL mid-step: the launcher ends the job at once (naming the dead
+/// rank), the other rank says where it was, nothing hangs, and the last checkpoint (written
+/// before the kill) resumes in threads bit for bit.
+#[test]
+fn a_killed_rank_ends_the_job_and_the_checkpoint_resumes() {
+    let dir = common::tmp("mpi-kill");
+    let ckpt = dir.join("ckpt");
+    let o = mpirun(gpt_ranks(
+        "2",
+        &[
+            "--optimizer",
+            "sgd",
+            "--seed",
+            "1",
+            "--microbatches",
+            "4",
+            "--schedule",
+            "1f1b",
+            "--steps",
+            "6",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--checkpoint-every",
+            "2",
+            "--kill-action",
+            "3:1F2",
+        ],
+    ));
+    let ended = std::time::SystemTime::now();
+    assert!(!o.status.success());
+    // The kill comes after the checkpoint of step 2 was written: from then to the job's end.
+    let written = std::fs::metadata(ckpt.join("checkpoint.safetensors"))
+        .and_then(|m| m.modified())
+        .unwrap();
+    let took = ended.duration_since(written).unwrap_or_default();
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("rank 1") && err.contains("signal 9"),
+        "the launcher names the killed rank: {err}"
+    );
+    assert!(
+        err.contains("error: rank 0: ended by the MPI launcher (SIGTERM) in step 3, at stage 0"),
+        "{err}"
+    );
+    let (_, meta) = cleave_compiler::train::read_checkpoint(&ckpt).unwrap();
+    assert_eq!(meta["step"], "2");
+    let base = TrainArgs {
+        model: root().join(GPT.0),
+        data: root().join(GPT.1),
+        optimizer: OptimizerArg::Sgd,
+        seed: Some(1),
+        stages: 2,
+        microbatches: 4,
+        schedule: "1f1b".into(),
+        ..common::args(6)
+    };
+    let straight = train(&base).unwrap();
+    let resumed = train(&TrainArgs {
+        resume: Some(ckpt.clone()),
+        ..base
+    })
+    .unwrap();
+    assert_eq!(resumed.losses[..], straight.losses[2..]);
+    for (name, w) in &straight.params {
+        assert!(
+            common::bits(&resumed.params[name]) == common::bits(w),
+            "{name} differs after resuming"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -65,6 +65,7 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         schedule: "1f1b".into(),
         timeline: None,
         fail_action: None,
+        kill_action: None,
         remat: None,
         memory_limit: None,
         grad_method: "bp".into(),

@@ -534,6 +534,7 @@ fn train_args(payload: &Payload, model: &Path, optimizer: OptimizerArg) -> Train
         schedule: payload.schedule.clone(),
         timeline: None,
         fail_action: None,
+        kill_action: None,
         remat: payload.remat.clone(),
         memory_limit: payload.memory_limit.clone(),
         grad_method: payload.grad_method.clone(),

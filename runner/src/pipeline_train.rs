@@ -904,6 +904,36 @@ pub fn initial_params(
     Ok(params)
 }
 
+/// The step pipelined training is at (what a rank ended from outside reports).
+static STEP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Under an MPI launcher: when another rank dies, `mpirun` ends the others with SIGTERM (after
+/// SIGCONT). This rank then says where it was (the step, and the stage and action its device
+/// started last) before it exits, so the job's output names every rank's position; the
+/// launcher's own message names the rank that died. Checkpoints are written atomically, so the
+/// last one stays valid.
+#[cfg(feature = "mpi")]
+fn report_termination(rank: usize) -> Result<()> {
+    use signal_hook::consts::SIGTERM;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM]).context("installing the SIGTERM handler")?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let step = STEP.load(std::sync::atomic::Ordering::Relaxed);
+            let at = match cleave_runtime::pipeline::current_action() {
+                Some((_, x)) => format!("stage {}, action {x}", x.stage),
+                None => "before its first action".to_string(),
+            };
+            eprintln!(
+                "error: rank {rank}: ended by the MPI launcher (SIGTERM) in step {step}, at \
+                 {at}: another rank of the job ended first (the launcher names it)"
+            );
+            std::process::exit(143);
+        }
+    });
+    Ok(())
+}
+
 /// Runs pipelined training (see the module docs).
 pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let (p, m) = (a.stages, a.microbatches);
@@ -926,6 +956,10 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let remote: Option<&dyn Remote> = None;
     let rank = remote.map_or(0, |r| r.device());
     let quiet = a.quiet || rank != 0;
+    #[cfg(feature = "mpi")]
+    if remote.is_some() {
+        report_termination(rank)?;
+    }
     if let Some(r) = remote {
         if r.devices() != p {
             bail!(
@@ -946,6 +980,21 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         .fail_action
         .as_deref()
         .map(parse_fail_action)
+        .transpose()?;
+    let kill_at = a
+        .kill_action
+        .as_deref()
+        .map(|text| -> Result<(usize, PipelineAction)> {
+            let (step, action) = match text.split_once(':') {
+                Some((s, x)) => (
+                    s.parse()
+                        .with_context(|| format!("--kill-action {text}: bad step `{s}`"))?,
+                    x,
+                ),
+                None => (0, text),
+            };
+            Ok((step, parse_fail_action(action)?))
+        })
         .transpose()?;
     let crate::train::TrainingModel {
         loaded,
@@ -1107,8 +1156,20 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                     .collect()
             })
             .collect();
+        STEP.store(step, std::sync::atomic::Ordering::Relaxed);
+        let killing;
+        let popts = match kill_at {
+            Some((s, x)) if s == step => {
+                killing = PipelineOptions {
+                    kill_at: Some(x),
+                    ..popts.clone()
+                };
+                &killing
+            }
+            _ => &popts,
+        };
         let r = match remote {
-            Some(remote) => match pipe.step_remote(&params, &micro, &popts, remote) {
+            Some(remote) => match pipe.step_remote(&params, &micro, popts, remote) {
                 Ok(r) => Ok(r),
                 Err(e) => {
                     // The other ranks may wait for this one's values: end the whole job.
@@ -1116,7 +1177,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                     remote.abort(1)
                 }
             },
-            None => pipe.step(&params, &micro, &popts),
+            None => pipe.step(&params, &micro, popts),
         }
         .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
         let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;

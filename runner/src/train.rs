@@ -158,6 +158,10 @@ pub struct TrainArgs {
     /// Make this pipeline action (e.g. `1B3`) fail at its first run (for tests).
     #[arg(long, hide = true)]
     pub fail_action: Option<String>,
+    /// End this process with SIGKILL when this pipeline action (e.g. `1F2`) starts, at step
+    /// STEP (`STEP:ACTION`; step 0 without it), for fault tests of `mpirun` runs.
+    #[arg(long, hide = true)]
+    pub kill_action: Option<String>,
     /// Recomputation/offload policy of saved activations: none, full, selective, offload-all,
     /// auto (the default with --memory-limit); runs on the pipeline executor.
     #[arg(long)]
@@ -857,6 +861,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
     if a.stages > 1
         || a.microbatches > 1
         || a.fail_action.is_some()
+        || a.kill_action.is_some()
         || a.remat.is_some()
         || a.memory_limit.is_some()
         || a.memory_report

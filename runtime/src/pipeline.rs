@@ -106,6 +106,17 @@ pub struct StagePlans {
     pub w: Plan,
 }
 
+/// The action a device of this process started last (device, action): what a process that is
+/// ended from outside (an MPI launcher's SIGTERM after another rank died) reports.
+static CURRENT_ACTION: std::sync::Mutex<Option<(usize, PipelineAction)>> =
+    std::sync::Mutex::new(None);
+
+/// The action a device of this process started last (see [`PipelineOptions::kill_at`] and
+/// `cleave-runner`'s handling of a rank ended by its launcher).
+pub fn current_action() -> Option<(usize, PipelineAction)> {
+    *CURRENT_ACTION.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Options of one step.
 #[derive(Clone, Debug)]
 pub struct PipelineOptions {
@@ -117,6 +128,8 @@ pub struct PipelineOptions {
     pub timeout: Duration,
     /// Fail with an injected error when this action starts (for tests).
     pub fail_at: Option<PipelineAction>,
+    /// End this process with SIGKILL when this action starts (for fault tests of processes).
+    pub kill_at: Option<PipelineAction>,
     /// Capacity of each device's bounded input channel (messages).
     pub channel_capacity: usize,
     /// Measure each device's tensor memory with the instrumented allocator ([`crate::alloc`];
@@ -131,6 +144,7 @@ impl Default for PipelineOptions {
             grad_scale: 1.0,
             timeout: Duration::from_secs(120),
             fail_at: None,
+            kill_at: None,
             channel_capacity: 64,
             measure_memory: false,
         }
@@ -1221,8 +1235,15 @@ impl<'a> Worker<'a> {
                     message,
                 })
             };
+            *CURRENT_ACTION.lock().unwrap_or_else(|e| e.into_inner()) = Some((device, a));
             if sh.opts.fail_at == Some(a) {
                 return Err(fail("injected failure".into()));
+            }
+            if sh.opts.kill_at == Some(a) {
+                // SAFETY: kill(2) on this process's own id; nothing is touched afterwards.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
             }
             let j = a.microbatch;
             let whiches: &[Which] = match a.kind {

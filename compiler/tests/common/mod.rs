@@ -58,6 +58,7 @@ pub fn args(steps: usize) -> TrainArgs {
         schedule: "1f1b".into(),
         timeline: None,
         fail_action: None,
+        kill_action: None,
         remat: None,
         memory_limit: None,
         grad_method: "bp".into(),

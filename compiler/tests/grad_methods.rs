@@ -176,16 +176,49 @@ fn a_model_with_custom_gradient_ops_trains() {
     assert!(s.accuracy.unwrap() > 0.8, "accuracy {:?}", s.accuracy);
 }
 
-/// The pipeline executor runs bp only and says so.
+/// FA, DFA and local learning on the pipeline executor: FA and DFA give the losses and weights of
+/// one stage (the same microbatches) bit for bit under 1F1B and ZB-H1 (DFA's output error goes
+/// from the last stage to every stage); local learning's blocks are the stages, so its two
+/// schedules agree with each other and its auxiliary heads are trained parameters. A forward
+/// gradient, which has no backward pass to split, is refused with the reason.
 #[test]
-fn pipeline_executor_rejects_other_methods() {
+fn pipelined_gradient_methods() {
+    let run = |method: &str, stages: usize, schedule: &str| {
+        cleave_compiler::pipeline_train::train(&TrainArgs {
+            model: root().join("examples/gpt-tiny.cir"),
+            data: root().join("examples/data/modadd.safetensors"),
+            optimizer: OptimizerArg::Sgd,
+            seed: Some(1),
+            stages,
+            microbatches: 4,
+            schedule: schedule.into(),
+            grad_method: method.into(),
+            ..args(3)
+        })
+        .unwrap_or_else(|e| panic!("{method} {stages} {schedule}: {e:#}"))
+    };
+    for method in ["fa", "dfa"] {
+        let one = run(method, 1, "1f1b");
+        for schedule in ["1f1b", "zb-h1"] {
+            let two = run(method, 2, schedule);
+            common::assert_same(&format!("{method} {schedule}"), &one, &two);
+        }
+    }
+    let a = run("local", 2, "1f1b");
+    let b = run("local", 2, "zb-h1");
+    common::assert_same("local", &a, &b);
+    assert!(a.params.keys().any(|k| k.starts_with("local.head")));
     let e = train(&TrainArgs {
         stages: 2,
-        grad_method: "dfa".into(),
+        optimizer: OptimizerArg::Sgd,
+        grad_method: "forward-gradient".into(),
         ..args(2)
     })
     .unwrap_err();
-    assert!(format!("{e:#}").contains("runs bp only"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("runs bp, fa, dfa and local"),
+        "{e:#}"
+    );
     let e = train(&TrainArgs {
         grad_method: "nope".into(),
         ..args(2)

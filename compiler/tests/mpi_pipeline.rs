@@ -51,12 +51,16 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
         .file_stem()
         .unwrap()
         .to_string_lossy();
-    let dir = common::tmp(&format!("mpi-{stem}-{p}-{}", schedule.join("-")));
+    let dir = common::tmp(&format!(
+        "mpi-{stem}-{p}-{}",
+        schedule.join("-").replace('/', "_")
+    ));
     let threads = dir.join("threads.jsonl");
     let procs = dir.join("procs.jsonl");
-    let (name, limit) = match schedule {
-        [s, "--memory-limit", l] => (*s, Some(l.to_string())),
-        [s] => (*s, None),
+    let (name, limit, method) = match schedule {
+        [s, "--memory-limit", l] => (*s, Some(l.to_string()), "bp"),
+        [s, "--grad-method", g] => (*s, None, *g),
+        [s] => (*s, None, "bp"),
         _ => unreachable!(),
     };
     let args = TrainArgs {
@@ -68,6 +72,7 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
         microbatches: m,
         schedule: name.into(),
         memory_limit: limit,
+        grad_method: method.into(),
         metrics: Some(threads.clone()),
         ..common::args(3)
     };
@@ -148,6 +153,19 @@ fn two_processes_match_two_threads_for_every_schedule() {
         &["interleaved"],
         &["bitpipe"],
         &["auto", "--memory-limit", "6M"],
+    ] {
+        check(GPT, 2, 4, s);
+    }
+}
+
+/// Gradient methods on processes: DFA (the output error sent from the last rank to every
+/// other) and local learning (no gradient crosses ranks) match threads bit for bit.
+#[test]
+fn two_processes_run_the_gradient_methods() {
+    for s in [
+        &["zb-h1", "--grad-method", "dfa"][..],
+        &["1f1b", "--grad-method", "fa"],
+        &["zb-h1", "--grad-method", "local"],
     ] {
         check(GPT, 2, 4, s);
     }

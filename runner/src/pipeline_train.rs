@@ -623,6 +623,9 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     } else {
         "autodiff,split-bw".to_string()
     };
+    let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
+    let passes = cleave_passes::autodiff::methods::with_grad_method(&passes, &method)
+        .map_err(|e| anyhow::anyhow!("--grad-method: {e}"))?;
     PassManager::from_pipeline(&passes)?
         .run(&mut module, &mut PassContext::default(), &mut |_| {})
         .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
@@ -882,24 +885,43 @@ pub fn build_pipeline(
     })
 }
 
-/// The initial parameters of `forward`: initialised by name from `seed`, then the values stored
-/// in the model file.
+/// The initial parameters of `forward` with their shapes: initialised by name from `seed`, then
+/// the values stored in the model file; then those only the split stage functions of `module`
+/// have (a gradient method's auxiliary heads, `local.head*`), initialised by name from `seed`
+/// function by function.
 pub fn initial_params(
     forward: &cleave_ir::Function,
     loaded: &crate::load::LoadedModel,
     seed: Option<u64>,
-) -> Result<BTreeMap<String, HostData>> {
+    module: &Module,
+) -> Result<crate::train::State> {
     let mut init = init_params(forward, seed.unwrap_or(0));
     init.extend(loaded.params.clone());
-    let mut params: BTreeMap<String, HostData> = BTreeMap::new();
+    let mut params = crate::train::State::new();
     for x in forward.params() {
         let t = init
             .get(x.name)
             .with_context(|| format!("no initial value for parameter `{}`", x.name))?;
         params.insert(
             x.name.to_string(),
-            cleave_runtime::host_from_tensor(t).context("parameters must be f32")?,
+            (
+                x.ty.shape.clone(),
+                cleave_runtime::host_from_tensor(t).context("parameters must be f32")?,
+            ),
         );
+    }
+    for f in &module.functions {
+        if f.params().all(|x| params.contains_key(x.name)) {
+            continue;
+        }
+        let init = init_params(f, seed.unwrap_or(0));
+        for x in f.params() {
+            if !params.contains_key(x.name) {
+                let d = cleave_runtime::host_from_tensor(&init[x.name])
+                    .context("parameters must be f32")?;
+                params.insert(x.name.to_string(), (x.ty.shape.clone(), d));
+            }
+        }
     }
     Ok(params)
 }
@@ -1051,7 +1073,13 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             );
         }
     }
-    let mut params = initial_params(&forward, &loaded, a.seed)?;
+    let shaped = initial_params(&forward, &loaded, a.seed, &module)?;
+    let shapes: BTreeMap<String, Vec<usize>> = shaped
+        .iter()
+        .map(|(k, (shape, _))| (k.clone(), shape.clone()))
+        .collect();
+    let mut params: BTreeMap<String, HostData> =
+        shaped.into_iter().map(|(k, (_, d))| (k, d)).collect();
 
     // Data.
     let batch = m * mb;
@@ -1069,17 +1097,12 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     // Checkpoints: every parameter by name with the step (SGD keeps no other state), the format
     // of one-stage checkpoints; a run with threads and one with a process per device read each
     // other's (rank 0 writes them).
-    let method = crate::train::parse_grad_method("bp", 1)?;
+    let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
     // The parameters with their shapes: what a checkpoint holds.
     let state_of = |params: &BTreeMap<String, HostData>| -> crate::train::State {
-        forward
-            .params()
-            .map(|x| {
-                (
-                    x.name.to_string(),
-                    (x.ty.shape.clone(), params[x.name].clone()),
-                )
-            })
+        shapes
+            .iter()
+            .map(|(k, shape)| (k.clone(), (shape.clone(), params[k].clone())))
             .collect()
     };
     let mut start = 0usize;

@@ -66,10 +66,11 @@ enum Engine {
         loss: usize,
         fresh: bool,
     },
-    /// The pipeline executor and the parameters between steps.
+    /// The pipeline executor and the parameters (with their shapes) between steps.
     Pipe {
         pipe: Box<Pipeline>,
         params: BTreeMap<String, HostData>,
+        shapes: BTreeMap<String, Vec<usize>>,
         opts: PipelineOptions,
     },
 }
@@ -107,8 +108,8 @@ impl Session {
         if a.stages == 0 || a.microbatches == 0 {
             bail!("stages and microbatches must be at least 1");
         }
-        if pipelined && method != GradMethod::Bp {
-            bail!("--grad-method {method}: the pipeline executor runs bp only");
+        if pipelined && matches!(method, GradMethod::ForwardGradient { .. }) {
+            bail!("--grad-method {method}: the pipeline executor runs bp, fa, dfa and local");
         }
         if pipelined && a.optimizer != OptimizerArg::Sgd {
             bail!(
@@ -127,7 +128,17 @@ impl Session {
         let module = tm.loaded.module.clone();
         let (forward, engine) = if pipelined {
             let built = crate::pipeline_train::build_pipeline(a, &tm.forward, a.quiet, None)?;
-            let params = crate::pipeline_train::initial_params(&tm.forward, &tm.loaded, a.seed)?;
+            let state = crate::pipeline_train::initial_params(
+                &tm.forward,
+                &tm.loaded,
+                a.seed,
+                &built.module,
+            )?;
+            let shapes = state
+                .iter()
+                .map(|(k, (shape, _))| (k.clone(), shape.clone()))
+                .collect();
+            let params = state.into_iter().map(|(k, (_, d))| (k, d)).collect();
             let opts = PipelineOptions {
                 lr: lr as f32,
                 grad_scale: 1.0 / a.microbatches as f32,
@@ -138,6 +149,7 @@ impl Session {
                 Engine::Pipe {
                     pipe: Box::new(built.pipe),
                     params,
+                    shapes,
                     opts,
                 },
             )
@@ -319,7 +331,9 @@ impl Session {
                 *fresh = true;
                 plan.output_f32(*loss).map(|v| v[0]).unwrap_or(f32::NAN) as f64
             }
-            Engine::Pipe { pipe, params, opts } => {
+            Engine::Pipe {
+                pipe, params, opts, ..
+            } => {
                 let micro: Vec<BTreeMap<String, HostData>> = (0..m)
                     .map(|j| {
                         inputs
@@ -367,15 +381,9 @@ impl Session {
                 }
                 s
             }
-            Engine::Pipe { params, .. } => self
-                .forward
-                .params()
-                .map(|x| {
-                    (
-                        x.name.to_string(),
-                        (x.ty.shape.clone(), params[x.name].clone()),
-                    )
-                })
+            Engine::Pipe { params, shapes, .. } => shapes
+                .iter()
+                .map(|(k, shape)| (k.clone(), (shape.clone(), params[k].clone())))
                 .collect(),
         }
     }

@@ -866,11 +866,12 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         || a.memory_limit.is_some()
         || a.memory_report
     {
-        if method != GradMethod::Bp {
+        if let GradMethod::ForwardGradient { .. } = method {
             bail!(
                 "--grad-method {method}: the pipeline executor (--stages/--microbatches, --remat, \
-                 --memory-limit) runs bp only; `cleave schedule --grad-method` simulates the other \
-                 methods' schedules"
+                 --memory-limit) runs bp, fa, dfa and local; a forward gradient has no backward \
+                 pass to split into B and W (`cleave schedule --grad-method` simulates its \
+                 schedule)"
             );
         }
         return crate::pipeline_train::train(a).map(|r| r.summary);

@@ -10,12 +10,14 @@
 //! - [`schedule`]: pipeline schedules as data, generators, `auto`, the simulator, SVG timelines.
 //! - [`autodiff`]: reverse-mode differentiation with dgrad/wgrad tags at birth.
 //! - [`jvp`]: forward-mode differentiation.
+//! - [`chunk`]: the output layer and its cross-entropy in row chunks, exactly (StreamBP).
 //! - [`optimizer`]: SGD, momentum and AdamW updates as IR.
 //! - [`egraph`]: equality saturation with egg (the only module that uses egg).
 //! - [`simplify`]: the `simplify` pass on top of [`egraph`].
 #![warn(missing_docs)]
 
 pub mod autodiff;
+pub mod chunk;
 pub mod egraph;
 pub mod jvp;
 pub mod manager;

@@ -44,6 +44,11 @@ pub fn registry() -> Vec<PassInfo> {
             build: |o| Ok(Box::new(crate::jvp::Jvp::from_options(o)?)),
         },
         PassInfo {
+            name: "chunk",
+            description: "the output layer and its cross-entropy in K row chunks, exactly (StreamBP), so no [rows, vocab] logits exist (options: ops=lm-head, k=K)",
+            build: |o| Ok(Box::new(crate::chunk::Chunk::from_options(o)?)),
+        },
+        PassInfo {
             name: "split-bw",
             description: "cut a training step into per-stage F, B (dgrad) and W (wgrad) functions with named stash sets (option: accumulate)",
             build: |o| Ok(Box::new(crate::split::SplitBw::from_options(o)?)),

@@ -107,14 +107,19 @@ fn bits(t: &Tensor) -> Vec<u64> {
 }
 
 fn check_model(path: &str, stages: u32) {
-    check_model_with(path, stages, false);
+    check_model_with(path, stages, false, "");
 }
 
 /// Stage annotations come from contiguous runs of equal node counts, or from the `partition`
-/// pass (cost-balanced).
-fn check_model_with(path: &str, stages: u32, use_partition: bool) {
+/// pass (cost-balanced). A non-empty `prelude` (e.g. `chunk{k=4}`) runs on the forward first,
+/// without its `logits` output (as a training step has it).
+fn check_model_with(path: &str, stages: u32, use_partition: bool, prelude: &str) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut forward = load_module(&root.join(path), &Default::default()).unwrap();
+    if !prelude.is_empty() {
+        forward.functions[0].outputs.retain(|o| o.name != "logits");
+        run_passes(&mut forward, &format!("dce,{prelude}"));
+    }
     if use_partition {
         run_passes(&mut forward, &format!("partition{{stages={stages}}}"));
     } else {
@@ -228,7 +233,7 @@ fn gpt_tiny_one_stage() {
 
 #[test]
 fn gpt_tiny_partitioned_into_four_stages() {
-    check_model_with("examples/gpt-tiny.cir", 4, true);
+    check_model_with("examples/gpt-tiny.cir", 4, true, "");
 }
 
 #[test]
@@ -240,7 +245,7 @@ fn cnn_partitioned_into_two_stages_on_an_h100_profile() {
         "partition{stages=2,profile=h100-sxm},autodiff,split-bw",
     );
     assert_eq!(split_stages(&m).len(), 2);
-    check_model_with("examples/cnn-tiny.cir", 2, true);
+    check_model_with("examples/cnn-tiny.cir", 2, true, "");
 }
 
 /// `batch_w=K`: one W over K microbatches equals K accumulating runs of W (weight products up to
@@ -347,4 +352,60 @@ fn batched_w_over_three_microbatches_mlp() {
 #[test]
 fn batched_w_over_two_microbatches_gpt_tiny() {
     check_batch_w("examples/gpt-tiny.cir", 2, 2);
+}
+
+/// `chunk{ops=lm-head,k=4}` before `autodiff`: the split of the chunked step runs to the
+/// unsplit chunked gradients bit for bit, on one stage and on three; and the chunked gradients
+/// are the unchunked ones: the loss and every gradient but the output layer's weight bit for bit,
+/// that weight (a sum of four per-chunk products) within 1e-6 relative.
+#[test]
+fn gpt_tiny_chunked_head_splits_exactly_and_matches_unchunked() {
+    check_model_with("examples/gpt-tiny.cir", 1, false, "chunk{k=4}");
+    check_model_with("examples/gpt-tiny.cir", 3, false, "chunk{k=4}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut forward =
+        load_module(&root.join("examples/gpt-tiny.cir"), &Default::default()).unwrap();
+    forward.functions[0].outputs.retain(|o| o.name != "logits");
+    run_passes(&mut forward, "dce");
+    let mut args = init_params(&forward.functions[0], 3);
+    args.extend(inputs_for(&forward.functions[0], 11));
+    let grads = |pipeline: &str| -> BTreeMap<String, Tensor> {
+        let mut m = forward.clone();
+        run_passes(&mut m, pipeline);
+        let f = &m.functions[0];
+        f.outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .zip(run_function_named(f, &args, Precision::F32).unwrap())
+            .collect()
+    };
+    let plain = grads("autodiff");
+    let chunked = grads("chunk{k=4},autodiff");
+    assert_eq!(
+        plain.keys().collect::<Vec<_>>(),
+        chunked.keys().collect::<Vec<_>>()
+    );
+    let mut inexact = Vec::new();
+    for (name, want) in &plain {
+        let have = &chunked[name];
+        if bits(have) == bits(want) {
+            continue;
+        }
+        let (h, w) = (have.to_f64_vec(), want.to_f64_vec());
+        let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let err = h
+            .iter()
+            .zip(&w)
+            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert!(err <= 1e-6, "{name}: {err:e}");
+        inexact.push(name.as_str());
+    }
+    // gpt-tiny ties its output layer to the token embedding (`%2`): its gradient is the one
+    // summed over chunks.
+    assert!(
+        inexact.iter().all(|n| n.starts_with("grad.")),
+        "{inexact:?}"
+    );
+    assert!(inexact.len() <= 1, "{inexact:?}");
 }

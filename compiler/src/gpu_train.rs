@@ -168,6 +168,7 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
         (a.timeline.is_some(), "--timeline"),
         (a.fail_action.is_some(), "--fail-action"),
         (a.kill_action.is_some(), "--kill-action"),
+        (a.chunk_lm_head.is_some(), "--chunk-lm-head"),
         (a.debug_nan, "--debug-nan"),
     ];
     for (bad, what) in unsupported {

@@ -66,6 +66,7 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         timeline: None,
         fail_action: None,
         kill_action: None,
+        chunk_lm_head: None,
         remat: None,
         memory_limit: None,
         grad_method: "bp".into(),

@@ -1038,6 +1038,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             );
         }
     }
+    let step_forward = crate::train::training_forward(&forward, a.chunk_lm_head)?;
     let BuiltPipeline {
         mut pipe,
         schedule,
@@ -1048,7 +1049,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         planned_devices,
         limit,
         n_stages,
-    } = build_pipeline(a, &forward, quiet, fail_at)?;
+    } = build_pipeline(a, &step_forward, quiet, fail_at)?;
     // Every rank must run the same plan: its fingerprint (the stage programs, the schedule and
     // the step's settings) is compared across ranks before the first step.
     if let Some(r) = remote {

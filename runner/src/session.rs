@@ -103,8 +103,11 @@ impl Session {
     pub fn new(a: &TrainArgs) -> Result<Self> {
         let method = parse_grad_method(&a.grad_method, a.tangents)?;
         let lr = a.lr.unwrap_or(a.optimizer.default_lr());
-        let pipelined =
-            a.stages > 1 || a.microbatches > 1 || a.remat.is_some() || a.memory_limit.is_some();
+        let pipelined = a.stages > 1
+            || a.microbatches > 1
+            || a.remat.is_some()
+            || a.memory_limit.is_some()
+            || a.chunk_lm_head.is_some();
         if a.stages == 0 || a.microbatches == 0 {
             bail!("stages and microbatches must be at least 1");
         }
@@ -127,7 +130,8 @@ impl Session {
         let mb = tm.traced;
         let module = tm.loaded.module.clone();
         let (forward, engine) = if pipelined {
-            let built = crate::pipeline_train::build_pipeline(a, &tm.forward, a.quiet, None)?;
+            let step_forward = crate::train::training_forward(&tm.forward, a.chunk_lm_head)?;
+            let built = crate::pipeline_train::build_pipeline(a, &step_forward, a.quiet, None)?;
             let state = crate::pipeline_train::initial_params(
                 &tm.forward,
                 &tm.loaded,

@@ -170,6 +170,12 @@ pub struct TrainArgs {
     /// crossing devices and saved activations (suffix K, M, G allowed).
     #[arg(long)]
     pub memory_limit: Option<String>,
+    /// Run the output layer and its cross-entropy in K row chunks (the pass
+    /// `chunk{ops=lm-head,k=K}`; runs on the pipeline executor): the training step leaves out
+    /// the `logits` output and no [rows, vocab] value exists; exact, with the output layer's
+    /// weight gradient summed over the chunks (another summation order: within 1e-6).
+    #[arg(long, value_name = "K")]
+    pub chunk_lm_head: Option<usize>,
     /// Gradient method: bp, forward-gradient, fa, dfa, local{blocks=K} (see
     /// `cleave_passes::autodiff::methods`).
     #[arg(long, default_value = "bp")]
@@ -327,6 +333,22 @@ pub fn load_training_model(
         forward,
         traced,
     })
+}
+
+/// The function a training step differentiates: `forward` itself, or with `chunk = Some(K)`
+/// its output layer and cross-entropy in K row chunks (`chunk{ops=lm-head,k=K}`), without the
+/// `logits` output, which a step does not need (evaluation runs `forward`).
+pub fn training_forward(forward: &Function, chunk: Option<usize>) -> Result<Function> {
+    let Some(k) = chunk else {
+        return Ok(forward.clone());
+    };
+    let mut f = forward.clone();
+    f.outputs.retain(|o| o.name != "logits");
+    let mut m = Module::with_function(f);
+    PassManager::from_pipeline(&format!("dce,chunk{{ops=lm-head,k={k}}}"))?
+        .run(&mut m, &mut PassContext::default(), &mut |_| {})
+        .map_err(|e| anyhow::anyhow!("--chunk-lm-head {k}: {e}"))?;
+    Ok(m.functions.remove(0))
 }
 
 /// Loads a model and builds its training step with a gradient method.
@@ -862,6 +884,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         || a.microbatches > 1
         || a.fail_action.is_some()
         || a.kill_action.is_some()
+        || a.chunk_lm_head.is_some()
         || a.remat.is_some()
         || a.memory_limit.is_some()
         || a.memory_report

@@ -59,6 +59,7 @@ pub fn args(steps: usize) -> TrainArgs {
         timeline: None,
         fail_action: None,
         kill_action: None,
+        chunk_lm_head: None,
         remat: None,
         memory_limit: None,
         grad_method: "bp".into(),

@@ -61,7 +61,7 @@ use cleave_runtime::pipeline::{
     ActionTiming, Pipeline, PipelineAction, PipelineKind, PipelineOptions, StagePlans,
 };
 use cleave_runtime::remote::Remote;
-use cleave_runtime::{compile_with, CompileOptions, HostData};
+use cleave_runtime::{compile_with, CompileOptions, HostData, HostSlice};
 
 use crate::device_memory::{per_device, stage_resident, workspace_of, DeviceAccount};
 use crate::init::init_params;
@@ -1179,6 +1179,10 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                     .map(|c| (c.name.clone(), gather_batch(c, &rows[j * mb..(j + 1) * mb])))
                     .collect()
             })
+            .collect();
+        let micro: Vec<BTreeMap<String, HostSlice<'_>>> = micro
+            .iter()
+            .map(|mb| mb.iter().map(|(k, d)| (k.clone(), d.as_slice())).collect())
             .collect();
         STEP.store(step, std::sync::atomic::Ordering::Relaxed);
         let killing;

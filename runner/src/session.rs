@@ -14,8 +14,8 @@
 //! shapes checked. Checkpoints ([`Session::save`], [`Session::load`]) are `cleave train`'s
 //! format: a session resumes a command-line run's checkpoint and the reverse.
 //!
-//! **Copies.** On the one-stage path a batch is copied once, from the caller's memory into the
-//! plan's argument buffers; on the pipeline path once more, into per-microbatch host tensors.
+//! **Copies.** A batch is copied once, from the caller's memory into the plans' argument
+//! buffers: on the pipeline path each microbatch is a borrowed range of the caller's rows.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -338,7 +338,8 @@ impl Session {
             Engine::Pipe {
                 pipe, params, opts, ..
             } => {
-                let micro: Vec<BTreeMap<String, HostData>> = (0..m)
+                // Microbatch `j` is rows `j·b … (j+1)·b − 1` of every input, read in place.
+                let micro: Vec<BTreeMap<String, HostSlice<'_>>> = (0..m)
                     .map(|j| {
                         inputs
                             .iter()
@@ -522,16 +523,16 @@ impl Session {
     }
 }
 
-/// Rows `j·n/m … (j+1)·n/m` of a step's tensor: microbatch `j` of `m`.
-fn rows_of(data: HostSlice<'_>, j: usize, m: usize) -> HostData {
-    fn part<T: Clone>(v: &[T], j: usize, m: usize) -> Vec<T> {
+/// Rows `j·n/m … (j+1)·n/m` of a step's tensor: microbatch `j` of `m`, borrowed.
+fn rows_of(data: HostSlice<'_>, j: usize, m: usize) -> HostSlice<'_> {
+    fn part<T>(v: &[T], j: usize, m: usize) -> &[T] {
         let per = v.len() / m;
-        v[j * per..(j + 1) * per].to_vec()
+        &v[j * per..(j + 1) * per]
     }
     match data {
-        HostSlice::F32(v) => HostData::F32(part(v, j, m)),
-        HostSlice::I32(v) => HostData::I32(part(v, j, m)),
-        HostSlice::Bool(v) => HostData::Bool(part(v, j, m)),
+        HostSlice::F32(v) => HostSlice::F32(part(v, j, m)),
+        HostSlice::I32(v) => HostSlice::I32(part(v, j, m)),
+        HostSlice::Bool(v) => HostSlice::Bool(part(v, j, m)),
     }
 }
 

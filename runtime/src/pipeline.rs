@@ -58,7 +58,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::remote::{put_data, put_str, put_u64, Reader};
-use crate::{HostData, Plan};
+use crate::{HostData, HostSlice, Plan};
 
 /// What an action runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -414,12 +414,13 @@ impl Pipeline {
         self.devices.len()
     }
 
-    /// Runs one training step over `microbatches` (data inputs by name, one map per microbatch)
+    /// Runs one training step over `microbatches` (data inputs by name, one map per microbatch,
+    /// borrowed: each is copied once, into the plan of the F that reads it)
     /// with the parameters `params` (by name; each stage takes those its functions read).
     pub fn step(
         &mut self,
         params: &BTreeMap<String, HostData>,
-        microbatches: &[BTreeMap<String, HostData>],
+        microbatches: &[BTreeMap<String, HostSlice<'_>>],
         opts: &PipelineOptions,
     ) -> Result<StepResult, PipelineError> {
         self.step_with(params, microbatches, opts, None)
@@ -432,7 +433,7 @@ impl Pipeline {
     pub fn step_remote(
         &mut self,
         params: &BTreeMap<String, HostData>,
-        microbatches: &[BTreeMap<String, HostData>],
+        microbatches: &[BTreeMap<String, HostSlice<'_>>],
         opts: &PipelineOptions,
         remote: &dyn crate::remote::Remote,
     ) -> Result<StepResult, PipelineError> {
@@ -454,7 +455,7 @@ impl Pipeline {
     fn step_with(
         &mut self,
         params: &BTreeMap<String, HostData>,
-        microbatches: &[BTreeMap<String, HostData>],
+        microbatches: &[BTreeMap<String, HostSlice<'_>>],
         opts: &PipelineOptions,
         remote: Option<&dyn crate::remote::Remote>,
     ) -> Result<StepResult, PipelineError> {
@@ -829,7 +830,7 @@ struct Shared<'a> {
     replicated: &'a BTreeSet<usize>,
     consumers: &'a HashMap<String, BTreeSet<usize>>,
     params: &'a BTreeMap<String, HostData>,
-    data: &'a [BTreeMap<String, HostData>],
+    data: &'a [BTreeMap<String, HostSlice<'a>>],
     opts: &'a PipelineOptions,
     abort: &'a AtomicBool,
     t0: Instant,
@@ -1360,18 +1361,18 @@ impl<'a> Worker<'a> {
         for (i, name) in names.iter().enumerate() {
             let key = (s, j, name.clone());
             let reloaded;
-            let value: &HostData = if let (Which::W, Some(v)) = (which, st.acc.get(name)) {
-                v
+            let value: HostSlice<'_> = if let (Which::W, Some(v)) = (which, st.acc.get(name)) {
+                v.as_slice()
             } else if let Some(v) = st.params.get(name) {
-                v
+                v.as_slice()
             } else if let Some(v) = sh.data[j].get(name) {
-                v
+                *v
             } else if is_offloaded(name) {
                 self.use_saved(&key)?;
                 reloaded = self
                     .pool
                     .take(&key, sh.abort, Instant::now() + sh.opts.timeout)?;
-                &reloaded
+                reloaded.as_slice()
             } else {
                 if !self.store.contains_key(&key) {
                     self.wait_for(&key)?;
@@ -1380,14 +1381,14 @@ impl<'a> Worker<'a> {
                 if name.starts_with("stash.") {
                     self.use_saved(&key)?;
                 }
-                &self.store[&key]
+                self.store[&key].as_slice()
             };
             let plan = match which {
                 Which::F => &mut st.plans.f,
                 Which::B => &mut st.plans.b,
                 Which::W => &mut st.plans.w,
             };
-            plan.set_input(i, value.as_slice())
+            plan.set_input(i, value)
                 .map_err(|e| Some(format!("argument `{name}`: {e}")))?;
             // A kept saved value is freed after its last planned use.
             if name.starts_with("stash.") && !is_offloaded(name) && self.uses.get(&key) == Some(&0)

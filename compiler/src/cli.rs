@@ -576,6 +576,7 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
                 "flops": r.flops,
                 "matmul_flops": r.matmul_flops,
                 "gflops": r.gflops(),
+                "allocations_per_step": r.allocations_per_step,
             })
         );
     } else {
@@ -591,10 +592,13 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
             r.fused_kernels
         );
         println!(
-            "{:.3} MFLOP per step ({:.3} in matmuls), {:.1} GFLOP/s",
+            "{:.3} MFLOP per step ({:.3} in matmuls), {:.1} GFLOP/s{}",
             r.flops as f64 / 1e6,
             r.matmul_flops as f64 / 1e6,
-            r.gflops()
+            r.gflops(),
+            r.allocations_per_step
+                .map(|n| format!(", {n:.1} heap allocations per step"))
+                .unwrap_or_default()
         );
     }
     Ok(())

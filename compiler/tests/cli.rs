@@ -535,3 +535,25 @@ fn new_model_writes_synthetic_data_that_trains() {
     assert!(o.status.success(), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `cleave bench --json` reports the heap allocations of a timed step, counted by the
+/// instrumented allocator `cleave` installs (all threads; the plan's buffers are allocated at
+/// compile time, so a step allocates only small bookkeeping).
+#[test]
+fn bench_counts_allocations_per_step() {
+    let o = cleave(&[
+        "bench",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/mlp.cir"),
+        "--iters",
+        "5",
+        "--warmup",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let n = v["allocations_per_step"].as_f64().expect("a count");
+    assert!(n.is_finite() && n >= 0.0, "{v}");
+    // Far fewer than one allocation per buffer of the plan (it has hundreds of values).
+    assert!(n < 100.0, "{v}");
+}

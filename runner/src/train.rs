@@ -1132,6 +1132,9 @@ pub struct BenchResult {
     pub flops: u64,
     /// The matmul and convolution part of `flops`.
     pub matmul_flops: u64,
+    /// Heap allocations per timed step, all threads (the instrumented allocator's count; `None`
+    /// for the interpreter or where that allocator is not installed).
+    pub allocations_per_step: Option<f64>,
 }
 
 impl BenchResult {
@@ -1157,6 +1160,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
     let cost = cleave_ir::cost::function_cost(step).total();
     let args = bench_inputs(&built);
     let mut times = Vec::with_capacity(a.iters);
+    let mut allocations_per_step = None;
     if a.interp {
         for i in 0..a.warmup.min(2) + a.iters {
             let t = Instant::now();
@@ -1194,6 +1198,9 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
             .map(|(i, _)| i)
             .collect();
         for i in 0..a.warmup + a.iters {
+            if i == a.warmup {
+                cleave_runtime::alloc::start_counting();
+            }
             let t = Instant::now();
             for &d in &data {
                 set_host(&mut plan, d, &host[d])?;
@@ -1203,6 +1210,10 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
             if i >= a.warmup {
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
+        }
+        let n = cleave_runtime::alloc::stop_counting();
+        if cleave_runtime::alloc::installed() && a.iters > 0 {
+            allocations_per_step = Some(n as f64 / a.iters as f64);
         }
     }
     times.sort_by(|x, y| x.total_cmp(y));
@@ -1215,6 +1226,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
         jit_kernels,
         flops: cost.total(),
         matmul_flops: cost.matmul,
+        allocations_per_step,
     })
 }
 

@@ -1073,6 +1073,8 @@ fn single_kernel(func: &Function, node: Node, ins: &[BufRef], outs: &[BufRef]) -
             kind: *kind,
             shape: shape(0),
             axes: axes.clone(),
+            out_strides: crate::kernels::reduce_out_strides(&shape(0), axes),
+            acc: Vec::new(),
         },
         Op::Softmax { axis } | Op::LogSoftmax { axis } => OpKernel::Softmax {
             x: ins[0],

@@ -66,14 +66,15 @@ impl View {
             dst.fill(*src.add(self.offset));
             return;
         }
-        let mut idx = vec![0usize; r];
+        debug_assert!(r <= cleave_ir::MAX_RANK);
+        let mut idx = [0usize; cleave_ir::MAX_RANK];
         let mut rem = start;
         for d in (0..r).rev() {
             idx[d] = rem % self.shape[d];
             rem /= self.shape[d];
         }
         let mut pos = self.offset
-            + idx
+            + idx[..r]
                 .iter()
                 .zip(&self.strides)
                 .map(|(a, b)| a * b)

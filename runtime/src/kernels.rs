@@ -107,6 +107,10 @@ pub(crate) enum OpKernel {
         kind: ReduceKind,
         shape: Vec<usize>,
         axes: Vec<usize>,
+        /// The output's stride per input dimension (0 on reduced axes), for the general path.
+        out_strides: Vec<usize>,
+        /// The general path's f64 accumulators, kept between runs (sized at the first).
+        acc: Vec<f64>,
     },
     Softmax {
         x: BufRef,
@@ -188,7 +192,8 @@ fn for_each_strided(shape: &[usize], st: &[usize], mut f: impl FnMut(usize, usiz
         return;
     }
     let rank = shape.len();
-    let mut idx = vec![0usize; rank];
+    debug_assert!(rank <= cleave_ir::MAX_RANK);
+    let mut idx = [0usize; cleave_ir::MAX_RANK];
     let mut j = 0;
     for i in 0..n {
         f(i, j);
@@ -560,7 +565,9 @@ impl OpKernel {
                 kind,
                 shape,
                 axes,
-            } => reduce(mem, *x, *out, *kind, shape, axes)?,
+                out_strides,
+                acc,
+            } => reduce(mem, *x, *out, *kind, (shape, axes, out_strides), acc)?,
             OpKernel::Softmax {
                 x,
                 out,
@@ -842,14 +849,8 @@ impl OpKernel {
     }
 }
 
-unsafe fn reduce(
-    mem: &Mem,
-    x: BufRef,
-    out: BufRef,
-    kind: ReduceKind,
-    shape: &[usize],
-    axes: &[usize],
-) -> Result<(), String> {
+/// The output's stride per input dimension of a reduction over `axes` (0 on reduced axes).
+pub(crate) fn reduce_out_strides(shape: &[usize], axes: &[usize]) -> Vec<usize> {
     let rank = shape.len();
     let kept: Vec<usize> = (0..rank).filter(|d| !axes.contains(d)).collect();
     let out_shape: Vec<usize> = kept.iter().map(|&d| shape[d]).collect();
@@ -858,7 +859,22 @@ unsafe fn reduce(
     for (k, &d) in kept.iter().enumerate() {
         st[d] = ost[k];
     }
-    let n_out: usize = out_shape.iter().product();
+    st
+}
+
+unsafe fn reduce(
+    mem: &Mem,
+    x: BufRef,
+    out: BufRef,
+    kind: ReduceKind,
+    (shape, axes, st): (&[usize], &[usize], &[usize]),
+    acc: &mut Vec<f64>,
+) -> Result<(), String> {
+    let rank = shape.len();
+    let n_out: usize = (0..rank)
+        .filter(|d| !axes.contains(d))
+        .map(|d| shape[d])
+        .product();
     let count: usize = axes.iter().map(|&a| shape[a]).product();
     if count == 0 && n_out > 0 && matches!(kind, ReduceKind::Max | ReduceKind::Min) {
         return Err(format!(
@@ -893,15 +909,16 @@ unsafe fn reduce(
                 }
             }
         } else {
-            let mut acc = vec![
+            acc.clear();
+            acc.resize(
+                n_out,
                 match kind {
                     ReduceKind::Sum | ReduceKind::Mean => 0.0f64,
                     ReduceKind::Max => f64::NEG_INFINITY,
                     ReduceKind::Min => f64::INFINITY,
-                };
-                n_out
-            ];
-            for_each_strided(shape, &st, |i, j| {
+                },
+            );
+            for_each_strided(shape, st, |i, j| {
                 let b = v[i] as f64;
                 acc[j] = match kind {
                     ReduceKind::Sum | ReduceKind::Mean => acc[j] + b,
@@ -921,7 +938,7 @@ unsafe fn reduce(
                     }
                 }
             });
-            for (a, b) in r.iter_mut().zip(acc) {
+            for (a, &b) in r.iter_mut().zip(acc.iter()) {
                 *a = b as f32;
             }
         }
@@ -938,7 +955,7 @@ unsafe fn reduce(
             ReduceKind::Mean => return Err("`reduce_mean` needs a float operand".into()),
         };
         r.fill(init);
-        for_each_strided(shape, &st, |i, j| r[j] = f(r[j], v[i]));
+        for_each_strided(shape, st, |i, j| r[j] = f(r[j], v[i]));
     }
     Ok(())
 }

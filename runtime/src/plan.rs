@@ -135,7 +135,21 @@ pub struct Plan {
     pub(crate) jit_code: Option<crate::jit::JitCode>,
     /// (output index, argument index) pairs of [`Plan::carry`], and a scratch per pair.
     carry_pairs: Option<Vec<(usize, usize, Vec<f32>)>>,
+    /// The table of buffer base pointers a run hands its kernels, kept between runs so that a
+    /// run allocates nothing of its own.
+    ptr_table: PtrTable,
 }
+
+/// Storage for [`Mem`]'s pointer table between runs: refilled at the start of every run and
+/// never read outside one.
+#[derive(Default)]
+struct PtrTable(Vec<*mut f32>);
+
+// SAFETY: the pointers are only dereferenced during a run, which refills the table from the
+// plan's own buffers first (through `&mut Plan`); between runs the table is dead storage.
+unsafe impl Send for PtrTable {}
+// SAFETY: as above; nothing reads the table through a shared reference.
+unsafe impl Sync for PtrTable {}
 
 impl std::fmt::Debug for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -170,6 +184,7 @@ impl Plan {
             regs: Regs::default(),
             jit_code: None,
             carry_pairs: None,
+            ptr_table: PtrTable::default(),
         }
     }
 
@@ -353,9 +368,16 @@ impl Plan {
     }
 
     fn run_inner(&mut self, check: bool) -> Result<Option<NanReport>, RunError> {
-        let mem = Mem {
-            ptrs: self.bufs.iter_mut().map(|b| b.as_mut_ptr()).collect(),
-        };
+        let mut ptrs = std::mem::take(&mut self.ptr_table.0);
+        ptrs.clear();
+        ptrs.extend(self.bufs.iter_mut().map(|b| b.as_mut_ptr()));
+        let mem = Mem { ptrs };
+        let r = self.run_steps(&mem, check);
+        self.ptr_table.0 = mem.ptrs;
+        r
+    }
+
+    fn run_steps(&mut self, mem: &Mem, check: bool) -> Result<Option<NanReport>, RunError> {
         let mut first = None;
         if check {
             for a in &self.args {
@@ -378,8 +400,8 @@ impl Plan {
             // results, which the fused loop supports), sized for its type.
             let r = unsafe {
                 match &mut step.kernel {
-                    Kernel::Fused(k) => k.run(&mem, &mut self.regs),
-                    Kernel::Op(k) => k.run(&mem),
+                    Kernel::Fused(k) => k.run(mem, &mut self.regs),
+                    Kernel::Op(k) => k.run(mem),
                 }
             };
             r.map_err(|message| RunError::Node {

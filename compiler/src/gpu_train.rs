@@ -169,6 +169,7 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
         (a.fail_action.is_some(), "--fail-action"),
         (a.kill_action.is_some(), "--kill-action"),
         (a.chunk_lm_head.is_some(), "--chunk-lm-head"),
+        (a.grad_clip.is_some(), "--grad-clip"),
         (a.debug_nan, "--debug-nan"),
     ];
     for (bad, what) in unsupported {

@@ -57,10 +57,11 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
     ));
     let threads = dir.join("threads.jsonl");
     let procs = dir.join("procs.jsonl");
-    let (name, limit, method) = match schedule {
-        [s, "--memory-limit", l] => (*s, Some(l.to_string()), "bp"),
-        [s, "--grad-method", g] => (*s, None, *g),
-        [s] => (*s, None, "bp"),
+    let (name, limit, method, clip) = match schedule {
+        [s, "--memory-limit", l] => (*s, Some(l.to_string()), "bp", None),
+        [s, "--grad-method", g] => (*s, None, *g, None),
+        [s, "--grad-clip", c] => (*s, None, "bp", Some(c.parse().unwrap())),
+        [s] => (*s, None, "bp", None),
         _ => unreachable!(),
     };
     let args = TrainArgs {
@@ -73,6 +74,7 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
         schedule: name.into(),
         memory_limit: limit,
         grad_method: method.into(),
+        grad_clip: clip,
         metrics: Some(threads.clone()),
         ..common::args(3)
     };
@@ -159,13 +161,15 @@ fn two_processes_match_two_threads_for_every_schedule() {
 }
 
 /// Gradient methods on processes: DFA (the output error sent from the last rank to every
-/// other) and local learning (no gradient crosses ranks) match threads bit for bit.
+/// other) and local learning (no gradient crosses ranks) match threads bit for bit; so does
+/// `--grad-clip` (every rank validates the step with the all-gathered gradients).
 #[test]
 fn two_processes_run_the_gradient_methods() {
     for s in [
         &["zb-h1", "--grad-method", "dfa"][..],
         &["1f1b", "--grad-method", "fa"],
         &["zb-h1", "--grad-method", "local"],
+        &["zb-v", "--grad-clip", "0.05"],
     ] {
         check(GPT, 2, 4, s);
     }

@@ -67,6 +67,7 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         fail_action: None,
         kill_action: None,
         chunk_lm_head: None,
+        grad_clip: None,
         remat: None,
         memory_limit: None,
         grad_method: "bp".into(),

@@ -926,6 +926,52 @@ pub fn initial_params(
     Ok(params)
 }
 
+/// Post-update validation of a step (`--grad-clip`; the Zero Bubble paper's way of stepping
+/// the optimizer without a global barrier): every stage has already applied `p − lr·(s·g)`
+/// (`s` the step's `grad_scale`) as soon as its own gradients were complete; only now, with all
+/// of them, is the global norm `‖s·g‖` known (summed in f64 over the parameters in name order,
+/// so every rank and stage count computes the same). Above `clip`, each updated parameter is
+/// recomputed from its previous value `old` with the clipped gradient, `p − lr·((s·c)·g)`,
+/// `c = clip/‖s·g‖`; with `clip`, a non-finite norm rolls every parameter back to `old`. Returns
+/// the norm.
+pub(crate) fn validate_update(
+    updated: &mut BTreeMap<String, HostData>,
+    grads: &BTreeMap<String, HostData>,
+    old: &BTreeMap<String, HostData>,
+    clip: Option<f64>,
+    opts: &PipelineOptions,
+) -> f64 {
+    let s = opts.grad_scale as f64;
+    let mut sq = 0.0f64;
+    for g in grads.values() {
+        if let HostData::F32(g) = g {
+            sq += g.iter().map(|&x| (s * x as f64).powi(2)).sum::<f64>();
+        }
+    }
+    let norm = sq.sqrt();
+    let factor = match clip {
+        None => return norm,
+        Some(_) if !norm.is_finite() => None,
+        Some(c) if norm > c => Some((s * (c / norm)) as f32),
+        Some(_) => return norm,
+    };
+    for (name, p) in updated.iter_mut() {
+        let (Some(HostData::F32(x)), Some(HostData::F32(g))) = (old.get(name), grads.get(name))
+        else {
+            continue;
+        };
+        *p = HostData::F32(match factor {
+            Some(f) => x
+                .iter()
+                .zip(g)
+                .map(|(&x, &g)| x - opts.lr * (f * g))
+                .collect(),
+            None => x.clone(),
+        });
+    }
+    norm
+}
+
 /// The step pipelined training is at (what a rank ended from outside reports).
 static STEP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -963,7 +1009,10 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         bail!("--stages and --microbatches must be at least 1");
     }
     if a.optimizer != OptimizerArg::Sgd {
-        bail!("pipelined training (--stages/--microbatches) supports --optimizer sgd only");
+        bail!(
+            "pipelined training (--stages/--microbatches, --remat, --memory-limit, \
+             --chunk-lm-head, --grad-clip) supports --optimizer sgd only"
+        );
     }
     if a.debug_nan {
         bail!("pipelined training (--stages/--microbatches) does not support --debug-nan yet");
@@ -1208,9 +1257,16 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             None => pipe.step(&params, &micro, popts),
         }
         .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
+        let mut r = r;
         let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
         if !loss.is_finite() {
             bail!("loss is {loss} at step {step}; training stopped");
+        }
+        let norm = validate_update(&mut r.params, &r.grads, &params, a.grad_clip, popts);
+        if a.grad_clip.is_some() && !norm.is_finite() && !quiet {
+            eprintln!(
+                "\nwarning: step {step}: the gradient norm is {norm}; the update was rolled back"
+            );
         }
         params.extend(r.params);
         peak.resize(r.peak_saved_bytes.len(), 0);
@@ -1246,7 +1302,11 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         summary.final_loss = Some(loss);
         summary.steps_run += 1;
         let sps = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        metrics.line(serde_json::json!({"step": step + 1, "loss": loss, "steps_per_s": sps}))?;
+        let mut line = serde_json::json!({"step": step + 1, "loss": loss, "steps_per_s": sps});
+        if a.grad_clip.is_some() {
+            line["grad_norm"] = norm.into();
+        }
+        metrics.line(line)?;
         write_ckpt(step + 1, &params)?;
         if !quiet {
             eprint!(

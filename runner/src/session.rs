@@ -107,7 +107,8 @@ impl Session {
             || a.microbatches > 1
             || a.remat.is_some()
             || a.memory_limit.is_some()
-            || a.chunk_lm_head.is_some();
+            || a.chunk_lm_head.is_some()
+            || a.grad_clip.is_some();
         if a.stages == 0 || a.microbatches == 0 {
             bail!("stages and microbatches must be at least 1");
         }
@@ -347,9 +348,16 @@ impl Session {
                             .collect()
                     })
                     .collect();
-                let r = pipe
+                let mut r = pipe
                     .step(params, &micro, opts)
                     .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
+                crate::pipeline_train::validate_update(
+                    &mut r.params,
+                    &r.grads,
+                    params,
+                    self.args.grad_clip,
+                    opts,
+                );
                 params.extend(r.params);
                 r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64
             }

@@ -170,6 +170,13 @@ pub struct TrainArgs {
     /// crossing devices and saved activations (suffix K, M, G allowed).
     #[arg(long)]
     pub memory_limit: Option<String>,
+    /// Clip the gradient's global L2 norm (of the mean loss's gradient, over every parameter) to
+    /// this value. Runs on the pipeline executor with post-update validation: each stage steps
+    /// its optimizer as soon as its gradients are complete, and a step whose norm exceeds the
+    /// limit is redone from the previous weights with the clipped gradient (a non-finite norm
+    /// rolls the step back).
+    #[arg(long, value_name = "NORM")]
+    pub grad_clip: Option<f64>,
     /// Run the output layer and its cross-entropy in K row chunks (the pass
     /// `chunk{ops=lm-head,k=K}`; runs on the pipeline executor): the training step leaves out
     /// the `logits` output and no [rows, vocab] value exists; exact, with the output layer's
@@ -885,6 +892,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         || a.fail_action.is_some()
         || a.kill_action.is_some()
         || a.chunk_lm_head.is_some()
+        || a.grad_clip.is_some()
         || a.remat.is_some()
         || a.memory_limit.is_some()
         || a.memory_report

@@ -60,6 +60,7 @@ pub fn args(steps: usize) -> TrainArgs {
         fail_action: None,
         kill_action: None,
         chunk_lm_head: None,
+        grad_clip: None,
         remat: None,
         memory_limit: None,
         grad_method: "bp".into(),

@@ -446,7 +446,8 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, *,
             memory_limit: str | int | None = None, remat: str | None = None,
             optimizer: str = "sgd", lr: float | None = None, seed: int | None = None,
             batch: int | None = None, loss_output: str | None = None,
-            input_names: Sequence[str] | None = None, progress: bool = True) -> Plan:
+            input_names: Sequence[str] | None = None, progress: bool = True,
+            **flags: Any) -> Plan:
     """Compiles ``model`` for training and returns a :class:`Plan`.
 
     ``model`` is a ``torch.nn.Module`` (exported with ``torch.onnx.export(dynamo=True,
@@ -458,7 +459,9 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, *,
     ``stages``, ``microbatches`` per step, the ``schedule`` (``1f1b``, ``zb-h1``, ``zb-h2``,
     ``zb-v``, ``interleaved``, ``auto``, …), a per-device ``memory_limit`` (``"8G"`` or bytes),
     ``remat``, the ``optimizer`` (pipelines: ``sgd``), ``lr``, ``seed`` (initialisation of
-    parameters the file does not hold), ``batch`` (binds an ONNX model's symbolic batch)."""
+    parameters the file does not hold), ``batch`` (binds an ONNX model's symbolic batch).
+    Any other flag of ``cleave train`` is a keyword too: ``grad_clip=1.0``, ``chunk_lm_head=8``,
+    ``grad_method="dfa"``, …"""
     bar = _progress(2, "cleave.compile", progress)
     workdir = None
     module = None
@@ -490,7 +493,7 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, *,
         flags = model_flags + _flags({
             "stages": stages, "microbatches": microbatches, "schedule": schedule,
             "memory_limit": memory_limit, "remat": remat, "optimizer": optimizer, "lr": lr,
-            "seed": seed}) + ["--quiet"]
+            "seed": seed}) + _flags(flags) + ["--quiet"]
         plan = Plan(path, flags, module=module, workdir=workdir, inspect_flags=model_flags)
         workdir = None  # the plan owns it now
         bar.update(1)

@@ -49,6 +49,22 @@ def test_a_step_takes_dicts_tuples_and_other_dtypes(digits):
     assert la == lb
 
 
+def test_other_train_flags_pass_through():
+    kw = dict(seed=1, progress=False, microbatches=2)
+    a = cleave.compile(ROOT / "examples/gpt-tiny.cir", stages=2, grad_clip=0.05, **kw)
+    b = cleave.compile(ROOT / "examples/gpt-tiny.cir", stages=1, grad_clip=0.05, **kw)
+    c = cleave.compile(ROOT / "examples/gpt-tiny.cir", stages=1, **kw)
+    data = cleave.read_tensors(ROOT / "examples/data/modadd.safetensors")
+    losses = []
+    for k in range(3):
+        batch = {n: v[k * 16:(k + 1) * 16] for n, v in data.items()}
+        losses.append((a.step(batch), b.step(batch), c.step(batch)))
+    assert all(x == y for x, y, _ in losses)
+    assert any(x != z for x, _, z in losses[1:])
+    with pytest.raises(cleave.CleaveError, match="unexpected argument '--no-such-flag'"):
+        cleave.compile(ROOT / "examples/gpt-tiny.cir", no_such_flag=1, progress=False)
+
+
 def test_pipelined_plans_match_one_stage():
     kw = dict(seed=1, progress=False, microbatches=4)
     one = cleave.compile(ROOT / "examples/gpt-tiny.cir", stages=1, **kw)

@@ -61,13 +61,22 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
         [s, "--memory-limit", l] => (*s, Some(l.to_string()), "bp", None),
         [s, "--grad-method", g] => (*s, None, *g, None),
         [s, "--grad-clip", c] => (*s, None, "bp", Some(c.parse().unwrap())),
-        [s] => (*s, None, "bp", None),
+        [s, "--optimizer", _] | [s] => (*s, None, "bp", None),
         _ => unreachable!(),
+    };
+    let (optimizer, opt_name) = match schedule {
+        [_, "--optimizer", "adamw"] => (OptimizerArg::Adamw, "adamw"),
+        [_, "--optimizer", "momentum"] => (OptimizerArg::Momentum, "momentum"),
+        _ => (OptimizerArg::Sgd, "sgd"),
+    };
+    let schedule = match schedule {
+        [s, "--optimizer", _] => std::slice::from_ref(s),
+        _ => schedule,
     };
     let args = TrainArgs {
         model: root().join(model.0),
         data: root().join(model.1),
-        optimizer: OptimizerArg::Sgd,
+        optimizer,
         seed: Some(1),
         stages: p,
         microbatches: m,
@@ -92,7 +101,7 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
         "--data",
         model.1,
         "--optimizer",
-        "sgd",
+        opt_name,
         "--seed",
         "1",
         "--steps",
@@ -161,8 +170,9 @@ fn two_processes_match_two_threads_for_every_schedule() {
 }
 
 /// Gradient methods on processes: DFA (the output error sent from the last rank to every
-/// other) and local learning (no gradient crosses ranks) match threads bit for bit; so does
-/// `--grad-clip` (every rank validates the step with the all-gathered gradients).
+/// other) and local learning (no gradient crosses ranks) match threads bit for bit; so do
+/// `--grad-clip` (every rank validates the step with the all-gathered gradients) and AdamW
+/// (every rank runs the update on the all-gathered gradients).
 #[test]
 fn two_processes_run_the_gradient_methods() {
     for s in [
@@ -170,6 +180,7 @@ fn two_processes_run_the_gradient_methods() {
         &["1f1b", "--grad-method", "fa"],
         &["zb-h1", "--grad-method", "local"],
         &["zb-v", "--grad-clip", "0.05"],
+        &["zb-h1", "--optimizer", "adamw"],
     ] {
         check(GPT, 2, 4, s);
     }

@@ -458,7 +458,7 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, *,
     module's ``forward`` takes). The other keywords are ``cleave train``'s flags: pipeline
     ``stages``, ``microbatches`` per step, the ``schedule`` (``1f1b``, ``zb-h1``, ``zb-h2``,
     ``zb-v``, ``interleaved``, ``auto``, …), a per-device ``memory_limit`` (``"8G"`` or bytes),
-    ``remat``, the ``optimizer`` (pipelines: ``sgd``), ``lr``, ``seed`` (initialisation of
+    ``remat``, the ``optimizer`` (``sgd``, ``momentum``, ``adamw``), ``lr``, ``seed`` (initialisation of
     parameters the file does not hold), ``batch`` (binds an ONNX model's symbolic batch).
     Any other flag of ``cleave train`` is a keyword too: ``grad_clip=1.0``, ``chunk_lm_head=8``,
     ``grad_method="dfa"``, …"""

@@ -8,7 +8,9 @@
 //! - **parameters**: the stage's copy of every parameter its F, B or W reads;
 //! - **gradients**: its `grad.*` accumulators (f32, one per parameter it owns the gradient of);
 //! - **updated parameters**: the optimizer's new values, made after the stage's last W (plain
-//!   SGD has no other **optimizer state**; the pipelined path supports SGD only);
+//!   SGD has no other **optimizer state**; momentum's and AdamW's state and update run after the
+//!   step in the training loop's own memory, which this accounting does not charge to a
+//!   device);
 //! - **workspace**: the buffers of the stage's compiled F, B and W plans (each plan owns its
 //!   buffers for the whole run, so the three add up), measured on the compiled plans;
 //! - **kernel scratch**: what the kernels allocate while they run (the `gemm` crate's packing

@@ -20,9 +20,11 @@
 //! sum of the microbatch gradients (accumulated by each stage's W in its schedule's W order)
 //! scaled by `1/M`, so the update is that of the mean loss over the whole batch.
 //!
-//! **Optimizer.** Plain SGD only (`--optimizer sgd`), applied by each device to its stages'
-//! parameters after the stage's last W: `p ← p − lr·((1/M)·g)` in f32. Momentum and AdamW are not
-//! supported on this path yet (an error says so).
+//! **Optimizer.** SGD is applied by each device to its stages' parameters after the stage's
+//! last W: `p ← p − lr·((1/M)·g)` in f32, with no barrier. Momentum and AdamW run after the
+//! step, over every parameter, as one compiled program of the `optimizer` pass's IR (the same
+//! update as the one-stage step's: [`Updater`]), their state kept beside the parameters.
+//! `--grad-clip` validates the step after the fact ([`finish_step`]).
 //!
 //! **Checkpoints** (`--checkpoint DIR`, `--resume DIR`): every parameter by name with the step,
 //! in the one-stage format (SGD keeps no other state); a resumed run continues bit for bit, and
@@ -934,13 +936,68 @@ pub fn initial_params(
 /// recomputed from its previous value `old` with the clipped gradient, `p − lr·((s·c)·g)`,
 /// `c = clip/‖s·g‖`; with `clip`, a non-finite norm rolls every parameter back to `old`. Returns
 /// the norm.
-pub(crate) fn validate_update(
+pub fn validate_update(
     updated: &mut BTreeMap<String, HostData>,
     grads: &BTreeMap<String, HostData>,
     old: &BTreeMap<String, HostData>,
     clip: Option<f64>,
     opts: &PipelineOptions,
 ) -> f64 {
+    let (norm, factor) = clip_factor(grads, clip, opts);
+    if factor == Some(1.0) {
+        return norm;
+    }
+    let s = opts.grad_scale as f64;
+    for (name, p) in updated.iter_mut() {
+        let (Some(HostData::F32(x)), Some(HostData::F32(g))) = (old.get(name), grads.get(name))
+        else {
+            continue;
+        };
+        *p = HostData::F32(match factor {
+            Some(c) => {
+                let f = (s * c as f64) as f32;
+                x.iter()
+                    .zip(g)
+                    .map(|(&x, &g)| x - opts.lr * (f * g))
+                    .collect()
+            }
+            None => x.clone(),
+        });
+    }
+    norm
+}
+
+/// Finishes a pipeline step: SGD's stage updates validated ([`validate_update`]) or another
+/// optimizer's update applied ([`Updater`]), then the new values moved into `params`; returns
+/// the gradient norm.
+pub fn finish_step(
+    r: &mut cleave_runtime::pipeline::StepResult,
+    params: &mut BTreeMap<String, HostData>,
+    updater: Option<&mut Updater>,
+    clip: Option<f64>,
+    opts: &PipelineOptions,
+) -> Result<f64> {
+    let norm = match updater {
+        None => validate_update(&mut r.params, &r.grads, params, clip, opts),
+        Some(u) => {
+            let (norm, factor) = clip_factor(&r.grads, clip, opts);
+            u.apply(params, &r.grads, factor)?;
+            norm
+        }
+    };
+    params.extend(std::mem::take(&mut r.params));
+    Ok(norm)
+}
+
+/// The global norm of a step's mean-loss gradient `‖s·g‖` (f64, parameters in name order) and
+/// the factor its gradient sums take under `clip`: 1 within the limit (or without one),
+/// `clip/‖s·g‖` above it, and `None` (roll the step back) when a limit is set and the norm is
+/// not finite.
+pub fn clip_factor(
+    grads: &BTreeMap<String, HostData>,
+    clip: Option<f64>,
+    opts: &PipelineOptions,
+) -> (f64, Option<f32>) {
     let s = opts.grad_scale as f64;
     let mut sq = 0.0f64;
     for g in grads.values() {
@@ -950,26 +1007,147 @@ pub(crate) fn validate_update(
     }
     let norm = sq.sqrt();
     let factor = match clip {
-        None => return norm,
+        None => Some(1.0),
         Some(_) if !norm.is_finite() => None,
-        Some(c) if norm > c => Some((s * (c / norm)) as f32),
-        Some(_) => return norm,
+        Some(c) if norm > c => Some((c / norm) as f32),
+        Some(_) => Some(1.0),
     };
-    for (name, p) in updated.iter_mut() {
-        let (Some(HostData::F32(x)), Some(HostData::F32(g))) = (old.get(name), grads.get(name))
-        else {
-            continue;
-        };
-        *p = HostData::F32(match factor {
-            Some(f) => x
-                .iter()
-                .zip(g)
-                .map(|(&x, &g)| x - opts.lr * (f * g))
-                .collect(),
-            None => x.clone(),
-        });
+    (norm, factor)
+}
+
+/// Momentum and AdamW on the pipeline executor: the stages only accumulate
+/// ([`PipelineOptions::update`] off) and, after the step, one compiled program applies the
+/// update to every parameter: the `optimizer` pass (the same IR as the one-stage step's update)
+/// over `grad.<p> = (1/M)·Σ g`, with the optimizer's state (`opt.m.<p>`, `opt.v.<p>`,
+/// `opt.step`, `opt.momentum.<p>`) kept beside the parameters, so that checkpoints hold it in
+/// the one-stage format. Unlike SGD, the update waits for the whole step.
+pub struct Updater {
+    plan: cleave_runtime::Plan,
+    /// The parameters it updates, by name.
+    names: Vec<String>,
+}
+
+impl Updater {
+    /// The updater `a`'s optimizer needs on the pipeline (`None` for SGD, which the stages
+    /// apply themselves), with its state added to `params` and `shapes`.
+    pub fn for_args(
+        a: &TrainArgs,
+        lr: f64,
+        shapes: &mut BTreeMap<String, Vec<usize>>,
+        params: &mut crate::train::State,
+    ) -> Result<Option<Updater>> {
+        if a.optimizer == OptimizerArg::Sgd {
+            return Ok(None);
+        }
+        let (u, state) = Updater::new(shapes, a.optimizer, lr, 1.0 / a.microbatches as f32)?;
+        for (k, (shape, _)) in &state {
+            shapes.insert(k.clone(), shape.clone());
+        }
+        params.extend(state);
+        Ok(Some(u))
     }
-    norm
+
+    /// The update program for `params` (name → shape) under `opt` at `lr`, with gradient sums
+    /// scaled by `scale`; returns it and the optimizer state's initial values with their shapes
+    /// (zeros; `opt.step` 1).
+    pub fn new(
+        params: &BTreeMap<String, Vec<usize>>,
+        opt: OptimizerArg,
+        lr: f64,
+        scale: f32,
+    ) -> Result<(Updater, crate::train::State)> {
+        let mut text = String::from("func @update {\n");
+        let mut outs = Vec::new();
+        for (i, (name, shape)) in params.iter().enumerate() {
+            let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+            let ty = format!("f32[{}]", dims.join(","));
+            let v = 4 * i;
+            text.push_str(&format!("  %{v} = param {{name = {name:?}}} : {ty}\n"));
+            text.push_str(&format!(
+                "  %{} = input {{name = \"sum.{name}\"}} : {ty}\n",
+                v + 1
+            ));
+            text.push_str(&format!(
+                "  %{} = constant {{value = {scale:?}}} : {ty}\n",
+                v + 2
+            ));
+            text.push_str(&format!(
+                "  %{} = mul %{}, %{} : {ty}\n",
+                v + 3,
+                v + 1,
+                v + 2
+            ));
+            outs.push(format!("%{} as \"grad.{name}\"", v + 3));
+        }
+        text.push_str(&format!("  return {}\n}}\n", outs.join(", ")));
+        let func = cleave_ir::parse_function(&text)
+            .map_err(|e| anyhow::anyhow!("the update program: {e}"))?;
+        let mut module = Module::with_function(func);
+        let pipeline = format!("optimizer{{kind={},lr={lr}}}", opt.name());
+        PassManager::from_pipeline(&pipeline)?
+            .run(&mut module, &mut PassContext::default(), &mut |_| {})
+            .map_err(|e| anyhow::anyhow!("{pipeline}: {e}"))?;
+        let f = &module.functions[0];
+        let mut state = crate::train::State::new();
+        for arg in f.args().filter(|x| x.name.starts_with("opt.")) {
+            let n = arg.ty.num_elements();
+            let v = if arg.name == "opt.step" { 1.0 } else { 0.0 };
+            state.insert(
+                arg.name.to_string(),
+                (arg.ty.shape.clone(), HostData::F32(vec![v; n])),
+            );
+        }
+        let plan = compile_with(
+            f,
+            &CompileOptions {
+                fuse: true,
+                preserve_args: true,
+                jit: true,
+            },
+        )?;
+        let names = params.keys().cloned().collect();
+        Ok((Updater { plan, names }, state))
+    }
+
+    /// Updates `params` (which holds the optimizer state too) from the step's gradient sums
+    /// scaled by `factor` (see [`clip_factor`]; `None` leaves everything as it was: the step is
+    /// rolled back).
+    pub fn apply(
+        &mut self,
+        params: &mut BTreeMap<String, HostData>,
+        grads: &BTreeMap<String, HostData>,
+        factor: Option<f32>,
+    ) -> Result<()> {
+        let Some(c) = factor else {
+            return Ok(());
+        };
+        for name in &self.names {
+            let p = &params[name];
+            let sum = match (grads.get(name), p) {
+                (Some(HostData::F32(g)), _) if c != 1.0 => {
+                    HostData::F32(g.iter().map(|&x| c * x).collect())
+                }
+                (Some(g), _) => g.clone(),
+                (None, HostData::F32(v)) => HostData::F32(vec![0.0; v.len()]),
+                (None, other) => other.clone(),
+            };
+            crate::train::set_args(
+                &mut self.plan,
+                [(name.clone(), p), (format!("sum.{name}"), &sum)],
+            )?;
+        }
+        crate::train::set_args(
+            &mut self.plan,
+            params.iter().filter(|(k, _)| k.starts_with("opt.")),
+        )?;
+        self.plan
+            .run()
+            .map_err(|e| anyhow::anyhow!("the optimizer update: {e}"))?;
+        for (i, o) in self.plan.outputs().iter().enumerate() {
+            params.insert(o.name.clone(), self.plan.output(i));
+        }
+        Ok(())
+    }
 }
 
 /// The step pipelined training is at (what a rank ended from outside reports).
@@ -1007,12 +1185,6 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let (p, m) = (a.stages, a.microbatches);
     if p == 0 || m == 0 {
         bail!("--stages and --microbatches must be at least 1");
-    }
-    if a.optimizer != OptimizerArg::Sgd {
-        bail!(
-            "pipelined training (--stages/--microbatches, --remat, --memory-limit, \
-             --chunk-lm-head, --grad-clip) supports --optimizer sgd only"
-        );
     }
     if a.debug_nan {
         bail!("pipelined training (--stages/--microbatches) does not support --debug-nan yet");
@@ -1123,11 +1295,12 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             );
         }
     }
-    let shaped = initial_params(&forward, &loaded, a.seed, &module)?;
-    let shapes: BTreeMap<String, Vec<usize>> = shaped
+    let mut shaped = initial_params(&forward, &loaded, a.seed, &module)?;
+    let mut shapes: BTreeMap<String, Vec<usize>> = shaped
         .iter()
         .map(|(k, (shape, _))| (k.clone(), shape.clone()))
         .collect();
+    let mut updater = Updater::for_args(a, lr, &mut shapes, &mut shaped)?;
     let mut params: BTreeMap<String, HostData> =
         shaped.into_iter().map(|(k, (_, d))| (k, d)).collect();
 
@@ -1162,7 +1335,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         params.extend(state.into_iter().map(|(name, (_, d))| (name, d)));
         for (key, want) in [
             ("batch", batch.to_string()),
-            ("optimizer", "sgd".to_string()),
+            ("optimizer", a.optimizer.name().to_string()),
         ] {
             if let Some(have) = meta.get(key).filter(|h| **h != want) {
                 bail!(
@@ -1208,6 +1381,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         grad_scale: 1.0 / m as f32,
         fail_at,
         measure_memory: measure,
+        update: a.optimizer == OptimizerArg::Sgd,
         ..PipelineOptions::default()
     };
     let mut measured_peak: Vec<u64> = Vec::new();
@@ -1262,13 +1436,12 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         if !loss.is_finite() {
             bail!("loss is {loss} at step {step}; training stopped");
         }
-        let norm = validate_update(&mut r.params, &r.grads, &params, a.grad_clip, popts);
+        let norm = finish_step(&mut r, &mut params, updater.as_mut(), a.grad_clip, popts)?;
         if a.grad_clip.is_some() && !norm.is_finite() && !quiet {
             eprintln!(
                 "\nwarning: step {step}: the gradient norm is {norm}; the update was rolled back"
             );
         }
-        params.extend(r.params);
         peak.resize(r.peak_saved_bytes.len(), 0);
         for (p, &x) in peak.iter_mut().zip(&r.peak_saved_bytes) {
             *p = (*p).max(x);

@@ -5,7 +5,7 @@
 //! reporting flags are not read) and builds what that command builds: with one stage and one
 //! microbatch (and no `--remat`/`--memory-limit`), the compiled training step with its
 //! optimizer ([`crate::train`]); otherwise the pipeline executor under its schedule
-//! ([`crate::pipeline_train::build_pipeline`], SGD only). [`Session::step`] runs one step on a
+//! ([`crate::pipeline_train::build_pipeline`]). [`Session::step`] runs one step on a
 //! batch of `M × b` examples (`b` the model's traced batch, `M` the microbatches): the same
 //! loss and weights as `cleave train` reading the same examples in the same order.
 //!
@@ -30,7 +30,7 @@ use cleave_passes::autodiff::GRAD_PREFIX;
 
 use crate::train::{
     build_step_with, checkpoint_meta, eval_plan, initial_state, parse_grad_method,
-    restore_checkpoint, set_args, set_host, write_checkpoint, OptimizerArg, State, TrainArgs,
+    restore_checkpoint, set_args, set_host, write_checkpoint, State, TrainArgs,
 };
 
 /// One named tensor handed to a session: its shape and its elements, borrowed.
@@ -72,6 +72,8 @@ enum Engine {
         params: BTreeMap<String, HostData>,
         shapes: BTreeMap<String, Vec<usize>>,
         opts: PipelineOptions,
+        /// The optimizer other than SGD, applied after each step.
+        updater: Option<Box<crate::pipeline_train::Updater>>,
     },
 }
 
@@ -115,12 +117,6 @@ impl Session {
         if pipelined && matches!(method, GradMethod::ForwardGradient { .. }) {
             bail!("--grad-method {method}: the pipeline executor runs bp, fa, dfa and local");
         }
-        if pipelined && a.optimizer != OptimizerArg::Sgd {
-            bail!(
-                "pipelined training (stages/microbatches, remat, memory limit) supports the sgd \
-                 optimizer only"
-            );
-        }
         let tm = crate::train::load_training_model(
             &a.model,
             a.batch,
@@ -133,20 +129,23 @@ impl Session {
         let (forward, engine) = if pipelined {
             let step_forward = crate::train::training_forward(&tm.forward, a.chunk_lm_head)?;
             let built = crate::pipeline_train::build_pipeline(a, &step_forward, a.quiet, None)?;
-            let state = crate::pipeline_train::initial_params(
+            let mut state = crate::pipeline_train::initial_params(
                 &tm.forward,
                 &tm.loaded,
                 a.seed,
                 &built.module,
             )?;
-            let shapes = state
+            let mut shapes = state
                 .iter()
                 .map(|(k, (shape, _))| (k.clone(), shape.clone()))
                 .collect();
+            let updater = crate::pipeline_train::Updater::for_args(a, lr, &mut shapes, &mut state)?
+                .map(Box::new);
             let params = state.into_iter().map(|(k, (_, d))| (k, d)).collect();
             let opts = PipelineOptions {
                 lr: lr as f32,
                 grad_scale: 1.0 / a.microbatches as f32,
+                update: updater.is_none(),
                 ..PipelineOptions::default()
             };
             (
@@ -156,6 +155,7 @@ impl Session {
                     params,
                     shapes,
                     opts,
+                    updater,
                 },
             )
         } else {
@@ -337,7 +337,11 @@ impl Session {
                 plan.output_f32(*loss).map(|v| v[0]).unwrap_or(f32::NAN) as f64
             }
             Engine::Pipe {
-                pipe, params, opts, ..
+                pipe,
+                params,
+                opts,
+                updater,
+                ..
             } => {
                 // Microbatch `j` is rows `j·b … (j+1)·b − 1` of every input, read in place.
                 let micro: Vec<BTreeMap<String, HostSlice<'_>>> = (0..m)
@@ -351,14 +355,13 @@ impl Session {
                 let mut r = pipe
                     .step(params, &micro, opts)
                     .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
-                crate::pipeline_train::validate_update(
-                    &mut r.params,
-                    &r.grads,
+                crate::pipeline_train::finish_step(
+                    &mut r,
                     params,
+                    updater.as_deref_mut(),
                     self.args.grad_clip,
                     opts,
-                );
-                params.extend(r.params);
+                )?;
                 r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64
             }
         };

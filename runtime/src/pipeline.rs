@@ -130,6 +130,10 @@ pub struct PipelineOptions {
     pub fail_at: Option<PipelineAction>,
     /// End this process with SIGKILL when this action starts (for fault tests of processes).
     pub kill_at: Option<PipelineAction>,
+    /// Apply SGD in each stage after its last W (the default). Without it the step only
+    /// accumulates: [`StepResult::grads`] holds the sums and [`StepResult::params`] is empty, for
+    /// a caller that runs another optimizer.
+    pub update: bool,
     /// Capacity of each device's bounded input channel (messages).
     pub channel_capacity: usize,
     /// Measure each device's tensor memory with the instrumented allocator ([`crate::alloc`];
@@ -145,6 +149,7 @@ impl Default for PipelineOptions {
             timeout: Duration::from_secs(120),
             fail_at: None,
             kill_at: None,
+            update: true,
             channel_capacity: 64,
             measure_memory: false,
         }
@@ -810,7 +815,9 @@ impl Pipeline {
                     })
                 }
             };
-            if let (Some(HostData::F32(pv)), HostData::F32(gv)) = (params.get(&p), &sum) {
+            if let (true, Some(HostData::F32(pv)), HostData::F32(gv)) =
+                (opts.update, params.get(&p), &sum)
+            {
                 let new = sgd(pv, gv, opts);
                 result.params.insert(p.clone(), HostData::F32(new));
             }
@@ -1314,8 +1321,8 @@ impl<'a> Worker<'a> {
                         let _g = crate::alloc::TagGuard::new(self.tag);
                         for (g, v) in std::mem::take(&mut st.acc) {
                             let p = &g["grad.".len()..];
-                            if let (Some(HostData::F32(pv)), HostData::F32(gv)) =
-                                (st.params.get(p), &v)
+                            if let (true, Some(HostData::F32(pv)), HostData::F32(gv)) =
+                                (sh.opts.update, st.params.get(p), &v)
                             {
                                 let new = sgd(pv, gv, sh.opts);
                                 out.params.insert(p.to_string(), HostData::F32(new));

@@ -10,6 +10,7 @@ use cleave_ir::{
     Output, Phase, PoolKind, ReduceKind, SteOp, TensorType, UnaryOp, Value,
 };
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 
 struct Choices<'a> {
     words: &'a [u64],
@@ -384,8 +385,11 @@ impl Builder<'_, '_> {
                     let mut shape = tx.shape[..axis].to_vec();
                     shape.extend(&idx_ty.shape);
                     shape.extend(&tx.shape[axis + 1..]);
-                    let upd = self.arg(TensorType::new(tx.dtype, shape));
-                    self.try_push(Op::ScatterAdd { axis }, vec![x, idx, upd]);
+                    // The updates' rank is `r − 1 + rank(idx)`, which may pass MAX_RANK.
+                    if shape.len() <= cleave_ir::MAX_RANK {
+                        let upd = self.arg(TensorType::new(tx.dtype, shape));
+                        self.try_push(Op::ScatterAdd { axis }, vec![x, idx, upd]);
+                    }
                 }
             }
             22 => {
@@ -620,7 +624,7 @@ fn check_round_trip(m: &Module) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1000))]
+    #![proptest_config(ProptestConfig { cases: 1000, rng_seed: RngSeed::Fixed(0x5eed_0001), ..ProptestConfig::default() })]
 
     #[test]
     fn print_parse_print(words in words()) {
@@ -635,7 +639,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig { cases: 256, rng_seed: RngSeed::Fixed(0x5eed_0002), ..ProptestConfig::default() })]
 
     #[test]
     fn format_like_strings_never_panic(
@@ -646,7 +650,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(32))]
+    #![proptest_config(ProptestConfig { cases: 32, rng_seed: RngSeed::Fixed(0x5eed_0003), ..ProptestConfig::default() })]
 
     /// Every prefix of a valid module parses or fails cleanly, and errors point inside the text.
     #[test]

@@ -10,6 +10,7 @@ use cleave_passes::plan::{build_schedule, joint, plan_alone, plan_for, split_mod
 use cleave_passes::remat::{PlanCache, Policy};
 use cleave_passes::{PassContext, PassManager};
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 
 const FIXED: [&str; 4] = ["gpipe", "1f1b", "zb-h1", "zb-h2"];
 
@@ -45,7 +46,7 @@ fn peak_without_recomputation(f: &Function, name: &str, p: usize, m: usize) -> f
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 8, rng_seed: RngSeed::Fixed(0x5eed_0005), ..ProptestConfig::default() })]
     /// Limits between the smallest and the largest peak of the fixed schedules without
     /// recomputation: wherever a fixed schedule has a plan within the limit (planned alone by
     /// `plan_alone`, as `cleave inspect --memory --schedule NAME` plans it), the joint plan's

@@ -117,6 +117,7 @@ mod never_worse {
     use cleave_passes::schedule::simulate::BackwardDependency;
     use cleave_passes::schedule::{Costs, Memory, StageCost, StageMemory};
     use proptest::prelude::*;
+    use proptest::test_runner::RngSeed;
 
     fn stage() -> impl Strategy<Value = (StageCost, StageMemory)> {
         (
@@ -138,7 +139,7 @@ mod never_worse {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 48, rng_seed: RngSeed::Fixed(0x5eed_0004), ..ProptestConfig::default() })]
         #[test]
         fn auto_never_worse_than_a_fixed_schedule_that_fits(
             stages in prop::collection::vec(stage(), 2..6),

@@ -408,3 +408,41 @@ fn a_killed_rank_ends_the_job_and_the_checkpoint_resumes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--memory-report` with one process per device: each rank measures its own device with the
+/// instrumented allocator and rank 0 prints every device's row, measured beside planned.
+#[test]
+fn processes_report_every_devices_memory() {
+    let o = mpirun(gpt_ranks(
+        "2",
+        &[
+            "--microbatches",
+            "4",
+            "--steps",
+            "2",
+            "--schedule",
+            "zb-h1",
+            "--memory-report",
+        ],
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let rows: Vec<Vec<u64>> = err
+        .lines()
+        .skip_while(|l| !l.starts_with("device "))
+        .skip(1)
+        .take_while(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per device: {err}");
+    for (d, row) in rows.iter().enumerate() {
+        // device, params, grads, updated, workspace, scratch, boundary, saved, planned, measured
+        assert_eq!(row[0], d as u64);
+        let (planned, measured) = (row[8], row[9]);
+        assert!(measured > 0 && measured <= planned * 2, "device {d}: {err}");
+    }
+}

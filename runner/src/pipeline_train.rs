@@ -1211,12 +1211,6 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                 r.devices()
             );
         }
-        if a.memory_report {
-            bail!(
-                "--memory-report measures every device's memory in one process; with one \
-                 process per device (MPI) it is not available yet"
-            );
-        }
     }
     let lr = a.lr.unwrap_or(a.optimizer.default_lr());
     let fail_at = a
@@ -1373,9 +1367,8 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
              program has not installed (cleave_runtime::alloc::CountingAlloc)"
         );
     }
-    let measure = installed
-        && remote.is_none()
-        && (a.memory_report || a.memory_limit.is_some() || a.timeline.is_some());
+    let measure =
+        installed && (a.memory_report || a.memory_limit.is_some() || a.timeline.is_some());
     let popts = PipelineOptions {
         lr: lr as f32,
         grad_scale: 1.0 / m as f32,
@@ -1495,6 +1488,21 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     // With one process per device the step results carry every rank's actions (their clocks
     // start together at a barrier), and rank 0 writes the merged timeline.
+    // With one process per device each measured its own device: every rank's peaks, by device.
+    if let (Some(r), true) = (remote, measure) {
+        let mut mine = Vec::new();
+        for v in [&measured_peak, &measured_host] {
+            mine.extend_from_slice(&v.first().copied().unwrap_or(0).to_le_bytes());
+        }
+        let all = r
+            .all_gather(mine)
+            .map_err(|e| anyhow::anyhow!("MPI: gathering the measured peaks: {e}"))?;
+        let word = |b: &[u8], i: usize| {
+            u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes"))
+        };
+        measured_peak = all.iter().map(|b| word(b, 0)).collect();
+        measured_host = all.iter().map(|b| word(b, 1)).collect();
+    }
     if let (Some(path), 0) = (&a.timeline, rank) {
         let report = timeline_report(&schedule, &measured, &stash_memory)?;
         if !quiet {
@@ -1549,7 +1557,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         };
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    if a.memory_report {
+    if a.memory_report && rank == 0 {
         eprint!(
             "{}",
             memory_report_text(&planned_devices, &measured_peak, &measured_host, limit)
@@ -1561,7 +1569,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             );
         }
     }
-    if let Some(l) = limit {
+    if let (Some(l), 0) = (limit, rank) {
         if let Some((d, &x)) = measured_peak.iter().enumerate().find(|(_, &x)| x > l) {
             eprintln!(
                 "warning: device {d} measured a peak of {x} bytes, over --memory-limit {l} \

@@ -238,8 +238,7 @@ fn slice_rows(
 
 /// Points every use of `old` (operands and outputs) at `new`.
 fn replace_uses(func: &mut Function, old: Value, new: Value) {
-    let body = func.body.clone();
-    for n in body {
+    for &n in &func.body {
         for v in func.nodes[n].operands.iter_mut() {
             if *v == old {
                 *v = new;

@@ -49,7 +49,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use cleave_ir::Module;
+use cleave_ir::{BinaryOp, DType, Module};
 use cleave_passes::partition::{Cut, DeviceProfile};
 use cleave_passes::plan::{joint, split_module_by, Planned, Split};
 use cleave_passes::remat::{
@@ -931,21 +931,18 @@ pub fn initial_params(
 /// Post-update validation of a step (`--grad-clip`; the Zero Bubble paper's way of stepping
 /// the optimizer without a global barrier): every stage has already applied `p − lr·(s·g)`
 /// (`s` the step's `grad_scale`) as soon as its own gradients were complete; only now, with all
-/// of them, is the global norm `‖s·g‖` known (summed in f64 over the parameters in name order,
-/// so every rank and stage count computes the same). Above `clip`, each updated parameter is
-/// recomputed from its previous value `old` with the clipped gradient, `p − lr·((s·c)·g)`,
-/// `c = clip/‖s·g‖`; with `clip`, a non-finite norm rolls every parameter back to `old`. Returns
-/// the norm.
-pub fn validate_update(
+/// of them, is the global norm `‖s·g‖` known. Above the limit, each updated parameter is
+/// recomputed from its previous value `old` with the clipped gradient, `p − lr·((s·c)·g)`; a
+/// rolled-back step (`factor` `None`) puts every parameter back to `old`.
+fn validate_update(
     updated: &mut BTreeMap<String, HostData>,
     grads: &BTreeMap<String, HostData>,
     old: &BTreeMap<String, HostData>,
-    clip: Option<f64>,
+    factor: Option<f32>,
     opts: &PipelineOptions,
-) -> f64 {
-    let (norm, factor) = clip_factor(grads, clip, opts);
+) {
     if factor == Some(1.0) {
-        return norm;
+        return;
     }
     let s = opts.grad_scale as f64;
     for (name, p) in updated.iter_mut() {
@@ -964,38 +961,41 @@ pub fn validate_update(
             None => x.clone(),
         });
     }
-    norm
 }
 
-/// Finishes a pipeline step: SGD's stage updates validated ([`validate_update`]) or another
-/// optimizer's update applied ([`Updater`]), then the new values moved into `params`; returns
-/// the gradient norm.
+/// Finishes a pipeline step: with `clip` (`--grad-clip`), the step's global gradient norm
+/// decides the clip factor ([`clip_factor`]); SGD's stage updates are then validated, or another
+/// optimizer's update applied ([`Updater`]), and the new values moved into `params`. Returns the
+/// norm when there is a limit (it is computed only then).
 pub fn finish_step(
     r: &mut cleave_runtime::pipeline::StepResult,
     params: &mut BTreeMap<String, HostData>,
     updater: Option<&mut Updater>,
     clip: Option<f64>,
     opts: &PipelineOptions,
-) -> Result<f64> {
-    let norm = match updater {
-        None => validate_update(&mut r.params, &r.grads, params, clip, opts),
-        Some(u) => {
-            let (norm, factor) = clip_factor(&r.grads, clip, opts);
-            u.apply(params, &r.grads, factor)?;
-            norm
+) -> Result<Option<f64>> {
+    let (norm, factor) = match clip {
+        None => (None, Some(1.0)),
+        Some(c) => {
+            let (norm, factor) = clip_factor(&r.grads, c, opts);
+            (Some(norm), factor)
         }
     };
+    match updater {
+        None => validate_update(&mut r.params, &r.grads, params, factor, opts),
+        Some(u) => u.apply(params, &r.grads, factor)?,
+    }
     params.extend(std::mem::take(&mut r.params));
     Ok(norm)
 }
 
-/// The global norm of a step's mean-loss gradient `‖s·g‖` (f64, parameters in name order) and
-/// the factor its gradient sums take under `clip`: 1 within the limit (or without one),
-/// `clip/‖s·g‖` above it, and `None` (roll the step back) when a limit is set and the norm is
-/// not finite.
+/// The global norm of a step's mean-loss gradient `‖s·g‖` (summed in f64 over the parameters in
+/// name order, so every rank and stage count computes the same) and the factor its gradient
+/// sums take under the limit `clip`: 1 within it, `clip/‖s·g‖` above it, and `None` (roll the
+/// step back) when the norm is not finite.
 pub fn clip_factor(
     grads: &BTreeMap<String, HostData>,
-    clip: Option<f64>,
+    clip: f64,
     opts: &PipelineOptions,
 ) -> (f64, Option<f32>) {
     let s = opts.grad_scale as f64;
@@ -1006,13 +1006,82 @@ pub fn clip_factor(
         }
     }
     let norm = sq.sqrt();
-    let factor = match clip {
-        None => Some(1.0),
-        Some(_) if !norm.is_finite() => None,
-        Some(c) if norm > c => Some((c / norm) as f32),
-        Some(_) => Some(1.0),
+    let factor = if !norm.is_finite() {
+        None
+    } else if norm > clip {
+        Some((clip / norm) as f32)
+    } else {
+        Some(1.0)
     };
     (norm, factor)
+}
+
+/// The options of a training step on the pipeline: SGD at `lr` applied by the stages (off for
+/// the optimizers an [`Updater`] applies), gradients scaled by `1/M`.
+pub fn step_options(a: &TrainArgs, lr: f64) -> PipelineOptions {
+    PipelineOptions {
+        lr: lr as f32,
+        grad_scale: 1.0 / a.microbatches as f32,
+        update: a.optimizer == OptimizerArg::Sgd,
+        ..PipelineOptions::default()
+    }
+}
+
+/// What pipelined training keeps between steps: every parameter and optimizer-state tensor by
+/// name, their shapes (what a checkpoint holds), and the updater of an optimizer other than
+/// SGD.
+pub struct PipelineState {
+    /// Parameters, and the optimizer's `opt.*` state.
+    pub params: BTreeMap<String, HostData>,
+    /// The shape of each entry of `params`.
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    /// Momentum's or AdamW's update (`None` for SGD, which the stages apply themselves).
+    pub updater: Option<Updater>,
+}
+
+impl PipelineState {
+    /// The initial state: [`initial_params`], and `a`'s optimizer's state and updater.
+    pub fn new(
+        a: &TrainArgs,
+        lr: f64,
+        forward: &cleave_ir::Function,
+        loaded: &crate::load::LoadedModel,
+        module: &Module,
+    ) -> Result<PipelineState> {
+        let mut state = initial_params(forward, loaded, a.seed, module)?;
+        let mut updater = None;
+        if a.optimizer != OptimizerArg::Sgd {
+            let shapes = state
+                .iter()
+                .map(|(k, (s, _))| (k.clone(), s.clone()))
+                .collect();
+            let (u, opt_state) =
+                Updater::new(&shapes, a.optimizer, lr, 1.0 / a.microbatches as f32)?;
+            state.extend(opt_state);
+            updater = Some(u);
+        }
+        let shapes = state
+            .iter()
+            .map(|(k, (s, _))| (k.clone(), s.clone()))
+            .collect();
+        let params = state.into_iter().map(|(k, (_, d))| (k, d)).collect();
+        Ok(PipelineState {
+            params,
+            shapes,
+            updater,
+        })
+    }
+}
+
+/// `params` with their `shapes`: the state a checkpoint holds.
+pub fn with_shapes(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    params: &BTreeMap<String, HostData>,
+) -> crate::train::State {
+    shapes
+        .iter()
+        .map(|(k, shape)| (k.clone(), (shape.clone(), params[k].clone())))
+        .collect()
 }
 
 /// Momentum and AdamW on the pipeline executor: the stages only accumulate
@@ -1028,25 +1097,6 @@ pub struct Updater {
 }
 
 impl Updater {
-    /// The updater `a`'s optimizer needs on the pipeline (`None` for SGD, which the stages
-    /// apply themselves), with its state added to `params` and `shapes`.
-    pub fn for_args(
-        a: &TrainArgs,
-        lr: f64,
-        shapes: &mut BTreeMap<String, Vec<usize>>,
-        params: &mut crate::train::State,
-    ) -> Result<Option<Updater>> {
-        if a.optimizer == OptimizerArg::Sgd {
-            return Ok(None);
-        }
-        let (u, state) = Updater::new(shapes, a.optimizer, lr, 1.0 / a.microbatches as f32)?;
-        for (k, (shape, _)) in &state {
-            shapes.insert(k.clone(), shape.clone());
-        }
-        params.extend(state);
-        Ok(Some(u))
-    }
-
     /// The update program for `params` (name → shape) under `opt` at `lr`, with gradient sums
     /// scaled by `scale`; returns it and the optimizer state's initial values with their shapes
     /// (zeros; `opt.step` 1).
@@ -1056,33 +1106,20 @@ impl Updater {
         lr: f64,
         scale: f32,
     ) -> Result<(Updater, crate::train::State)> {
-        let mut text = String::from("func @update {\n");
-        let mut outs = Vec::new();
-        for (i, (name, shape)) in params.iter().enumerate() {
-            let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-            let ty = format!("f32[{}]", dims.join(","));
-            let v = 4 * i;
-            text.push_str(&format!("  %{v} = param {{name = {name:?}}} : {ty}\n"));
-            text.push_str(&format!(
-                "  %{} = input {{name = \"sum.{name}\"}} : {ty}\n",
-                v + 1
-            ));
-            text.push_str(&format!(
-                "  %{} = constant {{value = {scale:?}}} : {ty}\n",
-                v + 2
-            ));
-            text.push_str(&format!(
-                "  %{} = mul %{}, %{} : {ty}\n",
-                v + 3,
-                v + 1,
-                v + 2
-            ));
-            outs.push(format!("%{} as \"grad.{name}\"", v + 3));
+        let mut t = cleave_ir::tracer::Tracer::new("update");
+        let trace = |e: cleave_ir::tracer::TraceError| anyhow::anyhow!("the update program: {e}");
+        for (name, shape) in params {
+            t.param(name, DType::F32, shape.clone()).map_err(trace)?;
+            let sum = t
+                .input(&format!("sum.{name}"), DType::F32, shape.clone())
+                .map_err(trace)?;
+            let s = t
+                .constant_f(DType::F32, shape.clone(), scale as f64)
+                .map_err(trace)?;
+            let g = t.binary(BinaryOp::Mul, sum, s).map_err(trace)?;
+            t.output(&format!("grad.{name}"), g).map_err(trace)?;
         }
-        text.push_str(&format!("  return {}\n}}\n", outs.join(", ")));
-        let func = cleave_ir::parse_function(&text)
-            .map_err(|e| anyhow::anyhow!("the update program: {e}"))?;
-        let mut module = Module::with_function(func);
+        let mut module = Module::with_function(t.finish());
         let pipeline = format!("optimizer{{kind={},lr={lr}}}", opt.name());
         PassManager::from_pipeline(&pipeline)?
             .run(&mut module, &mut PassContext::default(), &mut |_| {})
@@ -1123,18 +1160,20 @@ impl Updater {
         };
         for name in &self.names {
             let p = &params[name];
-            let sum = match (grads.get(name), p) {
+            crate::train::set_args(&mut self.plan, [(name.as_str(), p)])?;
+            let sum = format!("sum.{name}");
+            match (grads.get(name), p) {
                 (Some(HostData::F32(g)), _) if c != 1.0 => {
-                    HostData::F32(g.iter().map(|&x| c * x).collect())
+                    let clipped = HostData::F32(g.iter().map(|&x| c * x).collect());
+                    crate::train::set_args(&mut self.plan, [(sum, clipped)])?;
                 }
-                (Some(g), _) => g.clone(),
-                (None, HostData::F32(v)) => HostData::F32(vec![0.0; v.len()]),
-                (None, other) => other.clone(),
-            };
-            crate::train::set_args(
-                &mut self.plan,
-                [(name.clone(), p), (format!("sum.{name}"), &sum)],
-            )?;
+                (Some(g), _) => crate::train::set_args(&mut self.plan, [(sum, g)])?,
+                // A parameter the step gives no gradient (unused by the loss).
+                (None, p) => {
+                    let zeros = HostData::F32(vec![0.0; p.len()]);
+                    crate::train::set_args(&mut self.plan, [(sum, zeros)])?;
+                }
+            }
         }
         crate::train::set_args(
             &mut self.plan,
@@ -1289,14 +1328,11 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             );
         }
     }
-    let mut shaped = initial_params(&forward, &loaded, a.seed, &module)?;
-    let mut shapes: BTreeMap<String, Vec<usize>> = shaped
-        .iter()
-        .map(|(k, (shape, _))| (k.clone(), shape.clone()))
-        .collect();
-    let mut updater = Updater::for_args(a, lr, &mut shapes, &mut shaped)?;
-    let mut params: BTreeMap<String, HostData> =
-        shaped.into_iter().map(|(k, (_, d))| (k, d)).collect();
+    let PipelineState {
+        mut params,
+        shapes,
+        mut updater,
+    } = PipelineState::new(a, lr, &forward, &loaded, &module)?;
 
     // Data.
     let batch = m * mb;
@@ -1316,12 +1352,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     // other's (rank 0 writes them).
     let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
     // The parameters with their shapes: what a checkpoint holds.
-    let state_of = |params: &BTreeMap<String, HostData>| -> crate::train::State {
-        shapes
-            .iter()
-            .map(|(k, shape)| (k.clone(), (shape.clone(), params[k].clone())))
-            .collect()
-    };
+    let state_of = |params: &BTreeMap<String, HostData>| with_shapes(&shapes, params);
     let mut start = 0usize;
     if let Some(dir) = &a.resume {
         let mut state = state_of(&params);
@@ -1370,12 +1401,9 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let measure =
         installed && (a.memory_report || a.memory_limit.is_some() || a.timeline.is_some());
     let popts = PipelineOptions {
-        lr: lr as f32,
-        grad_scale: 1.0 / m as f32,
         fail_at,
         measure_memory: measure,
-        update: a.optimizer == OptimizerArg::Sgd,
-        ..PipelineOptions::default()
+        ..step_options(a, lr)
     };
     let mut measured_peak: Vec<u64> = Vec::new();
     let mut measured_host: Vec<u64> = Vec::new();
@@ -1412,7 +1440,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             }
             _ => &popts,
         };
-        let r = match remote {
+        let mut r = match remote {
             Some(remote) => match pipe.step_remote(&params, &micro, popts, remote) {
                 Ok(r) => Ok(r),
                 Err(e) => {
@@ -1424,15 +1452,14 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             None => pipe.step(&params, &micro, popts),
         }
         .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
-        let mut r = r;
         let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
         if !loss.is_finite() {
             bail!("loss is {loss} at step {step}; training stopped");
         }
         let norm = finish_step(&mut r, &mut params, updater.as_mut(), a.grad_clip, popts)?;
-        if a.grad_clip.is_some() && !norm.is_finite() && !quiet {
+        if let (Some(n), false) = (norm.filter(|n| !n.is_finite()), quiet) {
             eprintln!(
-                "\nwarning: step {step}: the gradient norm is {norm}; the update was rolled back"
+                "\nwarning: step {step}: the gradient norm is {n}; the update was rolled back"
             );
         }
         peak.resize(r.peak_saved_bytes.len(), 0);
@@ -1469,8 +1496,8 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         summary.steps_run += 1;
         let sps = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let mut line = serde_json::json!({"step": step + 1, "loss": loss, "steps_per_s": sps});
-        if a.grad_clip.is_some() {
-            line["grad_norm"] = norm.into();
+        if let Some(n) = norm {
+            line["grad_norm"] = n.into();
         }
         metrics.line(line)?;
         write_ckpt(step + 1, &params)?;

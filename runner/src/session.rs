@@ -129,33 +129,22 @@ impl Session {
         let (forward, engine) = if pipelined {
             let step_forward = crate::train::training_forward(&tm.forward, a.chunk_lm_head)?;
             let built = crate::pipeline_train::build_pipeline(a, &step_forward, a.quiet, None)?;
-            let mut state = crate::pipeline_train::initial_params(
+            let state = crate::pipeline_train::PipelineState::new(
+                a,
+                lr,
                 &tm.forward,
                 &tm.loaded,
-                a.seed,
                 &built.module,
             )?;
-            let mut shapes = state
-                .iter()
-                .map(|(k, (shape, _))| (k.clone(), shape.clone()))
-                .collect();
-            let updater = crate::pipeline_train::Updater::for_args(a, lr, &mut shapes, &mut state)?
-                .map(Box::new);
-            let params = state.into_iter().map(|(k, (_, d))| (k, d)).collect();
-            let opts = PipelineOptions {
-                lr: lr as f32,
-                grad_scale: 1.0 / a.microbatches as f32,
-                update: updater.is_none(),
-                ..PipelineOptions::default()
-            };
+            let opts = crate::pipeline_train::step_options(a, lr);
             (
                 tm.forward,
                 Engine::Pipe {
                     pipe: Box::new(built.pipe),
-                    params,
-                    shapes,
+                    params: state.params,
+                    shapes: state.shapes,
                     opts,
-                    updater,
+                    updater: state.updater.map(Box::new),
                 },
             )
         } else {
@@ -397,10 +386,9 @@ impl Session {
                 }
                 s
             }
-            Engine::Pipe { params, shapes, .. } => shapes
-                .iter()
-                .map(|(k, shape)| (k.clone(), (shape.clone(), params[k].clone())))
-                .collect(),
+            Engine::Pipe { params, shapes, .. } => {
+                crate::pipeline_train::with_shapes(shapes, params)
+            }
         }
     }
 

@@ -8,7 +8,7 @@ mod common;
 
 use cleave_compiler::pipeline_train::{train, PipelineRun};
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
-use common::{assert_same, root};
+use common::assert_same;
 
 fn run(
     stages: usize,
@@ -17,16 +17,9 @@ fn run(
     metrics: Option<&std::path::Path>,
 ) -> PipelineRun {
     train(&TrainArgs {
-        model: root().join("examples/gpt-tiny.cir"),
-        data: root().join("examples/data/modadd.safetensors"),
-        optimizer: OptimizerArg::Sgd,
-        seed: Some(1),
-        stages,
-        microbatches: 4,
-        schedule: schedule.into(),
         grad_clip: clip,
         metrics: metrics.map(|p| p.to_path_buf()),
-        ..common::args(4)
+        ..common::gpt_tiny(stages, schedule, 4)
     })
     .unwrap_or_else(|e| panic!("{stages} {schedule} {clip:?}: {e:#}"))
 }
@@ -80,18 +73,13 @@ fn momentum_and_adamw_run_on_the_pipeline() {
                     ckpt: Option<&std::path::Path>,
                     resume: Option<&std::path::Path>| {
         train(&TrainArgs {
-            model: root().join("examples/gpt-tiny.cir"),
-            data: root().join("examples/data/modadd.safetensors"),
             optimizer: opt,
-            seed: Some(1),
-            stages,
             microbatches: m,
-            schedule: schedule.into(),
             grad_clip: clip,
             checkpoint: ckpt.map(|p| p.to_path_buf()),
             checkpoint_every: 2,
             resume: resume.map(|p| p.to_path_buf()),
-            ..common::args(steps)
+            ..common::gpt_tiny(stages, schedule, steps)
         })
         .unwrap_or_else(|e| panic!("{opt:?} {stages} {schedule}: {e:#}"))
     };
@@ -111,12 +99,10 @@ fn momentum_and_adamw_run_on_the_pipeline() {
     let dir = common::tmp("pipeline-adamw");
     let metrics = dir.join("one.jsonl");
     cleave_compiler::train::train(&TrainArgs {
-        model: root().join("examples/gpt-tiny.cir"),
-        data: root().join("examples/data/modadd.safetensors"),
         optimizer: OptimizerArg::Adamw,
-        seed: Some(1),
+        microbatches: 1,
         metrics: Some(metrics.clone()),
-        ..common::args(4)
+        ..common::gpt_tiny(1, "1f1b", 4)
     })
     .unwrap();
     let want: Vec<f64> = std::fs::read_to_string(&metrics)

@@ -185,15 +185,8 @@ fn a_model_with_custom_gradient_ops_trains() {
 fn pipelined_gradient_methods() {
     let run = |method: &str, stages: usize, schedule: &str| {
         cleave_compiler::pipeline_train::train(&TrainArgs {
-            model: root().join("examples/gpt-tiny.cir"),
-            data: root().join("examples/data/modadd.safetensors"),
-            optimizer: OptimizerArg::Sgd,
-            seed: Some(1),
-            stages,
-            microbatches: 4,
-            schedule: schedule.into(),
             grad_method: method.into(),
-            ..args(3)
+            ..common::gpt_tiny(stages, schedule, 3)
         })
         .unwrap_or_else(|e| panic!("{method} {stages} {schedule}: {e:#}"))
     };

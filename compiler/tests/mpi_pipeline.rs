@@ -292,17 +292,6 @@ fn mismatched_launches_are_refused_by_every_rank() {
 fn a_process_checkpoint_resumes_in_threads() {
     let dir = common::tmp("mpi-ckpt");
     let ckpt = dir.join("ckpt");
-    let base = TrainArgs {
-        model: root().join(GPT.0),
-        data: root().join(GPT.1),
-        optimizer: OptimizerArg::Sgd,
-        seed: Some(1),
-        stages: 2,
-        microbatches: 4,
-        schedule: "zb-h1".into(),
-        ..common::args(4)
-    };
-    let straight = train(&base).unwrap();
     let o = mpirun(gpt_ranks(
         "2",
         &[
@@ -321,8 +310,18 @@ fn a_process_checkpoint_resumes_in_threads() {
         ],
     ));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_resumes_in_threads(&ckpt, "zb-h1", 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// GPT-tiny on two threads (SGD, seed 1, 4 microbatches, `schedule`) for `steps` steps, resumed
+/// from `ckpt` (written after step 2 by processes), gives the straight run's last steps and
+/// final weights bit for bit.
+fn assert_resumes_in_threads(ckpt: &std::path::Path, schedule: &str, steps: usize) {
+    let base = common::gpt_tiny(2, schedule, steps);
+    let straight = train(&base).unwrap();
     let resumed = train(&TrainArgs {
-        resume: Some(ckpt.clone()),
+        resume: Some(ckpt.to_path_buf()),
         ..base
     })
     .unwrap();
@@ -333,7 +332,6 @@ fn a_process_checkpoint_resumes_in_threads() {
             "{name} differs after resuming"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A rank killed with SIGKILL mid-step: the launcher ends the job at once (naming the dead
@@ -383,29 +381,7 @@ fn a_killed_rank_ends_the_job_and_the_checkpoint_resumes() {
     );
     let (_, meta) = cleave_compiler::train::read_checkpoint(&ckpt).unwrap();
     assert_eq!(meta["step"], "2");
-    let base = TrainArgs {
-        model: root().join(GPT.0),
-        data: root().join(GPT.1),
-        optimizer: OptimizerArg::Sgd,
-        seed: Some(1),
-        stages: 2,
-        microbatches: 4,
-        schedule: "1f1b".into(),
-        ..common::args(6)
-    };
-    let straight = train(&base).unwrap();
-    let resumed = train(&TrainArgs {
-        resume: Some(ckpt.clone()),
-        ..base
-    })
-    .unwrap();
-    assert_eq!(resumed.losses[..], straight.losses[2..]);
-    for (name, w) in &straight.params {
-        assert!(
-            common::bits(&resumed.params[name]) == common::bits(w),
-            "{name} differs after resuming"
-        );
-    }
+    assert_resumes_in_threads(&ckpt, "1f1b", 6);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -7,11 +7,9 @@ mod common;
 
 use cleave_compiler::pipeline_train;
 use cleave_compiler::session::{Input, Session};
-use cleave_compiler::train::{
-    gather_batch, read_checkpoint, split_data, Column, OptimizerArg, Order, TrainArgs,
-};
+use cleave_compiler::train::{gather_batch, read_checkpoint, split_data, Column, Order, TrainArgs};
 use cleave_runtime::HostData;
-use common::{bits, root};
+use common::bits;
 
 /// The batch of `step` as `cleave train` reads it: per data input, its rows in order.
 fn batch_of(
@@ -60,16 +58,7 @@ fn drive(a: &TrainArgs, s: &mut Session, steps: std::ops::Range<usize>) -> Vec<f
 
 #[test]
 fn a_session_steps_like_the_pipeline() {
-    let a = TrainArgs {
-        model: root().join("examples/gpt-tiny.cir"),
-        data: root().join("examples/data/modadd.safetensors"),
-        optimizer: OptimizerArg::Sgd,
-        seed: Some(1),
-        stages: 2,
-        microbatches: 4,
-        schedule: "zb-h1".into(),
-        ..common::args(3)
-    };
+    let a = common::gpt_tiny(2, "zb-h1", 3);
     let run = pipeline_train::train(&a).unwrap();
     let mut s = Session::new(&a).unwrap();
     let losses = drive(&a, &mut s, 0..3);

@@ -33,6 +33,21 @@ pub fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// Quiet SGD training of GPT-tiny on the modular-addition data, seed 1, over `stages` stages
+/// with 4 microbatches a step under `schedule`, for `steps` steps.
+pub fn gpt_tiny(stages: usize, schedule: &str, steps: usize) -> TrainArgs {
+    TrainArgs {
+        model: root().join("examples/gpt-tiny.cir"),
+        data: root().join("examples/data/modadd.safetensors"),
+        optimizer: OptimizerArg::Sgd,
+        seed: Some(1),
+        stages,
+        microbatches: 4,
+        schedule: schedule.into(),
+        ..args(steps)
+    }
+}
+
 /// Quiet AdamW training of the digits MLP for `steps` steps, seed 3, no checkpoints.
 pub fn args(steps: usize) -> TrainArgs {
     TrainArgs {

@@ -1276,13 +1276,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         loaded,
         forward,
         traced: mb,
-    } = crate::train::load_training_model(
-        &a.model,
-        a.batch,
-        a.loss,
-        a.labels.clone(),
-        a.loss_output.clone(),
-    )?;
+    } = crate::train::load_training_model_for(a)?;
     if let Some(b) = a.batch {
         if b != mb {
             bail!(

@@ -117,13 +117,7 @@ impl Session {
         if pipelined && matches!(method, GradMethod::ForwardGradient { .. }) {
             bail!("--grad-method {method}: the pipeline executor runs bp, fa, dfa and local");
         }
-        let tm = crate::train::load_training_model(
-            &a.model,
-            a.batch,
-            a.loss,
-            a.labels.clone(),
-            a.loss_output.clone(),
-        )?;
+        let tm = crate::train::load_training_model_for(a)?;
         let mb = tm.traced;
         let module = tm.loaded.module.clone();
         let (forward, engine) = if pipelined {

@@ -358,6 +358,18 @@ pub fn training_forward(forward: &Function, chunk: Option<usize>) -> Result<Func
     Ok(m.functions.remove(0))
 }
 
+/// [`load_training_model`] with the model flags of `a` (`--batch`, `--loss`, `--labels`,
+/// `--loss-output`).
+pub fn load_training_model_for(a: &TrainArgs) -> Result<TrainingModel> {
+    load_training_model(
+        &a.model,
+        a.batch,
+        a.loss,
+        a.labels.clone(),
+        a.loss_output.clone(),
+    )
+}
+
 /// Loads a model and builds its training step with a gradient method.
 pub fn build_step_with(
     model: &Path,

@@ -286,29 +286,39 @@ fn mismatched_launches_are_refused_by_every_rank() {
     );
 }
 
+/// [`gpt_ranks`] on 2 ranks: SGD, seed 1, 4 microbatches under `schedule` for `steps` steps,
+/// checkpoints in `ckpt`, then `extra` flags.
+fn gpt_checkpointed<'a>(
+    schedule: &'a str,
+    steps: &'a str,
+    ckpt: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut flags = vec![
+        "--optimizer",
+        "sgd",
+        "--seed",
+        "1",
+        "--microbatches",
+        "4",
+        "--schedule",
+        schedule,
+        "--steps",
+        steps,
+        "--checkpoint",
+        ckpt,
+    ];
+    flags.extend_from_slice(extra);
+    gpt_ranks("2", &flags)
+}
+
 /// A checkpoint written by a run of two processes resumes in a run with two threads, bit for
 /// bit (one format).
 #[test]
 fn a_process_checkpoint_resumes_in_threads() {
     let dir = common::tmp("mpi-ckpt");
     let ckpt = dir.join("ckpt");
-    let o = mpirun(gpt_ranks(
-        "2",
-        &[
-            "--optimizer",
-            "sgd",
-            "--seed",
-            "1",
-            "--microbatches",
-            "4",
-            "--schedule",
-            "zb-h1",
-            "--steps",
-            "2",
-            "--checkpoint",
-            ckpt.to_str().unwrap(),
-        ],
-    ));
+    let o = mpirun(gpt_checkpointed("zb-h1", "2", ckpt.to_str().unwrap(), &[]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_resumes_in_threads(&ckpt, "zb-h1", 4);
     let _ = std::fs::remove_dir_all(&dir);
@@ -341,26 +351,11 @@ fn assert_resumes_in_threads(ckpt: &std::path::Path, schedule: &str, steps: usiz
 fn a_killed_rank_ends_the_job_and_the_checkpoint_resumes() {
     let dir = common::tmp("mpi-kill");
     let ckpt = dir.join("ckpt");
-    let o = mpirun(gpt_ranks(
-        "2",
-        &[
-            "--optimizer",
-            "sgd",
-            "--seed",
-            "1",
-            "--microbatches",
-            "4",
-            "--schedule",
-            "1f1b",
-            "--steps",
-            "6",
-            "--checkpoint",
-            ckpt.to_str().unwrap(),
-            "--checkpoint-every",
-            "2",
-            "--kill-action",
-            "3:1F2",
-        ],
+    let o = mpirun(gpt_checkpointed(
+        "1f1b",
+        "6",
+        ckpt.to_str().unwrap(),
+        &["--checkpoint-every", "2", "--kill-action", "3:1F2"],
     ));
     let ended = std::time::SystemTime::now();
     assert!(!o.status.success());

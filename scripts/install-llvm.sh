@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs LLVM/MLIR 22 from Debian's apt sources, as the `mlir` cargo feature (melior 0.27,
-# mlir-sys 220) needs it. Idempotent and non-interactive: packages already installed are skipped,
-# and nothing is asked. Runs apt-get directly as root and through sudo otherwise.
+# mlir-sys 220) and the `llvm` feature (inkwell 0.10, llvm-sys 221) need it. Idempotent and
+# non-interactive: packages already installed are skipped, and nothing is asked. Runs apt-get
+# directly as root and through sudo otherwise.
 #
 # After it, `cargo build --features mlir` finds LLVM through MLIR_SYS_220_PREFIX and
-# TABLEGEN_220_PREFIX, which .cargo/config.toml sets to /usr/lib/llvm-22.
+# TABLEGEN_220_PREFIX, and `cargo build --features llvm` through LLVM_SYS_221_PREFIX, which
+# .cargo/config.toml sets to /usr/lib/llvm-22.
 set -euo pipefail
 
 PACKAGES=(

@@ -573,6 +573,7 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
                 "peak_bytes": r.peak_bytes,
                 "fused_kernels": r.fused_kernels,
                 "jit_kernels": r.jit_kernels,
+                "codegen": (!a.interp && !a.no_jit).then(|| a.codegen.name()),
                 "flops": r.flops,
                 "matmul_flops": r.matmul_flops,
                 "gflops": r.gflops(),
@@ -582,14 +583,15 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
     } else {
         println!(
             "{}: median {:.4} ms per training step ({engine}, {} iterations; compiled in {:.1} ms, \
-             {} planned bytes; {} of {} fused loops JIT-compiled)",
+             {} planned bytes; {} of {} fused loops compiled by {})",
             a.model.display(),
             r.median_ms,
             a.iters,
             r.compile_ms,
             r.peak_bytes,
             r.jit_kernels,
-            r.fused_kernels
+            r.fused_kernels,
+            a.codegen
         );
         println!(
             "{:.3} MFLOP per step ({:.3} in matmuls), {:.1} GFLOP/s{}",

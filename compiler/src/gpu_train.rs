@@ -306,7 +306,7 @@ pub fn train_on<B: StepBackend>(
             }
         }
         if eval_due {
-            let eval_plan = eval_plan(&mut eval_plans, &built.forward)?;
+            let eval_plan = eval_plan(&mut eval_plans, &built.forward, a.codegen)?;
             set_args(eval_plan, &host)?;
             let (acc, eval_loss) = evaluate(
                 eval_plan,

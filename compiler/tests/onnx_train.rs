@@ -60,6 +60,7 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         metrics: Some(metrics.clone()),
         debug_nan: false,
         quiet: true,
+        codegen: Default::default(),
         stages: 1,
         microbatches: 1,
         schedule: "1f1b".into(),

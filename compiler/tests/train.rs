@@ -152,6 +152,7 @@ fn bench_reports_a_median() {
         optimizer: OptimizerArg::Sgd,
         interp: false,
         no_jit: false,
+        codegen: Default::default(),
         grad_method: "bp".into(),
         tangents: 1,
     })

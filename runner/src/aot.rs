@@ -362,11 +362,13 @@ fn aot_kernels(
         fuse: true,
         preserve_args: false,
         jit: false,
+        ..CompileOptions::default()
     };
     let eval_opts = CompileOptions {
         fuse: true,
         preserve_args: true,
         jit: false,
+        ..CompileOptions::default()
     };
     let pipelined = payload.stages > 1 || payload.microbatches > 1;
     if pipelined {
@@ -529,6 +531,8 @@ fn train_args(payload: &Payload, model: &Path, optimizer: OptimizerArg) -> Train
         metrics: None,
         debug_nan: false,
         quiet: false,
+        // The executable's loops were compiled ahead of time by Cranelift (`aot`).
+        codegen: cleave_runtime::Codegen::Cranelift,
         stages: payload.stages,
         microbatches: payload.microbatches,
         schedule: payload.schedule.clone(),

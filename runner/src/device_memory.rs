@@ -120,6 +120,7 @@ pub fn workspace_of(split: &[SplitStage<'_>]) -> Result<Vec<(u64, u64)>> {
         fuse: true,
         preserve_args: false,
         jit: false,
+        ..CompileOptions::default()
     };
     let mut out = Vec::new();
     for s in split {

@@ -63,7 +63,7 @@ use cleave_runtime::pipeline::{
     ActionTiming, Pipeline, PipelineAction, PipelineKind, PipelineOptions, StagePlans,
 };
 use cleave_runtime::remote::Remote;
-use cleave_runtime::{compile_with, CompileOptions, HostData, HostSlice};
+use cleave_runtime::{compile_with, Codegen, CompileOptions, HostData, HostSlice};
 
 use crate::device_memory::{per_device, stage_resident, workspace_of, DeviceAccount};
 use crate::init::init_params;
@@ -782,6 +782,7 @@ pub fn build_pipeline(
         fuse: true,
         preserve_args: false,
         jit: true,
+        codegen: a.codegen,
     };
     let compile_stage = |s: &cleave_passes::split::SplitStage<'_>| -> Result<StagePlans> {
         Ok(StagePlans {
@@ -1055,8 +1056,13 @@ impl PipelineState {
                 .iter()
                 .map(|(k, (s, _))| (k.clone(), s.clone()))
                 .collect();
-            let (u, opt_state) =
-                Updater::new(&shapes, a.optimizer, lr, 1.0 / a.microbatches as f32)?;
+            let (u, opt_state) = Updater::new(
+                &shapes,
+                a.optimizer,
+                lr,
+                1.0 / a.microbatches as f32,
+                a.codegen,
+            )?;
             state.extend(opt_state);
             updater = Some(u);
         }
@@ -1105,6 +1111,7 @@ impl Updater {
         opt: OptimizerArg,
         lr: f64,
         scale: f32,
+        codegen: Codegen,
     ) -> Result<(Updater, crate::train::State)> {
         let mut t = cleave_ir::tracer::Tracer::new("update");
         let trace = |e: cleave_ir::tracer::TraceError| anyhow::anyhow!("the update program: {e}");
@@ -1140,6 +1147,7 @@ impl Updater {
                 fuse: true,
                 preserve_args: true,
                 jit: true,
+                codegen,
             },
         )?;
         let names = params.keys().cloned().collect();
@@ -1606,7 +1614,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     if n_eval >= mb && forward.output("logits").is_some() {
         if let Some(labels) = labels_name {
             let mut slot = None;
-            let eval_plan = eval_plan(&mut slot, &forward)?;
+            let eval_plan = eval_plan(&mut slot, &forward, a.codegen)?;
             set_args(eval_plan, &params)?;
             let (acc, eval_loss) = evaluate(eval_plan, &cols, labels, n_train, n, mb)?;
             summary.accuracy = Some(acc);

@@ -23,7 +23,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use cleave_ir::{DType, Function};
 use cleave_runtime::pipeline::{Pipeline, PipelineOptions};
-use cleave_runtime::{compile_with, CompileOptions, HostData, HostSlice, Plan};
+use cleave_runtime::{compile_with, Codegen, CompileOptions, HostData, HostSlice, Plan};
 
 use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
 use cleave_passes::autodiff::GRAD_PREFIX;
@@ -92,11 +92,12 @@ pub struct Session {
     grad: Option<(Function, Plan)>,
 }
 
-fn compile_opts(preserve_args: bool) -> CompileOptions {
+fn compile_opts(preserve_args: bool, codegen: Codegen) -> CompileOptions {
     CompileOptions {
         fuse: true,
         preserve_args,
         jit: true,
+        codegen,
     }
 }
 
@@ -157,7 +158,7 @@ impl Session {
             {
                 bail!("--grad-method forward-gradient is not available in a session yet");
             }
-            let mut plan = compile_with(&built.step, &compile_opts(false))?;
+            let mut plan = compile_with(&built.step, &compile_opts(false, a.codegen))?;
             let (state, _) = initial_state(&built, a.seed, None)?;
             for (name, (_, d)) in &state {
                 let i = plan.arg_index(name).expect("state names are arguments");
@@ -439,7 +440,7 @@ impl Session {
     pub fn run(&mut self, inputs: &[Input<'_>]) -> Result<State> {
         let inputs = Self::match_inputs(&self.forward, inputs, 1)?;
         let params = self.params();
-        let plan = eval_plan(&mut self.eval, &self.forward)?;
+        let plan = eval_plan(&mut self.eval, &self.forward, self.args.codegen)?;
         run_plan(plan, &params, &inputs)
     }
 
@@ -461,7 +462,7 @@ impl Session {
                 .function(&name)
                 .context("the forward function")?
                 .clone();
-            let plan = compile_with(&func, &compile_opts(true))?;
+            let plan = compile_with(&func, &compile_opts(true, self.args.codegen))?;
             self.grad = Some((func, plan));
         }
         let params = self.params();

@@ -49,7 +49,7 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use cleave_ir::{ArgRole, DType, Function, Module, TensorData};
 use cleave_passes::{PassContext, PassManager};
-use cleave_runtime::{compile_with, CompileOptions, HostData, Plan};
+use cleave_runtime::{compile_with, Codegen, CompileOptions, HostData, Plan};
 use safetensors::tensor::TensorView;
 
 use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
@@ -141,6 +141,10 @@ pub struct TrainArgs {
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Code generator of the fused loops: cranelift (needs only Rust) or llvm (the `llvm`
+    /// cargo feature).
+    #[arg(long, default_value_t = Codegen::default())]
+    pub codegen: Codegen,
     /// Pipeline stages (devices); with more than one stage or microbatch, training runs on the
     /// pipeline executor (see [`crate::pipeline_train`]).
     #[arg(long, default_value_t = 1)]
@@ -235,9 +239,13 @@ pub struct BenchArgs {
     /// Time the reference interpreter instead of the runtime.
     #[arg(long)]
     pub interp: bool,
-    /// Interpret every fused loop instead of compiling it with Cranelift.
+    /// Interpret every fused loop instead of compiling it.
     #[arg(long)]
     pub no_jit: bool,
+    /// Code generator of the fused loops: cranelift (needs only Rust) or llvm (the `llvm`
+    /// cargo feature).
+    #[arg(long, default_value_t = Codegen::default())]
+    pub codegen: Codegen,
     /// Gradient method: bp, forward-gradient, fa, dfa, local{blocks=K}.
     #[arg(long, default_value = "bp")]
     pub grad_method: String,
@@ -938,6 +946,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
             fuse: !a.debug_nan,
             preserve_args: false,
             jit: true,
+            codegen: a.codegen,
         },
     )?;
     // The evaluation plan is compiled at the first evaluation, so start-up to the first step
@@ -1037,7 +1046,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         }
         plan.carry();
         if eval_due {
-            let eval_plan = eval_plan(&mut eval_plans, &built.forward)?;
+            let eval_plan = eval_plan(&mut eval_plans, &built.forward, a.codegen)?;
             set_args(
                 eval_plan,
                 state_outputs
@@ -1074,7 +1083,11 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
 
 /// The plan of evaluations (the forward function, arguments preserved), compiled at the first
 /// evaluation and kept in `slot`.
-pub fn eval_plan<'p>(slot: &'p mut Option<Plan>, forward: &Function) -> Result<&'p mut Plan> {
+pub fn eval_plan<'p>(
+    slot: &'p mut Option<Plan>,
+    forward: &Function,
+    codegen: Codegen,
+) -> Result<&'p mut Plan> {
     Ok(match slot {
         Some(p) => p,
         None => slot.insert(compile_with(
@@ -1083,6 +1096,7 @@ pub fn eval_plan<'p>(slot: &'p mut Option<Plan>, forward: &Function) -> Result<&
                 fuse: true,
                 preserve_args: true,
                 jit: true,
+                codegen,
             },
         )?),
     })
@@ -1195,6 +1209,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
             step,
             &CompileOptions {
                 jit: !a.no_jit,
+                codegen: a.codegen,
                 ..CompileOptions::default()
             },
         )?;

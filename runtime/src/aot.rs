@@ -408,6 +408,7 @@ mod tests {
             fuse: true,
             preserve_args: false,
             jit: false,
+            ..crate::CompileOptions::default()
         };
         let plan = crate::compile_with(&f, &opts).unwrap();
         let mut set = KernelSet::new();

@@ -23,6 +23,8 @@ pub struct CompileOptions {
     /// Compile fused loops to native code with Cranelift (those whose ops the JIT supports; the
     /// others stay interpreted). Off: every fused loop is interpreted.
     pub jit: bool,
+    /// Which code generator compiles the fused loops when [`CompileOptions::jit`] is on.
+    pub codegen: Codegen,
 }
 
 impl Default for CompileOptions {
@@ -31,7 +33,80 @@ impl Default for CompileOptions {
             fuse: true,
             preserve_args: false,
             jit: true,
+            codegen: Codegen::default(),
         }
+    }
+}
+
+/// The code generator of the fused loops (`--codegen`). The default is LLVM where the `llvm`
+/// feature is built (it measured faster: BENCHMARKS.md), else Cranelift.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Codegen {
+    /// Cranelift (`jit.rs`): needs nothing but Rust; 128-bit SIMD.
+    Cranelift,
+    /// LLVM through inkwell (`llvm.rs`, cargo feature `llvm`): the host's full vector width
+    /// and CPU features, LLVM's optimisation pipeline.
+    Llvm,
+}
+
+impl Default for Codegen {
+    fn default() -> Self {
+        if cfg!(feature = "llvm") {
+            Codegen::Llvm
+        } else {
+            Codegen::Cranelift
+        }
+    }
+}
+
+impl Codegen {
+    /// Every code generator, in `--codegen`'s order.
+    pub const ALL: [Codegen; 2] = [Codegen::Cranelift, Codegen::Llvm];
+
+    /// The name `--codegen` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codegen::Cranelift => "cranelift",
+            Codegen::Llvm => "llvm",
+        }
+    }
+
+    /// True if this build has the code generator (LLVM needs the `llvm` feature).
+    pub fn available(self) -> bool {
+        match self {
+            Codegen::Cranelift => true,
+            Codegen::Llvm => cfg!(feature = "llvm"),
+        }
+    }
+
+    /// An error naming how to get the code generator if this build lacks it.
+    pub fn check_available(self) -> Result<(), CompileError> {
+        if self.available() {
+            return Ok(());
+        }
+        Err(CompileError::Codegen(format!(
+            "--codegen {}: this cleave was built without the `{}` cargo feature; install LLVM 22 \
+             with scripts/install-llvm.sh and rebuild with `cargo build --release --features {}`",
+            self.name(),
+            self.name(),
+            self.name()
+        )))
+    }
+}
+
+impl std::fmt::Display for Codegen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Codegen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Codegen, String> {
+        Codegen::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| format!("unknown code generator `{s}` (expected cranelift or llvm)"))
     }
 }
 
@@ -821,14 +896,26 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
             }
         }
     }
-    let jit_code = if opts.jit {
-        crate::jit::compile_all(steps.iter_mut().filter_map(|s| match &mut s.kernel {
-            Kernel::Fused(k) => Some(k),
-            Kernel::Op(_) => None,
-        }))
-    } else {
-        None
-    };
+    let fused = steps.iter_mut().filter_map(|s| match &mut s.kernel {
+        Kernel::Fused(k) => Some(k),
+        Kernel::Op(_) => None,
+    });
+    let mut jit_code = None;
+    #[cfg(feature = "llvm")]
+    let mut llvm_code = None;
+    match (opts.jit, opts.codegen) {
+        (false, _) => {}
+        (true, Codegen::Cranelift) => jit_code = crate::jit::compile_all(fused),
+        #[cfg(feature = "llvm")]
+        (true, Codegen::Llvm) => {
+            llvm_code = crate::llvm::compile_all(fused).map_err(CompileError::Codegen)?
+        }
+        #[cfg(not(feature = "llvm"))]
+        (true, c @ Codegen::Llvm) => {
+            drop(fused);
+            c.check_available()?
+        }
+    }
     let args = func
         .args()
         .map(|a| ArgInfo {
@@ -849,6 +936,11 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
         .collect();
     let mut plan = Plan::new(bufs, steps, args, outputs, planned_bytes, pinned_bytes);
     plan.jit_code = jit_code;
+    #[cfg(feature = "llvm")]
+    {
+        plan.llvm_code = llvm_code;
+    }
+    plan.codegen = opts.jit.then_some(opts.codegen);
     Ok(plan)
 }
 

@@ -129,14 +129,14 @@ macro_rules! unary_helpers {
         )*
         /// The helper a unary float op calls (its C name and address), if it has no native
         /// instruction.
-        fn unary_helper(u: UnaryOp) -> Option<(&'static str, *const u8)> {
+        pub(crate) fn unary_helper(u: UnaryOp) -> Option<(&'static str, *const u8)> {
             $(if u == $op {
                 return Some((stringify!($name), $name as *const u8));
             })*
             None
         }
         /// Every helper's C name and address.
-        fn helper_symbols() -> Vec<(&'static str, *const u8)> {
+        pub(crate) fn helper_symbols() -> Vec<(&'static str, *const u8)> {
             vec![
                 $((stringify!($name), $name as *const u8),)*
                 ("cleave_rt_pow", cleave_rt_pow as *const u8),

@@ -18,7 +18,9 @@
 //!   JIT or, on CPUs with FMA, in interpreted loops over AVX-512/AVX2 slice functions
 //!   ([`Plan::vector_math_kernels`]). [`aot`] writes the same compiled loops into an object file
 //!   ahead of time (cranelift-object) for `cleave compile`'s executables, whose plans then take
-//!   that code instead of compiling it.
+//!   that code instead of compiling it. With [`CompileOptions::codegen`] set to
+//!   [`Codegen::Llvm`] (cargo feature `llvm`) the same loops are compiled by LLVM instead, at the
+//!   host's full vector width (`llvm.rs`), loops with `exp`, `erf` or GELU included.
 //! - **GEMM.** `matmul` (batched, with transpose flags, via strides) and the convolutions
 //!   (im2col + GEMM) call the `gemm` crate, with its `x86-v4` feature for AVX-512 (`gemm.rs`
 //!   says why this crate).
@@ -47,6 +49,8 @@ mod gemm;
 pub mod gpu_kernel;
 mod jit;
 mod kernels;
+#[cfg(feature = "llvm")]
+mod llvm;
 #[cfg(feature = "mpi")]
 pub mod mpi_remote;
 pub mod pipeline;
@@ -55,7 +59,7 @@ mod pool;
 pub mod remote;
 mod vmath;
 
-pub use compile::{compile, compile_with, CompileOptions};
+pub use compile::{compile, compile_with, Codegen, CompileOptions};
 pub use plan::{ArgInfo, NanReport, OutputInfo, Plan};
 
 use cleave_ir::DType;
@@ -76,6 +80,9 @@ pub enum CompileError {
     /// The function is malformed (an operand defined nowhere, an output never computed).
     #[error("{0}")]
     Malformed(String),
+    /// The code generator is not in this build, or rejected the generated code.
+    #[error("{0}")]
+    Codegen(String),
 }
 
 /// A run-time failure: bad arguments or data (an index out of range, a zero integer divisor).

@@ -133,6 +133,11 @@ pub struct Plan {
     pub(crate) regs: Regs,
     /// The compiled fused loops' code (dropped after `steps`, which point into it).
     pub(crate) jit_code: Option<crate::jit::JitCode>,
+    /// The same for loops compiled by LLVM.
+    #[cfg(feature = "llvm")]
+    pub(crate) llvm_code: Option<crate::llvm::LlvmCode>,
+    /// The code generator of the compiled loops (None: `jit` was off).
+    pub(crate) codegen: Option<crate::Codegen>,
     /// (output index, argument index) pairs of [`Plan::carry`], and a scratch per pair.
     carry_pairs: Option<Vec<(usize, usize, Vec<f32>)>>,
     /// The table of buffer base pointers a run hands its kernels, kept between runs so that a
@@ -183,6 +188,9 @@ impl Plan {
             pinned_bytes,
             regs: Regs::default(),
             jit_code: None,
+            #[cfg(feature = "llvm")]
+            llvm_code: None,
+            codegen: None,
             carry_pairs: None,
             ptr_table: PtrTable::default(),
         }
@@ -243,6 +251,11 @@ impl Plan {
             .iter()
             .filter(|s| matches!(&s.kernel, Kernel::Fused(k) if k.jit.is_some()))
             .count()
+    }
+
+    /// The code generator that compiled the fused loops (None: they are interpreted).
+    pub fn codegen(&self) -> Option<crate::Codegen> {
+        self.codegen
     }
 
     /// Number of fused loops that the JIT left to the interpreter because they contain `exp`,

@@ -34,6 +34,7 @@ fn a_plan_allocates_nothing_after_its_first_run() {
             fuse: true,
             preserve_args: true,
             jit: true,
+            ..Default::default()
         },
     )
     .unwrap();

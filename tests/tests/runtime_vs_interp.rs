@@ -16,7 +16,9 @@ use std::path::Path;
 use cleave_compiler::init::{init_params, SplitMix64};
 use cleave_ir::{parse_function, run_function_named, DType, Function, Module, Precision, Tensor};
 use cleave_passes::{PassContext, PassManager};
-use cleave_runtime::{compile_with, host_from_tensor, tensor_from_host, CompileOptions, HostData};
+use cleave_runtime::{
+    compile_with, host_from_tensor, tensor_from_host, Codegen, CompileOptions, HostData,
+};
 
 const RTOL: f64 = 1e-5;
 
@@ -82,8 +84,17 @@ fn check_steps(func: &Function, seed: u64, steps: usize, what: &str) {
 }
 
 fn check_steps_tol(func: &Function, seed: u64, steps: usize, what: &str, rtol: f64) {
-    // Fused with the JIT, fused interpreted, and unfused (each node its own loop) with the JIT.
-    for (fuse, jit) in [(true, true), (true, false), (false, true)] {
+    // Fused with the JIT, fused interpreted, and unfused (each node its own loop) with the JIT;
+    // with the `llvm` feature, fused and unfused with LLVM's code too.
+    let mut configs = vec![
+        (true, true, Codegen::Cranelift),
+        (true, false, Codegen::Cranelift),
+        (false, true, Codegen::Cranelift),
+    ];
+    if Codegen::Llvm.available() {
+        configs.extend([(true, true, Codegen::Llvm), (false, true, Codegen::Llvm)]);
+    }
+    for (fuse, jit, codegen) in configs {
         let mut args = random_args(func, seed);
         let mut plan = compile_with(
             func,
@@ -91,6 +102,7 @@ fn check_steps_tol(func: &Function, seed: u64, steps: usize, what: &str, rtol: f
                 fuse,
                 preserve_args: false,
                 jit,
+                codegen,
             },
         )
         .unwrap_or_else(|e| panic!("{what}: compile: {e}"));
@@ -108,7 +120,7 @@ fn check_steps_tol(func: &Function, seed: u64, steps: usize, what: &str, rtol: f
                     &plan.output(j),
                     &want[j],
                     &format!(
-                        "{what} (fuse={fuse}, jit={jit}) step {step} output `{}`",
+                        "{what} (fuse={fuse}, jit={jit}, {codegen}) step {step} output `{}`",
                         o.name
                     ),
                     rtol,

@@ -68,6 +68,7 @@ pub fn args(steps: usize) -> TrainArgs {
         metrics: None,
         debug_nan: false,
         quiet: true,
+        codegen: Default::default(),
         stages: 1,
         microbatches: 1,
         schedule: "1f1b".into(),

@@ -9,3 +9,4 @@ cargo run -q --release -- new-model gpt --vocab 64 --d-model 64 --heads 4 --laye
 cargo run -q --release -- new-model cnn --batch 16 --in-channels 1 --image 8 --classes 10 -o examples/cnn-tiny.cir
 cargo run -q --release -- new-model mlp --sizes 64,128,10 --batch 32 -o examples/mlp-digits.cir
 cargo run -q --release -- new-model gpt-layer --d-model 64 --heads 2 --seq 16 --batch 8 --loss mse --labels target -o examples/gpt-block.cir
+cargo run -q --release -- new-model gpt --vocab 256 --d-model 256 --heads 4 --layers 4 --seq 128 --batch 8 -o examples/gpt-4l.cir

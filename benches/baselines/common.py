@@ -2,12 +2,12 @@
 
 Each script builds one training-step callable per framework (PyTorch eager, torch.compile, JAX
 jit; a missing framework is skipped) and hands them to `compare`, which times them and
-`cleave bench MODEL` in the same run and prints each median and cleave's ratio to the best
-baseline.
+`cleave bench MODEL` in the same run (once per code generator of `--codegen`: Cranelift and
+LLVM) and prints each median and cleave's ratio to the best baseline.
 
 Method: each framework runs `--warmup` untimed steps, then `--iters` timed steps; the median of
 the per-step wall times is that framework's figure for the round. With `--rounds R` the whole set
-(every framework, then cleave) is measured R times in turn, so load from other processes falls on
+(every framework, then cleave with each code generator) is measured R times in turn, so load from other processes falls on
 all of them alike; the summary is the median over the rounds of each framework's medians, and the
 ratio is taken per round against the best baseline of that round. Threads are limited to
 `--threads` (the environment variables must be set before torch or jax is imported, so
@@ -31,6 +31,9 @@ def setup(description):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--cleave", default="target/release/cleave")
+    parser.add_argument("--codegen", default="cranelift,llvm",
+                        help="cleave's code generators to time, comma-separated (those the "
+                             "binary was not built with are skipped)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -76,45 +79,69 @@ def add_torch_steps(steps, make_step, forward):
         print(f"torch.compile skipped: {e}", file=sys.stderr)
 
 
-def cleave_bench(model, args):
-    """`cleave bench MODEL --json`: the whole JSON report."""
+def cleave_bench(model, args, codegen):
+    """`cleave bench MODEL --codegen CODEGEN --json`: the whole JSON report."""
     out = subprocess.run(
         [args.cleave, "bench", model, "--json", "--iters", str(args.iters),
-         "--warmup", str(args.warmup)],
+         "--warmup", str(args.warmup), "--codegen", codegen],
         check=True, capture_output=True, text=True,
     )
     return json.loads(out.stdout)
 
 
+def codegens(model, args):
+    """The code generators of `--codegen` that this cleave binary has."""
+    have = []
+    for c in args.codegen.split(","):
+        probe = subprocess.run(
+            [args.cleave, "bench", model, "--iters", "1", "--warmup", "0", "--codegen", c],
+            capture_output=True, text=True,
+        )
+        if probe.returncode == 0:
+            have.append(c)
+        else:
+            print(f"cleave --codegen {c} skipped: {probe.stderr.strip()}", file=sys.stderr)
+    return have
+
+
 def compare(model, steps, args):
-    """Times every baseline step and `cleave bench model`, `args.rounds` times; prints a table."""
-    names = list(steps) + ["cleave"]
+    """Times every baseline step and `cleave bench model` (once per code generator),
+    `args.rounds` times; prints a table."""
+    gens = codegens(model, args)
+    cleaves = [f"cleave {c}" for c in gens]
+    names = list(steps) + cleaves
     rounds = []
-    cleave_report = None
+    reports = {}
     for r in range(args.rounds):
         res = {}
         for name, step in steps.items():
             res[name] = timed(step, args)
-        cleave_report = cleave_bench(model, args)
-        res["cleave"] = cleave_report["median_ms"]
+        for c in gens:
+            reports[c] = cleave_bench(model, args, c)
+            res[f"cleave {c}"] = reports[c]["median_ms"]
         rounds.append(res)
         line = "  ".join(f"{n} {res[n]:.3f}" for n in names)
         print(f"round {r + 1}: {line} (ms)", file=sys.stderr)
     summary = {n: statistics.median(r[n] for r in rounds) for n in names}
     for name in names:
-        print(f"{name:>14}: {summary[name]:.3f} ms")
-    ratios = []
+        print(f"{name:>16}: {summary[name]:.3f} ms")
+    ratios = {}
     if steps:
-        for res in rounds:
-            best = min(steps, key=lambda n: res[n])
-            ratios.append((res["cleave"] / res[best], best))
-        ratio, best = sorted(ratios)[len(ratios) // 2]
-        print(f"cleave / best baseline ({best}) = {ratio:.2f}"
-              + (f" (median of {len(ratios)} rounds: "
-                 + ", ".join(f"{x:.2f}" for x, _ in ratios) + ")" if len(ratios) > 1 else ""))
-    if cleave_report and "gflops" in cleave_report:
-        print(f"cleave: {cleave_report['flops'] / 1e6:.2f} MFLOP per step, "
-              f"{cleave_report['gflops']:.1f} GFLOP/s")
+        for c in cleaves:
+            per_round = []
+            for res in rounds:
+                best = min(steps, key=lambda n: res[n])
+                per_round.append((res[c] / res[best], best))
+            ratios[c] = [x for x, _ in per_round]
+            ratio, best = sorted(per_round)[len(per_round) // 2]
+            print(f"{c} / best baseline ({best}) = {ratio:.2f}"
+                  + (f" (median of {len(per_round)} rounds: "
+                     + ", ".join(f"{x:.2f}" for x, _ in per_round) + ")"
+                     if len(per_round) > 1 else ""))
+    for c, rep in reports.items():
+        if "gflops" in rep:
+            print(f"cleave {c}: {rep['flops'] / 1e6:.2f} MFLOP per step, "
+                  f"{rep['gflops']:.1f} GFLOP/s, compiled in {rep['compile_ms']:.0f} ms")
     if args.json:
         print(json.dumps({"rounds": rounds, "median_ms": summary,
-                          "ratios": [x for x, _ in ratios], "cleave": cleave_report}))
+                          "ratios": ratios, "cleave": reports}))

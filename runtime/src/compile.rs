@@ -7,6 +7,7 @@ use cleave_ir::types::strides;
 use cleave_ir::{BinaryOp, DType, Function, Literal, Node, Op, SteOp, UnaryOp, Value};
 
 use crate::fused::{FusedKernel, Ins, Source, View};
+use crate::fusion;
 use crate::kernels::{conv_scratch, ConvGeo, OpKernel, PoolGeo};
 use crate::plan::{ArgInfo, BufRef, Kernel, OutputInfo, Plan, Step};
 use crate::CompileError;
@@ -381,63 +382,112 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
     }
     // The buffer root an inline view reads.
     let underlying = |r: Value| -> Value { root[&func.node(func.values[r].def).operands[0]] };
-    // 5. Grouping of consecutive fusible nodes.
-    let mut items: Vec<Item> = Vec::new();
-    let mut group: Vec<Node> = Vec::new();
-    let mut group_n = 0usize;
-    let mut group_vals: HashSet<Value> = HashSet::new();
-    let close = |items: &mut Vec<Item>, group: &mut Vec<Node>, gv: &mut HashSet<Value>| {
-        if !group.is_empty() {
-            items.push(Item::Group(std::mem::take(group)));
-            gv.clear();
-        }
-    };
+    // 5. Kernels: fusion groups and their order (`fusion.rs`).
     let folds = if opts.fuse && !opts.preserve_args {
         find_sgd_folds(func, &live_nodes, &consumers, &src, &is_output)
     } else {
         HashMap::new()
     };
     let folded: HashSet<Node> = folds.values().flat_map(|&(mm, mul, _)| [mm, mul]).collect();
-    for &node in &func.body {
+    // The storage root a read of `v` depends on: an inline view's underlying buffer.
+    let read_root = |v: Value| -> Value {
+        let r = root[&v];
+        if src[&r] == Src::InlineView {
+            underlying(r)
+        } else {
+            r
+        }
+    };
+    let mut cands: Vec<fusion::Cand> = Vec::new();
+    let mut cand_items: Vec<Item> = Vec::new();
+    let mut producer: HashMap<Value, usize> = HashMap::new();
+    let mut readers: HashMap<Value, Vec<usize>> = HashMap::new();
+    for (pos, &node) in func.body.iter().enumerate() {
         let data = func.node(node);
         if !live_nodes.contains(&node) || folded.contains(&node) {
             continue;
         }
-        if let Some(&(matmul, _, lr)) = folds.get(&node) {
-            close(&mut items, &mut group, &mut group_vals);
-            items.push(Item::SgdFold {
-                matmul,
-                sub: node,
-                lr,
-            });
-            continue;
-        }
         let r0 = data.results[0];
         let fusible = is_ew(&data.op) || (is_view(&data.op) && src[&r0] == Src::Computed);
-        if !fusible {
-            if matches!(src.get(&r0), Some(Src::Computed)) && !is_alias(&data.op) {
-                close(&mut items, &mut group, &mut group_vals);
-                items.push(Item::Single(node));
-            }
-            continue;
+        let (reads, item, fusible_n, avoid): (Vec<Value>, Item, Option<usize>, Vec<Value>) =
+            if let Some(&(matmul, _, lr)) = folds.get(&node) {
+                let w = data.operands[0];
+                let reads = func.node(matmul).operands.iter().copied().chain([w]);
+                let item = Item::SgdFold {
+                    matmul,
+                    sub: node,
+                    lr,
+                };
+                (reads.collect(), item, None, Vec::new())
+            } else if fusible {
+                let avoid = if is_view(&data.op) {
+                    vec![root[&data.operands[0]]]
+                } else {
+                    data.operands
+                        .iter()
+                        .map(|v| root[v])
+                        .filter(|r| src[r] == Src::InlineView)
+                        .map(underlying)
+                        .collect()
+                };
+                let n = func.ty(r0).num_elements();
+                (
+                    data.operands.clone(),
+                    Item::Group(vec![node]),
+                    Some(n),
+                    avoid,
+                )
+            } else if matches!(src.get(&r0), Some(Src::Computed)) && !is_alias(&data.op) {
+                (data.operands.clone(), Item::Single(node), None, Vec::new())
+            } else {
+                continue;
+            };
+        let idx = cands.len();
+        let mut deps: Vec<usize> = reads
+            .iter()
+            .filter_map(|&v| producer.get(&read_root(v)).copied())
+            .collect();
+        if let Item::SgdFold { .. } = item {
+            // The update overwrites the weight: every other reader of it runs first.
+            deps.extend(readers.get(&root[&data.operands[0]]).into_iter().flatten());
         }
-        let n = func.ty(r0).num_elements();
-        let conflict = if is_view(&data.op) {
-            group_vals.contains(&root[&data.operands[0]])
-        } else {
-            data.operands.iter().any(|v| {
-                let r = root[v];
-                src[&r] == Src::InlineView && group_vals.contains(&underlying(r))
-            })
-        };
-        if !opts.fuse || group.is_empty() || n != group_n || group.len() >= MAX_GROUP || conflict {
-            close(&mut items, &mut group, &mut group_vals);
-            group_n = n;
+        deps.sort_unstable();
+        deps.dedup();
+        for &v in &reads {
+            readers.entry(read_root(v)).or_default().push(idx);
         }
-        group.push(node);
-        group_vals.insert(r0);
+        for &v in &data.results {
+            producer.insert(root[&v], idx);
+        }
+        cands.push(fusion::Cand {
+            pos,
+            fusible: fusible_n,
+            deps,
+            result: fusible_n.map(|_| r0),
+            avoid,
+        });
+        cand_items.push(item);
     }
-    close(&mut items, &mut group, &mut group_vals);
+    let items: Vec<Item> = fusion::kernels(&cands, opts.fuse, MAX_GROUP)
+        .into_iter()
+        .map(|members| match &cand_items[members[0]] {
+            Item::Group(_) => Item::Group(
+                members
+                    .iter()
+                    .map(|&c| match &cand_items[c] {
+                        Item::Group(n) => n[0],
+                        _ => unreachable!("groups hold elementwise nodes only"),
+                    })
+                    .collect(),
+            ),
+            Item::Single(n) => Item::Single(*n),
+            Item::SgdFold { matmul, sub, lr } => Item::SgdFold {
+                matmul: *matmul,
+                sub: *sub,
+                lr: *lr,
+            },
+        })
+        .collect();
 
     // 6. Per kernel: roots read through buffers (with in-place eligibility) and roots written.
     struct Pre {

@@ -3,9 +3,10 @@
 //! [`compile`] lowers a [`Function`](cleave_ir::Function) whose values are `f32`, `i32` or
 //! `bool` into a [`Plan`]: a linear list of kernels over buffers with static shapes.
 //!
-//! - **Elementwise fusion.** Consecutive elementwise nodes of one element count (unary, binary,
-//!   compare, select, cast, dropout, and the data-movement ops broadcast, transpose and slice) form
-//!   one *fused loop*: it runs over the elements in chunks, keeps intermediates in chunk-sized
+//! - **Elementwise fusion.** Elementwise nodes of one element count (unary, binary, compare,
+//!   select, cast, dropout, and the data-movement ops broadcast, transpose and slice) form one
+//!   *fused loop* wherever that keeps the kernel graph acyclic, also across unrelated kernels
+//!   between them (`fusion.rs`, with petgraph): it runs over the elements in chunks, keeps intermediates in chunk-sized
 //!   registers and stores only the values that later kernels or the outputs read. Broadcasts,
 //!   transposes and slices whose consumers are all elementwise are not materialised at all: they
 //!   become strided loads inside the consumer's loop. Splat constants become register splats.
@@ -45,6 +46,7 @@ mod compile;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod fused;
+mod fusion;
 mod gemm;
 pub mod gpu_kernel;
 mod jit;

@@ -153,6 +153,15 @@ fn examples() -> Vec<(String, Function)> {
     paths.sort();
     for p in paths {
         let m = cleave_compiler::load::load_module(&p, &Default::default()).unwrap();
+        // The benchmark-sized models (the 4-layer GPT: 7 GFLOP forward) would take the debug
+        // interpreter many minutes; the small ones cover the same ops.
+        if cleave_ir::cost::function_cost(&m.functions[0])
+            .total()
+            .total()
+            > 1_000_000_000
+        {
+            continue;
+        }
         out.push((
             p.file_name().unwrap().to_string_lossy().into_owned(),
             m.functions[0].clone(),

@@ -258,6 +258,26 @@ fn find_sgd_folds(
         }
         out.insert(sub, (mm, mul, lr));
     }
+    // A folded GEMM runs at its update's place, not its own: a weight that another fold's GEMM
+    // reads must not be updated in place before that GEMM has run. (Dropping a fold only moves
+    // its GEMM back to its own place, before every update of what it reads, so one pass
+    // suffices.)
+    let late_readers: Vec<(Node, Value)> = out
+        .iter()
+        .flat_map(|(&sub, &(mm, _, _))| {
+            func.node(mm)
+                .operands
+                .iter()
+                .map(move |&v| (sub, v))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.retain(|&sub, _| {
+        let w = func.node(sub).operands[0];
+        !late_readers
+            .iter()
+            .any(|&(other, v)| other != sub && v == w && pos[&other] > pos[&sub])
+    });
     out
 }
 

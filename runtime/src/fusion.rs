@@ -3,16 +3,17 @@
 //! The input is the plan's kernels-to-be in body order ([`Cand`]s: one per elementwise node,
 //! single kernel or folded update), each with the candidates it reads. Elementwise nodes of one
 //! element count are merged into groups greedily in body order, not only when they are
-//! consecutive: a node joins a group of one of its producers, or the latest group of its
-//! element count, when that keeps the kernel graph acyclic, i.e. when no path leads from the
+//! consecutive: a node joins the group of one of its producers (across other kernels, when all
+//! else it reads is made before the group's last member, so the node moves up into the group and
+//! holds nothing back), or the group just before it, when that keeps the kernel graph acyclic, i.e. when no path leads from the
 //! group to the node through a kernel outside the group (then the group would have to run both
 //! before and after that kernel). The kernel graph is a `DiGraph` whose groups are made strongly
-//! connected (an edge each way between a new member and the group's first), so that question is
+//! connected (an edge each way between a new member and the group's first), so acyclicity is
 //! one reachability search backwards from the node's outside producers (a `Dfs` on the
-//! `Reversed` graph, `NodeFiltered` to the positions after the group's first member).
+//! `Reversed` graph).
 //!
 //! The kernel order is then a topological order of the `condensation` of that graph (each
-//! strongly connected component one kernel), by Kahn's algorithm with a kernel's last member's
+//! strongly connected component one kernel), by Kahn's algorithm with a kernel's first member's
 //! body position as priority, so kernels keep their body order where dependences allow. That the
 //! components are exactly the groups is checked (a component holding two kernels would mean the
 //! greedy check let a cycle through).
@@ -23,7 +24,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use cleave_ir::Value;
 use petgraph::algo::condensation;
 use petgraph::graph::{DiGraph, NodeIndex};
-use petgraph::visit::{Dfs, NodeFiltered, Reversed};
+use petgraph::visit::{Dfs, Reversed};
 use petgraph::Direction;
 
 /// One kernel-to-be: an elementwise node that may join a group, or a kernel of its own.
@@ -73,19 +74,26 @@ pub(crate) fn kernels(cands: &[Cand], fuse: bool, max_group: usize) -> Vec<Vec<u
         deps.sort_by_key(|&d| Reverse(cands[d].pos));
         for d in deps {
             let r = group_of[d];
-            if cands[r].fusible == Some(nx) && !options.contains(&r) {
+            if cands[r].fusible == Some(nx)
+                && !options.contains(&r)
+                && hoistable(cands, &group_of, &members[r], r, x)
+            {
                 options.push(r);
             }
         }
+        // An unrelated group only when nothing came between: joining it across other kernels
+        // would hold its inputs live until this node's place (it would undo the memory saving
+        // of a chunked output layer, whose K chunks run the same elementwise ops one after
+        // the other).
         if let Some(&r) = latest.get(&nx) {
-            if !options.contains(&r) {
+            if x > 0 && group_of[x - 1] == r && !options.contains(&r) {
                 options.push(r);
             }
         }
         let chosen = options.into_iter().find(|&r| {
             members[r].len() < max_group
                 && !conflicts(&cands[x], values.get(&r))
-                && !reaches_outside(&g, cands, &group_of, r, x)
+                && !reaches_outside(&g, &group_of, &cands[x].deps, r)
         });
         let r = match chosen {
             Some(r) => {
@@ -105,37 +113,35 @@ pub(crate) fn kernels(cands: &[Cand], fuse: bool, max_group: usize) -> Vec<Vec<u
     order(g, cands, &group_of, &members)
 }
 
+/// True if everything `x` needs from outside group `r` is made before the group's last member,
+/// so that `x` can move up into the group without holding the group (and the kernels reading
+/// it) back: joining a group further away would keep the group's inputs live until `x`'s place
+/// (measured: it undid the memory saving of a chunked output layer).
+fn hoistable(cands: &[Cand], group_of: &[usize], members: &[usize], r: usize, x: usize) -> bool {
+    let last = members.iter().map(|&m| cands[m].pos).max().unwrap_or(0);
+    cands[x]
+        .deps
+        .iter()
+        .all(|&d| group_of[d] == r || cands[d].pos <= last)
+}
+
 /// True if `x` reads through a view a value that group `r` computes.
 fn conflicts(x: &Cand, computed: Option<&HashSet<Value>>) -> bool {
     computed.is_some_and(|vals| x.avoid.iter().any(|v| vals.contains(v)))
 }
 
 /// True if a path leads from group `r` to `x` through a candidate outside `r`: searched backwards
-/// from `x`'s producers outside `r`, over candidates placed after `r`'s first member.
-fn reaches_outside(
-    g: &DiGraph<usize, ()>,
-    cands: &[Cand],
-    group_of: &[usize],
-    r: usize,
-    x: usize,
-) -> bool {
-    let lo = cands[r].pos;
+/// from `x`'s producers outside `r`. The search is not bounded by body positions: a group's
+/// edges run both ways, so a path may step back to a group's earlier members.
+fn reaches_outside(g: &DiGraph<usize, ()>, group_of: &[usize], deps: &[usize], r: usize) -> bool {
     let reversed = Reversed(g);
-    let after = NodeFiltered::from_fn(reversed, |i: NodeIndex| cands[i.index()].pos >= lo);
-    let starts: Vec<usize> = cands[x]
-        .deps
-        .iter()
-        .copied()
-        .filter(|&d| group_of[d] != r && cands[d].pos >= lo)
-        .collect();
-    let Some(&first) = starts.first() else {
+    let mut starts = deps.iter().copied().filter(|&d| group_of[d] != r);
+    let Some(first) = starts.next() else {
         return false;
     };
-    let mut dfs = Dfs::new(&after, NodeIndex::new(first));
-    for &s in &starts[1..] {
-        dfs.stack.push(NodeIndex::new(s));
-    }
-    while let Some(i) = dfs.next(&after) {
+    let mut dfs = Dfs::new(reversed, NodeIndex::new(first));
+    dfs.stack.extend(starts.map(NodeIndex::new));
+    while let Some(i) = dfs.next(reversed) {
         if group_of[i.index()] == r {
             return true;
         }
@@ -144,7 +150,7 @@ fn reaches_outside(
 }
 
 /// The kernels (groups) in a topological order of the condensed graph, by Kahn's algorithm
-/// with each kernel's last body position as priority.
+/// with each kernel's first body position as priority.
 fn order(
     g: DiGraph<usize, ()>,
     cands: &[Cand],
@@ -156,7 +162,7 @@ fn order(
         .node_indices()
         .map(|c| cond.neighbors_directed(c, Direction::Incoming).count())
         .collect();
-    let key = |c: NodeIndex| -> usize { cond[c].iter().map(|&i| cands[i].pos).max().unwrap_or(0) };
+    let key = |c: NodeIndex| -> usize { cond[c].iter().map(|&i| cands[i].pos).min().unwrap_or(0) };
     let mut ready: BinaryHeap<Reverse<(usize, usize)>> = cond
         .node_indices()
         .filter(|c| indegree[c.index()] == 0)
@@ -206,8 +212,14 @@ mod tests {
     fn elementwise_nodes_fuse_across_an_unrelated_kernel() {
         // 0 → 2, with 1 (a GEMM reading only the input) in between: one group {0, 2}, then 1.
         let c = [ew(0, &[]), single(1, &[]), ew(2, &[0])];
-        // The group runs where its last member was (after the GEMM).
-        assert_eq!(kernels(&c, true, 48), vec![vec![1], vec![0, 2]]);
+        // 2 moves up into 0's group, before the GEMM.
+        assert_eq!(kernels(&c, true, 48), vec![vec![0, 2], vec![1]]);
+        // Not when it also reads the GEMM: the group would wait for the GEMM.
+        let c = [ew(0, &[]), single(1, &[]), ew(2, &[0, 1])];
+        assert_eq!(kernels(&c, true, 48), vec![vec![0], vec![1], vec![2]]);
+        // An unrelated node after another kernel starts a group of its own.
+        let c = [ew(0, &[]), single(1, &[]), ew(2, &[])];
+        assert_eq!(kernels(&c, true, 48), vec![vec![0], vec![1], vec![2]]);
         // Without fusion every candidate is its own kernel, in body order.
         assert_eq!(kernels(&c, false, 48), vec![vec![0], vec![1], vec![2]]);
     }
@@ -229,6 +241,25 @@ mod tests {
         let pos = |i: usize| k.iter().position(|g| g.contains(&i)).unwrap();
         assert!(pos(0) < pos(1) && pos(1) < pos(2) && pos(2) <= pos(4));
         assert_ne!(pos(0), pos(2), "{k:?}");
+    }
+
+    #[test]
+    fn a_path_back_through_a_group_is_found() {
+        // 0 a = exp; 1 GEMM; 2 r = neg (its own group, after the GEMM); 3 b = log a and
+        // 4 c = add b, r join a's group; 5 x = mul r, a must not join r's group: a path leads
+        // from r through a's group (4 reads r) back to x (x reads a).
+        let c = [
+            ew(0, &[]),
+            single(1, &[]),
+            ew(2, &[]),
+            ew(3, &[0]),
+            ew(4, &[3, 2]),
+            ew(5, &[2, 0]),
+        ];
+        let k = kernels(&c, true, 48);
+        let at = |i: usize| k.iter().position(|g| g.contains(&i)).unwrap();
+        assert_eq!(k.iter().map(Vec::len).sum::<usize>(), 6, "{k:?}");
+        assert!(at(2) <= at(4) && at(0) <= at(5), "{k:?}");
     }
 
     #[test]

@@ -1060,6 +1060,15 @@ mod tests {
         v
     }
 
+    /// The default options with Cranelift (the default code generator is LLVM where the `llvm`
+    /// feature is built).
+    fn cranelift() -> CompileOptions {
+        CompileOptions {
+            codegen: crate::Codegen::Cranelift,
+            ..CompileOptions::default()
+        }
+    }
+
     /// Runs exp, erf and GELU over `xs`; returns the outputs and the plan.
     fn run(xs: &[f32], jit: bool) -> (Vec<Vec<f32>>, Plan) {
         let n = xs.len();
@@ -1075,6 +1084,7 @@ mod tests {
         let f = parse_function(&text).unwrap();
         let opts = CompileOptions {
             jit,
+            codegen: crate::Codegen::Cranelift,
             ..CompileOptions::default()
         };
         let mut plan = compile_with(&f, &opts).unwrap();
@@ -1130,7 +1140,7 @@ mod tests {
 }"#,
         )
         .unwrap();
-        let plan = crate::compile(&f).unwrap();
+        let plan = crate::compile_with(&f, &cranelift()).unwrap();
         assert_eq!((plan.jit_kernels(), plan.vector_math_kernels()), (1, 0));
     }
 }

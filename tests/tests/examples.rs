@@ -48,7 +48,7 @@ fn examples_verify_and_round_trip() {
 #[test]
 fn examples_match_the_generators() {
     let commands = generator_commands();
-    assert_eq!(commands.len(), 5);
+    assert_eq!(commands.len(), 6);
     let dir = std::env::temp_dir().join(format!("cleave-examples-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for args in commands {

@@ -578,3 +578,28 @@ fn sgd_update_folds_into_the_wgrad_gemm() {
     );
     check_steps(&kept, 5, 3, "sgd with gradient output");
 }
+
+/// A folded update runs its GEMM at the update's place: a weight that a later fold's GEMM reads
+/// (`g2 = w1·e`, folded into `w2`'s update after `w1`'s) is not updated in place before it.
+#[test]
+fn a_fold_never_overwrites_a_weight_another_fold_reads() {
+    let f = parse_function(
+        r#"func @f {
+  %x = input {name = "x"} : f32[6,4]
+  %dy = input {name = "dy"} : f32[6,5]
+  %e = input {name = "e"} : f32[5,5]
+  %w1 = param {name = "w1"} : f32[4,5]
+  %w2 = param {name = "w2"} : f32[4,5]
+  %g1 = matmul %x, %dy {transpose_lhs = true} : f32[4,5]
+  %g2 = matmul %w1, %e : f32[4,5]
+  %lr = constant {value = 0.1} : f32[4,5]
+  %u1 = mul %g1, %lr : f32[4,5]
+  %n1 = sub %w1, %u1 : f32[4,5]
+  %u2 = mul %g2, %lr : f32[4,5]
+  %n2 = sub %w2, %u2 : f32[4,5]
+  return %n1 as "w1", %n2 as "w2"
+}"#,
+    )
+    .unwrap();
+    check_steps(&f, 7, 3, "two folds, one reading the other's weight");
+}

@@ -354,6 +354,54 @@ fn cmp<T: PartialOrd>(op: CompareOp, a: T, b: T) -> bool {
     }
 }
 
+/// Elements from which a compiled loop is split across the pool's threads: below it the hand-off
+/// (a few microseconds) costs about what the second core saves.
+pub(crate) const PAR_MIN_ELEMENTS: usize = 1 << 16;
+
+/// The table of buffer pointers, shared by the parts of one split loop.
+#[derive(Clone, Copy)]
+struct Table(*const *mut f32);
+
+// SAFETY: the parts only read the table; each writes its own range of elements.
+unsafe impl Sync for Table {}
+
+impl Table {
+    /// The pointer (a method, so that a closure captures the whole `Sync` table).
+    fn ptr(self) -> *const *mut f32 {
+        self.0
+    }
+}
+
+/// Runs compiled loop `f` over elements `0..n`: in one call, or, from [`PAR_MIN_ELEMENTS`] on,
+/// in one range per thread of the pool (multiples of 64 elements, so every vector of every
+/// width starts where it would in one call). A loop writes element `i` of its outputs only from
+/// element `i` of its inputs and never writes what it reads through a view, so the ranges are
+/// independent and the results the same bits as one call.
+///
+/// # Safety
+/// As [`FusedKernel::run`].
+unsafe fn run_compiled(f: crate::jit::JitFn, table: *const *mut f32, n: usize) {
+    let pool = crate::pool::Pool::global();
+    let parts = if n < PAR_MIN_ELEMENTS {
+        1
+    } else {
+        pool.threads().min(n / 8192).max(1)
+    };
+    if parts < 2 {
+        f(table, 0, n);
+        return;
+    }
+    let per = n.div_ceil(parts).next_multiple_of(64);
+    let t = Table(table);
+    pool.run(parts, &|p| {
+        let (a, b) = ((p * per).min(n), ((p + 1) * per).min(n));
+        if a < b {
+            // SAFETY: the caller's guarantee, over a range of its elements.
+            unsafe { f(t.ptr(), a, b) };
+        }
+    });
+}
+
 impl FusedKernel {
     /// Runs the loop. An integer division by zero stops it with the element's flat index.
     ///
@@ -362,7 +410,7 @@ impl FusedKernel {
     /// positions its view reaches), and stores must not overlap non-contiguous loads.
     pub unsafe fn run(&self, mem: &Mem, regs: &mut Regs) -> Result<(), String> {
         if let Some(f) = self.jit {
-            f(mem.table(), self.n);
+            run_compiled(f, mem.table(), self.n);
             return Ok(());
         }
         grow(&mut regs.f, self.nf, 0.0f32);

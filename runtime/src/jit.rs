@@ -1,8 +1,9 @@
 //! Native code for fused loops, generated with Cranelift.
 //!
 //! Each fused loop program (the one [`FusedKernel::run`] interprets) becomes one function
-//! `fn(bufs: *const *mut f32, n: usize)`: `bufs` is the plan's table of buffer base pointers
-//! (indexed by buffer id), `n` the element count. The body runs 4 elements at a time in 128-bit
+//! `fn(bufs: *const *mut f32, start: usize, end: usize)`: `bufs` is the plan's table of buffer
+//! base pointers (indexed by buffer id), and the function computes elements `start..end` (`start`
+//! a multiple of 64, so that large loops can be split across threads, [`FusedKernel::run`]). The body runs 4 elements at a time in 128-bit
 //! SIMD registers (`f32x4`, `i32x4`; `bool` values are lane masks, all ones or zero), then a scalar
 //! tail over the remaining elements with the same program at width 1.
 //!
@@ -88,7 +89,7 @@ thread_local! {
 }
 
 /// A compiled fused loop.
-pub(crate) type JitFn = unsafe extern "C" fn(*const *mut f32, usize);
+pub(crate) type JitFn = unsafe extern "C" fn(*const *mut f32, usize, usize);
 
 /// The executable memory of a plan's compiled loops; freed when dropped.
 pub(crate) struct JitCode {
@@ -186,7 +187,7 @@ pub(crate) fn supported(k: &FusedKernel) -> bool {
 
 /// Bumped whenever the code generated for a program changes, so fingerprints of kernels
 /// compiled ahead of time by another version never match.
-const CODEGEN_VERSION: &str = "cleave-fused-codegen-2";
+const CODEGEN_VERSION: &str = "cleave-fused-codegen-3";
 
 /// A 128-bit fingerprint of everything the generated code of `k` depends on (the program with
 /// its buffer ids, views and constants, and the register counts), FNV-1a over its debug text.
@@ -240,6 +241,7 @@ pub(crate) fn define_kernels<M: Module>(
     let mut helpers: HashMap<&'static str, FuncId> = HashMap::new();
     let mut ids = Vec::with_capacity(kernels.len());
     for (i, k) in kernels.iter().enumerate() {
+        ctx.func.signature.params.push(AbiParam::new(ptr));
         ctx.func.signature.params.push(AbiParam::new(ptr));
         ctx.func.signature.params.push(AbiParam::new(ptr));
         let refs = import_helpers(module, &mut ctx, k, &mut helpers)?;
@@ -378,7 +380,8 @@ impl Emitter {
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
         let table = b.block_params(entry)[0];
-        let n = b.block_params(entry)[1];
+        let start = b.block_params(entry)[1];
+        let n = b.block_params(entry)[2];
         let mut e = Emitter {
             bases: Default::default(),
             hoisted: Default::default(),
@@ -408,8 +411,7 @@ impl Emitter {
             }
         }
         let i = b.declare_var(ptr);
-        let zero = b.ins().iconst(ptr, 0);
-        b.def_var(i, zero);
+        b.def_var(i, start);
         // Loops with polynomial code (long dependency chains) run UNROLL vectors per iteration,
         // their instructions interleaved op by op, so the chains overlap; then one vector at a
         // time; then the scalar tail.

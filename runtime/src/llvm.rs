@@ -1,7 +1,7 @@
 //! Native code for fused loops through LLVM (cargo feature `llvm`, `--codegen llvm`).
 //!
 //! The second code generator beside [`crate::jit`]'s Cranelift one, for the same fused loop
-//! programs ([`FusedKernel`]) and the same function signature (`fn(bufs, n)`, see there). Where
+//! programs ([`FusedKernel`]) and the same function signature (`fn(bufs, start, end)`, see there). Where
 //! Cranelift's SIMD is 128 bits, this one writes the loop for the host's full vector width
 //! (16 lanes with AVX-512, 8 with AVX2, 4 otherwise), with the host's CPU name and features on
 //! every function (`-march=native`), and runs LLVM's `default<O2>` pipeline over it.
@@ -165,7 +165,7 @@ pub(crate) fn compile_all<'a>(
         addrs.extend(a);
     }
     for (k, addr) in kernels.iter_mut().zip(addrs) {
-        // SAFETY: the function was defined with exactly this signature (`void (ptr, i64)`).
+        // SAFETY: the function was defined with exactly this signature (`void (ptr, i64, i64)`).
         k.jit = Some(unsafe { std::mem::transmute::<usize, JitFn>(addr) });
         k.vector_math = false;
     }
@@ -333,7 +333,7 @@ impl<'a> Func<'a> {
     ) {
         let _ = writeln!(
             out,
-            "define void @fused{idx}(ptr %table, i64 %n) #0 {{\nentry:"
+            "define void @fused{idx}(ptr %table, i64 %start, i64 %n) #0 {{\nentry:"
         );
         let mut f = Func {
             out,
@@ -372,7 +372,7 @@ impl<'a> Func<'a> {
         for (l, &w) in loops.iter().enumerate() {
             let step = w;
             let (from, pred) = if l == 0 {
-                ("0".to_string(), "entry".to_string())
+                ("%start".to_string(), "entry".to_string())
             } else {
                 (format!("%i{}", l - 1), format!("exit{}", l - 1))
             };

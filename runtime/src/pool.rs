@@ -137,8 +137,8 @@ impl Pool {
             sh.epoch.store(slot.epoch, Ordering::Release);
         }
         sh.wake.notify_all();
-        // The caller claims parts like a worker.
-        while let Some(i) = claim(sh) {
+        // The caller claims parts like a worker (of its own job: it is posted until all are done).
+        while let Some((_, i)) = claim(sh) {
             f(i);
             sh.pending.fetch_sub(1, Ordering::AcqRel);
         }
@@ -150,14 +150,16 @@ impl Pool {
     }
 }
 
-/// Claims the next unclaimed part of the posted job.
-fn claim(sh: &Shared) -> Option<usize> {
+/// Claims the next unclaimed part of the posted job, with that job: a worker finishing a part
+/// of one job may claim a part of the next one, which it must run with the next job's closure.
+fn claim(sh: &Shared) -> Option<(JobRef, usize)> {
     let mut slot = sh.slot.lock().unwrap_or_else(|e| e.into_inner());
-    if slot.job.is_some() && slot.next < slot.parts {
-        slot.next += 1;
-        Some(slot.next - 1)
-    } else {
-        None
+    match slot.job {
+        Some(job) if slot.next < slot.parts => {
+            slot.next += 1;
+            Some((job, slot.next - 1))
+        }
+        _ => None,
     }
 }
 
@@ -189,9 +191,8 @@ fn worker(sh: &'static Shared) {
                 _ => None,
             }
         };
-        let Some((job, first)) = job else { continue };
-        let mut part = Some(first);
-        while let Some(i) = part {
+        let mut part = job;
+        while let Some((job, i)) = part {
             // SAFETY: the job stays alive until `pending` is zero, which needs this part.
             unsafe { (*job.0)(i) };
             sh.pending.fetch_sub(1, Ordering::AcqRel);
@@ -217,6 +218,27 @@ mod tests {
             }
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 50));
         }
+    }
+
+    #[test]
+    fn back_to_back_jobs_run_their_own_closures() {
+        // A worker that finishes a part of one job may claim a part of the next: it must run
+        // that part with the next job's closure. Two jobs alternate, each counting its own
+        // parts; a part run with the other job's closure shows in the wrong counter.
+        let pool = Pool::new(2);
+        let (a, b) = (AtomicU32::new(0), AtomicU32::new(0));
+        let count_a = |_: usize| {
+            a.fetch_add(1, Ordering::Relaxed);
+        };
+        let count_b = |_: usize| {
+            b.fetch_add(1, Ordering::Relaxed);
+        };
+        for _ in 0..50_000 {
+            pool.run(2, &count_a);
+            pool.run(3, &count_b);
+        }
+        assert_eq!(a.load(Ordering::Relaxed), 2 * 50_000);
+        assert_eq!(b.load(Ordering::Relaxed), 3 * 50_000);
     }
 
     #[test]

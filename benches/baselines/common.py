@@ -57,6 +57,44 @@ def timed(step, args):
     return statistics.median(ts) * 1e3
 
 
+def torch_ops(torch, causal, d, eps):
+    """The table of framework ops the GPT scripts write their blocks over, for PyTorch."""
+    F = torch.nn.functional
+
+    class TorchOps:
+        layer_norm = staticmethod(lambda h, w, b: F.layer_norm(h, (d,), w, b, eps))
+        transpose = staticmethod(lambda h: h.transpose(1, 2))
+        transpose_last = staticmethod(lambda h: h.transpose(-1, -2))
+        where = staticmethod(lambda c, a, b: torch.where(c, a, torch.tensor(b)))
+        softmax = staticmethod(lambda h: torch.softmax(h, -1))
+        gelu = staticmethod(F.gelu)
+        take = staticmethod(lambda w, t: w[t])
+
+    TorchOps.causal = torch.tensor(causal)
+    return TorchOps
+
+
+def jax_ops(jax, causal, eps):
+    """The same table for JAX (LayerNorm written out with mean and variance)."""
+    import jax.numpy as jnp
+
+    class JaxOps:
+        @staticmethod
+        def layer_norm(h, w, b):
+            c = h - jnp.mean(h, -1, keepdims=True)
+            return c / jnp.sqrt(jnp.mean(c * c, -1, keepdims=True) + eps) * w + b
+
+        transpose = staticmethod(lambda h: jnp.swapaxes(h, 1, 2))
+        transpose_last = staticmethod(lambda h: jnp.swapaxes(h, -1, -2))
+        where = staticmethod(jnp.where)
+        softmax = staticmethod(lambda h: jax.nn.softmax(h, -1))
+        gelu = staticmethod(lambda h: jax.nn.gelu(h, approximate=False))
+        take = staticmethod(lambda w, t: jnp.take(w, t, axis=0))
+
+    JaxOps.causal = jnp.asarray(causal)
+    return JaxOps
+
+
 def try_import(name):
     """The module, or None (with a note on stderr) when it is not installed."""
     try:

@@ -73,16 +73,7 @@ torch = common.try_import("torch")
 if torch is not None:
     torch.set_num_threads(args.threads)
 
-    class TorchOps:
-        causal = torch.tensor(causal_np)
-        # Written out with mean and sqrt, eager PyTorch's backward took over 20 ms here.
-        layer_norm = staticmethod(
-            lambda h, w, b: torch.nn.functional.layer_norm(h, (D,), w, b, EPS))
-        transpose = staticmethod(lambda h: h.transpose(1, 2))
-        transpose_last = staticmethod(lambda h: h.transpose(-1, -2))
-        where = staticmethod(lambda c, a, b: torch.where(c, a, torch.tensor(b)))
-        softmax = staticmethod(lambda h: torch.softmax(h, -1))
-        gelu = staticmethod(torch.nn.functional.gelu)
+    TorchOps = common.torch_ops(torch, causal_np, D, EPS)
 
     tp = [torch.tensor(a, requires_grad=True) for a in params_np]
     tx, tt = torch.tensor(x_np), torch.tensor(t_np)
@@ -105,18 +96,7 @@ jax = common.try_import("jax")
 if jax is not None:
     import jax.numpy as jnp
 
-    class JaxOps:
-        causal = jnp.asarray(causal_np)
-        @staticmethod
-        def layer_norm(h, w, b):
-            c = h - jnp.mean(h, -1, keepdims=True)
-            return c / jnp.sqrt(jnp.mean(c * c, -1, keepdims=True) + EPS) * w + b
-
-        transpose = staticmethod(lambda h: jnp.swapaxes(h, 1, 2))
-        transpose_last = staticmethod(lambda h: jnp.swapaxes(h, -1, -2))
-        where = staticmethod(jnp.where)
-        softmax = staticmethod(lambda h: jax.nn.softmax(h, -1))
-        gelu = staticmethod(lambda h: jax.nn.gelu(h, approximate=False))
+    JaxOps = common.jax_ops(jax, causal_np, EPS)
 
     jx, jt = jnp.asarray(x_np), jnp.asarray(t_np)
 

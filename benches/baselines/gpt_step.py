@@ -92,16 +92,7 @@ torch = common.try_import("torch")
 if torch is not None:
     torch.set_num_threads(args.threads)
     F = torch.nn.functional
-
-    class TorchOps:
-        causal = torch.tensor(causal_np)
-        layer_norm = staticmethod(lambda h, w, b: F.layer_norm(h, (D,), w, b, EPS))
-        transpose = staticmethod(lambda h: h.transpose(1, 2))
-        transpose_last = staticmethod(lambda h: h.transpose(-1, -2))
-        where = staticmethod(lambda c, a, b: torch.where(c, a, torch.tensor(b)))
-        softmax = staticmethod(lambda h: torch.softmax(h, -1))
-        gelu = staticmethod(F.gelu)
-        take = staticmethod(lambda w, t: w[t])
+    TorchOps = common.torch_ops(torch, causal_np, D, EPS)
 
     tp = [torch.tensor(a, requires_grad=True) for a in params_np]
     tt, tg = torch.tensor(tokens_np).long(), torch.tensor(targets_np).long()
@@ -124,20 +115,7 @@ jax = common.try_import("jax")
 if jax is not None:
     import jax.numpy as jnp
 
-    class JaxOps:
-        causal = jnp.asarray(causal_np)
-
-        @staticmethod
-        def layer_norm(h, w, b):
-            c = h - jnp.mean(h, -1, keepdims=True)
-            return c / jnp.sqrt(jnp.mean(c * c, -1, keepdims=True) + EPS) * w + b
-
-        transpose = staticmethod(lambda h: jnp.swapaxes(h, 1, 2))
-        transpose_last = staticmethod(lambda h: jnp.swapaxes(h, -1, -2))
-        where = staticmethod(jnp.where)
-        softmax = staticmethod(lambda h: jax.nn.softmax(h, -1))
-        gelu = staticmethod(lambda h: jax.nn.gelu(h, approximate=False))
-        take = staticmethod(lambda w, t: jnp.take(w, t, axis=0))
+    JaxOps = common.jax_ops(jax, causal_np, EPS)
 
     jt, jg = jnp.asarray(tokens_np), jnp.asarray(targets_np)
 

@@ -1035,31 +1035,7 @@ mod tests {
     /// Every 499,979th bit pattern of both signs plus the edge cases; the count is 3 mod 8, so
     /// elements reach every loop of the kernel.
     fn inputs() -> Vec<f32> {
-        let mut v: Vec<f32> = (0..(0x7f80_0000u32 / 499_979))
-            .map(|i| f32::from_bits(i * 499_979))
-            .flat_map(|x| [x, -x])
-            .collect();
-        v.extend([
-            0.0,
-            -0.0,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            f32::from_bits(1),
-            -f32::from_bits(1),
-            f32::MAX,
-            f32::MIN,
-            88.72283,
-            -103.97208,
-            1.0,
-            -1.0,
-            0.5,
-            -3.25,
-        ]);
-        while v.len() % 8 != 3 {
-            v.push(0.75);
-        }
-        v
+        crate::vmath::sweep(499_979, 8, 3)
     }
 
     /// The default options with Cranelift (the default code generator is LLVM where the `llvm`

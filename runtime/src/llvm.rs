@@ -1065,7 +1065,7 @@ impl<const U: usize> Lanes for TextLanes<'_, '_, U> {
 #[cfg(test)]
 mod tests {
     //! LLVM's loops against the interpreted loop, bit for bit: `exp`, `erf` and GELU over every
-    //! binade (through the unrolled, one-vector and scalar loops), and the IR the generator
+    //! binade (through the vector loop and the scalar tail), and the IR the generator
     //! writes (vector width, CPU attributes).
 
     use crate::{compile_with, Codegen, CompileOptions, HostData, Plan};
@@ -1074,31 +1074,7 @@ mod tests {
     /// Every 499,979th bit pattern of both signs plus the edge cases; the count is 35 mod 64, so
     /// elements reach both loops of the kernel (vectors and the scalar tail) at any width.
     fn inputs() -> Vec<f32> {
-        let mut v: Vec<f32> = (0..(0x7f80_0000u32 / 499_979))
-            .map(|i| f32::from_bits(i * 499_979))
-            .flat_map(|x| [x, -x])
-            .collect();
-        v.extend([
-            0.0,
-            -0.0,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            f32::from_bits(1),
-            -f32::from_bits(1),
-            f32::MAX,
-            f32::MIN,
-            88.72283,
-            -103.97208,
-            1.0,
-            -1.0,
-            0.5,
-            -3.25,
-        ]);
-        while v.len() % 64 != 35 {
-            v.push(0.75);
-        }
-        v
+        crate::vmath::sweep(499_979, 64, 35)
     }
 
     fn run(xs: &[f32], jit: bool) -> (Vec<Vec<f32>>, Plan) {

@@ -406,6 +406,39 @@ entry_points!(
     gelu_in_place_512
 );
 
+/// Test inputs for the code generators' bit-for-bit tests: every `stride`-th bit pattern of `f32`
+/// with both signs, then the edge cases (±0, ±∞, NaN, the smallest denormals, ±MAX, `exp`'s
+/// overflow and underflow thresholds, a few ordinary values), padded with 0.75 until the count is
+/// `rem` modulo `modulus` (so that elements reach a kernel's scalar tail).
+#[cfg(test)]
+pub(crate) fn sweep(stride: u32, modulus: usize, rem: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..(0x7f80_0000u32 / stride))
+        .map(|i| f32::from_bits(i * stride))
+        .flat_map(|x| [x, -x])
+        .collect();
+    v.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(1),
+        -f32::from_bits(1),
+        f32::MAX,
+        f32::MIN,
+        88.72283,
+        -103.97208,
+        1.0,
+        -1.0,
+        0.5,
+        -3.25,
+    ]);
+    while v.len() % modulus != rem {
+        v.push(0.75);
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     //! Property tests of the approximations against `f64` references over every binade of

@@ -411,9 +411,10 @@ fn processes_report_every_devices_memory() {
         .collect();
     assert_eq!(rows.len(), 2, "one row per device: {err}");
     for (d, row) in rows.iter().enumerate() {
-        // device, params, grads, updated, workspace, scratch, boundary, saved, planned, measured
+        // device, params, grads, updated, optimizer, workspace, scratch, boundary, saved,
+        // planned, measured
         assert_eq!(row[0], d as u64);
-        let (planned, measured) = (row[8], row[9]);
+        let (planned, measured) = (row[9], row[10]);
         assert!(measured > 0 && measured <= planned * 2, "device {d}: {err}");
     }
 }

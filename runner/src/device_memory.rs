@@ -7,10 +7,11 @@
 //!
 //! - **parameters**: the stage's copy of every parameter its F, B or W reads;
 //! - **gradients**: its `grad.*` accumulators (f32, one per parameter it owns the gradient of);
-//! - **updated parameters**: the optimizer's new values, made after the stage's last W (plain
-//!   SGD has no other **optimizer state**; momentum's and AdamW's state and update run after the
-//!   step in the training loop's own memory, which this accounting does not charge to a
-//!   device);
+//! - **updated parameters**: the optimizer's new values, made after the stage's last W;
+//! - **optimizer state**: per parameter whose gradient the stage owns, momentum's velocity or
+//!   AdamW's two moments (plain SGD has none). Charged here as a device holding its stages'
+//!   state would; the training loop keeps it in its own memory for now, so the allocator's
+//!   per-device measurement below does not see it (the plan is the larger of the two);
 //! - **workspace**: the buffers of the stage's compiled F, B and W plans (each plan owns its
 //!   buffers for the whole run, so the three add up), measured on the compiled plans;
 //! - **kernel scratch**: what the kernels allocate while they run (the `gemm` crate's packing
@@ -51,6 +52,8 @@ pub struct StageResident {
     pub grads: u64,
     /// Updated parameters (the optimizer's output).
     pub updated: u64,
+    /// The optimizer's state for the parameters the stage owns the gradients of.
+    pub optimizer: u64,
     /// Buffers of the compiled F, B and W plans.
     pub workspace: u64,
     /// What the kernels allocate while they run (GEMM packing buffers), measured.
@@ -62,7 +65,13 @@ pub struct StageResident {
 impl StageResident {
     /// The sum.
     pub fn total(&self) -> u64 {
-        self.params + self.grads + self.updated + self.workspace + self.scratch + self.boundary
+        self.params
+            + self.grads
+            + self.updated
+            + self.optimizer
+            + self.workspace
+            + self.scratch
+            + self.boundary
     }
 }
 
@@ -135,12 +144,14 @@ pub fn workspace_of(split: &[SplitStage<'_>]) -> Result<Vec<(u64, u64)>> {
 
 /// The reserved bytes of every stage of a split module; `workspace[s]` (buffers, kernel scratch)
 /// from [`workspace_of`], `forward` the unsplit model (its parameters and data inputs), `m`
-/// microbatches per step.
+/// microbatches per step, `state_copies` the optimizer's state per parameter
+/// ([`crate::train::OptimizerArg::state_copies`]).
 pub fn stage_resident(
     split: &[SplitStage<'_>],
     workspace: &[(u64, u64)],
     forward: &Function,
     m: usize,
+    state_copies: u64,
 ) -> Vec<StageResident> {
     let params: BTreeSet<&str> = forward.params().map(|a| a.name).collect();
     let data: BTreeSet<&str> = forward.data_inputs().map(|a| a.name).collect();
@@ -179,6 +190,7 @@ pub fn stage_resident(
                     r.grads += b;
                     if params.contains(&a.name["grad.".len()..]) {
                         r.updated += b;
+                        r.optimizer += state_copies * b;
                     }
                 } else if data.contains(a.name)
                     || a.name.starts_with("stash.")
@@ -223,6 +235,7 @@ pub fn per_device(
         a.params += r.params;
         a.grads += r.grads;
         a.updated += r.updated;
+        a.optimizer += r.optimizer;
         a.workspace += r.workspace;
         a.scratch += r.scratch;
         a.boundary += r.boundary;

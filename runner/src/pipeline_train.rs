@@ -147,11 +147,12 @@ pub fn memory_report_text(
     limit: Option<u64>,
 ) -> String {
     let mut out = format!(
-        "{:<6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11}\n",
+        "{:<6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11}\n",
         "device",
         "params",
         "grads",
         "updated",
+        "optimizer",
         "workspace",
         "scratch",
         "boundary",
@@ -164,11 +165,12 @@ pub fn memory_report_text(
     for (d, p) in planned.iter().enumerate() {
         let r = &p.resident;
         out.push_str(&format!(
-            "{:<6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11}\n",
+            "{:<6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11}\n",
             d,
             r.params,
             r.grads,
             r.updated,
+            r.optimizer,
             r.workspace,
             r.scratch,
             r.boundary,
@@ -226,6 +228,8 @@ struct Planner<'a> {
     placement: Vec<usize>,
     n_dev: usize,
     m: usize,
+    /// The optimizer's state per parameter.
+    state_copies: u64,
     /// How errors start (`--remat auto`, `--schedule auto`).
     what: String,
     #[allow(clippy::type_complexity)]
@@ -378,7 +382,13 @@ fn plan_rounds(
     let account = |module: &Module, saved: &[u64]| -> Result<Vec<DeviceAccount>> {
         let split = split_stages(module);
         let ws = workspace_of(&split)?;
-        let resident = stage_resident(&split, &ws, planner.forward, planner.m);
+        let resident = stage_resident(
+            &split,
+            &ws,
+            planner.forward,
+            planner.m,
+            planner.state_copies,
+        );
         Ok(per_device(
             &resident,
             saved,
@@ -593,6 +603,7 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
             placement: (0..p).collect(),
             n_dev: p,
             m,
+            state_copies: a.optimizer.state_copies(),
             what: "--schedule auto".into(),
             plan: Box::new(|l, reserved| {
                 let base = Split {
@@ -657,6 +668,7 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
         placement: placement.clone(),
         n_dev: schedule.p(),
         m,
+        state_copies: a.optimizer.state_copies(),
         what: format!("--remat {}", policy.name()),
         plan: Box::new(|l, reserved| {
             let mut planned = module.clone();
@@ -811,7 +823,7 @@ pub fn build_pipeline(
     let n_dev = schedule.p();
     let planned_devices = {
         let ws = workspace_of(&split)?;
-        let resident = stage_resident(&split, &ws, forward, m);
+        let resident = stage_resident(&split, &ws, forward, m, a.optimizer.state_copies());
         let saved: Vec<u64> = if memory.is_empty() {
             saved_need(&split, &in_flight(&schedule), &cpu_profile()?)?
         } else {

@@ -77,6 +77,16 @@ impl OptimizerArg {
         }
     }
 
+    /// Copies of each parameter the optimizer keeps as state (momentum: the velocity; AdamW: the
+    /// two moments).
+    pub fn state_copies(self) -> u64 {
+        match self {
+            OptimizerArg::Sgd => 0,
+            OptimizerArg::Momentum => 1,
+            OptimizerArg::Adamw => 2,
+        }
+    }
+
     pub fn default_lr(self) -> f64 {
         match self {
             OptimizerArg::Sgd => 0.1,

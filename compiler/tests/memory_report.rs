@@ -56,7 +56,10 @@ fn the_optimizer_state_is_charged_to_its_device() {
             assert!(updated > 0, "{optimizer}: {row:?}");
             assert_eq!(state, copies * updated, "{optimizer}: {row:?}");
             let sum: u64 = row[1..9].iter().sum();
-            assert_eq!(planned, sum, "{optimizer}: the planned total is the sum: {row:?}");
+            assert_eq!(
+                planned, sum,
+                "{optimizer}: the planned total is the sum: {row:?}"
+            );
         }
     }
 }

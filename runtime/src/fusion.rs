@@ -4,13 +4,13 @@
 //! single kernel or folded update), each with the candidates it reads. Elementwise nodes of one
 //! element count are merged into groups greedily in body order, not only when they are
 //! consecutive: a node joins the group of one of its producers (across other kernels, when all
-//! else it reads is made before the group's last member, so the node moves up into the group and
-//! holds nothing back), or the group just before it, when that keeps the kernel graph acyclic, i.e. when no path leads from the
-//! group to the node through a kernel outside the group (then the group would have to run both
-//! before and after that kernel). The kernel graph is a `DiGraph` whose groups are made strongly
-//! connected (an edge each way between a new member and the group's first), so acyclicity is
-//! one reachability search backwards from the node's outside producers (a `Dfs` on the
-//! `Reversed` graph).
+//! else it reads is made before the group's last member, so the node moves up into the group
+//! and holds nothing back), or the group just before it, when that keeps the kernel graph
+//! acyclic, i.e. when no path leads from the group to the node through a kernel outside the
+//! group (then the group would have to run both before and after that kernel). The kernel graph
+//! is a `DiGraph` whose groups are made strongly connected (an edge each way between a new
+//! member and the group's first), so acyclicity is one reachability search backwards from the
+//! node's outside producers (a `Dfs` on the `Reversed` graph).
 //!
 //! The kernel order is then a topological order of the `condensation` of that graph (each
 //! strongly connected component one kernel), by Kahn's algorithm with a kernel's first member's
@@ -229,7 +229,8 @@ mod tests {
         // 0 → 1 (GEMM) → 2: fusing 0 and 2 would need the group before and after the GEMM.
         let c = [ew(0, &[]), single(1, &[0]), ew(2, &[1, 0])];
         assert_eq!(kernels(&c, true, 48), vec![vec![0], vec![1], vec![2]]);
-        // Also when the path runs through a group: 0 → 1 (GEMM) → 3, 2 → 3 joined to 3's group.
+        // Also when the path runs through a group: 0 → 1 (GEMM) → 3, 2 → 3 joined to 3's
+        // group.
         let c = [
             ew(0, &[]),
             single(1, &[0]),

@@ -1,30 +1,34 @@
 //! Native code for fused loops through LLVM (cargo feature `llvm`, `--codegen llvm`).
 //!
 //! The second code generator beside [`crate::jit`]'s Cranelift one, for the same fused loop
-//! programs ([`FusedKernel`]) and the same function signature (`fn(bufs, start, end)`, see there). Where
-//! Cranelift's SIMD is 128 bits, this one writes the loop for the host's full vector width
-//! (16 lanes with AVX-512, 8 with AVX2, 4 otherwise), with the host's CPU name and features on
-//! every function (`-march=native`), and runs LLVM's `default<O2>` pipeline over it.
+//! programs ([`FusedKernel`]) and the same function signature (`fn(bufs, start, end)`, see
+//! there). Where Cranelift's SIMD is 128 bits, this one writes the loop for the host's full
+//! vector width (16 lanes with AVX-512, 8 with AVX2, 4 otherwise), with the host's CPU name and
+//! features on every function (`-march=native`), and runs LLVM's `default<O2>` pipeline over it.
 //!
-//! - The program is written as LLVM IR text, one function per loop, in one module per plan, and
-//!   parsed back by LLVM (inkwell's `create_module_from_ir`): the text is what
-//!   [`module_text`] returns, readable and diffable, and LLVM's verifier checks it.
+//! - The program is written as LLVM IR text, one function per loop, and parsed back by LLVM
+//!   (inkwell's `create_module_from_ir`): the text is what [`module_text`] returns, readable
+//!   and diffable, and LLVM's verifier checks it.
 //! - Each loop is two loops over the elements: one vector per iteration, then a scalar tail.
 //!   (Two vectors per iteration for loops with polynomial code, as the Cranelift loop does,
-//!   measured no faster at 16 lanes: GPT-tiny 1.63–1.73 ms per step either way.) Loads and stores are as in the Cranelift loop: contiguous operands are vector loads,
-//!   views whose innermost dimension is a multiple of the width load whole vectors or splats,
-//!   other views load lane by lane, one-element views once before the loop.
+//!   measured no faster at 16 lanes: GPT-tiny 1.63–1.73 ms per step either way.)
+//! - Loads and stores: contiguous operands are vector loads; views whose innermost dimension is
+//!   a multiple of the width load whole vectors or splats; other views compute their positions
+//!   as an index vector and load with one `llvm.masked.gather`; one-element views are loaded
+//!   once, before the loop.
 //! - Every op is one IEEE operation per lane in the interpreter's order (no fast-math flags, so
-//!   LLVM neither contracts nor reassociates): `exp`, `erf` and GELU are [`crate::vmath`]'s
+//!   LLVM neither contracts nor reassociates). `exp`, `erf` and GELU are [`crate::vmath`]'s
 //!   polynomials written out as vector IR (with `llvm.fma` exactly where the interpreted loop
-//!   fuses, [`vmath::has_fma`]), the other transcendentals and `pow` call the runtime's Rust
-//!   helpers once per lane. So the results are bit-identical to the interpreted loop's and to
-//!   the Cranelift code's (two exceptions, as for Cranelift: `max`/`min` are IEEE `maximum`/
-//!   `minimum`, so a NaN keeps its payload and `max(-0, +0)` is `+0`, where the interpreter
-//!   returns the canonical NaN and either zero), and unlike the Cranelift path, loops with `exp`, `erf` or GELU are
-//!   compiled on CPUs with FMA too (here they run at the full width).
-//! - The module is compiled by MCJIT ([`inkwell::execution_engine`]); the helpers are bound by
-//!   address. [`LlvmCode`] owns the context and the engine; dropping it frees the code.
+//!   fuses, [`vmath::has_fma`]); `rsqrt` is the helper's three IEEE operations in `double`
+//!   lanes; the other transcendentals and `pow` call the runtime's Rust helpers once per lane.
+//!   So the results are bit-identical to the interpreted loop's and to the Cranelift code's,
+//!   with two exceptions shared with Cranelift: `max`/`min` are IEEE `maximum`/`minimum`, so a
+//!   NaN keeps its payload and `max(-0, +0)` is `+0`, where the interpreter returns the
+//!   canonical NaN and either zero. Unlike the Cranelift path, loops with `exp`, `erf` or GELU
+//!   are compiled on CPUs with FMA too (here they run at the full width).
+//! - The loops are compiled by MCJIT ([`inkwell::execution_engine`]) in modules of about
+//!   [`LOOPS_PER_UNIT`] on parallel threads; the helpers are bound by address. [`LlvmCode`] owns
+//!   the contexts and engines; dropping it frees the code.
 //! - Not compiled (as with Cranelift, [`jit::supported`]): integer division, integer `sign`,
 //!   dropout. Kernels written ahead of time for `cleave compile` stay Cranelift's
 //!   ([`crate::aot`]).
@@ -702,6 +706,18 @@ impl<'a> Func<'a> {
                                 ))
                             })
                         }
+                        UnaryOp::Rsqrt => {
+                            // The helper's `(1 / sqrt(x as f64)) as f32`, the same three IEEE
+                            // operations in double lanes.
+                            let (dt, ds) = (ty(w, "double"), suffix(w, "f64"));
+                            let one = splat_lit(w, "double", "1.0");
+                            self.map(x, |s, x| {
+                                let d = s.ins(format!("fpext {ft} {} to {dt}", s.n(x)));
+                                let q = s.intrinsic(&format!("sqrt.{ds}"), &dt, &[(dt.clone(), d)]);
+                                let r = s.ins(format!("fdiv {dt} {one}, {}", s.n(q)));
+                                s.ins(format!("fptrunc {dt} {} to {ft}", s.n(r)))
+                            })
+                        }
                         UnaryOp::Exp => vmath::exp(&mut self.lanes::<U>(w), x),
                         UnaryOp::Erf => vmath::erf(&mut self.lanes::<U>(w), x),
                         UnaryOp::Gelu => vmath::gelu(&mut self.lanes::<U>(w), x),
@@ -1087,7 +1103,8 @@ mod tests {
   %g = gelu %x : f32[{n}]
   %l = log %x : f32[{n}]
   %m = max %x, %e : f32[{n}]
-  return %e as "exp", %r as "erf", %g as "gelu", %l as "log", %m as "max"
+  %q = rsqrt %x : f32[{n}]
+  return %e as "exp", %r as "erf", %g as "gelu", %l as "log", %m as "max", %q as "rsqrt"
 }}"#
         );
         let f = parse_function(&text).unwrap();
@@ -1100,7 +1117,7 @@ mod tests {
         plan.set_input(0, HostData::F32(xs.to_vec()).as_slice())
             .unwrap();
         plan.run().unwrap();
-        let outs = (0..5)
+        let outs = (0..6)
             .map(|i| plan.output_f32(i).unwrap().to_vec())
             .collect();
         (outs, plan)
@@ -1115,7 +1132,7 @@ mod tests {
         assert_eq!(plan.vector_math_kernels(), 0);
         let (interp, plan) = run(&xs, false);
         assert_eq!(plan.jit_kernels() + plan.vector_math_kernels(), 0);
-        let names = ["exp", "erf", "gelu", "log", "max"];
+        let names = ["exp", "erf", "gelu", "log", "max", "rsqrt"];
         for (name, (a, b)) in names.iter().zip(llvm.iter().zip(&interp)) {
             for (i, (&p, &q)) in a.iter().zip(b).enumerate() {
                 let same = p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan());

@@ -65,6 +65,11 @@
 //! The kernels are compiled for the compiling host's CPU (as the JIT does), so the executable runs
 //! on machines with the same instruction set extensions.
 //!
+//! A cleave built with the `llvm` feature has LLVM inside its runner library (statically, as
+//! llvm-sys links it): its executables also link LLVM's system libraries, libffi and the C++
+//! runtime (`llvm_link_libs`), and are larger (the digits MLP: 135 MiB with debug info). Their
+//! loops are still Cranelift's, compiled ahead of time.
+//!
 //! `--target cuda` is `cleave compile`'s other mode (kernels as MLIR and PTX, `compile_gpu`).
 
 use std::ffi::OsString;
@@ -427,6 +432,45 @@ fn linker() -> OsString {
         .unwrap_or_else(|| "cc".into())
 }
 
+/// What a runner library built with the `llvm` feature (LLVM linked statically into it) needs on
+/// the link line besides the Rust standard library's libraries: the C++ runtime and LLVM's system
+/// libraries, as `llvm-config --system-libs --link-static` of the LLVM it was built against
+/// (`LLVM_SYS_221_PREFIX`, else /usr/lib/llvm-22) names them. Nothing without the feature.
+fn llvm_link_libs() -> Result<Vec<String>> {
+    if !cfg!(feature = "llvm") {
+        return Ok(Vec::new());
+    }
+    let prefix = std::env::var_os("LLVM_SYS_221_PREFIX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/llvm-22"));
+    let config = prefix.join("bin/llvm-config");
+    let out = std::process::Command::new(&config)
+        .args(["--system-libs", "--link-static"])
+        .output()
+        .with_context(|| {
+            format!(
+                "this cleave was built with the `llvm` feature, so its executables link LLVM's \
+                 system libraries, which {} names; install LLVM 22 (scripts/install-llvm.sh) or \
+                 set LLVM_SYS_221_PREFIX",
+                config.display()
+            )
+        })?;
+    if !out.status.success() {
+        bail!(
+            "{} --system-libs failed: {}",
+            config.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut libs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    // llvm-sys also links libffi (for LLVM's interpreter) and the C++ runtime.
+    libs.extend(["-lffi".to_string(), "-lstdc++".to_string()]);
+    Ok(libs)
+}
+
 /// Links `object` with the runner's static library into `output` (through a temporary file
 /// beside it, renamed at the end, so a running copy of an older executable is not overwritten
 /// in place and a failed link leaves nothing).
@@ -447,11 +491,13 @@ fn link_executable(object: &[u8], lib: &Path, output: &Path) -> Result<()> {
             .with_context(|| format!("cannot write {}", obj.display()))?;
     }
     let cc = linker();
+    let llvm_libs = llvm_link_libs()?;
     let result = std::process::Command::new(&cc)
         .arg("-o")
         .arg(&tmp)
         .arg(&obj)
         .arg(lib)
+        .args(&llvm_libs)
         // The system libraries the Rust standard library needs in a static library
         // (`rustc --print native-static-libs`).
         .args([

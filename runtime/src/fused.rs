@@ -381,12 +381,13 @@ impl Table {
 /// # Safety
 /// As [`FusedKernel::run`].
 unsafe fn run_compiled(f: crate::jit::JitFn, table: *const *mut f32, n: usize) {
+    // Small loops never touch the pool (its first use starts its threads).
+    if n < PAR_MIN_ELEMENTS {
+        f(table, 0, n);
+        return;
+    }
     let pool = crate::pool::Pool::global();
-    let parts = if n < PAR_MIN_ELEMENTS {
-        1
-    } else {
-        pool.threads().min(n / 8192).max(1)
-    };
+    let parts = pool.threads().min(n / 8192).max(1);
     if parts < 2 {
         f(table, 0, n);
         return;

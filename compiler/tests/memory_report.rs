@@ -34,16 +34,7 @@ fn report(optimizer: &str) -> Vec<Vec<u64>> {
         .find(|l| l.starts_with("device "))
         .unwrap_or_else(|| panic!("no report: {err}"));
     assert!(header.contains(" optimizer "), "{header}");
-    err.lines()
-        .skip_while(|l| !l.starts_with("device "))
-        .skip(1)
-        .take_while(|l| l.starts_with(|c: char| c.is_ascii_digit()))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|w| w.parse().ok())
-                .collect()
-        })
-        .collect()
+    common::memory_report_rows(&err)
 }
 
 #[test]

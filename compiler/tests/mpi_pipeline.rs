@@ -398,17 +398,7 @@ fn processes_report_every_devices_memory() {
     ));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
-    let rows: Vec<Vec<u64>> = err
-        .lines()
-        .skip_while(|l| !l.starts_with("device "))
-        .skip(1)
-        .take_while(|l| l.starts_with(|c: char| c.is_ascii_digit()))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|w| w.parse().ok())
-                .collect()
-        })
-        .collect();
+    let rows = common::memory_report_rows(&err);
     assert_eq!(rows.len(), 2, "one row per device: {err}");
     for (d, row) in rows.iter().enumerate() {
         // device, params, grads, updated, optimizer, workspace, scratch, boundary, saved,

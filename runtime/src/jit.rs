@@ -1029,7 +1029,7 @@ mod tests {
     //! tested in `vmath.rs`.
 
     use super::FORCE_INLINE_POLY;
-    use crate::{compile_with, CompileOptions, HostData, Plan};
+    use crate::{CompileOptions, Plan};
     use cleave_ir::parse_function;
 
     /// Every 499,979th bit pattern of both signs plus the edge cases; the count is 3 mod 8, so
@@ -1059,20 +1059,12 @@ mod tests {
   return %e as "exp", %r as "erf", %g as "gelu"
 }}"#
         );
-        let f = parse_function(&text).unwrap();
         let opts = CompileOptions {
             jit,
             codegen: crate::Codegen::Cranelift,
             ..CompileOptions::default()
         };
-        let mut plan = compile_with(&f, &opts).unwrap();
-        plan.set_input(0, HostData::F32(xs.to_vec()).as_slice())
-            .unwrap();
-        plan.run().unwrap();
-        let outs = (0..3)
-            .map(|i| plan.output_f32(i).unwrap().to_vec())
-            .collect();
-        (outs, plan)
+        crate::vmath::run_sweep(&text, xs, &opts, 3)
     }
 
     #[test]

@@ -1084,7 +1084,7 @@ mod tests {
     //! binade (through the vector loop and the scalar tail), and the IR the generator
     //! writes (vector width, CPU attributes).
 
-    use crate::{compile_with, Codegen, CompileOptions, HostData, Plan};
+    use crate::{compile_with, Codegen, CompileOptions, Plan};
     use cleave_ir::parse_function;
 
     /// Every 499,979th bit pattern of both signs plus the edge cases; the count is 35 mod 64, so
@@ -1107,20 +1107,12 @@ mod tests {
   return %e as "exp", %r as "erf", %g as "gelu", %l as "log", %m as "max", %q as "rsqrt"
 }}"#
         );
-        let f = parse_function(&text).unwrap();
         let opts = CompileOptions {
             jit,
             codegen: Codegen::Llvm,
             ..CompileOptions::default()
         };
-        let mut plan = compile_with(&f, &opts).unwrap();
-        plan.set_input(0, HostData::F32(xs.to_vec()).as_slice())
-            .unwrap();
-        plan.run().unwrap();
-        let outs = (0..6)
-            .map(|i| plan.output_f32(i).unwrap().to_vec())
-            .collect();
-        (outs, plan)
+        crate::vmath::run_sweep(&text, xs, &opts, 6)
     }
 
     #[test]

@@ -439,6 +439,26 @@ pub(crate) fn sweep(stride: u32, modulus: usize, rem: usize) -> Vec<f32> {
     v
 }
 
+/// Runs `text` (a function of one input) on `xs` under `opts`; returns its first `outputs`
+/// outputs and the plan (the code generators' bit-for-bit tests).
+#[cfg(test)]
+pub(crate) fn run_sweep(
+    text: &str,
+    xs: &[f32],
+    opts: &crate::CompileOptions,
+    outputs: usize,
+) -> (Vec<Vec<f32>>, crate::Plan) {
+    let f = cleave_ir::parse_function(text).unwrap();
+    let mut plan = crate::compile_with(&f, opts).unwrap();
+    plan.set_input(0, crate::HostData::F32(xs.to_vec()).as_slice())
+        .unwrap();
+    plan.run().unwrap();
+    let outs = (0..outputs)
+        .map(|i| plan.output_f32(i).unwrap().to_vec())
+        .collect();
+    (outs, plan)
+}
+
 #[cfg(test)]
 mod tests {
     //! Property tests of the approximations against `f64` references over every binade of

@@ -126,3 +126,19 @@ pub fn assert_same(what: &str, want: &PipelineRun, have: &PipelineRun) {
         );
     }
 }
+
+/// The numeric rows of a `--memory-report` table in `stderr` (one per device, every column that
+/// parses as a number).
+pub fn memory_report_rows(stderr: &str) -> Vec<Vec<u64>> {
+    stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("device "))
+        .skip(1)
+        .take_while(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
+        .collect()
+}

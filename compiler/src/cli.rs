@@ -766,10 +766,6 @@ pub fn inspect_text(a: &InspectArgs) -> Result<String> {
         .as_deref()
         .map(|m| crate::train::parse_grad_method(m, a.tangents))
         .transpose()?;
-    let forward_gradient = matches!(
-        method,
-        Some(cleave_passes::autodiff::methods::GradMethod::ForwardGradient { .. })
-    );
     let passes = match (&a.passes, &a.grad_method) {
         (Some(p), _) => Some(pipeline_with_method(
             p,
@@ -789,19 +785,17 @@ pub fn inspect_text(a: &InspectArgs) -> Result<String> {
         run_pipeline(&mut module, &pm)?;
     }
     // `--grad-method` alone: FLOPs per phase of the differentiated step (dgrad and wgrad as
-    // autodiff tagged them), stash bytes from its split (forward gradients have no backward to
-    // split).
+    // autodiff tagged them), stash bytes from its split (for forward gradients: the parameters'
+    // tangents, which W reads).
     let method_only = method.is_some() && a.passes.is_none() && !a.split;
     let mut report;
     if method_only {
         report = inspect(&module);
-        if !forward_gradient {
-            let mut split = module.clone();
-            let mut pm = PassManager::from_pipeline("split-bw")?;
-            pm.verify_each = true;
-            run_pipeline(&mut split, &pm)?;
-            report.stages = Some(split_report(&split));
-        }
+        let mut split = module.clone();
+        let mut pm = PassManager::from_pipeline("split-bw")?;
+        pm.verify_each = true;
+        run_pipeline(&mut split, &pm)?;
+        report.stages = Some(split_report(&split));
     } else {
         if a.split && cleave_passes::split::split_stages(&module).is_empty() {
             let differentiated = module
@@ -824,17 +818,13 @@ pub fn inspect_text(a: &InspectArgs) -> Result<String> {
     }
     if let Some(m) = &method {
         report.grad_method = Some(m.to_string());
-        // Known when the step was split, or when it has no backward at all.
-        report.stash_bytes = match &report.stages {
-            Some(stages) => Some(
-                stages
-                    .iter()
-                    .map(|s| s.stash_bytes.F_to_B + s.stash_bytes.F_to_W + s.stash_bytes.B_to_W)
-                    .sum(),
-            ),
-            None if forward_gradient => Some(0),
-            None => None,
-        };
+        // Known when the step was split.
+        report.stash_bytes = report.stages.as_ref().map(|stages| {
+            stages
+                .iter()
+                .map(|s| s.stash_bytes.F_to_B + s.stash_bytes.F_to_W + s.stash_bytes.B_to_W)
+                .sum()
+        });
     }
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;

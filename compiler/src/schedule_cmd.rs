@@ -19,10 +19,11 @@
 //! `--grad-method METHOD` sets the dependency mode; with `--model` it also differentiates with
 //! that method
 //! (`autodiff{method=…}`) and simulates under its dependency mode: with `dfa`, B of a stage
-//! waits for the last stage's F (the output error) instead of the next stage's B; with `local`
-//! and `forward-gradient` it waits for nothing but its own F. `forward-gradient` has no backward:
-//! a stage's whole step (forward and tangent FLOPs) is its T_F, T_B = T_W = 0 and nothing is
-//! stashed. The `eager` schedule (F, B, W of each microbatch in turn) is the order that uses this;
+//! waits for the last stage's F (the output error) instead of the next stage's B; with
+//! `forward-gradient` likewise (its W needs the last stage's directional derivative; its forward
+//! and tangent FLOPs are T_F, T_B is 0, T_W the estimate `(∇f·v)·v`, and the stash is the
+//! parameters' tangents); with `local` it waits for nothing but its own F. The `eager` schedule
+//! (F, B, W of each microbatch in turn) is the order that uses this;
 //! `auto` judges its candidates under the method's dependencies (and adds `eager` to them when
 //! B does not wait for the next stage); its greedy and ILP candidates are still built under
 //! backprop's. The JSON report adds `"grad_method"` and
@@ -169,9 +170,6 @@ fn model_shares(
     method: &GradMethod,
 ) -> Result<Shares> {
     let mut module = load_module(path, &Default::default())?;
-    if let GradMethod::ForwardGradient { .. } = method {
-        return forward_gradient_shares(module, p, rate, method);
-    }
     if cleave_passes::split::split_stages(&module).is_empty() {
         let differentiated = module
             .functions
@@ -225,55 +223,6 @@ fn model_shares(
                 m_w: s.m_w_bytes as f64,
             })
             .collect(),
-        comm: 0.0,
-    })
-}
-
-/// Forward gradients: per stage, the whole step's FLOPs (forward and tangents) are T_F; nothing
-/// is stashed and there is no backward.
-fn forward_gradient_shares(
-    mut module: cleave_ir::Module,
-    p: usize,
-    rate: f64,
-    method: &GradMethod,
-) -> Result<Shares> {
-    let staged = module
-        .functions
-        .iter()
-        .any(|f| f.body.iter().any(|&n| f.nodes[n].stage.is_some()));
-    let ad = method.autodiff_pass();
-    let pipeline = if staged {
-        ad
-    } else {
-        format!("partition{{stages={p}}},{ad}")
-    };
-    let mut pm = PassManager::from_pipeline(&pipeline)?;
-    pm.verify_each = true;
-    let mut ctx = cleave_passes::PassContext::default();
-    pm.run(&mut module, &mut ctx, &mut |dump| eprint!("{dump}"))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let func = module
-        .functions
-        .first()
-        .context("the module has no functions")?;
-    let mut flops = vec![0u64; p];
-    for &n in &func.body {
-        let s = func.nodes[n].stage.unwrap_or(0) as usize;
-        if s >= p {
-            bail!("the model has more than --stages {p} stages");
-        }
-        flops[s] += cleave_ir::cost::node_flops(func, n).total();
-    }
-    Ok(Shares {
-        costs: flops
-            .iter()
-            .map(|&f| StageCost {
-                f: f as f64 / rate,
-                b: 0.0,
-                w: 0.0,
-            })
-            .collect(),
-        memory: vec![StageMemory { m_b: 0.0, m_w: 0.0 }; p],
         comm: 0.0,
     })
 }

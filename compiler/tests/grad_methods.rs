@@ -180,7 +180,9 @@ fn a_model_with_custom_gradient_ops_trains() {
 /// one stage (the same microbatches) bit for bit under 1F1B and ZB-H1 (DFA's output error goes
 /// from the last stage to every stage); local learning's blocks are the stages, so its two
 /// schedules agree with each other and its auxiliary heads are trained parameters. A forward
-/// gradient, which has no backward pass to split, is refused with the reason.
+/// gradient (its W waits for the last stage's directional derivative; every microbatch of a step
+/// has the same tangents) gives the losses and weights of one stage bit for bit too, under a
+/// one-direction and a V schedule.
 #[test]
 fn pipelined_gradient_methods() {
     let run = |method: &str, stages: usize, schedule: &str| {
@@ -201,17 +203,34 @@ fn pipelined_gradient_methods() {
     let b = run("local", 2, "zb-h1");
     common::assert_same("local", &a, &b);
     assert!(a.params.keys().any(|k| k.starts_with("local.head")));
-    let e = train(&TrainArgs {
-        stages: 2,
-        optimizer: OptimizerArg::Sgd,
+    let fg = |stages: usize, schedule: &str| {
+        cleave_compiler::pipeline_train::train(&TrainArgs {
+            grad_method: "forward-gradient".into(),
+            tangents: 2,
+            lr: Some(1e-3),
+            ..common::gpt_tiny(stages, schedule, 3)
+        })
+        .unwrap_or_else(|e| panic!("forward-gradient {stages} {schedule}: {e:#}"))
+    };
+    let one = fg(1, "1f1b");
+    for (stages, schedule) in [(2, "zb-h1"), (2, "zb-v"), (3, "1f1b")] {
+        let other = fg(stages, schedule);
+        common::assert_same(&format!("forward-gradient {schedule}"), &one, &other);
+    }
+    // Steps 2 and 3 moved every weight of every stage: each stage's W got its estimate.
+    let first = cleave_compiler::pipeline_train::train(&TrainArgs {
         grad_method: "forward-gradient".into(),
-        ..args(2)
+        tangents: 2,
+        lr: Some(1e-3),
+        ..common::gpt_tiny(3, "1f1b", 1)
     })
-    .unwrap_err();
-    assert!(
-        format!("{e:#}").contains("runs bp, fa, dfa and local"),
-        "{e:#}"
-    );
+    .unwrap();
+    for (name, w) in &one.params {
+        assert!(
+            common::bits(w) != common::bits(&first.params[name]),
+            "forward-gradient: {name} did not move"
+        );
+    }
     let e = train(&TrainArgs {
         grad_method: "nope".into(),
         ..args(2)
@@ -228,6 +247,7 @@ fn pipelined_gradient_methods() {
 fn inspect_reports_every_method() {
     let model = root().join("examples/mlp-digits.cir");
     let mut stash = Vec::new();
+    let mut params = 0;
     for m in ["bp", "forward-gradient", "fa", "dfa", "local{blocks=2}"] {
         let o = cleave(&[
             "inspect",
@@ -246,12 +266,24 @@ fn inspect_reports_every_method() {
         assert!(v["flops"]["forward"]["matmul"].as_u64().unwrap() > 0, "{m}");
         stash.push(v["stash_bytes"].as_u64().unwrap());
         if m == "forward-gradient" {
-            // No backward phase at all.
+            // No input-gradient phase: the forward (with tangents) and the estimate `dd·v`.
             let phases: Vec<&String> = v["flops"].as_object().unwrap().keys().collect();
-            assert_eq!(phases, ["forward"], "{m}");
+            assert_eq!(phases, ["forward", "wgrad"], "{m}");
+            assert_eq!(
+                v["flops"]["wgrad"]["matmul"].as_u64().unwrap_or(0),
+                0,
+                "{m}"
+            );
+            params = v["parameters"]["bytes"].as_u64().unwrap();
         }
     }
-    assert_eq!(stash[1], 0, "forward gradients stash nothing");
+    // A forward gradient keeps the parameters' tangents (and the directional derivative) from
+    // F until W.
+    assert_eq!(
+        stash[1],
+        params + 4,
+        "forward gradients stash their tangents"
+    );
     assert!(stash[0] > 0 && stash[4] > stash[0], "{stash:?}");
 }
 

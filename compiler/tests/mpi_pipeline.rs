@@ -170,7 +170,7 @@ fn two_processes_match_two_threads_for_every_schedule() {
 }
 
 /// Gradient methods on processes: DFA (the output error sent from the last rank to every
-/// other) and local learning (no gradient crosses ranks) match threads bit for bit; so do
+/// other), forward gradients (the directional derivative sent the same way) and local learning (no gradient crosses ranks) match threads bit for bit; so do
 /// `--grad-clip` (every rank validates the step with the all-gathered gradients) and AdamW
 /// (every rank runs the update on the all-gathered gradients).
 #[test]
@@ -179,6 +179,7 @@ fn two_processes_run_the_gradient_methods() {
         &["zb-h1", "--grad-method", "dfa"][..],
         &["1f1b", "--grad-method", "fa"],
         &["zb-h1", "--grad-method", "local"],
+        &["zb-h1", "--grad-method", "forward-gradient"],
         &["zb-v", "--grad-clip", "0.05"],
         &["zb-h1", "--optimizer", "adamw"],
     ] {

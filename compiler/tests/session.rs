@@ -69,6 +69,51 @@ fn a_session_steps_like_the_pipeline() {
     }
 }
 
+/// Forward gradients in a session draw `cleave train`'s tangents: the same losses and weights
+/// on the pipeline and on the one-stage path.
+#[test]
+fn forward_gradient_sessions_step_like_cleave_train() {
+    let a = TrainArgs {
+        grad_method: "forward-gradient".into(),
+        tangents: 2,
+        lr: Some(1e-3),
+        ..common::gpt_tiny(2, "1f1b", 2)
+    };
+    let run = pipeline_train::train(&a).unwrap();
+    let mut s = Session::new(&a).unwrap();
+    assert_eq!(drive(&a, &mut s, 0..2), run.losses);
+    let params = s.params();
+    for (name, w) in &run.params {
+        assert!(bits(&params[name].1) == bits(w), "{name} differs");
+    }
+    let dir = common::tmp("session-fg");
+    let a = TrainArgs {
+        grad_method: "forward-gradient".into(),
+        optimizer: cleave_compiler::train::OptimizerArg::Sgd,
+        lr: Some(1e-3),
+        checkpoint: Some(dir.join("cli")),
+        ..common::args(3)
+    };
+    cleave_compiler::train::train(&a).unwrap();
+    let (want, _) = read_checkpoint(&dir.join("cli")).unwrap();
+    let mut s = Session::new(&a).unwrap();
+    drive(&a, &mut s, 0..3);
+    let have = s.params();
+    assert!(!have.is_empty());
+    for (name, (_, d)) in &have {
+        assert!(
+            bits(d)
+                == want[name]
+                    .to_f32_vec()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>(),
+            "{name} differs"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_session_steps_like_cleave_train_and_resumes() {
     let dir = common::tmp("session-one");

@@ -75,8 +75,17 @@ fn forward_gradient_is_unbiased() {
     let args = forward_args(&f, 11);
     let exact = grads(&outputs(&run_pipeline(&f, "autodiff"), &args));
     let fg = run_pipeline(&f, "autodiff{method=forward-gradient}");
-    // No backward: every node is a forward node.
-    assert!(fg.body.iter().all(|&n| fg.nodes[n].phase == Phase::Forward));
+    // No backward: no input-gradient node, and the weight-gradient nodes are only the estimate
+    // (broadcast of the directional derivative, times the tangent) of each parameter.
+    assert!(fg.body.iter().all(|&n| fg.nodes[n].phase != Phase::Dgrad));
+    let w: Vec<&str> = fg
+        .body
+        .iter()
+        .filter(|&&n| fg.nodes[n].phase == Phase::Wgrad)
+        .map(|&n| fg.nodes[n].op.name())
+        .collect();
+    assert_eq!(w.len(), 8, "{w:?}");
+    assert!(w.iter().all(|o| ["broadcast", "mul"].contains(o)), "{w:?}");
     let tangents: Vec<(String, Vec<usize>)> = fg
         .args()
         .filter(|a| a.name.starts_with(FG_TANGENT_PREFIX))

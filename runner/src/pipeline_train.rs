@@ -49,7 +49,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use cleave_ir::{BinaryOp, DType, Module};
+use cleave_ir::{ArgRole, BinaryOp, DType, Function, Module};
+use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
 use cleave_passes::partition::{Cut, DeviceProfile};
 use cleave_passes::plan::{joint, split_module_by, Planned, Split};
 use cleave_passes::remat::{
@@ -1239,6 +1240,27 @@ fn report_termination(rank: usize) -> Result<()> {
     Ok(())
 }
 
+/// The forward-gradient tangent inputs of a step built from `forward` with `method` (name and
+/// element count), in the order the one-stage trainer draws them; empty for other methods.
+pub(crate) fn tangent_inputs(forward: &Function, method: &GradMethod) -> Vec<(String, usize)> {
+    let GradMethod::ForwardGradient { tangents } = *method else {
+        return Vec::new();
+    };
+    (0..tangents)
+        .flat_map(|k| {
+            forward
+                .args()
+                .filter(|x| x.role == ArgRole::Param && x.ty.dtype.is_float())
+                .map(move |x| {
+                    (
+                        format!("{FG_TANGENT_PREFIX}{k}.{}", x.name),
+                        x.ty.num_elements(),
+                    )
+                })
+        })
+        .collect()
+}
+
 /// Runs pipelined training (see the module docs).
 pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let (p, m) = (a.stages, a.microbatches);
@@ -1307,6 +1329,10 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         }
     }
     let step_forward = crate::train::training_forward(&forward, a.chunk_lm_head)?;
+    let tangents = tangent_inputs(
+        &step_forward,
+        &crate::train::parse_grad_method(&a.grad_method, a.tangents)?,
+    );
     let BuiltPipeline {
         mut pipe,
         schedule,
@@ -1431,10 +1457,19 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let t0 = Instant::now();
     for step in start..a.steps {
         let rows = order.rows(step, batch);
+        // Forward-gradient tangents: the same for every microbatch of the step.
+        let sizes: Vec<usize> = tangents.iter().map(|(_, n)| *n).collect();
+        let drawn = crate::train::draw_tangents(a.seed, step, &sizes);
         let micro: Vec<BTreeMap<String, HostData>> = (0..m)
             .map(|j| {
                 cols.iter()
                     .map(|c| (c.name.clone(), gather_batch(c, &rows[j * mb..(j + 1) * mb])))
+                    .chain(
+                        tangents
+                            .iter()
+                            .map(|(n, _)| n.clone())
+                            .zip(drawn.iter().cloned()),
+                    )
                     .collect()
             })
             .collect();

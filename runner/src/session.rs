@@ -86,6 +86,8 @@ pub struct Session {
     mb: usize,
     lr: f64,
     method: GradMethod,
+    /// Forward-gradient tangent inputs: name and elements.
+    tangents: Vec<(String, usize)>,
     engine: Engine,
     steps: usize,
     eval: Option<Plan>,
@@ -115,14 +117,15 @@ impl Session {
         if a.stages == 0 || a.microbatches == 0 {
             bail!("stages and microbatches must be at least 1");
         }
-        if pipelined && matches!(method, GradMethod::ForwardGradient { .. }) {
-            bail!("--grad-method {method}: the pipeline executor runs bp, fa, dfa and local");
-        }
+        // Forward-gradient tangent inputs (name, elements), drawn every step as `cleave train`
+        // draws them.
+        let tangents: Vec<(String, usize)>;
         let tm = crate::train::load_training_model_for(a)?;
         let mb = tm.traced;
         let module = tm.loaded.module.clone();
         let (forward, engine) = if pipelined {
             let step_forward = crate::train::training_forward(&tm.forward, a.chunk_lm_head)?;
+            tangents = crate::pipeline_train::tangent_inputs(&step_forward, &method);
             let built = crate::pipeline_train::build_pipeline(a, &step_forward, a.quiet, None)?;
             let state = crate::pipeline_train::PipelineState::new(
                 a,
@@ -151,13 +154,12 @@ impl Session {
                 lr,
                 &method,
             )?;
-            if built
+            tangents = built
                 .step
                 .args()
-                .any(|x| x.name.starts_with(FG_TANGENT_PREFIX))
-            {
-                bail!("--grad-method forward-gradient is not available in a session yet");
-            }
+                .filter(|x| x.name.starts_with(FG_TANGENT_PREFIX))
+                .map(|x| (x.name.to_string(), x.ty.num_elements()))
+                .collect();
             let mut plan = compile_with(&built.step, &compile_opts(false, a.codegen))?;
             let (state, _) = initial_state(&built, a.seed, None)?;
             for (name, (_, d)) in &state {
@@ -187,6 +189,7 @@ impl Session {
             mb,
             lr,
             method,
+            tangents,
             engine,
             steps: 0,
             eval: None,
@@ -303,6 +306,14 @@ impl Session {
         let m = self.args.microbatches;
         let inputs = Self::match_inputs(&self.forward, batch, m)?;
         let step = self.steps;
+        let sizes: Vec<usize> = self.tangents.iter().map(|(_, n)| *n).collect();
+        let drawn = crate::train::draw_tangents(self.args.seed, step, &sizes);
+        let tangents: Vec<(&str, HostSlice<'_>)> = self
+            .tangents
+            .iter()
+            .zip(&drawn)
+            .map(|((name, _), d)| (name.as_str(), d.as_slice()))
+            .collect();
         let loss = match &mut self.engine {
             Engine::One {
                 plan, loss, fresh, ..
@@ -311,8 +322,9 @@ impl Session {
                     plan.carry();
                     *fresh = false;
                 }
-                for x in &inputs {
-                    plan.set_input_named(x.name, x.data)
+                let given = inputs.iter().map(|x| (x.name, x.data));
+                for (name, data) in given.chain(tangents.iter().copied()) {
+                    plan.set_input_named(name, data)
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
                 }
                 plan.run()
@@ -333,6 +345,7 @@ impl Session {
                         inputs
                             .iter()
                             .map(|x| (x.name.to_string(), rows_of(x.data, j, m)))
+                            .chain(tangents.iter().map(|&(n, d)| (n.to_string(), d)))
                             .collect()
                     })
                     .collect();

@@ -899,6 +899,18 @@ pub fn launched_ranks() -> usize {
         .unwrap_or(1)
 }
 
+/// The forward-gradient tangents of `step`: standard normals, one tensor of each size in
+/// `sizes` (the `fg.tangent.*` inputs in the order the step function declares them), from a
+/// generator seeded by `--seed` and the step. One-stage and pipelined training draw the same.
+pub(crate) fn draw_tangents(seed: Option<u64>, step: usize, sizes: &[usize]) -> Vec<HostData> {
+    let mut rng =
+        SplitMix64::new(seed.unwrap_or(0) ^ (step as u64 + 1).wrapping_mul(0x9E6C_63D0_676A_9A99));
+    sizes
+        .iter()
+        .map(|&n| HostData::F32((0..n).map(|_| rng.normal() as f32).collect()))
+        .collect()
+}
+
 /// Runs `cleave train`.
 pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
     let ranks = launched_ranks();
@@ -927,14 +939,6 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         || a.memory_limit.is_some()
         || a.memory_report
     {
-        if let GradMethod::ForwardGradient { .. } = method {
-            bail!(
-                "--grad-method {method}: the pipeline executor (--stages/--microbatches, --remat, \
-                 --memory-limit) runs bp, fa, dfa and local; a forward gradient has no backward \
-                 pass to split into B and W (`cleave schedule --grad-method` simulates its \
-                 schedule)"
-            );
-        }
         return crate::pipeline_train::train(a).map(|r| r.summary);
     }
     let lr = a.lr.unwrap_or(a.optimizer.default_lr());
@@ -1004,12 +1008,9 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
             set_host(&mut plan, i, &gather_batch(c, &rows))?;
         }
         if !tangent_idx.is_empty() {
-            let mut rng = SplitMix64::new(
-                a.seed.unwrap_or(0) ^ (step as u64 + 1).wrapping_mul(0x9E6C_63D0_676A_9A99),
-            );
-            for &(i, n) in &tangent_idx {
-                let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-                set_host(&mut plan, i, &HostData::F32(v))?;
+            let sizes: Vec<usize> = tangent_idx.iter().map(|&(_, n)| n).collect();
+            for (&(i, _), v) in tangent_idx.iter().zip(draw_tangents(a.seed, step, &sizes)) {
+                set_host(&mut plan, i, &v)?;
             }
         }
         let nan = if a.debug_nan {

@@ -9,10 +9,16 @@
 //! - **`forward-gradient`** (Baydin et al., "Gradients without Backpropagation"): for each of
 //!   `tangents=K` (default 1) random tangents `v` (standard normal, one tensor per parameter),
 //!   one forward-mode pass computes the directional derivative `∇f·v`; the estimate is
-//!   `(1/K)·Σ (∇f·v)·v`, unbiased because `E[v vᵀ] = I`. There is no backward pass and no stash:
-//!   every node stays in phase `forward`. The tangents are data inputs named
+//!   `(1/K)·Σ (∇f·v)·v`, unbiased because `E[v vᵀ] = I`. There is no backward pass: the primal
+//!   and tangent computations are phase `forward`, in the stage of the node they differentiate,
+//!   and only the estimate `(∇f·v)·v` of each parameter is phase `wgrad`, in the earliest stage
+//!   that reads the parameter. On a pipeline that W waits for the directional derivative from
+//!   the last stage's forward (sent like DFA's output error) and keeps the parameter's tangents
+//!   from F until then, which is the method's whole stash. The tangents are data inputs named
 //!   `fg.tangent.<k>.<param>`; `cleave train` draws them from a normal distribution seeded by
-//!   `--seed` and the step (so runs are deterministic), `cleave bench` draws them once.
+//!   `--seed` and the step (so runs are deterministic; every microbatch of a step gets the same
+//!   tangents, so a pipelined step estimates along the same direction as the whole batch),
+//!   `cleave bench` draws them once.
 //! - **`fa`** (feedback alignment, Lillicrap et al.): a *layer* is a `matmul` or `conv2d` with one
 //!   data-dependent operand and one weight operand (computed from parameters and constants only).
 //!   The data gradient of a layer is computed with a fixed random matrix of the weight's shape in
@@ -107,15 +113,16 @@ impl GradMethod {
     }
 
     /// Whether the backward of a pipeline stage waits for the backward of the next stage
-    /// (`bp`, `fa`); `dfa` needs only the last stage's output error, `local` nothing at all, and
-    /// `forward-gradient` has no backward.
+    /// (`bp`, `fa`); `dfa` needs only the last stage's output error, `forward-gradient` only the
+    /// last stage's directional derivative (both computed by the last stage's forward), `local`
+    /// nothing at all.
     pub fn stage_dependency(&self) -> BackwardDependency {
         match self {
             GradMethod::Bp | GradMethod::Fa => BackwardDependency::NextStage,
-            GradMethod::Dfa => BackwardDependency::LastStageForward,
-            GradMethod::Local { .. } | GradMethod::ForwardGradient { .. } => {
-                BackwardDependency::None
+            GradMethod::Dfa | GradMethod::ForwardGradient { .. } => {
+                BackwardDependency::LastStageForward
             }
+            GradMethod::Local { .. } => BackwardDependency::None,
         }
     }
 
@@ -744,8 +751,24 @@ fn forward_gradient(func: Function, k: usize) -> Result<(Function, Vec<String>),
     let err = |e: TraceError| format!("@{fname}: {e}");
     let mut acc: Vec<Option<Value>> = vec![None; params.len()];
     let body = t.func().body.clone();
+    // The stage that owns a parameter's gradient: the earliest stage that reads it (its tangent
+    // enters the forward there). `None` on an unpartitioned function.
+    let mut owner: HashMap<Value, Option<u32>> = HashMap::new();
+    for &n in &body {
+        let data = &t.func().nodes[n];
+        for o in &data.operands {
+            if params.iter().any(|(v, _)| v == o) {
+                let e = owner.entry(*o).or_insert(data.stage);
+                *e = match (*e, data.stage) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+    }
     for j in 0..k {
         let prefix = format!("{FG_TANGENT_PREFIX}{j}.");
+        t.set_phase(Phase::Forward);
         let tan = crate::jvp::tangents_of(&mut t, &body, &params, &prefix)
             .map_err(|e| format!("@{fname}: {e}"))?;
         let Some(dd) = tan[loss] else {
@@ -754,8 +777,12 @@ fn forward_gradient(func: Function, k: usize) -> Result<(Function, Vec<String>),
             ));
             break;
         };
+        // The estimate `dd·v` waits for the directional derivative, which the last stage's
+        // forward computes: weight-gradient work of the parameter's stage.
+        t.set_phase(Phase::Wgrad);
         for (p, (v, _)) in params.iter().enumerate() {
             let vp = tan[*v].expect("tangent inputs of every parameter");
+            t.set_stage(owner.get(v).copied().flatten());
             let shape = t.shape(*v).to_vec();
             let b = t.broadcast(dd, shape, vec![]).map_err(err)?;
             let c = t.mul(b, vp).map_err(err)?;
@@ -765,8 +792,10 @@ fn forward_gradient(func: Function, k: usize) -> Result<(Function, Vec<String>),
             });
         }
     }
+    t.set_phase(Phase::Wgrad);
     for (p, (v, name)) in params.iter().enumerate() {
         let ty = t.ty(*v).clone();
+        t.set_stage(owner.get(v).copied().flatten());
         let g = match acc[p] {
             Some(g) if k == 1 => g,
             Some(g) => {

@@ -16,7 +16,8 @@
 # Parts of `run`: the CUDA runtime tests; copy bandwidth, NVRTC and MLIR elementwise kernels
 # against it (aim: >= 70% of the copy), cuBLAS SGEMM; every MLIR kernel against the interpreter;
 # `cleave train --target cuda` of GPT-tiny for 50 steps against `cleave train` on the CPU (losses
-# within 1e-4 relative); the cleave GPT-small training step (`cleave bench --target cuda`) against
+# within 1e-4 relative) and with `--stages 2 --microbatches 4` against the CPU thread pipeline
+# (within 1e-5 relative); the cleave GPT-small training step (`cleave bench --target cuda`) against
 # PyTorch eager (benches/baselines/gpt_small_torch.py) on the same GPU in the same run.
 #
 # Environment: PROFILE=release|debug (build half; default release).
@@ -163,6 +164,32 @@ PY
         fi
     else
         record "GPT-tiny cuda vs cpu losses" FAIL "cleave train failed; see gpu-check.txt"
+    fi
+    # Pipeline stages on the one GPU (one stream each) against the CPU thread pipeline.
+    echo "== 2b. cleave train --target cuda --stages 2 (ZB-H1, 4 microbatches) against the CPU pipeline" | log gpu-check.txt
+    local pargs=("${targs[@]}" --steps 20 --stages 2 --microbatches 4 --schedule zb-h1)
+    rm -f "$tmp/pcpu.jsonl" "$tmp/pcuda.jsonl"
+    if timeout $(tl 60) "$cleave" train "${pargs[@]}" --metrics "$tmp/pcpu.jsonl" 2>&1 | log gpu-check.txt &&
+        timeout $(tl 60) "$cleave" train "${pargs[@]}" --target cuda --metrics "$tmp/pcuda.jsonl" 2>&1 | log gpu-check.txt; then
+        local pcmp
+        pcmp=$(python3 - "$tmp/pcpu.jsonl" "$tmp/pcuda.jsonl" <<'PY'
+import json, sys
+def losses(p):
+    return [json.loads(l)["loss"] for l in open(p) if '"loss"' in l]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+if len(a) != 20 or len(b) != 20:
+    print("bad steps: cpu %d, cuda %d" % (len(a), len(b))); sys.exit()
+err = max(abs(x - y) / max(abs(x), 1e-30) for x, y in zip(a, b))
+print(("ok " if err <= 1e-5 else "off ") + "max rel err %.2e over 20 steps; loss %.4f -> %.4f (cpu %.4f)" % (err, b[0], b[-1], a[-1]))
+PY
+)
+        if [[ "$pcmp" == ok* ]]; then
+            record "GPT-tiny 2 stages cuda vs cpu pipeline" pass "${pcmp#ok }"
+        else
+            record "GPT-tiny 2 stages cuda vs cpu pipeline" FAIL "$pcmp"
+        fi
+    else
+        record "GPT-tiny 2 stages cuda vs cpu pipeline" FAIL "cleave train failed; see gpu-check.txt"
     fi
     # The MLIR GEMM option on the same model: one bench, to show it runs.
     if timeout $(tl 30) "$cleave" bench "$m/gpt-tiny.cir" --target cuda --gemm mlir --warmup 3 --iters 20 --json 2>&1 | tee "$tmp/tiny-mlir.json" | log gpu-figures.jsonl &&

@@ -12,8 +12,10 @@
 //! lowering, so CI checks the loop against the CPU runtime's losses without a GPU.
 //!
 //! GEMM groups (one `matmul` each, with a `GemmSpec`) run on cuBLAS by default; `--gemm mlir`
-//! runs their MLIR kernels instead. Not supported on cuda (each a clear error): `--stages`/
-//! `--microbatches` > 1, `--remat`, `--memory-limit`, `--timeline`, `--debug-nan`.
+//! runs their MLIR kernels instead. With `--stages`/`--microbatches` > 1, `train_cuda` runs the
+//! pipeline of [`crate::gpu_pipeline`]: every stage in this process, each on a stream of its own
+//! (`Device::fork`). Not supported on cuda (each a clear error): `--remat`, `--memory-limit`,
+//! `--timeline`, `--debug-nan`.
 
 #[cfg(feature = "mlir")]
 use std::collections::BTreeMap;
@@ -194,7 +196,6 @@ pub fn train_on<B: StepBackend>(
     use cleave_passes::autodiff::methods::FG_TANGENT_PREFIX;
     use cleave_runtime::{tensor_from_host, HostData, Plan};
 
-    use crate::init::SplitMix64;
     use crate::train::{
         build_step_with, checkpoint_meta, eval_plan, evaluate, gather_batch, initial_state,
         parse_grad_method, set_args, split_data, write_checkpoint, Metrics, Order, Progress,
@@ -258,13 +259,10 @@ pub fn train_on<B: StepBackend>(
             exec.set(&c.name, &tensor_from_host(shape, &gather_batch(c, &rows)))?;
         }
         if !tangents.is_empty() {
-            let mut rng = SplitMix64::new(
-                a.seed.unwrap_or(0) ^ (step as u64 + 1).wrapping_mul(0x9E6C_63D0_676A_9A99),
-            );
-            for (name, shape) in &tangents {
-                let k: usize = shape.iter().product();
-                let v: Vec<f32> = (0..k).map(|_| rng.normal() as f32).collect();
-                exec.set(name, &Tensor::from_f32(shape.clone(), v))?;
+            let sizes: Vec<usize> = tangents.iter().map(|(_, s)| s.iter().product()).collect();
+            let drawn = crate::train::draw_tangents(a.seed, step, &sizes);
+            for ((name, shape), d) in tangents.iter().zip(&drawn) {
+                exec.set(name, &tensor_from_host(shape, d))?;
             }
         }
         exec.run()?;
@@ -368,7 +366,21 @@ pub fn train_cuda(
             )
         }
         #[cfg(feature = "mlir")]
-        train_on(a, "cuda", |f| CudaBackend::new(&dev, f, gemm))
+        if a.stages > 1 || a.microbatches > 1 {
+            // Every stage in this process, on a stream of its own.
+            let n = crate::pipeline_train::build_schedule(&a.schedule, a.stages, a.microbatches)?
+                .n_stages();
+            let streams = (0..n)
+                .map(|_| dev.fork())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("--target cuda: {e}"))?;
+            crate::gpu_pipeline::train_stages_on(a, "cuda", |f, s| {
+                CudaBackend::new(&streams[s], f, gemm)
+            })
+            .map(|r| r.summary)
+        } else {
+            train_on(a, "cuda", |f| CudaBackend::new(&dev, f, gemm))
+        }
     }
 }
 

@@ -13,11 +13,14 @@
 //! - [`schedule_cmd`]: `cleave schedule` (pipeline schedules, simulation, timelines).
 //! - [`train`]: `cleave train` and `cleave bench` on the CPU runtime.
 //! - [`compile_gpu`]: `cleave compile --target cuda` (MLIR → PTX; needs the `mlir` feature).
+//! - [`gpu_train`]: `cleave train --target cuda` on one device; [`gpu_pipeline`]: with
+//!   `--stages`/`--microbatches`, every stage in this process on backends of its own.
 //! - [`aot`]: `cleave compile`, standalone training executables (and their start-up, `runner_main`).
 //! - [`cli`]: the command-line interface (the `cleave` binary is a thin wrapper).
 
 pub mod cli;
 pub mod compile_gpu;
+pub mod gpu_pipeline;
 pub mod gpu_train;
 pub mod inspect;
 pub mod memory;

@@ -1242,7 +1242,7 @@ fn report_termination(rank: usize) -> Result<()> {
 
 /// The forward-gradient tangent inputs of a step built from `forward` with `method` (name and
 /// element count), in the order the one-stage trainer draws them; empty for other methods.
-pub(crate) fn tangent_inputs(forward: &Function, method: &GradMethod) -> Vec<(String, usize)> {
+pub fn tangent_inputs(forward: &Function, method: &GradMethod) -> Vec<(String, usize)> {
     let GradMethod::ForwardGradient { tangents } = *method else {
         return Vec::new();
     };

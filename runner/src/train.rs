@@ -902,7 +902,7 @@ pub fn launched_ranks() -> usize {
 /// The forward-gradient tangents of `step`: standard normals, one tensor of each size in
 /// `sizes` (the `fg.tangent.*` inputs in the order the step function declares them), from a
 /// generator seeded by `--seed` and the step. One-stage and pipelined training draw the same.
-pub(crate) fn draw_tangents(seed: Option<u64>, step: usize, sizes: &[usize]) -> Vec<HostData> {
+pub fn draw_tangents(seed: Option<u64>, step: usize, sizes: &[usize]) -> Vec<HostData> {
     let mut rng =
         SplitMix64::new(seed.unwrap_or(0) ^ (step as u64 + 1).wrapping_mul(0x9E6C_63D0_676A_9A99));
     sizes

@@ -1606,7 +1606,7 @@ fn decode(bytes: &[u8]) -> Result<Msg, String> {
 }
 
 /// The SGD update of the step: `p − lr·(scale·g)` in f32.
-fn sgd(p: &[f32], g: &[f32], opts: &PipelineOptions) -> Vec<f32> {
+pub fn sgd(p: &[f32], g: &[f32], opts: &PipelineOptions) -> Vec<f32> {
     let (lr, scale) = (opts.lr, opts.grad_scale);
     p.iter()
         .zip(g)

@@ -198,6 +198,21 @@ impl Device {
         })
     }
 
+    /// Another handle on the same GPU and context with a compute stream, a copy stream and a
+    /// cuBLAS handle of its own: what one pipeline stage runs on, so that the kernels of
+    /// different stages are ordered only by the values they exchange.
+    pub fn fork(&self) -> Result<Device> {
+        let compute = drv("create compute stream", self.ctx.new_stream())?;
+        let copy = drv("create copy stream", self.ctx.new_stream())?;
+        let blas = CudaBlas::new(compute.clone()).map_err(|e| CudaError::Blas(format!("{e:?}")))?;
+        Ok(Device {
+            ctx: self.ctx.clone(),
+            compute,
+            copy,
+            blas,
+        })
+    }
+
     /// The GPU's name.
     pub fn name(&self) -> Result<String> {
         drv("device name", self.ctx.name())

@@ -507,7 +507,14 @@ where
 }
 
 fn cmd_train(a: crate::train::TrainArgs) -> Result<()> {
-    let s = crate::train::train(&a)?;
+    let s = if a.executor == crate::train::Executor::List {
+        crate::gpu_pipeline::train_stages_on(&a, "cpu", None, |f, _| {
+            crate::gpu_pipeline::CpuPlanBackend::new(f, a.codegen)
+        })?
+        .summary
+    } else {
+        crate::train::train(&a)?
+    };
     if s.process_rank == 0 {
         println!("{}", crate::aot::summary_line(&s));
     }

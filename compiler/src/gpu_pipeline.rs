@@ -42,6 +42,7 @@ use cleave_ir::{Function, Tensor};
 use cleave_passes::schedule::ActionKind;
 use cleave_passes::split::split_stages;
 use cleave_runtime::pipeline::{PipelineOptions, StepResult};
+use cleave_runtime::remote::Remote;
 use cleave_runtime::{host_from_tensor, tensor_from_host, HostData};
 
 use crate::gpu_train::StepBackend;
@@ -105,15 +106,20 @@ pub struct StagePipeline<B> {
     /// Per device, its actions in order.
     lists: Vec<Vec<Step>>,
     microbatches: usize,
+    /// Per value name, the devices whose stage functions read it (`stash.*` values never leave
+    /// their stage and are not listed).
+    readers: HashMap<String, Vec<usize>>,
 }
 
 impl<B: StepBackend> StagePipeline<B> {
-    /// Builds the backends of every stage function of the split `module` with `make(function,
-    /// stage)`, and the device lists of `schedule`.
+    /// Builds the backends of the stage functions of the split `module` with `make(function,
+    /// stage)` (only the stages placed on `only_device` when it is given: a process that runs one
+    /// device), and the device lists of `schedule`.
     pub fn new(
         module: &cleave_ir::Module,
         schedule: &cleave_passes::schedule::Schedule,
         microbatches: usize,
+        only_device: Option<usize>,
         mut make: impl FnMut(&Function, usize) -> Result<B>,
     ) -> Result<Self> {
         if schedule.reverse.is_some() {
@@ -130,10 +136,21 @@ impl<B: StepBackend> StagePipeline<B> {
                 schedule.n_stages()
             );
         }
+        let placement: Vec<usize> = schedule.placement.iter().map(|&d| d as usize).collect();
+        let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
         let mut parts = Vec::new();
         for (s, st) in split.iter().enumerate() {
+            for f in [st.f, st.b, st.w] {
+                for x in f.args().filter(|x| !x.name.starts_with("stash.")) {
+                    let r = readers.entry(x.name.to_string()).or_default();
+                    if !r.contains(&placement[s]) {
+                        r.push(placement[s]);
+                    }
+                }
+            }
+            let here = only_device.is_none_or(|d| d == placement[s]);
             let mut part = |f: &Function| -> Result<Part<B>> {
-                let backend = if f.outputs.is_empty() {
+                let backend = if f.outputs.is_empty() || !here {
                     None
                 } else {
                     Some(make(f, s).with_context(|| format!("building @{}", f.name))?)
@@ -171,19 +188,30 @@ impl<B: StepBackend> StagePipeline<B> {
             parts,
             lists,
             microbatches,
+            readers,
         })
     }
 
     /// The name of the first argument of `func` that is not available yet (see the module docs).
-    fn missing<'f>(func: &'f Function, kind: Kind, have: &Held<'_>, j: usize) -> Option<&'f str> {
+    fn missing<'f>(func: &'f Function, kind: Kind, have: &Held<'_>, x: Step) -> Option<&'f str> {
         func.args()
-            .map(|x| x.name)
-            .find(|&n| !(is_accumulator(func, kind, n) || have.value(j, n).is_some()))
+            .map(|a| a.name)
+            .find(|&n| {
+                !(is_accumulator(func, kind, n) || have.value(x.stage, x.microbatch, n).is_some())
+            })
             .map(|n| n as &str)
     }
 
-    /// Runs `k` of action `x` on device `d` (see the module docs).
-    fn run(&mut self, d: usize, x: Step, k: Kind, have: &mut Held<'_>) -> Result<()> {
+    /// Runs `k` of action `x` on device `d` (see the module docs); values that stages on other
+    /// devices read go through `link`.
+    fn run(
+        &mut self,
+        d: usize,
+        x: Step,
+        k: Kind,
+        have: &mut Held<'_>,
+        mut link: Option<&mut (dyn StageTransport + '_)>,
+    ) -> Result<()> {
         let j = x.microbatch;
         let part = &mut self.parts[x.stage][k as usize];
         let Some(backend) = part.backend.as_mut() else {
@@ -197,7 +225,7 @@ impl<B: StepBackend> StagePipeline<B> {
                     .get(n)
                     .cloned()
                     .unwrap_or_else(|| Tensor::zeros(arg.ty))
-            } else if let Some(v) = have.value(j, n) {
+            } else if let Some(v) = have.value(x.stage, j, n) {
                 // The same elements under the argument's shape (a tangent is drawn flat).
                 let mut v = v.clone();
                 if v.numel() == arg.ty.num_elements() {
@@ -223,7 +251,19 @@ impl<B: StepBackend> StagePipeline<B> {
             } else if k == Kind::W && o.name.starts_with("grad.") {
                 have.acc[x.stage].insert(o.name.clone(), t);
             } else {
-                have.values[j].insert(o.name.clone(), t);
+                if let Some(link) = link.as_deref_mut() {
+                    for &to in self.readers.get(&o.name).into_iter().flatten() {
+                        if to != d {
+                            link.send(to, j, &o.name, &t).with_context(|| {
+                                format!(
+                                    "device {d}, action {x}: sending `{}` to device {to}",
+                                    o.name
+                                )
+                            })?;
+                        }
+                    }
+                }
+                have.values[j].insert(value_key(x.stage, &o.name).into_owned(), t);
             }
         }
         Ok(())
@@ -231,13 +271,16 @@ impl<B: StepBackend> StagePipeline<B> {
 
     /// Runs one step on `micro` (per microbatch, every data input by name) with `params`; the
     /// result carries the losses, the gradient sums by parameter and, under SGD
-    /// (`opts.update`), the updated parameters. See the module docs.
+    /// (`opts.update`), the updated parameters. See the module docs. With a `link` this process
+    /// runs only the link's device: values for other devices leave through it, missing values
+    /// arrive through it, and after the step every process gets every loss and gradient.
     pub fn step(
         &mut self,
         params: &BTreeMap<String, HostData>,
         shapes: &BTreeMap<String, Vec<usize>>,
         micro: &[BTreeMap<String, Tensor>],
         opts: &PipelineOptions,
+        mut link: Option<&mut (dyn StageTransport + '_)>,
     ) -> Result<StepResult> {
         let m = self.microbatches;
         if micro.len() != m {
@@ -253,7 +296,13 @@ impl<B: StepBackend> StagePipeline<B> {
             acc: vec![BTreeMap::new(); self.parts.len()],
             losses: vec![f32::NAN; m],
         };
-        let mut pos = vec![0usize; self.lists.len()];
+        let mine = link.as_ref().map(|l| l.device());
+        let mut pos: Vec<usize> = (0..self.lists.len())
+            .map(|d| match mine {
+                Some(m) if m != d => self.lists[d].len(),
+                _ => 0,
+            })
+            .collect();
         loop {
             let mut progressed = false;
             for (d, at) in pos.iter_mut().enumerate() {
@@ -261,11 +310,11 @@ impl<B: StepBackend> StagePipeline<B> {
                     // W of a BW reads what its B makes: B's arguments gate the action.
                     let k = x.kinds[0];
                     let f = &self.parts[x.stage][k as usize].func;
-                    if Self::missing(f, k, &have, x.microbatch).is_some() {
+                    if Self::missing(f, k, &have, x).is_some() {
                         break;
                     }
                     for &k in x.kinds {
-                        self.run(d, x, k, &mut have)?;
+                        self.run(d, x, k, &mut have, link.as_deref_mut())?;
                     }
                     *at += 1;
                     progressed = true;
@@ -274,13 +323,28 @@ impl<B: StepBackend> StagePipeline<B> {
             if pos.iter().zip(&self.lists).all(|(&p, l)| p == l.len()) {
                 break;
             }
+            if let (false, Some(l)) = (progressed, link.as_deref_mut()) {
+                // This process waits for a value another device makes.
+                let (j, name, t) = l.receive().with_context(|| {
+                    let d = l.device();
+                    format!("device {d} waiting at {}", self.lists[d][pos[d]])
+                })?;
+                if j >= m {
+                    bail!(
+                        "device {} received `{name}` for microbatch {j} of {m}",
+                        l.device()
+                    );
+                }
+                have.values[j].insert(name, t);
+                continue;
+            }
             if !progressed {
                 let waits: Vec<String> = (0..self.lists.len())
                     .filter_map(|d| {
                         let x = self.lists[d].get(pos[d])?;
                         let k = x.kinds[0];
                         let f = &self.parts[x.stage][k as usize].func;
-                        let n = Self::missing(f, k, &have, x.microbatch)?;
+                        let n = Self::missing(f, k, &have, *x)?;
                         Some(format!("device {d} at {x} waits for `{n}`"))
                     })
                     .collect();
@@ -290,27 +354,268 @@ impl<B: StepBackend> StagePipeline<B> {
                 );
             }
         }
+        let (losses, acc): (Vec<f32>, Vec<(String, Tensor)>) = match link {
+            None => (have.losses, have.acc.into_iter().flatten().collect()),
+            Some(l) => gather_results(l, &have.losses, have.acc)?,
+        };
         let mut r = StepResult {
-            losses: have.losses,
+            losses,
             ..StepResult::default()
         };
-        for stage in have.acc {
-            for (name, t) in stage {
-                let p = name.strip_prefix("grad.").expect("accumulators are grad.*");
-                if !params.contains_key(p) {
-                    continue;
-                }
-                let g = host_from_tensor(&t).context("gradients are f32")?;
-                if let (true, HostData::F32(x), HostData::F32(gv)) = (opts.update, &params[p], &g) {
-                    r.params.insert(
-                        p.to_string(),
-                        HostData::F32(cleave_runtime::pipeline::sgd(x, gv, opts)),
-                    );
-                }
-                r.grads.insert(p.to_string(), g);
+        for (name, t) in acc {
+            let p = name.strip_prefix("grad.").expect("accumulators are grad.*");
+            if !params.contains_key(p) {
+                continue;
             }
+            let g = host_from_tensor(&t).context("gradients are f32")?;
+            if let (true, HostData::F32(x), HostData::F32(gv)) = (opts.update, &params[p], &g) {
+                r.params.insert(
+                    p.to_string(),
+                    HostData::F32(cleave_runtime::pipeline::sgd(x, gv, opts)),
+                );
+            }
+            r.grads.insert(p.to_string(), g);
         }
         Ok(r)
+    }
+}
+
+/// How the devices of a stage pipeline exchange values when each device is its own process. The
+/// action-list executor knows only this interface: send, receive, wait (and the collective that
+/// ends a step). [`RemoteTransport`] moves host tensors over MPI (`cleave-runtime`'s
+/// [`Remote`]); `NcclTransport` (feature `nccl`) moves device buffers over NCCL with headers
+/// over MPI. With every device in one process there is no transport: values stay in the
+/// executor (the thread pipeline's channels are the same contract, in
+/// `cleave_runtime::pipeline`).
+pub trait StageTransport {
+    /// The device this process runs.
+    fn device(&self) -> usize;
+    /// Sends value `name` of microbatch `microbatch` to `device`'s process; may return before it
+    /// has arrived.
+    fn send(&mut self, device: usize, microbatch: usize, name: &str, t: &Tensor) -> Result<()>;
+    /// Blocks for the next value another process sent this one: microbatch, name, tensor.
+    fn receive(&mut self) -> Result<(usize, String, Tensor)>;
+    /// Waits until every value this process sent has left it.
+    fn wait(&mut self) -> Result<()>;
+    /// Every process's `bytes`, by device (a collective: every process calls it).
+    fn all_gather(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>>;
+}
+
+/// After a step on processes: every process's losses (those its last stage computed) and
+/// gradient accumulators, gathered so that each process holds the whole step's.
+#[allow(clippy::type_complexity)]
+fn gather_results(
+    link: &mut (dyn StageTransport + '_),
+    losses: &[f32],
+    acc: Vec<BTreeMap<String, Tensor>>,
+) -> Result<(Vec<f32>, Vec<(String, Tensor)>)> {
+    link.wait()?;
+    let mut out = Vec::new();
+    let mine: Vec<(usize, f32)> = losses
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| !x.is_nan())
+        .map(|(j, &x)| (j, x))
+        .collect();
+    put_u64(&mut out, mine.len() as u64);
+    for (j, x) in &mine {
+        put_u64(&mut out, *j as u64);
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    let acc: Vec<(String, Tensor)> = acc.into_iter().flatten().collect();
+    put_u64(&mut out, acc.len() as u64);
+    for (name, t) in &acc {
+        put_tensor(&mut out, name, t);
+    }
+    let mut all_losses = vec![f32::NAN; losses.len()];
+    let mut all_acc = Vec::new();
+    for (d, bytes) in link.all_gather(out)?.into_iter().enumerate() {
+        let what = || format!("the step results of device {d}");
+        let mut r = Bytes(&bytes);
+        for _ in 0..r.u64().with_context(what)? {
+            let j = r.u64().with_context(what)? as usize;
+            let x = f32::from_le_bytes(r.take(4).with_context(what)?.try_into().expect("4"));
+            *all_losses
+                .get_mut(j)
+                .with_context(|| format!("{}: microbatch {j}", what()))? = x;
+        }
+        for _ in 0..r.u64().with_context(what)? {
+            all_acc.push(r.tensor().with_context(what)?);
+        }
+    }
+    Ok((all_losses, all_acc))
+}
+
+fn put_u64(out: &mut Vec<u8>, x: u64) {
+    out.extend_from_slice(&x.to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u64(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A named tensor: name, element type, shape, little-endian elements.
+fn put_tensor(out: &mut Vec<u8>, name: &str, t: &Tensor) {
+    put_str(out, name);
+    put_tensor_header(out, t);
+    out.extend_from_slice(&t.to_le_bytes());
+}
+
+/// A tensor's element type and shape.
+fn put_tensor_header(out: &mut Vec<u8>, t: &Tensor) {
+    put_str(out, t.dtype.name());
+    put_u64(out, t.shape.len() as u64);
+    for &e in &t.shape {
+        put_u64(out, e as u64);
+    }
+}
+
+/// Reads what the `put_*` functions wrote.
+struct Bytes<'a>(&'a [u8]);
+
+impl<'a> Bytes<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.0.len() < n {
+            bail!("a message ends early");
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn str(&mut self) -> Result<String> {
+        let n = self.u64()? as usize;
+        Ok(String::from_utf8(self.take(n)?.to_vec())?)
+    }
+
+    /// An element type and a shape.
+    fn header(&mut self) -> Result<(cleave_ir::DType, Vec<usize>)> {
+        let d = self.str()?;
+        let dtype = cleave_ir::DType::from_name(&d)
+            .with_context(|| format!("unknown element type `{d}`"))?;
+        let rank = self.u64()? as usize;
+        let shape = (0..rank)
+            .map(|_| self.u64().map(|e| e as usize))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((dtype, shape))
+    }
+
+    fn tensor(&mut self) -> Result<(String, Tensor)> {
+        let name = self.str()?;
+        let (dtype, shape) = self.header()?;
+        let n = shape.iter().product::<usize>() * dtype.size_bytes();
+        let t = Tensor::from_le_bytes(dtype, &shape, self.take(n)?)
+            .map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
+        Ok((name, t))
+    }
+}
+
+/// [`StageTransport`] over a [`Remote`] (MPI): each value is one message (microbatch, name,
+/// tensor), sent by a forwarding thread per destination so that a send never waits for a
+/// process that is itself sending.
+pub struct RemoteTransport<'a> {
+    remote: &'a dyn Remote,
+    queues: Vec<Option<std::sync::mpsc::Sender<Vec<u8>>>>,
+    /// Messages handed to the forwarding threads and not sent yet.
+    pending: std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+}
+
+impl<'a> RemoteTransport<'a> {
+    /// Starts a forwarding thread per other device in `scope`.
+    pub fn new<'s>(remote: &'a dyn Remote, scope: &'s std::thread::Scope<'s, '_>) -> Self
+    where
+        'a: 's,
+    {
+        let pending =
+            std::sync::Arc::new((std::sync::Mutex::new(0usize), std::sync::Condvar::new()));
+        let me = remote.device();
+        let queues = (0..remote.devices())
+            .map(|to| {
+                (to != me).then(|| {
+                    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+                    let pending = pending.clone();
+                    scope.spawn(move || {
+                        for bytes in rx {
+                            if let Err(e) = remote.send(to, bytes) {
+                                eprintln!("error: device {me}: sending to device {to}: {e}");
+                                remote.abort(1);
+                            }
+                            let (n, cv) = &*pending;
+                            *n.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+                            cv.notify_all();
+                        }
+                    });
+                    tx
+                })
+            })
+            .collect();
+        RemoteTransport {
+            remote,
+            queues,
+            pending,
+        }
+    }
+}
+
+impl StageTransport for RemoteTransport<'_> {
+    fn device(&self) -> usize {
+        self.remote.device()
+    }
+
+    fn send(&mut self, device: usize, microbatch: usize, name: &str, t: &Tensor) -> Result<()> {
+        let mut out = Vec::new();
+        put_u64(&mut out, microbatch as u64);
+        put_tensor(&mut out, name, t);
+        let q = self
+            .queues
+            .get(device)
+            .and_then(|q| q.as_ref())
+            .with_context(|| format!("no device {device} to send `{name}` to"))?;
+        *self.pending.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        q.send(out)
+            .map_err(|_| anyhow::anyhow!("the forwarding thread to device {device} has stopped"))
+    }
+
+    fn receive(&mut self) -> Result<(usize, String, Tensor)> {
+        let bytes = self
+            .remote
+            .recv()
+            .map_err(anyhow::Error::msg)?
+            .context("the transport was ended")?;
+        let mut r = Bytes(&bytes);
+        let j = r.u64()? as usize;
+        let (name, t) = r.tensor()?;
+        Ok((j, name, t))
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        let (n, cv) = &*self.pending;
+        let mut left = n.lock().unwrap_or_else(|e| e.into_inner());
+        while *left > 0 {
+            left = cv.wait(left).unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(())
+    }
+
+    fn all_gather(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        self.remote.all_gather(bytes).map_err(anyhow::Error::msg)
+    }
+}
+
+/// The key of value `name` made by `stage` among a microbatch's values: `stash.*` values are
+/// the stage's own (two stages may stash the same value under one name), others are global.
+fn value_key(stage: usize, name: &str) -> std::borrow::Cow<'_, str> {
+    if name.starts_with("stash.") {
+        format!("{stage}/{name}").into()
+    } else {
+        name.into()
     }
 }
 
@@ -331,12 +636,13 @@ struct Held<'a> {
 }
 
 impl Held<'_> {
-    /// A parameter, a data input of microbatch `j`, or a value made for it.
-    fn value(&self, j: usize, n: &str) -> Option<&Tensor> {
+    /// A parameter, a data input of microbatch `j`, or a value made for it (a `stash.*` value
+    /// only by stage `stage`).
+    fn value(&self, stage: usize, j: usize, n: &str) -> Option<&Tensor> {
         self.params
             .get(n)
             .or_else(|| self.micro[j].get(n))
-            .or_else(|| self.values[j].get(n))
+            .or_else(|| self.values[j].get(value_key(stage, n).as_ref()))
     }
 }
 
@@ -362,19 +668,66 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
     Ok(())
 }
 
+/// Makes the [`StageTransport`] of one process from the MPI world it was launched in (the
+/// NCCL transport; without one, [`train_stages_on`] moves host tensors over MPI).
+pub trait Connect {
+    /// The transport of this process.
+    fn connect<'r>(&'r self, remote: &'r dyn Remote) -> Result<Box<dyn StageTransport + 'r>>;
+}
+
 /// Trains `a` (with `--stages`/`--microbatches`) on a [`StagePipeline`] whose backends `make`
 /// builds: the data order, initialisation, optimizer, checkpoints and final evaluation of the
 /// CPU pipeline (`cleave train --stages`). `target` names the backend in messages.
+///
+/// Launched as P processes by `mpirun` (feature `mpi`), each process runs one device's list and
+/// builds only its stages; values cross through `connect`'s transport, or host tensors over MPI
+/// without one. Rank 0 prints, writes metrics and checkpoints.
 pub fn train_stages_on<B: StepBackend>(
     a: &TrainArgs,
     target: &str,
+    connect: Option<&dyn Connect>,
     make: impl FnMut(&Function, usize) -> Result<B>,
 ) -> Result<StageRun> {
     check_supported(a, target)?;
+    #[cfg(feature = "mpi")]
+    let world = cleave_runtime::mpi_remote::init().map_err(|e| anyhow::anyhow!("MPI: {e}"))?;
+    #[cfg(feature = "mpi")]
+    let remote: Option<&dyn Remote> = world.as_ref().map(|w| w as &dyn Remote);
+    #[cfg(not(feature = "mpi"))]
+    let remote: Option<&dyn Remote> = None;
+    if let Some(r) = remote {
+        if r.devices() != a.stages {
+            bail!(
+                "{} MPI processes for --stages {}: launch one process per device \
+                 (`mpirun -np {} …`)",
+                r.devices(),
+                a.stages,
+                a.stages
+            );
+        }
+    }
+    std::thread::scope(|scope| {
+        let mut link: Option<Box<dyn StageTransport + '_>> = match (remote, connect) {
+            (None, _) => None,
+            (Some(r), Some(c)) => Some(c.connect(r)?),
+            (Some(r), None) => Some(Box::new(RemoteTransport::new(r, scope))),
+        };
+        train_loop(a, target, link.as_deref_mut(), make)
+    })
+}
+
+fn train_loop<B: StepBackend>(
+    a: &TrainArgs,
+    target: &str,
+    mut link: Option<&mut (dyn StageTransport + '_)>,
+    make: impl FnMut(&Function, usize) -> Result<B>,
+) -> Result<StageRun> {
     let (p, m) = (a.stages, a.microbatches);
     if p == 0 || m == 0 {
         bail!("--stages and --microbatches must be at least 1");
     }
+    let rank = link.as_ref().map_or(0, |l| l.device());
+    let quiet = a.quiet || rank != 0;
     let lr = a.lr.unwrap_or(a.optimizer.default_lr());
     let method = parse_grad_method(&a.grad_method, a.tangents)?;
     let crate::train::TrainingModel {
@@ -385,7 +738,8 @@ pub fn train_stages_on<B: StepBackend>(
     let step_forward = crate::train::training_forward(&forward, a.chunk_lm_head)?;
     let tangents = tangent_inputs(&step_forward, &method);
     let plan = pipeline_plan(a, &step_forward)?;
-    let mut pipe = StagePipeline::new(&plan.module, &plan.schedule, m, make)?;
+    let only = link.as_ref().map(|l| l.device());
+    let mut pipe = StagePipeline::new(&plan.module, &plan.schedule, m, only, make)?;
     let PipelineState {
         mut params,
         shapes,
@@ -414,9 +768,17 @@ pub fn train_stages_on<B: StepBackend>(
         start = step;
     }
     let opts = step_options(a, lr);
-    let mut metrics = Metrics::open(a.metrics.as_deref())?;
+    let shown = TrainArgs { quiet, ..a.clone() };
+    let mut metrics = Metrics::open(if rank == 0 {
+        a.metrics.as_deref()
+    } else {
+        None
+    })?;
     let mut order = Order::new(n_train, a.seed);
-    let mut summary = TrainSummary::default();
+    let mut summary = TrainSummary {
+        process_rank: rank,
+        ..TrainSummary::default()
+    };
     let mut progress = Progress::new(start);
     let mut losses = Vec::new();
     let t0 = Instant::now();
@@ -443,8 +805,8 @@ pub fn train_stages_on<B: StepBackend>(
             })
             .collect();
         let mut r = pipe
-            .step(&params, &shapes, &micro, &opts)
-            .with_context(|| format!("--target {target}: step {step}"))?;
+            .step(&params, &shapes, &micro, &opts, link.as_deref_mut())
+            .with_context(|| format!("--target {target}: rank {rank}: step {step}"))?;
         let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
         if !loss.is_finite() {
             bail!("loss is {loss} at step {step}; training stopped");
@@ -452,8 +814,8 @@ pub fn train_stages_on<B: StepBackend>(
         finish_step(&mut r, &mut params, updater.as_mut(), a.grad_clip, &opts)?;
         losses.push(loss);
         let done = step + 1;
-        progress.step(a, &mut summary, &mut metrics, done, loss)?;
-        if let Some(dir) = &a.checkpoint {
+        progress.step(&shown, &mut summary, &mut metrics, done, loss)?;
+        if let (Some(dir), 0) = (&a.checkpoint, rank) {
             if done.is_multiple_of(a.checkpoint_every.max(1)) || done == a.steps {
                 let mut meta = checkpoint_meta(a, done, batch, lr, &method);
                 meta.insert("microbatches".into(), m.to_string());
@@ -461,7 +823,7 @@ pub fn train_stages_on<B: StepBackend>(
             }
         }
     }
-    if !a.quiet {
+    if !quiet {
         eprintln!();
     }
     summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
@@ -483,4 +845,140 @@ pub fn train_stages_on<B: StepBackend>(
         losses,
         params,
     })
+}
+
+/// The NCCL transport's [`Connect`] (feature `nccl`): this process's GPU.
+#[cfg(feature = "nccl")]
+pub struct NcclConnect<'d> {
+    /// The GPU this process runs (its device of the pipeline).
+    pub dev: &'d cleave_runtime::cuda::Device,
+}
+
+#[cfg(feature = "nccl")]
+impl Connect for NcclConnect<'_> {
+    fn connect<'r>(&'r self, remote: &'r dyn Remote) -> Result<Box<dyn StageTransport + 'r>> {
+        let me = remote.device();
+        let links =
+            cleave_runtime::cuda::nccl::PairLinks::connect(self.dev, me, remote.devices(), |b| {
+                Ok(remote.all_gather(b)?.into_iter().next().unwrap_or_default())
+            })
+            .map_err(|e| anyhow::anyhow!("device {me}: {e}"))?;
+        Ok(Box::new(NcclTransport {
+            remote,
+            dev: self.dev,
+            links,
+            sent: Vec::new(),
+        }))
+    }
+}
+
+/// [`StageTransport`] over NCCL: a value is uploaded to this GPU and sent on its direction's
+/// communicator (`cleave_runtime::cuda::nccl`); a header (sender, microbatch, name, element
+/// type, shape) follows over MPI, and the receiver posts the matching receive when the header
+/// arrives, so both sides of a direction post in the same order. Sent buffers stay alive until
+/// [`StageTransport::wait`].
+#[cfg(feature = "nccl")]
+struct NcclTransport<'r> {
+    remote: &'r dyn Remote,
+    dev: &'r cleave_runtime::cuda::Device,
+    links: cleave_runtime::cuda::nccl::PairLinks,
+    sent: Vec<cleave_runtime::cuda::DeviceTensor>,
+}
+
+#[cfg(feature = "nccl")]
+impl StageTransport for NcclTransport<'_> {
+    fn device(&self) -> usize {
+        self.remote.device()
+    }
+
+    fn send(&mut self, device: usize, microbatch: usize, name: &str, t: &Tensor) -> Result<()> {
+        let buf = self.dev.upload(t)?;
+        self.links.send(device, &buf)?;
+        self.sent.push(buf);
+        let mut out = Vec::new();
+        put_u64(&mut out, self.device() as u64);
+        put_u64(&mut out, microbatch as u64);
+        put_str(&mut out, name);
+        put_tensor_header(&mut out, t);
+        self.remote.send(device, out).map_err(anyhow::Error::msg)
+    }
+
+    fn receive(&mut self) -> Result<(usize, String, Tensor)> {
+        let bytes = self
+            .remote
+            .recv()
+            .map_err(anyhow::Error::msg)?
+            .context("the transport was ended")?;
+        let mut r = Bytes(&bytes);
+        let from = r.u64()? as usize;
+        let j = r.u64()? as usize;
+        let name = r.str()?;
+        let (dtype, shape) = r.header()?;
+        let mut buf = self.dev.zeros(dtype, &shape)?;
+        self.links
+            .recv(from, &mut buf)
+            .with_context(|| format!("`{name}` of microbatch {j} from device {from}"))?;
+        Ok((j, name, self.dev.download(&buf)?))
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        self.links.wait_sends()?;
+        self.sent.clear();
+        Ok(())
+    }
+
+    fn all_gather(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        self.remote.all_gather(bytes).map_err(anyhow::Error::msg)
+    }
+}
+
+/// One stage function compiled by the CPU runtime, as a [`StepBackend`]: what `cleave train
+/// --executor list` runs (the executor of `--target cuda --stages`, checked on the CPU).
+pub struct CpuPlanBackend {
+    plan: cleave_runtime::Plan,
+    shapes: BTreeMap<String, Vec<usize>>,
+}
+
+impl CpuPlanBackend {
+    /// Compiles `f` with `codegen`.
+    pub fn new(f: &Function, codegen: cleave_runtime::Codegen) -> Result<CpuPlanBackend> {
+        let plan = cleave_runtime::compile_with(
+            f,
+            &cleave_runtime::CompileOptions {
+                fuse: true,
+                preserve_args: false,
+                jit: true,
+                codegen,
+            },
+        )?;
+        let shapes = f
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), f.ty(o.value).shape.clone()))
+            .collect();
+        Ok(CpuPlanBackend { plan, shapes })
+    }
+}
+
+impl StepBackend for CpuPlanBackend {
+    fn set(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        let d = host_from_tensor(t).context("f32, i32 or bool")?;
+        Ok(self.plan.set_input_named(name, d.as_slice())?)
+    }
+    fn run(&mut self) -> Result<()> {
+        Ok(self.plan.run()?)
+    }
+    fn output(&mut self, name: &str) -> Result<Tensor> {
+        let i = self
+            .plan
+            .output_index(name)
+            .with_context(|| format!("no output `{name}`"))?;
+        Ok(tensor_from_host(&self.shapes[name], &self.plan.output(i)))
+    }
+    fn carry(&mut self) -> Result<()> {
+        bail!("the stage pipeline does not carry outputs into arguments")
+    }
+    fn arg(&mut self, name: &str) -> Result<Tensor> {
+        bail!("the stage pipeline does not read back argument `{name}`")
+    }
 }

@@ -354,7 +354,24 @@ pub fn train_cuda(
     }
     #[cfg(feature = "cuda")]
     {
-        let dev = cleave_runtime::cuda::Device::new(0)
+        // Under mpirun every rank runs one pipeline device on GPU `rank mod count`.
+        let ranks = crate::train::launched_ranks();
+        if ranks > 1 && !cfg!(feature = "nccl") {
+            anyhow::bail!(
+                "--target cuda launched as {ranks} MPI processes: GPU pipeline stages as \
+                 processes need the `nccl` feature; rebuild with `cargo build --release \
+                 --features gpu,nccl` (Open MPI: scripts/install-mpi.sh), or run every stage \
+                 on one GPU without mpirun"
+            );
+        }
+        let ordinal = if ranks > 1 {
+            let count = cleave_runtime::cuda::device_count()
+                .map_err(|e| anyhow::anyhow!("--target cuda: {e}"))?;
+            launched_rank() % count.max(1)
+        } else {
+            0
+        };
+        let dev = cleave_runtime::cuda::Device::new(ordinal)
             .map_err(|e| anyhow::anyhow!("--target cuda: {e}"))?;
         #[cfg(not(feature = "mlir"))]
         {
@@ -367,14 +384,20 @@ pub fn train_cuda(
         }
         #[cfg(feature = "mlir")]
         if a.stages > 1 || a.microbatches > 1 {
-            // Every stage in this process, on a stream of its own.
+            // Every stage on a stream of its own (only this rank's stages under mpirun).
             let n = crate::pipeline_train::build_schedule(&a.schedule, a.stages, a.microbatches)?
                 .n_stages();
             let streams = (0..n)
                 .map(|_| dev.fork())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow::anyhow!("--target cuda: {e}"))?;
-            crate::gpu_pipeline::train_stages_on(a, "cuda", |f, s| {
+            #[cfg(feature = "nccl")]
+            let nccl = crate::gpu_pipeline::NcclConnect { dev: &dev };
+            #[cfg(feature = "nccl")]
+            let connect: Option<&dyn crate::gpu_pipeline::Connect> = Some(&nccl);
+            #[cfg(not(feature = "nccl"))]
+            let connect: Option<&dyn crate::gpu_pipeline::Connect> = None;
+            crate::gpu_pipeline::train_stages_on(a, "cuda", connect, |f, s| {
                 CudaBackend::new(&streams[s], f, gemm)
             })
             .map(|r| r.summary)
@@ -382,6 +405,15 @@ pub fn train_cuda(
             train_on(a, "cuda", |f| CudaBackend::new(&dev, f, gemm))
         }
     }
+}
+
+/// This process's rank under an MPI launcher (0 without one).
+#[cfg(feature = "cuda")]
+fn launched_rank() -> usize {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// What `cleave bench --target cuda` measured.

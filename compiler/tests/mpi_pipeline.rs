@@ -61,7 +61,7 @@ fn check(model: (&str, &str), p: usize, m: usize, schedule: &[&str]) {
         [s, "--memory-limit", l] => (*s, Some(l.to_string()), "bp", None),
         [s, "--grad-method", g] => (*s, None, *g, None),
         [s, "--grad-clip", c] => (*s, None, "bp", Some(c.parse().unwrap())),
-        [s, "--optimizer", _] | [s] => (*s, None, "bp", None),
+        [s, "--optimizer", _] | [s] | [s, "--executor", _] => (*s, None, "bp", None),
         _ => unreachable!(),
     };
     let (optimizer, opt_name) = match schedule {
@@ -220,6 +220,17 @@ fn four_processes_match_four_threads() {
         check(GPT, 4, 8, s);
         check(CNN, 4, 8, s);
     }
+}
+
+/// The action-list executor that `--target cuda --stages` runs, on processes
+/// (`--executor list`): each rank runs its device's list, values go through the transport
+/// interface (host tensors over MPI here, NCCL on GPUs); bit for bit the thread pipeline's losses
+/// and weights.
+#[test]
+fn the_list_executor_on_processes_matches_threads() {
+    check(GPT, 2, 4, &["zb-h1", "--executor", "list"]);
+    check(GPT, 2, 4, &["zb-v", "--executor", "list"]);
+    check(MLP, 4, 8, &["1f1b", "--executor", "list"]);
 }
 
 /// `-np NP cleave train` on GPT-tiny over 2 stages, quiet, with `extra` flags.

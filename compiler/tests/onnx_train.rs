@@ -68,6 +68,7 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         fail_action: None,
         kill_action: None,
         chunk_lm_head: None,
+        executor: Default::default(),
         grad_clip: None,
         remat: None,
         memory_limit: None,

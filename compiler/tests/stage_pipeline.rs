@@ -5,61 +5,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use anyhow::{Context, Result};
-use cleave_compiler::gpu_pipeline::{train_stages_on, StageRun};
-use cleave_compiler::gpu_train::StepBackend;
+use cleave_compiler::gpu_pipeline::{train_stages_on, CpuPlanBackend, StageRun};
 use cleave_compiler::pipeline_train;
 use cleave_compiler::train::{OptimizerArg, TrainArgs};
-use cleave_ir::{Function, Tensor};
-use cleave_runtime::{compile_with, host_from_tensor, tensor_from_host, CompileOptions, Plan};
-
-/// One stage function compiled by the CPU runtime, as a [`StepBackend`].
-struct PlanBackend {
-    plan: Plan,
-    shapes: BTreeMap<String, Vec<usize>>,
-}
-
-impl PlanBackend {
-    fn new(f: &Function) -> Result<PlanBackend> {
-        let plan = compile_with(
-            f,
-            &CompileOptions {
-                fuse: true,
-                preserve_args: false,
-                jit: true,
-                codegen: Default::default(),
-            },
-        )?;
-        let shapes = f
-            .outputs
-            .iter()
-            .map(|o| (o.name.clone(), f.ty(o.value).shape.clone()))
-            .collect();
-        Ok(PlanBackend { plan, shapes })
-    }
-}
-
-impl StepBackend for PlanBackend {
-    fn set(&mut self, name: &str, t: &Tensor) -> Result<()> {
-        let d = host_from_tensor(t).context("f32, i32 or bool")?;
-        Ok(self.plan.set_input_named(name, d.as_slice())?)
-    }
-    fn run(&mut self) -> Result<()> {
-        Ok(self.plan.run()?)
-    }
-    fn output(&mut self, name: &str) -> Result<Tensor> {
-        let i = self.plan.output_index(name).context("no such output")?;
-        Ok(tensor_from_host(&self.shapes[name], &self.plan.output(i)))
-    }
-    fn carry(&mut self) -> Result<()> {
-        anyhow::bail!("not used by the stage pipeline")
-    }
-    fn arg(&mut self, _: &str) -> Result<Tensor> {
-        anyhow::bail!("not used by the stage pipeline")
-    }
-}
 
 fn same(what: &str, want: &pipeline_train::PipelineRun, have: &StageRun) {
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -100,8 +48,10 @@ fn stages_on_one_device_match_the_thread_pipeline() {
         };
         let what = format!("{stages} stages {schedule} {optimizer:?} {method}");
         let want = pipeline_train::train(&a).unwrap_or_else(|e| panic!("{what}: {e:#}"));
-        let have = train_stages_on(&a, "test", |f, _| PlanBackend::new(f))
-            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        let have = train_stages_on(&a, "test", None, |f, _| {
+            CpuPlanBackend::new(f, Default::default())
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
         same(&what, &want, &have);
         assert_eq!(have.summary.accuracy, want.summary.accuracy, "{what}");
     }
@@ -114,9 +64,11 @@ fn unsupported_options_are_named() {
         remat: Some("full".into()),
         ..common::gpt_tiny(2, "1f1b", 1)
     };
-    let e = train_stages_on(&a, "cuda", |f, _| PlanBackend::new(f))
-        .err()
-        .unwrap();
+    let e = train_stages_on(&a, "cuda", None, |f, _| {
+        CpuPlanBackend::new(f, Default::default())
+    })
+    .err()
+    .unwrap();
     assert!(
         format!("{e:#}").contains("--remat is not supported"),
         "{e:#}"
@@ -131,7 +83,7 @@ fn mlir_stages_match_the_cpu_pipeline() {
     use cleave_compiler::gpu_train::MlirCpuBackend;
     let a = common::gpt_tiny(2, "zb-h1", 3);
     let want = pipeline_train::train(&a).unwrap();
-    let have = train_stages_on(&a, "mlir-cpu", |f, _| MlirCpuBackend::new(f)).unwrap();
+    let have = train_stages_on(&a, "mlir-cpu", None, |f, _| MlirCpuBackend::new(f)).unwrap();
     assert_eq!(have.losses.len(), 3);
     for (g, w) in have.losses.iter().zip(&want.losses) {
         assert!(((g - w) / w).abs() <= 1e-4, "{g} vs {w}");

@@ -586,6 +586,7 @@ fn train_args(payload: &Payload, model: &Path, optimizer: OptimizerArg) -> Train
         fail_action: None,
         kill_action: None,
         chunk_lm_head: None,
+        executor: Default::default(),
         grad_clip: None,
         remat: payload.remat.clone(),
         memory_limit: payload.memory_limit.clone(),

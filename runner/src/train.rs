@@ -96,6 +96,16 @@ impl OptimizerArg {
     }
 }
 
+/// The executor of a pipelined run on the CPU (`--executor`).
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum Executor {
+    /// A worker thread per device (a process per device under mpirun).
+    #[default]
+    Threads,
+    /// One host thread over every device's action list (the `--target cuda --stages` executor).
+    List,
+}
+
 /// Arguments of `cleave train`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -159,6 +169,11 @@ pub struct TrainArgs {
     /// pipeline executor (see [`crate::pipeline_train`]).
     #[arg(long, default_value_t = 1)]
     pub stages: usize,
+    /// The pipeline's executor on the CPU: `threads` (a worker thread per device, or a process
+    /// per device under mpirun), or `list` (one host thread walks the devices' action lists: the
+    /// executor of `--target cuda --stages`, on CPU plans, for checking it).
+    #[arg(long, value_enum, default_value_t = Executor::Threads, hide = true)]
+    pub executor: Executor,
     /// Microbatches per step: the model's traced batch is the microbatch, a step reads M of them.
     #[arg(long, default_value_t = 1)]
     pub microbatches: usize,

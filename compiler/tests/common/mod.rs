@@ -76,6 +76,7 @@ pub fn args(steps: usize) -> TrainArgs {
         fail_action: None,
         kill_action: None,
         chunk_lm_head: None,
+        executor: Default::default(),
         grad_clip: None,
         remat: None,
         memory_limit: None,

@@ -19,6 +19,8 @@ use crate::gpu_kernel::GpuKernel;
 
 mod function;
 pub use function::{GemmMode, GpuRunner};
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// A failure of the CUDA runtime.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,12 @@ pub fn cublas_present() -> bool {
 pub fn nvrtc_present() -> bool {
     // SAFETY: only tries to dlopen the library.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// The number of GPUs the driver sees.
+pub fn device_count() -> Result<usize> {
+    check_driver()?;
+    drv("count devices", CudaContext::device_count()).map(|n| n.max(0) as usize)
 }
 
 /// Checks that the driver is loadable; the error says what is missing.

@@ -197,20 +197,21 @@ pub fn train_on<B: StepBackend>(
     use cleave_runtime::{tensor_from_host, HostData, Plan};
 
     use crate::train::{
-        build_step_with, checkpoint_meta, eval_plan, evaluate, gather_batch, initial_state,
+        build_step_compressed, checkpoint_meta, eval_plan, evaluate, gather_batch, initial_state,
         parse_grad_method, set_args, split_data, write_checkpoint, Metrics, Order, Progress,
     };
 
     check_supported(a, target)?;
     let method = parse_grad_method(&a.grad_method, a.tangents)?;
     let lr = a.lr.unwrap_or(a.optimizer.default_lr());
-    let built = build_step_with(
+    let built = build_step_compressed(
         &a.model,
         a.batch,
         (a.loss, a.labels.clone(), a.loss_output.clone()),
         a.optimizer,
         lr,
         &method,
+        crate::train::parse_compress(a.compress.as_deref())?,
     )?;
     let batch = built.batch;
     let (cols, n, n_train) = split_data(&a.data, &built.forward, batch)?;

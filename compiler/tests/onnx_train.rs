@@ -74,6 +74,7 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         memory_limit: None,
         grad_method: "bp".into(),
         tangents: 1,
+        compress: None,
         memory_report: false,
     })
     .unwrap();

@@ -518,3 +518,91 @@ fn auto_schedules_under_the_methods_dependencies() {
     );
     assert!(report.candidates.iter().all(|c| c.0 != "eager"));
 }
+
+/// Few-bit backward (`autodiff{compress=fewbit,bits=B}`): the input gradient of `Σ v·f(x)` is
+/// `v·c_k(x)` exactly, `c_k` the fitted level of the interval of `x`, for GELU, tanh-GELU and
+/// SiLU at 1 to 3 bits; the pre-activation leaves the stash for B one-byte bit tensors; a
+/// function without GELU/SiLU is an error.
+#[test]
+fn fewbit_backward_reads_the_fitted_levels() {
+    use cleave_ir::tracer::Tracer;
+    for u in [UnaryOp::Gelu, UnaryOp::GeluTanh, UnaryOp::Silu] {
+        let mut t = Tracer::new("f");
+        let x = t.input("x", DType::F32, vec![8, 16]).unwrap();
+        let v = t.input("v", DType::F32, vec![8, 16]).unwrap();
+        let w = t.param("w", DType::F32, vec![16, 16]).unwrap();
+        let h = t.matmul(x, w).unwrap();
+        let a = t.push_op(cleave_ir::Op::Unary(u), &[h]).unwrap()[0];
+        let p = t.mul(a, v).unwrap();
+        let l = t.reduce_sum(p, vec![0, 1]).unwrap();
+        t.output("loss", l).unwrap();
+        let f = t.finish();
+        let mut args = forward_args(&f, 5);
+        args.insert(
+            "x".into(),
+            Tensor::from_f64(
+                vec![8, 16],
+                (0..128).map(|i| (i as f64 - 64.0) / 11.0).collect(),
+            ),
+        );
+        for bits in 1..=3u32 {
+            let g = run_pipeline(
+                &f,
+                &format!("autodiff{{compress=fewbit,bits={bits},wrt=x}}"),
+            );
+            let out = outputs(&g, &args);
+            // dL/dh = v·c_k(h), and dL/dx = (v·c_k(h))·wᵀ.
+            let (thr, lev) = cleave_passes::autodiff::fewbit_fit(u, bits);
+            let xs = args["x"].to_f64_vec();
+            let ws = args["w"].to_f64_vec();
+            let vs = args["v"].to_f64_vec();
+            let mut want = vec![0.0; 128];
+            for r in 0..8 {
+                let hr: Vec<f64> = (0..16)
+                    .map(|c| (0..16).map(|k| xs[r * 16 + k] * ws[k * 16 + c]).sum())
+                    .collect();
+                for k in 0..16 {
+                    want[r * 16 + k] = (0..16)
+                        .map(|c| {
+                            let lvl = lev[thr.iter().filter(|&&q| hr[c] > q).count()];
+                            vs[r * 16 + c] * lvl * ws[k * 16 + c]
+                        })
+                        .sum();
+                }
+            }
+            let have = &out["grad.x"];
+            for (i, (a, b)) in have.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-9 * (1.0 + b.abs()),
+                    "{u:?} {bits}: [{i}] {a} vs {b}"
+                );
+            }
+            // The stash: B bool tensors [8,16] replace the f32 pre-activation.
+            let mut m = Module::with_function(g.clone());
+            PassManager::from_pipeline("split-bw")
+                .unwrap()
+                .run(&mut m, &mut PassContext::default(), &mut |_| {})
+                .unwrap();
+            let fw = &m.functions[0];
+            let stashed: Vec<DType> = fw
+                .outputs
+                .iter()
+                .filter(|o| o.name.starts_with("stash."))
+                .map(|o| fw.ty(o.value).dtype)
+                .collect();
+            assert_eq!(
+                stashed.iter().filter(|d| **d == DType::Bool).count(),
+                bits as usize,
+                "{u:?} {bits}: {stashed:?}"
+            );
+        }
+    }
+    // Nothing to compress: an error naming the function.
+    let mut m = Module::with_function(tiny_mlp(vec![3, 4, 2]));
+    let e = PassManager::from_pipeline("autodiff{compress=fewbit}")
+        .unwrap()
+        .run(&mut m, &mut PassContext::default(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has neither"), "{e}");
+}

@@ -592,6 +592,7 @@ fn train_args(payload: &Payload, model: &Path, optimizer: OptimizerArg) -> Train
         memory_limit: payload.memory_limit.clone(),
         grad_method: payload.grad_method.clone(),
         tangents: payload.tangents,
+        compress: None,
         memory_report: false,
     }
 }

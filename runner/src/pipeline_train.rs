@@ -640,6 +640,9 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
     let passes = cleave_passes::autodiff::methods::with_grad_method(&passes, &method)
         .map_err(|e| anyhow::anyhow!("--grad-method: {e}"))?;
+    let fewbit = crate::train::parse_compress(a.compress.as_deref())?;
+    let passes = cleave_passes::autodiff::methods::with_compress(&passes, fewbit)
+        .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
     PassManager::from_pipeline(&passes)?
         .run(&mut module, &mut PassContext::default(), &mut |_| {})
         .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;

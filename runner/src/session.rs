@@ -29,7 +29,7 @@ use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
 use cleave_passes::autodiff::GRAD_PREFIX;
 
 use crate::train::{
-    build_step_with, checkpoint_meta, eval_plan, initial_state, parse_grad_method,
+    build_step_compressed, checkpoint_meta, eval_plan, initial_state, parse_grad_method,
     restore_checkpoint, set_args, set_host, write_checkpoint, State, TrainArgs,
 };
 
@@ -146,13 +146,14 @@ impl Session {
                 },
             )
         } else {
-            let built = build_step_with(
+            let built = build_step_compressed(
                 &a.model,
                 a.batch,
                 (a.loss, a.labels.clone(), a.loss_output.clone()),
                 a.optimizer,
                 lr,
                 &method,
+                crate::train::parse_compress(a.compress.as_deref())?,
             )?;
             tangents = built
                 .step

@@ -219,6 +219,10 @@ pub struct TrainArgs {
     /// Random tangents averaged per step by `--grad-method forward-gradient`.
     #[arg(long, default_value_t = 1)]
     pub tangents: usize,
+    /// Lossy stash compression, opt-in: `fewbit` (few-bit backward of GELU/SiLU, 2 bits) or
+    /// `fewbit:B` (1 to 4 bits); see `cleave_passes::autodiff::rules::fewbit`.
+    #[arg(long, value_name = "METHOD")]
+    pub compress: Option<String>,
     /// Print each device's planned memory (parameters, gradients, workspace, values crossing
     /// devices, saved values) beside the instrumented allocator's measured peak (pipeline
     /// executor).
@@ -416,6 +420,51 @@ pub fn build_step_with(
     lr: f64,
     method: &GradMethod,
 ) -> Result<Built> {
+    build_step_compressed(model, batch, loss, opt, lr, method, None)
+}
+
+/// `--compress`: the stash compression methods named (`fewbit` or `fewbit:B`, B bits, default
+/// 2); returns the few-bit backward's bits. Methods of the precision issue that are not built
+/// yet are named as such.
+pub fn parse_compress(text: Option<&str>) -> Result<Option<u32>> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let (name, bits) = match text.split_once(':') {
+        Some((n, b)) => (
+            n,
+            b.parse::<u32>()
+                .ok()
+                .filter(|b| (1..=4).contains(b))
+                .with_context(|| format!("--compress {text}: bits must be 1 to 4"))?,
+        ),
+        None => (text, 2),
+    };
+    match name {
+        "fewbit" => Ok(Some(bits)),
+        "int8" | "rank1" => bail!(
+            "--compress {name}: not built yet; the built stash compression is fewbit (few-bit \
+             backward of GELU/SiLU: `fewbit` or `fewbit:BITS`)"
+        ),
+        _ => bail!("--compress {text}: unknown method; methods: fewbit, fewbit:BITS (1 to 4)"),
+    }
+}
+
+/// [`build_step_with`] with the few-bit backward of GELU/SiLU (`--compress fewbit`) when
+/// `fewbit` names its bits.
+pub fn build_step_compressed(
+    model: &Path,
+    batch: Option<usize>,
+    loss: (
+        Option<crate::loss::LossKind>,
+        Option<String>,
+        Option<String>,
+    ),
+    opt: OptimizerArg,
+    lr: f64,
+    method: &GradMethod,
+    fewbit: Option<u32>,
+) -> Result<Built> {
     let TrainingModel {
         loaded,
         forward,
@@ -432,11 +481,9 @@ pub fn build_step_with(
         }
     }
     let mut m = Module::with_function(forward.clone());
-    let pipeline = format!(
-        "{},optimizer{{kind={},lr={lr}}}",
-        method.autodiff_pass(),
-        opt.name()
-    );
+    let autodiff = cleave_passes::autodiff::methods::with_compress(&method.autodiff_pass(), fewbit)
+        .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
+    let pipeline = format!("{autodiff},optimizer{{kind={},lr={lr}}}", opt.name());
     let pm = PassManager::from_pipeline(&pipeline)?;
     let mut ctx = PassContext::default();
     pm.run(&mut m, &mut ctx, &mut |_| {})
@@ -957,13 +1004,14 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         return crate::pipeline_train::train(a).map(|r| r.summary);
     }
     let lr = a.lr.unwrap_or(a.optimizer.default_lr());
-    let built = build_step_with(
+    let built = build_step_compressed(
         &a.model,
         a.batch,
         (a.loss, a.labels.clone(), a.loss_output.clone()),
         a.optimizer,
         lr,
         &method,
+        parse_compress(a.compress.as_deref())?,
     )?;
     let batch = built.batch;
     let (cols, n, n_train) = split_data(&a.data, &built.forward, batch)?;

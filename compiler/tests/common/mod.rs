@@ -82,6 +82,7 @@ pub fn args(steps: usize) -> TrainArgs {
         memory_limit: None,
         grad_method: "bp".into(),
         tangents: 1,
+        compress: None,
         memory_report: false,
     }
 }

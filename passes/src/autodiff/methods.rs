@@ -489,9 +489,15 @@ pub fn differentiate_method(
     mode: Mode,
     wrt: &[String],
     method: &GradMethod,
-    seed: u64,
+    (seed, fewbit): (u64, Option<u32>),
 ) -> Result<(Function, Vec<String>), String> {
     let fname = func.name.clone();
+    if let (Some(_), GradMethod::ForwardGradient { .. }) = (fewbit, method) {
+        return Err(format!(
+            "@{fname}: compress=fewbit compresses what the backward stashes; a forward gradient \
+             has no backward"
+        ));
+    }
     if *method != GradMethod::Bp {
         let has_loss = func.outputs.iter().any(|o| {
             let t = func.ty(o.value);
@@ -511,13 +517,22 @@ pub fn differentiate_method(
         }
     }
     match method {
-        GradMethod::Bp => differentiate_with(func, mode, wrt, &Rewrite::default()),
+        GradMethod::Bp => differentiate_with(
+            func,
+            mode,
+            wrt,
+            &Rewrite {
+                fewbit,
+                ..Rewrite::default()
+            },
+        ),
         GradMethod::Fa => differentiate_with(
             func,
             Mode::Loss,
             wrt,
             &Rewrite {
                 feedback: Feedback::Fa { seed },
+                fewbit,
                 ..Rewrite::default()
             },
         ),
@@ -527,12 +542,14 @@ pub fn differentiate_method(
             wrt,
             &Rewrite {
                 feedback: Feedback::Dfa { seed },
+                fewbit,
                 ..Rewrite::default()
             },
         ),
         GradMethod::Local { blocks } => {
             let (func, rewrite, mut warnings) =
                 local_heads(func, *blocks).map_err(|e| format!("@{fname}: {e}"))?;
+            let rewrite = Rewrite { fewbit, ..rewrite };
             let (f, w) = differentiate_with(func, Mode::Loss, wrt, &rewrite)?;
             warnings = warnings
                 .into_iter()
@@ -809,6 +826,29 @@ fn forward_gradient(func: Function, k: usize) -> Result<(Function, Vec<String>),
         t.output(&format!("{GRAD_PREFIX}{name}"), g).map_err(err)?;
     }
     Ok((t.finish(), warnings))
+}
+
+/// Gives every `autodiff` pass of a textual pipeline the few-bit backward of GELU/SiLU with
+/// `fewbit` bits (`compress=fewbit,bits=B`; the CLI's `--compress fewbit`); unchanged for `None`.
+pub fn with_compress(pipeline: &str, fewbit: Option<u32>) -> Result<String, String> {
+    let Some(bits) = fewbit else {
+        return Ok(pipeline.to_string());
+    };
+    let mut entries = crate::pipeline::parse_pipeline(pipeline).map_err(|e| e.to_string())?;
+    if !entries.iter().any(|e| e.name == "autodiff") {
+        return Err(format!(
+            "the pipeline `{pipeline}` has no `autodiff` pass to give compress=fewbit"
+        ));
+    }
+    for e in entries.iter_mut().filter(|e| e.name == "autodiff") {
+        e.options.values.insert("compress".into(), "fewbit".into());
+        e.options.values.insert("bits".into(), bits.to_string());
+    }
+    Ok(entries
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(","))
 }
 
 /// Gives every `autodiff` pass of a textual pipeline the options of `method` (the CLI's

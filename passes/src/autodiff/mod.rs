@@ -53,6 +53,8 @@
 
 pub mod methods;
 pub(crate) mod rules;
+/// Few-bit backward of GELU/SiLU (`compress=fewbit`): the fitted thresholds and levels.
+pub use rules::fewbit::fit as fewbit_fit;
 
 use cleave_ir::tracer::Tracer;
 use cleave_ir::{ArgRole, Function, Literal, Module, Node, Op, Phase, Value};
@@ -99,6 +101,9 @@ pub struct Autodiff {
     pub method: methods::GradMethod,
     /// Seed of the fixed random matrices of `fa` and `dfa`.
     pub seed: u64,
+    /// `compress=fewbit` (with `bits`, default 2): few-bit backward of GELU/SiLU
+    /// (`rules::fewbit`).
+    pub fewbit: Option<u32>,
 }
 
 impl Autodiff {
@@ -119,6 +124,26 @@ impl Autodiff {
                     key: "method".into(),
                     message,
                 })?;
+        let compress = o.take("compress");
+        let bits = o.take_parsed("bits", 2u32)?;
+        let fewbit = match compress.as_deref() {
+            None => None,
+            Some("fewbit") if (1..=4).contains(&bits) => Some(bits),
+            Some("fewbit") => {
+                return Err(PassError::BadOption {
+                    pass: "autodiff".into(),
+                    key: "bits".into(),
+                    message: format!("{bits}: few-bit backward stores 1 to 4 bits"),
+                })
+            }
+            Some(other) => {
+                return Err(PassError::BadOption {
+                    pass: "autodiff".into(),
+                    key: "compress".into(),
+                    message: format!("unknown method `{other}`; autodiff compresses with fewbit"),
+                })
+            }
+        };
         let function = o.take("function");
         let wrt = o
             .take("wrt")
@@ -136,6 +161,7 @@ impl Autodiff {
             wrt,
             method,
             seed,
+            fewbit,
         })
     }
 }
@@ -159,12 +185,17 @@ impl Pass for Autodiff {
                 continue;
             }
             let taken = std::mem::take(func);
-            let (new, warnings) =
-                methods::differentiate_method(taken, self.mode, &self.wrt, &self.method, self.seed)
-                    .map_err(|message| PassError::Failed {
-                        pass: "autodiff",
-                        message,
-                    })?;
+            let (new, warnings) = methods::differentiate_method(
+                taken,
+                self.mode,
+                &self.wrt,
+                &self.method,
+                (self.seed, self.fewbit),
+            )
+            .map_err(|message| PassError::Failed {
+                pass: "autodiff",
+                message,
+            })?;
             *func = new;
             for w in warnings {
                 ctx.warn("autodiff", w);
@@ -218,6 +249,8 @@ pub(crate) struct Rewrite {
     pub cuts: Vec<(Node, usize)>,
     /// How layers send the error to their data operand (feedback alignment).
     pub feedback: methods::Feedback,
+    /// Few-bit backward of GELU/SiLU with this many bits (`rules::fewbit`).
+    pub fewbit: Option<u32>,
 }
 
 /// [`differentiate`] with a [`Rewrite`].
@@ -229,6 +262,18 @@ pub(crate) fn differentiate_with(
 ) -> Result<(Function, Vec<String>), String> {
     let mut warnings = Vec::new();
     let fname = func.name.clone();
+    if let Some(bits) = rewrite.fewbit {
+        let any = func
+            .body
+            .iter()
+            .any(|&n| matches!(func.nodes[n].op, Op::Unary(u) if rules::fewbit::applies(u)));
+        if !any {
+            return Err(format!(
+                "@{fname}: compress=fewbit (bits={bits}) compresses the backward of GELU and \
+                 SiLU, and this function has neither"
+            ));
+        }
+    }
 
     // Seeds.
     let loss_output = func
@@ -430,13 +475,19 @@ pub(crate) fn differentiate_with(
             }
             t.set_phase(phase_of(&data_dep, operand));
             let fed = fb.substitute(&mut t, &data, i).map_err(err)?;
-            let contribution = rules::vjp(&mut t, fed.as_ref().unwrap_or(&data), &cots, i)
-                .map_err(|e| {
-                    format!(
-                        "@{fname}: differentiating `{}` (operand {i}): {e}",
-                        data.op.name()
-                    )
-                })?;
+            let contribution = match (&data.op, rewrite.fewbit) {
+                (Op::Unary(u), Some(bits)) if rules::fewbit::applies(*u) => {
+                    let dy = cots[0].expect("a unary op is differentiated with a cotangent");
+                    rules::fewbit::vjp(&mut t, *u, &data, dy, bits)
+                }
+                _ => rules::vjp(&mut t, fed.as_ref().unwrap_or(&data), &cots, i),
+            }
+            .map_err(|e| {
+                format!(
+                    "@{fname}: differentiating `{}` (operand {i}): {e}",
+                    data.op.name()
+                )
+            })?;
             let total = match cot[operand] {
                 None => contribution,
                 Some(prev) => {

@@ -12,6 +12,7 @@
 
 mod custom;
 mod elementwise;
+pub(crate) mod fewbit;
 mod index;
 mod linalg;
 mod nn;

@@ -332,10 +332,10 @@ fn schedule_reports_the_dependency_mode() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// `--compress fewbit` (few-bit backward of GELU): the pipeline gives one stage's losses and
-/// weights bit for bit under 1F1B and ZB-H1, GPT-tiny still learns as exact backprop does
-/// (losses within 2% over 12 steps), and a model without GELU/SiLU or a method that is not
-/// built is an error naming it.
+/// `--compress fewbit` (few-bit backward of GELU) and `rank1` (rank-1 sub-tokens of linear
+/// layers' inputs): the pipeline gives one stage's losses and weights bit for bit, GPT-tiny
+/// still learns as exact backprop does with fewbit (losses within 2% over 12 steps), and a model
+/// without GELU/SiLU, a method that is not built, or the joint planner is an error naming it.
 #[test]
 fn fewbit_compression_trains_on_the_pipeline() {
     let run = |stages: usize, schedule: &str, compress: Option<&str>| {
@@ -353,6 +353,14 @@ fn fewbit_compression_trains_on_the_pipeline() {
             &run(2, schedule, Some("fewbit")),
         );
     }
+    // Both methods together, on one stage and two.
+    let both = run(1, "1f1b", Some("fewbit:1,rank1:4"));
+    common::assert_same(
+        "fewbit+rank1",
+        &both,
+        &run(2, "zb-h1", Some("fewbit:1,rank1:4")),
+    );
+    assert_ne!(both.losses, one.losses, "rank1 changed nothing");
     let exact = run(1, "1f1b", None);
     assert_ne!(exact.losses, one.losses, "the compression changed nothing");
     for (a, b) in one.losses.iter().zip(&exact.losses) {
@@ -363,10 +371,19 @@ fn fewbit_compression_trains_on_the_pipeline() {
             exact.losses
         );
     }
+    // The joint planner does not plan compression: refused, not dropped.
+    let e = cleave_compiler::pipeline_train::train(&TrainArgs {
+        compress: Some("fewbit".into()),
+        memory_limit: Some("64M".into()),
+        ..common::gpt_tiny(2, "auto", 1)
+    })
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("not planned jointly"), "{e:#}");
     for (compress, want) in [
         ("fewbit", "has neither"),
         ("int8", "not built yet"),
         ("fewbit:9", "bits must be 1 to 4"),
+        ("rank1:1", "the group must be 2 to 4096"),
     ] {
         let e = train(&TrainArgs {
             compress: Some(compress.into()),

@@ -606,3 +606,97 @@ fn fewbit_backward_reads_the_fitted_levels() {
         .to_string();
     assert!(e.contains("has neither"), "{e}");
 }
+
+/// Rank-1 sub-token compression (`autodiff{compress=rank1,group=G}`): a linear layer's weight
+/// gradient is `x̂ᵀ·dy` with `x̂` the sub-token means of its input, its data gradient stays
+/// exact, one input read by two layers is compressed once (`[N, D/G]` stashed instead of
+/// `[N, D]`), and a function with no eligible layer is an error.
+#[test]
+fn rank1_compresses_the_weight_gradient_input() {
+    use cleave_ir::tracer::Tracer;
+    let (n, d, g) = (6usize, 16usize, 4usize);
+    let mut t = Tracer::new("f");
+    let x0 = t.input("x", DType::F32, vec![n, d]).unwrap();
+    let v = t.input("v", DType::F32, vec![n, 8]).unwrap();
+    let w0 = t.param("w0", DType::F32, vec![d, d]).unwrap();
+    let x = t.matmul(x0, w0).unwrap(); // a computed activation, read by two layers
+    let w1 = t.param("w1", DType::F32, vec![d, 8]).unwrap();
+    let w2 = t.param("w2", DType::F32, vec![d, 8]).unwrap();
+    let y1 = t.matmul(x, w1).unwrap();
+    let y2 = t.matmul(x, w2).unwrap();
+    let y = t.add(y1, y2).unwrap();
+    let p = t.mul(y, v).unwrap();
+    let l = t.reduce_sum(p, vec![0, 1]).unwrap();
+    t.output("loss", l).unwrap();
+    let f = t.finish();
+    let args = forward_args(&f, 9);
+    let exact = outputs(&run_pipeline(&f, "autodiff"), &args);
+    let comp = run_pipeline(&f, &format!("autodiff{{compress=rank1,group={g}}}"));
+    let out = outputs(&comp, &args);
+    // dW1 = x̂ᵀ·v with x̂ the group means of x = x0·w0.
+    let (x0s, w0s, vs) = (
+        args["x"].to_f64_vec(),
+        args["w0"].to_f64_vec(),
+        args["v"].to_f64_vec(),
+    );
+    let xs: Vec<f64> = (0..n * d)
+        .map(|e| {
+            (0..d)
+                .map(|k| x0s[e / d * d + k] * w0s[k * d + e % d])
+                .sum()
+        })
+        .collect();
+    let xh: Vec<f64> = (0..n * d)
+        .map(|e| {
+            let base = e / g * g;
+            (base..base + g).map(|q| xs[q]).sum::<f64>() / g as f64
+        })
+        .collect();
+    for name in ["grad.w1", "grad.w2"] {
+        let want: Vec<f64> = (0..d * 8)
+            .map(|e| (0..n).map(|r| xh[r * d + e / 8] * vs[r * 8 + e % 8]).sum())
+            .collect();
+        for (a, b) in out[name].iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-9 * (1.0 + b.abs()),
+                "{name}: {a} vs {b}"
+            );
+        }
+        assert_ne!(out[name], exact[name], "{name} is approximate");
+    }
+    // Data gradients never read a layer's compressed input: the gradient of the input is exact.
+    let dx_exact = outputs(&run_pipeline(&f, "autodiff{wrt=x}"), &args);
+    let dx_comp = outputs(
+        &run_pipeline(&f, "autodiff{compress=rank1,group=4,wrt=x}"),
+        &args,
+    );
+    assert_eq!(
+        dx_exact["grad.x"], dx_comp["grad.x"],
+        "the data gradient stays exact"
+    );
+    // One compression of x: a single [N, D/G] mean in the forward.
+    let means = comp
+        .body
+        .iter()
+        .filter(|&&b| {
+            matches!(comp.nodes[b].op, cleave_ir::Op::Reduce { .. })
+                && comp.nodes[b].phase == Phase::Forward
+                && comp.ty(comp.nodes[b].results[0]).shape == [n, d / g]
+        })
+        .count();
+    assert_eq!(means, 2, "x0 and x, once each");
+    // No linear layer: an error.
+    let mut t = Tracer::new("h");
+    let a = t.input("a", DType::F32, vec![4]).unwrap();
+    let q = t.param("q", DType::F32, vec![4]).unwrap();
+    let m = t.mul(a, q).unwrap();
+    let s = t.reduce_sum(m, vec![0]).unwrap();
+    t.output("loss", s).unwrap();
+    let mut module = Module::with_function(t.finish());
+    let e = PassManager::from_pipeline("autodiff{compress=rank1}")
+        .unwrap()
+        .run(&mut module, &mut PassContext::default(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has none"), "{e}");
+}

@@ -596,6 +596,20 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     };
     let profile = cpu_profile()?;
     if a.schedule.eq_ignore_ascii_case("auto") && limit.is_some() && policy == Policy::Auto {
+        // The joint planner differentiates with backprop and no compression; other choices are
+        // refused rather than silently dropped.
+        let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
+        if method != GradMethod::Bp || a.compress.is_some() {
+            bail!(
+                "--schedule auto --memory-limit: the joint planner plans backprop's stash without \
+                 compression; --grad-method {method}{} is not planned jointly yet: pick a fixed \
+                 schedule (e.g. --schedule zb-h1) or drop the option",
+                a.compress
+                    .as_deref()
+                    .map(|c| format!(" --compress {c}"))
+                    .unwrap_or_default()
+            );
+        }
         let split = split_module_by(forward, p, CPU_PROFILE, Cut::default())
             .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
         let planner = Planner {
@@ -640,8 +654,8 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
     let passes = cleave_passes::autodiff::methods::with_grad_method(&passes, &method)
         .map_err(|e| anyhow::anyhow!("--grad-method: {e}"))?;
-    let fewbit = crate::train::parse_compress(a.compress.as_deref())?;
-    let passes = cleave_passes::autodiff::methods::with_compress(&passes, fewbit)
+    let compress = crate::train::parse_compress(a.compress.as_deref())?;
+    let passes = cleave_passes::autodiff::methods::with_compress(&passes, compress)
         .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
     PassManager::from_pipeline(&passes)?
         .run(&mut module, &mut PassContext::default(), &mut |_| {})

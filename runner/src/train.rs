@@ -53,6 +53,7 @@ use cleave_runtime::{compile_with, Codegen, CompileOptions, HostData, Plan};
 use safetensors::tensor::TensorView;
 
 use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
+use cleave_passes::autodiff::Compress;
 
 use crate::init::{init_params, SplitMix64};
 use crate::load::load_model;
@@ -219,8 +220,9 @@ pub struct TrainArgs {
     /// Random tangents averaged per step by `--grad-method forward-gradient`.
     #[arg(long, default_value_t = 1)]
     pub tangents: usize,
-    /// Lossy stash compression, opt-in: `fewbit` (few-bit backward of GELU/SiLU, 2 bits) or
-    /// `fewbit:B` (1 to 4 bits); see `cleave_passes::autodiff::rules::fewbit`.
+    /// Lossy stash compression, opt-in, comma-separated: `fewbit[:BITS]` (few-bit backward of
+    /// GELU/SiLU, 1 to 4 bits, default 2) and `rank1[:GROUP]` (rank-1 sub-token projection of
+    /// linear layers' inputs for their weight gradients, default 8).
     #[arg(long, value_name = "METHOD")]
     pub compress: Option<String>,
     /// Print each device's planned memory (parameters, gradients, workspace, values crossing
@@ -420,38 +422,47 @@ pub fn build_step_with(
     lr: f64,
     method: &GradMethod,
 ) -> Result<Built> {
-    build_step_compressed(model, batch, loss, opt, lr, method, None)
+    build_step_compressed(model, batch, loss, opt, lr, method, Compress::default())
 }
 
-/// `--compress`: the stash compression methods named (`fewbit` or `fewbit:B`, B bits, default
-/// 2); returns the few-bit backward's bits. Methods of the precision issue that are not built
-/// yet are named as such.
-pub fn parse_compress(text: Option<&str>) -> Result<Option<u32>> {
-    let Some(text) = text else {
-        return Ok(None);
-    };
-    let (name, bits) = match text.split_once(':') {
-        Some((n, b)) => (
-            n,
-            b.parse::<u32>()
-                .ok()
-                .filter(|b| (1..=4).contains(b))
-                .with_context(|| format!("--compress {text}: bits must be 1 to 4"))?,
-        ),
-        None => (text, 2),
-    };
-    match name {
-        "fewbit" => Ok(Some(bits)),
-        "int8" | "rank1" => bail!(
-            "--compress {name}: not built yet; the built stash compression is fewbit (few-bit \
-             backward of GELU/SiLU: `fewbit` or `fewbit:BITS`)"
-        ),
-        _ => bail!("--compress {text}: unknown method; methods: fewbit, fewbit:BITS (1 to 4)"),
+/// `--compress`: the stash compression methods named, comma-separated: `fewbit` or
+/// `fewbit:B` (few-bit backward of GELU/SiLU, B bits, default 2) and `rank1` or `rank1:G`
+/// (rank-1 sub-token projection of linear layers' inputs, groups of G features, default 8).
+/// Methods of the precision issue that are not built yet are named as such.
+pub fn parse_compress(text: Option<&str>) -> Result<Compress> {
+    let mut c = Compress::default();
+    for item in text.into_iter().flat_map(|t| t.split(',')) {
+        let (name, arg) = match item.split_once(':') {
+            Some((n, a)) => (n, Some(a)),
+            None => (item, None),
+        };
+        let num = |lo: usize, hi: usize, what: &str| -> Result<Option<usize>> {
+            arg.map(|a| {
+                a.parse::<usize>()
+                    .ok()
+                    .filter(|x| (lo..=hi).contains(x))
+                    .with_context(|| format!("--compress {item}: {what} must be {lo} to {hi}"))
+            })
+            .transpose()
+        };
+        match name {
+            "fewbit" => c.fewbit = Some(num(1, 4, "bits")?.unwrap_or(2) as u32),
+            "rank1" => c.rank1 = Some(num(2, 4096, "the group")?.unwrap_or(8)),
+            "int8" | "bf16" => bail!(
+                "--compress {name}: not built yet; the built stash compressions are fewbit \
+                 (few-bit backward of GELU/SiLU: `fewbit[:BITS]`) and rank1 (rank-1 sub-tokens \
+                 of linear layers' inputs: `rank1[:GROUP]`)"
+            ),
+            _ => bail!(
+                "--compress {item}: unknown method; methods: fewbit[:BITS] (1 to 4), \
+                 rank1[:GROUP], comma-separated"
+            ),
+        }
     }
+    Ok(c)
 }
 
-/// [`build_step_with`] with the few-bit backward of GELU/SiLU (`--compress fewbit`) when
-/// `fewbit` names its bits.
+/// [`build_step_with`] with the stash compression `compress` (`--compress`).
 pub fn build_step_compressed(
     model: &Path,
     batch: Option<usize>,
@@ -463,7 +474,7 @@ pub fn build_step_compressed(
     opt: OptimizerArg,
     lr: f64,
     method: &GradMethod,
-    fewbit: Option<u32>,
+    compress: Compress,
 ) -> Result<Built> {
     let TrainingModel {
         loaded,
@@ -481,8 +492,9 @@ pub fn build_step_compressed(
         }
     }
     let mut m = Module::with_function(forward.clone());
-    let autodiff = cleave_passes::autodiff::methods::with_compress(&method.autodiff_pass(), fewbit)
-        .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
+    let autodiff =
+        cleave_passes::autodiff::methods::with_compress(&method.autodiff_pass(), compress)
+            .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
     let pipeline = format!("{autodiff},optimizer{{kind={},lr={lr}}}", opt.name());
     let pm = PassManager::from_pipeline(&pipeline)?;
     let mut ctx = PassContext::default();

@@ -235,10 +235,14 @@ pub enum Feedback {
 }
 
 /// A layer: `(node, data operand index, weight operand index)`.
-type Layer = (Node, usize, usize);
+pub(crate) type Layer = (Node, usize, usize);
 
 /// Whether `node` is a layer: a `matmul` or `conv2d` with exactly one data-dependent operand.
-fn layer_of(func: &Function, node: Node, data_dep: &SecondaryMap<Value, bool>) -> Option<Layer> {
+pub(crate) fn layer_of(
+    func: &Function,
+    node: Node,
+    data_dep: &SecondaryMap<Value, bool>,
+) -> Option<Layer> {
     let data = &func.nodes[node];
     if !matches!(data.op, Op::MatMul { .. } | Op::Conv2d { .. }) {
         return None;
@@ -489,13 +493,15 @@ pub fn differentiate_method(
     mode: Mode,
     wrt: &[String],
     method: &GradMethod,
-    (seed, fewbit): (u64, Option<u32>),
+    (seed, compress): (u64, super::Compress),
 ) -> Result<(Function, Vec<String>), String> {
     let fname = func.name.clone();
-    if let (Some(_), GradMethod::ForwardGradient { .. }) = (fewbit, method) {
+    let (fewbit, rank1) = (compress.fewbit, compress.rank1);
+    if let (false, GradMethod::ForwardGradient { .. }) = (compress.is_none(), method) {
         return Err(format!(
-            "@{fname}: compress=fewbit compresses what the backward stashes; a forward gradient \
-             has no backward"
+            "@{fname}: {} compresses what the backward stashes; a forward gradient has no \
+             backward",
+            compress.pass_options()
         ));
     }
     if *method != GradMethod::Bp {
@@ -523,6 +529,7 @@ pub fn differentiate_method(
             wrt,
             &Rewrite {
                 fewbit,
+                rank1,
                 ..Rewrite::default()
             },
         ),
@@ -533,6 +540,7 @@ pub fn differentiate_method(
             &Rewrite {
                 feedback: Feedback::Fa { seed },
                 fewbit,
+                rank1,
                 ..Rewrite::default()
             },
         ),
@@ -543,13 +551,18 @@ pub fn differentiate_method(
             &Rewrite {
                 feedback: Feedback::Dfa { seed },
                 fewbit,
+                rank1,
                 ..Rewrite::default()
             },
         ),
         GradMethod::Local { blocks } => {
             let (func, rewrite, mut warnings) =
                 local_heads(func, *blocks).map_err(|e| format!("@{fname}: {e}"))?;
-            let rewrite = Rewrite { fewbit, ..rewrite };
+            let rewrite = Rewrite {
+                fewbit,
+                rank1,
+                ..rewrite
+            };
             let (f, w) = differentiate_with(func, Mode::Loss, wrt, &rewrite)?;
             warnings = warnings
                 .into_iter()
@@ -828,21 +841,24 @@ fn forward_gradient(func: Function, k: usize) -> Result<(Function, Vec<String>),
     Ok((t.finish(), warnings))
 }
 
-/// Gives every `autodiff` pass of a textual pipeline the few-bit backward of GELU/SiLU with
-/// `fewbit` bits (`compress=fewbit,bits=B`; the CLI's `--compress fewbit`); unchanged for `None`.
-pub fn with_compress(pipeline: &str, fewbit: Option<u32>) -> Result<String, String> {
-    let Some(bits) = fewbit else {
+/// Gives every `autodiff` pass of a textual pipeline the stash compression `compress`
+/// (`compress=…` with its parameters; the CLI's `--compress`); unchanged for none.
+pub fn with_compress(pipeline: &str, compress: super::Compress) -> Result<String, String> {
+    if compress.is_none() {
         return Ok(pipeline.to_string());
-    };
+    }
     let mut entries = crate::pipeline::parse_pipeline(pipeline).map_err(|e| e.to_string())?;
     if !entries.iter().any(|e| e.name == "autodiff") {
         return Err(format!(
-            "the pipeline `{pipeline}` has no `autodiff` pass to give compress=fewbit"
+            "the pipeline `{pipeline}` has no `autodiff` pass to give {}",
+            compress.pass_options()
         ));
     }
     for e in entries.iter_mut().filter(|e| e.name == "autodiff") {
-        e.options.values.insert("compress".into(), "fewbit".into());
-        e.options.values.insert("bits".into(), bits.to_string());
+        for kv in compress.pass_options().split(',') {
+            let (k, v) = kv.split_once('=').expect("pass options are key=value");
+            e.options.values.insert(k.into(), v.into());
+        }
     }
     Ok(entries
         .iter()

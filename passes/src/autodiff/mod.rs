@@ -56,6 +56,8 @@ pub(crate) mod rules;
 /// Few-bit backward of GELU/SiLU (`compress=fewbit`): the fitted thresholds and levels.
 pub use rules::fewbit::fit as fewbit_fit;
 
+use std::collections::HashMap;
+
 use cleave_ir::tracer::Tracer;
 use cleave_ir::{ArgRole, Function, Literal, Module, Node, Op, Phase, Value};
 use cranelift_entity::SecondaryMap;
@@ -101,9 +103,73 @@ pub struct Autodiff {
     pub method: methods::GradMethod,
     /// Seed of the fixed random matrices of `fa` and `dfa`.
     pub seed: u64,
-    /// `compress=fewbit` (with `bits`, default 2): few-bit backward of GELU/SiLU
-    /// (`rules::fewbit`).
+    /// `compress=…`: stash compression of the backward ([`Compress`]).
+    pub compress: Compress,
+}
+
+/// Lossy compression of what the backward stashes (the `autodiff` option `compress`, the CLI's
+/// `--compress`): each method is opt-in and applies only where it is named.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Compress {
+    /// Few-bit backward of GELU/SiLU with this many bits (`compress=fewbit,bits=B`).
     pub fewbit: Option<u32>,
+    /// Rank-1 sub-token projection of linear layers' inputs with this group size
+    /// (`compress=rank1,group=G`).
+    pub rank1: Option<usize>,
+}
+
+impl Compress {
+    /// Whether no method is named.
+    pub fn is_none(&self) -> bool {
+        *self == Compress::default()
+    }
+
+    /// Parses the pass options: `methods` is `compress` (`fewbit`, `rank1`, or both joined by
+    /// `+`), `bits` and `group` their parameters.
+    pub fn from_options(methods: Option<&str>, bits: u32, group: usize) -> Result<Self, String> {
+        let mut c = Compress::default();
+        for m in methods.into_iter().flat_map(|m| m.split('+')) {
+            match m {
+                "fewbit" if (1..=4).contains(&bits) => c.fewbit = Some(bits),
+                "fewbit" => {
+                    return Err(format!("bits={bits}: few-bit backward stores 1 to 4 bits"))
+                }
+                "rank1" if group >= 2 => c.rank1 = Some(group),
+                "rank1" => {
+                    return Err(format!(
+                        "group={group}: rank-1 sub-tokens need at least 2 features"
+                    ))
+                }
+                other => {
+                    return Err(format!(
+                        "unknown method `{other}`; autodiff compresses with fewbit and rank1"
+                    ))
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// The pass options (`compress=…,bits=…,group=…`), empty for none.
+    pub fn pass_options(&self) -> String {
+        let mut methods = Vec::new();
+        let mut opts = Vec::new();
+        if let Some(b) = self.fewbit {
+            methods.push("fewbit");
+            opts.push(format!("bits={b}"));
+        }
+        if let Some(g) = self.rank1 {
+            methods.push("rank1");
+            opts.push(format!("group={g}"));
+        }
+        if methods.is_empty() {
+            return String::new();
+        }
+        std::iter::once(format!("compress={}", methods.join("+")))
+            .chain(opts)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 impl Autodiff {
@@ -124,26 +190,17 @@ impl Autodiff {
                     key: "method".into(),
                     message,
                 })?;
-        let compress = o.take("compress");
+        let methods = o.take("compress");
         let bits = o.take_parsed("bits", 2u32)?;
-        let fewbit = match compress.as_deref() {
-            None => None,
-            Some("fewbit") if (1..=4).contains(&bits) => Some(bits),
-            Some("fewbit") => {
-                return Err(PassError::BadOption {
-                    pass: "autodiff".into(),
-                    key: "bits".into(),
-                    message: format!("{bits}: few-bit backward stores 1 to 4 bits"),
-                })
-            }
-            Some(other) => {
-                return Err(PassError::BadOption {
+        let group = o.take_parsed("group", 8usize)?;
+        let compress =
+            Compress::from_options(methods.as_deref(), bits, group).map_err(|message| {
+                PassError::BadOption {
                     pass: "autodiff".into(),
                     key: "compress".into(),
-                    message: format!("unknown method `{other}`; autodiff compresses with fewbit"),
-                })
-            }
-        };
+                    message,
+                }
+            })?;
         let function = o.take("function");
         let wrt = o
             .take("wrt")
@@ -161,7 +218,7 @@ impl Autodiff {
             wrt,
             method,
             seed,
-            fewbit,
+            compress,
         })
     }
 }
@@ -190,7 +247,7 @@ impl Pass for Autodiff {
                 self.mode,
                 &self.wrt,
                 &self.method,
-                (self.seed, self.fewbit),
+                (self.seed, self.compress),
             )
             .map_err(|message| PassError::Failed {
                 pass: "autodiff",
@@ -251,6 +308,8 @@ pub(crate) struct Rewrite {
     pub feedback: methods::Feedback,
     /// Few-bit backward of GELU/SiLU with this many bits (`rules::fewbit`).
     pub fewbit: Option<u32>,
+    /// Rank-1 sub-token compression of linear layers' inputs with this group (`rules::rank1`).
+    pub rank1: Option<usize>,
 }
 
 /// [`differentiate`] with a [`Rewrite`].
@@ -446,6 +505,21 @@ pub(crate) fn differentiate_with(
         cot[*v] = Some(seed);
     }
     let mut fb = methods::FeedbackState::new(&rewrite.feedback, t.func(), &data_dep, &active_nodes);
+    // Rank-1 compression: the coefficients of each compressed layer input, made once.
+    let mut rank1_cache: HashMap<Value, Value> = HashMap::new();
+    if let Some(group) = rewrite.rank1 {
+        let eligible = active_nodes.iter().any(|&n| {
+            let d = &t.func().nodes[n];
+            (0..2).any(|i| rank1_layer(&t, d, n, i, &data_dep, Some(group)).is_some())
+        });
+        if !eligible {
+            return Err(format!(
+                "@{fname}: compress=rank1 (group={group}) compresses the input of linear layers \
+                 (a 2-D matmul of data by weights, features a multiple of {group}), and this \
+                 function has none"
+            ));
+        }
+    }
     for node in active_nodes {
         let data = t.func().nodes[node].clone();
         let cots: Vec<Option<Value>> = data.results.iter().map(|&r| cot[r]).collect();
@@ -475,11 +549,25 @@ pub(crate) fn differentiate_with(
             }
             t.set_phase(phase_of(&data_dep, operand));
             let fed = fb.substitute(&mut t, &data, i).map_err(err)?;
-            let contribution = match (&data.op, rewrite.fewbit) {
-                (Op::Unary(u), Some(bits)) if rules::fewbit::applies(*u) => {
+            let rank1_input = rank1_layer(&t, &data, node, i, &data_dep, rewrite.rank1);
+            let contribution = match (&data.op, rewrite.fewbit, rank1_input) {
+                (Op::Unary(u), Some(bits), _) if rules::fewbit::applies(*u) => {
                     let dy = cots[0].expect("a unary op is differentiated with a cotangent");
                     rules::fewbit::vjp(&mut t, *u, &data, dy, bits)
                 }
+                (_, _, Some((x, group))) => (|| {
+                    let c = match rank1_cache.get(&x) {
+                        Some(&c) => c,
+                        None => {
+                            let c = rules::rank1::coefficients(&mut t, x, group)?;
+                            rank1_cache.insert(x, c);
+                            c
+                        }
+                    };
+                    let mut approx = data.clone();
+                    approx.operands[0] = rules::rank1::reconstruct(&mut t, c, group)?;
+                    rules::vjp(&mut t, &approx, &cots, i)
+                })(),
                 _ => rules::vjp(&mut t, fed.as_ref().unwrap_or(&data), &cots, i),
             }
             .map_err(|e| {
@@ -533,7 +621,43 @@ pub(crate) fn differentiate_with(
         };
         t.output(&format!("{GRAD_PREFIX}{name}"), g).map_err(err)?;
     }
-    Ok((t.finish(), warnings))
+    let mut func = t.finish();
+    if rewrite.fewbit.is_some() || rewrite.rank1.is_some() {
+        // The compressions made forward nodes while emitting the backward: run them with the
+        // forward (a stable partition keeps every order), so that what they compress dies there.
+        let (fw, bw): (Vec<Node>, Vec<Node>) = func
+            .body
+            .iter()
+            .partition(|&&n| func.nodes[n].phase == Phase::Forward);
+        func.body = fw.into_iter().chain(bw).collect();
+    }
+    Ok((func, warnings))
+}
+
+/// With rank-1 compression of group `group`: `(x, group)` when operand `i` of `data` (node
+/// `node`) is the weight of a linear layer whose data operand `x` is a 2-D lhs with features a
+/// multiple of `group` (see `rules::rank1`).
+fn rank1_layer(
+    t: &Tracer,
+    data: &cleave_ir::NodeData,
+    node: Node,
+    i: usize,
+    data_dep: &SecondaryMap<Value, bool>,
+    group: Option<usize>,
+) -> Option<(Value, usize)> {
+    let group = group?;
+    let Op::MatMul {
+        transpose_lhs: false,
+        ..
+    } = data.op
+    else {
+        return None;
+    };
+    let (_, di, wi) = methods::layer_of(t.func(), node, data_dep)?;
+    let x = data.operands[0];
+    let shape = t.shape(x);
+    (di == 0 && wi == i && shape.len() == 2 && shape[1] % group == 0 && shape[1] > group)
+        .then_some((x, group))
 }
 
 fn describe_outputs(func: &Function) -> String {

@@ -16,6 +16,7 @@ pub(crate) mod fewbit;
 mod index;
 mod linalg;
 mod nn;
+pub(crate) mod rank1;
 mod shape;
 
 use cleave_ir::tracer::{TraceError, Tracer};

@@ -656,7 +656,7 @@ fn rank1_layer(
     let (_, di, wi) = methods::layer_of(t.func(), node, data_dep)?;
     let x = data.operands[0];
     let shape = t.shape(x);
-    (di == 0 && wi == i && shape.len() == 2 && shape[1] % group == 0 && shape[1] > group)
+    (di == 0 && wi == i && shape.len() == 2 && shape[1].is_multiple_of(group) && shape[1] > group)
         .then_some((x, group))
 }
 

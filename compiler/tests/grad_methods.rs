@@ -393,3 +393,31 @@ fn fewbit_compression_trains_on_the_pipeline() {
         assert!(format!("{e:#}").contains(want), "{compress}: {e:#}");
     }
 }
+
+/// Under `--memory-limit`, `--compress` names what the plan may use: with room for the exact
+/// step it is not used (the run equals the uncompressed one bit for bit); under a limit the
+/// exact step meets only with recomputation, the compressed step is chosen.
+#[test]
+fn the_plan_chooses_compression_under_a_limit() {
+    let run = |limit: &str, compress: Option<&str>| {
+        cleave_compiler::pipeline_train::train(&TrainArgs {
+            memory_limit: Some(limit.into()),
+            compress: compress.map(str::to_string),
+            ..common::gpt_tiny(2, "1f1b", 2)
+        })
+        .unwrap_or_else(|e| panic!("{limit} {compress:?}: {e:#}"))
+    };
+    let named = Some("fewbit:1,rank1:8");
+    common::assert_same("roomy", &run("8M", None), &run("8M", named));
+    let exact = run("6M", None);
+    let chosen = run("6M", named);
+    assert!(
+        exact.memory.iter().any(|s| s.summary.added_seconds > 0.0),
+        "the exact step fits 6M without recomputation; the test needs a tighter limit"
+    );
+    assert!(chosen.memory.iter().all(|s| s.summary.added_seconds == 0.0));
+    assert_ne!(
+        exact.losses, chosen.losses,
+        "the compression was not chosen"
+    );
+}

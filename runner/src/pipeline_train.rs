@@ -51,6 +51,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use cleave_ir::{ArgRole, BinaryOp, DType, Function, Module};
 use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
+use cleave_passes::autodiff::Compress;
 use cleave_passes::partition::{Cut, DeviceProfile};
 use cleave_passes::plan::{joint, split_module_by, Planned, Split};
 use cleave_passes::remat::{
@@ -566,6 +567,9 @@ pub struct PipelinePlan {
     /// ([`cleave_passes::plan::joint`]: where the schedule came from, the simulated makespan and
     /// effective bubble under the CPU profile's cost estimates).
     pub planned: Option<Box<Planned>>,
+    /// The `--compress` methods the step was differentiated with (under `--memory-limit`, those
+    /// the plan chose: none when the exact step fits at no more added time).
+    pub compress: Compress,
 }
 
 /// The stage functions and schedule of pipelined training (see the module docs).
@@ -641,11 +645,11 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
             module: x.module,
             memory: x.memory,
             planned: x.planned,
+            compress: Compress::default(),
         });
     }
     let schedule = build_schedule(&a.schedule, p, m)?;
     let n_stages = schedule.n_stages();
-    let mut module = Module::with_function(forward.clone());
     let passes = if n_stages > 1 {
         format!("partition{{stages={n_stages}}},autodiff,split-bw")
     } else {
@@ -655,11 +659,16 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     let passes = cleave_passes::autodiff::methods::with_grad_method(&passes, &method)
         .map_err(|e| anyhow::anyhow!("--grad-method: {e}"))?;
     let compress = crate::train::parse_compress(a.compress.as_deref())?;
-    let passes = cleave_passes::autodiff::methods::with_compress(&passes, compress)
-        .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
-    PassManager::from_pipeline(&passes)?
-        .run(&mut module, &mut PassContext::default(), &mut |_| {})
-        .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
+    let differentiate = |compress: Compress| -> Result<Module> {
+        let passes = cleave_passes::autodiff::methods::with_compress(&passes, compress)
+            .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
+        let mut module = Module::with_function(forward.clone());
+        PassManager::from_pipeline(&passes)?
+            .run(&mut module, &mut PassContext::default(), &mut |_| {})
+            .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
+        Ok(module)
+    };
+    let module = differentiate(compress)?;
     if schedule.reverse.is_some() && planning {
         bail!(
             "--schedule {}: recomputation and memory limits are not planned for bidirectional \
@@ -674,46 +683,73 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
             module,
             memory: Vec::new(),
             planned: None,
+            compress,
         });
     }
     // Recomputation and offload of the saved values, per stage, under the schedule and the
     // memory limit.
     let flights = in_flight(&schedule);
     let placement = placement_of(&schedule);
-    let planner = Planner {
-        base: &module,
-        forward,
-        placement: placement.clone(),
-        n_dev: schedule.p(),
-        m,
-        state_copies: a.optimizer.state_copies(),
-        what: format!("--remat {}", policy.name()),
-        plan: Box::new(|l, reserved| {
-            let mut planned = module.clone();
-            let memory = plan_stages_reserved(
-                &mut planned,
-                policy,
-                l,
-                reserved,
-                &flights,
-                &placement,
-                &profile,
-            )
-            .map_err(|e| anyhow::anyhow!("--remat {}: {e}", policy.name()))?;
-            Ok(Attempt {
-                module: planned,
-                memory,
-                schedule: schedule.clone(),
-                planned: None,
-            })
-        }),
+    let plan_module = |module: &Module| -> Result<Attempt> {
+        let planner = Planner {
+            base: module,
+            forward,
+            placement: placement.clone(),
+            n_dev: schedule.p(),
+            m,
+            state_copies: a.optimizer.state_copies(),
+            what: format!("--remat {}", policy.name()),
+            plan: Box::new(|l, reserved| {
+                let mut planned = module.clone();
+                let memory = plan_stages_reserved(
+                    &mut planned,
+                    policy,
+                    l,
+                    reserved,
+                    &flights,
+                    &placement,
+                    &profile,
+                )
+                .map_err(|e| anyhow::anyhow!("--remat {}: {e}", policy.name()))?;
+                Ok(Attempt {
+                    module: planned,
+                    memory,
+                    schedule: schedule.clone(),
+                    planned: None,
+                })
+            }),
+        };
+        plan_within(&planner, limit)
     };
-    let x = plan_within(&planner, limit)?;
+    // Under a memory limit the named compressions are a choice of the plan, not a given: they
+    // are lossy, so the exact step is kept when it fits with no more added time (recomputation
+    // and exposed transfers under the profile) than the compressed one.
+    let (x, compress) = match (compress.is_none(), limit) {
+        (false, Some(_)) => {
+            let added = |x: &Attempt| {
+                x.memory
+                    .iter()
+                    .map(|s| s.summary.added_seconds)
+                    .sum::<f64>()
+            };
+            let exact = plan_module(&differentiate(Compress::default())?);
+            let packed = plan_module(&module);
+            let (x, used) = match (exact, packed) {
+                (Ok(e), Ok(c)) if added(&e) <= added(&c) => (e, Compress::default()),
+                (_, Ok(c)) => (c, compress),
+                (Ok(e), Err(_)) => (e, Compress::default()),
+                (Err(e), Err(_)) => return Err(e),
+            };
+            (x, used)
+        }
+        _ => (plan_module(&module)?, compress),
+    };
     Ok(PipelinePlan {
         schedule: x.schedule,
         module: x.module,
         memory: x.memory,
         planned: None,
+        compress,
     })
 }
 
@@ -775,8 +811,20 @@ pub fn build_pipeline(
         module,
         memory,
         planned,
+        compress,
     } = pipeline_plan(a, forward)?;
     let n_stages = schedule.n_stages();
+    if let (Some(_), Some(_), false) = (&a.compress, &a.memory_limit, quiet) {
+        let added: f64 = memory.iter().map(|s| s.summary.added_seconds).sum();
+        eprintln!(
+            "plan: {} under --memory-limit (added {added:.6} s of recomputation and transfers)",
+            if compress.is_none() {
+                "the exact backward fits, no --compress method used".to_string()
+            } else {
+                format!("--compress chosen ({})", compress.pass_options())
+            }
+        );
+    }
     if let (Some(x), false) = (&planned, quiet) {
         eprintln!(
             "plan: schedule {} chosen with recomputation/offload (simulated on the {CPU_PROFILE} \

@@ -101,6 +101,21 @@ find_libs() {
     echo
 }
 
+# compare_losses CPU.jsonl GPU.jsonl STEPS RTOL: "ok …" or "off …"/"bad …" on stdout.
+compare_losses() {
+    python3 - "$1" "$2" "$3" "$4" <<'PY'
+import json, sys
+def losses(p):
+    return [json.loads(l)["loss"] for l in open(p) if '"loss"' in l]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+n, tol = int(sys.argv[3]), float(sys.argv[4])
+if len(a) != n or len(b) != n:
+    print("bad steps: cpu %d, cuda %d" % (len(a), len(b))); sys.exit()
+err = max(abs(x - y) / max(abs(x), 1e-30) for x, y in zip(a, b))
+print(("ok " if err <= tol else "off ") + "max rel err %.2e over %d steps; loss %.4f -> %.4f (cpu %.4f)" % (err, n, b[0], b[-1], a[-1]))
+PY
+}
+
 run() {
     local dir=.gpu
     [ -f "$dir/cleave.xz" ] || { echo "gpu-check run: $dir/cleave.xz missing; run 'scripts/gpu-check.sh build' first" >&2; exit 1; }
@@ -144,17 +159,7 @@ run() {
     if timeout $(tl 60) "$cleave" train "${targs[@]}" --metrics "$tmp/cpu.jsonl" 2>&1 | log gpu-check.txt &&
         timeout $(tl 60) "$cleave" train "${targs[@]}" --target cuda --metrics "$tmp/cuda.jsonl" 2>&1 | log gpu-check.txt; then
         local cmp
-        cmp=$(python3 - "$tmp/cpu.jsonl" "$tmp/cuda.jsonl" <<'PY'
-import json, sys
-def losses(p):
-    return [json.loads(l)["loss"] for l in open(p) if '"loss"' in l]
-a, b = losses(sys.argv[1]), losses(sys.argv[2])
-if len(a) != 50 or len(b) != 50:
-    print("bad steps: cpu %d, cuda %d" % (len(a), len(b))); sys.exit()
-err = max(abs(x - y) / max(abs(x), 1e-30) for x, y in zip(a, b))
-print(("ok " if err <= 1e-4 else "off ") + "max rel err %.2e over 50 steps; loss %.4f -> %.4f (cpu %.4f)" % (err, b[0], b[-1], a[-1]))
-PY
-)
+        cmp=$(compare_losses "$tmp/cpu.jsonl" "$tmp/cuda.jsonl" 50 1e-4)
         cp "$tmp/cpu.jsonl" "${out:-$tmp}/gpt-tiny-cpu.jsonl" 2>/dev/null || true
         cp "$tmp/cuda.jsonl" "${out:-$tmp}/gpt-tiny-cuda.jsonl" 2>/dev/null || true
         if [[ "$cmp" == ok* ]]; then
@@ -172,17 +177,7 @@ PY
     if timeout $(tl 60) "$cleave" train "${pargs[@]}" --metrics "$tmp/pcpu.jsonl" 2>&1 | log gpu-check.txt &&
         timeout $(tl 60) "$cleave" train "${pargs[@]}" --target cuda --metrics "$tmp/pcuda.jsonl" 2>&1 | log gpu-check.txt; then
         local pcmp
-        pcmp=$(python3 - "$tmp/pcpu.jsonl" "$tmp/pcuda.jsonl" <<'PY'
-import json, sys
-def losses(p):
-    return [json.loads(l)["loss"] for l in open(p) if '"loss"' in l]
-a, b = losses(sys.argv[1]), losses(sys.argv[2])
-if len(a) != 20 or len(b) != 20:
-    print("bad steps: cpu %d, cuda %d" % (len(a), len(b))); sys.exit()
-err = max(abs(x - y) / max(abs(x), 1e-30) for x, y in zip(a, b))
-print(("ok " if err <= 1e-5 else "off ") + "max rel err %.2e over 20 steps; loss %.4f -> %.4f (cpu %.4f)" % (err, b[0], b[-1], a[-1]))
-PY
-)
+        pcmp=$(compare_losses "$tmp/pcpu.jsonl" "$tmp/pcuda.jsonl" 20 1e-5)
         if [[ "$pcmp" == ok* ]]; then
             record "GPT-tiny 2 stages cuda vs cpu pipeline" pass "${pcmp#ok }"
         else

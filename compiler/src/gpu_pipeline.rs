@@ -39,9 +39,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use cleave_ir::{Function, Tensor};
-use cleave_passes::schedule::ActionKind;
 use cleave_passes::split::split_stages;
-use cleave_runtime::pipeline::{PipelineOptions, StepResult};
+use cleave_runtime::pipeline::{PipelineKind, PipelineOptions, StepResult};
 use cleave_runtime::remote::Remote;
 use cleave_runtime::{host_from_tensor, tensor_from_host, HostData};
 
@@ -162,24 +161,19 @@ impl<B: StepBackend> StagePipeline<B> {
             };
             parts.push([part(st.f)?, part(st.b)?, part(st.w)?]);
         }
-        let lists = schedule
-            .devices
-            .iter()
+        let lists = crate::pipeline_train::device_actions(schedule)
+            .into_iter()
             .map(|list| {
-                list.iter()
-                    .filter_map(|x| {
-                        let kinds: &'static [Kind] = match x.kind {
-                            ActionKind::F => &[Kind::F],
-                            ActionKind::B => &[Kind::B],
-                            ActionKind::W => &[Kind::W],
-                            ActionKind::BW => &[Kind::B, Kind::W],
-                            _ => return None,
-                        };
-                        Some(Step {
-                            stage: x.stage as usize,
-                            kinds,
-                            microbatch: x.microbatch as usize,
-                        })
+                list.into_iter()
+                    .map(|x| Step {
+                        stage: x.stage,
+                        kinds: match x.kind {
+                            PipelineKind::F => &[Kind::F],
+                            PipelineKind::B => &[Kind::B],
+                            PipelineKind::W => &[Kind::W],
+                            PipelineKind::BW => &[Kind::B, Kind::W],
+                        },
+                        microbatch: x.microbatch,
                     })
                     .collect()
             })
@@ -517,6 +511,14 @@ impl<'a> Bytes<'a> {
     }
 }
 
+/// The next message another process sent this one over `remote`.
+fn next_message(remote: &dyn Remote) -> Result<Vec<u8>> {
+    remote
+        .recv()
+        .map_err(anyhow::Error::msg)?
+        .context("the transport was ended")
+}
+
 /// [`StageTransport`] over a [`Remote`] (MPI): each value is one message (microbatch, name,
 /// tensor), sent by a forwarding thread per destination so that a send never waits for a
 /// process that is itself sending.
@@ -584,11 +586,7 @@ impl StageTransport for RemoteTransport<'_> {
     }
 
     fn receive(&mut self) -> Result<(usize, String, Tensor)> {
-        let bytes = self
-            .remote
-            .recv()
-            .map_err(anyhow::Error::msg)?
-            .context("the transport was ended")?;
+        let bytes = next_message(self.remote)?;
         let mut r = Bytes(&bytes);
         let j = r.u64()? as usize;
         let (name, t) = r.tensor()?;
@@ -904,11 +902,7 @@ impl StageTransport for NcclTransport<'_> {
     }
 
     fn receive(&mut self) -> Result<(usize, String, Tensor)> {
-        let bytes = self
-            .remote
-            .recv()
-            .map_err(anyhow::Error::msg)?
-            .context("the transport was ended")?;
+        let bytes = next_message(self.remote)?;
         let mut r = Bytes(&bytes);
         let from = r.u64()? as usize;
         let j = r.u64()? as usize;

@@ -753,6 +753,33 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     })
 }
 
+/// The compute actions (F, B, W, BW) of each device's list in `schedule`, as the executors run
+/// them (communication and offload actions are the executors' own business).
+pub fn device_actions(schedule: &Schedule) -> Vec<Vec<PipelineAction>> {
+    schedule
+        .devices
+        .iter()
+        .map(|list| {
+            list.iter()
+                .filter_map(|x| {
+                    let kind = match x.kind {
+                        ActionKind::F => PipelineKind::F,
+                        ActionKind::B => PipelineKind::B,
+                        ActionKind::W => PipelineKind::W,
+                        ActionKind::BW => PipelineKind::BW,
+                        _ => return None,
+                    };
+                    Some(PipelineAction {
+                        stage: x.stage as usize,
+                        kind,
+                        microbatch: x.microbatch as usize,
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// `--memory-limit` in bytes.
 fn memory_limit(a: &TrainArgs) -> Result<Option<u64>> {
     a.memory_limit
@@ -909,28 +936,7 @@ pub fn build_pipeline(
         }
         per_device(&resident, &saved, &at, n_dev)
     };
-    let actions: Vec<Vec<PipelineAction>> = schedule
-        .devices
-        .iter()
-        .map(|list| {
-            list.iter()
-                .filter_map(|x| {
-                    let kind = match x.kind {
-                        ActionKind::F => PipelineKind::F,
-                        ActionKind::B => PipelineKind::B,
-                        ActionKind::W => PipelineKind::W,
-                        ActionKind::BW => PipelineKind::BW,
-                        _ => return None,
-                    };
-                    Some(PipelineAction {
-                        stage: x.stage as usize,
-                        kind,
-                        microbatch: x.microbatch as usize,
-                    })
-                })
-                .collect()
-        })
-        .collect();
+    let actions = device_actions(&schedule);
     if let Some(f) = fail_at {
         if !actions.iter().flatten().any(|x| *x == f) {
             bail!(

@@ -847,48 +847,47 @@ pub fn with_compress(pipeline: &str, compress: super::Compress) -> Result<String
     if compress.is_none() {
         return Ok(pipeline.to_string());
     }
-    let mut entries = crate::pipeline::parse_pipeline(pipeline).map_err(|e| e.to_string())?;
-    if !entries.iter().any(|e| e.name == "autodiff") {
-        return Err(format!(
-            "the pipeline `{pipeline}` has no `autodiff` pass to give {}",
-            compress.pass_options()
-        ));
-    }
-    for e in entries.iter_mut().filter(|e| e.name == "autodiff") {
-        for kv in compress.pass_options().split(',') {
-            let (k, v) = kv.split_once('=').expect("pass options are key=value");
-            e.options.values.insert(k.into(), v.into());
-        }
-    }
-    Ok(entries
-        .iter()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join(","))
+    let options = compress.pass_options();
+    with_autodiff_options(pipeline, &options, &options, |_| None)
 }
 
 /// Gives every `autodiff` pass of a textual pipeline the options of `method` (the CLI's
 /// `--grad-method` on `cleave opt` and `cleave inspect`). An `autodiff` that already names a
 /// `method` is an error when it differs.
 pub fn with_grad_method(pipeline: &str, method: &GradMethod) -> Result<String, String> {
+    with_autodiff_options(
+        pipeline,
+        &format!("the method {method}"),
+        &method.pass_options(),
+        |e| {
+            e.options
+                .values
+                .get("method")
+                .filter(|m| *m != method.name())
+                .map(|_| format!("the pipeline's `{e}` conflicts with --grad-method {method}"))
+        },
+    )
+}
+
+/// Sets `options` (`key=value,…`) on every `autodiff` pass of a textual pipeline (`what` names
+/// them in the error when there is none); `conflict` may refuse an entry with a message.
+fn with_autodiff_options(
+    pipeline: &str,
+    what: &str,
+    options: &str,
+    conflict: impl Fn(&crate::pipeline::PipelineEntry) -> Option<String>,
+) -> Result<String, String> {
     let mut entries = crate::pipeline::parse_pipeline(pipeline).map_err(|e| e.to_string())?;
     if !entries.iter().any(|e| e.name == "autodiff") {
         return Err(format!(
-            "the pipeline `{pipeline}` has no `autodiff` pass to give the method {method}"
+            "the pipeline `{pipeline}` has no `autodiff` pass to give {what}"
         ));
     }
-    for e in &mut entries {
-        if e.name != "autodiff" {
-            continue;
+    for e in entries.iter_mut().filter(|e| e.name == "autodiff") {
+        if let Some(message) = conflict(e) {
+            return Err(message);
         }
-        if let Some(m) = e.options.values.get("method") {
-            if m != method.name() {
-                return Err(format!(
-                    "the pipeline's `{e}` conflicts with --grad-method {method}"
-                ));
-            }
-        }
-        for kv in method.pass_options().split(',').filter(|s| !s.is_empty()) {
+        for kv in options.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').expect("pass options are key=value");
             e.options.values.insert(k.into(), v.into());
         }

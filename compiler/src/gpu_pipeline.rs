@@ -25,14 +25,26 @@
 //! Values cross stages through the host (the backend's `output`, then `set` on the consumer):
 //! with one stream per stage a stage's kernels run in order on its stream, and a download waits
 //! for them. Overlap between stages (device-to-device copies behind events) is not built yet.
+//! `stash.*` values belong to the stage that made them (two stages may stash one value under
+//! one name) and never leave it.
+//!
+//! # Processes
+//!
+//! Under `mpirun` (feature `mpi`) each process runs one device's list and builds only that
+//! device's stages. A value a stage on another device reads leaves through a `StageTransport`
+//! (send, receive, wait): host tensors over MPI, or device buffers over NCCL (feature `nccl`);
+//! a process that waits for a value receives the next one sent to it. After the step every
+//! process all-gathers the losses and gradient sums, so that all of them apply the same update;
+//! rank 0 prints, writes metrics and checkpoints.
 //!
 //! # What it checks
 //!
 //! `compiler/tests/stage_pipeline.rs` runs this executor on the CPU runtime's compiled plans (bit
 //! for bit the losses and weights of the thread pipeline under 1F1B, ZB-H1 and ZB-V) and, with
 //! the `mlir` feature, on MLIR's CPU lowering of the kernels the GPU path compiles (losses within
-//! 1e-4). `scripts/gpu-check.sh` compares `--target cuda --stages 2` with the CPU pipeline on a
-//! GPU.
+//! 1e-4). `cleave train --executor list` runs it on CPU plans, under `mpirun` too
+//! (`compiler/tests/mpi_pipeline.rs`). `scripts/gpu-check.sh` compares `--target cuda --stages 2`
+//! with the CPU pipeline on a GPU; the GPU and NCCL paths have not run yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;

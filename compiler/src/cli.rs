@@ -320,6 +320,11 @@ pub struct InspectArgs {
     /// With --memory: write the timeline and memory over time (SVG) here.
     #[arg(long, requires = "memory")]
     pub svg: Option<PathBuf>,
+    /// With --memory: the stash compressions of `cleave train --compress` (fewbit[:BITS],
+    /// rank1[:GROUP]) whose effect on each stage's saved values is listed: the values each
+    /// replaces and adds, their bytes, and the forward FLOPs added (JSON key `compress`).
+    #[arg(long, requires = "memory", value_name = "METHODS")]
+    pub compress: Option<String>,
     /// Differentiate with this gradient method (bp, forward-gradient, fa, dfa, local{blocks=K}):
     /// every `autodiff` of `--passes` takes it, and without `--passes` the report is of
     /// `autodiff,split-bw` (so FLOPs per phase and stash bytes are the method's).
@@ -725,8 +730,16 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
         )
         .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    let compressed = a
+        .compress
+        .as_deref()
+        .map(|c| compress_report(&forward, a.stages, c))
+        .transpose()?;
     if a.json {
         let mut v = planned.to_json(policy, limit);
+        if let Some(c) = compressed {
+            v["compress"] = c;
+        }
         if !tried.is_empty() {
             v["joint"] = tried
                 .iter()
@@ -736,6 +749,21 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         out.push_str(&planned.render());
+        if let Some(c) = &compressed {
+            for st in c["stages"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "stash compression ({}): stage {}: saved bytes {} -> {} ({} values replaced, {} added; +{} forward FLOPs)",
+                    c["methods"].as_str().unwrap_or(""),
+                    st["stage"],
+                    st["saved_bytes_exact"],
+                    st["saved_bytes"],
+                    st["replaced"].as_array().map_or(0, |v| v.len()),
+                    st["added"].as_array().map_or(0, |v| v.len()),
+                    st["added_forward_flops"],
+                )?;
+            }
+        }
         for (o, mk, b) in &tried {
             writeln!(
                 out,
@@ -744,6 +772,85 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// What `--compress` methods do to each stage's saved values (`inspect --memory --compress`):
+/// the step of `forward` cut into `stages` (`partition`), differentiated without and with them
+/// and split; per stage, the values F saves (`stash.*`, one name per forward value in both) that
+/// the compressed step no longer saves and those it adds, with their bytes, the bytes B hands to
+/// W in each, and the forward FLOPs it adds.
+fn compress_report(forward: &Function, stages: usize, methods: &str) -> Result<serde_json::Value> {
+    use cleave_passes::autodiff::methods::with_compress;
+    use cleave_passes::autodiff::Compress;
+    let compress = crate::train::parse_compress(Some(methods))?;
+    let split = |c: Compress| -> Result<Module> {
+        let base = if stages > 1 {
+            format!("partition{{stages={stages}}},autodiff,split-bw")
+        } else {
+            "autodiff,split-bw".to_string()
+        };
+        let passes = with_compress(&base, c).map_err(anyhow::Error::msg)?;
+        let mut m = Module::with_function(forward.clone());
+        PassManager::from_pipeline(&passes)?
+            .run(&mut m, &mut PassContext::default(), &mut |_| {})
+            .map_err(|e| anyhow::anyhow!("--compress {methods}: {passes}: {e}"))?;
+        Ok(m)
+    };
+    let (exact, packed) = (split(Compress::default())?, split(compress)?);
+    // Per stage: saved values by name with bytes, and F's FLOPs.
+    let of = |m: &Module| -> Vec<(BTreeMap<String, u64>, u64, u64)> {
+        cleave_passes::split::split_stages(m)
+            .iter()
+            .map(|st| {
+                // F's saved values are forward values, numbered alike in both steps; B's (its
+                // B→W stash) are backward values, whose numbers the compression shifts: only
+                // their bytes are compared.
+                let bytes = |f: &Function, o: &cleave_ir::Output| {
+                    let ty = f.ty(o.value);
+                    (ty.num_elements() * ty.dtype.size_bytes()) as u64
+                };
+                let stashed = |f: &'_ Function| {
+                    f.outputs
+                        .iter()
+                        .filter(|o| o.name.starts_with("stash."))
+                        .map(|o| (o.name.clone(), bytes(f, o)))
+                        .collect::<BTreeMap<String, u64>>()
+                };
+                let b_to_w: u64 = stashed(st.b).values().sum();
+                let flops =
+                    st.f.body
+                        .iter()
+                        .map(|&n| cleave_ir::cost::node_flops(st.f, n).total())
+                        .sum();
+                (stashed(st.f), b_to_w, flops)
+            })
+            .collect()
+    };
+    let listed = |v: Vec<(&String, &u64)>| -> serde_json::Value {
+        v.into_iter()
+            .map(|(n, b)| serde_json::json!({"name": n, "bytes": b}))
+            .collect()
+    };
+    let stages: Vec<serde_json::Value> = of(&exact)
+        .iter()
+        .zip(of(&packed).iter())
+        .enumerate()
+        .map(|(s, ((e, ew, fe), (p, pw, fp)))| {
+            let replaced: Vec<_> = e.iter().filter(|(n, _)| !p.contains_key(*n)).collect();
+            let added: Vec<_> = p.iter().filter(|(n, _)| !e.contains_key(*n)).collect();
+            serde_json::json!({
+                "stage": s,
+                "saved_bytes_exact": e.values().sum::<u64>() + ew,
+                "saved_bytes": p.values().sum::<u64>() + pw,
+                "b_to_w_bytes_exact": ew,
+                "b_to_w_bytes": pw,
+                "replaced": listed(replaced),
+                "added": listed(added),
+                "added_forward_flops": fp.saturating_sub(*fe),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({"methods": compress.pass_options(), "stages": stages}))
 }
 
 /// `pipeline` with `--grad-method` applied to its `autodiff` passes.

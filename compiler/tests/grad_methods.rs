@@ -421,3 +421,58 @@ fn the_plan_chooses_compression_under_a_limit() {
         "the compression was not chosen"
     );
 }
+
+/// `inspect --memory --compress`: per stage, the saved values a compression replaces and adds,
+/// with bytes. Few-bit at 2 bits replaces each GELU input (f32) by two bool tensors: half the
+/// bytes, exactly; rank-1 shrinks the saved bytes too; both add forward FLOPs.
+#[test]
+fn inspect_lists_what_compression_replaces() {
+    let model = root().join("examples/gpt-tiny.cir");
+    let report = |methods: &str| -> Value {
+        let o = cleave(&[
+            "inspect",
+            model.to_str().unwrap(),
+            "--memory",
+            "--json",
+            "--stages",
+            "2",
+            "--compress",
+            methods,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["compress"].clone()
+    };
+    let sum = |v: &Value| -> u64 {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["bytes"].as_u64().unwrap())
+            .sum()
+    };
+    let fb = report("fewbit:2");
+    assert_eq!(fb["methods"], "compress=fewbit,bits=2");
+    let stages = fb["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2);
+    let mut replaced_total = 0;
+    for st in stages {
+        let (replaced, added) = (sum(&st["replaced"]), sum(&st["added"]));
+        assert_eq!(added * 2, replaced, "{st}");
+        assert_eq!(st["b_to_w_bytes"], st["b_to_w_bytes_exact"], "{st}");
+        assert_eq!(
+            st["saved_bytes"].as_u64().unwrap() + replaced - added,
+            st["saved_bytes_exact"].as_u64().unwrap(),
+            "{st}"
+        );
+        replaced_total += replaced;
+    }
+    assert!(replaced_total > 0, "no GELU input was compressed: {fb}");
+    let r1 = report("rank1:8");
+    for st in r1["stages"].as_array().unwrap() {
+        assert!(
+            st["saved_bytes"].as_u64().unwrap() < st["saved_bytes_exact"].as_u64().unwrap(),
+            "{st}"
+        );
+        assert!(st["added_forward_flops"].as_u64().unwrap() > 0, "{st}");
+    }
+}

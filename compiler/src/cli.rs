@@ -320,8 +320,8 @@ pub struct InspectArgs {
     /// With --memory: write the timeline and memory over time (SVG) here.
     #[arg(long, requires = "memory")]
     pub svg: Option<PathBuf>,
-    /// With --memory: the stash compressions of `cleave train --compress` (fewbit[:BITS],
-    /// rank1[:GROUP]) whose effect on each stage's saved values is listed: the values each
+    /// With --memory: the stash compressions of `cleave train --compress` (`fewbit[:BITS]`,
+    /// `rank1[:GROUP]`) whose effect on each stage's saved values is listed: the values each
     /// replaces and adds, their bytes, and the forward FLOPs added (JSON key `compress`).
     #[arg(long, requires = "memory", value_name = "METHODS")]
     pub compress: Option<String>,

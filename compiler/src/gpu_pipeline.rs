@@ -58,12 +58,12 @@ use cleave_runtime::{host_from_tensor, tensor_from_host, HostData};
 
 use crate::gpu_train::StepBackend;
 use crate::pipeline_train::{
-    finish_step, pipeline_plan, step_options, tangent_inputs, with_shapes, PipelineState,
+    final_eval, finish_step, pipeline_plan, step_data, step_options, tangent_inputs, with_shapes,
+    PipelineState,
 };
 use crate::train::{
-    checkpoint_meta, eval_plan, evaluate, gather_batch, load_data, parse_grad_method,
-    restore_checkpoint, set_args, write_checkpoint, Metrics, Order, Progress, TrainArgs,
-    TrainSummary,
+    checkpoint_meta, gather_batch, parse_grad_method, restore_checkpoint, write_checkpoint,
+    Metrics, Order, Progress, TrainArgs, TrainSummary,
 };
 
 /// One stage function on its backend (`None` for a function with no outputs).
@@ -756,16 +756,8 @@ fn train_loop<B: StepBackend>(
         mut updater,
     } = PipelineState::new(a, lr, &forward, &loaded, &plan.module)?;
     let batch = m * mb;
-    let (cols, n) = load_data(&a.data, &forward)?;
-    let n_eval = crate::train::held_out(n, batch);
-    let n_train = n - n_eval;
-    if n_train < batch {
-        bail!(
-            "{}: {n} examples leave {n_train} for training, fewer than one step's {m} \
-             microbatches of {mb}",
-            a.data.display()
-        );
-    }
+    let data = step_data(a, &forward, mb)?;
+    let (cols, n_train) = (&data.cols, data.n_train);
     let data_shapes: BTreeMap<&str, Vec<usize>> = forward
         .data_inputs()
         .map(|x| (x.name, x.ty.shape.clone()))
@@ -838,18 +830,7 @@ fn train_loop<B: StepBackend>(
     }
     summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     // Final evaluation on the held-out tail, on the CPU runtime, as the CPU pipeline does.
-    let labels = ["labels", "targets"]
-        .into_iter()
-        .find(|x| cols.iter().any(|c| c.name == *x));
-    if let (true, Some(labels)) = (n_eval >= mb && forward.output("logits").is_some(), labels) {
-        let mut slot = None;
-        let plan = eval_plan(&mut slot, &forward, a.codegen)?;
-        set_args(plan, &params)?;
-        let (acc, eval_loss) = evaluate(plan, &cols, labels, n_train, n, mb)?;
-        summary.accuracy = Some(acc);
-        metrics
-            .line(serde_json::json!({"step": a.steps, "eval_loss": eval_loss, "accuracy": acc}))?;
-    }
+    final_eval(a, &forward, &data, mb, &params, &mut summary, &mut metrics)?;
     Ok(StageRun {
         summary,
         losses,

@@ -753,6 +753,71 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     })
 }
 
+/// The examples of a pipelined run: the data columns, their count, and the split into training
+/// examples and the held-out tail.
+pub struct StepData {
+    /// The data inputs' columns.
+    pub cols: Vec<crate::train::Column>,
+    /// Examples.
+    pub n: usize,
+    /// Training examples (the first ones).
+    pub n_train: usize,
+    /// Held-out examples (the tail).
+    pub n_eval: usize,
+}
+
+/// Loads `--data` for a pipelined run of `forward` (microbatch `mb`, `--microbatches` of them
+/// per step) and holds out its tail; too few training examples for one step is an error.
+pub fn step_data(a: &TrainArgs, forward: &Function, mb: usize) -> Result<StepData> {
+    let m = a.microbatches;
+    let batch = m * mb;
+    let (cols, n) = load_data(&a.data, forward)?;
+    let n_eval = crate::train::held_out(n, batch);
+    let n_train = n - n_eval;
+    if n_train < batch {
+        bail!(
+            "{}: {n} examples leave {n_train} for training, fewer than one step's {m} \
+             microbatches of {mb}",
+            a.data.display()
+        );
+    }
+    Ok(StepData {
+        cols,
+        n,
+        n_train,
+        n_eval,
+    })
+}
+
+/// The final evaluation of a pipelined run on the held-out tail, as single-stage training does
+/// it (when the model has `logits` and the data labels): accuracy into `summary`, a metrics line.
+pub fn final_eval(
+    a: &TrainArgs,
+    forward: &Function,
+    data: &StepData,
+    mb: usize,
+    params: &BTreeMap<String, HostData>,
+    summary: &mut TrainSummary,
+    metrics: &mut Metrics,
+) -> Result<()> {
+    let labels = ["labels", "targets"]
+        .into_iter()
+        .find(|x| data.cols.iter().any(|c| c.name == *x));
+    if let (true, Some(labels)) = (
+        data.n_eval >= mb && forward.output("logits").is_some(),
+        labels,
+    ) {
+        let mut slot = None;
+        let plan = eval_plan(&mut slot, forward, a.codegen)?;
+        set_args(plan, params)?;
+        let (acc, eval_loss) = evaluate(plan, &data.cols, labels, data.n_train, data.n, mb)?;
+        summary.accuracy = Some(acc);
+        metrics
+            .line(serde_json::json!({"step": a.steps, "eval_loss": eval_loss, "accuracy": acc}))?;
+    }
+    Ok(())
+}
+
 /// The compute actions (F, B, W, BW) of each device's list in `schedule`, as the executors run
 /// them (communication and offload actions are the executors' own business).
 pub fn device_actions(schedule: &Schedule) -> Vec<Vec<PipelineAction>> {
@@ -1447,16 +1512,12 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
 
     // Data.
     let batch = m * mb;
-    let (cols, n) = load_data(&a.data, &forward)?;
-    let n_eval = crate::train::held_out(n, batch);
-    let n_train = n - n_eval;
-    if n_train < batch {
-        bail!(
-            "{}: {n} examples leave {n_train} for training, fewer than one step's {m} \
-             microbatches of {mb}",
-            a.data.display()
-        );
-    }
+    let StepData {
+        cols,
+        n,
+        n_train,
+        n_eval,
+    } = step_data(a, &forward, mb)?;
     let mut order = Order::new(n_train, a.seed);
     // Checkpoints: every parameter by name with the step (SGD keeps no other state), the format
     // of one-stage checkpoints; a run with threads and one with a process per device read each
@@ -1726,21 +1787,13 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         }
     }
     // Final evaluation on the held-out tail, like single-stage training.
-    let labels_name = ["labels", "targets"]
-        .into_iter()
-        .find(|x| cols.iter().any(|c| c.name == *x));
-    if n_eval >= mb && forward.output("logits").is_some() {
-        if let Some(labels) = labels_name {
-            let mut slot = None;
-            let eval_plan = eval_plan(&mut slot, &forward, a.codegen)?;
-            set_args(eval_plan, &params)?;
-            let (acc, eval_loss) = evaluate(eval_plan, &cols, labels, n_train, n, mb)?;
-            summary.accuracy = Some(acc);
-            metrics.line(
-                serde_json::json!({"step": a.steps, "eval_loss": eval_loss, "accuracy": acc}),
-            )?;
-        }
-    }
+    let data = StepData {
+        cols,
+        n,
+        n_train,
+        n_eval,
+    };
+    final_eval(a, &forward, &data, mb, &params, &mut summary, &mut metrics)?;
     summary.process_rank = rank;
     Ok(PipelineRun {
         summary,

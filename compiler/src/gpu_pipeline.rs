@@ -58,18 +58,21 @@ use cleave_runtime::{host_from_tensor, tensor_from_host, HostData};
 
 use crate::gpu_train::StepBackend;
 use crate::pipeline_train::{
-    final_eval, finish_step, pipeline_plan, step_data, step_options, tangent_inputs, with_shapes,
-    PipelineState,
+    final_eval, finish_step, microbatches, pipeline_plan, step_data, step_options, tangent_inputs,
+    with_shapes, PipelineState,
 };
 use crate::train::{
-    checkpoint_meta, gather_batch, parse_grad_method, restore_checkpoint, write_checkpoint,
-    Metrics, Order, Progress, TrainArgs, TrainSummary,
+    checkpoint_meta, parse_grad_method, restore_checkpoint, write_checkpoint, Metrics, Order,
+    Progress, TrainArgs, TrainSummary,
 };
 
 /// One stage function on its backend (`None` for a function with no outputs).
 struct Part<B> {
     func: Function,
     backend: Option<B>,
+    /// The step whose parameters the backend holds (they change only between steps, so each
+    /// backend receives them once per step).
+    params_of: Option<u64>,
 }
 
 /// What a run of [`train_stages_on`] returns.
@@ -120,6 +123,8 @@ pub struct StagePipeline<B> {
     /// Per value name, the devices whose stage functions read it (`stash.*` values never leave
     /// their stage and are not listed).
     readers: HashMap<String, Vec<usize>>,
+    /// Steps run (the generation of the parameters the backends hold).
+    steps: u64,
 }
 
 impl<B: StepBackend> StagePipeline<B> {
@@ -169,6 +174,7 @@ impl<B: StepBackend> StagePipeline<B> {
                 Ok(Part {
                     func: f.clone(),
                     backend,
+                    params_of: None,
                 })
             };
             parts.push([part(st.f)?, part(st.b)?, part(st.w)?]);
@@ -195,6 +201,7 @@ impl<B: StepBackend> StagePipeline<B> {
             lists,
             microbatches,
             readers,
+            steps: 0,
         })
     }
 
@@ -224,15 +231,19 @@ impl<B: StepBackend> StagePipeline<B> {
             return Ok(());
         };
         let func = &part.func;
+        let fresh = part.params_of == Some(self.steps);
         for arg in func.args() {
             let n = arg.name;
+            if fresh && have.params.contains_key(n) {
+                continue;
+            }
             let t = if is_accumulator(func, k, n) {
                 have.acc[x.stage]
                     .get(n)
                     .cloned()
                     .unwrap_or_else(|| Tensor::zeros(arg.ty))
             } else if let Some(v) = have.value(x.stage, j, n) {
-                // The same elements under the argument's shape (a tangent is drawn flat).
+                // The same elements under the argument's shape (data and tangents come flat).
                 let mut v = v.clone();
                 if v.numel() == arg.ty.num_elements() {
                     v.shape.clone_from(&arg.ty.shape);
@@ -245,6 +256,7 @@ impl<B: StepBackend> StagePipeline<B> {
                 .set(n, &t)
                 .with_context(|| format!("device {d}, action {x}: `{n}`"))?;
         }
+        part.params_of = Some(self.steps);
         backend
             .run()
             .with_context(|| format!("device {d}, action {x}: @{}", func.name))?;
@@ -292,6 +304,7 @@ impl<B: StepBackend> StagePipeline<B> {
         if micro.len() != m {
             bail!("{} microbatches given, the pipeline runs {m}", micro.len());
         }
+        self.steps += 1;
         let mut have = Held {
             params: params
                 .iter()
@@ -757,11 +770,6 @@ fn train_loop<B: StepBackend>(
     } = PipelineState::new(a, lr, &forward, &loaded, &plan.module)?;
     let batch = m * mb;
     let data = step_data(a, &forward, mb)?;
-    let (cols, n_train) = (&data.cols, data.n_train);
-    let data_shapes: BTreeMap<&str, Vec<usize>> = forward
-        .data_inputs()
-        .map(|x| (x.name, x.ty.shape.clone()))
-        .collect();
     let mut start = 0;
     if let Some(dir) = &a.resume {
         let mut state = with_shapes(&shapes, &params);
@@ -776,7 +784,7 @@ fn train_loop<B: StepBackend>(
     } else {
         None
     })?;
-    let mut order = Order::new(n_train, a.seed);
+    let mut order = Order::new(data.n_train, a.seed);
     let mut summary = TrainSummary {
         process_rank: rank,
         ..TrainSummary::default()
@@ -786,26 +794,16 @@ fn train_loop<B: StepBackend>(
     let t0 = Instant::now();
     for step in start..a.steps {
         let rows = order.rows(step, batch);
-        let sizes: Vec<usize> = tangents.iter().map(|(_, n)| *n).collect();
-        let drawn = crate::train::draw_tangents(a.seed, step, &sizes);
-        let micro: Vec<BTreeMap<String, Tensor>> = (0..m)
-            .map(|j| {
-                let mut x: BTreeMap<String, Tensor> = cols
-                    .iter()
-                    .map(|c| {
-                        let d = gather_batch(c, &rows[j * mb..(j + 1) * mb]);
-                        (
-                            c.name.clone(),
-                            tensor_from_host(&data_shapes[c.name.as_str()], &d),
-                        )
-                    })
-                    .collect();
-                for ((name, n), d) in tangents.iter().zip(&drawn) {
-                    x.insert(name.clone(), tensor_from_host(&[*n], d));
-                }
-                x
-            })
-            .collect();
+        // Flat tensors: each value takes its argument's shape where a stage reads it.
+        let micro: Vec<BTreeMap<String, Tensor>> =
+            microbatches(&data.cols, &rows, mb, &tangents, a.seed, step)
+                .into_iter()
+                .map(|x| {
+                    x.into_iter()
+                        .map(|(k, d)| (k, tensor_from_host(&[d.len()], &d)))
+                        .collect()
+                })
+                .collect();
         let mut r = pipe
             .step(&params, &shapes, &micro, &opts, link.as_deref_mut())
             .with_context(|| format!("--target {target}: rank {rank}: step {step}"))?;
@@ -933,7 +931,9 @@ impl CpuPlanBackend {
             f,
             &cleave_runtime::CompileOptions {
                 fuse: true,
-                preserve_args: false,
+                // The executor sets parameters once per step: the plan must not reuse their
+                // buffers.
+                preserve_args: true,
                 jit: true,
                 codegen,
             },

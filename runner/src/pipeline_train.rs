@@ -753,6 +753,34 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     })
 }
 
+/// The microbatches of step `step`, whose examples are `rows` (`mb` per microbatch): every data
+/// column's rows and, for a forward gradient, the step's `tangents` (name, elements), the same
+/// for every microbatch of the step.
+pub fn microbatches(
+    cols: &[crate::train::Column],
+    rows: &[usize],
+    mb: usize,
+    tangents: &[(String, usize)],
+    seed: Option<u64>,
+    step: usize,
+) -> Vec<BTreeMap<String, HostData>> {
+    let sizes: Vec<usize> = tangents.iter().map(|(_, n)| *n).collect();
+    let drawn = crate::train::draw_tangents(seed, step, &sizes);
+    rows.chunks(mb)
+        .map(|rows| {
+            cols.iter()
+                .map(|c| (c.name.clone(), gather_batch(c, rows)))
+                .chain(
+                    tangents
+                        .iter()
+                        .map(|(n, _)| n.clone())
+                        .zip(drawn.iter().cloned()),
+                )
+                .collect()
+        })
+        .collect()
+}
+
 /// The examples of a pipelined run: the data columns, their count, and the split into training
 /// examples and the held-out tail.
 pub struct StepData {
@@ -1589,22 +1617,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let t0 = Instant::now();
     for step in start..a.steps {
         let rows = order.rows(step, batch);
-        // Forward-gradient tangents: the same for every microbatch of the step.
-        let sizes: Vec<usize> = tangents.iter().map(|(_, n)| *n).collect();
-        let drawn = crate::train::draw_tangents(a.seed, step, &sizes);
-        let micro: Vec<BTreeMap<String, HostData>> = (0..m)
-            .map(|j| {
-                cols.iter()
-                    .map(|c| (c.name.clone(), gather_batch(c, &rows[j * mb..(j + 1) * mb])))
-                    .chain(
-                        tangents
-                            .iter()
-                            .map(|(n, _)| n.clone())
-                            .zip(drawn.iter().cloned()),
-                    )
-                    .collect()
-            })
-            .collect();
+        let micro = microbatches(&cols, &rows, mb, &tangents, a.seed, step);
         let micro: Vec<BTreeMap<String, HostSlice<'_>>> = micro
             .iter()
             .map(|mb| mb.iter().map(|(k, d)| (k.clone(), d.as_slice())).collect())

@@ -505,8 +505,10 @@ pub(crate) fn differentiate_with(
         cot[*v] = Some(seed);
     }
     let mut fb = methods::FeedbackState::new(&rewrite.feedback, t.func(), &data_dep, &active_nodes);
-    // Rank-1 compression: the coefficients of each compressed layer input, made once.
+    // Rank-1 compression: the coefficients of each compressed layer input, made once. Few-bit
+    // backward: each activation's fit, found once.
     let mut rank1_cache: HashMap<Value, Value> = HashMap::new();
+    let mut fits: HashMap<cleave_ir::UnaryOp, (Vec<f64>, Vec<f64>)> = HashMap::new();
     if let Some(group) = rewrite.rank1 {
         let eligible = active_nodes.iter().any(|&n| {
             let d = &t.func().nodes[n];
@@ -553,7 +555,10 @@ pub(crate) fn differentiate_with(
             let contribution = match (&data.op, rewrite.fewbit, rank1_input) {
                 (Op::Unary(u), Some(bits), _) if rules::fewbit::applies(*u) => {
                     let dy = cots[0].expect("a unary op is differentiated with a cotangent");
-                    rules::fewbit::vjp(&mut t, *u, &data, dy, bits)
+                    let fitted = fits
+                        .entry(*u)
+                        .or_insert_with(|| rules::fewbit::fit(*u, bits));
+                    rules::fewbit::vjp(&mut t, &data, dy, bits, fitted)
                 }
                 (_, _, Some((x, group))) => (|| {
                     let c = match rank1_cache.get(&x) {

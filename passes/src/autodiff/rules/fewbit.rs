@@ -124,10 +124,16 @@ pub fn fit(u: UnaryOp, bits: u32) -> (Vec<f64>, Vec<f64>) {
 }
 
 /// `dy · c(x)` for `node` (a unary activation [`applies`] accepts), with the interval bits of
-/// `x` computed in the forward (see the module docs).
-pub fn vjp(t: &mut Tracer, u: UnaryOp, node: &NodeData, dy: Value, bits: u32) -> RuleResult {
+/// `x` computed in the forward (see the module docs); `(thr, lev)` is the activation's [`fit`]
+/// at `bits` bits.
+pub fn vjp(
+    t: &mut Tracer,
+    node: &NodeData,
+    dy: Value,
+    bits: u32,
+    (thr, lev): &(Vec<f64>, Vec<f64>),
+) -> RuleResult {
     let x = node.operands[0];
-    let (thr, lev) = fit(u, bits);
     let phase = t.phase();
     t.set_phase(Phase::Forward);
     // bits[j] for j = B−1 … 0: the comparison with the middle threshold of the range the higher
@@ -136,7 +142,7 @@ pub fn vjp(t: &mut Tracer, u: UnaryOp, node: &NodeData, dy: Value, bits: u32) ->
     let coded = (|| -> RuleResult {
         // One comparison per threshold, made once.
         let mut gt = Vec::with_capacity(thr.len());
-        for &c in &thr {
+        for &c in thr {
             let s = splat(t, x, c)?;
             gt.push(cmp(t, CompareOp::Gt, x, s)?);
         }

@@ -446,8 +446,15 @@ pub fn parse_compress(text: Option<&str>) -> Result<Compress> {
             .transpose()
         };
         match name {
-            "fewbit" => c.fewbit = Some(num(1, 4, "bits")?.unwrap_or(2) as u32),
-            "rank1" => c.rank1 = Some(num(2, 4096, "the group")?.unwrap_or(8)),
+            "fewbit" => {
+                let (lo, hi, default) = Compress::BITS;
+                let bits = num(lo as usize, hi as usize, "bits")?;
+                c.fewbit = Some(bits.map_or(default, |b| b as u32));
+            }
+            "rank1" => {
+                let (lo, default) = Compress::GROUP;
+                c.rank1 = Some(num(lo, 4096, "the group")?.unwrap_or(default));
+            }
             "int8" | "bf16" => bail!(
                 "--compress {name}: not built yet; the built stash compressions are fewbit \
                  (few-bit backward of GELU/SiLU: `fewbit[:BITS]`) and rank1 (rank-1 sub-tokens \

@@ -119,6 +119,11 @@ pub struct Compress {
 }
 
 impl Compress {
+    /// Bits of the few-bit backward: the fewest, the most, and the default.
+    pub const BITS: (u32, u32, u32) = (1, 4, 2);
+    /// Features per rank-1 sub-token: the fewest, and the default.
+    pub const GROUP: (usize, usize) = (2, 8);
+
     /// Whether no method is named.
     pub fn is_none(&self) -> bool {
         *self == Compress::default()
@@ -130,11 +135,11 @@ impl Compress {
         let mut c = Compress::default();
         for m in methods.into_iter().flat_map(|m| m.split('+')) {
             match m {
-                "fewbit" if (1..=4).contains(&bits) => c.fewbit = Some(bits),
+                "fewbit" if (Self::BITS.0..=Self::BITS.1).contains(&bits) => c.fewbit = Some(bits),
                 "fewbit" => {
                     return Err(format!("bits={bits}: few-bit backward stores 1 to 4 bits"))
                 }
-                "rank1" if group >= 2 => c.rank1 = Some(group),
+                "rank1" if group >= Self::GROUP.0 => c.rank1 = Some(group),
                 "rank1" => {
                     return Err(format!(
                         "group={group}: rank-1 sub-tokens need at least 2 features"
@@ -191,8 +196,8 @@ impl Autodiff {
                     message,
                 })?;
         let methods = o.take("compress");
-        let bits = o.take_parsed("bits", 2u32)?;
-        let group = o.take_parsed("group", 8usize)?;
+        let bits = o.take_parsed("bits", Compress::BITS.2)?;
+        let group = o.take_parsed("group", Compress::GROUP.1)?;
         let compress =
             Compress::from_options(methods.as_deref(), bits, group).map_err(|message| {
                 PassError::BadOption {

@@ -412,10 +412,7 @@ entry_points!(
 /// `rem` modulo `modulus` (so that elements reach a kernel's scalar tail).
 #[cfg(test)]
 pub(crate) fn sweep(stride: u32, modulus: usize, rem: usize) -> Vec<f32> {
-    let mut v: Vec<f32> = (0..(0x7f80_0000u32 / stride))
-        .map(|i| f32::from_bits(i * stride))
-        .flat_map(|x| [x, -x])
-        .collect();
+    let mut v = strided(stride);
     v.extend([
         0.0,
         -0.0,
@@ -437,6 +434,15 @@ pub(crate) fn sweep(stride: u32, modulus: usize, rem: usize) -> Vec<f32> {
         v.push(0.75);
     }
     v
+}
+
+/// Every `stride`-th finite bit pattern of `f32`, each with both signs.
+#[cfg(test)]
+fn strided(stride: u32) -> Vec<f32> {
+    (0..(0x7f80_0000u32 / stride))
+        .map(|i| f32::from_bits(i * stride))
+        .flat_map(|x| [x, -x])
+        .collect()
 }
 
 /// Runs `text` (a function of one input) on `xs` under `opts`; returns its first `outputs`
@@ -478,10 +484,7 @@ mod tests {
 
     /// Inputs: every `stride`-th bit pattern of both signs, plus the edge cases.
     fn inputs() -> Vec<f32> {
-        let mut v: Vec<f32> = (0..(0x7f80_0000u32 / 6121))
-            .map(|i| f32::from_bits(i * 6121))
-            .flat_map(|x| [x, -x])
-            .collect();
+        let mut v = strided(6121);
         v.extend([
             0.0,
             -0.0,

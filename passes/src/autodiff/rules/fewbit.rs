@@ -22,7 +22,7 @@
 
 use std::f64::consts::PI;
 
-use cleave_ir::tracer::Tracer;
+use cleave_ir::tracer::{TraceError, Tracer};
 use cleave_ir::{CompareOp, NodeData, Phase, UnaryOp, Value};
 
 use super::{cmp, mul, select, splat, RuleResult};
@@ -134,33 +134,42 @@ pub fn vjp(
     (thr, lev): &(Vec<f64>, Vec<f64>),
 ) -> RuleResult {
     let x = node.operands[0];
+    // The bits are forward work (they replace `x` in the stash).
     let phase = t.phase();
     t.set_phase(Phase::Forward);
-    // bits[j] for j = B−1 … 0: the comparison with the middle threshold of the range the higher
-    // bits chose; `range` is the interval range [a, b) each partial choice leaves.
-    let mut codes: Vec<Value> = Vec::new();
-    let coded = (|| -> RuleResult {
-        // One comparison per threshold, made once.
-        let mut gt = Vec::with_capacity(thr.len());
-        for &c in thr {
-            let s = splat(t, x, c)?;
-            gt.push(cmp(t, CompareOp::Gt, x, s)?);
-        }
-        for j in (0..bits).rev() {
-            // Bit j of the interval index: over the 2^(B−1−j) prefixes of the higher bits, the
-            // comparison with threshold (prefix·2^(j+1) + 2^j) − 1, chosen by the higher bits.
-            let bit = choose(t, &codes, &mut |_, prefix| {
-                Ok(gt[(prefix << (j + 1)) + (1 << j) - 1])
-            })?;
-            codes.push(bit);
-        }
-        Ok(x)
-    })();
+    let codes = interval_bits(t, x, thr, bits);
     t.set_phase(phase);
-    coded?;
+    let codes = codes?;
     // The level of the interval the bits name.
     let d = choose(t, &codes, &mut |t, k| splat(t, x, lev[k]))?;
     mul(t, dy, d)
+}
+
+/// The interval index of each element of `x` among the thresholds `thr`, as `bits` boolean
+/// values, most significant first: bit `j` is the comparison with the middle threshold of the
+/// interval range the higher bits chose.
+fn interval_bits(
+    t: &mut Tracer,
+    x: Value,
+    thr: &[f64],
+    bits: u32,
+) -> Result<Vec<Value>, TraceError> {
+    // One comparison per threshold, made once.
+    let mut gt = Vec::with_capacity(thr.len());
+    for &c in thr {
+        let s = splat(t, x, c)?;
+        gt.push(cmp(t, CompareOp::Gt, x, s)?);
+    }
+    let mut codes: Vec<Value> = Vec::new();
+    for j in (0..bits).rev() {
+        // Over the 2^(B−1−j) prefixes of the higher bits: the comparison with threshold
+        // (prefix·2^(j+1) + 2^j) − 1.
+        let bit = choose(t, &codes, &mut |_, prefix| {
+            Ok(gt[(prefix << (j + 1)) + (1 << j) - 1])
+        })?;
+        codes.push(bit);
+    }
+    Ok(codes)
 }
 
 /// `pick(prefix)` for the prefix (as an integer, first bit most significant) that the boolean

@@ -23,7 +23,8 @@
 //!
 //! B ∪ W is exactly the stage's backward, each node appears once, and no node is duplicated except
 //! operand-free constants (`constant`, `iota`), which each function re-creates instead of receiving
-//! them.
+//! them, and the widening `cast` of a bf16 stash value (`autodiff{compress=bf16}`) that both B
+//! and W read, which W re-creates from the narrow F→W value instead of receiving the wide one.
 //!
 //! # Interfaces (names are the contract between the functions)
 //!
@@ -441,6 +442,20 @@ fn bind_operand(
     let ty = func.ty(v);
     match home(v) {
         Some(from) if from == key => unreachable!("values of a piece are mapped when emitted"),
+        Some(from) if key.1 == Part::W && from == (key.0, Part::B) && is_dequantize(func, def) => {
+            // A compressed stash value widened in B: W widens it again from the F→W stash
+            // instead of receiving the wide copy from B (same bits, a quarter or half the bytes).
+            let s = data.operands[0];
+            bind_operand(func, pieces, key, s, home, name_for, seed_stage, needs_output);
+            let piece = pieces.get_mut(&key).unwrap();
+            let narrow = piece.map[s].expect("operand bound");
+            let node = piece
+                .func
+                .push_node(data.op.clone(), vec![narrow], vec![ty.clone()]);
+            piece.func.nodes[node].phase = Phase::Wgrad;
+            piece.func.nodes[node].stage = data.stage;
+            piece.map[v] = Some(piece.func.result(node));
+        }
         Some(from) => {
             // W reading another stage's B value goes through this stage's B (a pass-through), so
             // that W's inputs come only from its own F and B.
@@ -529,6 +544,16 @@ fn bind_operand(
             other => unreachable!("`{}` always has a home piece", other.name()),
         },
     }
+}
+
+/// Whether `node` widens a forward value stored narrow (`cast` to `f32` of a `bf16` value made
+/// by the forward): `split-bw` re-creates it in W rather than stashing its wide result B→W.
+fn is_dequantize(func: &Function, node: Node) -> bool {
+    let d = &func.nodes[node];
+    matches!(d.op, Op::Cast { to: cleave_ir::DType::F32 })
+        && d.operands.len() == 1
+        && func.ty(d.operands[0]).dtype == cleave_ir::DType::BF16
+        && !func.nodes[func.values[d.operands[0]].def].phase.is_backward()
 }
 
 impl Piece {

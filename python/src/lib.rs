@@ -156,6 +156,7 @@ mod py {
                 HostData::F32(v) => ("float32", v.iter().flat_map(|x| x.to_ne_bytes()).collect()),
                 HostData::I32(v) => ("int32", v.iter().flat_map(|x| x.to_ne_bytes()).collect()),
                 HostData::Bool(v) => ("bool", v.iter().map(|&b| b as u8).collect()),
+                HostData::BF16(v) => ("bfloat16", v.iter().flat_map(|x| x.to_ne_bytes()).collect()),
             };
             out.set_item(name, (dtype, shape, PyByteArray::new(py, &bytes)))?;
         }

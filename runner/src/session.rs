@@ -269,11 +269,7 @@ impl Session {
             if let Some(d) = shape.first_mut() {
                 *d *= factor;
             }
-            let dtype = match x.data {
-                HostSlice::F32(_) => DType::F32,
-                HostSlice::I32(_) => DType::I32,
-                HostSlice::Bool(_) => DType::Bool,
-            };
+            let dtype = x.data.dtype();
             if x.shape != shape.as_slice() || dtype != w.ty.dtype {
                 bail!(
                     "input `{}` is {dtype}{:?}; the model needs {}{shape:?}{}",
@@ -288,11 +284,7 @@ impl Session {
                 );
             }
             let n: usize = shape.iter().product();
-            let len = match x.data {
-                HostSlice::F32(v) => v.len(),
-                HostSlice::I32(v) => v.len(),
-                HostSlice::Bool(v) => v.len(),
-            };
+            let len = x.data.len();
             if len != n {
                 bail!("input `{}` has {len} elements for shape {shape:?}", w.name);
             }
@@ -541,6 +533,7 @@ fn rows_of(data: HostSlice<'_>, j: usize, m: usize) -> HostSlice<'_> {
         HostSlice::F32(v) => HostSlice::F32(part(v, j, m)),
         HostSlice::I32(v) => HostSlice::I32(part(v, j, m)),
         HostSlice::Bool(v) => HostSlice::Bool(part(v, j, m)),
+        HostSlice::BF16(v) => HostSlice::BF16(part(v, j, m)),
     }
 }
 

@@ -455,14 +455,16 @@ pub fn parse_compress(text: Option<&str>) -> Result<Compress> {
                 let (lo, default) = Compress::GROUP;
                 c.rank1 = Some(num(lo, 4096, "the group")?.unwrap_or(default));
             }
-            "int8" | "bf16" => bail!(
-                "--compress {name}: not built yet; the built stash compressions are fewbit \
-                 (few-bit backward of GELU/SiLU: `fewbit[:BITS]`) and rank1 (rank-1 sub-tokens \
-                 of linear layers' inputs: `rank1[:GROUP]`)"
+            "bf16" if arg.is_none() => c.bf16 = true,
+            "bf16" => bail!("--compress {item}: bf16 takes no parameter"),
+            "int8" => bail!(
+                "--compress int8: not built yet; the built stash compressions are fewbit \
+                 (few-bit backward of GELU/SiLU: `fewbit[:BITS]`), rank1 (rank-1 sub-tokens \
+                 of linear layers' inputs: `rank1[:GROUP]`) and bf16 (the stash in bfloat16)"
             ),
             _ => bail!(
                 "--compress {item}: unknown method; methods: fewbit[:BITS] (1 to 4), \
-                 rank1[:GROUP], comma-separated"
+                 rank1[:GROUP], bf16, comma-separated"
             ),
         }
     }
@@ -715,6 +717,11 @@ pub fn gather_batch(col: &Column, rows: &[usize]) -> HostData {
                 .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
                 .collect(),
         ),
+        HostData::BF16(v) => HostData::BF16(
+            rows.iter()
+                .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
+                .collect(),
+        ),
     }
 }
 
@@ -793,6 +800,10 @@ fn to_bytes(d: &HostData) -> (safetensors::Dtype, Vec<u8>) {
         HostData::Bool(v) => (
             safetensors::Dtype::BOOL,
             v.iter().map(|&b| b as u8).collect(),
+        ),
+        HostData::BF16(v) => (
+            safetensors::Dtype::BF16,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         ),
     }
 }

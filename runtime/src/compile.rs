@@ -291,9 +291,20 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
     // 1. Element types.
     for &node in &func.body {
         let data = func.node(node);
-        for &v in &data.results {
+        // bf16 is a storage type only (the stash of `--compress bf16`): it is made by `cast`,
+        // read by `cast`, and passed through arguments and reshapes, never computed with.
+        let moves_bf16 = matches!(
+            data.op,
+            Op::Cast { .. } | Op::Input { .. } | Op::Reshape { .. } | Op::StopGradient
+        );
+        for &v in data.results.iter().chain(&data.operands) {
             let dt = func.ty(v).dtype;
-            if !matches!(dt, DType::F32 | DType::I32 | DType::Bool) {
+            let ok = match dt {
+                DType::F32 | DType::I32 | DType::Bool => true,
+                DType::BF16 => moves_bf16,
+                _ => false,
+            };
+            if !ok {
                 return Err(CompileError::UnsupportedDType {
                     op: data.op.name(),
                     value: pv(v),
@@ -1033,7 +1044,8 @@ struct ProgBuilder {
 impl ProgBuilder {
     fn fresh(&mut self, dt: DType) -> usize {
         let c = match dt {
-            DType::F32 => &mut self.nf,
+            // bf16 values are held widened, in f32 registers.
+            DType::F32 | DType::BF16 => &mut self.nf,
             DType::I32 => &mut self.ni,
             _ => &mut self.nb,
         };

@@ -423,6 +423,7 @@ impl FusedKernel {
         let rf = |r: usize, len: usize| std::slice::from_raw_parts_mut(fp.add(r * CHUNK), len);
         let ri = |r: usize, len: usize| std::slice::from_raw_parts_mut(ip.add(r * CHUNK), len);
         let rb = |r: usize, len: usize| std::slice::from_raw_parts_mut(bp.add(r * CHUNK), len);
+        let mut regs_h = [0u16; CHUNK];
         let mut start = 0;
         while start < self.n {
             let len = CHUNK.min(self.n - start);
@@ -430,6 +431,14 @@ impl FusedKernel {
                 match ins {
                     Ins::Load { dtype, dst, src } => match dtype {
                         DType::F32 => load(mem.ptr_f(src.buf), src, start, rf(*dst, len)),
+                        DType::BF16 => {
+                            let d = rf(*dst, len);
+                            let h = &mut regs_h[..len];
+                            load(mem.ptr_b(src.buf) as *mut u16, src, start, h);
+                            for (d, &x) in d.iter_mut().zip(h.iter()) {
+                                *d = bf16_to_f32(x);
+                            }
+                        }
                         DType::I32 => load(mem.ptr_i(src.buf), src, start, ri(*dst, len)),
                         _ => load(mem.ptr_b(src.buf), src, start, rb(*dst, len)),
                     },
@@ -542,6 +551,12 @@ impl FusedKernel {
                         }
                     }
                     Ins::Cast { from, to, dst, a } => match (from, to) {
+                        (DType::BF16, DType::F32) => rf(*dst, len).copy_from_slice(rf(*a, len)),
+                        (DType::F32, DType::BF16) => {
+                            for (d, &x) in rf(*dst, len).iter_mut().zip(rf(*a, len).iter()) {
+                                *d = round_bf16(x);
+                            }
+                        }
                         (DType::F32, DType::F32) => rf(*dst, len).copy_from_slice(rf(*a, len)),
                         (DType::F32, DType::I32) => {
                             for (d, &x) in ri(*dst, len).iter_mut().zip(rf(*a, len).iter()) {
@@ -593,6 +608,12 @@ impl FusedKernel {
                         }
                     }
                     Ins::Store { dtype, src, buf } => match dtype {
+                        DType::BF16 => {
+                            let p = (mem.ptr_b(*buf) as *mut u16).add(start);
+                            for (j, &x) in rf(*src, len).iter().enumerate() {
+                                *p.add(j) = (x.to_bits() >> 16) as u16;
+                            }
+                        }
                         DType::F32 => std::ptr::copy_nonoverlapping(
                             fp.add(src * CHUNK),
                             mem.ptr_f(*buf).add(start),
@@ -615,6 +636,21 @@ impl FusedKernel {
         }
         Ok(())
     }
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), as an `f32`; NaN stays NaN (quiet).
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return f32::from_bits((b | 0x0040_0000) & 0xffff_0000);
+    }
+    let r = b.wrapping_add(0x7fff + ((b >> 16) & 1));
+    f32::from_bits(r & 0xffff_0000)
+}
+
+/// A bfloat16 bit pattern widened to `f32` (exact).
+pub(crate) fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
 }
 
 fn grow<T: Copy>(v: &mut Vec<T>, regs: usize, zero: T) {

@@ -181,6 +181,9 @@ pub(crate) fn supported(k: &FusedKernel) -> bool {
         Ins::UnF { op, .. } => *op != UnaryOp::Not,
         Ins::BinF { op, .. } => !matches!(op, BinaryOp::And | BinaryOp::Or),
         Ins::Dropout { .. } => false,
+        // bf16 storage (the stash of `--compress bf16`) runs in the interpreted loop.
+        Ins::Load { dtype, .. } | Ins::Store { dtype, .. } => *dtype != DType::BF16,
+        Ins::Cast { from, to, .. } => *from != DType::BF16 && *to != DType::BF16,
         _ => true,
     })
 }

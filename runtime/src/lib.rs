@@ -114,6 +114,8 @@ pub enum HostData {
     I32(Vec<i32>),
     /// `bool` elements.
     Bool(Vec<bool>),
+    /// `bf16` elements as bit patterns (a storage type only: the `--compress bf16` stash).
+    BF16(Vec<u16>),
 }
 
 impl HostData {
@@ -123,6 +125,7 @@ impl HostData {
             HostData::F32(v) => alloc::retag_vec(v, tag),
             HostData::I32(v) => alloc::retag_vec(v, tag),
             HostData::Bool(v) => alloc::retag_vec(v, tag),
+            HostData::BF16(v) => alloc::retag_vec(v, tag),
         }
     }
 
@@ -132,6 +135,7 @@ impl HostData {
             HostData::F32(_) => DType::F32,
             HostData::I32(_) => DType::I32,
             HostData::Bool(_) => DType::Bool,
+            HostData::BF16(_) => DType::BF16,
         }
     }
 
@@ -141,6 +145,7 @@ impl HostData {
             HostData::F32(v) => v.len(),
             HostData::I32(v) => v.len(),
             HostData::Bool(v) => v.len(),
+            HostData::BF16(v) => v.len(),
         }
     }
 
@@ -159,6 +164,35 @@ pub enum HostSlice<'a> {
     I32(&'a [i32]),
     /// `bool` elements.
     Bool(&'a [bool]),
+    /// `bf16` bit patterns.
+    BF16(&'a [u16]),
+}
+
+impl HostSlice<'_> {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            HostSlice::F32(_) => DType::F32,
+            HostSlice::I32(_) => DType::I32,
+            HostSlice::Bool(_) => DType::Bool,
+            HostSlice::BF16(_) => DType::BF16,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            HostSlice::F32(v) => v.len(),
+            HostSlice::I32(v) => v.len(),
+            HostSlice::Bool(v) => v.len(),
+            HostSlice::BF16(v) => v.len(),
+        }
+    }
+
+    /// True if there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl HostData {
@@ -168,6 +202,7 @@ impl HostData {
             HostData::F32(v) => HostSlice::F32(v),
             HostData::I32(v) => HostSlice::I32(v),
             HostData::Bool(v) => HostSlice::Bool(v),
+            HostData::BF16(v) => HostSlice::BF16(v),
         }
     }
 }
@@ -179,6 +214,11 @@ pub fn host_from_tensor(t: &cleave_ir::Tensor) -> Option<HostData> {
         (TensorData::Float(v), DType::F32) => HostData::F32(v.iter().map(|&x| x as f32).collect()),
         (TensorData::Int(v), DType::I32) => HostData::I32(v.iter().map(|&x| x as i32).collect()),
         (TensorData::Bool(v), DType::Bool) => HostData::Bool(v.clone()),
+        (TensorData::Float(v), DType::BF16) => HostData::BF16(
+            v.iter()
+                .map(|&x| (crate::fused::round_bf16(x as f32).to_bits() >> 16) as u16)
+                .collect(),
+        ),
         _ => return None,
     })
 }
@@ -189,5 +229,12 @@ pub fn tensor_from_host(shape: &[usize], data: &HostData) -> cleave_ir::Tensor {
         HostData::F32(v) => cleave_ir::Tensor::from_f32(shape.to_vec(), v.clone()),
         HostData::I32(v) => cleave_ir::Tensor::from_i32(shape.to_vec(), v.clone()),
         HostData::Bool(v) => cleave_ir::Tensor::from_bool(shape.to_vec(), v.clone()),
+        HostData::BF16(v) => cleave_ir::Tensor::from_float(
+            DType::BF16,
+            shape.to_vec(),
+            v.iter()
+                .map(|&h| crate::fused::bf16_to_f32(h) as f64)
+                .collect(),
+        ),
     }
 }

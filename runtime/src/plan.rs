@@ -290,11 +290,7 @@ impl Plan {
             .get(index)
             .ok_or_else(|| RunError::Argument(format!("no argument {index}")))?;
         let b = a.buf;
-        let (dtype, len) = match data {
-            HostSlice::F32(v) => (DType::F32, v.len()),
-            HostSlice::I32(v) => (DType::I32, v.len()),
-            HostSlice::Bool(v) => (DType::Bool, v.len()),
-        };
+        let (dtype, len) = (data.dtype(), data.len());
         if dtype != a.ty.dtype || len != a.ty.num_elements() {
             return Err(RunError::Argument(format!(
                 "argument `{}`: expected {}, got {} {dtype} elements",
@@ -308,6 +304,11 @@ impl Plan {
                 for (d, &x) in store.iter_mut().zip(v) {
                     *d = f32::from_bits(x as u32);
                 }
+            }
+            HostSlice::BF16(v) => {
+                let p = store.as_mut_ptr() as *mut u16;
+                // SAFETY: the buffer holds at least `len` 16-bit elements.
+                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, len) };
             }
             HostSlice::Bool(v) => {
                 let p = store.as_mut_ptr() as *mut u8;
@@ -360,6 +361,11 @@ impl Plan {
         match dtype {
             DType::F32 => HostData::F32(store[..n].to_vec()),
             DType::I32 => HostData::I32(store[..n].iter().map(|x| x.to_bits() as i32).collect()),
+            DType::BF16 => {
+                let p = store.as_ptr() as *const u16;
+                // SAFETY: the buffer holds at least `n` 16-bit elements.
+                HostData::BF16(unsafe { std::slice::from_raw_parts(p, n) }.to_vec())
+            }
             _ => {
                 let p = store.as_ptr() as *const u8;
                 // SAFETY: the buffer holds at least `n` bytes.

@@ -62,6 +62,13 @@ pub(crate) fn put_data(out: &mut Vec<u8>, d: &HostData) {
             out.extend_from_slice(&(v.len() as u64).to_le_bytes());
             out.extend(v.iter().map(|&b| b as u8));
         }
+        HostData::BF16(v) => {
+            out.push(3);
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            for x in v {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
     }
 }
 
@@ -123,6 +130,12 @@ impl<'a> Reader<'a> {
                     .collect(),
             ),
             2 => HostData::Bool(self.take(n)?.iter().map(|&b| b != 0).collect()),
+            3 => HostData::BF16(
+                self.take(n.checked_mul(2).ok_or("too long")?)?
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
             other => return Err(format!("unknown element type {other} in a message")),
         })
     }

@@ -104,6 +104,7 @@ pub fn bits(d: &HostData) -> Vec<u32> {
         HostData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
         HostData::I32(v) => v.iter().map(|&x| x as u32).collect(),
         HostData::Bool(v) => v.iter().map(|&x| x as u32).collect(),
+        HostData::BF16(v) => v.iter().map(|&x| x as u32).collect(),
     }
 }
 

@@ -496,7 +496,6 @@ pub fn differentiate_method(
     (seed, compress): (u64, super::Compress),
 ) -> Result<(Function, Vec<String>), String> {
     let fname = func.name.clone();
-    let (fewbit, rank1) = (compress.fewbit, compress.rank1);
     if let (false, GradMethod::ForwardGradient { .. }) = (compress.is_none(), method) {
         return Err(format!(
             "@{fname}: {} compresses what the backward stashes; a forward gradient has no \
@@ -528,8 +527,7 @@ pub fn differentiate_method(
             mode,
             wrt,
             &Rewrite {
-                fewbit,
-                rank1,
+                compress,
                 ..Rewrite::default()
             },
         ),
@@ -539,8 +537,7 @@ pub fn differentiate_method(
             wrt,
             &Rewrite {
                 feedback: Feedback::Fa { seed },
-                fewbit,
-                rank1,
+                compress,
                 ..Rewrite::default()
             },
         ),
@@ -550,8 +547,7 @@ pub fn differentiate_method(
             wrt,
             &Rewrite {
                 feedback: Feedback::Dfa { seed },
-                fewbit,
-                rank1,
+                compress,
                 ..Rewrite::default()
             },
         ),
@@ -559,8 +555,7 @@ pub fn differentiate_method(
             let (func, rewrite, mut warnings) =
                 local_heads(func, *blocks).map_err(|e| format!("@{fname}: {e}"))?;
             let rewrite = Rewrite {
-                fewbit,
-                rank1,
+                compress,
                 ..rewrite
             };
             let (f, w) = differentiate_with(func, Mode::Loss, wrt, &rewrite)?;

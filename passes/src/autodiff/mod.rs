@@ -116,6 +116,8 @@ pub struct Compress {
     /// Rank-1 sub-token projection of linear layers' inputs with this group size
     /// (`compress=rank1,group=G`).
     pub rank1: Option<usize>,
+    /// The stash in bfloat16 (`compress=bf16`, `rules::bf16`).
+    pub bf16: bool,
 }
 
 impl Compress {
@@ -129,8 +131,8 @@ impl Compress {
         *self == Compress::default()
     }
 
-    /// Parses the pass options: `methods` is `compress` (`fewbit`, `rank1`, or both joined by
-    /// `+`), `bits` and `group` their parameters.
+    /// Parses the pass options: `methods` is `compress` (`fewbit`, `rank1`, `bf16`, several
+    /// joined by `+`), `bits` and `group` their parameters.
     pub fn from_options(methods: Option<&str>, bits: u32, group: usize) -> Result<Self, String> {
         let mut c = Compress::default();
         for m in methods.into_iter().flat_map(|m| m.split('+')) {
@@ -145,9 +147,10 @@ impl Compress {
                         "group={group}: rank-1 sub-tokens need at least 2 features"
                     ))
                 }
+                "bf16" => c.bf16 = true,
                 other => {
                     return Err(format!(
-                        "unknown method `{other}`; autodiff compresses with fewbit and rank1"
+                        "unknown method `{other}`; autodiff compresses with fewbit, rank1 and bf16"
                     ))
                 }
             }
@@ -166,6 +169,9 @@ impl Compress {
         if let Some(g) = self.rank1 {
             methods.push("rank1");
             opts.push(format!("group={g}"));
+        }
+        if self.bf16 {
+            methods.push("bf16");
         }
         if methods.is_empty() {
             return String::new();
@@ -311,10 +317,8 @@ pub(crate) struct Rewrite {
     pub cuts: Vec<(Node, usize)>,
     /// How layers send the error to their data operand (feedback alignment).
     pub feedback: methods::Feedback,
-    /// Few-bit backward of GELU/SiLU with this many bits (`rules::fewbit`).
-    pub fewbit: Option<u32>,
-    /// Rank-1 sub-token compression of linear layers' inputs with this group (`rules::rank1`).
-    pub rank1: Option<usize>,
+    /// Stash compression (`rules::fewbit`, `rules::rank1`, `rules::bf16`).
+    pub compress: Compress,
 }
 
 /// [`differentiate`] with a [`Rewrite`].
@@ -326,7 +330,7 @@ pub(crate) fn differentiate_with(
 ) -> Result<(Function, Vec<String>), String> {
     let mut warnings = Vec::new();
     let fname = func.name.clone();
-    if let Some(bits) = rewrite.fewbit {
+    if let Some(bits) = rewrite.compress.fewbit {
         let any = func
             .body
             .iter()
@@ -514,7 +518,7 @@ pub(crate) fn differentiate_with(
     // backward: each activation's fit, found once.
     let mut rank1_cache: HashMap<Value, Value> = HashMap::new();
     let mut fits: HashMap<cleave_ir::UnaryOp, (Vec<f64>, Vec<f64>)> = HashMap::new();
-    if let Some(group) = rewrite.rank1 {
+    if let Some(group) = rewrite.compress.rank1 {
         let eligible = active_nodes.iter().any(|&n| {
             let d = &t.func().nodes[n];
             (0..2).any(|i| rank1_layer(&t, d, n, i, &data_dep, Some(group)).is_some())
@@ -556,8 +560,8 @@ pub(crate) fn differentiate_with(
             }
             t.set_phase(phase_of(&data_dep, operand));
             let fed = fb.substitute(&mut t, &data, i).map_err(err)?;
-            let rank1_input = rank1_layer(&t, &data, node, i, &data_dep, rewrite.rank1);
-            let contribution = match (&data.op, rewrite.fewbit, rank1_input) {
+            let rank1_input = rank1_layer(&t, &data, node, i, &data_dep, rewrite.compress.rank1);
+            let contribution = match (&data.op, rewrite.compress.fewbit, rank1_input) {
                 (Op::Unary(u), Some(bits), _) if rules::fewbit::applies(*u) => {
                     let dy = cots[0].expect("a unary op is differentiated with a cotangent");
                     let fitted = fits
@@ -632,7 +636,7 @@ pub(crate) fn differentiate_with(
         t.output(&format!("{GRAD_PREFIX}{name}"), g).map_err(err)?;
     }
     let mut func = t.finish();
-    if rewrite.fewbit.is_some() || rewrite.rank1.is_some() {
+    if rewrite.compress.fewbit.is_some() || rewrite.compress.rank1.is_some() {
         // The compressions made forward nodes while emitting the backward: run them with the
         // forward (a stable partition keeps every order), so that what they compress dies there.
         let (fw, bw): (Vec<Node>, Vec<Node>) = func
@@ -640,6 +644,12 @@ pub(crate) fn differentiate_with(
             .iter()
             .partition(|&&n| func.nodes[n].phase == Phase::Forward);
         func.body = fw.into_iter().chain(bw).collect();
+    }
+    if rewrite.compress.bf16 && rules::bf16::stash(&mut func, |_, _| true).is_empty() {
+        return Err(format!(
+            "@{fname}: compress=bf16 keeps the f32 activations the backward reads in bfloat16, \
+             and the backward of this function reads none"
+        ));
     }
     Ok((func, warnings))
 }

@@ -10,6 +10,7 @@
 //! Each rule states `f` and its derivative in comments. Helpers in this file build small
 //! expressions with explicit broadcasting.
 
+pub(crate) mod bf16;
 mod custom;
 mod elementwise;
 pub(crate) mod fewbit;

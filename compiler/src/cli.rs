@@ -321,8 +321,10 @@ pub struct InspectArgs {
     #[arg(long, requires = "memory")]
     pub svg: Option<PathBuf>,
     /// With --memory: the stash compressions of `cleave train --compress` (`fewbit[:BITS]`,
-    /// `rank1[:GROUP]`) whose effect on each stage's saved values is listed: the values each
-    /// replaces and adds, their bytes, and the forward FLOPs added (JSON key `compress`).
+    /// `rank1[:GROUP]`, `bf16`): every saved value each applies to, with its bytes before and
+    /// after and the seconds it adds, and per stage the saved bytes with all of them applied
+    /// (JSON key `compress`). With --memory-limit the plan chooses among them per value (the
+    /// chosen ones are marked, and the plans the search tried are listed).
     #[arg(long, requires = "memory", value_name = "METHODS")]
     pub compress: Option<String>,
     /// Differentiate with this gradient method (bp, forward-gradient, fa, dfa, local{blocks=K}):
@@ -707,6 +709,10 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
         policy,
         cuts,
         v_family: a.v_family,
+        compress: match (&a.compress, limit) {
+            (Some(c), Some(_)) => crate::train::parse_compress(Some(c))?,
+            _ => Default::default(),
+        },
     };
     anyhow::ensure!(
         pass.cuts.len() == 1 || pass.is_joint(),
@@ -730,11 +736,11 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
         )
         .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let compressed = a
-        .compress
-        .as_deref()
-        .map(|c| compress_report(&forward, a.stages, c))
-        .transpose()?;
+    let compressed = match (&a.compress, &planned.compression) {
+        (_, Some(c)) => Some(c.to_json()),
+        (Some(c), None) => Some(compress_report(&forward, a.stages, c, &a.profile)?),
+        (None, None) => None,
+    };
     if a.json {
         let mut v = planned.to_json(policy, limit);
         if let Some(c) = compressed {
@@ -750,17 +756,32 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
     } else {
         out.push_str(&planned.render());
         if let Some(c) = &compressed {
+            let methods = c["methods"].as_str().unwrap_or("");
             for st in c["stages"].as_array().into_iter().flatten() {
                 writeln!(
                     out,
-                    "stash compression ({}): stage {}: saved bytes {} -> {} ({} values replaced, {} added; +{} forward FLOPs)",
-                    c["methods"].as_str().unwrap_or(""),
-                    st["stage"],
-                    st["saved_bytes_exact"],
-                    st["saved_bytes"],
-                    st["replaced"].as_array().map_or(0, |v| v.len()),
-                    st["added"].as_array().map_or(0, |v| v.len()),
-                    st["added_forward_flops"],
+                    "stash compression ({methods}) everywhere: stage {}: saved bytes {} -> {} (+{} forward FLOPs)",
+                    st["stage"], st["saved_bytes_exact"], st["saved_bytes"], st["added_forward_flops"],
+                )?;
+            }
+            for v in c["values"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "    {:<8} stage {} {:<7} {:>12} -> {:>12} B  +{:.3e} s{}",
+                    v["value"].as_str().unwrap_or(""),
+                    v["stage"],
+                    v["method"].as_str().unwrap_or(""),
+                    v["bytes_exact"],
+                    v["bytes"],
+                    v["added_seconds"].as_f64().unwrap_or(0.0),
+                    if v["chosen"] == true { "  chosen" } else { "" }
+                )?;
+            }
+            if c.get("tried").is_some() {
+                writeln!(
+                    out,
+                    "stash compression ({methods}) chosen for {} value(s) under the limit",
+                    c["chosen"]
                 )?;
             }
         }
@@ -774,61 +795,52 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
     Ok(out)
 }
 
-/// What `--compress` methods do to each stage's saved values (`inspect --memory --compress`):
-/// the step of `forward` cut into `stages` (`partition`), differentiated without and with them
-/// and split; per stage, the values F saves (`stash.*`, one name per forward value in both) that
-/// the compressed step no longer saves and those it adds, with their bytes, the bytes B hands to
-/// W in each, and the forward FLOPs it adds.
-fn compress_report(forward: &Function, stages: usize, methods: &str) -> Result<serde_json::Value> {
-    use cleave_passes::autodiff::methods::with_compress;
+/// What `--compress` methods do (`inspect --memory --compress` without a limit): every saved
+/// value each method applies to, with bytes and seconds ([`cleave_passes::compress::candidates`]),
+/// and per stage the saved bytes (F's stash and B's hand-over to W) and F's FLOPs of the step
+/// differentiated without and with every method applied everywhere.
+fn compress_report(
+    forward: &Function,
+    stages: usize,
+    methods: &str,
+    profile: &str,
+) -> Result<serde_json::Value> {
     use cleave_passes::autodiff::Compress;
+    use cleave_passes::plan::{split_staged, stage_forward};
     let compress = crate::train::parse_compress(Some(methods))?;
+    let device =
+        cleave_passes::partition::DeviceProfile::load(profile).map_err(anyhow::Error::msg)?;
+    let cut = Default::default();
+    let staged = stage_forward(forward, stages, profile, cut).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let values = cleave_passes::compress::candidates(&staged, compress, &device)
+        .map_err(|e| anyhow::anyhow!("--compress {methods}: {e}"))?;
     let split = |c: Compress| -> Result<Module> {
-        let base = if stages > 1 {
-            format!("partition{{stages={stages}}},autodiff,split-bw")
-        } else {
-            "autodiff,split-bw".to_string()
-        };
-        let passes = with_compress(&base, c).map_err(anyhow::Error::msg)?;
-        let mut m = Module::with_function(forward.clone());
-        PassManager::from_pipeline(&passes)?
-            .run(&mut m, &mut PassContext::default(), &mut |_| {})
-            .map_err(|e| anyhow::anyhow!("--compress {methods}: {passes}: {e}"))?;
-        Ok(m)
+        let autodiff = cleave_passes::autodiff::methods::with_compress("autodiff", c)
+            .map_err(anyhow::Error::msg)?;
+        split_staged(forward, staged.clone(), stages, profile, cut, &autodiff)
+            .map(|s| s.module)
+            .map_err(|e| anyhow::anyhow!("--compress {methods}: {e}"))
     };
     let (exact, packed) = (split(Compress::default())?, split(compress)?);
-    // Per stage: saved values by name with bytes, and F's FLOPs.
-    let of = |m: &Module| -> Vec<(BTreeMap<String, u64>, u64, u64)> {
+    // Per stage: F→B/W and B→W bytes, and F's FLOPs.
+    let of = |m: &Module| -> Vec<(u64, u64, u64)> {
         cleave_passes::split::split_stages(m)
             .iter()
             .map(|st| {
-                // F's saved values are forward values, numbered alike in both steps; B's (its
-                // B→W stash) are backward values, whose numbers the compression shifts: only
-                // their bytes are compared.
-                let bytes = |f: &Function, o: &cleave_ir::Output| {
-                    let ty = f.ty(o.value);
-                    (ty.num_elements() * ty.dtype.size_bytes()) as u64
-                };
-                let stashed = |f: &'_ Function| {
+                let stashed = |f: &Function| -> u64 {
                     f.outputs
                         .iter()
                         .filter(|o| o.name.starts_with("stash."))
-                        .map(|o| (o.name.clone(), bytes(f, o)))
-                        .collect::<BTreeMap<String, u64>>()
+                        .map(|o| f.ty(o.value).size_bytes() as u64)
+                        .sum()
                 };
-                let b_to_w: u64 = stashed(st.b).values().sum();
                 let flops =
                     st.f.body
                         .iter()
                         .map(|&n| cleave_ir::cost::node_flops(st.f, n).total())
                         .sum();
-                (stashed(st.f), b_to_w, flops)
+                (stashed(st.f), stashed(st.b), flops)
             })
-            .collect()
-    };
-    let listed = |v: Vec<(&String, &u64)>| -> serde_json::Value {
-        v.into_iter()
-            .map(|(n, b)| serde_json::json!({"name": n, "bytes": b}))
             .collect()
     };
     let stages: Vec<serde_json::Value> = of(&exact)
@@ -836,21 +848,21 @@ fn compress_report(forward: &Function, stages: usize, methods: &str) -> Result<s
         .zip(of(&packed).iter())
         .enumerate()
         .map(|(s, ((e, ew, fe), (p, pw, fp)))| {
-            let replaced: Vec<_> = e.iter().filter(|(n, _)| !p.contains_key(*n)).collect();
-            let added: Vec<_> = p.iter().filter(|(n, _)| !e.contains_key(*n)).collect();
             serde_json::json!({
                 "stage": s,
-                "saved_bytes_exact": e.values().sum::<u64>() + ew,
-                "saved_bytes": p.values().sum::<u64>() + pw,
+                "saved_bytes_exact": e + ew,
+                "saved_bytes": p + pw,
                 "b_to_w_bytes_exact": ew,
                 "b_to_w_bytes": pw,
-                "replaced": listed(replaced),
-                "added": listed(added),
                 "added_forward_flops": fp.saturating_sub(*fe),
             })
         })
         .collect();
-    Ok(serde_json::json!({"methods": compress.pass_options(), "stages": stages}))
+    Ok(serde_json::json!({
+        "methods": compress.pass_options(),
+        "values": values.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+        "stages": stages,
+    }))
 }
 
 /// `pipeline` with `--grad-method` applied to its `autodiff` passes.

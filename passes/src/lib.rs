@@ -10,6 +10,7 @@
 //! - [`schedule`]: pipeline schedules as data, generators, `auto`, the simulator, SVG timelines.
 //! - [`autodiff`]: reverse-mode differentiation with dgrad/wgrad tags at birth.
 //! - [`jvp`]: forward-mode differentiation.
+//! - [`compress`]: stash compression per value as a planner choice (candidates, the search).
 //! - [`chunk`]: the output layer and its cross-entropy in row chunks, exactly (StreamBP).
 //! - [`optimizer`]: SGD, momentum and AdamW updates as IR.
 //! - [`egraph`]: equality saturation with egg (the only module that uses egg).
@@ -18,6 +19,7 @@
 
 pub mod autodiff;
 pub mod chunk;
+pub mod compress;
 pub mod egraph;
 pub mod jvp;
 pub mod manager;

@@ -124,6 +124,46 @@ pub struct Planned {
     /// The split module with every stage's plan applied (`F`, `B`, `W` per stage, recomputation
     /// and offload rewritten in).
     pub module: Module,
+    /// With named stash compressions (`plan{compress=…}`, `inspect --compress`): the per-value
+    /// choice ([`crate::compress`]).
+    pub compression: Option<Compression>,
+}
+
+/// The per-value compression choice of a plan.
+#[derive(Clone, Debug)]
+pub struct Compression {
+    /// The named methods (`compress=…` pass options).
+    pub methods: String,
+    /// Every candidate, in the search's order.
+    pub candidates: Vec<crate::compress::Candidate>,
+    /// What the plan applies (`None`: the exact step).
+    pub chosen: Option<crate::autodiff::Selection>,
+    /// The plans the search tried.
+    pub tried: Vec<crate::compress::Tried>,
+}
+
+impl Compression {
+    /// The report's JSON object (`compress` in `inspect --memory --json`).
+    pub fn to_json(&self) -> Value {
+        let chosen = |c: &crate::compress::Candidate| {
+            self.chosen
+                .as_ref()
+                .is_some_and(|s| s.0.contains(&(c.value, c.method)))
+        };
+        json!({
+            "methods": self.methods,
+            "values": self.candidates.iter().map(|c| {
+                let mut v = c.to_json();
+                v["chosen"] = json!(chosen(c));
+                v
+            }).collect::<Vec<_>>(),
+            "chosen": self.chosen.as_ref().map_or(0, |s| s.0.len()),
+            "tried": self.tried.iter().map(|t| match &t.outcome {
+                Ok(s) => json!({"values": t.prefix, "objective": s}),
+                Err(e) => json!({"values": t.prefix, "error": e}),
+            }).collect::<Vec<_>>(),
+        })
+    }
 }
 
 impl Planned {
@@ -294,15 +334,41 @@ pub fn split_module_by(
     profile: &str,
     cut: Cut,
 ) -> Result<Split, PlanError> {
+    let staged = stage_forward(forward, n_stages, profile, cut)?;
+    split_staged(forward, staged, n_stages, profile, cut, "autodiff")
+}
+
+/// The forward model cut into `n_stages` stages (stage-annotated, the function `autodiff`
+/// differentiates in [`split_module_by`]; the compression candidates name its values).
+pub fn stage_forward(
+    forward: &Function,
+    n_stages: usize,
+    profile: &str,
+    cut: Cut,
+) -> Result<Function, PlanError> {
     let device = DeviceProfile::load(profile).map_err(PlanError)?;
     let mut cut_forward = forward.clone();
     if n_stages > 1 {
         partition_function_by(&mut cut_forward, n_stages as u32, &device, cut)
             .map_err(|e| PlanError(format!("partition: {e}")))?;
     }
-    let mut module = Module::with_function(cut_forward);
-    let passes = "autodiff,split-bw";
-    PassManager::from_pipeline(passes)
+    Ok(cut_forward)
+}
+
+/// [`split_module_by`] of a function [`stage_forward`] cut, differentiated by `autodiff` (the
+/// pass's text: `autodiff`, or with a compression, `autodiff{compress=…,only=…}`).
+pub fn split_staged(
+    forward: &Function,
+    staged: Function,
+    n_stages: usize,
+    profile: &str,
+    cut: Cut,
+    autodiff: &str,
+) -> Result<Split, PlanError> {
+    let device = DeviceProfile::load(profile).map_err(PlanError)?;
+    let mut module = Module::with_function(staged);
+    let passes = format!("{autodiff},split-bw");
+    PassManager::from_pipeline(&passes)
         .and_then(|pm| pm.run(&mut module, &mut PassContext::default(), &mut |_| {}))
         .map_err(|e| PlanError(format!("{passes}: {e}")))?;
     let vocab = if cut.vocab_parallel && n_stages > 1 {
@@ -605,6 +671,7 @@ pub fn plan_for(
         base_costs,
         sim,
         module,
+        compression: None,
     })
 }
 
@@ -937,6 +1004,9 @@ pub struct PlanPass {
     /// With the joint search, also plan the V family ([`joint_v_family`]: two stages per device;
     /// about 40 % more planning time).
     pub v_family: bool,
+    /// Stash compressions the plan may choose per value under the limit (`compress=…`, `bits`,
+    /// `group`; [`crate::compress`]).
+    pub compress: crate::autodiff::Compress,
 }
 
 impl PlanPass {
@@ -979,6 +1049,11 @@ impl PlanPass {
         let v_family = o.take_parsed("v-family", false)?;
         let balance = o.take("balance").unwrap_or_else(|| "estimate".into());
         let cuts = cuts_of(&balance, vocab_parallel).map_err(|e| bad("balance", e))?;
+        let methods = o.take("compress");
+        let bits = o.take_parsed("bits", crate::autodiff::Compress::BITS.2)?;
+        let group = o.take_parsed("group", crate::autodiff::Compress::GROUP.1)?;
+        let compress = crate::autodiff::Compress::from_options(methods.as_deref(), bits, group)
+            .map_err(|e| bad("compress", e))?;
         o.finish()?;
         let pass = PlanPass {
             stages,
@@ -989,6 +1064,7 @@ impl PlanPass {
             policy,
             cuts,
             v_family,
+            compress,
         };
         if pass.v_family && !pass.is_joint() {
             return Err(bad(
@@ -1015,6 +1091,9 @@ impl PlanPass {
     pub fn plan(&self, forward: &Function) -> Result<(Planned, Vec<Candidate>), PlanError> {
         let (p, m) = (self.stages, self.microbatches);
         let profile = DeviceProfile::load(&self.profile).map_err(PlanError)?;
+        if !self.compress.is_none() {
+            return self.plan_compressed(forward, &profile);
+        }
         if self.is_joint() {
             let n_stages = build_schedule("1f1b", p, m)?.n_stages();
             let limit = self.memory_limit.unwrap_or(0);
@@ -1046,6 +1125,76 @@ impl PlanPass {
             &profile,
         )?;
         Ok((planned, Vec::new()))
+    }
+
+    /// [`PlanPass::plan`] with named compressions: the per-value choice of [`crate::compress`]
+    /// around the joint search (objective: the simulated step) or a named schedule's plan
+    /// (objective: the seconds the plan and the compressions add).
+    fn plan_compressed(
+        &self,
+        forward: &Function,
+        profile: &DeviceProfile,
+    ) -> Result<(Planned, Vec<Candidate>), PlanError> {
+        use crate::compress::{candidates, choose, own_seconds, selection_of};
+        let (p, m) = (self.stages, self.microbatches);
+        let Some(limit) = self.memory_limit else {
+            return Err(PlanError(format!(
+                "{}: stash compression is a choice under a memory limit: give one (`inspect \
+                 --memory --memory-limit BYTES`, `plan{{memory-limit=…}}`)",
+                self.compress.pass_options()
+            )));
+        };
+        if self.cuts.len() > 1 || self.v_family {
+            return Err(PlanError(
+                "stash compression is not planned with balance=best or the V family yet".into(),
+            ));
+        }
+        let cut = self.cuts[0];
+        let n_stages = if self.is_joint() {
+            build_schedule("1f1b", p, m)?.n_stages()
+        } else {
+            build_schedule(&self.schedule, p, m)?.n_stages()
+        };
+        let staged = stage_forward(forward, n_stages, &self.profile, cut)?;
+        let cands = candidates(&staged, self.compress, profile).map_err(PlanError)?;
+        let ((mut planned, joint_tried), chosen, tried) = choose(&cands, |chosen| {
+            let autodiff = match chosen {
+                [] => "autodiff".to_string(),
+                c => crate::autodiff::methods::with_compress_only(
+                    "autodiff",
+                    self.compress,
+                    Some(&selection_of(c)),
+                )
+                .map_err(PlanError)?,
+            };
+            let base = split_staged(forward, staged.clone(), n_stages, &self.profile, cut, &autodiff)?;
+            let added = |x: &Planned| x.stages.iter().map(|s| s.summary.added_seconds).sum::<f64>();
+            if self.is_joint() {
+                let (x, tried) = joint(forward, &base, p, m, limit, profile)?;
+                let clean = added(&x) <= 0.0;
+                let makespan = x.sim.makespan;
+                Ok(((x, tried), makespan, clean))
+            } else {
+                let x = plan_alone(
+                    forward,
+                    &base,
+                    build_schedule(&self.schedule, p, m)?,
+                    &self.schedule,
+                    self.policy,
+                    Some(limit),
+                    profile,
+                )?;
+                let a = added(&x);
+                Ok(((x, Vec::new()), a + own_seconds(chosen), a <= 0.0))
+            }
+        })?;
+        planned.compression = Some(Compression {
+            methods: self.compress.pass_options(),
+            candidates: cands,
+            chosen,
+            tried,
+        });
+        Ok((planned, joint_tried))
     }
 }
 

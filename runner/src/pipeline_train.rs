@@ -51,7 +51,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use cleave_ir::{ArgRole, BinaryOp, DType, Function, Module};
 use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
-use cleave_passes::autodiff::Compress;
+use cleave_passes::autodiff::{Compress, Selection};
+use cleave_passes::compress::{own_seconds, selection_of};
 use cleave_passes::partition::{Cut, DeviceProfile};
 use cleave_passes::plan::{joint, split_module_by, Planned, Split};
 use cleave_passes::remat::{
@@ -570,6 +571,9 @@ pub struct PipelinePlan {
     /// The `--compress` methods the step was differentiated with (under `--memory-limit`, those
     /// the plan chose: none when the exact step fits at no more added time).
     pub compress: Compress,
+    /// Under `--memory-limit`: the values the plan compresses, and with which method
+    /// ([`cleave_passes::compress::choose`]); `None`: every value the methods apply to.
+    pub selection: Option<cleave_passes::autodiff::Selection>,
 }
 
 /// The stage functions and schedule of pipelined training (see the module docs).
@@ -646,29 +650,36 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
             memory: x.memory,
             planned: x.planned,
             compress: Compress::default(),
+            selection: None,
         });
     }
     let schedule = build_schedule(&a.schedule, p, m)?;
     let n_stages = schedule.n_stages();
-    let passes = if n_stages > 1 {
-        format!("partition{{stages={n_stages}}},autodiff,split-bw")
-    } else {
-        "autodiff,split-bw".to_string()
-    };
+    // The forward cut into stages, as `autodiff` sees it (the compression candidates name its
+    // values).
+    let mut staged = Module::with_function(forward.clone());
+    if n_stages > 1 {
+        let passes = format!("partition{{stages={n_stages}}}");
+        PassManager::from_pipeline(&passes)?
+            .run(&mut staged, &mut PassContext::default(), &mut |_| {})
+            .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
+    }
+    let staged = staged.functions.remove(0);
     let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
-    let passes = cleave_passes::autodiff::methods::with_grad_method(&passes, &method)
+    let passes = cleave_passes::autodiff::methods::with_grad_method("autodiff,split-bw", &method)
         .map_err(|e| anyhow::anyhow!("--grad-method: {e}"))?;
     let compress = crate::train::parse_compress(a.compress.as_deref())?;
-    let differentiate = |compress: Compress| -> Result<Module> {
-        let passes = cleave_passes::autodiff::methods::with_compress(&passes, compress)
-            .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
-        let mut module = Module::with_function(forward.clone());
+    let differentiate = |compress: Compress, only: Option<&Selection>| -> Result<Module> {
+        let passes =
+            cleave_passes::autodiff::methods::with_compress_only(&passes, compress, only)
+                .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
+        let mut module = Module::with_function(staged.clone());
         PassManager::from_pipeline(&passes)?
             .run(&mut module, &mut PassContext::default(), &mut |_| {})
             .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
         Ok(module)
     };
-    let module = differentiate(compress)?;
+    let module = differentiate(compress, None)?;
     if schedule.reverse.is_some() && planning {
         bail!(
             "--schedule {}: recomputation and memory limits are not planned for bidirectional \
@@ -684,6 +695,7 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
             memory: Vec::new(),
             planned: None,
             compress,
+            selection: None,
         });
     }
     // Recomputation and offload of the saved values, per stage, under the schedule and the
@@ -721,28 +733,35 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
         };
         plan_within(&planner, limit)
     };
-    // Under a memory limit the named compressions are a choice of the plan, not a given: they
-    // are lossy, so the exact step is kept when it fits with no more added time (recomputation
-    // and exposed transfers under the profile) than the compressed one.
-    let (x, compress) = match (compress.is_none(), limit) {
+    // Under a memory limit the named compressions are a choice of the plan, per value, not a
+    // given: they are lossy, so the exact step is kept when it fits with nothing added, and
+    // otherwise the values to compress are chosen with recomputation and offload
+    // (`cleave_passes::compress::choose`).
+    let added = |x: &Attempt| {
+        x.memory
+            .iter()
+            .map(|s| s.summary.added_seconds)
+            .sum::<f64>()
+    };
+    let (x, compress, selection) = match (compress.is_none(), limit) {
         (false, Some(_)) => {
-            let added = |x: &Attempt| {
-                x.memory
-                    .iter()
-                    .map(|s| s.summary.added_seconds)
-                    .sum::<f64>()
-            };
-            let exact = plan_module(&differentiate(Compress::default())?);
-            let packed = plan_module(&module);
-            let (x, used) = match (exact, packed) {
-                (Ok(e), Ok(c)) if added(&e) <= added(&c) => (e, Compress::default()),
-                (_, Ok(c)) => (c, compress),
-                (Ok(e), Err(_)) => (e, Compress::default()),
-                (Err(e), Err(_)) => return Err(e),
-            };
-            (x, used)
+            let cands = cleave_passes::compress::candidates(&staged, compress, &profile)
+                .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
+            let (x, chosen, _) = cleave_passes::compress::choose(&cands, |chosen| {
+                let module = match chosen {
+                    [] => differentiate(Compress::default(), None)?,
+                    c => differentiate(compress, Some(&selection_of(c)))?,
+                };
+                let x = plan_module(&module)?;
+                let s = added(&x);
+                Ok::<_, anyhow::Error>((x, s + own_seconds(chosen), s <= 0.0))
+            })?;
+            match chosen {
+                None => (x, Compress::default(), None),
+                Some(sel) => (x, compress, Some(sel)),
+            }
         }
-        _ => (plan_module(&module)?, compress),
+        _ => (plan_module(&module)?, compress, None),
     };
     Ok(PipelinePlan {
         schedule: x.schedule,
@@ -750,6 +769,7 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
         memory: x.memory,
         planned: None,
         compress,
+        selection,
     })
 }
 
@@ -932,16 +952,22 @@ pub fn build_pipeline(
         memory,
         planned,
         compress,
+        selection,
     } = pipeline_plan(a, forward)?;
     let n_stages = schedule.n_stages();
     if let (Some(_), Some(_), false) = (&a.compress, &a.memory_limit, quiet) {
         let added: f64 = memory.iter().map(|s| s.summary.added_seconds).sum();
         eprintln!(
             "plan: {} under --memory-limit (added {added:.6} s of recomputation and transfers)",
-            if compress.is_none() {
-                "the exact backward fits, no --compress method used".to_string()
-            } else {
-                format!("--compress chosen ({})", compress.pass_options())
+            match (&selection, compress.is_none()) {
+                (_, true) => "the exact backward fits, no --compress method used".to_string(),
+                (Some(sel), false) => format!(
+                    "--compress chosen for {} value(s) ({}: {})",
+                    sel.0.len(),
+                    compress.pass_options(),
+                    sel.text()
+                ),
+                (None, false) => format!("--compress chosen ({})", compress.pass_options()),
             }
         );
     }

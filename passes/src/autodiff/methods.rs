@@ -493,7 +493,7 @@ pub fn differentiate_method(
     mode: Mode,
     wrt: &[String],
     method: &GradMethod,
-    (seed, compress): (u64, super::Compress),
+    (seed, compress, only): (u64, super::Compress, Option<&super::Selection>),
 ) -> Result<(Function, Vec<String>), String> {
     let fname = func.name.clone();
     if let (false, GradMethod::ForwardGradient { .. }) = (compress.is_none(), method) {
@@ -528,6 +528,7 @@ pub fn differentiate_method(
             wrt,
             &Rewrite {
                 compress,
+                only: only.cloned(),
                 ..Rewrite::default()
             },
         ),
@@ -538,6 +539,7 @@ pub fn differentiate_method(
             &Rewrite {
                 feedback: Feedback::Fa { seed },
                 compress,
+                only: only.cloned(),
                 ..Rewrite::default()
             },
         ),
@@ -548,6 +550,7 @@ pub fn differentiate_method(
             &Rewrite {
                 feedback: Feedback::Dfa { seed },
                 compress,
+                only: only.cloned(),
                 ..Rewrite::default()
             },
         ),
@@ -556,6 +559,7 @@ pub fn differentiate_method(
                 local_heads(func, *blocks).map_err(|e| format!("@{fname}: {e}"))?;
             let rewrite = Rewrite {
                 compress,
+                only: only.cloned(),
                 ..rewrite
             };
             let (f, w) = differentiate_with(func, Mode::Loss, wrt, &rewrite)?;
@@ -839,10 +843,22 @@ fn forward_gradient(func: Function, k: usize) -> Result<(Function, Vec<String>),
 /// Gives every `autodiff` pass of a textual pipeline the stash compression `compress`
 /// (`compress=…` with its parameters; the CLI's `--compress`); unchanged for none.
 pub fn with_compress(pipeline: &str, compress: super::Compress) -> Result<String, String> {
+    with_compress_only(pipeline, compress, None)
+}
+
+/// [`with_compress`] restricted to `only` (the planner's per-value choice; `None`: everywhere).
+pub fn with_compress_only(
+    pipeline: &str,
+    compress: super::Compress,
+    only: Option<&super::Selection>,
+) -> Result<String, String> {
     if compress.is_none() {
         return Ok(pipeline.to_string());
     }
-    let options = compress.pass_options();
+    let mut options = compress.pass_options();
+    if let Some(sel) = only {
+        options = format!("{options},only={}", sel.text());
+    }
     with_autodiff_options(pipeline, &options, &options, |_| None)
 }
 

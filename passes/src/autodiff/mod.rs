@@ -56,11 +56,11 @@ pub(crate) mod rules;
 /// Few-bit backward of GELU/SiLU (`compress=fewbit`): the fitted thresholds and levels.
 pub use rules::fewbit::fit as fewbit_fit;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use cleave_ir::tracer::Tracer;
 use cleave_ir::{ArgRole, Function, Literal, Module, Node, Op, Phase, Value};
-use cranelift_entity::SecondaryMap;
+use cranelift_entity::{EntityRef, SecondaryMap};
 
 use crate::pass::{Pass, PassContext, PassError, PassOptions};
 
@@ -105,6 +105,77 @@ pub struct Autodiff {
     pub seed: u64,
     /// `compress=…`: stash compression of the backward ([`Compress`]).
     pub compress: Compress,
+    /// `only=…`: the values the compression applies to ([`Selection`]; none: every value).
+    pub only: Option<Selection>,
+}
+
+/// One stash compression method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Method {
+    /// Few-bit backward of GELU/SiLU (the activation's input).
+    Fewbit,
+    /// Rank-1 sub-tokens (a linear layer's data input).
+    Rank1,
+    /// The value itself in bfloat16.
+    Bf16,
+}
+
+impl Method {
+    /// The method's name (`--compress`, `only=`, reports).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Fewbit => "fewbit",
+            Method::Rank1 => "rank1",
+            Method::Bf16 => "bf16",
+        }
+    }
+
+    /// Parses a method name.
+    pub fn parse(name: &str) -> Option<Method> {
+        [Method::Fewbit, Method::Rank1, Method::Bf16]
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
+}
+
+/// The (value, method) pairs a named compression is restricted to: the planner's per-value
+/// choice (the `autodiff` option `only=METHOD:N;…`). `N` is the value's print number (`%N`) in
+/// the function `autodiff` differentiates: a GELU/SiLU input for `fewbit`, a linear layer's data
+/// input for `rank1`, a value the backward reads for `bf16` (with `rank1`, the bf16 choice of a
+/// layer input also covers its sub-token coefficients).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection(pub std::collections::BTreeSet<(u32, Method)>);
+
+impl Selection {
+    /// Parses `METHOD:N;METHOD:N…` (empty: nothing selected).
+    pub fn parse(text: &str) -> Result<Selection, String> {
+        let mut s = std::collections::BTreeSet::new();
+        for item in text.split([';', ' ']).filter(|s| !s.is_empty()) {
+            let (m, n) = item
+                .split_once(':')
+                .ok_or_else(|| format!("`{item}`: expected METHOD:N (e.g. bf16:12)"))?;
+            let m = Method::parse(m)
+                .ok_or_else(|| format!("`{item}`: unknown method; fewbit, rank1 or bf16"))?;
+            let n = n
+                .trim_start_matches('%')
+                .parse()
+                .map_err(|_| format!("`{item}`: N is a value's print number"))?;
+            s.insert((n, m));
+        }
+        Ok(Selection(s))
+    }
+
+    /// The option's text (`METHOD:N;…`, or `none` when empty).
+    pub fn text(&self) -> String {
+        if self.0.is_empty() {
+            return "none".into();
+        }
+        self.0
+            .iter()
+            .map(|(n, m)| format!("{}:{n}", m.name()))
+            .collect::<Vec<_>>()
+            .join(";")
+    }
 }
 
 /// Lossy compression of what the backward stashes (the `autodiff` option `compress`, the CLI's
@@ -212,6 +283,19 @@ impl Autodiff {
                     message,
                 }
             })?;
+        let only = o
+            .take("only")
+            .map(|t| {
+                if t == "none" {
+                    return Ok(Selection::default());
+                }
+                Selection::parse(&t).map_err(|message| PassError::BadOption {
+                    pass: "autodiff".into(),
+                    key: "only".into(),
+                    message,
+                })
+            })
+            .transpose()?;
         let function = o.take("function");
         let wrt = o
             .take("wrt")
@@ -230,6 +314,7 @@ impl Autodiff {
             method,
             seed,
             compress,
+            only,
         })
     }
 }
@@ -258,7 +343,7 @@ impl Pass for Autodiff {
                 self.mode,
                 &self.wrt,
                 &self.method,
-                (self.seed, self.compress),
+                (self.seed, self.compress, self.only.as_ref()),
             )
             .map_err(|message| PassError::Failed {
                 pass: "autodiff",
@@ -319,6 +404,8 @@ pub(crate) struct Rewrite {
     pub feedback: methods::Feedback,
     /// Stash compression (`rules::fewbit`, `rules::rank1`, `rules::bf16`).
     pub compress: Compress,
+    /// Where the compression applies (none: everywhere it can).
+    pub only: Option<Selection>,
 }
 
 /// [`differentiate`] with a [`Rewrite`].
@@ -330,6 +417,30 @@ pub(crate) fn differentiate_with(
 ) -> Result<(Function, Vec<String>), String> {
     let mut warnings = Vec::new();
     let fname = func.name.clone();
+    // The per-value choice: (value, method) pairs of this function, `None` for everywhere.
+    let allowed: Option<HashSet<(Value, Method)>> = match &rewrite.only {
+        None => None,
+        Some(sel) => {
+            let numbering = cleave_ir::printer::print_numbering(&func);
+            let by_number: HashMap<u32, Value> = numbering
+                .iter()
+                .filter_map(|(v, n)| n.map(|n| (n as u32, v)))
+                .collect();
+            let mut set = HashSet::new();
+            for &(n, m) in &sel.0 {
+                let v = by_number.get(&n).ok_or_else(|| {
+                    format!(
+                        "@{fname}: only={}:{n} names %{n}, which is not a value of the function",
+                        m.name()
+                    )
+                })?;
+                set.insert((*v, m));
+            }
+            Some(set)
+        }
+    };
+    let allows = |v: Value, m: Method| allowed.as_ref().is_none_or(|s| s.contains(&(v, m)));
+    let original_nodes = func.nodes.len();
     if let Some(bits) = rewrite.compress.fewbit {
         let any = func
             .body
@@ -560,9 +671,12 @@ pub(crate) fn differentiate_with(
             }
             t.set_phase(phase_of(&data_dep, operand));
             let fed = fb.substitute(&mut t, &data, i).map_err(err)?;
-            let rank1_input = rank1_layer(&t, &data, node, i, &data_dep, rewrite.compress.rank1);
+            let rank1_input = rank1_layer(&t, &data, node, i, &data_dep, rewrite.compress.rank1)
+                .filter(|&(x, _)| allows(x, Method::Rank1));
             let contribution = match (&data.op, rewrite.compress.fewbit, rank1_input) {
-                (Op::Unary(u), Some(bits), _) if rules::fewbit::applies(*u) => {
+                (Op::Unary(u), Some(bits), _)
+                    if rules::fewbit::applies(*u) && allows(data.operands[0], Method::Fewbit) =>
+                {
                     let dy = cots[0].expect("a unary op is differentiated with a cotangent");
                     let fitted = fits
                         .entry(*u)
@@ -645,13 +759,42 @@ pub(crate) fn differentiate_with(
             .partition(|&&n| func.nodes[n].phase == Phase::Forward);
         func.body = fw.into_iter().chain(bw).collect();
     }
-    if rewrite.compress.bf16 && rules::bf16::stash(&mut func, |_, _| true).is_empty() {
+    // bf16: a value of the function by its own choice, a value the compressions made by the
+    // choice of the value they compress.
+    let wanted = |f: &Function, v: Value| allows(compressed_root(f, v, original_nodes), Method::Bf16);
+    if rewrite.compress.bf16
+        && rules::bf16::stash(&mut func, wanted).is_empty()
+        && rewrite.only.is_none()
+    {
         return Err(format!(
             "@{fname}: compress=bf16 keeps the f32 activations the backward reads in bfloat16, \
              and the backward of this function reads none"
         ));
     }
     Ok((func, warnings))
+}
+
+/// The value of the differentiated function that `v` stands for: `v` itself when its node
+/// existed before differentiation (index below `original_nodes`), else the first such value up
+/// its chain of first non-constant operands (what a compression's forward nodes compress).
+pub(crate) fn compressed_root(f: &Function, v: Value, original_nodes: usize) -> Value {
+    let mut v = v;
+    loop {
+        let def = f.values[v].def;
+        if def.index() < original_nodes {
+            return v;
+        }
+        let next = f.nodes[def].operands.iter().copied().find(|&o| {
+            !matches!(
+                f.nodes[f.values[o].def].op,
+                Op::Constant { .. } | Op::Iota { .. }
+            )
+        });
+        match next {
+            Some(o) => v = o,
+            None => return v,
+        }
+    }
 }
 
 /// With rank-1 compression of group `group`: `(x, group)` when operand `i` of `data` (node

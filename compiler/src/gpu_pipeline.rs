@@ -671,6 +671,7 @@ impl Held<'_> {
 
 /// Rejects what the single-device pipeline does not run.
 fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
+    refuse_bf16_storage(a, target)?;
     let unsupported = [
         (a.remat.is_some(), "--remat"),
         (a.memory_limit.is_some(), "--memory-limit"),
@@ -687,6 +688,19 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
                  single-device pipeline yet; use --target cpu"
             );
         }
+    }
+    Ok(())
+}
+
+/// `--compress bf16` needs bf16 storage, which only the CPU runtime has: on any other backend
+/// (MLIR's kernels are f32), an error naming it.
+pub(crate) fn refuse_bf16_storage(a: &TrainArgs, target: &str) -> Result<()> {
+    if target != "cpu" && crate::train::parse_compress(a.compress.as_deref())?.bf16 {
+        bail!(
+            "--target {target}: --compress bf16 needs bf16 storage, which this backend does \
+             not have yet (its kernels and buffers are f32); use --target cpu, or another \
+             --compress method"
+        );
     }
     Ok(())
 }

@@ -123,6 +123,7 @@ fn unsupported_options_are_clear_errors() {
         ),
         ("--remat", |a| a.remat = Some("full".into())),
         ("--debug-nan", |a| a.debug_nan = true),
+        ("--compress bf16", |a| a.compress = Some("bf16".into())),
     ] {
         let mut a = common::args(1);
         f(&mut a);

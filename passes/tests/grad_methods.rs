@@ -700,3 +700,164 @@ fn rank1_compresses_the_weight_gradient_input() {
         .to_string();
     assert!(e.contains("has none"), "{e}");
 }
+
+/// bf16 stash (`autodiff{compress=bf16}`): the backward reads every saved activation through a
+/// bf16 round trip, so a weight gradient that is the activation itself is the activation rounded
+/// to bfloat16; after `split-bw` F saves only bf16 values and B hands W no widened copy (W widens
+/// the F→W value itself); `only=bf16:N` casts that value alone; a bad `only` is an error.
+#[test]
+fn bf16_stash_rounds_what_the_backward_reads() {
+    use cleave_ir::tracer::Tracer;
+    // loss = Σ tanh(x·w1)·w2: grad.w2 = tanh(x·w1) (through the stash), and tanh's VJP reads
+    // its result.
+    let mut t = Tracer::new("f");
+    let x = t.input("x", DType::F32, vec![4, 8]).unwrap();
+    let w1 = t.param("w1", DType::F32, vec![8, 8]).unwrap();
+    let w2 = t.param("w2", DType::F32, vec![4, 8]).unwrap();
+    let h = t.matmul(x, w1).unwrap();
+    let a = t.tanh(h).unwrap();
+    let p = t.mul(a, w2).unwrap();
+    let l = t.reduce_sum(p, vec![0, 1]).unwrap();
+    t.output("loss", l).unwrap();
+    let f = t.finish();
+    let args: BTreeMap<String, Tensor> = forward_args(&f, 3)
+        .into_iter()
+        .map(|(k, t)| {
+            let v: Vec<f32> = t.to_f64_vec().iter().map(|&x| x as f32).collect();
+            (k, Tensor::from_f32(t.shape.clone(), v))
+        })
+        .collect();
+    // Rounded as the runtime rounds: every value to its dtype.
+    let outputs = |f: &Function, args: &BTreeMap<String, Tensor>| -> BTreeMap<String, Vec<f64>> {
+        let outs = run_function_named(f, args, Precision::F32).unwrap();
+        f.outputs
+            .iter()
+            .zip(outs)
+            .map(|(o, t)| (o.name.clone(), t.to_f64_vec()))
+            .collect()
+    };
+    let exact = outputs(&run_pipeline(&f, "autodiff"), &args);
+    let g = run_pipeline(&f, "autodiff{compress=bf16}");
+    let out = outputs(&g, &args);
+    assert_eq!(out["loss"], exact["loss"], "the forward is untouched");
+    let want: Vec<f64> = exact["grad.w2"]
+        .iter()
+        .map(|&v| cleave_ir::interp::round_to_dtype(v, DType::BF16))
+        .collect();
+    assert_eq!(out["grad.w2"], want);
+    assert_ne!(out["grad.w1"], exact["grad.w1"], "the stash was not rounded");
+    // Every forward f32 activation the backward reads goes through a widening cast.
+    for &n in &g.body {
+        let d = &g.nodes[n];
+        if d.phase == Phase::Forward {
+            continue;
+        }
+        for &v in &d.operands {
+            let def = &g.nodes[g.values[v].def];
+            let activation = def.phase == Phase::Forward
+                && g.ty(v).dtype == DType::F32
+                && g.ty(v).rank() > 0
+                && !matches!(
+                    def.op,
+                    cleave_ir::Op::Param { .. } | cleave_ir::Op::Constant { .. }
+                );
+            assert!(!activation, "{} reads an f32 activation", d.op.name());
+        }
+    }
+    // Split: F saves bf16 only; B hands W nothing widened.
+    let mut m = Module::with_function(g);
+    PassManager::from_pipeline("split-bw")
+        .unwrap()
+        .run(&mut m, &mut PassContext::default(), &mut |_| {})
+        .unwrap();
+    cleave_ir::verify_module(&m).unwrap();
+    for func in &m.functions {
+        for o in func.outputs.iter().filter(|o| o.name.starts_with("stash.")) {
+            let def = &func.nodes[func.values[o.value].def];
+            if func.name.ends_with(".F") {
+                assert_eq!(func.ty(o.value).dtype, DType::BF16, "{}: {}", func.name, o.name);
+            } else {
+                assert!(
+                    !matches!(def.op, cleave_ir::Op::Cast { .. }),
+                    "{}: B hands W a widened {}",
+                    func.name,
+                    o.name
+                );
+            }
+        }
+    }
+    // One value only: %N of the forward function.
+    let numbering = cleave_ir::printer::print_numbering(&f);
+    let n = numbering[a].unwrap();
+    let one = run_pipeline(&f, &format!("autodiff{{compress=bf16,only=bf16:{n}}}"));
+    let casts = |g: &Function| {
+        g.body
+            .iter()
+            .filter(|&&b| matches!(g.nodes[b].op, cleave_ir::Op::Cast { to: DType::BF16 }))
+            .count()
+    };
+    assert_eq!(casts(&one), 1);
+    assert!(casts(&run_pipeline(&f, "autodiff{compress=bf16}")) > 1);
+    assert_eq!(outputs(&one, &args)["grad.w2"], want);
+    for (only, want) in [("bf16:999", "not a value"), ("int8:1", "unknown method"), ("bf16", "METHOD:N")] {
+        let e = PassManager::from_pipeline(&format!("autodiff{{compress=bf16,only={only}}}"))
+            .and_then(|pm| {
+                pm.run(
+                    &mut Module::with_function(f.clone()),
+                    &mut PassContext::default(),
+                    &mut |_| {},
+                )
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{only}: {e}");
+    }
+}
+
+/// The per-value choice (`cleave_passes::compress::choose`) on a made-up planner: the exact
+/// step is kept when it adds nothing; otherwise the shortest feasible prefix of candidates, or a
+/// longer one when it adds less, or the exact step when it is cheaper than any; where nothing
+/// fits, the error.
+#[test]
+fn compression_choice_searches_prefixes() {
+    use cleave_passes::autodiff::Method;
+    use cleave_passes::compress::{choose, Candidate};
+    let cands: Vec<Candidate> = (0..20)
+        .map(|i| Candidate {
+            value: i,
+            stage: 0,
+            method: Method::Bf16,
+            bytes_exact: 8,
+            bytes: 4,
+            added_seconds: 1.0,
+        })
+        .collect();
+    // Feasible from 7 compressions on; the objective is the count plus a recompute cost that
+    // falls to 0 at 11 (a prefix the scan after the bisection visits: 7, 8, 9, 11, 15).
+    let planner = |exact: Option<f64>| {
+        move |c: &[Candidate]| -> Result<(usize, f64, bool), String> {
+            let k = c.len();
+            if k == 0 {
+                return exact.map(|s| (0, s, s == 0.0)).ok_or("exact infeasible".into());
+            }
+            if k < 7 {
+                return Err(format!("{k} too few"));
+            }
+            let recompute = if k < 11 { 10.0 } else { 0.0 };
+            Ok((k, k as f64 + recompute, false))
+        }
+    };
+    let (k, sel, tried) = choose(&cands, planner(None)).unwrap();
+    assert_eq!(k, 11, "{tried:?}");
+    assert_eq!(sel.unwrap().0.len(), 11);
+    assert!(tried.len() < 12, "{} plans for 20 candidates", tried.len());
+    let (k, sel, tried) = choose(&cands, planner(Some(0.0))).unwrap();
+    assert_eq!((k, sel.is_none(), tried.len()), (0, true, 1), "a clean exact plan is kept");
+    let (k, sel, _) = choose(&cands, planner(Some(5.0))).unwrap();
+    assert_eq!((k, sel.is_none()), (0, true), "the exact plan adds less");
+    let e = choose(&cands, |c: &[Candidate]| -> Result<(usize, f64, bool), String> {
+        Err(format!("{} do not fit", c.len()))
+    })
+    .unwrap_err();
+    assert_eq!(e, "20 do not fit");
+}

@@ -54,7 +54,7 @@ use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
 use cleave_passes::autodiff::{Compress, Selection};
 use cleave_passes::compress::{own_seconds, selection_of};
 use cleave_passes::partition::{Cut, DeviceProfile};
-use cleave_passes::plan::{joint, split_module_by, Planned, Split};
+use cleave_passes::plan::{joint, split_staged, stage_forward, Planned, Split};
 use cleave_passes::remat::{
     named_smallest, parse_bytes, plan_stages_reserved, ChoiceGraph, InFlight, Policy, StageMemory,
     SMALLEST_FEASIBLE,
@@ -604,53 +604,84 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     };
     let profile = cpu_profile()?;
     if a.schedule.eq_ignore_ascii_case("auto") && limit.is_some() && policy == Policy::Auto {
-        // The joint planner differentiates with backprop and no compression; other choices are
-        // refused rather than silently dropped.
+        // The joint planner differentiates with backprop; other methods are refused rather than
+        // silently dropped. Named compressions are chosen per value around the joint search.
         let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
-        if method != GradMethod::Bp || a.compress.is_some() {
+        if method != GradMethod::Bp {
             bail!(
-                "--schedule auto --memory-limit: the joint planner plans backprop's stash without \
-                 compression; --grad-method {method}{} is not planned jointly yet: pick a fixed \
-                 schedule (e.g. --schedule zb-h1) or drop the option",
-                a.compress
-                    .as_deref()
-                    .map(|c| format!(" --compress {c}"))
-                    .unwrap_or_default()
+                "--schedule auto --memory-limit: the joint planner plans backprop's stash; \
+                 --grad-method {method} is not planned jointly yet: pick a fixed schedule \
+                 (e.g. --schedule zb-h1) or drop the option"
             );
         }
-        let split = split_module_by(forward, p, CPU_PROFILE, Cut::default())
+        let compress = crate::train::parse_compress(a.compress.as_deref())?;
+        let staged = stage_forward(forward, p, CPU_PROFILE, Cut::default())
             .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
-        let planner = Planner {
-            base: &split.module,
-            forward,
-            placement: (0..p).collect(),
-            n_dev: p,
-            m,
-            state_copies: a.optimizer.state_copies(),
-            what: "--schedule auto".into(),
-            plan: Box::new(|l, reserved| {
-                let base = Split {
-                    reserved: reserved.to_vec(),
-                    ..split.clone()
-                };
-                let (planned, _) = joint(forward, &base, p, m, l.unwrap_or(u64::MAX), &profile)
-                    .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
-                Ok(Attempt {
-                    module: planned.module.clone(),
-                    memory: planned.stages.clone(),
-                    schedule: planned.schedule.clone(),
-                    planned: Some(Box::new(planned)),
-                })
-            }),
+        let cands = if compress.is_none() {
+            Vec::new()
+        } else {
+            cleave_passes::compress::candidates(&staged, compress, &profile)
+                .map_err(|e| anyhow::anyhow!("--compress: {e}"))?
         };
-        let x = plan_within(&planner, limit)?;
+        let (x, chosen, _) = cleave_passes::compress::choose(&cands, |chosen| {
+            let autodiff = match chosen {
+                [] => "autodiff".to_string(),
+                c => cleave_passes::autodiff::methods::with_compress_only(
+                    "autodiff",
+                    compress,
+                    Some(&selection_of(c)),
+                )
+                .map_err(anyhow::Error::msg)?,
+            };
+            let split = split_staged(
+                forward,
+                staged.clone(),
+                p,
+                CPU_PROFILE,
+                Cut::default(),
+                &autodiff,
+            )
+            .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
+            let planner = Planner {
+                base: &split.module,
+                forward,
+                placement: (0..p).collect(),
+                n_dev: p,
+                m,
+                state_copies: a.optimizer.state_copies(),
+                what: "--schedule auto".into(),
+                plan: Box::new(|l, reserved| {
+                    let base = Split {
+                        reserved: reserved.to_vec(),
+                        ..split.clone()
+                    };
+                    let (planned, _) =
+                        joint(forward, &base, p, m, l.unwrap_or(u64::MAX), &profile)
+                            .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
+                    Ok(Attempt {
+                        module: planned.module.clone(),
+                        memory: planned.stages.clone(),
+                        schedule: planned.schedule.clone(),
+                        planned: Some(Box::new(planned)),
+                    })
+                }),
+            };
+            let x = plan_within(&planner, limit)?;
+            let makespan = x.planned.as_ref().map_or(0.0, |p| p.sim.makespan);
+            let clean = x.memory.iter().all(|s| s.summary.added_seconds <= 0.0);
+            Ok::<_, anyhow::Error>((x, makespan, clean))
+        })?;
         return Ok(PipelinePlan {
             schedule: x.schedule,
             module: x.module,
             memory: x.memory,
             planned: x.planned,
-            compress: Compress::default(),
-            selection: None,
+            compress: if chosen.is_some() {
+                compress
+            } else {
+                Compress::default()
+            },
+            selection: chosen,
         });
     }
     let schedule = build_schedule(&a.schedule, p, m)?;
@@ -961,12 +992,21 @@ pub fn build_pipeline(
             "plan: {} under --memory-limit (added {added:.6} s of recomputation and transfers)",
             match (&selection, compress.is_none()) {
                 (_, true) => "the exact backward fits, no --compress method used".to_string(),
-                (Some(sel), false) => format!(
-                    "--compress chosen for {} value(s) ({}: {})",
-                    sel.0.len(),
-                    compress.pass_options(),
-                    sel.text()
-                ),
+                (Some(sel), false) => {
+                    let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+                    for (_, m) in &sel.0 {
+                        *per.entry(m.name()).or_default() += 1;
+                    }
+                    format!(
+                        "--compress chosen for {} value(s) ({}; `cleave inspect --memory \
+                         --compress` lists them)",
+                        sel.0.len(),
+                        per.iter()
+                            .map(|(m, n)| format!("{m} ×{n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
                 (None, false) => format!("--compress chosen ({})", compress.pass_options()),
             }
         );

@@ -153,12 +153,14 @@ mod tests {
         put_data(&mut out, &HostData::F32(vec![1.5, -2.0]));
         put_data(&mut out, &HostData::I32(vec![3]));
         put_data(&mut out, &HostData::Bool(vec![true, false]));
+        put_data(&mut out, &HostData::BF16(vec![0x3fc0, 0xffff]));
         let mut r = Reader::new(&out);
         assert_eq!(r.u64().unwrap(), 7);
         assert_eq!(r.str().unwrap(), "act.x");
         assert_eq!(r.data().unwrap(), HostData::F32(vec![1.5, -2.0]));
         assert_eq!(r.data().unwrap(), HostData::I32(vec![3]));
         assert_eq!(r.data().unwrap(), HostData::Bool(vec![true, false]));
+        assert_eq!(r.data().unwrap(), HostData::BF16(vec![0x3fc0, 0xffff]));
         assert!(r.done());
         assert!(Reader::new(&out[..5]).u64().is_err());
     }

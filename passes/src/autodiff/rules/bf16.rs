@@ -68,7 +68,8 @@ pub fn stash(func: &mut Function, wanted: impl Fn(&Function, Value) -> bool) -> 
                     None => {
                         let ty = TensorType::new(DType::F32, func.ty(v).shape.clone());
                         let c = func.create_node(Op::Cast { to: DType::F32 }, vec![s], vec![ty]);
-                        func.nodes[c].phase = phase;
+                        // dgrad: W may read it too (a dgrad value), B may not read wgrad ones.
+                        func.nodes[c].phase = Phase::Dgrad;
                         func.nodes[c].stage = stage;
                         body.push(c);
                         let x = func.result(c);

@@ -1,0 +1,113 @@
+//! bf16 storage (the `--compress bf16` stash): `cast` to bf16 rounds to nearest even exactly as
+//! the interpreter does (ties, subnormals, overflow to infinity, NaN), a bf16 value passes
+//! through plan outputs and arguments as its 16-bit patterns, and any op other than `cast`,
+//! `reshape` or an argument on a bf16 value is refused with the op and value named.
+
+use cleave_ir::interp::round_to_dtype;
+use cleave_ir::{parse_function, run_function_named, DType, Precision, Tensor};
+use cleave_runtime::{compile, HostData};
+
+/// f32 bit patterns: a stride through all of them plus the edge cases.
+fn sweep() -> Vec<f32> {
+    let mut v: Vec<f32> = (0..=u32::MAX)
+        .step_by(65_521)
+        .map(f32::from_bits)
+        .filter(|x| !x.is_nan())
+        .collect();
+    for bits in [
+        0x3f80_8000u32, // a tie, even below: stays
+        0x3f81_8000,    // a tie, odd below: rounds up
+        0x3f80_8001,    // just above a tie
+        0x7f7f_ffff,    // f32::MAX: rounds to infinity
+        0x7f7f_7fff,    // stays finite
+        0x0000_8000,    // a subnormal tie
+        0x0001_8000,
+        0x8000_0001,
+        0x7f80_0000,
+        0xff80_0000,
+    ] {
+        v.push(f32::from_bits(bits));
+    }
+    v
+}
+
+#[test]
+fn bf16_casts_round_as_the_interpreter_does() {
+    let xs = sweep();
+    let n = xs.len();
+    let f = parse_function(&format!(
+        r#"func @f {{
+  %x = input {{name = "x"}} : f32[{n}]
+  %h = cast %x : bf16[{n}]
+  %r = reshape %h : bf16[1,{n}]
+  %w = cast %r : f32[1,{n}]
+  return %h as "h", %w as "w"
+}}"#
+    ))
+    .unwrap();
+    let mut plan = compile(&f).unwrap();
+    plan.set_input_named("x", HostData::F32(xs.clone()).as_slice())
+        .unwrap();
+    plan.run().unwrap();
+    let HostData::BF16(h) = plan.output(0) else {
+        panic!("output h is not bf16")
+    };
+    let w = plan.output_f32(1).unwrap().to_vec();
+    let args: std::collections::BTreeMap<String, Tensor> =
+        [("x".to_string(), Tensor::from_f32(vec![n], xs.clone()))]
+            .into_iter()
+            .collect();
+    let want = run_function_named(&f, &args, Precision::F32).unwrap();
+    let want_w = want[1].to_f64_vec();
+    for (i, &x) in xs.iter().enumerate() {
+        let r = round_to_dtype(x as f64, DType::BF16) as f32;
+        assert_eq!(w[i].to_bits(), r.to_bits(), "{x:e} ({:#x})", x.to_bits());
+        assert_eq!(w[i].to_bits(), (want_w[i] as f32).to_bits(), "{x:e}");
+        assert_eq!((h[i] as u32) << 16, r.to_bits(), "{x:e}");
+    }
+    // NaN stays NaN.
+    let mut plan = compile(&f).unwrap();
+    let nan = vec![f32::NAN; n];
+    plan.set_input_named("x", HostData::F32(nan).as_slice())
+        .unwrap();
+    plan.run().unwrap();
+    assert!(plan.output_f32(1).unwrap().iter().all(|x| x.is_nan()));
+}
+
+#[test]
+fn bf16_values_cross_plans_as_arguments() {
+    let f = parse_function(
+        r#"func @g {
+  %s = input {name = "s"} : bf16[3]
+  %x = cast %s : f32[3]
+  %y = add %x, %x : f32[3]
+  return %y as "y"
+}"#,
+    )
+    .unwrap();
+    let mut plan = compile(&f).unwrap();
+    // 1.5, -2, 0.0078125 as bf16 bit patterns.
+    plan.set_input_named("s", HostData::BF16(vec![0x3fc0, 0xc000, 0x3c00]).as_slice())
+        .unwrap();
+    plan.run().unwrap();
+    assert_eq!(plan.output_f32(0).unwrap(), [3.0, -4.0, 0.015625]);
+    let e = plan
+        .set_input_named("s", HostData::F32(vec![0.0; 3]).as_slice())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bf16"), "{e}");
+}
+
+#[test]
+fn arithmetic_on_bf16_is_refused_naming_the_op() {
+    let f = parse_function(
+        r#"func @h {
+  %s = input {name = "s"} : bf16[3]
+  %y = add %s, %s : bf16[3]
+  return %y as "y"
+}"#,
+    )
+    .unwrap();
+    let e = compile(&f).unwrap_err().to_string();
+    assert!(e.contains("add") && e.contains("bf16"), "{e}");
+}

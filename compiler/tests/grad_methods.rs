@@ -438,6 +438,12 @@ fn the_plan_chooses_compression_under_a_limit() {
         "the exact step fits 6M without recomputation; the test needs a tighter limit"
     );
     assert!(added(&chosen) < added(&exact), "{} vs {}", added(&chosen), added(&exact));
+    // The allocator-measured peak of every device stays under the limit with the compression.
+    let limit = cleave_passes::remat::parse_bytes("6M").unwrap() as usize;
+    assert!(!chosen.measured_peak_bytes.is_empty());
+    for (d, &peak) in chosen.measured_peak_bytes.iter().enumerate() {
+        assert!(peak as usize <= limit, "device {d}: measured {peak} over {limit}");
+    }
     assert_ne!(
         exact.losses, chosen.losses,
         "the compression was not chosen"

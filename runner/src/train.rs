@@ -221,8 +221,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     pub tangents: usize,
     /// Lossy stash compression, opt-in, comma-separated: `fewbit[:BITS]` (few-bit backward of
-    /// GELU/SiLU, 1 to 4 bits, default 2) and `rank1[:GROUP]` (rank-1 sub-token projection of
-    /// linear layers' inputs for their weight gradients, default 8).
+    /// GELU/SiLU, 1 to 4 bits, default 2), `rank1[:GROUP]` (rank-1 sub-token projection of
+    /// linear layers' inputs for their weight gradients, default 8) and `bf16` (saved
+    /// activations in bfloat16). Under --memory-limit the plan chooses among them per value.
     #[arg(long, value_name = "METHOD")]
     pub compress: Option<String>,
     /// Print each device's planned memory (parameters, gradients, workspace, values crossing

@@ -786,6 +786,33 @@ fn bf16_stash_rounds_what_the_backward_reads() {
             }
         }
     }
+    // Two stages: stage 1's B and W both read its saved activations; W widens them itself.
+    let mut m = Module::with_function(tiny_mlp(vec![3, 4, 4, 2]));
+    PassManager::from_pipeline("partition{stages=2},autodiff{compress=bf16},split-bw")
+        .unwrap()
+        .run(&mut m, &mut PassContext::default(), &mut |_| {})
+        .unwrap();
+    cleave_ir::verify_module(&m).unwrap();
+    let mut widened_in_w = 0;
+    for func in &m.functions {
+        for o in func.outputs.iter().filter(|o| o.name.starts_with("stash.")) {
+            let def = &func.nodes[func.values[o.value].def];
+            let wide = matches!(def.op, cleave_ir::Op::Cast { to: DType::F32 });
+            assert!(!wide, "{}: hands W a widened {}", func.name, o.name);
+        }
+        if func.name.ends_with(".W") {
+            widened_in_w += func
+                .body
+                .iter()
+                .filter(|&&n| {
+                    let d = &func.nodes[n];
+                    matches!(d.op, cleave_ir::Op::Cast { to: DType::F32 })
+                        && func.ty(d.operands[0]).dtype == DType::BF16
+                })
+                .count();
+        }
+    }
+    assert!(widened_in_w > 0, "no W widens a bf16 stash value");
     // One value only: %N of the forward function.
     let numbering = cleave_ir::printer::print_numbering(&f);
     let n = numbering[a].unwrap();

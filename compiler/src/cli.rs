@@ -811,7 +811,8 @@ fn compress_report(
     let device =
         cleave_passes::partition::DeviceProfile::load(profile).map_err(anyhow::Error::msg)?;
     let cut = Default::default();
-    let staged = stage_forward(forward, stages, profile, cut).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let staged =
+        stage_forward(forward, stages, profile, cut).map_err(|e| anyhow::anyhow!("{e}"))?;
     let values = cleave_passes::compress::candidates(&staged, compress, &device)
         .map_err(|e| anyhow::anyhow!("--compress {methods}: {e}"))?;
     let split = |c: Compress| -> Result<Module> {

@@ -368,7 +368,10 @@ fn fewbit_compression_trains_on_the_pipeline() {
     common::assert_same("bf16 zb-v", &half, &run(2, "zb-v", Some("bf16")));
     let exact = run(1, "1f1b", None);
     for lossy in [&one, &half] {
-        assert_ne!(exact.losses, lossy.losses, "the compression changed nothing");
+        assert_ne!(
+            exact.losses, lossy.losses,
+            "the compression changed nothing"
+        );
         for (a, b) in lossy.losses.iter().zip(&exact.losses) {
             assert!(
                 (a - b).abs() <= 0.02 * b.abs(),
@@ -437,12 +440,20 @@ fn the_plan_chooses_compression_under_a_limit() {
         added(&exact) > 0.0,
         "the exact step fits 6M without recomputation; the test needs a tighter limit"
     );
-    assert!(added(&chosen) < added(&exact), "{} vs {}", added(&chosen), added(&exact));
+    assert!(
+        added(&chosen) < added(&exact),
+        "{} vs {}",
+        added(&chosen),
+        added(&exact)
+    );
     // The allocator-measured peak of every device stays under the limit with the compression.
     let limit = cleave_passes::remat::parse_bytes("6M").unwrap() as usize;
     assert!(!chosen.measured_peak_bytes.is_empty());
     for (d, &peak) in chosen.measured_peak_bytes.iter().enumerate() {
-        assert!(peak as usize <= limit, "device {d}: measured {peak} over {limit}");
+        assert!(
+            peak as usize <= limit,
+            "device {d}: measured {peak} over {limit}"
+        );
     }
     assert_ne!(
         exact.losses, chosen.losses,
@@ -469,7 +480,14 @@ fn inspect_lists_what_compression_replaces() {
             methods,
         ];
         if let Some(l) = limit {
-            args.extend(["--microbatches", "4", "--schedule", "1f1b", "--memory-limit", l]);
+            args.extend([
+                "--microbatches",
+                "4",
+                "--schedule",
+                "1f1b",
+                "--memory-limit",
+                l,
+            ]);
         }
         let o = cleave(&args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -483,7 +501,10 @@ fn inspect_lists_what_compression_replaces() {
         let of: Vec<&Value> = values.iter().filter(|v| v["method"] == method).collect();
         assert!(!of.is_empty(), "no {method} value: {c}");
         for v in of {
-            let (e, b) = (v["bytes_exact"].as_u64().unwrap(), v["bytes"].as_u64().unwrap());
+            let (e, b) = (
+                v["bytes_exact"].as_u64().unwrap(),
+                v["bytes"].as_u64().unwrap(),
+            );
             let want = match method {
                 "rank1" => e / 8,
                 _ => e / 2,
@@ -515,6 +536,9 @@ fn inspect_lists_what_compression_replaces() {
     assert!(chosen > 0, "{c}");
     assert_eq!(c["chosen"].as_u64().unwrap() as usize, chosen);
     let tried = c["tried"].as_array().unwrap();
-    assert!(tried[0]["error"].is_string(), "the exact step fits 450000: {c}");
+    assert!(
+        tried[0]["error"].is_string(),
+        "the exact step fits 450000: {c}"
+    );
     assert!(tried.len() < 20, "{} plans tried", tried.len());
 }

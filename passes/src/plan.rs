@@ -1167,8 +1167,20 @@ impl PlanPass {
                 )
                 .map_err(PlanError)?,
             };
-            let base = split_staged(forward, staged.clone(), n_stages, &self.profile, cut, &autodiff)?;
-            let added = |x: &Planned| x.stages.iter().map(|s| s.summary.added_seconds).sum::<f64>();
+            let base = split_staged(
+                forward,
+                staged.clone(),
+                n_stages,
+                &self.profile,
+                cut,
+                &autodiff,
+            )?;
+            let added = |x: &Planned| {
+                x.stages
+                    .iter()
+                    .map(|s| s.summary.added_seconds)
+                    .sum::<f64>()
+            };
             if self.is_joint() {
                 let (x, tried) = joint(forward, &base, p, m, limit, profile)?;
                 let clean = added(&x) <= 0.0;

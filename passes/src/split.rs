@@ -446,7 +446,16 @@ fn bind_operand(
             // A compressed stash value widened in B: W widens it again from the F→W stash
             // instead of receiving the wide copy from B (same bits, a quarter or half the bytes).
             let s = data.operands[0];
-            bind_operand(func, pieces, key, s, home, name_for, seed_stage, needs_output);
+            bind_operand(
+                func,
+                pieces,
+                key,
+                s,
+                home,
+                name_for,
+                seed_stage,
+                needs_output,
+            );
             let piece = pieces.get_mut(&key).unwrap();
             let narrow = piece.map[s].expect("operand bound");
             let node = piece
@@ -550,10 +559,16 @@ fn bind_operand(
 /// by the forward): `split-bw` re-creates it in W rather than stashing its wide result B→W.
 fn is_dequantize(func: &Function, node: Node) -> bool {
     let d = &func.nodes[node];
-    matches!(d.op, Op::Cast { to: cleave_ir::DType::F32 })
-        && d.operands.len() == 1
+    matches!(
+        d.op,
+        Op::Cast {
+            to: cleave_ir::DType::F32
+        }
+    ) && d.operands.len() == 1
         && func.ty(d.operands[0]).dtype == cleave_ir::DType::BF16
-        && !func.nodes[func.values[d.operands[0]].def].phase.is_backward()
+        && !func.nodes[func.values[d.operands[0]].def]
+            .phase
+            .is_backward()
 }
 
 impl Piece {

@@ -745,7 +745,10 @@ fn bf16_stash_rounds_what_the_backward_reads() {
         .map(|&v| cleave_ir::interp::round_to_dtype(v, DType::BF16))
         .collect();
     assert_eq!(out["grad.w2"], want);
-    assert_ne!(out["grad.w1"], exact["grad.w1"], "the stash was not rounded");
+    assert_ne!(
+        out["grad.w1"], exact["grad.w1"],
+        "the stash was not rounded"
+    );
     // Every forward f32 activation the backward reads goes through a widening cast.
     for &n in &g.body {
         let d = &g.nodes[n];
@@ -775,7 +778,13 @@ fn bf16_stash_rounds_what_the_backward_reads() {
         for o in func.outputs.iter().filter(|o| o.name.starts_with("stash.")) {
             let def = &func.nodes[func.values[o.value].def];
             if func.name.ends_with(".F") {
-                assert_eq!(func.ty(o.value).dtype, DType::BF16, "{}: {}", func.name, o.name);
+                assert_eq!(
+                    func.ty(o.value).dtype,
+                    DType::BF16,
+                    "{}: {}",
+                    func.name,
+                    o.name
+                );
             } else {
                 assert!(
                     !matches!(def.op, cleave_ir::Op::Cast { .. }),
@@ -826,7 +835,11 @@ fn bf16_stash_rounds_what_the_backward_reads() {
     assert_eq!(casts(&one), 1);
     assert!(casts(&run_pipeline(&f, "autodiff{compress=bf16}")) > 1);
     assert_eq!(outputs(&one, &args)["grad.w2"], want);
-    for (only, want) in [("bf16:999", "not a value"), ("int8:1", "unknown method"), ("bf16", "METHOD:N")] {
+    for (only, want) in [
+        ("bf16:999", "not a value"),
+        ("int8:1", "unknown method"),
+        ("bf16", "METHOD:N"),
+    ] {
         let e = PassManager::from_pipeline(&format!("autodiff{{compress=bf16,only={only}}}"))
             .and_then(|pm| {
                 pm.run(
@@ -865,7 +878,9 @@ fn compression_choice_searches_prefixes() {
         move |c: &[Candidate]| -> Result<(usize, f64, bool), String> {
             let k = c.len();
             if k == 0 {
-                return exact.map(|s| (0, s, s == 0.0)).ok_or("exact infeasible".into());
+                return exact
+                    .map(|s| (0, s, s == 0.0))
+                    .ok_or("exact infeasible".into());
             }
             if k < 7 {
                 return Err(format!("{k} too few"));
@@ -879,12 +894,19 @@ fn compression_choice_searches_prefixes() {
     assert_eq!(sel.unwrap().0.len(), 11);
     assert!(tried.len() < 12, "{} plans for 20 candidates", tried.len());
     let (k, sel, tried) = choose(&cands, planner(Some(0.0))).unwrap();
-    assert_eq!((k, sel.is_none(), tried.len()), (0, true, 1), "a clean exact plan is kept");
+    assert_eq!(
+        (k, sel.is_none(), tried.len()),
+        (0, true, 1),
+        "a clean exact plan is kept"
+    );
     let (k, sel, _) = choose(&cands, planner(Some(5.0))).unwrap();
     assert_eq!((k, sel.is_none()), (0, true), "the exact plan adds less");
-    let e = choose(&cands, |c: &[Candidate]| -> Result<(usize, f64, bool), String> {
-        Err(format!("{} do not fit", c.len()))
-    })
+    let e = choose(
+        &cands,
+        |c: &[Candidate]| -> Result<(usize, f64, bool), String> {
+            Err(format!("{} do not fit", c.len()))
+        },
+    )
     .unwrap_err();
     assert_eq!(e, "20 do not fit");
 }

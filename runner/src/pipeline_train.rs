@@ -655,9 +655,8 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
                         reserved: reserved.to_vec(),
                         ..split.clone()
                     };
-                    let (planned, _) =
-                        joint(forward, &base, p, m, l.unwrap_or(u64::MAX), &profile)
-                            .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
+                    let (planned, _) = joint(forward, &base, p, m, l.unwrap_or(u64::MAX), &profile)
+                        .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
                     Ok(Attempt {
                         module: planned.module.clone(),
                         memory: planned.stages.clone(),
@@ -701,9 +700,8 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
         .map_err(|e| anyhow::anyhow!("--grad-method: {e}"))?;
     let compress = crate::train::parse_compress(a.compress.as_deref())?;
     let differentiate = |compress: Compress, only: Option<&Selection>| -> Result<Module> {
-        let passes =
-            cleave_passes::autodiff::methods::with_compress_only(&passes, compress, only)
-                .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
+        let passes = cleave_passes::autodiff::methods::with_compress_only(&passes, compress, only)
+            .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
         let mut module = Module::with_function(staged.clone());
         PassManager::from_pipeline(&passes)?
             .run(&mut module, &mut PassContext::default(), &mut |_| {})

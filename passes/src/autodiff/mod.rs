@@ -761,7 +761,8 @@ pub(crate) fn differentiate_with(
     }
     // bf16: a value of the function by its own choice, a value the compressions made by the
     // choice of the value they compress.
-    let wanted = |f: &Function, v: Value| allows(compressed_root(f, v, original_nodes), Method::Bf16);
+    let wanted =
+        |f: &Function, v: Value| allows(compressed_root(f, v, original_nodes), Method::Bf16);
     if rewrite.compress.bf16
         && rules::bf16::stash(&mut func, wanted).is_empty()
         && rewrite.only.is_none()

@@ -169,7 +169,7 @@ pub fn candidates(
             let size = exact.ty(v).size_bytes() as u64;
             let kept = if read[v.index()] { size } else { 0 };
             let cand = Candidate {
-                value: number as u32,
+                value: number,
                 stage: exact.nodes[exact.values[v].def].stage.unwrap_or(0),
                 method: m,
                 bytes_exact: size,

@@ -424,7 +424,7 @@ pub(crate) fn differentiate_with(
             let numbering = cleave_ir::printer::print_numbering(&func);
             let by_number: HashMap<u32, Value> = numbering
                 .iter()
-                .filter_map(|(v, n)| n.map(|n| (n as u32, v)))
+                .filter_map(|(v, n)| n.map(|n| (n, v)))
                 .collect();
             let mut set = HashSet::new();
             for &(n, m) in &sel.0 {

@@ -181,10 +181,17 @@ pub(crate) fn supported(k: &FusedKernel) -> bool {
         Ins::UnF { op, .. } => *op != UnaryOp::Not,
         Ins::BinF { op, .. } => !matches!(op, BinaryOp::And | BinaryOp::Or),
         Ins::Dropout { .. } => false,
-        // bf16 storage (the stash of `--compress bf16`) runs in the interpreted loop.
-        Ins::Load { dtype, .. } | Ins::Store { dtype, .. } => *dtype != DType::BF16,
-        Ins::Cast { from, to, .. } => *from != DType::BF16 && *to != DType::BF16,
         _ => true,
+    })
+}
+
+/// Whether the program loads, stores or casts bf16 (the `--compress bf16` stash).
+#[cfg(feature = "llvm")]
+pub(crate) fn has_bf16(k: &FusedKernel) -> bool {
+    k.prog.iter().any(|ins| match ins {
+        Ins::Load { dtype, .. } | Ins::Store { dtype, .. } => *dtype == DType::BF16,
+        Ins::Cast { from, to, .. } => *from == DType::BF16 || *to == DType::BF16,
+        _ => false,
     })
 }
 
@@ -368,8 +375,50 @@ fn flags() -> MemFlagsData {
 fn elem_bytes(dt: DType) -> i64 {
     match dt {
         DType::F32 | DType::I32 => 4,
+        DType::BF16 => 2,
         _ => 1,
     }
+}
+
+/// Whether a value of `dt` lives in an f32 register (bf16 is held widened).
+fn in_f32_register(dt: DType) -> bool {
+    matches!(dt, DType::F32 | DType::BF16)
+}
+
+/// A bf16 bit pattern in the low half of an `i32` (or `i32x4`) widened to `f32` (`f32x4`).
+fn widen_bf16(b: &mut FunctionBuilder, h: Value, fty: Type) -> Value {
+    let x = b.ins().ishl_imm_u(h, 16);
+    b.ins().bitcast(fty, MemFlagsData::new(), x)
+}
+
+/// `x` (`f32` or `f32x4`) rounded to the nearest bfloat16, ties to even, still as `f32`: the
+/// runtime's `fused::round_bf16` (NaN stays NaN, made quiet).
+fn round_bf16(b: &mut FunctionBuilder, x: Value, w: usize) -> Value {
+    let (fty, ity) = if w == 1 { (F32, I32) } else { (F32X4, I32X4) };
+    let c = |b: &mut FunctionBuilder, v: i64| {
+        let k = b.ins().iconst(I32, v);
+        if w == 1 {
+            k
+        } else {
+            b.ins().splat(I32X4, k)
+        }
+    };
+    let bits = b.ins().bitcast(ity, MemFlagsData::new(), x);
+    let odd = b.ins().ushr_imm_u(bits, 16);
+    let one = c(b, 1);
+    let odd = b.ins().band(odd, one);
+    let bias = c(b, 0x7fff);
+    let r = b.ins().iadd(bits, bias);
+    let r = b.ins().iadd(r, odd);
+    let high = c(b, 0xffff_0000u32 as i32 as i64);
+    let r = b.ins().band(r, high);
+    let quiet = c(b, 0x0040_0000);
+    let nan = b.ins().bor(bits, quiet);
+    let nan = b.ins().band(nan, high);
+    let un = b.ins().fcmp(FloatCC::Unordered, x, x);
+    let m = if w == 1 { mask_from_i8(b, un) } else { un };
+    let v = select(b, w, m, nan, r, ity);
+    b.ins().bitcast(fty, MemFlagsData::new(), v)
 }
 
 impl Emitter {
@@ -472,6 +521,10 @@ impl Emitter {
         match dt {
             DType::F32 => b.ins().load(F32, flags(), addr, 0),
             DType::I32 => b.ins().load(I32, flags(), addr, 0),
+            DType::BF16 => {
+                let h = b.ins().uload16(I32, flags(), addr, 0);
+                widen_bf16(b, h, F32)
+            }
             _ => {
                 let x = b.ins().uload8(I32, flags(), addr, 0);
                 let nz = b.ins().icmp_imm_s(IntCC::NotEqual, x, 0);
@@ -501,6 +554,15 @@ impl Emitter {
         match dt {
             DType::F32 => b.ins().load(F32X4, flags(), addr, 0),
             DType::I32 => b.ins().load(I32X4, flags(), addr, 0),
+            DType::BF16 => {
+                let z = b.ins().iconst(I32, 0);
+                let mut v = b.ins().splat(I32X4, z);
+                for l in 0..4u8 {
+                    let h = b.ins().uload16(I32, flags(), addr, 2 * l as i32);
+                    v = b.ins().insertlane(v, h, l);
+                }
+                widen_bf16(b, v, F32X4)
+            }
             _ => {
                 let z = b.ins().iconst(I32, 0);
                 let mut v = b.ins().splat(I32X4, z);
@@ -538,7 +600,7 @@ impl Emitter {
         if width == 1 {
             return x;
         }
-        let ty = if dt == DType::F32 { F32X4 } else { I32X4 };
+        let ty = if in_f32_register(dt) { F32X4 } else { I32X4 };
         b.ins().splat(ty, x)
     }
 
@@ -573,8 +635,8 @@ impl Emitter {
             let x = self.load_contig(b, dt, base, pos, 1);
             return self.splat(b, dt, x, 4);
         }
-        let ty = if dt == DType::F32 { F32X4 } else { I32X4 };
-        let zero = if dt == DType::F32 {
+        let ty = if in_f32_register(dt) { F32X4 } else { I32X4 };
+        let zero = if in_f32_register(dt) {
             b.ins().f32const(0.0)
         } else {
             b.ins().iconst(I32, 0)
@@ -594,6 +656,15 @@ impl Emitter {
         match dt {
             DType::F32 | DType::I32 => {
                 b.ins().store(flags(), x, addr, 0);
+            }
+            DType::BF16 => {
+                // `x` holds a bf16 value widened: its high half is the bit pattern.
+                for l in 0..w as u8 {
+                    let e = if w == 1 { x } else { b.ins().extractlane(x, l) };
+                    let bits = b.ins().bitcast(I32, MemFlagsData::new(), e);
+                    let h = b.ins().ushr_imm_u(bits, 16);
+                    b.ins().istore16(flags(), h, addr, 2 * l as i32);
+                }
             }
             _ => {
                 if w == 1 {
@@ -665,7 +736,7 @@ impl Emitter {
                    dt: DType,
                    d: usize,
                    v: [Value; U]| match dt {
-            DType::F32 => fr[d] = Some(v),
+            DType::F32 | DType::BF16 => fr[d] = Some(v),
             DType::I32 => ir[d] = Some(v),
             _ => br[d] = Some(v),
         };
@@ -816,13 +887,15 @@ impl Emitter {
                 }
                 Ins::Cast { from, to, dst, a } => {
                     let x = match from {
-                        DType::F32 => fr[*a],
+                        DType::F32 | DType::BF16 => fr[*a],
                         DType::I32 => ir[*a],
                         _ => br[*a],
                     }
                     .expect("defined");
                     let v = match (from, to) {
                         (DType::F32, DType::F32) | (DType::I32, DType::I32) => x,
+                        (DType::BF16, DType::F32) => x,
+                        (DType::F32, DType::BF16) => from_fn(|u| round_bf16(b, x[u], w)),
                         (DType::F32, DType::I32) => {
                             from_fn(|u| b.ins().fcvt_to_sint_sat(ity, x[u]))
                         }
@@ -854,7 +927,7 @@ impl Emitter {
                 Ins::Dropout { .. } => unreachable!("rejected by `supported`"),
                 Ins::Store { dtype, src, buf } => {
                     let x = match dtype {
-                        DType::F32 => fr[*src],
+                        DType::F32 | DType::BF16 => fr[*src],
                         DType::I32 => ir[*src],
                         _ => br[*src],
                     }

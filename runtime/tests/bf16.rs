@@ -1,11 +1,12 @@
 //! bf16 storage (the `--compress bf16` stash): `cast` to bf16 rounds to nearest even exactly as
-//! the interpreter does (ties, subnormals, overflow to infinity, NaN), a bf16 value passes
+//! the interpreter does (ties, subnormals, overflow to infinity, NaN), in Cranelift's loops as in
+//! the interpreted ones, a bf16 value passes
 //! through plan outputs and arguments as its 16-bit patterns, and any op other than `cast`,
 //! `reshape` or an argument on a bf16 value is refused with the op and value named.
 
 use cleave_ir::interp::round_to_dtype;
 use cleave_ir::{parse_function, run_function_named, DType, Precision, Tensor};
-use cleave_runtime::{compile, HostData};
+use cleave_runtime::{compile, compile_with, CompileOptions, HostData};
 
 /// f32 bit patterns: a stride through all of them plus the edge cases.
 fn sweep() -> Vec<f32> {
@@ -45,14 +46,25 @@ fn bf16_casts_round_as_the_interpreter_does() {
 }}"#
     ))
     .unwrap();
-    let mut plan = compile(&f).unwrap();
-    plan.set_input_named("x", HostData::F32(xs.clone()).as_slice())
-        .unwrap();
-    plan.run().unwrap();
-    let HostData::BF16(h) = plan.output(0) else {
-        panic!("output h is not bf16")
+    // Compiled by Cranelift (vectors, a scalar tail, one range per pool thread) and interpreted:
+    // the same bits.
+    let run = |jit: bool| {
+        let opts = CompileOptions {
+            jit,
+            ..CompileOptions::default()
+        };
+        let mut plan = compile_with(&f, &opts).unwrap();
+        assert_eq!(plan.jit_kernels() > 0, jit, "jit {jit}");
+        plan.set_input_named("x", HostData::F32(xs.clone()).as_slice())
+            .unwrap();
+        plan.run().unwrap();
+        let HostData::BF16(h) = plan.output(0) else {
+            panic!("output h is not bf16")
+        };
+        (h, plan.output_f32(1).unwrap().to_vec())
     };
-    let w = plan.output_f32(1).unwrap().to_vec();
+    let (h, w) = run(true);
+    assert_eq!((h.clone(), w.clone()), run(false));
     let args: std::collections::BTreeMap<String, Tensor> =
         [("x".to_string(), Tensor::from_f32(vec![n], xs.clone()))]
             .into_iter()

@@ -129,7 +129,7 @@ const LOOPS_PER_UNIT: usize = 16;
 pub(crate) fn compile_all<'a>(
     kernels: impl Iterator<Item = &'a mut FusedKernel>,
 ) -> Result<Option<LlvmCode>, String> {
-    // bf16 storage has Cranelift code only: such loops stay with Cranelift.
+    // bf16 storage has Cranelift code only: under LLVM such loops stay interpreted.
     let mut kernels: Vec<&mut FusedKernel> = kernels
         .filter(|k| jit::supported(k) && !jit::has_bf16(k))
         .collect();

@@ -51,7 +51,15 @@ fn forward_args(f: &Function, seed: u64) -> BTreeMap<String, Tensor> {
 }
 
 fn outputs(f: &Function, args: &BTreeMap<String, Tensor>) -> BTreeMap<String, Vec<f64>> {
-    let outs = run_function_named(f, args, Precision::F64).unwrap();
+    outputs_at(f, args, Precision::F64)
+}
+
+fn outputs_at(
+    f: &Function,
+    args: &BTreeMap<String, Tensor>,
+    precision: Precision,
+) -> BTreeMap<String, Vec<f64>> {
+    let outs = run_function_named(f, args, precision).unwrap();
     f.outputs
         .iter()
         .zip(outs)
@@ -728,14 +736,8 @@ fn bf16_stash_rounds_what_the_backward_reads() {
         })
         .collect();
     // Rounded as the runtime rounds: every value to its dtype.
-    let outputs = |f: &Function, args: &BTreeMap<String, Tensor>| -> BTreeMap<String, Vec<f64>> {
-        let outs = run_function_named(f, args, Precision::F32).unwrap();
-        f.outputs
-            .iter()
-            .zip(outs)
-            .map(|(o, t)| (o.name.clone(), t.to_f64_vec()))
-            .collect()
-    };
+    let outputs =
+        |f: &Function, args: &BTreeMap<String, Tensor>| outputs_at(f, args, Precision::F32);
     let exact = outputs(&run_pipeline(&f, "autodiff"), &args);
     let g = run_pipeline(&f, "autodiff{compress=bf16}");
     let out = outputs(&g, &args);

@@ -185,16 +185,6 @@ pub(crate) fn supported(k: &FusedKernel) -> bool {
     })
 }
 
-/// Whether the program loads, stores or casts bf16 (the `--compress bf16` stash).
-#[cfg(feature = "llvm")]
-pub(crate) fn has_bf16(k: &FusedKernel) -> bool {
-    k.prog.iter().any(|ins| match ins {
-        Ins::Load { dtype, .. } | Ins::Store { dtype, .. } => *dtype == DType::BF16,
-        Ins::Cast { from, to, .. } => *from == DType::BF16 || *to == DType::BF16,
-        _ => false,
-    })
-}
-
 /// Bumped whenever the code generated for a program changes, so fingerprints of kernels
 /// compiled ahead of time by another version never match.
 const CODEGEN_VERSION: &str = "cleave-fused-codegen-3";

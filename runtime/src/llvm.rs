@@ -129,10 +129,7 @@ const LOOPS_PER_UNIT: usize = 16;
 pub(crate) fn compile_all<'a>(
     kernels: impl Iterator<Item = &'a mut FusedKernel>,
 ) -> Result<Option<LlvmCode>, String> {
-    // bf16 storage has Cranelift code only: under LLVM such loops stay interpreted.
-    let mut kernels: Vec<&mut FusedKernel> = kernels
-        .filter(|k| jit::supported(k) && !jit::has_bf16(k))
-        .collect();
+    let mut kernels: Vec<&mut FusedKernel> = kernels.filter(|k| jit::supported(k)).collect();
     if kernels.is_empty() {
         return Ok(None);
     }
@@ -301,17 +298,28 @@ fn suffix(w: usize, t: &str) -> String {
 /// The register type of a dtype (`bool` values are `i1`).
 fn reg_ty(dt: DType) -> &'static str {
     match dt {
-        DType::F32 => "float",
+        // bf16 values are held widened.
+        DType::F32 | DType::BF16 => "float",
         DType::I32 => "i32",
         _ => "i1",
     }
 }
 
-/// The memory type of a dtype (`bool` elements are bytes).
+/// The alignment of one element in memory.
+fn elem_align(dt: DType) -> usize {
+    match dt {
+        DType::F32 | DType::I32 => 4,
+        DType::BF16 => 2,
+        _ => 1,
+    }
+}
+
+/// The memory type of a dtype (`bool` elements are bytes, bf16 ones `i16` bit patterns).
 fn mem_ty(dt: DType) -> &'static str {
     match dt {
         DType::F32 => "float",
         DType::I32 => "i32",
+        DType::BF16 => "i16",
         _ => "i8",
     }
 }
@@ -452,14 +460,13 @@ impl<'a> Func<'a> {
             self.n(pos)
         ));
         let t = ty(width, m);
-        let align = if dt == DType::F32 || dt == DType::I32 {
-            4
-        } else {
-            1
-        };
+        let align = elem_align(dt);
         let x = self.ins(format!("load {t}, ptr {}, align {align}", self.n(p)));
         if dt == DType::F32 || dt == DType::I32 {
             return x;
+        }
+        if dt == DType::BF16 {
+            return self.widen_bf16(x, width);
         }
         let z = if width == 1 { "0" } else { "zeroinitializer" };
         self.ins(format!("icmp ne {t} {}, {z}", self.n(x)))
@@ -542,11 +549,7 @@ impl<'a> Func<'a> {
             self.n(pos)
         ));
         let (mt, pt) = (ty(w, m), ty(w, "ptr"));
-        let align = if dt == DType::F32 || dt == DType::I32 {
-            4
-        } else {
-            1
-        };
+        let align = elem_align(dt);
         // LLVM 22's gather takes the alignment as an attribute of the pointers.
         let name = format!(
             "llvm.masked.gather.{}.v{w}p0",
@@ -562,7 +565,42 @@ impl<'a> Func<'a> {
         if dt == DType::F32 || dt == DType::I32 {
             return x;
         }
+        if dt == DType::BF16 {
+            return self.widen_bf16(x, w);
+        }
         self.ins(format!("icmp ne {mt} {}, zeroinitializer", self.n(x)))
+    }
+
+    /// `w` bf16 bit patterns (`i16` lanes) widened to `float` lanes (exact).
+    fn widen_bf16(&mut self, h: V, w: usize) -> V {
+        let (ht, it, ft) = (ty(w, "i16"), ty(w, "i32"), ty(w, "float"));
+        let x = self.ins(format!("zext {ht} {} to {it}", self.n(h)));
+        let sixteen = splat_lit(w, "i32", "16");
+        let x = self.ins(format!("shl {it} {}, {sixteen}", self.n(x)));
+        self.ins(format!("bitcast {it} {} to {ft}", self.n(x)))
+    }
+
+    /// `float` lanes rounded to the nearest bfloat16, ties to even, still `float`: the runtime's
+    /// `fused::round_bf16` (NaN stays NaN, made quiet).
+    fn round_bf16(&mut self, x: V, w: usize) -> V {
+        let (it, ft, mt) = (ty(w, "i32"), ty(w, "float"), ty(w, "i1"));
+        let c = |v: u32| splat_lit(w, "i32", &(v as i32).to_string());
+        let bits = self.ins(format!("bitcast {ft} {} to {it}", self.n(x)));
+        let odd = self.ins(format!("lshr {it} {}, {}", self.n(bits), c(16)));
+        let odd = self.ins(format!("and {it} {}, {}", self.n(odd), c(1)));
+        let r = self.ins(format!("add {it} {}, {}", self.n(bits), c(0x7fff)));
+        let r = self.ins(format!("add {it} {}, {}", self.n(r), self.n(odd)));
+        let r = self.ins(format!("and {it} {}, {}", self.n(r), c(0xffff_0000)));
+        let nan = self.ins(format!("or {it} {}, {}", self.n(bits), c(0x0040_0000)));
+        let nan = self.ins(format!("and {it} {}, {}", self.n(nan), c(0xffff_0000)));
+        let un = self.ins(format!("fcmp uno {ft} {}, {}", self.n(x), self.n(x)));
+        let v = self.ins(format!(
+            "select {mt} {}, {it} {}, {it} {}",
+            self.n(un),
+            self.n(nan),
+            self.n(r)
+        ));
+        self.ins(format!("bitcast {it} {} to {ft}", self.n(v)))
     }
 
     /// [`Func::view_pos`] on a vector of `w` element indices.
@@ -596,6 +634,14 @@ impl<'a> Func<'a> {
         ));
         let (val, align) = match dt {
             DType::F32 | DType::I32 => (x, 4),
+            DType::BF16 => {
+                // `x` holds a bf16 value widened: its high half is the bit pattern.
+                let (it, ht) = (ty(w, "i32"), ty(w, "i16"));
+                let bits = self.ins(format!("bitcast {} {} to {it}", ty(w, "float"), self.n(x)));
+                let sixteen = splat_lit(w, "i32", "16");
+                let h = self.ins(format!("lshr {it} {}, {sixteen}", self.n(bits)));
+                (self.ins(format!("trunc {it} {} to {ht}", self.n(h))), 2)
+            }
             _ => (
                 self.ins(format!(
                     "zext {} {} to {}",
@@ -672,7 +718,7 @@ impl<'a> Func<'a> {
                 Ins::Load { dtype, dst, src } => {
                     let v = from_fn(|u| self.load(j, *dtype, src, at[u], w));
                     match dtype {
-                        DType::F32 => fr[*dst] = Some(v),
+                        DType::F32 | DType::BF16 => fr[*dst] = Some(v),
                         DType::I32 => ir[*dst] = Some(v),
                         _ => br[*dst] = Some(v),
                     }
@@ -880,7 +926,7 @@ impl<'a> Func<'a> {
                 }
                 Ins::Cast { from, to, dst, a } => {
                     let x = match from {
-                        DType::F32 => fr[*a],
+                        DType::F32 | DType::BF16 => fr[*a],
                         DType::I32 => ir[*a],
                         _ => br[*a],
                     }
@@ -890,6 +936,8 @@ impl<'a> Func<'a> {
                     let iz = splat_lit(w, "i32", "0");
                     let v = match (from, to) {
                         (DType::F32, DType::F32) | (DType::I32, DType::I32) => x,
+                        (DType::BF16, DType::F32) => x,
+                        (DType::F32, DType::BF16) => self.map(x, |s, x| s.round_bf16(x, w)),
                         (DType::F32, DType::I32) => self.map(x, |s, x| {
                             s.intrinsic(&format!("fptosi.sat.{is}.{fs}"), &it, &[(ft.clone(), x)])
                         }),
@@ -911,7 +959,7 @@ impl<'a> Func<'a> {
                         _ => x,
                     };
                     match to {
-                        DType::F32 => fr[*dst] = Some(v),
+                        DType::F32 | DType::BF16 => fr[*dst] = Some(v),
                         DType::I32 => ir[*dst] = Some(v),
                         _ => br[*dst] = Some(v),
                     }
@@ -919,7 +967,7 @@ impl<'a> Func<'a> {
                 Ins::Dropout { .. } => unreachable!("rejected by `supported`"),
                 Ins::Store { dtype, src, buf } => {
                     let x = match dtype {
-                        DType::F32 => fr[*src],
+                        DType::F32 | DType::BF16 => fr[*src],
                         DType::I32 => ir[*src],
                         _ => br[*src],
                     }

@@ -1,12 +1,12 @@
 //! bf16 storage (the `--compress bf16` stash): `cast` to bf16 rounds to nearest even exactly as
-//! the interpreter does (ties, subnormals, overflow to infinity, NaN), in Cranelift's loops as in
-//! the interpreted ones, a bf16 value passes
+//! the interpreter does (ties, subnormals, overflow to infinity, NaN), in Cranelift's and LLVM's loops
+//! as in the interpreted ones, a bf16 value passes
 //! through plan outputs and arguments as its 16-bit patterns, and any op other than `cast`,
 //! `reshape` or an argument on a bf16 value is refused with the op and value named.
 
 use cleave_ir::interp::round_to_dtype;
 use cleave_ir::{parse_function, run_function_named, DType, Precision, Tensor};
-use cleave_runtime::{compile, compile_with, CompileOptions, HostData};
+use cleave_runtime::{compile, compile_with, Codegen, CompileOptions, HostData};
 
 /// f32 bit patterns: a stride through all of them plus the edge cases.
 fn sweep() -> Vec<f32> {
@@ -46,11 +46,12 @@ fn bf16_casts_round_as_the_interpreter_does() {
 }}"#
     ))
     .unwrap();
-    // Compiled by Cranelift (vectors, a scalar tail, one range per pool thread) and interpreted:
-    // the same bits.
-    let run = |jit: bool| {
+    // Compiled (Cranelift, and LLVM where built: vectors, a scalar tail, one range per pool
+    // thread) and interpreted: the same bits.
+    let run = |jit: bool, codegen: Codegen| {
         let opts = CompileOptions {
             jit,
+            codegen,
             ..CompileOptions::default()
         };
         let mut plan = compile_with(&f, &opts).unwrap();
@@ -63,8 +64,10 @@ fn bf16_casts_round_as_the_interpreter_does() {
         };
         (h, plan.output_f32(1).unwrap().to_vec())
     };
-    let (h, w) = run(true);
-    assert_eq!((h.clone(), w.clone()), run(false));
+    let (h, w) = run(false, Codegen::Cranelift);
+    for c in Codegen::ALL.into_iter().filter(|c| c.available()) {
+        assert_eq!((h.clone(), w.clone()), run(true, c), "{}", c.name());
+    }
     let args: std::collections::BTreeMap<String, Tensor> =
         [("x".to_string(), Tensor::from_f32(vec![n], xs.clone()))]
             .into_iter()

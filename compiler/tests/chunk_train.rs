@@ -16,6 +16,19 @@ fn run(
     chunk: Option<usize>,
     remat: Option<&str>,
 ) -> PipelineRun {
+    run_with(model, data, stages, chunk, remat, None, None)
+        .unwrap_or_else(|e| panic!("stages {stages} chunk {chunk:?}: {e:#}"))
+}
+
+fn run_with(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    stages: usize,
+    chunk: Option<usize>,
+    remat: Option<&str>,
+    limit: Option<&str>,
+    compress: Option<&str>,
+) -> anyhow::Result<PipelineRun> {
     train(&TrainArgs {
         model: model.to_path_buf(),
         data: data.to_path_buf(),
@@ -26,9 +39,10 @@ fn run(
         schedule: if stages > 1 { "zb-h1" } else { "1f1b" }.into(),
         chunk_lm_head: chunk,
         remat: remat.map(str::to_string),
+        memory_limit: limit.map(str::to_string),
+        compress: compress.map(str::to_string),
         ..common::args(3)
     })
-    .unwrap_or_else(|e| panic!("stages {stages} chunk {chunk:?}: {e:#}"))
 }
 
 #[test]
@@ -46,9 +60,9 @@ fn chunked_steps_match_unchunked_and_each_other() {
     common::assert_same("chunked, 1 stage vs 2", &one, &chunked);
 }
 
-#[test]
-fn chunking_a_large_vocabulary_saves_memory() {
-    let dir = common::tmp("chunk-vocab");
+/// A GPT with a 4096-token vocabulary and its data, in `dir`.
+fn large_vocabulary(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (model, data) = (dir.join("gpt.cir"), dir.join("gpt.safetensors"));
     let (model, data) = (dir.join("gpt.cir"), dir.join("gpt.safetensors"));
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_cleave"))
         .args([
@@ -76,6 +90,13 @@ fn chunking_a_large_vocabulary_saves_memory() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (model, data)
+}
+
+#[test]
+fn chunking_a_large_vocabulary_saves_memory() {
+    let dir = common::tmp("chunk-vocab");
+    let (model, data) = large_vocabulary(&dir);
     // Logits of one microbatch: 4·32 rows × 4096 × 4 bytes = 2 MiB.
     let logits = 4 * 32 * 4096 * 4;
     let plain = run(&model, &data, 1, None, Some("full"));
@@ -89,6 +110,39 @@ fn chunking_a_large_vocabulary_saves_memory() {
     );
     for (a, b) in plain.losses.iter().zip(&chunked.losses) {
         assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--compress chunked:K` under `--memory-limit`: the plan chunks the output layer only where
+/// that is faster: with room, the run is the unchunked one bit for bit; under a limit the whole
+/// layer meets only with recomputation, it is the `--chunk-lm-head K` run bit for bit. Without a
+/// limit, or with `--chunk-lm-head`, it is an error that says so.
+#[test]
+fn the_plan_chooses_the_chunked_layer_under_a_limit() {
+    let dir = common::tmp("chunk-choice");
+    let (model, data) = large_vocabulary(&dir);
+    let go = |chunk, limit, compress| {
+        run_with(&model, &data, 1, chunk, None, Some(limit), compress)
+            .unwrap_or_else(|e| panic!("{chunk:?} {limit} {compress:?}: {e:#}"))
+    };
+    let named = Some("chunked:8");
+    common::assert_same("roomy", &go(None, "40M", None), &go(None, "40M", named));
+    let tight_plain = go(None, "12M", None);
+    assert!(
+        tight_plain
+            .memory
+            .iter()
+            .any(|s| s.summary.added_seconds > 0.0),
+        "the whole layer fits 12M without recomputation; the test needs a tighter limit"
+    );
+    common::assert_same("tight", &go(Some(8), "12M", None), &go(None, "12M", named));
+    for (chunk, limit, want) in [
+        (None, None, "give --memory-limit"),
+        (Some(8), Some("12M"), "chunked already"),
+    ] {
+        let e = run_with(&model, &data, 1, chunk, None, limit, named).unwrap_err();
+        assert!(format!("{e:#}").contains(want), "{e:#}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

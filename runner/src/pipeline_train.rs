@@ -574,6 +574,9 @@ pub struct PipelinePlan {
     /// Under `--memory-limit`: the values the plan compresses, and with which method
     /// ([`cleave_passes::compress::choose`]); `None`: every value the methods apply to.
     pub selection: Option<cleave_passes::autodiff::Selection>,
+    /// Under `--memory-limit` with `--compress chunked[:K]`: `Some(K)` when the plan runs the
+    /// output layer in K row chunks (it plans the step both ways and keeps the faster).
+    pub chunked: Option<usize>,
 }
 
 /// The stage functions and schedule of pipelined training (see the module docs).
@@ -589,7 +592,44 @@ pub struct PipelinePlan {
 /// device holds ([`crate::device_memory`]): the bytes that are not saved values are measured on
 /// the compiled stage programs and handed to the planner as each device's reserved bytes, in
 /// rounds until the accounting fits (`plan_rounds`).
+///
+/// With `--compress chunked[:K]` (and a limit) the step is planned as given and with its output
+/// layer in K row chunks (`chunk{ops=lm-head,k=K}`), each with the rest of the plan's choices;
+/// the chunked one is kept when it is faster (the joint plan's simulated step, or the seconds a
+/// named schedule's plan adds).
 pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<PipelinePlan> {
+    let (_, chunk) = crate::train::parse_compress_planned(a.compress.as_deref())?;
+    let Some(k) = chunk else {
+        return plan_forward(a, forward);
+    };
+    if memory_limit(a)?.is_none() {
+        bail!(
+            "--compress chunked:{k}: the chunked output layer is a choice of the memory plan: \
+             give --memory-limit, or use --chunk-lm-head {k} to always chunk it"
+        );
+    }
+    if a.chunk_lm_head.is_some() {
+        bail!("--compress chunked with --chunk-lm-head: the output layer is chunked already");
+    }
+    let chunked_forward = crate::train::training_forward(forward, Some(k))
+        .with_context(|| format!("--compress chunked:{k}"))?;
+    let objective = |x: &PipelinePlan| match &x.planned {
+        Some(p) => p.sim.makespan,
+        None => x.memory.iter().map(|s| s.summary.added_seconds).sum(),
+    };
+    match (plan_forward(a, forward), plan_forward(a, &chunked_forward)) {
+        (Ok(plain), Ok(c)) if objective(&plain) <= objective(&c) => Ok(plain),
+        (_, Ok(c)) => Ok(PipelinePlan {
+            chunked: Some(k),
+            ..c
+        }),
+        (Ok(plain), Err(_)) => Ok(plain),
+        (Err(_), Err(e)) => Err(e),
+    }
+}
+
+/// [`pipeline_plan`] of one forward function (the output layer's chunking decided).
+fn plan_forward(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<PipelinePlan> {
     let (p, m) = (a.stages, a.microbatches);
     let limit = memory_limit(a)?;
     let planning = a.remat.is_some() || limit.is_some();
@@ -614,7 +654,7 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
                  (e.g. --schedule zb-h1) or drop the option"
             );
         }
-        let compress = crate::train::parse_compress(a.compress.as_deref())?;
+        let compress = crate::train::parse_compress_planned(a.compress.as_deref())?.0;
         let staged = stage_forward(forward, p, CPU_PROFILE, Cut::default())
             .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
         let cands = if compress.is_none() {
@@ -681,6 +721,7 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
                 Compress::default()
             },
             selection: chosen,
+            chunked: None,
         });
     }
     let schedule = build_schedule(&a.schedule, p, m)?;
@@ -698,7 +739,7 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
     let passes = cleave_passes::autodiff::methods::with_grad_method("autodiff,split-bw", &method)
         .map_err(|e| anyhow::anyhow!("--grad-method: {e}"))?;
-    let compress = crate::train::parse_compress(a.compress.as_deref())?;
+    let compress = crate::train::parse_compress_planned(a.compress.as_deref())?.0;
     let differentiate = |compress: Compress, only: Option<&Selection>| -> Result<Module> {
         let passes = cleave_passes::autodiff::methods::with_compress_only(&passes, compress, only)
             .map_err(|e| anyhow::anyhow!("--compress: {e}"))?;
@@ -725,6 +766,7 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
             planned: None,
             compress,
             selection: None,
+            chunked: None,
         });
     }
     // Recomputation and offload of the saved values, per stage, under the schedule and the
@@ -799,6 +841,7 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
         planned: None,
         compress,
         selection,
+        chunked: None,
     })
 }
 
@@ -982,6 +1025,7 @@ pub fn build_pipeline(
         planned,
         compress,
         selection,
+        chunked,
     } = pipeline_plan(a, forward)?;
     let n_stages = schedule.n_stages();
     if let (Some(_), Some(_), false) = (&a.compress, &a.memory_limit, quiet) {
@@ -989,7 +1033,7 @@ pub fn build_pipeline(
         eprintln!(
             "plan: {} under --memory-limit (added {added:.6} s of recomputation and transfers)",
             match (&selection, compress.is_none()) {
-                (_, true) => "the exact backward fits, no --compress method used".to_string(),
+                (_, true) => "the exact backward fits, no lossy --compress method used".to_string(),
                 (Some(sel), false) => {
                     let mut per: BTreeMap<&str, usize> = BTreeMap::new();
                     for (_, m) in &sel.0 {
@@ -1008,6 +1052,18 @@ pub fn build_pipeline(
                 (None, false) => format!("--compress chosen ({})", compress.pass_options()),
             }
         );
+        if crate::train::parse_compress_planned(a.compress.as_deref())?
+            .1
+            .is_some()
+        {
+            eprintln!(
+                "plan: {}",
+                match chunked {
+                    Some(k) => format!("the output layer runs in {k} row chunks (chunked chosen)"),
+                    None => "the output layer runs whole (chunked not needed)".to_string(),
+                }
+            );
+        }
     }
     if let (Some(x), false) = (&planned, quiet) {
         eprintln!(

@@ -223,7 +223,8 @@ pub struct TrainArgs {
     /// Lossy stash compression, opt-in, comma-separated: `fewbit[:BITS]` (few-bit backward of
     /// GELU/SiLU, 1 to 4 bits, default 2), `rank1[:GROUP]` (rank-1 sub-token projection of
     /// linear layers' inputs for their weight gradients, default 8) and `bf16` (saved
-    /// activations in bfloat16). Under --memory-limit the plan chooses among them per value.
+    /// activations in bfloat16). Under --memory-limit the plan chooses among them per value;
+    /// there `chunked[:K]` also lets it run the output layer in K row chunks (exact).
     #[arg(long, value_name = "METHOD")]
     pub compress: Option<String>,
     /// Print each device's planned memory (parameters, gradients, workspace, values crossing
@@ -429,9 +430,29 @@ pub fn build_step_with(
 /// `--compress`: the stash compression methods named, comma-separated: `fewbit` or
 /// `fewbit:B` (few-bit backward of GELU/SiLU, B bits, default 2) and `rank1` or `rank1:G`
 /// (rank-1 sub-token projection of linear layers' inputs, groups of G features, default 8).
-/// Methods of the precision issue that are not built yet are named as such.
+/// Methods of the precision issue that are not built yet are named as such. `chunked[:K]` is
+/// the plan's choice of the chunked output layer, which only the pipeline planner makes
+/// ([`parse_compress_planned`]): here it is an error.
 pub fn parse_compress(text: Option<&str>) -> Result<Compress> {
+    let (c, chunk) = parse_compress_planned(text)?;
+    if let Some(k) = chunk {
+        bail!(
+            "--compress chunked:{k}: the chunked output layer is a choice of the memory plan \
+             (`cleave train --memory-limit …`, pipeline executor); to always chunk it use \
+             --chunk-lm-head {k}"
+        );
+    }
+    Ok(c)
+}
+
+/// The default number of row chunks of `--compress chunked`.
+pub const CHUNKS: usize = 4;
+
+/// [`parse_compress`], and the number of chunks of `chunked[:K]` when it is named (the memory
+/// plan may run the output layer and its loss in K row chunks, `chunk{ops=lm-head,k=K}`).
+pub fn parse_compress_planned(text: Option<&str>) -> Result<(Compress, Option<usize>)> {
     let mut c = Compress::default();
+    let mut chunk = None;
     for item in text.into_iter().flat_map(|t| t.split(',')) {
         let (name, arg) = match item.split_once(':') {
             Some((n, a)) => (n, Some(a)),
@@ -456,6 +477,7 @@ pub fn parse_compress(text: Option<&str>) -> Result<Compress> {
                 let (lo, default) = Compress::GROUP;
                 c.rank1 = Some(num(lo, 4096, "the group")?.unwrap_or(default));
             }
+            "chunked" => chunk = Some(num(2, 1 << 20, "the number of chunks")?.unwrap_or(CHUNKS)),
             "bf16" if arg.is_none() => c.bf16 = true,
             "bf16" => bail!("--compress {item}: bf16 takes no parameter"),
             "int8" => bail!(
@@ -465,11 +487,11 @@ pub fn parse_compress(text: Option<&str>) -> Result<Compress> {
             ),
             _ => bail!(
                 "--compress {item}: unknown method; methods: fewbit[:BITS] (1 to 4), \
-                 rank1[:GROUP], bf16, comma-separated"
+                 rank1[:GROUP], bf16, chunked[:K], comma-separated"
             ),
         }
     }
-    Ok(c)
+    Ok((c, chunk))
 }
 
 /// [`build_step_with`] with the stash compression `compress` (`--compress`).

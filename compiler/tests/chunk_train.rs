@@ -63,7 +63,6 @@ fn chunked_steps_match_unchunked_and_each_other() {
 /// A GPT with a 4096-token vocabulary and its data, in `dir`.
 fn large_vocabulary(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (model, data) = (dir.join("gpt.cir"), dir.join("gpt.safetensors"));
-    let (model, data) = (dir.join("gpt.cir"), dir.join("gpt.safetensors"));
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_cleave"))
         .args([
             "new-model",

@@ -699,6 +699,11 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
     cleave_passes::partition::DeviceProfile::load(&a.profile).map_err(anyhow::Error::msg)?;
     let cuts = cleave_passes::plan::cuts_of(&a.balance, a.vocab_parallel)
         .map_err(|e| anyhow::anyhow!("--balance {e}"))?;
+    // Named compressions are the plan's choice under a limit; without one they are reported.
+    let chosen_methods = match (&a.compress, limit) {
+        (Some(c), Some(_)) => crate::train::parse_compress_planned(Some(c))?,
+        _ => Default::default(),
+    };
     // The planner as the `plan` pass runs it, with the command line's spelling of its options.
     let pass = cleave_passes::plan::PlanPass {
         stages: a.stages,
@@ -709,10 +714,8 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
         policy,
         cuts,
         v_family: a.v_family,
-        compress: match (&a.compress, limit) {
-            (Some(c), Some(_)) => crate::train::parse_compress(Some(c))?,
-            _ => Default::default(),
-        },
+        compress: chosen_methods.0,
+        chunk: chosen_methods.1,
     };
     anyhow::ensure!(
         pass.cuts.len() == 1 || pass.is_joint(),

@@ -114,9 +114,10 @@ fn chunking_a_large_vocabulary_saves_memory() {
 }
 
 /// `--compress chunked:K` under `--memory-limit`: the plan chunks the output layer only where
-/// that is faster: with room, the run is the unchunked one bit for bit; under a limit the whole
-/// layer meets only with recomputation, it is the `--chunk-lm-head K` run bit for bit. Without a
-/// limit, or with `--chunk-lm-head`, it is an error that says so.
+/// that gives the shorter simulated step: with room, and at 12M where the whole layer fits with
+/// recomputation, the run is the unchunked one bit for bit; at 11M, below what the whole layer
+/// needs, it is the `--chunk-lm-head K` run bit for bit. Without a limit, or with
+/// `--chunk-lm-head`, it is an error that says so.
 #[test]
 fn the_plan_chooses_the_chunked_layer_under_a_limit() {
     let dir = common::tmp("chunk-choice");
@@ -127,15 +128,18 @@ fn the_plan_chooses_the_chunked_layer_under_a_limit() {
     };
     let named = Some("chunked:8");
     common::assert_same("roomy", &go(None, "40M", None), &go(None, "40M", named));
-    let tight_plain = go(None, "12M", None);
+    let recomputing = go(None, "12M", None);
     assert!(
-        tight_plain
+        recomputing
             .memory
             .iter()
             .any(|s| s.summary.added_seconds > 0.0),
         "the whole layer fits 12M without recomputation; the test needs a tighter limit"
     );
-    common::assert_same("tight", &go(Some(8), "12M", None), &go(None, "12M", named));
+    common::assert_same("12M", &recomputing, &go(None, "12M", named));
+    let e = run_with(&model, &data, 1, None, None, Some("11M"), None).unwrap_err();
+    assert!(format!("{e:#}").contains("infeasible"), "{e:#}");
+    common::assert_same("11M", &go(Some(8), "11M", None), &go(None, "11M", named));
     for (chunk, limit, want) in [
         (None, None, "give --memory-limit"),
         (Some(8), Some("12M"), "chunked already"),
@@ -143,5 +147,39 @@ fn the_plan_chooses_the_chunked_layer_under_a_limit() {
         let e = run_with(&model, &data, 1, chunk, None, limit, named).unwrap_err();
         assert!(format!("{e:#}").contains(want), "{e:#}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `inspect --memory --compress chunked:K --memory-limit L`: the chunked layer is listed as a
+/// candidate with the whole logits' bytes and one chunk's, and whether the plan took it.
+#[test]
+fn inspect_lists_the_chunked_candidate() {
+    let dir = common::tmp("chunk-inspect");
+    let (model, _) = large_vocabulary(&dir);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_cleave"))
+        .arg("inspect")
+        .arg(&model)
+        .args(["--memory", "--json", "--stages", "1", "--microbatches", "4"])
+        .args([
+            "--schedule",
+            "1f1b",
+            "--memory-limit",
+            "3M",
+            "--compress",
+            "chunked:8",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let values = v["compress"]["values"].as_array().unwrap();
+    let c = values
+        .iter()
+        .find(|x| x["method"] == "chunked:8")
+        .unwrap_or_else(|| panic!("no chunked candidate: {v}"));
+    // Logits of one microbatch: 4·32 rows × 4096 × 4 bytes, and an eighth of the rows.
+    assert_eq!(c["bytes_exact"], 4 * 32 * 4096 * 4);
+    assert_eq!(c["bytes"], 4 * 32 * 4096 * 4 / 8);
+    assert!(c["chosen"].is_boolean(), "{c}");
     let _ = std::fs::remove_dir_all(&dir);
 }

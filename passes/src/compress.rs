@@ -23,8 +23,10 @@
 //!    nothing.
 //! 2. Otherwise the prefix of every candidate is planned; the shortest feasible prefix is found by
 //!    bisection, and the prefixes from there (`k_f`, `k_f + 1`, `k_f + 2`, `k_f + 4`, …, all)
-//!    are planned; the plan with the least added seconds (recomputation, exposed transfer and the
-//!    compressions' own) wins, the exact step included, fewer compressions on ties.
+//!    are planned; the plan with the least objective wins, the exact step included, fewer
+//!    compressions on ties. The callers' objective is the simulated step under the profile (the
+//!    joint search's makespan, or a named schedule's plan simulated): recomputation, exposed
+//!    transfers and the compressions' own nodes are all in the stages' F/B/W seconds.
 //!
 //! Each step is a real plan of the step differentiated with the selection (`autodiff{only=…}`),
 //! so bytes and times in the result are measured on the rewritten functions, not on the

@@ -140,6 +140,24 @@ pub struct Compression {
     pub chosen: Option<crate::autodiff::Selection>,
     /// The plans the search tried.
     pub tried: Vec<crate::compress::Tried>,
+    /// With `chunked=K`: the output layer in K row chunks, weighed as one more candidate.
+    pub chunked: Option<ChunkedChoice>,
+}
+
+/// The chunked output layer as a candidate of the plan (`plan{chunked=K}`, `inspect --compress
+/// chunked:K`): the logits `[rows, vocab]` of one microbatch against one chunk's.
+#[derive(Clone, Debug)]
+pub struct ChunkedChoice {
+    /// Row chunks.
+    pub k: usize,
+    /// The stage of the output layer (the last).
+    pub stage: u32,
+    /// Bytes of the whole logits.
+    pub bytes_exact: u64,
+    /// Bytes of one chunk's logits.
+    pub bytes: u64,
+    /// Whether the plan chunks the layer.
+    pub chosen: bool,
 }
 
 impl Compression {
@@ -150,14 +168,31 @@ impl Compression {
                 .as_ref()
                 .is_some_and(|s| s.0.contains(&(c.value, c.method)))
         };
-        json!({
-            "methods": self.methods,
-            "values": self.candidates.iter().map(|c| {
+        let mut values: Vec<Value> = self
+            .candidates
+            .iter()
+            .map(|c| {
                 let mut v = c.to_json();
                 v["chosen"] = json!(chosen(c));
                 v
-            }).collect::<Vec<_>>(),
-            "chosen": self.chosen.as_ref().map_or(0, |s| s.0.len()),
+            })
+            .collect();
+        if let Some(c) = &self.chunked {
+            values.push(json!({
+                "value": "logits",
+                "stage": c.stage,
+                "method": format!("chunked:{}", c.k),
+                "bytes_exact": c.bytes_exact,
+                "bytes": c.bytes,
+                "added_seconds": 0.0,
+                "chosen": c.chosen,
+            }));
+        }
+        json!({
+            "methods": self.methods,
+            "values": values,
+            "chosen": self.chosen.as_ref().map_or(0, |s| s.0.len())
+                + self.chunked.as_ref().map_or(0, |c| c.chosen as usize),
             "tried": self.tried.iter().map(|t| match &t.outcome {
                 Ok(s) => json!({"values": t.prefix, "objective": s}),
                 Err(e) => json!({"values": t.prefix, "error": e}),
@@ -1007,6 +1042,9 @@ pub struct PlanPass {
     /// Stash compressions the plan may choose per value under the limit (`compress=…`, `bits`,
     /// `group`; [`crate::compress`]).
     pub compress: crate::autodiff::Compress,
+    /// `chunked=K`: the plan may run the output layer in K row chunks (planned both ways, the
+    /// faster kept).
+    pub chunk: Option<usize>,
 }
 
 impl PlanPass {
@@ -1054,6 +1092,15 @@ impl PlanPass {
         let group = o.take_parsed("group", crate::autodiff::Compress::GROUP.1)?;
         let compress = crate::autodiff::Compress::from_options(methods.as_deref(), bits, group)
             .map_err(|e| bad("compress", e))?;
+        let chunk: Option<usize> = o
+            .take("chunked")
+            .map(|t| {
+                t.parse()
+                    .ok()
+                    .filter(|&k: &usize| k >= 2)
+                    .ok_or_else(|| bad("chunked", format!("`{t}`: at least 2 row chunks")))
+            })
+            .transpose()?;
         o.finish()?;
         let pass = PlanPass {
             stages,
@@ -1065,6 +1112,7 @@ impl PlanPass {
             cuts,
             v_family,
             compress,
+            chunk,
         };
         if pass.v_family && !pass.is_joint() {
             return Err(bad(
@@ -1091,7 +1139,7 @@ impl PlanPass {
     pub fn plan(&self, forward: &Function) -> Result<(Planned, Vec<Candidate>), PlanError> {
         let (p, m) = (self.stages, self.microbatches);
         let profile = DeviceProfile::load(&self.profile).map_err(PlanError)?;
-        if !self.compress.is_none() {
+        if !self.compress.is_none() || self.chunk.is_some() {
             return self.plan_compressed(forward, &profile);
         }
         if self.is_joint() {
@@ -1129,19 +1177,21 @@ impl PlanPass {
 
     /// [`PlanPass::plan`] with named compressions: the per-value choice of [`crate::compress`]
     /// around the joint search (objective: the simulated step) or a named schedule's plan
-    /// (objective: the seconds the plan and the compressions add).
+    /// (objective: the seconds the plan and the compressions add); with `chunked=K`, made for
+    /// the forward as given and with its output layer in K row chunks, the better kept.
     fn plan_compressed(
         &self,
         forward: &Function,
         profile: &DeviceProfile,
     ) -> Result<(Planned, Vec<Candidate>), PlanError> {
-        use crate::compress::{candidates, choose, own_seconds, selection_of};
-        let (p, m) = (self.stages, self.microbatches);
         let Some(limit) = self.memory_limit else {
             return Err(PlanError(format!(
-                "{}: stash compression is a choice under a memory limit: give one (`inspect \
+                "{}{}: stash compression is a choice under a memory limit: give one (`inspect \
                  --memory --memory-limit BYTES`, `plan{{memory-limit=…}}`)",
-                self.compress.pass_options()
+                self.compress.pass_options(),
+                self.chunk
+                    .map(|k| format!(" chunked={k}"))
+                    .unwrap_or_default()
             )));
         };
         if self.cuts.len() > 1 || self.v_family {
@@ -1149,15 +1199,67 @@ impl PlanPass {
                 "stash compression is not planned with balance=best or the V family yet".into(),
             ));
         }
+        let whole = self.plan_one(forward, limit, profile);
+        let Some(k) = self.chunk else {
+            return whole.map(|(x, _)| x);
+        };
+        let head = lm_head_of(forward).ok_or_else(|| {
+            PlanError(format!(
+                "chunked={k}: @{} has no output layer to chunk (a matmul's logits read only by a \
+                 cross_entropy)",
+                forward.name
+            ))
+        })?;
+        let chunked = chunked_forward(forward, k).and_then(|f| self.plan_one(&f, limit, profile));
+        let (mut best, chosen) = match (whole, chunked) {
+            (Ok(w), Ok(c)) if w.1 <= c.1 => (w.0, false),
+            (_, Ok(c)) => (c.0, true),
+            (Ok(w), Err(_)) => (w.0, false),
+            (Err(_), Err(e)) => return Err(e),
+        };
+        // The chunked layer as one more candidate of the report.
+        let n_stages = best.0.stages.len() as u32;
+        let (rows, vocab) = head;
+        let compression = best.0.compression.get_or_insert_with(|| Compression {
+            methods: self.compress.pass_options(),
+            candidates: Vec::new(),
+            chosen: None,
+            tried: Vec::new(),
+            chunked: None,
+        });
+        compression.chunked = Some(ChunkedChoice {
+            k,
+            stage: n_stages.saturating_sub(1),
+            bytes_exact: (rows * vocab * 4) as u64,
+            bytes: (rows.div_ceil(k) * vocab * 4) as u64,
+            chosen,
+        });
+        Ok(best)
+    }
+
+    /// The per-value choice for one forward function `f` (`forward` itself, or it with its
+    /// output layer chunked): the plan and its objective.
+    fn plan_one(
+        &self,
+        f: &Function,
+        limit: u64,
+        profile: &DeviceProfile,
+    ) -> Result<((Planned, Vec<Candidate>), f64), PlanError> {
+        use crate::compress::{candidates, choose, selection_of};
+        let (p, m) = (self.stages, self.microbatches);
         let cut = self.cuts[0];
         let n_stages = if self.is_joint() {
             build_schedule("1f1b", p, m)?.n_stages()
         } else {
             build_schedule(&self.schedule, p, m)?.n_stages()
         };
-        let staged = stage_forward(forward, n_stages, &self.profile, cut)?;
-        let cands = candidates(&staged, self.compress, profile).map_err(PlanError)?;
-        let ((mut planned, joint_tried), chosen, tried) = choose(&cands, |chosen| {
+        let staged = stage_forward(f, n_stages, &self.profile, cut)?;
+        let cands = if self.compress.is_none() {
+            Vec::new()
+        } else {
+            candidates(&staged, self.compress, profile).map_err(PlanError)?
+        };
+        let (((planned, joint_tried), objective), chosen, tried) = choose(&cands, |chosen| {
             let autodiff = match chosen {
                 [] => "autodiff".to_string(),
                 c => crate::autodiff::methods::with_compress_only(
@@ -1167,14 +1269,7 @@ impl PlanPass {
                 )
                 .map_err(PlanError)?,
             };
-            let base = split_staged(
-                forward,
-                staged.clone(),
-                n_stages,
-                &self.profile,
-                cut,
-                &autodiff,
-            )?;
+            let base = split_staged(f, staged.clone(), n_stages, &self.profile, cut, &autodiff)?;
             let added = |x: &Planned| {
                 x.stages
                     .iter()
@@ -1182,13 +1277,13 @@ impl PlanPass {
                     .sum::<f64>()
             };
             if self.is_joint() {
-                let (x, tried) = joint(forward, &base, p, m, limit, profile)?;
+                let (x, tried) = joint(f, &base, p, m, limit, profile)?;
                 let clean = added(&x) <= 0.0;
                 let makespan = x.sim.makespan;
-                Ok(((x, tried), makespan, clean))
+                Ok((((x, tried), makespan), makespan, clean))
             } else {
                 let x = plan_alone(
-                    forward,
+                    f,
                     &base,
                     build_schedule(&self.schedule, p, m)?,
                     &self.schedule,
@@ -1196,18 +1291,52 @@ impl PlanPass {
                     Some(limit),
                     profile,
                 )?;
-                let a = added(&x);
-                Ok(((x, Vec::new()), a + own_seconds(chosen), a <= 0.0))
+                let clean = added(&x) <= 0.0;
+                let makespan = x.sim.makespan;
+                Ok((((x, Vec::new()), makespan), makespan, clean))
             }
         })?;
-        planned.compression = Some(Compression {
-            methods: self.compress.pass_options(),
-            candidates: cands,
-            chosen,
-            tried,
-        });
-        Ok((planned, joint_tried))
+        let mut planned = planned;
+        if !self.compress.is_none() {
+            planned.compression = Some(Compression {
+                methods: self.compress.pass_options(),
+                candidates: cands,
+                chosen,
+                tried,
+                chunked: None,
+            });
+        }
+        Ok(((planned, joint_tried), objective))
     }
+}
+
+/// `(rows, vocabulary)` of `forward`'s output layer: the logits `[rows, vocab]` of a `matmul`
+/// that a `cross_entropy` reads.
+fn lm_head_of(forward: &Function) -> Option<(usize, usize)> {
+    forward.body.iter().find_map(|&n| {
+        let d = &forward.nodes[n];
+        if !matches!(d.op, cleave_ir::Op::CrossEntropy) {
+            return None;
+        }
+        let z = d.operands[0];
+        let def = &forward.nodes[forward.values[z].def];
+        let shape = &forward.ty(z).shape;
+        (matches!(def.op, cleave_ir::Op::MatMul { .. }) && shape.len() == 2)
+            .then(|| (shape[0], shape[1]))
+    })
+}
+
+/// `forward` with its output layer in `k` row chunks (`chunk{ops=lm-head,k=K}`, after dropping a
+/// `logits` output, which a training step does not need).
+pub fn chunked_forward(forward: &Function, k: usize) -> Result<Function, PlanError> {
+    let mut f = forward.clone();
+    f.outputs.retain(|o| o.name != "logits");
+    let mut m = Module::with_function(f);
+    let passes = format!("dce,chunk{{ops=lm-head,k={k}}}");
+    PassManager::from_pipeline(&passes)
+        .and_then(|pm| pm.run(&mut m, &mut PassContext::default(), &mut |_| {}))
+        .map_err(|e| PlanError(format!("chunked={k}: {e}")))?;
+    Ok(m.functions.remove(0))
 }
 
 impl Pass for PlanPass {

@@ -52,7 +52,7 @@ use anyhow::{bail, Context, Result};
 use cleave_ir::{ArgRole, BinaryOp, DType, Function, Module};
 use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
 use cleave_passes::autodiff::{Compress, Selection};
-use cleave_passes::compress::{own_seconds, selection_of};
+use cleave_passes::compress::selection_of;
 use cleave_passes::partition::{Cut, DeviceProfile};
 use cleave_passes::plan::{joint, split_staged, stage_forward, Planned, Split};
 use cleave_passes::remat::{
@@ -220,6 +220,22 @@ struct Attempt {
     schedule: Schedule,
     /// The joint planner's whole result (with `--schedule auto --memory-limit`).
     planned: Option<Box<Planned>>,
+}
+
+/// The simulated step of a planned module under a profile: its stages' F/B/W seconds
+/// (recomputation, exposed transfers and any compression's nodes included) through the
+/// schedule. What the memory plan's choices are compared by.
+fn simulated_step(
+    module: &Module,
+    memory: &[StageMemory],
+    schedule: &Schedule,
+    profile: &DeviceProfile,
+) -> Result<f64> {
+    let (costs, mem) = cleave_passes::plan::costs_of(module, profile, memory, None);
+    Ok(schedule
+        .simulate(&costs, &mem)
+        .map_err(|e| anyhow::anyhow!("simulating the plan: {e}"))?
+        .makespan)
 }
 
 /// What [`plan_within`] plans with: `plan(limit, reserved)` makes one attempt (each device's
@@ -613,12 +629,15 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     }
     let chunked_forward = crate::train::training_forward(forward, Some(k))
         .with_context(|| format!("--compress chunked:{k}"))?;
-    let objective = |x: &PipelinePlan| match &x.planned {
-        Some(p) => p.sim.makespan,
-        None => x.memory.iter().map(|s| s.summary.added_seconds).sum(),
+    let profile = cpu_profile()?;
+    let objective = |x: &PipelinePlan| -> Result<f64> {
+        match &x.planned {
+            Some(p) => Ok(p.sim.makespan),
+            None => simulated_step(&x.module, &x.memory, &x.schedule, &profile),
+        }
     };
     match (plan_forward(a, forward), plan_forward(a, &chunked_forward)) {
-        (Ok(plain), Ok(c)) if objective(&plain) <= objective(&c) => Ok(plain),
+        (Ok(plain), Ok(c)) if objective(&plain)? <= objective(&c)? => Ok(plain),
         (_, Ok(c)) => Ok(PipelinePlan {
             chunked: Some(k),
             ..c
@@ -824,8 +843,9 @@ fn plan_forward(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pipeline
                     c => differentiate(compress, Some(&selection_of(c)))?,
                 };
                 let x = plan_module(&module)?;
-                let s = added(&x);
-                Ok::<_, anyhow::Error>((x, s + own_seconds(chosen), s <= 0.0))
+                let step = simulated_step(&x.module, &x.memory, &x.schedule, &profile)?;
+                let clean = added(&x) <= 0.0;
+                Ok::<_, anyhow::Error>((x, step, clean))
             })?;
             match chosen {
                 None => (x, Compress::default(), None),

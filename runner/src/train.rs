@@ -438,8 +438,8 @@ pub fn parse_compress(text: Option<&str>) -> Result<Compress> {
     if let Some(k) = chunk {
         bail!(
             "--compress chunked:{k}: the chunked output layer is a choice of the memory plan \
-             (`cleave train --memory-limit …`, pipeline executor); to always chunk it use \
-             --chunk-lm-head {k}"
+             under --memory-limit (`cleave train`, `cleave inspect --memory`); to always chunk \
+             it in training use --chunk-lm-head {k}"
         );
     }
     Ok(c)

@@ -203,11 +203,7 @@ pub struct Tried {
     pub outcome: Result<f64, String>,
 }
 
-/// The per-value choice (see the module docs). `plan(selection)` plans the step differentiated
-/// with `selection` (`None`: the exact step) under the limit and returns the plan and the
-/// seconds it adds (recomputation and exposed transfers), or an error where the limit is not
-/// met. Returns the chosen plan, its selection (`None`: the exact step) and every plan tried.
-/// Estimated seconds the candidates add (their own nodes).
+/// Estimated seconds the candidates add (their own nodes), for an objective of added seconds.
 pub fn own_seconds(cands: &[Candidate]) -> f64 {
     cands.iter().map(|c| c.added_seconds).sum()
 }
@@ -236,9 +232,10 @@ fn eval<T, E: std::fmt::Display>(
 
 /// The per-value choice (see the module docs). `plan(chosen)` plans the step differentiated
 /// with the candidates `chosen` (empty: the exact step; [`selection_of`] gives the `only=`
-/// selection) under the limit and returns the plan, the objective to minimise (the seconds the
-/// plan adds, with [`own_seconds`]; or a simulated step time that already includes them) and
-/// whether the plan adds nothing, or an error where the limit is not met. Returns the chosen
+/// selection) under the limit and returns the plan, the objective to minimise (the callers give
+/// the simulated step, which includes the compressions' own nodes; an objective of added seconds
+/// would add [`own_seconds`]) and whether the plan adds nothing, or an error where the limit is
+/// not met. Returns the chosen
 /// plan, its selection (`None`: the exact step) and every plan tried.
 #[allow(clippy::type_complexity)]
 pub fn choose<T, E: std::fmt::Display>(

@@ -253,7 +253,11 @@ pub fn choose<T, E: std::fmt::Display>(
     let consider = |k: usize, r: Result<Outcome<T>, E>, best: &mut Option<(f64, usize, T)>| {
         let ok = r.is_ok();
         if let Ok((t, s, _)) = r {
-            if best.as_ref().is_none_or(|(b, _, _)| s < *b) {
+            // Fewer compressions on ties (prefix n is tried first).
+            if best
+                .as_ref()
+                .is_none_or(|(b, bk, _)| s < *b || (s == *b && k < *bk))
+            {
                 *best = Some((s, k, t));
             }
         }
@@ -262,8 +266,8 @@ pub fn choose<T, E: std::fmt::Display>(
     let mut best = None;
     let all = eval(&mut plan, cands, n, &mut tried);
     if let Err(e) = all {
-        // Not even every compression fits: the exact step's result (a plan, or its error naming
-        // the smallest feasible limit without compression) is the answer.
+        // Not even every compression fits: the exact step's plan if it has one, else the
+        // all-compressed step's error (whose smallest feasible limit is the lower one).
         return match exact {
             Ok((t, _, _)) => Ok((t, None, tried)),
             Err(_) => Err(e),

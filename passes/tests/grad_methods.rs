@@ -903,6 +903,16 @@ fn compression_choice_searches_prefixes() {
     );
     let (k, sel, _) = choose(&cands, planner(Some(5.0))).unwrap();
     assert_eq!((k, sel.is_none()), (0, true), "the exact plan adds less");
+    // Equal objectives from the shortest feasible prefix on: the fewest compressions win.
+    let flat = |c: &[Candidate]| -> Result<(usize, f64, bool), String> {
+        match c.len() {
+            0 => Err("exact infeasible".into()),
+            k if k < 7 => Err(format!("{k} too few")),
+            k => Ok((k, 1.0, false)),
+        }
+    };
+    let (k, _, _) = choose(&cands, flat).unwrap();
+    assert_eq!(k, 7, "ties go to the fewest compressions");
     let e = choose(
         &cands,
         |c: &[Candidate]| -> Result<(usize, f64, bool), String> {

@@ -630,14 +630,15 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
     let chunked_forward = crate::train::training_forward(forward, Some(k))
         .with_context(|| format!("--compress chunked:{k}"))?;
     let profile = cpu_profile()?;
-    let objective = |x: &PipelinePlan| -> Result<f64> {
-        match &x.planned {
-            Some(p) => Ok(p.sim.makespan),
-            None => simulated_step(&x.module, &x.memory, &x.schedule, &profile),
+    // A plan whose simulation fails counts as the slower one.
+    let objective = |x: &PipelinePlan| match &x.planned {
+        Some(p) => p.sim.makespan,
+        None => {
+            simulated_step(&x.module, &x.memory, &x.schedule, &profile).unwrap_or(f64::INFINITY)
         }
     };
     match (plan_forward(a, forward), plan_forward(a, &chunked_forward)) {
-        (Ok(plain), Ok(c)) if objective(&plain)? <= objective(&c)? => Ok(plain),
+        (Ok(plain), Ok(c)) if objective(&plain) <= objective(&c) => Ok(plain),
         (_, Ok(c)) => Ok(PipelinePlan {
             chunked: Some(k),
             ..c

@@ -797,7 +797,8 @@ fn bf16_stash_rounds_what_the_backward_reads() {
             }
         }
     }
-    // Two stages: stage 1's B and W both read its saved activations; W widens them itself.
+    // Two stages: stage 1's B and W both read its saved activations; W widens them itself, and
+    // nothing crosses the stage boundary narrow.
     let mut m = Module::with_function(tiny_mlp(vec![3, 4, 4, 2]));
     PassManager::from_pipeline("partition{stages=2},autodiff{compress=bf16},split-bw")
         .unwrap()
@@ -806,6 +807,16 @@ fn bf16_stash_rounds_what_the_backward_reads() {
     cleave_ir::verify_module(&m).unwrap();
     let mut widened_in_w = 0;
     for func in &m.functions {
+        // A value crossing stages goes once, as f32: the reading stage narrows it.
+        for o in func.outputs.iter().filter(|o| o.name.starts_with("act.")) {
+            assert_eq!(
+                func.ty(o.value).dtype,
+                DType::F32,
+                "{}: {}",
+                func.name,
+                o.name
+            );
+        }
         for o in func.outputs.iter().filter(|o| o.name.starts_with("stash.")) {
             let def = &func.nodes[func.values[o.value].def];
             let wide = matches!(def.op, cleave_ir::Op::Cast { to: DType::F32 });
@@ -824,6 +835,44 @@ fn bf16_stash_rounds_what_the_backward_reads() {
         }
     }
     assert!(widened_in_w > 0, "no W widens a bf16 stash value");
+    // A stage boundary right before a layer: stage 1's weight gradient reads stage 0's `a`.
+    // It crosses once, as f32, and stage 1 narrows it.
+    let mut t = Tracer::new("g");
+    t.set_stage(Some(0));
+    let gx = t.input("x", DType::F32, vec![4, 8]).unwrap();
+    let gw1 = t.param("w1", DType::F32, vec![8, 8]).unwrap();
+    let gh = t.matmul(gx, gw1).unwrap();
+    let ga = t.tanh(gh).unwrap();
+    t.set_stage(Some(1));
+    let gw2 = t.param("w2", DType::F32, vec![8, 2]).unwrap();
+    let gz = t.matmul(ga, gw2).unwrap();
+    let gl = t.reduce_sum(gz, vec![0, 1]).unwrap();
+    t.output("loss", gl).unwrap();
+    let mut m = Module::with_function(t.finish());
+    PassManager::from_pipeline("autodiff{compress=bf16},split-bw")
+        .unwrap()
+        .run(&mut m, &mut PassContext::default(), &mut |_| {})
+        .unwrap();
+    cleave_ir::verify_module(&m).unwrap();
+    let acts: Vec<(String, DType)> = m
+        .functions
+        .iter()
+        .flat_map(|f| {
+            f.outputs
+                .iter()
+                .filter(|o| o.name.starts_with("act."))
+                .map(|o| (o.name.clone(), f.ty(o.value).dtype))
+        })
+        .collect();
+    assert!(!acts.is_empty());
+    assert!(acts.iter().all(|(_, d)| *d == DType::F32), "{acts:?}");
+    let f1 = m.functions.iter().find(|f| f.name == "g.s1.F").unwrap();
+    assert!(
+        f1.body
+            .iter()
+            .any(|&n| matches!(f1.nodes[n].op, cleave_ir::Op::Cast { to: DType::BF16 })),
+        "stage 1 does not narrow what it saves"
+    );
     // One value only: %N of the forward function.
     let numbering = cleave_ir::printer::print_numbering(&f);
     let n = numbering[a].unwrap();

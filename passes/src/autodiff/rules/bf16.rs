@@ -5,8 +5,10 @@
 //!
 //! For every `f32` value that a forward node makes (or a data input) and a backward node reads:
 //!
-//! - **Forward** (phase `forward`, right after the value's definition, its stage):
-//!   `s = cast x : f32 -> bf16` (round to nearest even).
+//! - **Forward** (phase `forward`, right after the value's definition, once per stage whose
+//!   backward reads it, in that stage): `s = cast x : f32 -> bf16` (round to nearest even). A
+//!   value made in one stage and read by a later stage's backward thus crosses the boundary once,
+//!   as the f32 value that stage's forward receives anyway, and is narrowed there.
 //! - **Backward** (before the first reader in each stage that reads it):
 //!   `x̂ = cast s : bf16 -> f32`, which every backward reader of that stage reads instead of `x`.
 //!
@@ -35,25 +37,30 @@ pub fn candidate(func: &Function, v: Value) -> bool {
 /// Rewrites `func`'s stash edges to bf16 for every [`candidate`] value that a backward node reads
 /// and `wanted` accepts. Returns the values it cast, in body order.
 pub fn stash(func: &mut Function, wanted: impl Fn(&Function, Value) -> bool) -> Vec<Value> {
-    // The values to cast: read by a backward node.
+    // The values to cast: read by a backward node; and the stages whose backward reads each.
     let mut read_back: Vec<Value> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut readers: HashMap<Value, std::collections::BTreeSet<Option<u32>>> = HashMap::new();
     for &n in &func.body {
         let d = &func.nodes[n];
         if d.phase == Phase::Forward {
             continue;
         }
         for &v in &d.operands {
-            if candidate(func, v) && wanted(func, v) && seen.insert(v) {
-                read_back.push(v);
+            let known = readers.contains_key(&v);
+            if !(known || candidate(func, v) && wanted(func, v)) {
+                continue;
             }
+            let stages = readers.entry(v).or_insert_with(|| {
+                read_back.push(v);
+                Default::default()
+            });
+            stages.insert(d.stage);
         }
     }
     if read_back.is_empty() {
         return read_back;
     }
-    let cast_set: std::collections::HashSet<Value> = read_back.iter().copied().collect();
-    let mut low: HashMap<Value, Value> = HashMap::new();
+    let mut low: HashMap<(Value, Option<u32>), Value> = HashMap::new();
     let mut high: HashMap<(Value, Option<u32>), Value> = HashMap::new();
     let old_body = std::mem::take(&mut func.body);
     let mut body: Vec<Node> = Vec::with_capacity(old_body.len() + 2 * read_back.len());
@@ -62,7 +69,9 @@ pub fn stash(func: &mut Function, wanted: impl Fn(&Function, Value) -> bool) -> 
         if phase != Phase::Forward {
             for i in 0..func.nodes[n].operands.len() {
                 let v = func.nodes[n].operands[i];
-                let Some(&s) = low.get(&v) else { continue };
+                let Some(&s) = low.get(&(v, stage)) else {
+                    continue;
+                };
                 let x = match high.get(&(v, stage)) {
                     Some(&x) => x,
                     None => {
@@ -83,15 +92,17 @@ pub fn stash(func: &mut Function, wanted: impl Fn(&Function, Value) -> bool) -> 
         body.push(n);
         let results = func.nodes[n].results.clone();
         for v in results {
-            if !cast_set.contains(&v) {
+            let Some(stages) = readers.get(&v) else {
                 continue;
+            };
+            for &rs in stages {
+                let ty = TensorType::new(DType::BF16, func.ty(v).shape.clone());
+                let c = func.create_node(Op::Cast { to: DType::BF16 }, vec![v], vec![ty]);
+                func.nodes[c].phase = Phase::Forward;
+                func.nodes[c].stage = rs;
+                body.push(c);
+                low.insert((v, rs), func.result(c));
             }
-            let ty = TensorType::new(DType::BF16, func.ty(v).shape.clone());
-            let c = func.create_node(Op::Cast { to: DType::BF16 }, vec![v], vec![ty]);
-            func.nodes[c].phase = Phase::Forward;
-            func.nodes[c].stage = stage;
-            body.push(c);
-            low.insert(v, func.result(c));
         }
     }
     func.body = body;

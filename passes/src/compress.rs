@@ -79,9 +79,18 @@ impl Candidate {
     }
 }
 
-/// The selection of the first `k` candidates.
+/// The selection of the candidates `cands`.
 pub fn selection_of(cands: &[Candidate]) -> Selection {
     Selection(cands.iter().map(|c| (c.value, c.method)).collect())
+}
+
+/// The `autodiff` pass's text for the candidates `chosen` of `compress`: plain `autodiff` for
+/// none (the exact step), else `autodiff{compress=…,only=…}`.
+pub fn autodiff_pass(compress: Compress, chosen: &[Candidate]) -> Result<String, String> {
+    if chosen.is_empty() {
+        return Ok("autodiff".into());
+    }
+    crate::autodiff::methods::with_compress_only("autodiff", compress, Some(&selection_of(chosen)))
 }
 
 /// The [`Compress`] of one method of `compress`.
@@ -193,13 +202,13 @@ pub fn candidates(
     Ok(out)
 }
 
-/// One plan the search tried: how many candidates (0: the exact step), its added seconds
-/// (recomputation, exposed transfers and the compressions' own), or why it failed.
+/// One plan the search tried: how many candidates (0: the exact step), its objective (the
+/// callers': the simulated step), or why it failed.
 #[derive(Clone, Debug)]
 pub struct Tried {
     /// Candidates applied (a prefix of the ordered list).
     pub prefix: usize,
-    /// Added seconds, or the error.
+    /// The objective, or the error.
     pub outcome: Result<f64, String>,
 }
 

@@ -1210,7 +1210,9 @@ impl PlanPass {
                 forward.name
             ))
         })?;
-        let chunked = chunked_forward(forward, k).and_then(|f| self.plan_one(&f, limit, profile));
+        let chunked = chunked_forward(forward, k)
+            .map_err(|e| PlanError(format!("chunked={k}: {}", e.0)))
+            .and_then(|f| self.plan_one(&f, limit, profile));
         let (mut best, chosen) = match (whole, chunked) {
             (Ok(w), Ok(c)) if w.1 <= c.1 => (w.0, false),
             (_, Ok(c)) => (c.0, true),
@@ -1245,7 +1247,7 @@ impl PlanPass {
         limit: u64,
         profile: &DeviceProfile,
     ) -> Result<((Planned, Vec<Candidate>), f64), PlanError> {
-        use crate::compress::{candidates, choose, selection_of};
+        use crate::compress::{autodiff_pass, candidates, choose};
         let (p, m) = (self.stages, self.microbatches);
         let cut = self.cuts[0];
         let n_stages = if self.is_joint() {
@@ -1259,44 +1261,28 @@ impl PlanPass {
         } else {
             candidates(&staged, self.compress, profile).map_err(PlanError)?
         };
-        let (((planned, joint_tried), objective), chosen, tried) = choose(&cands, |chosen| {
-            let autodiff = match chosen {
-                [] => "autodiff".to_string(),
-                c => crate::autodiff::methods::with_compress_only(
-                    "autodiff",
-                    self.compress,
-                    Some(&selection_of(c)),
-                )
-                .map_err(PlanError)?,
-            };
+        let (((mut planned, joint_tried), objective), chosen, tried) = choose(&cands, |chosen| {
+            let autodiff = autodiff_pass(self.compress, chosen).map_err(PlanError)?;
             let base = split_staged(f, staged.clone(), n_stages, &self.profile, cut, &autodiff)?;
-            let added = |x: &Planned| {
-                x.stages
-                    .iter()
-                    .map(|s| s.summary.added_seconds)
-                    .sum::<f64>()
-            };
-            if self.is_joint() {
-                let (x, tried) = joint(f, &base, p, m, limit, profile)?;
-                let clean = added(&x) <= 0.0;
-                let makespan = x.sim.makespan;
-                Ok((((x, tried), makespan), makespan, clean))
+            let (x, tried) = if self.is_joint() {
+                joint(f, &base, p, m, limit, profile)?
             } else {
+                let schedule = build_schedule(&self.schedule, p, m)?;
                 let x = plan_alone(
                     f,
                     &base,
-                    build_schedule(&self.schedule, p, m)?,
+                    schedule,
                     &self.schedule,
                     self.policy,
                     Some(limit),
                     profile,
                 )?;
-                let clean = added(&x) <= 0.0;
-                let makespan = x.sim.makespan;
-                Ok((((x, Vec::new()), makespan), makespan, clean))
-            }
+                (x, Vec::new())
+            };
+            let clean = x.stages.iter().all(|s| s.summary.added_seconds <= 0.0);
+            let makespan = x.sim.makespan;
+            Ok((((x, tried), makespan), makespan, clean))
         })?;
-        let mut planned = planned;
         if !self.compress.is_none() {
             planned.compression = Some(Compression {
                 methods: self.compress.pass_options(),
@@ -1327,15 +1313,14 @@ fn lm_head_of(forward: &Function) -> Option<(usize, usize)> {
 }
 
 /// `forward` with its output layer in `k` row chunks (`chunk{ops=lm-head,k=K}`, after dropping a
-/// `logits` output, which a training step does not need).
+/// `logits` output, which a training step does not need); the error is the passes' own.
 pub fn chunked_forward(forward: &Function, k: usize) -> Result<Function, PlanError> {
     let mut f = forward.clone();
     f.outputs.retain(|o| o.name != "logits");
     let mut m = Module::with_function(f);
-    let passes = format!("dce,chunk{{ops=lm-head,k={k}}}");
-    PassManager::from_pipeline(&passes)
+    PassManager::from_pipeline(&format!("dce,chunk{{ops=lm-head,k={k}}}"))
         .and_then(|pm| pm.run(&mut m, &mut PassContext::default(), &mut |_| {}))
-        .map_err(|e| PlanError(format!("chunked={k}: {e}")))?;
+        .map_err(|e| PlanError(e.to_string()))?;
     Ok(m.functions.remove(0))
 }
 

@@ -52,7 +52,7 @@ use anyhow::{bail, Context, Result};
 use cleave_ir::{ArgRole, BinaryOp, DType, Function, Module};
 use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
 use cleave_passes::autodiff::{Compress, Selection};
-use cleave_passes::compress::selection_of;
+use cleave_passes::compress::{autodiff_pass, selection_of};
 use cleave_passes::partition::{Cut, DeviceProfile};
 use cleave_passes::plan::{joint, split_staged, stage_forward, Planned, Split};
 use cleave_passes::remat::{
@@ -684,15 +684,7 @@ fn plan_forward(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pipeline
                 .map_err(|e| anyhow::anyhow!("--compress: {e}"))?
         };
         let (x, chosen, _) = cleave_passes::compress::choose(&cands, |chosen| {
-            let autodiff = match chosen {
-                [] => "autodiff".to_string(),
-                c => cleave_passes::autodiff::methods::with_compress_only(
-                    "autodiff",
-                    compress,
-                    Some(&selection_of(c)),
-                )
-                .map_err(anyhow::Error::msg)?,
-            };
+            let autodiff = autodiff_pass(compress, chosen).map_err(anyhow::Error::msg)?;
             let split = split_staged(
                 forward,
                 staged.clone(),
@@ -748,14 +740,8 @@ fn plan_forward(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pipeline
     let n_stages = schedule.n_stages();
     // The forward cut into stages, as `autodiff` sees it (the compression candidates name its
     // values).
-    let mut staged = Module::with_function(forward.clone());
-    if n_stages > 1 {
-        let passes = format!("partition{{stages={n_stages}}}");
-        PassManager::from_pipeline(&passes)?
-            .run(&mut staged, &mut PassContext::default(), &mut |_| {})
-            .map_err(|e| anyhow::anyhow!("{passes}: {e}"))?;
-    }
-    let staged = staged.functions.remove(0);
+    let staged = stage_forward(forward, n_stages, CPU_PROFILE, Cut::default())
+        .map_err(|e| anyhow::anyhow!("--stages {n_stages}: {e}"))?;
     let method = crate::train::parse_grad_method(&a.grad_method, a.tangents)?;
     let passes = cleave_passes::autodiff::methods::with_grad_method("autodiff,split-bw", &method)
         .map_err(|e| anyhow::anyhow!("--grad-method: {e}"))?;

@@ -390,13 +390,8 @@ pub fn training_forward(forward: &Function, chunk: Option<usize>) -> Result<Func
     let Some(k) = chunk else {
         return Ok(forward.clone());
     };
-    let mut f = forward.clone();
-    f.outputs.retain(|o| o.name != "logits");
-    let mut m = Module::with_function(f);
-    PassManager::from_pipeline(&format!("dce,chunk{{ops=lm-head,k={k}}}"))?
-        .run(&mut m, &mut PassContext::default(), &mut |_| {})
-        .map_err(|e| anyhow::anyhow!("--chunk-lm-head {k}: {e}"))?;
-    Ok(m.functions.remove(0))
+    cleave_passes::plan::chunked_forward(forward, k)
+        .map_err(|e| anyhow::anyhow!("--chunk-lm-head {k}: {}", e.0))
 }
 
 /// [`load_training_model`] with the model flags of `a` (`--batch`, `--loss`, `--labels`,

@@ -632,25 +632,23 @@ impl<'a> Func<'a> {
             self.n(base),
             self.n(i)
         ));
-        let (val, align) = match dt {
-            DType::F32 | DType::I32 => (x, 4),
+        let align = elem_align(dt);
+        let val = match dt {
+            DType::F32 | DType::I32 => x,
             DType::BF16 => {
                 // `x` holds a bf16 value widened: its high half is the bit pattern.
                 let (it, ht) = (ty(w, "i32"), ty(w, "i16"));
                 let bits = self.ins(format!("bitcast {} {} to {it}", ty(w, "float"), self.n(x)));
                 let sixteen = splat_lit(w, "i32", "16");
                 let h = self.ins(format!("lshr {it} {}, {sixteen}", self.n(bits)));
-                (self.ins(format!("trunc {it} {} to {ht}", self.n(h))), 2)
+                self.ins(format!("trunc {it} {} to {ht}", self.n(h)))
             }
-            _ => (
-                self.ins(format!(
-                    "zext {} {} to {}",
-                    ty(w, "i1"),
-                    self.n(x),
-                    ty(w, "i8")
-                )),
-                1,
-            ),
+            _ => self.ins(format!(
+                "zext {} {} to {}",
+                ty(w, "i1"),
+                self.n(x),
+                ty(w, "i8")
+            )),
         };
         let line = format!(
             "  store {} {}, ptr {}, align {align}",

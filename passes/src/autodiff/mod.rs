@@ -147,9 +147,13 @@ impl Method {
 pub struct Selection(pub std::collections::BTreeSet<(u32, Method)>);
 
 impl Selection {
-    /// Parses `METHOD:N;METHOD:N…` (empty: nothing selected).
+    /// Parses `METHOD:N;METHOD:N…` (`none` or empty: nothing selected; the inverse of
+    /// [`Selection::text`]).
     pub fn parse(text: &str) -> Result<Selection, String> {
         let mut s = std::collections::BTreeSet::new();
+        if text == "none" {
+            return Ok(Selection(s));
+        }
         for item in text.split([';', ' ']).filter(|s| !s.is_empty()) {
             let (m, n) = item
                 .split_once(':')
@@ -286,9 +290,6 @@ impl Autodiff {
         let only = o
             .take("only")
             .map(|t| {
-                if t == "none" {
-                    return Ok(Selection::default());
-                }
                 Selection::parse(&t).map_err(|message| PassError::BadOption {
                     pass: "autodiff".into(),
                     key: "only".into(),

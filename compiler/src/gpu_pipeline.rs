@@ -692,15 +692,18 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
     Ok(())
 }
 
-/// `--compress bf16` needs bf16 storage, which only the CPU runtime has: on any other backend
-/// (MLIR's kernels are f32), an error naming it.
+/// `--compress bf16` and `int8` need bf16 and i8 storage, which only the CPU runtime has: on
+/// any other backend (MLIR's kernels are f32), an error naming it.
 pub(crate) fn refuse_bf16_storage(a: &TrainArgs, target: &str) -> Result<()> {
-    if target != "cpu" && crate::train::parse_compress(a.compress.as_deref())?.bf16 {
-        bail!(
-            "--target {target}: --compress bf16 needs bf16 storage, which this backend does \
-             not have yet (its kernels and buffers are f32); use --target cpu, or another \
-             --compress method"
-        );
+    let c = crate::train::parse_compress(a.compress.as_deref())?;
+    for (on, name, ty) in [(c.bf16, "bf16", "bf16"), (c.int8, "int8", "i8")] {
+        if target != "cpu" && on {
+            bail!(
+                "--target {target}: --compress {name} needs {ty} storage, which this backend \
+                 does not have yet (its kernels and buffers are f32); use --target cpu, or \
+                 another --compress method"
+            );
+        }
     }
     Ok(())
 }

@@ -333,8 +333,9 @@ fn schedule_reports_the_dependency_mode() {
 }
 
 /// `--compress fewbit` (few-bit backward of GELU), `rank1` (rank-1 sub-tokens of linear
-/// layers' inputs) and `bf16` (the stash in bfloat16): the pipeline gives one stage's losses and
-/// weights bit for bit, GPT-tiny still learns as exact backprop does with fewbit and bf16
+/// layers' inputs), `bf16` (the stash in bfloat16) and `int8` (8-bit codes, a scale per row):
+/// the pipeline gives one stage's losses and weights bit for bit, GPT-tiny still learns as exact
+/// backprop does with fewbit, bf16 and int8
 /// (losses within 2% over 12 steps), the joint planner leaves the step exact where it fits
 /// without them, and a model without GELU/SiLU or a method that is not built is an error naming
 /// it.
@@ -366,8 +367,10 @@ fn fewbit_compression_trains_on_the_pipeline() {
     let half = run(1, "1f1b", Some("bf16"));
     common::assert_same("bf16 zb-h1", &half, &run(2, "zb-h1", Some("bf16")));
     common::assert_same("bf16 zb-v", &half, &run(2, "zb-v", Some("bf16")));
+    let codes = run(1, "1f1b", Some("int8"));
+    common::assert_same("int8 zb-h1", &codes, &run(2, "zb-h1", Some("int8")));
     let exact = run(1, "1f1b", None);
-    for lossy in [&one, &half] {
+    for lossy in [&one, &half, &codes] {
         assert_ne!(
             exact.losses, lossy.losses,
             "the compression changed nothing"
@@ -402,7 +405,7 @@ fn fewbit_compression_trains_on_the_pipeline() {
     assert!(format!("{e:#}").contains("not planned jointly"), "{e:#}");
     for (compress, want) in [
         ("fewbit", "has neither"),
-        ("int8", "not built yet"),
+        ("int8:3", "int8 takes no parameter"),
         ("fewbit:9", "bits must be 1 to 4"),
         ("rank1:1", "the group must be 2 to 4096"),
     ] {
@@ -463,7 +466,8 @@ fn the_plan_chooses_compression_under_a_limit() {
 
 /// `inspect --memory --compress`: every value each method applies to, with bytes before and
 /// after and added seconds, and per stage the saved bytes with every method applied. Few-bit at
-/// 2 bits halves each GELU input it lists, bf16 halves every value, rank-1 at 8 keeps an eighth;
+/// 2 bits halves each GELU input it lists, bf16 halves every value, int8 keeps a quarter and a
+/// scale per row, rank-1 at 8 keeps an eighth;
 /// with `--memory-limit` the plan marks the values it chose and lists the plans it tried.
 #[test]
 fn inspect_lists_what_compression_replaces() {
@@ -494,10 +498,13 @@ fn inspect_lists_what_compression_replaces() {
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
         v["compress"].clone()
     };
-    let c = report("fewbit:2,rank1:8,bf16", None);
-    assert_eq!(c["methods"], "compress=fewbit+rank1+bf16,bits=2,group=8");
+    let c = report("fewbit:2,rank1:8,bf16,int8", None);
+    assert_eq!(
+        c["methods"],
+        "compress=fewbit+rank1+int8+bf16,bits=2,group=8"
+    );
     let values = c["values"].as_array().unwrap();
-    for method in ["fewbit", "rank1", "bf16"] {
+    for method in ["fewbit", "rank1", "bf16", "int8"] {
         let of: Vec<&Value> = values.iter().filter(|v| v["method"] == method).collect();
         assert!(!of.is_empty(), "no {method} value: {c}");
         for v in of {
@@ -507,6 +514,11 @@ fn inspect_lists_what_compression_replaces() {
             );
             let want = match method {
                 "rank1" => e / 8,
+                // A quarter, plus one f32 scale per row (rows of at least 16 here).
+                "int8" => {
+                    assert!(b > e / 4 && b <= e / 4 + e / 16, "{v}");
+                    b
+                }
                 _ => e / 2,
             };
             assert_eq!(b, want, "{v}");

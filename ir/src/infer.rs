@@ -91,7 +91,7 @@ pub fn infer(op: &Op, operands: &[&TensorType]) -> Result<Vec<TensorType>, TypeE
         }
     };
     let need_index = |t: &TensorType| -> Result<(), TypeError> {
-        if t.dtype.is_int() {
+        if matches!(t.dtype, DType::I32 | DType::I64) {
             Ok(())
         } else {
             Err(fail(format!("indices must be i32 or i64, got {}", t.dtype)))

@@ -20,6 +20,8 @@ pub enum DType {
     F16,
     /// bfloat16 (8 exponent bits, 7 mantissa bits).
     BF16,
+    /// Signed 8-bit integer (a storage type in the runtime: the `--compress int8` stash).
+    I8,
     /// Signed 32-bit integer.
     I32,
     /// Signed 64-bit integer.
@@ -30,11 +32,12 @@ pub enum DType {
 
 impl DType {
     /// All element types, in a fixed order.
-    pub const ALL: [DType; 7] = [
+    pub const ALL: [DType; 8] = [
         DType::F32,
         DType::F64,
         DType::F16,
         DType::BF16,
+        DType::I8,
         DType::I32,
         DType::I64,
         DType::Bool,
@@ -47,6 +50,7 @@ impl DType {
             DType::F64 => "f64",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::I8 => "i8",
             DType::I32 => "i32",
             DType::I64 => "i64",
             DType::Bool => "bool",
@@ -64,7 +68,7 @@ impl DType {
             DType::F64 | DType::I64 => 8,
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::Bool => 1,
+            DType::I8 | DType::Bool => 1,
         }
     }
 
@@ -73,9 +77,9 @@ impl DType {
         matches!(self, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
     }
 
-    /// True for the two integer types.
+    /// True for the three integer types.
     pub fn is_int(self) -> bool {
-        matches!(self, DType::I32 | DType::I64)
+        matches!(self, DType::I8 | DType::I32 | DType::I64)
     }
 }
 

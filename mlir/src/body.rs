@@ -10,6 +10,7 @@ pub fn elem_ty(d: DType) -> &'static str {
         DType::F64 => "f64",
         DType::F16 => "f16",
         DType::BF16 => "bf16",
+        DType::I8 => "i8",
         DType::I32 => "i32",
         DType::I64 => "i64",
         DType::Bool => "i1",

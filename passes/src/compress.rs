@@ -99,6 +99,7 @@ fn only_method(compress: Compress, m: Method) -> Compress {
         fewbit: compress.fewbit.filter(|_| m == Method::Fewbit),
         rank1: compress.rank1.filter(|_| m == Method::Rank1),
         bf16: compress.bf16 && m == Method::Bf16,
+        int8: compress.int8 && m == Method::Int8,
     }
 }
 
@@ -139,7 +140,7 @@ pub fn candidates(
     let exact = diff(Compress::default())?;
     let exact_read = read_back(&exact);
     let mut out = Vec::new();
-    for m in [Method::Fewbit, Method::Rank1, Method::Bf16] {
+    for m in Method::ALL {
         let c = only_method(compress, m);
         if c.is_none() {
             continue;

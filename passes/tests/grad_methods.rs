@@ -888,7 +888,7 @@ fn bf16_stash_rounds_what_the_backward_reads() {
     assert_eq!(outputs(&one, &args)["grad.w2"], want);
     for (only, want) in [
         ("bf16:999", "not a value"),
-        ("int8:1", "unknown method"),
+        ("fp4:1", "unknown method"),
         ("bf16", "METHOD:N"),
     ] {
         let e = PassManager::from_pipeline(&format!("autodiff{{compress=bf16,only={only}}}"))
@@ -903,6 +903,125 @@ fn bf16_stash_rounds_what_the_backward_reads() {
             .to_string();
         assert!(e.contains(want), "{only}: {e}");
     }
+}
+
+/// `compress=int8`: what the backward reads is stored as 8-bit codes with one scale per row
+/// (`max|x| / 127`) and widened to `q · scale`; the gradient equals the backward at exactly
+/// those values, within half a step of the exact activation; after `split-bw` F saves codes and
+/// scales, and B and W each widen for themselves (B hands W nothing wide).
+#[test]
+fn int8_stash_quantizes_per_row() {
+    use cleave_ir::tracer::Tracer;
+    let mut t = Tracer::new("f");
+    let x = t.input("x", DType::F32, vec![4, 8]).unwrap();
+    let w1 = t.param("w1", DType::F32, vec![8, 8]).unwrap();
+    let w2 = t.param("w2", DType::F32, vec![4, 8]).unwrap();
+    let h = t.matmul(x, w1).unwrap();
+    let a = t.tanh(h).unwrap();
+    let p = t.mul(a, w2).unwrap();
+    let l = t.reduce_sum(p, vec![0, 1]).unwrap();
+    t.output("loss", l).unwrap();
+    let f = t.finish();
+    let args: BTreeMap<String, Tensor> = forward_args(&f, 5)
+        .into_iter()
+        .map(|(k, t)| {
+            let v: Vec<f32> = t.to_f64_vec().iter().map(|&x| x as f32).collect();
+            (k, Tensor::from_f32(t.shape.clone(), v))
+        })
+        .collect();
+    let outputs =
+        |f: &Function, args: &BTreeMap<String, Tensor>| outputs_at(f, args, Precision::F32);
+    let exact = outputs(&run_pipeline(&f, "autodiff"), &args);
+    let g = run_pipeline(&f, "autodiff{compress=int8}");
+    cleave_ir::verify_function(&g).unwrap();
+    let out = outputs(&g, &args);
+    assert_eq!(out["loss"], exact["loss"], "the forward is untouched");
+    // grad.w2 = a, quantized per row of 8 in f32 arithmetic.
+    let act: Vec<f32> = exact["grad.w2"].iter().map(|&v| v as f32).collect();
+    let mut want = Vec::new();
+    for row in act.chunks(8) {
+        let m = row
+            .iter()
+            .fold(0f32, |m, x| m.max(x.abs()))
+            .max(f32::MIN_POSITIVE);
+        let scale = m / 127.0;
+        for &v in row {
+            let q = (v / scale).round_ties_even() as i8;
+            let r = q as f32 * scale;
+            assert!((r - v).abs() <= scale * 0.5 + 1e-7, "{v} → {r}");
+            want.push(r as f64);
+        }
+    }
+    assert_eq!(out["grad.w2"], want);
+    assert_ne!(out["grad.w2"], exact["grad.w2"], "nothing was quantized");
+    // Every forward f32 activation the backward reads is widened from codes.
+    for &n in &g.body {
+        let d = &g.nodes[n];
+        if d.phase == Phase::Forward {
+            continue;
+        }
+        for &v in &d.operands {
+            let def = &g.nodes[g.values[v].def];
+            let activation = def.phase == Phase::Forward
+                && g.ty(v).dtype == DType::F32
+                && g.ty(v).shape.len() == 2
+                && !matches!(
+                    def.op,
+                    cleave_ir::Op::Param { .. } | cleave_ir::Op::Constant { .. }
+                );
+            assert!(!activation, "{} reads an f32 activation", d.op.name());
+        }
+    }
+    // Split: F saves codes and per-row scales; B hands W nothing wide; W widens its own.
+    let mut m = Module::with_function(g);
+    PassManager::from_pipeline("split-bw")
+        .unwrap()
+        .run(&mut m, &mut PassContext::default(), &mut |_| {})
+        .unwrap();
+    cleave_ir::verify_module(&m).unwrap();
+    let widens = |func: &Function| {
+        func.body.iter().any(|&n| {
+            let d = &func.nodes[n];
+            matches!(d.op, cleave_ir::Op::Cast { to: DType::F32 })
+                && func.ty(d.operands[0]).dtype == DType::I8
+        })
+    };
+    for func in &m.functions {
+        for o in func.outputs.iter().filter(|o| o.name.starts_with("stash.")) {
+            let ty = func.ty(o.value);
+            if func.name.ends_with(".F") {
+                assert!(
+                    ty.dtype == DType::I8 || ty.shape.len() < 2,
+                    "{}: F saves {} as {ty}",
+                    func.name,
+                    o.name
+                );
+            } else {
+                assert!(
+                    ty.shape.len() < 2,
+                    "{}: B hands W {} ({ty})",
+                    func.name,
+                    o.name
+                );
+            }
+        }
+        if func.name.ends_with(".W") {
+            assert!(widens(func), "W does not widen its codes");
+        }
+    }
+    // Named values only; bad input.
+    let numbering = cleave_ir::printer::print_numbering(&f);
+    let n = numbering[a].unwrap();
+    let one = run_pipeline(&f, &format!("autodiff{{compress=int8,only=int8:{n}}}"));
+    assert_eq!(outputs(&one, &args)["grad.w2"], want);
+    let codes = |g: &Function| {
+        g.body
+            .iter()
+            .filter(|&&b| matches!(g.nodes[b].op, cleave_ir::Op::Cast { to: DType::I8 }))
+            .count()
+    };
+    assert_eq!(codes(&one), 1);
+    assert!(codes(&run_pipeline(&f, "autodiff{compress=int8}")) > 1);
 }
 
 /// The per-value choice (`cleave_passes::compress::choose`) on a made-up planner: the exact

@@ -157,6 +157,7 @@ mod py {
                 HostData::I32(v) => ("int32", v.iter().flat_map(|x| x.to_ne_bytes()).collect()),
                 HostData::Bool(v) => ("bool", v.iter().map(|&b| b as u8).collect()),
                 HostData::BF16(v) => ("bfloat16", v.iter().flat_map(|x| x.to_ne_bytes()).collect()),
+                HostData::I8(v) => ("int8", v.iter().map(|&x| x as u8).collect()),
             };
             out.set_item(name, (dtype, shape, PyByteArray::new(py, &bytes)))?;
         }

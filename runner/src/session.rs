@@ -534,6 +534,7 @@ fn rows_of(data: HostSlice<'_>, j: usize, m: usize) -> HostSlice<'_> {
         HostSlice::I32(v) => HostSlice::I32(part(v, j, m)),
         HostSlice::Bool(v) => HostSlice::Bool(part(v, j, m)),
         HostSlice::BF16(v) => HostSlice::BF16(part(v, j, m)),
+        HostSlice::I8(v) => HostSlice::I8(part(v, j, m)),
     }
 }
 

@@ -222,8 +222,9 @@ pub struct TrainArgs {
     pub tangents: usize,
     /// Lossy stash compression, opt-in, comma-separated: `fewbit[:BITS]` (few-bit backward of
     /// GELU/SiLU, 1 to 4 bits, default 2), `rank1[:GROUP]` (rank-1 sub-token projection of
-    /// linear layers' inputs for their weight gradients, default 8) and `bf16` (saved
-    /// activations in bfloat16). Under --memory-limit the plan chooses among them per value;
+    /// linear layers' inputs for their weight gradients, default 8), `bf16` (saved
+    /// activations in bfloat16) and `int8` (saved activations as 8-bit codes with a scale per
+    /// row). Under --memory-limit the plan chooses among them per value;
     /// there `chunked[:K]` also lets it run the output layer in K row chunks (exact).
     #[arg(long, value_name = "METHOD")]
     pub compress: Option<String>,
@@ -475,14 +476,11 @@ pub fn parse_compress_planned(text: Option<&str>) -> Result<(Compress, Option<us
             "chunked" => chunk = Some(num(2, 1 << 20, "the number of chunks")?.unwrap_or(CHUNKS)),
             "bf16" if arg.is_none() => c.bf16 = true,
             "bf16" => bail!("--compress {item}: bf16 takes no parameter"),
-            "int8" => bail!(
-                "--compress int8: not built yet; the built stash compressions are fewbit \
-                 (few-bit backward of GELU/SiLU: `fewbit[:BITS]`), rank1 (rank-1 sub-tokens \
-                 of linear layers' inputs: `rank1[:GROUP]`) and bf16 (the stash in bfloat16)"
-            ),
+            "int8" if arg.is_none() => c.int8 = true,
+            "int8" => bail!("--compress {item}: int8 takes no parameter (one scale per row)"),
             _ => bail!(
                 "--compress {item}: unknown method; methods: fewbit[:BITS] (1 to 4), \
-                 rank1[:GROUP], bf16, chunked[:K], comma-separated"
+                 rank1[:GROUP], bf16, int8, chunked[:K], comma-separated"
             ),
         }
     }
@@ -718,28 +716,18 @@ pub fn load_data(path: &Path, forward: &Function) -> Result<(Vec<Column>, usize)
 }
 
 pub fn gather_batch(col: &Column, rows: &[usize]) -> HostData {
+    fn gather<T: Copy>(v: &[T], k: usize, rows: &[usize]) -> Vec<T> {
+        rows.iter()
+            .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
+            .collect()
+    }
     let k = col.per_example;
     match &col.data {
-        HostData::F32(v) => HostData::F32(
-            rows.iter()
-                .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
-                .collect(),
-        ),
-        HostData::I32(v) => HostData::I32(
-            rows.iter()
-                .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
-                .collect(),
-        ),
-        HostData::Bool(v) => HostData::Bool(
-            rows.iter()
-                .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
-                .collect(),
-        ),
-        HostData::BF16(v) => HostData::BF16(
-            rows.iter()
-                .flat_map(|&r| v[r * k..(r + 1) * k].iter().copied())
-                .collect(),
-        ),
+        HostData::F32(v) => HostData::F32(gather(v, k, rows)),
+        HostData::I32(v) => HostData::I32(gather(v, k, rows)),
+        HostData::Bool(v) => HostData::Bool(gather(v, k, rows)),
+        HostData::BF16(v) => HostData::BF16(gather(v, k, rows)),
+        HostData::I8(v) => HostData::I8(gather(v, k, rows)),
     }
 }
 
@@ -823,6 +811,7 @@ fn to_bytes(d: &HostData) -> (safetensors::Dtype, Vec<u8>) {
             safetensors::Dtype::BF16,
             v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         ),
+        HostData::I8(v) => (safetensors::Dtype::I8, v.iter().map(|&x| x as u8).collect()),
     }
 }
 

@@ -291,17 +291,22 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
     // 1. Element types.
     for &node in &func.body {
         let data = func.node(node);
-        // bf16 is a storage type only (the stash of `--compress bf16`): it is made by `cast`,
-        // read by `cast`, and passed through arguments and reshapes, never computed with.
-        let moves_bf16 = matches!(
-            data.op,
-            Op::Cast { .. } | Op::Input { .. } | Op::Reshape { .. } | Op::StopGradient
-        );
+        // bf16 and i8 are storage types only (the stashes of `--compress bf16` and `int8`): made
+        // by a `cast` from f32, read by a `cast` to f32, and passed through arguments and
+        // reshapes, never computed with.
+        let moves_narrow = match data.op {
+            Op::Cast { to } => {
+                let from = func.ty(data.operands[0]).dtype;
+                from == DType::F32 || to == DType::F32 || from == to
+            }
+            Op::Input { .. } | Op::Reshape { .. } | Op::StopGradient => true,
+            _ => false,
+        };
         for &v in data.results.iter().chain(&data.operands) {
             let dt = func.ty(v).dtype;
             let ok = match dt {
                 DType::F32 | DType::I32 | DType::Bool => true,
-                DType::BF16 => moves_bf16,
+                DType::BF16 | DType::I8 => moves_narrow,
                 _ => false,
             };
             if !ok {
@@ -1044,8 +1049,8 @@ struct ProgBuilder {
 impl ProgBuilder {
     fn fresh(&mut self, dt: DType) -> usize {
         let c = match dt {
-            // bf16 values are held widened, in f32 registers.
-            DType::F32 | DType::BF16 => &mut self.nf,
+            // bf16 and i8 values are held widened, in f32 registers.
+            DType::F32 | DType::BF16 | DType::I8 => &mut self.nf,
             DType::I32 => &mut self.ni,
             _ => &mut self.nb,
         };

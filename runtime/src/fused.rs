@@ -424,6 +424,7 @@ impl FusedKernel {
         let ri = |r: usize, len: usize| std::slice::from_raw_parts_mut(ip.add(r * CHUNK), len);
         let rb = |r: usize, len: usize| std::slice::from_raw_parts_mut(bp.add(r * CHUNK), len);
         let mut regs_h = [0u16; CHUNK];
+        let mut regs_q = [0i8; CHUNK];
         let mut start = 0;
         while start < self.n {
             let len = CHUNK.min(self.n - start);
@@ -437,6 +438,15 @@ impl FusedKernel {
                             load(mem.ptr_b(src.buf) as *mut u16, src, start, h);
                             for (d, &x) in d.iter_mut().zip(h.iter()) {
                                 *d = bf16_to_f32(x);
+                            }
+                        }
+                        DType::I8 => {
+                            // i8 values are held widened, in f32 registers.
+                            let d = rf(*dst, len);
+                            let q = &mut regs_q[..len];
+                            load(mem.ptr_b(src.buf) as *mut i8, src, start, q);
+                            for (d, &x) in d.iter_mut().zip(q.iter()) {
+                                *d = x as f32;
                             }
                         }
                         DType::I32 => load(mem.ptr_i(src.buf), src, start, ri(*dst, len)),
@@ -551,7 +561,14 @@ impl FusedKernel {
                         }
                     }
                     Ins::Cast { from, to, dst, a } => match (from, to) {
-                        (DType::BF16, DType::F32) => rf(*dst, len).copy_from_slice(rf(*a, len)),
+                        (DType::BF16 | DType::I8, DType::F32) => {
+                            rf(*dst, len).copy_from_slice(rf(*a, len))
+                        }
+                        (DType::F32, DType::I8) => {
+                            for (d, &x) in rf(*dst, len).iter_mut().zip(rf(*a, len).iter()) {
+                                *d = x as i8 as f32;
+                            }
+                        }
                         (DType::F32, DType::BF16) => {
                             for (d, &x) in rf(*dst, len).iter_mut().zip(rf(*a, len).iter()) {
                                 *d = round_bf16(x);
@@ -608,6 +625,12 @@ impl FusedKernel {
                         }
                     }
                     Ins::Store { dtype, src, buf } => match dtype {
+                        DType::I8 => {
+                            let p = (mem.ptr_b(*buf) as *mut i8).add(start);
+                            for (j, &x) in rf(*src, len).iter().enumerate() {
+                                *p.add(j) = x as i8;
+                            }
+                        }
                         DType::BF16 => {
                             let p = (mem.ptr_b(*buf) as *mut u16).add(start);
                             for (j, &x) in rf(*src, len).iter().enumerate() {

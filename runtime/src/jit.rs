@@ -366,13 +366,14 @@ fn elem_bytes(dt: DType) -> i64 {
     match dt {
         DType::F32 | DType::I32 => 4,
         DType::BF16 => 2,
+        // i8 and bool.
         _ => 1,
     }
 }
 
-/// Whether a value of `dt` lives in an f32 register (bf16 is held widened).
+/// Whether a value of `dt` lives in an f32 register (bf16 and i8 are held widened).
 fn in_f32_register(dt: DType) -> bool {
-    matches!(dt, DType::F32 | DType::BF16)
+    matches!(dt, DType::F32 | DType::BF16 | DType::I8)
 }
 
 /// A bf16 bit pattern in the low half of an `i32` (or `i32x4`) widened to `f32` (`f32x4`).
@@ -515,6 +516,10 @@ impl Emitter {
                 let h = b.ins().uload16(I32, flags(), addr, 0);
                 widen_bf16(b, h, F32)
             }
+            DType::I8 => {
+                let q = b.ins().sload8(I32, flags(), addr, 0);
+                b.ins().fcvt_from_sint(F32, q)
+            }
             _ => {
                 let x = b.ins().uload8(I32, flags(), addr, 0);
                 let nz = b.ins().icmp_imm_s(IntCC::NotEqual, x, 0);
@@ -552,6 +557,15 @@ impl Emitter {
                     v = b.ins().insertlane(v, h, l);
                 }
                 widen_bf16(b, v, F32X4)
+            }
+            DType::I8 => {
+                let z = b.ins().iconst(I32, 0);
+                let mut v = b.ins().splat(I32X4, z);
+                for l in 0..4u8 {
+                    let q = b.ins().sload8(I32, flags(), addr, l as i32);
+                    v = b.ins().insertlane(v, q, l);
+                }
+                b.ins().fcvt_from_sint(F32X4, v)
             }
             _ => {
                 let z = b.ins().iconst(I32, 0);
@@ -656,6 +670,14 @@ impl Emitter {
                     b.ins().istore16(flags(), h, addr, 2 * l as i32);
                 }
             }
+            DType::I8 => {
+                // `x` holds an integral value in [-128, 127] (made by a cast): exact.
+                for l in 0..w as u8 {
+                    let e = if w == 1 { x } else { b.ins().extractlane(x, l) };
+                    let q = b.ins().fcvt_to_sint_sat(I32, e);
+                    b.ins().istore8(flags(), q, addr, l as i32);
+                }
+            }
             _ => {
                 if w == 1 {
                     let one = b.ins().band_imm_s(x, 1);
@@ -726,7 +748,7 @@ impl Emitter {
                    dt: DType,
                    d: usize,
                    v: [Value; U]| match dt {
-            DType::F32 | DType::BF16 => fr[d] = Some(v),
+            DType::F32 | DType::BF16 | DType::I8 => fr[d] = Some(v),
             DType::I32 => ir[d] = Some(v),
             _ => br[d] = Some(v),
         };
@@ -877,14 +899,22 @@ impl Emitter {
                 }
                 Ins::Cast { from, to, dst, a } => {
                     let x = match from {
-                        DType::F32 | DType::BF16 => fr[*a],
+                        DType::F32 | DType::BF16 | DType::I8 => fr[*a],
                         DType::I32 => ir[*a],
                         _ => br[*a],
                     }
                     .expect("defined");
                     let v = match (from, to) {
                         (DType::F32, DType::F32) | (DType::I32, DType::I32) => x,
-                        (DType::BF16, DType::F32) => x,
+                        (DType::BF16 | DType::I8, DType::F32) => x,
+                        (DType::F32, DType::I8) => from_fn(|u| {
+                            // Rust's `as i8`: toward zero, saturating, NaN to 0; held widened.
+                            let q = b.ins().fcvt_to_sint_sat(ity, x[u]);
+                            let (lo, hi) = (iz(b, -128), iz(b, 127));
+                            let q = b.ins().smax(q, lo[u]);
+                            let q = b.ins().smin(q, hi[u]);
+                            b.ins().fcvt_from_sint(fty, q)
+                        }),
                         (DType::F32, DType::BF16) => from_fn(|u| round_bf16(b, x[u], w)),
                         (DType::F32, DType::I32) => {
                             from_fn(|u| b.ins().fcvt_to_sint_sat(ity, x[u]))
@@ -917,7 +947,7 @@ impl Emitter {
                 Ins::Dropout { .. } => unreachable!("rejected by `supported`"),
                 Ins::Store { dtype, src, buf } => {
                     let x = match dtype {
-                        DType::F32 | DType::BF16 => fr[*src],
+                        DType::F32 | DType::BF16 | DType::I8 => fr[*src],
                         DType::I32 => ir[*src],
                         _ => br[*src],
                     }

@@ -116,6 +116,8 @@ pub enum HostData {
     Bool(Vec<bool>),
     /// `bf16` elements as bit patterns (a storage type only: the `--compress bf16` stash).
     BF16(Vec<u16>),
+    /// `i8` elements (a storage type only: the `--compress int8` stash).
+    I8(Vec<i8>),
 }
 
 impl HostData {
@@ -126,6 +128,7 @@ impl HostData {
             HostData::I32(v) => alloc::retag_vec(v, tag),
             HostData::Bool(v) => alloc::retag_vec(v, tag),
             HostData::BF16(v) => alloc::retag_vec(v, tag),
+            HostData::I8(v) => alloc::retag_vec(v, tag),
         }
     }
 
@@ -136,6 +139,7 @@ impl HostData {
             HostData::I32(_) => DType::I32,
             HostData::Bool(_) => DType::Bool,
             HostData::BF16(_) => DType::BF16,
+            HostData::I8(_) => DType::I8,
         }
     }
 
@@ -146,6 +150,7 @@ impl HostData {
             HostData::I32(v) => v.len(),
             HostData::Bool(v) => v.len(),
             HostData::BF16(v) => v.len(),
+            HostData::I8(v) => v.len(),
         }
     }
 
@@ -166,6 +171,8 @@ pub enum HostSlice<'a> {
     Bool(&'a [bool]),
     /// `bf16` bit patterns.
     BF16(&'a [u16]),
+    /// `i8` elements.
+    I8(&'a [i8]),
 }
 
 impl HostSlice<'_> {
@@ -176,6 +183,7 @@ impl HostSlice<'_> {
             HostSlice::I32(_) => DType::I32,
             HostSlice::Bool(_) => DType::Bool,
             HostSlice::BF16(_) => DType::BF16,
+            HostSlice::I8(_) => DType::I8,
         }
     }
 
@@ -186,6 +194,7 @@ impl HostSlice<'_> {
             HostSlice::I32(v) => v.len(),
             HostSlice::Bool(v) => v.len(),
             HostSlice::BF16(v) => v.len(),
+            HostSlice::I8(v) => v.len(),
         }
     }
 
@@ -203,11 +212,12 @@ impl HostData {
             HostData::I32(v) => HostSlice::I32(v),
             HostData::Bool(v) => HostSlice::Bool(v),
             HostData::BF16(v) => HostSlice::BF16(v),
+            HostData::I8(v) => HostSlice::I8(v),
         }
     }
 }
 
-/// Converts an interpreter tensor (`f32`, `i32` or `bool`) to host data.
+/// Converts an interpreter tensor (`f32`, `i32`, `bool`, `bf16` or `i8`) to host data.
 pub fn host_from_tensor(t: &cleave_ir::Tensor) -> Option<HostData> {
     use cleave_ir::TensorData;
     Some(match (&t.data, t.dtype) {
@@ -219,6 +229,7 @@ pub fn host_from_tensor(t: &cleave_ir::Tensor) -> Option<HostData> {
                 .map(|&x| (crate::fused::round_bf16(x as f32).to_bits() >> 16) as u16)
                 .collect(),
         ),
+        (TensorData::Int(v), DType::I8) => HostData::I8(v.iter().map(|&x| x as i8).collect()),
         _ => return None,
     })
 }
@@ -235,6 +246,11 @@ pub fn tensor_from_host(shape: &[usize], data: &HostData) -> cleave_ir::Tensor {
             v.iter()
                 .map(|&h| crate::fused::bf16_to_f32(h) as f64)
                 .collect(),
+        ),
+        HostData::I8(v) => cleave_ir::Tensor::from_i64(
+            DType::I8,
+            shape.to_vec(),
+            v.iter().map(|&x| i64::from(x)).collect(),
         ),
     }
 }

@@ -298,8 +298,8 @@ fn suffix(w: usize, t: &str) -> String {
 /// The register type of a dtype (`bool` values are `i1`).
 fn reg_ty(dt: DType) -> &'static str {
     match dt {
-        // bf16 values are held widened.
-        DType::F32 | DType::BF16 => "float",
+        // bf16 and i8 values are held widened.
+        DType::F32 | DType::BF16 | DType::I8 => "float",
         DType::I32 => "i32",
         _ => "i1",
     }
@@ -314,7 +314,8 @@ fn elem_align(dt: DType) -> usize {
     }
 }
 
-/// The memory type of a dtype (`bool` elements are bytes, bf16 ones `i16` bit patterns).
+/// The memory type of a dtype (`bool` and `i8` elements are bytes, bf16 ones `i16` bit
+/// patterns).
 fn mem_ty(dt: DType) -> &'static str {
     match dt {
         DType::F32 => "float",
@@ -468,6 +469,13 @@ impl<'a> Func<'a> {
         if dt == DType::BF16 {
             return self.widen_bf16(x, width);
         }
+        if dt == DType::I8 {
+            return self.ins(format!(
+                "sitofp {t} {} to {}",
+                self.n(x),
+                ty(width, "float")
+            ));
+        }
         let z = if width == 1 { "0" } else { "zeroinitializer" };
         self.ins(format!("icmp ne {t} {}, {z}", self.n(x)))
     }
@@ -568,6 +576,9 @@ impl<'a> Func<'a> {
         if dt == DType::BF16 {
             return self.widen_bf16(x, w);
         }
+        if dt == DType::I8 {
+            return self.ins(format!("sitofp {mt} {} to {}", self.n(x), ty(w, "float")));
+        }
         self.ins(format!("icmp ne {mt} {}, zeroinitializer", self.n(x)))
     }
 
@@ -643,6 +654,13 @@ impl<'a> Func<'a> {
                 let h = self.ins(format!("lshr {it} {}, {sixteen}", self.n(bits)));
                 self.ins(format!("trunc {it} {} to {ht}", self.n(h)))
             }
+            // `x` holds an integral value in [-128, 127] (made by a cast), so this is exact.
+            DType::I8 => self.ins(format!(
+                "fptosi {} {} to {}",
+                ty(w, "float"),
+                self.n(x),
+                ty(w, "i8")
+            )),
             _ => self.ins(format!(
                 "zext {} {} to {}",
                 ty(w, "i1"),
@@ -716,7 +734,7 @@ impl<'a> Func<'a> {
                 Ins::Load { dtype, dst, src } => {
                     let v = from_fn(|u| self.load(j, *dtype, src, at[u], w));
                     match dtype {
-                        DType::F32 | DType::BF16 => fr[*dst] = Some(v),
+                        DType::F32 | DType::BF16 | DType::I8 => fr[*dst] = Some(v),
                         DType::I32 => ir[*dst] = Some(v),
                         _ => br[*dst] = Some(v),
                     }
@@ -924,7 +942,7 @@ impl<'a> Func<'a> {
                 }
                 Ins::Cast { from, to, dst, a } => {
                     let x = match from {
-                        DType::F32 | DType::BF16 => fr[*a],
+                        DType::F32 | DType::BF16 | DType::I8 => fr[*a],
                         DType::I32 => ir[*a],
                         _ => br[*a],
                     }
@@ -934,7 +952,17 @@ impl<'a> Func<'a> {
                     let iz = splat_lit(w, "i32", "0");
                     let v = match (from, to) {
                         (DType::F32, DType::F32) | (DType::I32, DType::I32) => x,
-                        (DType::BF16, DType::F32) => x,
+                        (DType::BF16 | DType::I8, DType::F32) => x,
+                        (DType::F32, DType::I8) => self.map(x, |s, x| {
+                            // Rust's `as i8`: toward zero, saturating, NaN to 0; held widened.
+                            let (bt, bs) = (ty(w, "i8"), suffix(w, "i8"));
+                            let q = s.intrinsic(
+                                &format!("fptosi.sat.{bs}.{fs}"),
+                                &bt,
+                                &[(ft.clone(), x)],
+                            );
+                            s.ins(format!("sitofp {bt} {} to {ft}", s.n(q)))
+                        }),
                         (DType::F32, DType::BF16) => self.map(x, |s, x| s.round_bf16(x, w)),
                         (DType::F32, DType::I32) => self.map(x, |s, x| {
                             s.intrinsic(&format!("fptosi.sat.{is}.{fs}"), &it, &[(ft.clone(), x)])
@@ -957,7 +985,7 @@ impl<'a> Func<'a> {
                         _ => x,
                     };
                     match to {
-                        DType::F32 | DType::BF16 => fr[*dst] = Some(v),
+                        DType::F32 | DType::BF16 | DType::I8 => fr[*dst] = Some(v),
                         DType::I32 => ir[*dst] = Some(v),
                         _ => br[*dst] = Some(v),
                     }
@@ -965,7 +993,7 @@ impl<'a> Func<'a> {
                 Ins::Dropout { .. } => unreachable!("rejected by `supported`"),
                 Ins::Store { dtype, src, buf } => {
                     let x = match dtype {
-                        DType::F32 | DType::BF16 => fr[*src],
+                        DType::F32 | DType::BF16 | DType::I8 => fr[*src],
                         DType::I32 => ir[*src],
                         _ => br[*src],
                     }

@@ -310,6 +310,11 @@ impl Plan {
                 // SAFETY: the buffer holds at least `len` 16-bit elements.
                 unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, len) };
             }
+            HostSlice::I8(v) => {
+                let p = store.as_mut_ptr() as *mut i8;
+                // SAFETY: the buffer holds at least `len` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, len) };
+            }
             HostSlice::Bool(v) => {
                 let p = store.as_mut_ptr() as *mut u8;
                 for (j, &x) in v.iter().enumerate() {
@@ -365,6 +370,11 @@ impl Plan {
                 let p = store.as_ptr() as *const u16;
                 // SAFETY: the buffer holds at least `n` 16-bit elements.
                 HostData::BF16(unsafe { std::slice::from_raw_parts(p, n) }.to_vec())
+            }
+            DType::I8 => {
+                let p = store.as_ptr() as *const i8;
+                // SAFETY: the buffer holds at least `n` bytes.
+                HostData::I8(unsafe { std::slice::from_raw_parts(p, n) }.to_vec())
             }
             _ => {
                 let p = store.as_ptr() as *const u8;

@@ -69,6 +69,11 @@ pub(crate) fn put_data(out: &mut Vec<u8>, d: &HostData) {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         }
+        HostData::I8(v) => {
+            out.push(4);
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            out.extend(v.iter().map(|&x| x as u8));
+        }
     }
 }
 
@@ -136,6 +141,7 @@ impl<'a> Reader<'a> {
                     .map(|c| u16::from_le_bytes([c[0], c[1]]))
                     .collect(),
             ),
+            4 => HostData::I8(self.take(n)?.iter().map(|&b| b as i8).collect()),
             other => return Err(format!("unknown element type {other} in a message")),
         })
     }
@@ -154,6 +160,7 @@ mod tests {
         put_data(&mut out, &HostData::I32(vec![3]));
         put_data(&mut out, &HostData::Bool(vec![true, false]));
         put_data(&mut out, &HostData::BF16(vec![0x3fc0, 0xffff]));
+        put_data(&mut out, &HostData::I8(vec![-128, 0, 127]));
         let mut r = Reader::new(&out);
         assert_eq!(r.u64().unwrap(), 7);
         assert_eq!(r.str().unwrap(), "act.x");

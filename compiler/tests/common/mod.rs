@@ -105,6 +105,7 @@ pub fn bits(d: &HostData) -> Vec<u32> {
         HostData::I32(v) => v.iter().map(|&x| x as u32).collect(),
         HostData::Bool(v) => v.iter().map(|&x| x as u32).collect(),
         HostData::BF16(v) => v.iter().map(|&x| x as u32).collect(),
+        HostData::I8(v) => v.iter().map(|&x| x as u8 as u32).collect(),
     }
 }
 

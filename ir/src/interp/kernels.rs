@@ -693,6 +693,9 @@ fn cast(x: &TensorData, to: DType) -> TensorData {
                 TensorData::Float(v.clone())
             } else if to == DType::I32 {
                 TensorData::Int(v.iter().map(|&a| a as i32 as i64).collect())
+            } else if to == DType::I8 {
+                // Truncation toward zero, saturating (NaN is 0): Rust's `as`, as for `i32`.
+                TensorData::Int(v.iter().map(|&a| a as i8 as i64).collect())
             } else if to == DType::I64 {
                 TensorData::Int(v.iter().map(|&a| a as i64).collect())
             } else {

@@ -91,9 +91,10 @@ pub fn round_to_dtype(x: f64, dtype: DType) -> f64 {
     }
 }
 
-/// Wraps an integer to the range of an int `dtype` (two's complement for `i32`).
+/// Wraps an integer to the range of an int `dtype` (two's complement for `i8` and `i32`).
 pub fn wrap_to_dtype(x: i64, dtype: DType) -> i64 {
     match dtype {
+        DType::I8 => x as i8 as i64,
         DType::I32 => x as i32 as i64,
         _ => x,
     }
@@ -133,7 +134,7 @@ impl Tensor {
             TensorData::Float(v) if matches!(dtype, DType::F32 | DType::F16 | DType::BF16) => {
                 v.iter_mut().for_each(|x| *x = round_to_dtype(*x, dtype));
             }
-            TensorData::Int(v) if dtype == DType::I32 => {
+            TensorData::Int(v) if matches!(dtype, DType::I8 | DType::I32) => {
                 v.iter_mut().for_each(|x| *x = wrap_to_dtype(*x, dtype));
             }
             _ => {}
@@ -278,6 +279,7 @@ impl Tensor {
             TensorData::Int(v) => {
                 for &x in v {
                     match self.dtype {
+                        DType::I8 => out.push(x as i8 as u8),
                         DType::I32 => out.extend_from_slice(&(x as i32).to_le_bytes()),
                         _ => out.extend_from_slice(&x.to_le_bytes()),
                     }
@@ -329,6 +331,7 @@ impl Tensor {
                     .map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f64())
                     .collect(),
             ),
+            DType::I8 => TensorData::Int(bytes.iter().map(|&b| b as i8 as i64).collect()),
             DType::I32 => TensorData::Int(
                 chunks
                     .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)

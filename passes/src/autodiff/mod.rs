@@ -118,6 +118,8 @@ pub enum Method {
     Rank1,
     /// The value itself in bfloat16.
     Bf16,
+    /// The value as 8-bit codes with a scale per row.
+    Int8,
 }
 
 impl Method {
@@ -127,22 +129,24 @@ impl Method {
             Method::Fewbit => "fewbit",
             Method::Rank1 => "rank1",
             Method::Bf16 => "bf16",
+            Method::Int8 => "int8",
         }
     }
 
+    /// Every method, in the order `autodiff` applies them.
+    pub const ALL: [Method; 4] = [Method::Fewbit, Method::Rank1, Method::Int8, Method::Bf16];
+
     /// Parses a method name.
     pub fn parse(name: &str) -> Option<Method> {
-        [Method::Fewbit, Method::Rank1, Method::Bf16]
-            .into_iter()
-            .find(|m| m.name() == name)
+        Method::ALL.into_iter().find(|m| m.name() == name)
     }
 }
 
 /// The (value, method) pairs a named compression is restricted to: the planner's per-value
 /// choice (the `autodiff` option `only=METHOD:N;…`). `N` is the value's print number (`%N`) in
 /// the function `autodiff` differentiates: a GELU/SiLU input for `fewbit`, a linear layer's data
-/// input for `rank1`, a value the backward reads for `bf16` (with `rank1`, the bf16 choice of a
-/// layer input also covers its sub-token coefficients).
+/// input for `rank1`, a value the backward reads for `bf16` and `int8` (with `rank1`, the bf16
+/// choice of a layer input also covers its sub-token coefficients; with `int8`, its scales).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Selection(pub std::collections::BTreeSet<(u32, Method)>);
 
@@ -159,7 +163,7 @@ impl Selection {
                 .split_once(':')
                 .ok_or_else(|| format!("`{item}`: expected METHOD:N (e.g. bf16:12)"))?;
             let m = Method::parse(m)
-                .ok_or_else(|| format!("`{item}`: unknown method; fewbit, rank1 or bf16"))?;
+                .ok_or_else(|| format!("`{item}`: unknown method; fewbit, rank1, int8 or bf16"))?;
             let n = n
                 .trim_start_matches('%')
                 .parse()
@@ -191,8 +195,10 @@ pub struct Compress {
     /// Rank-1 sub-token projection of linear layers' inputs with this group size
     /// (`compress=rank1,group=G`).
     pub rank1: Option<usize>,
-    /// The stash in bfloat16 (`compress=bf16`, `rules::bf16`).
+    /// The stash in bfloat16 (`compress=bf16`, `rules::narrow`).
     pub bf16: bool,
+    /// The stash as 8-bit codes with a scale per row (`compress=int8`, `rules::narrow`).
+    pub int8: bool,
 }
 
 impl Compress {
@@ -206,7 +212,7 @@ impl Compress {
         *self == Compress::default()
     }
 
-    /// Parses the pass options: `methods` is `compress` (`fewbit`, `rank1`, `bf16`, several
+    /// Parses the pass options: `methods` is `compress` (`fewbit`, `rank1`, `int8`, `bf16`, several
     /// joined by `+`), `bits` and `group` their parameters.
     pub fn from_options(methods: Option<&str>, bits: u32, group: usize) -> Result<Self, String> {
         let mut c = Compress::default();
@@ -223,9 +229,11 @@ impl Compress {
                     ))
                 }
                 "bf16" => c.bf16 = true,
+                "int8" => c.int8 = true,
                 other => {
                     return Err(format!(
-                        "unknown method `{other}`; autodiff compresses with fewbit, rank1 and bf16"
+                        "unknown method `{other}`; autodiff compresses with fewbit, rank1, int8 \
+                         and bf16"
                     ))
                 }
             }
@@ -244,6 +252,9 @@ impl Compress {
         if let Some(g) = self.rank1 {
             methods.push("rank1");
             opts.push(format!("group={g}"));
+        }
+        if self.int8 {
+            methods.push("int8");
         }
         if self.bf16 {
             methods.push("bf16");
@@ -403,7 +414,7 @@ pub(crate) struct Rewrite {
     pub cuts: Vec<(Node, usize)>,
     /// How layers send the error to their data operand (feedback alignment).
     pub feedback: methods::Feedback,
-    /// Stash compression (`rules::fewbit`, `rules::rank1`, `rules::bf16`).
+    /// Stash compression (`rules::fewbit`, `rules::rank1`, `rules::narrow`).
     pub compress: Compress,
     /// Where the compression applies (none: everywhere it can).
     pub only: Option<Selection>,
@@ -760,18 +771,23 @@ pub(crate) fn differentiate_with(
             .partition(|&&n| func.nodes[n].phase == Phase::Forward);
         func.body = fw.into_iter().chain(bw).collect();
     }
-    // bf16: a value of the function by its own choice, a value the compressions made by the
-    // choice of the value they compress.
-    let wanted =
-        |f: &Function, v: Value| allows(compressed_root(f, v, original_nodes), Method::Bf16);
-    if rewrite.compress.bf16
-        && rules::bf16::stash(&mut func, wanted).is_empty()
-        && rewrite.only.is_none()
-    {
-        return Err(format!(
-            "@{fname}: compress=bf16 keeps the f32 activations the backward reads in bfloat16, \
-             and the backward of this function reads none"
-        ));
+    // int8, then bf16: a value of the function by its own choice, a value the compressions made
+    // by the choice of the value they compress.
+    use rules::narrow::Codec;
+    for (on, codec, method) in [
+        (rewrite.compress.int8, Codec::Int8, Method::Int8),
+        (rewrite.compress.bf16, Codec::Bf16, Method::Bf16),
+    ] {
+        let wanted = |f: &Function, v: Value| allows(compressed_root(f, v, original_nodes), method);
+        if on && rules::narrow::stash(&mut func, codec, wanted).is_empty() && rewrite.only.is_none()
+        {
+            return Err(format!(
+                "@{fname}: compress={} keeps the f32 activations the backward reads in a narrower \
+                 type, and the backward of this function reads none (outputs, parameters and \
+                 scalars are left alone)",
+                codec.name()
+            ));
+        }
     }
     Ok((func, warnings))
 }

@@ -29,6 +29,7 @@ pub fn dtype_of(code: i32) -> Option<DType> {
         D::Double => DType::F64,
         D::Float16 => DType::F16,
         D::Bfloat16 => DType::BF16,
+        D::Int8 => DType::I8,
         D::Int32 => DType::I32,
         D::Int64 => DType::I64,
         D::Bool => DType::Bool,
@@ -219,6 +220,7 @@ fn decode_raw(name: &str, dtype: DType, raw: &[u8], n: usize) -> Result<TensorDa
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
                 .collect(),
         ),
+        DType::I8 => TensorData::Int(chunks.map(|c| c[0] as i8 as i64).collect()),
         DType::I32 => TensorData::Int(
             chunks
                 .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
@@ -269,7 +271,8 @@ fn decode_typed(t: &TensorProto, name: &str, dtype: DType, n: usize) -> Result<T
                     .collect(),
             )
         }
-        DType::I32 => {
+        DType::I8 | DType::I32 => {
+            // ONNX keeps int8 elements widened in `int32_data`.
             count(t.int32_data.len(), "int32_data")?;
             TensorData::Int(t.int32_data.iter().map(|&x| x as i64).collect())
         }

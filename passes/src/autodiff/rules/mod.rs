@@ -10,12 +10,12 @@
 //! Each rule states `f` and its derivative in comments. Helpers in this file build small
 //! expressions with explicit broadcasting.
 
-pub(crate) mod bf16;
 mod custom;
 mod elementwise;
 pub(crate) mod fewbit;
 mod index;
 mod linalg;
+pub(crate) mod narrow;
 mod nn;
 pub(crate) mod rank1;
 mod shape;

@@ -15,7 +15,7 @@ limit=$(run --schedule 1f1b --remat none | jq '.peak_bytes | max | floor')
 echo "limit (1F1B peak without recomputation): $limit B"
 echo "| methods | smallest feasible limit | at 1F1B's peak: schedule | step (simulated) | effective bubble | values compressed (of candidates) | plans tried |"
 echo "|---|---|---|---|---|---|---|"
-for methods in none bf16 fewbit rank1 bf16,fewbit bf16,fewbit,rank1; do
+for methods in none bf16 int8 fewbit rank1 bf16,fewbit int8,fewbit,rank1 bf16,fewbit,rank1; do
   args=()
   [ "$methods" != none ] && args=(--compress "$methods")
   smallest=$(run --schedule auto --memory-limit 1 "${args[@]}" 2>&1 >/dev/null \

@@ -168,6 +168,7 @@ mod tests {
         assert_eq!(r.data().unwrap(), HostData::I32(vec![3]));
         assert_eq!(r.data().unwrap(), HostData::Bool(vec![true, false]));
         assert_eq!(r.data().unwrap(), HostData::BF16(vec![0x3fc0, 0xffff]));
+        assert_eq!(r.data().unwrap(), HostData::I8(vec![-128, 0, 127]));
         assert!(r.done());
         assert!(Reader::new(&out[..5]).u64().is_err());
     }

@@ -862,6 +862,51 @@ pub(crate) fn reduce_out_strides(shape: &[usize], axes: &[usize]) -> Vec<usize> 
     st
 }
 
+/// The maximum (`max`) or minimum of a contiguous row, as the sequential fold with
+/// [`nan_max`]/[`nan_min`] gives it, bit for bit, but in 16 independent lanes. Max and min are
+/// order-independent except for the sign of a zero result (NaN propagates either way), so a
+/// zero result is recomputed by the fold.
+fn row_extreme(row: &[f32], max: bool) -> f32 {
+    const L: usize = 16;
+    let init = if max {
+        f32::NEG_INFINITY
+    } else {
+        f32::INFINITY
+    };
+    let mut m = [init; L];
+    let mut nan = false;
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        for l in 0..L {
+            let b = c[l];
+            nan |= b.is_nan();
+            m[l] = if (b > m[l]) == max && b != m[l] {
+                b
+            } else {
+                m[l]
+            };
+        }
+    }
+    for &b in chunks.remainder() {
+        nan |= b.is_nan();
+        m[0] = if (b > m[0]) == max && b != m[0] {
+            b
+        } else {
+            m[0]
+        };
+    }
+    if nan {
+        return f32::NAN;
+    }
+    let fold = |a: f32, b: f32| if max { a.max(b) } else { a.min(b) };
+    let r = m.into_iter().fold(init, fold);
+    if r == 0.0 {
+        let f = if max { nan_max } else { nan_min };
+        return row.iter().copied().fold(init, f);
+    }
+    r
+}
+
 unsafe fn reduce(
     mem: &Mem,
     x: BufRef,
@@ -896,8 +941,8 @@ unsafe fn reduce(
                     ReduceKind::Sum | ReduceKind::Mean => {
                         row.iter().map(|&b| b as f64).sum::<f64>() as f32
                     }
-                    ReduceKind::Max => row.iter().copied().fold(f32::NEG_INFINITY, nan_max),
-                    ReduceKind::Min => row.iter().copied().fold(f32::INFINITY, nan_min),
+                    ReduceKind::Max => row_extreme(row, true),
+                    ReduceKind::Min => row_extreme(row, false),
                 };
             }
         } else if sumlike && leading && n_out > 0 {
@@ -958,4 +1003,52 @@ unsafe fn reduce(
         for_each_strided(shape, st, |i, j| r[j] = f(r[j], v[i]));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 16-lane row maximum and minimum give the sequential fold's bits: signed zeros (the
+    /// one case where order matters), NaN anywhere, infinities, rows shorter than a lane set.
+    #[test]
+    fn row_extremes_match_the_fold() {
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        let special = [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1e-45,
+            -3.5,
+        ];
+        for len in [1usize, 5, 16, 17, 40, 100] {
+            for trial in 0..200 {
+                let row: Vec<f32> = (0..len)
+                    .map(|_| match next() % 8 {
+                        0 | 1 => special[(next() as usize) % special.len()],
+                        // Zeros only, of both signs, in some rows.
+                        _ if trial % 5 == 0 => [0.0, -0.0][(next() % 2) as usize],
+                        _ => (next() as f32 / u32::MAX as f32 - 0.5) * 100.0,
+                    })
+                    .collect();
+                let want_max = row.iter().copied().fold(f32::NEG_INFINITY, nan_max);
+                let want_min = row.iter().copied().fold(f32::INFINITY, nan_min);
+                let (got_max, got_min) = (row_extreme(&row, true), row_extreme(&row, false));
+                for (got, want) in [(got_max, want_max), (got_min, want_min)] {
+                    assert!(
+                        got.to_bits() == want.to_bits() || got.is_nan() && want.is_nan(),
+                        "{row:?}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 }

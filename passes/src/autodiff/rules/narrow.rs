@@ -142,12 +142,16 @@ impl Codec {
             Codec::Int8 => {
                 let r = shape.len();
                 let rows = &shape[..r - 1];
-                let a = push(func, body, Op::Unary(UnaryOp::Abs), vec![x], at);
-                let reduce = Op::Reduce {
-                    kind: ReduceKind::Max,
+                // max|x| = max(max x, −min x): two row reductions of `x` itself, with no
+                // `|x|` of the value's size alive beside it.
+                let reduce = |kind| Op::Reduce {
+                    kind,
                     axes: vec![r - 1],
                 };
-                let m = push(func, body, reduce, vec![a], at);
+                let hi = push(func, body, reduce(ReduceKind::Max), vec![x], at);
+                let lo = push(func, body, reduce(ReduceKind::Min), vec![x], at);
+                let lo = push(func, body, Op::Unary(UnaryOp::Neg), vec![lo], at);
+                let m = push(func, body, Op::Binary(BinaryOp::Max), vec![hi, lo], at);
                 // An all-zero row gets a tiny scale (its codes are all 0) instead of 0/0.
                 let tiny = splat(func, body, rows, f32::MIN_POSITIVE as f64, at);
                 let m = push(func, body, Op::Binary(BinaryOp::Max), vec![m, tiny], at);

@@ -23,8 +23,10 @@
 //!
 //! B ∪ W is exactly the stage's backward, each node appears once, and no node is duplicated except
 //! operand-free constants (`constant`, `iota`), which each function re-creates instead of receiving
-//! them, and the widening `cast` of a bf16 stash value (`autodiff{compress=bf16}`) that both B
-//! and W read, which W re-creates from the narrow F→W value instead of receiving the wide one.
+//! them, and the widening of a narrow stash value that both B and W read (the `cast` of a bf16
+//! value, `autodiff{compress=bf16}`; `cast(q) · broadcast(scale)` of int8 codes,
+//! `compress=int8`), which W re-creates from the narrow F→W values instead of receiving the wide
+//! one.
 //!
 //! # Interfaces (names are the contract between the functions)
 //!
@@ -445,22 +447,47 @@ fn bind_operand(
         Some(from) if key.1 == Part::W && from == (key.0, Part::B) && is_dequantize(func, def) => {
             // A compressed stash value widened in B: W widens it again from the F→W stash
             // instead of receiving the wide copy from B (same bits, a quarter or half the bytes).
-            let s = data.operands[0];
-            bind_operand(
-                func,
-                pieces,
-                key,
-                s,
-                home,
-                name_for,
-                seed_stage,
-                needs_output,
-            );
+            let mut operands = Vec::with_capacity(data.operands.len());
+            for &o in &data.operands {
+                let od = func.values[o].def;
+                let row_scale = matches!(func.nodes[od].op, Op::Broadcast { .. })
+                    && home(o) == Some(from)
+                    && pieces[&key].map[o].is_none();
+                // The operands' own widening cast binds through this branch; the scale of each
+                // row (int8) is broadcast again here.
+                let bound = if row_scale {
+                    func.nodes[od].operands[0]
+                } else {
+                    o
+                };
+                bind_operand(
+                    func,
+                    pieces,
+                    key,
+                    bound,
+                    home,
+                    name_for,
+                    seed_stage,
+                    needs_output,
+                );
+                let piece = pieces.get_mut(&key).unwrap();
+                if row_scale {
+                    let s = piece.map[bound].expect("operand bound");
+                    let node = piece.func.push_node(
+                        func.nodes[od].op.clone(),
+                        vec![s],
+                        vec![func.ty(o).clone()],
+                    );
+                    piece.func.nodes[node].phase = Phase::Wgrad;
+                    piece.func.nodes[node].stage = data.stage;
+                    piece.map[o] = Some(piece.func.result(node));
+                }
+                operands.push(piece.map[o].expect("operand bound"));
+            }
             let piece = pieces.get_mut(&key).unwrap();
-            let narrow = piece.map[s].expect("operand bound");
             let node = piece
                 .func
-                .push_node(data.op.clone(), vec![narrow], vec![ty.clone()]);
+                .push_node(data.op.clone(), operands, vec![ty.clone()]);
             piece.func.nodes[node].phase = Phase::Wgrad;
             piece.func.nodes[node].stage = data.stage;
             piece.map[v] = Some(piece.func.result(node));
@@ -555,20 +582,32 @@ fn bind_operand(
     }
 }
 
-/// Whether `node` widens a forward value stored narrow (`cast` to `f32` of a `bf16` value made
-/// by the forward): `split-bw` re-creates it in W rather than stashing its wide result B→W.
+/// Whether `node` widens a forward value stored narrow: `split-bw` re-creates it in W rather
+/// than stashing its wide result B→W. That is a `cast` to `f32` of a `bf16` or `i8` value made
+/// by the forward, or (int8) the product of such a cast with a broadcast of a forward value (the
+/// scale of each row).
 fn is_dequantize(func: &Function, node: Node) -> bool {
+    use cleave_ir::{BinaryOp, DType};
     let d = &func.nodes[node];
-    matches!(
-        d.op,
-        Op::Cast {
-            to: cleave_ir::DType::F32
+    let forward = |v: Value| !func.nodes[func.values[v].def].phase.is_backward();
+    match d.op {
+        Op::Cast { to: DType::F32 } => {
+            d.operands.len() == 1
+                && matches!(func.ty(d.operands[0]).dtype, DType::BF16 | DType::I8)
+                && forward(d.operands[0])
         }
-    ) && d.operands.len() == 1
-        && func.ty(d.operands[0]).dtype == cleave_ir::DType::BF16
-        && !func.nodes[func.values[d.operands[0]].def]
-            .phase
-            .is_backward()
+        Op::Binary(BinaryOp::Mul) => {
+            let def = |i: usize| func.values[d.operands[i]].def;
+            let cast = func.ty(d.operands[0]).dtype == DType::F32
+                && matches!(func.nodes[def(0)].op, Op::Cast { .. })
+                && func.ty(func.nodes[def(0)].operands[0]).dtype == DType::I8
+                && is_dequantize(func, def(0));
+            let scale = matches!(func.nodes[def(1)].op, Op::Broadcast { .. })
+                && forward(func.nodes[def(1)].operands[0]);
+            cast && scale
+        }
+        _ => false,
+    }
 }
 
 impl Piece {

@@ -21,11 +21,10 @@
 //!   forward receives anyway, and is narrowed there.
 //! - **Backward** (before the first reader in each stage that reads it): the widening nodes,
 //!   whose result every backward reader of that stage reads instead of `x`.
-//!   - bf16: one `cast → f32` in phase `dgrad`, which W may read too; `split-bw` re-creates a
-//!     widening cast that both B and W read in W from the narrow F→W value.
-//!   - int8: one widening chain per phase that reads (`dgrad` for B's readers, `wgrad` for W's),
-//!     so that after `split-bw` each of B and W widens from the F→B/F→W codes and B never hands
-//!     W a wide copy.
+//!   bf16: one `cast → f32`; int8: `cast(q) → f32` times the broadcast scale. They are in phase
+//!   `dgrad` (W may read them too), and `split-bw` re-creates a widening that both B and W read
+//!   in W from the narrow F→W values, so B never hands W a wide copy and a one-function step
+//!   widens once.
 //!
 //! Only the narrow values are live between F and B/W. The forward itself is untouched (it still
 //! computes in `f32`), so the loss is exact; the gradients are those of the backward evaluated
@@ -123,11 +122,6 @@ impl Codec {
         }
     }
 
-    /// Whether each backward phase widens for itself (else one `dgrad` widening serves both).
-    fn per_phase(self) -> bool {
-        self == Codec::Int8
-    }
-
     /// The forward nodes storing `x` narrow, appended to `body`; returns what is stored.
     fn narrow(
         self,
@@ -193,15 +187,6 @@ pub fn stash(
     codec: Codec,
     wanted: impl Fn(&Function, Value) -> bool,
 ) -> Vec<Value> {
-    // Where a backward reader widens: its stage, and (per-phase codecs) its phase.
-    let widen_at = |d: &cleave_ir::NodeData| {
-        let phase = if codec.per_phase() && d.phase == Phase::Wgrad {
-            Phase::Wgrad
-        } else {
-            Phase::Dgrad
-        };
-        (d.stage, phase)
-    };
     // The values to narrow (read by a backward node), and the stages whose backward reads each.
     let mut read_back: Vec<Value> = Vec::new();
     let mut readers: HashMap<Value, BTreeSet<Option<u32>>> = HashMap::new();
@@ -226,23 +211,23 @@ pub fn stash(
         return read_back;
     }
     let mut low: HashMap<(Value, Option<u32>), Vec<Value>> = HashMap::new();
-    let mut high: HashMap<(Value, Option<u32>, Phase), Value> = HashMap::new();
+    let mut high: HashMap<(Value, Option<u32>), Value> = HashMap::new();
     let old_body = std::mem::take(&mut func.body);
     let mut body: Vec<Node> = Vec::with_capacity(old_body.len() + 2 * read_back.len());
     for n in old_body {
         if func.nodes[n].phase != Phase::Forward {
-            let (stage, phase) = widen_at(&func.nodes[n]);
+            let stage = func.nodes[n].stage;
             for i in 0..func.nodes[n].operands.len() {
                 let v = func.nodes[n].operands[i];
                 let Some(stored) = low.get(&(v, stage)) else {
                     continue;
                 };
-                let x = match high.get(&(v, stage, phase)) {
+                let x = match high.get(&(v, stage)) {
                     Some(&x) => x,
                     None => {
                         let stored = stored.clone();
-                        let x = codec.widen(func, &mut body, &stored, (stage, phase));
-                        high.insert((v, stage, phase), x);
+                        let x = codec.widen(func, &mut body, &stored, (stage, Phase::Dgrad));
+                        high.insert((v, stage), x);
                         x
                     }
                 };

@@ -116,8 +116,8 @@ fn chunking_a_large_vocabulary_saves_memory() {
 /// `--compress chunked:K` under `--memory-limit`: the plan chunks the output layer only where
 /// that gives the shorter simulated step: with room, and at 12M where the whole layer fits with
 /// recomputation, the run is the unchunked one bit for bit; at 11M, below what the whole layer
-/// needs, it is the `--chunk-lm-head K` run bit for bit. Without a limit, or with
-/// `--chunk-lm-head`, it is an error that says so.
+/// needs, it is the `--chunk-lm-head K` run bit for bit. `chunked` without K searches the chunk
+/// counts. Without a limit, or with `--chunk-lm-head`, it is an error that says so.
 #[test]
 fn the_plan_chooses_the_chunked_layer_under_a_limit() {
     let dir = common::tmp("chunk-choice");
@@ -139,7 +139,16 @@ fn the_plan_chooses_the_chunked_layer_under_a_limit() {
     common::assert_same("12M", &recomputing, &go(None, "12M", named));
     let e = run_with(&model, &data, 1, None, None, Some("11M"), None).unwrap_err();
     assert!(format!("{e:#}").contains("infeasible"), "{e:#}");
-    common::assert_same("11M", &go(Some(8), "11M", None), &go(None, "11M", named));
+    let at_11m = go(None, "11M", named);
+    assert_eq!(at_11m.chunked, Some(8));
+    common::assert_same("11M", &go(Some(8), "11M", None), &at_11m);
+    // Without K the plan searches the chunk counts: at 11M it chunks, and the run is the
+    // `--chunk-lm-head K` run of the K it took; with room the layer stays whole.
+    let searched = go(None, "11M", Some("chunked"));
+    let k = searched.chunked.expect("the whole layer does not fit 11M");
+    assert!(cleave_passes::plan::CHUNK_CHOICES.contains(&k), "{k}");
+    common::assert_same("11M searched", &go(Some(k), "11M", None), &searched);
+    assert_eq!(go(None, "40M", Some("chunked")).chunked, None);
     for (chunk, limit, want) in [
         (None, None, "give --memory-limit"),
         (Some(8), Some("12M"), "chunked already"),

@@ -140,8 +140,9 @@ pub struct Compression {
     pub chosen: Option<crate::autodiff::Selection>,
     /// The plans the search tried.
     pub tried: Vec<crate::compress::Tried>,
-    /// With `chunked=K`: the output layer in K row chunks, weighed as one more candidate.
-    pub chunked: Option<ChunkedChoice>,
+    /// With `chunked=K` (or several K): the output layer in K row chunks, each weighed as one
+    /// more candidate.
+    pub chunked: Vec<ChunkedChoice>,
 }
 
 /// The chunked output layer as a candidate of the plan (`plan{chunked=K}`, `inspect --compress
@@ -177,7 +178,7 @@ impl Compression {
                 v
             })
             .collect();
-        if let Some(c) = &self.chunked {
+        for c in &self.chunked {
             values.push(json!({
                 "value": "logits",
                 "stage": c.stage,
@@ -192,7 +193,7 @@ impl Compression {
             "methods": self.methods,
             "values": values,
             "chosen": self.chosen.as_ref().map_or(0, |s| s.0.len())
-                + self.chunked.as_ref().map_or(0, |c| c.chosen as usize),
+                + self.chunked.iter().filter(|c| c.chosen).count(),
             "tried": self.tried.iter().map(|t| match &t.outcome {
                 Ok(s) => json!({"values": t.prefix, "objective": s}),
                 Err(e) => json!({"values": t.prefix, "error": e}),
@@ -1042,9 +1043,41 @@ pub struct PlanPass {
     /// Stash compressions the plan may choose per value under the limit (`compress=…`, `bits`,
     /// `group`; [`crate::compress`]).
     pub compress: crate::autodiff::Compress,
-    /// `chunked=K`: the plan may run the output layer in K row chunks (planned both ways, the
-    /// faster kept).
-    pub chunk: Option<usize>,
+    /// `chunked=K` (several joined by `+`; `auto`: [`CHUNK_CHOICES`]): the plan may run the
+    /// output layer in K row chunks (planned whole and with each K, the fastest kept). Empty:
+    /// the layer stays whole.
+    pub chunk: Vec<usize>,
+}
+
+/// ` chunked=K+K…` of the chunk counts `ks` (empty for none).
+fn chunk_text(ks: &[usize]) -> String {
+    if ks.is_empty() {
+        return String::new();
+    }
+    let ks: Vec<String> = ks.iter().map(|k| k.to_string()).collect();
+    format!(" chunked={}", ks.join("+"))
+}
+
+/// The row chunk counts `chunked=auto` (`--compress chunked` without K) tries.
+pub const CHUNK_CHOICES: [usize; 4] = [2, 4, 8, 16];
+
+/// Parses the chunk counts of `chunked=…`: `K`, `K+K…`, or `auto`.
+pub fn parse_chunks(text: &str) -> Result<Vec<usize>, String> {
+    if text == "auto" {
+        return Ok(CHUNK_CHOICES.to_vec());
+    }
+    let mut ks: Vec<usize> = text
+        .split('+')
+        .map(|t| {
+            t.parse()
+                .ok()
+                .filter(|&k: &usize| k >= 2)
+                .ok_or_else(|| format!("`{t}`: at least 2 row chunks (or `auto`)"))
+        })
+        .collect::<Result<_, _>>()?;
+    ks.sort_unstable();
+    ks.dedup();
+    Ok(ks)
 }
 
 impl PlanPass {
@@ -1092,15 +1125,10 @@ impl PlanPass {
         let group = o.take_parsed("group", crate::autodiff::Compress::GROUP.1)?;
         let compress = crate::autodiff::Compress::from_options(methods.as_deref(), bits, group)
             .map_err(|e| bad("compress", e))?;
-        let chunk: Option<usize> = o
-            .take("chunked")
-            .map(|t| {
-                t.parse()
-                    .ok()
-                    .filter(|&k: &usize| k >= 2)
-                    .ok_or_else(|| bad("chunked", format!("`{t}`: at least 2 row chunks")))
-            })
-            .transpose()?;
+        let chunk: Vec<usize> = match o.take("chunked") {
+            Some(t) => parse_chunks(&t).map_err(|e| bad("chunked", e))?,
+            None => Vec::new(),
+        };
         o.finish()?;
         let pass = PlanPass {
             stages,
@@ -1139,7 +1167,7 @@ impl PlanPass {
     pub fn plan(&self, forward: &Function) -> Result<(Planned, Vec<Candidate>), PlanError> {
         let (p, m) = (self.stages, self.microbatches);
         let profile = DeviceProfile::load(&self.profile).map_err(PlanError)?;
-        if !self.compress.is_none() || self.chunk.is_some() {
+        if !self.compress.is_none() || !self.chunk.is_empty() {
             return self.plan_compressed(forward, &profile);
         }
         if self.is_joint() {
@@ -1189,9 +1217,7 @@ impl PlanPass {
                 "{}{}: stash compression is a choice under a memory limit: give one (`inspect \
                  --memory --memory-limit BYTES`, `plan{{memory-limit=…}}`)",
                 self.compress.pass_options(),
-                self.chunk
-                    .map(|k| format!(" chunked={k}"))
-                    .unwrap_or_default()
+                chunk_text(&self.chunk)
             )));
         };
         if self.cuts.len() > 1 || self.v_family {
@@ -1200,26 +1226,41 @@ impl PlanPass {
             ));
         }
         let whole = self.plan_one(forward, limit, profile);
-        let Some(k) = self.chunk else {
+        if self.chunk.is_empty() {
             return whole.map(|(x, _)| x);
-        };
+        }
         let head = lm_head_of(forward).ok_or_else(|| {
             PlanError(format!(
-                "chunked={k}: @{} has no output layer to chunk (a matmul's logits read only by a \
+                "{}: @{} has no output layer to chunk (a matmul's logits read only by a \
                  cross_entropy)",
+                chunk_text(&self.chunk).trim(),
                 forward.name
             ))
         })?;
-        let chunked = chunked_forward(forward, k)
-            .map_err(|e| PlanError(format!("chunked={k}: {}", e.0)))
-            .and_then(|f| self.plan_one(&f, limit, profile));
-        let (mut best, chosen) = match (whole, chunked) {
-            (Ok(w), Ok(c)) if w.1 <= c.1 => (w.0, false),
-            (_, Ok(c)) => (c.0, true),
-            (Ok(w), Err(_)) => (w.0, false),
-            (Err(_), Err(e)) => return Err(e),
+        // The layer whole, then in each K row chunks: the least objective wins (whole on ties,
+        // then the fewest chunks).
+        let mut best: Option<((Planned, Vec<Candidate>), f64, Option<usize>)> = None;
+        let mut last_err = None;
+        let tries = std::iter::once((None, whole)).chain(self.chunk.iter().map(|&k| {
+            let plan = chunked_forward(forward, k)
+                .map_err(|e| PlanError(format!("chunked={k}: {}", e.0)))
+                .and_then(|f| self.plan_one(&f, limit, profile));
+            (Some(k), plan)
+        }));
+        for (k, plan) in tries {
+            match plan {
+                Ok((p, objective)) => {
+                    if best.as_ref().is_none_or(|b| objective < b.1) {
+                        best = Some((p, objective, k));
+                    }
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let Some((mut best, _, chosen)) = best else {
+            return Err(last_err.expect("at least one plan was tried"));
         };
-        // The chunked layer as one more candidate of the report.
+        // The chunked layers as more candidates of the report.
         let n_stages = best.0.stages.len() as u32;
         let (rows, vocab) = head;
         let compression = best.0.compression.get_or_insert_with(|| Compression {
@@ -1227,15 +1268,19 @@ impl PlanPass {
             candidates: Vec::new(),
             chosen: None,
             tried: Vec::new(),
-            chunked: None,
+            chunked: Vec::new(),
         });
-        compression.chunked = Some(ChunkedChoice {
-            k,
-            stage: n_stages.saturating_sub(1),
-            bytes_exact: (rows * vocab * 4) as u64,
-            bytes: (rows.div_ceil(k) * vocab * 4) as u64,
-            chosen,
-        });
+        compression.chunked = self
+            .chunk
+            .iter()
+            .map(|&k| ChunkedChoice {
+                k,
+                stage: n_stages.saturating_sub(1),
+                bytes_exact: (rows * vocab * 4) as u64,
+                bytes: (rows.div_ceil(k) * vocab * 4) as u64,
+                chosen: chosen == Some(k),
+            })
+            .collect();
         Ok(best)
     }
 
@@ -1289,7 +1334,7 @@ impl PlanPass {
                 candidates: cands,
                 chosen,
                 tried,
-                chunked: None,
+                chunked: Vec::new(),
             });
         }
         Ok(((planned, joint_tried), objective))

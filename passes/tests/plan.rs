@@ -144,6 +144,8 @@ fn bad_options_are_named() {
             "needs schedule=auto and a memory-limit",
         ),
         ("plan{stages=2,memory-limit=lots}", "memory-limit"),
+        ("plan{stages=2,chunked=1}", "at least 2 row chunks"),
+        ("plan{stages=2,chunked=4+x}", "`x`"),
     ] {
         let err = PassManager::from_pipeline(pipeline)
             .err()
@@ -151,6 +153,16 @@ fn bad_options_are_named() {
         let err = err.unwrap_or_default();
         assert!(err.contains(want), "{pipeline}: {err}");
     }
+}
+
+/// `chunked=`: one count, several joined by `+` (sorted, once each), or `auto`.
+#[test]
+fn chunk_counts_parse() {
+    use cleave_passes::plan::{parse_chunks, CHUNK_CHOICES};
+    assert_eq!(parse_chunks("8").unwrap(), [8]);
+    assert_eq!(parse_chunks("8+2+8").unwrap(), [2, 8]);
+    assert_eq!(parse_chunks("auto").unwrap(), CHUNK_CHOICES);
+    assert!(parse_chunks("0").is_err());
 }
 
 /// The V family (two stages per device) joins the joint search only when it plans a shorter

@@ -102,6 +102,9 @@ pub struct PipelineRun {
     /// The joint planner's result, when it chose the schedule (`--schedule auto
     /// --memory-limit`).
     pub planned: Option<Box<Planned>>,
+    /// With `--compress chunked[:K]`: the row chunks of the output layer the plan took (`None`:
+    /// whole).
+    pub chunked: Option<usize>,
 }
 
 /// Offload and reload copies of one device in one step, against its actions.
@@ -610,25 +613,24 @@ pub struct PipelinePlan {
 /// rounds until the accounting fits (`plan_rounds`).
 ///
 /// With `--compress chunked[:K]` (and a limit) the step is planned as given and with its output
-/// layer in K row chunks (`chunk{ops=lm-head,k=K}`), each with the rest of the plan's choices;
-/// the chunked one is kept when it is faster (the joint plan's simulated step, or the seconds a
-/// named schedule's plan adds).
+/// layer in K row chunks (`chunk{ops=lm-head,k=K}`; without K, for each K of
+/// [`cleave_passes::plan::CHUNK_CHOICES`]), each with the rest of the plan's choices; the
+/// fastest is kept (the joint plan's simulated step, or the named schedule's plan simulated),
+/// the whole layer on ties, then the fewest chunks.
 pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<PipelinePlan> {
-    let (_, chunk) = crate::train::parse_compress_planned(a.compress.as_deref())?;
-    let Some(k) = chunk else {
+    let (_, chunks) = crate::train::parse_compress_planned(a.compress.as_deref())?;
+    if chunks.is_empty() {
         return plan_forward(a, forward);
-    };
+    }
     if memory_limit(a)?.is_none() {
         bail!(
-            "--compress chunked:{k}: the chunked output layer is a choice of the memory plan: \
-             give --memory-limit, or use --chunk-lm-head {k} to always chunk it"
+            "--compress chunked: the chunked output layer is a choice of the memory plan: give \
+             --memory-limit, or use --chunk-lm-head K to always chunk it"
         );
     }
     if a.chunk_lm_head.is_some() {
         bail!("--compress chunked with --chunk-lm-head: the output layer is chunked already");
     }
-    let chunked_forward = crate::train::training_forward(forward, Some(k))
-        .with_context(|| format!("--compress chunked:{k}"))?;
     let profile = cpu_profile()?;
     // A plan whose simulation fails counts as the slower one.
     let objective = |x: &PipelinePlan| match &x.planned {
@@ -637,14 +639,30 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
             simulated_step(&x.module, &x.memory, &x.schedule, &profile).unwrap_or(f64::INFINITY)
         }
     };
-    match (plan_forward(a, forward), plan_forward(a, &chunked_forward)) {
-        (Ok(plain), Ok(c)) if objective(&plain) <= objective(&c) => Ok(plain),
-        (_, Ok(c)) => Ok(PipelinePlan {
+    let mut best: Option<(PipelinePlan, f64)> = None;
+    let mut last_err = None;
+    let plans = std::iter::once(plan_forward(a, forward)).chain(chunks.iter().map(|&k| {
+        let chunked = crate::train::training_forward(forward, Some(k))
+            .with_context(|| format!("--compress chunked:{k}"))?;
+        Ok(PipelinePlan {
             chunked: Some(k),
-            ..c
-        }),
-        (Ok(plain), Err(_)) => Ok(plain),
-        (Err(_), Err(e)) => Err(e),
+            ..plan_forward(a, &chunked)?
+        })
+    }));
+    for plan in plans {
+        match plan {
+            Ok(p) => {
+                let o = objective(&p);
+                if best.as_ref().is_none_or(|b| o < b.1) {
+                    best = Some((p, o));
+                }
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    match best {
+        Some((p, _)) => Ok(p),
+        None => Err(last_err.expect("at least one plan was tried")),
     }
 }
 
@@ -1014,6 +1032,8 @@ pub struct BuiltPipeline {
     pub limit: Option<u64>,
     /// The schedule's number of stages.
     pub n_stages: usize,
+    /// The output layer's row chunks the plan took (`--compress chunked[:K]`; `None`: whole).
+    pub chunked: Option<usize>,
 }
 
 /// Plans, splits and compiles `forward` for the pipeline `a` names ([`pipeline_plan`]); prints
@@ -1059,9 +1079,9 @@ pub fn build_pipeline(
                 (None, false) => format!("--compress chosen ({})", compress.pass_options()),
             }
         );
-        if crate::train::parse_compress_planned(a.compress.as_deref())?
+        if !crate::train::parse_compress_planned(a.compress.as_deref())?
             .1
-            .is_some()
+            .is_empty()
         {
             eprintln!(
                 "plan: {}",
@@ -1189,6 +1209,7 @@ pub fn build_pipeline(
         planned_devices,
         limit,
         n_stages,
+        chunked,
     })
 }
 
@@ -1634,6 +1655,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         planned_devices,
         limit,
         n_stages,
+        chunked,
     } = build_pipeline(a, &step_forward, quiet, fail_at)?;
     // Every rank must run the same plan: its fingerprint (the stage programs, the schedule and
     // the step's settings) is compared across ranks before the first step.
@@ -1947,5 +1969,6 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         measured_host_peak_bytes: measured_host,
         transfers,
         planned,
+        chunked,
     })
 }

@@ -225,7 +225,8 @@ pub struct TrainArgs {
     /// linear layers' inputs for their weight gradients, default 8), `bf16` (saved
     /// activations in bfloat16) and `int8` (saved activations as 8-bit codes with a scale per
     /// row). Under --memory-limit the plan chooses among them per value;
-    /// there `chunked[:K]` also lets it run the output layer in K row chunks (exact).
+    /// there `chunked[:K]` also lets it run the output layer in K row chunks (exact; without K
+    /// it tries 2, 4, 8 and 16).
     #[arg(long, value_name = "METHOD")]
     pub compress: Option<String>,
     /// Print each device's planned memory (parameters, gradients, workspace, values crossing
@@ -431,24 +432,22 @@ pub fn build_step_with(
 /// ([`parse_compress_planned`]): here it is an error.
 pub fn parse_compress(text: Option<&str>) -> Result<Compress> {
     let (c, chunk) = parse_compress_planned(text)?;
-    if let Some(k) = chunk {
+    if let Some(&k) = chunk.first() {
         bail!(
-            "--compress chunked:{k}: the chunked output layer is a choice of the memory plan \
+            "--compress chunked: the chunked output layer is a choice of the memory plan \
              under --memory-limit (`cleave train`, `cleave inspect --memory`); to always chunk \
-             it in training use --chunk-lm-head {k}"
+             it in training use --chunk-lm-head K (e.g. --chunk-lm-head {k})"
         );
     }
     Ok(c)
 }
 
-/// The default number of row chunks of `--compress chunked`.
-pub const CHUNKS: usize = 4;
-
-/// [`parse_compress`], and the number of chunks of `chunked[:K]` when it is named (the memory
-/// plan may run the output layer and its loss in K row chunks, `chunk{ops=lm-head,k=K}`).
-pub fn parse_compress_planned(text: Option<&str>) -> Result<(Compress, Option<usize>)> {
+/// [`parse_compress`], and the numbers of chunks the plan may try for the output layer and its
+/// loss (`chunk{ops=lm-head,k=K}`): `chunked:K` names one, `chunked` lets the plan search
+/// [`cleave_passes::plan::CHUNK_CHOICES`]; empty when `chunked` is not named.
+pub fn parse_compress_planned(text: Option<&str>) -> Result<(Compress, Vec<usize>)> {
     let mut c = Compress::default();
-    let mut chunk = None;
+    let mut chunk = Vec::new();
     for item in text.into_iter().flat_map(|t| t.split(',')) {
         let (name, arg) = match item.split_once(':') {
             Some((n, a)) => (n, Some(a)),
@@ -473,7 +472,12 @@ pub fn parse_compress_planned(text: Option<&str>) -> Result<(Compress, Option<us
                 let (lo, default) = Compress::GROUP;
                 c.rank1 = Some(num(lo, 4096, "the group")?.unwrap_or(default));
             }
-            "chunked" => chunk = Some(num(2, 1 << 20, "the number of chunks")?.unwrap_or(CHUNKS)),
+            "chunked" => {
+                chunk = match num(2, 1 << 20, "the number of chunks")? {
+                    Some(k) => vec![k],
+                    None => cleave_passes::plan::CHUNK_CHOICES.to_vec(),
+                }
+            }
             "bf16" if arg.is_none() => c.bf16 = true,
             "bf16" => bail!("--compress {item}: bf16 takes no parameter"),
             "int8" if arg.is_none() => c.int8 = true,

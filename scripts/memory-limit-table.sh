@@ -23,7 +23,7 @@ for mod in "examples/mlp-digits.cir examples/data/digits.safetensors bf16,int8,r
       small=$($C train $common --remat auto --memory-limit 1 2>&1 | sed -n 's/.*smallest feasible limit is \([0-9]*\).*/\1/p' | tail -1)
       lim=$(( small + (none - small) * 2 / 5 ))
       out=$($C train $common --remat auto --memory-limit $lim --memory-report 2>&1 | report)
-      comp=$($C train $common --remat auto --memory-limit $lim --memory-report --compress "$3" 2>&1)
+      comp=$($C train ${common/ --quiet/} --remat auto --memory-limit $lim --memory-report --compress "$3" 2>&1)
       chosen=$(echo "$comp" | sed -n 's/^plan: --compress chosen for \([0-9]*\) value.*/\1/p')
       echo "$(basename $1) P=$P $s none=$none smallest=$small limit=$lim planned/measured: $out| compressed (${chosen:-0} values): $(echo "$comp" | report)"
     done

@@ -692,9 +692,17 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
     Ok(())
 }
 
-/// `--compress bf16` and `int8` need bf16 and i8 storage, which only the CPU runtime has: on
-/// any other backend (MLIR's kernels are f32), an error naming it.
+/// `--compress bf16` and `int8` need bf16 and i8 storage, and `--precision bf16` bf16 GEMMs,
+/// which only the CPU runtime has: on any other backend (MLIR's kernels are f32), an error
+/// naming it.
 pub(crate) fn refuse_bf16_storage(a: &TrainArgs, target: &str) -> Result<()> {
+    let precision = crate::train::parse_precision(a.precision.as_deref())?;
+    if target != "cpu" && precision != cleave_passes::precision::Precision::F32 {
+        bail!(
+            "--target {target}: --precision bf16 needs bf16 GEMM kernels, which this backend \
+             does not have yet (its kernels are f32); use --target cpu"
+        );
+    }
     let c = crate::train::parse_compress(a.compress.as_deref())?;
     for (on, name, ty) in [(c.bf16, "bf16", "bf16"), (c.int8, "int8", "i8")] {
         if target != "cpu" && on {

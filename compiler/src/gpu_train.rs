@@ -212,7 +212,10 @@ pub fn train_on<B: StepBackend>(
         a.optimizer,
         lr,
         &method,
-        crate::train::parse_compress(a.compress.as_deref())?,
+        (
+            crate::train::parse_compress(a.compress.as_deref())?,
+            crate::train::parse_precision(a.precision.as_deref())?,
+        ),
     )?;
     let batch = built.batch;
     let (cols, n, n_train) = split_data(&a.data, &built.forward, batch)?;

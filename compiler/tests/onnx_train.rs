@@ -75,6 +75,7 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         grad_method: "bp".into(),
         tangents: 1,
         compress: None,
+        precision: None,
         memory_report: false,
     })
     .unwrap();

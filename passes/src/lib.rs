@@ -28,6 +28,7 @@ pub mod partition;
 pub mod pass;
 pub mod pipeline;
 pub mod plan;
+pub mod precision;
 pub mod remat;
 pub mod schedule;
 pub mod simple;

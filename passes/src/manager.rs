@@ -44,6 +44,11 @@ pub fn registry() -> Vec<PassInfo> {
             build: |o| Ok(Box::new(crate::jvp::Jvp::from_options(o)?)),
         },
         PassInfo {
+            name: "precision",
+            description: "mixed precision: every f32 matmul runs in bf16 with f32 master weights and the rest in f32, as autocast does (option: bf16|f32)",
+            build: |o| Ok(Box::new(crate::precision::PrecisionPass::from_options(o)?)),
+        },
+        PassInfo {
             name: "chunk",
             description: "the output layer and its cross-entropy in K row chunks, exactly (StreamBP), so no [rows, vocab] logits exist (options: ops=lm-head, k=K)",
             build: |o| Ok(Box::new(crate::chunk::Chunk::from_options(o)?)),

@@ -593,6 +593,7 @@ fn train_args(payload: &Payload, model: &Path, optimizer: OptimizerArg) -> Train
         grad_method: payload.grad_method.clone(),
         tangents: payload.tangents,
         compress: None,
+        precision: None,
         memory_report: false,
     }
 }

@@ -153,7 +153,10 @@ impl Session {
                 a.optimizer,
                 lr,
                 &method,
-                crate::train::parse_compress(a.compress.as_deref())?,
+                (
+                    crate::train::parse_compress(a.compress.as_deref())?,
+                    crate::train::parse_precision(a.precision.as_deref())?,
+                ),
             )?;
             tangents = built
                 .step

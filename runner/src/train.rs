@@ -54,6 +54,7 @@ use safetensors::tensor::TensorView;
 
 use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
 use cleave_passes::autodiff::Compress;
+use cleave_passes::precision::Precision;
 
 use crate::init::{init_params, SplitMix64};
 use crate::load::load_model;
@@ -229,6 +230,11 @@ pub struct TrainArgs {
     /// it tries 2, 4, 8 and 16).
     #[arg(long, value_name = "METHOD")]
     pub compress: Option<String>,
+    /// Compute precision: `f32` (the default) or `bf16` (mixed precision: every GEMM in
+    /// bfloat16 with f32 master weights, the rest in f32, as autocast does; the `precision`
+    /// pass). CPU only; `f16` is not built (it needs a dynamic loss scale).
+    #[arg(long, value_name = "DTYPE")]
+    pub precision: Option<String>,
     /// Print each device's planned memory (parameters, gradients, workspace, values crossing
     /// devices, saved values) beside the instrumented allocator's measured peak (pipeline
     /// executor).
@@ -399,13 +405,37 @@ pub fn training_forward(forward: &Function, chunk: Option<usize>) -> Result<Func
 /// [`load_training_model`] with the model flags of `a` (`--batch`, `--loss`, `--labels`,
 /// `--loss-output`).
 pub fn load_training_model_for(a: &TrainArgs) -> Result<TrainingModel> {
-    load_training_model(
+    let mut tm = load_training_model(
         &a.model,
         a.batch,
         a.loss,
         a.labels.clone(),
         a.loss_output.clone(),
-    )
+    )?;
+    if parse_precision(a.precision.as_deref())? == Precision::Bf16 {
+        bf16_forward(&mut tm.forward, &a.model)?;
+    }
+    Ok(tm)
+}
+
+/// `--precision bf16`: the forward's GEMMs in bf16 ([`cleave_passes::precision`]).
+fn bf16_forward(forward: &mut Function, model: &Path) -> Result<()> {
+    if cleave_passes::precision::bf16_gemms(forward) == 0 {
+        bail!(
+            "--precision bf16 runs the GEMMs in bfloat16, and {} has no f32 matmul",
+            model.display()
+        );
+    }
+    cleave_ir::verify_function(forward).map_err(|e| {
+        let e: Vec<String> = e.iter().map(|x| x.to_string()).collect();
+        anyhow::anyhow!("--precision bf16: {}", e.join("; "))
+    })
+}
+
+/// `--precision` (default f32).
+pub fn parse_precision(text: Option<&str>) -> Result<Precision> {
+    text.map_or(Ok(Precision::F32), Precision::parse)
+        .map_err(|e| anyhow::anyhow!("--precision {e}"))
 }
 
 /// Loads a model and builds its training step with a gradient method.
@@ -421,7 +451,15 @@ pub fn build_step_with(
     lr: f64,
     method: &GradMethod,
 ) -> Result<Built> {
-    build_step_compressed(model, batch, loss, opt, lr, method, Compress::default())
+    build_step_compressed(
+        model,
+        batch,
+        loss,
+        opt,
+        lr,
+        method,
+        (Compress::default(), Precision::F32),
+    )
 }
 
 /// `--compress`: the stash compression methods named, comma-separated: `fewbit` or
@@ -503,13 +541,16 @@ pub fn build_step_compressed(
     opt: OptimizerArg,
     lr: f64,
     method: &GradMethod,
-    compress: Compress,
+    (compress, precision): (Compress, Precision),
 ) -> Result<Built> {
     let TrainingModel {
         loaded,
-        forward,
+        mut forward,
         traced,
     } = load_training_model(model, batch, loss.0, loss.1, loss.2)?;
+    if precision == Precision::Bf16 {
+        bf16_forward(&mut forward, model)?;
+    }
     let file_params = loaded.params;
     if let Some(b) = batch {
         if b != traced {
@@ -1052,7 +1093,10 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         a.optimizer,
         lr,
         &method,
-        parse_compress(a.compress.as_deref())?,
+        (
+            parse_compress(a.compress.as_deref())?,
+            parse_precision(a.precision.as_deref())?,
+        ),
     )?;
     let batch = built.batch;
     let (cols, n, n_train) = split_data(&a.data, &built.forward, batch)?;

@@ -291,15 +291,22 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
     // 1. Element types.
     for &node in &func.body {
         let data = func.node(node);
-        // bf16 and i8 are storage types only (the stashes of `--compress bf16` and `int8`): made
-        // by a `cast` from f32, read by a `cast` to f32, and passed through arguments and
-        // reshapes, never computed with.
+        // bf16 and i8 are storage types (the stashes of `--compress bf16` and `int8`): made by a
+        // `cast` from f32, read by a `cast` to f32, and passed through arguments and reshapes;
+        // the one op computing on bf16 is a GEMM (`--precision bf16`).
         let moves_narrow = match data.op {
             Op::Cast { to } => {
                 let from = func.ty(data.operands[0]).dtype;
                 from == DType::F32 || to == DType::F32 || from == to
             }
             Op::Input { .. } | Op::Reshape { .. } | Op::StopGradient => true,
+            // `--precision bf16`: a GEMM of bf16 operands (widened, accumulated in f32, its
+            // result rounded to bf16 once).
+            Op::MatMul { .. } => data
+                .operands
+                .iter()
+                .chain(&data.results)
+                .all(|&v| func.ty(v).dtype == DType::BF16),
             _ => false,
         };
         for &v in data.results.iter().chain(&data.operands) {

@@ -386,6 +386,44 @@ impl OpKernel {
                             false,
                         );
                     }
+                } else if out.dtype == DType::BF16 {
+                    // bf16 GEMM: the operands widened (exact), the product accumulated in f32,
+                    // each element rounded to bf16 once.
+                    let (na, nb, nc) = (*batch * m * k, *batch * k * n, *batch * m * n);
+                    let mut wide = WIDE.with(|w| std::mem::take(&mut *w.borrow_mut()));
+                    if wide.len() < na + nb + nc {
+                        wide.resize(na + nb + nc, 0.0);
+                    }
+                    let (wa, rest) = wide.split_at_mut(na);
+                    let (wb, wc) = rest.split_at_mut(nb);
+                    let h = |buf: BufRef, len: usize| {
+                        std::slice::from_raw_parts(mem.ptr_b(buf) as *const u16, len)
+                    };
+                    for (d, &x) in wa.iter_mut().zip(h(*a, na)) {
+                        *d = crate::fused::bf16_to_f32(x);
+                    }
+                    for (d, &x) in wb.iter_mut().zip(h(*b, nb)) {
+                        *d = crate::fused::bf16_to_f32(x);
+                    }
+                    let ast = if *tl { (1, m) } else { (k, 1) };
+                    let bst = if *tr { (1, k) } else { (n, 1) };
+                    for bi in 0..*batch {
+                        sgemm(
+                            (m, k, n),
+                            wa.as_ptr().add(bi * m * k),
+                            ast,
+                            wb.as_ptr().add(bi * k * n),
+                            bst,
+                            wc.as_mut_ptr().add(bi * m * n),
+                            n,
+                            false,
+                        );
+                    }
+                    let c = std::slice::from_raw_parts_mut(mem.ptr_b(*out) as *mut u16, nc);
+                    for (d, &x) in c.iter_mut().zip(wc.iter()) {
+                        *d = (crate::fused::round_bf16(x).to_bits() >> 16) as u16;
+                    }
+                    WIDE.with(|w| *w.borrow_mut() = wide);
                 } else {
                     let (av, bv, cv) = (mem.i(*a), mem.i(*b), mem.i_mut(*out));
                     for bi in 0..*batch {
@@ -847,6 +885,12 @@ impl OpKernel {
         }
         Ok(())
     }
+}
+
+thread_local! {
+    /// The bf16 GEMM's widened operands and f32 product: one buffer per thread, as large as
+    /// the largest bf16 GEMM it ran (kernel scratch, not one copy per kernel).
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The output's stride per input dimension of a reduction over `axes` (0 on reduced axes).

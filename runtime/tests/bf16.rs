@@ -126,3 +126,65 @@ fn arithmetic_on_bf16_is_refused_naming_the_op() {
     let e = compile(&f).unwrap_err().to_string();
     assert!(e.contains("add") && e.contains("bf16"), "{e}");
 }
+
+/// `--precision bf16`'s GEMM: bf16 operands (plain, transposed, batched) give the product
+/// accumulated in f32 and rounded to bf16 once; the interpreter rounds the exact product, so
+/// the two agree within one bf16 step (and exactly where the f32 sum is exact).
+#[test]
+fn bf16_gemms_round_the_f32_product_once() {
+    let f = parse_function(
+        r#"func @g {
+  %a = input {name = "a"} : f32[2,5,7]
+  %b = input {name = "b"} : f32[2,7,3]
+  %c = input {name = "c"} : f32[7,5]
+  %a16 = cast %a : bf16[2,5,7]
+  %b16 = cast %b : bf16[2,7,3]
+  %c16 = cast %c : bf16[7,5]
+  %y = matmul %a16, %b16 : bf16[2,5,3]
+  %z = matmul %c16, %c16 {transpose_lhs = true} : bf16[5,5]
+  %y32 = cast %y : f32[2,5,3]
+  %z32 = cast %z : f32[5,5]
+  return %y32 as "y", %z32 as "z"
+}"#,
+    )
+    .unwrap();
+    let vals = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * s + 0.013 * i as f32)
+            .collect()
+    };
+    let (a, b, c) = (vals(70, 0.31), vals(42, 0.17), vals(35, 0.23));
+    let mut plan = compile(&f).unwrap();
+    for (name, v) in [("a", &a), ("b", &b), ("c", &c)] {
+        plan.set_input_named(name, HostData::F32(v.clone()).as_slice())
+            .unwrap();
+    }
+    plan.run().unwrap();
+    let shapes = [
+        ("a", vec![2, 5, 7], &a),
+        ("b", vec![2, 7, 3], &b),
+        ("c", vec![7, 5], &c),
+    ];
+    let args: std::collections::BTreeMap<String, Tensor> = shapes
+        .into_iter()
+        .map(|(n, s, v)| (n.to_string(), Tensor::from_f32(s, v.clone())))
+        .collect();
+    let want = run_function_named(&f, &args, Precision::F32).unwrap();
+    for (i, w) in want.iter().enumerate() {
+        let got = plan.output_f32(i).unwrap();
+        let mut differ = 0;
+        for (g, w) in got.iter().zip(w.to_f64_vec()) {
+            let w = w as f32;
+            // One bf16 step at w's magnitude.
+            let step = f32::from_bits((w.abs().to_bits() & 0x7f80_0000) - (7 << 23)).max(1e-30);
+            assert!((g - w).abs() <= step, "{g} vs {w}");
+            differ += (g != &w) as usize;
+            assert_eq!(g.to_bits() & 0xffff, 0, "{g} is not a bf16 value");
+        }
+        assert!(
+            differ * 4 < got.len(),
+            "output {i}: {differ} of {} differ",
+            got.len()
+        );
+    }
+}

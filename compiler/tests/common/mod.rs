@@ -83,6 +83,7 @@ pub fn args(steps: usize) -> TrainArgs {
         grad_method: "bp".into(),
         tangents: 1,
         compress: None,
+        precision: None,
         memory_report: false,
     }
 }

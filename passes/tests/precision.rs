@@ -1,0 +1,98 @@
+//! `precision{bf16}`: every forward f32 GEMM runs in bf16 between casts, one cast per operand
+//! value; parameters and outputs stay f32 (master weights); the backward GEMMs run in bf16 and
+//! read the bf16 operands (the stash of a GEMM input halves); the loss stays close to f32's; and
+//! `f16` or a function without a GEMM is an error.
+
+use cleave_ir::models::mlp::{mlp, MlpConfig};
+use cleave_ir::{DType, Module, Op, Phase, UnaryOp};
+use cleave_passes::{PassContext, PassManager};
+
+fn run(m: &mut Module, pipeline: &str) -> Result<(), String> {
+    PassManager::from_pipeline(pipeline)
+        .and_then(|pm| pm.run(m, &mut PassContext::default(), &mut |_| {}))
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn gemms_run_in_bf16_with_f32_master_weights() {
+    let f = mlp(&MlpConfig {
+        batch: 4,
+        sizes: vec![3, 8, 8, 2],
+        activation: UnaryOp::Tanh,
+        bias: true,
+        dtype: DType::F32,
+    })
+    .unwrap();
+    let gemms = f
+        .body
+        .iter()
+        .filter(|&&n| matches!(f.nodes[n].op, Op::MatMul { .. }))
+        .count();
+    let mut m = Module::with_function(f.clone());
+    run(&mut m, "precision{bf16},autodiff").unwrap();
+    cleave_ir::verify_module(&m).unwrap();
+    let g = &m.functions[0];
+    let mut forward = 0;
+    let mut backward = 0;
+    for &n in &g.body {
+        let d = &g.nodes[n];
+        if !matches!(d.op, Op::MatMul { .. }) {
+            continue;
+        }
+        for &v in d.operands.iter().chain(&d.results) {
+            assert_eq!(g.ty(v).dtype, DType::BF16, "a GEMM on {}", g.ty(v));
+        }
+        if d.phase.is_backward() {
+            backward += 1;
+        } else {
+            assert_eq!(d.phase, Phase::Forward);
+            forward += 1;
+        }
+    }
+    assert_eq!(forward, gemms);
+    assert!(backward >= gemms, "{backward} backward GEMMs");
+    // Master weights: parameters, their gradients and the loss stay f32.
+    for a in g.params() {
+        assert_eq!(a.ty.dtype, DType::F32, "{}", a.name);
+    }
+    for o in &g.outputs {
+        assert_eq!(g.ty(o.value).dtype, DType::F32, "{}", o.name);
+    }
+    // One narrowing cast per operand value (the layers' inputs and weights), not per use; the
+    // backward narrows each GEMM's output gradient once more.
+    let casts = g
+        .body
+        .iter()
+        .filter(|&&n| {
+            matches!(g.nodes[n].op, Op::Cast { to: DType::BF16 })
+                && g.nodes[n].phase == Phase::Forward
+        })
+        .count();
+    assert_eq!(casts, 2 * gemms);
+    // The split step's stash: F hands B/W the GEMM inputs in bf16.
+    let mut s = Module::with_function(f.clone());
+    run(&mut s, "precision{bf16},autodiff,split-bw").unwrap();
+    let mut narrow = 0;
+    for func in s.functions.iter().filter(|f| f.name.ends_with(".F")) {
+        for o in func.outputs.iter().filter(|o| o.name.starts_with("stash.")) {
+            narrow += (func.ty(o.value).dtype == DType::BF16) as usize;
+        }
+    }
+    assert!(narrow >= gemms, "{narrow} bf16 stash values");
+    // f32 is a no-op; f16 and a GEMM-less function are errors.
+    let mut same = Module::with_function(f.clone());
+    run(&mut same, "precision{f32}").unwrap();
+    assert_eq!(same.functions[0].body.len(), f.body.len());
+    let e = run(&mut Module::with_function(f.clone()), "precision{f16}").unwrap_err();
+    assert!(e.contains("loss scale"), "{e}");
+    let plain = cleave_ir::parse_function(
+        r#"func @p {
+  %x = input {name = "x"} : f32[4]
+  %y = tanh %x : f32[4]
+  return %y as "y"
+}"#,
+    )
+    .unwrap();
+    let e = run(&mut Module::with_function(plain), "precision{bf16}").unwrap_err();
+    assert!(e.contains("no f32 matmul"), "{e}");
+}

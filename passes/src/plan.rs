@@ -1239,7 +1239,9 @@ impl PlanPass {
         })?;
         // The layer whole, then in each K row chunks: the least objective wins (whole on ties,
         // then the fewest chunks).
-        let mut best: Option<((Planned, Vec<Candidate>), f64, Option<usize>)> = None;
+        // The best plan so far (with its chosen candidates), its objective, and its chunks.
+        type Best = ((Planned, Vec<Candidate>), f64, Option<usize>);
+        let mut best: Option<Best> = None;
         let mut last_err = None;
         let tries = std::iter::once((None, whole)).chain(self.chunk.iter().map(|&k| {
             let plan = chunked_forward(forward, k)

@@ -716,25 +716,7 @@ fn rank1_compresses_the_weight_gradient_input() {
 #[test]
 fn bf16_stash_rounds_what_the_backward_reads() {
     use cleave_ir::tracer::Tracer;
-    // loss = Σ tanh(x·w1)·w2: grad.w2 = tanh(x·w1) (through the stash), and tanh's VJP reads
-    // its result.
-    let mut t = Tracer::new("f");
-    let x = t.input("x", DType::F32, vec![4, 8]).unwrap();
-    let w1 = t.param("w1", DType::F32, vec![8, 8]).unwrap();
-    let w2 = t.param("w2", DType::F32, vec![4, 8]).unwrap();
-    let h = t.matmul(x, w1).unwrap();
-    let a = t.tanh(h).unwrap();
-    let p = t.mul(a, w2).unwrap();
-    let l = t.reduce_sum(p, vec![0, 1]).unwrap();
-    t.output("loss", l).unwrap();
-    let f = t.finish();
-    let args: BTreeMap<String, Tensor> = forward_args(&f, 3)
-        .into_iter()
-        .map(|(k, t)| {
-            let v: Vec<f32> = t.to_f64_vec().iter().map(|&x| x as f32).collect();
-            (k, Tensor::from_f32(t.shape.clone(), v))
-        })
-        .collect();
+    let (f, a, args) = tanh_step(3);
     // Rounded as the runtime rounds: every value to its dtype.
     let outputs =
         |f: &Function, args: &BTreeMap<String, Tensor>| outputs_at(f, args, Precision::F32);
@@ -905,12 +887,9 @@ fn bf16_stash_rounds_what_the_backward_reads() {
     }
 }
 
-/// `compress=int8`: what the backward reads is stored as 8-bit codes with one scale per row
-/// (`max|x| / 127`) and widened to `q · scale`; the gradient equals the backward at exactly
-/// those values, within half a step of the exact activation; after `split-bw` F saves codes and
-/// scales, and B and W each widen for themselves (B hands W nothing wide).
-#[test]
-fn int8_stash_quantizes_per_row() {
+/// loss = Σ tanh(x·w1)·w2 (`x: [4, 8]`): grad.w2 = tanh(x·w1) (through the stash), and tanh's
+/// VJP reads its result. Returns the function, `a = tanh(x·w1)` and f32 arguments from `seed`.
+fn tanh_step(seed: u64) -> (Function, cleave_ir::Value, BTreeMap<String, Tensor>) {
     use cleave_ir::tracer::Tracer;
     let mut t = Tracer::new("f");
     let x = t.input("x", DType::F32, vec![4, 8]).unwrap();
@@ -922,13 +901,23 @@ fn int8_stash_quantizes_per_row() {
     let l = t.reduce_sum(p, vec![0, 1]).unwrap();
     t.output("loss", l).unwrap();
     let f = t.finish();
-    let args: BTreeMap<String, Tensor> = forward_args(&f, 5)
+    let args = forward_args(&f, seed)
         .into_iter()
         .map(|(k, t)| {
             let v: Vec<f32> = t.to_f64_vec().iter().map(|&x| x as f32).collect();
             (k, Tensor::from_f32(t.shape.clone(), v))
         })
         .collect();
+    (f, a, args)
+}
+
+/// `compress=int8`: what the backward reads is stored as 8-bit codes with one scale per row
+/// (`max|x| / 127`) and widened to `q · scale`; the gradient equals the backward at exactly
+/// those values, within half a step of the exact activation; after `split-bw` F saves codes and
+/// scales, and B and W each widen for themselves (B hands W nothing wide).
+#[test]
+fn int8_stash_quantizes_per_row() {
+    let (f, a, args) = tanh_step(5);
     let outputs =
         |f: &Function, args: &BTreeMap<String, Tensor>| outputs_at(f, args, Precision::F32);
     let exact = outputs(&run_pipeline(&f, "autodiff"), &args);

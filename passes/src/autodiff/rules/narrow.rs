@@ -107,7 +107,7 @@ fn per_row(
     at: (Option<u32>, Phase),
 ) -> Value {
     let op = Op::Broadcast {
-        shape: shape.to_vec().into(),
+        shape: shape.to_vec(),
         dims: (0..shape.len() - 1).collect(),
     };
     push(func, body, op, vec![scale], at)

@@ -47,7 +47,15 @@ __all__ = [
 ]
 __version__ = _cleave.__version__
 
-_NUMPY = {"float32": np.float32, "int32": np.int32, "bool": np.bool_}
+# bfloat16 (a stash type of `--compress bf16`/`--precision bf16`) has no NumPy dtype: its bit
+# patterns come back as uint16.
+_NUMPY = {
+    "float32": np.float32,
+    "int32": np.int32,
+    "bool": np.bool_,
+    "bfloat16": np.uint16,
+    "int8": np.int8,
+}
 _KIND = {"f32": "f", "i32": "i", "bool": "b"}
 
 

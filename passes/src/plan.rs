@@ -203,8 +203,28 @@ impl Compression {
 }
 
 impl Planned {
+    /// Measures this (compressed) plan's effective bubble against the exact step's plan-free
+    /// F/B/W costs (`forward` cut into `n_stages` as the plan cut it, differentiated without
+    /// compression), so the compressions' own nodes count as overhead, as recomputation does,
+    /// and rates are comparable across the methods.
+    pub fn against_exact_step(
+        &mut self,
+        forward: &Function,
+        staged: Function,
+        (n_stages, profile_name, cut): (usize, &str, Cut),
+        profile: &DeviceProfile,
+    ) -> Result<(), PlanError> {
+        let exact = split_staged(forward, staged, n_stages, profile_name, cut, "autodiff")?;
+        let (costs, _) = costs_of(&exact.module, profile, &[], exact.vocab.as_ref());
+        if costs.stages.len() == self.base_costs.stages.len() {
+            self.base_costs = costs;
+        }
+        Ok(())
+    }
+
     /// The bubble rate counting recomputation and transfers as idle time: the simulator's
-    /// `(longest span − mean work) / longest span` with the work of the plan-free costs.
+    /// `(longest span − mean work) / longest span` with the work of the plan-free costs (of the
+    /// exact step, for a compressed plan: [`Planned::against_exact_step`]).
     pub fn effective_bubble_rate(&self) -> f64 {
         let mut busy = vec![0.0; self.schedule.p()];
         for (s, &d) in self.schedule.placement.iter().enumerate() {
@@ -1330,6 +1350,9 @@ impl PlanPass {
             let makespan = x.sim.makespan;
             Ok((((x, tried), makespan), makespan, clean))
         })?;
+        if chosen.as_ref().is_some_and(|c| !c.0.is_empty()) {
+            planned.against_exact_step(f, staged, (n_stages, &self.profile, cut), profile)?;
+        }
         if !self.compress.is_none() {
             planned.compression = Some(Compression {
                 methods: self.compress.pass_options(),

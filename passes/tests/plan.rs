@@ -229,3 +229,41 @@ fn bitpipe_planned_without_a_limit_refused_under_one() {
     .unwrap_err();
     assert!(e.0.contains("bidirectional"), "{}", e.0);
 }
+
+/// A compressed joint plan's effective bubble is measured against the exact step's plan-free
+/// work: its base costs are the uncompressed step's, so the compression's own nodes count as
+/// overhead (like recomputation) and rates compare across methods.
+#[test]
+fn compressed_plans_count_their_own_nodes_as_overhead() {
+    use cleave_passes::partition::Cut;
+    use cleave_passes::plan::{costs_of, split_staged, stage_forward};
+    let f = tiny_gpt(2);
+    let (p, m) = (2, 4);
+    let limit = (peak_without_recomputation(&f, "1f1b", p, m) * 0.8) as u64;
+    let mut pm = PassManager::from_pipeline(&format!(
+        "plan{{stages={p},microbatches={m},memory-limit={limit},profile=h100-sxm,compress=fewbit+rank1+bf16}}"
+    ))
+    .unwrap();
+    pm.verify_each = true;
+    let mut ctx = PassContext::default();
+    pm.run(&mut Module::with_function(f.clone()), &mut ctx, &mut |_| {})
+        .unwrap();
+    let planned = ctx.planned.unwrap();
+    let chosen = planned
+        .compression
+        .as_ref()
+        .and_then(|c| c.chosen.as_ref())
+        .map_or(0, |s| s.0.len());
+    assert!(
+        chosen > 0,
+        "nothing compressed at {limit}: the test needs a tighter limit"
+    );
+    let profile = DeviceProfile::load("h100-sxm").unwrap();
+    let staged = stage_forward(&f, p, "h100-sxm", Cut::default()).unwrap();
+    let exact = split_staged(&f, staged, p, "h100-sxm", Cut::default(), "autodiff").unwrap();
+    let (want, _) = costs_of(&exact.module, &profile, &[], exact.vocab.as_ref());
+    assert_eq!(planned.base_costs, want);
+    // The compressed step's own plan-free F is longer (its casts).
+    let (own, _) = costs_of(&planned.module, &profile, &[], None);
+    assert!(own.stages[0].f > want.stages[0].f, "{own:?} vs {want:?}");
+}

@@ -701,7 +701,7 @@ fn plan_forward(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pipeline
             cleave_passes::compress::candidates(&staged, compress, &profile)
                 .map_err(|e| anyhow::anyhow!("--compress: {e}"))?
         };
-        let (x, chosen, _) = cleave_passes::compress::choose(&cands, |chosen| {
+        let (mut x, chosen, _) = cleave_passes::compress::choose(&cands, |chosen| {
             let autodiff = autodiff_pass(compress, chosen).map_err(anyhow::Error::msg)?;
             let split = split_staged(
                 forward,
@@ -740,6 +740,15 @@ fn plan_forward(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pipeline
             let clean = x.memory.iter().all(|s| s.summary.added_seconds <= 0.0);
             Ok::<_, anyhow::Error>((x, makespan, clean))
         })?;
+        // A compressed plan's bubble is measured against the exact step's work.
+        if let (Some(planned), true) = (
+            x.planned.as_mut(),
+            chosen.as_ref().is_some_and(|c| !c.0.is_empty()),
+        ) {
+            planned
+                .against_exact_step(forward, staged, (p, CPU_PROFILE, Cut::default()), &profile)
+                .map_err(|e| anyhow::anyhow!("--schedule auto: {e}"))?;
+        }
         return Ok(PipelinePlan {
             schedule: x.schedule,
             module: x.module,

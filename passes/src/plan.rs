@@ -1262,7 +1262,7 @@ impl PlanPass {
         // The best plan so far (with its chosen candidates), its objective, and its chunks.
         type Best = ((Planned, Vec<Candidate>), f64, Option<usize>);
         let mut best: Option<Best> = None;
-        let mut last_err = None;
+        let mut first_err = None;
         let tries = std::iter::once((None, whole)).chain(self.chunk.iter().map(|&k| {
             let plan = chunked_forward(forward, k)
                 .map_err(|e| PlanError(format!("chunked={k}: {}", e.0)))
@@ -1276,11 +1276,14 @@ impl PlanPass {
                         best = Some((p, objective, k));
                     }
                 }
-                Err(e) => last_err = Some(e),
+                // The first failure is the whole layer's, the one to report.
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
         }
         let Some((mut best, _, chosen)) = best else {
-            return Err(last_err.expect("at least one plan was tried"));
+            return Err(first_err.expect("at least one plan was tried"));
         };
         // The chunked layers as more candidates of the report.
         let n_stages = best.0.stages.len() as u32;

@@ -602,8 +602,11 @@ fn is_dequantize(func: &Function, node: Node) -> bool {
                 && matches!(func.nodes[def(0)].op, Op::Cast { .. })
                 && func.ty(func.nodes[def(0)].operands[0]).dtype == DType::I8
                 && is_dequantize(func, def(0));
-            let scale = matches!(func.nodes[def(1)].op, Op::Broadcast { .. })
-                && forward(func.nodes[def(1)].operands[0]);
+            // The scale is a forward value, or (with bf16 on as well) its own widening cast.
+            let scale = matches!(func.nodes[def(1)].op, Op::Broadcast { .. }) && {
+                let s = func.nodes[def(1)].operands[0];
+                forward(s) || is_dequantize(func, func.values[s].def)
+            };
             cast && scale
         }
         _ => false,

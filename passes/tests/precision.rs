@@ -96,3 +96,42 @@ fn gemms_run_in_bf16_with_f32_master_weights() {
     let e = run(&mut Module::with_function(plain), "precision{bf16}").unwrap_err();
     assert!(e.contains("no f32 matmul"), "{e}");
 }
+
+/// A value read by two GEMMs (one bf16 cast shared by both): its two cotangent terms are
+/// summed in f32 and rounded to bf16 once, so the step computes on bf16 only in casts and
+/// GEMMs (what the CPU runtime accepts), and the input gradient is f32.
+#[test]
+fn a_value_read_by_two_gemms_sums_its_gradient_in_f32() {
+    let f = cleave_ir::parse_function(
+        r#"func @two {
+  %x = input {name = "x"} : f32[4,3]
+  %w1 = param {name = "w1"} : f32[3,5]
+  %w2 = param {name = "w2"} : f32[3,5]
+  %a = matmul %x, %w1 : f32[4,5]
+  %b = matmul %x, %w2 : f32[4,5]
+  %p = mul %a, %b : f32[4,5]
+  %l = reduce_sum %p {axes = [0, 1]} : f32[]
+  return %l as "loss"
+}"#,
+    )
+    .unwrap();
+    let mut m = Module::with_function(f);
+    run(&mut m, "precision{bf16},autodiff{wrt=x}").unwrap();
+    cleave_ir::verify_module(&m).unwrap();
+    let g = &m.functions[0];
+    for &n in &g.body {
+        let d = &g.nodes[n];
+        let narrow = d
+            .operands
+            .iter()
+            .chain(&d.results)
+            .any(|&v| g.ty(v).dtype == DType::BF16);
+        assert!(
+            !narrow || matches!(d.op, Op::Cast { .. } | Op::MatMul { .. }),
+            "`{}` computes on bf16",
+            d.op.name()
+        );
+    }
+    let gx = g.outputs.iter().find(|o| o.name == "grad.x").unwrap();
+    assert_eq!(g.ty(gx.value).dtype, DType::F32);
+}

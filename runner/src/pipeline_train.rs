@@ -640,7 +640,7 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
         }
     };
     let mut best: Option<(PipelinePlan, f64)> = None;
-    let mut last_err = None;
+    let mut first_err = None;
     let plans = std::iter::once(plan_forward(a, forward)).chain(chunks.iter().map(|&k| {
         let chunked = crate::train::training_forward(forward, Some(k))
             .with_context(|| format!("--compress chunked:{k}"))?;
@@ -657,12 +657,15 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
                     best = Some((p, o));
                 }
             }
-            Err(e) => last_err = Some(e),
+            // The first failure is the whole layer's, the one to report.
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
         }
     }
     match best {
         Some((p, _)) => Ok(p),
-        None => Err(last_err.expect("at least one plan was tried")),
+        None => Err(first_err.expect("at least one plan was tried")),
     }
 }
 

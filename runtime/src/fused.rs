@@ -574,7 +574,9 @@ impl FusedKernel {
                                 *d = round_bf16(x);
                             }
                         }
-                        (DType::F32, DType::F32) => rf(*dst, len).copy_from_slice(rf(*a, len)),
+                        (DType::F32, DType::F32)
+                        | (DType::BF16, DType::BF16)
+                        | (DType::I8, DType::I8) => rf(*dst, len).copy_from_slice(rf(*a, len)),
                         (DType::F32, DType::I32) => {
                             for (d, &x) in ri(*dst, len).iter_mut().zip(rf(*a, len).iter()) {
                                 *d = x as i32;

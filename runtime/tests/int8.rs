@@ -127,17 +127,33 @@ fn int8_values_cross_plans_as_arguments() {
     let f = parse_function(
         r#"func @g {
   %s = input {name = "s"} : i8[3]
-  %x = cast %s : f32[3]
+  %t = cast %s : i8[3]
+  %x = cast %t : f32[3]
   %y = add %x, %x : f32[3]
   return %y as "y", %s as "s"
 }"#,
     )
     .unwrap();
+    // Compiled loops and interpreted ones (an i8 → i8 cast included).
+    for jit in [true, false] {
+        let opts = CompileOptions {
+            jit,
+            ..CompileOptions::default()
+        };
+        let mut plan = compile_with(&f, &opts).unwrap();
+        plan.set_input_named("s", HostData::I8(vec![-128, 7, 127]).as_slice())
+            .unwrap();
+        plan.run().unwrap();
+        assert_eq!(
+            plan.output_f32(0).unwrap(),
+            [-256.0, 14.0, 254.0],
+            "jit {jit}"
+        );
+    }
     let mut plan = compile(&f).unwrap();
     plan.set_input_named("s", HostData::I8(vec![-128, 7, 127]).as_slice())
         .unwrap();
     plan.run().unwrap();
-    assert_eq!(plan.output_f32(0).unwrap(), [-256.0, 14.0, 254.0]);
     assert_eq!(plan.output(1), HostData::I8(vec![-128, 7, 127]));
     let e = plan
         .set_input_named("s", HostData::F32(vec![0.0; 3]).as_slice())

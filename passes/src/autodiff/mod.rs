@@ -656,9 +656,20 @@ pub(crate) fn differentiate_with(
     }
     for node in active_nodes {
         let data = t.func().nodes[node].clone();
-        let cots: Vec<Option<Value>> = data.results.iter().map(|&r| cot[r]).collect();
-        if cots.iter().all(Option::is_none) {
+        if data.results.iter().all(|&r| cot[r].is_none()) {
             continue;
+        }
+        // A narrow float's cotangent summed in f32 ([`accumulate`]) is rounded once, here.
+        let mut cots: Vec<Option<Value>> = Vec::with_capacity(data.results.len());
+        for &r in &data.results {
+            cots.push(match cot[r] {
+                Some(c) if t.ty(c).dtype != t.ty(r).dtype => {
+                    t.set_stage(t.func().nodes[t.func().values[c].def].stage);
+                    t.set_phase(phase_of(&data_dep, r));
+                    Some(t.cast(c, t.ty(r).dtype).map_err(err)?)
+                }
+                c => c,
+            });
         }
         t.set_stage(data.stage);
         // Direct feedback alignment: the output layer's error goes to every layer's input.
@@ -669,7 +680,7 @@ pub(crate) fn differentiate_with(
                 t.set_stage(stage);
                 cot[x] = Some(match cot[x] {
                     None => contribution,
-                    Some(prev) => t.add(prev, contribution).map_err(err)?,
+                    Some(prev) => accumulate(&mut t, prev, contribution).map_err(err)?,
                 });
             }
         }
@@ -728,7 +739,7 @@ pub(crate) fn differentiate_with(
                         (a, b) => a.or(b),
                     };
                     t.set_stage(stage);
-                    let sum = t.add(prev, contribution).map_err(err)?;
+                    let sum = accumulate(&mut t, prev, contribution).map_err(err)?;
                     t.set_stage(data.stage);
                     sum
                 }
@@ -740,6 +751,11 @@ pub(crate) fn differentiate_with(
     // Gradient outputs.
     for (v, name) in &targets {
         let g = match cot[*v] {
+            Some(g) if t.ty(g).dtype != t.ty(*v).dtype => {
+                t.set_stage(t.func().nodes[t.func().values[g].def].stage);
+                t.set_phase(phase_of(&data_dep, *v));
+                t.cast(g, t.ty(*v).dtype).map_err(err)?
+            }
             Some(g) => g,
             None => {
                 let is_param =
@@ -790,6 +806,31 @@ pub(crate) fn differentiate_with(
         }
     }
     Ok((func, warnings))
+}
+
+/// `prev + contribution`, two cotangent terms of one value. Terms of a narrow float type
+/// (`bf16`, `f16`: a GEMM operand under `--precision bf16` read by several GEMMs) are summed in
+/// f32, as mixed-precision training accumulates gradients; the sum stays f32 and is rounded to
+/// the value's type once, when the cotangent is read.
+fn accumulate(
+    t: &mut Tracer,
+    prev: Value,
+    contribution: Value,
+) -> Result<Value, cleave_ir::tracer::TraceError> {
+    use cleave_ir::DType;
+    let narrow = |t: &Tracer, v: Value| matches!(t.ty(v).dtype, DType::BF16 | DType::F16);
+    if !narrow(t, prev) && !narrow(t, contribution) {
+        return t.add(prev, contribution);
+    }
+    let wide = |t: &mut Tracer, v: Value| {
+        if narrow(t, v) {
+            t.cast(v, DType::F32)
+        } else {
+            Ok(v)
+        }
+    };
+    let (a, b) = (wide(t, prev)?, wide(t, contribution)?);
+    t.add(a, b)
 }
 
 /// The value of the differentiated function that `v` stands for: `v` itself when its node

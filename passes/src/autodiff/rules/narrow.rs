@@ -9,7 +9,8 @@
 //!   and `x̂ = q · scale` in the backward. One byte per element plus four per row. Mesa learns one
 //!   scale per attention head with a running estimate; here the scale is computed from each row
 //!   of the microbatch itself (finer than per head, no state, no calibration), a stated
-//!   difference from the paper.
+//!   difference from the paper. A row holding an infinity gets an infinite scale and widens to
+//!   NaN (`0 · ∞`), as the exact backward of such an activation would give infinities or NaN.
 //!
 //! # The rewrite
 //!

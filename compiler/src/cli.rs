@@ -327,6 +327,11 @@ pub struct InspectArgs {
     /// chosen ones are marked, and the plans the search tried are listed).
     #[arg(long, requires = "memory", value_name = "METHODS")]
     pub compress: Option<String>,
+    /// With --memory: plan the step of `cleave train --precision DTYPE` (`bf16`: the GEMMs in
+    /// bfloat16, so what they stash of the forward is bf16; the `precision` pass before
+    /// `autodiff`).
+    #[arg(long, requires = "memory", value_name = "DTYPE")]
+    pub precision: Option<String>,
     /// Differentiate with this gradient method (bp, forward-gradient, fa, dfa, local{blocks=K}):
     /// every `autodiff` of `--passes` takes it, and without `--passes` the report is of
     /// `autodiff,split-bw` (so FLOPs per phase and stash bytes are the method's).
@@ -679,7 +684,16 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
     let mut out = String::new();
     use cleave_passes::remat::{parse_bytes, Policy};
     let module = load_module(&a.file, &a.model.load_options())?;
-    let forward = crate::load::forward_of(&module)?;
+    let mut forward = crate::load::forward_of(&module)?;
+    if crate::train::parse_precision(a.precision.as_deref())?
+        == cleave_passes::precision::Precision::Bf16
+        && cleave_passes::precision::bf16_gemms(&mut forward) == 0
+    {
+        bail!(
+            "--precision bf16 runs the GEMMs in bfloat16, and {} has no f32 matmul",
+            a.file.display()
+        );
+    }
     let limit = a
         .memory_limit
         .as_deref()

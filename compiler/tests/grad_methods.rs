@@ -595,3 +595,47 @@ fn bf16_precision_trains_on_the_pipeline() {
     .unwrap_err();
     assert!(format!("{e:#}").contains("loss scale"), "{e:#}");
 }
+
+/// `inspect --memory --precision bf16` plans the bf16 step: its GEMM operands are stashed in
+/// bf16, so every stage saves fewer bytes; `f16` is refused as not built.
+#[test]
+fn inspect_plans_the_bf16_step() {
+    let model = root().join("examples/gpt-tiny.cir");
+    let saved = |precision: Option<&str>| -> Vec<u64> {
+        let mut args = vec![
+            "inspect",
+            model.to_str().unwrap(),
+            "--memory",
+            "--json",
+            "--stages",
+            "2",
+            "--microbatches",
+            "4",
+        ];
+        if let Some(p) = precision {
+            args.extend(["--precision", p]);
+        }
+        let o = cleave(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["saved_bytes"].as_u64().unwrap())
+            .collect()
+    };
+    let (f32_saved, bf16_saved) = (saved(None), saved(Some("bf16")));
+    for (a, b) in bf16_saved.iter().zip(&f32_saved) {
+        assert!(a < b, "{bf16_saved:?} vs {f32_saved:?}");
+    }
+    let o = cleave(&[
+        "inspect",
+        model.to_str().unwrap(),
+        "--memory",
+        "--precision",
+        "f16",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("loss scale"));
+}

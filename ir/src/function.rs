@@ -170,6 +170,23 @@ impl Function {
         node
     }
 
+    /// Creates a node whose result types are inferred from its operands ([`crate::infer()`]),
+    /// tagged with `phase` and `stage`, without placing it in `body` (rewrites that rebuild the
+    /// body place it themselves).
+    pub fn create_inferred(
+        &mut self,
+        op: Op,
+        operands: Vec<Value>,
+        (phase, stage): (Phase, Option<u32>),
+    ) -> Result<Node, crate::TypeError> {
+        let types: Vec<&TensorType> = operands.iter().map(|&v| self.ty(v)).collect();
+        let results = crate::infer(&op, &types)?;
+        let node = self.create_node(op, operands, results);
+        self.nodes[node].phase = phase;
+        self.nodes[node].stage = stage;
+        Ok(node)
+    }
+
     /// Creates a node with fresh result values, without placing it in `body`.
     pub fn create_node(
         &mut self,

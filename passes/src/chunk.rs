@@ -28,7 +28,7 @@
 //! `logits` output, which training steps do not need; fewer rows than chunks), never a silent
 //! no-op.
 
-use cleave_ir::{infer, Function, Module, Node, Op, Phase, Value};
+use cleave_ir::{Function, Module, Node, Op, Phase, Value};
 
 use crate::pass::{Pass, PassContext, PassError, PassOptions};
 
@@ -206,11 +206,10 @@ fn add(
     like: &cleave_ir::NodeData,
     out: &mut Vec<Node>,
 ) -> Result<Value, String> {
-    let types: Vec<_> = operands.iter().map(|&v| func.ty(v)).collect();
-    let result = infer(&op, &types).map_err(|e| format!("{}: {e}", op.name()))?;
-    let n = func.create_node(op, operands, result);
-    func.nodes[n].phase = like.phase;
-    func.nodes[n].stage = like.stage;
+    let name = op.name();
+    let n = func
+        .create_inferred(op, operands, (like.phase, like.stage))
+        .map_err(|e| format!("{name}: {e}"))?;
     out.push(n);
     Ok(func.result(n))
 }

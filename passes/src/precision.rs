@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 
-use cleave_ir::{infer, DType, Function, Module, Node, Op, Value};
+use cleave_ir::{DType, Function, Module, Node, Op, Value};
 
 use crate::pass::{Pass, PassContext, PassError, PassOptions};
 
@@ -115,12 +115,10 @@ pub fn bf16_gemms(func: &mut Function) -> usize {
     let mut body: Vec<Node> = Vec::with_capacity(old_body.len());
     let mut done = 0;
     let push = |func: &mut Function, body: &mut Vec<Node>, op: Op, x: Value, at: Node| {
-        let ty = infer(&op, &[func.ty(x)])
-            .expect("a cast is well typed")
-            .remove(0);
-        let n = func.create_node(op, vec![x], vec![ty]);
-        func.nodes[n].phase = func.nodes[at].phase;
-        func.nodes[n].stage = func.nodes[at].stage;
+        let place = (func.nodes[at].phase, func.nodes[at].stage);
+        let n = func
+            .create_inferred(op, vec![x], place)
+            .expect("a cast is well typed");
         body.push(n);
         func.result(n)
     };

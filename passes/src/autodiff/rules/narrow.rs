@@ -72,13 +72,9 @@ fn push(
     operands: Vec<Value>,
     (stage, phase): (Option<u32>, Phase),
 ) -> Value {
-    let tys: Vec<&TensorType> = operands.iter().map(|&o| func.ty(o)).collect();
-    let ty = cleave_ir::infer(&op, &tys)
-        .expect("the narrowing nodes are well typed by construction")
-        .remove(0);
-    let n = func.create_node(op, operands, vec![ty]);
-    func.nodes[n].phase = phase;
-    func.nodes[n].stage = stage;
+    let n = func
+        .create_inferred(op, operands, (phase, stage))
+        .expect("the narrowing nodes are well typed by construction");
     body.push(n);
     func.result(n)
 }

@@ -659,16 +659,11 @@ pub(crate) fn differentiate_with(
         if data.results.iter().all(|&r| cot[r].is_none()) {
             continue;
         }
-        // A narrow float's cotangent summed in f32 ([`accumulate`]) is rounded once, here.
         let mut cots: Vec<Option<Value>> = Vec::with_capacity(data.results.len());
         for &r in &data.results {
             cots.push(match cot[r] {
-                Some(c) if t.ty(c).dtype != t.ty(r).dtype => {
-                    t.set_stage(t.func().nodes[t.func().values[c].def].stage);
-                    t.set_phase(phase_of(&data_dep, r));
-                    Some(t.cast(c, t.ty(r).dtype).map_err(err)?)
-                }
-                c => c,
+                Some(c) => Some(settle(&mut t, c, r, phase_of(&data_dep, r)).map_err(err)?),
+                None => None,
             });
         }
         t.set_stage(data.stage);
@@ -751,12 +746,7 @@ pub(crate) fn differentiate_with(
     // Gradient outputs.
     for (v, name) in &targets {
         let g = match cot[*v] {
-            Some(g) if t.ty(g).dtype != t.ty(*v).dtype => {
-                t.set_stage(t.func().nodes[t.func().values[g].def].stage);
-                t.set_phase(phase_of(&data_dep, *v));
-                t.cast(g, t.ty(*v).dtype).map_err(err)?
-            }
-            Some(g) => g,
+            Some(g) => settle(&mut t, g, *v, phase_of(&data_dep, *v)).map_err(err)?,
             None => {
                 let is_param =
                     t.func().nodes[t.func().values[*v].def].op.arg_role() == Some(ArgRole::Param);
@@ -831,6 +821,23 @@ fn accumulate(
     };
     let (a, b) = (wide(t, prev)?, wide(t, contribution)?);
     t.add(a, b)
+}
+
+/// The cotangent `c` of `v` in `v`'s type: a narrow float's cotangent summed in f32
+/// ([`accumulate`]) is rounded once, here, in `c`'s stage and the phase `phase`.
+fn settle(
+    t: &mut Tracer,
+    c: Value,
+    v: Value,
+    phase: Phase,
+) -> Result<Value, cleave_ir::tracer::TraceError> {
+    let to = t.ty(v).dtype;
+    if t.ty(c).dtype == to {
+        return Ok(c);
+    }
+    t.set_stage(t.func().nodes[t.func().values[c].def].stage);
+    t.set_phase(phase);
+    t.cast(c, to)
 }
 
 /// The value of the differentiated function that `v` stands for: `v` itself when its node

@@ -1257,34 +1257,14 @@ impl PlanPass {
                 forward.name
             ))
         })?;
-        // The layer whole, then in each K row chunks: the least objective wins (whole on ties,
-        // then the fewest chunks).
-        // The best plan so far (with its chosen candidates), its objective, and its chunks.
-        type Best = ((Planned, Vec<Candidate>), f64, Option<usize>);
-        let mut best: Option<Best> = None;
-        let mut first_err = None;
+        // The layer whole, then in each K row chunks (in increasing K).
         let tries = std::iter::once((None, whole)).chain(self.chunk.iter().map(|&k| {
             let plan = chunked_forward(forward, k)
                 .map_err(|e| PlanError(format!("chunked={k}: {}", e.0)))
                 .and_then(|f| self.plan_one(&f, limit, profile));
             (Some(k), plan)
         }));
-        for (k, plan) in tries {
-            match plan {
-                Ok((p, objective)) => {
-                    if best.as_ref().is_none_or(|b| objective < b.1) {
-                        best = Some((p, objective, k));
-                    }
-                }
-                // The first failure is the whole layer's, the one to report.
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        let Some((mut best, _, chosen)) = best else {
-            return Err(first_err.expect("at least one plan was tried"));
-        };
+        let (mut best, chosen) = fastest(tries)?;
         // The chunked layers as more candidates of the report.
         let n_stages = best.0.stages.len() as u32;
         let (rows, vocab) = head;
@@ -1366,6 +1346,32 @@ impl PlanPass {
             });
         }
         Ok(((planned, joint_tried), objective))
+    }
+}
+
+/// The fastest of the plans `tries`, each labelled and with its objective: the least objective
+/// wins, the earliest on ties; when every one fails, the first error. (The chunk search tries
+/// the whole output layer first, then increasing chunk counts: ties go to the whole layer, then
+/// to the fewest chunks, and the whole layer's error is the one reported.)
+pub fn fastest<T, L, E>(
+    tries: impl IntoIterator<Item = (L, Result<(T, f64), E>)>,
+) -> Result<(T, L), E> {
+    let mut best: Option<(T, f64, L)> = None;
+    let mut first_err = None;
+    for (label, plan) in tries {
+        match plan {
+            Ok((p, objective)) if best.as_ref().is_none_or(|b| objective < b.1) => {
+                best = Some((p, objective, label));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match best {
+        Some((p, _, label)) => Ok((p, label)),
+        None => Err(first_err.expect("at least one plan was tried")),
     }
 }
 

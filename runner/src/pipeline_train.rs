@@ -639,8 +639,6 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
             simulated_step(&x.module, &x.memory, &x.schedule, &profile).unwrap_or(f64::INFINITY)
         }
     };
-    let mut best: Option<(PipelinePlan, f64)> = None;
-    let mut first_err = None;
     let plans = std::iter::once(plan_forward(a, forward)).chain(chunks.iter().map(|&k| {
         let chunked = crate::train::training_forward(forward, Some(k))
             .with_context(|| format!("--compress chunked:{k}"))?;
@@ -649,24 +647,14 @@ pub fn pipeline_plan(a: &TrainArgs, forward: &cleave_ir::Function) -> Result<Pip
             ..plan_forward(a, &chunked)?
         })
     }));
-    for plan in plans {
-        match plan {
-            Ok(p) => {
-                let o = objective(&p);
-                if best.as_ref().is_none_or(|b| o < b.1) {
-                    best = Some((p, o));
-                }
-            }
-            // The first failure is the whole layer's, the one to report.
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    match best {
-        Some((p, _)) => Ok(p),
-        None => Err(first_err.expect("at least one plan was tried")),
-    }
+    let tries = plans.map(|plan| {
+        let scored = plan.map(|p| {
+            let o = objective(&p);
+            (p, o)
+        });
+        ((), scored)
+    });
+    cleave_passes::plan::fastest(tries).map(|(p, ())| p)
 }
 
 /// [`pipeline_plan`] of one forward function (the output layer's chunking decided).

@@ -687,12 +687,8 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
     let mut forward = crate::load::forward_of(&module)?;
     if crate::train::parse_precision(a.precision.as_deref())?
         == cleave_passes::precision::Precision::Bf16
-        && cleave_passes::precision::bf16_gemms(&mut forward) == 0
     {
-        bail!(
-            "--precision bf16 runs the GEMMs in bfloat16, and {} has no f32 matmul",
-            a.file.display()
-        );
+        crate::train::bf16_forward(&mut forward, &a.file)?;
     }
     let limit = a
         .memory_limit

@@ -696,8 +696,11 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
 /// which only the CPU runtime has: on any other backend (MLIR's kernels are f32), an error
 /// naming it.
 pub(crate) fn refuse_bf16_storage(a: &TrainArgs, target: &str) -> Result<()> {
+    if target == "cpu" {
+        return Ok(());
+    }
     let precision = crate::train::parse_precision(a.precision.as_deref())?;
-    if target != "cpu" && precision != cleave_passes::precision::Precision::F32 {
+    if precision != cleave_passes::precision::Precision::F32 {
         bail!(
             "--target {target}: --precision bf16 needs bf16 GEMM kernels, which this backend \
              does not have yet (its kernels are f32); use --target cpu"
@@ -705,7 +708,7 @@ pub(crate) fn refuse_bf16_storage(a: &TrainArgs, target: &str) -> Result<()> {
     }
     let c = crate::train::parse_compress(a.compress.as_deref())?;
     for (on, name, ty) in [(c.bf16, "bf16", "bf16"), (c.int8, "int8", "i8")] {
-        if target != "cpu" && on {
+        if on {
             bail!(
                 "--target {target}: --compress {name} needs {ty} storage, which this backend \
                  does not have yet (its kernels and buffers are f32); use --target cpu, or \

@@ -418,8 +418,9 @@ pub fn load_training_model_for(a: &TrainArgs) -> Result<TrainingModel> {
     Ok(tm)
 }
 
-/// `--precision bf16`: the forward's GEMMs in bf16 ([`cleave_passes::precision`]).
-fn bf16_forward(forward: &mut Function, model: &Path) -> Result<()> {
+/// `--precision bf16`: the forward's GEMMs in bf16 ([`cleave_passes::precision`]); a model
+/// without a GEMM is an error naming `model`.
+pub fn bf16_forward(forward: &mut Function, model: &Path) -> Result<()> {
     if cleave_passes::precision::bf16_gemms(forward) == 0 {
         bail!(
             "--precision bf16 runs the GEMMs in bfloat16, and {} has no f32 matmul",

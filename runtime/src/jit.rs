@@ -748,7 +748,7 @@ impl Emitter {
                    dt: DType,
                    d: usize,
                    v: [Value; U]| match dt {
-            DType::F32 | DType::BF16 | DType::I8 => fr[d] = Some(v),
+            t if in_f32_register(t) => fr[d] = Some(v),
             DType::I32 => ir[d] = Some(v),
             _ => br[d] = Some(v),
         };
@@ -899,7 +899,7 @@ impl Emitter {
                 }
                 Ins::Cast { from, to, dst, a } => {
                     let x = match from {
-                        DType::F32 | DType::BF16 | DType::I8 => fr[*a],
+                        d if in_f32_register(*d) => fr[*a],
                         DType::I32 => ir[*a],
                         _ => br[*a],
                     }
@@ -947,7 +947,7 @@ impl Emitter {
                 Ins::Dropout { .. } => unreachable!("rejected by `supported`"),
                 Ins::Store { dtype, src, buf } => {
                     let x = match dtype {
-                        DType::F32 | DType::BF16 | DType::I8 => fr[*src],
+                        d if in_f32_register(*d) => fr[*src],
                         DType::I32 => ir[*src],
                         _ => br[*src],
                     }

@@ -295,11 +295,15 @@ fn suffix(w: usize, t: &str) -> String {
     }
 }
 
+/// Whether a value of `dt` lives in a `float` register (bf16 and i8 are held widened).
+fn in_f32_register(dt: DType) -> bool {
+    matches!(dt, DType::F32 | DType::BF16 | DType::I8)
+}
+
 /// The register type of a dtype (`bool` values are `i1`).
 fn reg_ty(dt: DType) -> &'static str {
     match dt {
-        // bf16 and i8 values are held widened.
-        DType::F32 | DType::BF16 | DType::I8 => "float",
+        d if in_f32_register(d) => "float",
         DType::I32 => "i32",
         _ => "i1",
     }
@@ -463,21 +467,7 @@ impl<'a> Func<'a> {
         let t = ty(width, m);
         let align = elem_align(dt);
         let x = self.ins(format!("load {t}, ptr {}, align {align}", self.n(p)));
-        if dt == DType::F32 || dt == DType::I32 {
-            return x;
-        }
-        if dt == DType::BF16 {
-            return self.widen_bf16(x, width);
-        }
-        if dt == DType::I8 {
-            return self.ins(format!(
-                "sitofp {t} {} to {}",
-                self.n(x),
-                ty(width, "float")
-            ));
-        }
-        let z = if width == 1 { "0" } else { "zeroinitializer" };
-        self.ins(format!("icmp ne {t} {}, {z}", self.n(x)))
+        self.from_memory(dt, x, width)
     }
 
     /// The element position of view element `idx` (an `i64`).
@@ -570,16 +560,22 @@ impl<'a> Func<'a> {
             ty(w, "i1"),
             splat_lit(w, "i1", "true")
         ));
-        if dt == DType::F32 || dt == DType::I32 {
-            return x;
+        self.from_memory(dt, x, w)
+    }
+
+    /// `w` elements of `dt` as loaded (`ty(w, mem_ty(dt))`) in their register form: bf16 and
+    /// i8 widened to `float`, bool bytes compared to `i1`.
+    fn from_memory(&mut self, dt: DType, x: V, w: usize) -> V {
+        let t = ty(w, mem_ty(dt));
+        match dt {
+            DType::F32 | DType::I32 => x,
+            DType::BF16 => self.widen_bf16(x, w),
+            DType::I8 => self.ins(format!("sitofp {t} {} to {}", self.n(x), ty(w, "float"))),
+            _ => {
+                let z = if w == 1 { "0" } else { "zeroinitializer" };
+                self.ins(format!("icmp ne {t} {}, {z}", self.n(x)))
+            }
         }
-        if dt == DType::BF16 {
-            return self.widen_bf16(x, w);
-        }
-        if dt == DType::I8 {
-            return self.ins(format!("sitofp {mt} {} to {}", self.n(x), ty(w, "float")));
-        }
-        self.ins(format!("icmp ne {mt} {}, zeroinitializer", self.n(x)))
     }
 
     /// `w` bf16 bit patterns (`i16` lanes) widened to `float` lanes (exact).
@@ -734,7 +730,7 @@ impl<'a> Func<'a> {
                 Ins::Load { dtype, dst, src } => {
                     let v = from_fn(|u| self.load(j, *dtype, src, at[u], w));
                     match dtype {
-                        DType::F32 | DType::BF16 | DType::I8 => fr[*dst] = Some(v),
+                        d if in_f32_register(*d) => fr[*dst] = Some(v),
                         DType::I32 => ir[*dst] = Some(v),
                         _ => br[*dst] = Some(v),
                     }
@@ -942,7 +938,7 @@ impl<'a> Func<'a> {
                 }
                 Ins::Cast { from, to, dst, a } => {
                     let x = match from {
-                        DType::F32 | DType::BF16 | DType::I8 => fr[*a],
+                        d if in_f32_register(*d) => fr[*a],
                         DType::I32 => ir[*a],
                         _ => br[*a],
                     }
@@ -985,7 +981,7 @@ impl<'a> Func<'a> {
                         _ => x,
                     };
                     match to {
-                        DType::F32 | DType::BF16 | DType::I8 => fr[*dst] = Some(v),
+                        d if in_f32_register(*d) => fr[*dst] = Some(v),
                         DType::I32 => ir[*dst] = Some(v),
                         _ => br[*dst] = Some(v),
                     }
@@ -993,7 +989,7 @@ impl<'a> Func<'a> {
                 Ins::Dropout { .. } => unreachable!("rejected by `supported`"),
                 Ins::Store { dtype, src, buf } => {
                     let x = match dtype {
-                        DType::F32 | DType::BF16 | DType::I8 => fr[*src],
+                        d if in_f32_register(*d) => fr[*src],
                         DType::I32 => ir[*src],
                         _ => br[*src],
                     }

@@ -467,7 +467,7 @@ impl<'a> Func<'a> {
         let t = ty(width, m);
         let align = elem_align(dt);
         let x = self.ins(format!("load {t}, ptr {}, align {align}", self.n(p)));
-        self.from_memory(dt, x, width)
+        self.register_form(dt, x, width)
     }
 
     /// The element position of view element `idx` (an `i64`).
@@ -560,12 +560,12 @@ impl<'a> Func<'a> {
             ty(w, "i1"),
             splat_lit(w, "i1", "true")
         ));
-        self.from_memory(dt, x, w)
+        self.register_form(dt, x, w)
     }
 
     /// `w` elements of `dt` as loaded (`ty(w, mem_ty(dt))`) in their register form: bf16 and
     /// i8 widened to `float`, bool bytes compared to `i1`.
-    fn from_memory(&mut self, dt: DType, x: V, w: usize) -> V {
+    fn register_form(&mut self, dt: DType, x: V, w: usize) -> V {
         let t = ty(w, mem_ty(dt));
         match dt {
             DType::F32 | DType::I32 => x,

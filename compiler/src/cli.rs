@@ -327,9 +327,9 @@ pub struct InspectArgs {
     /// chosen ones are marked, and the plans the search tried are listed).
     #[arg(long, requires = "memory", value_name = "METHODS")]
     pub compress: Option<String>,
-    /// With --memory: plan the step of `cleave train --precision DTYPE` (`bf16`: the GEMMs in
-    /// bfloat16, so what they stash of the forward is bf16; the `precision` pass before
-    /// `autodiff`).
+    /// With --memory: plan the step of `cleave train --precision DTYPE` (`bf16` or `f16`: the
+    /// GEMMs in that type, so what they stash of the forward is 16-bit; the `precision` pass
+    /// before `autodiff`).
     #[arg(long, requires = "memory", value_name = "DTYPE")]
     pub precision: Option<String>,
     /// Differentiate with this gradient method (bp, forward-gradient, fa, dfa, local{blocks=K}):
@@ -685,11 +685,11 @@ fn inspect_memory_text(a: &InspectArgs) -> Result<String> {
     use cleave_passes::remat::{parse_bytes, Policy};
     let module = load_module(&a.file, &a.model.load_options())?;
     let mut forward = crate::load::forward_of(&module)?;
-    if crate::train::parse_precision(a.precision.as_deref())?
-        == cleave_passes::precision::Precision::Bf16
-    {
-        crate::train::bf16_forward(&mut forward, &a.file)?;
-    }
+    crate::train::narrow_forward(
+        &mut forward,
+        &a.file,
+        crate::train::parse_precision(a.precision.as_deref())?,
+    )?;
     let limit = a
         .memory_limit
         .as_deref()

@@ -702,8 +702,10 @@ pub(crate) fn refuse_bf16_storage(a: &TrainArgs, target: &str) -> Result<()> {
     let precision = crate::train::parse_precision(a.precision.as_deref())?;
     if precision != cleave_passes::precision::Precision::F32 {
         bail!(
-            "--target {target}: --precision bf16 needs bf16 GEMM kernels, which this backend \
-             does not have yet (its kernels are f32); use --target cpu"
+            "--target {target}: --precision {} needs {} GEMM kernels, which this backend \
+             does not have yet (its kernels are f32); use --target cpu",
+            precision.name(),
+            precision.name()
         );
     }
     let c = crate::train::parse_compress(a.compress.as_deref())?;

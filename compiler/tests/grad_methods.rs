@@ -557,7 +557,7 @@ fn inspect_lists_what_compression_replaces() {
 
 /// `--precision bf16` (GEMMs in bf16, f32 master weights): the pipeline gives one stage's losses
 /// and weights bit for bit, the single-function step trains as f32 does (losses within 1% over
-/// 12 steps, and not identical), and `f16` is an error that says why.
+/// 12 steps, and not identical).
 #[test]
 fn bf16_precision_trains_on_the_pipeline() {
     let run = |stages: usize, schedule: &str, precision: Option<&str>| {
@@ -588,16 +588,111 @@ fn bf16_precision_trains_on_the_pipeline() {
     let (s32, s16) = (single(None), single(Some("bf16")));
     assert_ne!(s32, s16);
     assert!((s32 - s16).abs() <= 0.01 * s32.abs(), "{s16} vs {s32}");
-    let e = cleave_compiler::pipeline_train::train(&TrainArgs {
+}
+
+/// `--precision f16` (GEMMs in f16 under a dynamic loss scale): the pipeline gives one stage's
+/// losses and weights bit for bit; losses stay within 1% of f32's; with AdamW too (whose update
+/// divides the scale out); a scale that overflows f16 skips steps (the weights stay as they
+/// were) and halves until the gradients are finite, then doubles after each window of finite
+/// steps; and the one-function trainer routes f16 to the pipeline executor.
+#[test]
+fn f16_precision_scales_the_loss_dynamically() {
+    let run = |stages: usize, schedule: &str, precision: Option<&str>| {
+        cleave_compiler::pipeline_train::train(&TrainArgs {
+            precision: precision.map(str::to_string),
+            ..common::gpt_tiny(stages, schedule, 12)
+        })
+        .unwrap_or_else(|e| panic!("{precision:?} {stages} {schedule}: {e:#}"))
+    };
+    let half = run(1, "1f1b", Some("f16"));
+    common::assert_same("f16 zb-h1", &half, &run(2, "zb-h1", Some("f16")));
+    let exact = run(1, "1f1b", None);
+    assert_ne!(exact.losses, half.losses, "f16 changed nothing");
+    for (a, b) in half.losses.iter().zip(&exact.losses) {
+        assert!((a - b).abs() <= 0.01 * b.abs(), "{a} vs {b}");
+    }
+    // An overflowing scale: 2²⁴ makes the backward GEMMs' f16 results infinite.
+    let metrics = tmp("f16-scale").join("m.jsonl");
+    let adamw = |scale: f64, window: usize, metrics: Option<&std::path::Path>| {
+        cleave_compiler::train::train(&TrainArgs {
+            precision: Some("f16".into()),
+            loss_scale: scale,
+            loss_scale_window: window,
+            optimizer: OptimizerArg::Adamw,
+            microbatches: 1,
+            metrics: metrics.map(std::path::Path::to_path_buf),
+            ..common::gpt_tiny(1, "1f1b", 12)
+        })
+        .unwrap_or_else(|e| panic!("f16 adamw {scale}: {e:#}"))
+        .final_loss
+        .unwrap()
+    };
+    let f32_adamw = cleave_compiler::train::train(&TrainArgs {
+        optimizer: OptimizerArg::Adamw,
+        microbatches: 1,
+        ..common::gpt_tiny(1, "1f1b", 16)
+    })
+    .unwrap()
+    .final_loss
+    .unwrap();
+    let good = adamw(65536.0, 2000, None);
+    assert!(
+        (good - f32_adamw).abs() <= 0.01 * f32_adamw,
+        "{good} vs {f32_adamw}"
+    );
+    adamw((1u64 << 24) as f64, 3, Some(&metrics));
+    let lines: Vec<Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &Value| v.get("loss_scale").is_some())
+        .collect();
+    assert_eq!(lines.len(), 12);
+    let skipped: Vec<bool> = lines.iter().map(|v| v["skipped"] == true).collect();
+    let scales: Vec<f64> = lines
+        .iter()
+        .map(|v| v["loss_scale"].as_f64().unwrap())
+        .collect();
+    assert!(skipped[0], "2^24 overflows: {lines:?}");
+    let first_kept = skipped.iter().position(|s| !s).expect("a finite step");
+    for (i, w) in scales.windows(2).enumerate() {
+        // Halved after a skipped step; kept or doubled after a finite one.
+        if skipped[i] {
+            assert_eq!(w[1], w[0] / 2.0, "step {i}: {scales:?}");
+        } else {
+            assert!(w[1] == w[0] || w[1] == 2.0 * w[0], "step {i}: {scales:?}");
+        }
+    }
+    assert!(first_kept + 3 < scales.len(), "{scales:?}");
+    assert!(
+        scales[first_kept + 3] == 2.0 * scales[first_kept]
+            || skipped[first_kept..first_kept + 3].contains(&true),
+        "no growth after a window of 3: {scales:?}"
+    );
+    // Skipped steps leave the weights as they were (as SGD at lr 0 does), on the pipeline.
+    let skipped = cleave_compiler::pipeline_train::train(&TrainArgs {
         precision: Some("f16".into()),
+        loss_scale: (1u64 << 24) as f64,
+        ..common::gpt_tiny(2, "zb-h1", 3)
+    })
+    .unwrap();
+    let still = cleave_compiler::pipeline_train::train(&TrainArgs {
+        lr: Some(0.0),
+        ..common::gpt_tiny(2, "zb-h1", 3)
+    })
+    .unwrap();
+    assert_eq!(skipped.params, still.params);
+    let e = cleave_compiler::train::train(&TrainArgs {
+        precision: Some("f16".into()),
+        loss_scale: 0.0,
         ..common::gpt_tiny(1, "1f1b", 1)
     })
     .unwrap_err();
-    assert!(format!("{e:#}").contains("loss scale"), "{e:#}");
+    assert!(format!("{e:#}").contains("--loss-scale 0"), "{e:#}");
 }
 
 /// `inspect --memory --precision bf16` plans the bf16 step: its GEMM operands are stashed in
-/// bf16, so every stage saves fewer bytes; `f16` is refused as not built.
+/// bf16, so every stage saves fewer bytes; `f16` saves the same bytes.
 #[test]
 fn inspect_plans_the_bf16_step() {
     let model = root().join("examples/gpt-tiny.cir");
@@ -629,13 +724,15 @@ fn inspect_plans_the_bf16_step() {
     for (a, b) in bf16_saved.iter().zip(&f32_saved) {
         assert!(a < b, "{bf16_saved:?} vs {f32_saved:?}");
     }
-    let o = cleave(&[
-        "inspect",
-        model.to_str().unwrap(),
-        "--memory",
-        "--precision",
-        "f16",
-    ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("loss scale"));
+    // f16 stashes what bf16 does, and the last stage holds each microbatch's loss scale (an
+    // f32 scalar) from its F to its B.
+    let f16_saved = saved(Some("f16"));
+    let last = f16_saved.len() - 1;
+    for (i, (a, b)) in f16_saved.iter().zip(&bf16_saved).enumerate() {
+        assert_eq!(
+            *a,
+            b + if i == last { 4 } else { 0 },
+            "{f16_saved:?} vs {bf16_saved:?}"
+        );
+    }
 }

@@ -76,6 +76,8 @@ fn train_the_onnx_mlp_with_an_added_loss() {
         tangents: 1,
         compress: None,
         precision: None,
+        loss_scale: 65536.0,
+        loss_scale_window: 2000,
         memory_report: false,
     })
     .unwrap();

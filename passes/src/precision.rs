@@ -22,8 +22,16 @@
 //! and rounds the result to bf16 once (the interpreter computes the exact product in f64 and
 //! rounds once, so the two can differ by one bf16 step where the f32 sum rounds differently).
 //!
-//! `precision{f32}` changes nothing. `f16` needs a dynamic loss scale, which is not built: an
-//! error that says so. A function without an `f32` matmul is an error, never a silent no-op.
+//! `precision{f16}` does the same in IEEE binary16, whose range (6·10⁻⁸ to 65504) is far
+//! narrower than f32's: the gradients of the backward GEMMs would underflow. So the pass also
+//! adds an `f32[]` data input `loss_scale`, which `autodiff` takes as the loss's seed: the whole
+//! backward carries the scale `S`, and the trainer divides `S` out of the parameter gradients,
+//! skips a step whose gradients are not finite (halving `S`) and doubles `S` after a window of
+//! finite steps (dynamic loss scaling, as in Micikevicius et al., "Mixed Precision Training",
+//! and PyTorch's `GradScaler`). The f16 GEMM is the bf16 one with f16 rounding.
+//!
+//! `precision{f32}` changes nothing. A function without an `f32` matmul is an error, never a
+//! silent no-op.
 
 use std::collections::HashMap;
 
@@ -39,20 +47,36 @@ pub enum Precision {
     F32,
     /// GEMMs in bf16 with f32 master weights (see the module docs).
     Bf16,
+    /// GEMMs in f16 with f32 master weights and a dynamic loss scale (see the module docs).
+    F16,
 }
 
 impl Precision {
-    /// Parses `f32`, `bf16` (and names `f16` as not built).
+    /// Parses `f32`, `bf16` or `f16`.
     pub fn parse(name: &str) -> Result<Precision, String> {
         match name {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
-            "f16" => Err(
-                "`f16`: not built yet (f16 training needs a dynamic loss scale); use bf16, \
-                 whose exponent range is f32's"
-                    .into(),
-            ),
-            other => Err(format!("`{other}`: unknown precision; f32 or bf16")),
+            "f16" => Ok(Precision::F16),
+            other => Err(format!("`{other}`: unknown precision; f32, bf16 or f16")),
+        }
+    }
+
+    /// The element type of the GEMMs.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+
+    /// The name `parse` reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
         }
     }
 }
@@ -95,20 +119,65 @@ impl Pass for PrecisionPass {
         }
         let mut done = 0;
         for func in &mut module.functions {
-            done += bf16_gemms(func);
+            done += narrow_gemms(func, self.precision).map_err(|message| PassError::Failed {
+                pass: "precision",
+                message,
+            })?;
         }
         if done == 0 {
             return Err(PassError::Failed {
                 pass: "precision",
-                message: "bf16 runs the GEMMs in bfloat16, and the module has no f32 matmul".into(),
+                message: format!(
+                    "{} runs the GEMMs in {}, and the module has no f32 matmul",
+                    self.precision.name(),
+                    self.precision.name()
+                ),
             });
         }
         Ok(())
     }
 }
 
+/// Rewrites every forward `f32` matmul of `func` to `precision`'s type, and for f16 adds the
+/// `loss_scale` input (see the module docs); returns how many GEMMs. A function that already
+/// has an argument named `loss_scale` is an error under f16.
+pub fn narrow_gemms(func: &mut Function, precision: Precision) -> Result<usize, String> {
+    if precision == Precision::F32 {
+        return Ok(0);
+    }
+    let done = narrow_gemms_to(func, precision.dtype());
+    if precision == Precision::F16 && done > 0 {
+        let name = crate::autodiff::LOSS_SCALE_INPUT;
+        if func.args().any(|a| a.name == name) {
+            return Err(format!(
+                "@{}: f16 adds the loss-scale input `{name}`, and the function already has an \
+                 argument of that name",
+                func.name
+            ));
+        }
+        let ty = cleave_ir::TensorType::new(DType::F32, Vec::<usize>::new());
+        let n = func
+            .create_inferred(
+                Op::Input {
+                    name: name.into(),
+                    ty,
+                },
+                Vec::new(),
+                (cleave_ir::Phase::Forward, None),
+            )
+            .map_err(|e| format!("@{}: {e}", func.name))?;
+        func.body.insert(0, n);
+    }
+    Ok(done)
+}
+
 /// Rewrites every forward `f32` matmul of `func` to bf16 (see the module docs); returns how many.
 pub fn bf16_gemms(func: &mut Function) -> usize {
+    narrow_gemms_to(func, DType::BF16)
+}
+
+/// Rewrites every forward `f32` matmul of `func` to run in `dt` between casts.
+fn narrow_gemms_to(func: &mut Function, dt: DType) -> usize {
     let mut narrow: HashMap<Value, Value> = HashMap::new();
     let mut rename: HashMap<Value, Value> = HashMap::new();
     let old_body = std::mem::take(&mut func.body);
@@ -141,7 +210,7 @@ pub fn bf16_gemms(func: &mut Function) -> usize {
             let x16 = match narrow.get(&x) {
                 Some(&x16) => x16,
                 None => {
-                    let x16 = push(func, &mut body, Op::Cast { to: DType::BF16 }, x, n);
+                    let x16 = push(func, &mut body, Op::Cast { to: dt }, x, n);
                     narrow.insert(x, x16);
                     x16
                 }
@@ -149,7 +218,7 @@ pub fn bf16_gemms(func: &mut Function) -> usize {
             func.nodes[n].operands[i] = x16;
         }
         let y = func.nodes[n].results[0];
-        func.values[y].ty.dtype = DType::BF16;
+        func.values[y].ty.dtype = dt;
         body.push(n);
         let y32 = push(func, &mut body, Op::Cast { to: DType::F32 }, y, n);
         rename.insert(y, y32);

@@ -1,10 +1,12 @@
 //! `precision{bf16}`: every forward f32 GEMM runs in bf16 between casts, one cast per operand
 //! value; parameters and outputs stay f32 (master weights); the backward GEMMs run in bf16 and
-//! read the bf16 operands (the stash of a GEMM input halves); the loss stays close to f32's; and
-//! `f16` or a function without a GEMM is an error.
+//! read the bf16 operands (the stash of a GEMM input halves); the loss stays close to f32's; a
+//! function without a GEMM is an error; and `f16` adds the loss scale that seeds the backward.
 
 use cleave_ir::models::mlp::{mlp, MlpConfig};
-use cleave_ir::{DType, Module, Op, Phase, UnaryOp};
+use std::collections::BTreeMap;
+
+use cleave_ir::{run_function_named, DType, Module, Op, Phase, Precision, Tensor, UnaryOp};
 use cleave_passes::{PassContext, PassManager};
 
 fn run(m: &mut Module, pipeline: &str) -> Result<(), String> {
@@ -83,8 +85,7 @@ fn gemms_run_in_bf16_with_f32_master_weights() {
     let mut same = Module::with_function(f.clone());
     run(&mut same, "precision{f32}").unwrap();
     assert_eq!(same.functions[0].body.len(), f.body.len());
-    let e = run(&mut Module::with_function(f.clone()), "precision{f16}").unwrap_err();
-    assert!(e.contains("loss scale"), "{e}");
+
     let plain = cleave_ir::parse_function(
         r#"func @p {
   %x = input {name = "x"} : f32[4]
@@ -134,4 +135,63 @@ fn a_value_read_by_two_gemms_sums_its_gradient_in_f32() {
     }
     let gx = g.outputs.iter().find(|o| o.name == "grad.x").unwrap();
     assert_eq!(g.ty(gx.value).dtype, DType::F32);
+}
+
+/// `precision{f16}`: the GEMMs run in f16 and the function gains the `f32[]` input
+/// `loss_scale`, which seeds the backward: every gradient is the f32 step's times the scale
+/// (exactly, for a power of two, where nothing rounds), and a scale of the wrong type or a
+/// clashing argument name is an error naming it.
+#[test]
+fn f16_seeds_the_backward_with_the_loss_scale() {
+    let src = r#"func @lin {
+  %x = input {name = "x"} : f32[2,2]
+  %w = param {name = "w"} : f32[2,2]
+  %y = matmul %x, %w : f32[2,2]
+  %l = reduce_sum %y {axes = [0, 1]} : f32[]
+  return %l as "loss"
+}"#;
+    let f = cleave_ir::parse_function(src).unwrap();
+    let mut m = Module::with_function(f.clone());
+    run(&mut m, "precision{f16},autodiff").unwrap();
+    cleave_ir::verify_module(&m).unwrap();
+    let g = &m.functions[0];
+    let scale = g
+        .args()
+        .find(|a| a.name == "loss_scale")
+        .expect("the loss scale");
+    assert_eq!(scale.ty.to_string(), "f32[]");
+    for &n in &g.body {
+        let d = &g.nodes[n];
+        if matches!(d.op, Op::MatMul { .. }) {
+            assert_eq!(g.ty(d.results[0]).dtype, DType::F16, "a GEMM in f16");
+        }
+    }
+    // d loss / d w = xᵀ·1, times the scale: small integers are exact in f16.
+    let x = Tensor::from_f32(vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]);
+    let w = Tensor::from_f32(vec![2, 2], vec![0.5, -1.0, 2.0, 0.25]);
+    let args = |s: f32| -> BTreeMap<String, Tensor> {
+        [
+            ("x".to_string(), x.clone()),
+            ("w".to_string(), w.clone()),
+            ("loss_scale".to_string(), Tensor::from_f32(vec![], vec![s])),
+        ]
+        .into_iter()
+        .collect()
+    };
+    let out = run_function_named(g, &args(8.0), Precision::F32).unwrap();
+    let grad = g.outputs.iter().position(|o| o.name == "grad.w").unwrap();
+    assert_eq!(out[grad].to_f64_vec(), [32.0, 32.0, 48.0, 48.0]);
+    let loss = g.outputs.iter().position(|o| o.name == "loss").unwrap();
+    assert_eq!(out[loss].to_f64_vec(), [11.5], "the loss is not scaled");
+    // A loss scale of another type, or an argument already named so.
+    let bad = src.replace(
+        "%w = param",
+        "%s = input {name = \"loss_scale\"} : f32[2]\n  %w = param",
+    );
+    let mut m = Module::with_function(cleave_ir::parse_function(&bad).unwrap());
+    let e = run(&mut m, "autodiff").unwrap_err();
+    assert!(e.contains("loss_scale") && e.contains("f32[2]"), "{e}");
+    let mut m = Module::with_function(cleave_ir::parse_function(&bad).unwrap());
+    let e = run(&mut m, "precision{f16}").unwrap_err();
+    assert!(e.contains("already has an argument"), "{e}");
 }

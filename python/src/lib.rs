@@ -158,6 +158,7 @@ mod py {
                 HostData::Bool(v) => ("bool", v.iter().map(|&b| b as u8).collect()),
                 HostData::BF16(v) => ("bfloat16", v.iter().flat_map(|x| x.to_ne_bytes()).collect()),
                 HostData::I8(v) => ("int8", v.iter().map(|&x| x as u8).collect()),
+                HostData::F16(v) => ("float16", v.iter().flat_map(|x| x.to_ne_bytes()).collect()),
             };
             out.set_item(name, (dtype, shape, PyByteArray::new(py, &bytes)))?;
         }

@@ -594,6 +594,8 @@ fn train_args(payload: &Payload, model: &Path, optimizer: OptimizerArg) -> Train
         tangents: payload.tangents,
         compress: None,
         precision: None,
+        loss_scale: 65536.0,
+        loss_scale_window: 2000,
         memory_report: false,
     }
 }

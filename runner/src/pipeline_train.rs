@@ -1300,6 +1300,25 @@ pub fn finish_step(
     clip: Option<f64>,
     opts: &PipelineOptions,
 ) -> Result<Option<f64>> {
+    finish_scaled_step(r, params, updater, clip, opts, None)
+}
+
+/// [`finish_step`] of a step whose gradients carry the loss scale `loss_scale`
+/// (`--precision f16`): `opts.grad_scale` already divides it out of the stages' SGD, an
+/// [`Updater`] divides it out here, and a non-finite gradient rolls the step back even without
+/// a clip (the norm is then always computed and returned).
+pub fn finish_scaled_step(
+    r: &mut cleave_runtime::pipeline::StepResult,
+    params: &mut BTreeMap<String, HostData>,
+    updater: Option<&mut Updater>,
+    clip: Option<f64>,
+    opts: &PipelineOptions,
+    loss_scale: Option<f32>,
+) -> Result<Option<f64>> {
+    let clip = match (clip, loss_scale) {
+        (None, Some(_)) => Some(f64::INFINITY),
+        (c, _) => c,
+    };
     let (norm, factor) = match clip {
         None => (None, Some(1.0)),
         Some(c) => {
@@ -1309,7 +1328,10 @@ pub fn finish_step(
     };
     match updater {
         None => validate_update(&mut r.params, &r.grads, params, factor, opts),
-        Some(u) => u.apply(params, &r.grads, factor)?,
+        Some(u) => {
+            let factor = factor.map(|c| c / loss_scale.unwrap_or(1.0));
+            u.apply(params, &r.grads, factor)?
+        }
     }
     params.extend(std::mem::take(&mut r.params));
     Ok(norm)
@@ -1340,6 +1362,55 @@ pub fn clip_factor(
         Some(1.0)
     };
     (norm, factor)
+}
+
+/// The dynamic loss scale of `--precision f16` (Micikevicius et al., "Mixed Precision
+/// Training"; PyTorch's `GradScaler` defaults): the step's backward is seeded with `scale`; a
+/// step whose gradients are not finite is rolled back and the scale halved; after `window`
+/// finite steps in a row it doubles (never past 2²⁴, nor below 2⁻²⁴).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossScaler {
+    /// The scale of the next step.
+    pub scale: f32,
+    /// Finite steps in a row after which the scale doubles (0: never).
+    pub window: usize,
+    /// Finite steps since the scale last changed.
+    pub good: usize,
+    /// Steps rolled back so far.
+    pub skipped: usize,
+}
+
+impl LossScaler {
+    /// `--loss-scale` and `--loss-scale-window`; the scale must be a positive finite number.
+    pub fn new(scale: f64, window: usize) -> Result<Self> {
+        if !(scale.is_finite() && scale > 0.0) {
+            bail!("--loss-scale {scale}: the loss scale must be a positive finite number");
+        }
+        Ok(LossScaler {
+            scale: scale as f32,
+            window,
+            good: 0,
+            skipped: 0,
+        })
+    }
+
+    /// Records a step: `finite` is whether its gradients were finite (it was kept). Returns
+    /// whether the scale changed.
+    pub fn update(&mut self, finite: bool) -> bool {
+        let old = self.scale;
+        if finite {
+            self.good += 1;
+            if self.window > 0 && self.good >= self.window {
+                self.scale = (self.scale * 2.0).min(16_777_216.0);
+                self.good = 0;
+            }
+        } else {
+            self.skipped += 1;
+            self.scale = (self.scale * 0.5).max(1.0 / 16_777_216.0);
+            self.good = 0;
+        }
+        self.scale != old
+    }
 }
 
 /// The options of a training step on the pipeline: SGD at `lr` applied by the stages (off for
@@ -1703,9 +1774,26 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     // The parameters with their shapes: what a checkpoint holds.
     let state_of = |params: &BTreeMap<String, HostData>| with_shapes(&shapes, params);
     let mut start = 0usize;
+    // `--precision f16`: the dynamic loss scale.
+    let mut scaler = (crate::train::parse_precision(a.precision.as_deref())?
+        == cleave_passes::precision::Precision::F16)
+        .then(|| LossScaler::new(a.loss_scale, a.loss_scale_window))
+        .transpose()?;
     if let Some(dir) = &a.resume {
         let mut state = state_of(&params);
         let (step, meta) = crate::train::restore_checkpoint(dir, &mut state)?;
+        if let Some(s) = scaler.as_mut() {
+            // The scale and its count of finite steps continue where the run stopped.
+            for (key, slot) in [("loss_scale", 0), ("loss_scale_good", 1)] {
+                let Some(v) = meta.get(key) else { continue };
+                let bad =
+                    || anyhow::anyhow!("{}: bad {key} `{v}` in the checkpoint", dir.display());
+                match slot {
+                    0 => s.scale = v.parse().map_err(|_| bad())?,
+                    _ => s.good = v.parse().map_err(|_| bad())?,
+                }
+            }
+        }
         params.extend(state.into_iter().map(|(name, (_, d))| (name, d)));
         for (key, want) in [
             ("batch", batch.to_string()),
@@ -1721,7 +1809,10 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         }
         start = step;
     }
-    let write_ckpt = |done: usize, params: &BTreeMap<String, HostData>| -> Result<()> {
+    let write_ckpt = |done: usize,
+                      params: &BTreeMap<String, HostData>,
+                      scaler: Option<&LossScaler>|
+     -> Result<()> {
         let (Some(dir), 0) = (&a.checkpoint, rank) else {
             return Ok(());
         };
@@ -1731,6 +1822,10 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         let state = state_of(params);
         let mut meta = crate::train::checkpoint_meta(a, done, batch, lr, &method);
         meta.insert("microbatches".into(), m.to_string());
+        if let Some(s) = scaler {
+            meta.insert("loss_scale".into(), s.scale.to_string());
+            meta.insert("loss_scale_good".into(), s.good.to_string());
+        }
         crate::train::write_checkpoint(dir, &state, meta)
     };
     let mut metrics = Metrics::open(if rank == 0 {
@@ -1766,12 +1861,33 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let t0 = Instant::now();
     for step in start..a.steps {
         let rows = order.rows(step, batch);
-        let micro = microbatches(&cols, &rows, mb, &tangents, a.seed, step);
+        let mut micro = microbatches(&cols, &rows, mb, &tangents, a.seed, step);
+        if let Some(s) = &scaler {
+            for x in &mut micro {
+                x.insert(
+                    cleave_passes::autodiff::LOSS_SCALE_INPUT.into(),
+                    HostData::F32(vec![s.scale]),
+                );
+            }
+        }
         let micro: Vec<BTreeMap<String, HostSlice<'_>>> = micro
             .iter()
             .map(|mb| mb.iter().map(|(k, d)| (k.clone(), d.as_slice())).collect())
             .collect();
         STEP.store(step, std::sync::atomic::Ordering::Relaxed);
+        // Under a loss scale `S` the gradient sums carry it: the stages' SGD scales them by
+        // `1/(M·S)` (exact for a power of two).
+        let scaled;
+        let popts = match &scaler {
+            Some(s) => {
+                scaled = PipelineOptions {
+                    grad_scale: (1.0 / (m as f64 * s.scale as f64)) as f32,
+                    ..popts.clone()
+                };
+                &scaled
+            }
+            None => &popts,
+        };
         let killing;
         let popts = match kill_at {
             Some((s, x)) if s == step => {
@@ -1781,7 +1897,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                 };
                 &killing
             }
-            _ => &popts,
+            _ => popts,
         };
         let mut r = match remote {
             Some(remote) => match pipe.step_remote(&params, &micro, popts, remote) {
@@ -1799,8 +1915,22 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         if !loss.is_finite() {
             bail!("loss is {loss} at step {step}; training stopped");
         }
-        let norm = finish_step(&mut r, &mut params, updater.as_mut(), a.grad_clip, popts)?;
-        if let (Some(n), false) = (norm.filter(|n| !n.is_finite()), quiet) {
+        let norm = finish_scaled_step(
+            &mut r,
+            &mut params,
+            updater.as_mut(),
+            a.grad_clip,
+            popts,
+            scaler.as_ref().map(|s| s.scale),
+        )?;
+        // (scale used, whether the step was kept)
+        let scaled_step = scaler.as_mut().map(|s| {
+            let used = s.scale;
+            let finite = norm.is_none_or(f64::is_finite);
+            s.update(finite);
+            (used, finite)
+        });
+        if let (Some(n), false, None) = (norm.filter(|n| !n.is_finite()), quiet, scaled_step) {
             eprintln!(
                 "\nwarning: step {step}: the gradient norm is {n}; the update was rolled back"
             );
@@ -1842,8 +1972,12 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         if let Some(n) = norm {
             line["grad_norm"] = n.into();
         }
+        if let Some((used, kept)) = scaled_step {
+            line["loss_scale"] = used.into();
+            line["skipped"] = (!kept).into();
+        }
         metrics.line(line)?;
-        write_ckpt(step + 1, &params)?;
+        write_ckpt(step + 1, &params, scaler.as_ref())?;
         if !quiet {
             eprint!(
                 "\rstep {}/{}  loss {loss:.4}  {sps:.0} steps/s   ",
@@ -1854,6 +1988,12 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     }
     if !quiet {
         eprintln!();
+        if let (Some(s), 0) = (&scaler, rank) {
+            eprintln!(
+                "loss scale {} at the end; {} step(s) skipped for non-finite gradients",
+                s.scale, s.skipped
+            );
+        }
     }
     summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     // With one process per device the step results carry every rank's actions (their clocks

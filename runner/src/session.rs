@@ -120,6 +120,14 @@ impl Session {
         // Forward-gradient tangent inputs (name, elements), drawn every step as `cleave train`
         // draws them.
         let tangents: Vec<(String, usize)>;
+        if crate::train::parse_precision(a.precision.as_deref())?
+            == cleave_passes::precision::Precision::F16
+        {
+            anyhow::bail!(
+                "precision f16: a session does not run the dynamic loss scale yet; train with \
+                 `cleave train --precision f16`, or use bf16 here"
+            );
+        }
         let tm = crate::train::load_training_model_for(a)?;
         let mb = tm.traced;
         let module = tm.loaded.module.clone();
@@ -538,6 +546,7 @@ fn rows_of(data: HostSlice<'_>, j: usize, m: usize) -> HostSlice<'_> {
         HostSlice::Bool(v) => HostSlice::Bool(part(v, j, m)),
         HostSlice::BF16(v) => HostSlice::BF16(part(v, j, m)),
         HostSlice::I8(v) => HostSlice::I8(part(v, j, m)),
+        HostSlice::F16(v) => HostSlice::F16(part(v, j, m)),
     }
 }
 

@@ -230,11 +230,20 @@ pub struct TrainArgs {
     /// it tries 2, 4, 8 and 16).
     #[arg(long, value_name = "METHOD")]
     pub compress: Option<String>,
-    /// Compute precision: `f32` (the default) or `bf16` (mixed precision: every GEMM in
+    /// Compute precision: `f32` (the default), `bf16` (mixed precision: every GEMM in
     /// bfloat16 with f32 master weights, the rest in f32, as autocast does; the `precision`
-    /// pass). CPU only; `f16` is not built (it needs a dynamic loss scale).
+    /// pass) or `f16` (the GEMMs in IEEE half precision with a dynamic loss scale: the backward
+    /// is seeded with the scale, a step whose gradients overflow is skipped and the scale
+    /// halved, and it doubles after --loss-scale-window finite steps; runs on the pipeline
+    /// executor). CPU only.
     #[arg(long, value_name = "DTYPE")]
     pub precision: Option<String>,
+    /// `--precision f16`: the initial loss scale (a power of two keeps the scaling exact).
+    #[arg(long, value_name = "S", default_value_t = 65536.0)]
+    pub loss_scale: f64,
+    /// `--precision f16`: finite steps after which the loss scale doubles (0: it never grows).
+    #[arg(long, value_name = "STEPS", default_value_t = 2000)]
+    pub loss_scale_window: usize,
     /// Print each device's planned memory (parameters, gradients, workspace, values crossing
     /// devices, saved values) beside the instrumented allocator's measured peak (pipeline
     /// executor).
@@ -412,24 +421,33 @@ pub fn load_training_model_for(a: &TrainArgs) -> Result<TrainingModel> {
         a.labels.clone(),
         a.loss_output.clone(),
     )?;
-    if parse_precision(a.precision.as_deref())? == Precision::Bf16 {
-        bf16_forward(&mut tm.forward, &a.model)?;
-    }
+    narrow_forward(
+        &mut tm.forward,
+        &a.model,
+        parse_precision(a.precision.as_deref())?,
+    )?;
     Ok(tm)
 }
 
-/// `--precision bf16`: the forward's GEMMs in bf16 ([`cleave_passes::precision`]); a model
-/// without a GEMM is an error naming `model`.
-pub fn bf16_forward(forward: &mut Function, model: &Path) -> Result<()> {
-    if cleave_passes::precision::bf16_gemms(forward) == 0 {
+/// `--precision bf16|f16`: the forward's GEMMs in the narrow type, with f16's loss-scale input
+/// ([`cleave_passes::precision`]); a model without a GEMM is an error naming `model`. `f32`
+/// changes nothing.
+pub fn narrow_forward(forward: &mut Function, model: &Path, precision: Precision) -> Result<()> {
+    if precision == Precision::F32 {
+        return Ok(());
+    }
+    let name = precision.name();
+    let done = cleave_passes::precision::narrow_gemms(forward, precision)
+        .map_err(|e| anyhow::anyhow!("--precision {name}: {}: {e}", model.display()))?;
+    if done == 0 {
         bail!(
-            "--precision bf16 runs the GEMMs in bfloat16, and {} has no f32 matmul",
+            "--precision {name} runs the GEMMs in {name}, and {} has no f32 matmul",
             model.display()
         );
     }
     cleave_ir::verify_function(forward).map_err(|e| {
         let e: Vec<String> = e.iter().map(|x| x.to_string()).collect();
-        anyhow::anyhow!("--precision bf16: {}", e.join("; "))
+        anyhow::anyhow!("--precision {name}: {}", e.join("; "))
     })
 }
 
@@ -549,9 +567,13 @@ pub fn build_step_compressed(
         mut forward,
         traced,
     } = load_training_model(model, batch, loss.0, loss.1, loss.2)?;
-    if precision == Precision::Bf16 {
-        bf16_forward(&mut forward, model)?;
+    if precision == Precision::F16 {
+        bail!(
+            "--precision f16 trains with a dynamic loss scale, which the pipeline executor \
+             applies (`cleave train` runs f16 there); this one-function step has no loss scale"
+        );
     }
+    narrow_forward(&mut forward, model, precision)?;
     let file_params = loaded.params;
     if let Some(b) = batch {
         if b != traced {
@@ -705,6 +727,10 @@ pub fn load_data(path: &Path, forward: &Function) -> Result<(Vec<Column>, usize)
     let mut cols = Vec::new();
     let mut n_examples: Option<(usize, String)> = None;
     for a in forward.data_inputs() {
+        // `--precision f16`'s loss scale is fed by the trainer, not read from the data.
+        if a.name == cleave_passes::autodiff::LOSS_SCALE_INPUT && !tensors.contains_key(a.name) {
+            continue;
+        }
         let Some(t) = tensors.get(a.name) else {
             bail!(
                 "{}: no tensor named \"{}\" (the model's data input `{}`: {}); the file has {}",
@@ -774,6 +800,7 @@ pub fn gather_batch(col: &Column, rows: &[usize]) -> HostData {
         HostData::Bool(v) => HostData::Bool(gather(v, k, rows)),
         HostData::BF16(v) => HostData::BF16(gather(v, k, rows)),
         HostData::I8(v) => HostData::I8(gather(v, k, rows)),
+        HostData::F16(v) => HostData::F16(gather(v, k, rows)),
     }
 }
 
@@ -858,6 +885,10 @@ fn to_bytes(d: &HostData) -> (safetensors::Dtype, Vec<u8>) {
             v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         ),
         HostData::I8(v) => (safetensors::Dtype::I8, v.iter().map(|&x| x as u8).collect()),
+        HostData::F16(v) => (
+            safetensors::Dtype::F16,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
     }
 }
 
@@ -1083,6 +1114,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
         || a.remat.is_some()
         || a.memory_limit.is_some()
         || a.memory_report
+        || parse_precision(a.precision.as_deref())? == Precision::F16
     {
         return crate::pipeline_train::train(a).map(|r| r.summary);
     }

@@ -291,29 +291,30 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
     // 1. Element types.
     for &node in &func.body {
         let data = func.node(node);
-        // bf16 and i8 are storage types (the stashes of `--compress bf16` and `int8`): made by a
-        // `cast` from f32, read by a `cast` to f32, and passed through arguments and reshapes;
-        // the one op computing on bf16 is a GEMM (`--precision bf16`).
+        // bf16, f16 and i8 are storage types (the stashes of `--compress bf16` and `int8`, the
+        // GEMM operands of `--precision bf16|f16`): made by a `cast` from f32, read by a `cast`
+        // to f32, and passed through arguments and reshapes; the one op computing on bf16 or
+        // f16 is a GEMM (`--precision`).
         let moves_narrow = match data.op {
             Op::Cast { to } => {
                 let from = func.ty(data.operands[0]).dtype;
                 from == DType::F32 || to == DType::F32 || from == to
             }
             Op::Input { .. } | Op::Reshape { .. } | Op::StopGradient => true,
-            // `--precision bf16`: a GEMM of bf16 operands (widened, accumulated in f32, its
-            // result rounded to bf16 once).
-            Op::MatMul { .. } => data
-                .operands
-                .iter()
-                .chain(&data.results)
-                .all(|&v| func.ty(v).dtype == DType::BF16),
+            // `--precision bf16|f16`: a GEMM of bf16 (or f16) operands (widened, accumulated
+            // in f32, its result rounded once).
+            Op::MatMul { .. } => {
+                let dt = func.ty(data.results[0]).dtype;
+                matches!(dt, DType::BF16 | DType::F16)
+                    && data.operands.iter().all(|&v| func.ty(v).dtype == dt)
+            }
             _ => false,
         };
         for &v in data.results.iter().chain(&data.operands) {
             let dt = func.ty(v).dtype;
             let ok = match dt {
                 DType::F32 | DType::I32 | DType::Bool => true,
-                DType::BF16 | DType::I8 => moves_narrow,
+                DType::BF16 | DType::F16 | DType::I8 => moves_narrow,
                 _ => false,
             };
             if !ok {
@@ -1057,7 +1058,7 @@ impl ProgBuilder {
     fn fresh(&mut self, dt: DType) -> usize {
         let c = match dt {
             // bf16 and i8 values are held widened, in f32 registers.
-            DType::F32 | DType::BF16 | DType::I8 => &mut self.nf,
+            DType::F32 | DType::BF16 | DType::F16 | DType::I8 => &mut self.nf,
             DType::I32 => &mut self.ni,
             _ => &mut self.nb,
         };

@@ -440,6 +440,14 @@ impl FusedKernel {
                                 *d = bf16_to_f32(x);
                             }
                         }
+                        DType::F16 => {
+                            let d = rf(*dst, len);
+                            let h = &mut regs_h[..len];
+                            load(mem.ptr_b(src.buf) as *mut u16, src, start, h);
+                            for (d, &x) in d.iter_mut().zip(h.iter()) {
+                                *d = f16_to_f32(x);
+                            }
+                        }
                         DType::I8 => {
                             // i8 values are held widened, in f32 registers.
                             let d = rf(*dst, len);
@@ -561,8 +569,13 @@ impl FusedKernel {
                         }
                     }
                     Ins::Cast { from, to, dst, a } => match (from, to) {
-                        (DType::BF16 | DType::I8, DType::F32) => {
+                        (DType::BF16 | DType::F16 | DType::I8, DType::F32) => {
                             rf(*dst, len).copy_from_slice(rf(*a, len))
+                        }
+                        (DType::F32, DType::F16) => {
+                            for (d, &x) in rf(*dst, len).iter_mut().zip(rf(*a, len).iter()) {
+                                *d = f16_to_f32(round_f16(x));
+                            }
                         }
                         (DType::F32, DType::I8) => {
                             for (d, &x) in rf(*dst, len).iter_mut().zip(rf(*a, len).iter()) {
@@ -576,6 +589,7 @@ impl FusedKernel {
                         }
                         (DType::F32, DType::F32)
                         | (DType::BF16, DType::BF16)
+                        | (DType::F16, DType::F16)
                         | (DType::I8, DType::I8) => rf(*dst, len).copy_from_slice(rf(*a, len)),
                         (DType::F32, DType::I32) => {
                             for (d, &x) in ri(*dst, len).iter_mut().zip(rf(*a, len).iter()) {
@@ -639,6 +653,13 @@ impl FusedKernel {
                                 *p.add(j) = (x.to_bits() >> 16) as u16;
                             }
                         }
+                        DType::F16 => {
+                            // The register holds an f16 value widened: rounding is exact.
+                            let p = (mem.ptr_b(*buf) as *mut u16).add(start);
+                            for (j, &x) in rf(*src, len).iter().enumerate() {
+                                *p.add(j) = round_f16(x);
+                            }
+                        }
                         DType::F32 => std::ptr::copy_nonoverlapping(
                             fp.add(src * CHUNK),
                             mem.ptr_f(*buf).add(start),
@@ -676,6 +697,51 @@ pub(crate) fn round_bf16(x: f32) -> f32 {
 /// A bfloat16 bit pattern widened to `f32` (exact).
 pub(crate) fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
+}
+
+/// `x` rounded to the nearest IEEE binary16 (ties to even; overflow to ±∞, gradual underflow),
+/// as a bit pattern; every NaN becomes the quiet NaN `0x7e00` with its sign. Branch-free integer
+/// steps (after F. Giesen's `float_to_half_fast3_rtne`), which the Cranelift and LLVM loops
+/// repeat lane by lane: `|x|` at or above 2¹⁶ is ∞ or NaN; below 2⁻¹⁴ (an f16 subnormal or zero)
+/// the float addition `|x| + 0.5` rounds the mantissa into place; otherwise the exponent is
+/// rebiased and the 13 dropped bits rounded with the lowest kept bit as the tie-breaker.
+pub fn round_f16(x: f32) -> u16 {
+    let f = x.to_bits();
+    let sign = f & 0x8000_0000;
+    let a = f ^ sign;
+    let special = if a > 0x7f80_0000 { 0x7e00 } else { 0x7c00 };
+    let sub = (f32::from_bits(a) + 0.5)
+        .to_bits()
+        .wrapping_sub(0x3f00_0000);
+    let normal = a.wrapping_add(0xc800_0fff).wrapping_add((a >> 13) & 1) >> 13;
+    let o = if a >= 0x4780_0000 {
+        special
+    } else if a < 0x3880_0000 {
+        sub
+    } else {
+        normal
+    };
+    (o | (sign >> 16)) as u16
+}
+
+/// An IEEE binary16 bit pattern widened to `f32` (exact; NaN payloads kept). Branch-free: the
+/// exponent rebiased, ∞/NaN moved to f32's top exponent, and a subnormal renormalised by one
+/// exact float subtraction (the steps the generated loops repeat).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let m = (h & 0x7fff) << 13;
+    let exp = m & 0x0f80_0000;
+    let o = m.wrapping_add(0x3800_0000);
+    let inf_nan = o.wrapping_add(0x3800_0000);
+    let sub = (f32::from_bits(o.wrapping_add(0x0080_0000)) - f32::from_bits(0x3880_0000)).to_bits();
+    let o = if exp == 0x0f80_0000 {
+        inf_nan
+    } else if exp == 0 {
+        sub
+    } else {
+        o
+    };
+    f32::from_bits(o | ((h & 0x8000) << 16))
 }
 
 fn grow<T: Copy>(v: &mut Vec<T>, regs: usize, zero: T) {

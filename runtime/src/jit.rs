@@ -365,15 +365,110 @@ fn flags() -> MemFlagsData {
 fn elem_bytes(dt: DType) -> i64 {
     match dt {
         DType::F32 | DType::I32 => 4,
-        DType::BF16 => 2,
+        DType::BF16 | DType::F16 => 2,
         // i8 and bool.
         _ => 1,
     }
 }
 
-/// Whether a value of `dt` lives in an f32 register (bf16 and i8 are held widened).
+/// Whether a value of `dt` lives in an f32 register (bf16, f16 and i8 are held widened).
 fn in_f32_register(dt: DType) -> bool {
-    matches!(dt, DType::F32 | DType::BF16 | DType::I8)
+    matches!(dt, DType::F32 | DType::BF16 | DType::F16 | DType::I8)
+}
+
+/// The integer constant `v` as an `i32` (`w` = 1) or an `i32x4` splat.
+fn int_lanes(b: &mut FunctionBuilder, w: usize, v: u32) -> Value {
+    let k = b.ins().iconst(I32, v as i32 as i64);
+    if w == 1 {
+        k
+    } else {
+        b.ins().splat(I32X4, k)
+    }
+}
+
+/// The float constant with bits `v` as an `f32` or an `f32x4` splat.
+fn float_lanes(b: &mut FunctionBuilder, w: usize, v: u32) -> Value {
+    let k = b.ins().f32const(f32::from_bits(v));
+    if w == 1 {
+        k
+    } else {
+        b.ins().splat(F32X4, k)
+    }
+}
+
+/// The lane mask of `x cc k` (`x` an `i32` or `i32x4`).
+fn int_mask(b: &mut FunctionBuilder, w: usize, cc: IntCC, x: Value, k: u32) -> Value {
+    let k = int_lanes(b, w, k);
+    let c = b.ins().icmp(cc, x, k);
+    if w == 1 {
+        mask_from_i8(b, c)
+    } else {
+        c
+    }
+}
+
+/// `x` (`f32` or `f32x4`) rounded to IEEE binary16, as bit patterns in `i32` lanes: the
+/// runtime's `fused::round_f16`, step for step.
+fn round_f16(b: &mut FunctionBuilder, x: Value, w: usize) -> Value {
+    let (fty, ity) = if w == 1 { (F32, I32) } else { (F32X4, I32X4) };
+    let bits = b.ins().bitcast(ity, MemFlagsData::new(), x);
+    let sign_bit = int_lanes(b, w, 0x8000_0000);
+    let sign = b.ins().band(bits, sign_bit);
+    let a = b.ins().bxor(bits, sign);
+    // ∞ or NaN (`|x|` ≥ 2¹⁶, `a` < 2³¹ so signed comparisons hold).
+    let is_nan = int_mask(b, w, IntCC::SignedGreaterThan, a, 0x7f80_0000);
+    let (qnan, inf) = (int_lanes(b, w, 0x7e00), int_lanes(b, w, 0x7c00));
+    let special = select(b, w, is_nan, qnan, inf, ity);
+    // A subnormal or zero: `|x| + 0.5` puts the rounded mantissa in the low bits.
+    let af = b.ins().bitcast(fty, MemFlagsData::new(), a);
+    let half = float_lanes(b, w, 0x3f00_0000);
+    let s = b.ins().fadd(af, half);
+    let s = b.ins().bitcast(ity, MemFlagsData::new(), s);
+    let magic = int_lanes(b, w, 0x3f00_0000);
+    let sub = b.ins().isub(s, magic);
+    // A normal value: rebias, round the 13 dropped bits to even.
+    let odd = b.ins().ushr_imm_u(a, 13);
+    let one = int_lanes(b, w, 1);
+    let odd = b.ins().band(odd, one);
+    let bias = int_lanes(b, w, 0xc800_0fff);
+    let n = b.ins().iadd(a, bias);
+    let n = b.ins().iadd(n, odd);
+    let normal = b.ins().ushr_imm_u(n, 13);
+    let small = int_mask(b, w, IntCC::SignedLessThan, a, 0x3880_0000);
+    let o = select(b, w, small, sub, normal, ity);
+    let big = int_mask(b, w, IntCC::SignedGreaterThanOrEqual, a, 0x4780_0000);
+    let o = select(b, w, big, special, o, ity);
+    let sign = b.ins().ushr_imm_u(sign, 16);
+    b.ins().bor(o, sign)
+}
+
+/// f16 bit patterns in the low half of `i32` lanes widened to `f32` lanes (exact): the
+/// runtime's `fused::f16_to_f32`, step for step.
+fn widen_f16(b: &mut FunctionBuilder, h: Value, w: usize) -> Value {
+    let (fty, ity) = if w == 1 { (F32, I32) } else { (F32X4, I32X4) };
+    let low = int_lanes(b, w, 0x7fff);
+    let m = b.ins().band(h, low);
+    let m = b.ins().ishl_imm_u(m, 13);
+    let exp_bits = int_lanes(b, w, 0x0f80_0000);
+    let exp = b.ins().band(m, exp_bits);
+    let rebias = int_lanes(b, w, 0x3800_0000);
+    let o = b.ins().iadd(m, rebias);
+    let inf_nan = b.ins().iadd(o, rebias);
+    let unit = int_lanes(b, w, 0x0080_0000);
+    let s = b.ins().iadd(o, unit);
+    let s = b.ins().bitcast(fty, MemFlagsData::new(), s);
+    let magic = float_lanes(b, w, 0x3880_0000);
+    let s = b.ins().fsub(s, magic);
+    let sub = b.ins().bitcast(ity, MemFlagsData::new(), s);
+    let is_special = int_mask(b, w, IntCC::Equal, exp, 0x0f80_0000);
+    let is_zero = int_mask(b, w, IntCC::Equal, exp, 0);
+    let r = select(b, w, is_zero, sub, o, ity);
+    let r = select(b, w, is_special, inf_nan, r, ity);
+    let sign_bit = int_lanes(b, w, 0x8000);
+    let sign = b.ins().band(h, sign_bit);
+    let sign = b.ins().ishl_imm_u(sign, 16);
+    let r = b.ins().bor(r, sign);
+    b.ins().bitcast(fty, MemFlagsData::new(), r)
 }
 
 /// A bf16 bit pattern in the low half of an `i32` (or `i32x4`) widened to `f32` (`f32x4`).
@@ -516,6 +611,10 @@ impl Emitter {
                 let h = b.ins().uload16(I32, flags(), addr, 0);
                 widen_bf16(b, h, F32)
             }
+            DType::F16 => {
+                let h = b.ins().uload16(I32, flags(), addr, 0);
+                widen_f16(b, h, 1)
+            }
             DType::I8 => {
                 let q = b.ins().sload8(I32, flags(), addr, 0);
                 b.ins().fcvt_from_sint(F32, q)
@@ -557,6 +656,15 @@ impl Emitter {
                     v = b.ins().insertlane(v, h, l);
                 }
                 widen_bf16(b, v, F32X4)
+            }
+            DType::F16 => {
+                let z = b.ins().iconst(I32, 0);
+                let mut v = b.ins().splat(I32X4, z);
+                for l in 0..4u8 {
+                    let h = b.ins().uload16(I32, flags(), addr, 2 * l as i32);
+                    v = b.ins().insertlane(v, h, l);
+                }
+                widen_f16(b, v, 4)
             }
             DType::I8 => {
                 let z = b.ins().iconst(I32, 0);
@@ -668,6 +776,14 @@ impl Emitter {
                     let bits = b.ins().bitcast(I32, MemFlagsData::new(), e);
                     let h = b.ins().ushr_imm_u(bits, 16);
                     b.ins().istore16(flags(), h, addr, 2 * l as i32);
+                }
+            }
+            DType::F16 => {
+                // `x` holds an f16 value widened: rounding it again is exact.
+                let h = round_f16(b, x, w);
+                for l in 0..w as u8 {
+                    let e = if w == 1 { h } else { b.ins().extractlane(h, l) };
+                    b.ins().istore16(flags(), e, addr, 2 * l as i32);
                 }
             }
             DType::I8 => {
@@ -906,7 +1022,11 @@ impl Emitter {
                     .expect("defined");
                     let v = match (from, to) {
                         (DType::F32, DType::F32) | (DType::I32, DType::I32) => x,
-                        (DType::BF16 | DType::I8, DType::F32) => x,
+                        (DType::BF16 | DType::F16 | DType::I8, DType::F32) => x,
+                        (DType::F32, DType::F16) => from_fn(|u| {
+                            let h = round_f16(b, x[u], w);
+                            widen_f16(b, h, w)
+                        }),
                         (DType::F32, DType::I8) => from_fn(|u| {
                             // Rust's `as i8`: toward zero, saturating, NaN to 0; held widened.
                             let q = b.ins().fcvt_to_sint_sat(ity, x[u]);

@@ -386,9 +386,18 @@ impl OpKernel {
                             false,
                         );
                     }
-                } else if out.dtype == DType::BF16 {
-                    // bf16 GEMM: the operands widened (exact), the product accumulated in f32,
-                    // each element rounded to bf16 once.
+                } else if matches!(out.dtype, DType::BF16 | DType::F16) {
+                    // bf16 (f16) GEMM: the operands widened (exact), the product accumulated in
+                    // f32, each element rounded to bf16 (f16) once.
+                    type Widen = fn(u16) -> f32;
+                    type Round = fn(f32) -> u16;
+                    let (widen, round): (Widen, Round) = if out.dtype == DType::F16 {
+                        (crate::fused::f16_to_f32, crate::fused::round_f16)
+                    } else {
+                        (crate::fused::bf16_to_f32, |x| {
+                            (crate::fused::round_bf16(x).to_bits() >> 16) as u16
+                        })
+                    };
                     let (na, nb, nc) = (*batch * m * k, *batch * k * n, *batch * m * n);
                     let mut wide = WIDE.with(|w| std::mem::take(&mut *w.borrow_mut()));
                     if wide.len() < na + nb + nc {
@@ -400,10 +409,10 @@ impl OpKernel {
                         std::slice::from_raw_parts(mem.ptr_b(buf) as *const u16, len)
                     };
                     for (d, &x) in wa.iter_mut().zip(h(*a, na)) {
-                        *d = crate::fused::bf16_to_f32(x);
+                        *d = widen(x);
                     }
                     for (d, &x) in wb.iter_mut().zip(h(*b, nb)) {
-                        *d = crate::fused::bf16_to_f32(x);
+                        *d = widen(x);
                     }
                     let ast = if *tl { (1, m) } else { (k, 1) };
                     let bst = if *tr { (1, k) } else { (n, 1) };
@@ -421,7 +430,7 @@ impl OpKernel {
                     }
                     let c = std::slice::from_raw_parts_mut(mem.ptr_b(*out) as *mut u16, nc);
                     for (d, &x) in c.iter_mut().zip(wc.iter()) {
-                        *d = (crate::fused::round_bf16(x).to_bits() >> 16) as u16;
+                        *d = round(x);
                     }
                     WIDE.with(|w| *w.borrow_mut() = wide);
                 } else {

@@ -118,6 +118,8 @@ pub enum HostData {
     BF16(Vec<u16>),
     /// `i8` elements (a storage type only: the `--compress int8` stash).
     I8(Vec<i8>),
+    /// IEEE binary16 elements as bit patterns (a storage type only: `--precision f16`).
+    F16(Vec<u16>),
 }
 
 impl HostData {
@@ -129,6 +131,7 @@ impl HostData {
             HostData::Bool(v) => alloc::retag_vec(v, tag),
             HostData::BF16(v) => alloc::retag_vec(v, tag),
             HostData::I8(v) => alloc::retag_vec(v, tag),
+            HostData::F16(v) => alloc::retag_vec(v, tag),
         }
     }
 
@@ -140,6 +143,7 @@ impl HostData {
             HostData::Bool(_) => DType::Bool,
             HostData::BF16(_) => DType::BF16,
             HostData::I8(_) => DType::I8,
+            HostData::F16(_) => DType::F16,
         }
     }
 
@@ -151,6 +155,7 @@ impl HostData {
             HostData::Bool(v) => v.len(),
             HostData::BF16(v) => v.len(),
             HostData::I8(v) => v.len(),
+            HostData::F16(v) => v.len(),
         }
     }
 
@@ -173,6 +178,8 @@ pub enum HostSlice<'a> {
     BF16(&'a [u16]),
     /// `i8` elements.
     I8(&'a [i8]),
+    /// IEEE binary16 bit patterns.
+    F16(&'a [u16]),
 }
 
 impl HostSlice<'_> {
@@ -184,6 +191,7 @@ impl HostSlice<'_> {
             HostSlice::Bool(_) => DType::Bool,
             HostSlice::BF16(_) => DType::BF16,
             HostSlice::I8(_) => DType::I8,
+            HostSlice::F16(_) => DType::F16,
         }
     }
 
@@ -195,6 +203,7 @@ impl HostSlice<'_> {
             HostSlice::Bool(v) => v.len(),
             HostSlice::BF16(v) => v.len(),
             HostSlice::I8(v) => v.len(),
+            HostSlice::F16(v) => v.len(),
         }
     }
 
@@ -213,11 +222,12 @@ impl HostData {
             HostData::Bool(v) => HostSlice::Bool(v),
             HostData::BF16(v) => HostSlice::BF16(v),
             HostData::I8(v) => HostSlice::I8(v),
+            HostData::F16(v) => HostSlice::F16(v),
         }
     }
 }
 
-/// Converts an interpreter tensor (`f32`, `i32`, `bool`, `bf16` or `i8`) to host data.
+/// Converts an interpreter tensor (`f32`, `i32`, `bool`, `bf16`, `f16` or `i8`) to host data.
 pub fn host_from_tensor(t: &cleave_ir::Tensor) -> Option<HostData> {
     use cleave_ir::TensorData;
     Some(match (&t.data, t.dtype) {
@@ -230,6 +240,11 @@ pub fn host_from_tensor(t: &cleave_ir::Tensor) -> Option<HostData> {
                 .collect(),
         ),
         (TensorData::Int(v), DType::I8) => HostData::I8(v.iter().map(|&x| x as i8).collect()),
+        (TensorData::Float(v), DType::F16) => HostData::F16(
+            v.iter()
+                .map(|&x| crate::fused::round_f16(x as f32))
+                .collect(),
+        ),
         _ => return None,
     })
 }
@@ -245,6 +260,13 @@ pub fn tensor_from_host(shape: &[usize], data: &HostData) -> cleave_ir::Tensor {
             shape.to_vec(),
             v.iter()
                 .map(|&h| crate::fused::bf16_to_f32(h) as f64)
+                .collect(),
+        ),
+        HostData::F16(v) => cleave_ir::Tensor::from_float(
+            DType::F16,
+            shape.to_vec(),
+            v.iter()
+                .map(|&h| crate::fused::f16_to_f32(h) as f64)
                 .collect(),
         ),
         HostData::I8(v) => cleave_ir::Tensor::from_i64(

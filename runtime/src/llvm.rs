@@ -295,9 +295,9 @@ fn suffix(w: usize, t: &str) -> String {
     }
 }
 
-/// Whether a value of `dt` lives in a `float` register (bf16 and i8 are held widened).
+/// Whether a value of `dt` lives in a `float` register (bf16, f16 and i8 are held widened).
 fn in_f32_register(dt: DType) -> bool {
-    matches!(dt, DType::F32 | DType::BF16 | DType::I8)
+    matches!(dt, DType::F32 | DType::BF16 | DType::F16 | DType::I8)
 }
 
 /// The register type of a dtype (`bool` values are `i1`).
@@ -313,18 +313,18 @@ fn reg_ty(dt: DType) -> &'static str {
 fn elem_align(dt: DType) -> usize {
     match dt {
         DType::F32 | DType::I32 => 4,
-        DType::BF16 => 2,
+        DType::BF16 | DType::F16 => 2,
         _ => 1,
     }
 }
 
-/// The memory type of a dtype (`bool` and `i8` elements are bytes, bf16 ones `i16` bit
-/// patterns).
+/// The memory type of a dtype (`bool` and `i8` elements are bytes, bf16 and f16 ones `i16`
+/// bit patterns).
 fn mem_ty(dt: DType) -> &'static str {
     match dt {
         DType::F32 => "float",
         DType::I32 => "i32",
-        DType::BF16 => "i16",
+        DType::BF16 | DType::F16 => "i16",
         _ => "i8",
     }
 }
@@ -570,6 +570,10 @@ impl<'a> Func<'a> {
         match dt {
             DType::F32 | DType::I32 => x,
             DType::BF16 => self.widen_bf16(x, w),
+            DType::F16 => {
+                let x = self.ins(format!("zext {t} {} to {}", self.n(x), ty(w, "i32")));
+                self.widen_f16(x, w)
+            }
             DType::I8 => self.ins(format!("sitofp {t} {} to {}", self.n(x), ty(w, "float"))),
             _ => {
                 let z = if w == 1 { "0" } else { "zeroinitializer" };
@@ -608,6 +612,84 @@ impl<'a> Func<'a> {
             self.n(r)
         ));
         self.ins(format!("bitcast {it} {} to {ft}", self.n(v)))
+    }
+
+    /// `float` lanes rounded to IEEE binary16, as bit patterns in `i32` lanes: the runtime's
+    /// `fused::round_f16`, step for step (no fast-math flags: the float addition must round).
+    fn round_f16(&mut self, x: V, w: usize) -> V {
+        let (it, ft, mt) = (ty(w, "i32"), ty(w, "float"), ty(w, "i1"));
+        let c = |v: u32| splat_lit(w, "i32", &(v as i32).to_string());
+        let bits = self.ins(format!("bitcast {ft} {} to {it}", self.n(x)));
+        let sign = self.ins(format!("and {it} {}, {}", self.n(bits), c(0x8000_0000)));
+        let a = self.ins(format!("xor {it} {}, {}", self.n(bits), self.n(sign)));
+        let is_nan = self.ins(format!("icmp ugt {it} {}, {}", self.n(a), c(0x7f80_0000)));
+        let special = self.ins(format!(
+            "select {mt} {}, {it} {}, {it} {}",
+            self.n(is_nan),
+            c(0x7e00),
+            c(0x7c00)
+        ));
+        let af = self.ins(format!("bitcast {it} {} to {ft}", self.n(a)));
+        let half = splat_lit(w, "float", &float_lit(0.5));
+        let s = self.ins(format!("fadd {ft} {}, {half}", self.n(af)));
+        let s = self.ins(format!("bitcast {ft} {} to {it}", self.n(s)));
+        let sub = self.ins(format!("sub {it} {}, {}", self.n(s), c(0x3f00_0000)));
+        let odd = self.ins(format!("lshr {it} {}, {}", self.n(a), c(13)));
+        let odd = self.ins(format!("and {it} {}, {}", self.n(odd), c(1)));
+        let n = self.ins(format!("add {it} {}, {}", self.n(a), c(0xc800_0fff)));
+        let n = self.ins(format!("add {it} {}, {}", self.n(n), self.n(odd)));
+        let normal = self.ins(format!("lshr {it} {}, {}", self.n(n), c(13)));
+        let small = self.ins(format!("icmp ult {it} {}, {}", self.n(a), c(0x3880_0000)));
+        let o = self.ins(format!(
+            "select {mt} {}, {it} {}, {it} {}",
+            self.n(small),
+            self.n(sub),
+            self.n(normal)
+        ));
+        let big = self.ins(format!("icmp uge {it} {}, {}", self.n(a), c(0x4780_0000)));
+        let o = self.ins(format!(
+            "select {mt} {}, {it} {}, {it} {}",
+            self.n(big),
+            self.n(special),
+            self.n(o)
+        ));
+        let sign = self.ins(format!("lshr {it} {}, {}", self.n(sign), c(16)));
+        self.ins(format!("or {it} {}, {}", self.n(o), self.n(sign)))
+    }
+
+    /// f16 bit patterns in `i32` lanes widened to `float` lanes (exact): the runtime's
+    /// `fused::f16_to_f32`, step for step.
+    fn widen_f16(&mut self, h: V, w: usize) -> V {
+        let (it, ft, mt) = (ty(w, "i32"), ty(w, "float"), ty(w, "i1"));
+        let c = |v: u32| splat_lit(w, "i32", &(v as i32).to_string());
+        let m = self.ins(format!("and {it} {}, {}", self.n(h), c(0x7fff)));
+        let m = self.ins(format!("shl {it} {}, {}", self.n(m), c(13)));
+        let exp = self.ins(format!("and {it} {}, {}", self.n(m), c(0x0f80_0000)));
+        let o = self.ins(format!("add {it} {}, {}", self.n(m), c(0x3800_0000)));
+        let inf_nan = self.ins(format!("add {it} {}, {}", self.n(o), c(0x3800_0000)));
+        let s = self.ins(format!("add {it} {}, {}", self.n(o), c(0x0080_0000)));
+        let s = self.ins(format!("bitcast {it} {} to {ft}", self.n(s)));
+        let magic = splat_lit(w, "float", &float_lit(f32::from_bits(0x3880_0000)));
+        let s = self.ins(format!("fsub {ft} {}, {magic}", self.n(s)));
+        let sub = self.ins(format!("bitcast {ft} {} to {it}", self.n(s)));
+        let is_special = self.ins(format!("icmp eq {it} {}, {}", self.n(exp), c(0x0f80_0000)));
+        let is_zero = self.ins(format!("icmp eq {it} {}, {}", self.n(exp), c(0)));
+        let r = self.ins(format!(
+            "select {mt} {}, {it} {}, {it} {}",
+            self.n(is_zero),
+            self.n(sub),
+            self.n(o)
+        ));
+        let r = self.ins(format!(
+            "select {mt} {}, {it} {}, {it} {}",
+            self.n(is_special),
+            self.n(inf_nan),
+            self.n(r)
+        ));
+        let sign = self.ins(format!("and {it} {}, {}", self.n(h), c(0x8000)));
+        let sign = self.ins(format!("shl {it} {}, {}", self.n(sign), c(16)));
+        let r = self.ins(format!("or {it} {}, {}", self.n(r), self.n(sign)));
+        self.ins(format!("bitcast {it} {} to {ft}", self.n(r)))
     }
 
     /// [`Func::view_pos`] on a vector of `w` element indices.
@@ -649,6 +731,16 @@ impl<'a> Func<'a> {
                 let sixteen = splat_lit(w, "i32", "16");
                 let h = self.ins(format!("lshr {it} {}, {sixteen}", self.n(bits)));
                 self.ins(format!("trunc {it} {} to {ht}", self.n(h)))
+            }
+            DType::F16 => {
+                // `x` holds an f16 value widened: rounding it again is exact.
+                let h = self.round_f16(x, w);
+                self.ins(format!(
+                    "trunc {} {} to {}",
+                    ty(w, "i32"),
+                    self.n(h),
+                    ty(w, "i16")
+                ))
             }
             // `x` holds an integral value in [-128, 127] (made by a cast), so this is exact.
             DType::I8 => self.ins(format!(
@@ -948,7 +1040,11 @@ impl<'a> Func<'a> {
                     let iz = splat_lit(w, "i32", "0");
                     let v = match (from, to) {
                         (DType::F32, DType::F32) | (DType::I32, DType::I32) => x,
-                        (DType::BF16 | DType::I8, DType::F32) => x,
+                        (DType::BF16 | DType::F16 | DType::I8, DType::F32) => x,
+                        (DType::F32, DType::F16) => self.map(x, |s, x| {
+                            let h = s.round_f16(x, w);
+                            s.widen_f16(h, w)
+                        }),
                         (DType::F32, DType::I8) => self.map(x, |s, x| {
                             // Rust's `as i8`: toward zero, saturating, NaN to 0; held widened.
                             let (bt, bs) = (ty(w, "i8"), suffix(w, "i8"));

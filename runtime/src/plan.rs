@@ -305,7 +305,7 @@ impl Plan {
                     *d = f32::from_bits(x as u32);
                 }
             }
-            HostSlice::BF16(v) => {
+            HostSlice::BF16(v) | HostSlice::F16(v) => {
                 let p = store.as_mut_ptr() as *mut u16;
                 // SAFETY: the buffer holds at least `len` 16-bit elements.
                 unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, len) };
@@ -366,10 +366,15 @@ impl Plan {
         match dtype {
             DType::F32 => HostData::F32(store[..n].to_vec()),
             DType::I32 => HostData::I32(store[..n].iter().map(|x| x.to_bits() as i32).collect()),
-            DType::BF16 => {
+            DType::BF16 | DType::F16 => {
                 let p = store.as_ptr() as *const u16;
                 // SAFETY: the buffer holds at least `n` 16-bit elements.
-                HostData::BF16(unsafe { std::slice::from_raw_parts(p, n) }.to_vec())
+                let v = unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
+                if dtype == DType::F16 {
+                    HostData::F16(v)
+                } else {
+                    HostData::BF16(v)
+                }
             }
             DType::I8 => {
                 let p = store.as_ptr() as *const i8;

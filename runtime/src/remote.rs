@@ -74,6 +74,13 @@ pub(crate) fn put_data(out: &mut Vec<u8>, d: &HostData) {
             out.extend_from_slice(&(v.len() as u64).to_le_bytes());
             out.extend(v.iter().map(|&x| x as u8));
         }
+        HostData::F16(v) => {
+            out.push(5);
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            for x in v {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
     }
 }
 
@@ -142,6 +149,12 @@ impl<'a> Reader<'a> {
                     .collect(),
             ),
             4 => HostData::I8(self.take(n)?.iter().map(|&b| b as i8).collect()),
+            5 => HostData::F16(
+                self.take(n.checked_mul(2).ok_or("too long")?)?
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
             other => return Err(format!("unknown element type {other} in a message")),
         })
     }
@@ -161,6 +174,7 @@ mod tests {
         put_data(&mut out, &HostData::Bool(vec![true, false]));
         put_data(&mut out, &HostData::BF16(vec![0x3fc0, 0xffff]));
         put_data(&mut out, &HostData::I8(vec![-128, 0, 127]));
+        put_data(&mut out, &HostData::F16(vec![0x3c00, 0x7e00]));
         let mut r = Reader::new(&out);
         assert_eq!(r.u64().unwrap(), 7);
         assert_eq!(r.str().unwrap(), "act.x");
@@ -169,6 +183,7 @@ mod tests {
         assert_eq!(r.data().unwrap(), HostData::Bool(vec![true, false]));
         assert_eq!(r.data().unwrap(), HostData::BF16(vec![0x3fc0, 0xffff]));
         assert_eq!(r.data().unwrap(), HostData::I8(vec![-128, 0, 127]));
+        assert_eq!(r.data().unwrap(), HostData::F16(vec![0x3c00, 0x7e00]));
         assert!(r.done());
         assert!(Reader::new(&out[..5]).u64().is_err());
     }

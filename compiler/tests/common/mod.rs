@@ -84,6 +84,8 @@ pub fn args(steps: usize) -> TrainArgs {
         tangents: 1,
         compress: None,
         precision: None,
+        loss_scale: 65536.0,
+        loss_scale_window: 2000,
         memory_report: false,
     }
 }
@@ -105,7 +107,7 @@ pub fn bits(d: &HostData) -> Vec<u32> {
         HostData::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
         HostData::I32(v) => v.iter().map(|&x| x as u32).collect(),
         HostData::Bool(v) => v.iter().map(|&x| x as u32).collect(),
-        HostData::BF16(v) => v.iter().map(|&x| x as u32).collect(),
+        HostData::BF16(v) | HostData::F16(v) => v.iter().map(|&x| x as u32).collect(),
         HostData::I8(v) => v.iter().map(|&x| x as u8 as u32).collect(),
     }
 }

@@ -6,8 +6,11 @@
 //! backward nodes are appended after them, and gradient outputs are added.
 //!
 //! - **Loss mode** (`mode=loss`): the function returns a scalar float loss (the output named
-//!   `loss`, or its only scalar float output). The seed is the constant 1. Outputs `grad.<param>`
-//!   are added for every float parameter, and `grad.<input>` for the data inputs named in `wrt`.
+//!   `loss`, or its only scalar float output). The seed is the constant 1, or, when the function
+//!   has an `f32[]` data input named `loss_scale` (added by `precision{f16}`), that input: the
+//!   whole backward then carries the loss scale (dynamic loss scaling; the trainer divides it
+//!   back out of the gradients). Outputs `grad.<param>` are added for every float parameter, and
+//!   `grad.<input>` for the data inputs named in `wrt`.
 //! - **Stage mode** (`mode=stage`, what a pipeline stage needs): there is no scalar loss. Every
 //!   float output `o` gets an incoming-gradient input `grad.<o>` (phase `dgrad`), and every float
 //!   data input gets a gradient output `grad.<input>` besides the parameters'.
@@ -89,6 +92,10 @@ impl std::str::FromStr for Mode {
 
 /// The prefix of gradient inputs and outputs: `grad.<name>`.
 pub const GRAD_PREFIX: &str = "grad.";
+
+/// The data input that, when present, seeds the loss's cotangent in loss mode (see the module
+/// docs): `--precision f16`'s loss scale.
+pub const LOSS_SCALE_INPUT: &str = "loss_scale";
 
 /// The `autodiff` pass.
 #[derive(Clone, Debug)]
@@ -609,6 +616,20 @@ pub(crate) fn differentiate_with(
         }
     }
 
+    let loss_scale = func
+        .args()
+        .find(|a| a.name == LOSS_SCALE_INPUT && a.role == cleave_ir::ArgRole::Data)
+        .map(|a| a.value);
+    if let (Some(s), Some(l)) = (loss_scale, &loss_output) {
+        let (st, lt) = (func.ty(s), func.ty(l.value));
+        if st != lt {
+            return Err(format!(
+                "@{fname}: the loss scale `{LOSS_SCALE_INPUT}` is {st}; it seeds the loss `{}`, \
+                 which is {lt}",
+                l.name
+            ));
+        }
+    }
     // Emit the backward pass.
     let mut t = Tracer::from_function(func);
     let mut cot: SecondaryMap<Value, Option<Value>> = SecondaryMap::with_default(None);
@@ -628,8 +649,9 @@ pub(crate) fn differentiate_with(
         let stage = t.func().nodes[t.func().values[*v].def].stage;
         t.set_stage(stage);
         t.set_phase(phase_of(&data_dep, *v));
-        let seed = match mode {
-            Mode::Loss => t.constant(ty, Literal::Float(vec![1.0])).map_err(err)?,
+        let seed = match (mode, loss_scale) {
+            (Mode::Loss, Some(s)) if loss_output.as_ref().is_some_and(|l| l.value == *v) => s,
+            (Mode::Loss, _) => t.constant(ty, Literal::Float(vec![1.0])).map_err(err)?,
             _ => t
                 .input(&format!("{GRAD_PREFIX}{name}"), ty.dtype, ty.shape.clone())
                 .map_err(err)?,

@@ -389,15 +389,7 @@ impl OpKernel {
                 } else if matches!(out.dtype, DType::BF16 | DType::F16) {
                     // bf16 (f16) GEMM: the operands widened (exact), the product accumulated in
                     // f32, each element rounded to bf16 (f16) once.
-                    type Widen = fn(u16) -> f32;
-                    type Round = fn(f32) -> u16;
-                    let (widen, round): (Widen, Round) = if out.dtype == DType::F16 {
-                        (crate::fused::f16_to_f32, crate::fused::round_f16)
-                    } else {
-                        (crate::fused::bf16_to_f32, |x| {
-                            (crate::fused::round_bf16(x).to_bits() >> 16) as u16
-                        })
-                    };
+                    let f16 = out.dtype == DType::F16;
                     let (na, nb, nc) = (*batch * m * k, *batch * k * n, *batch * m * n);
                     let mut wide = WIDE.with(|w| std::mem::take(&mut *w.borrow_mut()));
                     if wide.len() < na + nb + nc {
@@ -408,12 +400,8 @@ impl OpKernel {
                     let h = |buf: BufRef, len: usize| {
                         std::slice::from_raw_parts(mem.ptr_b(buf) as *const u16, len)
                     };
-                    for (d, &x) in wa.iter_mut().zip(h(*a, na)) {
-                        *d = widen(x);
-                    }
-                    for (d, &x) in wb.iter_mut().zip(h(*b, nb)) {
-                        *d = widen(x);
-                    }
+                    widen_16(wa, h(*a, na), f16);
+                    widen_16(wb, h(*b, nb), f16);
                     let ast = if *tl { (1, m) } else { (k, 1) };
                     let bst = if *tr { (1, k) } else { (n, 1) };
                     for bi in 0..*batch {
@@ -429,9 +417,7 @@ impl OpKernel {
                         );
                     }
                     let c = std::slice::from_raw_parts_mut(mem.ptr_b(*out) as *mut u16, nc);
-                    for (d, &x) in c.iter_mut().zip(wc.iter()) {
-                        *d = round(x);
-                    }
+                    round_16(c, wc, f16);
                     WIDE.with(|w| *w.borrow_mut() = wide);
                 } else {
                     let (av, bv, cv) = (mem.i(*a), mem.i(*b), mem.i_mut(*out));
@@ -1056,6 +1042,33 @@ unsafe fn reduce(
         for_each_strided(shape, st, |i, j| r[j] = f(r[j], v[i]));
     }
     Ok(())
+}
+
+/// 16-bit float patterns (`f16`, else bf16) widened into `dst` (exact); one loop per format, so
+/// each inlines and vectorises.
+fn widen_16(dst: &mut [f32], src: &[u16], f16: bool) {
+    if f16 {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = crate::fused::f16_to_f32(x);
+        }
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = crate::fused::bf16_to_f32(x);
+        }
+    }
+}
+
+/// `src` rounded to 16-bit float patterns (`f16`, else bf16), to nearest even.
+fn round_16(dst: &mut [u16], src: &[f32], f16: bool) {
+    if f16 {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = crate::fused::round_f16(x);
+        }
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = (crate::fused::round_bf16(x).to_bits() >> 16) as u16;
+        }
+    }
 }
 
 #[cfg(test)]

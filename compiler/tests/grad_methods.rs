@@ -613,34 +613,36 @@ fn f16_precision_scales_the_loss_dynamically() {
     }
     // An overflowing scale: 2²⁴ makes the backward GEMMs' f16 results infinite.
     let metrics = tmp("f16-scale").join("m.jsonl");
-    let adamw = |scale: f64, window: usize, metrics: Option<&std::path::Path>| {
+    // Momentum (an update the stages do not apply, whose step size follows the gradient's
+    // size, unlike AdamW's): the updater divides the scale out.
+    let momentum = |scale: f64, window: usize, metrics: Option<&std::path::Path>| {
         cleave_compiler::train::train(&TrainArgs {
             precision: Some("f16".into()),
             loss_scale: scale,
             loss_scale_window: window,
-            optimizer: OptimizerArg::Adamw,
+            optimizer: OptimizerArg::Momentum,
             microbatches: 1,
             metrics: metrics.map(std::path::Path::to_path_buf),
             ..common::gpt_tiny(1, "1f1b", 12)
         })
-        .unwrap_or_else(|e| panic!("f16 adamw {scale}: {e:#}"))
+        .unwrap_or_else(|e| panic!("f16 momentum {scale}: {e:#}"))
         .final_loss
         .unwrap()
     };
-    let f32_adamw = cleave_compiler::train::train(&TrainArgs {
-        optimizer: OptimizerArg::Adamw,
+    let f32_momentum = cleave_compiler::train::train(&TrainArgs {
+        optimizer: OptimizerArg::Momentum,
         microbatches: 1,
-        ..common::gpt_tiny(1, "1f1b", 16)
+        ..common::gpt_tiny(1, "1f1b", 12)
     })
     .unwrap()
     .final_loss
     .unwrap();
-    let good = adamw(65536.0, 2000, None);
+    let good = momentum(65536.0, 2000, None);
     assert!(
-        (good - f32_adamw).abs() <= 0.01 * f32_adamw,
-        "{good} vs {f32_adamw}"
+        (good - f32_momentum).abs() <= 0.01 * f32_momentum,
+        "{good} vs {f32_momentum}"
     );
-    adamw((1u64 << 24) as f64, 3, Some(&metrics));
+    momentum((1u64 << 24) as f64, 3, Some(&metrics));
     let lines: Vec<Value> = std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()
@@ -670,12 +672,22 @@ fn f16_precision_scales_the_loss_dynamically() {
         "no growth after a window of 3: {scales:?}"
     );
     // Skipped steps leave the weights as they were (as SGD at lr 0 does), on the pipeline.
+    let pipe_metrics = tmp("f16-skip").join("m.jsonl");
     let skipped = cleave_compiler::pipeline_train::train(&TrainArgs {
         precision: Some("f16".into()),
         loss_scale: (1u64 << 24) as f64,
+        metrics: Some(pipe_metrics.clone()),
         ..common::gpt_tiny(2, "zb-h1", 3)
     })
     .unwrap();
+    let text = std::fs::read_to_string(&pipe_metrics).unwrap();
+    let kept = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("skipped").is_some_and(|s| s == false))
+        .count();
+    assert_eq!(kept, 0, "{text}");
+    assert_eq!(text.matches("\"skipped\":true").count(), 3, "{text}");
     let still = cleave_compiler::pipeline_train::train(&TrainArgs {
         lr: Some(0.0),
         ..common::gpt_tiny(2, "zb-h1", 3)
@@ -689,6 +701,13 @@ fn f16_precision_scales_the_loss_dynamically() {
     })
     .unwrap_err();
     assert!(format!("{e:#}").contains("--loss-scale 0"), "{e:#}");
+    let e = cleave_compiler::train::train(&TrainArgs {
+        precision: Some("f16".into()),
+        grad_method: "forward-gradient".into(),
+        ..common::gpt_tiny(1, "1f1b", 1)
+    })
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("forward-gradient"), "{e:#}");
 }
 
 /// `inspect --memory --precision bf16` plans the bf16 step: its GEMM operands are stashed in

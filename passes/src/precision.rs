@@ -24,7 +24,7 @@
 //!
 //! `precision{f16}` does the same in IEEE binary16, whose range (6·10⁻⁸ to 65504) is far
 //! narrower than f32's: the gradients of the backward GEMMs would underflow. So the pass also
-//! adds an `f32[]` data input `loss_scale`, which `autodiff` takes as the loss's seed: the whole
+//! adds an `f32[]` data input `precision.loss_scale`, which `autodiff` takes as the loss's seed: the whole
 //! backward carries the scale `S`, and the trainer divides `S` out of the parameter gradients,
 //! skips a step whose gradients are not finite (halving `S`) and doubles `S` after a window of
 //! finite steps (dynamic loss scaling, as in Micikevicius et al., "Mixed Precision Training",
@@ -139,8 +139,8 @@ impl Pass for PrecisionPass {
 }
 
 /// Rewrites every forward `f32` matmul of `func` to `precision`'s type, and for f16 adds the
-/// `loss_scale` input (see the module docs); returns how many GEMMs. A function that already
-/// has an argument named `loss_scale` is an error under f16.
+/// `precision.loss_scale` input (see the module docs); returns how many GEMMs. A function that
+/// already has an argument of that name is an error under f16.
 pub fn narrow_gemms(func: &mut Function, precision: Precision) -> Result<usize, String> {
     if precision == Precision::F32 {
         return Ok(0);

@@ -593,7 +593,10 @@ fn is_dequantize(func: &Function, node: Node) -> bool {
     match d.op {
         Op::Cast { to: DType::F32 } => {
             d.operands.len() == 1
-                && matches!(func.ty(d.operands[0]).dtype, DType::BF16 | DType::I8)
+                && matches!(
+                    func.ty(d.operands[0]).dtype,
+                    DType::BF16 | DType::F16 | DType::I8
+                )
                 && forward(d.operands[0])
         }
         Op::Binary(BinaryOp::Mul) => {

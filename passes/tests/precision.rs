@@ -138,7 +138,7 @@ fn a_value_read_by_two_gemms_sums_its_gradient_in_f32() {
 }
 
 /// `precision{f16}`: the GEMMs run in f16 and the function gains the `f32[]` input
-/// `loss_scale`, which seeds the backward: every gradient is the f32 step's times the scale
+/// `precision.loss_scale`, which seeds the backward: every gradient is the f32 step's times the scale
 /// (exactly, for a power of two, where nothing rounds), and a scale of the wrong type or a
 /// clashing argument name is an error naming it.
 #[test]
@@ -157,7 +157,7 @@ fn f16_seeds_the_backward_with_the_loss_scale() {
     let g = &m.functions[0];
     let scale = g
         .args()
-        .find(|a| a.name == "loss_scale")
+        .find(|a| a.name == "precision.loss_scale")
         .expect("the loss scale");
     assert_eq!(scale.ty.to_string(), "f32[]");
     for &n in &g.body {
@@ -173,7 +173,10 @@ fn f16_seeds_the_backward_with_the_loss_scale() {
         [
             ("x".to_string(), x.clone()),
             ("w".to_string(), w.clone()),
-            ("loss_scale".to_string(), Tensor::from_f32(vec![], vec![s])),
+            (
+                "precision.loss_scale".to_string(),
+                Tensor::from_f32(vec![], vec![s]),
+            ),
         ]
         .into_iter()
         .collect()
@@ -186,7 +189,7 @@ fn f16_seeds_the_backward_with_the_loss_scale() {
     // A loss scale of another type, or an argument already named so.
     let bad = src.replace(
         "%w = param",
-        "%s = input {name = \"loss_scale\"} : f32[2]\n  %w = param",
+        "%s = input {name = \"precision.loss_scale\"} : f32[2]\n  %w = param",
     );
     let mut m = Module::with_function(cleave_ir::parse_function(&bad).unwrap());
     let e = run(&mut m, "autodiff").unwrap_err();
@@ -194,4 +197,49 @@ fn f16_seeds_the_backward_with_the_loss_scale() {
     let mut m = Module::with_function(cleave_ir::parse_function(&bad).unwrap());
     let e = run(&mut m, "precision{f16}").unwrap_err();
     assert!(e.contains("already has an argument"), "{e}");
+}
+
+/// Under `local` learning every block's auxiliary loss is a seed too: each is scaled, so no
+/// block's gradient escapes the division by the scale.
+#[test]
+fn f16_scales_every_local_loss() {
+    let f = mlp(&MlpConfig {
+        batch: 4,
+        sizes: vec![3, 8, 8, 8, 2],
+        activation: UnaryOp::Tanh,
+        bias: true,
+        dtype: DType::F32,
+    })
+    .unwrap();
+    let count_seeds = |pipeline: &str| -> (usize, usize) {
+        let mut m = Module::with_function(f.clone());
+        run(&mut m, pipeline).unwrap();
+        let g = &m.functions[0];
+        let scale = g
+            .args()
+            .find(|a| a.name == "precision.loss_scale")
+            .map(|a| a.value);
+        let uses = scale.map_or(0, |s| {
+            g.body
+                .iter()
+                .filter(|&&n| g.nodes[n].operands.contains(&s))
+                .count()
+        });
+        let ones = g
+            .body
+            .iter()
+            .filter(|&&n| {
+                g.nodes[n].phase.is_backward()
+                    && matches!(&g.nodes[n].op, Op::Constant { .. })
+                    && g.ty(g.nodes[n].results[0]).shape.is_empty()
+            })
+            .count();
+        (uses, ones)
+    };
+    let (uses, _) = count_seeds("precision{f16},autodiff{method=local,blocks=2}");
+    let (_, ones) = count_seeds("precision{bf16},autodiff{method=local,blocks=2}");
+    // bf16 seeds the main loss and each auxiliary one with a constant 1; f16 reads the scale
+    // once per seed instead.
+    assert!(ones >= 2, "{ones} scalar seeds under bf16");
+    assert!(uses >= ones, "the scale seeds {uses} losses of {ones}");
 }

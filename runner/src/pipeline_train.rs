@@ -55,6 +55,7 @@ use cleave_passes::autodiff::{Compress, Selection};
 use cleave_passes::compress::{autodiff_pass, selection_of};
 use cleave_passes::partition::{Cut, DeviceProfile};
 use cleave_passes::plan::{joint, split_staged, stage_forward, Planned, Split};
+use cleave_passes::precision::Precision;
 use cleave_passes::remat::{
     named_smallest, parse_bytes, plan_stages_reserved, ChoiceGraph, InFlight, Policy, StageMemory,
     SMALLEST_FEASIBLE,
@@ -1381,6 +1382,11 @@ pub struct LossScaler {
 }
 
 impl LossScaler {
+    /// The smallest scale (2⁻²⁴); a step that overflows there is an error.
+    pub const MIN: f32 = 1.0 / 16_777_216.0;
+    /// The largest scale (2²⁴).
+    pub const MAX: f32 = 16_777_216.0;
+
     /// `--loss-scale` and `--loss-scale-window`; the scale must be a positive finite number.
     pub fn new(scale: f64, window: usize) -> Result<Self> {
         if !(scale.is_finite() && scale > 0.0) {
@@ -1401,12 +1407,12 @@ impl LossScaler {
         if finite {
             self.good += 1;
             if self.window > 0 && self.good >= self.window {
-                self.scale = (self.scale * 2.0).min(16_777_216.0);
+                self.scale = (self.scale * 2.0).min(Self::MAX);
                 self.good = 0;
             }
         } else {
             self.skipped += 1;
-            self.scale = (self.scale * 0.5).max(1.0 / 16_777_216.0);
+            self.scale = (self.scale * 0.5).max(Self::MIN);
             self.good = 0;
         }
         self.scale != old
@@ -1697,6 +1703,15 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             Ok((step, parse_fail_action(action)?))
         })
         .transpose()?;
+    if let (Precision::F16, GradMethod::ForwardGradient { .. }) = (
+        crate::train::parse_precision(a.precision.as_deref())?,
+        crate::train::parse_grad_method(&a.grad_method, a.tangents)?,
+    ) {
+        bail!(
+            "--precision f16 scales the backward's seed, and --grad-method forward-gradient has \
+             no backward: use bp, fa, dfa or local with f16, or bf16 with forward-gradient"
+        );
+    }
     let crate::train::TrainingModel {
         loaded,
         forward,
@@ -1732,11 +1747,14 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     // the step's settings) is compared across ranks before the first step.
     if let Some(r) = remote {
         let text = format!(
-            "{module}\n{}\n{m} {} {lr} {:?} {:?}",
+            "{module}\n{}\n{m} {} {lr} {:?} {:?} {:?} {} {}",
             schedule.to_json(),
             a.steps,
             a.seed,
-            a.data
+            a.data,
+            a.precision,
+            a.loss_scale,
+            a.loss_scale_window
         );
         let mut h: u64 = 0xcbf29ce484222325;
         for b in text.bytes() {
@@ -1789,7 +1807,10 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
                 let bad =
                     || anyhow::anyhow!("{}: bad {key} `{v}` in the checkpoint", dir.display());
                 match slot {
-                    0 => s.scale = v.parse().map_err(|_| bad())?,
+                    0 => {
+                        let scale: f64 = v.parse().map_err(|_| bad())?;
+                        s.scale = LossScaler::new(scale, s.window).map_err(|_| bad())?.scale;
+                    }
                     _ => s.good = v.parse().map_err(|_| bad())?,
                 }
             }
@@ -1913,6 +1934,13 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
         let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
         if !loss.is_finite() {
+            if scaler.is_some() {
+                bail!(
+                    "loss is {loss} at step {step}; training stopped: the forward overflowed f16 \
+                     (a GEMM result beyond ±65504, which no loss scale changes); use --precision \
+                     bf16, whose range is f32's"
+                );
+            }
             bail!("loss is {loss} at step {step}; training stopped");
         }
         let norm = finish_scaled_step(
@@ -1924,12 +1952,22 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             scaler.as_ref().map(|s| s.scale),
         )?;
         // (scale used, whether the step was kept)
-        let scaled_step = scaler.as_mut().map(|s| {
-            let used = s.scale;
-            let finite = norm.is_none_or(f64::is_finite);
-            s.update(finite);
-            (used, finite)
-        });
+        let scaled_step = match scaler.as_mut() {
+            Some(s) => {
+                let used = s.scale;
+                let finite = norm.is_none_or(f64::is_finite);
+                if !finite && used <= LossScaler::MIN {
+                    bail!(
+                        "step {step}: the gradients are not finite even at the smallest loss \
+                         scale ({used:e}): not an f16 range problem (check the model and \
+                         --lr, or train in f32 with --debug-nan)"
+                    );
+                }
+                s.update(finite);
+                Some((used, finite))
+            }
+            None => None,
+        };
         if let (Some(n), false, None) = (norm.filter(|n| !n.is_finite()), quiet, scaled_step) {
             eprintln!(
                 "\nwarning: step {step}: the gradient norm is {n}; the update was rolled back"

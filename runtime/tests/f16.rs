@@ -132,27 +132,44 @@ fn f16_casts_round_as_the_interpreter_does() {
         1.0,
         -0.0,
     ];
-    let edges: Vec<f32> = edges.into_iter().chain([0.0; 4]).collect();
+    // Thirteen elements: vectors and a scalar tail in the generated loops.
+    let edges: Vec<f32> = edges
+        .into_iter()
+        .chain([0.0, 0.0, 0.0, f32::INFINITY, -1e9])
+        .collect();
     let g = parse_function(
         r#"func @g {
-  %x = input {name = "x"} : f32[12]
-  %h = cast %x : f16[12]
-  return %h as "h"
+  %x = input {name = "x"} : f32[13]
+  %h = cast %x : f16[13]
+  %w = cast %h : f32[13]
+  return %h as "h", %w as "w"
 }"#,
     )
     .unwrap();
-    for jit in [false, true] {
-        let mut p = plan(&g, jit, Codegen::Cranelift);
+    let runs = [(false, Codegen::Cranelift)].into_iter().chain(
+        Codegen::ALL
+            .into_iter()
+            .filter(|c| c.available())
+            .map(|c| (true, c)),
+    );
+    for (jit, codegen) in runs {
+        let mut p = plan(&g, jit, codegen);
         p.set_input_named("x", HostData::F32(edges.clone()).as_slice())
             .unwrap();
         p.run().unwrap();
         assert_eq!(
             p.output(0),
             HostData::F16(vec![
-                0x7bff, 0x7c00, 0x0001, 0x0000, 0x7e00, 0xfe00, 0x3c00, 0x8000, 0, 0, 0, 0
+                0x7bff, 0x7c00, 0x0001, 0x0000, 0x7e00, 0xfe00, 0x3c00, 0x8000, 0, 0, 0, 0x7c00,
+                0xfc00
             ]),
-            "jit {jit}"
+            "jit {jit} {}",
+            codegen.name()
         );
+        let w = p.output_f32(1).unwrap();
+        assert_eq!(w[..4], [65504.0, f32::INFINITY, 2f32.powi(-24), 0.0]);
+        assert!(w[4].is_nan() && w[5].is_nan());
+        assert_eq!(w[11..], [f32::INFINITY, f32::NEG_INFINITY]);
     }
     p.set_input_named("x", HostData::F32(vec![f32::NAN; n]).as_slice())
         .unwrap();

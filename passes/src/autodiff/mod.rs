@@ -7,9 +7,9 @@
 //!
 //! - **Loss mode** (`mode=loss`): the function returns a scalar float loss (the output named
 //!   `loss`, or its only scalar float output). The seed is the constant 1, or, when the function
-//!   has an `f32[]` data input named `loss_scale` (added by `precision{f16}`), that input: the
-//!   whole backward then carries the loss scale (dynamic loss scaling; the trainer divides it
-//!   back out of the gradients). Outputs `grad.<param>` are added for every float parameter, and
+//!   has an `f32[]` data input named `precision.loss_scale` (added by `precision{f16}`), that
+//!   input: the whole backward then carries the loss scale (dynamic loss scaling; the trainer
+//!   divides it back out of the gradients). Auxiliary losses (`local`) are seeded with it too. Outputs `grad.<param>` are added for every float parameter, and
 //!   `grad.<input>` for the data inputs named in `wrt`.
 //! - **Stage mode** (`mode=stage`, what a pipeline stage needs): there is no scalar loss. Every
 //!   float output `o` gets an incoming-gradient input `grad.<o>` (phase `dgrad`), and every float
@@ -95,7 +95,7 @@ pub const GRAD_PREFIX: &str = "grad.";
 
 /// The data input that, when present, seeds the loss's cotangent in loss mode (see the module
 /// docs): `--precision f16`'s loss scale.
-pub const LOSS_SCALE_INPUT: &str = "loss_scale";
+pub const LOSS_SCALE_INPUT: &str = "precision.loss_scale";
 
 /// The `autodiff` pass.
 #[derive(Clone, Debug)]
@@ -620,14 +620,21 @@ pub(crate) fn differentiate_with(
         .args()
         .find(|a| a.name == LOSS_SCALE_INPUT && a.role == cleave_ir::ArgRole::Data)
         .map(|a| a.value);
-    if let (Some(s), Some(l)) = (loss_scale, &loss_output) {
-        let (st, lt) = (func.ty(s), func.ty(l.value));
-        if st != lt {
-            return Err(format!(
-                "@{fname}: the loss scale `{LOSS_SCALE_INPUT}` is {st}; it seeds the loss `{}`, \
-                 which is {lt}",
-                l.name
-            ));
+    if let (Some(s), true) = (loss_scale, mode == Mode::Loss) {
+        for (v, name) in &seeds {
+            let (st, lt) = (func.ty(s), func.ty(*v));
+            // A narrow-float loss (an auxiliary head on an f16 value) gets the scale cast.
+            if st.shape != lt.shape || !lt.dtype.is_float() {
+                let name = if name.is_empty() {
+                    "an auxiliary loss"
+                } else {
+                    name
+                };
+                return Err(format!(
+                    "@{fname}: the loss scale `{LOSS_SCALE_INPUT}` is {st}; it seeds the loss \
+                     `{name}`, which is {lt}"
+                ));
+            }
         }
     }
     // Emit the backward pass.
@@ -650,7 +657,8 @@ pub(crate) fn differentiate_with(
         t.set_stage(stage);
         t.set_phase(phase_of(&data_dep, *v));
         let seed = match (mode, loss_scale) {
-            (Mode::Loss, Some(s)) if loss_output.as_ref().is_some_and(|l| l.value == *v) => s,
+            (Mode::Loss, Some(s)) if t.ty(s).dtype == ty.dtype => s,
+            (Mode::Loss, Some(s)) => t.cast(s, ty.dtype).map_err(err)?,
             (Mode::Loss, _) => t.constant(ty, Literal::Float(vec![1.0])).map_err(err)?,
             _ => t
                 .input(&format!("{GRAD_PREFIX}{name}"), ty.dtype, ty.shape.clone())

@@ -171,11 +171,6 @@ pub fn narrow_gemms(func: &mut Function, precision: Precision) -> Result<usize, 
     Ok(done)
 }
 
-/// Rewrites every forward `f32` matmul of `func` to bf16 (see the module docs); returns how many.
-pub fn bf16_gemms(func: &mut Function) -> usize {
-    narrow_gemms_to(func, DType::BF16)
-}
-
 /// Rewrites every forward `f32` matmul of `func` to run in `dt` between casts.
 fn narrow_gemms_to(func: &mut Function, dt: DType) -> usize {
     let mut narrow: HashMap<Value, Value> = HashMap::new();

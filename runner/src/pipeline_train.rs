@@ -1400,10 +1400,8 @@ impl LossScaler {
         })
     }
 
-    /// Records a step: `finite` is whether its gradients were finite (it was kept). Returns
-    /// whether the scale changed.
-    pub fn update(&mut self, finite: bool) -> bool {
-        let old = self.scale;
+    /// Records a step: `finite` is whether its gradients were finite (it was kept).
+    pub fn update(&mut self, finite: bool) {
         if finite {
             self.good += 1;
             if self.window > 0 && self.good >= self.window {
@@ -1415,7 +1413,6 @@ impl LossScaler {
             self.scale = (self.scale * 0.5).max(Self::MIN);
             self.good = 0;
         }
-        self.scale != old
     }
 }
 
@@ -1802,17 +1799,17 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         let (step, meta) = crate::train::restore_checkpoint(dir, &mut state)?;
         if let Some(s) = scaler.as_mut() {
             // The scale and its count of finite steps continue where the run stopped.
-            for (key, slot) in [("loss_scale", 0), ("loss_scale_good", 1)] {
-                let Some(v) = meta.get(key) else { continue };
-                let bad =
-                    || anyhow::anyhow!("{}: bad {key} `{v}` in the checkpoint", dir.display());
-                match slot {
-                    0 => {
-                        let scale: f64 = v.parse().map_err(|_| bad())?;
-                        s.scale = LossScaler::new(scale, s.window).map_err(|_| bad())?.scale;
-                    }
-                    _ => s.good = v.parse().map_err(|_| bad())?,
-                }
+            let bad = |key: &str, v: &str| {
+                anyhow::anyhow!("{}: bad {key} `{v}` in the checkpoint", dir.display())
+            };
+            if let Some(v) = meta.get("loss_scale") {
+                let scale: f64 = v.parse().map_err(|_| bad("loss_scale", v))?;
+                s.scale = LossScaler::new(scale, s.window)
+                    .map_err(|_| bad("loss_scale", v))?
+                    .scale;
+            }
+            if let Some(v) = meta.get("loss_scale_good") {
+                s.good = v.parse().map_err(|_| bad("loss_scale_good", v))?;
             }
         }
         params.extend(state.into_iter().map(|(name, (_, d))| (name, d)));

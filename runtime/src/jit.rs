@@ -481,14 +481,7 @@ fn widen_bf16(b: &mut FunctionBuilder, h: Value, fty: Type) -> Value {
 /// runtime's `fused::round_bf16` (NaN stays NaN, made quiet).
 fn round_bf16(b: &mut FunctionBuilder, x: Value, w: usize) -> Value {
     let (fty, ity) = if w == 1 { (F32, I32) } else { (F32X4, I32X4) };
-    let c = |b: &mut FunctionBuilder, v: i64| {
-        let k = b.ins().iconst(I32, v);
-        if w == 1 {
-            k
-        } else {
-            b.ins().splat(I32X4, k)
-        }
-    };
+    let c = |b: &mut FunctionBuilder, v: u32| int_lanes(b, w, v);
     let bits = b.ins().bitcast(ity, MemFlagsData::new(), x);
     let odd = b.ins().ushr_imm_u(bits, 16);
     let one = c(b, 1);
@@ -496,7 +489,7 @@ fn round_bf16(b: &mut FunctionBuilder, x: Value, w: usize) -> Value {
     let bias = c(b, 0x7fff);
     let r = b.ins().iadd(bits, bias);
     let r = b.ins().iadd(r, odd);
-    let high = c(b, 0xffff_0000u32 as i32 as i64);
+    let high = c(b, 0xffff_0000);
     let r = b.ins().band(r, high);
     let quiet = c(b, 0x0040_0000);
     let nan = b.ins().bor(bits, quiet);

@@ -334,6 +334,11 @@ fn float_lit(v: f32) -> String {
     format!("0x{:016X}", (v as f64).to_bits())
 }
 
+/// The `i32` constant with bits `v` at width `w`.
+fn int_lit(w: usize, v: u32) -> String {
+    splat_lit(w, "i32", &(v as i32).to_string())
+}
+
 /// `lit` (a scalar constant of type `t`) at width `w`.
 fn splat_lit(w: usize, t: &str, lit: &str) -> String {
     if w == 1 {
@@ -595,7 +600,7 @@ impl<'a> Func<'a> {
     /// `fused::round_bf16` (NaN stays NaN, made quiet).
     fn round_bf16(&mut self, x: V, w: usize) -> V {
         let (it, ft, mt) = (ty(w, "i32"), ty(w, "float"), ty(w, "i1"));
-        let c = |v: u32| splat_lit(w, "i32", &(v as i32).to_string());
+        let c = |v: u32| int_lit(w, v);
         let bits = self.ins(format!("bitcast {ft} {} to {it}", self.n(x)));
         let odd = self.ins(format!("lshr {it} {}, {}", self.n(bits), c(16)));
         let odd = self.ins(format!("and {it} {}, {}", self.n(odd), c(1)));
@@ -618,7 +623,7 @@ impl<'a> Func<'a> {
     /// `fused::round_f16`, step for step (no fast-math flags: the float addition must round).
     fn round_f16(&mut self, x: V, w: usize) -> V {
         let (it, ft, mt) = (ty(w, "i32"), ty(w, "float"), ty(w, "i1"));
-        let c = |v: u32| splat_lit(w, "i32", &(v as i32).to_string());
+        let c = |v: u32| int_lit(w, v);
         let bits = self.ins(format!("bitcast {ft} {} to {it}", self.n(x)));
         let sign = self.ins(format!("and {it} {}, {}", self.n(bits), c(0x8000_0000)));
         let a = self.ins(format!("xor {it} {}, {}", self.n(bits), self.n(sign)));
@@ -661,7 +666,7 @@ impl<'a> Func<'a> {
     /// `fused::f16_to_f32`, step for step.
     fn widen_f16(&mut self, h: V, w: usize) -> V {
         let (it, ft, mt) = (ty(w, "i32"), ty(w, "float"), ty(w, "i1"));
-        let c = |v: u32| splat_lit(w, "i32", &(v as i32).to_string());
+        let c = |v: u32| int_lit(w, v);
         let m = self.ins(format!("and {it} {}, {}", self.n(h), c(0x7fff)));
         let m = self.ins(format!("shl {it} {}, {}", self.n(m), c(13)));
         let exp = self.ins(format!("and {it} {}, {}", self.n(m), c(0x0f80_0000)));

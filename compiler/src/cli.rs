@@ -156,7 +156,8 @@ pub struct BenchCmd {
     /// With `--target cuda`: run GEMMs on cuBLAS (default) or as the MLIR kernels.
     #[arg(long, value_enum, default_value = "cublas")]
     pub gemm: crate::gpu_train::GemmArg,
-    /// With `--target cuda`: time every kernel group of one more step and report the N slowest.
+    /// Time every kernel of a few more steps on its own and report the time per kernel kind and
+    /// the N slowest kernels (on the CPU: kernels; with `--target cuda`: kernel groups of one step).
     #[arg(long)]
     pub profile: Option<usize>,
 }
@@ -510,7 +511,7 @@ where
             }
         },
         Command::Bench(a) => match a.target {
-            Target::Cpu => cmd_bench(a.args),
+            Target::Cpu => cmd_bench(a.args, a.profile),
             Target::Cuda => cmd_bench_cuda(a.args, a.gemm, a.profile),
         },
         Command::Compile(a) => cmd_compile(a),
@@ -578,8 +579,8 @@ fn cmd_compile(a: CompileCmd) -> Result<()> {
     Ok(())
 }
 
-fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
-    let r = crate::train::bench(&a)?;
+fn cmd_bench(a: crate::train::BenchArgs, profile: Option<usize>) -> Result<()> {
+    let r = crate::train::bench_with(&a, profile)?;
     let engine = if a.interp { "interpreter" } else { "runtime" };
     if a.json {
         println!(
@@ -597,6 +598,7 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
                 "matmul_flops": r.matmul_flops,
                 "gflops": r.gflops(),
                 "allocations_per_step": r.allocations_per_step,
+                "profile": r.profile,
             })
         );
     } else {
@@ -621,8 +623,41 @@ fn cmd_bench(a: crate::train::BenchArgs) -> Result<()> {
                 .map(|n| format!(", {n:.1} heap allocations per step"))
                 .unwrap_or_default()
         );
+        if let Some(p) = &r.profile {
+            print_cpu_profile(p);
+        }
     }
     Ok(())
+}
+
+/// The text form of `cleave bench --profile N` on the CPU.
+fn print_cpu_profile(p: &serde_json::Value) {
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    println!(
+        "profile: {:.3} ms of kernels per step (each kernel timed alone, mean of {} steps)",
+        f(p, "total_ms"),
+        p["runs"]
+    );
+    for k in p["by_kind"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<22} {:>4} kernels {:>10.3} ms {:>5.1}%",
+            k["kind"].as_str().unwrap_or(""),
+            k["kernels"],
+            f(k, "ms"),
+            100.0 * f(k, "share")
+        );
+    }
+    println!("slowest kernels:");
+    for k in p["slowest"].as_array().into_iter().flatten() {
+        println!(
+            "  {:>9.3} ms  {:<18} {:<36} {} {}",
+            f(k, "ms"),
+            k["kind"].as_str().unwrap_or(""),
+            k["detail"].as_str().unwrap_or(""),
+            k["op"].as_str().unwrap_or(""),
+            k["value"].as_str().unwrap_or("")
+        );
+    }
 }
 
 fn cmd_bench_cuda(

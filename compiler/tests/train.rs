@@ -139,25 +139,50 @@ fn nan_loss_stops_with_the_step_and_the_op() {
 
 #[test]
 fn bench_reports_a_median() {
-    use cleave_compiler::train::{bench, BenchArgs};
-    let r = bench(&BenchArgs {
-        model: root().join("examples/mlp-digits.cir"),
-        batch: None,
-        loss: None,
-        labels: None,
-        loss_output: None,
-        warmup: 2,
-        iters: 5,
-        json: true,
-        optimizer: OptimizerArg::Sgd,
-        interp: false,
-        no_jit: false,
-        codegen: Default::default(),
-        grad_method: "bp".into(),
-        tangents: 1,
-    })
+    use cleave_compiler::train::{bench_with, BenchArgs};
+    let r = bench_with(
+        &BenchArgs {
+            model: root().join("examples/mlp-digits.cir"),
+            batch: None,
+            loss: None,
+            labels: None,
+            loss_output: None,
+            warmup: 2,
+            iters: 5,
+            json: true,
+            optimizer: OptimizerArg::Sgd,
+            interp: false,
+            no_jit: false,
+            codegen: Default::default(),
+            grad_method: "bp".into(),
+            tangents: 1,
+        },
+        Some(3),
+    )
     .unwrap();
     assert!(r.median_ms > 0.0 && r.median_ms.is_finite());
+    // `--profile 3`: the kinds' times add up to the total, the matmuls are among them (two
+    // forward products, one input gradient, the two weight gradients folded into the update),
+    // and the three slowest kernels are listed slowest first.
+    let p = r.profile.as_ref().expect("profile");
+    let kinds = p["by_kind"].as_array().unwrap();
+    let sum: f64 = kinds.iter().map(|k| k["ms"].as_f64().unwrap()).sum();
+    assert!((sum - p["total_ms"].as_f64().unwrap()).abs() < 1e-9 * sum.max(1.0));
+    let count = |kind: &str| {
+        kinds
+            .iter()
+            .find(|k| k["kind"] == kind)
+            .map_or(0, |k| k["kernels"].as_u64().unwrap())
+    };
+    assert_eq!(count("matmul") + count("matmul (update)"), 5, "{p}");
+    let slowest: Vec<f64> = p["slowest"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["ms"].as_f64().unwrap())
+        .collect();
+    assert_eq!(slowest.len(), 3);
+    assert!(slowest.windows(2).all(|w| w[0] >= w[1]));
     assert!(r.peak_bytes > 0);
     // MLP 64-128-10 at batch 32: forward 2·32·(64·128 + 128·10) matmul FLOPs, backward the two
     // weight gradients and one input gradient (the data input gets none).

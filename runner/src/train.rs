@@ -1361,6 +1361,46 @@ pub struct BenchResult {
     /// Heap allocations per timed step, all threads (the instrumented allocator's count; `None`
     /// for the interpreter or where that allocator is not installed).
     pub allocations_per_step: Option<f64>,
+    /// With `--profile N`: every kernel of the plan timed on its own over [`PROFILE_RUNS`] more
+    /// steps (`{"total_ms", "by_kind": [...], "slowest": [...]}`).
+    pub profile: Option<serde_json::Value>,
+}
+
+/// Steps that `cleave bench --profile` times kernel by kernel (each kernel's mean is reported).
+pub const PROFILE_RUNS: usize = 5;
+
+/// The per-kernel profile of `cleave bench --profile top`: totals per kernel kind (largest
+/// first, with their share) and the `top` slowest kernels.
+fn profile_json(times: &[cleave_runtime::KernelTime], top: usize) -> serde_json::Value {
+    let total: f64 = times.iter().map(|t| t.ms).sum();
+    let mut kinds: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+    for t in times {
+        let e = kinds.entry(t.kind).or_default();
+        e.0 += t.ms;
+        e.1 += 1;
+    }
+    let mut kinds: Vec<_> = kinds.into_iter().collect();
+    kinds.sort_by(|x, y| y.1 .0.total_cmp(&x.1 .0));
+    let by_kind: Vec<serde_json::Value> = kinds
+        .iter()
+        .map(|(k, (ms, n))| {
+            serde_json::json!({"kind": k, "kernels": n, "ms": ms,
+                "share": if total > 0.0 { ms / total } else { 0.0 }})
+        })
+        .collect();
+    let mut order: Vec<&cleave_runtime::KernelTime> = times.iter().collect();
+    order.sort_by(|x, y| y.ms.total_cmp(&x.ms));
+    let slowest: Vec<serde_json::Value> = order
+        .iter()
+        .take(top)
+        .map(|t| {
+            let value: String = t.value.chars().take(80).collect();
+            serde_json::json!({"kind": t.kind, "detail": t.detail, "op": t.op,
+                "value": value, "ms": t.ms})
+        })
+        .collect();
+    serde_json::json!({"total_ms": total, "runs": PROFILE_RUNS, "by_kind": by_kind,
+        "slowest": slowest})
 }
 
 impl BenchResult {
@@ -1372,6 +1412,16 @@ impl BenchResult {
 
 /// Runs `cleave bench`: the median time of one training step.
 pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
+    bench_with(a, None)
+}
+
+/// [`bench`], and with `profile: Some(top)` a per-kernel profile of [`PROFILE_RUNS`] more steps
+/// after the timed ones (the runtime only; the interpreter has no kernels to time).
+pub fn bench_with(a: &BenchArgs, profile: Option<usize>) -> Result<BenchResult> {
+    if profile.is_some() && a.interp {
+        bail!("--profile times the runtime's kernels: it cannot be used with --interp");
+    }
+    let mut profiled = None;
     let (mut compile_ms, mut peak_bytes, mut fused_kernels, mut jit_kernels) = (0.0, 0, 0, 0);
     let method = parse_grad_method(&a.grad_method, a.tangents)?;
     let built = build_step_with(
@@ -1442,6 +1492,27 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
         if cleave_runtime::alloc::installed() && a.iters > 0 {
             allocations_per_step = Some(n as f64 / a.iters as f64);
         }
+        if let Some(top) = profile {
+            let mut times: Vec<cleave_runtime::KernelTime> = Vec::new();
+            for _ in 0..PROFILE_RUNS {
+                for &d in &data {
+                    set_host(&mut plan, d, &host[d])?;
+                }
+                let run = plan.run_profiled()?;
+                plan.carry();
+                if times.is_empty() {
+                    times = run;
+                } else {
+                    for (t, r) in times.iter_mut().zip(run) {
+                        t.ms += r.ms;
+                    }
+                }
+            }
+            for t in &mut times {
+                t.ms /= PROFILE_RUNS as f64;
+            }
+            profiled = Some(profile_json(&times, top));
+        }
     }
     times.sort_by(|x, y| x.total_cmp(y));
     let median_ms = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
@@ -1454,6 +1525,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
         flops: cost.total(),
         matmul_flops: cost.matmul,
         allocations_per_step,
+        profile: profiled,
     })
 }
 

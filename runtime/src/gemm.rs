@@ -53,6 +53,33 @@ pub(crate) unsafe fn sgemm(
         }
         return;
     }
+    gemm_par(
+        (m, k, n),
+        a,
+        (ars, acs),
+        b,
+        (brs, bcs),
+        c,
+        ldc,
+        accumulate,
+        1.0,
+    );
+}
+
+/// `c ← (accumulate ? c : 0) + scale·a·b`, split across the pool when the product is large
+/// enough (see the module's notes on threads).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_par(
+    (m, k, n): (usize, usize, usize),
+    a: *const f32,
+    (ars, acs): (usize, usize),
+    b: *const f32,
+    (brs, bcs): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    scale: f32,
+) {
     if 2 * m * k * n >= PAR_MIN_FLOPS && crate::pool::Pool::global().threads() > 1 {
         let pool = crate::pool::Pool::global();
         let threads = pool.threads();
@@ -78,7 +105,7 @@ pub(crate) unsafe fn sgemm(
                             c.get().add(lo * ldc),
                             ldc,
                             accumulate,
-                            1.0,
+                            scale,
                         );
                     } else {
                         gemm_1(
@@ -90,7 +117,7 @@ pub(crate) unsafe fn sgemm(
                             c.get().add(lo),
                             ldc,
                             accumulate,
-                            1.0,
+                            scale,
                         );
                     }
                 }
@@ -107,8 +134,65 @@ pub(crate) unsafe fn sgemm(
         c,
         ldc,
         accumulate,
-        1.0,
+        scale,
     );
+}
+
+/// `batch` products `c_i = a_i·b_i`, item `i`'s operands `i·(m·k)`, `i·(k·n)` and `i·(m·n)`
+/// elements on (strides within an item as in [`sgemm`], `c` row-major). Items too small to
+/// split on their own but together worth [`PAR_MIN_FLOPS`] are shared out across the pool in
+/// contiguous ranges (attention's per-head products); each item is the same single-threaded
+/// call either way, so results do not depend on the split.
+///
+/// # Safety
+/// As [`sgemm`], for every item.
+pub(crate) unsafe fn sgemm_batched(
+    batch: usize,
+    (m, k, n): (usize, usize, usize),
+    a: *const f32,
+    ast: (usize, usize),
+    b: *const f32,
+    bst: (usize, usize),
+    c: *mut f32,
+) {
+    let one = 2 * m * k * n;
+    let threads = crate::pool::Pool::global().threads();
+    if batch > 1 && k > 0 && one < PAR_MIN_FLOPS && batch * one >= PAR_MIN_FLOPS && threads > 1 {
+        let chunk = batch.div_ceil(threads);
+        let parts = batch.div_ceil(chunk);
+        let (a, b, c) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32), SendPtr(c));
+        crate::pool::Pool::global().run(parts, &|p| {
+            for bi in p * chunk..((p + 1) * chunk).min(batch) {
+                // SAFETY: each part reads its own items and writes its own items of `c`.
+                unsafe {
+                    gemm_1(
+                        (m, k, n),
+                        a.get().add(bi * m * k),
+                        ast,
+                        b.get().add(bi * k * n),
+                        bst,
+                        c.get().add(bi * m * n),
+                        n,
+                        false,
+                        1.0,
+                    );
+                }
+            }
+        });
+        return;
+    }
+    for bi in 0..batch {
+        sgemm(
+            (m, k, n),
+            a.add(bi * m * k),
+            ast,
+            b.add(bi * k * n),
+            bst,
+            c.add(bi * m * n),
+            n,
+            false,
+        );
+    }
 }
 
 /// Products of at least this many FLOPs are split across the pool's threads.
@@ -163,7 +247,7 @@ unsafe fn gemm_1(
     );
 }
 
-/// `c ← c + scale·a·b` (strides as in [`sgemm`]; single-threaded): gemm's
+/// `c ← c + scale·a·b` (strides as in [`sgemm`], split across the pool as it is): gemm's
 /// `dst = α·dst + β·lhs·rhs` with `α = 1`, `β = scale`. A folded SGD update.
 ///
 /// # Safety
@@ -182,5 +266,92 @@ pub(crate) unsafe fn sgemm_scaled(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    gemm_1((m, k, n), a, (ars, acs), b, (brs, bcs), c, ldc, true, scale);
+    gemm_par((m, k, n), a, (ars, acs), b, (brs, bcs), c, ldc, true, scale);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 65536.0)
+            .map(|x| x.sin())
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn batched_items_shared_across_the_pool_give_the_one_thread_bits() {
+        // 32 items of 2·128·64·128 FLOPs: each below the split, together above it.
+        let (batch, m, k, n) = (32, 128, 64, 128);
+        assert!(2 * m * k * n < PAR_MIN_FLOPS && batch * 2 * m * k * n >= PAR_MIN_FLOPS);
+        let (a, b) = (data(batch * m * k, 1), data(batch * k * n, 2));
+        for (ast, bst) in [((k, 1), (n, 1)), ((1, m), (1, k))] {
+            let mut c = vec![0.0; batch * m * n];
+            let mut want = vec![0.0; batch * m * n];
+            unsafe {
+                sgemm_batched(
+                    batch,
+                    (m, k, n),
+                    a.as_ptr(),
+                    ast,
+                    b.as_ptr(),
+                    bst,
+                    c.as_mut_ptr(),
+                );
+                for i in 0..batch {
+                    gemm_1(
+                        (m, k, n),
+                        a.as_ptr().add(i * m * k),
+                        ast,
+                        b.as_ptr().add(i * k * n),
+                        bst,
+                        want.as_mut_ptr().add(i * m * n),
+                        n,
+                        false,
+                        1.0,
+                    );
+                }
+            }
+            assert_eq!(bits(&c), bits(&want));
+        }
+    }
+
+    #[test]
+    fn a_split_update_gives_the_one_thread_bits() {
+        // A folded SGD update `c += s·aᵀ·b`, large enough to split (rows, then columns).
+        for (m, k, n) in [(256, 1024, 96), (96, 1024, 256)] {
+            assert!(2 * m * k * n >= PAR_MIN_FLOPS);
+            let (a, b, c0) = (data(k * m, 3), data(k * n, 4), data(m * n, 5));
+            let (mut c, mut want) = (c0.clone(), c0);
+            unsafe {
+                sgemm_scaled(
+                    (m, k, n),
+                    a.as_ptr(),
+                    (1, m),
+                    b.as_ptr(),
+                    (n, 1),
+                    c.as_mut_ptr(),
+                    n,
+                    -0.01,
+                );
+                gemm_1(
+                    (m, k, n),
+                    a.as_ptr(),
+                    (1, m),
+                    b.as_ptr(),
+                    (n, 1),
+                    want.as_mut_ptr(),
+                    n,
+                    true,
+                    -0.01,
+                );
+            }
+            assert_eq!(bits(&c), bits(&want), "{m}x{k}x{n}");
+        }
+    }
 }

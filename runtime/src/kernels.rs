@@ -4,9 +4,9 @@
 
 use cleave_ir::{DType, PoolKind, ReduceKind};
 
-use crate::gemm::{sgemm, sgemm_scaled};
+use crate::gemm::{sgemm, sgemm_batched, sgemm_scaled};
 use crate::plan::{BufRef, Mem};
-use crate::vmath::{exp_f32, exp_in_place};
+use crate::vmath::exp_f32;
 
 /// Maximum that propagates NaN.
 pub(crate) fn nan_max(a: f32, b: f32) -> f32 {
@@ -347,6 +347,57 @@ fn check_index(i: i32, extent: usize, p: usize) -> Result<usize, String> {
 }
 
 impl OpKernel {
+    /// The kernel's kind and sizes, for profiles.
+    pub(crate) fn describe(&self) -> (&'static str, String) {
+        match self {
+            OpKernel::MatMul {
+                batch,
+                mkn: (m, k, n),
+                tl,
+                tr,
+                update,
+                out,
+                ..
+            } => (
+                if update.is_some() {
+                    "matmul (update)"
+                } else {
+                    "matmul"
+                },
+                format!(
+                    "{batch}x{m}x{k}x{n}{}{} {:?}",
+                    if *tl { " Aᵀ" } else { "" },
+                    if *tr { " Bᵀ" } else { "" },
+                    out.dtype
+                ),
+            ),
+            OpKernel::Conv2d { geo, .. } => ("conv2d", format!("x {:?} w {:?}", geo.x, geo.w)),
+            OpKernel::Conv2dGradInput { geo, .. } => {
+                ("conv2d_grad_input", format!("x {:?} w {:?}", geo.x, geo.w))
+            }
+            OpKernel::Conv2dGradWeight { geo, .. } => {
+                ("conv2d_grad_weight", format!("x {:?} w {:?}", geo.x, geo.w))
+            }
+            OpKernel::Pool { geo, .. } => ("pool", format!("x {:?}", geo.x)),
+            OpKernel::MaxPoolGrad { geo, .. } => ("max_pool_grad", format!("x {:?}", geo.x)),
+            OpKernel::AvgPoolGrad { geo, .. } => ("avg_pool_grad", format!("x {:?}", geo.x)),
+            OpKernel::Reduce { shape, axes, .. } => ("reduce", format!("{shape:?} over {axes:?}")),
+            OpKernel::Softmax { dims, .. } => ("softmax", format!("{dims:?}")),
+            OpKernel::Norm { x, n, .. } => ("norm", format!("{} rows of {n}", x.len / (*n).max(1))),
+            OpKernel::CrossEntropy { logits, c, .. } => (
+                "cross_entropy",
+                format!("{} rows of {c}", logits.len / (*c).max(1)),
+            ),
+            OpKernel::Gather { dims, .. } => ("gather", format!("{dims:?}")),
+            OpKernel::ScatterAdd { dims, .. } => ("scatter_add", format!("{dims:?}")),
+            OpKernel::Concat { out, .. } => ("concat", format!("{} elements", out.len)),
+            OpKernel::Split { x, .. } => ("split", format!("{} elements", x.len)),
+            OpKernel::Pad { out_shape, .. } => ("pad", format!("{out_shape:?}")),
+            OpKernel::OneHot { out, .. } => ("one_hot", format!("{} elements", out.len)),
+            OpKernel::ArgmaxOneHot { dims, .. } => ("argmax_one_hot", format!("{dims:?}")),
+        }
+    }
+
     /// Runs the kernel.
     ///
     /// # Safety
@@ -374,18 +425,7 @@ impl OpKernel {
                     let (ap, bp, cp) = (mem.ptr_f(*a), mem.ptr_f(*b), mem.ptr_f(*out));
                     let ast = if *tl { (1, m) } else { (k, 1) };
                     let bst = if *tr { (1, k) } else { (n, 1) };
-                    for bi in 0..*batch {
-                        sgemm(
-                            (m, k, n),
-                            ap.add(bi * m * k),
-                            ast,
-                            bp.add(bi * k * n),
-                            bst,
-                            cp.add(bi * m * n),
-                            n,
-                            false,
-                        );
-                    }
+                    sgemm_batched(*batch, (m, k, n), ap, ast, bp, bst, cp);
                 } else if matches!(out.dtype, DType::BF16 | DType::F16) {
                     // bf16 (f16) GEMM: the operands widened (exact), the product accumulated in
                     // f32, each element rounded to bf16 (f16) once.
@@ -404,18 +444,15 @@ impl OpKernel {
                     widen_16(wb, h(*b, nb), f16);
                     let ast = if *tl { (1, m) } else { (k, 1) };
                     let bst = if *tr { (1, k) } else { (n, 1) };
-                    for bi in 0..*batch {
-                        sgemm(
-                            (m, k, n),
-                            wa.as_ptr().add(bi * m * k),
-                            ast,
-                            wb.as_ptr().add(bi * k * n),
-                            bst,
-                            wc.as_mut_ptr().add(bi * m * n),
-                            n,
-                            false,
-                        );
-                    }
+                    sgemm_batched(
+                        *batch,
+                        (m, k, n),
+                        wa.as_ptr(),
+                        ast,
+                        wb.as_ptr(),
+                        bst,
+                        wc.as_mut_ptr(),
+                    );
                     let c = std::slice::from_raw_parts_mut(mem.ptr_b(*out) as *mut u16, nc);
                     round_16(c, wc, f16);
                     WIDE.with(|w| *w.borrow_mut() = wide);
@@ -610,20 +647,7 @@ impl OpKernel {
                 let (v, r) = (mem.f(*x), mem.f_mut(*out));
                 let (extent, inner) = (*extent, *inner);
                 if inner == 1 && !*log && extent > 0 {
-                    // Contiguous rows: one vectorisable pass of `exp` into the output, then a
-                    // scale by the reciprocal of the (f64-accumulated) sum.
-                    for (row, orow) in v.chunks_exact(extent).zip(r.chunks_exact_mut(extent)) {
-                        let m = row.iter().copied().fold(f32::NEG_INFINITY, nan_max);
-                        for (o, &a) in orow.iter_mut().zip(row) {
-                            *o = a - m;
-                        }
-                        exp_in_place(orow);
-                        let s: f64 = orow.iter().map(|&e| e as f64).sum();
-                        let inv = (1.0 / s) as f32;
-                        for o in orow.iter_mut() {
-                            *o *= inv;
-                        }
-                    }
+                    crate::rows::softmax(v, r, extent);
                 } else {
                     for o in 0..*outer {
                         for i in 0..inner {
@@ -657,27 +681,7 @@ impl OpKernel {
                 let (v, r) = (mem.f(*x), mem.f_mut(*out));
                 let n = *n;
                 if n > 0 {
-                    for (row, orow) in v.chunks_exact(n).zip(r.chunks_exact_mut(n)) {
-                        if *layer {
-                            let mean = row.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
-                            let var = row
-                                .iter()
-                                .map(|&a| (a as f64 - mean) * (a as f64 - mean))
-                                .sum::<f64>()
-                                / n as f64;
-                            let inv = 1.0 / (var + *eps).sqrt();
-                            for (o, &a) in orow.iter_mut().zip(row) {
-                                *o = ((a as f64 - mean) * inv) as f32;
-                            }
-                        } else {
-                            let ms =
-                                row.iter().map(|&a| a as f64 * a as f64).sum::<f64>() / n as f64;
-                            let inv = 1.0 / (ms + *eps).sqrt();
-                            for (o, &a) in orow.iter_mut().zip(row) {
-                                *o = (a as f64 * inv) as f32;
-                            }
-                        }
-                    }
+                    crate::rows::norm(v, r, n, *eps, *layer);
                 }
             }
             OpKernel::CrossEntropy {
@@ -694,11 +698,8 @@ impl OpKernel {
                             "label {lab} at flat position {p} is out of range for {c} classes"
                         ));
                     }
-                    let row = &v[p * c..(p + 1) * c];
-                    let m = row.iter().copied().fold(f32::NEG_INFINITY, nan_max);
-                    let s: f64 = row.iter().map(|&a| exp_f32(a - m) as f64).sum();
-                    r[p] = -(((row[lab as usize] - m) as f64) - s.ln()) as f32;
                 }
+                crate::rows::cross_entropy(v, l, r, c);
             }
             OpKernel::Gather {
                 table,
@@ -905,7 +906,7 @@ pub(crate) fn reduce_out_strides(shape: &[usize], axes: &[usize]) -> Vec<usize> 
 /// [`nan_max`]/[`nan_min`] gives it, bit for bit, but in 16 independent lanes. Max and min are
 /// order-independent except for the sign of a zero result (NaN propagates either way), so a
 /// zero result is recomputed by the fold.
-fn row_extreme(row: &[f32], max: bool) -> f32 {
+pub(crate) fn row_extreme(row: &[f32], max: bool) -> f32 {
     const L: usize = 16;
     let init = if max {
         f32::NEG_INFINITY
@@ -974,24 +975,15 @@ unsafe fn reduce(
     if x.dtype == DType::F32 {
         let (v, r) = (mem.f(x), mem.f_mut(out));
         let sumlike = matches!(kind, ReduceKind::Sum | ReduceKind::Mean);
-        if trailing && count > 0 {
+        if trailing && count > 0 && sumlike {
+            crate::rows::row_sums(v, r, count);
+        } else if trailing && count > 0 {
             for (a, row) in r.iter_mut().zip(v.chunks_exact(count)) {
-                *a = match kind {
-                    ReduceKind::Sum | ReduceKind::Mean => {
-                        row.iter().map(|&b| b as f64).sum::<f64>() as f32
-                    }
-                    ReduceKind::Max => row_extreme(row, true),
-                    ReduceKind::Min => row_extreme(row, false),
-                };
+                *a = row_extreme(row, kind == ReduceKind::Max);
             }
         } else if sumlike && leading && n_out > 0 {
             // Sum of `count` rows of length n_out.
-            r.fill(0.0);
-            for row in v.chunks_exact(n_out) {
-                for (a, &b) in r.iter_mut().zip(row) {
-                    *a += b;
-                }
-            }
+            crate::rows::col_sums(v, r, n_out);
         } else {
             acc.clear();
             acc.resize(

@@ -59,10 +59,11 @@ pub mod pipeline;
 mod plan;
 mod pool;
 pub mod remote;
+mod rows;
 mod vmath;
 
 pub use compile::{compile, compile_with, Codegen, CompileOptions};
-pub use plan::{ArgInfo, NanReport, OutputInfo, Plan};
+pub use plan::{ArgInfo, KernelTime, NanReport, OutputInfo, Plan};
 
 use cleave_ir::DType;
 

@@ -76,6 +76,38 @@ pub(crate) enum Kernel {
     Op(OpKernel),
 }
 
+impl Kernel {
+    /// The kernel's kind (`matmul`, `fused`, `softmax`, …) and its sizes, for profiles.
+    fn describe(&self) -> (&'static str, String) {
+        match self {
+            Kernel::Fused(k) => (
+                if k.jit.is_some() {
+                    "fused"
+                } else {
+                    "fused (interpreted)"
+                },
+                format!("{} elements, {} instructions", k.n, k.prog.len()),
+            ),
+            Kernel::Op(k) => k.describe(),
+        }
+    }
+}
+
+/// One kernel's time in [`Plan::run_profiled`].
+#[derive(Clone, Debug)]
+pub struct KernelTime {
+    /// `matmul`, `fused`, `reduce`, `softmax`, …
+    pub kind: &'static str,
+    /// Its sizes (a matmul's `batch×m×k×n`, a fused loop's elements).
+    pub detail: String,
+    /// The node it reports as (op name, printed value).
+    pub op: &'static str,
+    /// See `op`.
+    pub value: String,
+    /// Milliseconds.
+    pub ms: f64,
+}
+
 /// A kernel with what the run loop needs to report on it.
 #[derive(Debug)]
 pub(crate) struct Step {
@@ -462,6 +494,47 @@ impl Plan {
             }
         }
         Ok(first)
+    }
+
+    /// Runs every kernel once, timing each on its own, and returns one entry per kernel in plan
+    /// order (`cleave bench --profile`). Like [`Plan::run`], a run may overwrite data inputs
+    /// whose buffers are reused: set them again before the next run.
+    pub fn run_profiled(&mut self) -> Result<Vec<KernelTime>, RunError> {
+        let mut ptrs = std::mem::take(&mut self.ptr_table.0);
+        ptrs.clear();
+        ptrs.extend(self.bufs.iter_mut().map(|b| b.as_mut_ptr()));
+        let mem = Mem { ptrs };
+        let mut out = Vec::with_capacity(self.steps.len());
+        let mut r = Ok(());
+        for step in &mut self.steps {
+            let (kind, detail) = step.kernel.describe();
+            let start = std::time::Instant::now();
+            // SAFETY: as in `run_steps`.
+            let e = unsafe {
+                match &mut step.kernel {
+                    Kernel::Fused(k) => k.run(&mem, &mut self.regs),
+                    Kernel::Op(k) => k.run(&mem),
+                }
+            };
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            if let Err(message) = e {
+                r = Err(RunError::Node {
+                    op: step.op,
+                    value: step.value.clone(),
+                    message,
+                });
+                break;
+            }
+            out.push(KernelTime {
+                kind,
+                detail,
+                op: step.op,
+                value: step.value.clone(),
+                ms,
+            });
+        }
+        self.ptr_table.0 = mem.ptrs;
+        r.map(|()| out)
     }
 
     /// Copies every output into the argument of the same name (skipping pairs that already share

@@ -246,3 +246,60 @@ fn bad_batches_are_errors_naming_the_input() {
         .to_string();
     assert!(e.contains("`fc9.weight` is not a parameter"), "{e}");
 }
+
+/// `--precision f16` in a session: `cleave train`'s dynamic loss scale (the same losses, weights,
+/// halvings and skipped steps), fed by the session rather than the caller, and carried through a
+/// checkpoint.
+#[test]
+fn f16_sessions_scale_the_loss_like_cleave_train() {
+    let dir = common::tmp("session-f16");
+    let a = TrainArgs {
+        precision: Some("f16".into()),
+        // 2²⁴ overflows the backward's f16 GEMMs: the first steps are rolled back.
+        loss_scale: (1u64 << 24) as f64,
+        loss_scale_window: 2,
+        ..common::gpt_tiny(1, "1f1b", 8)
+    };
+    let run = pipeline_train::train(&a).unwrap();
+    let mut s = Session::new(&a).unwrap();
+    assert!(s
+        .data_inputs()
+        .iter()
+        .all(|x| x.name != cleave_passes::autodiff::LOSS_SCALE_INPUT));
+    let head = drive(&a, &mut s, 0..4);
+    let (scale, skipped) = s.loss_scale().expect("an f16 session has a scale");
+    assert!(
+        skipped > 0 && scale < (1u64 << 24) as f32,
+        "{scale} {skipped}"
+    );
+    s.save(&dir.join("half")).unwrap();
+    let (_, meta) = read_checkpoint(&dir.join("half")).unwrap();
+    assert_eq!(meta["loss_scale"], scale.to_string());
+    let mut s = Session::new(&a).unwrap();
+    s.load(&dir.join("half")).unwrap();
+    assert_eq!(s.loss_scale().unwrap().0, scale);
+    let tail = drive(&a, &mut s, 4..8);
+    assert_eq!([head, tail].concat(), run.losses);
+    let params = s.params();
+    for (name, w) in &run.params {
+        assert!(bits(&params[name].1) == bits(w), "{name} differs");
+    }
+    // The forward runs unscaled without the caller naming the scale.
+    let (cols, _, n_train) = split_data(&a.data, s.forward(), s.batch()).unwrap();
+    let mut order = Order::new(n_train, a.seed);
+    let rows = order.rows(0, s.microbatch());
+    let one: Vec<(String, Vec<usize>, HostData)> = cols
+        .iter()
+        .map(|c| {
+            let x = s
+                .forward()
+                .data_inputs()
+                .find(|x| x.name == c.name)
+                .unwrap();
+            (c.name.clone(), x.ty.shape.clone(), gather_batch(c, &rows))
+        })
+        .collect();
+    let out = s.run(&inputs(&one)).unwrap();
+    assert!(out.contains_key("loss"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -54,6 +54,7 @@ _NUMPY = {
     "int32": np.int32,
     "bool": np.bool_,
     "bfloat16": np.uint16,
+    "float16": np.float16,
     "int8": np.int8,
 }
 _KIND = {"f32": "f", "i32": "i", "bool": "b"}
@@ -217,6 +218,12 @@ class Plan:
     @property
     def steps_done(self) -> int:
         return self._session.steps_done
+
+    @property
+    def loss_scale(self) -> tuple[float, int] | None:
+        """With ``precision="f16"``: the next step's dynamic loss scale and the number of steps
+        rolled back so far for non-finite gradients (``None`` under other precisions)."""
+        return self._session.loss_scale
 
     @property
     def inputs(self) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -264,6 +264,13 @@ mod py {
             self.inner.steps_done()
         }
 
+        /// Under `precision="f16"`: the next step's loss scale and the steps rolled back so far
+        /// for non-finite gradients; `None` otherwise.
+        #[getter]
+        fn loss_scale(&self) -> Option<(f32, usize)> {
+            self.inner.loss_scale()
+        }
+
         /// The loss is the mean over these outputs' examples: the forward's output names.
         fn outputs(&self) -> Vec<String> {
             self.inner

@@ -65,6 +65,20 @@ def test_other_train_flags_pass_through():
         cleave.compile(ROOT / "examples/gpt-tiny.cir", no_such_flag=1, progress=False)
 
 
+def test_f16_plans_run_the_dynamic_loss_scale():
+    kw = dict(seed=1, progress=False, microbatches=2, precision="f16")
+    # 2^24 overflows the backward's f16 products: the first steps are rolled back, halving it.
+    plan = cleave.compile(ROOT / "examples/gpt-tiny.cir", loss_scale=2 ** 24, **kw)
+    assert [n for n, _, _ in plan.inputs] == ["tokens", "labels"]
+    assert plan.loss_scale == (2.0 ** 24, 0)
+    data = cleave.read_tensors(ROOT / "examples/data/modadd.safetensors")
+    for k in range(3):
+        plan.step({n: v[k * 16:(k + 1) * 16] for n, v in data.items()})
+    scale, skipped = plan.loss_scale
+    assert skipped > 0 and scale == 2.0 ** 24 / 2 ** skipped
+    assert cleave.compile(ROOT / "examples/gpt-tiny.cir", progress=False).loss_scale is None
+
+
 def test_pipelined_plans_match_one_stage():
     kw = dict(seed=1, progress=False, microbatches=4)
     one = cleave.compile(ROOT / "examples/gpt-tiny.cir", stages=1, **kw)

@@ -45,7 +45,8 @@
 //! action and the cause (`--fail-action 1B3`, hidden, injects one for tests).
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -1400,6 +1401,81 @@ impl LossScaler {
         })
     }
 
+    /// The scaler of `a`'s `--precision f16` (`None` under any other precision).
+    pub fn for_args(a: &TrainArgs) -> Result<Option<Self>> {
+        (crate::train::parse_precision(a.precision.as_deref())?
+            == cleave_passes::precision::Precision::F16)
+            .then(|| LossScaler::new(a.loss_scale, a.loss_scale_window))
+            .transpose()
+    }
+
+    /// The scale as the data input `precision.loss_scale` of every microbatch.
+    pub fn input(&self) -> HostData {
+        HostData::F32(vec![self.scale])
+    }
+
+    /// `popts` for a step under this scale: the gradient sums carry it, so the stages' SGD
+    /// scales them by `1/(M·S)` (exact for a power of two).
+    pub fn options(&self, popts: &PipelineOptions, microbatches: usize) -> PipelineOptions {
+        PipelineOptions {
+            grad_scale: (1.0 / (microbatches as f64 * self.scale as f64)) as f32,
+            ..popts.clone()
+        }
+    }
+
+    /// An error for a step's loss that is not finite: under f16 the forward overflowed, which
+    /// no loss scale changes.
+    pub fn check_loss(step: usize, loss: f64) -> Result<()> {
+        if !loss.is_finite() {
+            bail!(
+                "loss is {loss} at step {step}; training stopped: the forward overflowed f16 \
+                 (a GEMM result beyond ±65504, which no loss scale changes); use --precision \
+                 bf16, whose range is f32's"
+            );
+        }
+        Ok(())
+    }
+
+    /// Records step `step` from its gradient norm (`finish_scaled_step`'s result; a norm that
+    /// is not finite means the step was rolled back) and returns whether it was kept. Gradients
+    /// not finite at the smallest scale are an error.
+    pub fn record(&mut self, step: usize, norm: Option<f64>) -> Result<bool> {
+        let finite = norm.is_none_or(f64::is_finite);
+        if !finite && self.scale <= Self::MIN {
+            bail!(
+                "step {step}: the gradients are not finite even at the smallest loss scale \
+                 ({:e}): not an f16 range problem (check the model and --lr, or train in f32 \
+                 with --debug-nan)",
+                self.scale
+            );
+        }
+        self.update(finite);
+        Ok(finite)
+    }
+
+    /// The scale and its count of finite steps, for a checkpoint's metadata.
+    pub fn save(&self, meta: &mut HashMap<String, String>) {
+        meta.insert("loss_scale".into(), self.scale.to_string());
+        meta.insert("loss_scale_good".into(), self.good.to_string());
+    }
+
+    /// Continues from a checkpoint's metadata (read from `dir`), where it has the keys.
+    pub fn restore(&mut self, meta: &HashMap<String, String>, dir: &Path) -> Result<()> {
+        let bad = |key: &str, v: &str| {
+            anyhow::anyhow!("{}: bad {key} `{v}` in the checkpoint", dir.display())
+        };
+        if let Some(v) = meta.get("loss_scale") {
+            let scale: f64 = v.parse().map_err(|_| bad("loss_scale", v))?;
+            self.scale = LossScaler::new(scale, self.window)
+                .map_err(|_| bad("loss_scale", v))?
+                .scale;
+        }
+        if let Some(v) = meta.get("loss_scale_good") {
+            self.good = v.parse().map_err(|_| bad("loss_scale_good", v))?;
+        }
+        Ok(())
+    }
+
     /// Records a step: `finite` is whether its gradients were finite (it was kept).
     pub fn update(&mut self, finite: bool) {
         if finite {
@@ -1790,27 +1866,13 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let state_of = |params: &BTreeMap<String, HostData>| with_shapes(&shapes, params);
     let mut start = 0usize;
     // `--precision f16`: the dynamic loss scale.
-    let mut scaler = (crate::train::parse_precision(a.precision.as_deref())?
-        == cleave_passes::precision::Precision::F16)
-        .then(|| LossScaler::new(a.loss_scale, a.loss_scale_window))
-        .transpose()?;
+    let mut scaler = LossScaler::for_args(a)?;
     if let Some(dir) = &a.resume {
         let mut state = state_of(&params);
         let (step, meta) = crate::train::restore_checkpoint(dir, &mut state)?;
         if let Some(s) = scaler.as_mut() {
             // The scale and its count of finite steps continue where the run stopped.
-            let bad = |key: &str, v: &str| {
-                anyhow::anyhow!("{}: bad {key} `{v}` in the checkpoint", dir.display())
-            };
-            if let Some(v) = meta.get("loss_scale") {
-                let scale: f64 = v.parse().map_err(|_| bad("loss_scale", v))?;
-                s.scale = LossScaler::new(scale, s.window)
-                    .map_err(|_| bad("loss_scale", v))?
-                    .scale;
-            }
-            if let Some(v) = meta.get("loss_scale_good") {
-                s.good = v.parse().map_err(|_| bad("loss_scale_good", v))?;
-            }
+            s.restore(&meta, dir)?;
         }
         params.extend(state.into_iter().map(|(name, (_, d))| (name, d)));
         for (key, want) in [
@@ -1841,8 +1903,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         let mut meta = crate::train::checkpoint_meta(a, done, batch, lr, &method);
         meta.insert("microbatches".into(), m.to_string());
         if let Some(s) = scaler {
-            meta.insert("loss_scale".into(), s.scale.to_string());
-            meta.insert("loss_scale_good".into(), s.good.to_string());
+            s.save(&mut meta);
         }
         crate::train::write_checkpoint(dir, &state, meta)
     };
@@ -1882,10 +1943,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         let mut micro = microbatches(&cols, &rows, mb, &tangents, a.seed, step);
         if let Some(s) = &scaler {
             for x in &mut micro {
-                x.insert(
-                    cleave_passes::autodiff::LOSS_SCALE_INPUT.into(),
-                    HostData::F32(vec![s.scale]),
-                );
+                x.insert(cleave_passes::autodiff::LOSS_SCALE_INPUT.into(), s.input());
             }
         }
         let micro: Vec<BTreeMap<String, HostSlice<'_>>> = micro
@@ -1893,15 +1951,10 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
             .map(|mb| mb.iter().map(|(k, d)| (k.clone(), d.as_slice())).collect())
             .collect();
         STEP.store(step, std::sync::atomic::Ordering::Relaxed);
-        // Under a loss scale `S` the gradient sums carry it: the stages' SGD scales them by
-        // `1/(M·S)` (exact for a power of two).
         let scaled;
         let popts = match &scaler {
             Some(s) => {
-                scaled = PipelineOptions {
-                    grad_scale: (1.0 / (m as f64 * s.scale as f64)) as f32,
-                    ..popts.clone()
-                };
+                scaled = s.options(&popts, m);
                 &scaled
             }
             None => &popts,
@@ -1930,14 +1983,10 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         }
         .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
         let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
+        if scaler.is_some() {
+            LossScaler::check_loss(step, loss)?;
+        }
         if !loss.is_finite() {
-            if scaler.is_some() {
-                bail!(
-                    "loss is {loss} at step {step}; training stopped: the forward overflowed f16 \
-                     (a GEMM result beyond ±65504, which no loss scale changes); use --precision \
-                     bf16, whose range is f32's"
-                );
-            }
             bail!("loss is {loss} at step {step}; training stopped");
         }
         let norm = finish_scaled_step(
@@ -1952,16 +2001,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         let scaled_step = match scaler.as_mut() {
             Some(s) => {
                 let used = s.scale;
-                let finite = norm.is_none_or(f64::is_finite);
-                if !finite && used <= LossScaler::MIN {
-                    bail!(
-                        "step {step}: the gradients are not finite even at the smallest loss \
-                         scale ({used:e}): not an f16 range problem (check the model and \
-                         --lr, or train in f32 with --debug-nan)"
-                    );
-                }
-                s.update(finite);
-                Some((used, finite))
+                Some((used, s.record(step, norm)?))
             }
             None => None,
         };

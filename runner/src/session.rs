@@ -3,9 +3,12 @@
 //!
 //! [`Session::new`] takes the flags of `cleave train` ([`TrainArgs`]; `data`, `steps` and the
 //! reporting flags are not read) and builds what that command builds: with one stage and one
-//! microbatch (and no `--remat`/`--memory-limit`), the compiled training step with its
-//! optimizer ([`crate::train`]); otherwise the pipeline executor under its schedule
-//! ([`crate::pipeline_train::build_pipeline`]). [`Session::step`] runs one step on a
+//! microbatch (and no `--remat`/`--memory-limit`, nor `--precision f16`), the compiled training
+//! step with its optimizer ([`crate::train`]); otherwise the pipeline executor under its schedule
+//! ([`crate::pipeline_train::build_pipeline`]). Under f16 the session runs `cleave train`'s
+//! dynamic loss scale ([`crate::pipeline_train::LossScaler`]): it feeds the scale input itself
+//! (callers never see it among [`Session::data_inputs`]), rolls back steps whose gradients are
+//! not finite, and keeps the scale in its checkpoints. [`Session::step`] runs one step on a
 //! batch of `M × b` examples (`b` the model's traced batch, `M` the microbatches): the same
 //! loss and weights as `cleave train` reading the same examples in the same order.
 //!
@@ -26,7 +29,7 @@ use cleave_runtime::pipeline::{Pipeline, PipelineOptions};
 use cleave_runtime::{compile_with, Codegen, CompileOptions, HostData, HostSlice, Plan};
 
 use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
-use cleave_passes::autodiff::GRAD_PREFIX;
+use cleave_passes::autodiff::{GRAD_PREFIX, LOSS_SCALE_INPUT};
 
 use crate::train::{
     build_step_compressed, checkpoint_meta, eval_plan, initial_state, parse_grad_method,
@@ -74,6 +77,8 @@ enum Engine {
         opts: PipelineOptions,
         /// The optimizer other than SGD, applied after each step.
         updater: Option<Box<crate::pipeline_train::Updater>>,
+        /// `--precision f16`'s dynamic loss scale.
+        scaler: Option<crate::pipeline_train::LossScaler>,
     },
 }
 
@@ -113,21 +118,15 @@ impl Session {
             || a.remat.is_some()
             || a.memory_limit.is_some()
             || a.chunk_lm_head.is_some()
-            || a.grad_clip.is_some();
+            || a.grad_clip.is_some()
+            // f16's dynamic loss scale runs on the pipeline executor, as in `cleave train`.
+            || crate::pipeline_train::LossScaler::for_args(a)?.is_some();
         if a.stages == 0 || a.microbatches == 0 {
             bail!("stages and microbatches must be at least 1");
         }
         // Forward-gradient tangent inputs (name, elements), drawn every step as `cleave train`
         // draws them.
         let tangents: Vec<(String, usize)>;
-        if crate::train::parse_precision(a.precision.as_deref())?
-            == cleave_passes::precision::Precision::F16
-        {
-            anyhow::bail!(
-                "precision f16: a session does not run the dynamic loss scale yet; train with \
-                 `cleave train --precision f16`, or use bf16 here"
-            );
-        }
         let tm = crate::train::load_training_model_for(a)?;
         let mb = tm.traced;
         let module = tm.loaded.module.clone();
@@ -151,6 +150,7 @@ impl Session {
                     shapes: state.shapes,
                     opts,
                     updater: state.updater.map(Box::new),
+                    scaler: crate::pipeline_train::LossScaler::for_args(a)?,
                 },
             )
         } else {
@@ -209,6 +209,17 @@ impl Session {
         })
     }
 
+    /// Under `--precision f16`: the loss scale of the next step and the steps rolled back so
+    /// far for non-finite gradients.
+    pub fn loss_scale(&self) -> Option<(f32, usize)> {
+        match &self.engine {
+            Engine::Pipe {
+                scaler: Some(s), ..
+            } => Some((s.scale, s.skipped)),
+            _ => None,
+        }
+    }
+
     /// Examples per step: the microbatches times the model's traced batch.
     pub fn batch(&self) -> usize {
         self.args.microbatches * self.mb
@@ -235,6 +246,7 @@ impl Session {
         let m = self.args.microbatches;
         self.forward
             .data_inputs()
+            .filter(|x| x.name != LOSS_SCALE_INPUT)
             .map(|x| {
                 let mut shape = x.ty.shape.clone();
                 if let Some(d) = shape.first_mut() {
@@ -257,7 +269,11 @@ impl Session {
         factor: usize,
     ) -> Result<Vec<Input<'a>>> {
         let mut out = Vec::new();
-        let want: Vec<_> = func.data_inputs().collect();
+        // f16's loss scale is the session's to feed, never the caller's.
+        let want: Vec<_> = func
+            .data_inputs()
+            .filter(|x| x.name != LOSS_SCALE_INPUT)
+            .collect();
         for x in inputs {
             if !want.iter().any(|w| w.name == x.name) {
                 bail!(
@@ -341,8 +357,16 @@ impl Session {
                 params,
                 opts,
                 updater,
+                scaler,
                 ..
             } => {
+                // f16: every microbatch seeds its backward with the scale, and the stages'
+                // gradient sums are scaled back by 1/(M·S) (see `LossScaler`).
+                let scale = scaler.as_ref().map(|s| (s.input(), s.options(opts, m)));
+                let scale_in = scale
+                    .as_ref()
+                    .map(|(d, _)| (LOSS_SCALE_INPUT.to_string(), d.as_slice()));
+                let opts = scale.as_ref().map_or(&*opts, |(_, o)| o);
                 // Microbatch `j` is rows `j·b … (j+1)·b − 1` of every input, read in place.
                 let micro: Vec<BTreeMap<String, HostSlice<'_>>> = (0..m)
                     .map(|j| {
@@ -350,20 +374,29 @@ impl Session {
                             .iter()
                             .map(|x| (x.name.to_string(), rows_of(x.data, j, m)))
                             .chain(tangents.iter().map(|&(n, d)| (n.to_string(), d)))
+                            .chain(scale_in.clone())
                             .collect()
                     })
                     .collect();
                 let mut r = pipe
                     .step(params, &micro, opts)
                     .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
-                crate::pipeline_train::finish_step(
+                let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
+                if scaler.is_some() {
+                    crate::pipeline_train::LossScaler::check_loss(step, loss)?;
+                }
+                let norm = crate::pipeline_train::finish_scaled_step(
                     &mut r,
                     params,
                     updater.as_deref_mut(),
                     self.args.grad_clip,
                     opts,
+                    scaler.as_ref().map(|s| s.scale),
                 )?;
-                r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64
+                if let Some(s) = scaler.as_mut() {
+                    s.record(step, norm)?;
+                }
+                loss
             }
         };
         if !loss.is_finite() {
@@ -455,7 +488,19 @@ impl Session {
     /// Runs the forward function (with the loss) on one microbatch under the current
     /// parameters: every output by name with its shape.
     pub fn run(&mut self, inputs: &[Input<'_>]) -> Result<State> {
-        let inputs = Self::match_inputs(&self.forward, inputs, 1)?;
+        let mut inputs = Self::match_inputs(&self.forward, inputs, 1)?;
+        if self
+            .forward
+            .data_inputs()
+            .any(|x| x.name == LOSS_SCALE_INPUT)
+        {
+            // An f16 forward's loss is unscaled.
+            inputs.push(Input {
+                name: LOSS_SCALE_INPUT,
+                shape: &[],
+                data: HostSlice::F32(&[1.0]),
+            });
+        }
         let params = self.params();
         let plan = eval_plan(&mut self.eval, &self.forward, self.args.codegen)?;
         run_plan(plan, &params, &inputs)
@@ -495,8 +540,11 @@ impl Session {
     /// Writes a checkpoint of the state after the steps run (`cleave train`'s format).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let mut meta = checkpoint_meta(&self.args, self.steps, self.batch(), self.lr, &self.method);
-        if matches!(self.engine, Engine::Pipe { .. }) {
+        if let Engine::Pipe { scaler, .. } = &self.engine {
             meta.insert("microbatches".into(), self.args.microbatches.to_string());
+            if let Some(s) = scaler {
+                s.save(&mut meta);
+            }
         }
         write_checkpoint(dir, &self.state(), meta)
     }
@@ -525,7 +573,10 @@ impl Session {
                 }
                 set_args(plan, state.iter().map(|(k, (_, d))| (k, d)))?;
             }
-            Engine::Pipe { params, .. } => {
+            Engine::Pipe { params, scaler, .. } => {
+                if let Some(s) = scaler {
+                    s.restore(&meta, dir)?;
+                }
                 params.extend(state.into_iter().map(|(k, (_, d))| (k, d)));
             }
         }

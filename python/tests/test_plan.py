@@ -69,7 +69,7 @@ def test_f16_plans_run_the_dynamic_loss_scale():
     kw = dict(seed=1, progress=False, microbatches=2, precision="f16")
     # 2^24 overflows the backward's f16 products: the first steps are rolled back, halving it.
     plan = cleave.compile(ROOT / "examples/gpt-tiny.cir", loss_scale=2 ** 24, **kw)
-    assert [n for n, _, _ in plan.inputs] == ["tokens", "labels"]
+    assert [n for n, _, _ in plan.inputs] == ["tokens", "targets"]
     assert plan.loss_scale == (2.0 ** 24, 0)
     data = cleave.read_tensors(ROOT / "examples/data/modadd.safetensors")
     for k in range(3):

@@ -1415,7 +1415,7 @@ pub fn bench(a: &BenchArgs) -> Result<BenchResult> {
     bench_with(a, None)
 }
 
-/// [`bench`], and with `profile: Some(top)` a per-kernel profile of [`PROFILE_RUNS`] more steps
+/// [`bench()`], and with `profile: Some(top)` a per-kernel profile of [`PROFILE_RUNS`] more steps
 /// after the timed ones (the runtime only; the interpreter has no kernels to time).
 pub fn bench_with(a: &BenchArgs, profile: Option<usize>) -> Result<BenchResult> {
     if profile.is_some() && a.interp {

@@ -13,8 +13,7 @@
 
 use crate::fused::PAR_MIN_ELEMENTS;
 use crate::kernels::row_extreme;
-use crate::vmath::exp_in_place;
-use std::cell::RefCell;
+use crate::vmath::{exp_f32, exp_in_place};
 
 /// Rows summed side by side in [`block_sums`].
 const BLOCK: usize = 8;
@@ -184,13 +183,9 @@ pub(crate) unsafe fn norm(v: &[f32], r: &mut [f32], len: usize, eps: f64, layer:
     });
 }
 
-thread_local! {
-    /// Cross-entropy's `exp(x − max)` of one block of rows, per thread.
-    static EXPS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// Per-row cross-entropy `−(x[label] − max − ln Σ exp(x − max))` of `logits` (rows of `c`)
-/// against `labels`, each already checked to be in `0..c`.
+/// against `labels`, each already checked to be in `0..c`. The exponentials are computed
+/// inside the sums (no scratch buffer, which the memory plan would have to count).
 ///
 /// # Safety
 /// `labels` and `r` must hold one entry per row of `logits`; `r` must not overlap the others.
@@ -200,20 +195,14 @@ pub(crate) unsafe fn cross_entropy(logits: &[f32], labels: &[i32], r: &mut [f32]
     par_rows(rows, c, &|lo, hi| {
         // SAFETY: as in `softmax` (one output per row).
         let (v, r) = unsafe { (vp.read(c, lo, hi), rp.get(1, lo, hi)) };
-        let mut e = EXPS.with(|e| std::mem::take(&mut *e.borrow_mut()));
-        e.resize(BLOCK * c, 0.0);
         let mut r0 = 0;
         while r0 < hi - lo {
             let b = (hi - lo - r0).min(BLOCK);
             let mut m = [0.0f32; BLOCK];
             for (i, row) in v[r0 * c..(r0 + b) * c].chunks_exact(c).enumerate() {
                 m[i] = row_extreme(row, true);
-                for (d, &a) in e[i * c..(i + 1) * c].iter_mut().zip(row) {
-                    *d = a - m[i];
-                }
             }
-            exp_in_place(&mut e[..b * c]);
-            let s = sums(&e, c, 0, b, |_, x| x as f64);
+            let s = sums(v, c, r0, b, |i, x| exp_f32(x - m[i]) as f64);
             for i in 0..b {
                 let p = r0 + i;
                 let lab = labels[lo + p] as usize;
@@ -221,7 +210,6 @@ pub(crate) unsafe fn cross_entropy(logits: &[f32], labels: &[i32], r: &mut [f32]
             }
             r0 += b;
         }
-        EXPS.with(|s| *s.borrow_mut() = e);
     });
 }
 
@@ -270,7 +258,6 @@ pub(crate) unsafe fn col_sums(v: &[f32], r: &mut [f32], n: usize) {
 mod tests {
     use super::*;
     use crate::kernels::nan_max;
-    use crate::vmath::exp_f32;
 
     /// Values with ties, zeros of both signs, large and small magnitudes.
     fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -13,7 +13,7 @@
 
 use crate::fused::PAR_MIN_ELEMENTS;
 use crate::kernels::row_extreme;
-use crate::vmath::{exp_f32, exp_in_place};
+use crate::vmath::exp_in_place;
 
 /// Rows summed side by side in [`block_sums`].
 const BLOCK: usize = 8;
@@ -183,9 +183,12 @@ pub(crate) unsafe fn norm(v: &[f32], r: &mut [f32], len: usize, eps: f64, layer:
     });
 }
 
+/// Columns of cross-entropy's exponentials per row in its stack buffer.
+const CE_CHUNK: usize = 64;
+
 /// Per-row cross-entropy `−(x[label] − max − ln Σ exp(x − max))` of `logits` (rows of `c`)
-/// against `labels`, each already checked to be in `0..c`. The exponentials are computed
-/// inside the sums (no scratch buffer, which the memory plan would have to count).
+/// against `labels`, each already checked to be in `0..c`. The exponentials go through a
+/// buffer on the stack, never the heap (whose scratch the memory plan would have to count).
 ///
 /// # Safety
 /// `labels` and `r` must hold one entry per row of `logits`; `r` must not overlap the others.
@@ -202,7 +205,27 @@ pub(crate) unsafe fn cross_entropy(logits: &[f32], labels: &[i32], r: &mut [f32]
             for (i, row) in v[r0 * c..(r0 + b) * c].chunks_exact(c).enumerate() {
                 m[i] = row_extreme(row, true);
             }
-            let s = sums(v, c, r0, b, |i, x| exp_f32(x - m[i]) as f64);
+            // Σ exp(x − max) per row, in order from -0.0, the exponentials a stack chunk
+            // at a time (vectorised) and the rows' sums side by side.
+            let mut s = [-0.0f64; BLOCK];
+            let mut e = [0.0f32; BLOCK * CE_CHUNK];
+            let mut k0 = 0;
+            while k0 < c {
+                let w = CE_CHUNK.min(c - k0);
+                for i in 0..b {
+                    let row = &v[(r0 + i) * c + k0..(r0 + i) * c + k0 + w];
+                    for (d, &x) in e[i * CE_CHUNK..i * CE_CHUNK + w].iter_mut().zip(row) {
+                        *d = x - m[i];
+                    }
+                }
+                exp_in_place(&mut e[..b * CE_CHUNK]);
+                for k in 0..w {
+                    for (i, a) in s.iter_mut().enumerate().take(b) {
+                        *a += e[i * CE_CHUNK + k] as f64;
+                    }
+                }
+                k0 += w;
+            }
             for i in 0..b {
                 let p = r0 + i;
                 let lab = labels[lo + p] as usize;
@@ -258,6 +281,7 @@ pub(crate) unsafe fn col_sums(v: &[f32], r: &mut [f32], n: usize) {
 mod tests {
     use super::*;
     use crate::kernels::nan_max;
+    use crate::vmath::exp_f32;
 
     /// Values with ties, zeros of both signs, large and small magnitudes.
     fn values(n: usize, seed: u64) -> Vec<f32> {

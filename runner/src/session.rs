@@ -113,6 +113,7 @@ impl Session {
     pub fn new(a: &TrainArgs) -> Result<Self> {
         let method = parse_grad_method(&a.grad_method, a.tangents)?;
         let lr = a.lr.unwrap_or(a.optimizer.default_lr());
+        let scaler = crate::pipeline_train::LossScaler::for_args(a)?;
         let pipelined = a.stages > 1
             || a.microbatches > 1
             || a.remat.is_some()
@@ -120,7 +121,7 @@ impl Session {
             || a.chunk_lm_head.is_some()
             || a.grad_clip.is_some()
             // f16's dynamic loss scale runs on the pipeline executor, as in `cleave train`.
-            || crate::pipeline_train::LossScaler::for_args(a)?.is_some();
+            || scaler.is_some();
         if a.stages == 0 || a.microbatches == 0 {
             bail!("stages and microbatches must be at least 1");
         }
@@ -150,7 +151,7 @@ impl Session {
                     shapes: state.shapes,
                     opts,
                     updater: state.updater.map(Box::new),
-                    scaler: crate::pipeline_train::LossScaler::for_args(a)?,
+                    scaler,
                 },
             )
         } else {

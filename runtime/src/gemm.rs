@@ -24,6 +24,8 @@
 //! `gemm` call on its own rows or columns of `c`. Every element of `c` is still one dot product
 //! over all of `k`, computed by the same micro-kernel, so results do not depend on the split.
 
+use crate::pool::SharedPtr;
+
 /// `c = a·b` (or `c += a·b` with `accumulate`), where element `(i, p)` of `a` is at
 /// `a[i·ars + p·acs]`, `(p, j)` of `b` at `b[p·brs + j·bcs]`, and `c` is row-major `m×n`
 /// with row stride `ldc`.
@@ -88,7 +90,11 @@ unsafe fn gemm_par(
         let chunk = extent.div_ceil(threads).next_multiple_of(16);
         if chunk < extent {
             let parts = extent.div_ceil(chunk);
-            let (a, b, c) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32), SendPtr(c));
+            let (a, b, c) = (
+                SharedPtr(a as *mut f32),
+                SharedPtr(b as *mut f32),
+                SharedPtr(c),
+            );
             pool.run(parts, &|p| {
                 let lo = p * chunk;
                 let len = chunk.min(extent - lo);
@@ -156,12 +162,19 @@ pub(crate) unsafe fn sgemm_batched(
     c: *mut f32,
 ) {
     let one = 2 * m * k * n;
-    let threads = crate::pool::Pool::global().threads();
-    if batch > 1 && k > 0 && one < PAR_MIN_FLOPS && batch * one >= PAR_MIN_FLOPS && threads > 1 {
-        let chunk = batch.div_ceil(threads);
+    // Small products never touch the pool (its first use starts its threads).
+    let pool = (batch > 1 && k > 0 && one < PAR_MIN_FLOPS && batch * one >= PAR_MIN_FLOPS)
+        .then(crate::pool::Pool::global)
+        .filter(|p| p.threads() > 1);
+    if let Some(pool) = pool {
+        let chunk = batch.div_ceil(pool.threads());
         let parts = batch.div_ceil(chunk);
-        let (a, b, c) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32), SendPtr(c));
-        crate::pool::Pool::global().run(parts, &|p| {
+        let (a, b, c) = (
+            SharedPtr(a as *mut f32),
+            SharedPtr(b as *mut f32),
+            SharedPtr(c),
+        );
+        pool.run(parts, &|p| {
             for bi in p * chunk..((p + 1) * chunk).min(batch) {
                 // SAFETY: each part reads its own items and writes its own items of `c`.
                 unsafe {
@@ -197,19 +210,6 @@ pub(crate) unsafe fn sgemm_batched(
 
 /// Products of at least this many FLOPs are split across the pool's threads.
 pub(crate) const PAR_MIN_FLOPS: usize = 1 << 23;
-
-/// A raw pointer that parts of one pool job share (they touch disjoint elements).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// One single-threaded `gemm` call: `c ← (accumulate ? c : 0) + scale·a·b` (see [`sgemm`]).
 #[allow(clippy::too_many_arguments)]

@@ -423,27 +423,37 @@ impl Plan {
 
     /// Runs every kernel once.
     pub fn run(&mut self) -> Result<(), RunError> {
-        self.run_inner(false).map(|_| ())
+        self.run_inner(false, None).map(|_| ())
     }
 
     /// Runs every kernel once, checking each argument and each stored float value for NaN or
     /// infinity; returns the first non-finite value, by kernel order (compile without fusion so
     /// that every value is stored and checked).
     pub fn run_checked(&mut self) -> Result<Option<NanReport>, RunError> {
-        self.run_inner(true)
+        self.run_inner(true, None)
     }
 
-    fn run_inner(&mut self, check: bool) -> Result<Option<NanReport>, RunError> {
+    /// Runs every kernel; with `profile`, pushes each kernel's time there.
+    fn run_inner(
+        &mut self,
+        check: bool,
+        profile: Option<&mut Vec<KernelTime>>,
+    ) -> Result<Option<NanReport>, RunError> {
         let mut ptrs = std::mem::take(&mut self.ptr_table.0);
         ptrs.clear();
         ptrs.extend(self.bufs.iter_mut().map(|b| b.as_mut_ptr()));
         let mem = Mem { ptrs };
-        let r = self.run_steps(&mem, check);
+        let r = self.run_steps(&mem, check, profile);
         self.ptr_table.0 = mem.ptrs;
         r
     }
 
-    fn run_steps(&mut self, mem: &Mem, check: bool) -> Result<Option<NanReport>, RunError> {
+    fn run_steps(
+        &mut self,
+        mem: &Mem,
+        check: bool,
+        mut profile: Option<&mut Vec<KernelTime>>,
+    ) -> Result<Option<NanReport>, RunError> {
         let mut first = None;
         if check {
             for a in &self.args {
@@ -462,6 +472,7 @@ impl Plan {
             }
         }
         for step in &mut self.steps {
+            let start = profile.is_some().then(std::time::Instant::now);
             // SAFETY: the planner gives every live value its own buffer (except in-place fused
             // results, which the fused loop supports), sized for its type.
             let r = unsafe {
@@ -475,6 +486,17 @@ impl Plan {
                 value: step.value.clone(),
                 message,
             })?;
+            if let (Some(out), Some(start)) = (profile.as_deref_mut(), start) {
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                let (kind, detail) = step.kernel.describe();
+                out.push(KernelTime {
+                    kind,
+                    detail,
+                    op: step.op,
+                    value: step.value.clone(),
+                    ms,
+                });
+            }
             if check && first.is_none() {
                 for (op, value, b) in &step.stores {
                     if b.dtype == DType::F32 {
@@ -500,41 +522,9 @@ impl Plan {
     /// order (`cleave bench --profile`). Like [`Plan::run`], a run may overwrite data inputs
     /// whose buffers are reused: set them again before the next run.
     pub fn run_profiled(&mut self) -> Result<Vec<KernelTime>, RunError> {
-        let mut ptrs = std::mem::take(&mut self.ptr_table.0);
-        ptrs.clear();
-        ptrs.extend(self.bufs.iter_mut().map(|b| b.as_mut_ptr()));
-        let mem = Mem { ptrs };
         let mut out = Vec::with_capacity(self.steps.len());
-        let mut r = Ok(());
-        for step in &mut self.steps {
-            let (kind, detail) = step.kernel.describe();
-            let start = std::time::Instant::now();
-            // SAFETY: as in `run_steps`.
-            let e = unsafe {
-                match &mut step.kernel {
-                    Kernel::Fused(k) => k.run(&mem, &mut self.regs),
-                    Kernel::Op(k) => k.run(&mem),
-                }
-            };
-            let ms = start.elapsed().as_secs_f64() * 1e3;
-            if let Err(message) = e {
-                r = Err(RunError::Node {
-                    op: step.op,
-                    value: step.value.clone(),
-                    message,
-                });
-                break;
-            }
-            out.push(KernelTime {
-                kind,
-                detail,
-                op: step.op,
-                value: step.value.clone(),
-                ms,
-            });
-        }
-        self.ptr_table.0 = mem.ptrs;
-        r.map(|()| out)
+        self.run_inner(false, Some(&mut out))?;
+        Ok(out)
     }
 
     /// Copies every output into the argument of the same name (skipping pairs that already share

@@ -21,6 +21,39 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
+/// A buffer pointer that the parts of one job share: they read it, and each writes its own
+/// disjoint elements (split GEMMs, row kernels).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedPtr<T>(pub *mut T);
+
+// SAFETY: the parts of a job read shared inputs and write disjoint elements.
+unsafe impl<T> Sync for SharedPtr<T> {}
+unsafe impl<T> Send for SharedPtr<T> {}
+
+impl<T> SharedPtr<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+
+    /// Rows `lo..hi` (of `len` elements) of an input.
+    ///
+    /// # Safety
+    /// The rows must be in the buffer, and nothing may write them meanwhile.
+    pub(crate) unsafe fn rows(&self, len: usize, lo: usize, hi: usize) -> &[T] {
+        std::slice::from_raw_parts(self.0.add(lo * len), (hi - lo) * len)
+    }
+
+    /// Rows `lo..hi` (of `len` elements) to write.
+    ///
+    /// # Safety
+    /// The rows must be in the buffer, and no other part may touch them meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn rows_mut(&self, len: usize, lo: usize, hi: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(lo * len), (hi - lo) * len)
+    }
+}
+
 /// Spin iterations of an idle worker before it sleeps (a few hundred microseconds).
 const SPIN: u32 = 1 << 16;
 

@@ -13,6 +13,7 @@
 
 use crate::fused::PAR_MIN_ELEMENTS;
 use crate::kernels::row_extreme;
+use crate::pool::SharedPtr;
 use crate::vmath::exp_in_place;
 
 /// Rows summed side by side in [`block_sums`].
@@ -75,33 +76,6 @@ fn sums(v: &[f32], len: usize, r0: usize, b: usize, g: impl Fn(usize, f32) -> f6
     out
 }
 
-/// A pointer that the ranges of one kernel share (they touch disjoint rows).
-#[derive(Clone, Copy)]
-struct Rows<T>(*mut T);
-
-// SAFETY: the ranges of a kernel read shared inputs and write disjoint rows.
-unsafe impl<T> Sync for Rows<T> {}
-unsafe impl<T> Send for Rows<T> {}
-
-impl<T> Rows<T> {
-    /// Rows `lo..hi` (of `len`) of an input.
-    ///
-    /// # Safety
-    /// The rows must be in the buffer, and nothing may write them meanwhile.
-    unsafe fn read(&self, len: usize, lo: usize, hi: usize) -> &[T] {
-        std::slice::from_raw_parts(self.0.add(lo * len), (hi - lo) * len)
-    }
-
-    /// Rows `lo..hi` (of `len`) as a slice.
-    ///
-    /// # Safety
-    /// The rows must be in the buffer, and no other range may write them.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn get(&self, len: usize, lo: usize, hi: usize) -> &mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(lo * len), (hi - lo) * len)
-    }
-}
-
 /// `r = softmax(v)` over contiguous rows of `len`: per row, `exp(x − max)` scaled by the
 /// reciprocal of its f64 sum.
 ///
@@ -109,10 +83,10 @@ impl<T> Rows<T> {
 /// `v` and `r` must hold the same whole number of rows and not overlap.
 pub(crate) unsafe fn softmax(v: &[f32], r: &mut [f32], len: usize) {
     let rows = v.len() / len;
-    let (vp, rp) = (Rows(v.as_ptr() as *mut f32), Rows(r.as_mut_ptr()));
+    let (vp, rp) = (SharedPtr(v.as_ptr() as *mut f32), SharedPtr(r.as_mut_ptr()));
     par_rows(rows, len, &|lo, hi| {
         // SAFETY: this range's rows, read from the input and written to the output.
-        let (v, r) = unsafe { (vp.read(len, lo, hi), rp.get(len, lo, hi)) };
+        let (v, r) = unsafe { (vp.rows(len, lo, hi), rp.rows_mut(len, lo, hi)) };
         for (row, orow) in v.chunks_exact(len).zip(r.chunks_exact_mut(len)) {
             let m = row_extreme(row, true);
             for (o, &a) in orow.iter_mut().zip(row) {
@@ -145,11 +119,11 @@ pub(crate) unsafe fn softmax(v: &[f32], r: &mut [f32], len: usize) {
 /// As [`softmax`].
 pub(crate) unsafe fn norm(v: &[f32], r: &mut [f32], len: usize, eps: f64, layer: bool) {
     let rows = v.len() / len;
-    let (vp, rp) = (Rows(v.as_ptr() as *mut f32), Rows(r.as_mut_ptr()));
+    let (vp, rp) = (SharedPtr(v.as_ptr() as *mut f32), SharedPtr(r.as_mut_ptr()));
     let nf = len as f64;
     par_rows(rows, len, &|lo, hi| {
         // SAFETY: as in `softmax`.
-        let (v, r) = unsafe { (vp.read(len, lo, hi), rp.get(len, lo, hi)) };
+        let (v, r) = unsafe { (vp.rows(len, lo, hi), rp.rows_mut(len, lo, hi)) };
         let mut r0 = 0;
         while r0 < hi - lo {
             let b = (hi - lo - r0).min(BLOCK);
@@ -194,10 +168,13 @@ const CE_CHUNK: usize = 64;
 /// `labels` and `r` must hold one entry per row of `logits`; `r` must not overlap the others.
 pub(crate) unsafe fn cross_entropy(logits: &[f32], labels: &[i32], r: &mut [f32], c: usize) {
     let rows = labels.len();
-    let (vp, rp) = (Rows(logits.as_ptr() as *mut f32), Rows(r.as_mut_ptr()));
+    let (vp, rp) = (
+        SharedPtr(logits.as_ptr() as *mut f32),
+        SharedPtr(r.as_mut_ptr()),
+    );
     par_rows(rows, c, &|lo, hi| {
         // SAFETY: as in `softmax` (one output per row).
-        let (v, r) = unsafe { (vp.read(c, lo, hi), rp.get(1, lo, hi)) };
+        let (v, r) = unsafe { (vp.rows(c, lo, hi), rp.rows_mut(1, lo, hi)) };
         let mut r0 = 0;
         while r0 < hi - lo {
             let b = (hi - lo - r0).min(BLOCK);
@@ -241,10 +218,10 @@ pub(crate) unsafe fn cross_entropy(logits: &[f32], labels: &[i32], r: &mut [f32]
 /// # Safety
 /// `r` must hold one entry per row of `v` and not overlap it.
 pub(crate) unsafe fn row_sums(v: &[f32], r: &mut [f32], len: usize) {
-    let (vp, rp) = (Rows(v.as_ptr() as *mut f32), Rows(r.as_mut_ptr()));
+    let (vp, rp) = (SharedPtr(v.as_ptr() as *mut f32), SharedPtr(r.as_mut_ptr()));
     par_rows(r.len(), len, &|lo, hi| {
         // SAFETY: as in `cross_entropy`.
-        let (v, r) = unsafe { (vp.read(len, lo, hi), rp.get(1, lo, hi)) };
+        let (v, r) = unsafe { (vp.rows(len, lo, hi), rp.rows_mut(1, lo, hi)) };
         let mut r0 = 0;
         while r0 < hi - lo {
             let b = (hi - lo - r0).min(BLOCK);
@@ -264,10 +241,10 @@ pub(crate) unsafe fn row_sums(v: &[f32], r: &mut [f32], len: usize) {
 /// `r` must hold `n` entries and not overlap `v`.
 pub(crate) unsafe fn col_sums(v: &[f32], r: &mut [f32], n: usize) {
     let count = v.len() / n;
-    let (vp, rp) = (Rows(v.as_ptr() as *mut f32), Rows(r.as_mut_ptr()));
+    let (vp, rp) = (SharedPtr(v.as_ptr() as *mut f32), SharedPtr(r.as_mut_ptr()));
     par_rows(n, count, &|lo, hi| {
         // SAFETY: this range's columns of the output; the input is only read.
-        let (v, r) = unsafe { (vp.read(1, 0, count * n), rp.get(1, lo, hi)) };
+        let (v, r) = unsafe { (vp.rows(1, 0, count * n), rp.rows_mut(1, lo, hi)) };
         r.fill(0.0);
         for row in v.chunks_exact(n) {
             for (a, &b) in r.iter_mut().zip(&row[lo..hi]) {

@@ -23,6 +23,16 @@
 //! contiguous ranges (multiples of 16, the AVX-512 lane count), each range one single-threaded
 //! `gemm` call on its own rows or columns of `c`. Every element of `c` is still one dot product
 //! over all of `k`, computed by the same micro-kernel, so results do not depend on the split.
+//!
+//! Transposed right operands: "arbitrary strides" is not free for `b`. `gemm` packs its panels
+//! of `b` (after swapping the operands to write `c` column-major) with a gather when `b`'s
+//! columns, rather than its rows, are contiguous: the input gradients `dy·Wᵀ`. Measured here (one
+//! thread, median of warm calls), 64×256×256 takes 221 µs with `Wᵀ` read in place against 78 µs
+//! for a row-major `b`. So a product whose `b` is transposed (and at least 16×32×32) first copies
+//! `b` into a row-major scratch with 16×16 AVX-512 block transposes (0.25 ns an element; at most
+//! [`TRANSPOSE_MAX`] elements at a time, in ranges of columns beyond), then runs as usual: 95 µs
+//! in all for that shape; see BENCHMARKS.md. The choice depends only on the shape and the
+//! strides, never on the thread count, so results still do not depend on the split.
 
 use crate::pool::SharedPtr;
 
@@ -69,7 +79,9 @@ pub(crate) unsafe fn sgemm(
 }
 
 /// `c ← (accumulate ? c : 0) + scale·a·b`, split across the pool when the product is large
-/// enough (see the module's notes on threads).
+/// enough (see the module's notes on threads), a transposed `b` copied row-major first (see
+/// [`copies_b`]): by each part for its own columns when the split is by columns, once before
+/// it otherwise.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_par(
     (m, k, n): (usize, usize, usize),
@@ -82,6 +94,7 @@ unsafe fn gemm_par(
     accumulate: bool,
     scale: f32,
 ) {
+    let copy = copies_b((m, k, n), (brs, bcs));
     if 2 * m * k * n >= PAR_MIN_FLOPS && crate::pool::Pool::global().threads() > 1 {
         let pool = crate::pool::Pool::global();
         let threads = pool.threads();
@@ -90,58 +103,194 @@ unsafe fn gemm_par(
         let chunk = extent.div_ceil(threads).next_multiple_of(16);
         if chunk < extent {
             let parts = extent.div_ceil(chunk);
-            let (a, b, c) = (
-                SharedPtr(a as *mut f32),
-                SharedPtr(b as *mut f32),
-                SharedPtr(c),
-            );
-            pool.run(parts, &|p| {
-                let lo = p * chunk;
-                let len = chunk.min(extent - lo);
-                // SAFETY: each part reads within the caller's operands and writes its own rows
-                // (or columns) of `c`.
-                unsafe {
-                    if split_m {
-                        gemm_1(
-                            (len, k, n),
-                            a.get().add(lo * ars),
-                            (ars, acs),
-                            b.get(),
-                            (brs, bcs),
-                            c.get().add(lo * ldc),
-                            ldc,
-                            accumulate,
-                            scale,
-                        );
-                    } else {
-                        gemm_1(
-                            (m, k, len),
-                            a.get(),
-                            (ars, acs),
-                            b.get().add(lo * bcs),
-                            (brs, bcs),
-                            c.get().add(lo),
-                            ldc,
-                            accumulate,
-                            scale,
-                        );
+            let (a, c) = (SharedPtr(a as *mut f32), SharedPtr(c));
+            if split_m {
+                by_rows_of_b((k, n), b, (brs, bcs), copy, &mut |j, len, b, bst| {
+                    let b = SharedPtr(b as *mut f32);
+                    pool.run(parts, &|p| {
+                        let lo = p * chunk;
+                        // SAFETY: each part reads within the caller's operands (and `b`'s
+                        // copy) and writes its own rows of `c`.
+                        unsafe {
+                            gemm_1(
+                                (chunk.min(m - lo), k, len),
+                                a.get().add(lo * ars),
+                                (ars, acs),
+                                b.get(),
+                                bst,
+                                c.get().add(lo * ldc + j),
+                                ldc,
+                                accumulate,
+                                scale,
+                            )
+                        }
+                    });
+                });
+            } else {
+                let b = SharedPtr(b as *mut f32);
+                pool.run(parts, &|p| {
+                    let lo = p * chunk;
+                    // SAFETY: each part reads within the caller's operands and writes its own
+                    // columns of `c`.
+                    unsafe {
+                        let (b, c) = (b.get().add(lo * bcs), c.get().add(lo));
+                        let cols = chunk.min(n - lo);
+                        by_rows_of_b((k, cols), b, (brs, bcs), copy, &mut |j, len, b, bst| {
+                            gemm_1(
+                                (m, k, len),
+                                a.get(),
+                                (ars, acs),
+                                b,
+                                bst,
+                                c.add(j),
+                                ldc,
+                                accumulate,
+                                scale,
+                            )
+                        });
                     }
-                }
-            });
+                });
+            }
             return;
         }
     }
-    gemm_1(
-        (m, k, n),
-        a,
-        (ars, acs),
-        b,
-        (brs, bcs),
-        c,
-        ldc,
-        accumulate,
-        scale,
-    );
+    by_rows_of_b((k, n), b, (brs, bcs), copy, &mut |j, len, b, bst| {
+        gemm_1(
+            (m, k, len),
+            a,
+            (ars, acs),
+            b,
+            bst,
+            c.add(j),
+            ldc,
+            accumulate,
+            scale,
+        )
+    });
+}
+
+/// Products whose `b` is transposed and at least this large (m, k, n) copy it first.
+const TRANSPOSE_MIN: (usize, usize, usize) = (16, 32, 32);
+/// The most elements of `b` copied at once (4 MiB); wider products go by ranges of columns.
+const TRANSPOSE_MAX: usize = 1 << 20;
+
+/// Whether the product copies its `b` row-major first: `b` is transposed (`brs == 1`) and the
+/// product is at least [`TRANSPOSE_MIN`]. A function of the whole product's shape and strides
+/// only, decided before any split.
+fn copies_b((m, k, n): (usize, usize, usize), (brs, bcs): (usize, usize)) -> bool {
+    let (m0, k0, n0) = TRANSPOSE_MIN;
+    brs == 1 && bcs != 1 && m >= m0 && k >= k0 && n >= n0
+}
+
+/// Calls `f(j, len, b', strides)` for columns `j..j + len` of `b`'s `k×n`, covering all `n`:
+/// once with `b` itself, or with `copy` (see [`copies_b`]) each range of columns copied into a
+/// row-major scratch (see the module's notes).
+///
+/// # Safety
+/// `b` must be valid for every position its strides reach over `k×n`.
+unsafe fn by_rows_of_b(
+    (k, n): (usize, usize),
+    b: *const f32,
+    (brs, bcs): (usize, usize),
+    copy: bool,
+    f: &mut dyn FnMut(usize, usize, *const f32, (usize, usize)),
+) {
+    if !copy {
+        return f(0, n, b, (brs, bcs));
+    }
+    let width = (TRANSPOSE_MAX / k / 16 * 16).clamp(16, n);
+    let mut rows = vec![0.0f32; k * width];
+    for j in (0..n).step_by(width) {
+        let len = width.min(n - j);
+        // Columns j..j+len of `b` are rows of length k, `bcs` apart: transpose them into a
+        // k×len row-major block.
+        transpose(b.add(j * bcs), (len, k), bcs, rows.as_mut_ptr(), len);
+        f(j, len, rows.as_ptr(), (len, 1));
+    }
+}
+
+/// `dst[c·ld + r] = src[r·ls + c]` for the `rows×cols` matrix at `src` (row stride `ls`):
+/// 16×16 blocks through AVX-512 registers where the machine has it, the edges (and every
+/// element elsewhere) one at a time.
+///
+/// # Safety
+/// `src` must be valid for `rows` rows of `cols` elements `ls` apart, `dst` for `cols` rows of
+/// `rows` elements `ld` apart, and the two must not overlap.
+unsafe fn transpose(
+    src: *const f32,
+    (rows, cols): (usize, usize),
+    ls: usize,
+    dst: *mut f32,
+    ld: usize,
+) {
+    let (mut r16, mut c16) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        (r16, c16) = (rows / 16 * 16, cols / 16 * 16);
+        for r in (0..r16).step_by(16) {
+            for c in (0..c16).step_by(16) {
+                transpose16(src.add(r * ls + c), ls, dst.add(c * ld + r), ld);
+            }
+        }
+    }
+    for r in 0..rows {
+        // Within the blocks' rows only the columns right of them remain.
+        let from = if r < r16 { c16 } else { 0 };
+        for c in from..cols {
+            *dst.add(c * ld + r) = *src.add(r * ls + c);
+        }
+    }
+}
+
+/// One 16×16 block of [`transpose`]: rows `ls` apart at `src`, written as columns `ld` apart
+/// at `dst`. Three rounds of shuffles: pairs of rows (`unpack`), pairs of pairs within 128-bit
+/// lanes (`shuffle_ps`), then lanes across registers (`shuffle_f32x4`, twice).
+///
+/// # Safety
+/// As [`transpose`], for a 16×16 block; the machine must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * ls)));
+    // t[2i], t[2i+1]: rows 2i and 2i+1 interleaved (low, high halves of each lane).
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (x, y) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(x, y)
+        } else {
+            _mm512_unpackhi_ps(x, y)
+        }
+    });
+    // u[4q+c]: element c of each 4-column group of every lane, rows 4q..4q+4.
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (q, c) = (i / 4, i % 4);
+        let (x, y) = (t[4 * q + c / 2], t[4 * q + 2 + c / 2]);
+        if c % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(x, y)
+        } else {
+            _mm512_shuffle_ps::<0xEE>(x, y)
+        }
+    });
+    // v[c], v[4+c] from rows 0..8; v[8+c], v[12+c] from rows 8..16.
+    let v: [__m512; 16] = std::array::from_fn(|i| {
+        let (h, c) = (i / 4, i % 4);
+        let base = if h < 2 { 0 } else { 8 };
+        let (x, y) = (u[base + c], u[base + 4 + c]);
+        if h % 2 == 0 {
+            _mm512_shuffle_f32x4::<0x88>(x, y)
+        } else {
+            _mm512_shuffle_f32x4::<0xDD>(x, y)
+        }
+    });
+    for c in 0..4 {
+        let (x, y) = (v[c], v[8 + c]);
+        let (z, w) = (v[4 + c], v[12 + c]);
+        _mm512_storeu_ps(dst.add(c * ld), _mm512_shuffle_f32x4::<0x88>(x, y));
+        _mm512_storeu_ps(dst.add((8 + c) * ld), _mm512_shuffle_f32x4::<0xDD>(x, y));
+        _mm512_storeu_ps(dst.add((4 + c) * ld), _mm512_shuffle_f32x4::<0x88>(z, w));
+        _mm512_storeu_ps(dst.add((12 + c) * ld), _mm512_shuffle_f32x4::<0xDD>(z, w));
+    }
 }
 
 /// `batch` products `c_i = a_i·b_i`, item `i`'s operands `i·(m·k)`, `i·(k·n)` and `i·(m·n)`
@@ -178,16 +327,16 @@ pub(crate) unsafe fn sgemm_batched(
             for bi in p * chunk..((p + 1) * chunk).min(batch) {
                 // SAFETY: each part reads its own items and writes its own items of `c`.
                 unsafe {
-                    gemm_1(
-                        (m, k, n),
-                        a.get().add(bi * m * k),
-                        ast,
+                    let (a, c) = (a.get().add(bi * m * k), c.get().add(bi * m * n));
+                    // As `sgemm` would, but on this thread.
+                    by_rows_of_b(
+                        (k, n),
                         b.get().add(bi * k * n),
                         bst,
-                        c.get().add(bi * m * n),
-                        n,
-                        false,
-                        1.0,
+                        copies_b((m, k, n), bst),
+                        &mut |j, len, b, bst| {
+                            gemm_1((m, k, len), a, ast, b, bst, c.add(j), n, false, 1.0)
+                        },
                     );
                 }
             }
@@ -304,7 +453,7 @@ mod tests {
                     c.as_mut_ptr(),
                 );
                 for i in 0..batch {
-                    gemm_1(
+                    sgemm(
                         (m, k, n),
                         a.as_ptr().add(i * m * k),
                         ast,
@@ -313,7 +462,6 @@ mod tests {
                         want.as_mut_ptr().add(i * m * n),
                         n,
                         false,
-                        1.0,
                     );
                 }
             }
@@ -352,6 +500,106 @@ mod tests {
                 );
             }
             assert_eq!(bits(&c), bits(&want), "{m}x{k}x{n}");
+        }
+    }
+
+    #[test]
+    fn the_block_transpose_moves_every_element() {
+        for (rows, cols, ls) in [
+            (16, 16, 16),
+            (32, 48, 48),
+            (37, 53, 60),
+            (5, 40, 40),
+            (40, 7, 9),
+        ] {
+            let src = data(rows * ls, 6);
+            let ld = rows + 3;
+            let mut dst = vec![f32::NAN; cols * ld];
+            unsafe { transpose(src.as_ptr(), (rows, cols), ls, dst.as_mut_ptr(), ld) };
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * ld + r].to_bits(),
+                        src[r * ls + c].to_bits(),
+                        "{r},{c}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_transposed_b_gives_the_bits_of_its_row_major_copy() {
+        // `dy·Wᵀ` with W row-major n×k, against the same product with W transposed by hand:
+        // small (no copy), one block, one block split across the pool, and ranges of columns.
+        for (m, k, n) in [
+            (8, 64, 64),
+            (64, 256, 256),
+            (64, 200, 100),
+            (256, 256, 300),
+            (512, 256, 64),
+            (16, 1024, 1100),
+        ] {
+            let (a, w, c0) = (data(m * k, 7), data(n * k, 8), data(m * n, 9));
+            let mut bt = vec![0.0; k * n];
+            for j in 0..n {
+                for p in 0..k {
+                    bt[p * n + j] = w[j * k + p];
+                }
+            }
+            for accumulate in [false, true] {
+                let (mut c, mut want) = (c0.clone(), c0.clone());
+                unsafe {
+                    sgemm(
+                        (m, k, n),
+                        a.as_ptr(),
+                        (k, 1),
+                        w.as_ptr(),
+                        (1, k),
+                        c.as_mut_ptr(),
+                        n,
+                        accumulate,
+                    );
+                    if m < TRANSPOSE_MIN.0 {
+                        sgemm(
+                            (m, k, n),
+                            a.as_ptr(),
+                            (k, 1),
+                            bt.as_ptr(),
+                            (n, 1),
+                            want.as_mut_ptr(),
+                            n,
+                            accumulate,
+                        );
+                    } else {
+                        // The row-major copy, range by range as `by_rows_of_b` cuts it, each one
+                        // thread.
+                        let width = (TRANSPOSE_MAX / k / 16 * 16).clamp(16, n);
+                        for j in (0..n).step_by(width) {
+                            let len = width.min(n - j);
+                            gemm_1(
+                                (m, k, len),
+                                a.as_ptr(),
+                                (k, 1),
+                                bt.as_ptr().add(j),
+                                (n, 1),
+                                want.as_mut_ptr().add(j),
+                                n,
+                                accumulate,
+                                1.0,
+                            );
+                        }
+                    }
+                }
+                assert_eq!(bits(&c), bits(&want), "{m}x{k}x{n} accumulate {accumulate}");
+                let exact: f64 = (0..k).map(|p| a[p] as f64 * w[p] as f64).sum::<f64>()
+                    + if accumulate { c0[0] as f64 } else { 0.0 };
+                assert!(
+                    (c[0] as f64 - exact).abs() < 1e-6 * exact.abs().max(1.0),
+                    "{m}x{k}x{n}: {} vs {exact}",
+                    c[0]
+                );
+            }
         }
     }
 }

@@ -940,6 +940,7 @@ pub fn compile_with(func: &Function, opts: &CompileOptions) -> Result<Plan, Comp
                 steps.push(Step {
                     kernel: Kernel::Fused(FusedKernel {
                         n,
+                        split_from: crate::fused::split_from(&prog),
                         prog,
                         nf: b.nf,
                         ni: b.ni,

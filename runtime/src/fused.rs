@@ -224,6 +224,8 @@ pub(crate) struct FusedKernel {
     /// CPU has FMA: here those ops run over whole chunks 8 or 16 lanes wide
     /// ([`crate::vmath`]'s slice functions), faster than the JIT's 4-lane inline code.
     pub vector_math: bool,
+    /// The elements from which the compiled loop is split across the pool ([`split_from`]).
+    pub split_from: usize,
 }
 
 /// Register banks, reused across kernels.
@@ -354,9 +356,39 @@ fn cmp<T: PartialOrd>(op: CompareOp, a: T, b: T) -> bool {
     }
 }
 
-/// Elements from which a compiled loop is split across the pool's threads: below it the hand-off
-/// (a few microseconds) costs about what the second core saves.
+/// Elements from which a compiled loop of [`PAR_BASE_COST`] instructions is split across the
+/// pool's threads: below it the hand-off (a few microseconds) costs about what the second core
+/// saves. Costlier loops split sooner ([`split_from`]).
 pub(crate) const PAR_MIN_ELEMENTS: usize = 1 << 16;
+/// The per-element cost [`PAR_MIN_ELEMENTS`] is for: a load or two, an op and a store.
+const PAR_BASE_COST: usize = 8;
+/// What one `exp`, `erf`, `tanh`, GELU or other transcendental adds to a loop's per-element
+/// cost: each is a polynomial of some twenty to thirty vector operations (or a call per lane).
+const TRANSCENDENTAL_COST: usize = 24;
+
+/// The elements from which a compiled loop with program `prog` is split across the pool:
+/// [`PAR_MIN_ELEMENTS`] scaled down by the program's per-element cost (one per instruction,
+/// [`TRANSCENDENTAL_COST`] more per transcendental), never below 4096. The GPT block's GELU
+/// loop (21 instructions, three of them `gelu`, `erf` and `exp`) takes 2.8 ns an element: at
+/// its 32,768 elements one core spends 90 µs on it.
+pub(crate) fn split_from(prog: &[Ins]) -> usize {
+    let cost: usize = prog
+        .iter()
+        .map(|ins| match ins {
+            Ins::UnF { op, .. } if transcendental(*op) => 1 + TRANSCENDENTAL_COST,
+            _ => 1,
+        })
+        .sum();
+    (PAR_MIN_ELEMENTS * PAR_BASE_COST / cost.max(1)).clamp(4096, PAR_MIN_ELEMENTS)
+}
+
+fn transcendental(op: UnaryOp) -> bool {
+    use UnaryOp::*;
+    matches!(
+        op,
+        Exp | Log | Tanh | Sigmoid | Gelu | GeluTanh | Silu | Sin | Cos | Erf
+    )
+}
 
 /// The table of buffer pointers, shared by the parts of one split loop.
 #[derive(Clone, Copy)]
@@ -372,22 +404,22 @@ impl Table {
     }
 }
 
-/// Runs compiled loop `f` over elements `0..n`: in one call, or, from [`PAR_MIN_ELEMENTS`] on,
-/// in one range per thread of the pool (multiples of 64 elements, so every vector of every
+/// Runs compiled loop `f` over elements `0..n`: in one call, or, from `from` elements on
+/// ([`split_from`]), in one range per thread of the pool (multiples of 64 elements, so every vector of every
 /// width starts where it would in one call). A loop writes element `i` of its outputs only from
 /// element `i` of its inputs and never writes what it reads through a view, so the ranges are
 /// independent and the results the same bits as one call.
 ///
 /// # Safety
 /// As [`FusedKernel::run`].
-unsafe fn run_compiled(f: crate::jit::JitFn, table: *const *mut f32, n: usize) {
+unsafe fn run_compiled(f: crate::jit::JitFn, table: *const *mut f32, n: usize, from: usize) {
     // Small loops never touch the pool (its first use starts its threads).
-    if n < PAR_MIN_ELEMENTS {
+    if n < from {
         f(table, 0, n);
         return;
     }
     let pool = crate::pool::Pool::global();
-    let parts = pool.threads().min(n / 8192).max(1);
+    let parts = pool.threads().min(n / (from / 8)).max(1);
     if parts < 2 {
         f(table, 0, n);
         return;
@@ -411,7 +443,7 @@ impl FusedKernel {
     /// positions its view reaches), and stores must not overlap non-contiguous loads.
     pub unsafe fn run(&self, mem: &Mem, regs: &mut Regs) -> Result<(), String> {
         if let Some(f) = self.jit {
-            run_compiled(f, mem.table(), self.n);
+            run_compiled(f, mem.table(), self.n, self.split_from);
             return Ok(());
         }
         grow(&mut regs.f, self.nf, 0.0f32);
@@ -754,5 +786,30 @@ unsafe fn load<T: Copy>(p: *mut T, src: &Source, start: usize, dst: &mut [T]) {
     match &src.view {
         None => std::ptr::copy_nonoverlapping(p.add(start), dst.as_mut_ptr(), dst.len()),
         Some(v) => v.read(p, start, dst),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costlier_loops_split_sooner() {
+        let un = |op| Ins::UnF { op, dst: 0, a: 0 };
+        let splat = Ins::SplatF { dst: 0, v: 1.0 };
+        // A plain loop of the base cost splits at PAR_MIN_ELEMENTS.
+        let plain: Vec<Ins> = (0..PAR_BASE_COST).map(|_| splat.clone()).collect();
+        assert_eq!(split_from(&plain), PAR_MIN_ELEMENTS);
+        // Shorter loops never later than that.
+        assert_eq!(split_from(&plain[..2]), PAR_MIN_ELEMENTS);
+        // GELU's loop (three transcendentals in 21 instructions) splits about 8× sooner.
+        let mut gelu: Vec<Ins> = (0..18).map(|_| splat.clone()).collect();
+        gelu.extend([un(UnaryOp::Gelu), un(UnaryOp::Erf), un(UnaryOp::Exp)]);
+        let from = split_from(&gelu);
+        assert!((4096..PAR_MIN_ELEMENTS / 4).contains(&from), "{from}");
+        // A cheap unary op is one instruction; the floor is 4096 elements.
+        assert_eq!(split_from(&[un(UnaryOp::Neg)]), PAR_MIN_ELEMENTS);
+        let heavy: Vec<Ins> = (0..40).map(|_| un(UnaryOp::Exp)).collect();
+        assert_eq!(split_from(&heavy), 4096);
     }
 }

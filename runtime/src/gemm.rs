@@ -357,8 +357,11 @@ pub(crate) unsafe fn sgemm_batched(
     }
 }
 
-/// Products of at least this many FLOPs are split across the pool's threads.
-pub(crate) const PAR_MIN_FLOPS: usize = 1 << 23;
+/// Products of at least this many FLOPs (about 10 µs on one core) are split across the pool's
+/// threads. It was 2²³ until the GPT block's 128×64×256 and 128×64×64 products were measured to
+/// gain from the split too: the block's step took 0.59 ms with 2²³, 0.51 with 2²¹ and 0.49
+/// with 2²⁰ (medians of six runs alternated in one session, BENCHMARKS.md).
+pub(crate) const PAR_MIN_FLOPS: usize = 1 << 20;
 
 /// One single-threaded `gemm` call: `c ← (accumulate ? c : 0) + scale·a·b` (see [`sgemm`]).
 #[allow(clippy::too_many_arguments)]
@@ -435,8 +438,8 @@ mod tests {
 
     #[test]
     fn batched_items_shared_across_the_pool_give_the_one_thread_bits() {
-        // 32 items of 2·128·64·128 FLOPs: each below the split, together above it.
-        let (batch, m, k, n) = (32, 128, 64, 128);
+        // 32 items of 2·64·32·64 FLOPs: each below the split, together above it.
+        let (batch, m, k, n) = (32, 64, 32, 64);
         assert!(2 * m * k * n < PAR_MIN_FLOPS && batch * 2 * m * k * n >= PAR_MIN_FLOPS);
         let (a, b) = (data(batch * m * k, 1), data(batch * k * n, 2));
         for (ast, bst) in [((k, 1), (n, 1)), ((1, m), (1, k))] {

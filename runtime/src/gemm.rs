@@ -29,8 +29,8 @@
 //! columns, rather than its rows, are contiguous: the input gradients `dy·Wᵀ`. Measured here (one
 //! thread, median of warm calls), 64×256×256 takes 221 µs with `Wᵀ` read in place against 78 µs
 //! for a row-major `b`. So a product whose `b` is transposed (and at least 16×32×32) first copies
-//! `b` into a row-major scratch with 16×16 AVX-512 block transposes (0.25 ns an element; at most
-//! [`TRANSPOSE_MAX`] elements at a time, in ranges of columns beyond), then runs as usual: 95 µs
+//! `b` into a row-major scratch with 16×16 AVX-512 block transposes (0.25 ns an element; operands
+//! of at most [`TRANSPOSE_MAX`] elements), then runs as usual: 95 µs
 //! in all for that shape; see BENCHMARKS.md. The choice depends only on the shape and the
 //! strides, never on the thread count, so results still do not depend on the split.
 
@@ -171,20 +171,23 @@ unsafe fn gemm_par(
 
 /// Products whose `b` is transposed and at least this large (m, k, n) copy it first.
 const TRANSPOSE_MIN: (usize, usize, usize) = (16, 32, 32);
-/// The most elements of `b` copied at once (4 MiB); wider products go by ranges of columns.
-const TRANSPOSE_MAX: usize = 1 << 20;
+/// The most elements of `b` copied (256 KiB). The copy is kernel scratch, which the memory plan
+/// measures: larger operands (an output layer's `vocabulary × d` weight, whose copy would be as
+/// large as the weight) stay in place, where `gemm`'s gather also costs least against the
+/// product (1024×256×1024 measured the same either way).
+const TRANSPOSE_MAX: usize = 1 << 16;
 
-/// Whether the product copies its `b` row-major first: `b` is transposed (`brs == 1`) and the
-/// product is at least [`TRANSPOSE_MIN`]. A function of the whole product's shape and strides
+/// Whether the product copies its `b` row-major first: `b` is transposed (`brs == 1`), the
+/// product is at least [`TRANSPOSE_MIN`] and `b` at most [`TRANSPOSE_MAX`] elements. A function of the whole product's shape and strides
 /// only, decided before any split.
 fn copies_b((m, k, n): (usize, usize, usize), (brs, bcs): (usize, usize)) -> bool {
     let (m0, k0, n0) = TRANSPOSE_MIN;
-    brs == 1 && bcs != 1 && m >= m0 && k >= k0 && n >= n0
+    brs == 1 && bcs != 1 && m >= m0 && k >= k0 && n >= n0 && k * n <= TRANSPOSE_MAX
 }
 
-/// Calls `f(j, len, b', strides)` for columns `j..j + len` of `b`'s `k×n`, covering all `n`:
-/// once with `b` itself, or with `copy` (see [`copies_b`]) each range of columns copied into a
-/// row-major scratch (see the module's notes).
+/// Calls `f(j, len, b', strides)` for columns `j..j + len` of `b`'s `k×n`, covering all `n`
+/// (today always one call, `j = 0`): with `b` itself, or with `copy` (see [`copies_b`]) with `b`
+/// copied into a row-major scratch (see the module's notes).
 ///
 /// # Safety
 /// `b` must be valid for every position its strides reach over `k×n`.
@@ -198,15 +201,11 @@ unsafe fn by_rows_of_b(
     if !copy {
         return f(0, n, b, (brs, bcs));
     }
-    let width = (TRANSPOSE_MAX / k / 16 * 16).clamp(16, n);
-    let mut rows = vec![0.0f32; k * width];
-    for j in (0..n).step_by(width) {
-        let len = width.min(n - j);
-        // Columns j..j+len of `b` are rows of length k, `bcs` apart: transpose them into a
-        // k×len row-major block.
-        transpose(b.add(j * bcs), (len, k), bcs, rows.as_mut_ptr(), len);
-        f(j, len, rows.as_ptr(), (len, 1));
-    }
+    // The columns of `b` are rows of length k, `bcs` apart: transpose them into a k×n
+    // row-major block.
+    let mut rows = vec![0.0f32; k * n];
+    transpose(b, (n, k), bcs, rows.as_mut_ptr(), n);
+    f(0, n, rows.as_ptr(), (n, 1));
 }
 
 /// `dst[c·ld + r] = src[r·ls + c]` for the `rows×cols` matrix at `src` (row stride `ls`):
@@ -534,14 +533,13 @@ mod tests {
     #[test]
     fn a_transposed_b_gives_the_bits_of_its_row_major_copy() {
         // `dy·Wᵀ` with W row-major n×k, against the same product with W transposed by hand:
-        // small (no copy), one block, one block split across the pool, and ranges of columns.
+        // small (no copy), one thread, and split across the pool by columns and by rows.
         for (m, k, n) in [
             (8, 64, 64),
             (64, 256, 256),
             (64, 200, 100),
-            (256, 256, 300),
+            (256, 128, 300),
             (512, 256, 64),
-            (16, 1024, 1100),
         ] {
             let (a, w, c0) = (data(m * k, 7), data(n * k, 8), data(m * n, 9));
             let mut bt = vec![0.0; k * n];
@@ -563,36 +561,18 @@ mod tests {
                         n,
                         accumulate,
                     );
-                    if m < TRANSPOSE_MIN.0 {
-                        sgemm(
-                            (m, k, n),
-                            a.as_ptr(),
-                            (k, 1),
-                            bt.as_ptr(),
-                            (n, 1),
-                            want.as_mut_ptr(),
-                            n,
-                            accumulate,
-                        );
-                    } else {
-                        // The row-major copy, range by range as `by_rows_of_b` cuts it, each one
-                        // thread.
-                        let width = (TRANSPOSE_MAX / k / 16 * 16).clamp(16, n);
-                        for j in (0..n).step_by(width) {
-                            let len = width.min(n - j);
-                            gemm_1(
-                                (m, k, len),
-                                a.as_ptr(),
-                                (k, 1),
-                                bt.as_ptr().add(j),
-                                (n, 1),
-                                want.as_mut_ptr().add(j),
-                                n,
-                                accumulate,
-                                1.0,
-                            );
-                        }
-                    }
+                    assert!(copies_b((m, k, n), (1, k)) == (m >= TRANSPOSE_MIN.0));
+                    gemm_1(
+                        (m, k, n),
+                        a.as_ptr(),
+                        (k, 1),
+                        bt.as_ptr(),
+                        (n, 1),
+                        want.as_mut_ptr(),
+                        n,
+                        accumulate,
+                        1.0,
+                    );
                 }
                 assert_eq!(bits(&c), bits(&want), "{m}x{k}x{n} accumulate {accumulate}");
                 let exact: f64 = (0..k).map(|p| a[p] as f64 * w[p] as f64).sum::<f64>()

@@ -144,6 +144,15 @@ impl Pool {
 
     /// Runs `f(0) … f(parts-1)`, on the workers and the caller, and returns when all are done.
     pub(crate) fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        // A thread whose allocations are being measured (an allocator tag is set: a pipeline
+        // device, or the plan's kernel-scratch measurement) runs every part itself, so that all
+        // the scratch its kernels allocate is charged to it, the same every run. Shared out, the
+        // workers' allocations would go uncounted, and which parts the caller ran, and so what
+        // it measured, would vary from run to run.
+        if crate::alloc::current_tag() != 0 {
+            (0..parts).for_each(f);
+            return;
+        }
         let guard = match self.busy.try_lock() {
             Ok(g) if self.threads > 1 && parts > 1 => g,
             _ => {

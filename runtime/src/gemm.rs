@@ -79,9 +79,9 @@ pub(crate) unsafe fn sgemm(
 }
 
 /// `c ← (accumulate ? c : 0) + scale·a·b`, split across the pool when the product is large
-/// enough (see the module's notes on threads), a transposed `b` copied row-major first (see
-/// [`copies_b`]): by each part for its own columns when the split is by columns, once before
-/// it otherwise.
+/// enough (see the module's notes on threads), a transposed `b` copied row-major first
+/// ([`RightOperand`]): by each part for its own columns when the split is by columns, once
+/// before it otherwise.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_par(
     (m, k, n): (usize, usize, usize),
@@ -104,69 +104,61 @@ unsafe fn gemm_par(
         if chunk < extent {
             let parts = extent.div_ceil(chunk);
             let (a, c) = (SharedPtr(a as *mut f32), SharedPtr(c));
-            if split_m {
-                by_rows_of_b((k, n), b, (brs, bcs), copy, &mut |j, len, b, bst| {
-                    let b = SharedPtr(b as *mut f32);
-                    pool.run(parts, &|p| {
-                        let lo = p * chunk;
-                        // SAFETY: each part reads within the caller's operands (and `b`'s
-                        // copy) and writes its own rows of `c`.
-                        unsafe {
-                            gemm_1(
-                                (chunk.min(m - lo), k, len),
-                                a.get().add(lo * ars),
-                                (ars, acs),
-                                b.get(),
-                                bst,
-                                c.get().add(lo * ldc + j),
-                                ldc,
-                                accumulate,
-                                scale,
-                            )
-                        }
-                    });
-                });
-            } else {
-                let b = SharedPtr(b as *mut f32);
-                pool.run(parts, &|p| {
-                    let lo = p * chunk;
-                    // SAFETY: each part reads within the caller's operands and writes its own
-                    // columns of `c`.
-                    unsafe {
-                        let (b, c) = (b.get().add(lo * bcs), c.get().add(lo));
-                        let cols = chunk.min(n - lo);
-                        by_rows_of_b((k, cols), b, (brs, bcs), copy, &mut |j, len, b, bst| {
-                            gemm_1(
-                                (m, k, len),
-                                a.get(),
-                                (ars, acs),
-                                b,
-                                bst,
-                                c.add(j),
-                                ldc,
-                                accumulate,
-                                scale,
-                            )
-                        });
+            // Split by rows, every part reads all of `b`: copy it once, here.
+            let whole = split_m.then(|| RightOperand::new((k, n), b, (brs, bcs), copy));
+            let whole_b = whole.as_ref().map(|w| (SharedPtr(w.ptr as *mut f32), w.st));
+            let b = SharedPtr(b as *mut f32);
+            pool.run(parts, &|p| {
+                let lo = p * chunk;
+                let len = chunk.min(extent - lo);
+                // SAFETY: each part reads within the caller's operands (and `b`'s copy) and
+                // writes its own rows (or columns) of `c`.
+                unsafe {
+                    if let Some((bp, bst)) = whole_b {
+                        gemm_1(
+                            (len, k, n),
+                            a.get().add(lo * ars),
+                            (ars, acs),
+                            bp.get(),
+                            bst,
+                            c.get().add(lo * ldc),
+                            ldc,
+                            accumulate,
+                            scale,
+                        );
+                    } else {
+                        // Split by columns, each part copies only its own.
+                        let own =
+                            RightOperand::new((k, len), b.get().add(lo * bcs), (brs, bcs), copy);
+                        gemm_1(
+                            (m, k, len),
+                            a.get(),
+                            (ars, acs),
+                            own.ptr,
+                            own.st,
+                            c.get().add(lo),
+                            ldc,
+                            accumulate,
+                            scale,
+                        );
                     }
-                });
-            }
+                }
+            });
             return;
         }
     }
-    by_rows_of_b((k, n), b, (brs, bcs), copy, &mut |j, len, b, bst| {
-        gemm_1(
-            (m, k, len),
-            a,
-            (ars, acs),
-            b,
-            bst,
-            c.add(j),
-            ldc,
-            accumulate,
-            scale,
-        )
-    });
+    let rb = RightOperand::new((k, n), b, (brs, bcs), copy);
+    gemm_1(
+        (m, k, n),
+        a,
+        (ars, acs),
+        rb.ptr,
+        rb.st,
+        c,
+        ldc,
+        accumulate,
+        scale,
+    );
 }
 
 /// Products whose `b` is transposed and at least this large (m, k, n) copy it first.
@@ -178,34 +170,49 @@ const TRANSPOSE_MIN: (usize, usize, usize) = (16, 32, 32);
 const TRANSPOSE_MAX: usize = 1 << 16;
 
 /// Whether the product copies its `b` row-major first: `b` is transposed (`brs == 1`), the
-/// product is at least [`TRANSPOSE_MIN`] and `b` at most [`TRANSPOSE_MAX`] elements. A function of the whole product's shape and strides
-/// only, decided before any split.
+/// product is at least [`TRANSPOSE_MIN`] and `b` at most [`TRANSPOSE_MAX`] elements. A
+/// function of the whole product's shape and strides only, decided before any split.
 fn copies_b((m, k, n): (usize, usize, usize), (brs, bcs): (usize, usize)) -> bool {
     let (m0, k0, n0) = TRANSPOSE_MIN;
     brs == 1 && bcs != 1 && m >= m0 && k >= k0 && n >= n0 && k * n <= TRANSPOSE_MAX
 }
 
-/// Calls `f(j, len, b', strides)` for columns `j..j + len` of `b`'s `k×n`, covering all `n`
-/// (today always one call, `j = 0`): with `b` itself, or with `copy` (see [`copies_b`]) with `b`
-/// copied into a row-major scratch (see the module's notes).
-///
-/// # Safety
-/// `b` must be valid for every position its strides reach over `k×n`.
-unsafe fn by_rows_of_b(
-    (k, n): (usize, usize),
-    b: *const f32,
-    (brs, bcs): (usize, usize),
-    copy: bool,
-    f: &mut dyn FnMut(usize, usize, *const f32, (usize, usize)),
-) {
-    if !copy {
-        return f(0, n, b, (brs, bcs));
+/// The right operand as a product reads it: `b` itself, or with `copy` (see [`copies_b`]) a
+/// row-major copy of it, owned here.
+struct RightOperand {
+    ptr: *const f32,
+    st: (usize, usize),
+    _copy: Vec<f32>,
+}
+
+impl RightOperand {
+    /// # Safety
+    /// `b` must be valid for every position its strides reach over `k×n`.
+    unsafe fn new(
+        (k, n): (usize, usize),
+        b: *const f32,
+        st: (usize, usize),
+        copy: bool,
+    ) -> RightOperand {
+        if !copy {
+            return RightOperand {
+                ptr: b,
+                st,
+                _copy: Vec::new(),
+            };
+        }
+        // The columns of `b` are rows of length k, `st.1` apart: transpose them into a k×n
+        // row-major block. The transpose writes every element, so the block starts
+        // uninitialised.
+        let mut rows = Vec::with_capacity(k * n);
+        transpose(b, (n, k), st.1, rows.as_mut_ptr(), n);
+        rows.set_len(k * n);
+        RightOperand {
+            ptr: rows.as_ptr(),
+            st: (n, 1),
+            _copy: rows,
+        }
     }
-    // The columns of `b` are rows of length k, `bcs` apart: transpose them into a k×n
-    // row-major block.
-    let mut rows = vec![0.0f32; k * n];
-    transpose(b, (n, k), bcs, rows.as_mut_ptr(), n);
-    f(0, n, rows.as_ptr(), (n, 1));
 }
 
 /// `dst[c·ld + r] = src[r·ls + c]` for the `rows×cols` matrix at `src` (row stride `ls`):
@@ -328,15 +335,13 @@ pub(crate) unsafe fn sgemm_batched(
                 unsafe {
                     let (a, c) = (a.get().add(bi * m * k), c.get().add(bi * m * n));
                     // As `sgemm` would, but on this thread.
-                    by_rows_of_b(
+                    let rb = RightOperand::new(
                         (k, n),
                         b.get().add(bi * k * n),
                         bst,
                         copies_b((m, k, n), bst),
-                        &mut |j, len, b, bst| {
-                            gemm_1((m, k, len), a, ast, b, bst, c.add(j), n, false, 1.0)
-                        },
                     );
+                    gemm_1((m, k, n), a, ast, rb.ptr, rb.st, c, n, false, 1.0);
                 }
             }
         });

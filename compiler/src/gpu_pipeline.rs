@@ -671,7 +671,7 @@ impl Held<'_> {
 
 /// Rejects what the single-device pipeline does not run.
 fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
-    refuse_bf16_storage(a, target)?;
+    refuse_f16(a, target)?;
     let unsupported = [
         (a.remat.is_some(), "--remat"),
         (a.memory_limit.is_some(), "--memory-limit"),
@@ -692,31 +692,21 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
     Ok(())
 }
 
-/// `--compress bf16` and `int8` need bf16 and i8 storage, and `--precision bf16` bf16 GEMMs,
-/// which only the CPU runtime has: on any other backend (MLIR's kernels are f32), an error
-/// naming it.
-pub(crate) fn refuse_bf16_storage(a: &TrainArgs, target: &str) -> Result<()> {
+/// `--precision f16` needs the dynamic loss scale, which only the CPU trainer applies: on any
+/// other backend, an error naming it. (`--precision bf16` and `--compress bf16|int8` run on the
+/// MLIR backends too: their GEMMs and reductions accumulate 16-bit operands in f32, and their
+/// buffers hold bf16, f16 and i8.)
+pub(crate) fn refuse_f16(a: &TrainArgs, target: &str) -> Result<()> {
     if target == "cpu" {
         return Ok(());
     }
     let precision = crate::train::parse_precision(a.precision.as_deref())?;
-    if precision != cleave_passes::precision::Precision::F32 {
+    if precision == cleave_passes::precision::Precision::F16 {
         bail!(
-            "--target {target}: --precision {} needs {} GEMM kernels, which this backend \
-             does not have yet (its kernels are f32); use --target cpu",
-            precision.name(),
-            precision.name()
+            "--target {target}: --precision f16 trains with a dynamic loss scale, which only \
+             the CPU trainer applies so far; use --precision bf16 (no loss scale needed), or \
+             --target cpu"
         );
-    }
-    let c = crate::train::parse_compress(a.compress.as_deref())?;
-    for (on, name, ty) in [(c.bf16, "bf16", "bf16"), (c.int8, "int8", "i8")] {
-        if on {
-            bail!(
-                "--target {target}: --compress {name} needs {ty} storage, which this backend \
-                 does not have yet (its kernels and buffers are f32); use --target cpu, or \
-                 another --compress method"
-            );
-        }
     }
     Ok(())
 }

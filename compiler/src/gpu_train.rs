@@ -162,7 +162,7 @@ impl StepBackend for CudaBackend<'_> {
 /// Rejects the training options the single-device backends do not have.
 #[cfg(feature = "mlir")]
 fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
-    crate::gpu_pipeline::refuse_bf16_storage(a, target)?;
+    crate::gpu_pipeline::refuse_f16(a, target)?;
     let unsupported = [
         (a.stages > 1, "--stages > 1"),
         (a.microbatches > 1, "--microbatches > 1"),

@@ -103,21 +103,34 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                     base = Some(b.mul_add(&oi[j], xst[d], base.as_deref()));
                 }
                 let base = base.unwrap_or_else(|| b.idx(0));
-                let init = b.constant(reduce_init(kind, t), t);
-                let r = b.for_loop(count, &[(init, t.clone())], |b, k, acc| {
+                // 16-bit sums and means accumulate in f32 and round once (max and min are
+                // exact in any type).
+                let narrow = matches!(t.as_str(), "bf16" | "f16")
+                    && matches!(kind, ReduceKind::Sum | ReduceKind::Mean);
+                let acc_t = if narrow { "f32" } else { t.as_str() };
+                let init = b.constant(reduce_init(kind, acc_t), acc_t);
+                let r = b.for_loop(count, &[(init, acc_t.to_string())], |b, k, acc| {
                     let ri = b.decompose(k, &red_shape);
                     let mut off = base.clone();
                     for (j, &a) in axes.iter().enumerate() {
                         off = b.mul_add(&ri[j], xst[a], Some(&off));
                     }
-                    let v = x.at(b, &off);
-                    vec![combine(b, kind, &acc[0], &v, t)]
+                    let mut v = x.at(b, &off);
+                    if narrow {
+                        v = b.op(format!("arith.extf {v} : {t} to f32"));
+                    }
+                    vec![combine(b, kind, &acc[0], &v, acc_t)]
                 });
-                if kind == ReduceKind::Mean {
-                    let c = b.fc(count as f64, t);
-                    b.bin("arith.divf", &r[0], &c, t)
+                let r = if kind == ReduceKind::Mean {
+                    let c = b.fc(count as f64, acc_t);
+                    b.bin("arith.divf", &r[0], &c, acc_t)
                 } else {
                     r[0].clone()
+                };
+                if narrow {
+                    b.op(format!("arith.truncf {r} : f32 to {t}"))
+                } else {
+                    r
                 }
             })]
         }
@@ -141,6 +154,10 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
             let batch = numel(&rshape[..r - 2]);
             let (a, bsrc) = (srcs[0].clone(), srcs[1].clone());
             let f = is_float(t);
+            // 16-bit floats accumulate in f32 and round once, as the CPU runtime's 16-bit GEMM
+            // does (`--precision bf16|f16`): a 16-bit running sum would lose the small terms.
+            let narrow = matches!(t.as_str(), "bf16" | "f16");
+            let acc_t = if narrow { "f32" } else { t.as_str() };
             vec![e.gen_out(n, t, |b, _| {
                 let p = b.op("linalg.index 0 : index");
                 let j = b.remc(&p, nn);
@@ -150,8 +167,8 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                 let _ = batch;
                 let abase = b.mul_add(&bi, m * k, None);
                 let bbase = b.mul_add(&bi, k * nn, None);
-                let init = b.constant(0.0, t);
-                let acc = b.for_loop(k, &[(init, t.clone())], |b, kk, acc| {
+                let init = b.constant(0.0, acc_t);
+                let acc = b.for_loop(k, &[(init, acc_t.to_string())], |b, kk, acc| {
                     let ai = if tl {
                         let x = b.mul_add(kk, m, Some(&i));
                         b.add(&abase, &x)
@@ -166,17 +183,22 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                         let x = b.mul_add(kk, nn, Some(&j));
                         b.add(&bbase, &x)
                     };
-                    let av = a.at(b, &ai);
-                    let bv = bsrc.at(b, &bix);
-                    let prod = b.bin(if f { "arith.mulf" } else { "arith.muli" }, &av, &bv, t);
-                    vec![b.bin(
-                        if f { "arith.addf" } else { "arith.addi" },
-                        &acc[0],
-                        &prod,
-                        t,
-                    )]
+                    let mut av = a.at(b, &ai);
+                    let mut bv = bsrc.at(b, &bix);
+                    if narrow {
+                        av = b.op(format!("arith.extf {av} : {t} to f32"));
+                        bv = b.op(format!("arith.extf {bv} : {t} to f32"));
+                    }
+                    let mul = if f { "arith.mulf" } else { "arith.muli" };
+                    let prod = b.bin(mul, &av, &bv, acc_t);
+                    let add = if f { "arith.addf" } else { "arith.addi" };
+                    vec![b.bin(add, &acc[0], &prod, acc_t)]
                 });
-                acc[0].clone()
+                if narrow {
+                    b.op(format!("arith.truncf {} : f32 to {t}", acc[0]))
+                } else {
+                    acc[0].clone()
+                }
             })]
         }
         Op::Conv2d {

@@ -152,14 +152,32 @@ fn launch_descriptors() {
 /// self-contained PTX, and every output of the step is written by some launch or copy.
 #[test]
 fn training_steps_compile_to_ptx() {
-    for (example, opt) in [
-        ("gpt-tiny.cir", "optimizer{kind=adamw}"),
-        ("mlp.cir", "optimizer{kind=momentum}"),
+    for (example, before, opt) in [
+        ("gpt-tiny.cir", "", "optimizer{kind=adamw}"),
+        ("mlp.cir", "", "optimizer{kind=momentum}"),
+        // `--precision bf16`: bf16 buffers, casts and cuBLAS GEMMs in bf16.
+        ("gpt-tiny.cir", "precision{bf16},", "optimizer{kind=adamw}"),
     ] {
-        let step = common::training_step(example, opt);
+        let step = common::training_step_after(example, before, opt);
         let prog = compile_gpu(&step, &default_gpu_pipeline())
-            .unwrap_or_else(|e| panic!("{example}: {e}"));
+            .unwrap_or_else(|e| panic!("{example} {before}: {e}"));
         let desc = prog.descriptor();
+        let bf16_gemms = desc
+            .groups
+            .iter()
+            .filter_map(|g| g.gemm.as_ref())
+            .filter(|g| g.dtype == "bf16")
+            .count();
+        if before.is_empty() {
+            assert_eq!(bf16_gemms, 0, "{example}");
+        } else {
+            // Every forward GEMM and both of its backward GEMMs.
+            let all = desc.groups.iter().filter(|g| g.gemm.is_some()).count();
+            assert!(
+                bf16_gemms > 0 && bf16_gemms * 10 >= all * 9,
+                "{example}: {bf16_gemms} of {all}"
+            );
+        }
         // Dataflow: every buffer a launch reads is an argument, a constant, a temporary of its
         // group, or written by an earlier launch or copy.
         let mut defined: std::collections::HashSet<String> =

@@ -173,6 +173,66 @@ fn cublas_gemm_matches_cpu_with_transposes_accumulate_and_batches() {
     }
 }
 
+/// `--precision bf16|f16`'s GEMMs on cuBLAS: 16-bit operands, f32 accumulation, each result
+/// rounded once, so within one 16-bit rounding of the exact product of the rounded operands.
+#[test]
+fn cublas_gemm_in_bf16_and_f16_rounds_each_result_once() {
+    let Some(dev) = device("cublas_gemm_in_bf16_and_f16") else {
+        return;
+    };
+    let (m, k, n, batch) = (6, 40, 5, 2);
+    for (dtype, ulp) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {
+        for tb in [false, true] {
+            let narrow =
+                |t: Tensor| Tensor::from_float(dtype, t.shape.clone(), floats(&t).to_vec());
+            let a = narrow(f32_tensor(&[batch, m * k], |i| {
+                ((i * 7 % 11) as f64 - 5.0) / 3.0
+            }));
+            let b = narrow(f32_tensor(&[batch, k * n], |i| {
+                ((i * 5 % 13) as f64 - 6.0) / 7.0
+            }));
+            let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+            let dc = dev.zeros(dtype, &[batch, m * n]).unwrap();
+            let b_str = if tb { (1, k) } else { (n, 1) };
+            let s = dev.compute_stream();
+            let op = |ptr, (rs, cs)| GemmOperand { ptr, rs, cs };
+            unsafe {
+                dev.gemm(
+                    dtype,
+                    (m, k, n),
+                    op(da.ptr(s), (k, 1)),
+                    op(db.ptr(s), b_str),
+                    dc.ptr(s),
+                    n,
+                    false,
+                    (batch, m * k, k * n, m * n),
+                )
+                .unwrap();
+            }
+            let got = dev.download(&dc).unwrap();
+            assert_eq!(got.dtype, dtype);
+            let mut want = vec![0.0; batch * m * n];
+            for bi in 0..batch {
+                gemm_ref(
+                    (m, k, n),
+                    &floats(&a)[bi * m * k..],
+                    (k, 1),
+                    &floats(&b)[bi * k * n..],
+                    b_str,
+                    &mut want[bi * m * n..(bi + 1) * m * n],
+                    false,
+                );
+            }
+            for (i, (g, w)) in floats(&got).iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= ulp * w.abs() + 1e-6,
+                    "{dtype} tb={tb} [{i}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn events_time_a_copy() {
     let Some(dev) = device("events_time_a_copy") else {

@@ -41,8 +41,13 @@ pub fn example(name: &str) -> Function {
 
 /// The training step (`autodiff,<optimizer>`) of an example model.
 pub fn training_step(example: &str, optimizer: &str) -> Function {
+    training_step_after(example, "", optimizer)
+}
+
+/// [`training_step`] with the passes `before` (e.g. `precision{bf16},`) ahead of `autodiff`.
+pub fn training_step_after(example: &str, before: &str, optimizer: &str) -> Function {
     let mut module = cleave_ir::Module::with_function(self::example(example));
-    cleave_passes::PassManager::from_pipeline(&format!("autodiff,{optimizer}"))
+    cleave_passes::PassManager::from_pipeline(&format!("{before}autodiff,{optimizer}"))
         .unwrap()
         .run(
             &mut module,

@@ -104,7 +104,9 @@ impl<'d> GpuRunner<'d> {
                 }
             }
             let gemm = match (&group.gemm, mode) {
-                (Some(spec), GemmMode::Cublas) if spec.dtype == "f32" => {
+                (Some(spec), GemmMode::Cublas)
+                    if matches!(spec.dtype.as_str(), "f32" | "bf16" | "f16") =>
+                {
                     Some(Self::resolve_gemm(&group.name, spec, &bufs)?)
                 }
                 _ => None,
@@ -176,6 +178,12 @@ impl<'d> GpuRunner<'d> {
         spec: &GemmSpec,
         bufs: &HashMap<String, DeviceTensor>,
     ) -> Result<Gemm> {
+        let dtype = DType::from_name(&spec.dtype).ok_or_else(|| {
+            CudaError::Invalid(format!(
+                "GEMM of group `{group}`: unknown element type `{}`",
+                spec.dtype
+            ))
+        })?;
         let find = |name: &str, numel: usize, what: &str| -> Result<String> {
             let key = [name.to_string(), format!("{name}.const")]
                 .into_iter()
@@ -187,10 +195,10 @@ impl<'d> GpuRunner<'d> {
                 })?;
             let t = &bufs[&key];
             let n: usize = t.shape.iter().product();
-            if t.dtype != DType::F32 || n != numel {
+            if t.dtype != dtype || n != numel {
                 return Err(CudaError::Invalid(format!(
-                    "GEMM of group `{group}`: its {what} `{name}` is {}{:?}, expected {numel} f32 \
-                     elements",
+                    "GEMM of group `{group}`: its {what} `{name}` is {}{:?}, expected {numel} \
+                     {dtype} elements",
                     t.dtype, t.shape
                 )));
             }
@@ -230,11 +238,20 @@ impl<'d> GpuRunner<'d> {
             cs: if s.transpose_rhs { k } else { 1 },
         };
         let c = self.bufs[&s.out].ptr(stream);
-        // SAFETY: `resolve_gemm` checked every buffer holds exactly the f32 elements the
-        // product reads or writes.
+        let dtype = self.bufs[&s.out].dtype;
+        // SAFETY: `resolve_gemm` checked every buffer holds exactly the elements of the GEMM's
+        // type that the product reads or writes.
         unsafe {
-            self.dev
-                .sgemm((m, k, n), a, b, c, n, false, (s.batch, m * k, k * n, m * n))
+            self.dev.gemm(
+                dtype,
+                (m, k, n),
+                a,
+                b,
+                c,
+                n,
+                false,
+                (s.batch, m * k, k * n, m * n),
+            )
         }
     }
 

@@ -117,7 +117,8 @@ pub struct Device {
     blas: CudaBlas,
 }
 
-/// A device buffer holding one tensor (`f32`, `i32` or `bool` as one byte).
+/// A device buffer holding one tensor (`f32`, `bf16`, `f16`, `i32`, `i8`, or `bool` as one
+/// byte).
 pub struct DeviceTensor {
     /// Element type.
     pub dtype: DType,
@@ -146,29 +147,30 @@ pub struct LoadedKernel {
 fn elem_bytes(dtype: DType) -> Result<usize> {
     match dtype {
         DType::F32 | DType::I32 => Ok(4),
-        DType::Bool => Ok(1),
+        DType::BF16 | DType::F16 => Ok(2),
+        DType::Bool | DType::I8 => Ok(1),
         d => Err(CudaError::Invalid(format!(
-            "element type {d} is not supported on the GPU (f32, i32 and bool are)"
+            "element type {d} is not supported on the GPU (f32, bf16, f16, i32, i8 and bool are)"
         ))),
     }
 }
 
+/// A host tensor's device bytes: little-endian in its element type, `bool` as one byte.
 pub(crate) fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     elem_bytes(t.dtype)?;
-    Ok(match (&t.data, t.dtype) {
-        (TensorData::Float(v), DType::F32) => {
-            v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect()
-        }
-        (TensorData::Int(v), DType::I32) => {
-            v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect()
-        }
-        (TensorData::Bool(v), DType::Bool) => v.iter().map(|b| *b as u8).collect(),
-        (_, d) => {
-            return Err(CudaError::Invalid(format!(
-                "tensor data does not match its element type {d}"
-            )))
-        }
-    })
+    let n: usize = t.shape.iter().product();
+    let matches = match &t.data {
+        TensorData::Float(v) => t.dtype.is_float() && v.len() == n,
+        TensorData::Int(v) => matches!(t.dtype, DType::I32 | DType::I8) && v.len() == n,
+        TensorData::Bool(v) => t.dtype == DType::Bool && v.len() == n,
+    };
+    if !matches {
+        return Err(CudaError::Invalid(format!(
+            "tensor data does not match its element type {}{:?}",
+            t.dtype, t.shape
+        )));
+    }
+    Ok(t.to_le_bytes())
 }
 
 /// Where a GEMM operand lives and how it is strided (row-major view: element `(i, p)` at
@@ -311,7 +313,7 @@ impl Device {
     pub fn download(&self, t: &DeviceTensor) -> Result<Tensor> {
         let n: usize = t.shape.iter().product();
         let bytes = self.download_bytes(&t.buf, 0, n * elem_bytes(t.dtype)?)?;
-        Ok(bytes_to_tensor(t.dtype, &t.shape, &bytes))
+        bytes_to_tensor(t.dtype, &t.shape, &bytes)
     }
 
     /// Loads a kernel's PTX and finds its entry.
@@ -376,19 +378,40 @@ impl Device {
         unsafe { self.launch_ptrs(k, &ptrs) }
     }
 
+    /// Row-major `c = a·b` (or `c += a·b`) in f32: [`Device::gemm`] with [`DType::F32`].
+    ///
+    /// # Safety
+    /// As [`Device::gemm`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sgemm(
+        &self,
+        mkn: (usize, usize, usize),
+        a: GemmOperand,
+        b: GemmOperand,
+        c: u64,
+        ldc: usize,
+        accumulate: bool,
+        batches: (usize, usize, usize, usize),
+    ) -> Result<()> {
+        self.gemm(DType::F32, mkn, a, b, c, ldc, accumulate, batches)
+    }
+
     /// Row-major `c = a·b` (or `c += a·b`), `batch` times with element strides between the
     /// batches, matching the CPU GEMM's strided semantics (`gemm.rs`): `a` is `m×k`, `b` `k×n`,
-    /// `c` row-major `m×n` with row stride `ldc`. Runs on the compute stream.
+    /// `c` row-major `m×n` with row stride `ldc`, all three of element type `dtype`. Runs on the
+    /// compute stream. `f32` runs cuBLAS's SGEMM; `bf16` and `f16` run `cublasGemmEx` with f32
+    /// accumulation and one rounding of each result, the CPU runtime's 16-bit GEMM semantics.
     ///
     /// Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ, so cuBLAS gets (n, m, k) with B first; an
     /// operand with unit column stride is "not transposed" in that view, one with unit row stride
     /// is transposed.
     ///
     /// # Safety
-    /// The pointers must be valid f32 device buffers for every position the strides reach.
+    /// The pointers must be valid device buffers of `dtype` for every position the strides reach.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn sgemm(
+    pub unsafe fn gemm(
         &self,
+        dtype: DType,
         (m, k, n): (usize, usize, usize),
         a: GemmOperand,
         b: GemmOperand,
@@ -397,6 +420,16 @@ impl Device {
         accumulate: bool,
         (batch, sa, sb, sc): (usize, usize, usize, usize),
     ) -> Result<()> {
+        let narrow = match dtype {
+            DType::F32 => None,
+            DType::BF16 => Some(blas_sys::cudaDataType::CUDA_R_16BF),
+            DType::F16 => Some(blas_sys::cudaDataType::CUDA_R_16F),
+            d => {
+                return Err(CudaError::Invalid(format!(
+                    "GEMM in {d}: cuBLAS runs f32, bf16 and f16 products here"
+                )))
+            }
+        };
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
@@ -427,46 +460,93 @@ impl Device {
         let to_i = |x: usize| -> Result<i32> {
             i32::try_from(x).map_err(|_| CudaError::Invalid(format!("GEMM extent {x} exceeds i32")))
         };
-        let r = if batch == 1 {
-            blas::sgemm(
+        let (ni, mi, ki) = (to_i(n)?, to_i(m)?, to_i(k)?);
+        let (lda, ldb, ldc) = (to_i(lda)?, to_i(ldb)?, to_i(ldc)?);
+        let r = match (narrow, batch) {
+            (None, 1) => blas::sgemm(
                 h,
                 opb,
                 opa,
-                to_i(n)?,
-                to_i(m)?,
-                to_i(k)?,
+                ni,
+                mi,
+                ki,
                 &alpha,
                 b.ptr as *const f32,
-                to_i(ldb)?,
+                ldb,
                 a.ptr as *const f32,
-                to_i(lda)?,
+                lda,
                 &beta,
                 c as *mut f32,
-                to_i(ldc)?,
-            )
-        } else {
-            blas::sgemm_strided_batched(
+                ldc,
+            ),
+            (None, _) => blas::sgemm_strided_batched(
                 h,
                 opb,
                 opa,
-                to_i(n)?,
-                to_i(m)?,
-                to_i(k)?,
+                ni,
+                mi,
+                ki,
                 &alpha,
                 b.ptr as *const f32,
-                to_i(ldb)?,
+                ldb,
                 sb as i64,
                 a.ptr as *const f32,
-                to_i(lda)?,
+                lda,
                 sa as i64,
                 &beta,
                 c as *mut f32,
-                to_i(ldc)?,
+                ldc,
                 sc as i64,
                 to_i(batch)?,
-            )
+            ),
+            (Some(t), 1) => blas::gemm_ex(
+                h,
+                opb,
+                opa,
+                ni,
+                mi,
+                ki,
+                &alpha as *const f32 as *const _,
+                b.ptr as *const _,
+                t,
+                ldb,
+                a.ptr as *const _,
+                t,
+                lda,
+                &beta as *const f32 as *const _,
+                c as *mut _,
+                t,
+                ldc,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            ),
+            (Some(t), _) => blas::gemm_strided_batched_ex(
+                h,
+                opb,
+                opa,
+                ni,
+                mi,
+                ki,
+                &alpha as *const f32 as *const _,
+                b.ptr as *const _,
+                t,
+                ldb,
+                sb as i64,
+                a.ptr as *const _,
+                t,
+                lda,
+                sa as i64,
+                &beta as *const f32 as *const _,
+                c as *mut _,
+                t,
+                ldc,
+                sc as i64,
+                to_i(batch)?,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            ),
         };
-        r.map_err(|e| CudaError::Blas(format!("sgemm {m}×{k}×{n} (batch {batch}): {e:?}")))
+        r.map_err(|e| CudaError::Blas(format!("{dtype} GEMM {m}×{k}×{n} (batch {batch}): {e:?}")))
     }
 
     /// A timing event.
@@ -508,26 +588,46 @@ impl Device {
     }
 }
 
-/// Decodes device bytes into a tensor.
-pub fn bytes_to_tensor(dtype: DType, shape: &[usize], bytes: &[u8]) -> Tensor {
-    let data = match dtype {
-        DType::I32 => TensorData::Int(
-            bytes
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
-                .collect(),
-        ),
-        DType::Bool => TensorData::Bool(bytes.iter().map(|b| *b != 0).collect()),
-        _ => TensorData::Float(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                .collect(),
-        ),
-    };
-    Tensor {
-        dtype,
-        shape: shape.to_vec(),
-        data,
+/// Decodes device bytes into a tensor (`bytes` must hold exactly its elements).
+pub fn bytes_to_tensor(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Tensor> {
+    elem_bytes(dtype)?;
+    Tensor::from_le_bytes(dtype, shape, bytes).map_err(|e| CudaError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Host tensors of every element type the GPU holds go to device bytes and back unchanged;
+    /// an unsupported type and mismatched data are clear errors. (No driver needed.)
+    #[test]
+    fn every_device_type_round_trips_through_its_bytes() {
+        let floats = vec![1.0, -2.5, 0.15625, 3.0e4];
+        let cases = [
+            Tensor::from_float(DType::F32, vec![2, 2], floats.clone()),
+            Tensor::from_float(DType::BF16, vec![4], floats.clone()),
+            Tensor::from_float(DType::F16, vec![4], floats),
+            Tensor::from_i64(DType::I32, vec![3], vec![-7, 0, 1 << 20]),
+            Tensor::from_i64(DType::I8, vec![3], vec![-128, 5, 127]),
+            Tensor::from_bool(vec![2], vec![true, false]),
+        ];
+        for t in &cases {
+            let bytes = tensor_bytes(t).unwrap();
+            assert_eq!(bytes.len(), t.numel() * elem_bytes(t.dtype).unwrap());
+            assert_eq!(&bytes_to_tensor(t.dtype, &t.shape, &bytes).unwrap(), t);
+        }
+        let f64t = Tensor::from_float(DType::F64, vec![1], vec![1.0]);
+        let e = tensor_bytes(&f64t).unwrap_err().to_string();
+        assert!(e.contains("f64") && e.contains("bf16"), "{e}");
+        let bad = Tensor {
+            dtype: DType::BF16,
+            shape: vec![2],
+            data: TensorData::Int(vec![1, 2]),
+        };
+        assert!(tensor_bytes(&bad).is_err());
+        let e = bytes_to_tensor(DType::BF16, &[3], &[0; 4])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("4 bytes"), "{e}");
     }
 }

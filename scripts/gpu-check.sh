@@ -17,7 +17,7 @@
 # against it (aim: >= 70% of the copy), cuBLAS SGEMM; every MLIR kernel against the interpreter;
 # `cleave train --target cuda` of GPT-tiny for 50 steps against `cleave train` on the CPU (losses
 # within 1e-4 relative) and with `--stages 2 --microbatches 4` against the CPU thread pipeline
-# (within 1e-5 relative); the cleave GPT-small training step (`cleave bench --target cuda`) against
+# (within 1e-5 relative), and with `--precision bf16 --compress int8` (within 1e-3); the cleave GPT-small training step (`cleave bench --target cuda`) against
 # PyTorch eager (benches/baselines/gpt_small_torch.py) on the same GPU in the same run.
 #
 # Environment: PROFILE=release|debug (build half; default release).
@@ -185,6 +185,24 @@ run() {
         fi
     else
         record "GPT-tiny 2 stages cuda vs cpu pipeline" FAIL "cleave train failed; see gpu-check.txt"
+    fi
+    # Mixed precision: bf16 GEMMs on cuBLAS (cublasGemmEx, f32 accumulation) against the CPU's
+    # bf16 GEMM (f32 accumulation too; sums in another order, so a result may differ by one bf16
+    # step: 1e-3 relative over 20 steps).
+    echo "== 2c. cleave train --target cuda --precision bf16 --compress int8 against the CPU" | log gpu-check.txt
+    local bargs=("${targs[@]}" --steps 20 --precision bf16 --compress int8)
+    rm -f "$tmp/bcpu.jsonl" "$tmp/bcuda.jsonl"
+    if timeout $(tl 60) "$cleave" train "${bargs[@]}" --metrics "$tmp/bcpu.jsonl" 2>&1 | log gpu-check.txt &&
+        timeout $(tl 60) "$cleave" train "${bargs[@]}" --target cuda --metrics "$tmp/bcuda.jsonl" 2>&1 | log gpu-check.txt; then
+        local bcmp
+        bcmp=$(compare_losses "$tmp/bcpu.jsonl" "$tmp/bcuda.jsonl" 20 1e-3)
+        if [[ "$bcmp" == ok* ]]; then
+            record "GPT-tiny bf16+int8 cuda vs cpu" pass "${bcmp#ok }"
+        else
+            record "GPT-tiny bf16+int8 cuda vs cpu" FAIL "$bcmp"
+        fi
+    else
+        record "GPT-tiny bf16+int8 cuda vs cpu" FAIL "cleave train failed; see gpu-check.txt"
     fi
     # The MLIR GEMM option on the same model: one bench, to show it runs.
     if timeout $(tl 30) "$cleave" bench "$m/gpt-tiny.cir" --target cuda --gemm mlir --warmup 3 --iters 20 --json 2>&1 | tee "$tmp/tiny-mlir.json" | log gpu-figures.jsonl &&

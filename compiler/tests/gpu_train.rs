@@ -115,10 +115,11 @@ fn mlir_loop_trains_gpt_tiny_like_the_cpu() {
 }
 
 /// `--precision bf16` and the stash compressions that store bf16 or i8 on the MLIR kernels (the
-/// GPU's, run on the CPU): the same losses as the CPU runtime. Both accumulate 16-bit GEMM
+/// GPU's, run on the CPU): the same losses as the CPU runtime (the digits MLP unless GPT-tiny
+/// is named). Both accumulate 16-bit GEMM
 /// operands in f32 and round each result once, in different orders, so a bf16 result can differ
-/// by one bf16 step where the f32 sums round differently; over 8 steps the losses agree to
-/// about 1e-7. (Accumulating in bf16, as the MLIR GEMM did before, is off by 1.2e-4 at step 2.)
+/// by one bf16 step where the f32 sums round differently; over 8 steps the MLP's losses agree
+/// to about 1e-7. (Accumulating in bf16, as the MLIR GEMM did before, is off by 1.2e-4 at step 2.)
 #[test]
 fn mlir_loop_trains_in_bf16_and_with_narrow_stashes_like_the_cpu() {
     let dir = common::tmp("gpu-train-bf16");
@@ -127,7 +128,12 @@ fn mlir_loop_trains_in_bf16_and_with_narrow_stashes_like_the_cpu() {
         ("--compress bf16", None, Some("bf16")),
         ("--compress int8", None, Some("int8")),
         (
-            "--precision bf16 --compress int8",
+            "MLP --precision bf16, --compress int8",
+            Some("bf16"),
+            Some("int8"),
+        ),
+        (
+            "GPT-tiny --precision bf16, --compress int8",
             Some("bf16"),
             Some("int8"),
         ),
@@ -137,6 +143,11 @@ fn mlir_loop_trains_in_bf16_and_with_narrow_stashes_like_the_cpu() {
     {
         let mut a = common::args(8);
         a.optimizer = OptimizerArg::Sgd;
+        if what.starts_with("GPT-tiny") {
+            a.model = common::root().join("examples/gpt-tiny.cir");
+            a.data = common::root().join("examples/data/modadd.safetensors");
+            a.lr = Some(0.05);
+        }
         a.precision = precision.map(String::from);
         a.compress = compress.map(String::from);
         let (cpu, mlir) = (
@@ -149,7 +160,14 @@ fn mlir_loop_trains_in_bf16_and_with_narrow_stashes_like_the_cpu() {
         mlir_train(&a);
         let (want, got) = (losses(&cpu), losses(&mlir));
         assert_eq!(want.len(), 8, "{what}");
-        close(&format!("{what}, digits MLP"), &got, &want, 1e-5);
+        // GPT-tiny's many more GEMM results (attention, 4× wider MLP) meet such a one-step
+        // difference within a step or two: up to 5.4e-5 over its 8 steps.
+        let rtol = if what.starts_with("GPT-tiny") {
+            2e-4
+        } else {
+            1e-5
+        };
+        close(what, &got, &want, rtol);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

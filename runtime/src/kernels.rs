@@ -426,6 +426,28 @@ impl OpKernel {
                     let ast = if *tl { (1, m) } else { (k, 1) };
                     let bst = if *tr { (1, k) } else { (n, 1) };
                     sgemm_batched(*batch, (m, k, n), ap, ast, bp, bst, cp);
+                } else if out.dtype == DType::BF16 && crate::bf16gemm::available() {
+                    // bf16 GEMM on AVX-512 BF16: the operands read as stored, the product in
+                    // f32, each element rounded to bf16 once (`bf16gemm.rs`).
+                    let nc = *batch * m * n;
+                    let mut wide = WIDE.with(|w| std::mem::take(&mut *w.borrow_mut()));
+                    if wide.len() < nc {
+                        wide.resize(nc, 0.0);
+                    }
+                    let ast = if *tl { (1, m) } else { (k, 1) };
+                    let bst = if *tr { (1, k) } else { (n, 1) };
+                    crate::bf16gemm::gemm_bf16_batched(
+                        *batch,
+                        (m, k, n),
+                        mem.ptr_b(*a) as *const u16,
+                        ast,
+                        mem.ptr_b(*b) as *const u16,
+                        bst,
+                        wide.as_mut_ptr(),
+                    );
+                    let c = std::slice::from_raw_parts_mut(mem.ptr_b(*out) as *mut u16, nc);
+                    round_16(c, &wide[..nc], false);
+                    WIDE.with(|w| *w.borrow_mut() = wide);
                 } else if matches!(out.dtype, DType::BF16 | DType::F16) {
                     // bf16 (f16) GEMM: the operands widened (exact), the product accumulated in
                     // f32, each element rounded to bf16 (f16) once.

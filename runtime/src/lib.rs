@@ -42,6 +42,7 @@
 
 pub mod alloc;
 pub mod aot;
+mod bf16gemm;
 mod compile;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -148,28 +148,78 @@ fn bf16_gemms_round_the_f32_product_once() {
 }"#,
     )
     .unwrap();
+    gemms_match_the_interpreter(
+        &f,
+        &[
+            ("a", vec![2, 5, 7], 0.31),
+            ("b", vec![2, 7, 3], 0.17),
+            ("c", vec![7, 5], 0.23),
+        ],
+    );
+}
+
+/// The same with products large enough to split across the pool by rows, by columns, and a
+/// batch shared out whole, with a transposed right operand and an odd `k` past one block.
+#[test]
+fn large_bf16_gemms_split_across_threads_round_once() {
+    let f = parse_function(
+        r#"func @g {
+  %a = input {name = "a"} : f32[96,301]
+  %b = input {name = "b"} : f32[301,200]
+  %w = input {name = "w"} : f32[40,301]
+  %h = input {name = "h"} : f32[4,64,33]
+  %a16 = cast %a : bf16[96,301]
+  %b16 = cast %b : bf16[301,200]
+  %w16 = cast %w : bf16[40,301]
+  %h16 = cast %h : bf16[4,64,33]
+  %y = matmul %a16, %b16 : bf16[96,200]
+  %z = matmul %a16, %w16 {transpose_rhs = true} : bf16[96,40]
+  %t = matmul %b16, %a16 {transpose_lhs = true, transpose_rhs = true} : bf16[200,96]
+  %q = matmul %h16, %h16 {transpose_rhs = true} : bf16[4,64,64]
+  %y32 = cast %y : f32[96,200]
+  %z32 = cast %z : f32[96,40]
+  %t32 = cast %t : f32[200,96]
+  %q32 = cast %q : f32[4,64,64]
+  return %y32 as "y", %z32 as "z", %t32 as "t", %q32 as "q"
+}"#,
+    )
+    .unwrap();
+    gemms_match_the_interpreter(
+        &f,
+        &[
+            ("a", vec![96, 301], 0.031),
+            ("b", vec![301, 200], 0.017),
+            ("w", vec![40, 301], 0.023),
+            ("h", vec![4, 64, 33], 0.05),
+        ],
+    );
+}
+
+/// Runs `f` on the CPU runtime and the interpreter with inputs `(name, shape, scale)`: every
+/// output within one bf16 step of the interpreter's (which rounds the exact product once), a
+/// bf16 value, and fewer than a quarter of them different.
+fn gemms_match_the_interpreter(f: &cleave_ir::Function, inputs: &[(&str, Vec<usize>, f32)]) {
     let vals = |n: usize, s: f32| -> Vec<f32> {
         (0..n)
-            .map(|i| ((i * 37 % 23) as f32 - 11.0) * s + 0.013 * i as f32)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * s + 0.013 * (i % 97) as f32)
             .collect()
     };
-    let (a, b, c) = (vals(70, 0.31), vals(42, 0.17), vals(35, 0.23));
-    let mut plan = compile(&f).unwrap();
-    for (name, v) in [("a", &a), ("b", &b), ("c", &c)] {
+    let data: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|(_, shape, s)| vals(shape.iter().product(), *s))
+        .collect();
+    let mut plan = compile(f).unwrap();
+    for ((name, _, _), v) in inputs.iter().zip(&data) {
         plan.set_input_named(name, HostData::F32(v.clone()).as_slice())
             .unwrap();
     }
     plan.run().unwrap();
-    let shapes = [
-        ("a", vec![2, 5, 7], &a),
-        ("b", vec![2, 7, 3], &b),
-        ("c", vec![7, 5], &c),
-    ];
-    let args: std::collections::BTreeMap<String, Tensor> = shapes
-        .into_iter()
-        .map(|(n, s, v)| (n.to_string(), Tensor::from_f32(s, v.clone())))
+    let args: std::collections::BTreeMap<String, Tensor> = inputs
+        .iter()
+        .zip(&data)
+        .map(|((n, s, _), v)| (n.to_string(), Tensor::from_f32(s.clone(), v.clone())))
         .collect();
-    let want = run_function_named(&f, &args, Precision::F32).unwrap();
+    let want = run_function_named(f, &args, Precision::F32).unwrap();
     for (i, w) in want.iter().enumerate() {
         let got = plan.output_f32(i).unwrap();
         let mut differ = 0;

@@ -156,6 +156,7 @@ fn bench_reports_a_median() {
             codegen: Default::default(),
             grad_method: "bp".into(),
             tangents: 1,
+            precision: None,
         },
         Some(3),
     )

@@ -302,6 +302,10 @@ pub struct BenchArgs {
     /// Random tangents averaged per step by `--grad-method forward-gradient`.
     #[arg(long, default_value_t = 1)]
     pub tangents: usize,
+    /// Time the step of `cleave train --precision bf16` (the GEMMs in bf16; `f32`, the
+    /// default, changes nothing; `f16` needs the loss-scaling trainer and is refused).
+    #[arg(long)]
+    pub precision: Option<String>,
 }
 
 /// What a training run ended with.
@@ -1424,13 +1428,17 @@ pub fn bench_with(a: &BenchArgs, profile: Option<usize>) -> Result<BenchResult> 
     let mut profiled = None;
     let (mut compile_ms, mut peak_bytes, mut fused_kernels, mut jit_kernels) = (0.0, 0, 0, 0);
     let method = parse_grad_method(&a.grad_method, a.tangents)?;
-    let built = build_step_with(
+    let built = build_step_compressed(
         &a.model,
         a.batch,
         (a.loss, a.labels.clone(), a.loss_output.clone()),
         a.optimizer,
         a.optimizer.default_lr() * 0.01,
         &method,
+        (
+            Compress::default(),
+            parse_precision(a.precision.as_deref())?,
+        ),
     )?;
     let step = &built.step;
     let cost = cleave_ir::cost::function_cost(step).total();

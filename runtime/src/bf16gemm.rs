@@ -101,7 +101,13 @@ pub(crate) unsafe fn gemm_bf16(
             let bpanel = pb.as_ptr().add(jp * kq * NR);
             for ip in 0..mp {
                 let (i0, mr) = (ip * MR, MR.min(m - ip * MR));
-                micro(kq, pa.as_ptr().add(ip * kq * MR), bpanel, tile.as_mut_ptr());
+                let apanel = pa.as_ptr().add(ip * kq * MR);
+                if mr == MR && nr == NR {
+                    // A whole tile: straight into `c`.
+                    micro(kq, apanel, bpanel, c.add(i0 * ldc + j0), ldc, p0 > 0);
+                    continue;
+                }
+                micro(kq, apanel, bpanel, tile.as_mut_ptr(), NR, false);
                 for i in 0..mr {
                     let row = std::slice::from_raw_parts_mut(c.add((i0 + i) * ldc + j0), nr);
                     let t = &tile[i * NR..i * NR + nr];
@@ -313,10 +319,11 @@ unsafe fn pack_rows_avx512(out: &mut [u32], r0: *const u16, r1: *const u16) {
     }
 }
 
-/// The 8×48 tile `t = Σ_q a_q ⊗ b_q` over `kq` pairs (`t` row-major, row stride [`NR`]).
+/// The 8×48 tile `Σ_q a_q ⊗ b_q` over `kq` pairs, stored to `t` (row stride `ld`), or added to
+/// it with `add`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn micro(kq: usize, a: *const u32, b: *const u32, t: *mut f32) {
+unsafe fn micro(kq: usize, a: *const u32, b: *const u32, t: *mut f32, ld: usize, add: bool) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 3]; MR];
     for q in 0..kq {
@@ -336,13 +343,19 @@ unsafe fn micro(kq: usize, a: *const u32, b: *const u32, t: *mut f32) {
     }
     for (i, row) in acc.iter().enumerate() {
         for (s, v) in row.iter().enumerate() {
-            _mm512_storeu_ps(t.add(i * NR + 16 * s), *v);
+            let p = t.add(i * ld + 16 * s);
+            let v = if add {
+                _mm512_add_ps(_mm512_loadu_ps(p), *v)
+            } else {
+                *v
+            };
+            _mm512_storeu_ps(p, v);
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn micro(_: usize, _: *const u32, _: *const u32, _: *mut f32) {
+unsafe fn micro(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: usize, _: bool) {
     unreachable!("gemm_bf16 needs AVX-512 BF16 (`available`)")
 }
 
@@ -415,83 +428,6 @@ mod tests {
                     assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()));
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-
-    /// Temporary: `CLEAVE_THREADS=1 cargo test --release -p cleave-runtime --lib bf16gemm::timing -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn time_against_widening() {
-        let shapes = [
-            (64, 784, 256, false, false),
-            (64, 256, 256, false, false),
-            (64, 256, 784, false, true),
-            (784, 64, 256, true, false),
-            (256, 64, 256, true, false),
-            (1024, 256, 1024, false, false),
-            (1024, 1024, 256, false, true),
-            (256, 1024, 1024, true, false),
-        ];
-        for (m, k, n, ta, tb) in shapes {
-            let a: Vec<u16> = (0..m * k).map(|i| 0x3f80 + (i % 64) as u16).collect();
-            let b: Vec<u16> = (0..k * n).map(|i| 0x3f00 + (i % 64) as u16).collect();
-            let ast = if ta { (1, m) } else { (k, 1) };
-            let bst = if tb { (1, k) } else { (n, 1) };
-            let mut c = vec![0f32; m * n];
-            let mut wa = vec![0f32; m * k];
-            let mut wb = vec![0f32; k * n];
-            let reps = (2e9 / (2.0 * (m * k * n) as f64)).clamp(3.0, 2000.0) as usize;
-            let time = |f: &mut dyn FnMut()| {
-                let mut ts = vec![];
-                for _ in 0..5 {
-                    let t = std::time::Instant::now();
-                    for _ in 0..reps {
-                        f();
-                    }
-                    ts.push(t.elapsed().as_secs_f64() / reps as f64);
-                }
-                ts.sort_by(f64::total_cmp);
-                ts[2]
-            };
-            let t16 = time(&mut || unsafe {
-                gemm_bf16(
-                    (m, k, n),
-                    a.as_ptr(),
-                    ast,
-                    b.as_ptr(),
-                    bst,
-                    c.as_mut_ptr(),
-                    n,
-                )
-            });
-            let t32 = time(&mut || unsafe {
-                for (d, &x) in wa.iter_mut().zip(&a) {
-                    *d = f32::from_bits((x as u32) << 16);
-                }
-                for (d, &x) in wb.iter_mut().zip(&b) {
-                    *d = f32::from_bits((x as u32) << 16);
-                }
-                crate::gemm::sgemm(
-                    (m, k, n),
-                    wa.as_ptr(),
-                    ast,
-                    wb.as_ptr(),
-                    bst,
-                    c.as_mut_ptr(),
-                    n,
-                    false,
-                )
-            });
-            let gf = |t: f64| 2.0 * (m * k * n) as f64 / t / 1e9;
-            println!(
-                "{m}×{k}×{n} ta={ta} tb={tb}: bf16 {:.1} µs ({:.0} GFLOP/s), widen+f32 {:.1} µs ({:.0} GFLOP/s)",
-                t16 * 1e6, gf(t16), t32 * 1e6, gf(t32)
-            );
         }
     }
 }

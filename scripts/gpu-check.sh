@@ -154,56 +154,40 @@ run() {
 
     echo "== 2. cleave train --target cuda: GPT-tiny 50 SGD steps against the CPU run" | log gpu-check.txt
     local m="$dir/models"
-    local targs=("$m/gpt-tiny.cir" --data "$m/modadd.safetensors" --steps 50 --optimizer sgd --lr 0.05 --seed 1 --quiet)
-    rm -f "$tmp/cpu.jsonl" "$tmp/cuda.jsonl"
-    if timeout $(tl 60) "$cleave" train "${targs[@]}" --metrics "$tmp/cpu.jsonl" 2>&1 | log gpu-check.txt &&
-        timeout $(tl 60) "$cleave" train "${targs[@]}" --target cuda --metrics "$tmp/cuda.jsonl" 2>&1 | log gpu-check.txt; then
-        local cmp
-        cmp=$(compare_losses "$tmp/cpu.jsonl" "$tmp/cuda.jsonl" 50 1e-4)
-        cp "$tmp/cpu.jsonl" "${out:-$tmp}/gpt-tiny-cpu.jsonl" 2>/dev/null || true
-        cp "$tmp/cuda.jsonl" "${out:-$tmp}/gpt-tiny-cuda.jsonl" 2>/dev/null || true
-        if [[ "$cmp" == ok* ]]; then
-            record "GPT-tiny cuda vs cpu losses" pass "${cmp#ok }"
+    # Without `--steps`: each part names its own (clap refuses a repeated option).
+    local targs=("$m/gpt-tiny.cir" --data "$m/modadd.safetensors" --optimizer sgd --lr 0.05 --seed 1 --quiet)
+    # vs_cpu NAME TAG STEPS RTOL ARGS…: `cleave train ARGS` on the CPU and on `--target cuda`
+    # (metrics in $tmp/TAG-cpu.jsonl and $tmp/TAG-cuda.jsonl), the losses compared and recorded.
+    vs_cpu() {
+        local name=$1 tag=$2 steps=$3 tol=$4
+        shift 4
+        rm -f "$tmp/$tag-cpu.jsonl" "$tmp/$tag-cuda.jsonl"
+        if timeout $(tl 60) "$cleave" train "$@" --metrics "$tmp/$tag-cpu.jsonl" 2>&1 | log gpu-check.txt &&
+            timeout $(tl 60) "$cleave" train "$@" --target cuda --metrics "$tmp/$tag-cuda.jsonl" 2>&1 | log gpu-check.txt; then
+            local cmp
+            cmp=$(compare_losses "$tmp/$tag-cpu.jsonl" "$tmp/$tag-cuda.jsonl" "$steps" "$tol")
+            if [[ "$cmp" == ok* ]]; then
+                record "$name" pass "${cmp#ok }"
+            else
+                record "$name" FAIL "$cmp"
+            fi
         else
-            record "GPT-tiny cuda vs cpu losses" FAIL "$cmp"
+            record "$name" FAIL "cleave train failed; see gpu-check.txt"
         fi
-    else
-        record "GPT-tiny cuda vs cpu losses" FAIL "cleave train failed; see gpu-check.txt"
-    fi
+    }
+    vs_cpu "GPT-tiny cuda vs cpu losses" tiny 50 1e-4 "${targs[@]}" --steps 50
+    cp "$tmp/tiny-cpu.jsonl" "${out:-$tmp}/gpt-tiny-cpu.jsonl" 2>/dev/null || true
+    cp "$tmp/tiny-cuda.jsonl" "${out:-$tmp}/gpt-tiny-cuda.jsonl" 2>/dev/null || true
     # Pipeline stages on the one GPU (one stream each) against the CPU thread pipeline.
     echo "== 2b. cleave train --target cuda --stages 2 (ZB-H1, 4 microbatches) against the CPU pipeline" | log gpu-check.txt
-    local pargs=("${targs[@]}" --steps 20 --stages 2 --microbatches 4 --schedule zb-h1)
-    rm -f "$tmp/pcpu.jsonl" "$tmp/pcuda.jsonl"
-    if timeout $(tl 60) "$cleave" train "${pargs[@]}" --metrics "$tmp/pcpu.jsonl" 2>&1 | log gpu-check.txt &&
-        timeout $(tl 60) "$cleave" train "${pargs[@]}" --target cuda --metrics "$tmp/pcuda.jsonl" 2>&1 | log gpu-check.txt; then
-        local pcmp
-        pcmp=$(compare_losses "$tmp/pcpu.jsonl" "$tmp/pcuda.jsonl" 20 1e-5)
-        if [[ "$pcmp" == ok* ]]; then
-            record "GPT-tiny 2 stages cuda vs cpu pipeline" pass "${pcmp#ok }"
-        else
-            record "GPT-tiny 2 stages cuda vs cpu pipeline" FAIL "$pcmp"
-        fi
-    else
-        record "GPT-tiny 2 stages cuda vs cpu pipeline" FAIL "cleave train failed; see gpu-check.txt"
-    fi
+    vs_cpu "GPT-tiny 2 stages cuda vs cpu pipeline" stages 20 1e-5 \
+        "${targs[@]}" --steps 20 --stages 2 --microbatches 4 --schedule zb-h1
     # Mixed precision: bf16 GEMMs on cuBLAS (cublasGemmEx, f32 accumulation) against the CPU's
     # bf16 GEMM (f32 accumulation too; sums in another order, so a result may differ by one bf16
     # step: 1e-3 relative over 20 steps).
     echo "== 2c. cleave train --target cuda --precision bf16 --compress int8 against the CPU" | log gpu-check.txt
-    local bargs=("${targs[@]}" --steps 20 --precision bf16 --compress int8)
-    rm -f "$tmp/bcpu.jsonl" "$tmp/bcuda.jsonl"
-    if timeout $(tl 60) "$cleave" train "${bargs[@]}" --metrics "$tmp/bcpu.jsonl" 2>&1 | log gpu-check.txt &&
-        timeout $(tl 60) "$cleave" train "${bargs[@]}" --target cuda --metrics "$tmp/bcuda.jsonl" 2>&1 | log gpu-check.txt; then
-        local bcmp
-        bcmp=$(compare_losses "$tmp/bcpu.jsonl" "$tmp/bcuda.jsonl" 20 1e-3)
-        if [[ "$bcmp" == ok* ]]; then
-            record "GPT-tiny bf16+int8 cuda vs cpu" pass "${bcmp#ok }"
-        else
-            record "GPT-tiny bf16+int8 cuda vs cpu" FAIL "$bcmp"
-        fi
-    else
-        record "GPT-tiny bf16+int8 cuda vs cpu" FAIL "cleave train failed; see gpu-check.txt"
-    fi
+    vs_cpu "GPT-tiny bf16+int8 cuda vs cpu" bf16 20 1e-3 \
+        "${targs[@]}" --steps 20 --precision bf16 --compress int8
     # The MLIR GEMM option on the same model: one bench, to show it runs.
     if timeout $(tl 30) "$cleave" bench "$m/gpt-tiny.cir" --target cuda --gemm mlir --warmup 3 --iters 20 --json 2>&1 | tee "$tmp/tiny-mlir.json" | log gpu-figures.jsonl &&
         timeout $(tl 30) "$cleave" bench "$m/gpt-tiny.cir" --target cuda --warmup 3 --iters 20 --json 2>&1 | tee "$tmp/tiny-blas.json" | log gpu-figures.jsonl; then

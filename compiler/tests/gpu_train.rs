@@ -143,7 +143,8 @@ fn mlir_loop_trains_in_bf16_and_with_narrow_stashes_like_the_cpu() {
     {
         let mut a = common::args(8);
         a.optimizer = OptimizerArg::Sgd;
-        if what.starts_with("GPT-tiny") {
+        let gpt = what.starts_with("GPT-tiny");
+        if gpt {
             a.model = common::root().join("examples/gpt-tiny.cir");
             a.data = common::root().join("examples/data/modadd.safetensors");
             a.lr = Some(0.05);
@@ -162,11 +163,7 @@ fn mlir_loop_trains_in_bf16_and_with_narrow_stashes_like_the_cpu() {
         assert_eq!(want.len(), 8, "{what}");
         // GPT-tiny's many more GEMM results (attention, 4× wider MLP) meet such a one-step
         // difference within a step or two: up to 5.4e-5 over its 8 steps.
-        let rtol = if what.starts_with("GPT-tiny") {
-            2e-4
-        } else {
-            1e-5
-        };
+        let rtol = if gpt { 2e-4 } else { 1e-5 };
         close(what, &got, &want, rtol);
     }
     let _ = std::fs::remove_dir_all(&dir);

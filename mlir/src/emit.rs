@@ -677,7 +677,7 @@ fn compare(b: &mut Body, c: CompareOp, x: &str, y: &str, ty: &str) -> String {
     }
 }
 
-fn cast(b: &mut Body, x: &str, from: DType, to: DType) -> String {
+pub(crate) fn cast(b: &mut Body, x: &str, from: DType, to: DType) -> String {
     let (fty, tty) = (elem_ty(from), elem_ty(to));
     if from == to {
         return x.to_string();

@@ -5,10 +5,10 @@
 //! (`row_reduce`). Each function documents the formula it implements; the reference interpreter's
 //! kernels (`cleave_ir::interp`) are the specification.
 
-use cleave_ir::{Node, Op, PoolKind, ReduceKind, SteOp};
+use cleave_ir::{DType, Node, Op, PoolKind, ReduceKind, SteOp};
 
 use crate::body::{elem_ty, is_float, strides, Body};
-use crate::emit::{reduce_init, EmitError, Emitter};
+use crate::emit::{cast, reduce_init, EmitError, Emitter};
 
 /// A read of an operand: tensor name, element count, element type.
 #[derive(Clone)]
@@ -105,9 +105,12 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                 let base = base.unwrap_or_else(|| b.idx(0));
                 // 16-bit sums and means accumulate in f32 and round once (max and min are
                 // exact in any type).
-                let narrow = matches!(t.as_str(), "bf16" | "f16")
-                    && matches!(kind, ReduceKind::Sum | ReduceKind::Mean);
-                let acc_t = if narrow { "f32" } else { t.as_str() };
+                let d = rty.dtype;
+                let acc_d = match (d, kind) {
+                    (DType::BF16 | DType::F16, ReduceKind::Sum | ReduceKind::Mean) => DType::F32,
+                    _ => d,
+                };
+                let acc_t = elem_ty(acc_d);
                 let init = b.constant(reduce_init(kind, acc_t), acc_t);
                 let r = b.for_loop(count, &[(init, acc_t.to_string())], |b, k, acc| {
                     let ri = b.decompose(k, &red_shape);
@@ -115,10 +118,8 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                     for (j, &a) in axes.iter().enumerate() {
                         off = b.mul_add(&ri[j], xst[a], Some(&off));
                     }
-                    let mut v = x.at(b, &off);
-                    if narrow {
-                        v = b.op(format!("arith.extf {v} : {t} to f32"));
-                    }
+                    let v = x.at(b, &off);
+                    let v = cast(b, &v, d, acc_d);
                     vec![combine(b, kind, &acc[0], &v, acc_t)]
                 });
                 let r = if kind == ReduceKind::Mean {
@@ -127,11 +128,7 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                 } else {
                     r[0].clone()
                 };
-                if narrow {
-                    b.op(format!("arith.truncf {r} : f32 to {t}"))
-                } else {
-                    r
-                }
+                cast(b, &r, acc_d, d)
             })]
         }
         // A GEMM as one thread per output element with a `k` loop, consecutive threads on
@@ -156,8 +153,12 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
             let f = is_float(t);
             // 16-bit floats accumulate in f32 and round once, as the CPU runtime's 16-bit GEMM
             // does (`--precision bf16|f16`): a 16-bit running sum would lose the small terms.
-            let narrow = matches!(t.as_str(), "bf16" | "f16");
-            let acc_t = if narrow { "f32" } else { t.as_str() };
+            let d = rty.dtype;
+            let acc_d = match d {
+                DType::BF16 | DType::F16 => DType::F32,
+                _ => d,
+            };
+            let acc_t = elem_ty(acc_d);
             vec![e.gen_out(n, t, |b, _| {
                 let p = b.op("linalg.index 0 : index");
                 let j = b.remc(&p, nn);
@@ -183,22 +184,14 @@ pub(crate) fn emit(e: &mut Emitter, node: Node) -> Result<Vec<String>, EmitError
                         let x = b.mul_add(kk, nn, Some(&j));
                         b.add(&bbase, &x)
                     };
-                    let mut av = a.at(b, &ai);
-                    let mut bv = bsrc.at(b, &bix);
-                    if narrow {
-                        av = b.op(format!("arith.extf {av} : {t} to f32"));
-                        bv = b.op(format!("arith.extf {bv} : {t} to f32"));
-                    }
+                    let (av, bv) = (a.at(b, &ai), bsrc.at(b, &bix));
+                    let (av, bv) = (cast(b, &av, d, acc_d), cast(b, &bv, d, acc_d));
                     let mul = if f { "arith.mulf" } else { "arith.muli" };
                     let prod = b.bin(mul, &av, &bv, acc_t);
                     let add = if f { "arith.addf" } else { "arith.addi" };
                     vec![b.bin(add, &acc[0], &prod, acc_t)]
                 });
-                if narrow {
-                    b.op(format!("arith.truncf {} : f32 to {t}", acc[0]))
-                } else {
-                    acc[0].clone()
-                }
+                cast(b, &acc[0], acc_d, d)
             })]
         }
         Op::Conv2d {

@@ -144,12 +144,7 @@ pub(crate) unsafe fn gemm_bf16_batched(
     bst: (usize, usize),
     c: *mut f32,
 ) {
-    use crate::pool::{Pool, SharedPtr};
-    let one = 2 * m * k * n;
-    let min = crate::gemm::PAR_MIN_FLOPS;
-    let pool = (k > 0 && batch * one >= min)
-        .then(Pool::global)
-        .filter(|p| p.threads() > 1);
+    use crate::pool::SharedPtr;
     let (ap, bp, cp) = (
         SharedPtr(a as *mut u16),
         SharedPtr(b as *mut u16),
@@ -162,62 +157,39 @@ pub(crate) unsafe fn gemm_bf16_batched(
             cp.get().add(bi * m * n),
         )
     };
-    match pool {
-        Some(pool) if one >= min => {
-            let split_m = m >= n;
-            let (extent, unit) = if split_m { (m, MR) } else { (n, NR) };
-            let chunk = extent.div_ceil(pool.threads()).next_multiple_of(unit);
-            let parts = extent.div_ceil(chunk);
-            for bi in 0..batch {
-                let (a, b, c) = item(bi);
-                let (a, b, c) = (SharedPtr(a), SharedPtr(b), SharedPtr(c));
-                pool.run(parts, &|p| {
-                    let (lo, len) = (p * chunk, chunk.min(extent - p * chunk));
-                    // SAFETY: each part reads within the operands and writes its own rows (or
-                    // columns) of `c`.
-                    unsafe {
-                        if split_m {
-                            gemm_bf16(
-                                (len, k, n),
-                                a.get().add(lo * ast.0),
-                                ast,
-                                b.get(),
-                                bst,
-                                c.get().add(lo * n),
-                                n,
-                            );
-                        } else {
-                            gemm_bf16(
-                                (m, k, len),
-                                a.get(),
-                                ast,
-                                b.get().add(lo * bst.1),
-                                bst,
-                                c.get().add(lo),
-                                n,
-                            );
-                        }
-                    }
-                });
-            }
-        }
-        Some(pool) if batch > 1 => {
-            let chunk = batch.div_ceil(pool.threads());
-            pool.run(batch.div_ceil(chunk), &|p| {
-                for bi in p * chunk..((p + 1) * chunk).min(batch) {
-                    // SAFETY: each part reads and writes its own items.
-                    unsafe {
-                        let (a, b, c) = item(bi);
-                        gemm_bf16((m, k, n), a, ast, b, bst, c, n);
+    if let Some(split) = crate::gemm::Split::of((m, k, n), (MR, NR)) {
+        for bi in 0..batch {
+            let (a, b, c) = item(bi);
+            let (a, b, c) = (SharedPtr(a), SharedPtr(b), SharedPtr(c));
+            split.pool.run(split.parts, &|p| {
+                let (lo, len) = split.range(p);
+                // SAFETY: each part reads within the operands and writes its own rows (or
+                // columns) of `c`.
+                unsafe {
+                    if split.split_m {
+                        let a = a.get().add(lo * ast.0);
+                        gemm_bf16((len, k, n), a, ast, b.get(), bst, c.get().add(lo * n), n);
+                    } else {
+                        let b = b.get().add(lo * bst.1);
+                        gemm_bf16((m, k, len), a.get(), ast, b, bst, c.get().add(lo), n);
                     }
                 }
             });
         }
-        _ => {
-            for bi in 0..batch {
-                let (a, b, c) = item(bi);
-                gemm_bf16((m, k, n), a, ast, b, bst, c, n);
+    } else if let Some((pool, chunk)) = crate::gemm::item_chunks(batch, (m, k, n)) {
+        pool.run(batch.div_ceil(chunk), &|p| {
+            for bi in p * chunk..((p + 1) * chunk).min(batch) {
+                // SAFETY: each part reads and writes its own items.
+                unsafe {
+                    let (a, b, c) = item(bi);
+                    gemm_bf16((m, k, n), a, ast, b, bst, c, n);
+                }
             }
+        });
+    } else {
+        for bi in 0..batch {
+            let (a, b, c) = item(bi);
+            gemm_bf16((m, k, n), a, ast, b, bst, c, n);
         }
     }
 }
@@ -243,13 +215,7 @@ unsafe fn pack_a(
             }
             let row = a.add(r * ars);
             for q in 0..kq {
-                let lo = *row.add(2 * q * acs) as u32;
-                let hi = if 2 * q + 1 < kc {
-                    *row.add((2 * q + 1) * acs) as u32
-                } else {
-                    0
-                };
-                panel[q * MR + i] = lo | hi << 16;
+                panel[q * MR + i] = pair(row.add(2 * q * acs), acs, 2 * q + 1 < kc);
             }
         }
     }
@@ -277,19 +243,21 @@ unsafe fn pack_b(
             }
             for (j, o) in out.iter_mut().enumerate() {
                 *o = if j < nr {
-                    let lo = *r0.add(j * bcs) as u32;
-                    let hi = if has_hi {
-                        *r0.add(brs + j * bcs) as u32
-                    } else {
-                        0
-                    };
-                    lo | hi << 16
+                    pair(r0.add(j * bcs), brs, has_hi)
                 } else {
                     0
                 };
             }
         }
     }
+}
+
+/// The `k` pair at `lo` as one word: `lo[0]` in the low half, `lo[step]` (zero without
+/// `has_hi`, past an odd block's end) in the high half.
+#[inline]
+unsafe fn pair(lo: *const u16, step: usize, has_hi: bool) -> u32 {
+    let hi = if has_hi { *lo.add(step) as u32 } else { 0 };
+    *lo as u32 | hi << 16
 }
 
 /// 48 pairs from two contiguous rows: `out[j] = r0[j] | r1[j] << 16`.

@@ -95,57 +95,49 @@ unsafe fn gemm_par(
     scale: f32,
 ) {
     let copy = copies_b((m, k, n), (brs, bcs));
-    if 2 * m * k * n >= PAR_MIN_FLOPS && crate::pool::Pool::global().threads() > 1 {
-        let pool = crate::pool::Pool::global();
-        let threads = pool.threads();
-        let split_m = m >= n;
-        let extent = if split_m { m } else { n };
-        let chunk = extent.div_ceil(threads).next_multiple_of(16);
-        if chunk < extent {
-            let parts = extent.div_ceil(chunk);
-            let (a, c) = (SharedPtr(a as *mut f32), SharedPtr(c));
-            // Split by rows, every part reads all of `b`: copy it once, here.
-            let whole = split_m.then(|| RightOperand::new((k, n), b, (brs, bcs), copy));
-            let whole_b = whole.as_ref().map(|w| (SharedPtr(w.ptr as *mut f32), w.st));
-            let b = SharedPtr(b as *mut f32);
-            pool.run(parts, &|p| {
-                let lo = p * chunk;
-                let len = chunk.min(extent - lo);
-                // SAFETY: each part reads within the caller's operands (and `b`'s copy) and
-                // writes its own rows (or columns) of `c`.
-                unsafe {
-                    if let Some((bp, bst)) = whole_b {
-                        gemm_1(
-                            (len, k, n),
-                            a.get().add(lo * ars),
-                            (ars, acs),
-                            bp.get(),
-                            bst,
-                            c.get().add(lo * ldc),
-                            ldc,
-                            accumulate,
-                            scale,
-                        );
-                    } else {
-                        // Split by columns, each part copies only its own.
-                        let own =
-                            RightOperand::new((k, len), b.get().add(lo * bcs), (brs, bcs), copy);
-                        gemm_1(
-                            (m, k, len),
-                            a.get(),
-                            (ars, acs),
-                            own.ptr,
-                            own.st,
-                            c.get().add(lo),
-                            ldc,
-                            accumulate,
-                            scale,
-                        );
-                    }
+    if let Some(split) = Split::of((m, k, n), (16, 16)) {
+        let (a, c) = (SharedPtr(a as *mut f32), SharedPtr(c));
+        // Split by rows, every part reads all of `b`: copy it once, here.
+        let whole = split
+            .split_m
+            .then(|| RightOperand::new((k, n), b, (brs, bcs), copy));
+        let whole_b = whole.as_ref().map(|w| (SharedPtr(w.ptr as *mut f32), w.st));
+        let b = SharedPtr(b as *mut f32);
+        split.pool.run(split.parts, &|p| {
+            let (lo, len) = split.range(p);
+            // SAFETY: each part reads within the caller's operands (and `b`'s copy) and
+            // writes its own rows (or columns) of `c`.
+            unsafe {
+                if let Some((bp, bst)) = whole_b {
+                    gemm_1(
+                        (len, k, n),
+                        a.get().add(lo * ars),
+                        (ars, acs),
+                        bp.get(),
+                        bst,
+                        c.get().add(lo * ldc),
+                        ldc,
+                        accumulate,
+                        scale,
+                    );
+                } else {
+                    // Split by columns, each part copies only its own.
+                    let own = RightOperand::new((k, len), b.get().add(lo * bcs), (brs, bcs), copy);
+                    gemm_1(
+                        (m, k, len),
+                        a.get(),
+                        (ars, acs),
+                        own.ptr,
+                        own.st,
+                        c.get().add(lo),
+                        ldc,
+                        accumulate,
+                        scale,
+                    );
                 }
-            });
-            return;
-        }
+            }
+        });
+        return;
     }
     let rb = RightOperand::new((k, n), b, (brs, bcs), copy);
     gemm_1(
@@ -159,6 +151,58 @@ unsafe fn gemm_par(
         accumulate,
         scale,
     );
+}
+
+/// How one product splits across the pool: its longer side (`m` when `split_m`, else `n`) cut
+/// into `parts` contiguous ranges of `chunk` (a multiple of the kernel's row or column unit).
+pub(crate) struct Split {
+    pub pool: &'static crate::pool::Pool,
+    pub split_m: bool,
+    pub extent: usize,
+    pub chunk: usize,
+    pub parts: usize,
+}
+
+impl Split {
+    /// The split of a product of at least [`PAR_MIN_FLOPS`] with more than one pool thread and
+    /// more than one part (ranges in multiples of `units.0` rows or `units.1` columns); `None`
+    /// otherwise. Small products never touch the pool (its first use starts its threads).
+    pub(crate) fn of((m, k, n): (usize, usize, usize), units: (usize, usize)) -> Option<Split> {
+        if 2 * m * k * n < PAR_MIN_FLOPS {
+            return None;
+        }
+        let pool = crate::pool::Pool::global();
+        let split_m = m >= n;
+        let (extent, unit) = if split_m { (m, units.0) } else { (n, units.1) };
+        let chunk = extent.div_ceil(pool.threads()).next_multiple_of(unit);
+        (pool.threads() > 1 && chunk < extent).then(|| Split {
+            pool,
+            split_m,
+            extent,
+            chunk,
+            parts: extent.div_ceil(chunk),
+        })
+    }
+
+    /// Part `p`'s range of the split side: (first row or column, count).
+    pub(crate) fn range(&self, p: usize) -> (usize, usize) {
+        let lo = p * self.chunk;
+        (lo, self.chunk.min(self.extent - lo))
+    }
+}
+
+/// For `batch` products each too small to split ([`Split::of`]) but together worth
+/// [`PAR_MIN_FLOPS`]: the pool and the items per part, to share them out whole (attention's
+/// per-head products). `None` otherwise, without touching the pool.
+pub(crate) fn item_chunks(
+    batch: usize,
+    (m, k, n): (usize, usize, usize),
+) -> Option<(&'static crate::pool::Pool, usize)> {
+    let one = 2 * m * k * n;
+    (batch > 1 && k > 0 && one < PAR_MIN_FLOPS && batch * one >= PAR_MIN_FLOPS)
+        .then(crate::pool::Pool::global)
+        .filter(|p| p.threads() > 1)
+        .map(|p| (p, batch.div_ceil(p.threads())))
 }
 
 /// Products whose `b` is transposed and at least this large (m, k, n) copy it first.
@@ -316,13 +360,7 @@ pub(crate) unsafe fn sgemm_batched(
     bst: (usize, usize),
     c: *mut f32,
 ) {
-    let one = 2 * m * k * n;
-    // Small products never touch the pool (its first use starts its threads).
-    let pool = (batch > 1 && k > 0 && one < PAR_MIN_FLOPS && batch * one >= PAR_MIN_FLOPS)
-        .then(crate::pool::Pool::global)
-        .filter(|p| p.threads() > 1);
-    if let Some(pool) = pool {
-        let chunk = batch.div_ceil(pool.threads());
+    if let Some((pool, chunk)) = item_chunks(batch, (m, k, n)) {
         let parts = batch.div_ceil(chunk);
         let (a, b, c) = (
             SharedPtr(a as *mut f32),

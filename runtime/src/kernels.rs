@@ -426,57 +426,51 @@ impl OpKernel {
                     let ast = if *tl { (1, m) } else { (k, 1) };
                     let bst = if *tr { (1, k) } else { (n, 1) };
                     sgemm_batched(*batch, (m, k, n), ap, ast, bp, bst, cp);
-                } else if out.dtype == DType::BF16 && crate::bf16gemm::available() {
-                    // bf16 GEMM on AVX-512 BF16: the operands read as stored, the product in
-                    // f32, each element rounded to bf16 once (`bf16gemm.rs`).
-                    let nc = *batch * m * n;
-                    let mut wide = WIDE.with(|w| std::mem::take(&mut *w.borrow_mut()));
-                    if wide.len() < nc {
-                        wide.resize(nc, 0.0);
-                    }
-                    let ast = if *tl { (1, m) } else { (k, 1) };
-                    let bst = if *tr { (1, k) } else { (n, 1) };
-                    crate::bf16gemm::gemm_bf16_batched(
-                        *batch,
-                        (m, k, n),
-                        mem.ptr_b(*a) as *const u16,
-                        ast,
-                        mem.ptr_b(*b) as *const u16,
-                        bst,
-                        wide.as_mut_ptr(),
-                    );
-                    let c = std::slice::from_raw_parts_mut(mem.ptr_b(*out) as *mut u16, nc);
-                    round_16(c, &wide[..nc], false);
-                    WIDE.with(|w| *w.borrow_mut() = wide);
                 } else if matches!(out.dtype, DType::BF16 | DType::F16) {
-                    // bf16 (f16) GEMM: the operands widened (exact), the product accumulated in
-                    // f32, each element rounded to bf16 (f16) once.
+                    // bf16 (f16) GEMM: the product accumulated in f32, each element rounded to
+                    // bf16 (f16) once. bf16 on AVX-512 BF16 reads the operands as stored
+                    // (`bf16gemm.rs`); otherwise both are widened (exact) for the f32 GEMM.
                     let f16 = out.dtype == DType::F16;
-                    let (na, nb, nc) = (*batch * m * k, *batch * k * n, *batch * m * n);
+                    let native = !f16 && crate::bf16gemm::available();
+                    let (na, nb, nc) = if native {
+                        (0, 0, *batch * m * n)
+                    } else {
+                        (*batch * m * k, *batch * k * n, *batch * m * n)
+                    };
                     let mut wide = WIDE.with(|w| std::mem::take(&mut *w.borrow_mut()));
                     if wide.len() < na + nb + nc {
                         wide.resize(na + nb + nc, 0.0);
                     }
                     let (wa, rest) = wide.split_at_mut(na);
                     let (wb, wc) = rest.split_at_mut(nb);
-                    let h = |buf: BufRef, len: usize| {
-                        std::slice::from_raw_parts(mem.ptr_b(buf) as *const u16, len)
-                    };
-                    widen_16(wa, h(*a, na), f16);
-                    widen_16(wb, h(*b, nb), f16);
                     let ast = if *tl { (1, m) } else { (k, 1) };
                     let bst = if *tr { (1, k) } else { (n, 1) };
-                    sgemm_batched(
-                        *batch,
-                        (m, k, n),
-                        wa.as_ptr(),
-                        ast,
-                        wb.as_ptr(),
-                        bst,
-                        wc.as_mut_ptr(),
-                    );
+                    let (pa, pb) = (mem.ptr_b(*a) as *const u16, mem.ptr_b(*b) as *const u16);
+                    if native {
+                        crate::bf16gemm::gemm_bf16_batched(
+                            *batch,
+                            (m, k, n),
+                            pa,
+                            ast,
+                            pb,
+                            bst,
+                            wc.as_mut_ptr(),
+                        );
+                    } else {
+                        widen_16(wa, std::slice::from_raw_parts(pa, na), f16);
+                        widen_16(wb, std::slice::from_raw_parts(pb, nb), f16);
+                        sgemm_batched(
+                            *batch,
+                            (m, k, n),
+                            wa.as_ptr(),
+                            ast,
+                            wb.as_ptr(),
+                            bst,
+                            wc.as_mut_ptr(),
+                        );
+                    }
                     let c = std::slice::from_raw_parts_mut(mem.ptr_b(*out) as *mut u16, nc);
-                    round_16(c, wc, f16);
+                    round_16(c, &wc[..nc], f16);
                     WIDE.with(|w| *w.borrow_mut() = wide);
                 } else {
                     let (av, bv, cv) = (mem.i(*a), mem.i(*b), mem.i_mut(*out));

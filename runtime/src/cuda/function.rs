@@ -34,6 +34,8 @@ pub enum GemmMode {
 #[derive(Clone, Debug)]
 struct Gemm {
     spec: GemmSpec,
+    /// The spec's element type (every buffer's, checked).
+    dtype: DType,
     lhs: String,
     rhs: String,
 }
@@ -216,6 +218,7 @@ impl<'d> GpuRunner<'d> {
         }
         Ok(Gemm {
             spec: spec.clone(),
+            dtype,
             lhs,
             rhs,
         })
@@ -238,12 +241,11 @@ impl<'d> GpuRunner<'d> {
             cs: if s.transpose_rhs { k } else { 1 },
         };
         let c = self.bufs[&s.out].ptr(stream);
-        let dtype = self.bufs[&s.out].dtype;
         // SAFETY: `resolve_gemm` checked every buffer holds exactly the elements of the GEMM's
         // type that the product reads or writes.
         unsafe {
             self.dev.gemm(
-                dtype,
+                g.dtype,
                 (m, k, n),
                 a,
                 b,

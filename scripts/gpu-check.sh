@@ -17,7 +17,8 @@
 # against it (aim: >= 70% of the copy), cuBLAS SGEMM; every MLIR kernel against the interpreter;
 # `cleave train --target cuda` of GPT-tiny for 50 steps against `cleave train` on the CPU (losses
 # within 1e-4 relative) and with `--stages 2 --microbatches 4` against the CPU thread pipeline
-# (within 1e-5 relative), and with `--precision bf16 --compress int8` (within 1e-3); the cleave GPT-small training step (`cleave bench --target cuda`) against
+# (within 1e-5 relative), with `--precision bf16 --compress int8` and with `--precision f16`
+# (each within 1e-3); the cleave GPT-small training step (`cleave bench --target cuda`) against
 # PyTorch eager (benches/baselines/gpt_small_torch.py) on the same GPU in the same run.
 #
 # Environment: PROFILE=release|debug (build half; default release).
@@ -188,6 +189,13 @@ run() {
     echo "== 2c. cleave train --target cuda --precision bf16 --compress int8 against the CPU" | log gpu-check.txt
     vs_cpu "GPT-tiny bf16+int8 cuda vs cpu" bf16 20 1e-3 \
         "${targs[@]}" --steps 20 --precision bf16 --compress int8
+    # f16 under a dynamic loss scale: the stage pipeline feeds the scale, rolls back steps whose
+    # gradients overflow f16 and halves the scale (2^19 overflows GPT-tiny's backward at first),
+    # as the CPU pipeline does; f16 GEMMs on cuBLAS against the CPU's widened f16 GEMM.
+    echo "== 2d. cleave train --target cuda --precision f16 --loss-scale 524288 against the CPU" | log gpu-check.txt
+    vs_cpu "GPT-tiny f16 cuda vs cpu" f16 20 1e-3 \
+        "${targs[@]}" --steps 20 --precision f16 --loss-scale 524288 --loss-scale-window 4 \
+        --microbatches 4
     # The MLIR GEMM option on the same model: one bench, to show it runs.
     if timeout $(tl 30) "$cleave" bench "$m/gpt-tiny.cir" --target cuda --gemm mlir --warmup 3 --iters 20 --json 2>&1 | tee "$tmp/tiny-mlir.json" | log gpu-figures.jsonl &&
         timeout $(tl 30) "$cleave" bench "$m/gpt-tiny.cir" --target cuda --warmup 3 --iters 20 --json 2>&1 | tee "$tmp/tiny-blas.json" | log gpu-figures.jsonl; then

@@ -20,7 +20,11 @@
 //! on one host thread; a list that can never run (a value nothing produces) is an error naming
 //! the device, the action and the value. W's `grad.*` arguments are the stage's accumulators,
 //! zero at the start of the step. After the last action the gradients (by parameter) go through
-//! [`finish_step`]: SGD `p − lr·(scale·g)`, or the momentum/AdamW updater, with `--grad-clip`.
+//! [`finish_scaled_step`]: SGD `p − lr·(scale·g)`, or the momentum/AdamW updater, with
+//! `--grad-clip`. Under `--precision f16` the CPU pipeline's [`LossScaler`] runs the step: every
+//! microbatch gets the `precision.loss_scale` input, the gradient sums are scaled back by
+//! `1/(M·S)`, a step whose gradients are not finite is rolled back and the scale halved, and
+//! checkpoints keep the scale.
 //!
 //! Values cross stages through the host (the backend's `output`, then `set` on the consumer):
 //! with one stream per stage a stage's kernels run in order on its stream, and a download waits
@@ -58,8 +62,8 @@ use cleave_runtime::{host_from_tensor, tensor_from_host, HostData};
 
 use crate::gpu_train::StepBackend;
 use crate::pipeline_train::{
-    final_eval, finish_step, microbatches, pipeline_plan, step_data, step_options, tangent_inputs,
-    with_shapes, PipelineState,
+    final_eval, finish_scaled_step, microbatches, pipeline_plan, step_data, step_options,
+    tangent_inputs, with_shapes, LossScaler, PipelineState,
 };
 use crate::train::{
     checkpoint_meta, parse_grad_method, restore_checkpoint, write_checkpoint, Metrics, Order,
@@ -671,7 +675,6 @@ impl Held<'_> {
 
 /// Rejects what the single-device pipeline does not run.
 fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
-    refuse_f16(a, target)?;
     let unsupported = [
         (a.remat.is_some(), "--remat"),
         (a.memory_limit.is_some(), "--memory-limit"),
@@ -688,25 +691,6 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
                  single-device pipeline yet; use --target cpu"
             );
         }
-    }
-    Ok(())
-}
-
-/// `--precision f16` needs the dynamic loss scale, which only the CPU trainer applies: on any
-/// other backend, an error naming it. (`--precision bf16` and `--compress bf16|int8` run on the
-/// MLIR backends too: their GEMMs and reductions accumulate 16-bit operands in f32, and their
-/// buffers hold bf16, f16 and i8.)
-pub(crate) fn refuse_f16(a: &TrainArgs, target: &str) -> Result<()> {
-    if target == "cpu" {
-        return Ok(());
-    }
-    let precision = crate::train::parse_precision(a.precision.as_deref())?;
-    if precision == cleave_passes::precision::Precision::F16 {
-        bail!(
-            "--target {target}: --precision f16 trains with a dynamic loss scale, which only \
-             the CPU trainer applies so far; use --precision bf16 (no loss scale needed), or \
-             --target cpu"
-        );
     }
     Ok(())
 }
@@ -791,9 +775,14 @@ fn train_loop<B: StepBackend>(
     let batch = m * mb;
     let data = step_data(a, &forward, mb)?;
     let mut start = 0;
+    // `--precision f16`: the dynamic loss scale, as the CPU pipeline applies it.
+    let mut scaler = LossScaler::for_args(a)?;
     if let Some(dir) = &a.resume {
         let mut state = with_shapes(&shapes, &params);
-        let (step, _) = restore_checkpoint(dir, &mut state)?;
+        let (step, meta) = restore_checkpoint(dir, &mut state)?;
+        if let Some(s) = scaler.as_mut() {
+            s.restore(&meta, dir)?;
+        }
         params.extend(state.into_iter().map(|(name, (_, d))| (name, d)));
         start = step;
     }
@@ -815,7 +804,7 @@ fn train_loop<B: StepBackend>(
     for step in start..a.steps {
         let rows = order.rows(step, batch);
         // Flat tensors: each value takes its argument's shape where a stage reads it.
-        let micro: Vec<BTreeMap<String, Tensor>> =
+        let mut micro: Vec<BTreeMap<String, Tensor>> =
             microbatches(&data.cols, &rows, mb, &tangents, a.seed, step)
                 .into_iter()
                 .map(|x| {
@@ -824,27 +813,74 @@ fn train_loop<B: StepBackend>(
                         .collect()
                 })
                 .collect();
+        let scaled;
+        let sopts = match &scaler {
+            Some(s) => {
+                for x in &mut micro {
+                    x.insert(
+                        cleave_passes::autodiff::LOSS_SCALE_INPUT.into(),
+                        tensor_from_host(&[], &s.input()),
+                    );
+                }
+                // The gradient sums carry the scale: the stages' SGD divides it out.
+                scaled = s.options(&opts, m);
+                &scaled
+            }
+            None => &opts,
+        };
         let mut r = pipe
-            .step(&params, &shapes, &micro, &opts, link.as_deref_mut())
+            .step(&params, &shapes, &micro, sopts, link.as_deref_mut())
             .with_context(|| format!("--target {target}: rank {rank}: step {step}"))?;
         let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
+        if scaler.is_some() {
+            LossScaler::check_loss(step, loss)?;
+        }
         if !loss.is_finite() {
             bail!("loss is {loss} at step {step}; training stopped");
         }
-        finish_step(&mut r, &mut params, updater.as_mut(), a.grad_clip, &opts)?;
+        let norm = finish_scaled_step(
+            &mut r,
+            &mut params,
+            updater.as_mut(),
+            a.grad_clip,
+            sopts,
+            scaler.as_ref().map(|s| s.scale),
+        )?;
+        let mut extra = serde_json::Map::new();
+        if let Some(n) = norm {
+            extra.insert("grad_norm".into(), n.into());
+        }
+        if let Some(s) = scaler.as_mut() {
+            // A step whose gradients were not finite was rolled back; the scale halves.
+            extra.insert("loss_scale".into(), s.scale.into());
+            extra.insert("skipped".into(), (!s.record(step, norm)?).into());
+        } else if let (Some(n), false) = (norm.filter(|n| !n.is_finite()), quiet) {
+            eprintln!(
+                "\nwarning: step {step}: the gradient norm is {n}; the update was rolled back"
+            );
+        }
         losses.push(loss);
         let done = step + 1;
-        progress.step(&shown, &mut summary, &mut metrics, done, loss)?;
+        progress.step_with(&shown, &mut summary, &mut metrics, (done, loss), extra)?;
         if let (Some(dir), 0) = (&a.checkpoint, rank) {
             if done.is_multiple_of(a.checkpoint_every.max(1)) || done == a.steps {
                 let mut meta = checkpoint_meta(a, done, batch, lr, &method);
                 meta.insert("microbatches".into(), m.to_string());
+                if let Some(s) = &scaler {
+                    s.save(&mut meta);
+                }
                 write_checkpoint(dir, &with_shapes(&shapes, &params), meta)?;
             }
         }
     }
     if !quiet {
         eprintln!();
+        if let Some(s) = &scaler {
+            eprintln!(
+                "loss scale {} at the end; {} step(s) skipped for non-finite gradients",
+                s.scale, s.skipped
+            );
+        }
     }
     summary.steps_per_s = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     // Final evaluation on the held-out tail, on the CPU runtime, as the CPU pipeline does.

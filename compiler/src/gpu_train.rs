@@ -14,7 +14,8 @@
 //! GEMM groups (one `matmul` each, with a `GemmSpec`) run on cuBLAS by default; `--gemm mlir`
 //! runs their MLIR kernels instead. With `--stages`/`--microbatches` > 1, `train_cuda` runs the
 //! pipeline of [`crate::gpu_pipeline`]: every stage in this process, each on a stream of its own
-//! (`Device::fork`). Not supported on cuda (each a clear error): `--remat`, `--memory-limit`,
+//! (`Device::fork`); so does `--precision f16`, whose dynamic loss scale the stage pipeline
+//! applies (this one-function loop has none). Not supported on cuda (each a clear error): `--remat`, `--memory-limit`,
 //! `--timeline`, `--debug-nan`.
 
 #[cfg(feature = "mlir")]
@@ -162,7 +163,16 @@ impl StepBackend for CudaBackend<'_> {
 /// Rejects the training options the single-device backends do not have.
 #[cfg(feature = "mlir")]
 fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
-    crate::gpu_pipeline::refuse_f16(a, target)?;
+    if crate::train::parse_precision(a.precision.as_deref())?
+        == cleave_passes::precision::Precision::F16
+    {
+        bail!(
+            "--target {target}: --precision f16 trains with a dynamic loss scale, which the \
+             stage pipeline applies (`cleave train --target cuda` runs f16 there, as \
+             `--target cpu` runs it on the CPU pipeline); this one-function step has no loss \
+             scale"
+        );
+    }
     let unsupported = [
         (a.stages > 1, "--stages > 1"),
         (a.microbatches > 1, "--microbatches > 1"),
@@ -388,7 +398,7 @@ pub fn train_cuda(
             )
         }
         #[cfg(feature = "mlir")]
-        if a.stages > 1 || a.microbatches > 1 {
+        if a.stages > 1 || a.microbatches > 1 || needs_loss_scale(a)? {
             // Every stage on a stream of its own (only this rank's stages under mpirun).
             let n = crate::pipeline_train::build_schedule(&a.schedule, a.stages, a.microbatches)?
                 .n_stages();
@@ -410,6 +420,14 @@ pub fn train_cuda(
             train_on(a, "cuda", |f| CudaBackend::new(&dev, f, gemm))
         }
     }
+}
+
+/// Whether `a` trains with `--precision f16`, whose dynamic loss scale only the stage pipeline
+/// applies (with one stage and one microbatch too).
+#[cfg(all(feature = "cuda", feature = "mlir"))]
+fn needs_loss_scale(a: &crate::train::TrainArgs) -> Result<bool> {
+    Ok(crate::train::parse_precision(a.precision.as_deref())?
+        == cleave_passes::precision::Precision::F16)
 }
 
 /// This process's rank under an MPI launcher (0 without one).

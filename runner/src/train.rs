@@ -986,6 +986,19 @@ impl Progress {
         done: usize,
         loss: f64,
     ) -> Result<()> {
+        self.step_with(a, summary, metrics, (done, loss), serde_json::Map::new())
+    }
+
+    /// [`Progress::step`] with more keys in the step's metrics line (`grad_norm`, `loss_scale`,
+    /// `skipped`).
+    pub fn step_with(
+        &mut self,
+        a: &TrainArgs,
+        summary: &mut TrainSummary,
+        metrics: &mut Metrics,
+        (done, loss): (usize, f64),
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<()> {
         summary.final_loss = Some(loss);
         summary.steps_run += 1;
         let elapsed = self.window.0.elapsed().as_secs_f64();
@@ -996,7 +1009,9 @@ impl Progress {
             self.sps = self.overall(summary);
         }
         let sps = self.sps;
-        metrics.line(serde_json::json!({"step": done, "loss": loss, "steps_per_s": sps}))?;
+        let mut line = serde_json::json!({"step": done, "loss": loss, "steps_per_s": sps});
+        line.as_object_mut().expect("an object").extend(extra);
+        metrics.line(line)?;
         if !a.quiet && (self.last_print.elapsed().as_millis() > 100 || done == a.steps) {
             eprint!(
                 "\rstep {done}/{}  loss {loss:.4}  {sps:.0} steps/s   ",

@@ -1,4 +1,8 @@
-//! Single-precision GEMM through the `gemm` crate.
+//! Single-precision GEMM: the splits across the pool, over a single-threaded product that runs
+//! cleave's own AVX-512 kernel (`f32gemm.rs`: packing into per-thread buffers, so a step
+//! allocates nothing after its first) where the CPU has AVX-512F, else the `gemm` crate.
+//! `CLEAVE_GEMM=library` picks the crate on any machine (the baseline of BENCHMARKS.md's
+//! comparison). What follows is why the crate was the library, and how the splits work.
 //!
 //! Why `gemm` (0.19, feature `x86-v4`) and not `matrixmultiply` (0.3): measured here (2 cores,
 //! AVX-512, release, one thread, median of 300 calls on warm buffers), for the MLP
@@ -218,7 +222,14 @@ const TRANSPOSE_MAX: usize = 1 << 16;
 /// function of the whole product's shape and strides only, decided before any split.
 fn copies_b((m, k, n): (usize, usize, usize), (brs, bcs): (usize, usize)) -> bool {
     let (m0, k0, n0) = TRANSPOSE_MIN;
-    brs == 1 && bcs != 1 && m >= m0 && k >= k0 && n >= n0 && k * n <= TRANSPOSE_MAX
+    // The AVX-512 kernel transposes `b` as it packs it.
+    !crate::f32gemm::available()
+        && brs == 1
+        && bcs != 1
+        && m >= m0
+        && k >= k0
+        && n >= n0
+        && k * n <= TRANSPOSE_MAX
 }
 
 /// The right operand as a product reads it: `b` itself, or with `copy` (see [`copies_b`]) a
@@ -266,7 +277,7 @@ impl RightOperand {
 /// # Safety
 /// `src` must be valid for `rows` rows of `cols` elements `ls` apart, `dst` for `cols` rows of
 /// `rows` elements `ld` apart, and the two must not overlap.
-unsafe fn transpose(
+pub(crate) unsafe fn transpose(
     src: *const f32,
     (rows, cols): (usize, usize),
     ls: usize,
@@ -418,6 +429,20 @@ unsafe fn gemm_1(
     accumulate: bool,
     scale: f32,
 ) {
+    if crate::f32gemm::available() {
+        crate::f32gemm::gemm_f32(
+            (m, k, n),
+            a,
+            (ars, acs),
+            b,
+            (brs, bcs),
+            c,
+            ldc,
+            accumulate,
+            scale,
+        );
+        return;
+    }
     gemm::gemm(
         m,
         n,
@@ -576,7 +601,8 @@ mod tests {
     #[test]
     fn a_transposed_b_gives_the_bits_of_its_row_major_copy() {
         // `dy·Wᵀ` with W row-major n×k, against the same product with W transposed by hand:
-        // small (no copy), one thread, and split across the pool by columns and by rows.
+        // small (no copy), one thread, and split across the pool by columns and by rows. (Run
+        // with CLEAVE_GEMM=library for the `gemm` crate's path.)
         for (m, k, n) in [
             (8, 64, 64),
             (64, 256, 256),
@@ -604,7 +630,9 @@ mod tests {
                         n,
                         accumulate,
                     );
-                    assert!(copies_b((m, k, n), (1, k)) == (m >= TRANSPOSE_MIN.0));
+                    // The AVX-512 kernel transposes as it packs; the library path copies.
+                    let copy = !crate::f32gemm::available() && m >= TRANSPOSE_MIN.0;
+                    assert!(copies_b((m, k, n), (1, k)) == copy);
                     gemm_1(
                         (m, k, n),
                         a.as_ptr(),

@@ -725,15 +725,17 @@ impl OpKernel {
             } => {
                 let iv = mem.i(*idx);
                 let (extent, inner) = (*extent, *inner);
-                let mut checked = Vec::with_capacity(iv.len());
                 for (p, &i) in iv.iter().enumerate() {
-                    checked.push(check_index(i, extent, p)?);
+                    check_index(i, extent, p)?;
                 }
+                // Every index is in range (checked above, without a copy: a run allocates
+                // nothing).
+                let checked = iv.iter().map(|&i| i as usize);
                 by_size!(out.dtype, mem, T, get, get_mut => {
                     let (t, r): (&[T], &mut [T]) = (get(*table), get_mut(*out));
                     let mut at = 0;
                     for o in 0..*outer {
-                        for &i in &checked {
+                        for i in checked.clone() {
                             let base = (o * extent + i) * inner;
                             r[at..at + inner].copy_from_slice(&t[base..base + inner]);
                             at += inner;
@@ -750,16 +752,18 @@ impl OpKernel {
             } => {
                 let iv = mem.i(*idx);
                 let (extent, inner) = (*extent, *inner);
-                let mut checked = Vec::with_capacity(iv.len());
                 for (p, &i) in iv.iter().enumerate() {
-                    checked.push(check_index(i, extent, p)?);
+                    check_index(i, extent, p)?;
                 }
+                // Every index is in range (checked above, without a copy: a run allocates
+                // nothing).
+                let checked = iv.iter().map(|&i| i as usize);
                 if out.dtype == DType::F32 {
                     let (b, u, r) = (mem.f(*base), mem.f(*upd), mem.f_mut(*out));
                     r.copy_from_slice(b);
                     let mut at = 0;
                     for o in 0..*outer {
-                        for &i in &checked {
+                        for i in checked.clone() {
                             let dst = &mut r[(o * extent + i) * inner..][..inner];
                             for (d, &s) in dst.iter_mut().zip(&u[at..at + inner]) {
                                 *d += s;
@@ -772,7 +776,7 @@ impl OpKernel {
                     r.copy_from_slice(b);
                     let mut at = 0;
                     for o in 0..*outer {
-                        for &i in &checked {
+                        for i in checked.clone() {
                             let dst = &mut r[(o * extent + i) * inner..][..inner];
                             for (d, &s) in dst.iter_mut().zip(&u[at..at + inner]) {
                                 *d = d.wrapping_add(s);

@@ -46,6 +46,7 @@ mod bf16gemm;
 mod compile;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod f32gemm;
 mod fused;
 mod fusion;
 mod gemm;

@@ -131,7 +131,8 @@ fn f16_loss_scaling_matches_the_thread_pipeline() {
         };
         let want = pipeline_train::train(&a).unwrap_or_else(|e| panic!("{what}: {e:#}"));
         a.metrics = Some(list.clone());
-        a.checkpoint = None;
+        // The stage pipeline writes its own checkpoint (with the scale) after step 8.
+        a.checkpoint = Some(dir.join(format!("list-ckpt{i}")));
         let have = train_stages_on(&a, "test", None, |f, _| {
             CpuPlanBackend::new(f, Default::default())
         })
@@ -148,19 +149,20 @@ fn f16_loss_scaling_matches_the_thread_pipeline() {
                 h.windows(2).any(|p| !p[0].1 && p[1].0 == 2.0 * p[0].0),
                 "{h:?}"
             );
-            // Resumed from the CPU pipeline's checkpoint after step 8, the stage pipeline's
-            // step 9 is the uninterrupted CPU pipeline's: the checkpoint carries the scale and
+            // Resumed from its checkpoint after step 8, the stage pipeline's steps 9 and 10 are
+            // the uninterrupted CPU pipeline's: the checkpoint carries the scale and
             // its count of finite steps.
-            let nine = TrainArgs {
-                steps: 9,
-                metrics: Some(dir.join("nine.jsonl")),
+            let ten = TrainArgs {
+                steps: 10,
+                checkpoint: None,
+                metrics: Some(dir.join("ten.jsonl")),
                 ..a.clone()
             };
-            let want = pipeline_train::train(&nine).unwrap();
+            let want = pipeline_train::train(&ten).unwrap();
             let resumed = TrainArgs {
-                resume: Some(dir.join("ckpt0")),
+                resume: Some(dir.join("list-ckpt0")),
                 metrics: Some(dir.join("resumed.jsonl")),
-                ..nine
+                ..ten
             };
             let have = train_stages_on(&resumed, "test", None, |f, _| {
                 CpuPlanBackend::new(f, Default::default())
@@ -172,7 +174,7 @@ fn f16_loss_scaling_matches_the_thread_pipeline() {
             );
             assert_eq!(
                 scale_lines(&dir.join("resumed.jsonl")),
-                scale_lines(&dir.join("nine.jsonl"))[8..],
+                scale_lines(&dir.join("ten.jsonl"))[8..],
                 "{what}: resumed"
             );
         }

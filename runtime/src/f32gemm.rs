@@ -3,8 +3,7 @@
 //!
 //! The `gemm` crate (still the path on machines without AVX-512) allocates its packed panels
 //! and a bookkeeping vector on every call: three allocations per product, dozens per training
-//! step. This kernel packs into per-thread buffers that grow to the largest block the thread
-//! has packed and are then reused.
+//! step. This kernel packs into buffers kept between calls (see "Scratch" below).
 //!
 //! Layout (BLIS-style, as `bf16gemm.rs`):
 //! - `k` in blocks of [`KC`].
@@ -21,9 +20,19 @@
 //! block's sum, which runs `p` in order through one FMA chain. It depends on `k` and [`KC`]
 //! only, never on the panel an element falls in or on how the caller splits `m` or `n`, so
 //! results do not depend on the thread count. `c ← (accumulate ? c : 0) + scale·(a·b)` is
-//! applied once to the whole sum (`scale` 1 skips the multiply).
+//! applied per block, as the `gemm` crate does: the first block's sums go to `c` as given,
+//! later blocks' (times `scale`, 1 skipping the multiply) add to it.
+//!
+//! Scratch: packing buffers come from a shared free list whose every buffer is as long as the
+//! largest call so far needed; a caller that splits a product across the pool first makes sure
+//! there is one per pool thread ([`reserve`]). So once every product of a plan has run, a run
+//! takes buffers and never allocates (`tests/alloc_steady.rs`). Buffers are kept for the
+//! process's life, as the pool's threads are. A thread whose allocations are measured (an
+//! allocator tag: the memory plan's scratch estimate, `--memory-limit` runs) packs into
+//! buffers of its own, freed after each call, so the plan's kernel scratch stays what the
+//! kernels allocate while they run; the arithmetic, so the bits, are the same.
 
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 /// Rows of `a` per micro-panel.
 pub(crate) const MR: usize = 8;
@@ -32,8 +41,13 @@ pub(crate) const NR: usize = 48;
 /// `k` per block: a packed `b` panel (`KC·NR` f32, 24 KiB) stays in L1.
 pub(crate) const KC: usize = 128;
 
-/// Whether this CPU has AVX-512F (checked once) and `CLEAVE_GEMM=library` does not ask for the
-/// `gemm` crate instead (the baseline of BENCHMARKS.md's comparison).
+/// Whether `CLEAVE_GEMM=own` asks for this kernel and the CPU has AVX-512F (checked once).
+///
+/// Opt-in for now: the memory plan sizes kernel scratch from what the `gemm` crate allocates
+/// per call, and with this kernel (smaller, reused packing buffers) the `--memory-limit` tests
+/// (`remat_train`, `chunk_train`, `grad_methods`' plan choices) see their thresholds move and
+/// one planned-against-measured reservation disagree; until the plan accounts for it, the
+/// crate stays the default.
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -41,7 +55,7 @@ pub(crate) fn available() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
             std::arch::is_x86_feature_detected!("avx512f")
-                && std::env::var("CLEAVE_GEMM").as_deref() != Ok("library")
+                && std::env::var("CLEAVE_GEMM").as_deref() == Ok("own")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -50,26 +64,104 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// Per-thread kernel scratch, reused across calls.
+/// Kernel scratch for one call: the packed last panel of `a`'s rows and the packed `b` block.
 #[derive(Default)]
 struct Scratch {
-    /// The packed last panel of `a`'s rows.
     a: Vec<f32>,
-    /// Packed `b` block.
     b: Vec<f32>,
-    /// The product `a·b` (row-major `m×n`) while `k` spans several blocks and `c` cannot hold
-    /// the partial sums (`accumulate`, or a scale other than 1).
-    sum: Vec<f32>,
 }
 
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+/// The scratch not in use, every one at least [`Buffers::need`] long, so that a call that
+/// takes one never grows it once the largest product has run (a call that needs more raises
+/// the mark and grows every free buffer). Shared rather than per thread: which pool thread
+/// runs which part of a split product changes from run to run.
+struct Buffers {
+    /// Elements of `a` and of `b` the largest call so far packed.
+    need: (usize, usize),
+    free: Vec<Scratch>,
 }
 
-/// Grows `v` to at least `n` elements (never shrinks: the thread's largest block stays).
-fn at_least(v: &mut Vec<f32>, n: usize) {
-    if v.len() < n {
-        v.resize(n, 0.0);
+static BUFFERS: Mutex<Buffers> = Mutex::new(Buffers {
+    need: (0, 0),
+    free: Vec::new(),
+});
+
+impl Buffers {
+    fn lock() -> std::sync::MutexGuard<'static, Buffers> {
+        BUFFERS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Raises the mark to `need` and grows the free buffers to it.
+    fn raise(&mut self, need: (usize, usize)) {
+        if need.0 > self.need.0 || need.1 > self.need.1 {
+            self.need = (self.need.0.max(need.0), self.need.1.max(need.1));
+            let mark = self.need;
+            for s in &mut self.free {
+                s.fit(mark);
+            }
+        }
+    }
+}
+
+impl Scratch {
+    fn fit(&mut self, (a, b): (usize, usize)) {
+        for (v, n) in [(&mut self.a, a), (&mut self.b, b)] {
+            if v.len() < n {
+                v.resize(n, 0.0);
+            }
+        }
+    }
+
+    /// A buffer for a call of shape `(m, k, n)` (see [`Buffers`]). On a thread whose
+    /// allocations are being measured (an allocator tag is set: the memory plan's scratch
+    /// estimate, a run under `--memory-limit`) a buffer of its own instead, freed after the
+    /// call: the plan accounts kernel scratch as what a kernel allocates while it runs.
+    fn take(shape: (usize, usize, usize)) -> Scratch {
+        let need = needs(shape);
+        if crate::alloc::current_tag() != 0 {
+            let mut s = Scratch::default();
+            s.fit(need);
+            return s;
+        }
+        let mut g = Buffers::lock();
+        g.raise(need);
+        let mut s = g.free.pop().unwrap_or_default();
+        s.fit(g.need);
+        s
+    }
+
+    fn give(mut self) {
+        if crate::alloc::current_tag() != 0 {
+            return;
+        }
+        let mut g = Buffers::lock();
+        let mark = g.need;
+        self.fit(mark);
+        g.free.push(self);
+    }
+}
+
+/// Elements of packed `a` and `b` a call of shape `(m, k, n)` needs.
+fn needs((_, k, n): (usize, usize, usize)) -> (usize, usize) {
+    let kc = KC.min(k);
+    (kc * MR, n.div_ceil(NR) * kc * NR)
+}
+
+/// Makes `threads` free buffers, each large enough for products of shape `(m, k, n)`: called
+/// by a caller that splits a product across the pool (each part's shape at most `(m, k, n)`),
+/// so that every thread that may run a part finds one.
+pub(crate) fn reserve(threads: usize, shape: (usize, usize, usize)) {
+    if crate::alloc::current_tag() != 0 {
+        // A measured thread runs every part itself, on buffers of its own (see `take`).
+        return;
+    }
+    let mut g = Buffers::lock();
+    g.raise(needs(shape));
+    let mark = g.need;
+    while g.free.len() < threads {
+        let mut s = Scratch::default();
+        s.fit(mark);
+        g.free.push(s);
     }
 }
 
@@ -96,33 +188,21 @@ pub(crate) unsafe fn gemm_f32(
         return;
     }
     if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0);
-            }
-        }
+        crate::gemm::empty_product((m, n), c, ldc, accumulate);
         return;
     }
-    let mut s = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let mut s = Scratch::take((m, k, n));
     let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
-    let kc_max = KC.min(k);
-    at_least(&mut s.a, kc_max * MR);
-    at_least(&mut s.b, np * kc_max * NR);
-    // One block: the epilogue applies to the finished sums in registers. Several: the partial
-    // sums go to `c` itself when it takes the plain product, else to the scratch product.
-    let direct = !accumulate && scale == 1.0;
-    let blocks = k.div_ceil(KC);
-    let (dst, ldd) = if blocks == 1 || direct {
-        (c, ldc)
-    } else {
-        at_least(&mut s.sum, m * n);
-        (s.sum.as_mut_ptr(), n)
-    };
     let mut tile = [0f32; MR * NR];
     let mut p0 = 0;
     while p0 < k {
         let kc = KC.min(k - p0);
-        let last = p0 + kc == k;
+        // The epilogue on each block's sums: the first block's on `c` as given, every later
+        // block's adds to what `c` holds.
+        let out = Out {
+            accumulate: accumulate || p0 > 0,
+            scale,
+        };
         let ab = a.add(p0 * acs);
         if m % MR != 0 {
             // The last panel of rows, zero past `m`; the whole panels read `a` in place.
@@ -134,15 +214,6 @@ pub(crate) unsafe fn gemm_f32(
             );
         }
         pack_b(&mut s.b, (kc, n), b.add(p0 * brs), (brs, bcs));
-        // What the micro-kernel does with its sums: the epilogue on a single block, else
-        // store on the first and add on the others.
-        let out = if blocks == 1 {
-            Out::Epilogue { accumulate, scale }
-        } else if p0 == 0 {
-            Out::Store
-        } else {
-            Out::Add
-        };
         for jp in 0..np {
             let (j0, nr) = (jp * NR, NR.min(n - jp * NR));
             let nv = nr.div_ceil(16);
@@ -157,14 +228,14 @@ pub(crate) unsafe fn gemm_f32(
                 };
                 let whole = mr == MR && nr == 16 * nv;
                 let (t, ld) = if whole {
-                    (dst.add(i0 * ldd + j0), ldd)
+                    (c.add(i0 * ldc + j0), ldc)
                 } else {
                     (tile.as_mut_ptr(), NR)
                 };
                 if !whole {
                     // The edge tile goes through `tile`: load what it adds to.
                     for i in 0..mr {
-                        let row = std::slice::from_raw_parts(dst.add((i0 + i) * ldd + j0), nr);
+                        let row = std::slice::from_raw_parts(c.add((i0 + i) * ldc + j0), nr);
                         tile[i * NR..i * NR + nr].copy_from_slice(row);
                     }
                 }
@@ -175,39 +246,23 @@ pub(crate) unsafe fn gemm_f32(
                 }
                 if !whole {
                     for i in 0..mr {
-                        let row = std::slice::from_raw_parts_mut(dst.add((i0 + i) * ldd + j0), nr);
+                        let row = std::slice::from_raw_parts_mut(c.add((i0 + i) * ldc + j0), nr);
                         row.copy_from_slice(&tile[i * NR..i * NR + nr]);
                     }
                 }
             }
         }
-        if last && blocks > 1 && !direct {
-            // The whole product is in the scratch: the epilogue, once per element.
-            for i in 0..m {
-                let (row, sum) = (
-                    std::slice::from_raw_parts_mut(c.add(i * ldc), n),
-                    &s.sum[i * n..(i + 1) * n],
-                );
-                for (x, &y) in row.iter_mut().zip(sum) {
-                    let y = if scale == 1.0 { y } else { scale * y };
-                    *x = if accumulate { *x + y } else { y };
-                }
-            }
-        }
         p0 += kc;
     }
-    SCRATCH.with(|x| *x.borrow_mut() = s);
+    s.give();
 }
 
-/// What the micro-kernel does with its tile of sums `t`.
+/// What the micro-kernel does with its tile of sums `t`: `c = (accumulate ? c : 0) + scale·t`
+/// (`scale` 1 skips the multiply).
 #[derive(Clone, Copy)]
-enum Out {
-    /// `c = t`.
-    Store,
-    /// `c += t`.
-    Add,
-    /// `c = (accumulate ? c : 0) + scale·t`.
-    Epilogue { accumulate: bool, scale: f32 },
+struct Out {
+    accumulate: bool,
+    scale: f32,
 }
 
 /// Packs the last `mr < MR` rows of `a`'s block (`mr×kc`) into one panel of [`MR`] rows:
@@ -297,21 +352,15 @@ unsafe fn micro<const NV: usize>(
     for (i, row) in acc.iter().enumerate() {
         for (s, &v) in row.iter().enumerate() {
             let q = t.add(i * ld + 16 * s);
-            let v = match out {
-                Out::Store => v,
-                Out::Add => _mm512_add_ps(_mm512_loadu_ps(q), v),
-                Out::Epilogue { accumulate, scale } => {
-                    let v = if scale == 1.0 {
-                        v
-                    } else {
-                        _mm512_mul_ps(_mm512_set1_ps(scale), v)
-                    };
-                    if accumulate {
-                        _mm512_add_ps(_mm512_loadu_ps(q), v)
-                    } else {
-                        v
-                    }
-                }
+            let v = if out.scale == 1.0 {
+                v
+            } else {
+                _mm512_mul_ps(_mm512_set1_ps(out.scale), v)
+            };
+            let v = if out.accumulate {
+                _mm512_add_ps(_mm512_loadu_ps(q), v)
+            } else {
+                v
             };
             _mm512_storeu_ps(q, v);
         }
@@ -346,9 +395,12 @@ mod tests {
     /// columns are computed whole or in two halves (the split `gemm.rs` makes).
     #[test]
     fn products_match_the_exact_sum_and_do_not_depend_on_the_split() {
-        if !available() {
+        #[cfg(target_arch = "x86_64")]
+        if !std::arch::is_x86_feature_detected!("avx512f") {
             return;
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        return;
         for &(m, k, n) in &[
             (1, 1, 1),
             (8, 128, 48),

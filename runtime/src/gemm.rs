@@ -1,8 +1,8 @@
 //! Single-precision GEMM: the splits across the pool, over a single-threaded product that runs
-//! cleave's own AVX-512 kernel (`f32gemm.rs`: packing into per-thread buffers, so a step
-//! allocates nothing after its first) where the CPU has AVX-512F, else the `gemm` crate.
-//! `CLEAVE_GEMM=library` picks the crate on any machine (the baseline of BENCHMARKS.md's
-//! comparison). What follows is why the crate was the library, and how the splits work.
+//! the `gemm` crate, or with `CLEAVE_GEMM=own` on an AVX-512F CPU cleave's own kernel
+//! (`f32gemm.rs`: packing into reused buffers, so a step allocates nothing after its first;
+//! opt-in until the memory plan accounts for its scratch, see `f32gemm::available`). What
+//! follows is why the crate was the library, and how the splits work.
 //!
 //! Why `gemm` (0.19, feature `x86-v4`) and not `matrixmultiply` (0.3): measured here (2 cores,
 //! AVX-512, release, one thread, median of 300 calls on warm buffers), for the MLP
@@ -62,11 +62,7 @@ pub(crate) unsafe fn sgemm(
         return;
     }
     if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0);
-            }
-        }
+        empty_product((m, n), c, ldc, accumulate);
         return;
     }
     gemm_par(
@@ -80,6 +76,23 @@ pub(crate) unsafe fn sgemm(
         accumulate,
         1.0,
     );
+}
+
+/// A product over `k = 0`: `c` zero, or unchanged with `accumulate`.
+///
+/// # Safety
+/// `c` must be valid for `m` rows of `n` elements `ldc` apart.
+pub(crate) unsafe fn empty_product(
+    (m, n): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    if !accumulate {
+        for i in 0..m {
+            std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0);
+        }
+    }
 }
 
 /// `c ← (accumulate ? c : 0) + scale·a·b`, split across the pool when the product is large
@@ -100,6 +113,15 @@ unsafe fn gemm_par(
 ) {
     let copy = copies_b((m, k, n), (brs, bcs));
     if let Some(split) = Split::of((m, k, n), (16, 16)) {
+        if crate::f32gemm::available() {
+            // Scratch for every thread that may run a part (the first part is the largest).
+            let part = if split.split_m {
+                (split.chunk, k, n)
+            } else {
+                (m, k, split.chunk)
+            };
+            crate::f32gemm::reserve(split.pool.threads(), part);
+        }
         let (a, c) = (SharedPtr(a as *mut f32), SharedPtr(c));
         // Split by rows, every part reads all of `b`: copy it once, here.
         let whole = split
@@ -372,6 +394,9 @@ pub(crate) unsafe fn sgemm_batched(
     c: *mut f32,
 ) {
     if let Some((pool, chunk)) = item_chunks(batch, (m, k, n)) {
+        if crate::f32gemm::available() {
+            crate::f32gemm::reserve(pool.threads(), (m, k, n));
+        }
         let parts = batch.div_ceil(chunk);
         let (a, b, c) = (
             SharedPtr(a as *mut f32),
@@ -602,7 +627,7 @@ mod tests {
     fn a_transposed_b_gives_the_bits_of_its_row_major_copy() {
         // `dy·Wᵀ` with W row-major n×k, against the same product with W transposed by hand:
         // small (no copy), one thread, and split across the pool by columns and by rows. (Run
-        // with CLEAVE_GEMM=library for the `gemm` crate's path.)
+        // with CLEAVE_GEMM=own for cleave's own kernel.)
         for (m, k, n) in [
             (8, 64, 64),
             (64, 256, 256),

@@ -10,10 +10,13 @@ static ALLOC: CountingAlloc = CountingAlloc;
 /// trailing, leading and middle axes, softmax, transposes, broadcasts, gathers and scatter-adds
 /// run in the buffers planned at compile time, and GEMMs (row-major and transposed operands,
 /// edge tiles, `k` over several blocks, products split across the pool's threads) pack into
-/// per-thread buffers that the first run sized. (Without AVX-512 the GEMMs run on the `gemm`
+/// buffers that the first run sized, one for every pool thread (whichever part each claims). (Without AVX-512 the GEMMs run on the `gemm`
 /// crate, which allocates on every call: there the plan leaves them out.)
 #[test]
 fn a_plan_allocates_nothing_after_its_first_run() {
+    // cleave's own GEMM kernel is opt-in (`CLEAVE_GEMM=own`, read once, at the first GEMM):
+    // this binary holds this one test, so it turns it on here.
+    std::env::set_var("CLEAVE_GEMM", "own");
     #[cfg(target_arch = "x86_64")]
     let own_gemm = std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]

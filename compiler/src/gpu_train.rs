@@ -398,7 +398,12 @@ pub fn train_cuda(
             )
         }
         #[cfg(feature = "mlir")]
-        if a.stages > 1 || a.microbatches > 1 || needs_loss_scale(a)? {
+        // `--precision f16`'s dynamic loss scale runs on the stage pipeline only (one stage and
+        // one microbatch too).
+        if a.stages > 1
+            || a.microbatches > 1
+            || crate::pipeline_train::LossScaler::for_args(a)?.is_some()
+        {
             // Every stage on a stream of its own (only this rank's stages under mpirun).
             let n = crate::pipeline_train::build_schedule(&a.schedule, a.stages, a.microbatches)?
                 .n_stages();
@@ -420,14 +425,6 @@ pub fn train_cuda(
             train_on(a, "cuda", |f| CudaBackend::new(&dev, f, gemm))
         }
     }
-}
-
-/// Whether `a` trains with `--precision f16`, whose dynamic loss scale only the stage pipeline
-/// applies (with one stage and one microbatch too).
-#[cfg(all(feature = "cuda", feature = "mlir"))]
-fn needs_loss_scale(a: &crate::train::TrainArgs) -> Result<bool> {
-    Ok(crate::train::parse_precision(a.precision.as_deref())?
-        == cleave_passes::precision::Precision::F16)
 }
 
 /// This process's rank under an MPI launcher (0 without one).

@@ -149,10 +149,11 @@ fn needs((_, k, n): (usize, usize, usize)) -> (usize, usize) {
 
 /// Makes `threads` free buffers, each large enough for products of shape `(m, k, n)`: called
 /// by a caller that splits a product across the pool (each part's shape at most `(m, k, n)`),
-/// so that every thread that may run a part finds one.
+/// so that every thread that may run a part finds one. A no-op unless [`available`].
 pub(crate) fn reserve(threads: usize, shape: (usize, usize, usize)) {
-    if crate::alloc::current_tag() != 0 {
-        // A measured thread runs every part itself, on buffers of its own (see `take`).
+    // Nothing to reserve when the `gemm` crate runs the products, or on a measured thread,
+    // which runs every part itself on buffers of its own (see `take`).
+    if !available() || crate::alloc::current_tag() != 0 {
         return;
     }
     let mut g = Buffers::lock();

@@ -113,15 +113,13 @@ unsafe fn gemm_par(
 ) {
     let copy = copies_b((m, k, n), (brs, bcs));
     if let Some(split) = Split::of((m, k, n), (16, 16)) {
-        if crate::f32gemm::available() {
-            // Scratch for every thread that may run a part (the first part is the largest).
-            let part = if split.split_m {
-                (split.chunk, k, n)
-            } else {
-                (m, k, split.chunk)
-            };
-            crate::f32gemm::reserve(split.pool.threads(), part);
-        }
+        // Scratch for every thread that may run a part (the first part is the largest).
+        let part = if split.split_m {
+            (split.chunk, k, n)
+        } else {
+            (m, k, split.chunk)
+        };
+        crate::f32gemm::reserve(split.pool.threads(), part);
         let (a, c) = (SharedPtr(a as *mut f32), SharedPtr(c));
         // Split by rows, every part reads all of `b`: copy it once, here.
         let whole = split
@@ -394,9 +392,7 @@ pub(crate) unsafe fn sgemm_batched(
     c: *mut f32,
 ) {
     if let Some((pool, chunk)) = item_chunks(batch, (m, k, n)) {
-        if crate::f32gemm::available() {
-            crate::f32gemm::reserve(pool.threads(), (m, k, n));
-        }
+        crate::f32gemm::reserve(pool.threads(), (m, k, n));
         let parts = batch.div_ceil(chunk);
         let (a, b, c) = (
             SharedPtr(a as *mut f32),

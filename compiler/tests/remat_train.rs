@@ -82,12 +82,7 @@ fn smallest_limit(model: (&str, &str), p: usize, m: usize, s: &str) -> u64 {
     let Err(e) = train(&args(model, p, m, s, 1, Some("auto"), Some(1))) else {
         panic!("a one-byte limit is infeasible");
     };
-    let e = e.to_string();
-    e.rsplit("smallest feasible limit is ")
-        .next()
-        .and_then(|t| t.split_whitespace().next())
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| panic!("no limit in: {e}"))
+    common::smallest_feasible(&e)
 }
 
 /// Trains with `auto` under `limit` and checks the allocator-measured peak of every device, and

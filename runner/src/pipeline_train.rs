@@ -270,6 +270,10 @@ struct Planner<'a> {
 /// again starting from that plan's reserved bytes. This procedure depends on `limit` alone, so a
 /// limit it accepts once it always accepts.
 ///
+/// The search below can end at a limit under `limit` (see there); then `limit` is met with
+/// that plan's reserved bytes, so every limit at or above the smallest feasible one the search
+/// from it finds is accepted.
+///
 /// When `limit` is infeasible, the error names the smallest feasible limit, found with the same
 /// procedure: the named figures until one fits, a bisection down to within 0.2 % (at most
 /// [`SMALLEST_BISECTIONS`] steps), then, while a fitting plan accounts less than its limit,
@@ -369,6 +373,17 @@ fn plan_within(planner: &Planner<'_>, limit: Option<u64>) -> Result<Attempt> {
         match fits(fitted.worst) {
             Ok(f) => (hi, fitted) = (fitted.worst, f),
             Err(_) => break,
+        }
+    }
+    // The search can end below `l`: a fitting plan accounting less than its limit is tried at
+    // that total, and the plans it meets recompute more and reserve less than the first
+    // attempt's at `l`. A limit at or above a limit that fits fits too: `l` again from that
+    // plan's reserved bytes, else that plan itself (planned under the smaller limit).
+    if hi <= l {
+        for at in [l, hi] {
+            if let Ok((planned, _)) = attempt(at, Some(&fitted.reserved)) {
+                return Ok(planned);
+            }
         }
     }
     let (was, now) = (

@@ -1,8 +1,7 @@
 //! Single-precision GEMM: the splits across the pool, over a single-threaded product that runs
-//! the `gemm` crate, or with `CLEAVE_GEMM=own` on an AVX-512F CPU cleave's own kernel
-//! (`f32gemm.rs`: packing into reused buffers, so a step allocates nothing after its first;
-//! opt-in until the memory plan accounts for its scratch, see `f32gemm::available`). What
-//! follows is why the crate was the library, and how the splits work.
+//! cleave's own kernel on an AVX-512F CPU (`f32gemm.rs`: packing into reused buffers, so a
+//! step allocates nothing after its first), else, or with `CLEAVE_GEMM=library`, the `gemm`
+//! crate. What follows is why the crate was the library, and how the splits work.
 //!
 //! Why `gemm` (0.19, feature `x86-v4`) and not `matrixmultiply` (0.3): measured here (2 cores,
 //! AVX-512, release, one thread, median of 300 calls on warm buffers), for the MLP
@@ -623,7 +622,7 @@ mod tests {
     fn a_transposed_b_gives_the_bits_of_its_row_major_copy() {
         // `dy·Wᵀ` with W row-major n×k, against the same product with W transposed by hand:
         // small (no copy), one thread, and split across the pool by columns and by rows. (Run
-        // with CLEAVE_GEMM=own for cleave's own kernel.)
+        // with CLEAVE_GEMM=library for the `gemm` crate.)
         for (m, k, n) in [
             (8, 64, 64),
             (64, 256, 256),

@@ -14,9 +14,9 @@ static ALLOC: CountingAlloc = CountingAlloc;
 /// crate, which allocates on every call: there the plan leaves them out.)
 #[test]
 fn a_plan_allocates_nothing_after_its_first_run() {
-    // cleave's own GEMM kernel is opt-in (`CLEAVE_GEMM=own`, read once, at the first GEMM):
-    // this binary holds this one test, so it turns it on here.
-    std::env::set_var("CLEAVE_GEMM", "own");
+    // The default GEMM kernel (`CLEAVE_GEMM=library` picks the `gemm` crate; read once, at
+    // the first GEMM): this binary holds this one test, so it clears the variable here.
+    std::env::remove_var("CLEAVE_GEMM");
     #[cfg(target_arch = "x86_64")]
     let own_gemm = std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]

@@ -112,6 +112,17 @@ pub fn bits(d: &HostData) -> Vec<u32> {
     }
 }
 
+/// The smallest feasible limit an infeasible `--memory-limit` run's error names.
+pub fn smallest_feasible(e: &anyhow::Error) -> u64 {
+    let e = format!("{e:#}");
+    e.rsplit(cleave_passes::remat::SMALLEST_FEASIBLE)
+        .next()
+        .filter(|_| e.contains(cleave_passes::remat::SMALLEST_FEASIBLE))
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no smallest feasible limit in: {e}"))
+}
+
 /// Two pipelined runs have bit-identical losses and final parameters.
 pub fn assert_same(what: &str, want: &PipelineRun, have: &PipelineRun) {
     let lw: Vec<u64> = want.losses.iter().map(|x| x.to_bits()).collect();

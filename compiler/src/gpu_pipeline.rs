@@ -66,8 +66,8 @@ use crate::pipeline_train::{
     tangent_inputs, with_shapes, LossScaler, PipelineState,
 };
 use crate::train::{
-    checkpoint_meta, parse_grad_method, restore_checkpoint, write_checkpoint, Metrics, Order,
-    Progress, TrainArgs, TrainSummary,
+    checkpoint_meta, parse_grad_method, write_checkpoint, Metrics, Order, Progress, TrainArgs,
+    TrainSummary,
 };
 
 /// One stage function on its backend (`None` for a function with no outputs).
@@ -684,11 +684,18 @@ fn check_supported(a: &TrainArgs, target: &str) -> Result<()> {
         (a.kill_action.is_some(), "--kill-action"),
         (a.debug_nan, "--debug-nan"),
     ];
+    // One stage and one microbatch come here for `--precision f16` (its loss scale runs on
+    // this pipeline only): the message names what the user asked for.
+    let asked = if a.stages == 1 && a.microbatches == 1 && LossScaler::for_args(a)?.is_some() {
+        "--precision f16 (which runs on the stage pipeline)"
+    } else {
+        "--stages/--microbatches"
+    };
     for (bad, what) in unsupported {
         if bad {
             bail!(
-                "--target {target} --stages/--microbatches: {what} is not supported on the \
-                 single-device pipeline yet; use --target cpu"
+                "--target {target} {asked}: {what} is not supported on the single-device \
+                 pipeline yet; use --target cpu"
             );
         }
     }
@@ -779,7 +786,13 @@ fn train_loop<B: StepBackend>(
     let mut scaler = LossScaler::for_args(a)?;
     if let Some(dir) = &a.resume {
         let mut state = with_shapes(&shapes, &params);
-        let (step, meta) = restore_checkpoint(dir, &mut state)?;
+        let (step, meta) = crate::train::restore_checkpoint_for(
+            dir,
+            &mut state,
+            (batch, crate::pipeline_train::RESUMED_BATCH),
+            &a.optimizer,
+            "this run",
+        )?;
         if let Some(s) = scaler.as_mut() {
             s.restore(&meta, dir)?;
         }

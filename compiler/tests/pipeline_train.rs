@@ -352,5 +352,30 @@ fn pipelined_checkpoint_resumes_bit_for_bit() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("batch"), "{e}");
+    // So is it by the stage pipeline (`--executor list`, `--target cuda --stages`), and one
+    // made with another optimizer by both.
+    let stages = |a: &TrainArgs| {
+        cleave_compiler::gpu_pipeline::train_stages_on(a, "cpu", None, |f, _| {
+            cleave_compiler::gpu_pipeline::CpuPlanBackend::new(f, a.codegen)
+        })
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    let other_batch = TrainArgs {
+        resume: Some(dir.clone()),
+        ..args(model, data, 2, 2, "zb-h1", 4)
+    };
+    let e = stages(&other_batch);
+    assert!(e.contains("written with batch"), "{e}");
+    let other_optimizer = TrainArgs {
+        resume: Some(dir.clone()),
+        optimizer: OptimizerArg::Adamw,
+        ..args(model, data, 2, 4, "zb-h1", 4)
+    };
+    let e = stages(&other_optimizer);
+    assert!(e.contains("written with optimizer sgd"), "{e}");
+    let e = train(&other_optimizer).unwrap_err().to_string();
+    assert!(e.contains("written with optimizer sgd"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1738,6 +1738,10 @@ pub fn tangent_inputs(forward: &Function, method: &GradMethod) -> Vec<(String, u
         .collect()
 }
 
+/// Where a pipelined run's batch comes from, in [`crate::train::restore_checkpoint_for`]'s
+/// message.
+pub const RESUMED_BATCH: &str = " (--microbatches × the model's batch)";
+
 /// Runs pipelined training (see the module docs).
 pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let (p, m) = (a.stages, a.microbatches);
@@ -1884,24 +1888,18 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let mut scaler = LossScaler::for_args(a)?;
     if let Some(dir) = &a.resume {
         let mut state = state_of(&params);
-        let (step, meta) = crate::train::restore_checkpoint(dir, &mut state)?;
+        let (step, meta) = crate::train::restore_checkpoint_for(
+            dir,
+            &mut state,
+            (batch, RESUMED_BATCH),
+            &a.optimizer,
+            "this run",
+        )?;
         if let Some(s) = scaler.as_mut() {
             // The scale and its count of finite steps continue where the run stopped.
             s.restore(&meta, dir)?;
         }
         params.extend(state.into_iter().map(|(name, (_, d))| (name, d)));
-        for (key, want) in [
-            ("batch", batch.to_string()),
-            ("optimizer", a.optimizer.name().to_string()),
-        ] {
-            if let Some(have) = meta.get(key).filter(|h| **h != want) {
-                bail!(
-                    "{}: the checkpoint was written with {key} {have}; this run has {want} \
-                     (--microbatches × the model's batch)",
-                    dir.display()
-                );
-            }
-        }
         start = step;
     }
     let write_ckpt = |done: usize,

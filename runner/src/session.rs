@@ -32,8 +32,8 @@ use cleave_passes::autodiff::methods::{GradMethod, FG_TANGENT_PREFIX};
 use cleave_passes::autodiff::{GRAD_PREFIX, LOSS_SCALE_INPUT};
 
 use crate::train::{
-    build_step_compressed, checkpoint_meta, eval_plan, initial_state, parse_grad_method,
-    restore_checkpoint, set_args, set_host, write_checkpoint, State, TrainArgs,
+    build_step_compressed, checkpoint_meta, eval_plan, initial_state, parse_grad_method, set_args,
+    set_host, write_checkpoint, State, TrainArgs,
 };
 
 /// One named tensor handed to a session: its shape and its elements, borrowed.
@@ -554,18 +554,13 @@ impl Session {
     /// this session's optimizer and batch).
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let mut state = self.state();
-        let (step, meta) = restore_checkpoint(dir, &mut state)?;
-        for (key, want) in [
-            ("batch", self.batch().to_string()),
-            ("optimizer", self.args.optimizer.name().to_string()),
-        ] {
-            if let Some(have) = meta.get(key).filter(|h| **h != want) {
-                bail!(
-                    "{}: the checkpoint was written with {key} {have}; this session has {want}",
-                    dir.display()
-                );
-            }
-        }
+        let (step, meta) = crate::train::restore_checkpoint_for(
+            dir,
+            &mut state,
+            (self.batch(), ""),
+            &self.args.optimizer,
+            "this session",
+        )?;
         match &mut self.engine {
             Engine::One { plan, fresh, .. } => {
                 if *fresh {

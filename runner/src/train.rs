@@ -650,6 +650,43 @@ pub fn restore_checkpoint(
     state: &mut State,
 ) -> Result<(usize, HashMap<String, String>)> {
     let (tensors, meta) = read_checkpoint(dir)?;
+    fill_from_checkpoint(dir, state, tensors, meta)
+}
+
+/// [`restore_checkpoint`] for a run whose batch (examples per step) and optimizer must be the
+/// checkpoint's: another batch or optimizer is refused by name before any tensor is read into
+/// `state` (another optimizer's state tensors would otherwise be reported missing). `this`
+/// names the resuming side in the message ("this run", "this session"), `batch_is` says where
+/// its batch comes from.
+pub fn restore_checkpoint_for(
+    dir: &Path,
+    state: &mut State,
+    (batch, batch_is): (usize, &str),
+    optimizer: &OptimizerArg,
+    this: &str,
+) -> Result<(usize, HashMap<String, String>)> {
+    let (tensors, meta) = read_checkpoint(dir)?;
+    for (key, want, from) in [
+        ("batch", batch.to_string(), batch_is),
+        ("optimizer", optimizer.name().to_string(), ""),
+    ] {
+        if let Some(have) = meta.get(key).filter(|h| **h != want) {
+            bail!(
+                "{}: the checkpoint was written with {key} {have}; {this} has {want}{from}",
+                dir.display()
+            );
+        }
+    }
+    fill_from_checkpoint(dir, state, tensors, meta)
+}
+
+/// Fills `state` from a checkpoint's tensors; returns its step and `meta`.
+fn fill_from_checkpoint(
+    dir: &Path,
+    state: &mut State,
+    tensors: BTreeMap<String, cleave_ir::Tensor>,
+    meta: HashMap<String, String>,
+) -> Result<(usize, HashMap<String, String>)> {
     for (name, (shape, d)) in state.iter_mut() {
         let t = tensors
             .get(name)

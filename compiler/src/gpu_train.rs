@@ -234,7 +234,7 @@ pub fn train_on<B: StepBackend>(
     let mut exec = make(step_fn)?;
     let mut eval_plans: Option<Plan> = None;
 
-    let (mut state, start) = initial_state(&built, a.seed, a.resume.as_deref())?;
+    let (mut state, start) = initial_state(&built, a.seed, a.resume.as_deref(), &a.optimizer)?;
     // Upload the state once; it stays with the backend.
     for (name, (shape, d)) in &state {
         exec.set(name, &tensor_from_host(shape, d))?;

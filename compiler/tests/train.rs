@@ -38,6 +38,18 @@ fn resume_continues_bit_exactly() {
     assert_eq!(mb["data_cursor"], (20 * 32).to_string());
     assert!(ta.contains_key("opt.m.fc1.weight") && ta.contains_key("opt.step"));
     assert_eq!(ta, tb, "20 steps and 10 + resumed 10 steps differ");
+    // A checkpoint of another optimizer is refused by name (not as a missing tensor).
+    let e = train(&TrainArgs {
+        resume: Some(b.clone()),
+        optimizer: OptimizerArg::Sgd,
+        ..args(30)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("written with optimizer adamw; this run has sgd"),
+        "{e}"
+    );
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()

@@ -174,7 +174,7 @@ impl Session {
                 .map(|x| (x.name.to_string(), x.ty.num_elements()))
                 .collect();
             let mut plan = compile_with(&built.step, &compile_opts(false, a.codegen))?;
-            let (state, _) = initial_state(&built, a.seed, None)?;
+            let (state, _) = initial_state(&built, a.seed, None, &a.optimizer)?;
             for (name, (_, d)) in &state {
                 let i = plan.arg_index(name).expect("state names are arguments");
                 set_host(&mut plan, i, d)?;

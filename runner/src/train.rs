@@ -609,12 +609,14 @@ pub fn build_step_compressed(
 pub type State = BTreeMap<String, (Vec<usize>, HostData)>;
 
 /// The state to start from and the step to start at: a fresh initialisation (seed `seed`;
-/// parameters stored in the model file win) at step 0, or the checkpoint in `resume` at its step.
-/// Shared by every target's training loop.
+/// parameters stored in the model file win) at step 0, or the checkpoint in `resume` at its step
+/// (refused by name when it was written with another batch or another optimizer than
+/// `optimizer`). Shared by every target's training loop.
 pub fn initial_state(
     built: &Built,
     seed: Option<u64>,
     resume: Option<&Path>,
+    optimizer: &OptimizerArg,
 ) -> Result<(State, usize)> {
     let step_fn = &built.step;
     let mut state: State = BTreeMap::new();
@@ -638,7 +640,14 @@ pub fn initial_state(
     }
     let mut start = 0usize;
     if let Some(dir) = resume {
-        start = restore_checkpoint(dir, &mut state)?.0;
+        start = restore_checkpoint_for(
+            dir,
+            &mut state,
+            (built.batch, " (the model's batch)"),
+            optimizer,
+            "this run",
+        )?
+        .0;
     }
     Ok((state, start))
 }
@@ -1204,7 +1213,7 @@ pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
     // pays for the training step only.
     let mut eval_plans: Option<Plan> = None;
 
-    let (mut state, start) = initial_state(&built, a.seed, a.resume.as_deref())?;
+    let (mut state, start) = initial_state(&built, a.seed, a.resume.as_deref(), &a.optimizer)?;
     for (name, (_, d)) in &state {
         let i = plan.arg_index(name).expect("state names are arguments");
         set_host(&mut plan, i, d)?;

@@ -20,8 +20,8 @@
 //! on one host thread; a list that can never run (a value nothing produces) is an error naming
 //! the device, the action and the value. W's `grad.*` arguments are the stage's accumulators,
 //! zero at the start of the step. After the last action the gradients (by parameter) go through
-//! [`finish_scaled_step`]: SGD `p − lr·(scale·g)`, or the momentum/AdamW updater, with
-//! `--grad-clip`. Under `--precision f16` the CPU pipeline's [`LossScaler`] runs the step: every
+//! [`update_step`] (the thread pipeline's): SGD `p − lr·(scale·g)`, or the momentum/AdamW
+//! updater, with `--grad-clip`. Under `--precision f16` the CPU pipeline's [`LossScaler`] runs the step: every
 //! microbatch gets the `precision.loss_scale` input, the gradient sums are scaled back by
 //! `1/(M·S)`, a step whose gradients are not finite is rolled back and the scale halved, and
 //! checkpoints keep the scale.
@@ -62,8 +62,8 @@ use cleave_runtime::{host_from_tensor, tensor_from_host, HostData};
 
 use crate::gpu_train::StepBackend;
 use crate::pipeline_train::{
-    final_eval, finish_scaled_step, microbatches, pipeline_plan, step_data, step_options,
-    tangent_inputs, with_shapes, LossScaler, PipelineState,
+    final_eval, microbatches, pipeline_plan, step_data, step_options, tangent_inputs, update_step,
+    with_shapes, LossScaler, PipelineState,
 };
 use crate::train::{
     checkpoint_meta, parse_grad_method, write_checkpoint, Metrics, Order, Progress, TrainArgs,
@@ -786,7 +786,7 @@ fn train_loop<B: StepBackend>(
     let mut scaler = LossScaler::for_args(a)?;
     if let Some(dir) = &a.resume {
         let mut state = with_shapes(&shapes, &params);
-        let (step, meta) = crate::train::restore_checkpoint_for(
+        let (step, meta) = crate::train::restore_checkpoint(
             dir,
             &mut state,
             (batch, crate::pipeline_train::RESUMED_BATCH),
@@ -845,36 +845,26 @@ fn train_loop<B: StepBackend>(
             .step(&params, &shapes, &micro, sopts, link.as_deref_mut())
             .with_context(|| format!("--target {target}: rank {rank}: step {step}"))?;
         let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
-        if scaler.is_some() {
-            LossScaler::check_loss(step, loss)?;
-        }
-        if !loss.is_finite() {
-            bail!("loss is {loss} at step {step}; training stopped");
-        }
-        let norm = finish_scaled_step(
+        // A step whose gradients were not finite was rolled back; the scale halves.
+        let update = update_step(
+            (step, loss),
             &mut r,
             &mut params,
             updater.as_mut(),
             a.grad_clip,
             sopts,
-            scaler.as_ref().map(|s| s.scale),
+            scaler.as_mut(),
+            quiet,
         )?;
-        let mut extra = serde_json::Map::new();
-        if let Some(n) = norm {
-            extra.insert("grad_norm".into(), n.into());
-        }
-        if let Some(s) = scaler.as_mut() {
-            // A step whose gradients were not finite was rolled back; the scale halves.
-            extra.insert("loss_scale".into(), s.scale.into());
-            extra.insert("skipped".into(), (!s.record(step, norm)?).into());
-        } else if let (Some(n), false) = (norm.filter(|n| !n.is_finite()), quiet) {
-            eprintln!(
-                "\nwarning: step {step}: the gradient norm is {n}; the update was rolled back"
-            );
-        }
         losses.push(loss);
         let done = step + 1;
-        progress.step_with(&shown, &mut summary, &mut metrics, (done, loss), extra)?;
+        progress.step_with(
+            &shown,
+            &mut summary,
+            &mut metrics,
+            (done, loss),
+            update.metrics(),
+        )?;
         if let (Some(dir), 0) = (&a.checkpoint, rank) {
             if done.is_multiple_of(a.checkpoint_every.max(1)) || done == a.steps {
                 let mut meta = checkpoint_meta(a, done, batch, lr, &method);

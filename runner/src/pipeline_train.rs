@@ -1354,6 +1354,64 @@ pub fn finish_scaled_step(
     Ok(norm)
 }
 
+/// What [`update_step`] did to one step: the gradient norm where one was computed, and under
+/// `--precision f16` the loss scale the step ran with and whether the step was kept.
+#[derive(Clone, Copy, Debug)]
+pub struct StepUpdate {
+    /// [`finish_scaled_step`]'s norm.
+    pub norm: Option<f64>,
+    /// (scale used, whether the step was kept).
+    pub scaled: Option<(f32, bool)>,
+}
+
+impl StepUpdate {
+    /// Its keys of the step's metrics line: `grad_norm`, `loss_scale` and `skipped`.
+    pub fn metrics(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        if let Some(n) = self.norm {
+            m.insert("grad_norm".into(), n.into());
+        }
+        if let Some((used, kept)) = self.scaled {
+            m.insert("loss_scale".into(), used.into());
+            m.insert("skipped".into(), (!kept).into());
+        }
+        m
+    }
+}
+
+/// The end of pipelined step `step` of mean loss `loss`, shared by the thread and the stage
+/// pipelines: the loss checks (a forward overflow under a loss scale, then any loss that is not
+/// finite), the update ([`finish_scaled_step`]), the loss scale's record of it, and (unless
+/// `quiet`) a warning for a step rolled back without a loss scale.
+#[allow(clippy::too_many_arguments)]
+pub fn update_step(
+    (step, loss): (usize, f64),
+    r: &mut cleave_runtime::pipeline::StepResult,
+    params: &mut BTreeMap<String, HostData>,
+    updater: Option<&mut Updater>,
+    clip: Option<f64>,
+    opts: &PipelineOptions,
+    scaler: Option<&mut LossScaler>,
+    quiet: bool,
+) -> Result<StepUpdate> {
+    if scaler.is_some() {
+        LossScaler::check_loss(step, loss)?;
+    }
+    if !loss.is_finite() {
+        bail!("loss is {loss} at step {step}; training stopped");
+    }
+    let scale = scaler.as_ref().map(|s| s.scale);
+    let norm = finish_scaled_step(r, params, updater, clip, opts, scale)?;
+    let scaled = match scaler {
+        Some(s) => Some((s.scale, s.record(step, norm)?)),
+        None => None,
+    };
+    if let (Some(n), false, None) = (norm.filter(|n| !n.is_finite()), quiet, scaled) {
+        eprintln!("\nwarning: step {step}: the gradient norm is {n}; the update was rolled back");
+    }
+    Ok(StepUpdate { norm, scaled })
+}
+
 /// The global norm of a step's mean-loss gradient `‖s·g‖` (summed in f64 over the parameters in
 /// name order, so every rank and stage count computes the same) and the factor its gradient
 /// sums take under the limit `clip`: 1 within it, `clip/‖s·g‖` above it, and `None` (roll the
@@ -1738,7 +1796,7 @@ pub fn tangent_inputs(forward: &Function, method: &GradMethod) -> Vec<(String, u
         .collect()
 }
 
-/// Where a pipelined run's batch comes from, in [`crate::train::restore_checkpoint_for`]'s
+/// Where a pipelined run's batch comes from, in [`crate::train::restore_checkpoint`]'s
 /// message.
 pub const RESUMED_BATCH: &str = " (--microbatches × the model's batch)";
 
@@ -1888,7 +1946,7 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
     let mut scaler = LossScaler::for_args(a)?;
     if let Some(dir) = &a.resume {
         let mut state = state_of(&params);
-        let (step, meta) = crate::train::restore_checkpoint_for(
+        let (step, meta) = crate::train::restore_checkpoint(
             dir,
             &mut state,
             (batch, RESUMED_BATCH),
@@ -1996,33 +2054,16 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         }
         .map_err(|e| anyhow::anyhow!("step {step}: {e}"))?;
         let loss = r.losses.iter().map(|&x| x as f64).sum::<f64>() / m as f64;
-        if scaler.is_some() {
-            LossScaler::check_loss(step, loss)?;
-        }
-        if !loss.is_finite() {
-            bail!("loss is {loss} at step {step}; training stopped");
-        }
-        let norm = finish_scaled_step(
+        let update = update_step(
+            (step, loss),
             &mut r,
             &mut params,
             updater.as_mut(),
             a.grad_clip,
             popts,
-            scaler.as_ref().map(|s| s.scale),
+            scaler.as_mut(),
+            quiet,
         )?;
-        // (scale used, whether the step was kept)
-        let scaled_step = match scaler.as_mut() {
-            Some(s) => {
-                let used = s.scale;
-                Some((used, s.record(step, norm)?))
-            }
-            None => None,
-        };
-        if let (Some(n), false, None) = (norm.filter(|n| !n.is_finite()), quiet, scaled_step) {
-            eprintln!(
-                "\nwarning: step {step}: the gradient norm is {n}; the update was rolled back"
-            );
-        }
         peak.resize(r.peak_saved_bytes.len(), 0);
         for (p, &x) in peak.iter_mut().zip(&r.peak_saved_bytes) {
             *p = (*p).max(x);
@@ -2057,13 +2098,9 @@ pub fn train(a: &TrainArgs) -> Result<PipelineRun> {
         summary.steps_run += 1;
         let sps = summary.steps_run as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let mut line = serde_json::json!({"step": step + 1, "loss": loss, "steps_per_s": sps});
-        if let Some(n) = norm {
-            line["grad_norm"] = n.into();
-        }
-        if let Some((used, kept)) = scaled_step {
-            line["loss_scale"] = used.into();
-            line["skipped"] = (!kept).into();
-        }
+        line.as_object_mut()
+            .expect("an object")
+            .extend(update.metrics());
         metrics.line(line)?;
         write_ckpt(step + 1, &params, scaler.as_ref())?;
         if !quiet {

@@ -554,7 +554,7 @@ impl Session {
     /// this session's optimizer and batch).
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let mut state = self.state();
-        let (step, meta) = crate::train::restore_checkpoint_for(
+        let (step, meta) = crate::train::restore_checkpoint(
             dir,
             &mut state,
             (self.batch(), ""),

@@ -640,7 +640,7 @@ pub fn initial_state(
     }
     let mut start = 0usize;
     if let Some(dir) = resume {
-        start = restore_checkpoint_for(
+        start = restore_checkpoint(
             dir,
             &mut state,
             (built.batch, " (the model's batch)"),
@@ -653,21 +653,12 @@ pub fn initial_state(
 }
 
 /// Fills every entry of `state` from the checkpoint in `dir` (each tensor must be there, with
-/// the entry's shape); returns the checkpoint's step and its metadata.
+/// the entry's shape); returns the checkpoint's step and its metadata. The run's batch
+/// (examples per step) and optimizer must be the checkpoint's: another batch or optimizer is
+/// refused by name before any tensor is read into `state` (another optimizer's state tensors
+/// would otherwise be reported missing). `this` names the resuming side in the message ("this
+/// run", "this session"), `batch_is` says where its batch comes from.
 pub fn restore_checkpoint(
-    dir: &Path,
-    state: &mut State,
-) -> Result<(usize, HashMap<String, String>)> {
-    let (tensors, meta) = read_checkpoint(dir)?;
-    fill_from_checkpoint(dir, state, tensors, meta)
-}
-
-/// [`restore_checkpoint`] for a run whose batch (examples per step) and optimizer must be the
-/// checkpoint's: another batch or optimizer is refused by name before any tensor is read into
-/// `state` (another optimizer's state tensors would otherwise be reported missing). `this`
-/// names the resuming side in the message ("this run", "this session"), `batch_is` says where
-/// its batch comes from.
-pub fn restore_checkpoint_for(
     dir: &Path,
     state: &mut State,
     (batch, batch_is): (usize, &str),
@@ -686,16 +677,6 @@ pub fn restore_checkpoint_for(
             );
         }
     }
-    fill_from_checkpoint(dir, state, tensors, meta)
-}
-
-/// Fills `state` from a checkpoint's tensors; returns its step and `meta`.
-fn fill_from_checkpoint(
-    dir: &Path,
-    state: &mut State,
-    tensors: BTreeMap<String, cleave_ir::Tensor>,
-    meta: HashMap<String, String>,
-) -> Result<(usize, HashMap<String, String>)> {
     for (name, (shape, d)) in state.iter_mut() {
         let t = tensors
             .get(name)

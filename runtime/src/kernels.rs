@@ -336,14 +336,22 @@ macro_rules! by_size {
     };
 }
 
-fn check_index(i: i32, extent: usize, p: usize) -> Result<usize, String> {
-    if i < 0 || i as usize >= extent {
-        Err(format!(
+/// `iv` as positions once every index is checked to be within `extent` (the first one out of
+/// range is the error): without a copy, so a run allocates nothing.
+fn checked_indices(
+    iv: &[i32],
+    extent: usize,
+) -> Result<impl Iterator<Item = usize> + Clone + '_, String> {
+    if let Some((p, &i)) = iv
+        .iter()
+        .enumerate()
+        .find(|&(_, &i)| i < 0 || i as usize >= extent)
+    {
+        return Err(format!(
             "index {i} at flat position {p} of the indices is out of range for extent {extent}"
-        ))
-    } else {
-        Ok(i as usize)
+        ));
     }
+    Ok(iv.iter().map(|&i| i as usize))
 }
 
 impl OpKernel {
@@ -725,12 +733,7 @@ impl OpKernel {
             } => {
                 let iv = mem.i(*idx);
                 let (extent, inner) = (*extent, *inner);
-                for (p, &i) in iv.iter().enumerate() {
-                    check_index(i, extent, p)?;
-                }
-                // Every index is in range (checked above, without a copy: a run allocates
-                // nothing).
-                let checked = iv.iter().map(|&i| i as usize);
+                let checked = checked_indices(iv, extent)?;
                 by_size!(out.dtype, mem, T, get, get_mut => {
                     let (t, r): (&[T], &mut [T]) = (get(*table), get_mut(*out));
                     let mut at = 0;
@@ -752,12 +755,7 @@ impl OpKernel {
             } => {
                 let iv = mem.i(*idx);
                 let (extent, inner) = (*extent, *inner);
-                for (p, &i) in iv.iter().enumerate() {
-                    check_index(i, extent, p)?;
-                }
-                // Every index is in range (checked above, without a copy: a run allocates
-                // nothing).
-                let checked = iv.iter().map(|&i| i as usize);
+                let checked = checked_indices(iv, extent)?;
                 if out.dtype == DType::F32 {
                     let (b, u, r) = (mem.f(*base), mem.f(*upd), mem.f_mut(*out));
                     r.copy_from_slice(b);
@@ -1086,6 +1084,21 @@ fn round_16(dst: &mut [u16], src: &[f32], f16: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gathers' and scatter-adds' indices: every one checked, the first out of range named with
+    /// its flat position.
+    #[test]
+    fn indices_out_of_range_are_named() {
+        let ok: Vec<usize> = checked_indices(&[0, 4, 2], 5).unwrap().collect();
+        assert_eq!(ok, [0, 4, 2]);
+        for (iv, bad) in [
+            (&[1, 5, -1][..], "index 5 at flat position 1"),
+            (&[-1], "index -1 at flat position 0"),
+        ] {
+            let e = checked_indices(iv, 5).err().unwrap();
+            assert!(e.starts_with(bad) && e.ends_with("extent 5"), "{e}");
+        }
+    }
 
     /// The 16-lane row maximum and minimum give the sequential fold's bits: signed zeros (the
     /// one case where order matters), NaN anywhere, infinities, rows shorter than a lane set.

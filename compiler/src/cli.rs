@@ -322,7 +322,7 @@ pub struct InspectArgs {
     #[arg(long, requires = "memory")]
     pub svg: Option<PathBuf>,
     /// With --memory: the stash compressions of `cleave train --compress` (`fewbit[:BITS]`,
-    /// `rank1[:GROUP]`, `bf16`, `int8`): every saved value each applies to, with its bytes before and
+    /// `rank1[:GROUP][:VECTOR]`, `bf16`, `int8`): every saved value each applies to, with its bytes before and
     /// after and the seconds it adds, and per stage the saved bytes with all of them applied
     /// (JSON key `compress`). With --memory-limit the plan chooses among them per value (the
     /// chosen ones are marked, and the plans the search tried are listed).

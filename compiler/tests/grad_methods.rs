@@ -333,7 +333,7 @@ fn schedule_reports_the_dependency_mode() {
 }
 
 /// `--compress fewbit` (few-bit backward of GELU), `rank1` (rank-1 sub-tokens of linear
-/// layers' inputs), `bf16` (the stash in bfloat16) and `int8` (8-bit codes, a scale per row):
+/// layers' inputs, with either vector), `bf16` (the stash in bfloat16) and `int8` (8-bit codes, a scale per row):
 /// the pipeline gives one stage's losses and weights bit for bit, GPT-tiny still learns as exact
 /// backprop does with fewbit, bf16 and int8
 /// (losses within 2% over 12 steps), the joint planner leaves the step exact where it fits
@@ -364,6 +364,10 @@ fn fewbit_compression_trains_on_the_pipeline() {
         &run(2, "zb-h1", Some("fewbit:1,rank1:4")),
     );
     assert_ne!(both.losses, one.losses, "rank1 changed nothing");
+    // The batch's vector: stashed with the coefficients, across the stage boundary too.
+    let batch = run(1, "1f1b", Some("rank1:4:batch"));
+    common::assert_same("rank1 batch", &batch, &run(2, "zb-h1", Some("rank1:4:batch")));
+    assert_ne!(batch.losses, run(1, "1f1b", Some("rank1:4")).losses, "the vector changed nothing");
     let half = run(1, "1f1b", Some("bf16"));
     common::assert_same("bf16 zb-h1", &half, &run(2, "zb-h1", Some("bf16")));
     common::assert_same("bf16 zb-v", &half, &run(2, "zb-v", Some("bf16")));
@@ -408,6 +412,7 @@ fn fewbit_compression_trains_on_the_pipeline() {
         ("int8:3", "int8 takes no parameter"),
         ("fewbit:9", "bits must be 1 to 4"),
         ("rank1:1", "the group must be 2 to 4096"),
+        ("rank1:8:first", "vector=first"),
     ] {
         let e = train(&TrainArgs {
             compress: Some(compress.into()),

@@ -98,6 +98,7 @@ fn only_method(compress: Compress, m: Method) -> Compress {
     Compress {
         fewbit: compress.fewbit.filter(|_| m == Method::Fewbit),
         rank1: compress.rank1.filter(|_| m == Method::Rank1),
+        rank1_batch: compress.rank1_batch && m == Method::Rank1,
         bf16: compress.bf16 && m == Method::Bf16,
         int8: compress.int8 && m == Method::Int8,
     }

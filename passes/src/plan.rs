@@ -1143,8 +1143,14 @@ impl PlanPass {
         let methods = o.take("compress");
         let bits = o.take_parsed("bits", crate::autodiff::Compress::BITS.2)?;
         let group = o.take_parsed("group", crate::autodiff::Compress::GROUP.1)?;
-        let compress = crate::autodiff::Compress::from_options(methods.as_deref(), bits, group)
-            .map_err(|e| bad("compress", e))?;
+        let vector = o.take("vector");
+        let compress = crate::autodiff::Compress::from_options(
+            methods.as_deref(),
+            bits,
+            group,
+            vector.as_deref(),
+        )
+        .map_err(|e| bad("compress", e))?;
         let chunk: Vec<usize> = match o.take("chunked") {
             Some(t) => parse_chunks(&t).map_err(|e| bad("chunked", e))?,
             None => Vec::new(),

@@ -709,6 +709,89 @@ fn rank1_compresses_the_weight_gradient_input() {
     assert!(e.contains("has none"), "{e}");
 }
 
+/// `rank1` with the batch's vector (`vector=batch`): the weight gradient reads `x̂ = (x_g·v)·v`
+/// with `v` the unit direction of the average sub-token; sub-tokens all along one direction are
+/// reconstructed exactly; an all-zero input gives zero, finite gradients; the vector's option is
+/// checked.
+#[test]
+fn rank1_batch_vector_projects_onto_the_average_sub_token() {
+    use cleave_ir::tracer::Tracer;
+    let (n, d, g, o) = (6usize, 16usize, 4usize, 5usize);
+    let mut t = Tracer::new("f");
+    let x = t.input("x", DType::F32, vec![n, d]).unwrap();
+    let v = t.input("v", DType::F32, vec![n, o]).unwrap();
+    let w = t.param("w", DType::F32, vec![d, o]).unwrap();
+    let y = t.matmul(x, w).unwrap();
+    let p = t.mul(y, v).unwrap();
+    let l = t.reduce_sum(p, vec![0, 1]).unwrap();
+    t.output("loss", l).unwrap();
+    let f = t.finish();
+    let comp = run_pipeline(&f, &format!("autodiff{{compress=rank1,group={g},vector=batch}}"));
+    let exact = run_pipeline(&f, "autodiff");
+    // dW = x̂ᵀ·v, from the formula in f64.
+    let want = |xs: &[f64], vs: &[f64]| -> Vec<f64> {
+        let mut m = vec![0.0; g];
+        for (e, x) in xs.iter().enumerate() {
+            m[e % g] += x / (n * d / g) as f64;
+        }
+        let norm = m.iter().map(|a| a * a).sum::<f64>().sqrt();
+        let u: Vec<f64> = m.iter().map(|a| a / norm).collect();
+        let xh: Vec<f64> = (0..n * d)
+            .map(|e| {
+                let base = e / g * g;
+                let c: f64 = (0..g).map(|q| xs[base + q] * u[q]).sum();
+                c * u[e % g]
+            })
+            .collect();
+        (0..d * o)
+            .map(|e| (0..n).map(|r| xh[r * d + e / o] * vs[r * o + e % o]).sum())
+            .collect()
+    };
+    let close = |a: &[f64], b: &[f64], what: &str| {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{what}: {x} vs {y}");
+        }
+    };
+    let mut args = forward_args(&f, 5);
+    let out = outputs(&comp, &args);
+    close(
+        &out["grad.w"],
+        &want(&args["x"].to_f64_vec(), &args["v"].to_f64_vec()),
+        "random x",
+    );
+    assert_ne!(out["grad.w"], outputs(&exact, &args)["grad.w"], "approximate");
+    // Every sub-token a multiple of one direction: the projection loses nothing.
+    let dir = [0.5, -1.0, 2.0, 0.25];
+    let xs: Vec<f64> = (0..n * d)
+        .map(|e| (1.0 + (e / g) as f64 * 0.3) * dir[e % g])
+        .collect();
+    args.insert("x".into(), Tensor::from_f64(vec![n, d], xs));
+    close(
+        &outputs(&comp, &args)["grad.w"],
+        &outputs(&exact, &args)["grad.w"],
+        "one direction",
+    );
+    // An all-zero input: no division by zero.
+    args.insert("x".into(), Tensor::from_f64(vec![n, d], vec![0.0; n * d]));
+    let zero = outputs(&comp, &args);
+    assert!(zero["grad.w"].iter().all(|&a| a == 0.0), "{:?}", zero["grad.w"]);
+    // The option: a bad name, or a vector without rank1.
+    for (pipeline, want) in [
+        ("autodiff{compress=rank1,vector=first}", "vector=first"),
+        ("autodiff{compress=fewbit,vector=batch}", "does not name rank1"),
+    ] {
+        let mut module = Module::with_function(f.clone());
+        let e = PassManager::from_pipeline(pipeline)
+            .and_then(|pm| {
+                pm.run(&mut module, &mut PassContext::default(), &mut |_| {})
+                    .map(|_| ())
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{pipeline}: {e}");
+    }
+}
+
 /// bf16 stash (`autodiff{compress=bf16}`): the backward reads every saved activation through a
 /// bf16 round trip, so a weight gradient that is the activation itself is the activation rounded
 /// to bfloat16; after `split-bw` F saves only bf16 values and B hands W no widened copy (W widens

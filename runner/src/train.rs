@@ -222,8 +222,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     pub tangents: usize,
     /// Lossy stash compression, opt-in, comma-separated: `fewbit[:BITS]` (few-bit backward of
-    /// GELU/SiLU, 1 to 4 bits, default 2), `rank1[:GROUP]` (rank-1 sub-token projection of
-    /// linear layers' inputs for their weight gradients, default 8), `bf16` (saved
+    /// GELU/SiLU, 1 to 4 bits, default 2), `rank1[:GROUP][:VECTOR]` (rank-1 sub-token
+    /// projection of linear layers' inputs for their weight gradients, default 8; the vector
+    /// `mean`, the default, or `batch`, the batch's average sub-token), `bf16` (saved
     /// activations in bfloat16) and `int8` (saved activations as 8-bit codes with a scale per
     /// row). Under --memory-limit the plan chooses among them per value;
     /// there `chunked[:K]` also lets it run the output layer in K row chunks (exact; without K
@@ -487,7 +488,8 @@ pub fn build_step_with(
 
 /// `--compress`: the stash compression methods named, comma-separated: `fewbit` or
 /// `fewbit:B` (few-bit backward of GELU/SiLU, B bits, default 2) and `rank1` or `rank1:G`
-/// (rank-1 sub-token projection of linear layers' inputs, groups of G features, default 8).
+/// (rank-1 sub-token projection of linear layers' inputs, groups of G features, default 8), with
+/// `:batch` or `:mean` after it for the vector (`rank1:8:batch`, `rank1:batch`).
 /// Methods of the precision issue that are not built yet are named as such. `chunked[:K]` is
 /// the plan's choice of the chunked output layer, which only the pipeline planner makes
 /// ([`parse_compress_planned`]): here it is an error.
@@ -530,8 +532,27 @@ pub fn parse_compress_planned(text: Option<&str>) -> Result<(Compress, Vec<usize
                 c.fewbit = Some(bits.map_or(default, |b| b as u32));
             }
             "rank1" => {
+                // `rank1[:G][:mean|batch]`: the group, the vector, or both.
                 let (lo, default) = Compress::GROUP;
-                c.rank1 = Some(num(lo, 4096, "the group")?.unwrap_or(default));
+                let (group, vector) = match arg.map(|a| a.split_once(':').unwrap_or((a, ""))) {
+                    Some((g, v)) if Compress::parse_vector(g).is_ok() && v.is_empty() => (None, g),
+                    Some((g, v)) => (Some(g), v),
+                    None => (None, ""),
+                };
+                c.rank1 = Some(match group {
+                    Some(g) => g
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|x| (lo..=4096).contains(x))
+                        .with_context(|| {
+                            format!("--compress {item}: the group must be {lo} to 4096")
+                        })?,
+                    None => default,
+                });
+                if !vector.is_empty() {
+                    c.rank1_batch = Compress::parse_vector(vector)
+                        .map_err(|e| anyhow::anyhow!("--compress {item}: {e}"))?;
+                }
             }
             "chunked" => {
                 chunk = match num(2, 1 << 20, "the number of chunks")? {
@@ -545,7 +566,7 @@ pub fn parse_compress_planned(text: Option<&str>) -> Result<(Compress, Vec<usize
             "int8" => bail!("--compress {item}: int8 takes no parameter (one scale per row)"),
             _ => bail!(
                 "--compress {item}: unknown method; methods: fewbit[:BITS] (1 to 4), \
-                 rank1[:GROUP], bf16, int8, chunked[:K], comma-separated"
+                 rank1[:GROUP][:mean|batch], bf16, int8, chunked[:K], comma-separated"
             ),
         }
     }

@@ -202,6 +202,9 @@ pub struct Compress {
     /// Rank-1 sub-token projection of linear layers' inputs with this group size
     /// (`compress=rank1,group=G`).
     pub rank1: Option<usize>,
+    /// Rank-1's vector from each batch's average sub-token (`vector=batch`), else the constant
+    /// `1/√G` (`vector=mean`, the default; see `rules::rank1`).
+    pub rank1_batch: bool,
     /// The stash in bfloat16 (`compress=bf16`, `rules::narrow`).
     pub bf16: bool,
     /// The stash as 8-bit codes with a scale per row (`compress=int8`, `rules::narrow`).
@@ -220,9 +223,17 @@ impl Compress {
     }
 
     /// Parses the pass options: `methods` is `compress` (`fewbit`, `rank1`, `int8`, `bf16`, several
-    /// joined by `+`), `bits` and `group` their parameters.
-    pub fn from_options(methods: Option<&str>, bits: u32, group: usize) -> Result<Self, String> {
-        let mut c = Compress::default();
+    /// joined by `+`), `bits`, `group` and `vector` (`mean` or `batch`) their parameters.
+    pub fn from_options(
+        methods: Option<&str>,
+        bits: u32,
+        group: usize,
+        vector: Option<&str>,
+    ) -> Result<Self, String> {
+        let mut c = Compress {
+            rank1_batch: Self::parse_vector(vector.unwrap_or("mean"))?,
+            ..Compress::default()
+        };
         for m in methods.into_iter().flat_map(|m| m.split('+')) {
             match m {
                 "fewbit" if (Self::BITS.0..=Self::BITS.1).contains(&bits) => c.fewbit = Some(bits),
@@ -245,7 +256,22 @@ impl Compress {
                 }
             }
         }
+        if c.rank1_batch && c.rank1.is_none() {
+            return Err("vector=batch is rank1's vector, and compress does not name rank1".into());
+        }
         Ok(c)
+    }
+
+    /// Rank-1's vector by name: `batch` (true) or `mean`.
+    pub fn parse_vector(name: &str) -> Result<bool, String> {
+        match name {
+            "mean" => Ok(false),
+            "batch" => Ok(true),
+            other => Err(format!(
+                "vector={other}: rank-1's vector is `mean` (the constant 1/√G) or `batch` (the \
+                 batch's average sub-token)"
+            )),
+        }
     }
 
     /// The pass options (`compress=…,bits=…,group=…`), empty for none.
@@ -259,6 +285,9 @@ impl Compress {
         if let Some(g) = self.rank1 {
             methods.push("rank1");
             opts.push(format!("group={g}"));
+            if self.rank1_batch {
+                opts.push("vector=batch".into());
+            }
         }
         if self.int8 {
             methods.push("int8");
@@ -297,8 +326,9 @@ impl Autodiff {
         let methods = o.take("compress");
         let bits = o.take_parsed("bits", Compress::BITS.2)?;
         let group = o.take_parsed("group", Compress::GROUP.1)?;
-        let compress =
-            Compress::from_options(methods.as_deref(), bits, group).map_err(|message| {
+        let vector = o.take("vector");
+        let compress = Compress::from_options(methods.as_deref(), bits, group, vector.as_deref())
+            .map_err(|message| {
                 PassError::BadOption {
                     pass: "autodiff".into(),
                     key: "compress".into(),
@@ -669,7 +699,7 @@ pub(crate) fn differentiate_with(
     let mut fb = methods::FeedbackState::new(&rewrite.feedback, t.func(), &data_dep, &active_nodes);
     // Rank-1 compression: the coefficients of each compressed layer input, made once. Few-bit
     // backward: each activation's fit, found once.
-    let mut rank1_cache: HashMap<Value, Value> = HashMap::new();
+    let mut rank1_cache: HashMap<Value, rules::rank1::Projection> = HashMap::new();
     let mut fits: HashMap<cleave_ir::UnaryOp, (Vec<f64>, Vec<f64>)> = HashMap::new();
     if let Some(group) = rewrite.compress.rank1 {
         let eligible = active_nodes.iter().any(|&n| {
@@ -732,16 +762,17 @@ pub(crate) fn differentiate_with(
                     rules::fewbit::vjp(&mut t, &data, dy, bits, fitted)
                 }
                 (_, _, Some((x, group))) => (|| {
-                    let c = match rank1_cache.get(&x) {
-                        Some(&c) => c,
+                    let p = match rank1_cache.get(&x) {
+                        Some(&p) => p,
                         None => {
-                            let c = rules::rank1::coefficients(&mut t, x, group)?;
-                            rank1_cache.insert(x, c);
-                            c
+                            let batch = rewrite.compress.rank1_batch;
+                            let p = rules::rank1::coefficients(&mut t, x, group, batch)?;
+                            rank1_cache.insert(x, p);
+                            p
                         }
                     };
                     let mut approx = data.clone();
-                    approx.operands[0] = rules::rank1::reconstruct(&mut t, c, group)?;
+                    approx.operands[0] = rules::rank1::reconstruct(&mut t, p, group)?;
                     rules::vjp(&mut t, &approx, &cots, i)
                 })(),
                 _ => rules::vjp(&mut t, fed.as_ref().unwrap_or(&data), &cots, i),

@@ -366,8 +366,16 @@ fn fewbit_compression_trains_on_the_pipeline() {
     assert_ne!(both.losses, one.losses, "rank1 changed nothing");
     // The batch's vector: stashed with the coefficients, across the stage boundary too.
     let batch = run(1, "1f1b", Some("rank1:4:batch"));
-    common::assert_same("rank1 batch", &batch, &run(2, "zb-h1", Some("rank1:4:batch")));
-    assert_ne!(batch.losses, run(1, "1f1b", Some("rank1:4")).losses, "the vector changed nothing");
+    common::assert_same(
+        "rank1 batch",
+        &batch,
+        &run(2, "zb-h1", Some("rank1:4:batch")),
+    );
+    assert_ne!(
+        batch.losses,
+        run(1, "1f1b", Some("rank1:4")).losses,
+        "the vector changed nothing"
+    );
     let half = run(1, "1f1b", Some("bf16"));
     common::assert_same("bf16 zb-h1", &half, &run(2, "zb-h1", Some("bf16")));
     common::assert_same("bf16 zb-v", &half, &run(2, "zb-v", Some("bf16")));

@@ -726,7 +726,10 @@ fn rank1_batch_vector_projects_onto_the_average_sub_token() {
     let l = t.reduce_sum(p, vec![0, 1]).unwrap();
     t.output("loss", l).unwrap();
     let f = t.finish();
-    let comp = run_pipeline(&f, &format!("autodiff{{compress=rank1,group={g},vector=batch}}"));
+    let comp = run_pipeline(
+        &f,
+        &format!("autodiff{{compress=rank1,group={g},vector=batch}}"),
+    );
     let exact = run_pipeline(&f, "autodiff");
     // dW = x̂ᵀ·v, from the formula in f64.
     let want = |xs: &[f64], vs: &[f64]| -> Vec<f64> {
@@ -749,7 +752,10 @@ fn rank1_batch_vector_projects_onto_the_average_sub_token() {
     };
     let close = |a: &[f64], b: &[f64], what: &str| {
         for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{what}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                "{what}: {x} vs {y}"
+            );
         }
     };
     let mut args = forward_args(&f, 5);
@@ -759,7 +765,11 @@ fn rank1_batch_vector_projects_onto_the_average_sub_token() {
         &want(&args["x"].to_f64_vec(), &args["v"].to_f64_vec()),
         "random x",
     );
-    assert_ne!(out["grad.w"], outputs(&exact, &args)["grad.w"], "approximate");
+    assert_ne!(
+        out["grad.w"],
+        outputs(&exact, &args)["grad.w"],
+        "approximate"
+    );
     // Every sub-token a multiple of one direction: the projection loses nothing.
     let dir = [0.5, -1.0, 2.0, 0.25];
     let xs: Vec<f64> = (0..n * d)
@@ -774,11 +784,18 @@ fn rank1_batch_vector_projects_onto_the_average_sub_token() {
     // An all-zero input: no division by zero.
     args.insert("x".into(), Tensor::from_f64(vec![n, d], vec![0.0; n * d]));
     let zero = outputs(&comp, &args);
-    assert!(zero["grad.w"].iter().all(|&a| a == 0.0), "{:?}", zero["grad.w"]);
+    assert!(
+        zero["grad.w"].iter().all(|&a| a == 0.0),
+        "{:?}",
+        zero["grad.w"]
+    );
     // The option: a bad name, or a vector without rank1.
     for (pipeline, want) in [
         ("autodiff{compress=rank1,vector=first}", "vector=first"),
-        ("autodiff{compress=fewbit,vector=batch}", "does not name rank1"),
+        (
+            "autodiff{compress=fewbit,vector=batch}",
+            "does not name rank1",
+        ),
     ] {
         let mut module = Module::with_function(f.clone());
         let e = PassManager::from_pipeline(pipeline)

@@ -328,13 +328,11 @@ impl Autodiff {
         let group = o.take_parsed("group", Compress::GROUP.1)?;
         let vector = o.take("vector");
         let compress = Compress::from_options(methods.as_deref(), bits, group, vector.as_deref())
-            .map_err(|message| {
-                PassError::BadOption {
-                    pass: "autodiff".into(),
-                    key: "compress".into(),
-                    message,
-                }
-            })?;
+            .map_err(|message| PassError::BadOption {
+            pass: "autodiff".into(),
+            key: "compress".into(),
+            message,
+        })?;
         let only = o
             .take("only")
             .map(|t| {

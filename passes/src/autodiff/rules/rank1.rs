@@ -40,7 +40,12 @@ pub struct Projection {
 
 /// The projection of `x: [N, D]` onto sub-tokens of `group` features, made in phase `forward`
 /// in the current stage; `batch` picks the batch's average direction as the vector.
-pub fn coefficients(t: &mut Tracer, x: Value, group: usize, batch: bool) -> Result<Projection, TraceError> {
+pub fn coefficients(
+    t: &mut Tracer,
+    x: Value,
+    group: usize,
+    batch: bool,
+) -> Result<Projection, TraceError> {
     let shape = t.shape(x).to_vec();
     let (n, d) = (shape[0], shape[1]);
     let k = d / group;

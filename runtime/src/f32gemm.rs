@@ -14,6 +14,9 @@
 //! - `a` is read in place, 8 rows ([`MR`]) at a time, each element broadcast by the
 //!   micro-kernel (row-major or transposed alike: 8 streams through the block). Only a last
 //!   panel of fewer than 8 rows is packed, with zero rows past `m`.
+//! - 16-bit operands ([`gemm_half`]: f16, or bf16 without AVX-512 BF16) are widened to f32 as
+//!   they are packed, `a` [`MC`] rows at a time, so no widened copy of either operand exists
+//!   and the sums are those of the f32 GEMM of the widened operands.
 //! - The micro-kernel holds an 8×(16·NV) tile of f32 sums in 8·NV registers, NV = 3, 2 or 1.
 //!
 //! Summation order: each element of `a·b` is the sum over the `k` blocks, in order, of each
@@ -40,6 +43,52 @@ pub(crate) const MR: usize = 8;
 pub(crate) const NR: usize = 48;
 /// `k` per block: a packed `b` panel (`KC·NR` f32, 24 KiB) stays in L1.
 pub(crate) const KC: usize = 128;
+/// Rows of a 16-bit `a` widened per block (`MC·KC` f32, 256 KiB, in L2).
+const MC: usize = 512;
+
+/// A 16-bit float format of GEMM operands ([`gemm_half`]), widened to f32 as they are packed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Half {
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl Half {
+    /// `x` widened to f32 (exact).
+    #[inline(always)]
+    fn widen(self, x: u16) -> f32 {
+        match self {
+            Half::F16 => crate::fused::f16_to_f32(x),
+            Half::Bf16 => crate::fused::bf16_to_f32(x),
+        }
+    }
+}
+
+/// Where a GEMM operand's elements are: f32 (read in place where it can be), or 16-bit floats
+/// of a format (always packed, widening).
+#[derive(Clone, Copy)]
+enum Src {
+    F32(*const f32),
+    Half(*const u16, Half),
+}
+
+impl Src {
+    unsafe fn add(self, i: usize) -> Src {
+        match self {
+            Src::F32(p) => Src::F32(p.add(i)),
+            Src::Half(p, h) => Src::Half(p.add(i), h),
+        }
+    }
+
+    unsafe fn get(self, i: usize) -> f32 {
+        match self {
+            Src::F32(p) => *p.add(i),
+            Src::Half(p, h) => h.widen(*p.add(i)),
+        }
+    }
+}
 
 /// Whether the CPU has AVX-512F and `CLEAVE_GEMM=library` does not ask for the `gemm` crate
 /// instead (checked once).
@@ -116,8 +165,8 @@ impl Scratch {
     /// allocations are being measured (an allocator tag is set: the memory plan's scratch
     /// estimate, a run under `--memory-limit`) a buffer of its own instead, freed after the
     /// call: the plan accounts kernel scratch as what a kernel allocates while it runs.
-    fn take(shape: (usize, usize, usize)) -> Scratch {
-        let need = needs(shape);
+    fn take(shape: (usize, usize, usize), half: bool) -> Scratch {
+        let need = needs(shape, half);
         if crate::alloc::current_tag() != 0 {
             let mut s = Scratch::default();
             s.fit(need);
@@ -141,23 +190,30 @@ impl Scratch {
     }
 }
 
-/// Elements of packed `a` and `b` a call of shape `(m, k, n)` needs.
-fn needs((_, k, n): (usize, usize, usize)) -> (usize, usize) {
+/// Elements of packed `a` and `b` a call of shape `(m, k, n)` needs (`half`: 16-bit operands,
+/// whose `a` is packed [`MC`] rows at a time).
+fn needs((m, k, n): (usize, usize, usize), half: bool) -> (usize, usize) {
     let kc = KC.min(k);
-    (kc * MR, n.div_ceil(NR) * kc * NR)
+    let rows = if half {
+        MC.min(m.next_multiple_of(MR))
+    } else {
+        MR
+    };
+    (kc * rows, n.div_ceil(NR) * kc * NR)
 }
 
 /// Makes `threads` free buffers, each large enough for products of shape `(m, k, n)`: called
 /// by a caller that splits a product across the pool (each part's shape at most `(m, k, n)`),
-/// so that every thread that may run a part finds one. A no-op unless [`available`].
-pub(crate) fn reserve(threads: usize, shape: (usize, usize, usize)) {
+/// so that every thread that may run a part finds one (`half`: for [`gemm_half`]). A no-op
+/// unless [`available`].
+pub(crate) fn reserve(threads: usize, shape: (usize, usize, usize), half: bool) {
     // Nothing to reserve when the `gemm` crate runs the products, or on a measured thread,
     // which runs every part itself on buffers of its own (see `take`).
     if !available() || crate::alloc::current_tag() != 0 {
         return;
     }
     let mut g = Buffers::lock();
-    g.raise(needs(shape));
+    g.raise(needs(shape, half));
     let mark = g.need;
     while g.free.len() < threads {
         let mut s = Scratch::default();
@@ -185,6 +241,61 @@ pub(crate) unsafe fn gemm_f32(
     accumulate: bool,
     scale: f32,
 ) {
+    gemm_src(
+        (m, k, n),
+        Src::F32(a),
+        (ars, acs),
+        Src::F32(b),
+        (brs, bcs),
+        c,
+        ldc,
+        accumulate,
+        scale,
+    );
+}
+
+/// [`gemm_f32`] for 16-bit float operands of format `half` (`c` f32, overwritten): widened as
+/// they are packed, so the product's f32 sums are those of the widened operands' f32 GEMM,
+/// bit for bit, without widened copies.
+///
+/// # Safety
+/// As [`gemm_f32`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_half(
+    half: Half,
+    (m, k, n): (usize, usize, usize),
+    a: *const u16,
+    ast: (usize, usize),
+    b: *const u16,
+    bst: (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+) {
+    gemm_src(
+        (m, k, n),
+        Src::Half(a, half),
+        ast,
+        Src::Half(b, half),
+        bst,
+        c,
+        ldc,
+        false,
+        1.0,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_src(
+    (m, k, n): (usize, usize, usize),
+    a: Src,
+    (ars, acs): (usize, usize),
+    b: Src,
+    (brs, bcs): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    scale: f32,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -192,8 +303,10 @@ pub(crate) unsafe fn gemm_f32(
         crate::gemm::empty_product((m, n), c, ldc, accumulate);
         return;
     }
-    let mut s = Scratch::take((m, k, n));
-    let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
+    // An f32 `a` is read in place; a 16-bit one is widened into panels, MC rows at a time.
+    let in_place = matches!(a, Src::F32(_));
+    let mut s = Scratch::take((m, k, n), !in_place);
+    let np = n.div_ceil(NR);
     let mut tile = [0f32; MR * NR];
     let mut p0 = 0;
     while p0 < k {
@@ -205,53 +318,61 @@ pub(crate) unsafe fn gemm_f32(
             scale,
         };
         let ab = a.add(p0 * acs);
-        if m % MR != 0 {
-            // The last panel of rows, zero past `m`; the whole panels read `a` in place.
-            pack_a(
-                &mut s.a,
-                (m % MR, kc),
-                ab.add((m - m % MR) * ars),
-                (ars, acs),
-            );
-        }
         pack_b(&mut s.b, (kc, n), b.add(p0 * brs), (brs, bcs));
-        for jp in 0..np {
-            let (j0, nr) = (jp * NR, NR.min(n - jp * NR));
-            let nv = nr.div_ceil(16);
-            let bpanel = s.b.as_ptr().add(jp * kc * NR);
-            for ip in 0..mp {
-                let (i0, mr) = (ip * MR, MR.min(m - ip * MR));
-                // Row `i`, column `p` of the panel at `ap[i·rs + p·cs]`.
-                let (ap, rs, cs) = if mr == MR {
-                    (ab.add(i0 * ars), ars, acs)
-                } else {
-                    (s.a.as_ptr(), 1, MR)
-                };
-                let whole = mr == MR && nr == 16 * nv;
-                let (t, ld) = if whole {
-                    (c.add(i0 * ldc + j0), ldc)
-                } else {
-                    (tile.as_mut_ptr(), NR)
-                };
-                if !whole {
-                    // The edge tile goes through `tile`: load what it adds to.
-                    for i in 0..mr {
-                        let row = std::slice::from_raw_parts(c.add((i0 + i) * ldc + j0), nr);
-                        tile[i * NR..i * NR + nr].copy_from_slice(row);
+        let mut i0 = 0;
+        while i0 < m {
+            let mc = if in_place { m - i0 } else { MC.min(m - i0) };
+            let ai = ab.add(i0 * ars);
+            // Where the micro-kernel reads a 16-bit `a`'s widened block: rows and columns
+            // `wst` apart in `s.a`.
+            let mut wst = (0, 0);
+            if let Src::Half(ai, h) = ai {
+                wst = widen_a(&mut s.a, (mc, kc), ai, h, (ars, acs));
+            } else if let (Src::F32(ai), true) = (ai, mc % MR != 0) {
+                // The last panel of rows, zero past `m`; the whole panels read `a` in place.
+                let last = mc - mc % MR;
+                pack_a(&mut s.a, (mc % MR, kc), ai.add(last * ars), (ars, acs));
+            }
+            for jp in 0..np {
+                let (j0, nr) = (jp * NR, NR.min(n - jp * NR));
+                let nv = nr.div_ceil(16);
+                let bpanel = s.b.as_ptr().add(jp * kc * NR);
+                for ip in 0..mc.div_ceil(MR) {
+                    let (r0, mr) = (ip * MR, MR.min(mc - ip * MR));
+                    let i = i0 + r0;
+                    // Row `i`, column `p` of the panel at `ap[i·rs + p·cs]`.
+                    let (ap, rs, cs) = match ai {
+                        Src::F32(a) if mr == MR => (a.add(r0 * ars), ars, acs),
+                        Src::F32(_) => (s.a.as_ptr(), 1, MR),
+                        Src::Half(..) => (s.a.as_ptr().add(r0 * wst.0), wst.0, wst.1),
+                    };
+                    let whole = mr == MR && nr == 16 * nv;
+                    let (t, ld) = if whole {
+                        (c.add(i * ldc + j0), ldc)
+                    } else {
+                        (tile.as_mut_ptr(), NR)
+                    };
+                    if !whole {
+                        // The edge tile goes through `tile`: load what it adds to.
+                        for r in 0..mr {
+                            let row = std::slice::from_raw_parts(c.add((i + r) * ldc + j0), nr);
+                            tile[r * NR..r * NR + nr].copy_from_slice(row);
+                        }
                     }
-                }
-                match nv {
-                    3 => micro::<3>(kc, (ap, rs, cs), bpanel, t, ld, out),
-                    2 => micro::<2>(kc, (ap, rs, cs), bpanel, t, ld, out),
-                    _ => micro::<1>(kc, (ap, rs, cs), bpanel, t, ld, out),
-                }
-                if !whole {
-                    for i in 0..mr {
-                        let row = std::slice::from_raw_parts_mut(c.add((i0 + i) * ldc + j0), nr);
-                        row.copy_from_slice(&tile[i * NR..i * NR + nr]);
+                    match nv {
+                        3 => micro::<3>(kc, (ap, rs, cs), bpanel, t, ld, out),
+                        2 => micro::<2>(kc, (ap, rs, cs), bpanel, t, ld, out),
+                        _ => micro::<1>(kc, (ap, rs, cs), bpanel, t, ld, out),
+                    }
+                    if !whole {
+                        for r in 0..mr {
+                            let row = std::slice::from_raw_parts_mut(c.add((i + r) * ldc + j0), nr);
+                            row.copy_from_slice(&tile[r * NR..r * NR + nr]);
+                        }
                     }
                 }
             }
+            i0 += mc;
         }
         p0 += kc;
     }
@@ -266,7 +387,7 @@ struct Out {
     scale: f32,
 }
 
-/// Packs the last `mr < MR` rows of `a`'s block (`mr×kc`) into one panel of [`MR`] rows:
+/// Packs the last `mr < MR` rows of an f32 `a`'s block (`mr×kc`) into one panel of [`MR`] rows:
 /// column `p`, row `i` at `p·MR + i`, rows past `mr` zero (whole panels are read in place).
 unsafe fn pack_a(
     panel: &mut [f32],
@@ -285,38 +406,107 @@ unsafe fn pack_a(
     }
 }
 
-/// Packs `b`'s `kc×n` block into panels of [`NR`] columns (the last one `16·⌈nr/16⌉` wide):
-/// panel `jp`, row `p`, column `j` at `jp·kc·NR + p·w + j` for the panel's width `w`, columns
-/// past `n` zero.
-unsafe fn pack_b(
+/// Widens a 16-bit `a`'s `mc×kc` block into `dst` in the block's own orientation (so each
+/// pass runs along contiguous elements and vectorises), with zero rows past `mc` up to a
+/// multiple of [`MR`]. Returns the copy's (row, column) strides.
+unsafe fn widen_a(
     dst: &mut [f32],
-    (kc, n): (usize, usize),
-    b: *const f32,
-    (brs, bcs): (usize, usize),
-) {
+    (mc, kc): (usize, usize),
+    a: *const u16,
+    half: Half,
+    (ars, acs): (usize, usize),
+) -> (usize, usize) {
+    let rows = mc.next_multiple_of(MR);
+    if ars == 1 && acs != 1 {
+        // A transposed `a`: each column's rows are contiguous.
+        for p in 0..kc {
+            let col = &mut dst[p * rows..(p + 1) * rows];
+            widen_row(
+                &mut col[..mc],
+                std::slice::from_raw_parts(a.add(p * acs), mc),
+                half,
+            );
+            col[mc..].fill(0.0);
+        }
+        return (1, rows);
+    }
+    for i in 0..rows {
+        let row = &mut dst[i * kc..(i + 1) * kc];
+        if i >= mc {
+            row.fill(0.0);
+        } else if acs == 1 {
+            widen_row(row, std::slice::from_raw_parts(a.add(i * ars), kc), half);
+        } else {
+            for (p, x) in row.iter_mut().enumerate() {
+                *x = half.widen(*a.add(i * ars + p * acs));
+            }
+        }
+    }
+    (kc, 1)
+}
+
+/// Packs `b`'s `kc×n` block (widened where it is 16-bit) into panels of [`NR`] columns (the
+/// last one `16·⌈nr/16⌉` wide): panel `jp`, row `p`, column `j` at `jp·kc·NR + p·w + j` for the
+/// panel's width `w`, columns past `n` zero.
+unsafe fn pack_b(dst: &mut [f32], (kc, n): (usize, usize), b: Src, (brs, bcs): (usize, usize)) {
     for jp in 0..n.div_ceil(NR) {
         let (j0, nr) = (jp * NR, NR.min(n - jp * NR));
         let w = nr.next_multiple_of(16);
         let panel = &mut dst[jp * kc * NR..jp * kc * NR + kc * w];
         let src = b.add(j0 * bcs);
-        if bcs == 1 {
-            for p in 0..kc {
-                let row = std::slice::from_raw_parts(src.add(p * brs), nr);
-                panel[p * w..p * w + nr].copy_from_slice(row);
+        match src {
+            Src::F32(src) if bcs == 1 => {
+                for p in 0..kc {
+                    let row = std::slice::from_raw_parts(src.add(p * brs), nr);
+                    panel[p * w..p * w + nr].copy_from_slice(row);
+                }
             }
-        } else if brs == 1 {
             // A transposed `b`: its columns are contiguous rows of length `kc`.
-            crate::gemm::transpose(src, (nr, kc), bcs, panel.as_mut_ptr(), w);
-        } else {
-            for p in 0..kc {
+            Src::F32(src) if brs == 1 => {
+                crate::gemm::transpose(src, (nr, kc), bcs, panel.as_mut_ptr(), w)
+            }
+            Src::Half(src, h) if bcs == 1 => {
+                for p in 0..kc {
+                    let row = std::slice::from_raw_parts(src.add(p * brs), nr);
+                    widen_row(&mut panel[p * w..p * w + nr], row, h);
+                }
+            }
+            Src::Half(src, h) if brs == 1 => {
+                // A transposed `b`: its columns widened as contiguous rows, then transposed.
+                let mut cols = [0f32; NR * KC];
                 for j in 0..nr {
-                    panel[p * w + j] = *src.add(p * brs + j * bcs);
+                    let col = std::slice::from_raw_parts(src.add(j * bcs), kc);
+                    widen_row(&mut cols[j * kc..(j + 1) * kc], col, h);
+                }
+                crate::gemm::transpose(cols.as_ptr(), (nr, kc), kc, panel.as_mut_ptr(), w);
+            }
+            src => {
+                for p in 0..kc {
+                    for j in 0..nr {
+                        panel[p * w + j] = src.get(p * brs + j * bcs);
+                    }
                 }
             }
         }
         if nr < w {
             for p in 0..kc {
                 panel[p * w + nr..(p + 1) * w].fill(0.0);
+            }
+        }
+    }
+}
+
+/// `src` widened into `dst` (the same length), one loop per format so that each vectorises.
+fn widen_row(dst: &mut [f32], src: &[u16], half: Half) {
+    match half {
+        Half::F16 => {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = crate::fused::f16_to_f32(x);
+            }
+        }
+        Half::Bf16 => {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = crate::fused::bf16_to_f32(x);
             }
         }
     }
@@ -485,6 +675,87 @@ mod tests {
                         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(&d), bits(&c), "{m}×{k}×{n} split at {h}");
                     }
+                }
+            }
+        }
+    }
+
+    /// 16-bit operands widened as they are packed (f16 and bf16; rows past [`MC`], every
+    /// transpose, strided operands): the bits of the f32 kernel on widened copies, and the same
+    /// bits when `gemm.rs` shares the product (or a batch of items) across the pool.
+    #[test]
+    fn half_operands_give_the_bits_of_the_widened_f32_product() {
+        if !available() {
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for half in [Half::F16, Half::Bf16] {
+            let narrow = |v: Vec<f32>| -> Vec<u16> {
+                v.iter()
+                    .map(|&x| match half {
+                        Half::F16 => crate::fused::round_f16(x * 3.0),
+                        Half::Bf16 => (crate::fused::round_bf16(x * 3.0).to_bits() >> 16) as u16,
+                    })
+                    .collect()
+            };
+            for &(batch, m, k, n) in &[
+                (1, 9, 129, 49),
+                (1, 300, 40, 70),
+                (2, 13, 300, 33),
+                (1, 257, 130, 260),
+                (6, 64, 64, 64),
+            ] {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let (a, b) = (
+                        narrow(data(batch * m * k, 4)),
+                        narrow(data(batch * k * n, 5)),
+                    );
+                    let ast = if ta { (1, m) } else { (k, 1) };
+                    let bst = if tb { (1, k) } else { (n, 1) };
+                    let wa: Vec<f32> = a.iter().map(|&x| half.widen(x)).collect();
+                    let wb: Vec<f32> = b.iter().map(|&x| half.widen(x)).collect();
+                    let mut want = vec![0f32; batch * m * n];
+                    let mut one = vec![1f32; batch * m * n];
+                    let mut shared = vec![2f32; batch * m * n];
+                    unsafe {
+                        for i in 0..batch {
+                            let (ao, bo, co) = (i * m * k, i * k * n, i * m * n);
+                            gemm_f32(
+                                (m, k, n),
+                                wa.as_ptr().add(ao),
+                                ast,
+                                wb.as_ptr().add(bo),
+                                bst,
+                                want.as_mut_ptr().add(co),
+                                n,
+                                false,
+                                1.0,
+                            );
+                            gemm_half(
+                                half,
+                                (m, k, n),
+                                a.as_ptr().add(ao),
+                                ast,
+                                b.as_ptr().add(bo),
+                                bst,
+                                one.as_mut_ptr().add(co),
+                                n,
+                            );
+                        }
+                        crate::gemm::hgemm_batched(
+                            half,
+                            batch,
+                            (m, k, n),
+                            a.as_ptr(),
+                            ast,
+                            b.as_ptr(),
+                            bst,
+                            shared.as_mut_ptr(),
+                        );
+                    }
+                    let case = format!("{half:?} {batch}×{m}×{k}×{n} ta {ta} tb {tb}");
+                    assert_eq!(bits(&one), bits(&want), "{case}");
+                    assert_eq!(bits(&shared), bits(&want), "{case}, shared");
                 }
             }
         }

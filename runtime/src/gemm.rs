@@ -118,7 +118,7 @@ unsafe fn gemm_par(
         } else {
             (m, k, split.chunk)
         };
-        crate::f32gemm::reserve(split.pool.threads(), part);
+        crate::f32gemm::reserve(split.pool.threads(), part, false);
         let (a, c) = (SharedPtr(a as *mut f32), SharedPtr(c));
         // Split by rows, every part reads all of `b`: copy it once, here.
         let whole = split
@@ -391,7 +391,7 @@ pub(crate) unsafe fn sgemm_batched(
     c: *mut f32,
 ) {
     if let Some((pool, chunk)) = item_chunks(batch, (m, k, n)) {
-        crate::f32gemm::reserve(pool.threads(), (m, k, n));
+        crate::f32gemm::reserve(pool.threads(), (m, k, n), false);
         let parts = batch.div_ceil(chunk);
         let (a, b, c) = (
             SharedPtr(a as *mut f32),
@@ -427,6 +427,78 @@ pub(crate) unsafe fn sgemm_batched(
             n,
             false,
         );
+    }
+}
+
+/// `c = a·b` for each of `batch` items of 16-bit float operands of format `half` (strides as in
+/// [`sgemm`], items `m·k`, `k·n` and `m·n` apart, `c` f32 row-major), on cleave's own kernel,
+/// which widens the operands as it packs them ([`crate::f32gemm::gemm_half`]). Shared across
+/// the pool as [`sgemm_batched`] shares f32 products: whole items, else each product's rows or
+/// columns. The sums do not depend on the split, so they are the bits of the f32 GEMM of the
+/// widened operands on one thread.
+///
+/// # Safety
+/// [`crate::f32gemm::available`] must be true; otherwise as [`sgemm`], for every item.
+pub(crate) unsafe fn hgemm_batched(
+    half: crate::f32gemm::Half,
+    batch: usize,
+    (m, k, n): (usize, usize, usize),
+    a: *const u16,
+    (ars, acs): (usize, usize),
+    b: *const u16,
+    (brs, bcs): (usize, usize),
+    c: *mut f32,
+) {
+    use crate::f32gemm::{gemm_half, reserve};
+    let (ast, bst) = ((ars, acs), (brs, bcs));
+    let (a, b, c) = (
+        SharedPtr(a as *mut u16),
+        SharedPtr(b as *mut u16),
+        SharedPtr(c),
+    );
+    if let Some((pool, chunk)) = item_chunks(batch, (m, k, n)) {
+        reserve(pool.threads(), (m, k, n), true);
+        pool.run(batch.div_ceil(chunk), &|p| {
+            for bi in p * chunk..((p + 1) * chunk).min(batch) {
+                // SAFETY: each part reads its own items and writes its own items of `c`.
+                unsafe {
+                    let (a, b) = (a.get().add(bi * m * k), b.get().add(bi * k * n));
+                    gemm_half(half, (m, k, n), a, ast, b, bst, c.get().add(bi * m * n), n);
+                }
+            }
+        });
+        return;
+    }
+    for bi in 0..batch {
+        let (a, b, c) = (
+            SharedPtr(a.get().add(bi * m * k)),
+            SharedPtr(b.get().add(bi * k * n)),
+            SharedPtr(c.get().add(bi * m * n)),
+        );
+        let Some(split) = Split::of((m, k, n), (16, 16)) else {
+            gemm_half(half, (m, k, n), a.get(), ast, b.get(), bst, c.get(), n);
+            continue;
+        };
+        let part = if split.split_m {
+            (split.chunk, k, n)
+        } else {
+            (m, k, split.chunk)
+        };
+        reserve(split.pool.threads(), part, true);
+        split.pool.run(split.parts, &|p| {
+            let (lo, len) = split.range(p);
+            // SAFETY: each part reads within the operands and writes its own rows (or
+            // columns) of `c`.
+            unsafe {
+                if split.split_m {
+                    let (a, c) = (a.get().add(lo * ars), c.get().add(lo * n));
+                    gemm_half(half, (len, k, n), a, ast, b.get(), bst, c, n);
+                } else {
+                    let (b, c) = (b.get().add(lo * bcs), c.get().add(lo));
+                    gemm_half(half, (m, k, len), a.get(), ast, b, bst, c, n);
+                }
+            }
+        });
     }
 }
 

@@ -437,10 +437,13 @@ impl OpKernel {
                 } else if matches!(out.dtype, DType::BF16 | DType::F16) {
                     // bf16 (f16) GEMM: the product accumulated in f32, each element rounded to
                     // bf16 (f16) once. bf16 on AVX-512 BF16 reads the operands as stored
-                    // (`bf16gemm.rs`); otherwise both are widened (exact) for the f32 GEMM.
+                    // (`bf16gemm.rs`); otherwise both are widened (exact) for the f32 GEMM: as
+                    // cleave's own kernel packs them (`f32gemm::gemm_half`), else into copies.
                     let f16 = out.dtype == DType::F16;
                     let native = !f16 && crate::bf16gemm::available();
-                    let (na, nb, nc) = if native {
+                    // cleave's own f32 kernel widens as it packs: no widened copies.
+                    let packs = !native && crate::f32gemm::available();
+                    let (na, nb, nc) = if native || packs {
                         (0, 0, *batch * m * n)
                     } else {
                         (*batch * m * k, *batch * k * n, *batch * m * n)
@@ -456,6 +459,22 @@ impl OpKernel {
                     let (pa, pb) = (mem.ptr_b(*a) as *const u16, mem.ptr_b(*b) as *const u16);
                     if native {
                         crate::bf16gemm::gemm_bf16_batched(
+                            *batch,
+                            (m, k, n),
+                            pa,
+                            ast,
+                            pb,
+                            bst,
+                            wc.as_mut_ptr(),
+                        );
+                    } else if packs {
+                        let half = if f16 {
+                            crate::f32gemm::Half::F16
+                        } else {
+                            crate::f32gemm::Half::Bf16
+                        };
+                        crate::gemm::hgemm_batched(
+                            half,
                             *batch,
                             (m, k, n),
                             pa,

@@ -439,6 +439,7 @@ pub(crate) unsafe fn sgemm_batched(
 ///
 /// # Safety
 /// [`crate::f32gemm::available`] must be true; otherwise as [`sgemm`], for every item.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn hgemm_batched(
     half: crate::f32gemm::Half,
     batch: usize,

@@ -144,54 +144,17 @@ pub(crate) unsafe fn gemm_bf16_batched(
     bst: (usize, usize),
     c: *mut f32,
 ) {
-    use crate::pool::SharedPtr;
-    let (ap, bp, cp) = (
-        SharedPtr(a as *mut u16),
-        SharedPtr(b as *mut u16),
-        SharedPtr(c),
+    crate::gemm::batched_16(
+        batch,
+        (m, k, n),
+        (a, ast),
+        (b, bst),
+        c,
+        (MR, NR),
+        &|_, _| {},
+        // SAFETY: `batched_16` passes operands within the caller's, as `gemm_bf16` needs.
+        &|shape, a, b, c| unsafe { gemm_bf16(shape, a, ast, b, bst, c, n) },
     );
-    let item = |bi: usize| {
-        (
-            ap.get().add(bi * m * k),
-            bp.get().add(bi * k * n),
-            cp.get().add(bi * m * n),
-        )
-    };
-    if let Some(split) = crate::gemm::Split::of((m, k, n), (MR, NR)) {
-        for bi in 0..batch {
-            let (a, b, c) = item(bi);
-            let (a, b, c) = (SharedPtr(a), SharedPtr(b), SharedPtr(c));
-            split.pool.run(split.parts, &|p| {
-                let (lo, len) = split.range(p);
-                // SAFETY: each part reads within the operands and writes its own rows (or
-                // columns) of `c`.
-                unsafe {
-                    if split.split_m {
-                        let a = a.get().add(lo * ast.0);
-                        gemm_bf16((len, k, n), a, ast, b.get(), bst, c.get().add(lo * n), n);
-                    } else {
-                        let b = b.get().add(lo * bst.1);
-                        gemm_bf16((m, k, len), a.get(), ast, b, bst, c.get().add(lo), n);
-                    }
-                }
-            });
-        }
-    } else if let Some((pool, chunk)) = crate::gemm::item_chunks(batch, (m, k, n)) {
-        pool.run(batch.div_ceil(chunk), &|p| {
-            for bi in p * chunk..((p + 1) * chunk).min(batch) {
-                // SAFETY: each part reads and writes its own items.
-                unsafe {
-                    let (a, b, c) = item(bi);
-                    gemm_bf16((m, k, n), a, ast, b, bst, c, n);
-                }
-            }
-        });
-    } else {
-        for bi in 0..batch {
-            let (a, b, c) = item(bi);
-            gemm_bf16((m, k, n), a, ast, b, bst, c, n);
-        }
-    }
 }
 
 /// Packs `a`'s `m×kc` block into panels of [`MR`] rows: panel `ip`, pair `q`, row `i` at

@@ -432,10 +432,9 @@ pub(crate) unsafe fn sgemm_batched(
 
 /// `c = a·b` for each of `batch` items of 16-bit float operands of format `half` (strides as in
 /// [`sgemm`], items `m·k`, `k·n` and `m·n` apart, `c` f32 row-major), on cleave's own kernel,
-/// which widens the operands as it packs them ([`crate::f32gemm::gemm_half`]). Shared across
-/// the pool as [`sgemm_batched`] shares f32 products: whole items, else each product's rows or
-/// columns. The sums do not depend on the split, so they are the bits of the f32 GEMM of the
-/// widened operands on one thread.
+/// which widens the operands as it packs them ([`crate::f32gemm::gemm_half`]), shared across
+/// the pool by [`batched_16`]. The sums do not depend on the split, so they are the bits of the
+/// f32 GEMM of the widened operands on one thread.
 ///
 /// # Safety
 /// [`crate::f32gemm::available`] must be true; otherwise as [`sgemm`], for every item.
@@ -445,61 +444,104 @@ pub(crate) unsafe fn hgemm_batched(
     batch: usize,
     (m, k, n): (usize, usize, usize),
     a: *const u16,
-    (ars, acs): (usize, usize),
+    ast: (usize, usize),
     b: *const u16,
-    (brs, bcs): (usize, usize),
+    bst: (usize, usize),
     c: *mut f32,
 ) {
     use crate::f32gemm::{gemm_half, reserve};
-    let (ast, bst) = ((ars, acs), (brs, bcs));
+    batched_16(
+        batch,
+        (m, k, n),
+        (a, ast),
+        (b, bst),
+        c,
+        (16, 16),
+        &|threads, part| reserve(threads, part, true),
+        // SAFETY: `batched_16` passes operands within the caller's, as `gemm_half` needs.
+        &|shape, a, b, c| unsafe { gemm_half(half, shape, a, ast, b, bst, c, n) },
+    );
+}
+
+/// One single-threaded product of 16-bit operands: `(shape, a, b, c)`, `c`'s row stride the
+/// whole product's `n`.
+pub(crate) type Product16<'a> =
+    dyn Fn((usize, usize, usize), *const u16, *const u16, *mut f32) + Sync + 'a;
+
+/// Runs `batch` products of 16-bit operands (items `m·k`, `k·n` and `m·n` apart, `c` f32
+/// row-major) through `one`, across the pool as f32 products are: a product of at least
+/// [`PAR_MIN_FLOPS`] by its longer side into one range per thread (multiples of `units.0` rows
+/// or `units.1` columns), smaller items shared out whole ([`item_chunks`]). `prepare(threads,
+/// part)` runs first when the pool is used (the kernel's scratch for each thread). Each element
+/// is still one call's sum, so results do not depend on the split.
+///
+/// # Safety
+/// As [`sgemm`], for every item; `one` must be safe to call with any part of them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn batched_16(
+    batch: usize,
+    (m, k, n): (usize, usize, usize),
+    (a, (ars, _)): (*const u16, (usize, usize)),
+    (b, (_, bcs)): (*const u16, (usize, usize)),
+    c: *mut f32,
+    units: (usize, usize),
+    prepare: &dyn Fn(usize, (usize, usize, usize)),
+    one: &Product16<'_>,
+) {
     let (a, b, c) = (
         SharedPtr(a as *mut u16),
         SharedPtr(b as *mut u16),
         SharedPtr(c),
     );
-    if let Some((pool, chunk)) = item_chunks(batch, (m, k, n)) {
-        reserve(pool.threads(), (m, k, n), true);
-        pool.run(batch.div_ceil(chunk), &|p| {
-            for bi in p * chunk..((p + 1) * chunk).min(batch) {
-                // SAFETY: each part reads its own items and writes its own items of `c`.
-                unsafe {
-                    let (a, b) = (a.get().add(bi * m * k), b.get().add(bi * k * n));
-                    gemm_half(half, (m, k, n), a, ast, b, bst, c.get().add(bi * m * n), n);
-                }
-            }
-        });
-        return;
-    }
-    for bi in 0..batch {
-        let (a, b, c) = (
-            SharedPtr(a.get().add(bi * m * k)),
-            SharedPtr(b.get().add(bi * k * n)),
-            SharedPtr(c.get().add(bi * m * n)),
+    let item = |bi: usize| {
+        (
+            a.get().add(bi * m * k) as *const u16,
+            b.get().add(bi * k * n) as *const u16,
+            c.get().add(bi * m * n),
+        )
+    };
+    if let Some(split) = Split::of((m, k, n), units) {
+        prepare(
+            split.pool.threads(),
+            if split.split_m {
+                (split.chunk, k, n)
+            } else {
+                (m, k, split.chunk)
+            },
         );
-        let Some(split) = Split::of((m, k, n), (16, 16)) else {
-            gemm_half(half, (m, k, n), a.get(), ast, b.get(), bst, c.get(), n);
-            continue;
-        };
-        let part = if split.split_m {
-            (split.chunk, k, n)
-        } else {
-            (m, k, split.chunk)
-        };
-        reserve(split.pool.threads(), part, true);
-        split.pool.run(split.parts, &|p| {
-            let (lo, len) = split.range(p);
-            // SAFETY: each part reads within the operands and writes its own rows (or
-            // columns) of `c`.
-            unsafe {
+        for bi in 0..batch {
+            let (a, b, c) = item(bi);
+            let (a, b, c) = (
+                SharedPtr(a as *mut u16),
+                SharedPtr(b as *mut u16),
+                SharedPtr(c),
+            );
+            split.pool.run(split.parts, &|p| {
+                let (lo, len) = split.range(p);
+                // Each part reads within the operands and writes its own rows (or columns).
                 if split.split_m {
                     let (a, c) = (a.get().add(lo * ars), c.get().add(lo * n));
-                    gemm_half(half, (len, k, n), a, ast, b.get(), bst, c, n);
+                    one((len, k, n), a, b.get(), c);
                 } else {
                     let (b, c) = (b.get().add(lo * bcs), c.get().add(lo));
-                    gemm_half(half, (m, k, len), a.get(), ast, b, bst, c, n);
+                    one((m, k, len), a.get(), b, c);
                 }
+            });
+        }
+    } else if let Some((pool, chunk)) = item_chunks(batch, (m, k, n)) {
+        prepare(pool.threads(), (m, k, n));
+        pool.run(batch.div_ceil(chunk), &|p| {
+            for bi in p * chunk..((p + 1) * chunk).min(batch) {
+                // Each part reads and writes its own items.
+                let (a, b, c) = item(bi);
+                one((m, k, n), a, b, c);
             }
         });
+    } else {
+        for bi in 0..batch {
+            let (a, b, c) = item(bi);
+            one((m, k, n), a, b, c);
+        }
     }
 }
 

@@ -1140,17 +1140,7 @@ impl PlanPass {
         let v_family = o.take_parsed("v-family", false)?;
         let balance = o.take("balance").unwrap_or_else(|| "estimate".into());
         let cuts = cuts_of(&balance, vocab_parallel).map_err(|e| bad("balance", e))?;
-        let methods = o.take("compress");
-        let bits = o.take_parsed("bits", crate::autodiff::Compress::BITS.2)?;
-        let group = o.take_parsed("group", crate::autodiff::Compress::GROUP.1)?;
-        let vector = o.take("vector");
-        let compress = crate::autodiff::Compress::from_options(
-            methods.as_deref(),
-            bits,
-            group,
-            vector.as_deref(),
-        )
-        .map_err(|e| bad("compress", e))?;
+        let compress = crate::autodiff::Compress::take_options(&mut o, "plan")?;
         let chunk: Vec<usize> = match o.take("chunked") {
             Some(t) => parse_chunks(&t).map_err(|e| bad("chunked", e))?,
             None => Vec::new(),

@@ -516,8 +516,9 @@ pub fn parse_compress_planned(text: Option<&str>) -> Result<(Compress, Vec<usize
             Some((n, a)) => (n, Some(a)),
             None => (item, None),
         };
-        let num = |lo: usize, hi: usize, what: &str| -> Result<Option<usize>> {
-            arg.map(|a| {
+        // The number `text` (the item's argument, or part of it) within `lo..=hi`.
+        let number = |text: Option<&str>, lo: usize, hi: usize, what: &str| {
+            text.map(|a| {
                 a.parse::<usize>()
                     .ok()
                     .filter(|x| (lo..=hi).contains(x))
@@ -525,6 +526,7 @@ pub fn parse_compress_planned(text: Option<&str>) -> Result<(Compress, Vec<usize
             })
             .transpose()
         };
+        let num = |lo, hi, what| number(arg, lo, hi, what);
         match name {
             "fewbit" => {
                 let (lo, hi, default) = Compress::BITS;
@@ -539,16 +541,7 @@ pub fn parse_compress_planned(text: Option<&str>) -> Result<(Compress, Vec<usize
                     Some((g, v)) => (Some(g), v),
                     None => (None, ""),
                 };
-                c.rank1 = Some(match group {
-                    Some(g) => g
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|x| (lo..=4096).contains(x))
-                        .with_context(|| {
-                            format!("--compress {item}: the group must be {lo} to 4096")
-                        })?,
-                    None => default,
-                });
+                c.rank1 = Some(number(group, lo, 4096, "the group")?.unwrap_or(default));
                 if !vector.is_empty() {
                     c.rank1_batch = Compress::parse_vector(vector)
                         .map_err(|e| anyhow::anyhow!("--compress {item}: {e}"))?;

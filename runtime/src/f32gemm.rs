@@ -497,7 +497,7 @@ unsafe fn pack_b(dst: &mut [f32], (kc, n): (usize, usize), b: Src, (brs, bcs): (
 }
 
 /// `src` widened into `dst` (the same length), one loop per format so that each vectorises.
-fn widen_row(dst: &mut [f32], src: &[u16], half: Half) {
+pub(crate) fn widen_row(dst: &mut [f32], src: &[u16], half: Half) {
     match half {
         Half::F16 => {
             for (d, &x) in dst.iter_mut().zip(src) {
@@ -742,7 +742,7 @@ mod tests {
                                 n,
                             );
                         }
-                        crate::gemm::hgemm_batched(
+                        crate::gemm::widening_batched(
                             half,
                             batch,
                             (m, k, n),

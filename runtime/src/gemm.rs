@@ -430,16 +430,48 @@ pub(crate) unsafe fn sgemm_batched(
     }
 }
 
-/// `c = a·b` for each of `batch` items of 16-bit float operands of format `half` (strides as in
-/// [`sgemm`], items `m·k`, `k·n` and `m·n` apart, `c` f32 row-major), on cleave's own kernel,
-/// which widens the operands as it packs them ([`crate::f32gemm::gemm_half`]), shared across
-/// the pool by [`batched_16`]. The sums do not depend on the split, so they are the bits of the
-/// f32 GEMM of the widened operands on one thread.
+/// Whether [`hgemm_batched`] can run 16-bit products of format `half` on this CPU: bf16 with
+/// `vdpbf16ps` where there is AVX-512 BF16, either format on cleave's own f32 kernel (AVX-512F),
+/// which widens the operands as it packs them. Otherwise the caller widens them into copies.
+pub(crate) fn hgemm_available(half: crate::f32gemm::Half) -> bool {
+    (half == crate::f32gemm::Half::Bf16 && crate::bf16gemm::available())
+        || crate::f32gemm::available()
+}
+
+/// `c = a·b` (f32 sums) for each of `batch` items of 16-bit float operands of format `half`
+/// (strides as in [`sgemm`], items `m·k`, `k·n` and `m·n` apart, `c` f32 row-major), read as
+/// stored: bf16 by `vdpbf16ps` where the CPU has it ([`crate::bf16gemm`]), else through cleave's
+/// own kernel, which widens the operands as it packs them ([`crate::f32gemm::gemm_half`]: the
+/// bits of the f32 GEMM of the widened operands). Shared across the pool by [`batched_16`], so
+/// the sums do not depend on the split.
+///
+/// # Safety
+/// [`hgemm_available`] must be true; otherwise as [`sgemm`], for every item.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn hgemm_batched(
+    half: crate::f32gemm::Half,
+    batch: usize,
+    (m, k, n): (usize, usize, usize),
+    a: *const u16,
+    ast: (usize, usize),
+    b: *const u16,
+    bst: (usize, usize),
+    c: *mut f32,
+) {
+    if half == crate::f32gemm::Half::Bf16 && crate::bf16gemm::available() {
+        crate::bf16gemm::gemm_bf16_batched(batch, (m, k, n), a, ast, b, bst, c);
+    } else {
+        widening_batched(half, batch, (m, k, n), a, ast, b, bst, c);
+    }
+}
+
+/// [`hgemm_batched`] on cleave's own kernel, whatever the format: the bits of the f32 GEMM of
+/// the widened operands.
 ///
 /// # Safety
 /// [`crate::f32gemm::available`] must be true; otherwise as [`sgemm`], for every item.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn hgemm_batched(
+pub(crate) unsafe fn widening_batched(
     half: crate::f32gemm::Half,
     batch: usize,
     (m, k, n): (usize, usize, usize),

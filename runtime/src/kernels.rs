@@ -4,6 +4,7 @@
 
 use cleave_ir::{DType, PoolKind, ReduceKind};
 
+use crate::f32gemm::{widen_row, Half};
 use crate::gemm::{sgemm, sgemm_batched, sgemm_scaled};
 use crate::plan::{BufRef, Mem};
 use crate::vmath::exp_f32;
@@ -436,14 +437,16 @@ impl OpKernel {
                     sgemm_batched(*batch, (m, k, n), ap, ast, bp, bst, cp);
                 } else if matches!(out.dtype, DType::BF16 | DType::F16) {
                     // bf16 (f16) GEMM: the product accumulated in f32, each element rounded to
-                    // bf16 (f16) once. bf16 on AVX-512 BF16 reads the operands as stored
-                    // (`bf16gemm.rs`); otherwise both are widened (exact) for the f32 GEMM: as
-                    // cleave's own kernel packs them (`f32gemm::gemm_half`), else into copies.
-                    let f16 = out.dtype == DType::F16;
-                    let native = !f16 && crate::bf16gemm::available();
-                    // cleave's own f32 kernel widens as it packs: no widened copies.
-                    let packs = !native && crate::f32gemm::available();
-                    let (na, nb, nc) = if native || packs {
+                    // bf16 (f16) once. `gemm::hgemm_batched` reads the operands as stored where
+                    // it can (`vdpbf16ps`, or cleave's own kernel widening as it packs);
+                    // otherwise both are widened (exact) into copies for the f32 GEMM.
+                    let half = if out.dtype == DType::F16 {
+                        Half::F16
+                    } else {
+                        Half::Bf16
+                    };
+                    let direct = crate::gemm::hgemm_available(half);
+                    let (na, nb, nc) = if direct {
                         (0, 0, *batch * m * n)
                     } else {
                         (*batch * m * k, *batch * k * n, *batch * m * n)
@@ -457,22 +460,7 @@ impl OpKernel {
                     let ast = if *tl { (1, m) } else { (k, 1) };
                     let bst = if *tr { (1, k) } else { (n, 1) };
                     let (pa, pb) = (mem.ptr_b(*a) as *const u16, mem.ptr_b(*b) as *const u16);
-                    if native {
-                        crate::bf16gemm::gemm_bf16_batched(
-                            *batch,
-                            (m, k, n),
-                            pa,
-                            ast,
-                            pb,
-                            bst,
-                            wc.as_mut_ptr(),
-                        );
-                    } else if packs {
-                        let half = if f16 {
-                            crate::f32gemm::Half::F16
-                        } else {
-                            crate::f32gemm::Half::Bf16
-                        };
+                    if direct {
                         crate::gemm::hgemm_batched(
                             half,
                             *batch,
@@ -484,8 +472,8 @@ impl OpKernel {
                             wc.as_mut_ptr(),
                         );
                     } else {
-                        widen_16(wa, std::slice::from_raw_parts(pa, na), f16);
-                        widen_16(wb, std::slice::from_raw_parts(pb, nb), f16);
+                        widen_row(wa, std::slice::from_raw_parts(pa, na), half);
+                        widen_row(wb, std::slice::from_raw_parts(pb, nb), half);
                         sgemm_batched(
                             *batch,
                             (m, k, n),
@@ -497,7 +485,7 @@ impl OpKernel {
                         );
                     }
                     let c = std::slice::from_raw_parts_mut(mem.ptr_b(*out) as *mut u16, nc);
-                    round_16(c, &wc[..nc], f16);
+                    round_16(c, &wc[..nc], half);
                     WIDE.with(|w| *w.borrow_mut() = wide);
                 } else {
                     let (av, bv, cv) = (mem.i(*a), mem.i(*b), mem.i_mut(*out));
@@ -1073,23 +1061,9 @@ unsafe fn reduce(
     Ok(())
 }
 
-/// 16-bit float patterns (`f16`, else bf16) widened into `dst` (exact); one loop per format, so
-/// each inlines and vectorises.
-fn widen_16(dst: &mut [f32], src: &[u16], f16: bool) {
-    if f16 {
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d = crate::fused::f16_to_f32(x);
-        }
-    } else {
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d = crate::fused::bf16_to_f32(x);
-        }
-    }
-}
-
-/// `src` rounded to 16-bit float patterns (`f16`, else bf16), to nearest even.
-fn round_16(dst: &mut [u16], src: &[f32], f16: bool) {
-    if f16 {
+/// `src` rounded to 16-bit float patterns of format `half`, to nearest even.
+fn round_16(dst: &mut [u16], src: &[f32], half: Half) {
+    if half == Half::F16 {
         for (d, &x) in dst.iter_mut().zip(src) {
             *d = crate::fused::round_f16(x);
         }

@@ -222,9 +222,24 @@ impl Compress {
         *self == Compress::default()
     }
 
-    /// Parses the pass options: `methods` is `compress` (`fewbit`, `rank1`, `int8`, `bf16`, several
-    /// joined by `+`), `bits`, `group` and `vector` (`mean` or `batch`) their parameters.
-    pub fn from_options(
+    /// Takes the pass options of `pass` (`autodiff`, `plan`) that name a compression:
+    /// `compress` (`fewbit`, `rank1`, `int8`, `bf16`, several joined by `+`) and its parameters
+    /// `bits`, `group` and `vector` (`mean` or `batch`).
+    pub fn take_options(o: &mut PassOptions, pass: &str) -> Result<Self, PassError> {
+        let methods = o.take("compress");
+        let bits = o.take_parsed("bits", Self::BITS.2)?;
+        let group = o.take_parsed("group", Self::GROUP.1)?;
+        let vector = o.take("vector");
+        Self::from_options(methods.as_deref(), bits, group, vector.as_deref()).map_err(|message| {
+            PassError::BadOption {
+                pass: pass.into(),
+                key: "compress".into(),
+                message,
+            }
+        })
+    }
+
+    fn from_options(
         methods: Option<&str>,
         bits: u32,
         group: usize,
@@ -323,16 +338,7 @@ impl Autodiff {
                     key: "method".into(),
                     message,
                 })?;
-        let methods = o.take("compress");
-        let bits = o.take_parsed("bits", Compress::BITS.2)?;
-        let group = o.take_parsed("group", Compress::GROUP.1)?;
-        let vector = o.take("vector");
-        let compress = Compress::from_options(methods.as_deref(), bits, group, vector.as_deref())
-            .map_err(|message| PassError::BadOption {
-            pass: "autodiff".into(),
-            key: "compress".into(),
-            message,
-        })?;
+        let compress = Compress::take_options(&mut o, "autodiff")?;
         let only = o
             .take("only")
             .map(|t| {
